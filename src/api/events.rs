@@ -1,0 +1,96 @@
+//! `POST /v1/events`: NDJSON in, a report of every line out.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use super::{ApiError, ApiState};
+use crate::stream::ingest::IngestFailure;
+use crate::stream::{IngestError, LogError};
+
+pub(super) async fn post_events(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    // Bound memory before reading a byte: bodies in flight × max_body.
+    let _permit = state.in_flight.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many ingest requests in flight\nhint: retry after a short pause, or send fewer, larger requests",
+        )
+        .retry_after(1)
+    })?;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the request body is larger than the limit of {}\nhint: split the events over several requests, or raise ingest.max_body",
+                bytesize::ByteSize::b(state.max_body as u64)
+            ),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > state.max_body as u64) {
+        return Err(too_large());
+    }
+    let bytes = axum::body::to_bytes(body, state.max_body)
+        .await
+        .map_err(|e| {
+            let limited = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if limited {
+                too_large()
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("could not read the request body: {e}"),
+                )
+            }
+        })?;
+
+    match state.ingest.ingest(bytes).await {
+        Ok(report) => {
+            // Every line refused: the request as a whole did not do anything.
+            let status = if report.accepted == 0 && report.rejected > 0 {
+                StatusCode::UNPROCESSABLE_ENTITY
+            } else {
+                StatusCode::OK
+            };
+            Ok((status, Json(report)).into_response())
+        }
+        Err(IngestFailure { error, partial }) => {
+            let status = match &error {
+                IngestError::EmptyBody => StatusCode::BAD_REQUEST,
+                IngestError::Log(LogError::Overloaded { .. } | LogError::Closed) => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                IngestError::Log(LogError::NoSpace { .. })
+                | IngestError::DeadLetter(crate::stream::deadletter::DeadLetterError::NoSpace {
+                    ..
+                }) => StatusCode::INSUFFICIENT_STORAGE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            if status.is_server_error() {
+                tracing::warn!(%status, error = %error, "ingest request failed");
+            }
+            let mut err = ApiError::new(status, error.to_string());
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                err = err.retry_after(1);
+            } else if status == StatusCode::INSUFFICIENT_STORAGE {
+                err = err.retry_after(10);
+            }
+            if partial.accepted > 0 {
+                err.detail = Some(serde_json::json!({ "stored_before_failure": partial }));
+            }
+            Err(err)
+        }
+    }
+}

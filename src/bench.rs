@@ -1,0 +1,208 @@
+//! `lambdaflow bench`: measurements reported in BENCHMARKS.md. Nothing here
+//! asserts a timing; it measures and prints.
+//!
+//! `bench ingest` runs a real `lambdaflow serve` as a child process on a
+//! temporary data directory, loads it with the producer (the same code as
+//! `lambdaflow produce`) and reports acknowledged-and-fsynced events per
+//! second, group-commit figures and the server's peak memory; it also times
+//! the NDJSON decoder alone on one thread.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use crate::produce::{self, Generator, ProduceOptions, group};
+use crate::schema::EventSchema;
+use crate::stream::{Decoder, Partitioning};
+
+#[derive(Debug, Args, Clone)]
+pub struct IngestBenchArgs {
+    /// Events sent over HTTP.
+    #[arg(long, short = 'n', default_value_t = 2_000_000)]
+    pub events: u64,
+    /// Events per request.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Log partitions of the server.
+    #[arg(long, default_value_t = 2)]
+    pub partitions: u32,
+    /// Events decoded in the decoder-only measurement.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub decode_events: u64,
+    /// Data directory for the server (default: a temporary directory).
+    #[arg(long)]
+    pub data: Option<std::path::PathBuf>,
+}
+
+/// Decoder alone: events/s and MB/s on one thread.
+pub fn decode_rate(events: u64, batch: usize) -> (f64, f64) {
+    let generator = Generator::new(1, Some(1_414_800_000_000), 10, 0.0);
+    let mut bodies = Vec::new();
+    let mut done = 0;
+    while done < events {
+        let n = (events - done).min(batch as u64);
+        let mut buf = Vec::with_capacity(n as usize * 100);
+        generator.write(done, n, &mut buf);
+        bodies.push(buf);
+        done += n;
+    }
+    let bytes: usize = bodies.iter().map(Vec::len).sum();
+    let decoder = Decoder::new(Arc::new(EventSchema::paper()), Partitioning::RoundRobin);
+    let t = Instant::now();
+    let mut accepted = 0;
+    for b in &bodies {
+        accepted += decoder.decode(b, 0).accepted;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(accepted as u64, events, "generated events must all decode");
+    (events as f64 / secs, bytes as f64 / secs / 1e6)
+}
+
+struct ServerChild {
+    child: Child,
+}
+
+impl Drop for ServerChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Peak resident memory of a process, from /proc (Linux).
+pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn ingest(args: IngestBenchArgs) -> anyhow::Result<()> {
+    println!("## bench ingest");
+    println!();
+    println!(
+        "machine: {} cores, {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| c
+                .lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string()))
+            .unwrap_or_else(|| "unknown CPU".into())
+    );
+
+    let (eps, mbps) = decode_rate(args.decode_events, args.batch);
+    println!(
+        "decode only (1 thread, {} events of the paper, {}-event bodies): {} events/s, {:.0} MB/s",
+        group(args.decode_events),
+        args.batch,
+        group(eps as u64),
+        mbps
+    );
+
+    let tmp = tempfile::Builder::new()
+        .prefix("lambdaflow-bench-")
+        .tempdir()
+        .context("could not create a temporary directory")?;
+    let data = args.data.clone().unwrap_or_else(|| tmp.path().join("data"));
+    let config_path = tmp.path().join("bench.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "data = {:?}\nlisten = \"127.0.0.1:0\"\n[stream]\npartitions = {}\n",
+            data.display().to_string(),
+            args.partitions
+        ),
+    )?;
+    let exe = std::env::current_exe().context("cannot find the lambdaflow binary")?;
+    let mut child = Command::new(exe)
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("could not start `lambdaflow serve`")?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let server = ServerChild { child };
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let Some(url) = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .map(str::to_string)
+    else {
+        bail!("the server did not report its address (got {line:?})");
+    };
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let summary = rt.block_on(produce::run(ProduceOptions {
+        url: url.clone(),
+        events: args.events,
+        seed: Some(7),
+        batch: args.batch,
+        concurrency: args.concurrency,
+        ..ProduceOptions::default()
+    }))?;
+    let status: serde_json::Value = rt.block_on(async {
+        reqwest::get(format!("{url}/v1/status"))
+            .await?
+            .json::<serde_json::Value>()
+            .await
+    })?;
+    let peak = peak_rss_bytes(server.child.id());
+    let (mut fsyncs, mut frames, mut bytes) = (0, 0, 0);
+    for p in status["partitions"].as_array().into_iter().flatten() {
+        fsyncs += p["fsyncs"].as_u64().unwrap_or(0);
+        frames += p["frames"].as_u64().unwrap_or(0);
+        bytes += p["bytes"].as_u64().unwrap_or(0);
+    }
+    drop(server);
+
+    println!(
+        "durable HTTP ingest ({} events, {}-event requests, {} in flight, {} partitions): {} events/s acknowledged after fsync",
+        group(summary.events),
+        args.batch,
+        args.concurrency,
+        args.partitions,
+        group(summary.events_per_sec() as u64),
+    );
+    println!(
+        "  accepted {} · rejected {} · failed {} · {:.2} s",
+        group(summary.accepted),
+        group(summary.rejected),
+        group(summary.failed),
+        summary.elapsed.as_secs_f64()
+    );
+    println!(
+        "  log: {} frames in {} fsyncs ({:.1} frames per fsync), {} on disk ({:.1} bytes/event)",
+        group(frames),
+        group(fsyncs),
+        frames as f64 / fsyncs.max(1) as f64,
+        bytesize::ByteSize::b(bytes),
+        bytes as f64 / summary.accepted.max(1) as f64
+    );
+    match peak {
+        Some(b) => println!("  server peak memory (VmHWM): {}", bytesize::ByteSize::b(b)),
+        None => println!("  server peak memory: unavailable"),
+    }
+    if summary.failed > 0 {
+        bail!(
+            "{} events failed: {:?}",
+            summary.failed,
+            summary.first_error
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,222 @@
+//! The `lambdaflow` command line: parses arguments, sets up logging, and
+//! calls into the layers. Errors become one readable message and exit code 1.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Config;
+use crate::produce::ProduceOptions;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lambdaflow",
+    version,
+    about = "The Lambda Architecture — batch, serving and speed layers over one immutable master dataset — in one program",
+    long_about = None
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run every layer in one process: the ingest API on the embedded log.
+    Serve(ServeArgs),
+    /// Send the paper's events (or an NDJSON file) to a running server.
+    Produce(ProduceArgs),
+    /// The one-command tour: a temporary server, 10,000 of the paper's events, what they became.
+    Demo(DemoArgs),
+    /// Measure: `bench ingest` (durable HTTP ingest and decode rates).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+/// Where the configuration comes from; flags override the file.
+#[derive(Debug, Args, Clone)]
+pub struct ConfigArgs {
+    /// TOML configuration file (default: the paper's schema and views).
+    #[arg(long, short = 'c', env = "LAMBDAFLOW_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory (overrides `data` in the file).
+    #[arg(long, env = "LAMBDAFLOW_DATA")]
+    pub data: Option<PathBuf>,
+    /// Address to listen on (overrides `listen` in the file).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+}
+
+impl ConfigArgs {
+    pub fn load(&self) -> anyhow::Result<Config> {
+        let mut config = Config::load(self.config.as_deref())?;
+        if let Some(d) = &self.data {
+            config.data = d.clone();
+        }
+        if let Some(l) = self.listen {
+            config.listen = l;
+        }
+        config.check(self.config.as_deref())?;
+        Ok(config)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ProduceArgs {
+    /// Server to send to.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Number of events to generate (the paper sends 10,000).
+    #[arg(long, short = 'n', default_value_t = 10_000)]
+    pub events: u64,
+    /// Events per second (default: as fast as the server acknowledges).
+    #[arg(long)]
+    pub rate: Option<u64>,
+    /// Seed: the same seed gives the same events, starting at --start.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Events per request.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// Send this NDJSON file instead of generated events.
+    #[arg(long, conflicts_with_all = ["seed", "output"])]
+    pub file: Option<PathBuf>,
+    /// Write the generated events to this file (`-`: stdout) instead of sending them.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Event time of the first event with --seed, e.g. "2014-11-01 00:00:00.000".
+    #[arg(long)]
+    pub start: Option<String>,
+    /// Number of distinct products (product0, product1, …).
+    #[arg(long, default_value_t = 10)]
+    pub products: u32,
+    /// Fraction of events (0–1) whose event time is one to six hours late.
+    #[arg(long, default_value_t = 0.0)]
+    pub late: f64,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl ProduceArgs {
+    pub fn options(&self) -> ProduceOptions {
+        ProduceOptions {
+            url: self.url.clone(),
+            events: self.events,
+            rate: self.rate,
+            seed: self.seed,
+            batch: self.batch,
+            concurrency: self.concurrency,
+            file: self.file.clone(),
+            output: self.output.clone(),
+            start: self.start.clone(),
+            products: self.products,
+            late: self.late,
+            progress: !self.quiet,
+            ..ProduceOptions::default()
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Events to produce.
+    #[arg(long, short = 'n', default_value_t = 10_000)]
+    pub events: u64,
+    /// Exit after the tour instead of serving until Ctrl-C.
+    #[arg(long)]
+    pub exit: bool,
+    /// Address to listen on (default 127.0.0.1:8080, or any free port if taken).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Durable ingest over HTTP with `produce` as the load, and the decoder alone.
+    Ingest(crate::bench::IngestBenchArgs),
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("could not start the async runtime")
+}
+
+/// Runs the command line; the binary's `main` is only this.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            // `{:#}` prints the whole chain: what failed, then why.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => {
+            init_tracing("info");
+            let config = args.config.load()?;
+            runtime()?.block_on(crate::serve::run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Produce(args) => {
+            init_tracing("warn");
+            let summary = runtime()?.block_on(crate::produce::run(args.options()))?;
+            if args.output.is_some() {
+                eprintln!(
+                    "wrote {} events in {:.2} s",
+                    crate::produce::group(summary.events),
+                    summary.elapsed.as_secs_f64()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("{summary}");
+            Ok(if summary.failed > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Demo(args) => {
+            init_tracing("warn");
+            runtime()?.block_on(crate::demo::run(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { what } => {
+            init_tracing("warn");
+            match what {
+                BenchCommand::Ingest(args) => crate::bench::ingest(args)?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

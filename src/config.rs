@@ -1,0 +1,648 @@
+//! Configuration: one TOML file, every key optional, typos fail loudly.
+//!
+//! With no file, lambdaflow runs the paper's workload: its event schema and its
+//! views. Command-line flags override the file. A wrong file fails at startup
+//! with the file, the key and the reason — never at the first event.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+
+use crate::schema::{
+    EventField, EventSchema, FieldType, PAPER_TIME_FORMAT, TimeFormat, UnknownFields,
+};
+
+/// Errors loading or checking a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("could not read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}:\n{message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config{}: key `{key}`: {reason}{}",
+        path.as_ref().map(|p| format!(" file {}", p.display())).unwrap_or_default(),
+        hint.as_ref().map(|h| format!("\nhint: {h}")).unwrap_or_default())]
+    Invalid {
+        path: Option<PathBuf>,
+        key: String,
+        reason: String,
+        hint: Option<String>,
+    },
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Root of everything lambdaflow stores: the log, the dead-letter store,
+    /// later the master dataset and the batch views.
+    #[serde(default = "default_data")]
+    pub data: PathBuf,
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default)]
+    pub stream: StreamConfig,
+    #[serde(default)]
+    pub ingest: IngestConfig,
+    #[serde(default)]
+    pub speed: SpeedConfig,
+    #[serde(default)]
+    pub archive: ArchiveConfig,
+    #[serde(default)]
+    pub batch: BatchConfig,
+    #[serde(default)]
+    pub schema: SchemaConfig,
+    #[serde(default = "default_views")]
+    pub views: Vec<ViewConfig>,
+}
+
+fn default_data() -> PathBuf {
+    PathBuf::from("./data")
+}
+
+fn default_listen() -> SocketAddr {
+    "127.0.0.1:8080".parse().expect("valid address")
+}
+
+/// The stream: the embedded log's partitions and how events are spread on them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    #[serde(default = "default_partitions")]
+    pub partitions: u32,
+    /// Field whose value's hash picks the partition; absent: round-robin by request.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// A log segment file is closed once it reaches this size.
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: ByteSize,
+}
+
+fn default_partitions() -> u32 {
+    2
+}
+
+fn default_segment_bytes() -> ByteSize {
+    ByteSize::mib(128)
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            partitions: default_partitions(),
+            key: None,
+            segment_bytes: default_segment_bytes(),
+        }
+    }
+}
+
+/// Limits on `POST /v1/events`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Bodies larger than this are refused with 413.
+    #[serde(default = "default_max_body")]
+    pub max_body: ByteSize,
+    /// Encoded events waiting for the log's fsync; beyond it requests get 503.
+    #[serde(default = "default_max_pending")]
+    pub max_pending: ByteSize,
+    /// How long a request may wait for room in the log before it gets 503.
+    #[serde(default = "default_pending_wait", with = "humantime_serde")]
+    pub pending_wait: Duration,
+}
+
+fn default_max_body() -> ByteSize {
+    ByteSize::mib(64)
+}
+
+fn default_max_pending() -> ByteSize {
+    ByteSize::mib(256)
+}
+
+fn default_pending_wait() -> Duration {
+    Duration::from_millis(500)
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            max_body: default_max_body(),
+            max_pending: default_max_pending(),
+            pending_wait: default_pending_wait(),
+        }
+    }
+}
+
+/// The speed layer's micro-batches.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpeedConfig {
+    #[serde(default = "default_speed_interval", with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+fn default_speed_interval() -> Duration {
+    Duration::from_millis(100)
+}
+
+impl Default for SpeedConfig {
+    fn default() -> Self {
+        SpeedConfig {
+            interval: default_speed_interval(),
+        }
+    }
+}
+
+/// How the log is cut into chunks of the master dataset.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveConfig {
+    #[serde(default = "default_chunk_events")]
+    pub chunk_events: u64,
+    #[serde(default = "default_chunk_age", with = "humantime_serde")]
+    pub chunk_age: Duration,
+}
+
+fn default_chunk_events() -> u64 {
+    1_000_000
+}
+
+fn default_chunk_age() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        ArchiveConfig {
+            chunk_events: default_chunk_events(),
+            chunk_age: default_chunk_age(),
+        }
+    }
+}
+
+/// The batch layer's loop.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    #[serde(default = "default_batch_pause", with = "humantime_serde")]
+    pub pause: Duration,
+}
+
+fn default_batch_pause() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            pause: default_batch_pause(),
+        }
+    }
+}
+
+/// `[schema]`: the event fields and which one is the event time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaConfig {
+    pub event_time: String,
+    pub fields: Vec<FieldConfig>,
+    /// `reject` (default) or `drop` events' fields that are not in `fields`.
+    #[serde(default)]
+    pub unknown_fields: UnknownFields,
+}
+
+impl Default for SchemaConfig {
+    fn default() -> Self {
+        let f = |name: &str, ty| FieldConfig {
+            name: name.into(),
+            ty,
+            format: None,
+            nullable: false,
+        };
+        SchemaConfig {
+            event_time: "timestamp".into(),
+            fields: vec![
+                f("zipcode", FieldType::Int64),
+                f("ProductName", FieldType::Utf8),
+                f("price", FieldType::Int64),
+                FieldConfig {
+                    format: Some(PAPER_TIME_FORMAT.into()),
+                    ..f("timestamp", FieldType::TimestampMs)
+                },
+            ],
+            unknown_fields: UnknownFields::Reject,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldConfig {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub ty: FieldType,
+    /// For timestamps: a chrono format, or `rfc3339`, `epoch_s`, `epoch_ms`, `epoch_us`.
+    #[serde(default)]
+    pub format: Option<String>,
+    /// A nullable field may be missing or `null` in an event.
+    #[serde(default)]
+    pub nullable: bool,
+}
+
+/// `[[views]]`: a view is one SQL query over the table `events`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewConfig {
+    pub name: String,
+    pub sql: String,
+    /// Coarser time buckets for older data (applied by the batch layer).
+    #[serde(default)]
+    pub rollup: Vec<RollupConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollupConfig {
+    #[serde(with = "humantime_serde")]
+    pub after: Duration,
+    pub bucket: String,
+}
+
+/// The paper's views: sales per product, per zipcode, and per minute per product.
+fn default_views() -> Vec<ViewConfig> {
+    let v = |name: &str, sql: &str| ViewConfig {
+        name: name.into(),
+        sql: sql.into(),
+        rollup: Vec::new(),
+    };
+    vec![
+        v(
+            "sales_by_product",
+            "SELECT ProductName, count(*) AS orders, sum(price) AS revenue \
+             FROM events GROUP BY ProductName",
+        ),
+        v(
+            "sales_by_zipcode",
+            "SELECT zipcode, count(*) AS orders, sum(price) AS revenue \
+             FROM events GROUP BY zipcode",
+        ),
+        v(
+            "sales_per_minute",
+            "SELECT date_trunc('minute', timestamp) AS minute, ProductName, \
+             count(*) AS orders, sum(price) AS revenue, avg(price) AS avg_price, \
+             approx_distinct(zipcode) AS zipcodes \
+             FROM events GROUP BY date_trunc('minute', timestamp), ProductName",
+        ),
+    ]
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data: default_data(),
+            listen: default_listen(),
+            stream: StreamConfig::default(),
+            ingest: IngestConfig::default(),
+            speed: SpeedConfig::default(),
+            archive: ArchiveConfig::default(),
+            batch: BatchConfig::default(),
+            schema: SchemaConfig::default(),
+            views: default_views(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path`, or the paper's defaults with no path, and checks it.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let Some(path) = path else {
+            let config = Config::default();
+            config.check(None)?;
+            return Ok(config);
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config = Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        config.check(Some(path))?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; the error names the line, the key and the reason.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+    }
+
+    /// Checks what types alone cannot: names, references, ranges.
+    pub fn check(&self, path: Option<&Path>) -> Result<(), ConfigError> {
+        let invalid = |key: &str, reason: String, hint: Option<String>| ConfigError::Invalid {
+            path: path.map(Path::to_path_buf),
+            key: key.to_string(),
+            reason,
+            hint,
+        };
+        if self.data.to_string_lossy().starts_with("s3://") {
+            return Err(invalid(
+                "data",
+                "object-store roots (`s3://…`) are not supported by this build yet".into(),
+                Some("use a local directory such as \"./data\"".into()),
+            ));
+        }
+        if self.stream.partitions == 0 || self.stream.partitions > 1024 {
+            return Err(invalid(
+                "stream.partitions",
+                format!("must be between 1 and 1024, got {}", self.stream.partitions),
+                None,
+            ));
+        }
+        if self.stream.segment_bytes.as_u64() < 4096 {
+            return Err(invalid(
+                "stream.segment_bytes",
+                format!("must be at least 4 KiB, got {}", self.stream.segment_bytes),
+                None,
+            ));
+        }
+        if self.ingest.max_body.as_u64() == 0 || self.ingest.max_pending.as_u64() == 0 {
+            return Err(invalid(
+                "ingest",
+                "max_body and max_pending must be positive".into(),
+                None,
+            ));
+        }
+        if self.speed.interval.is_zero() {
+            return Err(invalid("speed.interval", "must be positive".into(), None));
+        }
+        if self.archive.chunk_events == 0 {
+            return Err(invalid(
+                "archive.chunk_events",
+                "must be positive".into(),
+                None,
+            ));
+        }
+        let schema = self.event_schema_unchecked(path)?;
+        if let Some(key) = &self.stream.key
+            && schema.index_of(key).is_none()
+        {
+            return Err(invalid(
+                "stream.key",
+                format!("no field named `{key}` in the schema"),
+                schema.suggest(key).map(|s| format!("did you mean `{s}`?")),
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, v) in self.views.iter().enumerate() {
+            if !is_identifier(&v.name) {
+                return Err(invalid(
+                    &format!("views[{i}].name"),
+                    format!(
+                        "`{}` is not a valid view name (letters, digits and `_`, not starting with a digit)",
+                        v.name
+                    ),
+                    None,
+                ));
+            }
+            if !names.insert(v.name.as_str()) {
+                return Err(invalid(
+                    &format!("views[{i}].name"),
+                    format!("view `{}` is declared twice", v.name),
+                    None,
+                ));
+            }
+            if v.sql.trim().is_empty() {
+                return Err(invalid(&format!("views[{i}].sql"), "is empty".into(), None));
+            }
+        }
+        Ok(())
+    }
+
+    /// The validated event schema.
+    pub fn event_schema(&self) -> Result<EventSchema, ConfigError> {
+        self.event_schema_unchecked(None)
+    }
+
+    fn event_schema_unchecked(&self, path: Option<&Path>) -> Result<EventSchema, ConfigError> {
+        let invalid = |key: String, reason: String, hint: Option<String>| ConfigError::Invalid {
+            path: path.map(Path::to_path_buf),
+            key,
+            reason,
+            hint,
+        };
+        let s = &self.schema;
+        if s.fields.is_empty() {
+            return Err(invalid(
+                "schema.fields".into(),
+                "the schema has no fields".into(),
+                None,
+            ));
+        }
+        let mut fields: Vec<EventField> = Vec::with_capacity(s.fields.len());
+        for (i, f) in s.fields.iter().enumerate() {
+            let key = format!("schema.fields[{i}]");
+            if f.name.is_empty() || f.name.starts_with('_') {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!(
+                        "`{}` is not allowed: names must be non-empty and not start with `_` (reserved for `_partition`, `_offset`, `_ingest_time`)",
+                        f.name
+                    ),
+                    None,
+                ));
+            }
+            if fields.iter().any(|g| g.name == f.name) {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!("field `{}` is declared twice", f.name),
+                    None,
+                ));
+            }
+            let time_format = match (&f.format, f.ty.is_timestamp()) {
+                (Some(fmt), true) => {
+                    let tf = TimeFormat::parse(fmt);
+                    if let TimeFormat::Strftime { .. } = tf
+                        && tf.example().is_empty()
+                    {
+                        return Err(invalid(
+                            format!("{key}.format"),
+                            format!("`{fmt}` is not a valid chrono time format"),
+                            Some(format!(
+                                "the paper's format is \"{PAPER_TIME_FORMAT}\"; \"rfc3339\", \"epoch_s\", \"epoch_ms\" and \"epoch_us\" are also accepted"
+                            )),
+                        ));
+                    }
+                    Some(tf)
+                }
+                (None, true) => Some(TimeFormat::Rfc3339),
+                (Some(_), false) => {
+                    return Err(invalid(
+                        format!("{key}.format"),
+                        format!(
+                            "`format` only applies to timestamp fields; `{}` is {}",
+                            f.name, f.ty
+                        ),
+                        None,
+                    ));
+                }
+                (None, false) => None,
+            };
+            fields.push(EventField {
+                name: f.name.clone(),
+                ty: f.ty,
+                nullable: f.nullable,
+                time_format,
+            });
+        }
+        let Some(event_time) = fields.iter().position(|f| f.name == s.event_time) else {
+            let hint =
+                crate::schema::suggest(&s.event_time, fields.iter().map(|f| f.name.as_str()))
+                    .map(|n| format!("did you mean `{n}`?"));
+            return Err(invalid(
+                "schema.event_time".into(),
+                format!("no field named `{}` in schema.fields", s.event_time),
+                hint,
+            ));
+        };
+        let et = &fields[event_time];
+        if !et.ty.is_timestamp() {
+            return Err(invalid(
+                "schema.event_time".into(),
+                format!(
+                    "field `{}` is {}, but the event time must be a timestamp",
+                    et.name, et.ty
+                ),
+                Some("declare it with type = \"timestamp_ms\" and its `format`".into()),
+            ));
+        }
+        if et.nullable {
+            return Err(invalid(
+                "schema.event_time".into(),
+                format!(
+                    "field `{}` is nullable, but every event needs an event time",
+                    et.name
+                ),
+                None,
+            ));
+        }
+        let mut schema = EventSchema::new(fields, event_time);
+        schema.set_unknown_fields(s.unknown_fields);
+        Ok(schema)
+    }
+}
+
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_papers_workload() {
+        let c = Config::load(None).expect("defaults are valid");
+        let s = c.event_schema().unwrap();
+        let names: Vec<_> = s.fields().iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["zipcode", "ProductName", "price", "timestamp"]);
+        assert_eq!(s.event_time().name, "timestamp");
+        assert_eq!(c.stream.partitions, 2);
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.views.len(), 3);
+    }
+
+    #[test]
+    fn the_designs_example_file_parses() {
+        let text = r#"
+data = "./data"
+listen = "127.0.0.1:8080"
+
+[stream]
+partitions = 2
+
+[speed]
+interval = "100ms"
+
+[archive]
+chunk_events = 1_000_000
+chunk_age = "10s"
+
+[batch]
+pause = "1m"
+
+[schema]
+event_time = "timestamp"
+fields = [
+  { name = "zipcode",     type = "int64" },
+  { name = "ProductName", type = "utf8" },
+  { name = "price",       type = "int64" },
+  { name = "timestamp",   type = "timestamp_ms", format = "%Y-%m-%d %H:%M:%S%.3f" },
+]
+
+[[views]]
+name = "sales_by_product"
+sql = "SELECT ProductName, count(*) AS orders, sum(price) AS revenue FROM events GROUP BY ProductName"
+"#;
+        let c = Config::parse(text).expect("the design's example must parse");
+        c.check(None).expect("and be valid");
+        assert_eq!(c.speed.interval, Duration::from_millis(100));
+        assert_eq!(c.batch.pause, Duration::from_secs(60));
+        assert_eq!(c.views.len(), 1);
+        assert_eq!(
+            c.event_schema().unwrap().event_time().time_format,
+            Some(TimeFormat::Paper)
+        );
+    }
+
+    #[test]
+    fn a_typo_in_a_key_names_the_key_and_line() {
+        let err = Config::parse("[stream]\npartitons = 4\n").unwrap_err();
+        assert!(
+            err.contains("partitons"),
+            "error must name the bad key: {err}"
+        );
+        assert!(err.contains("line 2"), "error must name the line: {err}");
+    }
+
+    #[test]
+    fn a_bad_type_lists_the_valid_ones() {
+        let err = Config::parse(
+            "[schema]\nevent_time = \"t\"\nfields = [{ name = \"t\", type = \"datetime\" }]\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("unknown field type `datetime`"), "{err}");
+        assert!(err.contains("timestamp_ms"), "{err}");
+    }
+
+    #[test]
+    fn event_time_must_exist_and_be_a_timestamp() {
+        let mut c = Config::default();
+        c.schema.event_time = "timestmap".into();
+        let err = c.check(None).unwrap_err().to_string();
+        assert!(err.contains("schema.event_time"), "{err}");
+        assert!(err.contains("did you mean `timestamp`"), "{err}");
+
+        c.schema.event_time = "price".into();
+        let err = c.check(None).unwrap_err().to_string();
+        assert!(err.contains("must be a timestamp"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_file_names_the_file() {
+        let err = Config::load(Some(Path::new("/nonexistent/lambdaflow.toml"))).unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/lambdaflow.toml"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,21 @@
+//! lambdaflow: the Lambda Architecture — batch layer, serving layer and speed
+//! layer over one immutable master dataset — as one Rust program.
+//!
+//! ```text
+//!  producers ──HTTP/NDJSON──▶ api ──▶ stream (embedded log: partition p, offset o)
+//!                                       │
+//!                  speed layer ◀────────┴────────▶ master dataset ─▶ batch layer
+//!                       └──────────▶ serving layer ◀─────────────────────┘
+//! ```
+//!
+//! Modules are named after the layers they implement; see `DESIGN.md`.
+
+pub mod api;
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod produce;
+pub mod schema;
+pub mod serve;
+pub mod stream;

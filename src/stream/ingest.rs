@@ -1,0 +1,208 @@
+//! Ingest: one request body in, accepted events durable in the log, refused
+//! lines durable in the dead-letter store, and a report of both.
+//!
+//! Order matters for "nothing lost, nothing twice": refused lines are stored
+//! first, then accepted events are appended. If the dead-letter store fails
+//! (say, a full disk) nothing was appended and the client can resend the whole
+//! body; if the log refuses for overload, it refuses the whole body.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use super::deadletter::{DeadLetter, DeadLetterError, DeadLetters};
+use super::decode::{Decoded, Decoder};
+use super::log::{Log, LogError};
+
+/// Bodies larger than this are decoded on the blocking pool, not a runtime worker.
+const INLINE_DECODE_BYTES: usize = 256 << 10;
+
+/// What became of one request's lines.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IngestReport {
+    pub accepted: u64,
+    pub rejected: u64,
+    /// Offsets given to the accepted events, per partition (inclusive).
+    pub offsets: Vec<OffsetRange>,
+    pub errors: Vec<LineError>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct OffsetRange {
+    pub partition: u32,
+    pub first: u64,
+    pub last: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LineError {
+    pub line: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    pub reason: String,
+    /// The whole message: "line 7: field `price`: expected int64, got string \"abc\"".
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("the request body is empty\nhint: send one JSON event per line (NDJSON)")]
+    EmptyBody,
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    DeadLetter(#[from] DeadLetterError),
+    #[error("decoding was interrupted: {0}")]
+    Internal(String),
+}
+
+impl IngestError {
+    /// True when nothing of the request was stored and it can be resent whole.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            IngestError::Log(LogError::Overloaded { .. } | LogError::NoSpace { .. })
+                | IngestError::DeadLetter(DeadLetterError::NoSpace { .. })
+        )
+    }
+}
+
+/// A failed ingest and what of it was stored anyway.
+#[derive(Debug)]
+pub struct IngestFailure {
+    pub error: IngestError,
+    /// Events already durable before the failure (empty for retryable errors).
+    pub partial: IngestReport,
+}
+
+/// Counters since start.
+#[derive(Debug, Default)]
+pub struct IngestCounters {
+    pub requests: AtomicU64,
+    pub accepted: AtomicU64,
+    pub rejected: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+/// Decoder, log and dead-letter store, wired together.
+pub struct Ingest {
+    decoder: Decoder,
+    log: Arc<Log>,
+    dead: Arc<DeadLetters>,
+    next_partition: AtomicU32,
+    pub counters: IngestCounters,
+}
+
+impl Ingest {
+    pub fn new(decoder: Decoder, log: Arc<Log>, dead: Arc<DeadLetters>) -> Ingest {
+        Ingest {
+            decoder,
+            log,
+            dead,
+            next_partition: AtomicU32::new(0),
+            counters: IngestCounters::default(),
+        }
+    }
+
+    pub fn log(&self) -> &Arc<Log> {
+        &self.log
+    }
+
+    pub fn dead_letters(&self) -> &Arc<DeadLetters> {
+        &self.dead
+    }
+
+    /// Decodes, stores and reports one NDJSON body.
+    pub async fn ingest(&self, body: Bytes) -> Result<IngestReport, IngestFailure> {
+        let fail = |error: IngestError| IngestFailure {
+            error,
+            partial: IngestReport::default(),
+        };
+        if body.is_empty() {
+            return Err(fail(IngestError::EmptyBody));
+        }
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .bytes
+            .fetch_add(body.len() as u64, Ordering::Relaxed);
+        let partition = self.next_partition.fetch_add(1, Ordering::Relaxed) % self.log.partitions();
+        let decoded = if body.len() <= INLINE_DECODE_BYTES {
+            self.decoder.decode(&body, partition)
+        } else {
+            let decoder = self.decoder.clone();
+            let body = body.clone();
+            tokio::task::spawn_blocking(move || decoder.decode(&body, partition))
+                .await
+                .map_err(|e| fail(IngestError::Internal(e.to_string())))?
+        };
+        let Decoded {
+            batches,
+            rejects,
+            accepted,
+        } = decoded;
+
+        let mut report = IngestReport {
+            rejected: rejects.len() as u64,
+            errors: rejects
+                .iter()
+                .map(|r| LineError {
+                    line: r.line,
+                    field: r.field.clone(),
+                    reason: r.reason.clone(),
+                    message: r.to_string(),
+                })
+                .collect(),
+            ..IngestReport::default()
+        };
+        if !rejects.is_empty() {
+            let received = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            let records: Vec<DeadLetter> = rejects
+                .into_iter()
+                .map(|r| DeadLetter::new(&received, r.line, r.field, r.reason, &body[r.raw]))
+                .collect();
+            let dead = self.dead.clone();
+            tokio::task::spawn_blocking(move || dead.write(&records))
+                .await
+                .map_err(|e| fail(IngestError::Internal(e.to_string())))?
+                .map_err(|e| fail(e.into()))?;
+            self.counters
+                .rejected
+                .fetch_add(report.rejected, Ordering::Relaxed);
+        }
+        if accepted > 0 {
+            let acks = self
+                .log
+                .append_all(batches)
+                .await
+                .map_err(|e| fail(e.into()))?;
+            let mut first_error = None;
+            for ack in acks {
+                match ack {
+                    Ok(a) => {
+                        report.accepted += a.count;
+                        report.offsets.push(OffsetRange {
+                            partition: a.partition,
+                            first: a.first,
+                            last: a.first + a.count - 1,
+                        });
+                    }
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            self.counters
+                .accepted
+                .fetch_add(report.accepted, Ordering::Relaxed);
+            if let Some(e) = first_error {
+                return Err(IngestFailure {
+                    error: e.into(),
+                    partial: report,
+                });
+            }
+        }
+        Ok(report)
+    }
+}

@@ -1,0 +1,24 @@
+//! The stream layer: getting events in, durably, and handing them to every
+//! other layer in order (the paper's Kinesis stream).
+//!
+//! ```text
+//!  NDJSON body ─▶ decode ──accepted──▶ log (partition p, offset o, fsynced) ─▶ readers
+//!                   │
+//!                   └─rejected─▶ dead-letter store (line, field, reason, raw line)
+//! ```
+//!
+//! - [`decode`]: NDJSON → typed Arrow columns, validated against the schema.
+//! - [`log`]: the embedded partitioned log: segments of CRC-checked frames,
+//!   group commit, crash recovery, reads from any offset, retention.
+//! - [`deadletter`]: every refused line with its reason.
+//! - [`ingest`]: the three together, as `POST /v1/events` uses them.
+
+pub mod deadletter;
+pub mod decode;
+pub mod ingest;
+pub mod log;
+
+pub use deadletter::{DeadLetter, DeadLetters};
+pub use decode::{Decoded, Decoder, Partitioning, Reject};
+pub use ingest::{Ingest, IngestError, IngestReport};
+pub use log::{AppendAck, Log, LogBatch, LogError, LogOptions};
