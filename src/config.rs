@@ -605,6 +605,22 @@ sql = "SELECT ProductName, count(*) AS orders, sum(price) AS revenue FROM events
     }
 
     #[test]
+    fn the_example_file_is_valid_and_equals_the_defaults() {
+        let mut c = Config::parse(include_str!("../examples/lambdaflow.toml"))
+            .expect("examples/lambdaflow.toml must parse");
+        c.check(None).expect("and be valid");
+        for v in &mut c.views {
+            v.sql = v.sql.split_whitespace().collect::<Vec<_>>().join(" ");
+        }
+        let d = Config::default();
+        assert_eq!(
+            serde_json::to_value(&c).unwrap(),
+            serde_json::to_value(&d).unwrap(),
+            "the example documents the defaults; keep them equal"
+        );
+    }
+
+    #[test]
     fn a_typo_in_a_key_names_the_key_and_line() {
         let err = Config::parse("[stream]\npartitons = 4\n").unwrap_err();
         assert!(

@@ -68,7 +68,10 @@ impl Server {
             .unwrap();
         assert!(ok.success());
         let status = self.child.wait().unwrap();
-        assert!(status.success(), "serve must exit cleanly on SIGTERM, got {status}");
+        assert!(
+            status.success(),
+            "serve must exit cleanly on SIGTERM, got {status}"
+        );
         let data = self.data.clone();
         let dir = std::mem::replace(&mut self._dir, tempfile::tempdir().unwrap());
         (data, dir)
@@ -142,32 +145,49 @@ fn ingest_over_http_keeps_exactly_the_good_lines_and_dead_letters_the_rest() {
 
     // 1. A clean body.
     let good: Vec<String> = (0..100)
-        .map(|i| event(10_000 + i, &format!("product{}", i % 5), i, "2014-11-01 19:35:41.158"))
+        .map(|i| {
+            event(
+                10_000 + i,
+                &format!("product{}", i % 5),
+                i,
+                "2014-11-01 19:35:41.158",
+            )
+        })
         .collect();
     let (status, _, reply) = post(&url, (good.join("\n") + "\n").into_bytes());
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["accepted"], 100, "{reply}");
     assert_eq!(reply["rejected"], 0, "{reply}");
     let range = &reply["offsets"][0];
-    assert_eq!(range["last"].as_u64().unwrap() - range["first"].as_u64().unwrap(), 99, "{reply}");
+    assert_eq!(
+        range["last"].as_u64().unwrap() - range["first"].as_u64().unwrap(),
+        99,
+        "{reply}"
+    );
 
     // 2. A mixed body: every kind of bad line between good ones.
     let ok = |i: i64| event(20_000 + i, "product9", 7, "2014-11-01 00:00:00.000");
     let mut lines: Vec<Vec<u8>> = vec![
-        ok(1).into_bytes(),                                                           // 1
-        br#"{"zipcode":1,"ProductName":"x""#.to_vec(),                                // 2 malformed JSON
+        ok(1).into_bytes(),                            // 1
+        br#"{"zipcode":1,"ProductName":"x""#.to_vec(), // 2 malformed JSON
         br#"{"zipcode":1,"ProductName":"x","timestamp":"2014-11-01 00:00:00.000"}"#.to_vec(), // 3 missing price
-        event(1, "x", 0, "2014-11-01 00:00:00.000").replace("\"price\":0", "\"price\":\"abc\"").into_bytes(), // 4 wrong type
-        event(1, "x", 1, "2014-13-01 00:00:00.000").into_bytes(),                     // 5 bad timestamp
-        event(1, "x", 1, "2014-11-01 00:00:00.000").replace('}', ",\"color\":\"red\"}").into_bytes(), // 6 unknown field
-        b"{\"zipcode\":1,\"ProductName\":\"\xc3\x28\",\"price\":1}".to_vec(),         // 7 invalid UTF-8
-        Vec::new(),                                                                   // 8 empty line: skipped
-        b"   ".to_vec(),                                                              // 9 blank line: skipped
-        ok(2).into_bytes(),                                                           // 10
-        b"null".to_vec(),                                                             // 11 not an object
-        event(1, "x", 1, "2014-11-01 00:00:00.000").replace("\"price\":1", "\"price\":1e400").into_bytes(), // 12 number out of range
-        b"\x00\x00".to_vec(),                                                         // 13 NUL bytes
-        ok(3).into_bytes(),                                                           // 14
+        event(1, "x", 0, "2014-11-01 00:00:00.000")
+            .replace("\"price\":0", "\"price\":\"abc\"")
+            .into_bytes(), // 4 wrong type
+        event(1, "x", 1, "2014-13-01 00:00:00.000").into_bytes(), // 5 bad timestamp
+        event(1, "x", 1, "2014-11-01 00:00:00.000")
+            .replace('}', ",\"color\":\"red\"}")
+            .into_bytes(), // 6 unknown field
+        b"{\"zipcode\":1,\"ProductName\":\"\xc3\x28\",\"price\":1}".to_vec(), // 7 invalid UTF-8
+        Vec::new(),                                               // 8 empty line: skipped
+        b"   ".to_vec(),                                          // 9 blank line: skipped
+        ok(2).into_bytes(),                                       // 10
+        b"null".to_vec(),                                         // 11 not an object
+        event(1, "x", 1, "2014-11-01 00:00:00.000")
+            .replace("\"price\":1", "\"price\":1e400")
+            .into_bytes(), // 12 number out of range
+        b"\x00\x00".to_vec(),                                     // 13 NUL bytes
+        ok(3).into_bytes(),                                       // 14
     ];
     let body = lines.iter_mut().fold(Vec::new(), |mut acc, l| {
         acc.extend_from_slice(l);
@@ -182,14 +202,22 @@ fn ingest_over_http_keeps_exactly_the_good_lines_and_dead_letters_the_rest() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| (e["line"].as_u64().unwrap(), e["message"].as_str().unwrap().to_string()))
+        .map(|e| {
+            (
+                e["line"].as_u64().unwrap(),
+                e["message"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     let lines_refused: Vec<u64> = errors.iter().map(|e| e.0).collect();
     assert_eq!(lines_refused, [2, 3, 4, 5, 6, 7, 11, 12, 13], "{reply}");
     let expect = [
         (2, "line 2: malformed JSON"),
         (3, "line 3: field `price`: missing"),
-        (4, "line 4: field `price`: expected int64, got string \"abc\""),
+        (
+            4,
+            "line 4: field `price`: expected int64, got string \"abc\"",
+        ),
         (5, "line 5: field `timestamp`: expected a timestamp like"),
         (6, "line 6: field `color`: unknown field"),
         (7, "line 7: invalid UTF-8"),
@@ -199,7 +227,10 @@ fn ingest_over_http_keeps_exactly_the_good_lines_and_dead_letters_the_rest() {
     ];
     for ((line, msg), (want_line, want)) in errors.iter().zip(expect) {
         assert_eq!(*line, want_line);
-        assert!(msg.starts_with(want), "line {line}: message {msg:?} should start with {want:?}");
+        assert!(
+            msg.starts_with(want),
+            "line {line}: message {msg:?} should start with {want:?}"
+        );
     }
 
     // 3. Every line bad: 422, nothing stored but the dead letters.
@@ -210,7 +241,10 @@ fn ingest_over_http_keeps_exactly_the_good_lines_and_dead_letters_the_rest() {
     // 4. An empty body: 400 with a hint.
     let (status, _, reply) = post(&url, Vec::new());
     assert_eq!(status, 400, "{reply}");
-    assert!(reply["error"].as_str().unwrap().contains("empty"), "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().contains("empty"),
+        "{reply}"
+    );
     assert!(reply["hint"].is_string(), "{reply}");
 
     // 5. An oversized body: 413 with the limit named, nothing stored.
@@ -220,22 +254,42 @@ fn ingest_over_http_keeps_exactly_the_good_lines_and_dead_letters_the_rest() {
     assert!(big.len() > 64 * 1024);
     let (status, _, reply) = post(&url, big.into_bytes());
     assert_eq!(status, 413, "{reply}");
-    assert!(reply["error"].as_str().unwrap().contains("64.0 KiB"), "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().contains("64.0 KiB"),
+        "{reply}"
+    );
 
     // 6. The producer itself, as a user runs it.
     let out = Command::new(BIN)
-        .args(["produce", "--url", &url, "--events", "5000", "--seed", "3", "--batch", "500", "--quiet"])
+        .args([
+            "produce", "--url", &url, "--events", "5000", "--seed", "3", "--batch", "500",
+            "--quiet",
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "produce failed: {stdout} {}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("accepted 5,000 · rejected 0 · failed 0"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "produce failed: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("accepted 5,000 · rejected 0 · failed 0"),
+        "{stdout}"
+    );
 
     let status: Value = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap()
-        .block_on(async { reqwest::get(format!("{url}/v1/status")).await.unwrap().json().await.unwrap() });
+        .block_on(async {
+            reqwest::get(format!("{url}/v1/status"))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap()
+        });
     assert_eq!(status["ingest"]["accepted"], 5103, "{status}");
     assert_eq!(status["ingest"]["rejected"], 10, "{status}");
 
@@ -249,10 +303,16 @@ fn ingest_over_http_keeps_exactly_the_good_lines_and_dead_letters_the_rest() {
     );
     let zips: std::collections::BTreeSet<i64> = events.values().map(|e| e.0).collect();
     for i in 0..100 {
-        assert!(zips.contains(&(10_000 + i)), "good event {i} of request 1 is in the log");
+        assert!(
+            zips.contains(&(10_000 + i)),
+            "good event {i} of request 1 is in the log"
+        );
     }
     for i in 1..=3 {
-        assert!(zips.contains(&(20_000 + i)), "good line of the mixed request is in the log");
+        assert!(
+            zips.contains(&(20_000 + i)),
+            "good line of the mixed request is in the log"
+        );
     }
     assert!(!zips.contains(&1), "no refused line is in the log");
 
@@ -261,11 +321,22 @@ fn ingest_over_http_keeps_exactly_the_good_lines_and_dead_letters_the_rest() {
     assert_eq!(dead.len(), 10, "{dead:#?}");
     for (d, (line, _)) in dead.iter().zip(&errors) {
         assert_eq!(d.line, *line);
-        assert_eq!(d.raw_bytes(), lines[*line as usize - 1], "raw line {line} kept exactly");
+        assert_eq!(
+            d.raw_bytes(),
+            lines[*line as usize - 1],
+            "raw line {line} kept exactly"
+        );
         assert!(!d.reason.is_empty());
     }
-    assert_eq!(dead[2].field.as_deref(), Some("price"), "line 4 names its field");
-    assert!(dead[5].raw_base64.is_some(), "line 7 (not UTF-8) is kept as base64");
+    assert_eq!(
+        dead[2].field.as_deref(),
+        Some("price"),
+        "line 4 names its field"
+    );
+    assert!(
+        dead[5].raw_base64.is_some(),
+        "line 7 (not UTF-8) is kept as base64"
+    );
     assert_eq!(dead[9].raw.as_deref(), Some("{\"nope\":1}"));
 }
 
@@ -273,20 +344,40 @@ fn ingest_over_http_keeps_exactly_the_good_lines_and_dead_letters_the_rest() {
 fn keyed_partitioning_puts_one_key_on_one_partition() {
     let server = Server::start("[stream]\npartitions = 3\nkey = \"ProductName\"\n");
     let body: String = (0..300)
-        .map(|i| event(10_000 + i, &format!("product{}", i % 10), 1, "2014-11-01 00:00:00.000") + "\n")
+        .map(|i| {
+            event(
+                10_000 + i,
+                &format!("product{}", i % 10),
+                1,
+                "2014-11-01 00:00:00.000",
+            ) + "\n"
+        })
         .collect();
     let (status, _, reply) = post(&server.url, body.into_bytes());
     assert_eq!(status, 200, "{reply}");
-    assert!(reply["offsets"].as_array().unwrap().len() > 1, "spread over partitions: {reply}");
+    assert!(
+        reply["offsets"].as_array().unwrap().len() > 1,
+        "spread over partitions: {reply}"
+    );
     let (data, _keep) = server.stop();
     let events = {
-        let log = Log::open(data.join("log"), LogOptions { partitions: 3, ..LogOptions::default() }).unwrap();
+        let log = Log::open(
+            data.join("log"),
+            LogOptions {
+                partitions: 3,
+                ..LogOptions::default()
+            },
+        )
+        .unwrap();
         let mut by_product: BTreeMap<String, std::collections::BTreeSet<u32>> = BTreeMap::new();
         for p in 0..3 {
             for b in log.read(p, 0, usize::MAX).unwrap() {
                 let n = b.batch.column(1).as_string::<i32>();
                 for i in 0..b.batch.num_rows() {
-                    by_product.entry(n.value(i).to_string()).or_default().insert(p);
+                    by_product
+                        .entry(n.value(i).to_string())
+                        .or_default()
+                        .insert(p);
                 }
             }
         }
@@ -303,7 +394,11 @@ fn a_bad_config_fails_at_startup_naming_file_key_and_reason() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("bad.toml");
     std::fs::write(&config, "[stream]\npartitons = 2\n").unwrap();
-    let out = Command::new(BIN).args(["serve", "--config"]).arg(&config).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.toml"), "names the file: {err}");

@@ -20,7 +20,9 @@ fn batch(rows: &[Row]) -> RecordBatch {
         schema,
         vec![
             Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1.as_str()))),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.1.as_str()),
+            )),
             Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))),
             Arc::new(TimestampMillisecondArray::from_iter_values(
                 rows.iter().map(|r| r.3),
@@ -72,7 +74,10 @@ fn read_rows(log: &Log, p: u32, from: u64) -> Vec<Row> {
     let mut next = from;
     while next < end {
         let got = log.read(p, next, 7).unwrap();
-        assert!(!got.is_empty(), "read from {next} below end {end} returned nothing");
+        assert!(
+            !got.is_empty(),
+            "read from {next} below end {end} returned nothing"
+        );
         for b in got {
             assert_eq!(b.first_offset, next, "batches must be contiguous");
             next += b.batch.num_rows() as u64;
@@ -182,7 +187,10 @@ fn a_torn_last_frame_is_cut_at_every_byte_position() {
         );
         // The log goes on from there with dense offsets.
         let ack = rt.block_on(log.append(0, &batch(&[row(99)]))).unwrap();
-        assert_eq!(ack.first, complete, "cut at byte {cut}: appending resumes at the next offset");
+        assert_eq!(
+            ack.first, complete,
+            "cut at byte {cut}: appending resumes at the next offset"
+        );
         drop(log);
         let log = Log::open(dir.path(), small(1, 1 << 30)).unwrap();
         assert_eq!(log.end_offset(0).unwrap(), complete + 1);
@@ -201,13 +209,21 @@ fn a_garbled_last_frame_is_cut_and_its_bytes_kept_aside() {
     std::fs::write(&seg, &bytes).unwrap();
 
     let log = Log::open(src.path(), small(1, 1 << 30)).unwrap();
-    assert_eq!(log.end_offset(0).unwrap(), 2, "the garbled frame is not served");
+    assert_eq!(
+        log.end_offset(0).unwrap(),
+        2,
+        "the garbled frame is not served"
+    );
     let aside: Vec<_> = std::fs::read_dir(src.path().join("p0"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .filter(|n| n.contains(".truncated-"))
         .collect();
-    assert_eq!(aside.len(), 1, "the cut bytes are kept in one .truncated file: {aside:?}");
+    assert_eq!(
+        aside.len(),
+        1,
+        "the cut bytes are kept in one .truncated file: {aside:?}"
+    );
     let kept = std::fs::read(src.path().join("p0").join(&aside[0])).unwrap();
     assert_eq!(kept, bytes[lens[2] as usize..], "kept byte for byte");
 }
@@ -221,7 +237,10 @@ fn corruption_in_a_sealed_segment_is_reported_on_read_with_offsets() {
         let rows: Vec<Row> = (0..5).map(|j| row(i * 5 + j)).collect();
         rt.block_on(log.append(0, &batch(&rows))).unwrap();
     }
-    assert!(log.stats()[0].segments > 2, "small segments must have rolled");
+    assert!(
+        log.stats()[0].segments > 2,
+        "small segments must have rolled"
+    );
     drop(log);
     let seg = dir.path().join("p0/00000000000000000000.log");
     let mut bytes = std::fs::read(&seg).unwrap();
@@ -245,7 +264,10 @@ fn corruption_in_a_sealed_segment_is_reported_on_read_with_offsets() {
     .expect_err("a flipped byte must be detected");
     match err {
         LogError::Corrupt { first_offset, .. } => {
-            assert!(first_offset < 200, "the error names the offsets affected: {err}")
+            assert!(
+                first_offset < 200,
+                "the error names the offsets affected: {err}"
+            )
         }
         other => panic!("expected a Corrupt error, got {other}"),
     }
@@ -281,10 +303,20 @@ fn retention_deletes_only_whole_segments_below_the_offset() {
     // An offset inside the third segment: the first two go, the third stays.
     let cut = before[2] + 1;
     let start = log.delete_below(0, cut).unwrap();
-    assert_eq!(start, before[2], "the segment holding offset {cut} must stay");
-    assert_eq!(bases(dir.path()), before[2..], "only whole segments below {cut} are deleted");
+    assert_eq!(
+        start, before[2],
+        "the segment holding offset {cut} must stay"
+    );
+    assert_eq!(
+        bases(dir.path()),
+        before[2..],
+        "only whole segments below {cut} are deleted"
+    );
     assert_eq!(log.start_offset(0).unwrap(), before[2]);
-    assert_eq!(read_rows(&log, 0, start), (start..300).map(row).collect::<Vec<_>>());
+    assert_eq!(
+        read_rows(&log, 0, start),
+        (start..300).map(row).collect::<Vec<_>>()
+    );
     match log.read(0, start - 1, 10) {
         Err(LogError::Trimmed { start: s, .. }) => assert_eq!(s, start),
         other => panic!("reading below the start must say it was trimmed, got {other:?}"),
@@ -297,7 +329,11 @@ fn retention_deletes_only_whole_segments_below_the_offset() {
     let last = *before.last().unwrap();
     drop(log);
     let log = Log::open(dir.path(), small(1, 4096)).unwrap();
-    assert_eq!(log.start_offset(0).unwrap(), last, "the start survives a reopen");
+    assert_eq!(
+        log.start_offset(0).unwrap(),
+        last,
+        "the start survives a reopen"
+    );
     assert_eq!(log.end_offset(0).unwrap(), 300);
     let ack = rt.block_on(log.append(0, &batch(&[row(300)]))).unwrap();
     assert_eq!(ack.first, 300);
@@ -329,10 +365,17 @@ fn concurrent_appends_share_fsyncs_and_stay_dense() {
     });
     let mut firsts: Vec<u64> = acks.iter().map(|a| a.first).collect();
     firsts.sort();
-    assert_eq!(firsts, (0..200).map(|i| i * 3).collect::<Vec<_>>(), "every append got its own dense range");
+    assert_eq!(
+        firsts,
+        (0..200).map(|i| i * 3).collect::<Vec<_>>(),
+        "every append got its own dense range"
+    );
     let s = &log.stats()[0];
     assert_eq!(s.frames, 200);
-    assert!(s.fsyncs <= s.frames, "one fsync per group, never more than one per frame");
+    assert!(
+        s.fsyncs <= s.frames,
+        "one fsync per group, never more than one per frame"
+    );
     assert_eq!(read_rows(&log, 0, 0).len(), 600);
 }
 
@@ -351,9 +394,14 @@ fn a_second_process_cannot_open_the_same_log() {
 fn the_partition_count_cannot_change_silently() {
     let dir = tempfile::tempdir().unwrap();
     drop(Log::open(dir.path(), small(2, 4096)).unwrap());
-    let err = Log::open(dir.path(), small(3, 4096)).err().expect("must refuse");
+    let err = Log::open(dir.path(), small(3, 4096))
+        .err()
+        .expect("must refuse");
     let msg = err.to_string();
-    assert!(msg.contains("has 2 partitions") && msg.contains("asks for 3"), "{msg}");
+    assert!(
+        msg.contains("has 2 partitions") && msg.contains("asks for 3"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -363,14 +411,24 @@ fn readers_follow_the_durable_end() {
     let log = Log::open(dir.path(), small(1, 4096)).unwrap();
     let mut rx = log.subscribe(0).unwrap();
     assert_eq!(*rx.borrow_and_update(), 0);
-    rt.block_on(log.append(0, &batch(&[row(0), row(1)]))).unwrap();
+    rt.block_on(log.append(0, &batch(&[row(0), row(1)])))
+        .unwrap();
     assert!(rx.has_changed().unwrap(), "an append notifies subscribers");
     assert_eq!(*rx.borrow_and_update(), 2);
-    assert!(log.read(0, 3, 10).is_err(), "reading past the end is an error");
-    assert!(log.read(0, 2, 10).unwrap().is_empty(), "reading at the end is empty");
+    assert!(
+        log.read(0, 3, 10).is_err(),
+        "reading past the end is an error"
+    );
+    assert!(
+        log.read(0, 2, 10).unwrap().is_empty(),
+        "reading at the end is empty"
+    );
     let got = log.read(0, 1, 10).unwrap();
     assert_eq!(got[0].first_offset, 1);
     assert_eq!(got[0].batch.num_rows(), 1);
-    assert!(got[0].ingest_time_ms > 1_700_000_000_000, "frames carry their ingest time");
+    assert!(
+        got[0].ingest_time_ms > 1_700_000_000_000,
+        "frames carry their ingest time"
+    );
     assert!(got[0].batch.column(0).len() == 1);
 }

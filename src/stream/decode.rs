@@ -136,7 +136,7 @@ impl Decoder {
                     };
                     columns[slot]
                         .get_or_insert_with(|| Columns::new(fields))
-                        .push(fields, row);
+                        .push(row);
                     out.accepted += 1;
                 }
                 Err(e) => out.rejects.push(Reject {
@@ -269,7 +269,7 @@ impl Columns {
     }
 
     /// Appends a row whose scalars already match the field types.
-    fn push(&mut self, _fields: &[EventField], row: Vec<Scalar<'_>>) {
+    fn push(&mut self, row: Vec<Scalar<'_>>) {
         for (b, v) in self.0.iter_mut().zip(row) {
             match (b, v) {
                 (ColumnBuilder::Bool(b), Scalar::Bool(x)) => b.append_value(x),
