@@ -11,6 +11,7 @@
 //! Modules are named after the layers they implement; see `DESIGN.md`.
 
 pub mod api;
+pub mod view;
 pub mod bench;
 pub mod cli;
 pub mod config;

@@ -1,0 +1,564 @@
+//! View SQL → three physical plans that share their expressions:
+//!
+//! ```text
+//!   events ─▶ [filter/project] ─▶ Aggregate(Partial)        states plan
+//!   states ─▶ Aggregate(PartialReduce)                      reduce plan
+//!   states ─▶ Aggregate(Final) ─▶ [HAVING, SELECT, ORDER BY, LIMIT]   final plan
+//! ```
+//!
+//! The SQL is planned once by DataFusion, as it would run it; the plan's
+//! aggregation is then cut at its state boundary. A view without aggregation
+//! has no state but its rows: its states plan is the filter/projection, its
+//! states merge by union, and its final plan is whatever ORDER BY/LIMIT sat on
+//! top. Constructs that cannot be split this way are refused here, naming the
+//! construct and why.
+
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, SchemaRef};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::execution::TaskContext;
+use datafusion::logical_expr::{Expr, LogicalPlan, Volatility};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::limit::{GlobalLimitExec, LocalLimitExec};
+use datafusion::physical_plan::repartition::RepartitionExec;
+use datafusion::physical_plan::sorts::sort::SortExec;
+use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+use super::input::{EventsTable, InputExec};
+use super::rollup::Rollup;
+use super::{View, ViewError, ViewKind};
+use crate::config::ViewConfig;
+use crate::schema::EventSchema;
+
+/// Version of the state layout lambdaflow writes; part of every view's fingerprint.
+pub const STATE_FORMAT: u32 = 1;
+
+/// A DataFusion session configured the way views are planned and run:
+/// identifiers as written (`ProductName`, not `productname`), one partition
+/// (lambdaflow parallelizes across partitions and views itself), and no
+/// rewrite that would stack aggregations.
+pub fn session(schema: &EventSchema) -> Result<SessionContext, ViewError> {
+    let mut cfg = SessionConfig::new()
+        .with_target_partitions(1)
+        .with_batch_size(8192);
+    {
+        let o = cfg.options_mut();
+        o.sql_parser.enable_ident_normalization = false;
+        // Batch (Parquet) and speed (memory) inputs must have one string type.
+        o.execution.parquet.schema_force_view_types = false;
+        // States must be grouped: never fall back to passing rows through.
+        o.execution.skip_partial_aggregation_probe_rows_threshold = usize::MAX;
+    }
+    let ctx = SessionContext::new_with_config(cfg);
+    // `count(DISTINCT x)` would become two stacked aggregations, whose outer
+    // states do not merge (a value seen in two layers would count twice).
+    ctx.remove_optimizer_rule("single_distinct_aggregation_to_group_by");
+    ctx.register_table("events", Arc::new(EventsTable::new(schema.arrow().clone())))
+        .map_err(|e| ViewError::Internal(e.to_string()))?;
+    Ok(ctx)
+}
+
+/// Plans one view.
+pub async fn compile(def: &ViewConfig, schema: &EventSchema) -> Result<View, ViewError> {
+    let name = def.name.clone();
+    let ctx = session(schema)?;
+    let state = ctx.state();
+    let logical = state
+        .create_logical_plan(&def.sql)
+        .await
+        .map_err(|e| ViewError::plan(&name, &e, schema))?;
+    check_logical(&name, &logical)?;
+    let physical = state
+        .create_physical_plan(&logical)
+        .await
+        .map_err(|e| ViewError::plan(&name, &e, schema))?;
+
+    let aggregates = collect_aggregates(&physical);
+    let Split {
+        kind,
+        states: states_plan,
+        reduce: reduce_plan,
+        finalize: final_plan,
+        group_columns,
+    } = if aggregates.is_empty() {
+        split_union(&name, &physical)?
+    } else {
+        split_aggregate(&name, &physical, &aggregates)?
+    };
+    let state_schema = states_plan.schema();
+    let output_schema = final_plan.schema();
+    let leaf = find_leaf(&states_plan).ok_or_else(|| {
+        ViewError::unsupported(
+            &name,
+            "a query that does not read `events`",
+            "a view summarizes the event stream; this query has no input to summarize",
+            Some("write `... FROM events`"),
+        )
+    })?;
+    let rollup = if def.rollup.is_empty() {
+        None
+    } else {
+        Some(Rollup::new(
+            &name,
+            &def.rollup,
+            &state_schema,
+            group_columns,
+            kind,
+        )?)
+    };
+    let view = View {
+        name: name.clone(),
+        sql: def.sql.clone(),
+        kind,
+        leaf_projection: leaf.projection().cloned(),
+        events_schema: schema.arrow().clone(),
+        states_plan,
+        reduce_plan,
+        final_plan,
+        state_schema,
+        output_schema,
+        rollup,
+        fingerprint: fingerprint(def, schema),
+        group_columns,
+        task_ctx: ctx.task_ctx(),
+    };
+    // Run once on nothing: a plan that cannot run fails at startup, not on the first event.
+    let empty = view.states(Vec::new()).await?;
+    view.finalize(vec![empty]).await?;
+    Ok(view)
+}
+
+/// A stable hash of everything that shapes a view's states.
+fn fingerprint(def: &ViewConfig, schema: &EventSchema) -> String {
+    let mut text = format!(
+        "lambdaflow-states-v{STATE_FORMAT}\ndatafusion-{}\n{}\n",
+        datafusion::DATAFUSION_VERSION,
+        def.sql.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+    for r in &def.rollup {
+        text.push_str(&format!("rollup {:?} {}\n", r.after, r.bucket));
+    }
+    for f in schema.fields() {
+        text.push_str(&format!("{} {} {}\n", f.name, f.ty, f.nullable));
+    }
+    // FNV-1a, 64 bits: stable across Rust versions, unlike `DefaultHasher`.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Refuses what cannot be computed as mergeable states.
+fn check_logical(view: &str, plan: &LogicalPlan) -> Result<(), ViewError> {
+    match plan {
+        LogicalPlan::Ddl(_)
+        | LogicalPlan::Dml(_)
+        | LogicalPlan::Copy(_)
+        | LogicalPlan::Statement(_)
+        | LogicalPlan::Explain(_)
+        | LogicalPlan::Analyze(_) => {
+            return Err(ViewError::unsupported(
+                view,
+                "a statement that is not a query",
+                "a view is one SELECT over the table `events`",
+                None,
+            ));
+        }
+        _ => {}
+    }
+    let mut aggregates = 0;
+    let mut err: Option<ViewError> = None;
+    plan.apply(|node| {
+        let refusal = match node {
+            LogicalPlan::Window(w) => Some(ViewError::unsupported(
+                view,
+                &format!("window function `{}`", first_expr(&w.window_expr)),
+                "a window function's value for one row depends on other rows, which may sit on the other side of the batch/realtime split, so its states cannot be merged",
+                Some("query the view with a window function instead (POST /v1/sql)"),
+            )),
+            LogicalPlan::Join(_) => Some(ViewError::unsupported(
+                view,
+                "a join",
+                "joining the stream with itself pairs events that may sit on different sides of the batch/realtime split, so per-side results cannot be merged",
+                None,
+            )),
+            LogicalPlan::Union(_) | LogicalPlan::Distinct(datafusion::logical_expr::Distinct::On(_)) => {
+                Some(ViewError::unsupported(
+                    view,
+                    if matches!(node, LogicalPlan::Union(_)) { "UNION / INTERSECT / EXCEPT" } else { "DISTINCT ON" },
+                    "set operations over the stream cannot be computed per side and merged",
+                    Some("declare one view per query"),
+                ))
+            }
+            LogicalPlan::Subquery(_) | LogicalPlan::SubqueryAlias(_)
+                if !matches!(node, LogicalPlan::SubqueryAlias(a) if is_events_scan(&a.input)) =>
+            {
+                Some(ViewError::unsupported(
+                    view,
+                    "a subquery",
+                    "a query over the result of another query cannot be merged from per-side results",
+                    Some("write the view as one SELECT over events"),
+                ))
+            }
+            LogicalPlan::Aggregate(_) => {
+                aggregates += 1;
+                (aggregates > 1).then(|| {
+                    ViewError::unsupported(
+                        view,
+                        "an aggregation over another aggregation",
+                        "the outer aggregation's states are computed from already-final inner values, so merging them across the batch/realtime split would count groups twice",
+                        Some("declare the inner aggregation as the view, and aggregate it further with POST /v1/sql"),
+                    )
+                })
+            }
+            LogicalPlan::Limit(l) if !has_sort_below(&l.input) => Some(ViewError::unsupported(
+                view,
+                "LIMIT without ORDER BY",
+                "it would keep arbitrary rows, which differ between the batch and realtime layers",
+                Some("add an ORDER BY that decides which rows the LIMIT keeps"),
+            )),
+            _ => None,
+        };
+        if refusal.is_none() {
+            for e in node.expressions() {
+                if let Some(r) = check_expr(view, &e) {
+                    err = Some(r);
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+            }
+        }
+        match refusal {
+            Some(r) => {
+                err = Some(r);
+                Ok(TreeNodeRecursion::Stop)
+            }
+            None => Ok(TreeNodeRecursion::Continue),
+        }
+    })
+    .map_err(|e| ViewError::Internal(e.to_string()))?;
+    match err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn is_events_scan(plan: &LogicalPlan) -> bool {
+    matches!(plan, LogicalPlan::TableScan(_))
+}
+
+/// `row_number() OVER (…)`: the window function without its frame noise.
+fn first_expr(exprs: &[Expr]) -> String {
+    let full = exprs
+        .first()
+        .map_or_else(String::new, |e| e.schema_name().to_string());
+    let cut = [" PARTITION BY", " ORDER BY", " ROWS ", " RANGE ", " GROUPS "]
+        .iter()
+        .filter_map(|k| full.find(k))
+        .min();
+    match cut {
+        Some(i) => format!("{} OVER (…)", &full[..i]),
+        None => full,
+    }
+}
+
+fn has_sort_below(plan: &LogicalPlan) -> bool {
+    match plan {
+        LogicalPlan::Sort(_) => true,
+        LogicalPlan::Projection(p) => has_sort_below(&p.input),
+        LogicalPlan::SubqueryAlias(a) => has_sort_below(&a.input),
+        _ => false,
+    }
+}
+
+/// Refuses expressions whose value is not a function of the events alone.
+fn check_expr(view: &str, expr: &Expr) -> Option<ViewError> {
+    let mut found = None;
+    let _ = expr.apply(|e| {
+        let r = match e {
+            Expr::ScalarFunction(f)
+                if f.func.signature().volatility != Volatility::Immutable =>
+            {
+                Some(ViewError::unsupported(
+                    view,
+                    &format!("`{}()`", f.func.name()),
+                    "its value depends on when or where the query runs (it is not a function of the events), so the batch and realtime layers would compute different things",
+                    Some("filter by event time when you query the view instead"),
+                ))
+            }
+            Expr::ScalarSubquery(_) | Expr::Exists(_) | Expr::InSubquery(_) | Expr::SetComparison(_) => {
+                Some(ViewError::unsupported(
+                    view,
+                    "a subquery",
+                    "a query over the result of another query cannot be merged from per-side results",
+                    Some("write the view as one SELECT over events"),
+                ))
+            }
+            Expr::AggregateFunction(a)
+                if matches!(a.func.name(), "first_value" | "last_value" | "nth_value")
+                    && a.params.order_by.is_empty() =>
+            {
+                Some(ViewError::unsupported(
+                    view,
+                    &format!("`{}` without ORDER BY", a.func.name()),
+                    "without an order it picks an arbitrary event, which differs between the batch and realtime layers",
+                    Some(&format!(
+                        "write `{}(x ORDER BY <event time>)`",
+                        a.func.name()
+                    )),
+                ))
+            }
+            _ => None,
+        };
+        match r {
+            Some(r) => {
+                found = Some(r);
+                Ok(TreeNodeRecursion::Stop)
+            }
+            None => Ok(TreeNodeRecursion::Continue),
+        }
+    });
+    found
+}
+
+/// Every `AggregateExec`, top first.
+fn collect_aggregates(plan: &Arc<dyn ExecutionPlan>) -> Vec<Arc<dyn ExecutionPlan>> {
+    let mut out = Vec::new();
+    let _ = plan.apply(|node| {
+        if node.is::<AggregateExec>() {
+            out.push(node.clone());
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    out
+}
+
+fn find_leaf(plan: &Arc<dyn ExecutionPlan>) -> Option<InputExec> {
+    let mut leaf = None;
+    let _ = plan.apply(|node| {
+        if let Some(i) = node.downcast_ref::<InputExec>() {
+            leaf = Some(i.clone());
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    leaf
+}
+
+/// Replaces the node `target` (by identity) in `plan` with `with`.
+fn replace_node(
+    plan: &Arc<dyn ExecutionPlan>,
+    target: &Arc<dyn ExecutionPlan>,
+    with: Arc<dyn ExecutionPlan>,
+) -> Result<Arc<dyn ExecutionPlan>, ViewError> {
+    plan.clone()
+        .transform_down(|node| {
+            if Arc::ptr_eq(&node, target) {
+                Ok(Transformed::new(with.clone(), true, TreeNodeRecursion::Jump))
+            } else {
+                Ok(Transformed::no(node))
+            }
+        })
+        .map(|t| t.data)
+        .map_err(|e| ViewError::Internal(e.to_string()))
+}
+
+/// A view's plan cut at its state boundary.
+struct Split {
+    kind: ViewKind,
+    states: Arc<dyn ExecutionPlan>,
+    reduce: Option<Arc<dyn ExecutionPlan>>,
+    finalize: Arc<dyn ExecutionPlan>,
+    /// Leading state columns that are group keys.
+    group_columns: usize,
+}
+
+/// Nodes that only move, order or cut rows: what may sit between two halves
+/// of one aggregation, or above a union view's rows.
+fn is_plumbing(node: &Arc<dyn ExecutionPlan>) -> bool {
+    node.is::<CoalescePartitionsExec>() || node.is::<RepartitionExec>()
+}
+
+fn is_post_merge(node: &Arc<dyn ExecutionPlan>) -> bool {
+    node.is::<SortExec>()
+        || node.is::<SortPreservingMergeExec>()
+        || node.is::<GlobalLimitExec>()
+        || node.is::<LocalLimitExec>()
+        || is_plumbing(node)
+}
+
+fn split_aggregate(
+    view: &str,
+    physical: &Arc<dyn ExecutionPlan>,
+    aggregates: &[Arc<dyn ExecutionPlan>],
+) -> Result<Split, ViewError> {
+    let top_node = &aggregates[0];
+    let top = top_node
+        .downcast_ref::<AggregateExec>()
+        .expect("collected as AggregateExec");
+    // The raw-input half: the Partial under a Final, or the Single itself.
+    let (first_node, used) = match top.mode() {
+        AggregateMode::Single | AggregateMode::SinglePartitioned => (top_node.clone(), 1),
+        AggregateMode::Final | AggregateMode::FinalPartitioned => {
+            let mut below = top.input().clone();
+            while is_plumbing(&below) {
+                below = below.children()[0].clone();
+            }
+            let is_partial = below
+                .downcast_ref::<AggregateExec>()
+                .is_some_and(|p| *p.mode() == AggregateMode::Partial);
+            if !is_partial {
+                return Err(stacked(view));
+            }
+            (below, 2)
+        }
+        _ => return Err(stacked(view)),
+    };
+    if aggregates.len() > used {
+        return Err(stacked(view));
+    }
+    let first = first_node
+        .downcast_ref::<AggregateExec>()
+        .expect("checked above");
+    let input_schema = first.input_schema();
+    let aggr = first.aggr_expr().to_vec();
+    let group_by = first.group_expr().clone();
+    let none = vec![None; aggr.len()];
+    let df = |e: datafusion::error::DataFusionError| ViewError::Internal(e.to_string());
+
+    let partial = Arc::new(
+        AggregateExec::try_new(
+            AggregateMode::Partial,
+            group_by.clone(),
+            aggr.clone(),
+            first.filter_expr().to_vec(),
+            first.input().clone(),
+            input_schema.clone(),
+        )
+        .map_err(df)?,
+    );
+    let state_schema = partial.schema();
+    let states_leaf = || -> Result<Arc<dyn ExecutionPlan>, ViewError> {
+        Ok(Arc::new(
+            InputExec::placeholder(state_schema.clone(), None).map_err(df)?,
+        ))
+    };
+    let reduce = Arc::new(
+        AggregateExec::try_new(
+            AggregateMode::PartialReduce,
+            group_by.as_final(),
+            aggr.clone(),
+            none.clone(),
+            states_leaf()?,
+            input_schema.clone(),
+        )
+        .map_err(df)?,
+    );
+    let final_agg: Arc<dyn ExecutionPlan> = Arc::new(
+        AggregateExec::try_new(
+            AggregateMode::Final,
+            group_by.as_final(),
+            aggr,
+            none,
+            states_leaf()?,
+            input_schema,
+        )
+        .map_err(df)?,
+    );
+    if final_agg.schema().fields().len() != top_node.schema().fields().len() {
+        return Err(ViewError::Internal(format!(
+            "view `{view}`: the rebuilt final aggregation has {} columns, the planned one {}",
+            final_agg.schema().fields().len(),
+            top_node.schema().fields().len()
+        )));
+    }
+    let final_plan = replace_node(physical, top_node, final_agg)?;
+    Ok(Split {
+        kind: ViewKind::Aggregate,
+        states: partial,
+        reduce: Some(reduce),
+        finalize: final_plan,
+        group_columns: group_by.num_group_exprs(),
+    })
+}
+
+fn stacked(view: &str) -> ViewError {
+    ViewError::unsupported(
+        view,
+        "an aggregation that DataFusion plans as stacked aggregations",
+        "the outer aggregation's states would be computed from already-merged inner values, and merging them again across the batch/realtime split would count twice",
+        Some("simplify the aggregate (e.g. one DISTINCT aggregate per view)"),
+    )
+}
+
+fn split_union(view: &str, physical: &Arc<dyn ExecutionPlan>) -> Result<Split, ViewError> {
+    // Walk down through ORDER BY / LIMIT: they apply after the union of all sides.
+    let mut boundary = physical.clone();
+    while is_post_merge(&boundary) {
+        boundary = boundary.children()[0].clone();
+    }
+    let states_schema: SchemaRef = boundary.schema();
+    let leaf: Arc<dyn ExecutionPlan> = Arc::new(
+        InputExec::placeholder(states_schema, None)
+            .map_err(|e| ViewError::Internal(e.to_string()))?,
+    );
+    let final_plan = replace_node(physical, &boundary, leaf)?;
+    let _ = view;
+    let group_columns = boundary.schema().fields().len();
+    Ok(Split {
+        kind: ViewKind::Union,
+        states: boundary,
+        reduce: None,
+        finalize: final_plan,
+        group_columns,
+    })
+}
+
+/// A state column type the batch layer can store (checked for documentation
+/// and for tests; every Arrow type round-trips through Parquet here).
+pub fn storable(t: &DataType) -> bool {
+    !matches!(t, DataType::Null)
+}
+
+/// Runs `plan` with its placeholder leaf replaced by `data`.
+pub(super) fn with_input(
+    plan: &Arc<dyn ExecutionPlan>,
+    data: Arc<Vec<arrow::record_batch::RecordBatch>>,
+) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+    let replaced = plan
+        .clone()
+        .transform_up(|node| match node.downcast_ref::<InputExec>() {
+            Some(leaf) => Ok(Transformed::yes(
+                Arc::new(leaf.with_data(data.clone())) as Arc<dyn ExecutionPlan>
+            )),
+            None => Ok(Transformed::no(node)),
+        })?
+        .data;
+    // Fresh execution state (e.g. a TopK's dynamic filter) for every run.
+    datafusion::physical_plan::execution_plan::reset_plan_states(replaced)
+}
+
+/// Runs `plan` with its placeholder leaf replaced by another leaf (a scan).
+pub(super) fn with_leaf(
+    plan: &Arc<dyn ExecutionPlan>,
+    leaf: Arc<dyn ExecutionPlan>,
+) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+    let replaced = plan
+        .clone()
+        .transform_up(|node| {
+            if node.is::<InputExec>() {
+                Ok(Transformed::yes(leaf.clone()))
+            } else {
+                Ok(Transformed::no(node))
+            }
+        })?
+        .data;
+    datafusion::physical_plan::execution_plan::reset_plan_states(replaced)
+}
+
+pub(super) type Task = Arc<TaskContext>;

@@ -1,0 +1,292 @@
+//! Views: business logic written once, in SQL, run by every layer.
+//!
+//! A view is one SQL query over the table `events`. It is planned once; the
+//! same plan computes **aggregate states** over a micro-batch (speed layer) or
+//! over Parquet files (batch layer); states from any number of runs merge, group
+//! by group, and the merge is finalized into the view's rows:
+//!
+//! ```text
+//!  events (micro-batch | Parquet) ──states()──▶ states ─┐
+//!  events (another part)          ──states()──▶ states ─┼─merge()──▶ states ──finalize()──▶ rows
+//!  batch view (stored Parquet)    ──────────────────────┘      (rollup() by age first, optionally)
+//! ```
+//!
+//! States are DataFusion's own partial aggregation — each accumulator's
+//! `state()` — so every aggregate with a state merges exactly through its
+//! `merge_batch`, with no per-function code here. HAVING, ORDER BY and LIMIT
+//! belong to the final step. A view without aggregation keeps its rows as its
+//! "states" and merges by union.
+//!
+//! Module layout: [`compile`] plans and splits; [`input`] is the swappable leaf;
+//! [`rollup`] coarsens old time buckets; [`store`] writes states to Parquet.
+
+pub mod compile;
+pub mod input;
+pub mod oracle;
+pub mod rollup;
+pub mod store;
+
+use std::sync::Arc;
+
+use arrow::compute::concat_batches;
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use datafusion::error::DataFusionError;
+use datafusion::physical_plan::ExecutionPlan;
+
+pub use compile::{STATE_FORMAT, compile};
+pub use rollup::Rollup;
+
+use crate::config::ViewConfig;
+use crate::schema::EventSchema;
+
+/// Errors of the view layer, each naming its view.
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    #[error("view `{view}`: {message}{}", hint.as_ref().map(|h| format!("\nhint: {h}")).unwrap_or_default())]
+    Plan {
+        view: String,
+        message: String,
+        hint: Option<String>,
+    },
+    #[error("view `{view}` cannot use {construct}: {why}{}", hint.as_ref().map(|h| format!("\nhint: {h}")).unwrap_or_default())]
+    Unsupported {
+        view: String,
+        construct: String,
+        why: String,
+        hint: Option<String>,
+    },
+    #[error("view `{view}`: invalid rollup: {reason}")]
+    Rollup { view: String, reason: String },
+    #[error("view `{view}`: running the view failed: {source}")]
+    Exec {
+        view: String,
+        #[source]
+        source: DataFusionError,
+    },
+    #[error("view `{view}`: stored states do not match the view: {detail}\nhint: the view's SQL or the engine changed since they were written; rebuild them")]
+    StateMismatch { view: String, detail: String },
+    #[error("view `{view}`: could not {op} states as Parquet: {detail}")]
+    Parquet {
+        view: String,
+        op: &'static str,
+        detail: String,
+    },
+    #[error("internal error in the view layer: {0}")]
+    Internal(String),
+}
+
+impl ViewError {
+    pub(crate) fn unsupported(view: &str, construct: &str, why: &str, hint: Option<&str>) -> ViewError {
+        ViewError::Unsupported {
+            view: view.to_string(),
+            construct: construct.to_string(),
+            why: why.to_string(),
+            hint: hint.map(str::to_string),
+        }
+    }
+
+    /// A planning error, with a "did you mean" when a column name is off.
+    pub(crate) fn plan(view: &str, e: &DataFusionError, schema: &EventSchema) -> ViewError {
+        let message = e.strip_backtrace().trim().to_string();
+        let hint = unknown_column(&message).and_then(|bad| {
+            schema
+                .suggest(&bad)
+                .map(|s| {
+                    if s.chars().any(|c| c.is_ascii_uppercase()) {
+                        format!("did you mean `{s}`? names are case-sensitive, written as in the schema")
+                    } else {
+                        format!("did you mean `{s}`?")
+                    }
+                })
+                .or_else(|| {
+                    let names: Vec<_> = schema.fields().iter().map(|f| f.name.as_str()).collect();
+                    Some(format!("the columns of `events` are: {}", names.join(", ")))
+                })
+        });
+        ViewError::Plan {
+            view: view.to_string(),
+            message,
+            hint,
+        }
+    }
+
+    fn exec(view: &str, e: DataFusionError) -> ViewError {
+        ViewError::Exec {
+            view: view.to_string(),
+            source: e,
+        }
+    }
+}
+
+/// The unknown name in DataFusion's "No field named X." message.
+fn unknown_column(message: &str) -> Option<String> {
+    let rest = message.split("No field named ").nth(1)?;
+    let name = rest.split(['.', ' ']).next()?.trim_matches('"');
+    let name = match rest.split_once('.') {
+        // `events.x`: the qualifier is not the name.
+        Some((q, tail)) if q == "events" => tail.split(['.', ' ']).next()?.trim_matches('"'),
+        _ => name,
+    };
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+/// How a view's states merge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ViewKind {
+    /// GROUP BY / aggregates: states are per-group accumulator states.
+    Aggregate,
+    /// Filter/projection only: states are the rows; they merge by union.
+    Union,
+}
+
+/// A compiled view. Cheap to share; every method takes `&self`.
+#[derive(Debug)]
+pub struct View {
+    name: String,
+    sql: String,
+    kind: ViewKind,
+    events_schema: SchemaRef,
+    leaf_projection: Option<Vec<usize>>,
+    states_plan: Arc<dyn ExecutionPlan>,
+    reduce_plan: Option<Arc<dyn ExecutionPlan>>,
+    final_plan: Arc<dyn ExecutionPlan>,
+    state_schema: SchemaRef,
+    output_schema: SchemaRef,
+    rollup: Option<Rollup>,
+    fingerprint: String,
+    group_columns: usize,
+    task_ctx: compile::Task,
+}
+
+impl View {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn sql(&self) -> &str {
+        &self.sql
+    }
+
+    pub fn kind(&self) -> ViewKind {
+        self.kind
+    }
+
+    /// Schema of the states: group columns, then each aggregate's state columns.
+    pub fn state_schema(&self) -> &SchemaRef {
+        &self.state_schema
+    }
+
+    /// Schema of the view's rows.
+    pub fn output_schema(&self) -> &SchemaRef {
+        &self.output_schema
+    }
+
+    /// Hash of the SQL, rollup, schema, engine version and state format:
+    /// states stored under another fingerprint must not be merged with these.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// How many leading state columns are group keys (all, for a union view).
+    pub fn group_columns(&self) -> usize {
+        self.group_columns
+    }
+
+    /// Columns of `events` the view reads (indices into the events schema).
+    pub fn leaf_projection(&self) -> Option<&Vec<usize>> {
+        self.leaf_projection.as_ref()
+    }
+
+    pub fn rollup(&self) -> Option<&Rollup> {
+        self.rollup.as_ref()
+    }
+
+    /// States of some events (batches of the `events` schema).
+    pub async fn states(&self, events: Vec<RecordBatch>) -> Result<RecordBatch, ViewError> {
+        let plan = compile::with_input(&self.states_plan, Arc::new(events))
+            .map_err(|e| ViewError::exec(&self.name, e))?;
+        self.collect_one(plan, &self.state_schema).await
+    }
+
+    /// The states plan over another leaf (e.g. a Parquet scan of the master
+    /// dataset). The leaf must produce the columns of `leaf_projection()`.
+    pub fn states_plan_over(
+        &self,
+        leaf: Arc<dyn ExecutionPlan>,
+    ) -> Result<Arc<dyn ExecutionPlan>, ViewError> {
+        compile::with_leaf(&self.states_plan, leaf).map_err(|e| ViewError::exec(&self.name, e))
+    }
+
+    /// Merges any number of state sets into one.
+    pub async fn merge(&self, parts: Vec<RecordBatch>) -> Result<RecordBatch, ViewError> {
+        match &self.reduce_plan {
+            Some(reduce) => {
+                let plan = compile::with_input(reduce, Arc::new(parts))
+                    .map_err(|e| ViewError::exec(&self.name, e))?;
+                self.collect_one(plan, &self.state_schema).await
+            }
+            None => concat_batches(&self.state_schema, &parts)
+                .map_err(|e| ViewError::exec(&self.name, e.into())),
+        }
+    }
+
+    /// Merges state sets and finalizes them into the view's rows (HAVING,
+    /// ORDER BY and LIMIT applied after the merge).
+    pub async fn finalize(&self, parts: Vec<RecordBatch>) -> Result<Vec<RecordBatch>, ViewError> {
+        let plan = compile::with_input(&self.final_plan, Arc::new(parts))
+            .map_err(|e| ViewError::exec(&self.name, e))?;
+        datafusion::physical_plan::collect(plan, self.task_ctx.clone())
+            .await
+            .map_err(|e| ViewError::exec(&self.name, e))
+    }
+
+    /// Coarsens old time buckets as of `as_of_ms` (see [`rollup`]) and merges
+    /// the groups that now coincide. Without a rollup, returns the states.
+    pub async fn roll_up(&self, states: RecordBatch, as_of_ms: i64) -> Result<RecordBatch, ViewError> {
+        match &self.rollup {
+            None => Ok(states),
+            Some(r) => {
+                let (rebucketed, changed) = r
+                    .apply(&states, as_of_ms)
+                    .map_err(|e| ViewError::exec(&self.name, e.into()))?;
+                if changed == 0 {
+                    Ok(rebucketed)
+                } else {
+                    self.merge(vec![rebucketed]).await
+                }
+            }
+        }
+    }
+
+    async fn collect_one(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        schema: &SchemaRef,
+    ) -> Result<RecordBatch, ViewError> {
+        let batches = datafusion::physical_plan::collect(plan, self.task_ctx.clone())
+            .await
+            .map_err(|e| ViewError::exec(&self.name, e))?;
+        if batches.len() == 1 {
+            return Ok(batches.into_iter().next().expect("one batch"));
+        }
+        concat_batches(schema, &batches).map_err(|e| ViewError::exec(&self.name, e.into()))
+    }
+
+    /// The schema of `events` this view was planned against.
+    pub fn events_schema(&self) -> &SchemaRef {
+        &self.events_schema
+    }
+}
+
+/// Compiles every configured view; the first error stops startup.
+pub async fn compile_all(views: &[ViewConfig], schema: &EventSchema) -> Result<Vec<Arc<View>>, ViewError> {
+    let mut out = Vec::with_capacity(views.len());
+    for v in views {
+        out.push(Arc::new(compile(v, schema).await?));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;
