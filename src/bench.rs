@@ -41,6 +41,204 @@ pub struct IngestBenchArgs {
     pub data: Option<std::path::PathBuf>,
 }
 
+#[derive(Debug, Args, Clone)]
+pub struct ViewsBenchArgs {
+    /// Events for the throughput measurement.
+    #[arg(long, short = 'n', default_value_t = 5_000_000)]
+    pub events: u64,
+    /// Repetitions of the micro-batch and merge measurements.
+    #[arg(long, default_value_t = 2000)]
+    pub repeat: usize,
+}
+
+/// Paper events as Arrow batches of `batch` rows, built directly (not via JSON).
+pub fn paper_batches(
+    events: u64,
+    batch: usize,
+    zipcodes: u64,
+) -> Vec<arrow::record_batch::RecordBatch> {
+    use arrow::array::{Int64Array, StringArray, TimestampMillisecondArray};
+    let schema = EventSchema::paper().arrow().clone();
+    let names: Vec<String> = (0..10).map(|i| format!("product{i}")).collect();
+    let mut out = Vec::new();
+    let mut i = 0u64;
+    while i < events {
+        let n = (events - i).min(batch as u64);
+        let idx = i..i + n;
+        let h = |k: u64| k.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 17;
+        out.push(
+            arrow::record_batch::RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(Int64Array::from_iter_values(
+                        idx.clone().map(|k| 10_000 + (h(k) % zipcodes) as i64),
+                    )),
+                    Arc::new(StringArray::from_iter_values(
+                        idx.clone()
+                            .map(|k| names[(h(k) >> 20) as usize % 10].as_str()),
+                    )),
+                    Arc::new(Int64Array::from_iter_values(
+                        idx.clone().map(|k| 1 + (h(k) >> 30) as i64 % 100),
+                    )),
+                    Arc::new(TimestampMillisecondArray::from_iter_values(
+                        idx.map(|k| 1_414_800_000_000 + k as i64),
+                    )),
+                ],
+            )
+            .expect("paper batch"),
+        );
+        i += n;
+    }
+    out
+}
+
+fn micros(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+pub fn views(args: ViewsBenchArgs) -> anyhow::Result<()> {
+    use crate::config::{Config, ViewConfig};
+    use crate::view::compile;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let schema = EventSchema::paper();
+    let defs = Config::default().views;
+    println!("## bench views");
+    println!();
+    println!("one thread (a current-thread runtime; view plans run in one partition)");
+    println!();
+
+    // 1. States per second over in-memory batches.
+    let batches = paper_batches(args.events, 8192, 90_000);
+    println!("| view | events | states/s (events/s) | state rows |");
+    println!("|---|---|---|---|");
+    for d in &defs {
+        let view = rt.block_on(compile(d, &schema))?;
+        let t = Instant::now();
+        let states = rt.block_on(view.states(batches.clone()))?;
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "| {} | {} | {} | {} |",
+            d.name,
+            group(args.events),
+            group((args.events as f64 / secs) as u64),
+            group(states.num_rows() as u64)
+        );
+    }
+    println!();
+
+    // 2. Fixed cost of one micro-batch of 1,000 events.
+    let micro = paper_batches(1000, 1000, 90_000);
+    println!("| view | micro-batch of 1,000 events: p50 | p99 | mean |");
+    println!("|---|---|---|---|");
+    for d in &defs {
+        let view = rt.block_on(compile(d, &schema))?;
+        let mut times = Vec::with_capacity(args.repeat);
+        for _ in 0..args.repeat {
+            let t = Instant::now();
+            let s = rt.block_on(view.states(micro.clone()))?;
+            times.push(micros(t.elapsed()));
+            std::hint::black_box(s);
+        }
+        times.sort_by(f64::total_cmp);
+        let mean = times.iter().sum::<f64>() / times.len() as f64;
+        println!(
+            "| {} | {:.0} µs | {:.0} µs | {:.0} µs |",
+            d.name,
+            percentile(&times, 0.5),
+            percentile(&times, 0.99),
+            mean
+        );
+    }
+    println!();
+
+    // 3. Merge + finalize: a 100,000-group batch view and 10 small realtime chunks.
+    let by_zip = defs
+        .iter()
+        .find(|d| d.name == "sales_by_zipcode")
+        .cloned()
+        .expect("default view");
+    let view = rt.block_on(compile(&by_zip, &schema))?;
+    let history = paper_batches(2_000_000, 8192, 100_000);
+    let batch_states = rt.block_on(view.states(history))?;
+    let chunks: Vec<_> = (0..10)
+        .map(|_| rt.block_on(view.states(paper_batches(1000, 1000, 100_000))))
+        .collect::<Result<_, _>>()?;
+    let mut parts = vec![batch_states.clone()];
+    parts.extend(chunks);
+    let runs = (args.repeat / 20).max(10);
+    let mut fin = Vec::new();
+    let mut merge = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let rows = rt.block_on(view.finalize(parts.clone()))?;
+        fin.push(micros(t.elapsed()) / 1000.0);
+        std::hint::black_box(rows);
+        let t = Instant::now();
+        let m = rt.block_on(view.merge(parts.clone()))?;
+        merge.push(micros(t.elapsed()) / 1000.0);
+        std::hint::black_box(m);
+    }
+    fin.sort_by(f64::total_cmp);
+    merge.sort_by(f64::total_cmp);
+    println!(
+        "merge + finalize of a {}-group view with 10 chunks of 1,000 events: p50 {:.1} ms, p99 {:.1} ms (merge to states alone: p50 {:.1} ms)",
+        group(batch_states.num_rows() as u64),
+        percentile(&fin, 0.5),
+        percentile(&fin, 0.99),
+        percentile(&merge, 0.5)
+    );
+    println!();
+
+    // 4. What approx_distinct costs: state size and time at 100,000 groups.
+    let n = args.events.min(10_000_000);
+    let data = paper_batches(n, 8192, 100_000);
+    println!(
+        "| aggregates per group (100,000 groups, {} events) | time | states in memory | states as Parquet |",
+        group(n)
+    );
+    println!("|---|---|---|---|");
+    for (label, sql) in [
+        (
+            "count, sum",
+            "SELECT zipcode, count(*) AS n, sum(price) AS s FROM events GROUP BY zipcode",
+        ),
+        (
+            "count, sum, approx_distinct",
+            "SELECT zipcode, count(*) AS n, sum(price) AS s, approx_distinct(ProductName) AS p FROM events GROUP BY zipcode",
+        ),
+        (
+            "count, sum, count(DISTINCT)",
+            "SELECT zipcode, count(*) AS n, sum(price) AS s, count(DISTINCT ProductName) AS p FROM events GROUP BY zipcode",
+        ),
+    ] {
+        let view = rt.block_on(compile(
+            &ViewConfig {
+                name: "b".into(),
+                sql: sql.into(),
+                rollup: Vec::new(),
+            },
+            &schema,
+        ))?;
+        let t = Instant::now();
+        let states = rt.block_on(view.states(data.clone()))?;
+        let secs = t.elapsed().as_secs_f64();
+        let parquet = view.states_to_parquet(&states)?.len();
+        println!(
+            "| {label} | {:.2} s | {} | {} |",
+            secs,
+            bytesize::ByteSize::b(states.get_array_memory_size() as u64),
+            bytesize::ByteSize::b(parquet as u64)
+        );
+    }
+    Ok(())
+}
+
 /// Decoder alone: events/s and MB/s on one thread.
 pub fn decode_rate(events: u64, batch: usize) -> (f64, f64) {
     let generator = Generator::new(1, Some(1_414_800_000_000), 10, 0.0);

@@ -31,7 +31,7 @@ pub enum Command {
     Produce(ProduceArgs),
     /// The one-command tour: a temporary server, 10,000 of the paper's events, what they became.
     Demo(DemoArgs),
-    /// Measure: `bench ingest` (durable HTTP ingest and decode rates).
+    /// Measure: `bench ingest` (durable HTTP ingest), `bench views` (view plans).
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
@@ -149,6 +149,8 @@ pub struct DemoArgs {
 pub enum BenchCommand {
     /// Durable ingest over HTTP with `produce` as the load, and the decoder alone.
     Ingest(crate::bench::IngestBenchArgs),
+    /// View plans: states per second, micro-batch cost, merge + finalize, state sizes.
+    Views(crate::bench::ViewsBenchArgs),
 }
 
 fn init_tracing(default: &str) {
@@ -215,6 +217,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_tracing("warn");
             match what {
                 BenchCommand::Ingest(args) => crate::bench::ingest(args)?,
+                BenchCommand::Views(args) => crate::bench::views(args)?,
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -11,7 +11,6 @@
 //! Modules are named after the layers they implement; see `DESIGN.md`.
 
 pub mod api;
-pub mod view;
 pub mod bench;
 pub mod cli;
 pub mod config;
@@ -20,3 +19,4 @@ pub mod produce;
 pub mod schema;
 pub mod serve;
 pub mod stream;
+pub mod view;

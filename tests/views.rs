@@ -37,18 +37,62 @@ fn paper_views() -> Vec<(ViewConfig, bool)> {
         .map(|d| (d, false))
         .collect();
     let more = [
-        ("distinct_and_extremes", "SELECT ProductName, count(DISTINCT zipcode) AS zips, min(price) AS lo, max(price) AS hi, count(price) AS n, sum(DISTINCT price) AS distinct_prices FROM events GROUP BY ProductName", false),
-        ("distinct_only", "SELECT ProductName, count(DISTINCT zipcode) AS zips FROM events GROUP BY ProductName", false),
-        ("bands", "SELECT CASE WHEN price >= 50 THEN 'high' ELSE 'low' END AS band, count(*) AS n, stddev(price) AS sd, var_pop(price) AS vp FROM events GROUP BY CASE WHEN price >= 50 THEN 'high' ELSE 'low' END", false),
-        ("strings_and_bools", "SELECT upper(substr(ProductName, 1, 8)) AS p, bool_and(price > 10) AS all_big, bool_or(price > 90) AS any_huge FROM events GROUP BY upper(substr(ProductName, 1, 8))", false),
-        ("quarter_hours", "SELECT date_bin(INTERVAL '15 minutes', timestamp, TIMESTAMP '2014-11-01 00:00:00') AS q, sum(price) AS revenue FROM events WHERE price > 20 GROUP BY date_bin(INTERVAL '15 minutes', timestamp, TIMESTAMP '2014-11-01 00:00:00') HAVING count(*) > 2", false),
-        ("top3", "SELECT ProductName, sum(price) AS revenue FROM events GROUP BY ProductName ORDER BY revenue DESC, ProductName LIMIT 3", true),
-        ("totals", "SELECT count(*) AS n, sum(price) AS s, avg(price) AS a FROM events", false),
-        ("expensive", "SELECT zipcode, price FROM events WHERE price > 95", false),
-        ("earliest_cheap", "SELECT ProductName, price, timestamp FROM events WHERE zipcode < 10003 ORDER BY timestamp, price, ProductName LIMIT 5", true),
+        (
+            "distinct_and_extremes",
+            "SELECT ProductName, count(DISTINCT zipcode) AS zips, min(price) AS lo, max(price) AS hi, count(price) AS n, sum(DISTINCT price) AS distinct_prices FROM events GROUP BY ProductName",
+            false,
+        ),
+        (
+            "distinct_only",
+            "SELECT ProductName, count(DISTINCT zipcode) AS zips FROM events GROUP BY ProductName",
+            false,
+        ),
+        (
+            "bands",
+            "SELECT CASE WHEN price >= 50 THEN 'high' ELSE 'low' END AS band, count(*) AS n, stddev(price) AS sd, var_pop(price) AS vp FROM events GROUP BY CASE WHEN price >= 50 THEN 'high' ELSE 'low' END",
+            false,
+        ),
+        (
+            "strings_and_bools",
+            "SELECT upper(substr(ProductName, 1, 8)) AS p, bool_and(price > 10) AS all_big, bool_or(price > 90) AS any_huge FROM events GROUP BY upper(substr(ProductName, 1, 8))",
+            false,
+        ),
+        (
+            "quarter_hours",
+            "SELECT date_bin(INTERVAL '15 minutes', timestamp, TIMESTAMP '2014-11-01 00:00:00') AS q, sum(price) AS revenue FROM events WHERE price > 20 GROUP BY date_bin(INTERVAL '15 minutes', timestamp, TIMESTAMP '2014-11-01 00:00:00') HAVING count(*) > 2",
+            false,
+        ),
+        (
+            "top3",
+            "SELECT ProductName, sum(price) AS revenue FROM events GROUP BY ProductName ORDER BY revenue DESC, ProductName LIMIT 3",
+            true,
+        ),
+        (
+            "totals",
+            "SELECT count(*) AS n, sum(price) AS s, avg(price) AS a FROM events",
+            false,
+        ),
+        (
+            "expensive",
+            "SELECT zipcode, price FROM events WHERE price > 95",
+            false,
+        ),
+        (
+            "earliest_cheap",
+            "SELECT ProductName, price, timestamp FROM events WHERE zipcode < 10003 ORDER BY timestamp, price, ProductName LIMIT 5",
+            true,
+        ),
         ("products", "SELECT DISTINCT ProductName FROM events", false),
-        ("first_last", "SELECT ProductName, first_value(price ORDER BY timestamp) AS first_price, last_value(price ORDER BY timestamp) AS last_price FROM events GROUP BY ProductName", false),
-        ("by_hour_product", "SELECT date_trunc('hour', timestamp) AS hour, ProductName, count(*) AS n FROM events GROUP BY date_trunc('hour', timestamp), ProductName ORDER BY hour, ProductName", true),
+        (
+            "first_last",
+            "SELECT ProductName, first_value(price ORDER BY timestamp) AS first_price, last_value(price ORDER BY timestamp) AS last_price FROM events GROUP BY ProductName",
+            false,
+        ),
+        (
+            "by_hour_product",
+            "SELECT date_trunc('hour', timestamp) AS hour, ProductName, count(*) AS n FROM events GROUP BY date_trunc('hour', timestamp), ProductName ORDER BY hour, ProductName",
+            true,
+        ),
     ];
     v.extend(more.iter().map(|(n, s, o)| (def(n, s), *o)));
     v
@@ -83,8 +127,20 @@ fn extended_schema() -> EventSchema {
 
 fn extended_views() -> Vec<(ViewConfig, bool)> {
     vec![
-        (def("per_user", "SELECT user, count(*) AS n, count(amount) AS n_amount, sum(amount) AS total, avg(amount) AS mean, min(amount) AS lo, max(amount) AS hi, stddev_samp(amount) AS sd, min(user) AS name FROM events GROUP BY user"), false),
-        (def("per_flag", "SELECT ok, count(DISTINCT user) AS users, approx_distinct(user) AS approx_users, max(ts) AS last_seen FROM events GROUP BY ok"), false),
+        (
+            def(
+                "per_user",
+                "SELECT user, count(*) AS n, count(amount) AS n_amount, sum(amount) AS total, avg(amount) AS mean, min(amount) AS lo, max(amount) AS hi, stddev_samp(amount) AS sd, min(user) AS name FROM events GROUP BY user",
+            ),
+            false,
+        ),
+        (
+            def(
+                "per_flag",
+                "SELECT ok, count(DISTINCT user) AS users, approx_distinct(user) AS approx_users, max(ts) AS last_seen FROM events GROUP BY ok",
+            ),
+            false,
+        ),
     ]
 }
 
@@ -270,7 +326,11 @@ fn approx_percentile_merges_within_its_documented_error() {
     let parts: Vec<RecordBatch> = (0..50).map(|k| all.slice(k * 400, 400)).collect();
     let got = rt.block_on(merged(&view, &parts));
     let want = rt
-        .block_on(oracle::run_sql(&EventSchema::paper(), view.sql(), vec![all]))
+        .block_on(oracle::run_sql(
+            &EventSchema::paper(),
+            view.sql(),
+            vec![all],
+        ))
         .unwrap();
     // t-digest merges are approximate: within 1% of the value range here.
     let g = oracle::rows(&got);
@@ -289,7 +349,10 @@ fn approx_percentile_merges_within_its_documented_error() {
     };
     for p in ["product0", "product1", "product2"] {
         let (a, b) = (find(&g, p), find(&w, p));
-        assert!((a - b).abs() <= 10.0, "{p}: merged median {a}, all-at-once {b}");
+        assert!(
+            (a - b).abs() <= 10.0,
+            "{p}: merged median {a}, all-at-once {b}"
+        );
     }
 }
 
@@ -321,14 +384,21 @@ fn union_views_merge_by_union() {
     let rt = rt();
     let view = rt
         .block_on(compile(
-            &def("cheap", "SELECT ProductName, price FROM events WHERE price < 3"),
+            &def(
+                "cheap",
+                "SELECT ProductName, price FROM events WHERE price < 3",
+            ),
             &EventSchema::paper(),
         ))
         .unwrap();
     assert_eq!(view.kind(), ViewKind::Union);
     let rows: Vec<PaperRow> = (0..100).map(|i| (10_000, 0, i % 10, BASE_MS + i)).collect();
-    let a = rt.block_on(view.states(vec![paper_batch(&rows[..50])])).unwrap();
-    let b = rt.block_on(view.states(vec![paper_batch(&rows[50..])])).unwrap();
+    let a = rt
+        .block_on(view.states(vec![paper_batch(&rows[..50])]))
+        .unwrap();
+    let b = rt
+        .block_on(view.states(vec![paper_batch(&rows[50..])]))
+        .unwrap();
     let merged = rt.block_on(view.merge(vec![a, b])).unwrap();
     assert_eq!(merged.num_rows(), 30, "prices 0, 1, 2 of 100 events");
 }
@@ -340,8 +410,14 @@ fn rollup_coarsens_old_buckets_and_merges_their_groups() {
     let rt = rt();
     let mut d = lambdaflow::config::Config::default().views[2].clone(); // sales_per_minute
     d.rollup = vec![
-        RollupConfig { after: Duration::from_secs(3600), bucket: "1h".into() },
-        RollupConfig { after: Duration::from_secs(86_400), bucket: "1day".into() },
+        RollupConfig {
+            after: Duration::from_secs(3600),
+            bucket: "1h".into(),
+        },
+        RollupConfig {
+            after: Duration::from_secs(86_400),
+            bucket: "1day".into(),
+        },
     ];
     let view = rt.block_on(compile(&d, &EventSchema::paper())).unwrap();
     // Two days of events, one a minute, one product.
@@ -371,7 +447,9 @@ fn states_of_another_view_are_refused() {
     let rt = rt();
     let views = compiled(&EventSchema::paper(), paper_views());
     let (a, b) = (&views[0].0, &views[1].0);
-    let s = rt.block_on(a.states(vec![paper_batch(&[(10_000, 1, 5, BASE_MS)])])).unwrap();
+    let s = rt
+        .block_on(a.states(vec![paper_batch(&[(10_000, 1, 5, BASE_MS)])]))
+        .unwrap();
     let bytes = a.states_to_parquet(&s).unwrap();
     let err = b.states_from_parquet(bytes.into()).unwrap_err().to_string();
     assert!(err.contains("stored states do not match"), "{err}");

@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use arrow::datatypes::{DataType, SchemaRef};
+use arrow::datatypes::SchemaRef;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::execution::TaskContext;
 use datafusion::logical_expr::{Expr, LogicalPlan, Volatility};
@@ -257,10 +257,16 @@ fn first_expr(exprs: &[Expr]) -> String {
     let full = exprs
         .first()
         .map_or_else(String::new, |e| e.schema_name().to_string());
-    let cut = [" PARTITION BY", " ORDER BY", " ROWS ", " RANGE ", " GROUPS "]
-        .iter()
-        .filter_map(|k| full.find(k))
-        .min();
+    let cut = [
+        " PARTITION BY",
+        " ORDER BY",
+        " ROWS ",
+        " RANGE ",
+        " GROUPS ",
+    ]
+    .iter()
+    .filter_map(|k| full.find(k))
+    .min();
     match cut {
         Some(i) => format!("{} OVER (…)", &full[..i]),
         None => full,
@@ -359,7 +365,11 @@ fn replace_node(
     plan.clone()
         .transform_down(|node| {
             if Arc::ptr_eq(&node, target) {
-                Ok(Transformed::new(with.clone(), true, TreeNodeRecursion::Jump))
+                Ok(Transformed::new(
+                    with.clone(),
+                    true,
+                    TreeNodeRecursion::Jump,
+                ))
             } else {
                 Ok(Transformed::no(node))
             }
@@ -519,11 +529,6 @@ fn split_union(view: &str, physical: &Arc<dyn ExecutionPlan>) -> Result<Split, V
     })
 }
 
-/// A state column type the batch layer can store (checked for documentation
-/// and for tests; every Arrow type round-trips through Parquet here).
-pub fn storable(t: &DataType) -> bool {
-    !matches!(t, DataType::Null)
-}
 
 /// Runs `plan` with its placeholder leaf replaced by `data`.
 pub(super) fn with_input(

@@ -64,7 +64,9 @@ pub enum ViewError {
         #[source]
         source: DataFusionError,
     },
-    #[error("view `{view}`: stored states do not match the view: {detail}\nhint: the view's SQL or the engine changed since they were written; rebuild them")]
+    #[error(
+        "view `{view}`: stored states do not match the view: {detail}\nhint: the view's SQL or the engine changed since they were written; rebuild them"
+    )]
     StateMismatch { view: String, detail: String },
     #[error("view `{view}`: could not {op} states as Parquet: {detail}")]
     Parquet {
@@ -77,7 +79,12 @@ pub enum ViewError {
 }
 
 impl ViewError {
-    pub(crate) fn unsupported(view: &str, construct: &str, why: &str, hint: Option<&str>) -> ViewError {
+    pub(crate) fn unsupported(
+        view: &str,
+        construct: &str,
+        why: &str,
+        hint: Option<&str>,
+    ) -> ViewError {
         ViewError::Unsupported {
             view: view.to_string(),
             construct: construct.to_string(),
@@ -94,7 +101,9 @@ impl ViewError {
                 .suggest(&bad)
                 .map(|s| {
                     if s.chars().any(|c| c.is_ascii_uppercase()) {
-                        format!("did you mean `{s}`? names are case-sensitive, written as in the schema")
+                        format!(
+                            "did you mean `{s}`? names are case-sensitive, written as in the schema"
+                        )
                     } else {
                         format!("did you mean `{s}`?")
                     }
@@ -125,7 +134,7 @@ fn unknown_column(message: &str) -> Option<String> {
     let name = rest.split(['.', ' ']).next()?.trim_matches('"');
     let name = match rest.split_once('.') {
         // `events.x`: the qualifier is not the name.
-        Some((q, tail)) if q == "events" => tail.split(['.', ' ']).next()?.trim_matches('"'),
+        Some(("events", tail)) => tail.split(['.', ' ']).next()?.trim_matches('"'),
         _ => name,
     };
     (!name.is_empty()).then(|| name.to_string())
@@ -243,7 +252,11 @@ impl View {
 
     /// Coarsens old time buckets as of `as_of_ms` (see [`rollup`]) and merges
     /// the groups that now coincide. Without a rollup, returns the states.
-    pub async fn roll_up(&self, states: RecordBatch, as_of_ms: i64) -> Result<RecordBatch, ViewError> {
+    pub async fn roll_up(
+        &self,
+        states: RecordBatch,
+        as_of_ms: i64,
+    ) -> Result<RecordBatch, ViewError> {
         match &self.rollup {
             None => Ok(states),
             Some(r) => {
@@ -280,7 +293,10 @@ impl View {
 }
 
 /// Compiles every configured view; the first error stops startup.
-pub async fn compile_all(views: &[ViewConfig], schema: &EventSchema) -> Result<Vec<Arc<View>>, ViewError> {
+pub async fn compile_all(
+    views: &[ViewConfig],
+    schema: &EventSchema,
+) -> Result<Vec<Arc<View>>, ViewError> {
     let mut out = Vec::with_capacity(views.len());
     for v in views {
         out.push(Arc::new(compile(v, schema).await?));

@@ -58,7 +58,12 @@ pub fn rows(batches: &[RecordBatch]) -> Vec<Vec<Cell>> {
         let cols: Vec<_> = b
             .columns()
             .iter()
-            .map(|c| (c, ArrayFormatter::try_new(c.as_ref(), &opts).expect("formattable")))
+            .map(|c| {
+                (
+                    c,
+                    ArrayFormatter::try_new(c.as_ref(), &opts).expect("formattable"),
+                )
+            })
             .collect();
         for i in 0..b.num_rows() {
             out.push(
@@ -68,7 +73,9 @@ pub fn rows(batches: &[RecordBatch]) -> Vec<Vec<Cell>> {
                             return Cell::Null;
                         }
                         match c.data_type() {
-                            DataType::Float64 => Cell::Float(c.as_primitive::<Float64Type>().value(i)),
+                            DataType::Float64 => {
+                                Cell::Float(c.as_primitive::<Float64Type>().value(i))
+                            }
                             DataType::Float32 => {
                                 Cell::Float(f64::from(c.as_primitive::<Float32Type>().value(i)))
                             }
@@ -109,7 +116,11 @@ pub fn same_rows(
     }
     for (i, (ra, rb)) in a.iter().zip(&b).enumerate() {
         if ra.len() != rb.len() {
-            return Err(format!("row {i}: {} columns, expected {}", ra.len(), rb.len()));
+            return Err(format!(
+                "row {i}: {} columns, expected {}",
+                ra.len(),
+                rb.len()
+            ));
         }
         for (j, (ca, cb)) in ra.iter().zip(rb).enumerate() {
             let ok = match (ca, cb) {

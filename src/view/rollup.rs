@@ -68,7 +68,8 @@ impl Rollup {
         };
         if kind != ViewKind::Aggregate {
             return Err(err(
-                "only a view with GROUP BY can roll up: it merges groups, and this view has none".into(),
+                "only a view with GROUP BY can roll up: it merges groups, and this view has none"
+                    .into(),
             ));
         }
         let candidates: Vec<(usize, TimeUnit)> = state_schema.fields()[..group_columns]
@@ -101,7 +102,9 @@ impl Rollup {
                 bucket_ms: bucket.as_millis() as i64,
             };
             if tier.bucket_ms <= 0 {
-                return Err(err(format!("rollup[{i}]: the bucket must be at least 1 ms")));
+                return Err(err(format!(
+                    "rollup[{i}]: the bucket must be at least 1 ms"
+                )));
             }
             if let Some(prev) = tiers.last() {
                 let prev: &Tier = prev;
@@ -145,13 +148,21 @@ impl Rollup {
     }
 
     /// Rewrites the time-bucket column; returns the states and how many changed.
-    pub fn apply(&self, states: &RecordBatch, as_of_ms: i64) -> Result<(RecordBatch, usize), ArrowError> {
+    pub fn apply(
+        &self,
+        states: &RecordBatch,
+        as_of_ms: i64,
+    ) -> Result<(RecordBatch, usize), ArrowError> {
         let col = states.column(self.column);
         let (new, changed) = match self.unit {
             TimeUnit::Second => self.rewrite::<TimestampSecondType>(col, as_of_ms, 1_000, 1),
             TimeUnit::Millisecond => self.rewrite::<TimestampMillisecondType>(col, as_of_ms, 1, 1),
-            TimeUnit::Microsecond => self.rewrite::<TimestampMicrosecondType>(col, as_of_ms, 1, 1_000),
-            TimeUnit::Nanosecond => self.rewrite::<TimestampNanosecondType>(col, as_of_ms, 1, 1_000_000),
+            TimeUnit::Microsecond => {
+                self.rewrite::<TimestampMicrosecondType>(col, as_of_ms, 1, 1_000)
+            }
+            TimeUnit::Nanosecond => {
+                self.rewrite::<TimestampNanosecondType>(col, as_of_ms, 1, 1_000_000)
+            }
         };
         if changed == 0 {
             return Ok((states.clone(), 0));

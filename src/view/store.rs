@@ -12,6 +12,7 @@ use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
 
+use arrow::array::Array;
 use arrow::compute::concat_batches;
 use arrow::record_batch::RecordBatch;
 
@@ -29,7 +30,9 @@ impl View {
             detail: e.to_string(),
         };
         let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("valid level")))
+            .set_compression(Compression::ZSTD(
+                ZstdLevel::try_new(1).expect("valid level"),
+            ))
             .set_key_value_metadata(Some(vec![
                 datafusion::parquet::file::metadata::KeyValue::new(
                     FINGERPRINT_KEY.to_string(),
@@ -76,7 +79,11 @@ impl View {
                 detail: format!(
                     "stored columns {:?} differ from the view's {:?}",
                     schema.fields().iter().map(|f| f.name()).collect::<Vec<_>>(),
-                    self.state_schema().fields().iter().map(|f| f.name()).collect::<Vec<_>>()
+                    self.state_schema()
+                        .fields()
+                        .iter()
+                        .map(|f| f.name())
+                        .collect::<Vec<_>>()
                 ),
             });
         }
@@ -104,4 +111,45 @@ impl View {
             detail: e.to_string(),
         })
     }
+}
+
+/// Finalized rows as TSV, the paper's batch-view format: a header line of
+/// column names, then one line per row. Tabs, newlines and backslashes inside
+/// values are escaped (`\t`, `\n`, `\\`); NULL is empty.
+pub fn to_tsv(schema: &arrow::datatypes::Schema, batches: &[RecordBatch]) -> String {
+    use arrow::util::display::{ArrayFormatter, FormatOptions};
+    use std::fmt::Write;
+    let escape = |s: &str| {
+        s.replace('\\', "\\\\")
+            .replace('\t', "\\t")
+            .replace('\n', "\\n")
+            .replace('\r', "\\r")
+    };
+    let mut out = schema
+        .fields()
+        .iter()
+        .map(|f| escape(f.name()))
+        .collect::<Vec<_>>()
+        .join("\t");
+    out.push('\n');
+    let opts = FormatOptions::default();
+    for b in batches {
+        let fmts: Vec<_> = b
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &opts).expect("every Arrow type formats"))
+            .collect();
+        for i in 0..b.num_rows() {
+            for (j, f) in fmts.iter().enumerate() {
+                if j > 0 {
+                    out.push('\t');
+                }
+                if !b.column(j).is_null(i) {
+                    let _ = write!(out, "{}", escape(&f.value(i).to_string()));
+                }
+            }
+            out.push('\n');
+        }
+    }
+    out
 }

@@ -76,11 +76,17 @@ async fn refused_constructs_name_themselves_and_say_why() {
             "CREATE TABLE t AS SELECT * FROM events",
             "view `v` cannot use a statement that is not a query",
         ),
-        ("SELECT 1 AS one", "view `v` cannot use a query that does not read `events`"),
+        (
+            "SELECT 1 AS one",
+            "view `v` cannot use a query that does not read `events`",
+        ),
     ];
     for (sql, want) in cases {
         let got = refuse(sql).await;
-        assert!(got.starts_with(want), "for {sql}\n got: {got}\nwant prefix: {want}");
+        assert!(
+            got.starts_with(want),
+            "for {sql}\n got: {got}\nwant prefix: {want}"
+        );
         assert!(
             got.contains(" because ") || got.contains(": "),
             "the message says why: {got}"
@@ -94,20 +100,28 @@ async fn a_misspelt_column_gets_a_suggestion() {
     assert!(got.contains("productname"), "{got}");
     assert!(got.contains("did you mean `ProductName`?"), "{got}");
     let got = refuse("SELECT colour FROM events").await;
-    assert!(got.contains("the columns of `events` are: zipcode, ProductName, price, timestamp"), "{got}");
+    assert!(
+        got.contains("the columns of `events` are: zipcode, ProductName, price, timestamp"),
+        "{got}"
+    );
 }
 
 #[tokio::test]
 async fn count_distinct_is_planned_as_one_mergeable_aggregation() {
     let v = compile(
-        &def("SELECT ProductName, count(DISTINCT zipcode) AS zips FROM events GROUP BY ProductName"),
+        &def(
+            "SELECT ProductName, count(DISTINCT zipcode) AS zips FROM events GROUP BY ProductName",
+        ),
         &EventSchema::paper(),
     )
     .await
     .expect("count(DISTINCT) compiles");
     let states = v.state_schema();
     assert!(
-        matches!(states.field(1).data_type(), arrow::datatypes::DataType::List(_)),
+        matches!(
+            states.field(1).data_type(),
+            arrow::datatypes::DataType::List(_)
+        ),
         "the distinct state is the value set: {states:?}"
     );
 }
