@@ -529,7 +529,6 @@ fn split_union(view: &str, physical: &Arc<dyn ExecutionPlan>) -> Result<Split, V
     })
 }
 
-
 /// Runs `plan` with its placeholder leaf replaced by `data`.
 pub(super) fn with_input(
     plan: &Arc<dyn ExecutionPlan>,
