@@ -29,6 +29,10 @@ pub enum Command {
     Serve(ServeArgs),
     /// Send the paper's events (or an NDJSON file) to a running server.
     Produce(ProduceArgs),
+    /// Recompute batch views from the master dataset from scratch, and publish them.
+    Rebuild(RebuildArgs),
+    /// Each layer's watermark, lag and last run, from a running server.
+    Status(StatusArgs),
     /// The one-command tour: a temporary server, 10,000 of the paper's events, what they became.
     Demo(DemoArgs),
     /// Measure: `bench ingest` (durable HTTP ingest), `bench views` (view plans).
@@ -133,6 +137,21 @@ impl ProduceArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct RebuildArgs {
+    /// Only this view (at the published run's coverage); default: every view.
+    pub view: Option<String>,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Server to ask.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+}
+
+#[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Events to produce.
     #[arg(long, short = 'n', default_value_t = 10_000)]
@@ -154,8 +173,11 @@ pub enum BenchCommand {
 }
 
 fn init_tracing(default: &str) {
+    // The Delta kernel narrates every snapshot at INFO; keep it for RUST_LOG users.
+    let quiet =
+        format!("{default},buoyant_kernel=warn,buoyant_kernel_engine=warn,deltalake_core=warn");
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(quiet));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -208,6 +230,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
+        Command::Rebuild(args) => {
+            init_tracing("warn");
+            let config = args.config.load()?;
+            runtime()?.block_on(rebuild(config, args.view))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status(args) => {
+            init_tracing("warn");
+            runtime()?.block_on(status(&args.url))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo(args) => {
             init_tracing("warn");
             runtime()?.block_on(crate::demo::run(args))?;
@@ -222,4 +255,120 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `lambdaflow rebuild [VIEW]`, with a progress bar.
+async fn rebuild(config: Config, view: Option<String>) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering::Relaxed;
+    let batch = crate::node::open_batch(&config).await?;
+    eprintln!("waiting for the batch lock of {}…", config.data.display());
+    let _lock = crate::node::batch_lock(&config.data).await?;
+    let progress = Arc::new(crate::batch::Progress::default());
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {elapsed_precise} [{bar:30}] {human_pos}/{human_len} events · {per_sec} · eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    let ticker = {
+        let (bar, progress) = (bar.clone(), progress.clone());
+        tokio::spawn(async move {
+            loop {
+                bar.set_length(progress.total.load(Relaxed));
+                bar.set_position(progress.done.load(Relaxed));
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let result = batch.run(view.as_deref(), Some(progress)).await;
+    ticker.abort();
+    bar.finish_and_clear();
+    let m = result?;
+    println!(
+        "published run {}: master dataset version {}, H = {:?}, {} events, {:.2} s",
+        m.run,
+        m.table_version,
+        m.h,
+        crate::produce::group(m.events),
+        m.duration_ms as f64 / 1000.0
+    );
+    for (name, e) in &m.views {
+        println!(
+            "  {name}: {} groups, {} rows{}",
+            crate::produce::group(e.groups),
+            crate::produce::group(e.rows),
+            if e.run == m.run {
+                format!(", {:.2} s", e.duration_ms as f64 / 1000.0)
+            } else {
+                format!(" (kept from run {})", e.run)
+            }
+        );
+    }
+    Ok(())
+}
+
+/// `lambdaflow status`: asks a running server and prints its layers.
+async fn status(url: &str) -> anyhow::Result<()> {
+    let url = format!("{}/v1/status", url.trim_end_matches('/'));
+    let s: serde_json::Value = reqwest::get(&url)
+        .await
+        .with_context(|| format!("could not reach {url}; is `lambdaflow serve` running?"))?
+        .json()
+        .await
+        .context("the status reply is not JSON")?;
+    let n = |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), crate::produce::group);
+    println!(
+        "{:>9}  {:>14}  {:>14}  {:>14}  {:>14}  {:>12}",
+        "partition", "log start", "log end", "archived", "published H", "not in batch"
+    );
+    for p in s["partitions"].as_array().into_iter().flatten() {
+        let lag = match (p["end"].as_u64(), p["published"].as_u64()) {
+            (Some(e), Some(h)) => crate::produce::group(e.saturating_sub(h)),
+            (Some(e), None) => crate::produce::group(e),
+            _ => "-".into(),
+        };
+        println!(
+            "{:>9}  {:>14}  {:>14}  {:>14}  {:>14}  {:>12}",
+            n(&p["partition"]),
+            n(&p["start"]),
+            n(&p["end"]),
+            n(&p["archived"]),
+            n(&p["published"]),
+            lag
+        );
+    }
+    let now = chrono::Utc::now().timestamp_millis();
+    match s["batch"]["published"].as_object() {
+        Some(r) => println!(
+            "batch: run {} published {:.1} s ago (master version {}, {} events), took {:.2} s",
+            n(&r["run"]),
+            (now - r["started_ms"].as_i64().unwrap_or(now) - r["duration_ms"].as_i64().unwrap_or(0))
+                as f64
+                / 1000.0,
+            r["table_version"],
+            n(&r["events"]),
+            r["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0
+        ),
+        None => println!("batch: nothing published yet"),
+    }
+    if let Some(since) = s["batch"]["running_since_ms"].as_i64() {
+        println!(
+            "batch: a run is in progress for {:.1} s",
+            (now - since) as f64 / 1000.0
+        );
+    }
+    if let Some(e) = s["batch"]["last_error"].as_str() {
+        println!("batch: last run failed: {e}");
+    }
+    let i = &s["ingest"];
+    println!(
+        "ingest: {} requests, {} accepted, {} rejected (dead letters)",
+        n(&i["requests"]),
+        n(&i["accepted"]),
+        n(&i["rejected"])
+    );
+    Ok(())
 }

@@ -24,7 +24,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         data: dir.path().to_path_buf(),
         ..Config::default()
     };
-    let node = Node::open(config)?;
+    let node = Node::open(config).await?;
     let wanted = args.listen.unwrap_or(node.config.listen);
     let server = match serve::start(&node, wanted).await {
         Ok(s) => s,
@@ -128,6 +128,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .await
             .context("the server did not stop within 10 s")??;
     }
-    node.shutdown();
+    node.shutdown().await;
     Ok(())
 }

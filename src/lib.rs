@@ -11,12 +11,17 @@
 //! Modules are named after the layers they implement; see `DESIGN.md`.
 
 pub mod api;
+pub mod batch;
 pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod failpoint;
+pub mod master;
+pub mod node;
 pub mod produce;
 pub mod schema;
 pub mod serve;
+pub mod storage;
 pub mod stream;
 pub mod view;

@@ -1,13 +1,6 @@
-//! `lambdaflow serve`: every layer in one process, on one data directory.
-//!
-//! ```text
-//!  data/
-//!    log/          the embedded stream (see stream::log)
-//!    deadletter/   refused lines, with reasons
-//! ```
+//! `lambdaflow serve`: the HTTP server in front of a [`Node`].
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -16,8 +9,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, ApiState};
 use crate::config::{Config, ConfigError};
-use crate::stream::deadletter::DeadLetterError;
-use crate::stream::{DeadLetters, Decoder, Ingest, Log, LogError, LogOptions, Partitioning};
+pub use crate::node::{Node, NodeError};
 
 /// Ingest requests whose bodies may be in memory at once.
 const MAX_IN_FLIGHT: usize = 256;
@@ -27,9 +19,7 @@ pub enum ServeError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Log(#[from] LogError),
-    #[error(transparent)]
-    DeadLetter(#[from] DeadLetterError),
+    Node(#[from] NodeError),
     #[error(
         "could not listen on {addr}: {source}\nhint: is another server using that port? pick another with --listen"
     )]
@@ -44,63 +34,6 @@ pub enum ServeError {
     NotLoopback { addr: SocketAddr },
     #[error("the HTTP server failed: {0}")]
     Http(#[source] std::io::Error),
-}
-
-/// The layers of one process, opened on one data directory.
-pub struct Node {
-    pub config: Config,
-    pub ingest: Arc<Ingest>,
-}
-
-impl Node {
-    pub fn open(config: Config) -> Result<Node, ServeError> {
-        let schema = Arc::new(config.event_schema()?);
-        let partitioning = match &config.stream.key {
-            Some(key) => Partitioning::Key {
-                field: schema.index_of(key).expect("config checked the key field"),
-                partitions: config.stream.partitions,
-            },
-            None => Partitioning::RoundRobin,
-        };
-        let log = Log::open(
-            config.data.join("log"),
-            LogOptions {
-                partitions: config.stream.partitions,
-                segment_bytes: config.stream.segment_bytes.as_u64(),
-                max_pending_bytes: config.ingest.max_pending.as_u64(),
-                pending_wait: config.ingest.pending_wait,
-                ..LogOptions::default()
-            },
-        )?;
-        for s in log.stats() {
-            tracing::info!(
-                partition = s.partition,
-                start = s.start,
-                end = s.end,
-                segments = s.segments,
-                "log partition open"
-            );
-        }
-        let dead = DeadLetters::open(config.data.join("deadletter"))?;
-        let ingest = Ingest::new(
-            Decoder::new(schema, partitioning),
-            Arc::new(log),
-            Arc::new(dead),
-        );
-        Ok(Node {
-            config,
-            ingest: Arc::new(ingest),
-        })
-    }
-
-    pub fn data_dir(&self) -> PathBuf {
-        self.config.data.clone()
-    }
-
-    /// Stops the layers after what they hold is durable.
-    pub fn shutdown(&self) {
-        self.ingest.log().shutdown();
-    }
 }
 
 /// A running HTTP server.
@@ -138,6 +71,7 @@ pub async fn start(node: &Node, listen: SocketAddr) -> Result<Running, ServeErro
         node.ingest.clone(),
         node.config.ingest.max_body.as_u64() as usize,
         MAX_IN_FLIGHT,
+        Some(node.layers()),
     ));
     let app = api::router(state);
     let (tx, rx) = oneshot::channel::<()>();
@@ -170,7 +104,7 @@ pub async fn shutdown_signal() {
 /// `lambdaflow serve`: runs until Ctrl-C or SIGTERM.
 pub async fn run(config: Config) -> Result<(), ServeError> {
     let listen = config.listen;
-    let node = Node::open(config)?;
+    let node = Node::open(config).await?;
     let server = start(&node, listen).await?;
     // A plain line on stdout that scripts and tests wait for.
     println!(
@@ -182,7 +116,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     shutdown_signal().await;
     tracing::info!("shutting down: finishing requests in flight");
     server.stop().await?;
-    node.shutdown();
+    node.shutdown().await;
     tracing::info!("stopped cleanly");
     Ok(())
 }

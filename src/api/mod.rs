@@ -21,11 +21,14 @@ use axum::routing::{get, post};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
+use crate::node::{BatchStatus, Layers};
 use crate::stream::Ingest;
 
 /// What the handlers share.
 pub struct ApiState {
     pub ingest: Arc<Ingest>,
+    /// The master dataset and batch layer, when the node runs them.
+    pub layers: Option<Arc<Layers>>,
     /// Largest accepted request body, in bytes.
     pub max_body: usize,
     /// Bodies being received or decoded at once; beyond it requests get 503.
@@ -33,9 +36,15 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    pub fn new(ingest: Arc<Ingest>, max_body: usize, max_in_flight: usize) -> ApiState {
+    pub fn new(
+        ingest: Arc<Ingest>,
+        max_body: usize,
+        max_in_flight: usize,
+        layers: Option<Arc<Layers>>,
+    ) -> ApiState {
         ApiState {
             ingest,
+            layers,
             max_body,
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
         }
@@ -102,8 +111,25 @@ impl IntoResponse for ApiError {
 
 #[derive(Serialize)]
 struct Status {
-    partitions: Vec<crate::stream::log::PartitionStats>,
+    partitions: Vec<PartitionStatus>,
     ingest: IngestStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    master: Option<crate::master::Coverage>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch: Option<BatchStatus>,
+}
+
+/// One partition across the layers: log extent, archived and published coverage.
+#[derive(Serialize)]
+struct PartitionStatus {
+    #[serde(flatten)]
+    log: crate::stream::log::PartitionStats,
+    /// End of the last chunk in the master dataset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    archived: Option<u64>,
+    /// `H[p]` of the published batch run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    published: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -120,8 +146,32 @@ async fn status(
 ) -> Json<impl Serialize> {
     use std::sync::atomic::Ordering::Relaxed;
     let c = &state.ingest.counters;
+    let master = state.layers.as_ref().map(|l| l.master.coverage());
+    let batch = state
+        .layers
+        .as_ref()
+        .map(|l| l.batch_status.lock().expect("status lock").clone());
+    let partitions = state
+        .ingest
+        .log()
+        .stats()
+        .into_iter()
+        .map(|log| {
+            let p = log.partition as usize;
+            PartitionStatus {
+                archived: master.as_ref().and_then(|m| m.h.get(p).copied()),
+                published: batch
+                    .as_ref()
+                    .and_then(|b| b.published.as_ref())
+                    .and_then(|r| r.h.get(p).copied()),
+                log,
+            }
+        })
+        .collect();
     Json(Status {
-        partitions: state.ingest.log().stats(),
+        master,
+        batch,
+        partitions,
         ingest: IngestStatus {
             requests: c.requests.load(Relaxed),
             accepted: c.accepted.load(Relaxed),

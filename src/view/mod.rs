@@ -227,6 +227,14 @@ impl View {
         compile::with_leaf(&self.states_plan, leaf).map_err(|e| ViewError::exec(&self.name, e))
     }
 
+    /// Runs a plan made by [`View::states_plan_over`] and collects its states.
+    pub async fn run_states_plan(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+    ) -> Result<RecordBatch, ViewError> {
+        self.collect_one(plan, &self.state_schema).await
+    }
+
     /// Merges any number of state sets into one.
     pub async fn merge(&self, parts: Vec<RecordBatch>) -> Result<RecordBatch, ViewError> {
         match &self.reduce_plan {

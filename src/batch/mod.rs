@@ -1,0 +1,504 @@
+//! The batch layer: recompute every view from the whole master dataset, in a
+//! loop, and publish each run with one atomic pointer swap (the paper's Spark
+//! SQL job in its `while(true)` loop).
+//!
+//! ```text
+//!  master dataset @ version v (coverage H)
+//!     └─▶ each view's states plan over all files ─▶ rollup ─▶ states.parquet + rows.tsv
+//!                                                        views/<view>/<run>/
+//!  views/runs/<run>.json   the run's manifest: H, v, files, sizes, checksums
+//!  views/CURRENT           the published manifest — replaced whole, atomically
+//! ```
+//!
+//! A reader takes CURRENT, and gets every view of one run at one `H`, with
+//! checksums to verify what it reads. A missing or corrupt file, a view whose
+//! SQL changed, or states from another engine version (the view fingerprint)
+//! make the published run unusable for that view: [`BatchLayer::check`] finds
+//! it and the caller rebuilds from the master dataset before serving.
+
+pub mod scan;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use arrow::record_batch::RecordBatch;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::master::{MasterDataset, MasterError, MasterSnapshot};
+use crate::storage::{Storage, StorageError};
+use crate::view::{View, ViewError, store::to_tsv};
+
+pub const CURRENT: &str = "views/CURRENT";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error(transparent)]
+    Master(#[from] MasterError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    View(#[from] ViewError),
+    #[error("batch view file {path} is corrupt: {detail}")]
+    Corrupt { path: String, detail: String },
+    #[error("no view named `{name}`; the views are: {known}")]
+    NoSuchView { name: String, known: String },
+    #[error("the published manifest {path} is unreadable: {detail}")]
+    BadManifest { path: String, detail: String },
+    #[error("a batch task failed: {0}")]
+    Task(String),
+}
+
+/// A file of a run, with what it must be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    /// Path under the storage root.
+    pub path: String,
+    pub bytes: u64,
+    /// crc32c of the whole file, hex.
+    pub crc32c: String,
+}
+
+/// One view of a published run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewEntry {
+    pub fingerprint: String,
+    /// The run that computed these files (older than the manifest's when reused).
+    pub run: u64,
+    pub states: FileEntry,
+    pub tsv: FileEntry,
+    /// State rows (groups) and finalized rows.
+    pub groups: u64,
+    pub rows: u64,
+    pub duration_ms: u64,
+}
+
+/// What `views/CURRENT` holds: one run of every view at one coverage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub run: u64,
+    /// The master dataset version the run read.
+    pub table_version: i64,
+    /// Coverage: the run holds exactly the events with offset < h[p] of each partition p.
+    pub h: Vec<u64>,
+    /// Events the run read.
+    pub events: u64,
+    /// Rollup time (ms since the epoch).
+    pub as_of_ms: i64,
+    pub started_ms: i64,
+    pub duration_ms: u64,
+    pub engine: String,
+    pub views: BTreeMap<String, ViewEntry>,
+}
+
+/// What is wrong with the published run, per view.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    pub manifest: Option<Manifest>,
+    /// Views that cannot be served from the published run, with why.
+    pub problems: Vec<(String, String)>,
+}
+
+impl Health {
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Progress of a running batch job, for bars and status.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Events to read in all (sum over the views' scans).
+    pub total: AtomicU64,
+    /// Events read so far (the scans add to it as batches pass).
+    pub done: Arc<AtomicU64>,
+}
+
+pub fn engine_version() -> String {
+    format!(
+        "lambdaflow {} / datafusion {} / states v{}",
+        env!("CARGO_PKG_VERSION"),
+        datafusion::DATAFUSION_VERSION,
+        crate::view::STATE_FORMAT
+    )
+}
+
+fn crc_hex(bytes: &[u8]) -> String {
+    format!("{:08x}", crc32c::crc32c(bytes))
+}
+
+/// The batch layer over one master dataset and one set of views.
+pub struct BatchLayer {
+    storage: Storage,
+    master: Arc<MasterDataset>,
+    views: Vec<Arc<View>>,
+    /// Runs kept besides the published one.
+    keep_runs: usize,
+    parallelism: usize,
+}
+
+impl BatchLayer {
+    pub fn new(storage: Storage, master: Arc<MasterDataset>, views: Vec<Arc<View>>) -> BatchLayer {
+        BatchLayer {
+            storage,
+            master,
+            views,
+            keep_runs: 2,
+            parallelism: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+
+    pub fn views(&self) -> &[Arc<View>] {
+        &self.views
+    }
+
+    pub fn master(&self) -> &Arc<MasterDataset> {
+        &self.master
+    }
+
+    /// The published manifest, if any.
+    pub async fn current(&self) -> Result<Option<Manifest>, BatchError> {
+        let Some(bytes) = self.storage.get(CURRENT).await? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| BatchError::BadManifest {
+                path: CURRENT.into(),
+                detail: e.to_string(),
+            })
+    }
+
+    /// Reads a file of a run and checks it against its entry.
+    async fn read_checked(&self, entry: &FileEntry) -> Result<Bytes, BatchError> {
+        let corrupt = |detail: String| BatchError::Corrupt {
+            path: entry.path.clone(),
+            detail,
+        };
+        let bytes = self
+            .storage
+            .get(&entry.path)
+            .await?
+            .ok_or_else(|| corrupt("missing".into()))?;
+        if bytes.len() as u64 != entry.bytes {
+            return Err(corrupt(format!(
+                "{} bytes, the manifest says {}",
+                bytes.len(),
+                entry.bytes
+            )));
+        }
+        let crc = crc_hex(&bytes);
+        if crc != entry.crc32c {
+            return Err(corrupt(format!(
+                "crc32c {crc}, the manifest says {}",
+                entry.crc32c
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// The published states of `view`, verified: never corrupt rows.
+    pub async fn read_states(
+        &self,
+        manifest: &Manifest,
+        view: &View,
+    ) -> Result<RecordBatch, BatchError> {
+        let entry = manifest
+            .views
+            .get(view.name())
+            .ok_or_else(|| BatchError::Corrupt {
+                path: CURRENT.into(),
+                detail: format!("the published run has no view `{}`", view.name()),
+            })?;
+        if entry.fingerprint != view.fingerprint() {
+            return Err(BatchError::View(ViewError::StateMismatch {
+                view: view.name().to_string(),
+                detail: format!(
+                    "published for fingerprint {}, the view's is {}",
+                    entry.fingerprint,
+                    view.fingerprint()
+                ),
+            }));
+        }
+        let bytes = self.read_checked(&entry.states).await?;
+        Ok(view.states_from_parquet(bytes)?)
+    }
+
+    /// Checks that every view can be served from the published run.
+    pub async fn check(&self) -> Result<Health, BatchError> {
+        let manifest = match self.current().await {
+            Ok(m) => m,
+            Err(e @ BatchError::BadManifest { .. }) => {
+                return Ok(Health {
+                    manifest: None,
+                    problems: vec![("*".into(), e.to_string())],
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        let mut health = Health {
+            manifest: manifest.clone(),
+            problems: Vec::new(),
+        };
+        let Some(m) = manifest else {
+            return Ok(health);
+        };
+        for view in &self.views {
+            let problem = match self.read_states(&m, view).await {
+                Ok(_) => match m.views.get(view.name()) {
+                    Some(e) => self.read_checked(&e.tsv).await.err().map(|e| e.to_string()),
+                    None => Some("missing from the published run".into()),
+                },
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(p) = problem {
+                health.problems.push((view.name().to_string(), p));
+            }
+        }
+        Ok(health)
+    }
+
+    /// One batch run: recompute the views (all, or only `only` at the
+    /// published run's table version) and publish the result.
+    pub async fn run(
+        &self,
+        only: Option<&str>,
+        progress: Option<Arc<Progress>>,
+    ) -> Result<Manifest, BatchError> {
+        if let Some(name) = only
+            && !self.views.iter().any(|v| v.name() == name)
+        {
+            return Err(BatchError::NoSuchView {
+                name: name.into(),
+                known: self
+                    .views
+                    .iter()
+                    .map(|v| v.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        let started = Instant::now();
+        let started_ms = chrono::Utc::now().timestamp_millis();
+        let prev = self.current().await.unwrap_or(None);
+        // Rebuilding one view keeps the published coverage, so the run stays one H.
+        let snapshot = match (only, &prev) {
+            (Some(_), Some(p)) => self.master.snapshot_at(p.table_version).await?,
+            _ => self.master.snapshot().await?,
+        };
+        let as_of_ms = match (only, &prev) {
+            (Some(_), Some(p)) => p.as_of_ms,
+            _ => started_ms,
+        };
+        let run = self.next_run(prev.as_ref()).await?;
+        let progress = progress.unwrap_or_default();
+        let mut views = BTreeMap::new();
+        let todo: Vec<&Arc<View>> = self
+            .views
+            .iter()
+            .filter(|v| {
+                let reuse = only.is_some_and(|o| o != v.name())
+                    && prev
+                        .as_ref()
+                        .and_then(|p| p.views.get(v.name()))
+                        .is_some_and(|e| e.fingerprint == v.fingerprint());
+                if reuse {
+                    let e = prev.as_ref().expect("checked").views[v.name()].clone();
+                    views.insert(v.name().to_string(), e);
+                }
+                !reuse
+            })
+            .collect();
+        progress
+            .total
+            .fetch_add(snapshot.events() * todo.len() as u64, Ordering::Relaxed);
+        for view in todo {
+            let entry = self
+                .compute_view(view, &snapshot, run, as_of_ms, &progress)
+                .await?;
+            views.insert(view.name().to_string(), entry);
+        }
+        let manifest = Manifest {
+            run,
+            table_version: snapshot.coverage.version,
+            h: snapshot.coverage.h.clone(),
+            events: snapshot.events(),
+            as_of_ms,
+            started_ms,
+            duration_ms: started.elapsed().as_millis() as u64,
+            engine: engine_version(),
+            views,
+        };
+        let json = serde_json::to_vec_pretty(&manifest).expect("manifests serialize");
+        self.storage
+            .put(
+                &format!("views/runs/{run:012}.json"),
+                Bytes::from(json.clone()),
+            )
+            .await?;
+        crate::failpoint::hit("batch-before-publish");
+        // The swap: one object, replaced whole (atomic on a local disk and on S3).
+        self.storage.put(CURRENT, Bytes::from(json)).await?;
+        crate::failpoint::hit("batch-after-publish");
+        tracing::info!(
+            run,
+            table_version = manifest.table_version,
+            h = ?manifest.h,
+            events = manifest.events,
+            duration_ms = manifest.duration_ms,
+            "published a batch run"
+        );
+        if let Err(e) = self.remove_old_runs(&manifest).await {
+            tracing::warn!(error = %e, "could not remove old batch runs");
+        }
+        Ok(manifest)
+    }
+
+    /// A run number above every run on storage (a crashed run's files are overwritten).
+    async fn next_run(&self, prev: Option<&Manifest>) -> Result<u64, BatchError> {
+        let mut max = prev.map_or(0, |m| m.run);
+        for v in &self.views {
+            for d in self
+                .storage
+                .list_dirs(&format!("views/{}", v.name()))
+                .await?
+            {
+                if let Ok(n) = d.parse::<u64>() {
+                    max = max.max(n);
+                }
+            }
+        }
+        Ok(max + 1)
+    }
+
+    async fn compute_view(
+        &self,
+        view: &Arc<View>,
+        snapshot: &MasterSnapshot,
+        run: u64,
+        as_of_ms: i64,
+        progress: &Arc<Progress>,
+    ) -> Result<ViewEntry, BatchError> {
+        let t = Instant::now();
+        let states = self.compute_states(view, snapshot, progress).await?;
+        let states = view.roll_up(states, as_of_ms).await?;
+        let rows = view.finalize(vec![states.clone()]).await?;
+        let tsv = to_tsv(view.output_schema(), &rows);
+        let parquet = view.states_to_parquet(&states)?;
+        let dir = format!("views/{}/{run:012}", view.name());
+        let states_entry = FileEntry {
+            path: format!("{dir}/states.parquet"),
+            bytes: parquet.len() as u64,
+            crc32c: crc_hex(&parquet),
+        };
+        let tsv_entry = FileEntry {
+            path: format!("{dir}/rows.tsv"),
+            bytes: tsv.len() as u64,
+            crc32c: crc_hex(tsv.as_bytes()),
+        };
+        self.storage
+            .put(&states_entry.path, Bytes::from(parquet))
+            .await?;
+        self.storage.put(&tsv_entry.path, Bytes::from(tsv)).await?;
+        let entry = ViewEntry {
+            fingerprint: view.fingerprint().to_string(),
+            run,
+            states: states_entry,
+            tsv: tsv_entry,
+            groups: states.num_rows() as u64,
+            rows: rows.iter().map(|b| b.num_rows() as u64).sum(),
+            duration_ms: t.elapsed().as_millis() as u64,
+        };
+        let meta = serde_json::json!({
+            "view": view.name(),
+            "sql": view.sql(),
+            "run": run,
+            "table_version": snapshot.coverage.version,
+            "h": snapshot.coverage.h,
+            "entry": entry,
+        });
+        self.storage
+            .put(&format!("{dir}/view.json"), Bytes::from(meta.to_string()))
+            .await?;
+        Ok(entry)
+    }
+
+    /// States of one view over all files, the files split among the cores.
+    async fn compute_states(
+        &self,
+        view: &Arc<View>,
+        snapshot: &MasterSnapshot,
+        progress: &Arc<Progress>,
+    ) -> Result<RecordBatch, BatchError> {
+        if snapshot.files.is_empty() {
+            return Ok(view.states(Vec::new()).await?);
+        }
+        // Balance the groups by size: biggest file to the lightest group.
+        let k = self.parallelism.min(snapshot.files.len()).max(1);
+        let mut groups: Vec<(u64, Vec<crate::master::DataFile>)> = vec![(0, Vec::new()); k];
+        let mut files = snapshot.files.clone();
+        files.sort_by_key(|f| std::cmp::Reverse(f.size));
+        for f in files {
+            let g = groups.iter_mut().min_by_key(|g| g.0).expect("k ≥ 1");
+            g.0 += f.size;
+            g.1.push(f);
+        }
+        let store_url = self.storage.store_url();
+        let events = self.master.events_schema().clone();
+        let mut tasks = Vec::with_capacity(k);
+        for (_, group) in groups {
+            let view = view.clone();
+            let store_url = store_url.clone();
+            let events = events.clone();
+            let progress = progress.clone();
+            tasks.push(tokio::spawn(async move {
+                let leaf = scan::parquet_leaf(&store_url, &events, &group, view.leaf_projection())
+                    .map_err(|e| ViewError::Exec {
+                        view: view.name().to_string(),
+                        source: e,
+                    })?;
+                let counted = Arc::new(scan::CountingExec::new(leaf, progress.done.clone()));
+                let plan = view.states_plan_over(counted)?;
+                view.run_states_plan(plan).await
+            }));
+        }
+        let mut parts = Vec::with_capacity(k);
+        for t in tasks {
+            parts.push(t.await.map_err(|e| BatchError::Task(e.to_string()))??);
+        }
+        Ok(view.merge(parts).await?)
+    }
+
+    /// Removes runs older than the published one and the `keep_runs` before it.
+    async fn remove_old_runs(&self, published: &Manifest) -> Result<(), BatchError> {
+        let live: std::collections::HashSet<u64> =
+            published.views.values().map(|e| e.run).collect();
+        for v in &self.views {
+            let mut runs: Vec<u64> = self
+                .storage
+                .list_dirs(&format!("views/{}", v.name()))
+                .await?
+                .iter()
+                .filter_map(|d| d.parse().ok())
+                .collect();
+            runs.sort_unstable();
+            let cutoff = published.run.saturating_sub(self.keep_runs as u64);
+            for r in runs {
+                if r < cutoff && !live.contains(&r) {
+                    self.storage
+                        .delete_dir(&format!("views/{}/{r:012}", v.name()))
+                        .await?;
+                    self.storage
+                        .delete(&format!("views/runs/{r:012}.json"))
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

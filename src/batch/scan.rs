@@ -1,0 +1,109 @@
+//! The batch layer's leaf: a Parquet scan of master-dataset files, with a row
+//! counter for progress bars.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use datafusion::common::Result;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
+use futures::StreamExt;
+
+use crate::master::DataFile;
+use crate::schema::EventSchema;
+
+/// A scan of `files` yielding the event columns in `projection`, typed as the
+/// event schema says (the files' UTC-microsecond timestamps are cast back).
+pub fn parquet_leaf(
+    store_url: &str,
+    events: &EventSchema,
+    files: &[DataFile],
+    projection: Option<&Vec<usize>>,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let source = Arc::new(ParquetSource::new(events.arrow().clone()));
+    let group: Vec<PartitionedFile> = files
+        .iter()
+        .map(|f| PartitionedFile::new(f.location.to_string(), f.size))
+        .collect();
+    let config = FileScanConfigBuilder::new(ObjectStoreUrl::parse(store_url)?, source)
+        .with_file_groups(vec![FileGroup::new(group)])
+        .with_projection_indices(projection.cloned())?
+        .build();
+    Ok(DataSourceExec::from_data_source(config))
+}
+
+/// Passes batches through, adding their rows to a counter.
+#[derive(Debug)]
+pub struct CountingExec {
+    input: Arc<dyn ExecutionPlan>,
+    rows: Arc<AtomicU64>,
+}
+
+impl CountingExec {
+    pub fn new(input: Arc<dyn ExecutionPlan>, rows: Arc<AtomicU64>) -> CountingExec {
+        CountingExec { input, rows }
+    }
+}
+
+impl DisplayAs for CountingExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "CountingExec")
+    }
+}
+
+impl ExecutionPlan for CountingExec {
+    fn name(&self) -> &str {
+        "CountingExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        self.input.properties()
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        mut children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(CountingExec {
+            input: children.swap_remove(0),
+            rows: self.rows.clone(),
+        }))
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        let rows = self.rows.clone();
+        let stream = self.input.execute(partition, context)?;
+        let schema = stream.schema();
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            schema,
+            stream.map(move |b| {
+                if let Ok(b) = &b {
+                    rows.fetch_add(b.num_rows() as u64, Ordering::Relaxed);
+                }
+                b
+            }),
+        )))
+    }
+}

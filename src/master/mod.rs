@@ -1,0 +1,516 @@
+//! The master dataset: every accepted event, immutable and append-only, as a
+//! Delta Lake table (the paper's S3 master dataset), readable as it stands by
+//! Spark, DuckDB or Trino.
+//!
+//! ```text
+//!  log partition p: ──[start,end)──▶ part-p-start-end.parquet ──▶ Delta commit
+//!                                     (schema columns +            Add(file)
+//!                                      _partition, _offset,        Txn(app "lambdaflow-p<p>",
+//!                                      _ingest_time)                   version = end)
+//! ```
+//!
+//! Each chunk of a partition is one Parquet file, committed with a Delta
+//! application transaction whose version is the chunk's end offset. Committed
+//! chunks of a partition are contiguous from offset 0, so a table version's
+//! coverage is one number per partition, `H[p]` — the txn version of its app
+//! id. A chunk replayed after a crash is recognized by that version and not
+//! committed twice; its file name is a function of (partition, start, end), so
+//! a rewrite after a crash between the write and the commit replaces it.
+
+pub mod archiver;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Int32Array, Int64Array, TimestampMicrosecondArray};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use bytes::Bytes;
+use datafusion::parquet::arrow::ArrowWriter;
+use datafusion::parquet::basic::{Compression, Encoding};
+use datafusion::parquet::file::properties::WriterProperties;
+use datafusion::parquet::schema::types::ColumnPath;
+use deltalake::DeltaTable;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::{Action, Add, DataType as DeltaType, StructField, Transaction};
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use serde::{Deserialize, Serialize};
+
+use crate::schema::{EventSchema, FieldType};
+use crate::storage::{Storage, StorageError};
+use crate::stream::LogBatch;
+
+/// Columns lambdaflow adds to every event in the master dataset.
+pub const PARTITION_COLUMN: &str = "_partition";
+pub const OFFSET_COLUMN: &str = "_offset";
+pub const INGEST_TIME_COLUMN: &str = "_ingest_time";
+
+/// Where the table lives under the storage root.
+pub const TABLE_DIR: &str = "master";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MasterError {
+    #[error("master dataset: could not {op}: {source}")]
+    Delta {
+        op: &'static str,
+        #[source]
+        source: deltalake::DeltaTableError,
+    },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("master dataset: could not encode a chunk as Parquet: {0}")]
+    Encode(String),
+    #[error(
+        "the master dataset's columns differ from the event schema: {detail}\nhint: lambdaflow does not migrate a master dataset yet; restore the schema it was created with, or use a new data directory"
+    )]
+    SchemaChanged { detail: String },
+    #[error(
+        "chunk [{start}, {end}) of partition {partition} does not follow the master dataset, which covers partition {partition} up to {committed}"
+    )]
+    Gap {
+        partition: u32,
+        start: u64,
+        end: u64,
+        committed: u64,
+    },
+    #[error("chunk [{start}, {end}) of partition {partition} has {got} events, expected {}", end - start)]
+    ShortChunk {
+        partition: u32,
+        start: u64,
+        end: u64,
+        got: u64,
+    },
+}
+
+fn delta(op: &'static str) -> impl FnOnce(deltalake::DeltaTableError) -> MasterError {
+    move |source| MasterError::Delta { op, source }
+}
+
+/// A table version and the coverage `H[p]` it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Coverage {
+    pub version: i64,
+    pub h: Vec<u64>,
+}
+
+/// A data file of a table version.
+#[derive(Debug, Clone)]
+pub struct DataFile {
+    /// Path within the object store (absolute, as DataFusion wants it).
+    pub location: object_store::path::Path,
+    pub size: u64,
+    pub records: Option<u64>,
+}
+
+/// One version of the master dataset: its files and coverage.
+#[derive(Debug, Clone)]
+pub struct MasterSnapshot {
+    pub coverage: Coverage,
+    pub files: Vec<DataFile>,
+}
+
+impl MasterSnapshot {
+    pub fn events(&self) -> u64 {
+        self.files.iter().filter_map(|f| f.records).sum()
+    }
+}
+
+/// What committing a chunk did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    Committed {
+        version: i64,
+    },
+    /// The chunk was already in the table (a replay after a crash).
+    AlreadyCommitted,
+}
+
+/// The Delta Lake table of all events.
+pub struct MasterDataset {
+    storage: Storage,
+    table: tokio::sync::Mutex<DeltaTable>,
+    events: Arc<EventSchema>,
+    file_schema: SchemaRef,
+    partitions: u32,
+    coverage: std::sync::Mutex<Coverage>,
+}
+
+fn app_id(partition: u32) -> String {
+    format!("lambdaflow-p{partition}")
+}
+
+/// The master dataset's Arrow schema: event fields (timestamps as Delta's
+/// `timestamp`: microseconds, UTC) and the three lambdaflow columns.
+pub fn file_schema(events: &EventSchema) -> SchemaRef {
+    let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    let mut fields: Vec<Field> = events
+        .fields()
+        .iter()
+        .map(|f| {
+            let t = if f.ty.is_timestamp() {
+                ts.clone()
+            } else {
+                f.ty.arrow()
+            };
+            Field::new(&f.name, t, f.nullable)
+        })
+        .collect();
+    fields.push(Field::new(PARTITION_COLUMN, DataType::Int32, false));
+    fields.push(Field::new(OFFSET_COLUMN, DataType::Int64, false));
+    fields.push(Field::new(INGEST_TIME_COLUMN, ts, false));
+    Arc::new(Schema::new(fields))
+}
+
+fn delta_columns(events: &EventSchema) -> Vec<StructField> {
+    let mut cols: Vec<StructField> = events
+        .fields()
+        .iter()
+        .map(|f| {
+            let t = match f.ty {
+                FieldType::Boolean => DeltaType::BOOLEAN,
+                FieldType::Int32 => DeltaType::INTEGER,
+                FieldType::Int64 => DeltaType::LONG,
+                FieldType::Float64 => DeltaType::DOUBLE,
+                FieldType::Utf8 => DeltaType::STRING,
+                FieldType::TimestampMs | FieldType::TimestampUs => DeltaType::TIMESTAMP,
+            };
+            StructField::new(f.name.clone(), t, f.nullable)
+        })
+        .collect();
+    cols.push(StructField::new(
+        PARTITION_COLUMN,
+        DeltaType::INTEGER,
+        false,
+    ));
+    cols.push(StructField::new(OFFSET_COLUMN, DeltaType::LONG, false));
+    cols.push(StructField::new(
+        INGEST_TIME_COLUMN,
+        DeltaType::TIMESTAMP,
+        false,
+    ));
+    cols
+}
+
+impl MasterDataset {
+    /// Opens the table under `storage`, creating it on first use.
+    pub async fn open(
+        storage: &Storage,
+        events: Arc<EventSchema>,
+        partitions: u32,
+    ) -> Result<MasterDataset, MasterError> {
+        let url = storage.dir_url(TABLE_DIR);
+        if let Some(dir) = storage.local_path(TABLE_DIR) {
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                MasterError::Storage(StorageError::BadRoot {
+                    root: dir.display().to_string(),
+                    reason: e.to_string(),
+                })
+            })?;
+        }
+        // A table that was never created has no log; asking the kernel to load
+        // it would only log an error.
+        let exists = storage
+            .local_path(&format!("{TABLE_DIR}/_delta_log"))
+            .is_none_or(|p| p.exists());
+        let mut table = if exists {
+            DeltaTable::try_from_url(url)
+                .await
+                .map_err(delta("open the table"))?
+        } else {
+            deltalake::DeltaTableBuilder::from_url(url)
+                .and_then(|b| b.build())
+                .map_err(delta("open the table"))?
+        };
+        if table.version().is_none() {
+            table = table
+                .create()
+                .with_table_name("events")
+                .with_comment("lambdaflow master dataset: every accepted event, append-only")
+                .with_columns(delta_columns(&events))
+                .with_save_mode(SaveMode::Ignore)
+                .await
+                .map_err(delta("create the table"))?;
+            tracing::info!(table = %storage.dir_url(TABLE_DIR), "created the master dataset");
+        }
+        let file_schema = file_schema(&events);
+        let master = MasterDataset {
+            storage: storage.clone(),
+            table: tokio::sync::Mutex::new(table),
+            events,
+            file_schema,
+            partitions,
+            coverage: std::sync::Mutex::new(Coverage {
+                version: -1,
+                h: vec![0; partitions as usize],
+            }),
+        };
+        master.check_schema().await?;
+        master.refresh().await?;
+        Ok(master)
+    }
+
+    async fn check_schema(&self) -> Result<(), MasterError> {
+        let table = self.table.lock().await;
+        let snapshot = table.snapshot().map_err(delta("read the table"))?;
+        let have: Vec<(String, String)> = snapshot
+            .schema()
+            .fields()
+            .map(|f| (f.name().clone(), format!("{:?}", f.data_type())))
+            .collect();
+        let want: Vec<(String, String)> = delta_columns(&self.events)
+            .into_iter()
+            .map(|f| (f.name().clone(), format!("{:?}", f.data_type())))
+            .collect();
+        if have != want {
+            return Err(MasterError::SchemaChanged {
+                detail: format!(
+                    "table has {:?}, the schema gives {:?}",
+                    have.iter().map(|c| c.0.as_str()).collect::<Vec<_>>(),
+                    want.iter().map(|c| c.0.as_str()).collect::<Vec<_>>()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// The Arrow schema of the event columns as views read them.
+    pub fn events_schema(&self) -> &Arc<EventSchema> {
+        &self.events
+    }
+
+    /// The Arrow schema of the files.
+    pub fn file_schema(&self) -> &SchemaRef {
+        &self.file_schema
+    }
+
+    /// The coverage of the latest version this process has seen.
+    pub fn coverage(&self) -> Coverage {
+        self.coverage.lock().expect("coverage lock").clone()
+    }
+
+    /// Reloads the latest table version and its coverage.
+    pub async fn refresh(&self) -> Result<Coverage, MasterError> {
+        let mut table = self.table.lock().await;
+        table
+            .update_state()
+            .await
+            .map_err(delta("read the table log"))?;
+        let cov = Self::coverage_of(&table, self.partitions).await?;
+        *self.coverage.lock().expect("coverage lock") = cov.clone();
+        Ok(cov)
+    }
+
+    async fn coverage_of(table: &DeltaTable, partitions: u32) -> Result<Coverage, MasterError> {
+        let snapshot = table.snapshot().map_err(delta("read the table"))?;
+        let log_store = table.log_store();
+        let mut h = Vec::with_capacity(partitions as usize);
+        for p in 0..partitions {
+            let v = snapshot
+                .transaction_version(log_store.as_ref(), app_id(p))
+                .await
+                .map_err(delta("read the application transactions"))?;
+            h.push(v.map_or(0, |v| v.max(0) as u64));
+        }
+        Ok(Coverage {
+            version: table.version().map_or(-1, |v| v as i64),
+            h,
+        })
+    }
+
+    /// The latest version's files and coverage.
+    pub async fn snapshot(&self) -> Result<MasterSnapshot, MasterError> {
+        self.refresh().await?;
+        let table = self.table.lock().await;
+        self.snapshot_of(&table).await
+    }
+
+    /// A given version's files and coverage.
+    pub async fn snapshot_at(&self, version: i64) -> Result<MasterSnapshot, MasterError> {
+        let mut table = DeltaTable::try_from_url(self.storage.dir_url(TABLE_DIR))
+            .await
+            .map_err(delta("open the table"))?;
+        table
+            .load_version(version.max(0) as u64)
+            .await
+            .map_err(delta("load a table version"))?;
+        self.snapshot_of(&table).await
+    }
+
+    async fn snapshot_of(&self, table: &DeltaTable) -> Result<MasterSnapshot, MasterError> {
+        let coverage = Self::coverage_of(table, self.partitions).await?;
+        let snapshot = table.snapshot().map_err(delta("read the table"))?;
+        let table_prefix = self.storage.path(TABLE_DIR);
+        let mut files = Vec::new();
+        for f in snapshot.log_data().iter() {
+            let rel = f.object_store_path();
+            let mut location = table_prefix.clone();
+            for part in rel.parts() {
+                location = location.join(part);
+            }
+            files.push(DataFile {
+                location,
+                size: f.size().max(0) as u64,
+                records: f.num_records().map(|n| n as u64),
+            });
+        }
+        files.sort_by(|a, b| a.location.cmp(&b.location));
+        Ok(MasterSnapshot { coverage, files })
+    }
+
+    /// Commits the events `[start, start + n)` of `partition` (from the log,
+    /// in order) as one file. Idempotent: a chunk already committed is skipped.
+    pub async fn commit_chunk(
+        &self,
+        partition: u32,
+        start: u64,
+        batches: Vec<LogBatch>,
+    ) -> Result<CommitOutcome, MasterError> {
+        let n: u64 = batches.iter().map(|b| b.batch.num_rows() as u64).sum();
+        let end = start + n;
+        let committed = self.coverage().h[partition as usize];
+        if committed >= end {
+            return Ok(CommitOutcome::AlreadyCommitted);
+        }
+        if committed != start {
+            return Err(MasterError::Gap {
+                partition,
+                start,
+                end,
+                committed,
+            });
+        }
+        let mut next = start;
+        for b in &batches {
+            if b.first_offset != next {
+                return Err(MasterError::ShortChunk {
+                    partition,
+                    start,
+                    end,
+                    got: next - start,
+                });
+            }
+            next += b.batch.num_rows() as u64;
+        }
+
+        let file_schema = self.file_schema.clone();
+        let encoded =
+            tokio::task::spawn_blocking(move || encode_chunk(&file_schema, partition, &batches))
+                .await
+                .map_err(|e| MasterError::Encode(e.to_string()))??;
+        let name = format!("part-p{partition:04}-{start:020}-{end:020}.parquet");
+        let size = encoded.len() as u64;
+        self.storage
+            .put(&format!("{TABLE_DIR}/{name}"), Bytes::from(encoded))
+            .await?;
+        crate::failpoint::hit("archive-after-parquet");
+
+        let stats = serde_json::json!({
+            "numRecords": n,
+            "minValues": { PARTITION_COLUMN: partition, OFFSET_COLUMN: start },
+            "maxValues": { PARTITION_COLUMN: partition, OFFSET_COLUMN: end - 1 },
+            "nullCount": { PARTITION_COLUMN: 0, OFFSET_COLUMN: 0 },
+        });
+        let add = Add {
+            path: name,
+            partition_values: HashMap::new(),
+            size: size as i64,
+            modification_time: chrono::Utc::now().timestamp_millis(),
+            data_change: true,
+            stats: Some(stats.to_string()),
+            tags: None,
+            deletion_vector: None,
+            base_row_id: None,
+            default_row_commit_version: None,
+            clustering_provider: None,
+        };
+        let mut table = self.table.lock().await;
+        let props = CommitProperties::default()
+            .with_application_transaction(Transaction::new(app_id(partition), end as i64));
+        let snapshot = table.snapshot().map_err(delta("read the table"))?;
+        let commit = CommitBuilder::from(props)
+            .with_actions(vec![Action::Add(add)])
+            .build(
+                Some(snapshot),
+                table.log_store(),
+                DeltaOperation::Write {
+                    mode: SaveMode::Append,
+                    partition_by: None,
+                    predicate: None,
+                },
+            )
+            .await
+            .map_err(delta("commit a chunk"))?;
+        let version = commit.version() as i64;
+        crate::failpoint::hit("archive-after-commit");
+        table
+            .update_state()
+            .await
+            .map_err(delta("read the table log"))?;
+        let mut cov = self.coverage.lock().expect("coverage lock");
+        cov.version = version;
+        cov.h[partition as usize] = end;
+        Ok(CommitOutcome::Committed { version })
+    }
+}
+
+/// Encodes a chunk's batches as one Parquet file of the master dataset.
+fn encode_chunk(
+    file_schema: &SchemaRef,
+    partition: u32,
+    batches: &[LogBatch],
+) -> Result<Vec<u8>, MasterError> {
+    let enc = |e: String| MasterError::Encode(e);
+    let delta_cols = [OFFSET_COLUMN, INGEST_TIME_COLUMN];
+    let mut props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(1 << 20));
+    for c in delta_cols {
+        // Offsets and ingest times climb steadily: delta encoding makes them nearly free.
+        props = props
+            .set_column_dictionary_enabled(ColumnPath::from(c), false)
+            .set_column_encoding(ColumnPath::from(c), Encoding::DELTA_BINARY_PACKED);
+    }
+    let mut buf = Vec::new();
+    let mut w = ArrowWriter::try_new(&mut buf, file_schema.clone(), Some(props.build()))
+        .map_err(|e| enc(e.to_string()))?;
+    let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    for b in batches {
+        let rows = b.batch.num_rows();
+        let mut cols: Vec<ArrayRef> = Vec::with_capacity(file_schema.fields().len());
+        for c in b.batch.columns() {
+            cols.push(match c.data_type() {
+                DataType::Timestamp(_, _) => cast(c, &ts).map_err(|e| enc(e.to_string()))?,
+                _ => c.clone(),
+            });
+        }
+        cols.push(std::sync::Arc::new(Int32Array::from_value(
+            partition as i32,
+            rows,
+        )));
+        cols.push(std::sync::Arc::new(Int64Array::from_iter_values(
+            (b.first_offset..b.first_offset + rows as u64).map(|o| o as i64),
+        )));
+        cols.push(std::sync::Arc::new(
+            TimestampMicrosecondArray::from_value(b.ingest_time_ms * 1000, rows)
+                .with_timezone("UTC"),
+        ));
+        let out = RecordBatch::try_new(file_schema.clone(), cols).map_err(|e| {
+            enc(format!(
+                "events of partition {partition} from offset {} do not fit the master dataset: {e}",
+                b.first_offset
+            ))
+        })?;
+        w.write(&out).map_err(|e| enc(e.to_string()))?;
+    }
+    w.close().map_err(|e| enc(e.to_string()))?;
+    Ok(buf)
+}

@@ -1,0 +1,340 @@
+//! A node: every layer of one process, opened on one data directory, and the
+//! background loops that drive them.
+//!
+//! ```text
+//!  data/
+//!    log/          the embedded stream                      (stream::log)
+//!    deadletter/   refused lines, with reasons              (stream::deadletter)
+//!    master/       the Delta Lake table of all events       (master)
+//!    views/        batch views, runs, CURRENT               (batch)
+//!    batch.lock    one batch writer at a time (serve, rebuild)
+//!
+//!  loops:  archiver ── log → master dataset, chunk by chunk
+//!          batch    ── master dataset → views, publish, then log retention below H
+//! ```
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::batch::{BatchError, BatchLayer, Manifest, Progress};
+use crate::config::{Config, ConfigError};
+use crate::master::{MasterDataset, MasterError, archiver};
+use crate::storage::{Storage, StorageError};
+use crate::stream::deadletter::DeadLetterError;
+use crate::stream::{DeadLetters, Decoder, Ingest, Log, LogError, LogOptions, Partitioning};
+use crate::view::{self, View, ViewError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    DeadLetter(#[from] DeadLetterError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Master(#[from] MasterError),
+    #[error(transparent)]
+    View(#[from] ViewError),
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+    #[error("could not take the batch lock {}: {source}", path.display())]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The batch layer's state, for `/v1/status`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BatchStatus {
+    pub published: Option<PublishedRun>,
+    /// When the run in progress started (ms since the epoch).
+    pub running_since_ms: Option<i64>,
+    pub runs: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PublishedRun {
+    pub run: u64,
+    pub table_version: i64,
+    pub h: Vec<u64>,
+    pub events: u64,
+    pub as_of_ms: i64,
+    pub started_ms: i64,
+    pub duration_ms: u64,
+}
+
+impl From<&Manifest> for PublishedRun {
+    fn from(m: &Manifest) -> Self {
+        PublishedRun {
+            run: m.run,
+            table_version: m.table_version,
+            h: m.h.clone(),
+            events: m.events,
+            as_of_ms: m.as_of_ms,
+            started_ms: m.started_ms,
+            duration_ms: m.duration_ms,
+        }
+    }
+}
+
+/// What the API reads of the layers.
+pub struct Layers {
+    pub master: Arc<MasterDataset>,
+    pub batch: Arc<BatchLayer>,
+    pub batch_status: Arc<Mutex<BatchStatus>>,
+}
+
+/// The layers of one process.
+pub struct Node {
+    pub config: Config,
+    pub ingest: Arc<Ingest>,
+    pub views: Vec<Arc<View>>,
+    layers: Arc<Layers>,
+    stop: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Holds the batch lock of a data directory while alive.
+pub struct BatchLock {
+    _file: std::fs::File,
+}
+
+/// Takes the data directory's batch lock (waiting for it).
+pub async fn batch_lock(data: &std::path::Path) -> Result<BatchLock, NodeError> {
+    let path = data.join("batch.lock");
+    let p = path.clone();
+    tokio::task::spawn_blocking(move || {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)?;
+        f.lock()?;
+        Ok(BatchLock { _file: f })
+    })
+    .await
+    .map_err(|e| NodeError::Lock {
+        path: path.clone(),
+        source: std::io::Error::other(e),
+    })?
+    .map_err(|source| NodeError::Lock { path, source })
+}
+
+/// Opens the master dataset, views and batch layer of a configuration
+/// (without the log: `rebuild` uses this while a server may be running).
+pub async fn open_batch(config: &Config) -> Result<Arc<BatchLayer>, NodeError> {
+    let schema = Arc::new(config.event_schema()?);
+    let views = view::compile_all(&config.views, &schema).await?;
+    let storage = Storage::local(&config.data)?;
+    let master = Arc::new(MasterDataset::open(&storage, schema, config.stream.partitions).await?);
+    Ok(Arc::new(BatchLayer::new(storage, master, views)))
+}
+
+impl Node {
+    /// Opens every layer, verifies the published batch views (rebuilding any
+    /// that is missing or corrupt) and starts the background loops.
+    pub async fn open(config: Config) -> Result<Node, NodeError> {
+        let schema = Arc::new(config.event_schema()?);
+        let partitioning = match &config.stream.key {
+            Some(key) => Partitioning::Key {
+                field: schema.index_of(key).expect("config checked the key field"),
+                partitions: config.stream.partitions,
+            },
+            None => Partitioning::RoundRobin,
+        };
+        let log = Arc::new(Log::open(
+            config.data.join("log"),
+            LogOptions {
+                partitions: config.stream.partitions,
+                segment_bytes: config.stream.segment_bytes.as_u64(),
+                max_pending_bytes: config.ingest.max_pending.as_u64(),
+                pending_wait: config.ingest.pending_wait,
+                ..LogOptions::default()
+            },
+        )?);
+        for s in log.stats() {
+            tracing::info!(
+                partition = s.partition,
+                start = s.start,
+                end = s.end,
+                segments = s.segments,
+                "log partition open"
+            );
+        }
+        let dead = DeadLetters::open(config.data.join("deadletter"))?;
+        let ingest = Arc::new(Ingest::new(
+            Decoder::new(schema, partitioning),
+            log.clone(),
+            Arc::new(dead),
+        ));
+
+        let batch = open_batch(&config).await?;
+        let master = batch.master().clone();
+        let cov = master.coverage();
+        tracing::info!(version = cov.version, h = ?cov.h, "master dataset open");
+        for (p, &h) in cov.h.iter().enumerate() {
+            let end = log.end_offset(p as u32)?;
+            if h > end {
+                tracing::warn!(
+                    partition = p,
+                    archived = h,
+                    log_end = end,
+                    "the master dataset covers more than the log holds"
+                );
+            }
+        }
+
+        let status = Arc::new(Mutex::new(BatchStatus::default()));
+        // Before serving: the published views must be whole, or be rebuilt.
+        {
+            let _lock = batch_lock(&config.data).await?;
+            let health = batch.check().await?;
+            if let Some(m) = &health.manifest {
+                status.lock().expect("status lock").published = Some(m.into());
+            }
+            if !health.is_ok() {
+                for (view, problem) in &health.problems {
+                    tracing::warn!(
+                        view,
+                        problem,
+                        "published batch view unusable; rebuilding from the master dataset"
+                    );
+                }
+                let m = batch.run(None, None).await?;
+                let mut s = status.lock().expect("status lock");
+                s.published = Some((&m).into());
+                s.runs += 1;
+            }
+        }
+
+        let views = batch.views().to_vec();
+        let layers = Arc::new(Layers {
+            master: master.clone(),
+            batch: batch.clone(),
+            batch_status: status.clone(),
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let tasks = vec![
+            tokio::spawn(archiver::run(
+                master.clone(),
+                log.clone(),
+                config.archive.chunk_events,
+                config.archive.chunk_age,
+                stop_rx.clone(),
+            )),
+            tokio::spawn(batch_loop(
+                batch.clone(),
+                log.clone(),
+                config.data.clone(),
+                config.batch.pause,
+                status,
+                stop_rx,
+            )),
+        ];
+        Ok(Node {
+            config,
+            ingest,
+            views,
+            layers,
+            stop,
+            tasks: Mutex::new(tasks),
+        })
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.config.data.clone()
+    }
+
+    pub fn layers(&self) -> Arc<Layers> {
+        self.layers.clone()
+    }
+
+    /// Stops the loops, then the log, after what they hold is durable.
+    pub async fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        let tasks: Vec<_> = std::mem::take(&mut *self.tasks.lock().expect("tasks lock"));
+        for t in tasks {
+            let _ = t.await;
+        }
+        self.ingest.log().shutdown();
+    }
+}
+
+/// The batch loop: run when the master dataset has moved (or a rollup's
+/// boundary may have), publish, then let the log drop what the run covers.
+async fn batch_loop(
+    batch: Arc<BatchLayer>,
+    log: Arc<Log>,
+    data: PathBuf,
+    pause: Duration,
+    status: Arc<Mutex<BatchStatus>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let has_rollup = batch.views().iter().any(|v| v.rollup().is_some());
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let published_version = status
+            .lock()
+            .expect("status lock")
+            .published
+            .as_ref()
+            .map(|p| p.table_version);
+        let latest = batch.master().refresh().await.map(|c| c.version);
+        let due = match (&latest, published_version) {
+            (Ok(v), Some(p)) => *v != p || has_rollup,
+            (Ok(v), None) => *v >= 0,
+            (Err(_), _) => false,
+        };
+        if due {
+            status.lock().expect("status lock").running_since_ms =
+                Some(chrono::Utc::now().timestamp_millis());
+            let result = async {
+                let _lock = batch_lock(&data).await?;
+                Ok::<_, NodeError>(batch.run(None, None::<Arc<Progress>>).await?)
+            }
+            .await;
+            let mut s = status.lock().expect("status lock");
+            s.running_since_ms = None;
+            match result {
+                Ok(m) => {
+                    s.published = Some((&m).into());
+                    s.runs += 1;
+                    s.last_error = None;
+                    drop(s);
+                    // Only now, with a published run covering them, may the log forget events.
+                    for (p, &h) in m.h.iter().enumerate() {
+                        match log.delete_below(p as u32, h) {
+                            Ok(start) => tracing::debug!(partition = p, start, "log retention"),
+                            Err(e) => {
+                                tracing::warn!(partition = p, error = %e, "log retention failed")
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "batch run failed; the previous run stays published");
+                    s.last_error = Some(e.to_string());
+                }
+            }
+        } else if let Err(e) = latest {
+            tracing::warn!(error = %e, "could not read the master dataset");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! Storage of the master dataset and the batch views, through `object_store`,
+//! so a local directory and an `s3://bucket/prefix` root are one code path.
+//!
+//! ```text
+//!  root (file:///…/data  |  s3://bucket/prefix)
+//!    master/      the Delta Lake table (see `master`)
+//!    views/       batch views and the CURRENT pointer (see `batch`)
+//! ```
+//!
+//! The log and the dead-letter store are local files (they need fsync and
+//! appends); everything a batch layer or another engine reads goes through here.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use url::Url;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("invalid storage root {root}: {reason}")]
+    BadRoot { root: String, reason: String },
+    #[error("storage: could not {op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: object_store::Error,
+    },
+}
+
+/// A storage root: an object store and the prefix lambdaflow owns in it.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    url: Url,
+    store: Arc<dyn ObjectStore>,
+    prefix: ObjectPath,
+}
+
+impl Storage {
+    /// A local directory (created if missing).
+    pub fn local(dir: &Path) -> Result<Storage, StorageError> {
+        let bad = |reason: String| StorageError::BadRoot {
+            root: dir.display().to_string(),
+            reason,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| bad(e.to_string()))?;
+        let abs = std::fs::canonicalize(dir).map_err(|e| bad(e.to_string()))?;
+        let url =
+            Url::from_directory_path(&abs).map_err(|()| bad("not an absolute path".into()))?;
+        let prefix = ObjectPath::from_url_path(url.path()).map_err(|e| bad(e.to_string()))?;
+        Ok(Storage {
+            url,
+            store: Arc::new(LocalFileSystem::new()),
+            prefix,
+        })
+    }
+
+    /// The root as a URL (ends with `/`).
+    pub fn url(&self) -> &Url {
+        &self.url
+    }
+
+    /// URL of a directory under the root (ends with `/`).
+    pub fn dir_url(&self, rel: &str) -> Url {
+        self.url
+            .join(&format!("{}/", rel.trim_matches('/')))
+            .expect("relative paths join")
+    }
+
+    /// `scheme://authority`, how DataFusion names the store.
+    pub fn store_url(&self) -> String {
+        format!(
+            "{}://{}",
+            self.url.scheme(),
+            &self.url[url::Position::BeforeHost..url::Position::AfterPort]
+        )
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// The object path of `rel` under the root.
+    pub fn path(&self, rel: &str) -> ObjectPath {
+        let mut p = self.prefix.clone();
+        for part in rel.split('/').filter(|s| !s.is_empty()) {
+            p = p.join(part);
+        }
+        p
+    }
+
+    pub async fn put(&self, rel: &str, bytes: Bytes) -> Result<(), StorageError> {
+        let path = self.path(rel);
+        self.store
+            .put(&path, PutPayload::from(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|source| StorageError::Io {
+                op: "write",
+                path: path.to_string(),
+                source,
+            })
+    }
+
+    /// Reads `rel`; `Ok(None)` when it does not exist.
+    pub async fn get(&self, rel: &str) -> Result<Option<Bytes>, StorageError> {
+        let path = self.path(rel);
+        match self.store.get(&path).await {
+            Ok(r) => r
+                .bytes()
+                .await
+                .map(Some)
+                .map_err(|source| StorageError::Io {
+                    op: "read",
+                    path: path.to_string(),
+                    source,
+                }),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(source) => Err(StorageError::Io {
+                op: "read",
+                path: path.to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Deletes `rel`; a missing object is not an error.
+    pub async fn delete(&self, rel: &str) -> Result<(), StorageError> {
+        let path = self.path(rel);
+        match self.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(source) => Err(StorageError::Io {
+                op: "delete",
+                path: path.to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Names of the immediate children (directories) of `rel`.
+    pub async fn list_dirs(&self, rel: &str) -> Result<Vec<String>, StorageError> {
+        let path = self.path(rel);
+        let listed = self
+            .store
+            .list_with_delimiter(Some(&path))
+            .await
+            .map_err(|source| StorageError::Io {
+                op: "list",
+                path: path.to_string(),
+                source,
+            })?;
+        Ok(listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .collect())
+    }
+
+    /// Deletes every object under `rel`.
+    pub async fn delete_dir(&self, rel: &str) -> Result<(), StorageError> {
+        use futures::TryStreamExt;
+        let path = self.path(rel);
+        let objects: Vec<_> =
+            self.store
+                .list(Some(&path))
+                .try_collect()
+                .await
+                .map_err(|source| StorageError::Io {
+                    op: "list",
+                    path: path.to_string(),
+                    source,
+                })?;
+        for o in objects {
+            match self.store.delete(&o.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(source) => {
+                    return Err(StorageError::Io {
+                        op: "delete",
+                        path: o.location.to_string(),
+                        source,
+                    });
+                }
+            }
+        }
+        if let Some(local) = self.local_path(rel) {
+            // Local stores leave empty directories behind.
+            let _ = std::fs::remove_dir_all(local);
+        }
+        Ok(())
+    }
+
+    /// The local filesystem path of `rel`, for a local root.
+    pub fn local_path(&self, rel: &str) -> Option<std::path::PathBuf> {
+        (self.url.scheme() == "file")
+            .then(|| self.url.to_file_path().ok())
+            .flatten()
+            .map(|root| root.join(rel))
+    }
+}

@@ -1,0 +1,429 @@
+//! The master dataset and the batch layer, end to end against real `serve`
+//! processes: crashes at the failpoints between the Parquet write, the Delta
+//! commit, the publish and log retention lose nothing and count nothing twice;
+//! the published views equal the view SQL run directly over the Delta table;
+//! a corrupt published file is detected and rebuilt, never served.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Int32Type, Int64Type, TimeUnit};
+use common::{Site, event, post_events};
+use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use lambdaflow::config::Config;
+use lambdaflow::schema::EventSchema;
+use lambdaflow::view::oracle;
+
+const CONFIG: &str =
+    "[archive]\nchunk_events = 700\nchunk_age = \"100ms\"\n[batch]\npause = \"200ms\"\n";
+
+/// Sends events `from..to` (zipcode 10000 + i) in requests of 100; returns
+/// what the server acknowledged: (partition, offset) → zipcode. Stops at the
+/// first request the server cannot answer (it crashed).
+fn send(url: &str, from: i64, to: i64) -> BTreeMap<(u32, u64), i64> {
+    send_in_doubt(url, from, to).0
+}
+
+/// As [`send`], and the zipcodes of the request whose answer was lost in a
+/// crash: the server may or may not have stored it (whole).
+fn send_in_doubt(url: &str, from: i64, to: i64) -> (BTreeMap<(u32, u64), i64>, Vec<i64>) {
+    let mut acked = BTreeMap::new();
+    let mut i = from;
+    while i < to {
+        let n = (to - i).min(100);
+        let body: String = (i..i + n)
+            .map(|k| {
+                let ts = chrono::DateTime::from_timestamp_millis(1_414_800_000_000 + k * 7_000)
+                    .unwrap()
+                    .format("%Y-%m-%d %H:%M:%S%.3f");
+                event(
+                    10_000 + k,
+                    &format!("product{}", k % 7),
+                    k % 100,
+                    &ts.to_string(),
+                ) + "\n"
+            })
+            .collect();
+        match post_events(url, body.into_bytes()) {
+            Ok((200, reply)) => {
+                let r = &reply["offsets"][0];
+                let (p, first) = (
+                    r["partition"].as_u64().unwrap() as u32,
+                    r["first"].as_u64().unwrap(),
+                );
+                for k in 0..n {
+                    acked.insert((p, first + k as u64), 10_000 + i + k);
+                }
+            }
+            Ok((status, reply)) => panic!("unexpected HTTP {status}: {reply}"),
+            Err(_) => return (acked, (i..i + n).map(|k| 10_000 + k).collect()),
+        }
+        i += n;
+    }
+    (acked, Vec::new())
+}
+
+/// Every row of the Delta table, read with the deltalake reader:
+/// (partition, offset) → zipcode, panicking on a duplicate.
+fn delta_rows(data: &Path) -> (BTreeMap<(u32, u64), i64>, Vec<RecordBatch>) {
+    let rt = common::rt();
+    let uris: Vec<String> = rt.block_on(async {
+        let url = deltalake::ensure_table_uri(data.join("master").to_str().unwrap()).unwrap();
+        let table = deltalake::open_table(url)
+            .await
+            .expect("the master dataset is a Delta table");
+        table.get_file_uris().unwrap().collect()
+    });
+    let schema = EventSchema::paper();
+    let mut rows = BTreeMap::new();
+    let mut events = Vec::new();
+    for uri in uris {
+        let path = url::Url::parse(&uri)
+            .ok()
+            .and_then(|u| u.to_file_path().ok())
+            .unwrap_or_else(|| uri.clone().into());
+        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
+        for b in reader {
+            let b = b.unwrap();
+            let p = b
+                .column_by_name("_partition")
+                .unwrap()
+                .as_primitive::<Int32Type>()
+                .clone();
+            let o = b
+                .column_by_name("_offset")
+                .unwrap()
+                .as_primitive::<Int64Type>()
+                .clone();
+            let z = b
+                .column_by_name("zipcode")
+                .unwrap()
+                .as_primitive::<Int64Type>()
+                .clone();
+            for i in 0..b.num_rows() {
+                let key = (p.value(i) as u32, o.value(i) as u64);
+                let prev = rows.insert(key, z.value(i));
+                assert!(
+                    prev.is_none(),
+                    "event {key:?} is in the master dataset twice"
+                );
+            }
+            // The event columns, typed as views read them.
+            let cols = schema
+                .fields()
+                .iter()
+                .map(|f| {
+                    let c = b.column_by_name(&f.name).unwrap();
+                    match c.data_type() {
+                        DataType::Timestamp(_, _) => {
+                            cast(c, &DataType::Timestamp(TimeUnit::Millisecond, None)).unwrap()
+                        }
+                        _ => c.clone(),
+                    }
+                })
+                .collect();
+            events.push(RecordBatch::try_new(schema.arrow().clone(), cols).unwrap());
+        }
+    }
+    (rows, events)
+}
+
+fn assert_exactly(
+    acked: &BTreeMap<(u32, u64), i64>,
+    data: &Path,
+    context: &str,
+) -> Vec<RecordBatch> {
+    assert_exactly_or_in_doubt(acked, &[], data, context)
+}
+
+/// Every acknowledged event is in the master dataset exactly once; besides
+/// them there is nothing but whole requests whose answer a crash cut off
+/// (stored durably, then the server died before replying).
+fn assert_exactly_or_in_doubt(
+    acked: &BTreeMap<(u32, u64), i64>,
+    in_doubt: &[Vec<i64>],
+    data: &Path,
+    context: &str,
+) -> Vec<RecordBatch> {
+    let (rows, events) = delta_rows(data);
+    for (k, z) in acked {
+        match rows.get(k) {
+            Some(got) => assert_eq!(got, z, "{context}: event {k:?} holds the wrong zipcode"),
+            None => panic!(
+                "{context}: acknowledged event {k:?} (zipcode {z}) is missing from the master dataset"
+            ),
+        }
+    }
+    let acked_zips: std::collections::BTreeSet<i64> = acked.values().copied().collect();
+    let extra: std::collections::BTreeSet<i64> = rows
+        .values()
+        .copied()
+        .filter(|z| !acked_zips.contains(z))
+        .collect();
+    for z in &extra {
+        let req = in_doubt.iter().find(|r| r.contains(z)).unwrap_or_else(|| {
+            panic!("{context}: zipcode {z} is in the master dataset but was never acknowledged nor in doubt")
+        });
+        assert!(
+            req.iter().all(|r| extra.contains(r)),
+            "{context}: a request is in the master dataset only in part"
+        );
+    }
+    assert_eq!(
+        rows.len(),
+        acked.len() + extra.len(),
+        "{context}: duplicates"
+    );
+    events
+}
+
+/// Published states of every default view, finalized, must equal the SQL
+/// run directly over the events of the Delta table.
+fn assert_views_equal_sql(data: &Path, events: &[RecordBatch]) {
+    let rt = common::rt();
+    rt.block_on(async {
+        let config = Config {
+            data: data.to_path_buf(),
+            ..Config::default()
+        };
+        let batch = lambdaflow::node::open_batch(&config).await.unwrap();
+        let m = batch.current().await.unwrap().expect("a published run");
+        let total: u64 = events.iter().map(|b| b.num_rows() as u64).sum();
+        assert_eq!(m.events, total, "the run read every event of the table");
+        assert_eq!(m.h.iter().sum::<u64>(), total, "H covers exactly the events read");
+        for view in batch.views() {
+            let states = batch.read_states(&m, view).await.unwrap();
+            let got = view.finalize(vec![states]).await.unwrap();
+            let want = oracle::run_sql(&EventSchema::paper(), view.sql(), events.to_vec())
+                .await
+                .unwrap();
+            oracle::same_rows(&got, &want, false, 1e-12).unwrap_or_else(|d| {
+                panic!("view `{}` published by the batch layer differs from its SQL over the Delta table: {d}", view.name())
+            });
+            // The TSV holds the same rows.
+            let tsv = std::fs::read_to_string(data.join(&m.views[view.name()].tsv.path)).unwrap();
+            let expect = lambdaflow::view::store::to_tsv(view.output_schema(), &got);
+            assert_eq!(tsv, expect, "view `{}`: rows.tsv is the finalized rows", view.name());
+        }
+    });
+}
+
+#[test]
+fn crashes_at_every_archive_and_publish_step_lose_nothing_and_count_nothing_twice() {
+    let site = Site::new(CONFIG);
+    let mut acked = BTreeMap::new();
+    let mut in_doubt = Vec::new();
+    let mut next = 0i64;
+    for failpoint in [
+        "archive-after-parquet",
+        "archive-after-commit",
+        "batch-before-publish",
+        "batch-after-publish",
+    ] {
+        let server = site.serve(&[("LAMBDAFLOW_FAILPOINTS", failpoint)]);
+        // Keep sending until the server dies at the failpoint.
+        loop {
+            let (got, doubt) = send_in_doubt(&server.url, next, next + 300);
+            let n = got.len() as i64;
+            acked.extend(got);
+            if !doubt.is_empty() {
+                in_doubt.push(doubt);
+            }
+            next += 300;
+            if n < 300 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(30));
+            assert!(next < 200_000, "failpoint `{failpoint}` was never hit");
+        }
+        server.wait_for_crash(Duration::from_secs(10));
+        if failpoint == "archive-after-parquet" {
+            // The file was written, the commit never happened.
+            let (rows, _) = delta_rows(&site.data);
+            assert!(rows.is_empty(), "nothing may be committed before the crash");
+            let orphans = std::fs::read_dir(site.data.join("master"))
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .ends_with(".parquet")
+                })
+                .count();
+            assert!(
+                orphans >= 1,
+                "the chunk's Parquet file was written before the crash"
+            );
+        }
+    }
+    // A clean run: everything acknowledged ends up archived and published once.
+    let server = site.serve(&[]);
+    acked.extend(send(&server.url, next, next + 1000));
+    server.wait_settled(Duration::from_secs(20));
+    server.stop();
+    let events = assert_exactly_or_in_doubt(
+        &acked,
+        &in_doubt,
+        &site.data,
+        "after crashes at every failpoint",
+    );
+    assert_views_equal_sql(&site.data, &events);
+}
+
+#[test]
+fn a_corrupt_published_file_is_detected_at_startup_and_rebuilt() {
+    let site = Site::new(CONFIG);
+    let server = site.serve(&[]);
+    let acked = send(&server.url, 0, 2000);
+    server.wait_settled(Duration::from_secs(20));
+    server.stop();
+
+    let rt = common::rt();
+    let config = Config {
+        data: site.data.clone(),
+        ..Config::default()
+    };
+    let (batch, m) = rt.block_on(async {
+        let batch = lambdaflow::node::open_batch(&config).await.unwrap();
+        let m = batch.current().await.unwrap().unwrap();
+        (batch, m)
+    });
+    // Flip one byte in the middle of a published states file.
+    let entry = &m.views["sales_by_zipcode"];
+    let path = site.data.join(&entry.states.path);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x5a;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let view = batch
+        .views()
+        .iter()
+        .find(|v| v.name() == "sales_by_zipcode")
+        .unwrap()
+        .clone();
+    let err = rt
+        .block_on(batch.read_states(&m, &view))
+        .expect_err("a corrupt file must never be read as states");
+    assert!(err.to_string().contains("is corrupt"), "{err}");
+    let health = rt.block_on(batch.check()).unwrap();
+    assert_eq!(health.problems.len(), 1, "{:?}", health.problems);
+    drop(batch);
+
+    // Startup finds it and rebuilds before serving.
+    let server = site.serve(&[]);
+    let after = server.status();
+    let run = after["batch"]["published"]["run"].as_u64().unwrap();
+    assert!(run > m.run, "a new run was published at startup: {after}");
+    server.stop();
+    let (batch, m2) = rt.block_on(async {
+        let batch = lambdaflow::node::open_batch(&config).await.unwrap();
+        let m = batch.current().await.unwrap().unwrap();
+        (batch, m)
+    });
+    assert!(rt.block_on(batch.check()).unwrap().is_ok());
+    assert_eq!(m2.h, m.h, "the rebuild covers the same events");
+    let events = assert_exactly(&acked, &site.data, "after the rebuild");
+    assert_views_equal_sql(&site.data, &events);
+}
+
+#[test]
+fn rebuild_recomputes_all_views_or_one_with_a_summary() {
+    let site = Site::new(CONFIG);
+    let server = site.serve(&[]);
+    send(&server.url, 0, 1500);
+    server.wait_settled(Duration::from_secs(20));
+    server.stop();
+
+    let out = std::process::Command::new(common::BIN)
+        .args(["rebuild", "--config"])
+        .arg(&site.config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("published run") && stdout.contains("1,500 events"),
+        "{stdout}"
+    );
+    for v in ["sales_by_product", "sales_by_zipcode", "sales_per_minute"] {
+        assert!(stdout.contains(v), "{stdout}");
+    }
+
+    let out = std::process::Command::new(common::BIN)
+        .args(["rebuild", "sales_by_product", "--config"])
+        .arg(&site.config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("(kept from run"),
+        "other views are kept: {stdout}"
+    );
+
+    let out = std::process::Command::new(common::BIN)
+        .args(["rebuild", "no_such_view", "--config"])
+        .arg(&site.config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("no view named `no_such_view`") && stderr.contains("sales_by_product"),
+        "{stderr}"
+    );
+
+    let (_, events) = delta_rows(&site.data);
+    assert_views_equal_sql(&site.data, &events);
+    let _ = Arc::new(());
+}
+
+#[test]
+fn retention_deletes_log_segments_only_below_the_published_h() {
+    let site = Site::new(&format!(
+        "{CONFIG}[stream]\npartitions = 1\nsegment_bytes = \"8KiB\"\n"
+    ));
+    let server = site.serve(&[]);
+    let acked = send(&server.url, 0, 3000);
+    let s = server.wait_settled(Duration::from_secs(20));
+    let p = &s["partitions"][0];
+    let h = p["published"].as_u64().unwrap();
+    assert_eq!(h, 3000);
+    // Retention ran after the publish: the log starts at a segment boundary ≤ H.
+    let start = p["start"].as_u64().unwrap();
+    assert!(
+        start > 0 && start <= h,
+        "segments below H are gone, none above: {p}"
+    );
+    server.stop();
+    assert_exactly(&acked, &site.data, "after retention");
+    let _ = lambdaflow::stream::LogOptions::default();
+    assert!(site.data.join("log/p0").exists());
+    let segs = std::fs::read_dir(site.data.join("log/p0"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".log")
+        })
+        .count();
+    assert!(segs >= 1);
+    let _: &dyn Array = &arrow::array::Int32Array::from(vec![1]);
+}

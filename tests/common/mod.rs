@@ -1,0 +1,162 @@
+//! Helpers shared by the end-to-end tests: a real `lambdaflow serve` child
+//! process on a temporary data directory, and small HTTP helpers.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_lambdaflow");
+
+/// A data directory and the config file that points at it.
+pub struct Site {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub data: PathBuf,
+}
+
+impl Site {
+    pub fn new(extra_config: &str) -> Site {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let config = dir.path().join("lambdaflow.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data = {:?}\nlisten = \"127.0.0.1:0\"\n{extra_config}",
+                data.display().to_string()
+            ),
+        )
+        .unwrap();
+        Site { dir, config, data }
+    }
+
+    /// Starts `serve`; `env` sets variables such as failpoints.
+    pub fn serve(&self, env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("lambdaflow serve starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("serve must print its address, printed {line:?}"))
+            .to_string();
+        Server { child, url }
+    }
+}
+
+pub struct Server {
+    pub child: Child,
+    pub url: String,
+}
+
+impl Server {
+    /// SIGTERM; the process must exit cleanly.
+    pub fn stop(mut self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let status = self.child.wait().unwrap();
+        assert!(
+            status.success(),
+            "serve must exit cleanly on SIGTERM, got {status}"
+        );
+    }
+
+    /// Waits for the process to die by itself (e.g. at a failpoint).
+    pub fn wait_for_crash(mut self, within: Duration) {
+        let t = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(
+                    !status.success(),
+                    "expected a crash, the server exited with {status}"
+                );
+                return;
+            }
+            assert!(
+                t.elapsed() < within,
+                "the server did not crash within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn status(&self) -> Value {
+        get_json(&format!("{}/v1/status", self.url))
+    }
+
+    /// Waits until every partition is archived and published up to its log end.
+    pub fn wait_settled(&self, within: Duration) -> Value {
+        let t = Instant::now();
+        loop {
+            let s = self.status();
+            let parts = s["partitions"].as_array().unwrap();
+            let settled = parts
+                .iter()
+                .all(|p| p["archived"] == p["end"] && p["published"] == p["end"]);
+            if settled {
+                return s;
+            }
+            assert!(t.elapsed() < within, "not settled within {within:?}: {s}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+pub fn get_json(url: &str) -> Value {
+    rt().block_on(async { reqwest::get(url).await.unwrap().json().await.unwrap() })
+}
+
+/// POSTs an NDJSON body: `Ok((status, reply))`, or `Err` if the server is unreachable.
+pub fn post_events(url: &str, body: Vec<u8>) -> Result<(u16, Value), String> {
+    rt().block_on(async {
+        let resp = reqwest::Client::new()
+            .post(format!("{url}/v1/events"))
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let json = resp.json::<Value>().await.unwrap_or(Value::Null);
+        Ok((status, json))
+    })
+}
+
+pub fn event(zip: i64, product: &str, price: i64, ts: &str) -> String {
+    format!(r#"{{"zipcode":{zip},"ProductName":"{product}","price":{price},"timestamp":"{ts}"}}"#)
+}
+
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}
