@@ -239,6 +239,173 @@ pub fn views(args: ViewsBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Debug, Args, Clone)]
+pub struct BatchBenchArgs {
+    /// Events in the master dataset.
+    #[arg(long, short = 'n', default_value_t = 10_000_000)]
+    pub events: u64,
+    /// Events per chunk (one Parquet file each).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub chunk: u64,
+    /// Keep the data here (default: a temporary directory, removed after).
+    #[arg(long)]
+    pub data: Option<std::path::PathBuf>,
+    /// Skip the DuckDB comparison.
+    #[arg(long)]
+    pub no_duckdb: bool,
+}
+
+/// The GROUP BY measured against DuckDB.
+pub const ZIP_PRODUCT_SQL: &str =
+    "SELECT zipcode, ProductName, count(*) AS n, sum(price) AS revenue FROM events GROUP BY zipcode, ProductName";
+
+/// Archive rate into Delta, batch recompute per view (in a `rebuild` child,
+/// for its peak memory), and DuckDB over the same files.
+pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
+    use crate::master::MasterDataset;
+    use crate::stream::LogBatch;
+    let tmp = tempfile::Builder::new().prefix("lambdaflow-bench-batch-").tempdir()?;
+    let data = args.data.clone().unwrap_or_else(|| tmp.path().join("data"));
+    println!("## bench batch");
+    println!();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let schema = Arc::new(EventSchema::paper());
+    let storage = crate::storage::Storage::local(&data)?;
+    let master = rt.block_on(MasterDataset::open(&storage, schema.clone(), 2))?;
+    let mut offsets = [master.coverage().h[0], master.coverage().h[1]];
+    let existing: u64 = offsets.iter().sum();
+    if existing < args.events {
+        let mut archive_secs = 0.0;
+        let mut made = existing;
+        let mut k = 0u64;
+        let bar = indicatif::ProgressBar::new(args.events - existing);
+        while made < args.events {
+            let n = args.chunk.min(args.events - made);
+            let p = (k % 2) as u32;
+            let mut first = offsets[p as usize];
+            let batches: Vec<LogBatch> = paper_batches(n, 8192, 90_000)
+                .into_iter()
+                .map(|b| {
+                    let lb = LogBatch {
+                        partition: p,
+                        first_offset: first,
+                        ingest_time_ms: chrono::Utc::now().timestamp_millis(),
+                        batch: b,
+                    };
+                    first += lb.batch.num_rows() as u64;
+                    lb
+                })
+                .collect();
+            let t = Instant::now();
+            rt.block_on(master.commit_chunk(p, offsets[p as usize], batches))?;
+            archive_secs += t.elapsed().as_secs_f64();
+            offsets[p as usize] += n;
+            made += n;
+            k += 1;
+            bar.inc(n);
+        }
+        bar.finish_and_clear();
+        println!(
+            "archive into Delta ({} events, {}-event chunks, Parquet encode + write + commit, one thread): {} events/s",
+            group(args.events - existing),
+            group(args.chunk),
+            group(((args.events - existing) as f64 / archive_secs) as u64)
+        );
+    }
+    let size: u64 = std::fs::read_dir(data.join("master"))?
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum();
+    println!(
+        "master dataset: {} events in {} ({:.1} bytes/event)",
+        group(args.events),
+        bytesize::ByteSize::b(size),
+        size as f64 / args.events as f64
+    );
+
+    // The views, plus the GROUP BY compared with DuckDB.
+    let config_path = data.join("bench-batch.toml");
+    let mut toml = format!("data = {:?}\n[stream]\npartitions = 2\n", data.display().to_string());
+    let mut views = crate::config::Config::default().views;
+    views.push(crate::config::ViewConfig {
+        name: "zip_product".into(),
+        sql: ZIP_PRODUCT_SQL.into(),
+        rollup: Vec::new(),
+    });
+    for v in &views {
+        toml.push_str(&format!("[[views]]\nname = {:?}\nsql = {:?}\n", v.name, v.sql));
+    }
+    std::fs::write(&config_path, toml)?;
+    let exe = std::env::current_exe()?;
+    let rebuild = |only: Option<&str>| -> anyhow::Result<(f64, String)> {
+        let mut cmd = Command::new(&exe);
+        cmd.arg("rebuild");
+        if let Some(v) = only {
+            cmd.arg(v);
+        }
+        let t = Instant::now();
+        let out = cmd.arg("--config").arg(&config_path).output()?;
+        let secs = t.elapsed().as_secs_f64();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!("rebuild failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok((secs, stdout))
+    };
+    let (secs, out) = rebuild(None)?;
+    println!();
+    println!("batch recompute of every view (`lambdaflow rebuild`, {:.2} s wall):", secs);
+    println!("```");
+    print!("{out}");
+    println!("```");
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let (_, out) = rebuild(Some("zip_product"))?;
+        // "  zip_product: N groups, M rows, S s"
+        if let Some(s) = out
+            .lines()
+            .find(|l| l.trim_start().starts_with("zip_product:"))
+            .and_then(|l| l.rsplit(", ").next())
+            .and_then(|s| s.trim_end_matches(" s").parse::<f64>().ok())
+        {
+            best = best.min(s);
+        }
+    }
+    println!();
+    println!(
+        "zipcode × product count+sum over {} events: lambdaflow (DataFusion {}) best of 3 {:.3} s = {} events/s",
+        group(args.events),
+        datafusion::DATAFUSION_VERSION,
+        best,
+        group((args.events as f64 / best) as u64)
+    );
+    if !args.no_duckdb {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/duckdb_groupby.py");
+        let glob = format!("{}/master/*.parquet", data.display());
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        match Command::new("python3").arg(&script).arg(&glob).arg(threads.to_string()).output() {
+            Ok(out) if out.status.success() => {
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+                let best = v["best_s"].as_f64().unwrap_or(f64::NAN);
+                println!(
+                    "same query in DuckDB {} ({} threads, same files): best of 3 {:.3} s = {} events/s",
+                    v["version"].as_str().unwrap_or("?"),
+                    threads,
+                    best,
+                    group((args.events as f64 / best) as u64)
+                );
+            }
+            Ok(out) => println!(
+                "DuckDB comparison skipped: {} (pip install duckdb)",
+                String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("failed")
+            ),
+            Err(e) => println!("DuckDB comparison skipped: {e}"),
+        }
+    }
+    Ok(())
+}
+
 /// Decoder alone: events/s and MB/s on one thread.
 pub fn decode_rate(events: u64, batch: usize) -> (f64, f64) {
     let generator = Generator::new(1, Some(1_414_800_000_000), 10, 0.0);

@@ -170,6 +170,8 @@ pub enum BenchCommand {
     Ingest(crate::bench::IngestBenchArgs),
     /// View plans: states per second, micro-batch cost, merge + finalize, state sizes.
     Views(crate::bench::ViewsBenchArgs),
+    /// Archive rate into Delta, batch recompute per view, and DuckDB over the same files.
+    Batch(crate::bench::BatchBenchArgs),
 }
 
 fn init_tracing(default: &str) {
@@ -251,6 +253,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             match what {
                 BenchCommand::Ingest(args) => crate::bench::ingest(args)?,
                 BenchCommand::Views(args) => crate::bench::views(args)?,
+                BenchCommand::Batch(args) => crate::bench::batch(args)?,
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -287,6 +290,7 @@ async fn rebuild(config: Config, view: Option<String>) -> anyhow::Result<()> {
     ticker.abort();
     bar.finish_and_clear();
     let m = result?;
+    let peak = crate::bench::peak_rss_bytes(std::process::id());
     println!(
         "published run {}: master dataset version {}, H = {:?}, {} events, {:.2} s",
         m.run,
@@ -295,13 +299,16 @@ async fn rebuild(config: Config, view: Option<String>) -> anyhow::Result<()> {
         crate::produce::group(m.events),
         m.duration_ms as f64 / 1000.0
     );
+    if let Some(b) = peak {
+        println!("  peak memory (VmHWM): {}", bytesize::ByteSize::b(b));
+    }
     for (name, e) in &m.views {
         println!(
             "  {name}: {} groups, {} rows{}",
             crate::produce::group(e.groups),
             crate::produce::group(e.rows),
             if e.run == m.run {
-                format!(", {:.2} s", e.duration_ms as f64 / 1000.0)
+                format!(", {:.3} s", e.duration_ms as f64 / 1000.0)
             } else {
                 format!(" (kept from run {})", e.run)
             }
