@@ -256,19 +256,22 @@ pub struct BatchBenchArgs {
 }
 
 /// The GROUP BY measured against DuckDB.
-pub const ZIP_PRODUCT_SQL: &str =
-    "SELECT zipcode, ProductName, count(*) AS n, sum(price) AS revenue FROM events GROUP BY zipcode, ProductName";
+pub const ZIP_PRODUCT_SQL: &str = "SELECT zipcode, ProductName, count(*) AS n, sum(price) AS revenue FROM events GROUP BY zipcode, ProductName";
 
 /// Archive rate into Delta, batch recompute per view (in a `rebuild` child,
 /// for its peak memory), and DuckDB over the same files.
 pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
     use crate::master::MasterDataset;
     use crate::stream::LogBatch;
-    let tmp = tempfile::Builder::new().prefix("lambdaflow-bench-batch-").tempdir()?;
+    let tmp = tempfile::Builder::new()
+        .prefix("lambdaflow-bench-batch-")
+        .tempdir()?;
     let data = args.data.clone().unwrap_or_else(|| tmp.path().join("data"));
     println!("## bench batch");
     println!();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let schema = Arc::new(EventSchema::paper());
     let storage = crate::storage::Storage::local(&data)?;
     let master = rt.block_on(MasterDataset::open(&storage, schema.clone(), 2))?;
@@ -326,7 +329,10 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
 
     // The views, plus the GROUP BY compared with DuckDB.
     let config_path = data.join("bench-batch.toml");
-    let mut toml = format!("data = {:?}\n[stream]\npartitions = 2\n", data.display().to_string());
+    let mut toml = format!(
+        "data = {:?}\n[stream]\npartitions = 2\n",
+        data.display().to_string()
+    );
     let mut views = crate::config::Config::default().views;
     views.push(crate::config::ViewConfig {
         name: "zip_product".into(),
@@ -334,7 +340,10 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
         rollup: Vec::new(),
     });
     for v in &views {
-        toml.push_str(&format!("[[views]]\nname = {:?}\nsql = {:?}\n", v.name, v.sql));
+        toml.push_str(&format!(
+            "[[views]]\nname = {:?}\nsql = {:?}\n",
+            v.name, v.sql
+        ));
     }
     std::fs::write(&config_path, toml)?;
     let exe = std::env::current_exe()?;
@@ -349,13 +358,19 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
         let secs = t.elapsed().as_secs_f64();
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         if !out.status.success() {
-            bail!("rebuild failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "rebuild failed: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok((secs, stdout))
     };
     let (secs, out) = rebuild(None)?;
     println!();
-    println!("batch recompute of every view (`lambdaflow rebuild`, {:.2} s wall):", secs);
+    println!(
+        "batch recompute of every view (`lambdaflow rebuild`, {:.2} s wall):",
+        secs
+    );
     println!("```");
     print!("{out}");
     println!("```");
@@ -381,10 +396,16 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
         group((args.events as f64 / best) as u64)
     );
     if !args.no_duckdb {
-        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/duckdb_groupby.py");
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/duckdb_groupby.py");
         let glob = format!("{}/master/*.parquet", data.display());
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        match Command::new("python3").arg(&script).arg(&glob).arg(threads.to_string()).output() {
+        match Command::new("python3")
+            .arg(&script)
+            .arg(&glob)
+            .arg(threads.to_string())
+            .output()
+        {
             Ok(out) if out.status.success() => {
                 let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
                 let best = v["best_s"].as_f64().unwrap_or(f64::NAN);
@@ -398,7 +419,10 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
             }
             Ok(out) => println!(
                 "DuckDB comparison skipped: {} (pip install duckdb)",
-                String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("failed")
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("failed")
             ),
             Err(e) => println!("DuckDB comparison skipped: {e}"),
         }

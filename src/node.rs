@@ -9,8 +9,10 @@
 //!    views/        batch views, runs, CURRENT               (batch)
 //!    batch.lock    one batch writer at a time (serve, rebuild)
 //!
-//!  loops:  archiver ── log → master dataset, chunk by chunk
-//!          batch    ── master dataset → views, publish, then log retention below H
+//!  loops:  speed    ── log → realtime chunk states → serving snapshot; closes chunks
+//!          archive  ── closed chunks → master dataset commits
+//!          batch    ── master dataset → views, publish, swap into serving, then
+//!                      log retention below H
 //! ```
 
 use std::path::PathBuf;
@@ -24,6 +26,8 @@ use tokio::task::JoinHandle;
 use crate::batch::{BatchError, BatchLayer, Manifest, Progress};
 use crate::config::{Config, ConfigError};
 use crate::master::{MasterDataset, MasterError, archiver};
+use crate::serving::{BatchSide, Serving};
+use crate::speed::{SpeedError, SpeedLayer, SpeedMetrics};
 use crate::storage::{Storage, StorageError};
 use crate::stream::deadletter::DeadLetterError;
 use crate::stream::{DeadLetters, Decoder, Ingest, Log, LogError, LogOptions, Partitioning};
@@ -45,6 +49,8 @@ pub enum NodeError {
     View(#[from] ViewError),
     #[error(transparent)]
     Batch(#[from] BatchError),
+    #[error(transparent)]
+    Speed(#[from] SpeedError),
     #[error("could not take the batch lock {}: {source}", path.display())]
     Lock {
         path: PathBuf,
@@ -93,6 +99,10 @@ pub struct Layers {
     pub master: Arc<MasterDataset>,
     pub batch: Arc<BatchLayer>,
     pub batch_status: Arc<Mutex<BatchStatus>>,
+    pub serving: Arc<Serving>,
+    pub speed: Arc<SpeedMetrics>,
+    /// Wakes the batch loop for a run now (demo, tests).
+    pub batch_now: Arc<tokio::sync::Notify>,
 }
 
 /// The layers of one process.
@@ -219,26 +229,62 @@ impl Node {
         }
 
         let views = batch.views().to_vec();
+        // Serving: the published run, then the speed layer's replay from its H.
+        let serving = Arc::new(Serving::new(views.clone(), config.stream.partitions));
+        let published = batch.current().await?;
+        if let Some(m) = published.clone() {
+            serving.set_batch(Arc::new(BatchSide::load(&batch, m).await?));
+        }
+        let h = published.as_ref().map_or_else(
+            || vec![0; config.stream.partitions as usize],
+            |m| m.h.clone(),
+        );
+        let snapshot = master.snapshot().await?;
+        let committed = (0..config.stream.partitions)
+            .map(|p| snapshot.chunks(p))
+            .collect();
+        let (archive_tx, archive_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut speed = SpeedLayer::new(
+            log.clone(),
+            views.clone(),
+            serving.clone(),
+            archive_tx,
+            config.speed.interval,
+            config.archive.chunk_events,
+            config.archive.chunk_age,
+            &h,
+            committed,
+        );
+        let t = std::time::Instant::now();
+        speed.catch_up().await?;
+        tracing::info!(from = ?h, to = ?serving.snapshot().realtime_end, took_ms = t.elapsed().as_millis() as u64, "speed layer caught up with the log");
+
+        let batch_now = Arc::new(tokio::sync::Notify::new());
         let layers = Arc::new(Layers {
             master: master.clone(),
             batch: batch.clone(),
             batch_status: status.clone(),
+            serving: serving.clone(),
+            speed: speed.metrics.clone(),
+            batch_now: batch_now.clone(),
         });
         let (stop, stop_rx) = watch::channel(false);
         let tasks = vec![
-            tokio::spawn(archiver::run(
+            tokio::spawn(speed.run(stop_rx.clone())),
+            tokio::spawn(archiver::run_queue(
                 master.clone(),
                 log.clone(),
-                config.archive.chunk_events,
-                config.archive.chunk_age,
+                archive_rx,
                 stop_rx.clone(),
             )),
             tokio::spawn(batch_loop(
                 batch.clone(),
                 log.clone(),
+                serving,
                 config.data.clone(),
                 config.batch.pause,
                 status,
+                batch_now,
                 stop_rx,
             )),
         ];
@@ -273,12 +319,15 @@ impl Node {
 
 /// The batch loop: run when the master dataset has moved (or a rollup's
 /// boundary may have), publish, then let the log drop what the run covers.
+#[allow(clippy::too_many_arguments)]
 async fn batch_loop(
     batch: Arc<BatchLayer>,
     log: Arc<Log>,
+    serving: Arc<Serving>,
     data: PathBuf,
     pause: Duration,
     status: Arc<Mutex<BatchStatus>>,
+    now: Arc<tokio::sync::Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
     let has_rollup = batch.views().iter().any(|v| v.rollup().is_some());
@@ -303,7 +352,11 @@ async fn batch_loop(
                 Some(chrono::Utc::now().timestamp_millis());
             let result = async {
                 let _lock = batch_lock(&data).await?;
-                Ok::<_, NodeError>(batch.run(None, None::<Arc<Progress>>).await?)
+                let m = batch.run(None, None::<Arc<Progress>>).await?;
+                // Swap the run into serving (realtime chunks it covers leave in the same swap).
+                let side = BatchSide::load(&batch, m.clone()).await?;
+                serving.set_batch(Arc::new(side));
+                Ok::<_, NodeError>(m)
             }
             .await;
             let mut s = status.lock().expect("status lock");
@@ -334,6 +387,7 @@ async fn batch_loop(
         }
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
+            _ = now.notified() => {}
             _ = stop.changed() => {}
         }
     }

@@ -1,8 +1,12 @@
 //! The HTTP API: what producers and dashboards talk to.
 //!
 //! ```text
-//!  POST /v1/events   NDJSON in → {accepted, rejected, offsets, errors}
-//!  GET  /v1/status   the log's partitions, ingest counters, dead letters
+//!  POST /v1/events        NDJSON in → {accepted, rejected, offsets, errors}
+//!  GET  /v1/views         names, columns, freshness
+//!  GET  /v1/views/{name}  merged rows (?COL=VAL filters, &limit=N) + freshness
+//!  POST /v1/sql           read-only SQL over the views (each view is a table)
+//!  GET  /v1/status        every layer's watermarks, lag and last run
+//!  GET  /metrics          Prometheus text
 //! ```
 //!
 //! Errors answer with JSON `{"error": …, "hint": …}` and a status that tells a
@@ -10,6 +14,7 @@
 //! `Retry-After`, 507 the server's disk is full.
 
 mod events;
+mod views;
 
 use std::sync::Arc;
 
@@ -33,6 +38,8 @@ pub struct ApiState {
     pub max_body: usize,
     /// Bodies being received or decoded at once; beyond it requests get 503.
     pub in_flight: Arc<Semaphore>,
+    pub query_latency: crate::metrics::Histogram,
+    pub sql_latency: crate::metrics::Histogram,
 }
 
 impl ApiState {
@@ -47,6 +54,8 @@ impl ApiState {
             layers,
             max_body,
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
+            query_latency: Default::default(),
+            sql_latency: Default::default(),
         }
     }
 }
@@ -55,6 +64,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/v1/events", post(events::post_events))
         .route("/v1/status", get(status))
+        .route("/v1/views", get(views::list_views))
+        .route("/v1/views/{name}", get(views::get_view))
+        .route("/v1/sql", post(views::post_sql))
+        .route("/metrics", get(views::metrics))
         .with_state(state)
 }
 
@@ -117,6 +130,17 @@ struct Status {
     master: Option<crate::master::Coverage>,
     #[serde(skip_serializing_if = "Option::is_none")]
     batch: Option<BatchStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    speed: Option<SpeedStatus>,
+}
+
+#[derive(Serialize)]
+struct SpeedStatus {
+    micro_batches: u64,
+    events: u64,
+    chunks_closed: u64,
+    mean_micro_batch_us: Option<u64>,
+    realtime_age_ms: i64,
 }
 
 /// One partition across the layers: log extent, archived and published coverage.
@@ -130,6 +154,9 @@ struct PartitionStatus {
     /// `H[p]` of the published batch run.
     #[serde(skip_serializing_if = "Option::is_none")]
     published: Option<u64>,
+    /// `R[p]`: events below it are in realtime answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    realtime: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -151,6 +178,21 @@ async fn status(
         .layers
         .as_ref()
         .map(|l| l.batch_status.lock().expect("status lock").clone());
+    let snap = state.layers.as_ref().map(|l| l.serving.snapshot());
+    let speed = state.layers.as_ref().map(|l| {
+        let now = chrono::Utc::now().timestamp_millis();
+        SpeedStatus {
+            micro_batches: l.speed.micro.count(),
+            events: l.speed.events.load(Relaxed),
+            chunks_closed: l.speed.chunks_closed.load(Relaxed),
+            mean_micro_batch_us: l.speed.micro.mean().map(|d| d.as_micros() as u64),
+            realtime_age_ms: snap
+                .as_ref()
+                .and_then(|s| s.realtime_at_ms.iter().copied().max())
+                .filter(|&t| t > 0)
+                .map_or(0, |t| now - t),
+        }
+    });
     let partitions = state
         .ingest
         .log()
@@ -164,6 +206,7 @@ async fn status(
                     .as_ref()
                     .and_then(|b| b.published.as_ref())
                     .and_then(|r| r.h.get(p).copied()),
+                realtime: snap.as_ref().and_then(|s| s.realtime_end.get(p).copied()),
                 log,
             }
         })
@@ -171,6 +214,7 @@ async fn status(
     Json(Status {
         master,
         batch,
+        speed,
         partitions,
         ingest: IngestStatus {
             requests: c.requests.load(Relaxed),

@@ -114,6 +114,32 @@ impl MasterSnapshot {
     pub fn events(&self) -> u64 {
         self.files.iter().filter_map(|f| f.records).sum()
     }
+
+    /// The committed chunks `[start, end)` of partition `p`, in order (from
+    /// the file names lambdaflow gives them).
+    pub fn chunks(&self, p: u32) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = self
+            .files
+            .iter()
+            .filter_map(|f| parse_chunk_name(f.location.filename()?))
+            .filter(|&(q, _, _)| q == p)
+            .map(|(_, s, e)| (s, e))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+}
+
+fn chunk_name(partition: u32, start: u64, end: u64) -> String {
+    format!("part-p{partition:04}-{start:020}-{end:020}.parquet")
+}
+
+/// `part-p0001-…start…-…end….parquet` → (1, start, end).
+fn parse_chunk_name(name: &str) -> Option<(u32, u64, u64)> {
+    let rest = name.strip_prefix("part-p")?.strip_suffix(".parquet")?;
+    let mut it = rest.split('-');
+    let (p, s, e) = (it.next()?, it.next()?, it.next()?);
+    Some((p.parse().ok()?, s.parse().ok()?, e.parse().ok()?))
 }
 
 /// What committing a chunk did.
@@ -406,7 +432,7 @@ impl MasterDataset {
             tokio::task::spawn_blocking(move || encode_chunk(&file_schema, partition, &batches))
                 .await
                 .map_err(|e| MasterError::Encode(e.to_string()))??;
-        let name = format!("part-p{partition:04}-{start:020}-{end:020}.parquet");
+        let name = chunk_name(partition, start, end);
         let size = encoded.len() as u64;
         self.storage
             .put(&format!("{TABLE_DIR}/{name}"), Bytes::from(encoded))

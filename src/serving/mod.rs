@@ -1,0 +1,339 @@
+//! The serving layer: one consistent snapshot of batch views and realtime
+//! chunks, swapped atomically, merged per read.
+//!
+//! ```text
+//!  Snapshot { batch: run R with coverage H,        realtime: per partition p,
+//!             states of every view }                chunks [start, end) with start ≥ H[p],
+//!                                                   contiguous up to the high-water mark R[p]
+//!  read(view) = finalize( batch states ⊕ rollup(realtime chunk states) )
+//! ```
+//!
+//! Writers (the speed loop after each micro-batch, the batch loop after each
+//! publish) build a new snapshot under one lock and store it with one atomic
+//! pointer swap; readers load the pointer and never see half of a change.
+//! When a batch run is installed, chunks with `end ≤ H[p]` leave the snapshot
+//! in the same swap that brings the run in: each chunk is on exactly one side
+//! at every instant. The merged rows of a view are computed once per snapshot
+//! version and shared by every reader of that version.
+
+pub mod query;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use arc_swap::ArcSwap;
+use arrow::record_batch::RecordBatch;
+use serde::Serialize;
+
+use crate::batch::{BatchError, BatchLayer, Manifest};
+use crate::view::{View, ViewError};
+
+/// One realtime chunk of one partition: states per view of events `[start, end)`.
+#[derive(Debug, Clone)]
+pub struct RealtimeChunk {
+    pub partition: u32,
+    pub start: u64,
+    pub end: u64,
+    /// Closed chunks no longer grow (they are, or are being, archived).
+    pub closed: bool,
+    /// Per view (in view order): state batches whose merge is the chunk's states.
+    pub states: Vec<Vec<RecordBatch>>,
+}
+
+/// The published batch run, loaded.
+#[derive(Debug)]
+pub struct BatchSide {
+    pub manifest: Manifest,
+    /// Per view (in view order): the run's states.
+    pub states: Vec<RecordBatch>,
+}
+
+impl BatchSide {
+    /// Loads a published run's states, every file verified by its checksum.
+    pub async fn load(batch: &BatchLayer, manifest: Manifest) -> Result<BatchSide, BatchError> {
+        let mut states = Vec::with_capacity(batch.views().len());
+        for v in batch.views() {
+            states.push(batch.read_states(&manifest, v).await?);
+        }
+        Ok(BatchSide { manifest, states })
+    }
+}
+
+/// What a reader sees: immutable, replaced whole.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Increases with every change.
+    pub version: u64,
+    pub batch: Option<Arc<BatchSide>>,
+    /// Per partition, ordered by start: exactly the chunks with start ≥ H[p].
+    pub realtime: Vec<Vec<Arc<RealtimeChunk>>>,
+    /// Per partition: the realtime high-water mark R[p] (events below it are in the answer).
+    pub realtime_end: Vec<u64>,
+    /// Per partition: when R[p] last advanced (ms since the epoch).
+    pub realtime_at_ms: Vec<i64>,
+}
+
+impl Snapshot {
+    /// Batch coverage H (zeros before the first run).
+    pub fn h(&self) -> Vec<u64> {
+        match &self.batch {
+            Some(b) => b.manifest.h.clone(),
+            None => vec![0; self.realtime_end.len()],
+        }
+    }
+
+    /// Checks the handoff invariant: per partition, the chunks start at H[p]
+    /// and are contiguous up to R[p]. A violation means an answer would count
+    /// events twice or miss them, so it is reported, never served.
+    pub fn check(&self) -> Result<(), String> {
+        let h = self.h();
+        for (p, chunks) in self.realtime.iter().enumerate() {
+            let mut at = h[p];
+            for c in chunks {
+                if c.start != at {
+                    return Err(format!(
+                        "partition {p}: realtime chunk starts at {} but the previous side ends at {at}",
+                        c.start
+                    ));
+                }
+                at = c.end;
+            }
+            if at != self.realtime_end[p] {
+                return Err(format!(
+                    "partition {p}: chunks end at {at}, the realtime high-water mark is {}",
+                    self.realtime_end[p]
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which events an answer holds and how fresh they are.
+#[derive(Debug, Clone, Serialize)]
+pub struct Freshness {
+    /// The batch run merged in, if any.
+    pub run: Option<u64>,
+    /// Batch coverage H[p].
+    pub h: Vec<u64>,
+    /// Realtime high-water marks R[p]: the answer is the view over every
+    /// event of partition p with offset < R[p].
+    pub realtime: Vec<u64>,
+    /// When the batch run read the master dataset (ms since the epoch).
+    pub batch_as_of_ms: Option<i64>,
+    pub batch_age_ms: Option<i64>,
+    /// Time since the realtime high-water mark last advanced.
+    pub realtime_age_ms: i64,
+    pub snapshot: u64,
+}
+
+/// A view's merged rows for one snapshot version.
+#[derive(Debug)]
+pub struct Answer {
+    pub rows: Vec<RecordBatch>,
+    pub freshness: Freshness,
+    /// Per column: value (as text) → rows, built on first lookup.
+    index: OnceLock<HashMap<String, HashMap<String, Vec<(usize, usize)>>>>,
+}
+
+impl Answer {
+    /// Rows whose column `col` displays as `value`: (batch, row) pairs.
+    pub fn lookup(&self, col: &str, value: &str) -> Option<Vec<(usize, usize)>> {
+        let index = self.index.get_or_init(|| build_index(&self.rows));
+        index
+            .get(col)
+            .map(|m| m.get(value).cloned().unwrap_or_default())
+    }
+}
+
+fn build_index(rows: &[RecordBatch]) -> HashMap<String, HashMap<String, Vec<(usize, usize)>>> {
+    use arrow::util::display::{ArrayFormatter, FormatOptions};
+    let mut out: HashMap<String, HashMap<String, Vec<(usize, usize)>>> = HashMap::new();
+    let opts = FormatOptions::default();
+    for (bi, b) in rows.iter().enumerate() {
+        for (ci, f) in b.schema().fields().iter().enumerate() {
+            let col = out.entry(f.name().clone()).or_default();
+            let Ok(fmt) = ArrayFormatter::try_new(b.column(ci).as_ref(), &opts) else {
+                continue;
+            };
+            for r in 0..b.num_rows() {
+                col.entry(fmt.value(r).to_string())
+                    .or_default()
+                    .push((bi, r));
+            }
+        }
+    }
+    out
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServingError {
+    #[error("no view named `{name}`; the views are: {known}")]
+    NoSuchView { name: String, known: String },
+    #[error(transparent)]
+    View(#[from] ViewError),
+    #[error("view `{view}` cannot be served right now: {detail}")]
+    Inconsistent { view: String, detail: String },
+}
+
+/// The serving layer of a node.
+pub struct Serving {
+    views: Vec<Arc<View>>,
+    current: ArcSwap<Snapshot>,
+    /// Serializes writers; readers never take it.
+    writer: Mutex<()>,
+    /// Per view: the answer of the latest version computed.
+    cache: Vec<tokio::sync::Mutex<Option<Arc<Answer>>>>,
+}
+
+impl Serving {
+    pub fn new(views: Vec<Arc<View>>, partitions: u32) -> Serving {
+        let cache = views
+            .iter()
+            .map(|_| tokio::sync::Mutex::new(None))
+            .collect();
+        let snapshot = Snapshot {
+            realtime: vec![Vec::new(); partitions as usize],
+            realtime_end: vec![0; partitions as usize],
+            realtime_at_ms: vec![0; partitions as usize],
+            ..Snapshot::default()
+        };
+        Serving {
+            views,
+            current: ArcSwap::from_pointee(snapshot),
+            writer: Mutex::new(()),
+            cache,
+        }
+    }
+
+    pub fn views(&self) -> &[Arc<View>] {
+        &self.views
+    }
+
+    pub fn view_index(&self, name: &str) -> Result<usize, ServingError> {
+        self.views
+            .iter()
+            .position(|v| v.name() == name)
+            .ok_or_else(|| ServingError::NoSuchView {
+                name: name.to_string(),
+                known: self
+                    .views
+                    .iter()
+                    .map(|v| v.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Builds and installs a new snapshot from the current one.
+    fn update(&self, f: impl FnOnce(&Snapshot) -> Snapshot) -> Arc<Snapshot> {
+        let _w = self.writer.lock().expect("serving writer lock");
+        let cur = self.current.load_full();
+        let mut next = f(&cur);
+        next.version = cur.version + 1;
+        let next = Arc::new(next);
+        self.current.store(next.clone());
+        next
+    }
+
+    /// Installs the realtime chunks of some partitions (from the speed layer).
+    /// Chunks already covered by the installed batch run are left out.
+    pub fn set_realtime(&self, parts: Vec<(u32, Vec<Arc<RealtimeChunk>>, u64)>) {
+        let now = chrono::Utc::now().timestamp_millis();
+        self.update(|cur| {
+            let mut next = cur.clone();
+            let h = cur.h();
+            for (p, chunks, end) in parts {
+                let p = p as usize;
+                next.realtime[p] = chunks.into_iter().filter(|c| c.start >= h[p]).collect();
+                if end != next.realtime_end[p] {
+                    next.realtime_at_ms[p] = now;
+                }
+                next.realtime_end[p] = end.max(h[p]);
+            }
+            next
+        });
+    }
+
+    /// Installs a published batch run; realtime chunks it covers leave in the same swap.
+    pub fn set_batch(&self, side: Arc<BatchSide>) {
+        self.update(|cur| {
+            let mut next = cur.clone();
+            let h = side.manifest.h.clone();
+            for (p, chunks) in next.realtime.iter_mut().enumerate() {
+                chunks.retain(|c| c.start >= h[p]);
+                if next.realtime_end[p] < h[p] {
+                    next.realtime_end[p] = h[p];
+                }
+            }
+            next.batch = Some(side);
+            next
+        });
+    }
+
+    /// The merged rows of view `i` for the current snapshot (computed once per version).
+    pub async fn answer(&self, i: usize) -> Result<Arc<Answer>, ServingError> {
+        let snap = self.snapshot();
+        let mut cached = self.cache[i].lock().await;
+        if let Some(a) = cached.as_ref()
+            && a.freshness.snapshot == snap.version
+        {
+            return Ok(a.clone());
+        }
+        let a = Arc::new(self.compute(i, &snap).await?);
+        *cached = Some(a.clone());
+        Ok(a)
+    }
+
+    /// Merges and finalizes view `i` over a snapshot (no cache).
+    pub async fn compute(&self, i: usize, snap: &Snapshot) -> Result<Answer, ServingError> {
+        let view = &self.views[i];
+        snap.check().map_err(|detail| ServingError::Inconsistent {
+            view: view.name().to_string(),
+            detail,
+        })?;
+        let mut parts = Vec::new();
+        let as_of = snap.batch.as_ref().map(|b| b.manifest.as_of_ms);
+        if let Some(b) = &snap.batch {
+            parts.push(b.states[i].clone());
+        }
+        for chunks in &snap.realtime {
+            for c in chunks {
+                for s in &c.states[i] {
+                    parts.push(match (view.rollup(), as_of) {
+                        // Realtime groups roll up with the batch run's time, like the batch side.
+                        (Some(_), Some(t)) => view.roll_up(s.clone(), t).await?,
+                        _ => s.clone(),
+                    });
+                }
+            }
+        }
+        let rows = view.finalize(parts).await?;
+        let now = chrono::Utc::now().timestamp_millis();
+        let freshness = Freshness {
+            run: snap.batch.as_ref().map(|b| b.manifest.run),
+            h: snap.h(),
+            realtime: snap.realtime_end.clone(),
+            batch_as_of_ms: as_of,
+            batch_age_ms: snap.batch.as_ref().map(|b| now - b.manifest.as_of_ms),
+            realtime_age_ms: snap
+                .realtime_at_ms
+                .iter()
+                .copied()
+                .max()
+                .filter(|&t| t > 0)
+                .map_or(0, |t| now - t),
+            snapshot: snap.version,
+        };
+        Ok(Answer {
+            rows,
+            freshness,
+            index: OnceLock::new(),
+        })
+    }
+}

@@ -1,0 +1,287 @@
+//! The speed layer: the paper's Spark Streaming job. It consumes each log
+//! partition in micro-batches, runs every view's states plan on them (the same
+//! plan as the batch layer), and keeps the states **per chunk** — the chunks
+//! the master dataset is cut into, because this loop is what cuts them:
+//!
+//! ```text
+//!  log p:  ···|── chunk [s1,e1) closed ──|── chunk [e1, …) open ──▶ R[p] (consumed)
+//!              └─▶ archive queue ─▶ master dataset commit (Txn version = e1)
+//!  every micro-batch: states ⊕ into the open chunk; snapshot swapped into serving
+//! ```
+//!
+//! A chunk closes at `chunk_events` events or `chunk_age` after it opened.
+//! On restart the loop replays the log from the published batch coverage H,
+//! reproducing the boundaries of chunks already committed after H (read from
+//! the master dataset), so batch and realtime always meet at a chunk boundary.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arrow::record_batch::RecordBatch;
+use tokio::sync::{mpsc, watch};
+
+use crate::master::archiver::{ClosedChunk, read_range};
+use crate::metrics::Histogram;
+use crate::serving::{RealtimeChunk, Serving};
+use crate::stream::{Log, LogError};
+use crate::view::{View, ViewError};
+
+/// A micro-batch reads at most this many events (bounds memory during replays).
+const MAX_MICRO_EVENTS: u64 = 1 << 20;
+/// A chunk's states for one view are compacted when this many batches pile up.
+const COMPACT_AT: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpeedError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    View(#[from] ViewError),
+}
+
+/// Counters for status and metrics.
+#[derive(Debug, Default)]
+pub struct SpeedMetrics {
+    pub events: AtomicU64,
+    pub chunks_closed: AtomicU64,
+    /// Micro-batch durations (one observation per partition micro-batch).
+    pub micro: Histogram,
+}
+
+impl SpeedMetrics {
+    fn observe(&self, took: Duration, events: u64) {
+        self.events.fetch_add(events, Ordering::Relaxed);
+        self.micro.observe(took);
+    }
+}
+
+struct Part {
+    next: u64,
+    chunks: Vec<Arc<RealtimeChunk>>,
+    /// When the open chunk got its first event.
+    open_since: Option<Instant>,
+    /// Boundaries of chunks already committed ahead of `next` (replay).
+    replay: VecDeque<(u64, u64)>,
+}
+
+/// The speed layer of a node.
+pub struct SpeedLayer {
+    log: Arc<Log>,
+    views: Vec<Arc<View>>,
+    serving: Arc<Serving>,
+    archive: mpsc::UnboundedSender<ClosedChunk>,
+    interval: Duration,
+    chunk_events: u64,
+    chunk_age: Duration,
+    parts: Vec<Part>,
+    pub metrics: Arc<SpeedMetrics>,
+}
+
+impl SpeedLayer {
+    /// Starts at coverage `h`; `committed[p]` are the committed chunks of p at or after h[p].
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        log: Arc<Log>,
+        views: Vec<Arc<View>>,
+        serving: Arc<Serving>,
+        archive: mpsc::UnboundedSender<ClosedChunk>,
+        interval: Duration,
+        chunk_events: u64,
+        chunk_age: Duration,
+        h: &[u64],
+        committed: Vec<Vec<(u64, u64)>>,
+    ) -> SpeedLayer {
+        let parts = h
+            .iter()
+            .zip(committed)
+            .map(|(&next, mut c)| {
+                c.sort_unstable();
+                c.retain(|&(s, _)| s >= next);
+                Part {
+                    next,
+                    chunks: Vec::new(),
+                    open_since: None,
+                    replay: c.into(),
+                }
+            })
+            .collect();
+        SpeedLayer {
+            log,
+            views,
+            serving,
+            archive,
+            interval,
+            chunk_events: chunk_events.max(1),
+            chunk_age,
+            parts,
+            metrics: Arc::new(SpeedMetrics::default()),
+        }
+    }
+
+    /// Consumes everything in the log now (the replay before serving).
+    pub async fn catch_up(&mut self) -> Result<(), SpeedError> {
+        loop {
+            let moved = self.round().await?;
+            if !moved {
+                return Ok(());
+            }
+        }
+    }
+
+    /// One micro-batch round over every partition; true if any event was consumed.
+    pub async fn round(&mut self) -> Result<bool, SpeedError> {
+        let h = self.serving.snapshot().h();
+        let mut moved = false;
+        let mut changed = Vec::new();
+        for p in 0..self.parts.len() {
+            let end = self.log.end_offset(p as u32)?;
+            let part = &mut self.parts[p];
+            // Chunks the installed batch run covers are no longer needed.
+            part.chunks.retain(|c| c.end > h[p]);
+            let mut touched = false;
+            while part.next < end {
+                let t = Instant::now();
+                let (start, limit) =
+                    Self::open_chunk(part, p as u32, self.chunk_events, self.views.len());
+                let upto = end.min(limit).min(part.next + MAX_MICRO_EVENTS);
+                let batches: Vec<RecordBatch> = read_range(&self.log, p as u32, part.next, upto)?
+                    .into_iter()
+                    .map(|b| b.batch)
+                    .collect();
+                let open = part.chunks.last().expect("an open chunk").clone();
+                let mut states = open.states.clone();
+                for (i, v) in self.views.iter().enumerate() {
+                    let s = v.states(batches.clone()).await?;
+                    states[i].push(s);
+                    if states[i].len() >= COMPACT_AT {
+                        let merged = v.merge(std::mem::take(&mut states[i])).await?;
+                        states[i].push(merged);
+                    }
+                }
+                let closes = upto == limit;
+                *part.chunks.last_mut().expect("open chunk") = Arc::new(RealtimeChunk {
+                    partition: p as u32,
+                    start,
+                    end: upto,
+                    closed: closes,
+                    states,
+                });
+                self.metrics.observe(t.elapsed(), upto - part.next);
+                part.next = upto;
+                part.open_since.get_or_insert_with(Instant::now);
+                if closes {
+                    Self::close(part, p as u32, &self.archive, &self.metrics);
+                }
+                touched = true;
+                moved = true;
+            }
+            // Age: an open chunk (not a replayed one) closes chunk_age after it opened.
+            let replaying = part.replay.front().is_some();
+            if let (Some(since), Some(last)) = (part.open_since, part.chunks.last())
+                && !last.closed
+                && !replaying
+                && last.end > last.start
+                && since.elapsed() >= self.chunk_age
+            {
+                let mut c = (**last).clone();
+                c.closed = true;
+                *part.chunks.last_mut().expect("open chunk") = Arc::new(c);
+                Self::close(part, p as u32, &self.archive, &self.metrics);
+                touched = true;
+            }
+            if touched {
+                changed.push((p as u32, part.chunks.clone(), part.next));
+            }
+        }
+        if !changed.is_empty() {
+            self.serving.set_realtime(changed);
+        }
+        Ok(moved)
+    }
+
+    /// Ensures the last chunk is open; returns its start and where it must end.
+    fn open_chunk(part: &mut Part, p: u32, chunk_events: u64, views: usize) -> (u64, u64) {
+        if part.chunks.last().is_none_or(|c| c.closed) {
+            part.chunks.push(Arc::new(RealtimeChunk {
+                partition: p,
+                start: part.next,
+                end: part.next,
+                closed: false,
+                states: vec![Vec::new(); views],
+            }));
+            part.open_since = None;
+        }
+        let start = part.chunks.last().expect("open chunk").start;
+        // Replaying: the boundary is the committed chunk's.
+        while part.replay.front().is_some_and(|&(s, _)| s < start) {
+            part.replay.pop_front();
+        }
+        let limit = match part.replay.front() {
+            Some(&(s, e)) if s == start => e,
+            _ => start + chunk_events,
+        };
+        (start, limit)
+    }
+
+    fn close(
+        part: &mut Part,
+        p: u32,
+        archive: &mpsc::UnboundedSender<ClosedChunk>,
+        metrics: &SpeedMetrics,
+    ) {
+        let last = part.chunks.last().expect("closed chunk");
+        let (start, end) = (last.start, last.end);
+        part.open_since = None;
+        metrics.chunks_closed.fetch_add(1, Ordering::Relaxed);
+        if part.replay.front() == Some(&(start, end)) {
+            // Committed before the restart: nothing to archive.
+            part.replay.pop_front();
+            return;
+        }
+        let _ = archive.send(ClosedChunk {
+            partition: p,
+            start,
+            end,
+        });
+    }
+
+    /// The loop: a micro-batch at most every `interval`, as soon as events arrive.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut subs: Vec<watch::Receiver<u64>> = (0..self.parts.len())
+            .filter_map(|p| self.log.subscribe(p as u32).ok())
+            .collect();
+        let age_tick =
+            (self.chunk_age / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            let began = Instant::now();
+            if let Err(e) = self.round().await {
+                tracing::error!(error = %e, "speed layer micro-batch failed; retrying");
+            }
+            // Wait for new events (or a chunk to age), but not sooner than `interval`.
+            let pending = (0..self.parts.len()).any(|p| {
+                self.log
+                    .end_offset(p as u32)
+                    .is_ok_and(|e| e > self.parts[p].next)
+            });
+            if !pending {
+                let changed =
+                    futures::future::select_all(subs.iter_mut().map(|s| Box::pin(s.changed())));
+                tokio::select! {
+                    _ = changed => {}
+                    _ = tokio::time::sleep(age_tick) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+            let next = began + self.interval;
+            tokio::select! {
+                _ = tokio::time::sleep_until(next.into()) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+}
