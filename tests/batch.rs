@@ -11,11 +11,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::compute::cast;
-use arrow::datatypes::{DataType, Int32Type, Int64Type, TimeUnit};
+use arrow::array::{Array, RecordBatch};
 use common::{Site, event, post_events};
-use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use lambdaflow::config::Config;
 use lambdaflow::schema::EventSchema;
 use lambdaflow::view::oracle;
@@ -69,72 +66,8 @@ fn send_in_doubt(url: &str, from: i64, to: i64) -> (BTreeMap<(u32, u64), i64>, V
     (acked, Vec::new())
 }
 
-/// Every row of the Delta table, read with the deltalake reader:
-/// (partition, offset) → zipcode, panicking on a duplicate.
 fn delta_rows(data: &Path) -> (BTreeMap<(u32, u64), i64>, Vec<RecordBatch>) {
-    let rt = common::rt();
-    let uris: Vec<String> = rt.block_on(async {
-        let url = deltalake::ensure_table_uri(data.join("master").to_str().unwrap()).unwrap();
-        let table = deltalake::open_table(url)
-            .await
-            .expect("the master dataset is a Delta table");
-        table.get_file_uris().unwrap().collect()
-    });
-    let schema = EventSchema::paper();
-    let mut rows = BTreeMap::new();
-    let mut events = Vec::new();
-    for uri in uris {
-        let path = url::Url::parse(&uri)
-            .ok()
-            .and_then(|u| u.to_file_path().ok())
-            .unwrap_or_else(|| uri.clone().into());
-        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap())
-            .unwrap()
-            .build()
-            .unwrap();
-        for b in reader {
-            let b = b.unwrap();
-            let p = b
-                .column_by_name("_partition")
-                .unwrap()
-                .as_primitive::<Int32Type>()
-                .clone();
-            let o = b
-                .column_by_name("_offset")
-                .unwrap()
-                .as_primitive::<Int64Type>()
-                .clone();
-            let z = b
-                .column_by_name("zipcode")
-                .unwrap()
-                .as_primitive::<Int64Type>()
-                .clone();
-            for i in 0..b.num_rows() {
-                let key = (p.value(i) as u32, o.value(i) as u64);
-                let prev = rows.insert(key, z.value(i));
-                assert!(
-                    prev.is_none(),
-                    "event {key:?} is in the master dataset twice"
-                );
-            }
-            // The event columns, typed as views read them.
-            let cols = schema
-                .fields()
-                .iter()
-                .map(|f| {
-                    let c = b.column_by_name(&f.name).unwrap();
-                    match c.data_type() {
-                        DataType::Timestamp(_, _) => {
-                            cast(c, &DataType::Timestamp(TimeUnit::Millisecond, None)).unwrap()
-                        }
-                        _ => c.clone(),
-                    }
-                })
-                .collect();
-            events.push(RecordBatch::try_new(schema.arrow().clone(), cols).unwrap());
-        }
-    }
-    (rows, events)
+    common::master_events(data)
 }
 
 fn assert_exactly(
@@ -269,7 +202,7 @@ fn crashes_at_every_archive_and_publish_step_lose_nothing_and_count_nothing_twic
     // A clean run: everything acknowledged ends up archived and published once.
     let server = site.serve(&[]);
     acked.extend(send(&server.url, next, next + 1000));
-    server.wait_settled(Duration::from_secs(20));
+    server.wait_settled(Duration::from_secs(90));
     server.stop();
     let events = assert_exactly_or_in_doubt(
         &acked,
@@ -285,7 +218,7 @@ fn a_corrupt_published_file_is_detected_at_startup_and_rebuilt() {
     let site = Site::new(CONFIG);
     let server = site.serve(&[]);
     let acked = send(&server.url, 0, 2000);
-    server.wait_settled(Duration::from_secs(20));
+    server.wait_settled(Duration::from_secs(90));
     server.stop();
 
     let rt = common::rt();
@@ -342,7 +275,7 @@ fn rebuild_recomputes_all_views_or_one_with_a_summary() {
     let site = Site::new(CONFIG);
     let server = site.serve(&[]);
     send(&server.url, 0, 1500);
-    server.wait_settled(Duration::from_secs(20));
+    server.wait_settled(Duration::from_secs(90));
     server.stop();
 
     let out = std::process::Command::new(common::BIN)
@@ -400,7 +333,7 @@ fn retention_deletes_log_segments_only_below_the_published_h() {
     ));
     let server = site.serve(&[]);
     let acked = send(&server.url, 0, 3000);
-    let s = server.wait_settled(Duration::from_secs(20));
+    let s = server.wait_settled(Duration::from_secs(90));
     let p = &s["partitions"][0];
     let h = p["published"].as_u64().unwrap();
     assert_eq!(h, 3000);

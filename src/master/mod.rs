@@ -330,6 +330,12 @@ impl MasterDataset {
             .update_state()
             .await
             .map_err(delta("read the table log"))?;
+        let version = table.version().map_or(-1, |v| v as i64);
+        let cached = self.coverage();
+        if cached.version == version {
+            // Reading the application transactions scans the log: skip it when nothing moved.
+            return Ok(cached);
+        }
         let cov = Self::coverage_of(&table, self.partitions).await?;
         *self.coverage.lock().expect("coverage lock") = cov.clone();
         Ok(cov)
@@ -477,10 +483,8 @@ impl MasterDataset {
             .map_err(delta("commit a chunk"))?;
         let version = commit.version() as i64;
         crate::failpoint::hit("archive-after-commit");
-        table
-            .update_state()
-            .await
-            .map_err(delta("read the table log"))?;
+        // The commit returns the new state: no need to re-read the log.
+        table.state = Some(commit.snapshot());
         let mut cov = self.coverage.lock().expect("coverage lock");
         cov.version = version;
         cov.h[partition as usize] = end;

@@ -160,3 +160,56 @@ pub fn event(zip: i64, product: &str, price: i64, ts: &str) -> String {
 pub fn exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// Every row of the master dataset (read with the deltalake reader), as
+/// (partition, offset) → event batch row, and the event columns as views read them.
+pub fn master_events(data: &Path) -> (std::collections::BTreeMap<(u32, u64), i64>, Vec<arrow::array::RecordBatch>) {
+    use arrow::array::{AsArray, RecordBatch};
+    use arrow::compute::cast;
+    use arrow::datatypes::{DataType, Int32Type, Int64Type, TimeUnit};
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let uris: Vec<String> = rt().block_on(async {
+        let url = deltalake::ensure_table_uri(data.join("master").to_str().unwrap()).unwrap();
+        let table = deltalake::open_table(url).await.expect("the master dataset is a Delta table");
+        table.get_file_uris().unwrap().collect()
+    });
+    let schema = lambdaflow::schema::EventSchema::paper();
+    let mut rows = std::collections::BTreeMap::new();
+    let mut events = Vec::new();
+    for uri in uris {
+        let path = url::Url::parse(&uri)
+            .ok()
+            .and_then(|u| u.to_file_path().ok())
+            .unwrap_or_else(|| uri.clone().into());
+        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
+        for b in reader {
+            let b = b.unwrap();
+            let p = b.column_by_name("_partition").unwrap().as_primitive::<Int32Type>().clone();
+            let o = b.column_by_name("_offset").unwrap().as_primitive::<Int64Type>().clone();
+            let z = b.column_by_name("zipcode").unwrap().as_primitive::<Int64Type>().clone();
+            for i in 0..b.num_rows() {
+                let key = (p.value(i) as u32, o.value(i) as u64);
+                let prev = rows.insert(key, z.value(i));
+                assert!(prev.is_none(), "event {key:?} is in the master dataset twice");
+            }
+            let cols = schema
+                .fields()
+                .iter()
+                .map(|f| {
+                    let c = b.column_by_name(&f.name).unwrap();
+                    match c.data_type() {
+                        DataType::Timestamp(_, _) => {
+                            cast(c, &DataType::Timestamp(TimeUnit::Millisecond, None)).unwrap()
+                        }
+                        _ => c.clone(),
+                    }
+                })
+                .collect();
+            events.push(RecordBatch::try_new(schema.arrow().clone(), cols).unwrap());
+        }
+    }
+    (rows, events)
+}

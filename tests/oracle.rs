@@ -1,0 +1,298 @@
+//! The end-to-end oracle test, the project's most important test: a real
+//! `serve` with short intervals; concurrent producers (with late events, hours
+//! in the past) while every view is queried again and again and batch runs
+//! publish. Every answer names the offsets it covers (its realtime high-water
+//! marks R); it must equal the view's SQL run directly over exactly the events
+//! below those offsets. Then: the same after SIGKILL and restart.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::array::{Int64Array, RecordBatch, StringArray, TimestampMillisecondArray};
+use common::{Site, event, post_events};
+use lambdaflow::config::Config;
+use lambdaflow::schema::EventSchema;
+use lambdaflow::view::oracle;
+use serde_json::Value;
+
+const CONFIG: &str = "[speed]\ninterval = \"10ms\"\n[archive]\nchunk_events = 400\nchunk_age = \"150ms\"\n[batch]\npause = \"250ms\"\n";
+
+/// One event as the test sent it.
+#[derive(Debug, Clone)]
+struct Sent {
+    zipcode: i64,
+    product: String,
+    price: i64,
+    ts_ms: i64,
+}
+
+fn make(k: i64) -> Sent {
+    // Every 10th event is one to six hours late.
+    let late = if k % 10 == 3 { 3_600_000 + (k * 7919) % (5 * 3_600_000) } else { 0 };
+    Sent {
+        zipcode: 10_000 + k,
+        product: format!("product{}", k % 6),
+        price: 1 + (k * 31) % 100,
+        ts_ms: 1_414_850_000_000 + k * 250 - late,
+    }
+}
+
+fn ndjson(events: &[Sent]) -> Vec<u8> {
+    events
+        .iter()
+        .map(|e| {
+            let ts = chrono::DateTime::from_timestamp_millis(e.ts_ms)
+                .unwrap()
+                .format("%Y-%m-%d %H:%M:%S%.3f")
+                .to_string();
+            event(e.zipcode, &e.product, e.price, &ts) + "\n"
+        })
+        .collect::<String>()
+        .into_bytes()
+}
+
+fn batch_of(events: &[&Sent]) -> RecordBatch {
+    RecordBatch::try_new(
+        EventSchema::paper().arrow().clone(),
+        vec![
+            Arc::new(Int64Array::from_iter_values(events.iter().map(|e| e.zipcode))),
+            Arc::new(StringArray::from_iter_values(events.iter().map(|e| e.product.as_str()))),
+            Arc::new(Int64Array::from_iter_values(events.iter().map(|e| e.price))),
+            Arc::new(TimestampMillisecondArray::from_iter_values(events.iter().map(|e| e.ts_ms))),
+        ],
+    )
+    .unwrap()
+}
+
+/// An answer as a reader got it.
+#[derive(Debug, Clone)]
+struct Got {
+    view: String,
+    rows: Vec<Value>,
+    realtime: Vec<u64>,
+    run: Option<u64>,
+}
+
+/// Rows as canonical strings, floats rounded (float sums differ in the last bits).
+fn canonical(rows: &[Value]) -> Vec<String> {
+    let mut out: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let obj = r.as_object().expect("rows are objects");
+            let mut cells: Vec<String> = obj
+                .iter()
+                .map(|(k, v)| match v {
+                    Value::Number(n) if n.is_f64() => format!("{k}={:.9e}", n.as_f64().unwrap()),
+                    other => format!("{k}={other}"),
+                })
+                .collect();
+            cells.sort();
+            cells.join(",")
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn oracle_rows(sql: &str, events: Vec<RecordBatch>) -> Vec<Value> {
+    let rows = common::rt()
+        .block_on(oracle::run_sql(&EventSchema::paper(), sql, events))
+        .unwrap();
+    let mut w = arrow::json::ArrayWriter::new(Vec::new());
+    let refs: Vec<&RecordBatch> = rows.iter().filter(|b| b.num_rows() > 0).collect();
+    w.write_batches(&refs).unwrap();
+    w.finish().unwrap();
+    let buf = w.into_inner();
+    if buf.is_empty() {
+        return Vec::new();
+    }
+    serde_json::from_slice::<Vec<Value>>(&buf).unwrap()
+}
+
+/// Checks every answer against the SQL over the events below its offsets.
+fn verify(answers: &[Got], known: &BTreeMap<(u32, u64), Sent>) -> usize {
+    let views: BTreeMap<String, String> = Config::default()
+        .views
+        .into_iter()
+        .map(|v| (v.name, v.sql))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut checked = 0;
+    for a in answers {
+        if !seen.insert((a.view.clone(), a.realtime.clone())) {
+            continue; // the same instant, already checked
+        }
+        let below: Vec<&Sent> = known
+            .iter()
+            .filter(|((p, o), _)| *o < a.realtime[*p as usize])
+            .map(|(_, e)| e)
+            .collect();
+        let covered: u64 = a.realtime.iter().sum();
+        assert_eq!(
+            below.len() as u64,
+            covered,
+            "view `{}` reported offsets {:?}, but the test knows only {} of those {} events",
+            a.view,
+            a.realtime,
+            below.len(),
+            covered
+        );
+        let want = oracle_rows(&views[&a.view], vec![batch_of(&below)]);
+        let (g, w) = (canonical(&a.rows), canonical(&want));
+        if g != w {
+            let missing: Vec<_> = w.iter().filter(|r| !g.contains(r)).take(3).collect();
+            let extra: Vec<_> = g.iter().filter(|r| !w.contains(r)).take(3).collect();
+            panic!(
+                "view `{}` at offsets {:?} (batch run {:?}) differs from its SQL over those {} events\n  missing: {missing:?}\n  extra: {extra:?}",
+                a.view, a.realtime, a.run, covered
+            );
+        }
+        checked += 1;
+    }
+    checked
+}
+
+fn query(url: &str, view: &str) -> Option<Got> {
+    let v = common::rt().block_on(async {
+        reqwest::get(format!("{url}/v1/views/{view}")).await.ok()?.json::<Value>().await.ok()
+    })?;
+    Some(Got {
+        view: view.to_string(),
+        rows: v["rows"].as_array()?.clone(),
+        realtime: v["freshness"]["realtime"]
+            .as_array()?
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect(),
+        run: v["freshness"]["run"].as_u64(),
+    })
+}
+
+#[test]
+fn every_answer_equals_the_view_sql_over_the_events_below_its_offsets() {
+    let site = Site::new(CONFIG);
+    let server = site.serve(&[]);
+    let url = server.url.clone();
+    let known: Arc<Mutex<BTreeMap<(u32, u64), Sent>>> = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
+
+    // Three producers, 50-event requests, interleaved ids.
+    let producers: Vec<_> = (0..3i64)
+        .map(|t| {
+            let (url, known) = (url.clone(), known.clone());
+            std::thread::spawn(move || {
+                for r in 0..80i64 {
+                    let events: Vec<Sent> = (0..50).map(|i| make((r * 3 + t) * 50 + i)).collect();
+                    let (status, reply) = post_events(&url, ndjson(&events)).expect("server up");
+                    assert_eq!(status, 200, "{reply}");
+                    let range = &reply["offsets"][0];
+                    let (p, first) = (range["partition"].as_u64().unwrap() as u32, range["first"].as_u64().unwrap());
+                    let mut k = known.lock().unwrap();
+                    for (i, e) in events.into_iter().enumerate() {
+                        k.insert((p, first + i as u64), e);
+                    }
+                    drop(k);
+                    std::thread::sleep(Duration::from_millis(15));
+                }
+            })
+        })
+        .collect();
+
+    // Readers: every view, again and again, until producers finish and ≥ 3 runs published.
+    let answers: Arc<Mutex<Vec<Got>>> = Arc::default();
+    let readers: Vec<_> = ["sales_by_product", "sales_by_zipcode", "sales_per_minute"]
+        .into_iter()
+        .map(|view| {
+            let (url, answers, done) = (url.clone(), answers.clone(), done.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    if let Some(g) = query(&url, view) {
+                        answers.lock().unwrap().push(g);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        })
+        .collect();
+    for p in producers {
+        p.join().unwrap();
+    }
+    let settled = server.wait_settled(Duration::from_secs(90));
+    // A last round of answers at the settled state.
+    for view in ["sales_by_product", "sales_by_zipcode", "sales_per_minute"] {
+        answers.lock().unwrap().push(query(&url, view).unwrap());
+    }
+    done.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.join().unwrap();
+    }
+    let runs = settled["batch"]["runs"].as_u64().unwrap();
+    let answers = answers.lock().unwrap().clone();
+    let distinct_runs: std::collections::BTreeSet<u64> = answers.iter().filter_map(|a| a.run).collect();
+    assert!(
+        distinct_runs.len() >= 3,
+        "answers must span at least three batch publishes, saw runs {distinct_runs:?} ({runs} published)"
+    );
+    let known = known.lock().unwrap().clone();
+    assert_eq!(known.len(), 3 * 80 * 50);
+    let checked = verify(&answers, &known);
+    assert!(checked > 30, "only {checked} distinct answers were checked");
+    eprintln!("checked {checked} distinct answers over {} batch runs", distinct_runs.len());
+    server.stop();
+}
+
+#[test]
+fn after_sigkill_and_restart_answers_are_exact_and_complete() {
+    let site = Site::new(CONFIG);
+    let server = site.serve(&[]);
+    let mut k = 0i64;
+    let mut send_some = |url: &str, n: i64| {
+        for _ in 0..n {
+            let events: Vec<Sent> = (0..50).map(|i| make(k + i)).collect();
+            let _ = post_events(url, ndjson(&events));
+            k += 50;
+        }
+    };
+    send_some(&server.url, 30);
+    // SIGKILL mid-stream: a producer thread is still sending.
+    let url = server.url.clone();
+    let t = std::thread::spawn(move || {
+        for r in 0..200 {
+            let events: Vec<Sent> = (0..50).map(|i| make(1_000_000 + r * 50 + i)).collect();
+            if post_events(&url, ndjson(&events)).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(150));
+    drop(server); // kill -9
+    t.join().unwrap();
+
+    let server = site.serve(&[]);
+    send_some(&server.url, 20);
+    server.wait_settled(Duration::from_secs(90));
+    let answers: Vec<Got> = ["sales_by_product", "sales_by_zipcode", "sales_per_minute"]
+        .into_iter()
+        .map(|v| query(&server.url, v).unwrap())
+        .collect();
+    server.stop();
+
+    // The truth: what the master dataset holds, each event exactly once.
+    let (rows, _) = common::master_events(&site.data);
+    let mut known = BTreeMap::new();
+    for ((p, o), zip) in rows {
+        let k = zip - 10_000;
+        known.insert((p, o), make(k));
+    }
+    for a in &answers {
+        let total: u64 = a.realtime.iter().sum();
+        assert_eq!(total, known.len() as u64, "the settled answer covers every stored event");
+    }
+    let t = Instant::now();
+    verify(&answers, &known);
+    assert!(t.elapsed() < Duration::from_secs(60));
+}
