@@ -33,6 +33,10 @@ pub enum Command {
     Rebuild(RebuildArgs),
     /// Each layer's watermark, lag and last run, from a running server.
     Status(StatusArgs),
+    /// A view's merged rows (batch ⊕ realtime), from a running server.
+    Query(QueryArgs),
+    /// Read-only SQL over the views (each view is a table), on a running server.
+    Sql(SqlArgs),
     /// The one-command tour: a temporary server, 10,000 of the paper's events, what they became.
     Demo(DemoArgs),
     /// Measure: `bench ingest` (durable HTTP ingest), `bench views` (view plans).
@@ -152,6 +156,30 @@ pub struct StatusArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct QueryArgs {
+    /// The view.
+    pub view: String,
+    /// Keep rows where COL equals VAL (repeatable).
+    #[arg(long = "where", value_name = "COL=VAL")]
+    pub filters: Vec<String>,
+    /// At most this many rows.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Server to ask.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SqlArgs {
+    /// The query, e.g. "SELECT * FROM sales_by_product ORDER BY revenue DESC LIMIT 3".
+    pub sql: String,
+    /// Server to ask.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+}
+
+#[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Events to produce.
     #[arg(long, short = 'n', default_value_t = 10_000)]
@@ -241,6 +269,16 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => {
             init_tracing("warn");
             runtime()?.block_on(status(&args.url))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Query(args) => {
+            init_tracing("warn");
+            runtime()?.block_on(query(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sql(args) => {
+            init_tracing("warn");
+            runtime()?.block_on(sql(args))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(args) => {
@@ -378,4 +416,155 @@ async fn status(url: &str) -> anyhow::Result<()> {
         n(&i["rejected"])
     );
     Ok(())
+}
+
+/// Fails with the server's own error message (and hint) for a non-2xx reply.
+async fn reply_json(resp: reqwest::Response) -> anyhow::Result<serde_json::Value> {
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.context("the reply is not JSON")?;
+    if !status.is_success() {
+        let mut msg = body["error"]
+            .as_str()
+            .unwrap_or("request failed")
+            .to_string();
+        if let Some(h) = body["hint"].as_str() {
+            msg.push_str(&format!("\nhint: {h}"));
+        }
+        anyhow::bail!("{msg} (HTTP {status})");
+    }
+    Ok(body)
+}
+
+/// `lambdaflow query VIEW --where COL=VAL`.
+async fn query(args: QueryArgs) -> anyhow::Result<()> {
+    let mut url = reqwest::Url::parse(&format!(
+        "{}/v1/views/{}",
+        args.url.trim_end_matches('/'),
+        args.view
+    ))
+    .context("invalid --url")?;
+    {
+        let mut q = url.query_pairs_mut();
+        for f in &args.filters {
+            let (k, v) = f
+                .split_once('=')
+                .with_context(|| format!("--where {f:?}: expected COL=VAL"))?;
+            q.append_pair(k, v);
+        }
+        if let Some(n) = args.limit {
+            q.append_pair("limit", &n.to_string());
+        }
+    }
+    let resp = reqwest::get(url.clone())
+        .await
+        .with_context(|| format!("could not reach {url}; is `lambdaflow serve` running?"))?;
+    let body = reply_json(resp).await?;
+    print!("{}", render_table(&body));
+    println!("{}", render_freshness(&body["freshness"]));
+    Ok(())
+}
+
+/// `lambdaflow sql "SELECT …"`.
+async fn sql(args: SqlArgs) -> anyhow::Result<()> {
+    let url = format!("{}/v1/sql", args.url.trim_end_matches('/'));
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .json(&serde_json::json!({ "sql": args.sql }))
+        .send()
+        .await
+        .with_context(|| format!("could not reach {url}; is `lambdaflow serve` running?"))?;
+    let body = reply_json(resp).await?;
+    print!("{}", render_table(&body));
+    if body["truncated"].as_bool() == Some(true) {
+        println!("(truncated: add a LIMIT or aggregate more)");
+    }
+    println!("{}", render_freshness(&body["freshness"]));
+    Ok(())
+}
+
+/// A reply's `columns` and `rows` as an aligned text table.
+pub fn render_table(body: &serde_json::Value) -> String {
+    let cols: Vec<String> = body["columns"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["name"].as_str().map(str::to_string))
+        .collect();
+    let rows: Vec<Vec<String>> = body["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            cols.iter()
+                .map(|c| match &r[c] {
+                    serde_json::Value::Null => "NULL".to_string(),
+                    serde_json::Value::String(s) => s.clone(),
+                    v => v.to_string(),
+                })
+                .collect()
+        })
+        .collect();
+    let widths: Vec<usize> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            rows.iter()
+                .map(|r| r[i].chars().count())
+                .chain([c.chars().count()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: &[String]| -> String {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = String::new();
+    out.push_str(&line(&cols));
+    out.push('\n');
+    out.push_str(
+        &widths
+            .iter()
+            .map(|w| "-".repeat(*w))
+            .collect::<Vec<_>>()
+            .join("-+-"),
+    );
+    out.push('\n');
+    for r in &rows {
+        out.push_str(&line(r));
+        out.push('\n');
+    }
+    out.push_str(&format!(
+        "({} row{})\n",
+        rows.len(),
+        if rows.len() == 1 { "" } else { "s" }
+    ));
+    out
+}
+
+/// "batch run 3 (H = [..], 1.2 s old) ⊕ realtime up to [..] (0.1 s old)".
+pub fn render_freshness(f: &serde_json::Value) -> String {
+    let secs = |v: &serde_json::Value| {
+        v.as_f64()
+            .map_or("?".to_string(), |ms| format!("{:.1} s", ms / 1000.0))
+    };
+    let batch = match f["run"].as_u64() {
+        Some(r) => format!(
+            "batch run {r} (H = {}, {} old)",
+            f["h"],
+            secs(&f["batch_age_ms"])
+        ),
+        None => "no batch run yet".to_string(),
+    };
+    format!(
+        "{batch} ⊕ realtime up to {} ({} since it last moved)",
+        f["realtime"],
+        secs(&f["realtime_age_ms"])
+    )
 }

@@ -149,7 +149,7 @@ pub struct SpeedConfig {
 }
 
 fn default_speed_interval() -> Duration {
-    Duration::from_millis(100)
+    Duration::from_millis(50)
 }
 
 impl Default for SpeedConfig {

@@ -32,7 +32,11 @@ struct Sent {
 
 fn make(k: i64) -> Sent {
     // Every 10th event is one to six hours late.
-    let late = if k % 10 == 3 { 3_600_000 + (k * 7919) % (5 * 3_600_000) } else { 0 };
+    let late = if k % 10 == 3 {
+        3_600_000 + (k * 7919) % (5 * 3_600_000)
+    } else {
+        0
+    };
     Sent {
         zipcode: 10_000 + k,
         product: format!("product{}", k % 6),
@@ -59,10 +63,16 @@ fn batch_of(events: &[&Sent]) -> RecordBatch {
     RecordBatch::try_new(
         EventSchema::paper().arrow().clone(),
         vec![
-            Arc::new(Int64Array::from_iter_values(events.iter().map(|e| e.zipcode))),
-            Arc::new(StringArray::from_iter_values(events.iter().map(|e| e.product.as_str()))),
+            Arc::new(Int64Array::from_iter_values(
+                events.iter().map(|e| e.zipcode),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                events.iter().map(|e| e.product.as_str()),
+            )),
             Arc::new(Int64Array::from_iter_values(events.iter().map(|e| e.price))),
-            Arc::new(TimestampMillisecondArray::from_iter_values(events.iter().map(|e| e.ts_ms))),
+            Arc::new(TimestampMillisecondArray::from_iter_values(
+                events.iter().map(|e| e.ts_ms),
+            )),
         ],
     )
     .unwrap()
@@ -158,7 +168,12 @@ fn verify(answers: &[Got], known: &BTreeMap<(u32, u64), Sent>) -> usize {
 
 fn query(url: &str, view: &str) -> Option<Got> {
     let v = common::rt().block_on(async {
-        reqwest::get(format!("{url}/v1/views/{view}")).await.ok()?.json::<Value>().await.ok()
+        reqwest::get(format!("{url}/v1/views/{view}"))
+            .await
+            .ok()?
+            .json::<Value>()
+            .await
+            .ok()
     })?;
     Some(Got {
         view: view.to_string(),
@@ -190,7 +205,10 @@ fn every_answer_equals_the_view_sql_over_the_events_below_its_offsets() {
                     let (status, reply) = post_events(&url, ndjson(&events)).expect("server up");
                     assert_eq!(status, 200, "{reply}");
                     let range = &reply["offsets"][0];
-                    let (p, first) = (range["partition"].as_u64().unwrap() as u32, range["first"].as_u64().unwrap());
+                    let (p, first) = (
+                        range["partition"].as_u64().unwrap() as u32,
+                        range["first"].as_u64().unwrap(),
+                    );
                     let mut k = known.lock().unwrap();
                     for (i, e) in events.into_iter().enumerate() {
                         k.insert((p, first + i as u64), e);
@@ -232,7 +250,8 @@ fn every_answer_equals_the_view_sql_over_the_events_below_its_offsets() {
     }
     let runs = settled["batch"]["runs"].as_u64().unwrap();
     let answers = answers.lock().unwrap().clone();
-    let distinct_runs: std::collections::BTreeSet<u64> = answers.iter().filter_map(|a| a.run).collect();
+    let distinct_runs: std::collections::BTreeSet<u64> =
+        answers.iter().filter_map(|a| a.run).collect();
     assert!(
         distinct_runs.len() >= 3,
         "answers must span at least three batch publishes, saw runs {distinct_runs:?} ({runs} published)"
@@ -241,7 +260,10 @@ fn every_answer_equals_the_view_sql_over_the_events_below_its_offsets() {
     assert_eq!(known.len(), 3 * 80 * 50);
     let checked = verify(&answers, &known);
     assert!(checked > 30, "only {checked} distinct answers were checked");
-    eprintln!("checked {checked} distinct answers over {} batch runs", distinct_runs.len());
+    eprintln!(
+        "checked {checked} distinct answers over {} batch runs",
+        distinct_runs.len()
+    );
     server.stop();
 }
 
@@ -290,7 +312,11 @@ fn after_sigkill_and_restart_answers_are_exact_and_complete() {
     }
     for a in &answers {
         let total: u64 = a.realtime.iter().sum();
-        assert_eq!(total, known.len() as u64, "the settled answer covers every stored event");
+        assert_eq!(
+            total,
+            known.len() as u64,
+            "the settled answer covers every stored event"
+        );
     }
     let t = Instant::now();
     verify(&answers, &known);

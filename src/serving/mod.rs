@@ -127,13 +127,16 @@ pub struct Freshness {
     pub snapshot: u64,
 }
 
+/// Column name → displayed value → (batch, row) positions.
+type ColumnIndex = HashMap<String, HashMap<String, Vec<(usize, usize)>>>;
+
 /// A view's merged rows for one snapshot version.
 #[derive(Debug)]
 pub struct Answer {
     pub rows: Vec<RecordBatch>,
     pub freshness: Freshness,
     /// Per column: value (as text) → rows, built on first lookup.
-    index: OnceLock<HashMap<String, HashMap<String, Vec<(usize, usize)>>>>,
+    index: OnceLock<ColumnIndex>,
 }
 
 impl Answer {
@@ -146,9 +149,9 @@ impl Answer {
     }
 }
 
-fn build_index(rows: &[RecordBatch]) -> HashMap<String, HashMap<String, Vec<(usize, usize)>>> {
+fn build_index(rows: &[RecordBatch]) -> ColumnIndex {
     use arrow::util::display::{ArrayFormatter, FormatOptions};
-    let mut out: HashMap<String, HashMap<String, Vec<(usize, usize)>>> = HashMap::new();
+    let mut out: ColumnIndex = HashMap::new();
     let opts = FormatOptions::default();
     for (bi, b) in rows.iter().enumerate() {
         for (ci, f) in b.schema().fields().iter().enumerate() {
@@ -350,10 +353,16 @@ mod tests {
         RecordBatch::try_new(
             EventSchema::paper().arrow().clone(),
             vec![
-                Arc::new(Int64Array::from_iter_values((0..n as i64).map(|i| 10_000 + i % 7))),
-                Arc::new(StringArray::from_iter_values((0..n).map(|i| format!("product{}", i % 3)))),
+                Arc::new(Int64Array::from_iter_values(
+                    (0..n as i64).map(|i| 10_000 + i % 7),
+                )),
+                Arc::new(StringArray::from_iter_values(
+                    (0..n).map(|i| format!("product{}", i % 3)),
+                )),
                 Arc::new(Int64Array::from_iter_values((0..n as i64).map(|i| i % 10))),
-                Arc::new(TimestampMillisecondArray::from_iter_values((0..n as i64).map(|i| 1_414_800_000_000 + i))),
+                Arc::new(TimestampMillisecondArray::from_iter_values(
+                    (0..n as i64).map(|i| 1_414_800_000_000 + i),
+                )),
             ],
         )
         .unwrap()
@@ -388,7 +397,12 @@ mod tests {
         // The realtime writer: per partition, chunks of 10 events from H up.
         let hwm: Arc<[AtomicU64; 2]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
         let writer = {
-            let (serving, stop, hwm, s) = (serving.clone(), stop.clone(), hwm.clone(), one_chunk_states.clone());
+            let (serving, stop, hwm, s) = (
+                serving.clone(),
+                stop.clone(),
+                hwm.clone(),
+                one_chunk_states.clone(),
+            );
             std::thread::spawn(move || {
                 let mut end = [0u64; 2];
                 while !stop.load(Ordering::Relaxed) {
@@ -417,12 +431,18 @@ mod tests {
         };
         // The batch writer: installs runs covering whole chunks below the marks.
         let batcher = {
-            let (serving, stop, hwm, view) = (serving.clone(), stop.clone(), hwm.clone(), view.clone());
+            let (serving, stop, hwm, view) =
+                (serving.clone(), stop.clone(), hwm.clone(), view.clone());
             std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
                 let mut run = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    let h: Vec<u64> = (0..2).map(|p| hwm[p].load(Ordering::Relaxed) / 2 / 10 * 10).collect();
+                    let h: Vec<u64> = (0..2)
+                        .map(|p| hwm[p].load(Ordering::Relaxed) / 2 / 10 * 10)
+                        .collect();
                     let total = (h[0] + h[1]) as usize;
                     let states = rt.block_on(view.states(vec![events(total)])).unwrap();
                     run += 1;
@@ -448,7 +468,9 @@ mod tests {
         let began = std::time::Instant::now();
         while began.elapsed() < std::time::Duration::from_millis(1500) {
             let snap = serving.snapshot();
-            let a = rt.block_on(serving.compute(0, &snap)).expect("a consistent snapshot");
+            let a = rt
+                .block_on(serving.compute(0, &snap))
+                .expect("a consistent snapshot");
             let n = a.rows[0]
                 .column(0)
                 .as_any()
@@ -456,7 +478,11 @@ mod tests {
                 .unwrap()
                 .value(0) as u64;
             let covered: u64 = a.freshness.realtime.iter().sum();
-            assert_eq!(n, covered, "the answer counts exactly the events below its marks {:?} (H {:?})", a.freshness.realtime, a.freshness.h);
+            assert_eq!(
+                n, covered,
+                "the answer counts exactly the events below its marks {:?} (H {:?})",
+                a.freshness.realtime, a.freshness.h
+            );
             checked += 1;
         }
         stop.store(true, Ordering::Relaxed);

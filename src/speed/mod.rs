@@ -135,11 +135,11 @@ impl SpeedLayer {
         let h = self.serving.snapshot().h();
         let mut moved = false;
         let mut changed = Vec::new();
-        for p in 0..self.parts.len() {
+        for (p, &hp) in h.iter().enumerate().take(self.parts.len()) {
             let end = self.log.end_offset(p as u32)?;
             let part = &mut self.parts[p];
             // Chunks the installed batch run covers are no longer needed.
-            part.chunks.retain(|c| c.end > h[p]);
+            part.chunks.retain(|c| c.end > hp);
             let mut touched = false;
             while part.next < end {
                 let t = Instant::now();

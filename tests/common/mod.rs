@@ -163,14 +163,21 @@ pub fn exists(p: &Path) -> bool {
 
 /// Every row of the master dataset (read with the deltalake reader), as
 /// (partition, offset) → event batch row, and the event columns as views read them.
-pub fn master_events(data: &Path) -> (std::collections::BTreeMap<(u32, u64), i64>, Vec<arrow::array::RecordBatch>) {
+pub fn master_events(
+    data: &Path,
+) -> (
+    std::collections::BTreeMap<(u32, u64), i64>,
+    Vec<arrow::array::RecordBatch>,
+) {
     use arrow::array::{AsArray, RecordBatch};
     use arrow::compute::cast;
     use arrow::datatypes::{DataType, Int32Type, Int64Type, TimeUnit};
     use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let uris: Vec<String> = rt().block_on(async {
         let url = deltalake::ensure_table_uri(data.join("master").to_str().unwrap()).unwrap();
-        let table = deltalake::open_table(url).await.expect("the master dataset is a Delta table");
+        let table = deltalake::open_table(url)
+            .await
+            .expect("the master dataset is a Delta table");
         table.get_file_uris().unwrap().collect()
     });
     let schema = lambdaflow::schema::EventSchema::paper();
@@ -187,13 +194,28 @@ pub fn master_events(data: &Path) -> (std::collections::BTreeMap<(u32, u64), i64
             .unwrap();
         for b in reader {
             let b = b.unwrap();
-            let p = b.column_by_name("_partition").unwrap().as_primitive::<Int32Type>().clone();
-            let o = b.column_by_name("_offset").unwrap().as_primitive::<Int64Type>().clone();
-            let z = b.column_by_name("zipcode").unwrap().as_primitive::<Int64Type>().clone();
+            let p = b
+                .column_by_name("_partition")
+                .unwrap()
+                .as_primitive::<Int32Type>()
+                .clone();
+            let o = b
+                .column_by_name("_offset")
+                .unwrap()
+                .as_primitive::<Int64Type>()
+                .clone();
+            let z = b
+                .column_by_name("zipcode")
+                .unwrap()
+                .as_primitive::<Int64Type>()
+                .clone();
             for i in 0..b.num_rows() {
                 let key = (p.value(i) as u32, o.value(i) as u64);
                 let prev = rows.insert(key, z.value(i));
-                assert!(prev.is_none(), "event {key:?} is in the master dataset twice");
+                assert!(
+                    prev.is_none(),
+                    "event {key:?} is in the master dataset twice"
+                );
             }
             let cols = schema
                 .fields()
