@@ -430,6 +430,307 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Debug, Args, Clone)]
+pub struct ServeBenchArgs {
+    /// Events of history loaded before measuring.
+    #[arg(long, default_value_t = 10_000_000)]
+    pub history: u64,
+    /// Distinct zipcodes (groups of sales_by_zipcode).
+    #[arg(long, default_value_t = 100_000)]
+    pub zipcodes: u64,
+    /// Sustained ingest rate during the freshness and query phases (events/s).
+    #[arg(long, default_value_t = 100_000)]
+    pub rate: u64,
+    /// Freshness probes.
+    #[arg(long, default_value_t = 300)]
+    pub probes: usize,
+    /// Seconds of the query-latency phase.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Concurrent query clients.
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
+    /// Data directory (default: a temporary directory).
+    #[arg(long)]
+    pub data: Option<std::path::PathBuf>,
+}
+
+fn pcts(mut v: Vec<f64>) -> (f64, f64, f64) {
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    v.sort_by(f64::total_cmp);
+    (percentile(&v, 0.5), percentile(&v, 0.99), v[v.len() - 1])
+}
+
+fn rss(pid: u32) -> (Option<u64>, Option<u64>) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let get = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    (get("VmRSS:"), get("VmHWM:"))
+}
+
+/// Freshness, speed-layer throughput and query latency of a real server.
+pub fn serve(args: ServeBenchArgs) -> anyhow::Result<()> {
+    let tmp = tempfile::Builder::new()
+        .prefix("lambdaflow-bench-serve-")
+        .tempdir()?;
+    let data = args.data.clone().unwrap_or_else(|| tmp.path().join("data"));
+    std::fs::create_dir_all(&data)?;
+    let config_path = data.join("bench-serve.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "data = {:?}\nlisten = \"127.0.0.1:0\"\n[stream]\npartitions = 2\n[batch]\npause = \"5s\"\n",
+            data.display().to_string()
+        ),
+    )?;
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(&exe)
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take().expect("piped");
+    let server = ServerChild { child };
+    let pid = server.child.id();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .map(str::to_string)
+        .ok_or_else(|| anyhow::anyhow!("the server did not report its address: {line:?}"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()?;
+    let status = |client: &reqwest::Client| {
+        let (c, u) = (client.clone(), url.clone());
+        async move {
+            c.get(format!("{u}/v1/status"))
+                .send()
+                .await?
+                .json::<serde_json::Value>()
+                .await
+        }
+    };
+    println!("## bench serve");
+    println!();
+
+    // 1. History.
+    let t = Instant::now();
+    let s = rt.block_on(produce::run(ProduceOptions {
+        url: url.clone(),
+        events: args.history,
+        seed: Some(11),
+        zipcodes: args.zipcodes,
+        concurrency: 8,
+        ..ProduceOptions::default()
+    }))?;
+    let ingest_secs = t.elapsed().as_secs_f64();
+    let mut caught_up = None;
+    let settled_after = loop {
+        let st = rt.block_on(status(&client))?;
+        let parts = st["partitions"].as_array().cloned().unwrap_or_default();
+        if caught_up.is_none() && parts.iter().all(|p| p["realtime"] == p["end"]) {
+            caught_up = Some(t.elapsed().as_secs_f64());
+        }
+        if parts.iter().all(|p| p["published"] == p["end"]) {
+            break t.elapsed().as_secs_f64();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        if t.elapsed() > std::time::Duration::from_secs(3600) {
+            bail!("the history did not settle within an hour: {st}");
+        }
+    };
+    let (now_rss, peak) = rss(pid);
+    println!(
+        "history: {} events ({} zipcodes) ingested in {:.1} s ({} events/s); speed layer caught up at {:.1} s; archived and published by the batch layer at {:.1} s",
+        group(s.accepted),
+        group(args.zipcodes),
+        ingest_secs,
+        group((s.accepted as f64 / ingest_secs) as u64),
+        caught_up.unwrap_or(settled_after),
+        settled_after
+    );
+    println!(
+        "server memory with that history: RSS {}, peak {}",
+        now_rss.map_or("?".into(), |b| bytesize::ByteSize::b(b).to_string()),
+        peak.map_or("?".into(), |b| bytesize::ByteSize::b(b).to_string())
+    );
+
+    // A steady producer at `rate`, for the next phases.
+    let load = |secs: f64| {
+        produce::run(ProduceOptions {
+            url: url.clone(),
+            events: (args.rate as f64 * secs) as u64,
+            rate: Some(args.rate),
+            seed: Some(12),
+            zipcodes: args.zipcodes,
+            batch: (args.rate / 100).clamp(1, 1000) as usize,
+            concurrency: 4,
+            progress: false,
+            ..ProduceOptions::default()
+        })
+    };
+
+    // 2. Freshness: acknowledgement → first visibility in a query.
+    let probe_secs = args.probes as f64 * 0.03 + 5.0;
+    let fresh: Vec<f64> = rt.block_on(async {
+        let bg = tokio::spawn(load(probe_secs));
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        let mut out = Vec::with_capacity(args.probes);
+        for k in 0..args.probes {
+            let zip = 5_000_000 + k as i64;
+            let body = format!(
+                "{{\"zipcode\":{zip},\"ProductName\":\"probe\",\"price\":1,\"timestamp\":\"2014-11-01 00:00:00.000\"}}\n"
+            );
+            let r = client.post(format!("{url}/v1/events")).body(body).send().await;
+            if !r.is_ok_and(|r| r.status().is_success()) {
+                continue;
+            }
+            let acked = Instant::now();
+            loop {
+                let v: serde_json::Value = client
+                    .get(format!("{url}/v1/views/sales_by_zipcode?zipcode={zip}"))
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                if v["rows"].as_array().is_some_and(|r| !r.is_empty()) {
+                    out.push(acked.elapsed().as_secs_f64() * 1000.0);
+                    break;
+                }
+                if acked.elapsed() > std::time::Duration::from_secs(10) {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let _ = bg.await;
+        Ok::<_, anyhow::Error>(out)
+    })?;
+    let (p50, p99, max) = pcts(fresh.clone());
+    println!(
+        "freshness at {} events/s sustained ({} probes): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (acknowledged → visible in GET /v1/views)",
+        group(args.rate),
+        fresh.len(),
+        p50,
+        p99,
+        max
+    );
+
+    // 3. Query latency while ingesting.
+    let (lat, sql_lat, elapsed) = rt.block_on(async {
+        let bg = tokio::spawn(load(args.seconds as f64 + 3.0));
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let deadline = Instant::now() + std::time::Duration::from_secs(args.seconds);
+        let began = Instant::now();
+        let mut tasks = Vec::new();
+        for c in 0..args.clients {
+            let (client, url) = (client.clone(), url.clone());
+            let zipcodes = args.zipcodes;
+            tasks.push(tokio::spawn(async move {
+                let mut out = Vec::new();
+                let mut k = c as u64;
+                while Instant::now() < deadline {
+                    k = k.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let zip = 10_000 + (k >> 33) % zipcodes;
+                    let t = Instant::now();
+                    let ok = client
+                        .get(format!("{url}/v1/views/sales_by_zipcode?zipcode={zip}"))
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success());
+                    if ok {
+                        out.push(t.elapsed().as_secs_f64() * 1000.0);
+                    }
+                }
+                out
+            }));
+        }
+        let sql_task = {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    let ok = client
+                        .post(format!("{url}/v1/sql"))
+                        .body("SELECT ProductName, orders FROM sales_by_product ORDER BY revenue DESC LIMIT 3")
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success());
+                    if ok {
+                        out.push(t.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                out
+            })
+        };
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap_or_default());
+        }
+        let sql = sql_task.await.unwrap_or_default();
+        let elapsed = began.elapsed().as_secs_f64();
+        let _ = bg.await;
+        (all, sql, elapsed)
+    });
+    let n = lat.len();
+    let (p50, p99, _) = pcts(lat);
+    println!(
+        "point reads of sales_by_zipcode ({} groups) while ingesting {} events/s, {} clients: {} queries/s, p50 {:.2} ms, p99 {:.2} ms",
+        group(args.zipcodes),
+        group(args.rate),
+        args.clients,
+        group((n as f64 / elapsed) as u64),
+        p50,
+        p99
+    );
+    let (p50, p99, _) = pcts(sql_lat.clone());
+    println!(
+        "SQL over the views (top 3 products, one client, {} queries): p50 {:.1} ms, p99 {:.1} ms",
+        sql_lat.len(),
+        p50,
+        p99
+    );
+
+    // 4. The speed layer's own throughput: events through the view plans per second of micro-batch time.
+    let st = rt.block_on(status(&client))?;
+    let events = st["speed"]["events"].as_u64().unwrap_or(0);
+    let micro = st["speed"]["micro_batches"].as_u64().unwrap_or(0);
+    let mean_us = st["speed"]["mean_micro_batch_us"].as_u64().unwrap_or(0);
+    let busy = (micro * mean_us) as f64 / 1e6;
+    println!(
+        "speed layer: {} events in {} micro-batches, {:.1} s of micro-batch time: {} events/s through the 3 views' plans (one core)",
+        group(events),
+        group(micro),
+        busy,
+        group((events as f64 / busy.max(1e-9)) as u64)
+    );
+    let (now_rss, peak) = rss(pid);
+    println!(
+        "server memory at the end: RSS {}, peak {}",
+        now_rss.map_or("?".into(), |b| bytesize::ByteSize::b(b).to_string()),
+        peak.map_or("?".into(), |b| bytesize::ByteSize::b(b).to_string())
+    );
+    drop(server);
+    Ok(())
+}
+
 /// Decoder alone: events/s and MB/s on one thread.
 pub fn decode_rate(events: u64, batch: usize) -> (f64, f64) {
     let generator = Generator::new(1, Some(1_414_800_000_000), 10, 0.0);

@@ -112,6 +112,9 @@ pub struct ProduceArgs {
     /// Number of distinct products (product0, product1, …).
     #[arg(long, default_value_t = 10)]
     pub products: u32,
+    /// Number of distinct zipcodes (10000, 10001, …).
+    #[arg(long, default_value_t = 90_000)]
+    pub zipcodes: u64,
     /// Fraction of events (0–1) whose event time is one to six hours late.
     #[arg(long, default_value_t = 0.0)]
     pub late: f64,
@@ -133,6 +136,7 @@ impl ProduceArgs {
             output: self.output.clone(),
             start: self.start.clone(),
             products: self.products,
+            zipcodes: self.zipcodes,
             late: self.late,
             progress: !self.quiet,
             ..ProduceOptions::default()
@@ -200,6 +204,8 @@ pub enum BenchCommand {
     Views(crate::bench::ViewsBenchArgs),
     /// Archive rate into Delta, batch recompute per view, and DuckDB over the same files.
     Batch(crate::bench::BatchBenchArgs),
+    /// Freshness, speed-layer throughput, query latency and memory of a real server.
+    Serve(crate::bench::ServeBenchArgs),
 }
 
 fn init_tracing(default: &str) {
@@ -292,6 +298,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 BenchCommand::Ingest(args) => crate::bench::ingest(args)?,
                 BenchCommand::Views(args) => crate::bench::views(args)?,
                 BenchCommand::Batch(args) => crate::bench::batch(args)?,
+                BenchCommand::Serve(args) => crate::bench::serve(args)?,
             }
             Ok(ExitCode::SUCCESS)
         }

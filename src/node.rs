@@ -51,6 +51,14 @@ pub enum NodeError {
     Batch(#[from] BatchError),
     #[error(transparent)]
     Speed(#[from] SpeedError),
+    #[error(
+        "the master dataset holds partition {partition} up to offset {archived}, but the log ends at {log_end}\nhint: the log was deleted or replaced; restore it, or use a new data directory"
+    )]
+    LogBehind {
+        partition: u32,
+        archived: u64,
+        log_end: u64,
+    },
     #[error("could not take the batch lock {}: {source}", path.display())]
     Lock {
         path: PathBuf,

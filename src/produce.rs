@@ -73,6 +73,8 @@ pub struct ProduceOptions {
     pub start: Option<String>,
     /// Distinct product names (`product0`…).
     pub products: u32,
+    /// Distinct zipcodes (`10000`, `10001`, …).
+    pub zipcodes: u64,
     /// Fraction of events that arrive one to six hours late.
     pub late: f64,
     pub progress: bool,
@@ -93,6 +95,7 @@ impl Default for ProduceOptions {
             output: None,
             start: None,
             products: 10,
+            zipcodes: 90_000,
             late: 0.0,
             progress: true,
             max_retries: 10,
@@ -166,6 +169,7 @@ pub struct Generator {
     /// With a seed: the first event time; event `i` is `start + i` ms.
     start_ms: Option<i64>,
     products: u32,
+    zipcodes: u64,
     /// `late` as a threshold on 24 random bits.
     late_threshold: u64,
 }
@@ -184,8 +188,15 @@ impl Generator {
             seed,
             start_ms,
             products: products.max(1),
+            zipcodes: 90_000,
             late_threshold: (late.clamp(0.0, 1.0) * f64::from(1u32 << 24)) as u64,
         }
+    }
+
+    /// The same generator with `n` distinct zipcodes (default 90,000: 10000–99999).
+    pub fn with_zipcodes(mut self, n: u64) -> Generator {
+        self.zipcodes = n.max(1);
+        self
     }
 
     /// Appends events `[first, first + n)` as NDJSON lines to `out`.
@@ -198,7 +209,7 @@ impl Generator {
         for i in first..first + n {
             let h1 = splitmix64(self.seed ^ splitmix64(i));
             let h2 = splitmix64(h1);
-            let zipcode = 10_000 + h1 % 90_000;
+            let zipcode = 10_000 + h1 % self.zipcodes;
             let product = (h1 >> 24) % u64::from(self.products);
             let price = 1 + (h1 >> 48) % 100;
             let mut ts = match self.start_ms {
@@ -301,7 +312,8 @@ pub async fn run(opts: ProduceOptions) -> Result<Summary, ProduceError> {
         (None, Some(_)) => Some(parse_start(PAPER_START)?),
         (None, None) => None,
     };
-    let generator = Generator::new(seed, start_ms, opts.products, opts.late);
+    let generator =
+        Generator::new(seed, start_ms, opts.products, opts.late).with_zipcodes(opts.zipcodes);
 
     if let Some(out) = &opts.output {
         return write_events(&generator, &opts, out);

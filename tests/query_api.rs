@@ -25,7 +25,10 @@ fn post_sql(url: &str, sql: &str) -> (u16, Value) {
 fn get(url: &str) -> (u16, Value) {
     common::rt().block_on(async {
         let resp = reqwest::get(url).await.unwrap();
-        (resp.status().as_u16(), resp.json().await.unwrap_or(Value::Null))
+        (
+            resp.status().as_u16(),
+            resp.json().await.unwrap_or(Value::Null),
+        )
     })
 }
 
@@ -35,30 +38,68 @@ fn views_sql_metrics_and_commands() {
     let server = site.serve(&[]);
     let url = server.url.clone();
     let body: String = (0..300)
-        .map(|i| event(10_000 + i % 30, &format!("product{}", i % 3), 10, "2014-11-01 10:00:00.000") + "\n")
+        .map(|i| {
+            event(
+                10_000 + i % 30,
+                &format!("product{}", i % 3),
+                10,
+                "2014-11-01 10:00:00.000",
+            ) + "\n"
+        })
         .collect();
     assert_eq!(post_events(&url, body.into_bytes()).unwrap().0, 200);
     server.wait_settled(Duration::from_secs(90));
 
     // GET /v1/views: names, columns, freshness.
     let list = get_json(&format!("{url}/v1/views"));
-    let names: Vec<&str> = list["views"].as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["sales_by_product", "sales_by_zipcode", "sales_per_minute"]);
+    let names: Vec<&str> = list["views"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["sales_by_product", "sales_by_zipcode", "sales_per_minute"]
+    );
     assert_eq!(list["views"][0]["columns"][0]["name"], "ProductName");
-    assert_eq!(list["views"][0]["freshness"]["realtime"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        list["views"][0]["freshness"]["realtime"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
 
     // A point read, filtered, with freshness.
-    let (status, one) = get(&format!("{url}/v1/views/sales_by_product?ProductName=product1"));
+    let (status, one) = get(&format!(
+        "{url}/v1/views/sales_by_product?ProductName=product1"
+    ));
     assert_eq!(status, 200, "{one}");
-    assert_eq!(one["rows"], serde_json::json!([{"ProductName": "product1", "orders": 100, "revenue": 1000}]));
+    assert_eq!(
+        one["rows"],
+        serde_json::json!([{"ProductName": "product1", "orders": 100, "revenue": 1000}])
+    );
     assert_eq!(one["total_rows"], 3);
     let f = &one["freshness"];
-    assert_eq!(f["realtime"], serde_json::json!([300, 0]), "one request goes whole to one partition: {f}");
-    assert_eq!(f["h"], f["realtime"], "settled: the batch covers everything: {f}");
-    assert!(f["run"].as_u64().is_some() && f["batch_age_ms"].as_i64().is_some(), "{f}");
+    assert_eq!(
+        f["realtime"],
+        serde_json::json!([300, 0]),
+        "one request goes whole to one partition: {f}"
+    );
+    assert_eq!(
+        f["h"], f["realtime"],
+        "settled: the batch covers everything: {f}"
+    );
+    assert!(
+        f["run"].as_u64().is_some() && f["batch_age_ms"].as_i64().is_some(),
+        "{f}"
+    );
 
     // Filters on two columns, and a limit.
-    let (_, two) = get(&format!("{url}/v1/views/sales_by_zipcode?zipcode=10003&orders=10"));
+    let (_, two) = get(&format!(
+        "{url}/v1/views/sales_by_zipcode?zipcode=10003&orders=10"
+    ));
     assert_eq!(two["rows"].as_array().unwrap().len(), 1, "{two}");
     let (_, lim) = get(&format!("{url}/v1/views/sales_by_zipcode?limit=4"));
     assert_eq!(lim["rows"].as_array().unwrap().len(), 4);
@@ -66,11 +107,20 @@ fn views_sql_metrics_and_commands() {
     // Mistakes get clear errors.
     let (status, err) = get(&format!("{url}/v1/views/sales_by_product?productname=x"));
     assert_eq!(status, 400);
-    assert!(err["error"].as_str().unwrap().contains("no column `productname`"), "{err}");
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("no column `productname`"),
+        "{err}"
+    );
     assert_eq!(err["hint"], "did you mean `ProductName`?");
     let (status, err) = get(&format!("{url}/v1/views/nope"));
     assert_eq!(status, 404);
-    assert!(err["error"].as_str().unwrap().contains("sales_by_product"), "{err}");
+    assert!(
+        err["error"].as_str().unwrap().contains("sales_by_product"),
+        "{err}"
+    );
 
     // SQL over the views, joined; one instant for every table.
     let (status, r) = post_sql(
@@ -78,7 +128,10 @@ fn views_sql_metrics_and_commands() {
         "SELECT p.ProductName, p.orders, sum(z.orders) AS zip_orders FROM sales_by_product p CROSS JOIN sales_by_zipcode z GROUP BY p.ProductName, p.orders ORDER BY p.ProductName",
     );
     assert_eq!(status, 200, "{r}");
-    assert_eq!(r["rows"][0], serde_json::json!({"ProductName": "product0", "orders": 100, "zip_orders": 300}));
+    assert_eq!(
+        r["rows"][0],
+        serde_json::json!({"ProductName": "product0", "orders": 100, "zip_orders": 300})
+    );
     // Only queries.
     for bad in [
         "DROP TABLE sales_by_product",
@@ -90,13 +143,26 @@ fn views_sql_metrics_and_commands() {
     ] {
         let (status, r) = post_sql(&url, bad);
         assert_eq!(status, 403, "{bad} must be refused: {r}");
-        assert!(r["error"].as_str().unwrap().starts_with("only queries are allowed here"), "{r}");
+        assert!(
+            r["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("only queries are allowed here"),
+            "{r}"
+        );
     }
     let (status, r) = post_sql(&url, "SELECT nope FROM sales_by_product");
     assert_eq!(status, 400, "{r}");
 
     // Prometheus metrics.
-    let text = common::rt().block_on(async { reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap() });
+    let text = common::rt().block_on(async {
+        reqwest::get(format!("{url}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
     for m in [
         "lambdaflow_events_accepted_total 300",
         "lambdaflow_realtime_offset{partition=\"0\"} 300",
@@ -109,32 +175,82 @@ fn views_sql_metrics_and_commands() {
     }
 
     // The commands.
-    let out = Command::new(BIN).args(["query", "sales_by_product", "--where", "ProductName=product2", "--url", &url]).output().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "query",
+            "sales_by_product",
+            "--where",
+            "ProductName=product2",
+            "--url",
+            &url,
+        ])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
-    assert!(stdout.contains("ProductName | orders | revenue"), "{stdout}");
+    assert!(
+        stdout.contains("ProductName | orders | revenue"),
+        "{stdout}"
+    );
     assert!(stdout.contains("product2    | 100    | 1000"), "{stdout}");
-    assert!(stdout.contains("(1 row)") && stdout.contains("batch run"), "{stdout}");
-    let out = Command::new(BIN).args(["sql", "SELECT count(*) AS n FROM sales_by_zipcode", "--url", &url]).output().unwrap();
+    assert!(
+        stdout.contains("(1 row)") && stdout.contains("batch run"),
+        "{stdout}"
+    );
+    let out = Command::new(BIN)
+        .args([
+            "sql",
+            "SELECT count(*) AS n FROM sales_by_zipcode",
+            "--url",
+            &url,
+        ])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && stdout.contains("30"), "{stdout}");
-    let out = Command::new(BIN).args(["sql", "DROP TABLE x", "--url", &url]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["sql", "DROP TABLE x", "--url", &url])
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("only queries") && stderr.contains("HTTP 403"), "{stderr}");
-    let out = Command::new(BIN).args(["status", "--url", &url]).output().unwrap();
+    assert!(
+        !out.status.success() && stderr.contains("only queries") && stderr.contains("HTTP 403"),
+        "{stderr}"
+    );
+    let out = Command::new(BIN)
+        .args(["status", "--url", &url])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && stdout.contains("published H") && stdout.contains("batch: run"), "{stdout}");
+    assert!(
+        out.status.success() && stdout.contains("published H") && stdout.contains("batch: run"),
+        "{stdout}"
+    );
     server.stop();
 }
 
 #[test]
 fn the_demo_tour_runs_and_finds_the_handoff_exact() {
     let out = Command::new(BIN)
-        .args(["demo", "--exit", "--events", "3000", "--listen", "127.0.0.1:0"])
+        .args([
+            "demo",
+            "--exit",
+            "--events",
+            "3000",
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("identical rows — nothing counted twice, nothing missed"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("identical rows — nothing counted twice, nothing missed"),
+        "{stdout}"
+    );
     assert!(stdout.contains("accepted 1, rejected 3"), "{stdout}");
 }

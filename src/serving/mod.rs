@@ -19,7 +19,9 @@
 pub mod query;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use arrow::record_batch::RecordBatch;
@@ -127,46 +129,53 @@ pub struct Freshness {
     pub snapshot: u64,
 }
 
-/// Column name → displayed value → (batch, row) positions.
-type ColumnIndex = HashMap<String, HashMap<String, Vec<(usize, usize)>>>;
+/// Displayed value → (batch, row) positions, for one column.
+type ColumnIndex = HashMap<String, Vec<(usize, usize)>>;
 
 /// A view's merged rows for one snapshot version.
 #[derive(Debug)]
 pub struct Answer {
     pub rows: Vec<RecordBatch>,
     pub freshness: Freshness,
-    /// Per column: value (as text) → rows, built on first lookup.
-    index: OnceLock<ColumnIndex>,
+    /// When this answer was computed.
+    pub computed_at: std::time::Instant,
+    /// Per column, built on the first lookup of that column.
+    index: Mutex<HashMap<String, Arc<ColumnIndex>>>,
 }
 
 impl Answer {
-    /// Rows whose column `col` displays as `value`: (batch, row) pairs.
+    /// Rows whose column `col` displays as `value`: (batch, row) pairs;
+    /// `None` if there is no such column.
     pub fn lookup(&self, col: &str, value: &str) -> Option<Vec<(usize, usize)>> {
-        let index = self.index.get_or_init(|| build_index(&self.rows));
-        index
-            .get(col)
-            .map(|m| m.get(value).cloned().unwrap_or_default())
+        let index = {
+            let mut all = self.index.lock().expect("index lock");
+            match all.get(col) {
+                Some(i) => i.clone(),
+                None => {
+                    let i = Arc::new(build_index(&self.rows, col)?);
+                    all.insert(col.to_string(), i.clone());
+                    i
+                }
+            }
+        };
+        Some(index.get(value).cloned().unwrap_or_default())
     }
 }
 
-fn build_index(rows: &[RecordBatch]) -> ColumnIndex {
+fn build_index(rows: &[RecordBatch], col: &str) -> Option<ColumnIndex> {
     use arrow::util::display::{ArrayFormatter, FormatOptions};
     let mut out: ColumnIndex = HashMap::new();
     let opts = FormatOptions::default();
     for (bi, b) in rows.iter().enumerate() {
-        for (ci, f) in b.schema().fields().iter().enumerate() {
-            let col = out.entry(f.name().clone()).or_default();
-            let Ok(fmt) = ArrayFormatter::try_new(b.column(ci).as_ref(), &opts) else {
-                continue;
-            };
-            for r in 0..b.num_rows() {
-                col.entry(fmt.value(r).to_string())
-                    .or_default()
-                    .push((bi, r));
-            }
+        let ci = b.schema().index_of(col).ok()?;
+        let fmt = ArrayFormatter::try_new(b.column(ci).as_ref(), &opts).ok()?;
+        for r in 0..b.num_rows() {
+            out.entry(fmt.value(r).to_string())
+                .or_default()
+                .push((bi, r));
         }
     }
-    out
+    Some(out)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -179,21 +188,38 @@ pub enum ServingError {
     Inconsistent { view: String, detail: String },
 }
 
+/// A read may get the previous version's answer while the current one is
+/// computed, if that answer is younger than this (it reports its own offsets).
+pub const MAX_STALE: Duration = Duration::from_millis(250);
+
+/// Per view: the latest answer and whether a newer one is being computed.
+struct Cached {
+    answer: ArcSwap<Option<Arc<Answer>>>,
+    computing: AtomicBool,
+    /// Serializes computations, so concurrent readers wait for one.
+    compute: tokio::sync::Mutex<()>,
+}
+
 /// The serving layer of a node.
 pub struct Serving {
     views: Vec<Arc<View>>,
     current: ArcSwap<Snapshot>,
     /// Serializes writers; readers never take it.
     writer: Mutex<()>,
-    /// Per view: the answer of the latest version computed.
-    cache: Vec<tokio::sync::Mutex<Option<Arc<Answer>>>>,
+    cache: Vec<Arc<Cached>>,
 }
 
 impl Serving {
     pub fn new(views: Vec<Arc<View>>, partitions: u32) -> Serving {
         let cache = views
             .iter()
-            .map(|_| tokio::sync::Mutex::new(None))
+            .map(|_| {
+                Arc::new(Cached {
+                    answer: ArcSwap::from_pointee(None),
+                    computing: AtomicBool::new(false),
+                    compute: tokio::sync::Mutex::new(()),
+                })
+            })
             .collect();
         let snapshot = Snapshot {
             realtime: vec![Vec::new(); partitions as usize],
@@ -279,18 +305,58 @@ impl Serving {
         });
     }
 
-    /// The merged rows of view `i` for the current snapshot (computed once per version).
-    pub async fn answer(&self, i: usize) -> Result<Arc<Answer>, ServingError> {
+    /// The merged rows of view `i` for the current snapshot, computed once
+    /// per version and shared. While a newer version is being computed, a
+    /// reader gets the previous answer if it is younger than [`MAX_STALE`]
+    /// (every answer names the offsets it covers, so it is exact for those).
+    pub async fn answer(self: &Arc<Self>, i: usize) -> Result<Arc<Answer>, ServingError> {
         let snap = self.snapshot();
-        let mut cached = self.cache[i].lock().await;
-        if let Some(a) = cached.as_ref()
-            && a.freshness.snapshot == snap.version
+        let cached = self.cache[i].clone();
+        if let Some(a) = cached.answer.load().as_ref()
+            && (a.freshness.snapshot == snap.version
+                || (a.computed_at.elapsed() < MAX_STALE
+                    && cached.computing.load(Ordering::Acquire)))
         {
             return Ok(a.clone());
         }
-        let a = Arc::new(self.compute(i, &snap).await?);
-        *cached = Some(a.clone());
-        Ok(a)
+        // Someone recent enough is served; otherwise compute (or wait for the computation).
+        let young = cached
+            .answer
+            .load()
+            .as_ref()
+            .as_ref()
+            .filter(|a| a.computed_at.elapsed() < MAX_STALE)
+            .cloned();
+        if let Some(a) = young {
+            if !cached.computing.swap(true, Ordering::AcqRel) {
+                let this = self.clone();
+                tokio::spawn(async move {
+                    let _ = this.refresh(i).await;
+                });
+            }
+            return Ok(a);
+        }
+        self.refresh(i).await
+    }
+
+    /// Computes view `i` for the current snapshot and caches it.
+    async fn refresh(&self, i: usize) -> Result<Arc<Answer>, ServingError> {
+        let cached = &self.cache[i];
+        let _one = cached.compute.lock().await;
+        let snap = self.snapshot();
+        if let Some(a) = cached.answer.load().as_ref()
+            && a.freshness.snapshot == snap.version
+        {
+            cached.computing.store(false, Ordering::Release);
+            return Ok(a.clone());
+        }
+        cached.computing.store(true, Ordering::Release);
+        let result = self.compute(i, &snap).await.map(Arc::new);
+        if let Ok(a) = &result {
+            cached.answer.store(Arc::new(Some(a.clone())));
+        }
+        cached.computing.store(false, Ordering::Release);
+        result
     }
 
     /// Merges and finalizes view `i` over a snapshot (no cache).
@@ -336,7 +402,8 @@ impl Serving {
         Ok(Answer {
             rows,
             freshness,
-            index: OnceLock::new(),
+            computed_at: std::time::Instant::now(),
+            index: Mutex::new(HashMap::new()),
         })
     }
 }

@@ -55,7 +55,11 @@ pub struct SqlAnswer {
 }
 
 /// Runs `sql` over every view's merged rows of the current snapshot.
-pub async fn run(serving: &Serving, sql: &str, limits: SqlLimits) -> Result<SqlAnswer, QueryError> {
+pub async fn run(
+    serving: &Arc<Serving>,
+    sql: &str,
+    limits: SqlLimits,
+) -> Result<SqlAnswer, QueryError> {
     let snap = serving.snapshot();
     let mut answers: Vec<Arc<Answer>> = Vec::with_capacity(serving.views().len());
     for i in 0..serving.views().len() {
