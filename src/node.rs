@@ -27,7 +27,7 @@ use crate::batch::{BatchError, BatchLayer, Manifest, Progress};
 use crate::config::{Config, ConfigError};
 use crate::master::{MasterDataset, MasterError, archiver};
 use crate::serving::{BatchSide, Serving};
-use crate::speed::{SpeedError, SpeedLayer, SpeedMetrics};
+use crate::speed::{SpeedError, SpeedLayer, SpeedMetrics, SpeedOptions};
 use crate::storage::{Storage, StorageError};
 use crate::stream::deadletter::DeadLetterError;
 use crate::stream::{DeadLetters, Decoder, Ingest, Log, LogError, LogOptions, Partitioning};
@@ -254,12 +254,13 @@ impl Node {
         let (archive_tx, archive_rx) = tokio::sync::mpsc::unbounded_channel();
         let mut speed = SpeedLayer::new(
             log.clone(),
-            views.clone(),
             serving.clone(),
             archive_tx,
-            config.speed.interval,
-            config.archive.chunk_events,
-            config.archive.chunk_age,
+            SpeedOptions {
+                interval: config.speed.interval,
+                chunk_events: config.archive.chunk_events,
+                chunk_age: config.archive.chunk_age,
+            },
             &h,
             committed,
         );

@@ -32,6 +32,12 @@ pub enum StorageError {
     },
 }
 
+/// Wraps an object-store error with what was being done, and where.
+fn io(op: &'static str, path: &ObjectPath) -> impl FnOnce(object_store::Error) -> StorageError {
+    let path = path.to_string();
+    move |source| StorageError::Io { op, path, source }
+}
+
 /// A storage root: an object store and the prefix lambdaflow owns in it.
 #[derive(Debug, Clone)]
 pub struct Storage {
@@ -99,32 +105,16 @@ impl Storage {
             .put(&path, PutPayload::from(bytes))
             .await
             .map(|_| ())
-            .map_err(|source| StorageError::Io {
-                op: "write",
-                path: path.to_string(),
-                source,
-            })
+            .map_err(io("write", &path))
     }
 
     /// Reads `rel`; `Ok(None)` when it does not exist.
     pub async fn get(&self, rel: &str) -> Result<Option<Bytes>, StorageError> {
         let path = self.path(rel);
         match self.store.get(&path).await {
-            Ok(r) => r
-                .bytes()
-                .await
-                .map(Some)
-                .map_err(|source| StorageError::Io {
-                    op: "read",
-                    path: path.to_string(),
-                    source,
-                }),
+            Ok(r) => r.bytes().await.map(Some).map_err(io("read", &path)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(source) => Err(StorageError::Io {
-                op: "read",
-                path: path.to_string(),
-                source,
-            }),
+            Err(source) => Err(io("read", &path)(source)),
         }
     }
 
@@ -133,11 +123,7 @@ impl Storage {
         let path = self.path(rel);
         match self.store.delete(&path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(source) => Err(StorageError::Io {
-                op: "delete",
-                path: path.to_string(),
-                source,
-            }),
+            Err(source) => Err(io("delete", &path)(source)),
         }
     }
 
@@ -148,11 +134,7 @@ impl Storage {
             .store
             .list_with_delimiter(Some(&path))
             .await
-            .map_err(|source| StorageError::Io {
-                op: "list",
-                path: path.to_string(),
-                source,
-            })?;
+            .map_err(io("list", &path))?;
         Ok(listed
             .common_prefixes
             .iter()
@@ -164,26 +146,16 @@ impl Storage {
     pub async fn delete_dir(&self, rel: &str) -> Result<(), StorageError> {
         use futures::TryStreamExt;
         let path = self.path(rel);
-        let objects: Vec<_> =
-            self.store
-                .list(Some(&path))
-                .try_collect()
-                .await
-                .map_err(|source| StorageError::Io {
-                    op: "list",
-                    path: path.to_string(),
-                    source,
-                })?;
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&path))
+            .try_collect()
+            .await
+            .map_err(io("list", &path))?;
         for o in objects {
             match self.store.delete(&o.location).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(source) => {
-                    return Err(StorageError::Io {
-                        op: "delete",
-                        path: o.location.to_string(),
-                        source,
-                    });
-                }
+                Err(source) => return Err(io("delete", &o.location)(source)),
             }
         }
         if let Some(local) = self.local_path(rel) {

@@ -4,86 +4,17 @@
 //! the refused lines.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 
 use arrow::array::AsArray;
 use arrow::datatypes::{Int64Type, TimestampMillisecondType};
 use lambdaflow::stream::{DeadLetters, Log, LogOptions};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_lambdaflow");
+mod common;
 
-struct Server {
-    child: Child,
-    url: String,
-    data: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start(extra_config: &str) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        let config = dir.path().join("lambdaflow.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "data = {:?}\nlisten = \"127.0.0.1:0\"\n{extra_config}",
-                data.display().to_string()
-            ),
-        )
-        .unwrap();
-        let mut child = Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("lambdaflow serve starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap_or_else(|| panic!("serve must print its address, printed {line:?}"))
-            .to_string();
-        Server {
-            child,
-            url,
-            data,
-            _dir: dir,
-        }
-    }
-
-    /// SIGTERM, and the process must exit cleanly.
-    fn stop(mut self) -> (PathBuf, tempfile::TempDir) {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        let status = self.child.wait().unwrap();
-        assert!(
-            status.success(),
-            "serve must exit cleanly on SIGTERM, got {status}"
-        );
-        let data = self.data.clone();
-        let dir = std::mem::replace(&mut self._dir, tempfile::tempdir().unwrap());
-        (data, dir)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{BIN, Site, event};
 
 fn post(url: &str, body: Vec<u8>) -> (u16, Option<String>, Value) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -106,10 +37,6 @@ fn post(url: &str, body: Vec<u8>) -> (u16, Option<String>, Value) {
         let json = resp.json::<Value>().await.unwrap_or(Value::Null);
         (status, retry, json)
     })
-}
-
-fn event(zip: i64, product: &str, price: i64, ts: &str) -> String {
-    format!(r#"{{"zipcode":{zip},"ProductName":"{product}","price":{price},"timestamp":"{ts}"}}"#)
 }
 
 /// (zipcode, product, price, event time ms) of every event in the log.
@@ -140,7 +67,8 @@ fn log_events(data: &Path) -> BTreeMap<(u32, u64), (i64, String, i64, i64)> {
 
 #[test]
 fn ingest_over_http_keeps_exactly_the_good_lines_and_dead_letters_the_rest() {
-    let server = Server::start("[ingest]\nmax_body = \"64KiB\"\n");
+    let site = Site::new("[ingest]\nmax_body = \"64KiB\"\n");
+    let server = site.serve(&[]);
     let url = server.url.clone();
 
     // 1. A clean body.
@@ -294,7 +222,8 @@ fn ingest_over_http_keeps_exactly_the_good_lines_and_dead_letters_the_rest() {
     assert_eq!(status["ingest"]["rejected"], 10, "{status}");
 
     // After a clean stop: the log holds exactly the accepted events…
-    let (data, _keep) = server.stop();
+    server.stop();
+    let data = site.data.clone();
     let events = log_events(&data);
     assert_eq!(
         events.len(),
@@ -342,7 +271,8 @@ fn ingest_over_http_keeps_exactly_the_good_lines_and_dead_letters_the_rest() {
 
 #[test]
 fn keyed_partitioning_puts_one_key_on_one_partition() {
-    let server = Server::start("[stream]\npartitions = 3\nkey = \"ProductName\"\n");
+    let site = Site::new("[stream]\npartitions = 3\nkey = \"ProductName\"\n");
+    let server = site.serve(&[]);
     let body: String = (0..300)
         .map(|i| {
             event(
@@ -359,7 +289,8 @@ fn keyed_partitioning_puts_one_key_on_one_partition() {
         reply["offsets"].as_array().unwrap().len() > 1,
         "spread over partitions: {reply}"
     );
-    let (data, _keep) = server.stop();
+    server.stop();
+    let data = site.data.clone();
     let events = {
         let log = Log::open(
             data.join("log"),

@@ -82,6 +82,8 @@ fn batch_of(events: &[&Sent]) -> RecordBatch {
 #[derive(Debug, Clone)]
 struct Got {
     view: String,
+    /// A key lookup (`?COL=VAL`), or the whole view.
+    filter: Option<(String, String)>,
     rows: Vec<Value>,
     realtime: Vec<u64>,
     run: Option<u64>,
@@ -133,7 +135,7 @@ fn verify(answers: &[Got], known: &BTreeMap<(u32, u64), Sent>) -> usize {
     let mut seen = std::collections::HashSet::new();
     let mut checked = 0;
     for a in answers {
-        if !seen.insert((a.view.clone(), a.realtime.clone())) {
+        if !seen.insert((a.view.clone(), a.filter.clone(), a.realtime.clone())) {
             continue; // the same instant, already checked
         }
         let below: Vec<&Sent> = known
@@ -151,7 +153,13 @@ fn verify(answers: &[Got], known: &BTreeMap<(u32, u64), Sent>) -> usize {
             below.len(),
             covered
         );
-        let want = oracle_rows(&views[&a.view], vec![batch_of(&below)]);
+        let mut want = oracle_rows(&views[&a.view], vec![batch_of(&below)]);
+        if let Some((col, val)) = &a.filter {
+            want.retain(|r| match &r[col] {
+                Value::String(s) => s == val,
+                v => v.to_string() == *val,
+            });
+        }
         let (g, w) = (canonical(&a.rows), canonical(&want));
         if g != w {
             let missing: Vec<_> = w.iter().filter(|r| !g.contains(r)).take(3).collect();
@@ -167,8 +175,15 @@ fn verify(answers: &[Got], known: &BTreeMap<(u32, u64), Sent>) -> usize {
 }
 
 fn query(url: &str, view: &str) -> Option<Got> {
+    query_filtered(url, view, None)
+}
+
+fn query_filtered(url: &str, view: &str, filter: Option<(&str, String)>) -> Option<Got> {
+    let q = filter
+        .as_ref()
+        .map_or(String::new(), |(c, v)| format!("?{c}={v}"));
     let v = common::rt().block_on(async {
-        reqwest::get(format!("{url}/v1/views/{view}"))
+        reqwest::get(format!("{url}/v1/views/{view}{q}"))
             .await
             .ok()?
             .json::<Value>()
@@ -177,6 +192,7 @@ fn query(url: &str, view: &str) -> Option<Got> {
     })?;
     Some(Got {
         view: view.to_string(),
+        filter: filter.map(|(c, v)| (c.to_string(), v)),
         rows: v["rows"].as_array()?.clone(),
         realtime: v["freshness"]["realtime"]
             .as_array()?
@@ -236,6 +252,31 @@ fn every_answer_equals_the_view_sql_over_the_events_below_its_offsets() {
             })
         })
         .collect();
+    // Point readers: key lookups that read one group, never the whole view.
+    let points: Vec<_> = [
+        ("sales_by_product", "ProductName"),
+        ("sales_by_zipcode", "zipcode"),
+    ]
+    .into_iter()
+    .map(|(view, col)| {
+        let (url, answers, done) = (url.clone(), answers.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut k = 0i64;
+            while !done.load(Ordering::Relaxed) {
+                let val = if col == "zipcode" {
+                    (10_000 + (k * 37) % 12_000).to_string()
+                } else {
+                    format!("product{}", k % 6)
+                };
+                if let Some(g) = query_filtered(&url, view, Some((col, val))) {
+                    answers.lock().unwrap().push(g);
+                }
+                k += 1;
+                std::thread::sleep(Duration::from_millis(15));
+            }
+        })
+    })
+    .collect();
     for p in producers {
         p.join().unwrap();
     }
@@ -245,7 +286,7 @@ fn every_answer_equals_the_view_sql_over_the_events_below_its_offsets() {
         answers.lock().unwrap().push(query(&url, view).unwrap());
     }
     done.store(true, Ordering::Relaxed);
-    for r in readers {
+    for r in readers.into_iter().chain(points) {
         r.join().unwrap();
     }
     let runs = settled["batch"]["runs"].as_u64().unwrap();

@@ -126,8 +126,24 @@ pub(super) async fn get_view(
             ));
         }
     }
-    let answer = l.serving.answer(i).await.map_err(serving_error)?;
-    let total: usize = answer.rows.iter().map(|b| b.num_rows()).sum();
+    // A filter on a group key reads just that group (fresh, no full merge);
+    // the other filters then apply to its rows.
+    let key = filters
+        .iter()
+        .position(|(col, _)| view.key_column(col).is_some());
+    let (answer, total) = match key {
+        Some(k) => {
+            let (col, val) = filters.remove(k);
+            let c = view.key_column(col).expect("a key column");
+            let a = l.serving.point(i, c, val).await.map_err(serving_error)?;
+            (Arc::new(a), None)
+        }
+        None => {
+            let a = l.serving.answer(i).await.map_err(serving_error)?;
+            let total: usize = a.rows.iter().map(|b| b.num_rows()).sum();
+            (a, Some(total))
+        }
+    };
     // Filters: an index lookup per column, intersected.
     let selected: Option<Vec<(usize, usize)>> = filters.iter().fold(None, |acc, (col, val)| {
         let hits = answer.lookup(col, val).unwrap_or_default();

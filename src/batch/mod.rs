@@ -275,12 +275,7 @@ impl BatchLayer {
         {
             return Err(BatchError::NoSuchView {
                 name: name.into(),
-                known: self
-                    .views
-                    .iter()
-                    .map(|v| v.name())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                known: crate::view::names(&self.views),
             });
         }
         let started = Instant::now();

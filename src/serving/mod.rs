@@ -48,16 +48,89 @@ pub struct BatchSide {
     pub manifest: Manifest,
     /// Per view (in view order): the run's states.
     pub states: Vec<RecordBatch>,
+    /// Per (view, state column): key → rows, for point reads.
+    key_indexes: Mutex<HashMap<(usize, usize), Arc<KeyIndex>>>,
+}
+
+/// Rows of a state batch by the value of one group column (in Arrow's row
+/// format, so equality is the column type's own).
+#[derive(Debug)]
+pub struct KeyIndex {
+    converter: arrow::row::RowConverter,
+    rows: HashMap<Box<[u8]>, Vec<u32>>,
+}
+
+impl KeyIndex {
+    fn build(states: &RecordBatch, col: usize) -> Result<KeyIndex, arrow::error::ArrowError> {
+        let column = states.column(col);
+        let converter = arrow::row::RowConverter::new(vec![arrow::row::SortField::new(
+            column.data_type().clone(),
+        )])?;
+        let keys = converter.convert_columns(std::slice::from_ref(column))?;
+        let mut rows: HashMap<Box<[u8]>, Vec<u32>> = HashMap::with_capacity(states.num_rows());
+        for i in 0..states.num_rows() {
+            rows.entry(Box::from(keys.row(i).as_ref()))
+                .or_default()
+                .push(i as u32);
+        }
+        Ok(KeyIndex { converter, rows })
+    }
+
+    /// Rows whose key equals the one-element array `key`.
+    fn lookup(&self, key: &arrow::array::ArrayRef) -> Result<Vec<u32>, arrow::error::ArrowError> {
+        let k = self.converter.convert_columns(std::slice::from_ref(key))?;
+        Ok(self
+            .rows
+            .get(k.row(0).as_ref())
+            .cloned()
+            .unwrap_or_default())
+    }
 }
 
 impl BatchSide {
-    /// Loads a published run's states, every file verified by its checksum.
+    pub fn new(manifest: Manifest, states: Vec<RecordBatch>) -> BatchSide {
+        BatchSide {
+            manifest,
+            states,
+            key_indexes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Loads a published run's states, every file verified by its checksum,
+    /// and indexes every view's key columns for point reads.
     pub async fn load(batch: &BatchLayer, manifest: Manifest) -> Result<BatchSide, BatchError> {
         let mut states = Vec::with_capacity(batch.views().len());
         for v in batch.views() {
             states.push(batch.read_states(&manifest, v).await?);
         }
-        Ok(BatchSide { manifest, states })
+        let side = BatchSide::new(manifest, states);
+        for (i, v) in batch.views().iter().enumerate() {
+            for (_, col) in v.key_columns() {
+                let _ = side.key_index(i, col);
+            }
+        }
+        Ok(side)
+    }
+
+    fn key_index(
+        &self,
+        view: usize,
+        col: usize,
+    ) -> Result<Arc<KeyIndex>, arrow::error::ArrowError> {
+        if let Some(i) = self
+            .key_indexes
+            .lock()
+            .expect("index lock")
+            .get(&(view, col))
+        {
+            return Ok(i.clone());
+        }
+        let built = Arc::new(KeyIndex::build(&self.states[view], col)?);
+        self.key_indexes
+            .lock()
+            .expect("index lock")
+            .insert((view, col), built.clone());
+        Ok(built)
     }
 }
 
@@ -178,6 +251,27 @@ fn build_index(rows: &[RecordBatch], col: &str) -> Option<ColumnIndex> {
     Some(out)
 }
 
+/// Which events an answer over `snap` holds.
+pub(crate) fn freshness(snap: &Snapshot) -> Freshness {
+    let now = chrono::Utc::now().timestamp_millis();
+    let as_of = snap.batch.as_ref().map(|b| b.manifest.as_of_ms);
+    Freshness {
+        run: snap.batch.as_ref().map(|b| b.manifest.run),
+        h: snap.h(),
+        realtime: snap.realtime_end.clone(),
+        batch_as_of_ms: as_of,
+        batch_age_ms: as_of.map(|t| now - t),
+        realtime_age_ms: snap
+            .realtime_at_ms
+            .iter()
+            .copied()
+            .max()
+            .filter(|&t| t > 0)
+            .map_or(0, |t| now - t),
+        snapshot: snap.version,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServingError {
     #[error("no view named `{name}`; the views are: {known}")]
@@ -245,12 +339,7 @@ impl Serving {
             .position(|v| v.name() == name)
             .ok_or_else(|| ServingError::NoSuchView {
                 name: name.to_string(),
-                known: self
-                    .views
-                    .iter()
-                    .map(|v| v.name())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                known: crate::view::names(&self.views),
             })
     }
 
@@ -339,6 +428,17 @@ impl Serving {
         self.refresh(i).await
     }
 
+    /// View `i` at a given snapshot: the cached answer if it is of that
+    /// snapshot, else computed.
+    pub async fn answer_at(&self, i: usize, snap: &Snapshot) -> Result<Arc<Answer>, ServingError> {
+        if let Some(a) = self.cache[i].answer.load().as_ref()
+            && a.freshness.snapshot == snap.version
+        {
+            return Ok(a.clone());
+        }
+        Ok(Arc::new(self.compute(i, snap).await?))
+    }
+
     /// Computes view `i` for the current snapshot and caches it.
     async fn refresh(&self, i: usize) -> Result<Arc<Answer>, ServingError> {
         let cached = &self.cache[i];
@@ -383,25 +483,72 @@ impl Serving {
             }
         }
         let rows = view.finalize(parts).await?;
-        let now = chrono::Utc::now().timestamp_millis();
-        let freshness = Freshness {
-            run: snap.batch.as_ref().map(|b| b.manifest.run),
-            h: snap.h(),
-            realtime: snap.realtime_end.clone(),
-            batch_as_of_ms: as_of,
-            batch_age_ms: snap.batch.as_ref().map(|b| now - b.manifest.as_of_ms),
-            realtime_age_ms: snap
-                .realtime_at_ms
-                .iter()
-                .copied()
-                .max()
-                .filter(|&t| t > 0)
-                .map_or(0, |t| now - t),
-            snapshot: snap.version,
-        };
         Ok(Answer {
             rows,
-            freshness,
+            freshness: freshness(snap),
+            computed_at: std::time::Instant::now(),
+            index: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A point read: the rows of view `i` whose key column (state column
+    /// `col`, see [`View::key_column`]) equals `value`, merged from just the
+    /// matching groups of the current snapshot — no full merge, always fresh.
+    pub async fn point(&self, i: usize, col: usize, value: &str) -> Result<Answer, ServingError> {
+        use arrow::array::{Array, ArrayRef, StringArray, UInt32Array};
+        use arrow::compute::{cast, filter_record_batch, take_record_batch};
+        let snap = self.snapshot();
+        let view = &self.views[i];
+        snap.check().map_err(|detail| ServingError::Inconsistent {
+            view: view.name().to_string(),
+            detail,
+        })?;
+        let exec = |e: arrow::error::ArrowError| {
+            ServingError::View(ViewError::Exec {
+                view: view.name().to_string(),
+                source: e.into(),
+            })
+        };
+        let ty = view.state_schema().field(col).data_type().clone();
+        let text: ArrayRef = Arc::new(StringArray::from(vec![value]));
+        // A value that is not of the key's type matches no group.
+        let key = cast(&text, &ty).ok().filter(|k| k.null_count() == 0);
+        let mut parts = Vec::new();
+        if let Some(key) = &key {
+            if let Some(b) = &snap.batch {
+                let rows = b
+                    .key_index(i, col)
+                    .and_then(|x| x.lookup(key))
+                    .map_err(exec)?;
+                if !rows.is_empty() {
+                    parts.push(
+                        take_record_batch(&b.states[i], &UInt32Array::from(rows)).map_err(exec)?,
+                    );
+                }
+            }
+            let scalar = arrow::array::Scalar::new(key.clone());
+            let as_of = snap.batch.as_ref().map(|b| b.manifest.as_of_ms);
+            for chunks in &snap.realtime {
+                for c in chunks {
+                    for s in &c.states[i] {
+                        let mask = arrow::compute::kernels::cmp::eq(s.column(col), &scalar)
+                            .map_err(exec)?;
+                        if mask.true_count() == 0 {
+                            continue;
+                        }
+                        let hit = filter_record_batch(s, &mask).map_err(exec)?;
+                        parts.push(match (view.rollup(), as_of) {
+                            (Some(_), Some(t)) => view.roll_up(hit, t).await?,
+                            _ => hit,
+                        });
+                    }
+                }
+            }
+        }
+        let rows = view.finalize(parts).await?;
+        Ok(Answer {
+            rows,
+            freshness: freshness(&snap),
             computed_at: std::time::Instant::now(),
             index: Mutex::new(HashMap::new()),
         })
@@ -513,8 +660,8 @@ mod tests {
                     let total = (h[0] + h[1]) as usize;
                     let states = rt.block_on(view.states(vec![events(total)])).unwrap();
                     run += 1;
-                    serving.set_batch(Arc::new(BatchSide {
-                        manifest: Manifest {
+                    serving.set_batch(Arc::new(BatchSide::new(
+                        Manifest {
                             run,
                             table_version: run as i64,
                             h,
@@ -525,8 +672,8 @@ mod tests {
                             engine: String::new(),
                             views: Default::default(),
                         },
-                        states: vec![states],
-                    }));
+                        vec![states],
+                    )));
                     std::thread::sleep(std::time::Duration::from_millis(2));
                 }
             })

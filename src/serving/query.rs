@@ -5,12 +5,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
-use datafusion::datasource::MemTable;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::datasource::TableType;
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::error::DataFusionError;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::logical_expr::Expr;
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 
-use super::{Answer, Freshness, Serving, ServingError};
+use super::{Freshness, Serving, ServingError, Snapshot};
 
 /// Bounds of one SQL query.
 #[derive(Debug, Clone, Copy)]
@@ -54,24 +60,62 @@ pub struct SqlAnswer {
     pub freshness: Freshness,
 }
 
-/// Runs `sql` over every view's merged rows of the current snapshot.
+/// A view as a table of one snapshot: its rows are merged only if the query
+/// reads it.
+struct ViewTable {
+    serving: Arc<Serving>,
+    index: usize,
+    snap: Arc<Snapshot>,
+    schema: SchemaRef,
+}
+
+impl std::fmt::Debug for ViewTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ViewTable({}, snapshot {})",
+            self.index, self.snap.version
+        )
+    }
+}
+
+#[async_trait::async_trait]
+impl TableProvider for ViewTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::View
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
+        let a = self
+            .serving
+            .answer_at(self.index, &self.snap)
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        Ok(MemorySourceConfig::try_new_exec(
+            &[a.rows.clone()],
+            self.schema.clone(),
+            projection.cloned(),
+        )?)
+    }
+}
+
+/// Runs `sql` over the views' merged rows, all of one snapshot.
 pub async fn run(
     serving: &Arc<Serving>,
     sql: &str,
     limits: SqlLimits,
 ) -> Result<SqlAnswer, QueryError> {
     let snap = serving.snapshot();
-    let mut answers: Vec<Arc<Answer>> = Vec::with_capacity(serving.views().len());
-    for i in 0..serving.views().len() {
-        let a = serving.answer(i).await?;
-        // One instant for every table: recompute if the cache moved on.
-        let a = if a.freshness.snapshot == snap.version {
-            a
-        } else {
-            Arc::new(serving.compute(i, &snap).await?)
-        };
-        answers.push(a);
-    }
     let runtime = RuntimeEnvBuilder::new()
         .with_memory_limit(limits.memory_bytes, 1.0)
         .build_arc()
@@ -81,13 +125,13 @@ pub async fn run(
     let mut cfg = SessionConfig::new();
     cfg.options_mut().sql_parser.enable_ident_normalization = false;
     let ctx = SessionContext::new_with_config_rt(cfg, runtime);
-    for (view, a) in serving.views().iter().zip(&answers) {
-        let table =
-            MemTable::try_new(view.output_schema().clone(), vec![a.rows.clone()]).map_err(|e| {
-                QueryError::Sql {
-                    message: e.to_string(),
-                }
-            })?;
+    for (index, view) in serving.views().iter().enumerate() {
+        let table = ViewTable {
+            serving: serving.clone(),
+            index,
+            snap: snap.clone(),
+            schema: view.output_schema().clone(),
+        };
         ctx.register_table(view.name(), Arc::new(table))
             .map_err(|e| QueryError::Sql {
                 message: e.to_string(),
@@ -136,18 +180,7 @@ pub async fn run(
     } else {
         (rows, false)
     };
-    let freshness = answers
-        .first()
-        .map(|a| a.freshness.clone())
-        .unwrap_or_else(|| Freshness {
-            run: None,
-            h: snap.h(),
-            realtime: snap.realtime_end.clone(),
-            batch_as_of_ms: None,
-            batch_age_ms: None,
-            realtime_age_ms: 0,
-            snapshot: snap.version,
-        });
+    let freshness = super::freshness(&snap);
     Ok(SqlAnswer {
         rows,
         truncated,

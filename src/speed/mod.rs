@@ -66,6 +66,15 @@ struct Part {
     replay: VecDeque<(u64, u64)>,
 }
 
+/// When micro-batches run and where chunks close.
+#[derive(Debug, Clone, Copy)]
+pub struct SpeedOptions {
+    /// At most one micro-batch per interval.
+    pub interval: Duration,
+    pub chunk_events: u64,
+    pub chunk_age: Duration,
+}
+
 /// The speed layer of a node.
 pub struct SpeedLayer {
     log: Arc<Log>,
@@ -81,18 +90,20 @@ pub struct SpeedLayer {
 
 impl SpeedLayer {
     /// Starts at coverage `h`; `committed[p]` are the committed chunks of p at or after h[p].
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         log: Arc<Log>,
-        views: Vec<Arc<View>>,
         serving: Arc<Serving>,
         archive: mpsc::UnboundedSender<ClosedChunk>,
-        interval: Duration,
-        chunk_events: u64,
-        chunk_age: Duration,
+        options: SpeedOptions,
         h: &[u64],
         committed: Vec<Vec<(u64, u64)>>,
     ) -> SpeedLayer {
+        let views = serving.views().to_vec();
+        let SpeedOptions {
+            interval,
+            chunk_events,
+            chunk_age,
+        } = options;
         let parts = h
             .iter()
             .zip(committed)

@@ -91,6 +91,7 @@ pub async fn compile(def: &ViewConfig, schema: &EventSchema) -> Result<View, Vie
     };
     let state_schema = states_plan.schema();
     let output_schema = final_plan.schema();
+    let final_plan_for_keys = final_plan.clone();
     let leaf = find_leaf(&states_plan).ok_or_else(|| {
         ViewError::unsupported(
             &name,
@@ -123,6 +124,11 @@ pub async fn compile(def: &ViewConfig, schema: &EventSchema) -> Result<View, Vie
         output_schema,
         rollup,
         fingerprint: fingerprint(def, schema),
+        key_columns: if kind == ViewKind::Aggregate {
+            key_columns(&final_plan_for_keys, group_columns)
+        } else {
+            Default::default()
+        },
         group_columns,
         task_ctx: ctx.task_ctx(),
     };
@@ -527,6 +533,71 @@ fn split_union(view: &str, physical: &Arc<dyn ExecutionPlan>) -> Result<Split, V
         finalize: final_plan,
         group_columns,
     })
+}
+
+/// Output columns that are group keys, mapped to their state column: a
+/// filter on such a column may be applied to the states before the merge
+/// (one group in, one group out). None when a LIMIT sits on top, because a
+/// LIMIT does not commute with a filter.
+fn key_columns(
+    final_plan: &Arc<dyn ExecutionPlan>,
+    group_columns: usize,
+) -> std::collections::HashMap<String, usize> {
+    use datafusion::physical_expr::expressions::Column;
+    use datafusion::physical_plan::filter::FilterExec;
+    use datafusion::physical_plan::projection::ProjectionExec;
+    let mut out = std::collections::HashMap::new();
+    let mut node = final_plan.clone();
+    loop {
+        if node.fetch().is_some() || node.is::<GlobalLimitExec>() || node.is::<LocalLimitExec>() {
+            return out;
+        }
+        if node.is::<SortExec>()
+            || node.is::<SortPreservingMergeExec>()
+            || is_plumbing(&node)
+            || node.is::<FilterExec>()
+        {
+            node = node.children()[0].clone();
+            continue;
+        }
+        break;
+    }
+    let projection = node
+        .downcast_ref::<ProjectionExec>()
+        .map(|p| p.expr().to_vec());
+    let mut below = match &projection {
+        Some(_) => node.children()[0].clone(),
+        None => node.clone(),
+    };
+    while below.is::<FilterExec>() {
+        below = below.children()[0].clone();
+    }
+    if !below.is::<AggregateExec>() {
+        return out;
+    }
+    match projection {
+        Some(exprs) => {
+            for pe in exprs {
+                if let Some(c) = pe.expr.downcast_ref::<Column>()
+                    && c.index() < group_columns
+                {
+                    out.insert(pe.alias.clone(), c.index());
+                }
+            }
+        }
+        None => {
+            for (i, f) in below
+                .schema()
+                .fields()
+                .iter()
+                .enumerate()
+                .take(group_columns)
+            {
+                out.insert(f.name().clone(), i);
+            }
+        }
+    }
+    out
 }
 
 /// Runs `plan` with its placeholder leaf replaced by `data`.

@@ -164,6 +164,7 @@ pub struct View {
     output_schema: SchemaRef,
     rollup: Option<Rollup>,
     fingerprint: String,
+    key_columns: std::collections::HashMap<String, usize>,
     group_columns: usize,
     task_ctx: compile::Task,
 }
@@ -195,6 +196,22 @@ impl View {
     /// states stored under another fingerprint must not be merged with these.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
+    }
+
+    /// The state column of output column `name`, if it is a group key whose
+    /// filter may be applied to states before the merge (see `serving`).
+    pub fn key_column(&self, name: &str) -> Option<usize> {
+        let c = *self.key_columns.get(name)?;
+        // A rolled-up column's stored values are not the reader's buckets yet.
+        match &self.rollup {
+            Some(r) if r.column() == c => None,
+            _ => Some(c),
+        }
+    }
+
+    /// The output columns that are group keys, with their state columns.
+    pub fn key_columns(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.key_columns.iter().map(|(k, v)| (k.as_str(), *v))
     }
 
     /// How many leading state columns are group keys (all, for a union view).
@@ -298,6 +315,15 @@ impl View {
     pub fn events_schema(&self) -> &SchemaRef {
         &self.events_schema
     }
+}
+
+/// "a, b, c": the names of some views, for error messages.
+pub fn names(views: &[Arc<View>]) -> String {
+    views
+        .iter()
+        .map(|v| v.name())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Compiles every configured view; the first error stops startup.
