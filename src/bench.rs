@@ -486,7 +486,7 @@ pub fn serve(args: ServeBenchArgs) -> anyhow::Result<()> {
     std::fs::write(
         &config_path,
         format!(
-            "data = {:?}\nlisten = \"127.0.0.1:0\"\n[stream]\npartitions = 2\n[batch]\npause = \"5s\"\n",
+            "data = {:?}\nlisten = \"127.0.0.1:0\"\n[stream]\npartitions = 2\n",
             data.display().to_string()
         ),
     )?;
@@ -547,6 +547,10 @@ pub fn serve(args: ServeBenchArgs) -> anyhow::Result<()> {
         }
         if parts.iter().all(|p| p["published"] == p["end"]) {
             break t.elapsed().as_secs_f64();
+        }
+        if parts.iter().all(|p| p["archived"] == p["end"]) {
+            // Archived: run the batch cycle now rather than after the default pause.
+            let _ = rt.block_on(client.post(format!("{url}/v1/batch/run")).send());
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
         if t.elapsed() > std::time::Duration::from_secs(3600) {

@@ -7,6 +7,7 @@
 //!  POST /v1/sql           read-only SQL over the views (each view is a table)
 //!  GET  /v1/status        every layer's watermarks, lag and last run
 //!  GET  /metrics          Prometheus text
+//!  POST /v1/batch/run     start a batch cycle now (instead of after the pause)
 //! ```
 //!
 //! Errors answer with JSON `{"error": …, "hint": …}` and a status that tells a
@@ -68,6 +69,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/views/{name}", get(views::get_view))
         .route("/v1/sql", post(views::post_sql))
         .route("/metrics", get(views::metrics))
+        .route("/v1/batch/run", post(run_batch))
         .with_state(state)
 }
 
@@ -224,4 +226,22 @@ async fn status(
             dead_letters_written: state.ingest.dead_letters().written(),
         },
     })
+}
+
+/// `POST /v1/batch/run`: wakes the batch loop (a run starts if the master
+/// dataset moved since the published run).
+async fn run_batch(
+    axum::extract::State(state): axum::extract::State<Arc<ApiState>>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let l = state.layers.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node runs no batch layer",
+        )
+    })?;
+    l.batch_now.notify_one();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "queued": true })),
+    ))
 }

@@ -40,6 +40,95 @@ pub struct RealtimeChunk {
     pub closed: bool,
     /// Per view (in view order): state batches whose merge is the chunk's states.
     pub states: Vec<Vec<RecordBatch>>,
+    /// Key indexes of large state batches, by (view, batch, column), built on
+    /// the first point read; shared by the versions of a growing chunk whose
+    /// batches did not change.
+    pub indexes: ChunkIndexes,
+}
+
+/// Key indexes of one chunk's state batches.
+pub type ChunkIndexes = Arc<Mutex<HashMap<(usize, usize, usize), Arc<KeyIndex>>>>;
+
+/// State batches with more rows than this are indexed for point reads; smaller
+/// ones are scanned.
+const INDEX_ROWS: usize = 4096;
+
+impl RealtimeChunk {
+    /// Rows of state batch `j` of view `i` whose column `col` equals `key`.
+    fn matching(
+        &self,
+        i: usize,
+        j: usize,
+        col: usize,
+        key: &arrow::array::ArrayRef,
+    ) -> Result<Option<RecordBatch>, arrow::error::ArrowError> {
+        use arrow::array::UInt32Array;
+        let s = &self.states[i][j];
+        let index = self
+            .indexes
+            .lock()
+            .expect("chunk index lock")
+            .get(&(i, j, col))
+            .cloned();
+        match index {
+            Some(index) => {
+                let rows = index.lookup(key)?;
+                if rows.is_empty() {
+                    return Ok(None);
+                }
+                arrow::compute::take_record_batch(s, &UInt32Array::from(rows)).map(Some)
+            }
+            // Not indexed yet (it is being built in the background): scan.
+            None => {
+                let mask = arrow::compute::kernels::cmp::eq(
+                    s.column(col),
+                    &arrow::array::Scalar::new(key.clone()),
+                )?;
+                if mask.true_count() == 0 {
+                    return Ok(None);
+                }
+                arrow::compute::filter_record_batch(s, &mask).map(Some)
+            }
+        }
+    }
+
+    /// Builds, off the async runtime, the key indexes of this chunk's large
+    /// state batches that point reads would use.
+    pub fn index_in_background(self: &Arc<Self>, views: &[Arc<View>]) {
+        let mut todo = Vec::new();
+        for (i, v) in views.iter().enumerate() {
+            for (j, s) in self.states[i].iter().enumerate() {
+                if s.num_rows() > INDEX_ROWS {
+                    for (_, col) in v.key_columns() {
+                        todo.push((i, j, col));
+                    }
+                }
+            }
+        }
+        if todo.is_empty() {
+            return;
+        }
+        let chunk = self.clone();
+        tokio::task::spawn_blocking(move || {
+            for (i, j, col) in todo {
+                if chunk
+                    .indexes
+                    .lock()
+                    .expect("chunk index lock")
+                    .contains_key(&(i, j, col))
+                {
+                    continue;
+                }
+                if let Ok(x) = KeyIndex::build(&chunk.states[i][j], col) {
+                    chunk
+                        .indexes
+                        .lock()
+                        .expect("chunk index lock")
+                        .insert((i, j, col), Arc::new(x));
+                }
+            }
+        });
+    }
 }
 
 /// The published batch run, loaded.
@@ -496,7 +585,7 @@ impl Serving {
     /// matching groups of the current snapshot — no full merge, always fresh.
     pub async fn point(&self, i: usize, col: usize, value: &str) -> Result<Answer, ServingError> {
         use arrow::array::{Array, ArrayRef, StringArray, UInt32Array};
-        use arrow::compute::{cast, filter_record_batch, take_record_batch};
+        use arrow::compute::{cast, take_record_batch};
         let snap = self.snapshot();
         let view = &self.views[i];
         snap.check().map_err(|detail| ServingError::Inconsistent {
@@ -526,17 +615,13 @@ impl Serving {
                     );
                 }
             }
-            let scalar = arrow::array::Scalar::new(key.clone());
             let as_of = snap.batch.as_ref().map(|b| b.manifest.as_of_ms);
             for chunks in &snap.realtime {
                 for c in chunks {
-                    for s in &c.states[i] {
-                        let mask = arrow::compute::kernels::cmp::eq(s.column(col), &scalar)
-                            .map_err(exec)?;
-                        if mask.true_count() == 0 {
+                    for j in 0..c.states[i].len() {
+                        let Some(hit) = c.matching(i, j, col, key).map_err(exec)? else {
                             continue;
-                        }
-                        let hit = filter_record_batch(s, &mask).map_err(exec)?;
+                        };
                         parts.push(match (view.rollup(), as_of) {
                             (Some(_), Some(t)) => view.roll_up(hit, t).await?,
                             _ => hit,
@@ -633,6 +718,7 @@ mod tests {
                                 end: at + chunk as u64,
                                 closed: true,
                                 states: vec![vec![s.clone()]],
+                                indexes: Default::default(),
                             }));
                             at += chunk as u64;
                         }

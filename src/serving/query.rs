@@ -102,7 +102,7 @@ impl TableProvider for ViewTable {
             .await
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
         Ok(MemorySourceConfig::try_new_exec(
-            &[a.rows.clone()],
+            std::slice::from_ref(&a.rows),
             self.schema.clone(),
             projection.cloned(),
         )?)

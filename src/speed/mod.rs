@@ -75,6 +75,22 @@ pub struct SpeedOptions {
     pub chunk_age: Duration,
 }
 
+/// Merges each view's state batches into one.
+async fn compact(
+    views: &[Arc<View>],
+    states: Vec<Vec<RecordBatch>>,
+) -> Result<Vec<Vec<RecordBatch>>, ViewError> {
+    let mut out = Vec::with_capacity(states.len());
+    for (v, s) in views.iter().zip(states) {
+        out.push(if s.len() > 1 {
+            vec![v.merge(s).await?]
+        } else {
+            s
+        });
+    }
+    Ok(out)
+}
+
 /// The speed layer of a node.
 pub struct SpeedLayer {
     log: Arc<Log>,
@@ -163,22 +179,36 @@ impl SpeedLayer {
                     .collect();
                 let open = part.chunks.last().expect("an open chunk").clone();
                 let mut states = open.states.clone();
+                // Batches only appended keep their point-read indexes; a compaction drops them.
+                let mut indexes = open.indexes.clone();
                 for (i, v) in self.views.iter().enumerate() {
                     let s = v.states(batches.clone()).await?;
                     states[i].push(s);
                     if states[i].len() >= COMPACT_AT {
                         let merged = v.merge(std::mem::take(&mut states[i])).await?;
                         states[i].push(merged);
+                        indexes = Default::default();
                     }
                 }
                 let closes = upto == limit;
-                *part.chunks.last_mut().expect("open chunk") = Arc::new(RealtimeChunk {
+                if closes {
+                    // A closed chunk no longer grows: one state batch per view reads fastest.
+                    states = compact(&self.views, states).await?;
+                    indexes = Default::default();
+                }
+                let reindex = !Arc::ptr_eq(&indexes, &open.indexes);
+                let chunk = Arc::new(RealtimeChunk {
                     partition: p as u32,
                     start,
                     end: upto,
                     closed: closes,
                     states,
+                    indexes,
                 });
+                if reindex {
+                    chunk.index_in_background(&self.views);
+                }
+                *part.chunks.last_mut().expect("open chunk") = chunk;
                 self.metrics.observe(t.elapsed(), upto - part.next);
                 part.next = upto;
                 part.open_since.get_or_insert_with(Instant::now);
@@ -198,7 +228,11 @@ impl SpeedLayer {
             {
                 let mut c = (**last).clone();
                 c.closed = true;
-                *part.chunks.last_mut().expect("open chunk") = Arc::new(c);
+                c.states = compact(&self.views, c.states).await?;
+                c.indexes = Default::default();
+                let c = Arc::new(c);
+                c.index_in_background(&self.views);
+                *part.chunks.last_mut().expect("open chunk") = c;
                 Self::close(part, p as u32, &self.archive, &self.metrics);
                 touched = true;
             }
@@ -221,6 +255,7 @@ impl SpeedLayer {
                 end: part.next,
                 closed: false,
                 states: vec![Vec::new(); views],
+                indexes: Default::default(),
             }));
             part.open_since = None;
         }
