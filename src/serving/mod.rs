@@ -40,14 +40,14 @@ pub struct RealtimeChunk {
     pub closed: bool,
     /// Per view (in view order): state batches whose merge is the chunk's states.
     pub states: Vec<Vec<RecordBatch>>,
-    /// Key indexes of large state batches, by (view, batch, column), built on
-    /// the first point read; shared by the versions of a growing chunk whose
-    /// batches did not change.
+    /// Key indexes of large state batches, by (view, batch, column), built in
+    /// the background after the first point read that needs one; shared by
+    /// the versions of a growing chunk whose batches did not change.
     pub indexes: ChunkIndexes,
 }
 
-/// Key indexes of one chunk's state batches.
-pub type ChunkIndexes = Arc<Mutex<HashMap<(usize, usize, usize), Arc<KeyIndex>>>>;
+/// Key indexes of one chunk's state batches (`None`: being built).
+pub type ChunkIndexes = Arc<Mutex<HashMap<(usize, usize, usize), Option<Arc<KeyIndex>>>>>;
 
 /// State batches with more rows than this are indexed for point reads; smaller
 /// ones are scanned.
@@ -64,12 +64,29 @@ impl RealtimeChunk {
     ) -> Result<Option<RecordBatch>, arrow::error::ArrowError> {
         use arrow::array::UInt32Array;
         let s = &self.states[i][j];
-        let index = self
-            .indexes
-            .lock()
-            .expect("chunk index lock")
-            .get(&(i, j, col))
-            .cloned();
+        let index = if s.num_rows() > INDEX_ROWS {
+            let mut all = self.indexes.lock().expect("chunk index lock");
+            match all.get(&(i, j, col)) {
+                Some(x) => x.clone(),
+                None => {
+                    // First point read of this batch: index it off the read path.
+                    all.insert((i, j, col), None);
+                    let batch = s.clone();
+                    let indexes = self.indexes.clone();
+                    tokio::task::spawn_blocking(move || {
+                        if let Ok(x) = KeyIndex::build(&batch, col) {
+                            indexes
+                                .lock()
+                                .expect("chunk index lock")
+                                .insert((i, j, col), Some(Arc::new(x)));
+                        }
+                    });
+                    None
+                }
+            }
+        } else {
+            None
+        };
         match index {
             Some(index) => {
                 let rows = index.lookup(key)?;
@@ -90,44 +107,6 @@ impl RealtimeChunk {
                 arrow::compute::filter_record_batch(s, &mask).map(Some)
             }
         }
-    }
-
-    /// Builds, off the async runtime, the key indexes of this chunk's large
-    /// state batches that point reads would use.
-    pub fn index_in_background(self: &Arc<Self>, views: &[Arc<View>]) {
-        let mut todo = Vec::new();
-        for (i, v) in views.iter().enumerate() {
-            for (j, s) in self.states[i].iter().enumerate() {
-                if s.num_rows() > INDEX_ROWS {
-                    for (_, col) in v.key_columns() {
-                        todo.push((i, j, col));
-                    }
-                }
-            }
-        }
-        if todo.is_empty() {
-            return;
-        }
-        let chunk = self.clone();
-        tokio::task::spawn_blocking(move || {
-            for (i, j, col) in todo {
-                if chunk
-                    .indexes
-                    .lock()
-                    .expect("chunk index lock")
-                    .contains_key(&(i, j, col))
-                {
-                    continue;
-                }
-                if let Ok(x) = KeyIndex::build(&chunk.states[i][j], col) {
-                    chunk
-                        .indexes
-                        .lock()
-                        .expect("chunk index lock")
-                        .insert((i, j, col), Arc::new(x));
-                }
-            }
-        });
     }
 }
 

@@ -196,7 +196,6 @@ impl SpeedLayer {
                     states = compact(&self.views, states).await?;
                     indexes = Default::default();
                 }
-                let reindex = !Arc::ptr_eq(&indexes, &open.indexes);
                 let chunk = Arc::new(RealtimeChunk {
                     partition: p as u32,
                     start,
@@ -205,9 +204,6 @@ impl SpeedLayer {
                     states,
                     indexes,
                 });
-                if reindex {
-                    chunk.index_in_background(&self.views);
-                }
                 *part.chunks.last_mut().expect("open chunk") = chunk;
                 self.metrics.observe(t.elapsed(), upto - part.next);
                 part.next = upto;
@@ -230,9 +226,7 @@ impl SpeedLayer {
                 c.closed = true;
                 c.states = compact(&self.views, c.states).await?;
                 c.indexes = Default::default();
-                let c = Arc::new(c);
-                c.index_in_background(&self.views);
-                *part.chunks.last_mut().expect("open chunk") = c;
+                *part.chunks.last_mut().expect("open chunk") = Arc::new(c);
                 Self::close(part, p as u32, &self.archive, &self.metrics);
                 touched = true;
             }
