@@ -365,6 +365,7 @@ async fn batch_loop(
                 // Swap the run into serving (realtime chunks it covers leave in the same swap).
                 let side = BatchSide::load(&batch, m.clone()).await?;
                 serving.set_batch(Arc::new(side));
+                release_free_memory();
                 Ok::<_, NodeError>(m)
             }
             .await;
@@ -399,5 +400,17 @@ async fn batch_loop(
             _ = now.notified() => {}
             _ = stop.changed() => {}
         }
+    }
+}
+
+/// Hands memory freed by dropped realtime chunks back to the OS: glibc keeps
+/// freed heap in its arenas otherwise, and the process would keep the RSS of
+/// its largest realtime window forever.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own free lists; it has no
+    // preconditions and may run at any time from any thread.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
