@@ -23,7 +23,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::batch::{BatchError, BatchLayer, Manifest, Progress};
+use crate::batch::{BatchError, BatchLayer, Progress, RunInfo};
 use crate::config::{Config, ConfigError};
 use crate::master::{MasterDataset, MasterError, archiver};
 use crate::serving::{BatchSide, Serving};
@@ -70,36 +70,11 @@ pub enum NodeError {
 /// The batch layer's state, for `/v1/status`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct BatchStatus {
-    pub published: Option<PublishedRun>,
+    pub published: Option<RunInfo>,
     /// When the run in progress started (ms since the epoch).
     pub running_since_ms: Option<i64>,
     pub runs: u64,
     pub last_error: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct PublishedRun {
-    pub run: u64,
-    pub table_version: i64,
-    pub h: Vec<u64>,
-    pub events: u64,
-    pub as_of_ms: i64,
-    pub started_ms: i64,
-    pub duration_ms: u64,
-}
-
-impl From<&Manifest> for PublishedRun {
-    fn from(m: &Manifest) -> Self {
-        PublishedRun {
-            run: m.run,
-            table_version: m.table_version,
-            h: m.h.clone(),
-            events: m.events,
-            as_of_ms: m.as_of_ms,
-            started_ms: m.started_ms,
-            duration_ms: m.duration_ms,
-        }
-    }
 }
 
 /// What the API reads of the layers.
@@ -219,7 +194,7 @@ impl Node {
             let _lock = batch_lock(&config.data).await?;
             let health = batch.check().await?;
             if let Some(m) = &health.manifest {
-                status.lock().expect("status lock").published = Some(m.into());
+                status.lock().expect("status lock").published = Some(m.info.clone());
             }
             if !health.is_ok() {
                 for (view, problem) in &health.problems {
@@ -231,7 +206,7 @@ impl Node {
                 }
                 let m = batch.run(None, None).await?;
                 let mut s = status.lock().expect("status lock");
-                s.published = Some((&m).into());
+                s.published = Some(m.info.clone());
                 s.runs += 1;
             }
         }
@@ -373,7 +348,7 @@ async fn batch_loop(
             s.running_since_ms = None;
             match result {
                 Ok(m) => {
-                    s.published = Some((&m).into());
+                    s.published = Some(m.info.clone());
                     s.runs += 1;
                     s.last_error = None;
                     drop(s);

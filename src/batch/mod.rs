@@ -79,8 +79,23 @@ pub struct ViewEntry {
 
 /// What `views/CURRENT` holds: one run of every view at one coverage.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Manifest {
+    #[serde(flatten)]
+    pub info: RunInfo,
+    pub views: BTreeMap<String, ViewEntry>,
+}
+
+impl std::ops::Deref for Manifest {
+    type Target = RunInfo;
+
+    fn deref(&self) -> &RunInfo {
+        &self.info
+    }
+}
+
+/// A run: what it read and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunInfo {
     pub run: u64,
     /// The master dataset version the run read.
     pub table_version: i64,
@@ -93,7 +108,6 @@ pub struct Manifest {
     pub started_ms: i64,
     pub duration_ms: u64,
     pub engine: String,
-    pub views: BTreeMap<String, ViewEntry>,
 }
 
 /// What is wrong with the published run, per view.
@@ -319,14 +333,16 @@ impl BatchLayer {
             views.insert(view.name().to_string(), entry);
         }
         let manifest = Manifest {
-            run,
-            table_version: snapshot.coverage.version,
-            h: snapshot.coverage.h.clone(),
-            events: snapshot.events(),
-            as_of_ms,
-            started_ms,
-            duration_ms: started.elapsed().as_millis() as u64,
-            engine: engine_version(),
+            info: RunInfo {
+                run,
+                table_version: snapshot.coverage.version,
+                h: snapshot.coverage.h.clone(),
+                events: snapshot.events(),
+                as_of_ms,
+                started_ms,
+                duration_ms: started.elapsed().as_millis() as u64,
+                engine: engine_version(),
+            },
             views,
         };
         let json = serde_json::to_vec_pretty(&manifest).expect("manifests serialize");

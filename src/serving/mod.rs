@@ -727,14 +727,16 @@ mod tests {
                     run += 1;
                     serving.set_batch(Arc::new(BatchSide::new(
                         Manifest {
-                            run,
-                            table_version: run as i64,
-                            h,
-                            events: total as u64,
-                            as_of_ms: 0,
-                            started_ms: 0,
-                            duration_ms: 0,
-                            engine: String::new(),
+                            info: crate::batch::RunInfo {
+                                run,
+                                table_version: run as i64,
+                                h,
+                                events: total as u64,
+                                as_of_ms: 0,
+                                started_ms: 0,
+                                duration_ms: 0,
+                                engine: String::new(),
+                            },
                             views: Default::default(),
                         },
                         vec![states],
