@@ -61,6 +61,104 @@ pub struct Config {
     pub schema: SchemaConfig,
     #[serde(default = "default_views")]
     pub views: Vec<ViewConfig>,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// `POST /v1/events`, `POST /v1/batch/run`.
+    Ingest,
+    /// Every read: views, SQL, status, metrics.
+    Query,
+}
+
+/// `[auth]`: bearer tokens. With none, the API is open — and then it may
+/// only listen on a loopback address.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    #[serde(default)]
+    pub tokens: Vec<TokenConfig>,
+}
+
+/// One token: its value (or the environment variable holding it) and scopes.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// The token itself (prefer `env`, so it is not in the file).
+    #[serde(default, skip_serializing)]
+    pub token: Option<String>,
+    /// Name of an environment variable holding the token.
+    #[serde(default)]
+    pub env: Option<String>,
+    pub scopes: Vec<Scope>,
+}
+
+impl std::fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print a token.
+        f.debug_struct("TokenConfig")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("env", &self.env)
+            .field("scopes", &self.scopes)
+            .finish()
+    }
+}
+
+impl TokenConfig {
+    /// The token's value: from the file or from its environment variable.
+    pub fn value(&self) -> Option<String> {
+        match (&self.token, &self.env) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(e)) => std::env::var(e).ok(),
+            (None, None) => None,
+        }
+    }
+}
+
+/// `[http]`: the listener's limits and TLS.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// A client must send its request headers within this time.
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// …and its body within this time (408 otherwise).
+    #[serde(default = "default_body_timeout", with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// Serve HTTPS with this certificate chain and key (PEM files).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_body_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            header_timeout: default_header_timeout(),
+            body_timeout: default_body_timeout(),
+            tls: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 fn default_data() -> PathBuf {
@@ -315,6 +413,8 @@ impl Default for Config {
             batch: BatchConfig::default(),
             schema: SchemaConfig::default(),
             views: default_views(),
+            auth: AuthConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -398,6 +498,50 @@ impl Config {
                 "stream.key",
                 format!("no field named `{key}` in the schema"),
                 schema.suggest(key).map(|s| format!("did you mean `{s}`?")),
+            ));
+        }
+        for (i, t) in self.auth.tokens.iter().enumerate() {
+            let key = format!("auth.tokens[{i}]");
+            match (&t.token, &t.env) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(invalid(
+                        &key,
+                        "give exactly one of `token` and `env`".into(),
+                        Some("env = \"NAME\" keeps the token out of the file".into()),
+                    ));
+                }
+                (None, Some(e)) if std::env::var(e).is_err() => {
+                    return Err(invalid(
+                        &format!("{key}.env"),
+                        format!("the environment variable `{e}` is not set"),
+                        None,
+                    ));
+                }
+                _ => {}
+            }
+            if t.value().is_some_and(|v| v.len() < 16) {
+                return Err(invalid(
+                    &key,
+                    "a token must be at least 16 characters".into(),
+                    Some("generate one with `openssl rand -hex 24`".into()),
+                ));
+            }
+            if t.scopes.is_empty() {
+                return Err(invalid(
+                    &format!("{key}.scopes"),
+                    "a token needs at least one scope: \"ingest\", \"query\"".into(),
+                    None,
+                ));
+            }
+        }
+        if !self.listen.ip().is_loopback() && self.auth.tokens.is_empty() {
+            return Err(invalid(
+                "listen",
+                format!(
+                    "{} is not a loopback address, and no access tokens are configured",
+                    self.listen
+                ),
+                Some("add [auth] tokens (with scopes \"ingest\" and \"query\"), or listen on 127.0.0.1".into()),
             ));
         }
         let mut names = std::collections::HashSet::new();

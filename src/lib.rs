@@ -17,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod failpoint;
+pub mod health;
 pub mod master;
 pub mod metrics;
 pub mod node;

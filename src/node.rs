@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 
 use crate::batch::{BatchError, BatchLayer, Progress, RunInfo};
 use crate::config::{Config, ConfigError};
+use crate::health::Health;
 use crate::master::{MasterDataset, MasterError, archiver};
 use crate::serving::{BatchSide, Serving};
 use crate::speed::{SpeedError, SpeedLayer, SpeedMetrics, SpeedOptions};
@@ -86,6 +87,8 @@ pub struct Layers {
     pub speed: Arc<SpeedMetrics>,
     /// Wakes the batch loop for a run now (demo, tests).
     pub batch_now: Arc<tokio::sync::Notify>,
+    /// Failures being retried, and repairs made.
+    pub health: Arc<Health>,
 }
 
 /// The layers of one process.
@@ -189,6 +192,7 @@ impl Node {
         }
 
         let status = Arc::new(Mutex::new(BatchStatus::default()));
+        let node_health = Arc::new(Health::default());
         // Before serving: the published views must be whole, or be rebuilt.
         {
             let _lock = batch_lock(&config.data).await?;
@@ -202,6 +206,12 @@ impl Node {
                         view,
                         problem,
                         "published batch view unusable; rebuilding from the master dataset"
+                    );
+                    node_health.recovered(
+                        "batch",
+                        &format!(
+                            "view `{view}`: {problem}; rebuilt from the master dataset at startup"
+                        ),
                     );
                 }
                 let m = batch.run(None, None).await?;
@@ -239,6 +249,7 @@ impl Node {
             &h,
             committed,
         );
+        speed.health = node_health.clone();
         let t = std::time::Instant::now();
         speed.catch_up().await?;
         tracing::info!(from = ?h, to = ?serving.snapshot().realtime_end, took_ms = t.elapsed().as_millis() as u64, "speed layer caught up with the log");
@@ -251,6 +262,7 @@ impl Node {
             serving: serving.clone(),
             speed: speed.metrics.clone(),
             batch_now: batch_now.clone(),
+            health: node_health.clone(),
         });
         let (stop, stop_rx) = watch::channel(false);
         let tasks = vec![
@@ -259,6 +271,7 @@ impl Node {
                 master.clone(),
                 log.clone(),
                 archive_rx,
+                node_health.clone(),
                 stop_rx.clone(),
             )),
             tokio::spawn(batch_loop(
@@ -269,6 +282,7 @@ impl Node {
                 config.batch.pause,
                 status,
                 batch_now,
+                node_health,
                 stop_rx,
             )),
         ];
@@ -312,6 +326,7 @@ async fn batch_loop(
     pause: Duration,
     status: Arc<Mutex<BatchStatus>>,
     now: Arc<tokio::sync::Notify>,
+    health: Arc<Health>,
     mut stop: watch::Receiver<bool>,
 ) {
     let has_rollup = batch.views().iter().any(|v| v.rollup().is_some());
@@ -344,19 +359,26 @@ async fn batch_loop(
                 Ok::<_, NodeError>(m)
             }
             .await;
-            let mut s = status.lock().expect("status lock");
-            s.running_since_ms = None;
+            status.lock().expect("status lock").running_since_ms = None;
             match result {
                 Ok(m) => {
-                    s.published = Some(m.info.clone());
-                    s.runs += 1;
-                    s.last_error = None;
-                    drop(s);
+                    {
+                        let mut s = status.lock().expect("status lock");
+                        s.published = Some(m.info.clone());
+                        s.runs += 1;
+                        s.last_error = None;
+                    }
+                    health.clear("batch");
                     // Only now, with a published run covering them, may the log forget events.
                     for (p, &h) in m.h.iter().enumerate() {
+                        let component = format!("retention/p{p}");
                         match log.delete_below(p as u32, h) {
-                            Ok(start) => tracing::debug!(partition = p, start, "log retention"),
+                            Ok(start) => {
+                                health.clear(&component);
+                                tracing::debug!(partition = p, start, "log retention")
+                            }
                             Err(e) => {
+                                health.report(&component, &e);
                                 tracing::warn!(partition = p, error = %e, "log retention failed")
                             }
                         }
@@ -364,11 +386,40 @@ async fn batch_loop(
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "batch run failed; the previous run stays published");
-                    s.last_error = Some(e.to_string());
+                    status.lock().expect("status lock").last_error = Some(e.to_string());
+                    health.report("batch", &e);
+                    if let NodeError::Batch(BatchError::Master(
+                        bad @ MasterError::Corrupt { path, .. },
+                    )) = &e
+                    {
+                        match batch.master().repair(bad, &log).await {
+                            Ok(true) => {
+                                tracing::warn!(
+                                    path,
+                                    "rewrote a corrupt master dataset file from the log"
+                                );
+                                health.recovered(
+                                    "master",
+                                    &format!(
+                                        "rewrote {path} from the log (its checksum matches again)"
+                                    ),
+                                );
+                                now.notify_one();
+                            }
+                            Ok(false) => {}
+                            Err(e) => {
+                                tracing::warn!(path, error = %e, "could not repair a master dataset file")
+                            }
+                        }
+                    }
                 }
             }
-        } else if let Err(e) = latest {
+        } else if let Err(e) = &latest {
+            health.report("master", e);
             tracing::warn!(error = %e, "could not read the master dataset");
+        }
+        if latest.is_ok() {
+            health.clear("master");
         }
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}

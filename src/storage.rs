@@ -33,7 +33,10 @@ pub enum StorageError {
 }
 
 /// Wraps an object-store error with what was being done, and where.
-fn io(op: &'static str, path: &ObjectPath) -> impl FnOnce(object_store::Error) -> StorageError {
+pub(crate) fn io(
+    op: &'static str,
+    path: &ObjectPath,
+) -> impl FnOnce(object_store::Error) -> StorageError {
     let path = path.to_string();
     move |source| StorageError::Io { op, path, source }
 }

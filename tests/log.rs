@@ -263,11 +263,20 @@ fn corruption_in_a_sealed_segment_is_reported_on_read_with_offsets() {
     })()
     .expect_err("a flipped byte must be detected");
     match err {
-        LogError::Corrupt { first_offset, .. } => {
+        LogError::Corrupt {
+            first_offset,
+            until,
+            ..
+        } => {
             assert!(
-                first_offset < 200,
+                first_offset < until && until <= 200,
                 "the error names the offsets affected: {err}"
-            )
+            );
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&format!("offsets {first_offset}..{until} cannot be read")),
+                "the message names the range: {msg}"
+            );
         }
         other => panic!("expected a Corrupt error, got {other}"),
     }

@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use super::{ApiError, ApiState};
+use super::{ApiError, ApiState, read_body};
 use crate::stream::ingest::IngestFailure;
 use crate::stream::{IngestError, LogError};
 
@@ -25,36 +25,22 @@ pub(super) async fn post_events(
         )
         .retry_after(1)
     })?;
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "the request body is larger than the limit of {}\nhint: split the events over several requests, or raise ingest.max_body",
-                bytesize::ByteSize::b(state.max_body as u64)
-            ),
-        )
-    };
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let hint = "split the events over several requests, or raise ingest.max_body";
     if declared.is_some_and(|n| n > state.max_body as u64) {
-        return Err(too_large());
+        // Refuse before reading a byte of it.
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the request body is larger than the limit of {}\nhint: {hint}",
+                bytesize::ByteSize::b(state.max_body as u64)
+            ),
+        ));
     }
-    let bytes = axum::body::to_bytes(body, state.max_body)
-        .await
-        .map_err(|e| {
-            let limited = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if limited {
-                too_large()
-            } else {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    format!("could not read the request body: {e}"),
-                )
-            }
-        })?;
+    let bytes = read_body(&state, body, state.max_body, hint).await?;
 
     match state.ingest.ingest(bytes).await {
         Ok(report) => {

@@ -14,10 +14,12 @@
 //! client what to do: 400 fix the request, 413 split it, 503 retry after
 //! `Retry-After`, 507 the server's disk is full.
 
+pub mod auth;
 mod events;
 mod views;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
@@ -41,6 +43,10 @@ pub struct ApiState {
     pub in_flight: Arc<Semaphore>,
     pub query_latency: crate::metrics::Histogram,
     pub sql_latency: crate::metrics::Histogram,
+    /// Who may do what (empty: everyone, on loopback only).
+    pub auth: auth::Auth,
+    /// A request body must arrive within this time (408 otherwise).
+    pub body_timeout: Duration,
 }
 
 impl ApiState {
@@ -57,9 +63,66 @@ impl ApiState {
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
             query_latency: Default::default(),
             sql_latency: Default::default(),
+            auth: auth::Auth::default(),
+            body_timeout: Duration::from_secs(60),
+        }
+    }
+
+    pub fn with_auth(mut self, auth: auth::Auth) -> ApiState {
+        self.auth = auth;
+        self
+    }
+
+    pub fn with_body_timeout(mut self, t: Duration) -> ApiState {
+        self.body_timeout = t;
+        self
+    }
+}
+
+/// Reads a whole request body: at most `limit` bytes (413) within
+/// `state.body_timeout` (408), so neither a huge body nor a client that
+/// trickles one byte a minute can hold memory or a request slot for long.
+pub(crate) async fn read_body(
+    state: &ApiState,
+    body: axum::body::Body,
+    limit: usize,
+    what: &str,
+) -> Result<bytes::Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the request body is larger than the limit of {}\nhint: {what}",
+                bytesize::ByteSize::b(limit as u64)
+            ),
+        )
+    };
+    match tokio::time::timeout(state.body_timeout, axum::body::to_bytes(body, limit)).await {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {}\nhint: send the body as fast as the network allows, or raise http.body_timeout",
+                humantime::format_duration(state.body_timeout)
+            ),
+        )),
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(e)) => {
+            let limited = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            Err(if limited {
+                too_large()
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("could not read the request body: {e}"),
+                )
+            })
         }
     }
 }
+
+/// Largest SQL request body.
+pub const MAX_SQL_BODY: usize = 1 << 20;
 
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
@@ -70,6 +133,12 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/sql", post(views::post_sql))
         .route("/metrics", get(views::metrics))
         .route("/v1/batch/run", post(run_batch))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ))
+        // Bodies are bounded by each handler (`read_body`), not by axum's default.
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
 }
 
@@ -134,6 +203,9 @@ struct Status {
     batch: Option<BatchStatus>,
     #[serde(skip_serializing_if = "Option::is_none")]
     speed: Option<SpeedStatus>,
+    /// Failures being retried now, and repairs made since startup.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    health: Option<crate::health::HealthReport>,
 }
 
 #[derive(Serialize)]
@@ -214,6 +286,7 @@ async fn status(
         })
         .collect();
     Json(Status {
+        health: state.layers.as_ref().map(|l| l.health.report_all()),
         master,
         batch,
         speed,

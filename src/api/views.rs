@@ -11,7 +11,6 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::{ApiError, ApiState};
@@ -194,10 +193,17 @@ pub(super) async fn get_view(
 pub(super) async fn post_sql(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Result<Json<Value>, ApiError> {
     let began = Instant::now();
     let l = layers(&state)?;
+    let body = super::read_body(
+        &state,
+        body,
+        super::MAX_SQL_BODY,
+        "a query over the views is short; send one SELECT",
+    )
+    .await?;
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

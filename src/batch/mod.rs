@@ -300,6 +300,7 @@ impl BatchLayer {
             (Some(_), Some(p)) => self.master.snapshot_at(p.table_version).await?,
             _ => self.master.snapshot().await?,
         };
+        self.master.verify(&snapshot.files).await?;
         let as_of_ms = match (only, &prev) {
             (Some(_), Some(p)) => p.as_of_ms,
             _ => started_ms,

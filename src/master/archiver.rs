@@ -72,6 +72,7 @@ pub async fn run_queue(
     master: Arc<MasterDataset>,
     log: Arc<Log>,
     mut chunks: mpsc::UnboundedReceiver<ClosedChunk>,
+    health: Arc<crate::health::Health>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -80,20 +81,24 @@ pub async fn run_queue(
             _ = stop.changed() => break,
         };
         let mut backoff = Duration::from_millis(100);
+        let component = format!("archive/p{}", c.partition);
         loop {
             match archive_chunk(&master, &log, c).await {
-                Ok(CommitOutcome::Committed { version }) => {
-                    tracing::debug!(
-                        partition = c.partition,
-                        start = c.start,
-                        end = c.end,
-                        version,
-                        "archived a chunk"
-                    );
+                Ok(outcome) => {
+                    health.clear(&component);
+                    if let CommitOutcome::Committed { version } = outcome {
+                        tracing::debug!(
+                            partition = c.partition,
+                            start = c.start,
+                            end = c.end,
+                            version,
+                            "archived a chunk"
+                        );
+                    }
                     break;
                 }
-                Ok(CommitOutcome::AlreadyCommitted) => break,
                 Err(e) => {
+                    health.report(&component, &e);
                     tracing::error!(partition = c.partition, start = c.start, end = c.end, error = %e, retry_in = ?backoff, "archiving a chunk failed; will retry");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}

@@ -35,11 +35,12 @@ use deltalake::DeltaTable;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, Add, DataType as DeltaType, StructField, Transaction};
 use deltalake::protocol::{DeltaOperation, SaveMode};
+use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
 
 use crate::schema::{EventSchema, FieldType};
 use crate::storage::{Storage, StorageError};
-use crate::stream::LogBatch;
+use crate::stream::{Log, LogBatch};
 
 /// Columns lambdaflow adds to every event in the master dataset.
 pub const PARTITION_COLUMN: &str = "_partition";
@@ -80,6 +81,17 @@ pub enum MasterError {
         start: u64,
         end: u64,
         got: u64,
+    },
+    #[error(
+        "master dataset file {path} is corrupt: its CRC-32C is {found:08x}, it was written as {expected:08x}\ndetail: partition {partition}, offsets {start}..{end}\nhint: lambdaflow rewrites it from the log while the log still holds those offsets; otherwise restore the file from a backup. The published views stay as they are meanwhile"
+    )]
+    Corrupt {
+        path: String,
+        partition: u32,
+        start: u64,
+        end: u64,
+        expected: u32,
+        found: u32,
     },
 }
 
@@ -122,24 +134,31 @@ impl MasterSnapshot {
             .files
             .iter()
             .filter_map(|f| parse_chunk_name(f.location.filename()?))
-            .filter(|&(q, _, _)| q == p)
-            .map(|(_, s, e)| (s, e))
+            .filter(|&(q, _, _, _)| q == p)
+            .map(|(_, s, e, _)| (s, e))
             .collect();
         out.sort_unstable();
         out
     }
 }
 
-fn chunk_name(partition: u32, start: u64, end: u64) -> String {
-    format!("part-p{partition:04}-{start:020}-{end:020}.parquet")
+/// A chunk's file name carries the CRC-32C of its bytes: Delta's `Add`
+/// has no checksum field that the reader exposes, and a name travels with
+/// the file to any tool (`ls` shows it, a copy keeps it).
+fn chunk_name(partition: u32, start: u64, end: u64, crc: u32) -> String {
+    format!("part-p{partition:04}-{start:020}-{end:020}-{crc:08x}.parquet")
 }
 
-/// `part-p0001-…start…-…end….parquet` → (1, start, end).
-fn parse_chunk_name(name: &str) -> Option<(u32, u64, u64)> {
+/// `part-p0001-…start…-…end…[-crc].parquet` → (1, start, end, crc).
+fn parse_chunk_name(name: &str) -> Option<(u32, u64, u64, Option<u32>)> {
     let rest = name.strip_prefix("part-p")?.strip_suffix(".parquet")?;
     let mut it = rest.split('-');
     let (p, s, e) = (it.next()?, it.next()?, it.next()?);
-    Some((p.parse().ok()?, s.parse().ok()?, e.parse().ok()?))
+    let crc = match it.next() {
+        Some(c) => Some(u32::from_str_radix(c, 16).ok()?),
+        None => None,
+    };
+    Some((p.parse().ok()?, s.parse().ok()?, e.parse().ok()?, crc))
 }
 
 /// What committing a chunk did.
@@ -160,6 +179,8 @@ pub struct MasterDataset {
     file_schema: SchemaRef,
     partitions: u32,
     coverage: std::sync::Mutex<Coverage>,
+    /// Files whose checksum this process has verified (files never change).
+    verified: std::sync::Mutex<std::collections::HashSet<object_store::path::Path>>,
 }
 
 fn app_id(partition: u32) -> String {
@@ -270,6 +291,7 @@ impl MasterDataset {
                 version: -1,
                 h: vec![0; partitions as usize],
             }),
+            verified: Default::default(),
         };
         master.check_schema().await?;
         master.refresh().await?;
@@ -398,6 +420,90 @@ impl MasterDataset {
         Ok(MasterSnapshot { coverage, files })
     }
 
+    /// Checks each file's bytes against the checksum in its name (once per
+    /// file and process: files are immutable). Reads them in full, so the
+    /// batch layer never computes a view over damaged events.
+    pub async fn verify(&self, files: &[DataFile]) -> Result<(), MasterError> {
+        for f in files {
+            if self
+                .verified
+                .lock()
+                .expect("verified lock")
+                .contains(&f.location)
+            {
+                continue;
+            }
+            let Some((partition, start, end, Some(expected))) =
+                f.location.filename().and_then(parse_chunk_name)
+            else {
+                continue; // written by an older version or another tool: no checksum
+            };
+            let bytes = self
+                .storage
+                .store()
+                .get(&f.location)
+                .await
+                .map_err(|e| crate::storage::io("read", &f.location)(e))?
+                .bytes()
+                .await
+                .map_err(|e| crate::storage::io("read", &f.location)(e))?;
+            let found = crc32c::crc32c(&bytes);
+            if found != expected {
+                return Err(MasterError::Corrupt {
+                    path: f.location.to_string(),
+                    partition,
+                    start,
+                    end,
+                    expected,
+                    found,
+                });
+            }
+            self.verified
+                .lock()
+                .expect("verified lock")
+                .insert(f.location.clone());
+        }
+        Ok(())
+    }
+
+    /// Rewrites a corrupt chunk file from the log's copy of its events, if
+    /// the rewrite reproduces the checksum the file was committed with (the
+    /// encoding is deterministic); otherwise leaves it alone.
+    pub async fn repair(&self, bad: &MasterError, log: &Log) -> Result<bool, MasterError> {
+        let MasterError::Corrupt {
+            path,
+            partition,
+            start,
+            end,
+            expected,
+            ..
+        } = bad
+        else {
+            return Ok(false);
+        };
+        let (p, start, end) = (*partition, *start, *end);
+        if log.start_offset(p).map_or(true, |s| s > start) {
+            return Ok(false); // retention already removed them
+        }
+        let Ok(batches) = archiver::read_range(log, p, start, end) else {
+            return Ok(false);
+        };
+        let file_schema = self.file_schema.clone();
+        let encoded = tokio::task::spawn_blocking(move || encode_chunk(&file_schema, p, &batches))
+            .await
+            .map_err(|e| MasterError::Encode(e.to_string()))??;
+        if crc32c::crc32c(&encoded) != *expected {
+            return Ok(false);
+        }
+        let location = object_store::path::Path::from(path.as_str());
+        self.storage
+            .store()
+            .put(&location, encoded.into())
+            .await
+            .map_err(|e| crate::storage::io("write", &location)(e))?;
+        Ok(true)
+    }
+
     /// Commits the events `[start, start + n)` of `partition` (from the log,
     /// in order) as one file. Idempotent: a chunk already committed is skipped.
     pub async fn commit_chunk(
@@ -438,7 +544,7 @@ impl MasterDataset {
             tokio::task::spawn_blocking(move || encode_chunk(&file_schema, partition, &batches))
                 .await
                 .map_err(|e| MasterError::Encode(e.to_string()))??;
-        let name = chunk_name(partition, start, end);
+        let name = chunk_name(partition, start, end, crc32c::crc32c(&encoded));
         let size = encoded.len() as u64;
         self.storage
             .put(&format!("{TABLE_DIR}/{name}"), Bytes::from(encoded))

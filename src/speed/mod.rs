@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use arrow::record_batch::RecordBatch;
 use tokio::sync::{mpsc, watch};
 
+use crate::health::Health;
 use crate::master::archiver::{ClosedChunk, read_range};
 use crate::metrics::Histogram;
 use crate::serving::{RealtimeChunk, Serving};
@@ -102,6 +103,8 @@ pub struct SpeedLayer {
     chunk_age: Duration,
     parts: Vec<Part>,
     pub metrics: Arc<SpeedMetrics>,
+    /// Where failing partitions are reported.
+    pub health: Arc<Health>,
 }
 
 impl SpeedLayer {
@@ -144,6 +147,7 @@ impl SpeedLayer {
             chunk_age,
             parts,
             metrics: Arc::new(SpeedMetrics::default()),
+            health: Arc::new(Health::default()),
         }
     }
 
@@ -158,86 +162,113 @@ impl SpeedLayer {
     }
 
     /// One micro-batch round over every partition; true if any event was consumed.
+    ///
+    /// A partition that fails (a corrupt log frame, say) is reported and
+    /// retried next round; it does not hold the others back, and it never
+    /// skips: its high-water mark stays below the events it cannot read.
     pub async fn round(&mut self) -> Result<bool, SpeedError> {
         let h = self.serving.snapshot().h();
         let mut moved = false;
         let mut changed = Vec::new();
         for (p, &hp) in h.iter().enumerate().take(self.parts.len()) {
-            let end = self.log.end_offset(p as u32)?;
-            let part = &mut self.parts[p];
-            // Chunks the installed batch run covers are no longer needed.
-            part.chunks.retain(|c| c.end > hp);
             let mut touched = false;
-            while part.next < end {
-                let t = Instant::now();
-                let (start, limit) =
-                    Self::open_chunk(part, p as u32, self.chunk_events, self.views.len());
-                let upto = end.min(limit).min(part.next + MAX_MICRO_EVENTS);
-                let batches: Vec<RecordBatch> = read_range(&self.log, p as u32, part.next, upto)?
-                    .into_iter()
-                    .map(|b| b.batch)
-                    .collect();
-                let open = part.chunks.last().expect("an open chunk").clone();
-                let mut states = open.states.clone();
-                // Batches only appended keep their point-read indexes; a compaction drops them.
-                let mut indexes = open.indexes.clone();
-                for (i, v) in self.views.iter().enumerate() {
-                    let s = v.states(batches.clone()).await?;
-                    states[i].push(s);
-                    if states[i].len() >= COMPACT_AT {
-                        let merged = v.merge(std::mem::take(&mut states[i])).await?;
-                        states[i].push(merged);
-                        indexes = Default::default();
+            let component = format!("speed/p{p}");
+            match self.advance(p, hp, &mut touched, &mut moved).await {
+                Ok(()) => self.health.clear(&component),
+                Err(e) => {
+                    let n = self.health.report(&component, &e);
+                    if n.is_power_of_two() {
+                        tracing::error!(partition = p, failures = n, error = %e, "speed layer cannot consume a partition; retrying");
                     }
                 }
-                let closes = upto == limit;
-                if closes {
-                    // A closed chunk no longer grows: one state batch per view reads fastest.
-                    states = compact(&self.views, states).await?;
-                    indexes = Default::default();
-                }
-                let chunk = Arc::new(RealtimeChunk {
-                    partition: p as u32,
-                    start,
-                    end: upto,
-                    closed: closes,
-                    states,
-                    indexes,
-                });
-                *part.chunks.last_mut().expect("open chunk") = chunk;
-                self.metrics.observe(t.elapsed(), upto - part.next);
-                part.next = upto;
-                part.open_since.get_or_insert_with(Instant::now);
-                if closes {
-                    Self::close(part, p as u32, &self.archive, &self.metrics);
-                }
-                touched = true;
-                moved = true;
-            }
-            // Age: an open chunk (not a replayed one) closes chunk_age after it opened.
-            let replaying = part.replay.front().is_some();
-            if let (Some(since), Some(last)) = (part.open_since, part.chunks.last())
-                && !last.closed
-                && !replaying
-                && last.end > last.start
-                && since.elapsed() >= self.chunk_age
-            {
-                let mut c = (**last).clone();
-                c.closed = true;
-                c.states = compact(&self.views, c.states).await?;
-                c.indexes = Default::default();
-                *part.chunks.last_mut().expect("open chunk") = Arc::new(c);
-                Self::close(part, p as u32, &self.archive, &self.metrics);
-                touched = true;
             }
             if touched {
+                let part = &self.parts[p];
                 changed.push((p as u32, part.chunks.clone(), part.next));
             }
         }
         if !changed.is_empty() {
+            crate::failpoint::hit("speed-micro-batch");
             self.serving.set_realtime(changed);
         }
         Ok(moved)
+    }
+
+    /// Consumes what partition `p` has, in micro-batches; closes chunks.
+    async fn advance(
+        &mut self,
+        p: usize,
+        hp: u64,
+        touched: &mut bool,
+        moved: &mut bool,
+    ) -> Result<(), SpeedError> {
+        let end = self.log.end_offset(p as u32)?;
+        let part = &mut self.parts[p];
+        // Chunks the installed batch run covers are no longer needed.
+        part.chunks.retain(|c| c.end > hp);
+        while part.next < end {
+            let t = Instant::now();
+            let (start, limit) =
+                Self::open_chunk(part, p as u32, self.chunk_events, self.views.len());
+            let upto = end.min(limit).min(part.next + MAX_MICRO_EVENTS);
+            let batches: Vec<RecordBatch> = read_range(&self.log, p as u32, part.next, upto)?
+                .into_iter()
+                .map(|b| b.batch)
+                .collect();
+            let open = part.chunks.last().expect("an open chunk").clone();
+            let mut states = open.states.clone();
+            // Batches only appended keep their point-read indexes; a compaction drops them.
+            let mut indexes = open.indexes.clone();
+            for (i, v) in self.views.iter().enumerate() {
+                let s = v.states(batches.clone()).await?;
+                states[i].push(s);
+                if states[i].len() >= COMPACT_AT {
+                    let merged = v.merge(std::mem::take(&mut states[i])).await?;
+                    states[i].push(merged);
+                    indexes = Default::default();
+                }
+            }
+            let closes = upto == limit;
+            if closes {
+                // A closed chunk no longer grows: one state batch per view reads fastest.
+                states = compact(&self.views, states).await?;
+                indexes = Default::default();
+            }
+            let chunk = Arc::new(RealtimeChunk {
+                partition: p as u32,
+                start,
+                end: upto,
+                closed: closes,
+                states,
+                indexes,
+            });
+            *part.chunks.last_mut().expect("open chunk") = chunk;
+            self.metrics.observe(t.elapsed(), upto - part.next);
+            part.next = upto;
+            part.open_since.get_or_insert_with(Instant::now);
+            if closes {
+                Self::close(part, p as u32, &self.archive, &self.metrics);
+            }
+            *touched = true;
+            *moved = true;
+        }
+        // Age: an open chunk (not a replayed one) closes chunk_age after it opened.
+        let replaying = part.replay.front().is_some();
+        if let (Some(since), Some(last)) = (part.open_since, part.chunks.last())
+            && !last.closed
+            && !replaying
+            && last.end > last.start
+            && since.elapsed() >= self.chunk_age
+        {
+            let mut c = (**last).clone();
+            c.closed = true;
+            c.states = compact(&self.views, c.states).await?;
+            c.indexes = Default::default();
+            *part.chunks.last_mut().expect("open chunk") = Arc::new(c);
+            Self::close(part, p as u32, &self.archive, &self.metrics);
+            *touched = true;
+        }
+        Ok(())
     }
 
     /// Ensures the last chunk is open; returns its start and where it must end.
@@ -300,7 +331,7 @@ impl SpeedLayer {
             }
             let began = Instant::now();
             if let Err(e) = self.round().await {
-                tracing::error!(error = %e, "speed layer micro-batch failed; retrying");
+                tracing::error!(error = %e, "speed layer round failed; retrying");
             }
             // Wait for new events (or a chunk to age), but not sooner than `interval`.
             let pending = (0..self.parts.len()).any(|p| {

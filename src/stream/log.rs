@@ -97,7 +97,7 @@ pub enum LogError {
         end: u64,
     },
     #[error(
-        "corrupt log frame in {} at byte {position} (partition {partition}, offsets from {first_offset}): {detail}",
+        "corrupt log frame in {} at byte {position}: {detail}\ndetail: partition {partition}, offsets {first_offset}..{until} cannot be read; they are not served or archived, and the partition's later events wait behind them\nhint: restore the segment file from a backup; nothing is skipped until it reads back",
         segment.display()
     )]
     Corrupt {
@@ -105,6 +105,8 @@ pub enum LogError {
         segment: PathBuf,
         position: u64,
         first_offset: u64,
+        /// The first offset known to be readable again (next index entry, next segment, or the end).
+        until: u64,
         detail: String,
     },
     #[error(
@@ -483,7 +485,17 @@ impl Log {
         let first_seg = segments.partition_point(|s| s.base <= from) - 1;
         let mut next = from;
         let mut got = 0usize;
-        for seg in &segments[first_seg..] {
+        // Where reading is known to work again after a corrupt frame at `pos`.
+        let until = |k: usize, pos: u64| -> u64 {
+            let index = segments[k].index.read().expect("index lock");
+            index
+                .iter()
+                .find(|&&(_, at)| at > pos)
+                .map(|&(o, _)| o)
+                .or_else(|| segments.get(k + 1).map(|s| s.base))
+                .unwrap_or(end)
+        };
+        for (k, seg) in segments.iter().enumerate().skip(first_seg) {
             let len = seg.len.load(Ordering::Acquire);
             let mut pos = {
                 let index = seg.index.read().expect("index lock");
@@ -496,6 +508,7 @@ impl Log {
                     segment: seg.path.clone(),
                     position: pos,
                     first_offset: next,
+                    until: until(k, pos),
                     detail,
                 })?;
                 let frame_end = pos + FRAME_PREFIX as u64 + u64::from(head.len);
@@ -509,6 +522,7 @@ impl Log {
                         segment: seg.path.clone(),
                         position: pos,
                         first_offset: head.base,
+                        until: until(k, pos),
                         detail,
                     })?;
                 if head.base > next {
@@ -517,6 +531,7 @@ impl Log {
                         segment: seg.path.clone(),
                         position: pos,
                         first_offset: next,
+                        until: head.base,
                         detail: format!("offsets jump from {next} to {}", head.base),
                     });
                 }
@@ -553,6 +568,8 @@ impl Log {
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => return Err(LogError::io("delete", &path, e)),
                 }
+                // A crash here leaves an index without its segment.
+                crate::failpoint::hit("log-retention");
             }
             tracing::info!(partition = p, segment = %seg.path.display(), below = offset, "retention deleted a log segment");
         }
@@ -825,6 +842,21 @@ impl Partition {
             })
             .collect();
         bases.sort_unstable();
+        // Retention deletes a segment, then its index: a crash between the two
+        // leaves an index below the first segment, which is only litter.
+        if let Some(&first) = bases.first() {
+            for e in fs::read_dir(&dir).map_err(|e| LogError::io("list", &dir, e))? {
+                let Ok(e) = e else { continue };
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(b) = name
+                    .strip_suffix(".index")
+                    .and_then(|b| b.parse::<u64>().ok())
+                    && b < first
+                {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
         if bases.is_empty() {
             let path = segment_path(&dir, 0, "log");
             File::create(&path).map_err(|e| LogError::io("create", &path, e))?;
@@ -842,6 +874,7 @@ impl Partition {
                     segment: path,
                     position: 0,
                     first_offset: expected,
+                    until: base,
                     detail: format!(
                         "segment starts at offset {base} but the previous one ends at {expected}: offsets [{expected}, {base}) are missing"
                     ),
@@ -871,6 +904,7 @@ impl Partition {
                                 segment: path,
                                 position: *pos,
                                 first_offset: scan.end,
+                                until: bases[i + 1],
                                 detail: why.clone(),
                             });
                         }
