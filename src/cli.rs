@@ -365,7 +365,9 @@ async fn rebuild(config: Config, view: Option<String>) -> anyhow::Result<()> {
 /// `lambdaflow status`: asks a running server and prints its layers.
 async fn status(url: &str) -> anyhow::Result<()> {
     let url = format!("{}/v1/status", url.trim_end_matches('/'));
-    let s: serde_json::Value = reqwest::get(&url)
+    let s: serde_json::Value = client()?
+        .get(&url)
+        .send()
         .await
         .with_context(|| format!("could not reach {url}; is `lambdaflow serve` running?"))?
         .json()
@@ -425,6 +427,11 @@ async fn status(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An HTTP client with `LAMBDAFLOW_TOKEN` and `LAMBDAFLOW_CA_CERT` applied.
+fn client() -> anyhow::Result<reqwest::Client> {
+    crate::api::client::client().map_err(anyhow::Error::msg)
+}
+
 /// Fails with the server's own error message (and hint) for a non-2xx reply.
 async fn reply_json(resp: reqwest::Response) -> anyhow::Result<serde_json::Value> {
     let status = resp.status();
@@ -462,7 +469,9 @@ async fn query(args: QueryArgs) -> anyhow::Result<()> {
             q.append_pair("limit", &n.to_string());
         }
     }
-    let resp = reqwest::get(url.clone())
+    let resp = client()?
+        .get(url.clone())
+        .send()
         .await
         .with_context(|| format!("could not reach {url}; is `lambdaflow serve` running?"))?;
     let body = reply_json(resp).await?;
@@ -474,7 +483,7 @@ async fn query(args: QueryArgs) -> anyhow::Result<()> {
 /// `lambdaflow sql "SELECT …"`.
 async fn sql(args: SqlArgs) -> anyhow::Result<()> {
     let url = format!("{}/v1/sql", args.url.trim_end_matches('/'));
-    let resp = reqwest::Client::new()
+    let resp = client()?
         .post(&url)
         .json(&serde_json::json!({ "sql": args.sql }))
         .send()

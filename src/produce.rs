@@ -49,6 +49,8 @@ pub enum ProduceError {
     #[error("invalid option: {0}")]
     BadOption(String),
     #[error("could not set up the HTTP client: {0}")]
+    Setup(String),
+    #[error("could not set up the HTTP client: {0}")]
     Client(#[source] reqwest::Error),
 }
 
@@ -337,7 +339,8 @@ pub async fn run(opts: ProduceOptions) -> Result<Summary, ProduceError> {
     } else {
         format!("{}/v1/events", opts.url.trim_end_matches('/'))
     };
-    let client = reqwest::Client::builder()
+    let client = crate::api::client::builder()
+        .map_err(ProduceError::Setup)?
         .pool_max_idle_per_host(opts.concurrency)
         .tcp_nodelay(true)
         .build()

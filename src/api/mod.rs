@@ -15,6 +15,7 @@
 //! `Retry-After`, 507 the server's disk is full.
 
 pub mod auth;
+pub mod client;
 mod events;
 mod views;
 

@@ -831,4 +831,95 @@ mod tests {
         );
         assert_eq!(d.accepted, 1, "{:?}", d.rejects);
     }
+
+    /// Hostile input: arbitrary bytes, and valid events with bytes flipped,
+    /// cut or spliced in. The decoder never panics; every non-blank line is
+    /// either accepted or rejected with its line number and raw bytes.
+    mod arbitrary_bytes {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn check(body: &[u8]) {
+            let d = paper().decode(body, 0);
+            let lines: Vec<(usize, &[u8])> = body
+                .split(|&b| b == b'\n')
+                .enumerate()
+                .filter(|(_, l)| !l.iter().all(|b| b.is_ascii_whitespace()))
+                .collect();
+            let rows: usize = d.batches.iter().map(|(_, b)| b.num_rows()).sum();
+            assert_eq!(rows, d.accepted, "accepted count = rows decoded");
+            assert_eq!(
+                d.accepted + d.rejects.len(),
+                lines.len(),
+                "every non-blank line is accepted or rejected exactly once"
+            );
+            for r in &d.rejects {
+                let (_, raw) = lines
+                    .iter()
+                    .find(|(i, _)| *i as u64 + 1 == r.line)
+                    .unwrap_or_else(|| panic!("reject names a non-blank line: {r}"));
+                let got = &body[r.raw.clone()];
+                assert_eq!(
+                    got.trim_ascii(),
+                    raw.trim_ascii(),
+                    "the reject keeps the raw line"
+                );
+                assert!(!r.reason.is_empty());
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_bytes(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+                check(&body);
+            }
+
+            #[test]
+            fn events_damaged(
+                n in 1usize..8,
+                edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 0..6),
+            ) {
+                let mut body: Vec<u8> = std::iter::repeat_n(format!("{GOOD}\n"), n).collect::<String>().into_bytes();
+                for (at, byte, kind) in edits {
+                    if body.is_empty() { break; }
+                    let i = at.index(body.len());
+                    match kind {
+                        0 => body[i] = byte,
+                        1 => { body.remove(i); }
+                        _ => body.insert(i, byte),
+                    }
+                }
+                check(&body);
+            }
+        }
+
+        #[test]
+        fn the_classic_hostile_lines() {
+            let deep = "[".repeat(100_000);
+            let huge_number = "9".repeat(10_000);
+            let huge_string = "x".repeat(2 << 20);
+            let body = [
+                format!("{{\"zipcode\":{deep}"),
+                format!("{deep}"),
+                format!("{{\"zipcode\":{huge_number},\"ProductName\":\"a\",\"price\":1,\"timestamp\":\"2014-11-01 19:35:41.158\"}}"),
+                "{\"zipcode\":1e400,\"ProductName\":\"a\",\"price\":1,\"timestamp\":\"2014-11-01 19:35:41.158\"}".into(),
+                "{\"zipcode\":9223372036854775808,\"ProductName\":\"a\",\"price\":1,\"timestamp\":\"2014-11-01 19:35:41.158\"}".into(),
+                format!("{{\"zipcode\":1,\"ProductName\":\"{huge_string}\",\"price\":1,\"timestamp\":\"+262143-01-01 00:00:00.000\"}}"),
+                "{\"zipcode\":1,\"ProductName\":\"a\\u0000b\",\"price\":1,\"timestamp\":\"2014-11-01 19:35:41.158\"}".into(),
+            ]
+            .join("\n");
+            let mut body = body.into_bytes();
+            body.extend_from_slice(b"\n{\"zipcode\":1,\"ProductName\":\"\xff\xfe\",\"price\":1}\n\0\0\0\n");
+            check(&body);
+            let d = paper().decode(&body, 0);
+            assert_eq!(d.accepted, 1, "only the escaped NUL is a valid event: {:?}", d.rejects);
+            let reasons: Vec<String> = d.rejects.iter().map(|r| r.to_string()).collect();
+            assert!(reasons[0].starts_with("line 1: field `zipcode`"), "{reasons:?}");
+            assert!(reasons.iter().any(|r| r.starts_with("line 3:") && r.contains("out of range")), "{reasons:?}");
+            assert!(reasons.iter().any(|r| r.starts_with("line 5: field `zipcode`") && r.contains("out of range for int64")), "{reasons:?}");
+            assert!(reasons.iter().any(|r| r.starts_with("line 8:") && r.contains("UTF-8")), "{reasons:?}");
+        }
+    }
 }

@@ -36,12 +36,20 @@ impl Site {
 
     /// Starts `serve`; `env` sets variables such as failpoints.
     pub fn serve(&self, env: &[(&str, &str)]) -> Server {
+        self.serve_logging(env, None)
+    }
+
+    /// Starts `serve` with its log (stderr) in `log`, if given.
+    pub fn serve_logging(&self, env: &[(&str, &str)], log: Option<&Path>) -> Server {
         let mut cmd = Command::new(BIN);
         cmd.args(["serve", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(match log {
+                Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
+                None => Stdio::inherit(),
+            });
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -52,9 +60,9 @@ impl Site {
             .unwrap();
         let url = line
             .split_whitespace()
-            .find(|w| w.starts_with("http://"))
+            .find(|w| w.starts_with("http://") || w.starts_with("https://"))
             .unwrap_or_else(|| panic!("serve must print its address, printed {line:?}"))
-            .to_string();
+            .replace("0.0.0.0", "127.0.0.1");
         Server { child, url }
     }
 }
@@ -100,6 +108,16 @@ impl Server {
 
     pub fn status(&self) -> Value {
         get_json(&format!("{}/v1/status", self.url))
+    }
+
+    /// Peak resident memory of the server process (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmHWM in /proc/PID/status")
+            * 1024
     }
 
     /// Waits until every partition is archived and published up to its log end.
