@@ -365,14 +365,12 @@ async fn rebuild(config: Config, view: Option<String>) -> anyhow::Result<()> {
 /// `lambdaflow status`: asks a running server and prints its layers.
 async fn status(url: &str) -> anyhow::Result<()> {
     let url = format!("{}/v1/status", url.trim_end_matches('/'));
-    let s: serde_json::Value = client()?
+    let resp = client()?
         .get(&url)
         .send()
         .await
-        .with_context(|| format!("could not reach {url}; is `lambdaflow serve` running?"))?
-        .json()
-        .await
-        .context("the status reply is not JSON")?;
+        .with_context(|| format!("could not reach {url}; is `lambdaflow serve` running?"))?;
+    let s = reply_json(resp).await?;
     let n = |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), crate::produce::group);
     println!(
         "{:>9}  {:>14}  {:>14}  {:>14}  {:>14}  {:>12}",

@@ -186,22 +186,33 @@ fn tokens_have_scopes_are_checked_and_never_logged() {
 fn https_with_a_pem_certificate() {
     let site = Site::new("");
     let dir = site.dir.path();
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let ok = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .args([
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ])
-        .output()
-        .expect("openssl makes a test certificate");
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let (ca, cert, key) = (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"));
+    // A test CA, and a certificate for localhost signed by it.
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl makes the test certificates");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    openssl(&[
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", "ca.key",
+        "-out", "ca.pem", "-subj", "/CN=lambdaflow test CA",
+    ]);
+    openssl(&[
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "key.pem", "-out", "leaf.csr",
+        "-subj", "/CN=localhost",
+    ]);
+    openssl(&[
+        "x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "2", "-out", "cert.pem", "-extfile", "ext.cnf",
+    ]);
     let mut config = std::fs::read_to_string(&site.config).unwrap();
     config.push_str(&format!(
         "[http]\ntls = {{ cert = {:?}, key = {:?} }}\n",
@@ -213,7 +224,7 @@ fn https_with_a_pem_certificate() {
     assert!(server.url.starts_with("https://"), "{}", server.url);
     let https = server.url.replace("127.0.0.1", "localhost");
 
-    let pem = std::fs::read(&cert).unwrap();
+    let pem = std::fs::read(&ca).unwrap();
     let (status, alpn_h2, plain) = common::rt().block_on(async {
         let client = reqwest::Client::builder()
             .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
@@ -245,7 +256,7 @@ fn https_with_a_pem_certificate() {
     // The CLI trusts it through LAMBDAFLOW_CA_CERT.
     let out = Command::new(BIN)
         .args(["status", "--url", &https])
-        .env("LAMBDAFLOW_CA_CERT", &cert)
+        .env("LAMBDAFLOW_CA_CERT", &ca)
         .output()
         .unwrap();
     assert!(
