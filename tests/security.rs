@@ -104,22 +104,55 @@ fn tokens_have_scopes_are_checked_and_never_logged() {
     // No token, a wrong token, a malformed header: 401.
     let (s, r) = request("GET", &format!("{url}/v1/views"), None, None);
     assert_eq!(s, 401, "{r}");
-    assert!(r["error"].as_str().unwrap().contains("requires an access token"));
-    let (s, _) = request("GET", &format!("{url}/v1/status"), Some("not-a-token-at-all"), None);
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("requires an access token")
+    );
+    let (s, _) = request(
+        "GET",
+        &format!("{url}/v1/status"),
+        Some("not-a-token-at-all"),
+        None,
+    );
     assert_eq!(s, 401);
-    let (s, _) = request("POST", &format!("{url}/v1/events"), None, Some(line.clone()));
+    let (s, _) = request(
+        "POST",
+        &format!("{url}/v1/events"),
+        None,
+        Some(line.clone()),
+    );
     assert_eq!(s, 401, "ingest needs a token too");
     let (s, _) = request("GET", &format!("{url}/metrics"), Some(&INGEST[1..]), None);
     assert_eq!(s, 401, "a part of a token is no token");
 
     // Scopes: ingest writes, query reads, each refuses the other with 403.
-    let (s, r) = request("POST", &format!("{url}/v1/events"), Some(INGEST), Some(line.clone()));
+    let (s, r) = request(
+        "POST",
+        &format!("{url}/v1/events"),
+        Some(INGEST),
+        Some(line.clone()),
+    );
     assert_eq!(s, 200, "{r}");
     assert_eq!(r["accepted"], 1);
-    let (s, r) = request("POST", &format!("{url}/v1/events"), Some(QUERY), Some(line.clone()));
+    let (s, r) = request(
+        "POST",
+        &format!("{url}/v1/events"),
+        Some(QUERY),
+        Some(line.clone()),
+    );
     assert_eq!(s, 403, "a query token cannot ingest: {r}");
-    assert!(r["error"].as_str().unwrap().contains("`ingest` scope"), "{r}");
-    for path in ["/v1/views", "/v1/views/sales_by_product", "/v1/status", "/metrics"] {
+    assert!(
+        r["error"].as_str().unwrap().contains("`ingest` scope"),
+        "{r}"
+    );
+    for path in [
+        "/v1/views",
+        "/v1/views/sales_by_product",
+        "/v1/status",
+        "/metrics",
+    ] {
         let (s, r) = request("GET", &format!("{url}{path}"), Some(INGEST), None);
         assert_eq!(s, 403, "an ingest token cannot read {path}: {r}");
         let (s, r) = request("GET", &format!("{url}{path}"), Some(QUERY), None);
@@ -165,7 +198,12 @@ fn tokens_have_scopes_are_checked_and_never_logged() {
         "CREATE EXTERNAL TABLE t STORED AS CSV LOCATION '/etc/passwd'",
         "COPY (SELECT 1) TO '/tmp/lambdaflow-copy.csv'",
     ] {
-        let (s, r) = request("POST", &format!("{url}/v1/sql"), Some(QUERY), Some(bad.into()));
+        let (s, r) = request(
+            "POST",
+            &format!("{url}/v1/sql"),
+            Some(QUERY),
+            Some(bad.into()),
+        );
         assert!(s == 400 || s == 403, "{bad} must be refused, got {s}: {r}");
         assert!(!r.to_string().contains("root:"), "{bad} leaked a file: {r}");
     }
@@ -186,7 +224,11 @@ fn tokens_have_scopes_are_checked_and_never_logged() {
 fn https_with_a_pem_certificate() {
     let site = Site::new("");
     let dir = site.dir.path();
-    let (ca, cert, key) = (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"));
+    let (ca, cert, key) = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
     // A test CA, and a certificate for localhost signed by it.
     std::fs::write(
         dir.join("ext.cnf"),
@@ -199,19 +241,55 @@ fn https_with_a_pem_certificate() {
             .current_dir(dir)
             .output()
             .expect("openssl makes the test certificates");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     openssl(&[
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", "ca.key",
-        "-out", "ca.pem", "-subj", "/CN=lambdaflow test CA",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-subj",
+        "/CN=lambdaflow test CA",
     ]);
     openssl(&[
-        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "key.pem", "-out", "leaf.csr",
-        "-subj", "/CN=localhost",
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "leaf.csr",
+        "-subj",
+        "/CN=localhost",
     ]);
     openssl(&[
-        "x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "2", "-out", "cert.pem", "-extfile", "ext.cnf",
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        "cert.pem",
+        "-extfile",
+        "ext.cnf",
     ]);
     let mut config = std::fs::read_to_string(&site.config).unwrap();
     config.push_str(&format!(
@@ -249,9 +327,8 @@ fn https_with_a_pem_certificate() {
     assert!(alpn_h2, "HTTP/2 is negotiated over TLS");
     assert!(!plain, "plain HTTP to the TLS listener must fail");
     // An untrusted client refuses the self-signed certificate.
-    let untrusted = common::rt().block_on(async {
-        reqwest::get(format!("{https}/v1/status")).await.is_ok()
-    });
+    let untrusted =
+        common::rt().block_on(async { reqwest::get(format!("{https}/v1/status")).await.is_ok() });
     assert!(!untrusted);
     // The CLI trusts it through LAMBDAFLOW_CA_CERT.
     let out = Command::new(BIN)

@@ -64,7 +64,11 @@ pub(super) async fn post_events(
                 }) => StatusCode::INSUFFICIENT_STORAGE,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             };
-            if status.is_server_error() {
+            // Overload is the client's to handle (it retries); logging every
+            // 503 would flood the log exactly when the machine is busiest.
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                tracing::debug!(%status, error = %error, "ingest request refused");
+            } else if status.is_server_error() {
                 tracing::warn!(%status, error = %error, "ingest request failed");
             }
             let mut err = ApiError::new(status, error.to_string());

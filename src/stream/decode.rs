@@ -911,15 +911,40 @@ mod tests {
             ]
             .join("\n");
             let mut body = body.into_bytes();
-            body.extend_from_slice(b"\n{\"zipcode\":1,\"ProductName\":\"\xff\xfe\",\"price\":1}\n\0\0\0\n");
+            body.extend_from_slice(
+                b"\n{\"zipcode\":1,\"ProductName\":\"\xff\xfe\",\"price\":1}\n\0\0\0\n",
+            );
             check(&body);
             let d = paper().decode(&body, 0);
-            assert_eq!(d.accepted, 1, "only the escaped NUL is a valid event: {:?}", d.rejects);
+            assert_eq!(
+                d.accepted, 1,
+                "only the escaped NUL is a valid event: {:?}",
+                d.rejects
+            );
             let reasons: Vec<String> = d.rejects.iter().map(|r| r.to_string()).collect();
-            assert!(reasons[0].starts_with("line 1: field `zipcode`"), "{reasons:?}");
-            assert!(reasons.iter().any(|r| r.starts_with("line 3:") && r.contains("out of range")), "{reasons:?}");
-            assert!(reasons.iter().any(|r| r.starts_with("line 5: field `zipcode`") && r.contains("out of range for int64")), "{reasons:?}");
-            assert!(reasons.iter().any(|r| r.starts_with("line 8:") && r.contains("UTF-8")), "{reasons:?}");
+            assert!(
+                reasons[0].starts_with("line 1: field `zipcode`"),
+                "{reasons:?}"
+            );
+            assert!(
+                reasons
+                    .iter()
+                    .any(|r| r.starts_with("line 3:") && r.contains("out of range")),
+                "{reasons:?}"
+            );
+            assert!(
+                reasons
+                    .iter()
+                    .any(|r| r.starts_with("line 5: field `zipcode`")
+                        && r.contains("out of range for int64")),
+                "{reasons:?}"
+            );
+            assert!(
+                reasons
+                    .iter()
+                    .any(|r| r.starts_with("line 8:") && r.contains("UTF-8")),
+                "{reasons:?}"
+            );
         }
     }
 }

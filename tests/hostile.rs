@@ -1,0 +1,330 @@
+//! Hostile clients against a real `serve`: bodies of bad lines, bodies far
+//! over the limit (declared and chunked), clients that trickle headers or
+//! bodies, and producers far faster than the machine. None may crash or stall
+//! a layer; each gets a clear error; every refused line is a dead letter.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Site, event, post_events};
+use lambdaflow::stream::DeadLetters;
+
+const LIMITS: &str =
+    "[ingest]\nmax_body = \"1 MiB\"\n[http]\nheader_timeout = \"1s\"\nbody_timeout = \"2s\"\n";
+
+fn host(url: &str) -> String {
+    url.trim_start_matches("http://").to_string()
+}
+
+/// Sends `head` then up to `body_len` bytes of body from `chunk`, stopping
+/// when the server stops reading; returns the server's reply (status line first).
+fn raw_post(url: &str, head: &str, body_len: usize, chunked: bool) -> String {
+    let mut s = TcpStream::connect(host(url)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let line = (event(1, "Laptop", 1, "2014-11-01 10:00:00.000") + "\n").repeat(100);
+        let mut sent = 0;
+        while sent < body_len {
+            let r = if chunked {
+                w.write_all(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes())
+            } else {
+                w.write_all(&line.as_bytes()[..line.len().min(body_len - sent)])
+            };
+            if r.is_err() {
+                break; // the server answered and closed: it need not read the rest
+            }
+            sent += line.len();
+        }
+        sent
+    });
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                reply.extend_from_slice(&buf[..n]);
+                if reply.windows(4).any(|w| w == b"\r\n\r\n") && reply.ends_with(b"}") {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    let sent = writer.join().unwrap();
+    assert!(
+        sent < 100 << 20 || chunked,
+        "the server read a whole 100 MB body it had refused"
+    );
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+#[test]
+fn bad_lines_get_reasons_and_dead_letters_and_huge_bodies_get_413() {
+    let site = Site::new(LIMITS);
+    let server = site.serve(&[]);
+    let good = event(90210, "Laptop", 700, "2014-11-01 10:00:00.000");
+    let mut lines: Vec<Vec<u8>> = vec![
+        good.clone().into_bytes(),
+        format!("{{\"zipcode\":{}", "[".repeat(50_000)).into_bytes(),
+        "{\"zipcode\":99999999999999999999999,\"ProductName\":\"a\",\"price\":1,\"timestamp\":\"2014-11-01 10:00:00.000\"}".into(),
+        "{\"zipcode\":1,\"ProductName\":\"a\",\"price\":1e400,\"timestamp\":\"2014-11-01 10:00:00.000\"}".into(),
+        b"{\"zipcode\":1,\"ProductName\":\"\xff\xfe\",\"price\":1,\"timestamp\":\"2014-11-01 10:00:00.000\"}".to_vec(),
+        b"{\"zipcode\":1,\"ProductName\":\"a\0b\",\"price\":1,\"timestamp\":\"2014-11-01 10:00:00.000\"}".to_vec(),
+        b"\0\0\0\0".to_vec(),
+        format!("{{\"zipcode\":1,\"ProductName\":\"{}\",\"price\":\"1\"}}", "y".repeat(600_000)).into_bytes(),
+        good.into_bytes(),
+    ];
+    let body = lines.join(&b'\n');
+    let (status, reply) = post_events(&server.url, body).unwrap();
+    assert_eq!(status, 200, "a body with some good lines is a 200: {reply}");
+    assert_eq!(reply["accepted"], 2, "{reply}");
+    assert_eq!(reply["rejected"], 7, "{reply}");
+    let errors: Vec<String> = reply["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    for (i, want) in [
+        (2, "expected int64"),
+        (3, "in range"),
+        (4, "out of range"),
+        (5, "UTF-8"),
+        (6, "malformed JSON"),
+        (7, "malformed JSON"),
+        (8, "price"),
+    ] {
+        let e = errors
+            .iter()
+            .find(|e| e.contains(&format!("\"line\":{i},")) || e.contains(&format!("line {i}:")))
+            .unwrap_or_else(|| panic!("no error for line {i}: {errors:?}"));
+        assert!(e.contains(want), "line {i} should say {want:?}: {e}");
+    }
+    // Every refused line is in the dead-letter store, byte for byte.
+    let dead = DeadLetters::read_all(site.data.join("deadletter")).unwrap();
+    lines.remove(8);
+    lines.remove(0);
+    let mut kept: Vec<Vec<u8>> = dead.iter().map(|d| d.raw_bytes()).collect();
+    kept.sort();
+    lines.sort();
+    assert_eq!(
+        kept, lines,
+        "the dead letters are exactly the refused lines"
+    );
+
+    // 100 MB declared: refused before the body is read.
+    let reply = raw_post(
+        &server.url,
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: 104857600\r\n\r\n",
+        100 << 20,
+        false,
+    );
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    assert!(
+        reply.contains("larger than the limit of 1.0 MiB"),
+        "{reply}"
+    );
+    // 100 MB chunked (no length up front): refused once the limit is crossed.
+    let reply = raw_post(
+        &server.url,
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        100 << 20,
+        true,
+    );
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    // A 100 MB SQL text too.
+    let reply = raw_post(
+        &server.url,
+        "POST /v1/sql HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        100 << 20,
+        true,
+    );
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+
+    let s = server.status();
+    assert_eq!(s["ingest"]["accepted"], 2, "{s}");
+    eprintln!(
+        "peak RSS after the hostile bodies: {} MiB",
+        server.peak_rss() >> 20
+    );
+    server.stop();
+}
+
+#[test]
+fn slow_clients_are_cut_off_while_others_are_served() {
+    let site = Site::new(LIMITS);
+    let server = site.serve(&[]);
+    // Slow-loris: half a request head, then silence.
+    let lorises: Vec<TcpStream> = (0..50)
+        .map(|_| {
+            let mut s = TcpStream::connect(host(&server.url)).unwrap();
+            s.write_all(b"POST /v1/events HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+            s
+        })
+        .collect();
+    // A body promised and trickled.
+    let mut trickle = TcpStream::connect(host(&server.url)).unwrap();
+    trickle
+        .write_all(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"zip")
+        .unwrap();
+    trickle
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+
+    // Meanwhile everyone else is served.
+    let s = server.status();
+    assert!(s["partitions"].is_array(), "{s}");
+    let (status, _) = post_events(
+        &server.url,
+        event(1, "Laptop", 1, "2014-11-01 10:00:00.000").into_bytes(),
+    )
+    .unwrap();
+    assert_eq!(status, 200);
+
+    // The trickled body gets a 408 that says why.
+    let mut reply = String::new();
+    let _ = trickle.read_to_string(&mut reply);
+    assert!(
+        reply.starts_with("HTTP/1.1 408"),
+        "a body that does not arrive gets 408, got {reply:?}"
+    );
+    assert!(reply.contains("body_timeout"), "{reply}");
+    // Each slow-loris connection is closed by the server (EOF, or a 408 first).
+    for mut s in lorises {
+        let mut buf = Vec::new();
+        let r = s.read_to_end(&mut buf);
+        let text = String::from_utf8_lossy(&buf);
+        assert!(
+            r.is_ok() && (buf.is_empty() || text.starts_with("HTTP/1.1 408")),
+            "the server must close a connection that never finishes its headers: {r:?} {text:?}"
+        );
+    }
+    // Nothing was stored from the cut-off requests, and nothing dead-lettered.
+    let s = server.status();
+    assert_eq!(s["ingest"]["accepted"], 1, "{s}");
+    assert_eq!(s["ingest"]["dead_letters_written"], 0, "{s}");
+    server.stop();
+}
+
+#[test]
+fn overload_gets_503_with_retry_after_and_reads_stay_responsive() {
+    // A tiny write queue: producers are far faster than fsync can drain it.
+    let site = Site::new(
+        "[ingest]\nmax_pending = \"64 KiB\"\npending_wait = \"1ms\"\n[archive]\nchunk_age = \"200ms\"\n[batch]\npause = \"300ms\"\n",
+    );
+    let server = site.serve(&[]);
+    let url = server.url.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let statuses = Arc::new(Mutex::new(std::collections::BTreeMap::<u16, u64>::new()));
+    let without_retry_after = Arc::new(AtomicU64::new(0));
+    let producers: Vec<_> = (0..12)
+        .map(|t| {
+            let (url, stop, acked, statuses, wra) = (
+                url.clone(),
+                stop.clone(),
+                acked.clone(),
+                statuses.clone(),
+                without_retry_after.clone(),
+            );
+            std::thread::spawn(move || {
+                let rt = common::rt();
+                let client = reqwest::Client::new();
+                let body: String = (0..5000)
+                    .map(|i| {
+                        event(
+                            t * 100_000 + i,
+                            "Laptop",
+                            i % 100,
+                            "2014-11-01 10:00:00.000",
+                        ) + "\n"
+                    })
+                    .collect();
+                while !stop.load(Ordering::Relaxed) {
+                    let r = rt.block_on(
+                        client
+                            .post(format!("{url}/v1/events"))
+                            .body(body.clone())
+                            .send(),
+                    );
+                    let Ok(r) = r else { continue };
+                    let code = r.status().as_u16();
+                    if code == 503 && r.headers().get("retry-after").is_none() {
+                        wra.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if code == 200 {
+                        let v: serde_json::Value = rt.block_on(r.json()).unwrap();
+                        acked.fetch_add(v["accepted"].as_u64().unwrap(), Ordering::Relaxed);
+                    }
+                    *statuses.lock().unwrap().entry(code).or_default() += 1;
+                }
+            })
+        })
+        .collect();
+    // Reads during the flood: every one must be answered.
+    let t = Instant::now();
+    let mut reads = 0;
+    let mut slowest = Duration::ZERO;
+    let client = reqwest::Client::new();
+    let rt = common::rt();
+    while t.elapsed() < Duration::from_secs(6) {
+        for path in ["/v1/status", "/v1/views/sales_by_product"] {
+            let began = Instant::now();
+            let code = rt.block_on(async {
+                client
+                    .get(format!("{url}{path}"))
+                    .timeout(Duration::from_secs(30))
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+            });
+            assert_eq!(code.ok(), Some(200), "{path} must answer during overload");
+            slowest = slowest.max(began.elapsed());
+            reads += 1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for p in producers {
+        p.join().unwrap();
+    }
+    let statuses = statuses.lock().unwrap().clone();
+    eprintln!(
+        "overload: replies {statuses:?}; {reads} reads, slowest {slowest:?}; peak RSS {} MiB",
+        server.peak_rss() >> 20
+    );
+    assert!(
+        statuses.get(&503).copied().unwrap_or(0) > 0,
+        "producers far faster than the log must get 503s: {statuses:?}"
+    );
+    assert!(
+        statuses.keys().all(|c| *c == 200 || *c == 503),
+        "overload answers 200 or 503, nothing else: {statuses:?}"
+    );
+    assert_eq!(
+        without_retry_after.load(Ordering::Relaxed),
+        0,
+        "every 503 carries Retry-After"
+    );
+    // What was acknowledged is stored, once.
+    let s = server.wait_settled(Duration::from_secs(120));
+    let acked = acked.load(Ordering::Relaxed);
+    assert_eq!(s["ingest"]["accepted"], acked, "{s}");
+    let (rows, _) = common::master_events(&site.data);
+    assert_eq!(
+        rows.len() as u64,
+        acked,
+        "the master dataset holds every acknowledged event"
+    );
+    server.stop();
+}
