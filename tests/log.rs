@@ -441,3 +441,78 @@ fn readers_follow_the_durable_end() {
     );
     assert!(got[0].batch.column(0).len() == 1);
 }
+
+#[test]
+fn corruption_in_the_middle_of_the_active_segment_is_not_taken_for_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let log = Log::open(dir.path(), small(1, 1 << 30)).unwrap();
+    let mut frame_ends = Vec::new();
+    for i in 0..20 {
+        let rows: Vec<Row> = (0..5).map(|j| row(i * 5 + j)).collect();
+        rt.block_on(log.append(0, &batch(&rows))).unwrap();
+        frame_ends.push(
+            std::fs::metadata(dir.path().join("p0/00000000000000000000.log"))
+                .unwrap()
+                .len(),
+        );
+    }
+    drop(log);
+    // Damage frame 7 (offsets 35..40) in the middle of the one, active segment.
+    let seg = dir.path().join("p0/00000000000000000000.log");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let at = (frame_ends[6] + frame_ends[7]) / 2;
+    bytes[at as usize] ^= 0x40;
+    std::fs::write(&seg, &bytes).unwrap();
+
+    let log = Log::open(dir.path(), small(1, 1 << 30)).unwrap();
+    assert_eq!(
+        log.end_offset(0).unwrap(),
+        100,
+        "the 60 acknowledged events after the damage must not be cut off as a torn tail"
+    );
+    assert_eq!(
+        std::fs::read(&seg).unwrap(),
+        bytes,
+        "the segment is left as it is"
+    );
+    let err = log
+        .read(0, 0, 1000)
+        .and_then(|_| log.read(0, 35, 1000))
+        .expect_err("the damaged frame must not be read");
+    match &err {
+        LogError::Corrupt {
+            first_offset,
+            until,
+            ..
+        } => {
+            assert_eq!(
+                (*first_offset, *until),
+                (35, 40),
+                "exactly the damaged frame's offsets: {err}"
+            )
+        }
+        other => panic!("expected Corrupt, got {other}"),
+    }
+    let before: u64 = log
+        .read(0, 0, 35)
+        .unwrap()
+        .iter()
+        .map(|b| b.batch.num_rows() as u64)
+        .sum();
+    assert_eq!(before, 35, "everything before the damage reads");
+    let after: Vec<Row> = log
+        .read(0, 40, 1000)
+        .unwrap()
+        .iter()
+        .flat_map(|b| rows_of(&b.batch))
+        .collect();
+    assert_eq!(
+        after,
+        (40..100).map(row).collect::<Vec<_>>(),
+        "everything after it reads"
+    );
+    // And the log goes on.
+    let ack = rt.block_on(log.append(0, &batch(&[row(100)]))).unwrap();
+    assert_eq!(ack.first, 100);
+}

@@ -713,23 +713,71 @@ struct Scan {
     /// One past the last offset in the valid prefix.
     end: u64,
     index: Vec<(u64, u64)>,
-    /// The first bad frame: position and why.
+    /// The first bad frame with nothing good after it: position and why.
     bad: Option<(u64, String)>,
+    /// Damage in the middle: (position, first offset, first readable offset after, why).
+    corrupt: Vec<(u64, u64, u64, String)>,
 }
 
 /// Reads a whole segment, checking every frame's CRC and offsets.
+/// Scans a segment from its start. A bad frame followed by good ones is
+/// damage in the middle, not a torn tail: the scan resumes at the next
+/// good frame, and the unreadable range is reported in `corrupt` (and left
+/// in the file, so reads of it fail loudly instead of skipping it).
 fn scan_segment(path: &Path, base: u64, interval: u64) -> Result<Scan, LogError> {
+    let mut scan = scan_from(path, 0, base, interval)?;
+    while let Some((pos, why)) = scan.bad.clone() {
+        let Some((q, qbase)) = resync(path, pos + 1, scan.end)? else {
+            break; // nothing good after it: a torn tail
+        };
+        let rest = scan_from(path, q, qbase, interval)?;
+        scan.corrupt.push((pos, scan.end, qbase, why));
+        scan.index.push((qbase, q));
+        scan.index.extend(rest.index);
+        scan.end = rest.end;
+        scan.valid_len = rest.valid_len;
+        scan.bad = rest.bad;
+    }
+    Ok(scan)
+}
+
+/// The first position at or after `from` where a whole frame with a valid
+/// checksum starts, at an offset at or above `end` (a frame's bytes can
+/// hold something frame-like; its checksum and offsets cannot be faked by chance).
+fn resync(path: &Path, from: u64, end: u64) -> Result<Option<(u64, u64)>, LogError> {
+    let bytes = fs::read(path).map_err(|e| LogError::io("read", path, e))?;
+    let mut i = from as usize;
+    while i + FRAME_HEAD <= bytes.len() {
+        let hb: &[u8; FRAME_HEAD] = bytes[i..i + FRAME_HEAD].try_into().expect("head");
+        if let Ok(head) = parse_head(hb) {
+            let body_end = i + FRAME_PREFIX + head.len as usize;
+            if head.base >= end
+                && body_end <= bytes.len()
+                && decode_body(&bytes[i + FRAME_PREFIX..body_end], &head).is_ok()
+            {
+                return Ok(Some((i as u64, head.base)));
+            }
+        }
+        i += 1;
+    }
+    Ok(None)
+}
+
+fn scan_from(path: &Path, start: u64, base: u64, interval: u64) -> Result<Scan, LogError> {
     let mut f = File::open(path).map_err(|e| LogError::io("open", path, e))?;
     let file_len = f
         .metadata()
         .map_err(|e| LogError::io("stat", path, e))?
         .len();
+    f.seek(io::SeekFrom::Start(start))
+        .map_err(|e| LogError::io("seek", path, e))?;
     let mut r = io::BufReader::with_capacity(1 << 20, &mut f);
     let mut scan = Scan {
-        valid_len: 0,
+        valid_len: start,
         end: base,
         index: Vec::new(),
         bad: None,
+        corrupt: Vec::new(),
     };
     let mut last_indexed: Option<u64> = None;
     let mut body = Vec::new();
@@ -897,6 +945,16 @@ impl Partition {
                 Some((end, index)) => (end, index, file_len),
                 None => {
                     let scan = scan_segment(&path, base, opts.index_interval_bytes)?;
+                    for (pos, first, until, why) in &scan.corrupt {
+                        tracing::error!(
+                            partition = id,
+                            segment = %path.display(),
+                            position = pos,
+                            offsets = %format!("{first}..{until}"),
+                            why,
+                            "corrupt log frame in the middle of a segment: these offsets cannot be read until the segment is restored"
+                        );
+                    }
                     if let Some((pos, why)) = &scan.bad {
                         if !last {
                             return Err(LogError::Corrupt {
