@@ -422,6 +422,29 @@ async fn status(url: &str) -> anyhow::Result<()> {
         n(&i["accepted"]),
         n(&i["rejected"])
     );
+    let problems = s["health"]["problems"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if problems.is_empty() {
+        println!("health: ok");
+    }
+    for p in &problems {
+        println!(
+            "PROBLEM {}: failing for {:.1} s ({} attempts): {}",
+            p["component"].as_str().unwrap_or("?"),
+            (now - p["since_ms"].as_i64().unwrap_or(now)) as f64 / 1000.0,
+            n(&p["count"]),
+            p["error"].as_str().unwrap_or("?").replace('\n', "\n    ")
+        );
+    }
+    for r in s["health"]["recovered"].as_array().into_iter().flatten() {
+        println!(
+            "recovered {}: {}",
+            r["component"].as_str().unwrap_or("?"),
+            r["what"].as_str().unwrap_or("?")
+        );
+    }
     Ok(())
 }
 

@@ -43,14 +43,19 @@ pub enum ServeError {
         "refusing to listen on {addr}: it is not a loopback address, and no access tokens are configured\nhint: add [auth] tokens with scopes \"ingest\" and \"query\", or listen on 127.0.0.1"
     )]
     NotLoopback { addr: SocketAddr },
-    #[error("could not load the TLS {what} {}: {detail}\nhint: http.tls wants PEM files: the certificate chain and its private key", path.display())]
-    Tls {
-        what: &'static str,
-        path: PathBuf,
-        detail: String,
-    },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("the HTTP server failed: {0}")]
     Http(#[source] std::io::Error),
+}
+
+/// `[http.tls]` could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("could not load the TLS {what} {}: {detail}\nhint: http.tls wants PEM files: the certificate chain and its private key", path.display())]
+pub struct TlsError {
+    what: &'static str,
+    path: PathBuf,
+    detail: String,
 }
 
 /// A running HTTP server.
@@ -75,24 +80,24 @@ impl Running {
 }
 
 /// Loads `[http.tls]`: a rustls server config from PEM files.
-fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, ServeError> {
+fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert)
         .and_then(|it| it.collect::<Result<_, _>>())
-        .map_err(|e| ServeError::Tls {
+        .map_err(|e| TlsError {
             what: "certificate",
             path: tls.cert.clone(),
             detail: e.to_string(),
         })?;
     if certs.is_empty() {
-        return Err(ServeError::Tls {
+        return Err(TlsError {
             what: "certificate",
             path: tls.cert.clone(),
             detail: "no CERTIFICATE block in the file".into(),
         });
     }
-    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| ServeError::Tls {
+    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| TlsError {
         what: "key",
         path: tls.key.clone(),
         detail: e.to_string(),
@@ -101,7 +106,7 @@ fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, ServeError> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
-        .map_err(|e| ServeError::Tls {
+        .map_err(|e| TlsError {
             what: "certificate and key",
             path: tls.cert.clone(),
             detail: e.to_string(),

@@ -10,60 +10,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use arrow::array::RecordBatch;
-use common::{Site, event, post_events};
+use common::Site;
+use common::exact::{
+    assert_exactly, assert_exactly_or_in_doubt, assert_views_equal_sql, send, send_in_doubt,
+};
 use lambdaflow::config::Config;
-use lambdaflow::schema::EventSchema;
-use lambdaflow::view::oracle;
 
 const CONFIG: &str =
     "[archive]\nchunk_events = 700\nchunk_age = \"100ms\"\n[batch]\npause = \"200ms\"\n";
-
-/// Sends events `from..to` (zipcode 10000 + i) in requests of 100; returns
-/// what the server acknowledged: (partition, offset) → zipcode. Stops at the
-/// first request the server cannot answer (it crashed).
-fn send(url: &str, from: i64, to: i64) -> BTreeMap<(u32, u64), i64> {
-    send_in_doubt(url, from, to).0
-}
-
-/// As [`send`], and the zipcodes of the request whose answer was lost in a
-/// crash: the server may or may not have stored it (whole).
-fn send_in_doubt(url: &str, from: i64, to: i64) -> (BTreeMap<(u32, u64), i64>, Vec<i64>) {
-    let mut acked = BTreeMap::new();
-    let mut i = from;
-    while i < to {
-        let n = (to - i).min(100);
-        let body: String = (i..i + n)
-            .map(|k| {
-                let ts = chrono::DateTime::from_timestamp_millis(1_414_800_000_000 + k * 7_000)
-                    .unwrap()
-                    .format("%Y-%m-%d %H:%M:%S%.3f");
-                event(
-                    10_000 + k,
-                    &format!("product{}", k % 7),
-                    k % 100,
-                    &ts.to_string(),
-                ) + "\n"
-            })
-            .collect();
-        match post_events(url, body.into_bytes()) {
-            Ok((200, reply)) => {
-                let r = &reply["offsets"][0];
-                let (p, first) = (
-                    r["partition"].as_u64().unwrap() as u32,
-                    r["first"].as_u64().unwrap(),
-                );
-                for k in 0..n {
-                    acked.insert((p, first + k as u64), 10_000 + i + k);
-                }
-            }
-            Ok((status, reply)) => panic!("unexpected HTTP {status}: {reply}"),
-            Err(_) => return (acked, (i..i + n).map(|k| 10_000 + k).collect()),
-        }
-        i += n;
-    }
-    (acked, Vec::new())
-}
 
 /// Files in `dir` whose names end with `suffix`.
 fn count_files(dir: &Path, suffix: &str) -> usize {
@@ -77,90 +31,6 @@ fn count_files(dir: &Path, suffix: &str) -> usize {
                 .ends_with(suffix)
         })
         .count()
-}
-
-fn delta_rows(data: &Path) -> (BTreeMap<(u32, u64), i64>, Vec<RecordBatch>) {
-    common::master_events(data)
-}
-
-fn assert_exactly(
-    acked: &BTreeMap<(u32, u64), i64>,
-    data: &Path,
-    context: &str,
-) -> Vec<RecordBatch> {
-    assert_exactly_or_in_doubt(acked, &[], data, context)
-}
-
-/// Every acknowledged event is in the master dataset exactly once; besides
-/// them there is nothing but whole requests whose answer a crash cut off
-/// (stored durably, then the server died before replying).
-fn assert_exactly_or_in_doubt(
-    acked: &BTreeMap<(u32, u64), i64>,
-    in_doubt: &[Vec<i64>],
-    data: &Path,
-    context: &str,
-) -> Vec<RecordBatch> {
-    let (rows, events) = delta_rows(data);
-    for (k, z) in acked {
-        match rows.get(k) {
-            Some(got) => assert_eq!(got, z, "{context}: event {k:?} holds the wrong zipcode"),
-            None => panic!(
-                "{context}: acknowledged event {k:?} (zipcode {z}) is missing from the master dataset"
-            ),
-        }
-    }
-    let acked_zips: std::collections::BTreeSet<i64> = acked.values().copied().collect();
-    let extra: std::collections::BTreeSet<i64> = rows
-        .values()
-        .copied()
-        .filter(|z| !acked_zips.contains(z))
-        .collect();
-    for z in &extra {
-        let req = in_doubt.iter().find(|r| r.contains(z)).unwrap_or_else(|| {
-            panic!("{context}: zipcode {z} is in the master dataset but was never acknowledged nor in doubt")
-        });
-        assert!(
-            req.iter().all(|r| extra.contains(r)),
-            "{context}: a request is in the master dataset only in part"
-        );
-    }
-    assert_eq!(
-        rows.len(),
-        acked.len() + extra.len(),
-        "{context}: duplicates"
-    );
-    events
-}
-
-/// Published states of every default view, finalized, must equal the SQL
-/// run directly over the events of the Delta table.
-fn assert_views_equal_sql(data: &Path, events: &[RecordBatch]) {
-    let rt = common::rt();
-    rt.block_on(async {
-        let config = Config {
-            data: data.to_path_buf(),
-            ..Config::default()
-        };
-        let batch = lambdaflow::node::open_batch(&config).await.unwrap();
-        let m = batch.current().await.unwrap().expect("a published run");
-        let total: u64 = events.iter().map(|b| b.num_rows() as u64).sum();
-        assert_eq!(m.events, total, "the run read every event of the table");
-        assert_eq!(m.h.iter().sum::<u64>(), total, "H covers exactly the events read");
-        for view in batch.views() {
-            let states = batch.read_states(&m, view).await.unwrap();
-            let got = view.finalize(vec![states]).await.unwrap();
-            let want = oracle::run_sql(&EventSchema::paper(), view.sql(), events.to_vec())
-                .await
-                .unwrap();
-            oracle::same_rows(&got, &want, false, 1e-12).unwrap_or_else(|d| {
-                panic!("view `{}` published by the batch layer differs from its SQL over the Delta table: {d}", view.name())
-            });
-            // The TSV holds the same rows.
-            let tsv = std::fs::read_to_string(data.join(&m.views[view.name()].tsv.path)).unwrap();
-            let expect = lambdaflow::view::store::to_tsv(view.output_schema(), &got);
-            assert_eq!(tsv, expect, "view `{}`: rows.tsv is the finalized rows", view.name());
-        }
-    });
 }
 
 #[test]
@@ -194,7 +64,7 @@ fn crashes_at_every_archive_and_publish_step_lose_nothing_and_count_nothing_twic
         server.wait_for_crash(Duration::from_secs(10));
         if failpoint == "archive-after-parquet" {
             // The file was written, the commit never happened.
-            let (rows, _) = delta_rows(&site.data);
+            let (rows, _) = common::master_events(&site.data);
             assert!(rows.is_empty(), "nothing may be committed before the crash");
             let orphans = count_files(&site.data.join("master"), ".parquet");
             assert!(
@@ -261,6 +131,11 @@ fn a_corrupt_published_file_is_detected_at_startup_and_rebuilt() {
     let server = site.serve(&[]);
     let after = server.status();
     let run = after["batch"]["published"]["run"].as_u64().unwrap();
+    let recovered = after["health"]["recovered"].to_string();
+    assert!(
+        recovered.contains("sales_by_zipcode") && recovered.contains("rebuilt"),
+        "status reports the repair: {after}"
+    );
     assert!(run > m.run, "a new run was published at startup: {after}");
     server.stop();
     let (batch, m2) = rt.block_on(async {
@@ -325,7 +200,7 @@ fn rebuild_recomputes_all_views_or_one_with_a_summary() {
         "{stderr}"
     );
 
-    let (_, events) = delta_rows(&site.data);
+    let (_, events) = common::master_events(&site.data);
     assert_views_equal_sql(&site.data, &events);
 }
 

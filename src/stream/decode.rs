@@ -902,7 +902,7 @@ mod tests {
             let huge_string = "x".repeat(2 << 20);
             let body = [
                 format!("{{\"zipcode\":{deep}"),
-                format!("{deep}"),
+                deep.clone(),
                 format!("{{\"zipcode\":{huge_number},\"ProductName\":\"a\",\"price\":1,\"timestamp\":\"2014-11-01 19:35:41.158\"}}"),
                 "{\"zipcode\":1e400,\"ProductName\":\"a\",\"price\":1,\"timestamp\":\"2014-11-01 19:35:41.158\"}".into(),
                 "{\"zipcode\":9223372036854775808,\"ProductName\":\"a\",\"price\":1,\"timestamp\":\"2014-11-01 19:35:41.158\"}".into(),

@@ -2,6 +2,8 @@
 //! process on a temporary data directory, and small HTTP helpers.
 #![allow(dead_code)]
 
+pub mod exact;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
