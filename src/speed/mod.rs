@@ -210,11 +210,19 @@ impl SpeedLayer {
             let t = Instant::now();
             let (start, limit) =
                 Self::open_chunk(part, p as u32, self.chunk_events, self.views.len());
-            let upto = end.min(limit).min(part.next + MAX_MICRO_EVENTS);
-            let batches: Vec<RecordBatch> = read_range(&self.log, p as u32, part.next, upto)?
-                .into_iter()
-                .map(|b| b.batch)
-                .collect();
+            let mut upto = end.min(limit).min(part.next + MAX_MICRO_EVENTS);
+            let read = match read_range(&self.log, p as u32, part.next, upto) {
+                // Damage ahead: serve what precedes it; the next read stops at it
+                // again and reports it (never skipping past).
+                Err(LogError::Corrupt { first_offset, .. })
+                    if first_offset > part.next && first_offset < upto =>
+                {
+                    upto = first_offset;
+                    read_range(&self.log, p as u32, part.next, upto)?
+                }
+                r => r?,
+            };
+            let batches: Vec<RecordBatch> = read.into_iter().map(|b| b.batch).collect();
             let open = part.chunks.last().expect("an open chunk").clone();
             let mut states = open.states.clone();
             // Batches only appended keep their point-read indexes; a compaction drops them.
