@@ -10,6 +10,7 @@
 //! chunk, and both sides must agree on every boundary) and queues each closed
 //! chunk here.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,9 +66,12 @@ pub async fn archive_chunk(
     Ok(master.commit_chunk(c.partition, c.start, batches).await?)
 }
 
-/// The archive queue: commits closed chunks in the order they closed,
-/// retrying with backoff — the log keeps the events until they are archived
-/// and published, so a failure delays the batch layer but loses nothing.
+/// The archive queue: commits each partition's closed chunks in the order
+/// they closed, taking the partitions in turn (after a restart the speed
+/// layer replays one partition's backlog before the next; first-come order
+/// would starve the later partitions while the first is archived). Retries
+/// with backoff — the log keeps the events until they are archived and
+/// published, so a failure delays the batch layer but loses nothing.
 pub async fn run_queue(
     master: Arc<MasterDataset>,
     log: Arc<Log>,
@@ -75,11 +79,44 @@ pub async fn run_queue(
     health: Arc<crate::health::Health>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut pending: Vec<VecDeque<ClosedChunk>> = Vec::new();
+    let mut turn = 0usize;
+    let mut open = true;
+    let queue = |pending: &mut Vec<VecDeque<ClosedChunk>>, c: ClosedChunk| {
+        let p = c.partition as usize;
+        if pending.len() <= p {
+            pending.resize_with(p + 1, VecDeque::new);
+        }
+        pending[p].push_back(c);
+    };
     loop {
-        let c = tokio::select! {
-            c = chunks.recv() => match c { Some(c) => c, None => break },
-            _ = stop.changed() => break,
+        if *stop.borrow() {
+            break; // what is left is re-closed from the log at the next start
+        }
+        if pending.iter().all(VecDeque::is_empty) {
+            if !open {
+                break;
+            }
+            tokio::select! {
+                c = chunks.recv() => match c {
+                    Some(c) => queue(&mut pending, c),
+                    None => { open = false; continue; }
+                },
+                _ = stop.changed() => break,
+            }
+        }
+        while let Ok(c) = chunks.try_recv() {
+            queue(&mut pending, c);
+        }
+        let n = pending.len();
+        let Some(p) = (0..n)
+            .map(|i| (turn + i) % n)
+            .find(|&p| !pending[p].is_empty())
+        else {
+            continue;
         };
+        turn = p + 1;
+        let c = pending[p].pop_front().expect("a chunk");
         let mut backoff = Duration::from_millis(100);
         let component = format!("archive/p{}", c.partition);
         loop {
