@@ -206,6 +206,8 @@ pub enum BenchCommand {
     Batch(crate::bench::BatchBenchArgs),
     /// Freshness, speed-layer throughput, query latency and memory of a real server.
     Serve(crate::bench::ServeBenchArgs),
+    /// Steady load for N minutes: RSS, open files, disk and lag every minute.
+    Soak(crate::bench::SoakBenchArgs),
 }
 
 fn init_tracing(default: &str) {
@@ -299,6 +301,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 BenchCommand::Views(args) => crate::bench::views(args)?,
                 BenchCommand::Batch(args) => crate::bench::batch(args)?,
                 BenchCommand::Serve(args) => crate::bench::serve(args)?,
+                BenchCommand::Soak(args) => crate::bench::soak(args)?,
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -7,6 +7,10 @@
 //! second, group-commit figures and the server's peak memory; it also times
 //! the NDJSON decoder alone on one thread.
 
+mod soak;
+
+pub use soak::{SoakBenchArgs, soak};
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;

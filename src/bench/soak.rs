@@ -1,0 +1,252 @@
+//! `lambdaflow bench soak`: a real server under steady load for N minutes,
+//! with periodic batch runs and log retention, reporting once a minute what
+//! would grow without bound if something leaked: resident memory, open file
+//! descriptors, disk use of the data directory, and each layer's lag.
+//!
+//! ```text
+//!  produce (steady rate) ──▶ serve (child) ──▶ every --every: RSS, fds, disk, lag
+//!                                 └── batch runs every --batch-pause; retention
+//! ```
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+
+use super::{ServerChild, rss};
+use crate::produce::{self, ProduceOptions, group};
+
+#[derive(Debug, Args, Clone)]
+pub struct SoakBenchArgs {
+    /// How long to run.
+    #[arg(long, default_value_t = 10)]
+    pub minutes: u64,
+    /// Steady ingest rate (events/s).
+    #[arg(long, default_value_t = 20_000)]
+    pub rate: u64,
+    /// Pause between batch runs.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub batch_pause: Duration,
+    /// Log segment size (retention deletes whole segments).
+    #[arg(long, default_value = "16 MiB")]
+    pub segment_bytes: bytesize::ByteSize,
+    /// Seconds between reports.
+    #[arg(long, default_value_t = 60)]
+    pub every: u64,
+    /// Data directory (default: a temporary directory).
+    #[arg(long)]
+    pub data: Option<std::path::PathBuf>,
+}
+
+/// Bytes under `dir`, recursively.
+fn disk_use(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_use(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn open_fds(pid: u32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
+struct Sample {
+    minute: f64,
+    rss: u64,
+    fds: usize,
+    /// The log and the batch views must plateau; the master dataset grows
+    /// with the events by design (it is the immutable record of them all).
+    log: u64,
+    master: u64,
+    views: u64,
+    accepted: u64,
+    not_archived: u64,
+    not_published: u64,
+    not_realtime: u64,
+    runs: u64,
+    problems: usize,
+}
+
+pub fn soak(args: SoakBenchArgs) -> anyhow::Result<()> {
+    let tmp = tempfile::Builder::new()
+        .prefix("lambdaflow-bench-soak-")
+        .tempdir()?;
+    let data = args.data.clone().unwrap_or_else(|| tmp.path().join("data"));
+    std::fs::create_dir_all(&data)?;
+    let config_path = data.join("bench-soak.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "data = {:?}\nlisten = \"127.0.0.1:0\"\n[stream]\npartitions = 2\nsegment_bytes = \"{}\"\n[batch]\npause = \"{}\"\n",
+            data.display().to_string(),
+            args.segment_bytes,
+            humantime::format_duration(args.batch_pause)
+        ),
+    )?;
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take().expect("piped");
+    let server = ServerChild { child };
+    let pid = server.child.id();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .map(str::to_string)
+        .with_context(|| format!("the server did not report its address: {line:?}"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let total = args.rate * args.minutes * 60;
+    println!("## bench soak");
+    println!();
+    println!(
+        "{} minutes at {} events/s ({} events), batch pause {}, segments of {}, data {}",
+        args.minutes,
+        group(args.rate),
+        group(total),
+        humantime::format_duration(args.batch_pause),
+        args.segment_bytes,
+        data.display()
+    );
+    println!();
+    let producer = {
+        let url = url.clone();
+        rt.spawn(produce::run(ProduceOptions {
+            url,
+            events: total,
+            rate: Some(args.rate),
+            seed: Some(29),
+            concurrency: 4,
+            batch: 1000,
+            late: 0.05,
+            progress: false,
+            ..ProduceOptions::default()
+        }))
+    };
+    let client = reqwest::Client::new();
+    let began = Instant::now();
+    let mut samples: Vec<Sample> = Vec::new();
+    println!(
+        "| minute | RSS | open fds | log disk | master disk | views disk | accepted | not archived | not in batch | not realtime | batch runs | problems |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut next = Duration::from_secs(args.every);
+    loop {
+        let done = producer.is_finished();
+        if !done && began.elapsed() < next {
+            std::thread::sleep(next.saturating_sub(began.elapsed()).min(Duration::from_secs(1)));
+            continue;
+        }
+        next += Duration::from_secs(args.every);
+        let st: serde_json::Value = rt.block_on(async {
+            client
+                .get(format!("{url}/v1/status"))
+                .send()
+                .await?
+                .json()
+                .await
+        })?;
+        let parts = st["partitions"].as_array().cloned().unwrap_or_default();
+        let lag = |key: &str| -> u64 {
+            parts
+                .iter()
+                .map(|p| {
+                    p["end"]
+                        .as_u64()
+                        .unwrap_or(0)
+                        .saturating_sub(p[key].as_u64().unwrap_or(0))
+                })
+                .sum()
+        };
+        let s = Sample {
+            minute: began.elapsed().as_secs_f64() / 60.0,
+            rss: rss(pid).0.unwrap_or(0),
+            fds: open_fds(pid).unwrap_or(0),
+            log: disk_use(&data.join("log")),
+            master: disk_use(&data.join("master")),
+            views: disk_use(&data.join("views")),
+            accepted: st["ingest"]["accepted"].as_u64().unwrap_or(0),
+            not_archived: lag("archived"),
+            not_published: lag("published"),
+            not_realtime: lag("realtime"),
+            runs: st["batch"]["runs"].as_u64().unwrap_or(0),
+            problems: st["health"]["problems"].as_array().map_or(0, Vec::len),
+        };
+        println!(
+            "| {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            s.minute,
+            bytesize::ByteSize::b(s.rss),
+            s.fds,
+            bytesize::ByteSize::b(s.log),
+            bytesize::ByteSize::b(s.master),
+            bytesize::ByteSize::b(s.views),
+            group(s.accepted),
+            group(s.not_archived),
+            group(s.not_published),
+            group(s.not_realtime),
+            s.runs,
+            s.problems
+        );
+        samples.push(s);
+        if done {
+            break;
+        }
+    }
+    let summary = rt
+        .block_on(producer)
+        .context("the producer task failed")??;
+    let (_, peak) = rss(pid);
+    drop(server);
+    println!();
+    println!(
+        "producer: {} events sent, {} acknowledged; server peak RSS {}",
+        group(summary.events),
+        group(summary.accepted),
+        bytesize::ByteSize::b(peak.unwrap_or(0))
+    );
+    // Plateau: compare the second half's growth with the first half's.
+    if samples.len() >= 4 {
+        let half = samples.len() / 2;
+        let (a, b, c) = (&samples[0], &samples[half], &samples[samples.len() - 1]);
+        let growth = |f: fn(&Sample) -> u64| {
+            (
+                f(b) as i64 - f(a) as i64,
+                f(c) as i64 - f(b) as i64,
+            )
+        };
+        let (r1, r2) = growth(|s| s.rss);
+        let (l1, l2) = growth(|s| s.log + s.views);
+        let (f1, f2) = growth(|s| s.fds as u64);
+        let mib = |b: i64| b as f64 / (1 << 20) as f64;
+        println!(
+            "growth, first half → second half: RSS {:+.1} → {:+.1} MiB, log + views {:+.1} → {:+.1} MiB, open fds {f1:+} → {f2:+}",
+            mib(r1),
+            mib(r2),
+            mib(l1),
+            mib(l2)
+        );
+        println!(
+            "master dataset: {} for {} events (grows with the events by design)",
+            bytesize::ByteSize::b(c.master),
+            group(c.accepted)
+        );
+    }
+    Ok(())
+}
