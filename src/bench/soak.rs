@@ -151,7 +151,10 @@ pub fn soak(args: SoakBenchArgs) -> anyhow::Result<()> {
     loop {
         let done = producer.is_finished();
         if !done && began.elapsed() < next {
-            std::thread::sleep(next.saturating_sub(began.elapsed()).min(Duration::from_secs(1)));
+            std::thread::sleep(
+                next.saturating_sub(began.elapsed())
+                    .min(Duration::from_secs(1)),
+            );
             continue;
         }
         next += Duration::from_secs(args.every);
@@ -225,12 +228,7 @@ pub fn soak(args: SoakBenchArgs) -> anyhow::Result<()> {
     if samples.len() >= 4 {
         let half = samples.len() / 2;
         let (a, b, c) = (&samples[0], &samples[half], &samples[samples.len() - 1]);
-        let growth = |f: fn(&Sample) -> u64| {
-            (
-                f(b) as i64 - f(a) as i64,
-                f(c) as i64 - f(b) as i64,
-            )
-        };
+        let growth = |f: fn(&Sample) -> u64| (f(b) as i64 - f(a) as i64, f(c) as i64 - f(b) as i64);
         let (r1, r2) = growth(|s| s.rss);
         let (l1, l2) = growth(|s| s.log + s.views);
         let (f1, f2) = growth(|s| s.fds as u64);
