@@ -227,18 +227,7 @@ fn check_after_restart(server: &Server, ledger: &Ledger, cycle: usize) -> bool {
     let Some(v) = get("/v1/views/sales_by_product") else {
         return false;
     };
-    let orders: u64 = v["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["orders"].as_u64().unwrap())
-        .sum();
-    let covered: u64 = v["freshness"]["realtime"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .sum();
+    let (orders, covered) = common::orders_and_covered(&v);
     assert_eq!(
         orders, covered,
         "cycle {cycle}: an answer must count exactly the events below its offsets: {v}"
@@ -396,12 +385,7 @@ fn every_acknowledged_event_survives_50_kills_exactly_once() {
     );
     let duplicates: u32 = stored.values().map(|n| n - 1).sum();
     assert_views_equal_sql(&site.data, &events);
-    let orders: u64 = answer["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["orders"].as_u64().unwrap())
-        .sum();
+    let (orders, _) = common::orders_and_covered(&answer);
     assert_eq!(
         orders,
         rows.len() as u64,

@@ -197,12 +197,8 @@ fn a_corrupt_log_frame_mid_segment_is_reported_with_its_offsets_and_never_skippe
     );
     // Answers cover exactly what their offsets say: nothing skipped, nothing invented.
     let v = get_json(&format!("{}/v1/views/sales_by_product", server.url));
-    let orders: u64 = v["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["orders"].as_u64().unwrap())
-        .sum();
+    let (orders, covered) = common::orders_and_covered(&v);
+    assert_eq!(orders, covered, "{v}");
     assert_eq!(orders, a + 2000, "{v}");
     // The CLI and the log say it too.
     let out = Command::new(common::BIN)

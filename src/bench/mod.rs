@@ -481,37 +481,9 @@ fn rss(pid: u32) -> (Option<u64>, Option<u64>) {
 
 /// Freshness, speed-layer throughput and query latency of a real server.
 pub fn serve(args: ServeBenchArgs) -> anyhow::Result<()> {
-    let tmp = tempfile::Builder::new()
-        .prefix("lambdaflow-bench-serve-")
-        .tempdir()?;
-    let data = args.data.clone().unwrap_or_else(|| tmp.path().join("data"));
-    std::fs::create_dir_all(&data)?;
-    let config_path = data.join("bench-serve.toml");
-    std::fs::write(
-        &config_path,
-        format!(
-            "data = {:?}\nlisten = \"127.0.0.1:0\"\n[stream]\npartitions = 2\n",
-            data.display().to_string()
-        ),
-    )?;
-    let exe = std::env::current_exe()?;
-    let mut child = Command::new(&exe)
-        .args(["serve", "--config"])
-        .arg(&config_path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let stdout = child.stdout.take().expect("piped");
-    let server = ServerChild { child };
+    let (_tmp, _data, config_path) = bench_site("serve", args.data.as_deref(), "")?;
+    let (server, url) = spawn_server(&config_path)?;
     let pid = server.child.id();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .map(str::to_string)
-        .ok_or_else(|| anyhow::anyhow!("the server did not report its address: {line:?}"))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -767,6 +739,55 @@ struct ServerChild {
     child: Child,
 }
 
+/// A data directory (`data`, or a temporary one kept alive by the returned
+/// guard) and a config for it: loopback, any port, 2 partitions, plus `extra`.
+fn bench_site(
+    name: &str,
+    data: Option<&std::path::Path>,
+    extra: &str,
+) -> anyhow::Result<(tempfile::TempDir, std::path::PathBuf, std::path::PathBuf)> {
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("lambdaflow-bench-{name}-"))
+        .tempdir()?;
+    let data = data.map_or_else(|| tmp.path().join("data"), |d| d.to_path_buf());
+    std::fs::create_dir_all(&data)?;
+    let config = data.join(format!("bench-{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "data = {:?}\nlisten = \"127.0.0.1:0\"\n[stream]\npartitions = 2\n{extra}",
+            data.display().to_string()
+        ),
+    )?;
+    Ok((tmp, data, config))
+}
+
+/// Starts `lambdaflow serve --config <config>` as a child process (killed on
+/// drop) and returns it with the URL it printed.
+fn spawn_server(config: &std::path::Path) -> anyhow::Result<(ServerChild, String)> {
+    let exe = std::env::current_exe().context("cannot find the lambdaflow binary")?;
+    let mut child = Command::new(exe)
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("could not start `lambdaflow serve`")?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let server = ServerChild { child };
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let Some(url) = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .map(str::to_string)
+    else {
+        bail!("the server did not report its address (got {line:?})");
+    };
+    Ok((server, url))
+}
+
 impl Drop for ServerChild {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -821,26 +842,7 @@ pub fn ingest(args: IngestBenchArgs) -> anyhow::Result<()> {
             args.partitions
         ),
     )?;
-    let exe = std::env::current_exe().context("cannot find the lambdaflow binary")?;
-    let mut child = Command::new(exe)
-        .args(["serve", "--config"])
-        .arg(&config_path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("could not start `lambdaflow serve`")?;
-    let stdout = child.stdout.take().expect("piped stdout");
-    let server = ServerChild { child };
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    let Some(url) = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .map(str::to_string)
-    else {
-        bail!("the server did not report its address (got {line:?})");
-    };
+    let (server, url) = spawn_server(&config_path)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

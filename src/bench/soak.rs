@@ -8,15 +8,13 @@
 //!                                 └── batch runs every --batch-pause; retention
 //! ```
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
 
-use super::{ServerChild, rss};
+use super::{bench_site, rss, spawn_server};
 use crate::produce::{self, ProduceOptions, group};
 
 #[derive(Debug, Args, Clone)]
@@ -78,38 +76,17 @@ struct Sample {
 }
 
 pub fn soak(args: SoakBenchArgs) -> anyhow::Result<()> {
-    let tmp = tempfile::Builder::new()
-        .prefix("lambdaflow-bench-soak-")
-        .tempdir()?;
-    let data = args.data.clone().unwrap_or_else(|| tmp.path().join("data"));
-    std::fs::create_dir_all(&data)?;
-    let config_path = data.join("bench-soak.toml");
-    std::fs::write(
-        &config_path,
-        format!(
-            "data = {:?}\nlisten = \"127.0.0.1:0\"\n[stream]\npartitions = 2\nsegment_bytes = \"{}\"\n[batch]\npause = \"{}\"\n",
-            data.display().to_string(),
+    let (_tmp, data, config_path) = bench_site(
+        "soak",
+        args.data.as_deref(),
+        &format!(
+            "segment_bytes = \"{}\"\n[batch]\npause = \"{}\"\n",
             args.segment_bytes,
             humantime::format_duration(args.batch_pause)
         ),
     )?;
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(["serve", "--config"])
-        .arg(&config_path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let stdout = child.stdout.take().expect("piped");
-    let server = ServerChild { child };
+    let (server, url) = spawn_server(&config_path)?;
     let pid = server.child.id();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .map(str::to_string)
-        .with_context(|| format!("the server did not report its address: {line:?}"))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

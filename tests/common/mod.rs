@@ -173,6 +173,24 @@ pub fn post_events(url: &str, body: Vec<u8>) -> Result<(u16, Value), String> {
     })
 }
 
+/// Of a view answer: the sum of its `orders` column, and the number of
+/// events its freshness says it covers (the sum of its realtime offsets).
+pub fn orders_and_covered(answer: &Value) -> (u64, u64) {
+    let orders = answer["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| r["orders"].as_u64().expect("orders"))
+        .sum();
+    let covered = answer["freshness"]["realtime"]
+        .as_array()
+        .expect("freshness.realtime")
+        .iter()
+        .map(|x| x.as_u64().expect("an offset"))
+        .sum();
+    (orders, covered)
+}
+
 pub fn event(zip: i64, product: &str, price: i64, ts: &str) -> String {
     format!(r#"{{"zipcode":{zip},"ProductName":"{product}","price":{price},"timestamp":"{ts}"}}"#)
 }
