@@ -33,10 +33,7 @@ pub enum StorageError {
 }
 
 /// Wraps an object-store error with what was being done, and where.
-pub(crate) fn io(
-    op: &'static str,
-    path: &ObjectPath,
-) -> impl FnOnce(object_store::Error) -> StorageError {
+fn io(op: &'static str, path: &ObjectPath) -> impl FnOnce(object_store::Error) -> StorageError {
     let path = path.to_string();
     move |source| StorageError::Io { op, path, source }
 }
@@ -103,12 +100,24 @@ impl Storage {
     }
 
     pub async fn put(&self, rel: &str, bytes: Bytes) -> Result<(), StorageError> {
-        let path = self.path(rel);
+        self.put_at(&self.path(rel), bytes).await
+    }
+
+    /// Writes the object at `path` (a full object path, as Delta lists files).
+    pub async fn put_at(&self, path: &ObjectPath, bytes: Bytes) -> Result<(), StorageError> {
         self.store
-            .put(&path, PutPayload::from(bytes))
+            .put(path, PutPayload::from(bytes))
             .await
             .map(|_| ())
-            .map_err(io("write", &path))
+            .map_err(io("write", path))
+    }
+
+    /// Reads the object at `path`, which must exist.
+    pub async fn read_at(&self, path: &ObjectPath) -> Result<Bytes, StorageError> {
+        match self.store.get(path).await {
+            Ok(r) => r.bytes().await.map_err(io("read", path)),
+            Err(source) => Err(io("read", path)(source)),
+        }
     }
 
     /// Reads `rel`; `Ok(None)` when it does not exist.

@@ -35,7 +35,6 @@ use deltalake::DeltaTable;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, Add, DataType as DeltaType, StructField, Transaction};
 use deltalake::protocol::{DeltaOperation, SaveMode};
-use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
 
 use crate::schema::{EventSchema, FieldType};
@@ -438,15 +437,7 @@ impl MasterDataset {
             else {
                 continue; // written by an older version or another tool: no checksum
             };
-            let bytes = self
-                .storage
-                .store()
-                .get(&f.location)
-                .await
-                .map_err(|e| crate::storage::io("read", &f.location)(e))?
-                .bytes()
-                .await
-                .map_err(|e| crate::storage::io("read", &f.location)(e))?;
+            let bytes = self.storage.read_at(&f.location).await?;
             let found = crc32c::crc32c(&bytes);
             if found != expected {
                 return Err(MasterError::Corrupt {
@@ -496,11 +487,7 @@ impl MasterDataset {
             return Ok(false);
         }
         let location = object_store::path::Path::from(path.as_str());
-        self.storage
-            .store()
-            .put(&location, encoded.into())
-            .await
-            .map_err(|e| crate::storage::io("write", &location)(e))?;
+        self.storage.put_at(&location, encoded.into()).await?;
         Ok(true)
     }
 
