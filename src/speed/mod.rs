@@ -171,18 +171,25 @@ impl SpeedLayer {
         let mut moved = false;
         let mut changed = Vec::new();
         for (p, &hp) in h.iter().enumerate().take(self.parts.len()) {
-            let mut touched = false;
+            let before = self.parts[p].next;
             let component = format!("speed/p{p}");
-            match self.advance(p, hp, &mut touched, &mut moved).await {
-                Ok(()) => self.health.clear(&component),
+            let aged = match self.advance(p, hp).await {
+                Ok(aged) => {
+                    self.health.clear(&component);
+                    aged
+                }
                 Err(e) => {
                     let n = self.health.report(&component, &e);
                     if n.is_power_of_two() {
                         tracing::error!(partition = p, failures = n, error = %e, "speed layer cannot consume a partition; retrying");
                     }
+                    false
                 }
-            }
-            if touched {
+            };
+            // What was consumed before a failure is served all the same.
+            let consumed = self.parts[p].next != before;
+            moved |= consumed;
+            if consumed || aged {
                 let part = &self.parts[p];
                 changed.push((p as u32, part.chunks.clone(), part.next));
             }
@@ -194,14 +201,9 @@ impl SpeedLayer {
         Ok(moved)
     }
 
-    /// Consumes what partition `p` has, in micro-batches; closes chunks.
-    async fn advance(
-        &mut self,
-        p: usize,
-        hp: u64,
-        touched: &mut bool,
-        moved: &mut bool,
-    ) -> Result<(), SpeedError> {
+    /// Consumes what partition `p` has, in micro-batches, closing chunks;
+    /// true if the open chunk was closed by age.
+    async fn advance(&mut self, p: usize, hp: u64) -> Result<bool, SpeedError> {
         let end = self.log.end_offset(p as u32)?;
         let part = &mut self.parts[p];
         // Chunks the installed batch run covers are no longer needed.
@@ -257,8 +259,6 @@ impl SpeedLayer {
             if closes {
                 Self::close(part, p as u32, &self.archive, &self.metrics);
             }
-            *touched = true;
-            *moved = true;
         }
         // Age: an open chunk (not a replayed one) closes chunk_age after it opened.
         let replaying = part.replay.front().is_some();
@@ -274,9 +274,9 @@ impl SpeedLayer {
             c.indexes = Default::default();
             *part.chunks.last_mut().expect("open chunk") = Arc::new(c);
             Self::close(part, p as u32, &self.archive, &self.metrics);
-            *touched = true;
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Ensures the last chunk is open; returns its start and where it must end.
