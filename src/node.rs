@@ -32,6 +32,7 @@ use crate::speed::{SpeedError, SpeedLayer, SpeedMetrics, SpeedOptions};
 use crate::storage::{Storage, StorageError};
 use crate::stream::deadletter::DeadLetterError;
 use crate::stream::{DeadLetters, Decoder, Ingest, Log, LogError, LogOptions, Partitioning};
+use crate::view::failures::ViewFailures;
 use crate::view::{self, View, ViewError};
 
 #[derive(Debug, thiserror::Error)]
@@ -53,12 +54,12 @@ pub enum NodeError {
     #[error(transparent)]
     Speed(#[from] SpeedError),
     #[error(
-        "the master dataset holds partition {partition} up to offset {archived}, but the log ends at {log_end}\nhint: the log was deleted or replaced; restore it, or use a new data directory"
+        "events of partition {partition} from offset {published} to {log_start} are in neither the master dataset nor the log\nhint: the log's segments below {log_start} were removed by hand, or the master dataset was restored from an older copy; restore them, or use a new data directory"
     )]
     LogBehind {
         partition: u32,
-        archived: u64,
-        log_end: u64,
+        published: u64,
+        log_start: u64,
     },
     #[error("could not take the batch lock {}: {source}", path.display())]
     Lock {
@@ -132,9 +133,23 @@ pub async fn batch_lock(data: &std::path::Path) -> Result<BatchLock, NodeError> 
 pub async fn open_batch(config: &Config) -> Result<Arc<BatchLayer>, NodeError> {
     let schema = Arc::new(config.event_schema()?);
     let views = view::compile_all(&config.views, &schema).await?;
+    // Every command that opens a data directory checks its partition count:
+    // a batch run with another count would publish an H of the wrong length.
+    let log_dir = config.data.join("log");
+    if let Some(found) = Log::partitions_in(&log_dir)?
+        && found != config.stream.partitions
+    {
+        return Err(LogError::PartitionMismatch {
+            dir: log_dir,
+            found,
+            configured: config.stream.partitions,
+        }
+        .into());
+    }
     let storage = Storage::local(&config.data)?;
     let master = Arc::new(MasterDataset::open(&storage, schema, config.stream.partitions).await?);
-    Ok(Arc::new(BatchLayer::new(storage, master, views)))
+    let failures = Arc::new(ViewFailures::new(config.data.join("deadletter/views")));
+    Ok(Arc::new(BatchLayer::new(storage, master, views, failures)))
 }
 
 impl Node {
@@ -149,6 +164,13 @@ impl Node {
             },
             None => Partitioning::RoundRobin,
         };
+        // The master dataset first: its archived coverage is the floor below
+        // which the log may never hand out an offset again.
+        let batch = open_batch(&config).await?;
+        let master = batch.master().clone();
+        let cov = master.coverage();
+        tracing::info!(version = cov.version, h = ?cov.h, "master dataset open");
+        let node_health = Arc::new(Health::default());
         let log = Arc::new(Log::open(
             config.data.join("log"),
             LogOptions {
@@ -156,9 +178,13 @@ impl Node {
                 segment_bytes: config.stream.segment_bytes.as_u64(),
                 max_pending_bytes: config.ingest.max_pending.as_u64(),
                 pending_wait: config.ingest.pending_wait,
+                floors: cov.h.clone(),
                 ..LogOptions::default()
             },
         )?);
+        for r in log.recoveries() {
+            node_health.recovered(&format!("log/p{}", r.partition), &r.to_string());
+        }
         for s in log.stats() {
             tracing::info!(
                 partition = s.partition,
@@ -175,24 +201,7 @@ impl Node {
             Arc::new(dead),
         ));
 
-        let batch = open_batch(&config).await?;
-        let master = batch.master().clone();
-        let cov = master.coverage();
-        tracing::info!(version = cov.version, h = ?cov.h, "master dataset open");
-        for (p, &h) in cov.h.iter().enumerate() {
-            let end = log.end_offset(p as u32)?;
-            if h > end {
-                tracing::warn!(
-                    partition = p,
-                    archived = h,
-                    log_end = end,
-                    "the master dataset covers more than the log holds"
-                );
-            }
-        }
-
         let status = Arc::new(Mutex::new(BatchStatus::default()));
-        let node_health = Arc::new(Health::default());
         // Before serving: the published views must be whole, or be rebuilt.
         {
             let _lock = batch_lock(&config.data).await?;
@@ -218,6 +227,48 @@ impl Node {
                 let mut s = status.lock().expect("status lock");
                 s.published = Some(m.info.clone());
                 s.runs += 1;
+            }
+            // The speed layer replays the log from the published H: if the log
+            // no longer holds it (CURRENT removed or restored from an older
+            // copy, or the log restarted at the archived coverage), publish a
+            // run of the master dataset first, which covers the log's start.
+            let published = batch.current().await?;
+            let behind = |h: &[u64]| -> Result<Option<(u32, u64, u64)>, LogError> {
+                for p in 0..config.stream.partitions {
+                    let start = log.start_offset(p)?;
+                    let hp = h.get(p as usize).copied().unwrap_or(0);
+                    if hp < start {
+                        return Ok(Some((p, hp, start)));
+                    }
+                }
+                Ok(None)
+            };
+            let h = published.as_ref().map(|m| m.h.clone()).unwrap_or_default();
+            if let Some((p, hp, start)) = behind(&h)? {
+                tracing::warn!(
+                    partition = p,
+                    published = hp,
+                    log_start = start,
+                    "the published batch views end below the log's start; publishing a run of the master dataset before serving"
+                );
+                let m = batch.run(None, None).await?;
+                node_health.recovered(
+                    "batch",
+                    &format!(
+                        "the published batch views covered partition {p} up to {hp}, below the log's start {start}; published run {} from the master dataset (H = {:?}) before serving",
+                        m.run, m.h
+                    ),
+                );
+                let mut s = status.lock().expect("status lock");
+                s.published = Some(m.info.clone());
+                s.runs += 1;
+                if let Some((partition, published, log_start)) = behind(&m.h)? {
+                    return Err(NodeError::LogBehind {
+                        partition,
+                        published,
+                        log_start,
+                    });
+                }
             }
         }
 
@@ -250,6 +301,7 @@ impl Node {
             committed,
         );
         speed.health = node_health.clone();
+        speed.failures = batch.failures().clone();
         let t = std::time::Instant::now();
         speed.catch_up().await?;
         tracing::info!(from = ?h, to = ?serving.snapshot().realtime_end, took_ms = t.elapsed().as_millis() as u64, "speed layer caught up with the log");
@@ -369,7 +421,29 @@ async fn batch_loop(
                         s.last_error = None;
                     }
                     health.clear("batch");
-                    // Only now, with a published run covering them, may the log forget events.
+                    for (name, e) in &m.views {
+                        if e.excluded > 0 {
+                            health.report(
+                                &format!("view/{name}"),
+                                &format!(
+                                    "{} events of the master dataset are left out of the view: its expressions fail on them (listed in the dead-letter store's views/{name}.ndjson)",
+                                    e.excluded
+                                ),
+                            );
+                        }
+                    }
+                    // Only now, with a published run covering them (its files,
+                    // manifest and the Delta commits it read fsynced), may the
+                    // log forget events.
+                    crate::failpoint::trace(
+                        "retention",
+                        std::path::Path::new(&format!(
+                            "run={} version={} h={}",
+                            m.run,
+                            m.table_version,
+                            m.h.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+                        )),
+                    );
                     for (p, &h) in m.h.iter().enumerate() {
                         let component = format!("retention/p{p}");
                         match log.delete_below(p as u32, h) {

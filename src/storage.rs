@@ -103,13 +103,47 @@ impl Storage {
         self.put_at(&self.path(rel), bytes).await
     }
 
-    /// Writes the object at `path` (a full object path, as Delta lists files).
+    /// Writes the object at `path` (a full object path, as Delta lists files),
+    /// durably: on a local root the file and the directories above it are
+    /// fsynced before this returns (`object_store`'s local store does not),
+    /// because the log may delete its copy of the events once a published
+    /// run names this file.
     pub async fn put_at(&self, path: &ObjectPath, bytes: Bytes) -> Result<(), StorageError> {
         self.store
             .put(path, PutPayload::from(bytes))
             .await
             .map(|_| ())
-            .map_err(io("write", path))
+            .map_err(io("write", path))?;
+        self.sync_at(path).await
+    }
+
+    /// Makes an object written by someone else (Delta's commit files) as
+    /// durable as [`Storage::put_at`] makes its own. A no-op for object stores,
+    /// where a completed write is durable.
+    pub async fn sync(&self, rel: &str) -> Result<(), StorageError> {
+        self.sync_at(&self.path(rel)).await
+    }
+
+    async fn sync_at(&self, path: &ObjectPath) -> Result<(), StorageError> {
+        if self.url.scheme() != "file" {
+            return Ok(());
+        }
+        let Ok(root) = self.url.to_file_path() else {
+            return Ok(());
+        };
+        let file = std::path::PathBuf::from(format!("/{path}"));
+        let failed = |source: std::io::Error| StorageError::Io {
+            op: "fsync",
+            path: path.to_string(),
+            source: object_store::Error::Generic {
+                store: "LocalFileSystem",
+                source: Box::new(source),
+            },
+        };
+        tokio::task::spawn_blocking(move || sync_file_and_parents(&file, &root))
+            .await
+            .map_err(|e| failed(std::io::Error::other(e)))?
+            .map_err(failed)
     }
 
     /// Reads the object at `path`, which must exist.
@@ -184,4 +218,22 @@ impl Storage {
             .flatten()
             .map(|root| root.join(rel))
     }
+}
+
+/// fsyncs `file`, then each directory from its parent up to `root`: a new
+/// file's name is durable only once its directory is, and a new directory's
+/// once its parent is.
+fn sync_file_and_parents(file: &Path, root: &Path) -> std::io::Result<()> {
+    std::fs::File::open(file)?.sync_all()?;
+    crate::failpoint::trace("sync", file);
+    let mut dir = file.parent();
+    while let Some(d) = dir {
+        std::fs::File::open(d)?.sync_all()?;
+        crate::failpoint::trace("sync", d);
+        if d == root || !d.starts_with(root) {
+            break;
+        }
+        dir = d.parent();
+    }
+    Ok(())
 }

@@ -270,3 +270,349 @@ fn a_corrupt_master_file_is_detected_and_rewritten_from_the_log() {
     let events = assert_exactly(&acked, &site.data, "after the repair");
     assert_views_equal_sql(&site.data, &events);
 }
+
+/// Recoveries listed under `health.recovered` whose component starts with `prefix`.
+fn recovered(status: &serde_json::Value, prefix: &str) -> Vec<String> {
+    status["health"]["recovered"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["component"].as_str().unwrap().starts_with(prefix))
+        .map(|r| r["what"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Archives and publishes 2,000 events, stops, lets `damage` do its worst to
+/// the data directory, restarts, ingests 1,000 more and checks that every
+/// event of both generations is in the master dataset exactly once and in
+/// the views. Returns the status after the restart.
+fn survives(site: &Site, damage: impl FnOnce(&Path)) -> serde_json::Value {
+    let server = site.serve(&[]);
+    let mut acked = send(&server.url, 0, 2000);
+    server.wait_settled(Duration::from_secs(60));
+    server.stop();
+    damage(&site.data);
+    let server = site.serve(&[]);
+    let after = server.status();
+    acked.extend(send(&server.url, 2000, 3000));
+    let s = server.wait_settled(Duration::from_secs(60));
+    assert!(
+        s["health"]["problems"].as_array().unwrap().is_empty(),
+        "{}",
+        problems(&s)
+    );
+    server.stop();
+    let events = assert_exactly(&acked, &site.data, "events of both generations");
+    assert_views_equal_sql(&site.data, &events);
+    after
+}
+
+const ARCHIVE_FAST: &str =
+    "[archive]\nchunk_events = 500\nchunk_age = \"100ms\"\n[batch]\npause = \"200ms\"\n";
+
+#[test]
+fn a_lost_log_restarts_at_the_archived_coverage_and_reuses_no_offset() {
+    let site = Site::new(ARCHIVE_FAST);
+    let s = survives(&site, |data| {
+        std::fs::remove_dir_all(data.join("log")).unwrap();
+    });
+    let r = recovered(&s, "log/");
+    assert_eq!(r.len(), 2, "each partition's restart is reported: {s}");
+    assert!(
+        r[0].contains("restarts at offset 1000"),
+        "the report names where the log restarts: {r:?}"
+    );
+}
+
+#[test]
+fn a_damaged_last_frame_below_the_archived_coverage_is_reported_as_damage() {
+    let site = Site::new(ARCHIVE_FAST);
+    let s = survives(&site, |data| {
+        let seg = data.join("log/p0/00000000000000000000.log");
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let n = bytes.len();
+        bytes[n - 20] ^= 0x10; // inside the last frame's Arrow payload
+        std::fs::write(&seg, &bytes).unwrap();
+    });
+    let r = recovered(&s, "log/p0");
+    assert_eq!(r.len(), 1, "{s}");
+    assert!(
+        r[0].contains("damaged") && r[0].contains("restarts at offset 1000"),
+        "a cut below what is archived is damage, not a torn write: {r:?}"
+    );
+}
+
+#[test]
+fn a_missing_current_behind_retention_is_rebuilt_before_the_speed_layer_starts() {
+    // Small segments, so retention deletes some below the published H.
+    let site = Site::new(&format!(
+        "[stream]\nsegment_bytes = \"8KiB\"\n{ARCHIVE_FAST}"
+    ));
+    let s = survives(&site, |data| {
+        let starts: Vec<u64> = (0..2)
+            .map(|p| {
+                std::fs::read_dir(data.join(format!("log/p{p}")))
+                    .unwrap()
+                    .filter_map(|e| {
+                        let n = e.unwrap().file_name().into_string().unwrap();
+                        n.strip_suffix(".log")?.parse().ok()
+                    })
+                    .min()
+                    .unwrap()
+            })
+            .collect();
+        assert!(
+            starts.iter().all(|&s| s > 0),
+            "retention deleted segments below H: log starts {starts:?}"
+        );
+        std::fs::remove_dir_all(data.join("views")).unwrap();
+    });
+    let r = recovered(&s, "batch");
+    assert!(
+        r.iter().any(|w| w.contains("below the log's start")),
+        "the rebuild is reported: {s}"
+    );
+}
+
+#[test]
+fn commands_refuse_a_data_directory_of_another_partition_count() {
+    let site = Site::new(ARCHIVE_FAST);
+    let server = site.serve(&[]);
+    send(&server.url, 0, 1000);
+    server.wait_settled(Duration::from_secs(60));
+    server.stop();
+    let config = std::fs::read_to_string(&site.config).unwrap();
+    let other = site.dir.path().join("three.toml");
+    std::fs::write(&other, format!("{config}\n[stream]\npartitions = 3\n")).unwrap();
+    let before = std::fs::read(site.data.join("views/CURRENT")).unwrap();
+    let out = Command::new(common::BIN)
+        .args(["rebuild", "--config"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("has 2 partitions") && err.contains("asks for 3"),
+        "rebuild with 3 partitions over a 2-partition directory is refused: {err}"
+    );
+    assert_eq!(
+        std::fs::read(site.data.join("views/CURRENT")).unwrap(),
+        before,
+        "and publishes nothing"
+    );
+    // The server starts as before.
+    let server = site.serve(&[]);
+    server.wait_settled(Duration::from_secs(60));
+    server.stop();
+}
+
+#[test]
+fn nothing_leaves_the_log_before_the_files_of_the_run_that_covers_it_are_synced() {
+    let site = Site::new(&format!(
+        "[stream]\nsegment_bytes = \"8KiB\"\n{ARCHIVE_FAST}"
+    ));
+    let trace = site.dir.path().join("durability.trace");
+    let server = site.serve(&[("LAMBDAFLOW_TRACE_DURABILITY", trace.to_str().unwrap())]);
+    send(&server.url, 0, 3000);
+    server.wait_settled(Duration::from_secs(60));
+    server.stop();
+    let data = std::fs::canonicalize(&site.data).unwrap();
+    let lines: Vec<String> = std::fs::read_to_string(&trace)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let unlinks = lines.iter().filter(|l| l.starts_with("unlink ")).count();
+    assert!(unlinks > 0, "retention deleted segments: {lines:?}");
+    let views: Vec<String> = lambdaflow::config::Config::default()
+        .views
+        .iter()
+        .map(|v| v.name.clone())
+        .collect();
+    let masters: Vec<(String, u32, u64)> = std::fs::read_dir(data.join("master"))
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.unwrap().file_name().into_string().unwrap();
+            let rest = n.strip_prefix("part-p")?;
+            let mut it = rest.split('-');
+            let p = it.next()?.parse().ok()?;
+            let _start: u64 = it.next()?.parse().ok()?;
+            let end = it.next()?.parse().ok()?;
+            Some((n, p, end))
+        })
+        .collect();
+    let synced_before = |i: usize, path: &Path| {
+        let want = format!("sync {}", path.display());
+        lines[..i].iter().any(|l| *l == want)
+    };
+    let mut checked = 0;
+    let mut allowed: Option<usize> = None;
+    for (i, l) in lines.iter().enumerate() {
+        if l.starts_with("retention ") {
+            allowed = Some(i);
+            // "retention run=N version=V h=a,b"
+            let field = |k: &str| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix(k))
+                    .unwrap()
+                    .to_string()
+            };
+            let run: u64 = field("run=").parse().unwrap();
+            let version: u64 = field("version=").parse().unwrap();
+            let h: Vec<u64> = field("h=").split(',').map(|x| x.parse().unwrap()).collect();
+            let mut need = vec![
+                data.join(format!("views/runs/{run:012}.json")),
+                data.join("views/runs"),
+                data.join("views/CURRENT"),
+                data.join("views"),
+                data.join(format!("master/_delta_log/{version:020}.json")),
+                data.join("master/_delta_log"),
+                data.join("master"),
+            ];
+            for v in &views {
+                let dir = data.join(format!("views/{v}/{run:012}"));
+                need.push(dir.join("states.parquet"));
+                need.push(dir.join("rows.tsv"));
+                need.push(dir.clone());
+                need.push(data.join(format!("views/{v}")));
+            }
+            for (name, p, end) in &masters {
+                if *end <= h[*p as usize] {
+                    need.push(data.join("master").join(name));
+                }
+            }
+            for path in need {
+                assert!(
+                    synced_before(i, &path),
+                    "retention after run {run} started before {} was fsynced",
+                    path.display()
+                );
+            }
+            checked += 1;
+        } else if l.starts_with("unlink ") {
+            assert!(
+                allowed.is_some(),
+                "a log segment was deleted with no published run covering it: {l}"
+            );
+        }
+    }
+    assert!(checked > 0, "at least one retention was checked");
+}
+
+const INVERSE_VIEW: &str = "[[views]]\nname = \"inverse\"\nsql = \"SELECT ProductName, sum(100 / price) AS s, count(*) AS n FROM events GROUP BY ProductName\"\n";
+
+/// `inverse` over events `0..n` of `body_of`, leaving out the `price = 0` rows.
+fn inverse_expected(n: i64) -> BTreeMap<String, (i64, i64)> {
+    let mut want = BTreeMap::new();
+    for k in 0..n {
+        let price = k % 100;
+        if price == 0 {
+            continue;
+        }
+        let e = want.entry(format!("product{}", k % 7)).or_insert((0, 0));
+        e.0 += 100 / price;
+        e.1 += 1;
+    }
+    want
+}
+
+fn inverse_answer(url: &str) -> BTreeMap<String, (i64, i64)> {
+    let v = get_json(&format!("{url}/v1/views/inverse"));
+    v["rows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("the view answers: {v}"))
+        .iter()
+        .map(|r| {
+            (
+                r["ProductName"].as_str().unwrap().to_string(),
+                (r["s"].as_i64().unwrap(), r["n"].as_i64().unwrap()),
+            )
+        })
+        .collect()
+}
+
+fn default_views_and(extra: &str) -> String {
+    let mut views = String::new();
+    for v in lambdaflow::config::Config::default().views {
+        views.push_str(&format!(
+            "[[views]]\nname = {:?}\nsql = {:?}\n",
+            v.name, v.sql
+        ));
+    }
+    format!("{views}{extra}")
+}
+
+#[test]
+fn a_view_that_fails_on_some_events_leaves_them_out_and_nothing_stops() {
+    let site = Site::new(&format!(
+        "{ARCHIVE_FAST}{}",
+        default_views_and(INVERSE_VIEW)
+    ));
+    let server = site.serve(&[]);
+    // Events 0, 100, 200, … have price 0: `100 / price` fails on them.
+    let acked = send(&server.url, 0, 2000);
+    let s = server.wait_settled(Duration::from_secs(60));
+    assert_eq!(
+        inverse_answer(&server.url),
+        inverse_expected(2000),
+        "the view answers over the events it accepts"
+    );
+    let x = &s["views_excluded"]["inverse"];
+    assert_eq!(x["events"], 20, "20 events with price 0 are left out: {s}");
+    let last = &x["last"];
+    assert!(
+        last["error"].as_str().unwrap().contains("Divide by zero"),
+        "the error is named: {x}"
+    );
+    let (p, o) = (
+        last["partition"].as_u64().unwrap() as u32,
+        last["offset"].as_u64().unwrap(),
+    );
+    assert_eq!(
+        acked[&(p, o)] % 100,
+        10_000 % 100,
+        "the reported offset holds an event with price 0: {x}"
+    );
+    let listed =
+        std::fs::read_to_string(site.data.join("deadletter/views/inverse.ndjson")).unwrap();
+    assert_eq!(
+        listed.lines().count(),
+        20,
+        "each failing event listed once: {listed}"
+    );
+    assert!(
+        s["health"]["problems"].to_string().contains("view/inverse"),
+        "health says so: {s}"
+    );
+    server.stop();
+    // The other views are exact, the master dataset holds every event.
+    let events = assert_exactly(&acked, &site.data, "with a failing view");
+    let _ = events;
+}
+
+#[test]
+fn a_view_added_over_failing_history_starts_and_serves() {
+    let site = Site::new(ARCHIVE_FAST);
+    let server = site.serve(&[]);
+    let mut acked = send(&server.url, 0, 2000);
+    server.wait_settled(Duration::from_secs(60));
+    server.stop();
+    // The failing events are in the master dataset when the view arrives.
+    let config = std::fs::read_to_string(&site.config).unwrap();
+    std::fs::write(
+        &site.config,
+        format!("{config}{}", default_views_and(INVERSE_VIEW)),
+    )
+    .unwrap();
+    let server = site.serve(&[]);
+    acked.extend(send(&server.url, 2000, 3000));
+    let s = server.wait_settled(Duration::from_secs(60));
+    assert_eq!(inverse_answer(&server.url), inverse_expected(3000));
+    assert_eq!(
+        s["views_excluded"]["inverse"]["events"], 30,
+        "the batch layer's 20 and the speed layer's 10, each once: {s}"
+    );
+    server.stop();
+    let events = assert_exactly(&acked, &site.data, "view added over failing history");
+    assert_views_equal_sql(&site.data, &events);
+}

@@ -516,3 +516,105 @@ fn corruption_in_the_middle_of_the_active_segment_is_not_taken_for_a_torn_tail()
     let ack = rt.block_on(log.append(0, &batch(&[row(100)]))).unwrap();
     assert_eq!(ack.first, 100);
 }
+
+#[test]
+fn a_log_behind_its_floor_restarts_there_and_never_reuses_an_offset() {
+    let rt = rt();
+    let floored = |floor: u64| LogOptions {
+        floors: vec![floor],
+        ..small(1, 1 << 30)
+    };
+    // Lost whole: a new log starts at the floor.
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), floored(7)).unwrap();
+    assert_eq!(
+        (log.start_offset(0).unwrap(), log.end_offset(0).unwrap()),
+        (7, 7),
+        "a new log for a master dataset that holds [0, 7) starts at 7"
+    );
+    assert_eq!(log.recoveries().len(), 1, "and says so");
+    let ack = rt.block_on(log.append(0, &batch(&[row(7)]))).unwrap();
+    assert_eq!(ack.first, 7, "offsets 0..7 belong to archived events");
+    drop(log);
+
+    // Damaged at its tail after archiving: the cut is damage, not a torn write.
+    let src = tempfile::tempdir().unwrap();
+    let lens = build_frames(src.path(), 3);
+    let seg = src.path().join("p0/00000000000000000000.log");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[((lens[2] + lens[3]) / 2) as usize] ^= 0x40;
+    std::fs::write(&seg, &bytes).unwrap();
+    let log = Log::open(src.path(), floored(3)).unwrap();
+    assert_eq!(
+        log.end_offset(0).unwrap(),
+        3,
+        "the log was cut to 2, below the archived 3: it restarts at 3"
+    );
+    let r = &log.recoveries()[0];
+    assert_eq!((r.log_end, r.floor), (2, 3));
+    assert!(
+        r.damage.is_some(),
+        "a cut below the archived coverage is reported as damage: {r}"
+    );
+    let moved = r.moved_to.clone().expect("the old segments are kept aside");
+    assert!(moved.join("00000000000000000000.log").exists());
+    let ack = rt.block_on(log.append(0, &batch(&[row(3)]))).unwrap();
+    assert_eq!(ack.first, 3);
+    drop(log);
+    // Reopened: the restart holds, and nothing is reported again.
+    let log = Log::open(src.path(), floored(3)).unwrap();
+    assert_eq!(log.end_offset(0).unwrap(), 4);
+    assert!(log.recoveries().is_empty(), "{:?}", log.recoveries());
+    assert_eq!(read_rows(&log, 0, 3), vec![row(3)]);
+
+    // At or above its floor, a log is left as it is.
+    let dir = tempfile::tempdir().unwrap();
+    build_frames(dir.path(), 3);
+    let log = Log::open(dir.path(), floored(3)).unwrap();
+    assert_eq!(
+        (log.start_offset(0).unwrap(), log.end_offset(0).unwrap()),
+        (0, 3)
+    );
+    assert!(log.recoveries().is_empty());
+}
+
+#[test]
+fn a_roll_that_failed_after_creating_its_segment_does_not_block_later_rolls() {
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small(1, 4096)).unwrap();
+    let rows: Vec<Row> = (0..200).map(row).collect();
+    let ack = rt.block_on(log.append(0, &batch(&rows))).unwrap();
+    let next = ack.first + ack.count;
+    // What a roll that created its file and then failed (EMFILE) leaves behind.
+    std::fs::File::create(dir.path().join(format!("p0/{next:020}.log"))).unwrap();
+    let ack = rt
+        .block_on(log.append(0, &batch(&rows)))
+        .expect("the next roll takes over the empty segment file a failed roll left");
+    assert_eq!(ack.first, next);
+    drop(log);
+    let log = Log::open(dir.path(), small(1, 4096)).unwrap();
+    assert_eq!(log.end_offset(0).unwrap(), 400);
+    assert_eq!(read_rows(&log, 0, 0).len(), 400);
+}
+
+#[test]
+fn reading_a_range_past_the_log_end_fails_instead_of_spinning() {
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Log::open(dir.path(), small(1, 1 << 30)).unwrap());
+    let rows: Vec<Row> = (0..10).map(row).collect();
+    rt.block_on(log.append(0, &batch(&rows))).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let l = log.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(lambdaflow::master::archiver::read_range(&l, 0, 5, 20).map(|b| b.len()));
+    });
+    let got = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("read_range must return when the log ends inside the range, not loop forever");
+    assert!(
+        matches!(got, Err(LogError::OutOfRange { .. })),
+        "an error that says the range runs past the end: {got:?}"
+    );
+}

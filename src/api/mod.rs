@@ -207,6 +207,9 @@ struct Status {
     /// Failures being retried now, and repairs made since startup.
     #[serde(skip_serializing_if = "Option::is_none")]
     health: Option<crate::health::HealthReport>,
+    /// Per view, the events left out because its expressions fail on them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    views_excluded: Option<std::collections::BTreeMap<String, crate::view::failures::ViewExcluded>>,
 }
 
 #[derive(Serialize)]
@@ -288,6 +291,7 @@ async fn status(
         .collect();
     Json(Status {
         health: state.layers.as_ref().map(|l| l.health.report_all()),
+        views_excluded: state.layers.as_ref().map(|l| l.batch.failures().report()),
         master,
         batch,
         speed,

@@ -357,6 +357,22 @@ pub(super) async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
             "",
             &mut out,
         );
+        let excluded: Vec<(String, f64)> = l
+            .batch
+            .failures()
+            .report()
+            .into_iter()
+            .map(|(v, x)| (format!("view=\"{v}\""), x.events as f64))
+            .collect();
+        if !excluded.is_empty() {
+            sample(
+                &mut out,
+                "lambdaflow_view_excluded_events_total",
+                "counter",
+                "Events left out of a view because its expressions fail on them.",
+                &excluded,
+            );
+        }
         let b = l.batch_status.lock().expect("status lock").clone();
         sample(
             &mut out,

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::master::{MasterDataset, MasterError, MasterSnapshot};
 use crate::storage::{Storage, StorageError};
+use crate::view::failures::{FailedRow, ViewFailures};
 use crate::view::{View, ViewError, store::to_tsv};
 
 pub const CURRENT: &str = "views/CURRENT";
@@ -75,6 +76,10 @@ pub struct ViewEntry {
     pub groups: u64,
     pub rows: u64,
     pub duration_ms: u64,
+    /// Events left out because the view's expressions fail on them (listed
+    /// in the dead-letter store's `views/<view>.ndjson`).
+    #[serde(default)]
+    pub excluded: u64,
 }
 
 /// What `views/CURRENT` holds: one run of every view at one coverage.
@@ -154,17 +159,30 @@ pub struct BatchLayer {
     /// Runs kept besides the published one.
     keep_runs: usize,
     parallelism: usize,
+    failures: Arc<ViewFailures>,
 }
 
 impl BatchLayer {
-    pub fn new(storage: Storage, master: Arc<MasterDataset>, views: Vec<Arc<View>>) -> BatchLayer {
+    /// A batch layer; rows a view fails on are recorded in `failures`.
+    pub fn new(
+        storage: Storage,
+        master: Arc<MasterDataset>,
+        views: Vec<Arc<View>>,
+        failures: Arc<ViewFailures>,
+    ) -> BatchLayer {
         BatchLayer {
             storage,
             master,
             views,
             keep_runs: 2,
             parallelism: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            failures,
         }
+    }
+
+    /// Where both layers record the rows each view fails on.
+    pub fn failures(&self) -> &Arc<ViewFailures> {
+        &self.failures
     }
 
     pub fn views(&self) -> &[Arc<View>] {
@@ -180,12 +198,23 @@ impl BatchLayer {
         let Some(bytes) = self.storage.get(CURRENT).await? else {
             return Ok(None);
         };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| BatchError::BadManifest {
+        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| BatchError::BadManifest {
+            path: CURRENT.into(),
+            detail: e.to_string(),
+        })?;
+        let partitions = self.master.partitions() as usize;
+        if m.h.len() != partitions {
+            // Serving would index H by partition: a manifest of another
+            // partition count is unusable, as a corrupt one is.
+            return Err(BatchError::BadManifest {
                 path: CURRENT.into(),
-                detail: e.to_string(),
-            })
+                detail: format!(
+                    "it covers {} partitions, the stream has {partitions}",
+                    m.h.len()
+                ),
+            });
+        }
+        Ok(Some(m))
     }
 
     /// Reads a file of a run and checks it against its entry.
@@ -397,7 +426,7 @@ impl BatchLayer {
         progress: &Arc<Progress>,
     ) -> Result<ViewEntry, BatchError> {
         let t = Instant::now();
-        let states = self.compute_states(view, snapshot, progress).await?;
+        let (states, excluded) = self.compute_states(view, snapshot, progress).await?;
         let states = view.roll_up(states, as_of_ms).await?;
         let rows = view.finalize(vec![states.clone()]).await?;
         let tsv = to_tsv(view.output_schema(), &rows);
@@ -425,6 +454,7 @@ impl BatchLayer {
             groups: states.num_rows() as u64,
             rows: rows.iter().map(|b| b.num_rows() as u64).sum(),
             duration_ms: t.elapsed().as_millis() as u64,
+            excluded,
         };
         let meta = serde_json::json!({
             "view": view.name(),
@@ -440,15 +470,16 @@ impl BatchLayer {
         Ok(entry)
     }
 
-    /// States of one view over all files, the files split among the cores.
+    /// States of one view over all files, the files split among the cores,
+    /// and how many events were left out because the view fails on them.
     async fn compute_states(
         &self,
         view: &Arc<View>,
         snapshot: &MasterSnapshot,
         progress: &Arc<Progress>,
-    ) -> Result<RecordBatch, BatchError> {
+    ) -> Result<(RecordBatch, u64), BatchError> {
         if snapshot.files.is_empty() {
-            return Ok(view.states(Vec::new()).await?);
+            return Ok((view.states(Vec::new()).await?, 0));
         }
         // Balance the groups by size: biggest file to the lightest group.
         let k = self.parallelism.min(snapshot.files.len()).max(1);
@@ -476,14 +507,36 @@ impl BatchLayer {
                     })?;
                 let counted = Arc::new(scan::CountingExec::new(leaf, progress.done.clone()));
                 let plan = view.states_plan_over(counted)?;
-                view.run_states_plan(plan).await
+                match view.run_states_plan(plan).await {
+                    Ok(states) => Ok((states, Vec::new())),
+                    // Some rows fail the view: find them file by file, as the
+                    // speed layer does micro-batch by micro-batch.
+                    Err(e) => {
+                        tracing::debug!(view = view.name(), error = %e, "a batch scan failed; looking for the rows the view fails on");
+                        states_file_by_file(&view, &store_url, &events, &group).await
+                    }
+                }
             }));
         }
         let mut parts = Vec::with_capacity(k);
+        let mut failed = Vec::new();
         for t in tasks {
-            parts.push(t.await.map_err(|e| BatchError::Task(e.to_string()))??);
+            let (states, rows) = t.await.map_err(|e| BatchError::Task(e.to_string()))??;
+            parts.push(states);
+            failed.extend(rows);
         }
-        Ok(view.merge(parts).await?)
+        let excluded = failed.len() as u64;
+        if !failed.is_empty() {
+            let new = self.failures.record(&failed);
+            tracing::warn!(
+                view = view.name(),
+                excluded,
+                new,
+                first = ?failed.first(),
+                "the view fails on some events of the master dataset; they are left out of it"
+            );
+        }
+        Ok((view.merge(parts).await?, excluded))
     }
 
     /// Removes runs older than the published one and the `keep_runs` before it.
@@ -513,4 +566,37 @@ impl BatchLayer {
         }
         Ok(())
     }
+}
+
+/// A view's states over some files read whole, one file at a time, leaving
+/// out the rows it fails on (named by partition and offset).
+async fn states_file_by_file(
+    view: &View,
+    store_url: &str,
+    events: &crate::schema::EventSchema,
+    files: &[crate::master::DataFile],
+) -> Result<(RecordBatch, Vec<FailedRow>), ViewError> {
+    let mut parts = Vec::with_capacity(files.len());
+    let mut failed = Vec::new();
+    for f in files {
+        let read = scan::read_with_offsets(store_url, events, f)
+            .await
+            .map_err(|e| ViewError::Exec {
+                view: view.name().to_string(),
+                source: e,
+            })?;
+        let (batches, keys): (Vec<RecordBatch>, Vec<Vec<(u32, u64)>>) = read.into_iter().unzip();
+        let (states, bad) = view.states_excluding(batches).await?;
+        failed.extend(bad.into_iter().map(|x| {
+            let (partition, offset) = keys[x.batch][x.row];
+            FailedRow {
+                view: view.name().to_string(),
+                partition,
+                offset,
+                error: x.error,
+            }
+        }));
+        parts.push(states);
+    }
+    Ok((view.merge(parts).await?, failed))
 }

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use arrow::record_batch::RecordBatch;
 use datafusion::common::Result;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::datasource::listing::PartitionedFile;
@@ -106,4 +107,56 @@ impl ExecutionPlan for CountingExec {
             }),
         )))
     }
+}
+
+/// Every event of one master-dataset file, typed as the event schema says,
+/// with each row's `(partition, offset)` beside it: what the batch layer
+/// needs to name the rows a view fails on.
+pub async fn read_with_offsets(
+    store_url: &str,
+    events: &EventSchema,
+    file: &DataFile,
+) -> Result<Vec<(RecordBatch, Vec<(u32, u64)>)>> {
+    use arrow::array::AsArray;
+    use arrow::datatypes::{DataType, Field, Int32Type, Int64Type, Schema};
+    let mut fields: Vec<Field> = events
+        .arrow()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    let n = fields.len();
+    fields.push(Field::new(
+        crate::master::PARTITION_COLUMN,
+        DataType::Int32,
+        false,
+    ));
+    fields.push(Field::new(
+        crate::master::OFFSET_COLUMN,
+        DataType::Int64,
+        false,
+    ));
+    let schema = Arc::new(Schema::new(fields));
+    let source = Arc::new(ParquetSource::new(schema));
+    let config = FileScanConfigBuilder::new(ObjectStoreUrl::parse(store_url)?, source)
+        .with_file_groups(vec![FileGroup::new(vec![PartitionedFile::new(
+            file.location.to_string(),
+            file.size,
+        )])])
+        .build();
+    let plan = DataSourceExec::from_data_source(config);
+    let batches =
+        datafusion::physical_plan::collect(plan, Arc::new(TaskContext::default())).await?;
+    batches
+        .into_iter()
+        .map(|b| {
+            let p = b.column(n).as_primitive::<Int32Type>().clone();
+            let o = b.column(n + 1).as_primitive::<Int64Type>().clone();
+            let keys = (0..b.num_rows())
+                .map(|i| (p.value(i) as u32, o.value(i) as u64))
+                .collect();
+            let cols = b.columns()[..n].to_vec();
+            Ok((RecordBatch::try_new(events.arrow().clone(), cols)?, keys))
+        })
+        .collect()
 }

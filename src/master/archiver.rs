@@ -40,7 +40,16 @@ pub fn read_range(log: &Log, p: u32, start: u64, end: u64) -> Result<Vec<LogBatc
     let mut out = Vec::new();
     let mut next = start;
     while next < end {
-        for mut b in log.read(p, next, (end - next) as usize)? {
+        let read = log.read(p, next, (end - next) as usize)?;
+        if read.is_empty() {
+            // The log ends inside the range: asking again would spin forever.
+            return Err(LogError::OutOfRange {
+                partition: p,
+                offset: end - 1,
+                end: log.end_offset(p)?,
+            });
+        }
+        for mut b in read {
             let rows = b.batch.num_rows() as u64;
             if b.first_offset + rows > end {
                 let keep = (end - b.first_offset) as usize;

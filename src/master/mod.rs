@@ -66,6 +66,10 @@ pub enum MasterError {
     )]
     SchemaChanged { detail: String },
     #[error(
+        "the master dataset holds events of partition {found}, but the configuration has {configured} partitions\nhint: the partition count of an existing data directory cannot change; set stream.partitions to what it was, or use a new data directory"
+    )]
+    PartitionMismatch { found: u32, configured: u32 },
+    #[error(
         "chunk [{start}, {end}) of partition {partition} does not follow the master dataset, which covers partition {partition} up to {committed}"
     )]
     Gap {
@@ -277,6 +281,9 @@ impl MasterDataset {
                 .with_save_mode(SaveMode::Ignore)
                 .await
                 .map_err(delta("create the table"))?;
+            storage
+                .sync(&format!("{TABLE_DIR}/_delta_log/{:020}.json", 0))
+                .await?;
             tracing::info!(table = %storage.dir_url(TABLE_DIR), "created the master dataset");
         }
         let file_schema = file_schema(&events);
@@ -294,6 +301,19 @@ impl MasterDataset {
         };
         master.check_schema().await?;
         master.refresh().await?;
+        let snapshot = master.snapshot().await?;
+        if let Some(found) = snapshot
+            .files
+            .iter()
+            .filter_map(|f| parse_chunk_name(f.location.filename()?))
+            .map(|(p, ..)| p)
+            .find(|&p| p >= partitions)
+        {
+            return Err(MasterError::PartitionMismatch {
+                found,
+                configured: partitions,
+            });
+        }
         Ok(master)
     }
 
@@ -575,6 +595,10 @@ impl MasterDataset {
             .await
             .map_err(delta("commit a chunk"))?;
         let version = commit.version() as i64;
+        // The commit file is Delta's to write, and it does not fsync it.
+        self.storage
+            .sync(&format!("{TABLE_DIR}/_delta_log/{version:020}.json"))
+            .await?;
         crate::failpoint::hit("archive-after-commit");
         // The commit returns the new state: no need to re-read the log.
         table.state = Some(commit.snapshot());

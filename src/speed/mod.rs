@@ -27,6 +27,7 @@ use crate::master::archiver::{ClosedChunk, read_range};
 use crate::metrics::Histogram;
 use crate::serving::{RealtimeChunk, Serving};
 use crate::stream::{Log, LogError};
+use crate::view::failures::{FailedRow, ViewFailures};
 use crate::view::{View, ViewError};
 
 /// A micro-batch reads at most this many events (bounds memory during replays).
@@ -105,6 +106,8 @@ pub struct SpeedLayer {
     pub metrics: Arc<SpeedMetrics>,
     /// Where failing partitions are reported.
     pub health: Arc<Health>,
+    /// Where the rows a view fails on are recorded.
+    pub failures: Arc<ViewFailures>,
 }
 
 impl SpeedLayer {
@@ -148,6 +151,7 @@ impl SpeedLayer {
             parts,
             metrics: Arc::new(SpeedMetrics::default()),
             health: Arc::new(Health::default()),
+            failures: Arc::new(ViewFailures::new(std::env::temp_dir())),
         }
     }
 
@@ -224,13 +228,41 @@ impl SpeedLayer {
                 }
                 r => r?,
             };
+            let firsts: Vec<u64> = read.iter().map(|b| b.first_offset).collect();
             let batches: Vec<RecordBatch> = read.into_iter().map(|b| b.batch).collect();
             let open = part.chunks.last().expect("an open chunk").clone();
             let mut states = open.states.clone();
             // Batches only appended keep their point-read indexes; a compaction drops them.
             let mut indexes = open.indexes.clone();
             for (i, v) in self.views.iter().enumerate() {
-                let s = v.states(batches.clone()).await?;
+                // A row the view fails on is left out of this view alone (the
+                // batch layer leaves out the same rows); the partition goes on.
+                let (s, bad) = v.states_excluding(batches.clone()).await?;
+                if !bad.is_empty() {
+                    let rows: Vec<FailedRow> = bad
+                        .into_iter()
+                        .map(|x| FailedRow {
+                            view: v.name().to_string(),
+                            partition: p as u32,
+                            offset: firsts[x.batch] + x.row as u64,
+                            error: x.error,
+                        })
+                        .collect();
+                    if self.failures.record(&rows) > 0 {
+                        let first = &rows[0];
+                        self.health.report(
+                            &format!("view/{}", v.name()),
+                            &format!(
+                                "{} events left out of the view: its expressions fail on them (latest: partition {} offset {}: {}); they are listed in {}",
+                                self.failures.report()[v.name()].events,
+                                first.partition,
+                                first.offset,
+                                first.error,
+                                self.failures.report()[v.name()].file,
+                            ),
+                        );
+                    }
+                }
                 states[i].push(s);
                 if states[i].len() >= COMPACT_AT {
                     let merged = v.merge(std::mem::take(&mut states[i])).await?;

@@ -171,6 +171,12 @@ pub struct LogOptions {
     pub max_pending_bytes: u64,
     /// How long an append waits for room in the queue before `Overloaded`.
     pub pending_wait: Duration,
+    /// Per partition, the offset below which every event is already safe in
+    /// the master dataset (its archived coverage). A log that ends below it
+    /// lost events it once held — deleted, restored from an older backup, or
+    /// damaged at its tail — and must not hand those offsets out again: it
+    /// restarts at the floor (see [`LogRecovery`]). Empty: no floor.
+    pub floors: Vec<u64>,
 }
 
 impl Default for LogOptions {
@@ -181,7 +187,55 @@ impl Default for LogOptions {
             index_interval_bytes: 64 << 10,
             max_pending_bytes: 256 << 20,
             pending_wait: Duration::from_millis(500),
+            floors: Vec::new(),
         }
+    }
+}
+
+/// What opening a partition did because its log ended below the floor (the
+/// archived coverage): the offsets `[log_end, floor)` belong to events the
+/// master dataset already holds, so the log restarts at `floor` rather than
+/// give them out again.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogRecovery {
+    pub partition: u32,
+    /// Where the log ended when it was opened (after any cut).
+    pub log_end: u64,
+    /// The archived coverage: the log's new start and end.
+    pub floor: u64,
+    /// Set when the end was cut below the floor: the tail was damaged after
+    /// it had been acknowledged and archived, not torn by a crash.
+    pub damage: Option<String>,
+    /// Where the superseded segments were moved (never deleted).
+    pub moved_to: Option<PathBuf>,
+}
+
+impl std::fmt::Display for LogRecovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            partition: p,
+            log_end,
+            floor,
+            ..
+        } = self;
+        match &self.damage {
+            Some(d) => write!(
+                f,
+                "the log of partition {p} was damaged below what the master dataset holds ({d}); it ended at {log_end} but offsets up to {floor} are archived"
+            )?,
+            None => write!(
+                f,
+                "the log of partition {p} ended at {log_end} but the master dataset holds offsets up to {floor} (the log was deleted or restored from an older copy)"
+            )?,
+        }
+        write!(
+            f,
+            "; the log restarts at offset {floor}, so no offset is given out twice"
+        )?;
+        if let Some(dir) = &self.moved_to {
+            write!(f, "; its old segments were moved to {}", dir.display())?;
+        }
+        Ok(())
     }
 }
 
@@ -230,6 +284,7 @@ pub struct Log {
     pending: Arc<Semaphore>,
     pending_units: u32,
     pending_wait: Duration,
+    recoveries: Vec<LogRecovery>,
     _lock: File,
 }
 
@@ -334,8 +389,12 @@ impl Log {
         }
 
         let mut partitions = Vec::with_capacity(opts.partitions as usize);
+        let mut recoveries = Vec::new();
         for id in 0..opts.partitions {
-            partitions.push(Partition::open(id, dir.join(format!("p{id}")), &opts)?);
+            let floor = opts.floors.get(id as usize).copied().unwrap_or(0);
+            let (part, recovery) = Partition::open(id, dir.join(format!("p{id}")), &opts, floor)?;
+            partitions.push(part);
+            recoveries.extend(recovery);
         }
         let units =
             u32::try_from(opts.max_pending_bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX >> 3);
@@ -345,8 +404,31 @@ impl Log {
             pending: Arc::new(Semaphore::new(units as usize)),
             pending_units: units,
             pending_wait: opts.pending_wait,
+            recoveries,
             _lock: lock,
         })
+    }
+
+    /// The partition count of the log in `dir`, if there is one (commands
+    /// that open a data directory without the log check theirs against it).
+    pub fn partitions_in(dir: impl AsRef<Path>) -> Result<Option<u32>, LogError> {
+        let dir = dir.as_ref();
+        let path = dir.join("meta.json");
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice::<Meta>(&bytes)
+                .map(|m| Some(m.partitions))
+                .map_err(|e| LogError::BadMeta {
+                    dir: dir.to_path_buf(),
+                    detail: format!("meta.json: {e}"),
+                }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(LogError::io("read", &path, e)),
+        }
+    }
+
+    /// Partitions restarted at their floor when the log was opened.
+    pub fn recoveries(&self) -> &[LogRecovery] {
+        &self.recoveries
     }
 
     pub fn dir(&self) -> &Path {
@@ -564,7 +646,7 @@ impl Log {
             // Readers holding the segment keep reading the unlinked file.
             for path in [seg.path.clone(), segment_path(&part.dir, seg.base, "index")] {
                 match fs::remove_file(&path) {
-                    Ok(()) => {}
+                    Ok(()) => crate::failpoint::trace("unlink", &path),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => return Err(LogError::io("delete", &path, e)),
                 }
@@ -880,7 +962,14 @@ fn load_index(path: &Path, seg_len: u64) -> Option<(u64, Vec<(u64, u64)>)> {
 }
 
 impl Partition {
-    fn open(id: u32, dir: PathBuf, opts: &LogOptions) -> Result<Arc<Partition>, LogError> {
+    /// Opens partition `id`, restarting it at `floor` if its log ends below
+    /// (see [`LogRecovery`]).
+    fn open(
+        id: u32,
+        dir: PathBuf,
+        opts: &LogOptions,
+        floor: u64,
+    ) -> Result<(Arc<Partition>, Option<LogRecovery>), LogError> {
         fs::create_dir_all(&dir).map_err(|e| LogError::io("create directory", &dir, e))?;
         let mut bases: Vec<u64> = fs::read_dir(&dir)
             .map_err(|e| LogError::io("list", &dir, e))?
@@ -905,14 +994,19 @@ impl Partition {
                 }
             }
         }
+        // A new log starts at the floor: a log lost whole gives out no offset
+        // the master dataset already holds.
+        let lost_whole = bases.is_empty() && floor > 0;
         if bases.is_empty() {
-            let path = segment_path(&dir, 0, "log");
+            let path = segment_path(&dir, floor, "log");
             File::create(&path).map_err(|e| LogError::io("create", &path, e))?;
             sync_dir(&dir)?;
-            bases.push(0);
+            bases.push(floor);
         }
         let mut segments = Vec::with_capacity(bases.len());
         let mut expected = bases[0];
+        // A tail cut on open: (offset it was cut at, why).
+        let mut cut: Option<(u64, String)> = None;
         for (i, &base) in bases.iter().enumerate() {
             let path = segment_path(&dir, base, "log");
             let last = i + 1 == bases.len();
@@ -967,6 +1061,7 @@ impl Partition {
                             });
                         }
                         truncate_tail(id, &path, *pos, file_len, scan.end, why)?;
+                        cut = Some((scan.end, format!("byte {pos} of {}: {why}", path.display())));
                     }
                     (scan.end, scan.index, scan.valid_len)
                 }
@@ -979,6 +1074,48 @@ impl Partition {
                 len: AtomicU64::new(len),
                 index: RwLock::new(index),
             }));
+        }
+        let mut recovery = lost_whole.then(|| LogRecovery {
+            partition: id,
+            log_end: 0,
+            floor,
+            damage: None,
+            moved_to: None,
+        });
+        if let Some(r) = &recovery {
+            tracing::warn!(partition = id, "{r}");
+        }
+        if expected < floor {
+            // Every offset below the floor is archived; the log must not hand
+            // out [expected, floor) again. A cut below the floor is damage to
+            // acknowledged, archived events — not a torn, unacknowledged write.
+            let log_end = expected;
+            let damage = cut
+                .filter(|&(at, _)| at < floor)
+                .map(|(at, why)| format!("frames from offset {at} unreadable at {why}"));
+            drop(segments);
+            let moved_to = move_segments_aside(&dir)?;
+            let path = segment_path(&dir, floor, "log");
+            File::create(&path).map_err(|e| LogError::io("create", &path, e))?;
+            sync_dir(&dir)?;
+            let file = File::open(&path).map_err(|e| LogError::io("open", &path, e))?;
+            segments = vec![Arc::new(Segment {
+                base: floor,
+                path,
+                file,
+                len: AtomicU64::new(0),
+                index: RwLock::new(Vec::new()),
+            })];
+            expected = floor;
+            let r = LogRecovery {
+                partition: id,
+                log_end,
+                floor,
+                damage,
+                moved_to,
+            };
+            tracing::warn!(partition = id, "{r}");
+            recovery = Some(r);
         }
         let active = segments.last().expect("at least one segment").clone();
         let (end_tx, _) = watch::channel(expected);
@@ -1020,8 +1157,35 @@ impl Partition {
             .map_err(|e| LogError::io("start writer thread for", &part.dir, e))?;
         *part.sender.lock().expect("sender lock") = Some(tx);
         *part.writer.lock().expect("writer lock") = Some(handle);
-        Ok(part)
+        Ok((part, recovery))
     }
+}
+
+/// Moves a partition's segment and index files into a `superseded-<ms>`
+/// folder beside them (kept for an operator, never read again); returns it,
+/// or `None` if there was nothing to move.
+fn move_segments_aside(dir: &Path) -> Result<Option<PathBuf>, LogError> {
+    let files: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(|e| LogError::io("list", dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.extension()
+                    .is_some_and(|x| x == "log" || x == "index" || x == "tmp")
+        })
+        .collect();
+    if files.is_empty() {
+        return Ok(None);
+    }
+    let aside = dir.join(format!("superseded-{}", now_ms()));
+    fs::create_dir_all(&aside).map_err(|e| LogError::io("create directory", &aside, e))?;
+    for f in files {
+        let to = aside.join(f.file_name().expect("a file name"));
+        fs::rename(&f, &to).map_err(|e| LogError::io("move aside", &f, e))?;
+    }
+    sync_dir(&aside)?;
+    sync_dir(dir)?;
+    Ok(Some(aside))
 }
 
 /// Cuts a torn tail off the active segment, keeping the cut bytes aside.
@@ -1170,11 +1334,30 @@ impl Writer {
     fn roll(&mut self) -> Result<(), LogError> {
         write_index(&self.part.dir, &self.active, self.next)?;
         let path = segment_path(&self.part.dir, self.next, "log");
+        // Not `create_new`: a roll that failed after creating the file (out of
+        // file descriptors, say) left it behind, empty, and every later roll
+        // would fail on it. An empty file of this name is that one; a
+        // non-empty one is not ours to overwrite.
         let file = OpenOptions::new()
-            .create_new(true)
+            .create(true)
+            .truncate(false)
             .write(true)
             .open(&path)
             .map_err(|e| LogError::io("create", &path, e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| LogError::io("stat", &path, e))?
+            .len();
+        if len != 0 {
+            return Err(LogError::io(
+                "create",
+                &path,
+                io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("a {len}-byte file is already there"),
+                ),
+            ));
+        }
         sync_dir(&self.part.dir)?;
         let read = File::open(&path).map_err(|e| LogError::io("open", &path, e))?;
         let seg = Arc::new(Segment {

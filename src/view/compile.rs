@@ -123,7 +123,7 @@ pub async fn compile(def: &ViewConfig, schema: &EventSchema) -> Result<View, Vie
         state_schema,
         output_schema,
         rollup,
-        fingerprint: fingerprint(def, schema),
+        fingerprint: fingerprint(&logical, def, schema),
         key_columns: if kind == ViewKind::Aggregate {
             key_columns(&final_plan_for_keys, group_columns)
         } else {
@@ -138,12 +138,15 @@ pub async fn compile(def: &ViewConfig, schema: &EventSchema) -> Result<View, Vie
     Ok(view)
 }
 
-/// A stable hash of everything that shapes a view's states.
-fn fingerprint(def: &ViewConfig, schema: &EventSchema) -> String {
+/// A stable hash of everything that shapes a view's states. The SQL enters
+/// as its logical plan, not as text with its whitespace collapsed: the plan
+/// ignores layout but keeps every literal exactly (`'a  b'` and `'a b'` are
+/// different views), and the DataFusion version that prints it is hashed too.
+fn fingerprint(logical: &LogicalPlan, def: &ViewConfig, schema: &EventSchema) -> String {
     let mut text = format!(
         "lambdaflow-states-v{STATE_FORMAT}\ndatafusion-{}\n{}\n",
         datafusion::DATAFUSION_VERSION,
-        def.sql.split_whitespace().collect::<Vec<_>>().join(" ")
+        logical.display_indent_schema()
     );
     for r in &def.rollup {
         text.push_str(&format!("rollup {:?} {}\n", r.after, r.bucket));

@@ -21,6 +21,7 @@
 //! [`rollup`] coarsens old time buckets; [`store`] writes states to Parquet.
 
 pub mod compile;
+pub mod failures;
 pub mod input;
 pub mod oracle;
 pub mod rollup;
@@ -140,6 +141,16 @@ fn unknown_column(message: &str) -> Option<String> {
     (!name.is_empty()).then(|| name.to_string())
 }
 
+/// A row a view's expressions fail on: left out of that view (only), in
+/// every layer. See [`View::states_excluding`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Excluded {
+    /// Index of the batch, and of the row within it, in the input given.
+    pub batch: usize,
+    pub row: usize,
+    pub error: String,
+}
+
 /// How a view's states merge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ViewKind {
@@ -233,6 +244,85 @@ impl View {
         let plan = compile::with_input(&self.states_plan, Arc::new(events))
             .map_err(|e| ViewError::exec(&self.name, e))?;
         self.collect_one(plan, &self.state_schema).await
+    }
+
+    /// States of some events, leaving out every row on which the view's
+    /// expressions fail (`100 / price` with `price = 0`, a failing `CAST`).
+    ///
+    /// Such a failure is a function of the row alone, so both layers leave
+    /// out the same rows, whatever micro-batches or files they come in, and
+    /// merged answers stay exact over the rows the view accepts. The happy
+    /// path is one run; a failing input is bisected until each failing row is
+    /// found alone (≈ 2·k·log₂(n/k) runs for k failing rows among n). Returns
+    /// the states and the failing rows, as (batch index, row in that batch,
+    /// error). An input that fails while both its halves succeed has no
+    /// failing row (an aggregate-level failure): that error is returned.
+    pub async fn states_excluding(
+        &self,
+        events: Vec<RecordBatch>,
+    ) -> Result<(RecordBatch, Vec<Excluded>), ViewError> {
+        let first = match self.states(events.clone()).await {
+            Ok(s) => return Ok((s, Vec::new())),
+            Err(e) => e,
+        };
+        // Rows are numbered across the batches; a range is sliced back out.
+        let mut starts = Vec::with_capacity(events.len() + 1);
+        let mut n = 0usize;
+        for b in &events {
+            starts.push(n);
+            n += b.num_rows();
+        }
+        starts.push(n);
+        let slice = |lo: usize, hi: usize| -> Vec<RecordBatch> {
+            let mut out = Vec::new();
+            for (i, b) in events.iter().enumerate() {
+                let (s, e) = (starts[i], starts[i + 1]);
+                let (a, z) = (lo.max(s), hi.min(e));
+                if a < z {
+                    out.push(b.slice(a - s, z - a));
+                }
+            }
+            out
+        };
+        let locate = |row: usize| -> (usize, usize) {
+            let i = starts.partition_point(|&s| s <= row) - 1;
+            (i, row - starts[i])
+        };
+        let mut good = Vec::new();
+        let mut excluded = Vec::new();
+        let mut failing = vec![(0usize, n, first)];
+        while let Some((lo, hi, error)) = failing.pop() {
+            if hi - lo == 1 {
+                let (batch, row) = locate(lo);
+                excluded.push(Excluded {
+                    batch,
+                    row,
+                    error: error.to_string(),
+                });
+                continue;
+            }
+            let mid = lo + (hi - lo) / 2;
+            let mut halves_ok = 0;
+            for (a, b) in [(lo, mid), (mid, hi)] {
+                match self.states(slice(a, b)).await {
+                    Ok(s) => {
+                        good.push(s);
+                        halves_ok += 1;
+                    }
+                    Err(e) => failing.push((a, b, e)),
+                }
+            }
+            if halves_ok == 2 {
+                return Err(error);
+            }
+        }
+        excluded.sort_by_key(|e| (e.batch, e.row));
+        let states = match good.len() {
+            0 => self.states(Vec::new()).await?,
+            1 => good.pop().expect("one"),
+            _ => self.merge(good).await?,
+        };
+        Ok((states, excluded))
     }
 
     /// The states plan over another leaf (e.g. a Parquet scan of the master

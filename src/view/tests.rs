@@ -153,3 +153,25 @@ async fn rollup_needs_one_time_bucket_and_ordered_tiers() {
     let v = compile(&d, &schema).await.expect("valid rollup");
     assert_eq!(v.rollup().unwrap().column(), 0);
 }
+
+#[tokio::test]
+async fn the_fingerprint_ignores_layout_but_not_literals() {
+    let fp = |sql: &'static str| async move {
+        compile(&def(sql), &EventSchema::paper())
+            .await
+            .unwrap()
+            .fingerprint()
+            .to_string()
+    };
+    let a = fp("SELECT ProductName, count(*) AS n FROM events WHERE ProductName = 'a b' GROUP BY ProductName").await;
+    let relaid = fp("SELECT ProductName,\n  count(*) AS n\nFROM events\nWHERE ProductName = 'a b'\nGROUP BY ProductName").await;
+    let literal = fp("SELECT ProductName, count(*) AS n FROM events WHERE ProductName = 'a  b' GROUP BY ProductName").await;
+    assert_eq!(
+        a, relaid,
+        "the same query laid out differently computes the same states: it must keep its batch views"
+    );
+    assert_ne!(
+        a, literal,
+        "a changed string literal (`'a b'` → `'a  b'`) is another view: reusing the old states would serve stale rows"
+    );
+}

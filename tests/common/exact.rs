@@ -121,10 +121,14 @@ pub fn assert_exactly_or_in_doubt(
 pub fn assert_views_equal_sql(data: &Path, events: &[RecordBatch]) {
     let rt = super::rt();
     rt.block_on(async {
-        let config = Config {
+        let mut config = Config {
             data: data.to_path_buf(),
             ..Config::default()
         };
+        // Commands check the partition count against the data directory's.
+        if let Some(n) = lambdaflow::stream::Log::partitions_in(data.join("log")).unwrap() {
+            config.stream.partitions = n;
+        }
         let batch = lambdaflow::node::open_batch(&config).await.unwrap();
         let m = batch.current().await.unwrap().expect("a published run");
         let total: u64 = events.iter().map(|b| b.num_rows() as u64).sum();
