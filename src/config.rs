@@ -214,6 +214,21 @@ pub struct IngestConfig {
     /// How long a request may wait for room in the log before it gets 503.
     #[serde(default = "default_pending_wait", with = "humantime_serde")]
     pub pending_wait: Duration,
+    /// Events in the log that no published batch run covers yet, at most;
+    /// beyond it ingest answers 503 until the batch layer catches up.
+    #[serde(default = "default_max_unpublished")]
+    pub max_unpublished: u64,
+    /// Memory of the realtime states, at most; beyond it ingest answers 503.
+    #[serde(default = "default_max_realtime_memory")]
+    pub max_realtime_memory: ByteSize,
+}
+
+fn default_max_unpublished() -> u64 {
+    1_000_000_000
+}
+
+fn default_max_realtime_memory() -> ByteSize {
+    ByteSize::gib(4)
 }
 
 fn default_max_body() -> ByteSize {
@@ -234,6 +249,8 @@ impl Default for IngestConfig {
             max_body: default_max_body(),
             max_pending: default_max_pending(),
             pending_wait: default_pending_wait(),
+            max_unpublished: default_max_unpublished(),
+            max_realtime_memory: default_max_realtime_memory(),
         }
     }
 }

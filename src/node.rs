@@ -31,6 +31,7 @@ use crate::serving::{BatchSide, Serving};
 use crate::speed::{SpeedError, SpeedLayer, SpeedMetrics, SpeedOptions};
 use crate::storage::{Storage, StorageError};
 use crate::stream::deadletter::DeadLetterError;
+use crate::stream::ingest::Backlog;
 use crate::stream::{DeadLetters, Decoder, Ingest, Log, LogError, LogOptions, Partitioning};
 use crate::view::failures::ViewFailures;
 use crate::view::{self, View, ViewError};
@@ -195,11 +196,16 @@ impl Node {
             );
         }
         let dead = DeadLetters::open(config.data.join("deadletter"))?;
-        let ingest = Arc::new(Ingest::new(
+        let mut ingest = Ingest::new(
             Decoder::new(schema, partitioning),
             log.clone(),
             Arc::new(dead),
+        );
+        ingest.backlog = Arc::new(Backlog::new(
+            config.ingest.max_unpublished,
+            config.ingest.max_realtime_memory.as_u64(),
         ));
+        let ingest = Arc::new(ingest);
 
         let status = Arc::new(Mutex::new(BatchStatus::default()));
         // Before serving: the published views must be whole, or be rebuilt.
@@ -302,6 +308,7 @@ impl Node {
         );
         speed.health = node_health.clone();
         speed.failures = batch.failures().clone();
+        speed.backlog = ingest.backlog.clone();
         let t = std::time::Instant::now();
         speed.catch_up().await?;
         tracing::info!(from = ?h, to = ?serving.snapshot().realtime_end, took_ms = t.elapsed().as_millis() as u64, "speed layer caught up with the log");

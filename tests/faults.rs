@@ -616,3 +616,109 @@ fn a_view_added_over_failing_history_starts_and_serves() {
     let events = assert_exactly(&acked, &site.data, "view added over failing history");
     assert_views_equal_sql(&site.data, &events);
 }
+
+#[test]
+fn a_batch_layer_that_does_not_publish_slows_ingest_down_instead_of_filling_memory() {
+    // The batch loop runs once at startup, then not for an hour: the realtime
+    // window only grows, until its bound.
+    let site = Site::new(
+        "[ingest]\nmax_unpublished = 1500\n[archive]\nchunk_events = 500\nchunk_age = \"100ms\"\n[batch]\npause = \"1h\"\n",
+    );
+    let server = site.serve(&[]);
+    let mut acked = BTreeMap::new();
+    let mut refused = None;
+    for i in 0..40 {
+        let from = i * 100;
+        let (status, reply) =
+            post_events(&server.url, body_of(from, from + 100).into_bytes()).unwrap();
+        if status == 503 {
+            refused = Some((from, reply));
+            break;
+        }
+        assert_eq!(status, 200, "{reply}");
+        let r = &reply["offsets"][0];
+        let (p, first) = (
+            r["partition"].as_u64().unwrap() as u32,
+            r["first"].as_u64().unwrap(),
+        );
+        for k in 0..100 {
+            acked.insert((p, first + k as u64), 10_000 + from + k);
+        }
+        // Let the speed layer measure the window.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (from, reply) = refused.expect("ingest is refused once 1,500 events wait for a batch run");
+    assert!(
+        (1500..=2000).contains(&(acked.len() as i64)),
+        "refused at the bound, not long after: {} accepted",
+        acked.len()
+    );
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap()
+            .contains("realtime window is full"),
+        "the refusal says why: {reply}"
+    );
+    let s = server.status();
+    assert!(
+        problems(&s).contains("backlog"),
+        "health names the backlog: {s}"
+    );
+    // Reads go on meanwhile.
+    let v = get_json(&format!("{}/v1/views/sales_by_product", server.url));
+    let (orders, covered) = common::orders_and_covered(&v);
+    assert_eq!(orders, covered, "{v}");
+    // A batch run publishes; ingest resumes by itself.
+    common::rt().block_on(async {
+        reqwest::Client::new()
+            .post(format!("{}/v1/batch/run", server.url))
+            .send()
+            .await
+            .unwrap()
+    });
+    let t = Instant::now();
+    loop {
+        let (status, reply) =
+            post_events(&server.url, body_of(from, from + 100).into_bytes()).unwrap();
+        if status == 200 {
+            let r = &reply["offsets"][0];
+            let (p, first) = (
+                r["partition"].as_u64().unwrap() as u32,
+                r["first"].as_u64().unwrap(),
+            );
+            for k in 0..100 {
+                acked.insert((p, first + k as u64), 10_000 + from + k);
+            }
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "ingest must resume: {reply}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let s = server.status();
+    assert!(!problems(&s).contains("backlog"), "{s}");
+    // Archive and publish the rest, then check nothing was lost.
+    let t = Instant::now();
+    loop {
+        common::rt().block_on(async {
+            reqwest::Client::new()
+                .post(format!("{}/v1/batch/run", server.url))
+                .send()
+                .await
+                .unwrap()
+        });
+        let s = server.status();
+        let parts = s["partitions"].as_array().unwrap();
+        if parts.iter().all(|p| p["published"] == p["end"]) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "not settled: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    server.stop();
+    let events = assert_exactly(&acked, &site.data, "after backpressure");
+    assert_views_equal_sql(&site.data, &events);
+}

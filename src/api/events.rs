@@ -55,9 +55,8 @@ pub(super) async fn post_events(
         Err(IngestFailure { error, partial }) => {
             let status = match &error {
                 IngestError::EmptyBody => StatusCode::BAD_REQUEST,
-                IngestError::Log(LogError::Overloaded { .. } | LogError::Closed) => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
+                IngestError::Log(LogError::Overloaded { .. } | LogError::Closed)
+                | IngestError::Backlogged { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 IngestError::Log(LogError::NoSpace { .. })
                 | IngestError::DeadLetter(crate::stream::deadletter::DeadLetterError::NoSpace {
                     ..
@@ -72,7 +71,9 @@ pub(super) async fn post_events(
                 tracing::warn!(%status, error = %error, "ingest request failed");
             }
             let mut err = ApiError::new(status, error.to_string());
-            if status == StatusCode::SERVICE_UNAVAILABLE {
+            if matches!(error, IngestError::Backlogged { .. }) {
+                err = err.retry_after(5);
+            } else if status == StatusCode::SERVICE_UNAVAILABLE {
                 err = err.retry_after(1);
             } else if status == StatusCode::INSUFFICIENT_STORAGE {
                 err = err.retry_after(10);

@@ -26,6 +26,7 @@ use crate::health::Health;
 use crate::master::archiver::{ClosedChunk, read_range};
 use crate::metrics::Histogram;
 use crate::serving::{RealtimeChunk, Serving};
+use crate::stream::ingest::Backlog;
 use crate::stream::{Log, LogError};
 use crate::view::failures::{FailedRow, ViewFailures};
 use crate::view::{View, ViewError};
@@ -108,6 +109,8 @@ pub struct SpeedLayer {
     pub health: Arc<Health>,
     /// Where the rows a view fails on are recorded.
     pub failures: Arc<ViewFailures>,
+    /// The realtime window's size, measured every round for ingest's bound.
+    pub backlog: Arc<Backlog>,
 }
 
 impl SpeedLayer {
@@ -152,6 +155,7 @@ impl SpeedLayer {
             metrics: Arc::new(SpeedMetrics::default()),
             health: Arc::new(Health::default()),
             failures: Arc::new(ViewFailures::new(std::env::temp_dir())),
+            backlog: Arc::new(Backlog::default()),
         }
     }
 
@@ -202,7 +206,36 @@ impl SpeedLayer {
             crate::failpoint::hit("speed-micro-batch");
             self.serving.set_realtime(changed);
         }
+        self.measure_window(&h);
         Ok(moved)
+    }
+
+    /// Measures the realtime window — events in the log above the published
+    /// H, and the memory of the realtime states — for ingest's bound, and
+    /// reports when it is over (the batch layer is not keeping up).
+    fn measure_window(&self, h: &[u64]) {
+        let events: u64 = (0..self.parts.len())
+            .map(|p| {
+                let end = self.log.end_offset(p as u32).unwrap_or(0);
+                end.saturating_sub(h.get(p).copied().unwrap_or(0))
+            })
+            .sum();
+        let memory: u64 = self
+            .parts
+            .iter()
+            .flat_map(|part| part.chunks.iter())
+            .flat_map(|c| c.states.iter().flatten())
+            .map(|b| b.get_array_memory_size() as u64)
+            .sum();
+        self.backlog.measure(events, memory);
+        match self.backlog.check() {
+            Ok(()) => self.health.clear("backlog"),
+            Err(e) => {
+                if self.health.report("backlog", &e) == 1 {
+                    tracing::warn!(error = %e, "ingest is refused until the batch layer publishes");
+                }
+            }
+        }
     }
 
     /// Consumes what partition `p` has, in micro-batches, closing chunks;

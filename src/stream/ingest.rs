@@ -54,8 +54,68 @@ pub enum IngestError {
     Log(#[from] LogError),
     #[error(transparent)]
     DeadLetter(#[from] DeadLetterError),
+    #[error(
+        "the realtime window is full: {events} events are not in a published batch view yet (limit {max_events}) and their realtime states take {memory} (limit {max_memory})\nhint: the batch layer is not publishing (see `lambdaflow status`); retry after it has caught up"
+    )]
+    Backlogged {
+        events: u64,
+        max_events: u64,
+        memory: bytesize::ByteSize,
+        max_memory: bytesize::ByteSize,
+    },
     #[error("decoding was interrupted: {0}")]
     Internal(String),
+}
+
+/// The realtime window — events the log holds that no published batch run
+/// covers yet, and the memory of their realtime states — against its bounds.
+/// The speed layer measures it every round; ingest refuses new events (503)
+/// while it is over, so a batch layer that cannot publish (an unrepairable
+/// master file, say) slows producers down instead of filling memory and disk.
+#[derive(Debug)]
+pub struct Backlog {
+    pub max_events: u64,
+    pub max_memory: u64,
+    events: AtomicU64,
+    memory: AtomicU64,
+}
+
+impl Backlog {
+    pub fn new(max_events: u64, max_memory: u64) -> Backlog {
+        Backlog {
+            max_events,
+            max_memory,
+            events: AtomicU64::new(0),
+            memory: AtomicU64::new(0),
+        }
+    }
+
+    /// Records the window's size now.
+    pub fn measure(&self, events: u64, memory: u64) {
+        self.events.store(events, Ordering::Relaxed);
+        self.memory.store(memory, Ordering::Relaxed);
+    }
+
+    /// `Err` while the window is over either bound.
+    pub fn check(&self) -> Result<(), IngestError> {
+        let events = self.events.load(Ordering::Relaxed);
+        let memory = self.memory.load(Ordering::Relaxed);
+        if events >= self.max_events || memory >= self.max_memory {
+            return Err(IngestError::Backlogged {
+                events,
+                max_events: self.max_events,
+                memory: bytesize::ByteSize::b(memory),
+                max_memory: bytesize::ByteSize::b(self.max_memory),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Default for Backlog {
+    fn default() -> Self {
+        Backlog::new(u64::MAX, u64::MAX)
+    }
 }
 
 impl IngestError {
@@ -65,6 +125,7 @@ impl IngestError {
             self,
             IngestError::Log(LogError::Overloaded { .. } | LogError::NoSpace { .. })
                 | IngestError::DeadLetter(DeadLetterError::NoSpace { .. })
+                | IngestError::Backlogged { .. }
         )
     }
 }
@@ -93,6 +154,8 @@ pub struct Ingest {
     dead: Arc<DeadLetters>,
     next_partition: AtomicU32,
     pub counters: IngestCounters,
+    /// The realtime window's bounds (none unless a node sets them).
+    pub backlog: Arc<Backlog>,
 }
 
 impl Ingest {
@@ -103,6 +166,7 @@ impl Ingest {
             dead,
             next_partition: AtomicU32::new(0),
             counters: IngestCounters::default(),
+            backlog: Arc::new(Backlog::default()),
         }
     }
 
@@ -123,6 +187,7 @@ impl Ingest {
         if body.is_empty() {
             return Err(fail(IngestError::EmptyBody));
         }
+        self.backlog.check().map_err(fail)?;
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         self.counters
             .bytes
