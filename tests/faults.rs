@@ -722,3 +722,110 @@ fn a_batch_layer_that_does_not_publish_slows_ingest_down_instead_of_filling_memo
     let events = assert_exactly(&acked, &site.data, "after backpressure");
     assert_views_equal_sql(&site.data, &events);
 }
+
+#[test]
+fn first_and_last_value_answer_the_same_before_and_after_a_batch_run() {
+    let view = "[[views]]\nname = \"first_last\"\nsql = \"SELECT ProductName, first_value(zipcode ORDER BY timestamp) AS f, last_value(zipcode ORDER BY timestamp) AS l FROM events GROUP BY ProductName\"\n";
+    let site = Site::new(&format!(
+        "[archive]\nchunk_events = 300\nchunk_age = \"100ms\"\n[batch]\npause = \"1h\"\n{view}"
+    ));
+    let server = site.serve(&[]);
+    // Every event at one millisecond: the tie is broken by (partition, offset).
+    let mut acked: BTreeMap<(u32, u64), (i64, String)> = BTreeMap::new();
+    for r in 0..10 {
+        let body: String = (0..100)
+            .map(|i| {
+                let k = r * 100 + i;
+                common::event(
+                    10_000 + k,
+                    &format!("product{}", k % 3),
+                    5,
+                    "2014-11-01 00:00:00.000",
+                ) + "\n"
+            })
+            .collect();
+        let (status, reply) = post_events(&server.url, body.into_bytes()).unwrap();
+        assert_eq!(status, 200, "{reply}");
+        let o = &reply["offsets"][0];
+        let (p, first) = (
+            o["partition"].as_u64().unwrap() as u32,
+            o["first"].as_u64().unwrap(),
+        );
+        for i in 0..100 {
+            let k = r * 100 + i;
+            acked.insert(
+                (p, first + i as u64),
+                (10_000 + k, format!("product{}", k % 3)),
+            );
+        }
+    }
+    let answer = || {
+        let v = get_json(&format!("{}/v1/views/first_last", server.url));
+        let rows: BTreeMap<String, (i64, i64)> = v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["ProductName"].as_str().unwrap().to_string(),
+                    (r["f"].as_i64().unwrap(), r["l"].as_i64().unwrap()),
+                )
+            })
+            .collect();
+        (rows, v["freshness"]["batch"].clone())
+    };
+    let t = Instant::now();
+    while server.status()["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["realtime"] != p["end"])
+    {
+        assert!(t.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (before, _) = answer();
+    common::rt().block_on(async {
+        reqwest::Client::new()
+            .post(format!("{}/v1/batch/run", server.url))
+            .send()
+            .await
+            .unwrap()
+    });
+    let after = loop {
+        let s = server.status();
+        if s["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["published"] == p["end"])
+        {
+            break answer().0;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{s}");
+        std::thread::sleep(Duration::from_millis(100));
+        common::rt().block_on(async {
+            reqwest::Client::new()
+                .post(format!("{}/v1/batch/run", server.url))
+                .send()
+                .await
+                .unwrap()
+        });
+    };
+    assert_eq!(
+        before, after,
+        "the answer must not change when the batch run is installed"
+    );
+    let mut want: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    for (z, product) in acked.values() {
+        // In (partition, offset) order: the first seen is first, the last seen last.
+        want.entry(product.clone())
+            .and_modify(|e| e.1 = *z)
+            .or_insert((*z, *z));
+    }
+    assert_eq!(
+        after, want,
+        "ties go to the lowest (partition, offset) first"
+    );
+    server.stop();
+}

@@ -454,3 +454,62 @@ fn states_of_another_view_are_refused() {
     let err = b.states_from_parquet(bytes.into()).unwrap_err().to_string();
     assert!(err.contains("stored states do not match"), "{err}");
 }
+
+#[test]
+fn ordered_aggregates_break_ties_by_partition_and_offset_in_every_merge_order() {
+    use lambdaflow::view::input::with_offsets;
+    let rt = rt();
+    let view = rt
+        .block_on(compile(
+            &def(
+                "first_last",
+                "SELECT ProductName, first_value(zipcode ORDER BY timestamp) AS f, last_value(zipcode ORDER BY timestamp) AS l FROM events GROUP BY ProductName",
+            ),
+            &EventSchema::paper(),
+        ))
+        .unwrap();
+    // Every event at the same millisecond: only (partition, offset) can order them.
+    let p0: Vec<PaperRow> = (0..6).map(|i| (20_000 + i, 0, 1, BASE_MS)).collect();
+    let p1: Vec<PaperRow> = (0..6).map(|i| (30_000 + i, 0, 1, BASE_MS)).collect();
+    let part = |rows: &[PaperRow], p: u32, first: u64| {
+        if view.needs_offsets() {
+            with_offsets(&paper_batch(rows), p, first).unwrap()
+        } else {
+            paper_batch(rows)
+        }
+    };
+    let states = |batches: Vec<RecordBatch>| rt.block_on(view.states(batches)).unwrap();
+    let answer = |parts: Vec<RecordBatch>| {
+        let out = rt.block_on(view.finalize(parts)).unwrap();
+        oracle::rows(&out)
+    };
+    // The batch layer: files in name order (p0 before p1).
+    let batch = states(vec![part(&p0, 0, 0), part(&p1, 1, 0)]);
+    // A read before the swap: batch states of p1 [0, 6) and p0 [0, 3), then
+    // realtime chunks p0 [3, 6): another merge order.
+    let read = vec![
+        states(vec![part(&p1, 1, 0), part(&p0[..3], 0, 0)]),
+        states(vec![part(&p0[3..], 0, 3)]),
+    ];
+    let reversed = vec![
+        states(vec![part(&p0[3..], 0, 3)]),
+        states(vec![part(&p1[3..], 1, 3)]),
+        states(vec![part(&p1[..3], 1, 0), part(&p0[..3], 0, 0)]),
+    ];
+    let want = answer(vec![batch]);
+    assert_eq!(
+        answer(read),
+        want,
+        "the answer must not flip when a batch run is installed"
+    );
+    assert_eq!(answer(reversed), want, "nor in any other merge order");
+    let text = format!("{want:?}");
+    assert!(
+        text.contains("20000") && text.contains("30005"),
+        "first is partition 0 offset 0, last is partition 1 offset 5: {text}"
+    );
+    assert!(
+        view.needs_offsets(),
+        "an ordered aggregate reads the offsets"
+    );
+}

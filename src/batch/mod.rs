@@ -500,7 +500,12 @@ impl BatchLayer {
             let events = events.clone();
             let progress = progress.clone();
             tasks.push(tokio::spawn(async move {
-                let leaf = scan::parquet_leaf(&store_url, &events, &group, view.leaf_projection())
+                let leaf = scan::parquet_leaf(
+                    &store_url,
+                    view.events_schema(),
+                    &group,
+                    view.leaf_projection(),
+                )
                     .map_err(|e| ViewError::Exec {
                         view: view.name().to_string(),
                         source: e,
@@ -585,7 +590,16 @@ async fn states_file_by_file(
                 view: view.name().to_string(),
                 source: e,
             })?;
-        let (batches, keys): (Vec<RecordBatch>, Vec<Vec<(u32, u64)>>) = read.into_iter().unzip();
+        let (mut batches, keys): (Vec<RecordBatch>, Vec<Vec<(u32, u64)>>) =
+            read.into_iter().unzip();
+        if view.needs_offsets() {
+            batches = batches
+                .iter()
+                .zip(&keys)
+                .map(|(b, k)| crate::view::input::with_keys(b, k))
+                .collect::<Result<_, _>>()
+                .map_err(|e| ViewError::Internal(e.to_string()))?;
+        }
         let (states, bad) = view.states_excluding(batches).await?;
         failed.extend(bad.into_iter().map(|x| {
             let (partition, offset) = keys[x.batch][x.row];

@@ -20,15 +20,17 @@ use futures::StreamExt;
 use crate::master::DataFile;
 use crate::schema::EventSchema;
 
-/// A scan of `files` yielding the event columns in `projection`, typed as the
-/// event schema says (the files' UTC-microsecond timestamps are cast back).
+/// A scan of `files` yielding the columns of `schema` (a view's input: the
+/// event fields, and `_partition`/`_offset` for views that need them) in
+/// `projection`, typed as it says (the files' UTC-microsecond timestamps are
+/// cast back).
 pub fn parquet_leaf(
     store_url: &str,
-    events: &EventSchema,
+    schema: &arrow::datatypes::SchemaRef,
     files: &[DataFile],
     projection: Option<&Vec<usize>>,
 ) -> Result<Arc<dyn ExecutionPlan>> {
-    let source = Arc::new(ParquetSource::new(events.arrow().clone()));
+    let source = Arc::new(ParquetSource::new(schema.clone()));
     let group: Vec<PartitionedFile> = files
         .iter()
         .map(|f| PartitionedFile::new(f.location.to_string(), f.size))

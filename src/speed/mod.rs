@@ -263,6 +263,17 @@ impl SpeedLayer {
             };
             let firsts: Vec<u64> = read.iter().map(|b| b.first_offset).collect();
             let batches: Vec<RecordBatch> = read.into_iter().map(|b| b.batch).collect();
+            // Views with ordered aggregates also read each event's (partition, offset).
+            let keyed: Vec<RecordBatch> = if self.views.iter().any(|v| v.needs_offsets()) {
+                batches
+                    .iter()
+                    .zip(&firsts)
+                    .map(|(b, &f)| crate::view::input::with_offsets(b, p as u32, f))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| SpeedError::View(ViewError::Internal(e.to_string())))?
+            } else {
+                Vec::new()
+            };
             let open = part.chunks.last().expect("an open chunk").clone();
             let mut states = open.states.clone();
             // Batches only appended keep their point-read indexes; a compaction drops them.
@@ -270,7 +281,8 @@ impl SpeedLayer {
             for (i, v) in self.views.iter().enumerate() {
                 // A row the view fails on is left out of this view alone (the
                 // batch layer leaves out the same rows); the partition goes on.
-                let (s, bad) = v.states_excluding(batches.clone()).await?;
+                let input = if v.needs_offsets() { &keyed } else { &batches };
+                let (s, bad) = v.states_excluding(input.clone()).await?;
                 if !bad.is_empty() {
                     let rows: Vec<FailedRow> = bad
                         .into_iter()

@@ -42,6 +42,11 @@ pub const STATE_FORMAT: u32 = 1;
 /// (lambdaflow parallelizes across partitions and views itself), and no
 /// rewrite that would stack aggregations.
 pub fn session(schema: &EventSchema) -> Result<SessionContext, ViewError> {
+    session_over(schema.arrow().clone())
+}
+
+/// A view session whose table `events` has the columns of `schema`.
+fn session_over(schema: SchemaRef) -> Result<SessionContext, ViewError> {
     let mut cfg = SessionConfig::new()
         .with_target_partitions(1)
         .with_batch_size(8192);
@@ -57,7 +62,7 @@ pub fn session(schema: &EventSchema) -> Result<SessionContext, ViewError> {
     // `count(DISTINCT x)` would become two stacked aggregations, whose outer
     // states do not merge (a value seen in two layers would count twice).
     ctx.remove_optimizer_rule("single_distinct_aggregation_to_group_by");
-    ctx.register_table("events", Arc::new(EventsTable::new(schema.arrow().clone())))
+    ctx.register_table("events", Arc::new(EventsTable::new(schema)))
         .map_err(|e| ViewError::Internal(e.to_string()))?;
     Ok(ctx)
 }
@@ -65,10 +70,18 @@ pub fn session(schema: &EventSchema) -> Result<SessionContext, ViewError> {
 /// Plans one view.
 pub async fn compile(def: &ViewConfig, schema: &EventSchema) -> Result<View, ViewError> {
     let name = def.name.clone();
-    let ctx = session(schema)?;
+    // Ordered aggregates break ties by (partition, offset); such a view reads
+    // those two columns besides the events'.
+    let tie_broken = tie_break(&def.sql);
+    let input_schema = match &tie_broken {
+        Some(_) => super::input::with_offsets_schema(schema.arrow()),
+        None => schema.arrow().clone(),
+    };
+    let sql = tie_broken.as_deref().unwrap_or(&def.sql);
+    let ctx = session_over(input_schema.clone())?;
     let state = ctx.state();
     let logical = state
-        .create_logical_plan(&def.sql)
+        .create_logical_plan(sql)
         .await
         .map_err(|e| ViewError::plan(&name, &e, schema))?;
     check_logical(&name, &logical)?;
@@ -116,7 +129,8 @@ pub async fn compile(def: &ViewConfig, schema: &EventSchema) -> Result<View, Vie
         sql: def.sql.clone(),
         kind,
         leaf_projection: leaf.projection().cloned(),
-        events_schema: schema.arrow().clone(),
+        events_schema: input_schema,
+        needs_offsets: tie_broken.is_some(),
         states_plan,
         reduce_plan,
         final_plan,
@@ -136,6 +150,58 @@ pub async fn compile(def: &ViewConfig, schema: &EventSchema) -> Result<View, Vie
     let empty = view.states(Vec::new()).await?;
     view.finalize(vec![empty]).await?;
     Ok(view)
+}
+
+/// Appends `_partition, _offset` to the ORDER BY of every ordered aggregate
+/// (`first_value(x ORDER BY timestamp)`, `array_agg(x ORDER BY t)`, `… WITHIN
+/// GROUP (ORDER BY …)`); `None` when the view has none.
+///
+/// Why: events with equal ordering keys are common (timestamps in
+/// milliseconds). Which of them such an aggregate picks then depends on the
+/// order states are merged in, and the batch layer merges in another order
+/// than a read that merges batch and realtime states: an answer could flip
+/// when a batch run is installed. With the offset as the last key no two
+/// events tie, and every layer picks the same one.
+fn tie_break(sql: &str) -> Option<String> {
+    use datafusion::sql::sqlparser::ast::{
+        Expr, FunctionArgumentClause, FunctionArguments, Ident, OrderByExpr, visit_expressions_mut,
+    };
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::parser::Parser;
+    use std::ops::ControlFlow;
+    let mut statements = Parser::parse_sql(&GenericDialect {}, sql).ok()?;
+    let keys = || {
+        [
+            crate::master::PARTITION_COLUMN,
+            crate::master::OFFSET_COLUMN,
+        ]
+        .map(|c| OrderByExpr::from(Ident::with_quote('"', c)))
+    };
+    let mut changed = false;
+    let _ = visit_expressions_mut(&mut statements, |e| {
+        if let Expr::Function(f) = e {
+            if !f.within_group.is_empty() {
+                f.within_group.extend(keys());
+                changed = true;
+            }
+            if let FunctionArguments::List(list) = &mut f.args {
+                for clause in &mut list.clauses {
+                    if let FunctionArgumentClause::OrderBy(order) = clause {
+                        order.extend(keys());
+                        changed = true;
+                    }
+                }
+            }
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    changed.then(|| {
+        statements
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    })
 }
 
 /// A stable hash of everything that shapes a view's states. The SQL enters

@@ -173,3 +173,59 @@ impl ExecutionPlan for InputExec {
         )))
     }
 }
+
+/// The event schema with `_partition` (int32) and `_offset` (int64) after
+/// the event fields, as the master dataset's files hold them.
+pub fn with_offsets_schema(events: &SchemaRef) -> SchemaRef {
+    use arrow::datatypes::{DataType, Field, Schema};
+    let mut fields: Vec<Field> = events.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new(
+        crate::master::PARTITION_COLUMN,
+        DataType::Int32,
+        false,
+    ));
+    fields.push(Field::new(
+        crate::master::OFFSET_COLUMN,
+        DataType::Int64,
+        false,
+    ));
+    Arc::new(Schema::new(fields))
+}
+
+/// Events of one partition, from `first_offset` on, with their `_partition`
+/// and `_offset` columns added (for a view that [`needs_offsets`]).
+///
+/// [`needs_offsets`]: super::View::needs_offsets
+pub fn with_offsets(batch: &RecordBatch, partition: u32, first_offset: u64) -> Result<RecordBatch> {
+    use arrow::array::{Int32Array, Int64Array};
+    let n = batch.num_rows();
+    add_columns(
+        batch,
+        Int32Array::from(vec![partition as i32; n]),
+        Int64Array::from_iter_values((0..n as i64).map(|i| first_offset as i64 + i)),
+    )
+}
+
+/// Events with the `(partition, offset)` of each row added as columns.
+pub fn with_keys(batch: &RecordBatch, keys: &[(u32, u64)]) -> Result<RecordBatch> {
+    use arrow::array::{Int32Array, Int64Array};
+    add_columns(
+        batch,
+        keys.iter().map(|k| k.0 as i32).collect::<Int32Array>(),
+        keys.iter().map(|k| k.1 as i64).collect::<Int64Array>(),
+    )
+}
+
+fn add_columns(
+    batch: &RecordBatch,
+    partitions: arrow::array::Int32Array,
+    offsets: arrow::array::Int64Array,
+) -> Result<RecordBatch> {
+    let mut cols = batch.columns().to_vec();
+    cols.push(Arc::new(partitions));
+    cols.push(Arc::new(offsets));
+    Ok(RecordBatch::try_new(
+        with_offsets_schema(&batch.schema()),
+        cols,
+    )?)
+}

@@ -178,6 +178,8 @@ pub struct View {
     key_columns: std::collections::HashMap<String, usize>,
     group_columns: usize,
     task_ctx: compile::Task,
+    /// Whether the view reads `_partition` and `_offset` (see [`View::needs_offsets`]).
+    needs_offsets: bool,
 }
 
 impl View {
@@ -401,9 +403,17 @@ impl View {
         concat_batches(schema, &batches).map_err(|e| ViewError::exec(&self.name, e.into()))
     }
 
-    /// The schema of `events` this view was planned against.
+    /// The schema of `events` this view was planned against: the event
+    /// fields, then `_partition` and `_offset` when it needs them.
     pub fn events_schema(&self) -> &SchemaRef {
         &self.events_schema
+    }
+
+    /// Whether the batches given to [`View::states`] must carry each event's
+    /// `_partition` and `_offset` (see [`input::with_offsets`]): the view has
+    /// ordered aggregates, whose ties are broken by them.
+    pub fn needs_offsets(&self) -> bool {
+        self.needs_offsets
     }
 }
 
