@@ -14,6 +14,7 @@ pub mod api;
 pub mod batch;
 pub mod bench;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod failpoint;
@@ -25,6 +26,8 @@ pub mod produce;
 pub mod schema;
 pub mod serve;
 pub mod serving;
+#[cfg(test)]
+mod sim;
 pub mod speed;
 pub mod storage;
 pub mod stream;

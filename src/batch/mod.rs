@@ -16,6 +16,7 @@
 //! make the published run unusable for that view: [`BatchLayer::check`] finds
 //! it and the caller rebuilds from the master dataset before serving.
 
+pub mod driver;
 pub mod scan;
 
 use std::collections::BTreeMap;

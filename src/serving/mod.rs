@@ -18,6 +18,7 @@
 
 pub mod query;
 
+use crate::clock::{SharedClock, SystemClock};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -369,6 +370,7 @@ pub struct Serving {
     /// Serializes writers; readers never take it.
     writer: Mutex<()>,
     cache: Vec<Arc<Cached>>,
+    clock: SharedClock,
 }
 
 impl Serving {
@@ -394,6 +396,15 @@ impl Serving {
             current: ArcSwap::from_pointee(snapshot),
             writer: Mutex::new(()),
             cache,
+            clock: SystemClock::shared(),
+        }
+    }
+
+    /// The same, reading time from `clock`.
+    pub fn with_clock(views: Vec<Arc<View>>, partitions: u32, clock: SharedClock) -> Serving {
+        Serving {
+            clock,
+            ..Serving::new(views, partitions)
         }
     }
 
@@ -430,7 +441,7 @@ impl Serving {
     /// Installs the realtime chunks of some partitions (from the speed layer).
     /// Chunks already covered by the installed batch run are left out.
     pub fn set_realtime(&self, parts: Vec<(u32, Vec<Arc<RealtimeChunk>>, u64)>) {
-        let now = chrono::Utc::now().timestamp_millis();
+        let now = self.clock.unix_ms();
         self.update(|cur| {
             let mut next = cur.clone();
             let h = cur.h();

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use arrow::record_batch::RecordBatch;
 use tokio::sync::{mpsc, watch};
 
+use crate::clock::{SharedClock, SystemClock};
 use crate::health::Health;
 use crate::master::archiver::{ClosedChunk, read_range};
 use crate::metrics::Histogram;
@@ -63,8 +64,8 @@ impl SpeedMetrics {
 struct Part {
     next: u64,
     chunks: Vec<Arc<RealtimeChunk>>,
-    /// When the open chunk got its first event.
-    open_since: Option<Instant>,
+    /// When the open chunk got its first event (on the layer's clock).
+    open_since: Option<Duration>,
     /// Boundaries of chunks already committed ahead of `next` (replay).
     replay: VecDeque<(u64, u64)>,
 }
@@ -111,6 +112,8 @@ pub struct SpeedLayer {
     pub failures: Arc<ViewFailures>,
     /// The realtime window's size, measured every round for ingest's bound.
     pub backlog: Arc<Backlog>,
+    /// When chunks close by age.
+    pub clock: SharedClock,
 }
 
 impl SpeedLayer {
@@ -156,6 +159,7 @@ impl SpeedLayer {
             health: Arc::new(Health::default()),
             failures: Arc::new(ViewFailures::new(std::env::temp_dir())),
             backlog: Arc::new(Backlog::default()),
+            clock: SystemClock::shared(),
         }
     }
 
@@ -332,7 +336,8 @@ impl SpeedLayer {
             *part.chunks.last_mut().expect("open chunk") = chunk;
             self.metrics.observe(t.elapsed(), upto - part.next);
             part.next = upto;
-            part.open_since.get_or_insert_with(Instant::now);
+            let now = self.clock.elapsed();
+            part.open_since.get_or_insert(now);
             if closes {
                 Self::close(part, p as u32, &self.archive, &self.metrics);
             }
@@ -343,7 +348,7 @@ impl SpeedLayer {
             && !last.closed
             && !replaying
             && last.end > last.start
-            && since.elapsed() >= self.chunk_age
+            && self.clock.elapsed().saturating_sub(since) >= self.chunk_age
         {
             let mut c = (**last).clone();
             c.closed = true;

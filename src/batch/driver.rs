@@ -1,0 +1,309 @@
+//! The batch driver: the policies around batch runs — what must be published
+//! before a node serves, one publish-and-retain cycle, and the loop that
+//! repeats it (run by the process that holds the batch lock).
+//!
+//! ```text
+//!  startup:  published views whole? ──no──▶ rebuild
+//!            published H ≥ log start? ──no──▶ publish a run of the master dataset
+//!  cycle:    lock ─▶ run (master @ v) ─▶ publish ─▶ swap into serving
+//!                 ─▶ log retention below H   (only after the run's files are durable)
+//!  loop:     cycle when the master dataset moved; on a corrupt master file,
+//!            repair it from the log and go again
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::{BatchError, BatchLayer, Manifest, Progress, RunInfo};
+use crate::health::Health;
+use crate::master::MasterError;
+use crate::serving::{BatchSide, Serving};
+use crate::stream::{Log, LogError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("could not take the batch lock {}: {source}", path.display())]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "events of partition {partition} from offset {published} to {log_start} are in neither the master dataset nor the log\nhint: the log's segments below {log_start} were removed by hand, or the master dataset was restored from an older copy; restore them, or use a new data directory"
+    )]
+    LogBehind {
+        partition: u32,
+        published: u64,
+        log_start: u64,
+    },
+}
+
+/// The batch layer's state, for `/v1/status`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BatchStatus {
+    pub published: Option<RunInfo>,
+    /// When the run in progress started (ms since the epoch).
+    pub running_since_ms: Option<i64>,
+    pub runs: u64,
+    pub last_error: Option<String>,
+}
+
+impl BatchStatus {
+    fn published(&mut self, m: &Manifest) {
+        self.published = Some(m.info.clone());
+        self.runs += 1;
+    }
+}
+
+/// Holds the batch lock of a data directory while alive.
+pub struct BatchLock {
+    _file: std::fs::File,
+}
+
+/// Takes the data directory's batch lock (waiting for it).
+pub async fn batch_lock(data: &Path) -> Result<BatchLock, DriverError> {
+    let path = data.join("batch.lock");
+    let p = path.clone();
+    tokio::task::spawn_blocking(move || {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)?;
+        f.lock()?;
+        Ok(BatchLock { _file: f })
+    })
+    .await
+    .map_err(|e| DriverError::Lock {
+        path: path.clone(),
+        source: std::io::Error::other(e),
+    })?
+    .map_err(|source| DriverError::Lock { path, source })
+}
+
+/// What must hold before a node serves: every view of the published run is
+/// whole (else it is rebuilt), and the published H is at or above the log's
+/// start in every partition — the speed layer replays the log from H. When
+/// the log no longer holds H (`views/CURRENT` removed or restored from an
+/// older copy, or the log restarted at the archived coverage), a run of the
+/// master dataset is published first; it covers the log's start, since the
+/// log deletes nothing the master dataset does not hold.
+pub async fn prepare(
+    batch: &BatchLayer,
+    log: &Log,
+    data: &Path,
+    status: &Mutex<BatchStatus>,
+    health: &Health,
+) -> Result<(), DriverError> {
+    let _lock = batch_lock(data).await?;
+    let check = batch.check().await?;
+    if let Some(m) = &check.manifest {
+        status.lock().expect("status lock").published = Some(m.info.clone());
+    }
+    if !check.is_ok() {
+        for (view, problem) in &check.problems {
+            tracing::warn!(
+                view,
+                problem,
+                "published batch view unusable; rebuilding from the master dataset"
+            );
+            health.recovered(
+                "batch",
+                &format!("view `{view}`: {problem}; rebuilt from the master dataset at startup"),
+            );
+        }
+        let m = batch.run(None, None).await?;
+        status.lock().expect("status lock").published(&m);
+    }
+    let behind = |h: &[u64]| -> Result<Option<(u32, u64, u64)>, LogError> {
+        for p in 0..log.partitions() {
+            let start = log.start_offset(p)?;
+            let hp = h.get(p as usize).copied().unwrap_or(0);
+            if hp < start {
+                return Ok(Some((p, hp, start)));
+            }
+        }
+        Ok(None)
+    };
+    let h = batch.current().await?.map(|m| m.info.h).unwrap_or_default();
+    if let Some((p, hp, start)) = behind(&h)? {
+        tracing::warn!(
+            partition = p,
+            published = hp,
+            log_start = start,
+            "the published batch views end below the log's start; publishing a run of the master dataset before serving"
+        );
+        let m = batch.run(None, None).await?;
+        health.recovered(
+            "batch",
+            &format!(
+                "the published batch views covered partition {p} up to {hp}, below the log's start {start}; published run {} from the master dataset (H = {:?}) before serving",
+                m.run, m.h
+            ),
+        );
+        status.lock().expect("status lock").published(&m);
+        if let Some((partition, published, log_start)) = behind(&m.h)? {
+            return Err(DriverError::LogBehind {
+                partition,
+                published,
+                log_start,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// One cycle: run, publish, swap the run into serving, then let the log drop
+/// what the run covers. Storage fsyncs every file before the publish names
+/// it, so retention never outruns the durable copy.
+pub async fn cycle(
+    batch: &BatchLayer,
+    log: &Log,
+    serving: &Serving,
+    data: &Path,
+    status: &Mutex<BatchStatus>,
+    health: &Health,
+) -> Result<Manifest, DriverError> {
+    status.lock().expect("status lock").running_since_ms =
+        Some(chrono::Utc::now().timestamp_millis());
+    let result = async {
+        let _lock = batch_lock(data).await?;
+        let m = batch.run(None, None::<Arc<Progress>>).await?;
+        // The swap: realtime chunks the run covers leave in the same swap.
+        let side = BatchSide::load(batch, m.clone()).await?;
+        serving.set_batch(Arc::new(side));
+        release_free_memory();
+        Ok::<_, DriverError>(m)
+    }
+    .await;
+    status.lock().expect("status lock").running_since_ms = None;
+    let m = result?;
+    {
+        let mut s = status.lock().expect("status lock");
+        s.published(&m);
+        s.last_error = None;
+    }
+    health.clear("batch");
+    for (name, e) in &m.views {
+        if e.excluded > 0 {
+            health.report(
+                &format!("view/{name}"),
+                &format!(
+                    "{} events of the master dataset are left out of the view: its expressions fail on them (listed in the dead-letter store's views/{name}.ndjson)",
+                    e.excluded
+                ),
+            );
+        }
+    }
+    crate::failpoint::trace(
+        "retention",
+        Path::new(&format!(
+            "run={} version={} h={}",
+            m.run,
+            m.table_version,
+            m.h.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+        )),
+    );
+    for (p, &h) in m.h.iter().enumerate() {
+        let component = format!("retention/p{p}");
+        match log.delete_below(p as u32, h) {
+            Ok(start) => {
+                health.clear(&component);
+                tracing::debug!(partition = p, start, "log retention")
+            }
+            Err(e) => {
+                health.report(&component, &e);
+                tracing::warn!(partition = p, error = %e, "log retention failed")
+            }
+        }
+    }
+    Ok(m)
+}
+
+/// The batch loop: a cycle when the master dataset has moved (or a rollup's
+/// boundary may have); a failed cycle leaves the previous run published.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_loop(
+    batch: Arc<BatchLayer>,
+    log: Arc<Log>,
+    serving: Arc<Serving>,
+    data: PathBuf,
+    pause: Duration,
+    status: Arc<Mutex<BatchStatus>>,
+    now: Arc<tokio::sync::Notify>,
+    health: Arc<Health>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let has_rollup = batch.views().iter().any(|v| v.rollup().is_some());
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let published_version = status
+            .lock()
+            .expect("status lock")
+            .published
+            .as_ref()
+            .map(|p| p.table_version);
+        let latest = batch.master().refresh().await.map(|c| c.version);
+        let due = match (&latest, published_version) {
+            (Ok(v), Some(p)) => *v != p || has_rollup,
+            (Ok(v), None) => *v >= 0,
+            (Err(_), _) => false,
+        };
+        if due && let Err(e) = cycle(&batch, &log, &serving, &data, &status, &health).await {
+            tracing::error!(error = %e, "batch run failed; the previous run stays published");
+            status.lock().expect("status lock").last_error = Some(e.to_string());
+            health.report("batch", &e);
+            if let DriverError::Batch(BatchError::Master(bad @ MasterError::Corrupt { path, .. })) =
+                &e
+            {
+                match batch.master().repair(bad, &log).await {
+                    Ok(true) => {
+                        tracing::warn!(path, "rewrote a corrupt master dataset file from the log");
+                        health.recovered(
+                            "master",
+                            &format!("rewrote {path} from the log (its checksum matches again)"),
+                        );
+                        now.notify_one();
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(path, error = %e, "could not repair a master dataset file")
+                    }
+                }
+            }
+        } else if let Err(e) = &latest {
+            health.report("master", e);
+            tracing::warn!(error = %e, "could not read the master dataset");
+        }
+        if latest.is_ok() {
+            health.clear("master");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = now.notified() => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+/// Hands memory freed by dropped realtime chunks back to the OS: glibc keeps
+/// freed heap in its arenas otherwise, and the process would keep the RSS of
+/// its largest realtime window forever.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own free lists; it has no
+    // preconditions and may run at any time from any thread.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
