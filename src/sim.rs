@@ -153,7 +153,9 @@ impl World {
             ..Config::default()
         };
         config.stream.partitions = 2;
-        config.stream.segment_bytes = bytesize::ByteSize::kib(4);
+        // Tiny segments (below what a config file may set): rolls and retention
+        // happen every few steps.
+        config.stream.segment_bytes = bytesize::ByteSize::b(512);
         config.archive.chunk_events = 20;
         config.archive.chunk_age = Duration::from_secs(1);
         let clock = ManualClock::new(BASE_MS + 86_400_000);
@@ -396,7 +398,9 @@ impl World {
     /// Liveness: with time and the loops' work, everything acknowledged is
     /// consumed, archived and published.
     async fn settle(&mut self) {
-        for _ in 0..4 {
+        // Twice: a cycle's retention and a chunk closed by age can each leave
+        // one more step for the other.
+        for _ in 0..2 {
             while self.node().speed.round().await.expect("a round") {}
             self.clock.advance(Duration::from_secs(2));
             self.node().speed.round().await.expect("a round");
