@@ -87,7 +87,9 @@ fn views() -> Vec<ViewConfig> {
 fn expected(events: &[Event]) -> Vec<BTreeMap<String, Vec<String>>> {
     let mut by = BTreeMap::new();
     let mut inv = BTreeMap::new();
-    let mut fl: BTreeMap<String, ((i64, i64), (i64, i64))> = BTreeMap::new();
+    // Per product: (timestamp, zipcode) of the first and of the last event.
+    type FirstLast = ((i64, i64), (i64, i64));
+    let mut fl: BTreeMap<String, FirstLast> = BTreeMap::new();
     for e in events {
         let p = format!("product{}", e.product);
         let x = by.entry(p.clone()).or_insert((0i64, 0i64));

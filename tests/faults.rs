@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::exact::{assert_exactly, assert_views_equal_sql, body_of, send};
+use common::exact::{assert_exactly, assert_views_equal_sql, body_of, record_ack, send};
 use common::{Site, get_json, post_events};
 
 /// A size-limited tmpfs, unmounted on drop.
@@ -271,6 +271,17 @@ fn a_corrupt_master_file_is_detected_and_rewritten_from_the_log() {
     assert_views_equal_sql(&site.data, &events);
 }
 
+/// Wakes the server's batch loop (`POST /v1/batch/run`).
+fn run_batch(url: &str) {
+    common::rt().block_on(async {
+        reqwest::Client::new()
+            .post(format!("{url}/v1/batch/run"))
+            .send()
+            .await
+            .unwrap()
+    });
+}
+
 /// Recoveries listed under `health.recovered` whose component starts with `prefix`.
 fn recovered(status: &serde_json::Value, prefix: &str) -> Vec<String> {
     status["health"]["recovered"]
@@ -443,7 +454,7 @@ fn nothing_leaves_the_log_before_the_files_of_the_run_that_covers_it_are_synced(
         .collect();
     let synced_before = |i: usize, path: &Path| {
         let want = format!("sync {}", path.display());
-        lines[..i].iter().any(|l| *l == want)
+        lines[..i].contains(&want)
     };
     let mut checked = 0;
     let mut allowed: Option<usize> = None;
@@ -636,14 +647,7 @@ fn a_batch_layer_that_does_not_publish_slows_ingest_down_instead_of_filling_memo
             break;
         }
         assert_eq!(status, 200, "{reply}");
-        let r = &reply["offsets"][0];
-        let (p, first) = (
-            r["partition"].as_u64().unwrap() as u32,
-            r["first"].as_u64().unwrap(),
-        );
-        for k in 0..100 {
-            acked.insert((p, first + k as u64), 10_000 + from + k);
-        }
+        record_ack(&mut acked, &reply, from, 100);
         // Let the speed layer measure the window.
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -670,26 +674,13 @@ fn a_batch_layer_that_does_not_publish_slows_ingest_down_instead_of_filling_memo
     let (orders, covered) = common::orders_and_covered(&v);
     assert_eq!(orders, covered, "{v}");
     // A batch run publishes; ingest resumes by itself.
-    common::rt().block_on(async {
-        reqwest::Client::new()
-            .post(format!("{}/v1/batch/run", server.url))
-            .send()
-            .await
-            .unwrap()
-    });
+    run_batch(&server.url);
     let t = Instant::now();
     loop {
         let (status, reply) =
             post_events(&server.url, body_of(from, from + 100).into_bytes()).unwrap();
         if status == 200 {
-            let r = &reply["offsets"][0];
-            let (p, first) = (
-                r["partition"].as_u64().unwrap() as u32,
-                r["first"].as_u64().unwrap(),
-            );
-            for k in 0..100 {
-                acked.insert((p, first + k as u64), 10_000 + from + k);
-            }
+            record_ack(&mut acked, &reply, from, 100);
             break;
         }
         assert!(
@@ -703,13 +694,7 @@ fn a_batch_layer_that_does_not_publish_slows_ingest_down_instead_of_filling_memo
     // Archive and publish the rest, then check nothing was lost.
     let t = Instant::now();
     loop {
-        common::rt().block_on(async {
-            reqwest::Client::new()
-                .post(format!("{}/v1/batch/run", server.url))
-                .send()
-                .await
-                .unwrap()
-        });
+        run_batch(&server.url);
         let s = server.status();
         let parts = s["partitions"].as_array().unwrap();
         if parts.iter().all(|p| p["published"] == p["end"]) {
@@ -785,13 +770,7 @@ fn first_and_last_value_answer_the_same_before_and_after_a_batch_run() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let (before, _) = answer();
-    common::rt().block_on(async {
-        reqwest::Client::new()
-            .post(format!("{}/v1/batch/run", server.url))
-            .send()
-            .await
-            .unwrap()
-    });
+    run_batch(&server.url);
     let after = loop {
         let s = server.status();
         if s["partitions"]
@@ -804,13 +783,7 @@ fn first_and_last_value_answer_the_same_before_and_after_a_batch_run() {
         }
         assert!(t.elapsed() < Duration::from_secs(60), "{s}");
         std::thread::sleep(Duration::from_millis(100));
-        common::rt().block_on(async {
-            reqwest::Client::new()
-                .post(format!("{}/v1/batch/run", server.url))
-                .send()
-                .await
-                .unwrap()
-        });
+        run_batch(&server.url);
     };
     assert_eq!(
         before, after,

@@ -120,25 +120,9 @@ pub async fn read_with_offsets(
     file: &DataFile,
 ) -> Result<Vec<(RecordBatch, Vec<(u32, u64)>)>> {
     use arrow::array::AsArray;
-    use arrow::datatypes::{DataType, Field, Int32Type, Int64Type, Schema};
-    let mut fields: Vec<Field> = events
-        .arrow()
-        .fields()
-        .iter()
-        .map(|f| f.as_ref().clone())
-        .collect();
-    let n = fields.len();
-    fields.push(Field::new(
-        crate::master::PARTITION_COLUMN,
-        DataType::Int32,
-        false,
-    ));
-    fields.push(Field::new(
-        crate::master::OFFSET_COLUMN,
-        DataType::Int64,
-        false,
-    ));
-    let schema = Arc::new(Schema::new(fields));
+    use arrow::datatypes::{Int32Type, Int64Type};
+    let n = events.arrow().fields().len();
+    let schema = crate::view::input::with_offsets_schema(events.arrow());
     let source = Arc::new(ParquetSource::new(schema));
     let config = FileScanConfigBuilder::new(ObjectStoreUrl::parse(store_url)?, source)
         .with_file_groups(vec![FileGroup::new(vec![PartitionedFile::new(

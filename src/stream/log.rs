@@ -1075,7 +1075,7 @@ impl Partition {
                 index: RwLock::new(index),
             }));
         }
-        let mut recovery = lost_whole.then(|| LogRecovery {
+        let mut recovery = lost_whole.then_some(LogRecovery {
             partition: id,
             log_end: 0,
             floor,

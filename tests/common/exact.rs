@@ -29,6 +29,24 @@ pub fn body_of(from: i64, to: i64) -> String {
         .collect()
 }
 
+/// Records the events `from..from + n` of `body_of` that `reply` (a 200 to
+/// one request of them) acknowledged, at their offsets.
+pub fn record_ack(
+    acked: &mut BTreeMap<(u32, u64), i64>,
+    reply: &serde_json::Value,
+    from: i64,
+    n: i64,
+) {
+    let r = &reply["offsets"][0];
+    let (p, first) = (
+        r["partition"].as_u64().unwrap() as u32,
+        r["first"].as_u64().unwrap(),
+    );
+    for k in 0..n {
+        acked.insert((p, first + k as u64), 10_000 + from + k);
+    }
+}
+
 /// Sends events `from..to` (zipcode 10000 + i) in requests of 100; returns
 /// what the server acknowledged: (partition, offset) → zipcode. Stops at the
 /// first request the server cannot answer (it crashed).
@@ -45,16 +63,7 @@ pub fn send_in_doubt(url: &str, from: i64, to: i64) -> (BTreeMap<(u32, u64), i64
         let n = (to - i).min(100);
         let body = body_of(i, i + n);
         match post_events(url, body.into_bytes()) {
-            Ok((200, reply)) => {
-                let r = &reply["offsets"][0];
-                let (p, first) = (
-                    r["partition"].as_u64().unwrap() as u32,
-                    r["first"].as_u64().unwrap(),
-                );
-                for k in 0..n {
-                    acked.insert((p, first + k as u64), 10_000 + i + k);
-                }
-            }
+            Ok((200, reply)) => record_ack(&mut acked, &reply, i, n),
             Ok((status, reply)) => panic!("unexpected HTTP {status}: {reply}"),
             Err(_) => return (acked, (i..i + n).map(|k| 10_000 + k).collect()),
         }
