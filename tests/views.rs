@@ -198,20 +198,37 @@ fn cut(n: usize, fractions: &[f64]) -> Vec<std::ops::Range<usize>> {
 /// would make them: some parts merged first (a batch view), some further cut
 /// into micro-batches.
 async fn merged(view: &View, parts: &[RecordBatch]) -> Vec<RecordBatch> {
+    // The parts are consecutive: one partition, offsets counted across them
+    // (views with ordered aggregates read them).
+    let input = |b: RecordBatch, first: usize| {
+        if view.needs_offsets() {
+            lambdaflow::view::input::with_offsets(&b, 0, first as u64).unwrap()
+        } else {
+            b
+        }
+    };
     let mut states = Vec::new();
+    let mut first = 0;
     for (i, p) in parts.iter().enumerate() {
         if i % 2 == 1 && p.num_rows() > 1 {
             // A micro-batch stream: two slices, their states compacted.
             let half = p.num_rows() / 2;
-            let a = view.states(vec![p.slice(0, half)]).await.unwrap();
+            let a = view
+                .states(vec![input(p.slice(0, half), first)])
+                .await
+                .unwrap();
             let b = view
-                .states(vec![p.slice(half, p.num_rows() - half)])
+                .states(vec![input(
+                    p.slice(half, p.num_rows() - half),
+                    first + half,
+                )])
                 .await
                 .unwrap();
             states.push(view.merge(vec![a, b]).await.unwrap());
         } else {
-            states.push(view.states(vec![p.clone()]).await.unwrap());
+            states.push(view.states(vec![input(p.clone(), first)]).await.unwrap());
         }
+        first += p.num_rows();
     }
     // Half the states round-trip through Parquet, as stored batch views do.
     let mut restored = Vec::new();

@@ -153,8 +153,11 @@ pub async fn compile(def: &ViewConfig, schema: &EventSchema) -> Result<View, Vie
 }
 
 /// Appends `_partition, _offset` to the ORDER BY of every ordered aggregate
-/// (`first_value(x ORDER BY timestamp)`, `array_agg(x ORDER BY t)`, `… WITHIN
-/// GROUP (ORDER BY …)`); `None` when the view has none.
+/// (`first_value(x ORDER BY timestamp)`, `array_agg(x ORDER BY t)`); `None`
+/// when the view has none. `WITHIN GROUP (ORDER BY v)` (percentiles) is left
+/// alone: it orders by the aggregated value itself, so equal keys are equal
+/// values and no choice between events is made (DataFusion also allows one
+/// key there).
 ///
 /// Why: events with equal ordering keys are common (timestamps in
 /// milliseconds). Which of them such an aggregate picks then depends on the
@@ -179,17 +182,13 @@ fn tie_break(sql: &str) -> Option<String> {
     };
     let mut changed = false;
     let _ = visit_expressions_mut(&mut statements, |e| {
-        if let Expr::Function(f) = e {
-            if !f.within_group.is_empty() {
-                f.within_group.extend(keys());
-                changed = true;
-            }
-            if let FunctionArguments::List(list) = &mut f.args {
-                for clause in &mut list.clauses {
-                    if let FunctionArgumentClause::OrderBy(order) = clause {
-                        order.extend(keys());
-                        changed = true;
-                    }
+        if let Expr::Function(f) = e
+            && let FunctionArguments::List(list) = &mut f.args
+        {
+            for clause in &mut list.clauses {
+                if let FunctionArgumentClause::OrderBy(order) = clause {
+                    order.extend(keys());
+                    changed = true;
                 }
             }
         }
