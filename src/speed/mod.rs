@@ -299,15 +299,12 @@ impl SpeedLayer {
                         .collect();
                     if self.failures.record(&rows) > 0 {
                         let first = &rows[0];
+                        let seen = &self.failures.report()[v.name()];
                         self.health.report(
                             &format!("view/{}", v.name()),
                             &format!(
                                 "{} events left out of the view: its expressions fail on them (latest: partition {} offset {}: {}); they are listed in {}",
-                                self.failures.report()[v.name()].events,
-                                first.partition,
-                                first.offset,
-                                first.error,
-                                self.failures.report()[v.name()].file,
+                                seen.events, first.partition, first.offset, first.error, seen.file,
                             ),
                         );
                     }

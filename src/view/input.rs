@@ -206,16 +206,6 @@ pub fn with_offsets(batch: &RecordBatch, partition: u32, first_offset: u64) -> R
     )
 }
 
-/// Events with the `(partition, offset)` of each row added as columns.
-pub fn with_keys(batch: &RecordBatch, keys: &[(u32, u64)]) -> Result<RecordBatch> {
-    use arrow::array::{Int32Array, Int64Array};
-    add_columns(
-        batch,
-        keys.iter().map(|k| k.0 as i32).collect::<Int32Array>(),
-        keys.iter().map(|k| k.1 as i64).collect::<Int64Array>(),
-    )
-}
-
 fn add_columns(
     batch: &RecordBatch,
     partitions: arrow::array::Int32Array,
