@@ -131,6 +131,19 @@ pub struct HttpConfig {
     /// …and its body within this time (408 otherwise).
     #[serde(default = "default_body_timeout", with = "humantime_serde")]
     pub body_timeout: Duration,
+    /// A connection with no request in flight is closed after this time
+    /// (HTTP/1 keep-alive and HTTP/2 alike; HTTP/2 peers are also pinged).
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Open connections at once. Lowered at start to what the process's
+    /// file-descriptor limit leaves room for (the log says what was set).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Open connections at once from one IP address (default: a quarter of
+    /// `max_connections`), so one peer cannot take every slot. Behind a
+    /// proxy every client shares its address: raise it to `max_connections`.
+    #[serde(default)]
+    pub max_connections_per_address: Option<usize>,
     /// Serve HTTPS with this certificate chain and key (PEM files).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
@@ -144,11 +157,22 @@ fn default_body_timeout() -> Duration {
     Duration::from_secs(60)
 }
 
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_max_connections() -> usize {
+    4096
+}
+
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             header_timeout: default_header_timeout(),
             body_timeout: default_body_timeout(),
+            idle_timeout: default_idle_timeout(),
+            max_connections: default_max_connections(),
+            max_connections_per_address: None,
             tls: None,
         }
     }
@@ -494,6 +518,20 @@ impl Config {
             return Err(invalid(
                 "ingest",
                 "max_body and max_pending must be positive".into(),
+                None,
+            ));
+        }
+        if self.http.max_connections == 0 || self.http.max_connections_per_address == Some(0) {
+            return Err(invalid(
+                "http",
+                "max_connections and max_connections_per_address must be positive".into(),
+                None,
+            ));
+        }
+        if self.http.idle_timeout.is_zero() || self.http.header_timeout.is_zero() {
+            return Err(invalid(
+                "http",
+                "header_timeout and idle_timeout must be positive".into(),
                 None,
             ));
         }

@@ -1,5 +1,7 @@
 //! `lambdaflow serve`: the HTTP server in front of a [`Node`].
 
+pub mod conn;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,9 +10,8 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
@@ -21,9 +22,6 @@ pub use crate::node::{Node, NodeError};
 
 /// Ingest requests whose bodies may be in memory at once.
 const MAX_IN_FLIGHT: usize = 256;
-/// Open connections at once; beyond it new ones are closed at once, so a
-/// flood of idle sockets cannot exhaust file descriptors.
-const MAX_CONNECTIONS: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -118,9 +116,10 @@ fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
 /// Binds `listen` and serves the API of `node` until stopped.
 ///
 /// The accept loop is hyper's, not `axum::serve`, for the limits a server on
-/// a network needs: a client must send its request headers within
-/// `http.header_timeout` (slow-loris clients are dropped, not kept forever),
-/// and TLS when `[http.tls]` is set.
+/// a network needs (see [`conn`]): a bounded number of connections with a
+/// share per address, a deadline for the first request and for idle
+/// connections, request headers within `http.header_timeout` (slow-loris
+/// clients are dropped), and TLS when `[http.tls]` is set.
 pub async fn start(node: &Node, listen: SocketAddr) -> Result<Running, ServeError> {
     let auth = Auth::from_config(&node.config.auth);
     if !listen.ip().is_loopback() && !auth.enabled() {
@@ -128,6 +127,21 @@ pub async fn start(node: &Node, listen: SocketAddr) -> Result<Running, ServeErro
     }
     let http = &node.config.http;
     let tls = http.tls.as_ref().map(tls_acceptor).transpose()?;
+    let limits = conn::ConnLimits::new(http, conn::raise_fd_limit());
+    tracing::info!(
+        open_files = limits.fd_limit,
+        max_connections = limits.max,
+        per_address = limits.per_address,
+        "connection limits"
+    );
+    if limits.max < http.max_connections {
+        tracing::warn!(
+            configured = http.max_connections,
+            set = limits.max,
+            open_files = limits.fd_limit,
+            "http.max_connections lowered to fit the open-files limit (raise it with `ulimit -n`)"
+        );
+    }
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -135,6 +149,7 @@ pub async fn start(node: &Node, listen: SocketAddr) -> Result<Running, ServeErro
             source,
         })?;
     let addr = listener.local_addr().map_err(ServeError::Http)?;
+    let admission = conn::Admission::new(limits);
     let state = Arc::new(
         ApiState::new(
             node.ingest.clone(),
@@ -143,24 +158,28 @@ pub async fn start(node: &Node, listen: SocketAddr) -> Result<Running, ServeErro
             Some(node.layers()),
         )
         .with_auth(auth)
-        .with_body_timeout(http.body_timeout),
+        .with_body_timeout(http.body_timeout)
+        .with_connections(admission.clone()),
     );
     let app = api::router(state);
+    let (first, idle) = (http.header_timeout, http.idle_timeout);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(http.header_timeout);
+        .header_read_timeout(first);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(256);
-    let header_timeout = http.header_timeout;
+        .max_concurrent_streams(256)
+        // Pings find peers that vanished without closing; an answered ping
+        // does not count as use (the watchdog counts requests).
+        .keep_alive_interval(Some((idle / 2).max(Duration::from_secs(1))))
+        .keep_alive_timeout(first);
     let (tx, mut rx) = oneshot::channel::<()>();
     let scheme = if tls.is_some() { "https" } else { "http" };
     let task = tokio::spawn(async move {
         let graceful = GracefulShutdown::new();
-        let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
             let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
@@ -174,36 +193,66 @@ pub async fn start(node: &Node, listen: SocketAddr) -> Result<Running, ServeErro
                 },
                 _ = &mut rx => break,
             };
-            let Ok(permit) = connections.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, "too many connections; closing a new one");
-                continue;
+            let ticket = match admission.admit(peer.ip()) {
+                Ok(t) => t,
+                Err(why) => {
+                    // A flood is one warning per few seconds, not one a socket.
+                    if admission.should_warn() {
+                        let r = admission.report();
+                        tracing::warn!(%peer, ?why, open = r.open, refused = r.refused, "connections refused: no slot free");
+                    }
+                    continue;
+                }
             };
             let _ = stream.set_nodelay(true);
-            let svc = TowerToHyperService::new(app.clone());
+            let activity = conn::Activity::new();
+            let svc = {
+                let (app, activity) = (app.clone(), activity.clone());
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let in_flight = activity.begin();
+                    let mut app = app.clone();
+                    async move {
+                        use tower::Service;
+                        let resp = app.call(req).await?;
+                        Ok::<_, std::convert::Infallible>(
+                            resp.map(|body| conn::Tracked::new(body, in_flight)),
+                        )
+                    }
+                })
+            };
             let builder = builder.clone();
             let watcher = graceful.watcher();
             let tls = tls.clone();
+            let admission = admission.clone();
             tokio::spawn(async move {
-                let _permit = permit;
-                let result = match tls {
-                    None => {
-                        let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                        watcher.watch(conn.into_owned()).await
-                    }
-                    Some(acceptor) => {
-                        // The handshake gets the header timeout too.
-                        let Ok(Ok(stream)) =
-                            tokio::time::timeout(header_timeout, acceptor.accept(stream)).await
-                        else {
-                            tracing::debug!(%peer, "TLS handshake failed or timed out");
-                            return;
-                        };
-                        let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                        watcher.watch(conn.into_owned()).await
+                let _ticket = ticket;
+                // The handshake counts against the first-request deadline.
+                let serve = async {
+                    match tls {
+                        None => {
+                            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                        Some(acceptor) => {
+                            let Ok(stream) = acceptor.accept(stream).await else {
+                                tracing::debug!(%peer, "TLS handshake failed");
+                                return Ok(());
+                            };
+                            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                            watcher.watch(conn.into_owned()).await
+                        }
                     }
                 };
-                if let Err(e) = result {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                tokio::select! {
+                    result = serve => {
+                        if let Err(e) = result {
+                            tracing::debug!(%peer, error = %e, "connection ended with an error");
+                        }
+                    }
+                    _ = conn::idle(&activity, first, idle) => {
+                        admission.closed_idle();
+                        tracing::debug!(%peer, served = activity.served(), "idle connection closed");
+                    }
                 }
             });
         }

@@ -328,3 +328,143 @@ fn overload_gets_503_with_retry_after_and_reads_stay_responsive() {
     );
     server.stop();
 }
+
+/// Raises this test process's own open-files limit: it holds thousands of
+/// sockets.
+fn raise_nofile() -> u64 {
+    lambdaflow::serve::conn::raise_fd_limit()
+}
+
+/// Opens `n` TCP connections to `addr` from the source address `from` that
+/// send nothing.
+async fn idle_sockets(addr: &str, from: &str, n: usize) -> Vec<tokio::net::TcpStream> {
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        out.push(s.connect(addr).await.unwrap());
+    }
+    out
+}
+
+#[test]
+fn thousands_of_idle_sockets_from_one_address_lock_no_one_out() {
+    assert!(raise_nofile() > 9000, "the test needs 9,000 open files");
+    // Long deadlines: the idle sockets stay open while the real client comes.
+    let site = Site::new("[http]\nheader_timeout = \"60s\"\nidle_timeout = \"60s\"\n");
+    let server = site.serve(&[]);
+    let addr = host(&server.url);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let idle = rt.block_on(idle_sockets(&addr, "127.0.0.2", 4200));
+    // Every one of them has reached the server's accept loop.
+    let t = Instant::now();
+    let s = loop {
+        let s = server.status();
+        let c = &s["connections"];
+        if c["open"].as_u64().unwrap_or(0) + c["refused"].as_u64().unwrap_or(0) > 4200 {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "accepts: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let c = &s["connections"];
+    eprintln!("after 4,200 idle sockets from 127.0.0.2: {c}");
+    assert!(
+        c["open"].as_u64().unwrap() <= c["per_address"].as_u64().unwrap() + 1,
+        "one address holds at most its share: {c}"
+    );
+    // A producer and a reader from another address are answered at once.
+    let t = Instant::now();
+    let (code, _) = post_events(
+        &server.url,
+        event(1, "Laptop", 1, "2014-11-01 10:00:00.000").into_bytes(),
+    )
+    .expect("a producer is answered while 4,200 idle sockets are open");
+    assert_eq!(code, 200);
+    let s = server.status();
+    let took = t.elapsed();
+    assert_eq!(s["ingest"]["accepted"], 1, "{s}");
+    assert!(took < Duration::from_secs(1), "answered in {took:?}");
+    drop(idle);
+    server.stop();
+}
+
+#[test]
+fn idle_and_half_open_connections_are_closed_by_their_deadlines() {
+    let site = Site::new("[http]\nheader_timeout = \"1s\"\nidle_timeout = \"2s\"\n");
+    let server = site.serve(&[]);
+    let addr = host(&server.url);
+    // Closed by the server within `within` (EOF or reset), and what it sent.
+    let closed_within = |mut s: TcpStream, within: Duration, what: &str| {
+        s.set_read_timeout(Some(within + Duration::from_secs(5)))
+            .unwrap();
+        let t = Instant::now();
+        let mut buf = Vec::new();
+        let r = s.read_to_end(&mut buf);
+        let took = t.elapsed();
+        assert!(
+            !matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut),
+            "{what}: still open after {took:?}"
+        );
+        assert!(
+            took < within + Duration::from_secs(2),
+            "{what}: closed after {took:?}"
+        );
+        buf
+    };
+    // Nothing sent at all (waits in protocol detection without a deadline).
+    let silent = TcpStream::connect(&addr).unwrap();
+    // Half an HTTP/2 preface.
+    let mut half_h2 = TcpStream::connect(&addr).unwrap();
+    half_h2.write_all(b"PRI * HTTP/2.0\r\n").unwrap();
+    // A whole preface and SETTINGS, then nothing: an HTTP/2 connection
+    // that never sends a request.
+    let mut h2 = TcpStream::connect(&addr).unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .unwrap();
+    closed_within(silent, Duration::from_secs(1), "a silent socket");
+    closed_within(half_h2, Duration::from_secs(1), "half an HTTP/2 preface");
+    closed_within(h2, Duration::from_secs(1), "HTTP/2 without a request");
+    // HTTP/1 keep-alive after one request: closed idle_timeout later.
+    let mut keep = TcpStream::connect(&addr).unwrap();
+    keep.write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let reply = closed_within(keep, Duration::from_secs(2), "an idle HTTP/1 keep-alive");
+    assert!(
+        reply.starts_with(b"HTTP/1.1 200"),
+        "the request was answered first"
+    );
+    // An HTTP/2 client that stays connected after its request.
+    let idle_closed = common::rt().block_on(async {
+        let client = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .unwrap();
+        let r = client
+            .get(format!("{}/v1/status", server.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        drop(r);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        client
+    });
+    let s = server.status();
+    eprintln!("connections: {}", s["connections"]);
+    // The HTTP/1 keep-alive may have gone by hyper's own header timeout;
+    // the other four by the deadlines. Only the status request's own
+    // connection is open: the HTTP/2 client's was closed, idle.
+    assert!(
+        s["connections"]["idle_closed"].as_u64().unwrap() >= 4,
+        "connections closed by their deadline: {s}"
+    );
+    assert_eq!(s["connections"]["open"], 1, "{s}");
+    drop(idle_closed);
+    server.stop();
+}

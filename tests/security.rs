@@ -293,7 +293,7 @@ fn https_with_a_pem_certificate() {
     ]);
     let mut config = std::fs::read_to_string(&site.config).unwrap();
     config.push_str(&format!(
-        "[http]\ntls = {{ cert = {:?}, key = {:?} }}\n",
+        "[http]\nheader_timeout = \"1s\"\ntls = {{ cert = {:?}, key = {:?} }}\n",
         cert.display().to_string(),
         key.display().to_string()
     ));
@@ -341,5 +341,31 @@ fn https_with_a_pem_certificate() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A TLS client that completes its handshake and then sends nothing is
+    // closed by the first-request deadline (http.header_timeout, 1 s here).
+    let mut idle = Command::new("openssl")
+        .args(["s_client", "-quiet", "-connect"])
+        .arg(server.url.trim_start_matches("https://"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    let closed = loop {
+        if idle.try_wait().unwrap().is_some() {
+            break true;
+        }
+        if t.elapsed() > std::time::Duration::from_secs(8) {
+            let _ = idle.kill();
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(
+        closed,
+        "an idle TLS connection must be closed by the server (still open after 8 s)"
+    );
+    eprintln!("idle TLS connection closed after {:?}", t.elapsed());
     server.stop();
 }

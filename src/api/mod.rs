@@ -48,6 +48,8 @@ pub struct ApiState {
     pub auth: auth::Auth,
     /// A request body must arrive within this time (408 otherwise).
     pub body_timeout: Duration,
+    /// The listener's connections, when served by `serve`.
+    pub connections: Option<Arc<crate::serve::conn::Admission>>,
 }
 
 impl ApiState {
@@ -66,7 +68,13 @@ impl ApiState {
             sql_latency: Default::default(),
             auth: auth::Auth::default(),
             body_timeout: Duration::from_secs(60),
+            connections: None,
         }
+    }
+
+    pub fn with_connections(mut self, c: Arc<crate::serve::conn::Admission>) -> ApiState {
+        self.connections = Some(c);
+        self
     }
 
     pub fn with_auth(mut self, auth: auth::Auth) -> ApiState {
@@ -210,6 +218,9 @@ struct Status {
     /// Per view, the events left out because its expressions fail on them.
     #[serde(skip_serializing_if = "Option::is_none")]
     views_excluded: Option<std::collections::BTreeMap<String, crate::view::failures::ViewExcluded>>,
+    /// Open connections and the limits in force.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connections: Option<crate::serve::conn::ConnReport>,
 }
 
 #[derive(Serialize)]
@@ -296,6 +307,7 @@ async fn status(
         batch,
         speed,
         partitions,
+        connections: state.connections.as_ref().map(|c| c.report()),
         ingest: IngestStatus {
             requests: c.requests.load(Relaxed),
             accepted: c.accepted.load(Relaxed),

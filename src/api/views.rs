@@ -287,6 +287,29 @@ pub(super) async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
         "Lines refused and kept in the dead-letter store.",
         &[(String::new(), c.rejected.load(Relaxed) as f64)],
     );
+    if let Some(conns) = state.connections.as_ref().map(|c| c.report()) {
+        sample(
+            &mut out,
+            "lambdaflow_http_connections",
+            "gauge",
+            "Open HTTP connections.",
+            &[(String::new(), conns.open as f64)],
+        );
+        sample(
+            &mut out,
+            "lambdaflow_http_connections_refused_total",
+            "counter",
+            "Connections closed at accept: every slot, or the address's share, in use.",
+            &[(String::new(), conns.refused as f64)],
+        );
+        sample(
+            &mut out,
+            "lambdaflow_http_connections_idle_closed_total",
+            "counter",
+            "Connections closed because no request began before their deadline.",
+            &[(String::new(), conns.idle_closed as f64)],
+        );
+    }
     let log = state.ingest.log().stats();
     let per = |f: &dyn Fn(usize, &crate::stream::log::PartitionStats) -> Option<f64>| -> Vec<(String, f64)> {
         log.iter()
