@@ -245,6 +245,14 @@ pub struct IngestConfig {
     /// Memory of the realtime states, at most; beyond it ingest answers 503.
     #[serde(default = "default_max_realtime_memory")]
     pub max_realtime_memory: ByteSize,
+    /// The dead-letter store's files together, at most; beyond it the
+    /// oldest files are removed (a `health` warning and a metric say so).
+    #[serde(default = "default_dead_letter_max")]
+    pub dead_letter_max: ByteSize,
+}
+
+fn default_dead_letter_max() -> ByteSize {
+    ByteSize::gib(1)
 }
 
 fn default_max_unpublished() -> u64 {
@@ -275,6 +283,7 @@ impl Default for IngestConfig {
             pending_wait: default_pending_wait(),
             max_unpublished: default_max_unpublished(),
             max_realtime_memory: default_max_realtime_memory(),
+            dead_letter_max: default_dead_letter_max(),
         }
     }
 }

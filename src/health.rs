@@ -43,12 +43,17 @@ pub struct Recovered {
 pub struct HealthReport {
     pub problems: Vec<Problem>,
     pub recovered: Vec<Recovered>,
+    /// Limits that were reached and what was done (nothing is retrying):
+    /// dead letters dropped or removed, say.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub warnings: Vec<Problem>,
 }
 
 #[derive(Debug, Default)]
 pub struct Health {
     problems: Mutex<BTreeMap<String, Problem>>,
     recovered: Mutex<VecDeque<Recovered>>,
+    warnings: Mutex<BTreeMap<String, Problem>>,
 }
 
 fn now_ms() -> i64 {
@@ -73,6 +78,23 @@ impl Health {
         e.last_ms = now;
         e.count += 1;
         e.count
+    }
+
+    /// `component` reached a limit and dealt with it as documented (the
+    /// latest message is kept, with how often it happened).
+    pub fn warn(&self, component: &str, message: &dyn std::fmt::Display) {
+        let now = now_ms();
+        let mut w = self.warnings.lock().expect("health lock");
+        let e = w.entry(component.to_string()).or_insert_with(|| Problem {
+            component: component.to_string(),
+            error: String::new(),
+            since_ms: now,
+            last_ms: now,
+            count: 0,
+        });
+        e.error = message.to_string();
+        e.last_ms = now;
+        e.count += 1;
     }
 
     /// `component` works again: its problem, if any, moves to `recovered`.
@@ -113,6 +135,13 @@ impl Health {
                 .lock()
                 .expect("health lock")
                 .iter()
+                .cloned()
+                .collect(),
+            warnings: self
+                .warnings
+                .lock()
+                .expect("health lock")
+                .values()
                 .cloned()
                 .collect(),
         }

@@ -166,7 +166,15 @@ pub async fn assemble(config: Config, clock: SharedClock) -> Result<Assembled, N
             "log partition open"
         );
     }
-    let dead = DeadLetters::open(config.data.join("deadletter"))?;
+    let dead_dir = config.data.join("deadletter");
+    let dead = DeadLetters::open_with(
+        &dead_dir,
+        crate::stream::deadletter::DeadLetterLimits::for_disk(
+            &config.data,
+            config.ingest.dead_letter_max.as_u64(),
+        ),
+    )?
+    .with_health(health.clone());
     let mut ingest = Ingest::new(
         Decoder::new(schema, partitioning),
         log.clone(),

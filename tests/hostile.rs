@@ -468,3 +468,104 @@ fn idle_and_half_open_connections_are_closed_by_their_deadlines() {
     drop(idle_closed);
     server.stop();
 }
+
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn sixty_megabytes_of_bad_lines_cost_bounded_memory_reply_and_disk() {
+    let site = Site::new(
+        "[ingest]\nmax_body = \"64 MiB\"\ndead_letter_max = \"32 MiB\"\n[http]\nbody_timeout = \"5m\"\n",
+    );
+    let server = site.serve(&[]);
+    let _ = server.status();
+    let idle_rss = server.rss();
+    // A good producer, before and while the bad body is decoded.
+    let url = server.url.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let phase = Arc::new(AtomicU64::new(0));
+    let acks = Arc::new(Mutex::new([0u64; 3]));
+    let producer = {
+        let (stop, phase, acks) = (stop.clone(), phase.clone(), acks.clone());
+        std::thread::spawn(move || {
+            let body = (0..100)
+                .map(|i| event(i, "Laptop", 1, "2014-11-01 10:00:00.000"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            while !stop.load(Ordering::Relaxed) {
+                let (code, _) = post_events(&url, body.clone().into_bytes()).unwrap();
+                assert_eq!(code, 200, "the good producer is refused");
+                acks.lock().unwrap()[phase.load(Ordering::Relaxed) as usize] += 100;
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let bad = "1\n".repeat(30_000_000);
+    phase.store(1, Ordering::Relaxed);
+    let t = Instant::now();
+    let (code, reply) = post_events(&server.url, bad.into_bytes()).unwrap();
+    let took = t.elapsed();
+    phase.store(2, Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    producer.join().unwrap();
+    let [before, during, _] = *acks.lock().unwrap();
+
+    let reply_len = reply.to_string().len();
+    assert_eq!(code, 422, "nothing accepted: 422");
+    assert_eq!(reply["rejected"], 30_000_000u64, "every line counted");
+    assert_eq!(
+        reply["errors"].as_array().unwrap().len(),
+        100,
+        "the first 100 listed"
+    );
+    assert_eq!(reply["errors_omitted"], 30_000_000u64 - 100);
+    assert!(reply_len < 1 << 20, "reply of {reply_len} bytes");
+    let dropped = reply["dead_letters_dropped"].as_u64().unwrap();
+    assert!(
+        dropped > 0 && dropped < 30_000_000,
+        "the first lines are kept, the rest past the body's share counted: {reply_len}"
+    );
+    let peak = server.peak_rss();
+    let disk = dir_bytes(&site.data.join("deadletter"));
+    let s = server.status();
+    eprintln!(
+        "60 MB of bad lines: answered in {took:?}, reply {reply_len} bytes, {dropped} dead letters dropped; \
+         idle RSS {} MiB, peak {} MiB; dead-letter store {} MiB ({} files removed); \
+         good producer: {:.0} events/s before, {:.0} during",
+        idle_rss >> 20,
+        peak >> 20,
+        disk >> 20,
+        s["ingest"]["dead_letter_files_removed"],
+        before as f64 / 3.0,
+        during as f64 / took.as_secs_f64(),
+    );
+    assert!(
+        peak < idle_rss + (256 << 20),
+        "peak RSS {} MiB, idle {} MiB",
+        peak >> 20,
+        idle_rss >> 20
+    );
+    assert!(
+        disk <= (33 << 20),
+        "the store stays under its limit: {disk} bytes"
+    );
+    assert!(
+        s["ingest"]["dead_letter_files_removed"].as_u64().unwrap() > 0,
+        "{s}"
+    );
+    let warnings = s["health"]["warnings"].to_string();
+    assert!(
+        warnings.contains("deadletter/removed") && warnings.contains("deadletter/dropped"),
+        "health warns of both limits: {warnings}"
+    );
+    assert!(during > 0, "the good producer was answered meanwhile");
+    server.stop();
+}

@@ -255,6 +255,12 @@ struct IngestStatus {
     rejected: u64,
     bytes: u64,
     dead_letters_written: u64,
+    /// Refused lines not kept: past their request's share of the store.
+    dead_letters_dropped: u64,
+    /// The dead-letter store's size, and the oldest files removed to keep it
+    /// under `ingest.dead_letter_max`.
+    dead_letter_bytes: u64,
+    dead_letter_files_removed: u64,
 }
 
 async fn status(
@@ -262,6 +268,7 @@ async fn status(
 ) -> Json<impl Serialize> {
     use std::sync::atomic::Ordering::Relaxed;
     let c = &state.ingest.counters;
+    let dead = state.ingest.dead_letters();
     let master = state.layers.as_ref().map(|l| l.master.coverage());
     let batch = state
         .layers
@@ -314,6 +321,9 @@ async fn status(
             rejected: c.rejected.load(Relaxed),
             bytes: c.bytes.load(Relaxed),
             dead_letters_written: state.ingest.dead_letters().written(),
+            dead_letters_dropped: dead.counters.dropped.load(Relaxed),
+            dead_letter_bytes: dead.bytes(),
+            dead_letter_files_removed: dead.counters.removed_files.load(Relaxed),
         },
     })
 }

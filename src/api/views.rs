@@ -287,6 +287,31 @@ pub(super) async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
         "Lines refused and kept in the dead-letter store.",
         &[(String::new(), c.rejected.load(Relaxed) as f64)],
     );
+    let dead = state.ingest.dead_letters();
+    sample(
+        &mut out,
+        "lambdaflow_dead_letters_dropped_total",
+        "counter",
+        "Refused lines not kept in the dead-letter store: past their request's share of it.",
+        &[(String::new(), dead.counters.dropped.load(Relaxed) as f64)],
+    );
+    sample(
+        &mut out,
+        "lambdaflow_dead_letter_store_bytes",
+        "gauge",
+        "Bytes in the dead-letter store.",
+        &[(String::new(), dead.bytes() as f64)],
+    );
+    sample(
+        &mut out,
+        "lambdaflow_dead_letter_files_removed_total",
+        "counter",
+        "Oldest dead-letter files removed to keep the store under ingest.dead_letter_max.",
+        &[(
+            String::new(),
+            dead.counters.removed_files.load(Relaxed) as f64,
+        )],
+    );
     if let Some(conns) = state.connections.as_ref().map(|c| c.report()) {
         sample(
             &mut out,

@@ -20,8 +20,28 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-/// A new file is started past this size.
+/// A new file is started past this size (or a quarter of the store's limit).
 const ROLL_BYTES: u64 = 64 << 20;
+
+/// (free bytes for unprivileged writers, total bytes) of the disk holding `dir`.
+fn disk_space(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes only into the struct passed; the path is a
+    // NUL-terminated string that outlives the call.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return None;
+        }
+        let unit = st.f_frsize as u64;
+        Some((st.f_bavail as u64 * unit, st.f_blocks as u64 * unit))
+    }
+}
+
+fn free_bytes(dir: &Path) -> Option<u64> {
+    disk_space(dir).map(|(free, _)| free)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeadLetterError {
@@ -101,6 +121,12 @@ impl DeadLetter {
         }
     }
 
+    /// Appends the record as one NDJSON line.
+    pub fn encode_into(&self, buf: &mut Vec<u8>) {
+        serde_json::to_writer(&mut *buf, self).expect("dead letters serialize");
+        buf.push(b'\n');
+    }
+
     /// The raw bytes of the refused line.
     pub fn raw_bytes(&self) -> Vec<u8> {
         match (&self.raw, &self.raw_base64) {
@@ -119,31 +145,123 @@ struct Current {
     len: u64,
 }
 
+/// How big the store may grow.
+#[derive(Debug, Clone, Copy)]
+pub struct DeadLetterLimits {
+    /// The store's files together, at most; beyond it the oldest files are
+    /// removed (a flood of bad input keeps the newest evidence).
+    pub max_bytes: u64,
+    /// Free space the store never takes on its disk (the log's room): a
+    /// write that would leave less fails with `NoSpace`, and the request
+    /// that carried the lines gets 507, not half-kept.
+    pub reserve_free: u64,
+}
+
+impl DeadLetterLimits {
+    /// `max_bytes`, and a reserve of 64 MiB or 5% of the disk holding `dir`,
+    /// whichever is less.
+    pub fn for_disk(dir: &Path, max_bytes: u64) -> DeadLetterLimits {
+        let total = disk_space(dir).map_or(u64::MAX, |(_, total)| total);
+        DeadLetterLimits {
+            max_bytes,
+            reserve_free: (64 << 20).min(total / 20),
+        }
+    }
+}
+
+impl Default for DeadLetterLimits {
+    fn default() -> Self {
+        DeadLetterLimits {
+            max_bytes: 1 << 30,
+            reserve_free: 64 << 20,
+        }
+    }
+}
+
+/// What the limits did since start.
+#[derive(Debug, Default)]
+pub struct DeadLetterCounters {
+    /// Records written.
+    pub written: AtomicU64,
+    /// Refused lines not kept: over their request's share of the store.
+    pub dropped: AtomicU64,
+    /// Old files removed to stay under `max_bytes`, and their bytes.
+    pub removed_files: AtomicU64,
+    pub removed_bytes: AtomicU64,
+}
+
 /// The dead-letter store of one data directory.
 pub struct DeadLetters {
     dir: PathBuf,
-    current: Mutex<Option<Current>>,
-    written: AtomicU64,
+    limits: DeadLetterLimits,
+    /// The open file, and the bytes of every file in the store.
+    current: Mutex<(Option<Current>, u64)>,
+    pub counters: DeadLetterCounters,
+    /// Where limits reached are reported.
+    health: Option<std::sync::Arc<crate::health::Health>>,
 }
 
 impl DeadLetters {
     pub fn open(dir: impl AsRef<Path>) -> Result<DeadLetters, DeadLetterError> {
+        Self::open_with(dir, DeadLetterLimits::default())
+    }
+
+    pub fn open_with(
+        dir: impl AsRef<Path>,
+        limits: DeadLetterLimits,
+    ) -> Result<DeadLetters, DeadLetterError> {
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir).map_err(|e| DeadLetterError::io("create directory", &dir, e))?;
+        let total = Self::files(&dir)?
+            .iter()
+            .filter_map(|p| fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
         Ok(DeadLetters {
             dir,
-            current: Mutex::new(None),
-            written: AtomicU64::new(0),
+            limits,
+            current: Mutex::new((None, total)),
+            counters: DeadLetterCounters::default(),
+            health: None,
         })
+    }
+
+    /// Reports limits reached to `health` (`deadletter` warnings).
+    pub fn with_health(mut self, health: std::sync::Arc<crate::health::Health>) -> DeadLetters {
+        self.health = Some(health);
+        self
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
+    pub fn limits(&self) -> DeadLetterLimits {
+        self.limits
+    }
+
     /// Records written by this process.
     pub fn written(&self) -> u64 {
-        self.written.load(Ordering::Relaxed)
+        self.counters.written.load(Ordering::Relaxed)
+    }
+
+    /// Bytes in the store now.
+    pub fn bytes(&self) -> u64 {
+        self.current.lock().expect("dead-letter lock").1
+    }
+
+    /// Counts refused lines that were not kept, and says so in `health`.
+    pub fn dropped(&self, lines: u64, why: &str) {
+        if lines == 0 {
+            return;
+        }
+        let total = self.counters.dropped.fetch_add(lines, Ordering::Relaxed) + lines;
+        if let Some(h) = &self.health {
+            h.warn(
+                "deadletter/dropped",
+                &format!("{total} refused lines not kept since start (latest: {lines}, {why})"),
+            );
+        }
     }
 
     /// Appends records and fsyncs them. Blocking: call off the async runtime.
@@ -153,11 +271,39 @@ impl DeadLetters {
         }
         let mut buf = Vec::new();
         for r in records {
-            serde_json::to_writer(&mut buf, r).expect("dead letters serialize");
-            buf.push(b'\n');
+            r.encode_into(&mut buf);
         }
-        let mut cur = self.current.lock().expect("dead-letter lock");
-        if cur.as_ref().is_none_or(|c| c.len >= ROLL_BYTES) {
+        self.append(&buf, records.len() as u64)?;
+        self.sync()
+    }
+
+    /// Appends encoded records (whole lines) without fsync; old files are
+    /// removed first if the store would pass `max_bytes`. Blocking.
+    pub fn append(&self, buf: &[u8], records: u64) -> Result<(), DeadLetterError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let need = buf.len() as u64;
+        let free = free_bytes(&self.dir).unwrap_or(u64::MAX);
+        if free < need.saturating_add(self.limits.reserve_free) {
+            return Err(DeadLetterError::NoSpace {
+                detail: format!(
+                    "{} free on the disk of {}, and dead letters leave {} of it to the log",
+                    bytesize::ByteSize::b(free),
+                    self.dir.display(),
+                    bytesize::ByteSize::b(self.limits.reserve_free)
+                ),
+            });
+        }
+        let mut guard = self.current.lock().expect("dead-letter lock");
+        let (cur, total) = &mut *guard;
+        let roll = self.limits.max_bytes.clamp(1, ROLL_BYTES * 4) / 4;
+        if cur.as_ref().is_none_or(|c| c.len >= roll) {
+            if let Some(c) = cur.take() {
+                c.file
+                    .sync_data()
+                    .map_err(|e| DeadLetterError::io("fsync", &c.path, e))?;
+            }
             let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
             let path = self
                 .dir
@@ -173,21 +319,72 @@ impl DeadLetters {
             let len = file.metadata().map(|m| m.len()).unwrap_or(0);
             *cur = Some(Current { file, path, len });
         }
+        if *total + need > self.limits.max_bytes {
+            let current = cur.as_ref().map(|c| c.path.clone());
+            *total -= self.evict(*total + need - self.limits.max_bytes, current.as_deref())?;
+        }
         let c = cur.as_mut().expect("current file");
-        if let Err(e) = c.file.write_all(&buf).and_then(|()| c.file.sync_data()) {
+        if let Err(e) = c.file.write_all(buf) {
             // A partial record would poison the file for readers: cut it off.
             let _ = c.file.set_len(c.len);
             return Err(DeadLetterError::io("append to", &c.path, e));
         }
-        c.len += buf.len() as u64;
-        self.written
-            .fetch_add(records.len() as u64, Ordering::Relaxed);
+        c.len += need;
+        *total += need;
+        self.counters.written.fetch_add(records, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Every record in the store, oldest file first.
-    pub fn read_all(dir: impl AsRef<Path>) -> Result<Vec<DeadLetter>, DeadLetterError> {
-        let dir = dir.as_ref();
+    /// Makes every appended record durable.
+    pub fn sync(&self) -> Result<(), DeadLetterError> {
+        let guard = self.current.lock().expect("dead-letter lock");
+        if let Some(c) = &guard.0 {
+            c.file
+                .sync_data()
+                .map_err(|e| DeadLetterError::io("fsync", &c.path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the oldest files (never `keep`) until `want` bytes are
+    /// freed or none is left; returns the bytes freed.
+    fn evict(&self, want: u64, keep: Option<&Path>) -> Result<u64, DeadLetterError> {
+        let (mut freed, mut files) = (0, 0);
+        for path in Self::files(&self.dir)? {
+            if freed >= want {
+                break;
+            }
+            if Some(path.as_path()) == keep {
+                continue;
+            }
+            let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            fs::remove_file(&path).map_err(|e| DeadLetterError::io("remove", &path, e))?;
+            freed += len;
+            files += 1;
+        }
+        let c = &self.counters;
+        let all_files = c.removed_files.fetch_add(files, Ordering::Relaxed) + files;
+        let all_bytes = c.removed_bytes.fetch_add(freed, Ordering::Relaxed) + freed;
+        tracing::warn!(
+            files,
+            bytes = freed,
+            "dead-letter store at its limit: oldest files removed"
+        );
+        if let Some(h) = &self.health {
+            h.warn(
+                "deadletter/removed",
+                &format!(
+                    "the dead-letter store reached its limit of {}: {all_files} oldest files ({}) removed since start",
+                    bytesize::ByteSize::b(self.limits.max_bytes),
+                    bytesize::ByteSize::b(all_bytes)
+                ),
+            );
+        }
+        Ok(freed)
+    }
+
+    /// The store's files, oldest first (names start with their time).
+    fn files(dir: &Path) -> Result<Vec<PathBuf>, DeadLetterError> {
         let mut files: Vec<PathBuf> = match fs::read_dir(dir) {
             Ok(rd) => rd
                 .filter_map(|e| e.ok().map(|e| e.path()))
@@ -197,8 +394,13 @@ impl DeadLetters {
             Err(e) => return Err(DeadLetterError::io("list", dir, e)),
         };
         files.sort();
+        Ok(files)
+    }
+
+    /// Every record in the store, oldest file first.
+    pub fn read_all(dir: impl AsRef<Path>) -> Result<Vec<DeadLetter>, DeadLetterError> {
         let mut out = Vec::new();
-        for path in files {
+        for path in Self::files(dir.as_ref())? {
             let f = File::open(&path).map_err(|e| DeadLetterError::io("open", &path, e))?;
             for (i, line) in io::BufReader::new(f).lines().enumerate() {
                 let line = line.map_err(|e| DeadLetterError::io("read", &path, e))?;

@@ -90,6 +90,21 @@ impl Decoder {
     /// Decodes `body`. With round-robin partitioning every accepted event goes
     /// to `default_partition`.
     pub fn decode(&self, body: &[u8], default_partition: u32) -> Decoded {
+        let mut rejects = Vec::new();
+        let mut out = self.decode_with(body, default_partition, &mut |r| rejects.push(r));
+        out.rejects = rejects;
+        out
+    }
+
+    /// Decodes `body`, handing each refused line to `on_reject` as it is
+    /// found instead of collecting them (`Decoded::rejects` stays empty): a
+    /// body of millions of bad lines costs the memory of its good ones only.
+    pub fn decode_with(
+        &self,
+        body: &[u8],
+        default_partition: u32,
+        on_reject: &mut dyn FnMut(Reject),
+    ) -> Decoded {
         let mut out = Decoded::default();
         let n_parts = match self.partitioning {
             Partitioning::RoundRobin => 1,
@@ -114,7 +129,7 @@ impl Decoder {
             let text = match std::str::from_utf8(line) {
                 Ok(t) => t,
                 Err(e) => {
-                    out.rejects.push(Reject {
+                    on_reject(Reject {
                         line: line_no,
                         field: None,
                         reason: format!(
@@ -139,7 +154,7 @@ impl Decoder {
                         .push(row);
                     out.accepted += 1;
                 }
-                Err(e) => out.rejects.push(Reject {
+                Err(e) => on_reject(Reject {
                     line: line_no,
                     field: e.field,
                     reason: e.reason,

@@ -18,6 +18,16 @@ use super::log::{Log, LogError};
 
 /// Bodies larger than this are decoded on the blocking pool, not a runtime worker.
 const INLINE_DECODE_BYTES: usize = 256 << 10;
+/// The reply lists the first errors of a body; the rest are counted.
+pub const MAX_REPORTED_ERRORS: usize = 100;
+/// A body may write dead letters of this many times its own size (at least
+/// `MIN_DEAD_LETTER_SHARE`); refused lines past it are counted, not kept.
+/// A record is about 100 bytes more than its line, so a body of short bad
+/// lines would otherwise write fifty times its size.
+const DEAD_LETTER_SHARE: u64 = 2;
+const MIN_DEAD_LETTER_SHARE: u64 = 1 << 20;
+/// Dead letters are written in pieces of this size while a body is decoded.
+const DEAD_LETTER_FLUSH: usize = 1 << 20;
 
 /// What became of one request's lines.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -26,7 +36,129 @@ pub struct IngestReport {
     pub rejected: u64,
     /// Offsets given to the accepted events, per partition (inclusive).
     pub offsets: Vec<OffsetRange>,
+    /// The first refused lines (at most `MAX_REPORTED_ERRORS`), in order.
     pub errors: Vec<LineError>,
+    /// Refused lines not listed in `errors`.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub errors_omitted: u64,
+    /// Refused lines not kept in the dead-letter store: past this body's
+    /// share of it.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub dead_letters_dropped: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// The refused lines of one body, as the decoder finds them: the first
+/// errors for the reply, a count of all, and their dead letters written in
+/// pieces within the body's share of the store — so memory stays a small
+/// multiple of the body however many lines it refuses.
+struct Refusals {
+    store: Arc<DeadLetters>,
+    body: Bytes,
+    received: String,
+    errors: Vec<LineError>,
+    rejected: u64,
+    buf: Vec<u8>,
+    buffered: u64,
+    /// Dead-letter bytes this body may still write.
+    budget: u64,
+    dropped: u64,
+    /// Off the async runtime: pieces may be written as they fill.
+    may_write: bool,
+    wrote: bool,
+    error: Option<DeadLetterError>,
+}
+
+impl Refusals {
+    fn new(store: Arc<DeadLetters>, body: Bytes, may_write: bool) -> Refusals {
+        let budget = (body.len() as u64 * DEAD_LETTER_SHARE).max(MIN_DEAD_LETTER_SHARE);
+        Refusals {
+            store,
+            body,
+            received: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            errors: Vec::new(),
+            rejected: 0,
+            buf: Vec::new(),
+            buffered: 0,
+            budget,
+            dropped: 0,
+            may_write,
+            wrote: false,
+            error: None,
+        }
+    }
+
+    fn push(&mut self, r: super::decode::Reject) {
+        self.rejected += 1;
+        if self.errors.len() < MAX_REPORTED_ERRORS {
+            self.errors.push(LineError {
+                line: r.line,
+                field: r.field.clone(),
+                reason: r.reason.clone(),
+                message: r.to_string(),
+            });
+        }
+        if self.error.is_some() || self.budget == 0 {
+            self.dropped += u64::from(self.error.is_none());
+            return;
+        }
+        let before = self.buf.len();
+        DeadLetter::new(&self.received, r.line, r.field, r.reason, &self.body[r.raw])
+            .encode_into(&mut self.buf);
+        let n = (self.buf.len() - before) as u64;
+        if n > self.budget {
+            // The share is used up: keep the first lines, count the rest.
+            self.buf.truncate(before);
+            self.budget = 0;
+            self.dropped += 1;
+            return;
+        }
+        self.budget -= n;
+        self.buffered += 1;
+        if self.may_write && self.buf.len() >= DEAD_LETTER_FLUSH {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.buf.is_empty() || self.error.is_some() {
+            return;
+        }
+        match self.store.append(&self.buf, self.buffered) {
+            Ok(()) => self.wrote = true,
+            Err(e) => self.error = Some(e),
+        }
+        self.buf.clear();
+        self.buffered = 0;
+    }
+
+    /// Writes what is left and makes it durable. Blocking.
+    fn finish(mut self) -> Result<Refused, DeadLetterError> {
+        self.flush();
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        if self.wrote {
+            self.store.sync()?;
+        }
+        self.store
+            .dropped(self.dropped, "past their request's share of the store");
+        Ok(Refused {
+            errors: self.errors,
+            rejected: self.rejected,
+            dropped: self.dropped,
+        })
+    }
+}
+
+/// The refused lines of a body, once their dead letters are durable.
+struct Refused {
+    errors: Vec<LineError>,
+    rejected: u64,
+    dropped: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -193,49 +325,44 @@ impl Ingest {
             .bytes
             .fetch_add(body.len() as u64, Ordering::Relaxed);
         let partition = self.next_partition.fetch_add(1, Ordering::Relaxed) % self.log.partitions();
-        let decoded = if body.len() <= INLINE_DECODE_BYTES {
-            self.decoder.decode(&body, partition)
+        let internal = |e: tokio::task::JoinError| fail(IngestError::Internal(e.to_string()));
+        let (decoded, refused) = if body.len() <= INLINE_DECODE_BYTES {
+            let mut refusals = Refusals::new(self.dead.clone(), body.clone(), false);
+            let decoded = self
+                .decoder
+                .decode_with(&body, partition, &mut |r| refusals.push(r));
+            let refused = if refusals.rejected > 0 {
+                tokio::task::spawn_blocking(move || refusals.finish())
+                    .await
+                    .map_err(internal)?
+            } else {
+                refusals.finish()
+            };
+            (decoded, refused)
         } else {
-            let decoder = self.decoder.clone();
-            let body = body.clone();
-            tokio::task::spawn_blocking(move || decoder.decode(&body, partition))
-                .await
-                .map_err(|e| fail(IngestError::Internal(e.to_string())))?
+            let (decoder, dead) = (self.decoder.clone(), self.dead.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut refusals = Refusals::new(dead, body.clone(), true);
+                let decoded = decoder.decode_with(&body, partition, &mut |r| refusals.push(r));
+                (decoded, refusals.finish())
+            })
+            .await
+            .map_err(internal)?
         };
+        let refused = refused.map_err(|e| fail(e.into()))?;
         let Decoded {
-            batches,
-            rejects,
-            accepted,
+            batches, accepted, ..
         } = decoded;
-
+        self.counters
+            .rejected
+            .fetch_add(refused.rejected, Ordering::Relaxed);
         let mut report = IngestReport {
-            rejected: rejects.len() as u64,
-            errors: rejects
-                .iter()
-                .map(|r| LineError {
-                    line: r.line,
-                    field: r.field.clone(),
-                    reason: r.reason.clone(),
-                    message: r.to_string(),
-                })
-                .collect(),
+            rejected: refused.rejected,
+            errors_omitted: refused.rejected - refused.errors.len() as u64,
+            errors: refused.errors,
+            dead_letters_dropped: refused.dropped,
             ..IngestReport::default()
         };
-        if !rejects.is_empty() {
-            let received = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-            let records: Vec<DeadLetter> = rejects
-                .into_iter()
-                .map(|r| DeadLetter::new(&received, r.line, r.field, r.reason, &body[r.raw]))
-                .collect();
-            let dead = self.dead.clone();
-            tokio::task::spawn_blocking(move || dead.write(&records))
-                .await
-                .map_err(|e| fail(IngestError::Internal(e.to_string())))?
-                .map_err(|e| fail(e.into()))?;
-            self.counters
-                .rejected
-                .fetch_add(report.rejected, Ordering::Relaxed);
-        }
         if accepted > 0 {
             let acks = self
                 .log

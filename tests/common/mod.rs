@@ -114,11 +114,20 @@ impl Server {
 
     /// Peak resident memory of the server process (VmHWM), in bytes.
     pub fn peak_rss(&self) -> u64 {
+        self.proc_status("VmHWM:")
+    }
+
+    /// Resident memory of the server process now (VmRSS), in bytes.
+    pub fn rss(&self) -> u64 {
+        self.proc_status("VmRSS:")
+    }
+
+    fn proc_status(&self, key: &str) -> u64 {
         let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
         s.lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(key))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .expect("VmHWM in /proc/PID/status")
+            .unwrap_or_else(|| panic!("{key} in /proc/PID/status"))
             * 1024
     }
 
