@@ -444,4 +444,39 @@ mod tests {
         );
         assert_eq!(store.written(), 2);
     }
+
+    #[test]
+    fn the_store_removes_its_oldest_files_to_stay_under_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = DeadLetterLimits {
+            max_bytes: 4000,
+            reserve_free: 0,
+        };
+        let health = std::sync::Arc::new(crate::health::Health::default());
+        let store = DeadLetters::open_with(dir.path(), limits)
+            .unwrap()
+            .with_health(health.clone());
+        for i in 0..100 {
+            let rec = DeadLetter::new("t", i, None, "bad".into(), &[b'x'; 100]);
+            store.write(&[rec]).unwrap();
+        }
+        let on_disk: u64 = DeadLetters::files(dir.path())
+            .unwrap()
+            .iter()
+            .map(|p| fs::metadata(p).unwrap().len())
+            .sum();
+        assert_eq!(on_disk, store.bytes(), "the store counts what is on disk");
+        assert!(on_disk <= 4000, "{on_disk} bytes kept, limit 4000");
+        let kept = DeadLetters::read_all(dir.path()).unwrap();
+        assert_eq!(kept.last().unwrap().line, 99, "the newest records are kept");
+        assert!(store.counters.removed_files.load(Ordering::Relaxed) > 0);
+        assert!(
+            health.report_all().warnings[0].error.contains("reached its limit"),
+            "{:?}",
+            health.report_all()
+        );
+        // Reopened, it knows its size.
+        let again = DeadLetters::open_with(dir.path(), limits).unwrap();
+        assert_eq!(again.bytes(), on_disk);
+    }
 }
