@@ -569,3 +569,194 @@ fn sixty_megabytes_of_bad_lines_cost_bounded_memory_reply_and_disk() {
     assert!(during > 0, "the good producer was answered meanwhile");
     server.stop();
 }
+
+/// `POST /v1/sql`: status, `Retry-After`, reply length and JSON.
+fn sql(url: &str, q: &str) -> (u16, bool, usize, serde_json::Value) {
+    common::rt().block_on(async {
+        let resp = reqwest::Client::new()
+            .post(format!("{url}/v1/sql"))
+            .body(q.to_string())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{q}: no answer: {e}"));
+        let status = resp.status().as_u16();
+        let retry = resp.headers().contains_key("retry-after");
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            retry,
+            text.len(),
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
+    })
+}
+
+/// Acknowledgement latencies of one producer sending 100 events a request
+/// until `stop`.
+fn ack_latencies(url: &str, stop: &AtomicBool, from: i64) -> Vec<Duration> {
+    let rt = common::rt();
+    let client = reqwest::Client::new();
+    let mut out = Vec::new();
+    let mut n = from;
+    while !stop.load(Ordering::Relaxed) {
+        let body = common::exact::body_of(n, n + 100);
+        n += 100;
+        let t = Instant::now();
+        let code = rt.block_on(async {
+            client
+                .post(format!("{url}/v1/events"))
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        });
+        assert_eq!(code, 200, "the producer is refused");
+        out.push(t.elapsed());
+    }
+    out
+}
+
+fn p99(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[(v.len() * 99 / 100).min(v.len() - 1)]
+}
+
+#[test]
+fn heavy_queries_get_clear_refusals_and_leave_acknowledgements_alone() {
+    let site = Site::new("[archive]\nchunk_age = \"200ms\"\n[batch]\npause = \"500ms\"\n");
+    let server = site.serve(&[]);
+    common::exact::send(&server.url, 0, 20_000);
+    server.wait_settled(Duration::from_secs(60));
+    let idle_rss = server.rss();
+    let url = server.url.clone();
+
+    // The producer alone.
+    let stop = AtomicBool::new(false);
+    let alone = std::thread::scope(|s| {
+        let h = s.spawn(|| ack_latencies(&url, &stop, 1_000_000));
+        std::thread::sleep(Duration::from_secs(5));
+        stop.store(true, Ordering::Relaxed);
+        h.join().unwrap()
+    });
+
+    // The same producer beside clients that send the worst they can.
+    let battery: &[(&str, &[u16])] = &[
+        // A wide reply: cut at the byte limit, not built whole.
+        // (or stopped at the deadline on a slow, busy machine)
+        (
+            "SELECT repeat('x', 200000) AS w FROM generate_series(1, 100000)",
+            &[200, 408],
+        ),
+        // One value of 100 MB: refused before it is built.
+        ("SELECT repeat('x', 100000000) AS w", &[400]),
+        ("SELECT lpad('x', 500000000, 'y') AS w", &[400]),
+        // A hash table far over 256 MiB, and no spill to disk.
+        (
+            "SELECT v % 50000000 AS k, count(*) FROM generate_series(1, 30000000) t(v) GROUP BY 1",
+            &[422, 408],
+        ),
+        // CPU for minutes: stopped at the deadline.
+        (
+            "SELECT count(*) FROM generate_series(1, 100000000000)",
+            &[408],
+        ),
+        // A view merged once however often it is named.
+        (
+            "SELECT count(*) FROM sales_by_product a, sales_by_product b, sales_by_product c, sales_by_product d",
+            &[200, 408, 422],
+        ),
+        (
+            "SELECT * FROM sales_by_product UNION ALL SELECT * FROM sales_by_product UNION ALL SELECT * FROM sales_by_product",
+            &[200, 408],
+        ),
+        ("DROP TABLE sales_by_product", &[403]),
+        ("SELECT * FROM no_such_view", &[400]),
+    ];
+    let stop = AtomicBool::new(false);
+    let answers = Mutex::new(Vec::new());
+    let beside = std::thread::scope(|s| {
+        let h = s.spawn(|| ack_latencies(&url, &stop, 2_000_000));
+        for c in 0..3 {
+            let (url, stop, answers) = (&url, &stop, &answers);
+            s.spawn(move || {
+                let mut i = c;
+                while !stop.load(Ordering::Relaxed) {
+                    let (q, want) = battery[i % battery.len()];
+                    i += 1;
+                    let (code, retry, len, reply) = sql(url, q);
+                    answers
+                        .lock()
+                        .unwrap()
+                        .push((q, want, code, retry, len, reply));
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_secs(30));
+        stop.store(true, Ordering::Relaxed);
+        h.join().unwrap()
+    });
+    // A burst: more slow queries at once than run and queue.
+    let burst: Vec<(u16, bool)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..80)
+            .map(|_| {
+                let url = &url;
+                s.spawn(move || {
+                    let (code, retry, _, _) =
+                        sql(url, "SELECT count(*) FROM generate_series(1, 100000000000)");
+                    (code, retry)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+
+    let answers = answers.into_inner().unwrap();
+    for (q, want, code, retry, len, reply) in &answers {
+        assert!(
+            want.contains(code) || *code == 503,
+            "{q}: expected {want:?}, got {code}: {reply}"
+        );
+        if *code >= 400 {
+            let e = reply["error"].as_str().unwrap_or("");
+            assert!(!e.is_empty(), "{q}: a refusal says why: {reply}");
+        }
+        if *code == 503 {
+            assert!(retry, "{q}: 503 carries Retry-After");
+        }
+        assert!(*len < 20 << 20, "{q}: a reply of {len} bytes");
+        if q.starts_with("SELECT repeat('x', 200000)") && *code == 200 {
+            assert_eq!(reply["truncated"], true, "the wide reply is cut");
+        }
+    }
+    let refused = burst.iter().filter(|(c, _)| *c == 503).count();
+    assert!(
+        burst.iter().all(|(c, r)| (*c == 503 && *r) || *c == 408),
+        "a burst gets 408 at the deadline or 503 with Retry-After: {burst:?}"
+    );
+    assert!(refused > 0, "more than fit are refused at once: {burst:?}");
+    let peak = server.peak_rss();
+    let (a, b) = (p99(alone.clone()), p99(beside.clone()));
+    let mut codes = std::collections::BTreeMap::<u16, usize>::new();
+    for (_, _, code, ..) in &answers {
+        *codes.entry(*code).or_default() += 1;
+    }
+    eprintln!(
+        "heavy queries: {} answered ({codes:?}); burst of 80: {refused} refused with 503; \
+         producer ack p99 {a:?} alone ({} requests), {b:?} beside the queries ({} requests), ×{:.2}; \
+         server RSS idle {} MiB, peak {} MiB",
+        answers.len(),
+        alone.len(),
+        beside.len(),
+        b.as_secs_f64() / a.as_secs_f64(),
+        idle_rss >> 20,
+        peak >> 20
+    );
+    assert!(
+        peak < idle_rss + (2 << 30),
+        "server memory stays bounded: peak {} MiB",
+        peak >> 20
+    );
+    server.stop();
+}

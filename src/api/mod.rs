@@ -50,6 +50,9 @@ pub struct ApiState {
     pub body_timeout: Duration,
     /// The listener's connections, when served by `serve`.
     pub connections: Option<Arc<crate::serve::conn::Admission>>,
+    /// Where reads run (view reads and SQL): off the runtime that
+    /// acknowledges ingest.
+    pub queries: Arc<crate::serving::pool::QueryPool>,
 }
 
 impl ApiState {
@@ -69,6 +72,10 @@ impl ApiState {
             auth: auth::Auth::default(),
             body_timeout: Duration::from_secs(60),
             connections: None,
+            queries: Arc::new(
+                crate::serving::pool::QueryPool::new(Default::default())
+                    .expect("the query runtime starts"),
+            ),
         }
     }
 

@@ -45,30 +45,6 @@ fn columns(schema: &arrow::datatypes::Schema) -> Value {
     )
 }
 
-/// Batches as JSON objects, one per row.
-pub fn rows_json(batches: &[RecordBatch]) -> Result<Value, ApiError> {
-    let mut w = arrow::json::ArrayWriter::new(Vec::new());
-    let refs: Vec<&RecordBatch> = batches.iter().filter(|b| b.num_rows() > 0).collect();
-    w.write_batches(&refs)
-        .and_then(|()| w.finish())
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("could not encode rows: {e}"),
-            )
-        })?;
-    let buf = w.into_inner();
-    if buf.is_empty() {
-        return Ok(Value::Array(Vec::new()));
-    }
-    serde_json::from_slice(&buf).map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("could not encode rows: {e}"),
-        )
-    })
-}
-
 pub(super) async fn list_views(
     State(state): State<Arc<ApiState>>,
 ) -> Result<Json<Value>, ApiError> {
@@ -88,31 +64,92 @@ pub(super) async fn list_views(
     Ok(Json(json!({ "views": out })))
 }
 
-/// `GET /v1/views/{name}?COL=VAL&limit=N`: the merged rows, filtered.
+/// Rows of `GET /v1/views/{name}` without `limit`; page with `offset`.
+pub const DEFAULT_VIEW_ROWS: usize = 10_000;
+
+/// A JSON reply assembled from parts already encoded (the rows are the
+/// bulk; they are not parsed back into a `Value` to be encoded again).
+fn json_reply(parts: &[(&str, &[u8])]) -> Response {
+    let mut out = Vec::with_capacity(parts.iter().map(|(_, v)| v.len() + 16).sum());
+    out.push(b'{');
+    for (i, (k, v)) in parts.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.push(b'"');
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(b"\":");
+        out.extend_from_slice(v);
+    }
+    out.push(b'}');
+    ([(header::CONTENT_TYPE, "application/json")], out).into_response()
+}
+
+fn json_bytes(v: &impl serde::Serialize) -> Vec<u8> {
+    serde_json::to_vec(v).expect("a reply part serializes")
+}
+
+fn pool_error(e: crate::serving::pool::PoolError) -> ApiError {
+    use crate::serving::pool::PoolError;
+    match e {
+        PoolError::Busy { .. } => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).retry_after(1)
+        }
+        PoolError::Timeout(_) => ApiError::new(StatusCode::REQUEST_TIMEOUT, e.to_string()),
+        PoolError::Panicked(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+fn query_error(e: QueryError) -> ApiError {
+    let status = match &e {
+        QueryError::NotAQuery { .. } => StatusCode::FORBIDDEN,
+        QueryError::Sql { .. } => StatusCode::BAD_REQUEST,
+        QueryError::Memory { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        QueryError::Pool(_) => {
+            let QueryError::Pool(p) = e else {
+                unreachable!()
+            };
+            return pool_error(p);
+        }
+        QueryError::Serving(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError::new(status, e.to_string())
+}
+
+fn param_usize(params: &HashMap<String, String>, key: &str) -> Result<Option<usize>, ApiError> {
+    params
+        .get(key)
+        .map(|s| {
+            s.parse::<usize>().map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("{key} must be a non-negative integer, got {s:?}"),
+                )
+            })
+        })
+        .transpose()
+}
+
+/// `GET /v1/views/{name}?COL=VAL&limit=N&offset=M`: the merged rows,
+/// filtered, a page at a time (`limit` defaults to 10,000; `next_offset`
+/// says where the next page starts).
 pub(super) async fn get_view(
     State(state): State<Arc<ApiState>>,
     Path(name): Path<String>,
     Query(params): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let began = Instant::now();
-    let l = layers(&state)?;
+    let l = layers(&state)?.clone();
     let i = l.serving.view_index(&name).map_err(serving_error)?;
-    let view = &l.serving.views()[i];
-    let limit = match params.get("limit") {
-        Some(s) => Some(s.parse::<usize>().map_err(|_| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("limit must be a non-negative integer, got {s:?}"),
-            )
-        })?),
-        None => None,
-    };
-    let mut filters: Vec<(&String, &String)> = params
-        .iter()
-        .filter(|(k, _)| k.as_str() != "limit")
+    let view = l.serving.views()[i].clone();
+    let limit = param_usize(&params, "limit")?.unwrap_or(DEFAULT_VIEW_ROWS);
+    let offset = param_usize(&params, "offset")?.unwrap_or(0);
+    let mut filters: Vec<(String, String)> = params
+        .into_iter()
+        .filter(|(k, _)| k != "limit" && k != "offset")
         .collect();
     filters.sort();
-    let schema = view.output_schema();
+    let schema = view.output_schema().clone();
     for (col, _) in &filters {
         if schema.index_of(col).is_err() {
             let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
@@ -125,68 +162,103 @@ pub(super) async fn get_view(
             ));
         }
     }
-    // A filter on a group key reads just that group (fresh, no full merge);
-    // the other filters then apply to its rows.
-    let key = filters
-        .iter()
-        .position(|(col, _)| view.key_column(col).is_some());
-    let (answer, total) = match key {
-        Some(k) => {
-            let (col, val) = filters.remove(k);
-            let c = view.key_column(col).expect("a key column");
-            let a = l.serving.point(i, c, val).await.map_err(serving_error)?;
-            (Arc::new(a), None)
-        }
-        None => {
-            let a = l.serving.answer(i).await.map_err(serving_error)?;
-            let total: usize = a.rows.iter().map(|b| b.num_rows()).sum();
-            (a, Some(total))
-        }
+    let limits = query::SqlLimits {
+        max_rows: limit,
+        ..query::SqlLimits::default()
     };
-    // Filters: an index lookup per column, intersected.
-    let selected: Option<Vec<(usize, usize)>> = filters.iter().fold(None, |acc, (col, val)| {
-        let hits = answer.lookup(col, val).unwrap_or_default();
-        Some(match acc {
-            None => hits,
-            Some(prev) => prev.into_iter().filter(|x| hits.contains(x)).collect(),
-        })
-    });
-    let rows: Vec<RecordBatch> = match selected {
-        None => answer.rows.clone(),
-        Some(mut hits) => {
+    let work = async move {
+        // A filter on a group key reads just that group (fresh, no full
+        // merge); the other filters then apply to its rows.
+        let key = filters
+            .iter()
+            .position(|(col, _)| view.key_column(col).is_some());
+        let (answer, total) = match key {
+            Some(k) => {
+                let (col, val) = filters.remove(k);
+                let c = view.key_column(&col).expect("a key column");
+                let a = l.serving.point(i, c, &val).await.map_err(serving_error)?;
+                (Arc::new(a), None)
+            }
+            None => {
+                let a = l.serving.answer(i).await.map_err(serving_error)?;
+                let total: usize = a.rows.iter().map(|b| b.num_rows()).sum();
+                (a, Some(total))
+            }
+        };
+        // Filters: an index lookup per column, intersected (sorted, so each
+        // intersection is a merge, not a scan per row).
+        let mut selected: Option<Vec<(usize, usize)>> = None;
+        for (col, val) in &filters {
+            let mut hits = answer.lookup(col, val).unwrap_or_default();
             hits.sort_unstable();
-            let mut out = Vec::with_capacity(hits.len());
-            for (b, r) in hits {
-                out.push(answer.rows[b].slice(r, 1));
-            }
-            out
+            selected = Some(match selected {
+                None => hits,
+                Some(prev) => intersect_sorted(&prev, &hits),
+            });
         }
-    };
-    let rows = match limit {
-        Some(n) => {
-            let mut kept = Vec::new();
-            let mut left = n;
-            for b in rows {
-                if left == 0 {
-                    break;
-                }
-                let k = b.num_rows().min(left);
-                kept.push(b.slice(0, k));
-                left -= k;
+        let rows: Vec<RecordBatch> = match selected {
+            None => answer.rows.clone(),
+            Some(hits) => hits
+                .into_iter()
+                .map(|(b, r)| answer.rows[b].slice(r, 1))
+                .collect(),
+        };
+        let matched: usize = rows.iter().map(|b| b.num_rows()).sum();
+        let mut reply = query::Reply::new(limits);
+        let mut skip = offset;
+        for b in &rows {
+            if skip >= b.num_rows() {
+                skip -= b.num_rows();
+                continue;
             }
-            kept
+            if !reply
+                .push(&b.slice(skip, b.num_rows() - skip))
+                .map_err(query_error)?
+            {
+                break;
+            }
+            skip = 0;
         }
-        None => rows,
+        let (rows_json, returned, _) = reply.finish().map_err(query_error)?;
+        let next = offset + returned;
+        let mut parts: Vec<(&str, Vec<u8>)> = vec![
+            ("view", json_bytes(&view.name())),
+            ("columns", json_bytes(&columns(&schema))),
+            ("rows", rows_json),
+            ("total_rows", json_bytes(&total)),
+            ("matched_rows", json_bytes(&matched)),
+        ];
+        if next < matched {
+            parts.push(("next_offset", json_bytes(&next)));
+        }
+        parts.push(("freshness", json_bytes(&answer.freshness)));
+        let parts: Vec<(&str, &[u8])> = parts.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+        Ok::<_, ApiError>(json_reply(&parts))
     };
-    let body = json!({
-        "view": name,
-        "columns": columns(schema),
-        "rows": rows_json(&rows)?,
-        "total_rows": total,
-        "freshness": answer.freshness,
-    });
+    let resp = state
+        .queries
+        .run(limits.timeout, work)
+        .await
+        .map_err(pool_error)??;
     state.query_latency.observe(began.elapsed());
-    Ok(Json(body))
+    Ok(resp)
+}
+
+/// The pairs in both sorted lists.
+fn intersect_sorted(a: &[(usize, usize)], b: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                out.push(a[i]);
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    out
 }
 
 /// `POST /v1/sql`: a JSON body `{"sql": "…"}` or the SQL as plain text.
@@ -194,7 +266,7 @@ pub(super) async fn post_sql(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
     body: axum::body::Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let began = Instant::now();
     let l = layers(&state)?;
     let body = super::read_body(
@@ -234,30 +306,22 @@ pub(super) async fn post_sql(
             "empty query\nhint: send one SELECT over the views",
         ));
     }
-    let answer = query::run(&l.serving, &sql, query::SqlLimits::default())
-        .await
-        .map_err(|e| {
-            let status = match &e {
-                QueryError::NotAQuery { .. } => StatusCode::FORBIDDEN,
-                QueryError::Sql { .. } => StatusCode::BAD_REQUEST,
-                QueryError::Timeout { .. } => StatusCode::REQUEST_TIMEOUT,
-                QueryError::Serving(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            ApiError::new(status, e.to_string())
-        })?;
-    let schema = answer
-        .rows
-        .first()
-        .map(|b| b.schema())
-        .unwrap_or_else(|| Arc::new(arrow::datatypes::Schema::empty()));
-    let body = json!({
-        "columns": columns(&schema),
-        "rows": rows_json(&answer.rows)?,
-        "truncated": answer.truncated,
-        "freshness": answer.freshness,
-    });
+    let answer = query::run(
+        &l.serving,
+        &state.queries,
+        &sql,
+        query::SqlLimits::default(),
+    )
+    .await
+    .map_err(query_error)?;
+    let resp = json_reply(&[
+        ("columns", &json_bytes(&columns(&answer.columns))),
+        ("rows", &answer.rows_json),
+        ("truncated", &json_bytes(&answer.truncated)),
+        ("freshness", &json_bytes(&answer.freshness)),
+    ]);
     state.sql_latency.observe(began.elapsed());
-    Ok(Json(body))
+    Ok(resp)
 }
 
 /// `GET /metrics`: Prometheus text.

@@ -16,6 +16,7 @@
 //! at every instant. The merged rows of a view are computed once per snapshot
 //! version and shared by every reader of that version.
 
+pub mod pool;
 pub mod query;
 
 use crate::clock::{SharedClock, SystemClock};

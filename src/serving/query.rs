@@ -1,7 +1,17 @@
 //! Read-only SQL over the views: each view is a table holding its merged rows,
 //! all taken from one snapshot, so a query joining two views sees one instant.
-//! Anything but a query is refused; memory and time are bounded.
+//! Anything but a query is refused.
+//!
+//! Everything a query does is inside its budget: it runs on the query pool
+//! (its own runtime, a bounded number at once, a deadline — see [`pool`]),
+//! the merged rows of each view it reads are counted once in its memory
+//! pool, nothing spills to disk, functions that build values of any size
+//! (`repeat`, `lpad`, `rpad`) are bounded, and the reply is encoded there
+//! too, up to a row and a byte limit.
+//!
+//! [`pool`]: super::pool
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,12 +21,16 @@ use datafusion::catalog::{Session, TableProvider};
 use datafusion::datasource::TableType;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::error::DataFusionError;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::logical_expr::Expr;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
+use futures::StreamExt;
 
-use super::{Freshness, Serving, ServingError, Snapshot};
+use super::pool::{PoolError, QueryPool};
+use super::{Answer, Freshness, Serving, ServingError, Snapshot};
 
 /// Bounds of one SQL query.
 #[derive(Debug, Clone, Copy)]
@@ -24,6 +38,8 @@ pub struct SqlLimits {
     pub memory_bytes: usize,
     pub timeout: Duration,
     pub max_rows: usize,
+    /// The rows of the reply, encoded as JSON, at most.
+    pub max_bytes: usize,
 }
 
 impl Default for SqlLimits {
@@ -32,9 +48,19 @@ impl Default for SqlLimits {
             memory_bytes: 256 << 20,
             timeout: Duration::from_secs(10),
             max_rows: 10_000,
+            max_bytes: 16 << 20,
         }
     }
 }
+
+/// A value built by a function in a query, at most (`repeat('x', 1e9)`
+/// would otherwise allocate outside any memory pool).
+pub const MAX_VALUE_BYTES: usize = 1 << 20;
+/// Rows per batch inside a query: views are small, and a small batch keeps
+/// a wide row's batch small too.
+const BATCH_ROWS: usize = 256;
+/// Rows encoded between checks of the reply's size.
+const ENCODE_ROWS: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
@@ -45,19 +71,55 @@ pub enum QueryError {
     #[error("{message}")]
     Sql { message: String },
     #[error(
-        "the query ran longer than {secs} s and was stopped\nhint: filter or aggregate more, or query a smaller view"
+        "the query needs more memory than its limit of {limit}: {detail}\nhint: filter or aggregate more, or select fewer columns"
     )]
-    Timeout { secs: u64 },
+    Memory {
+        limit: bytesize::ByteSize,
+        detail: String,
+    },
+    #[error(transparent)]
+    Pool(#[from] PoolError),
     #[error(transparent)]
     Serving(#[from] ServingError),
 }
 
-/// The rows of a query and the freshness of the views it read.
+impl QueryError {
+    fn from_df(e: DataFusionError, limits: &SqlLimits) -> QueryError {
+        let message = e.strip_backtrace();
+        if matches!(e.find_root(), DataFusionError::ResourcesExhausted(_)) {
+            return QueryError::Memory {
+                limit: bytesize::ByteSize::b(limits.memory_bytes as u64),
+                detail: message,
+            };
+        }
+        if let DataFusionError::External(inner) = e.find_root()
+            && let Some(s) = inner.downcast_ref::<ServingError>()
+        {
+            return QueryError::Sql {
+                message: s.to_string(),
+            };
+        }
+        QueryError::Sql { message }
+    }
+}
+
+/// The reply of a query: its rows as a JSON array (encoded inside the
+/// query's budget), and the freshness of the views it read.
 #[derive(Debug)]
 pub struct SqlAnswer {
-    pub rows: Vec<RecordBatch>,
+    pub columns: SchemaRef,
+    /// A JSON array of row objects.
+    pub rows_json: Vec<u8>,
+    pub rows: usize,
     pub truncated: bool,
     pub freshness: Freshness,
+}
+
+/// The merged rows of each view a query read, merged once however often
+/// the query names the view, and counted in the query's memory pool.
+#[derive(Default)]
+struct Merged {
+    answers: HashMap<usize, (Arc<Answer>, MemoryReservation)>,
 }
 
 /// A view as a table of one snapshot: its rows are merged only if the query
@@ -67,6 +129,7 @@ struct ViewTable {
     index: usize,
     snap: Arc<Snapshot>,
     schema: SchemaRef,
+    merged: Arc<tokio::sync::Mutex<Merged>>,
 }
 
 impl std::fmt::Debug for ViewTable {
@@ -91,16 +154,29 @@ impl TableProvider for ViewTable {
 
     async fn scan(
         &self,
-        _state: &dyn Session,
+        state: &dyn Session,
         projection: Option<&Vec<usize>>,
         _filters: &[Expr],
         _limit: Option<usize>,
     ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
-        let a = self
-            .serving
-            .answer_at(self.index, &self.snap)
-            .await
-            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        let mut merged = self.merged.lock().await;
+        let a = match merged.answers.get(&self.index) {
+            Some((a, _)) => a.clone(),
+            None => {
+                let a = self
+                    .serving
+                    .answer_at(self.index, &self.snap)
+                    .await
+                    .map_err(|e| DataFusionError::External(Box::new(e)))?;
+                let bytes = a.rows.iter().map(|b| b.get_array_memory_size()).sum();
+                let reservation = MemoryConsumer::new(format!("view {}", self.index))
+                    .register(&state.runtime_env().memory_pool);
+                reservation.try_grow(bytes)?;
+                merged.answers.insert(self.index, (a.clone(), reservation));
+                a
+            }
+        };
+        drop(merged);
         Ok(MemorySourceConfig::try_new_exec(
             std::slice::from_ref(&a.rows),
             self.schema.clone(),
@@ -109,34 +185,61 @@ impl TableProvider for ViewTable {
     }
 }
 
-/// Runs `sql` over the views' merged rows, all of one snapshot.
+/// Runs `sql` over the views' merged rows, all of one snapshot, on the
+/// query pool and within `limits`.
 pub async fn run(
     serving: &Arc<Serving>,
+    pool: &QueryPool,
     sql: &str,
     limits: SqlLimits,
 ) -> Result<SqlAnswer, QueryError> {
-    let snap = serving.snapshot();
+    let (serving, sql) = (serving.clone(), sql.to_string());
+    pool.run(limits.timeout, async move {
+        run_here(&serving, &sql, limits).await
+    })
+    .await?
+}
+
+/// The session a query runs in: its memory limit, no spill, small batches,
+/// bounded value builders, and the views as tables of `snap`.
+fn session(
+    serving: &Arc<Serving>,
+    snap: &Arc<Snapshot>,
+    limits: &SqlLimits,
+) -> Result<SessionContext, DataFusionError> {
     let runtime = RuntimeEnvBuilder::new()
         .with_memory_limit(limits.memory_bytes, 1.0)
-        .build_arc()
-        .map_err(|e| QueryError::Sql {
-            message: e.to_string(),
-        })?;
-    let mut cfg = SessionConfig::new();
+        .with_disk_manager_builder(
+            DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+        )
+        .build_arc()?;
+    let mut cfg = SessionConfig::new().with_batch_size(BATCH_ROWS);
     cfg.options_mut().sql_parser.enable_ident_normalization = false;
     let ctx = SessionContext::new_with_config_rt(cfg, runtime);
+    for udf in bounded::functions() {
+        ctx.register_udf(udf);
+    }
+    let merged = Arc::new(tokio::sync::Mutex::new(Merged::default()));
     for (index, view) in serving.views().iter().enumerate() {
         let table = ViewTable {
             serving: serving.clone(),
             index,
             snap: snap.clone(),
             schema: view.output_schema().clone(),
+            merged: merged.clone(),
         };
-        ctx.register_table(view.name(), Arc::new(table))
-            .map_err(|e| QueryError::Sql {
-                message: e.to_string(),
-            })?;
+        ctx.register_table(view.name(), Arc::new(table))?;
     }
+    Ok(ctx)
+}
+
+async fn run_here(
+    serving: &Arc<Serving>,
+    sql: &str,
+    limits: SqlLimits,
+) -> Result<SqlAnswer, QueryError> {
+    let snap = serving.snapshot();
+    let ctx = session(serving, &snap, &limits).map_err(|e| QueryError::from_df(e, &limits))?;
     let options = SQLOptions::new()
         .with_allow_ddl(false)
         .with_allow_dml(false)
@@ -148,42 +251,196 @@ pub async fn run(
         {
             QueryError::NotAQuery { detail: message }
         } else {
-            QueryError::Sql { message }
+            QueryError::from_df(e, &limits)
         }
     })?;
     let df = df
         .limit(0, Some(limits.max_rows + 1))
-        .map_err(|e| QueryError::Sql {
-            message: e.strip_backtrace(),
-        })?;
-    let rows = tokio::time::timeout(limits.timeout, df.collect())
+        .map_err(|e| QueryError::from_df(e, &limits))?;
+    let columns: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+    let mut stream = df
+        .execute_stream()
         .await
-        .map_err(|_| QueryError::Timeout {
-            secs: limits.timeout.as_secs(),
-        })?
-        .map_err(|e| QueryError::Sql {
-            message: e.strip_backtrace(),
-        })?;
-    let total: usize = rows.iter().map(|b| b.num_rows()).sum();
-    let (rows, truncated) = if total > limits.max_rows {
-        let mut kept = Vec::new();
-        let mut left = limits.max_rows;
-        for b in rows {
-            if left == 0 {
-                break;
-            }
-            let n = b.num_rows().min(left);
-            kept.push(b.slice(0, n));
-            left -= n;
+        .map_err(|e| QueryError::from_df(e, &limits))?;
+    let mut reply = Reply::new(limits);
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(|e| QueryError::from_df(e, &limits))?;
+        if !reply.push(&batch)? {
+            break;
         }
-        (kept, true)
-    } else {
-        (rows, false)
-    };
-    let freshness = super::freshness(&snap);
+    }
+    let (rows_json, rows, truncated) = reply.finish()?;
     Ok(SqlAnswer {
+        columns,
+        rows_json,
         rows,
         truncated,
-        freshness,
+        freshness: super::freshness(&snap),
     })
+}
+
+/// A reply's rows, encoded as they stream in, up to the row and byte limits.
+pub struct Reply {
+    limits: SqlLimits,
+    writer: arrow::json::ArrayWriter<Vec<u8>>,
+    rows: usize,
+    truncated: bool,
+}
+
+impl Reply {
+    pub fn new(limits: SqlLimits) -> Reply {
+        Reply {
+            limits,
+            writer: arrow::json::ArrayWriter::new(Vec::new()),
+            rows: 0,
+            truncated: false,
+        }
+    }
+
+    /// Encodes `batch`; false once a limit is reached (the rest is dropped
+    /// and the reply marked truncated).
+    pub fn push(&mut self, batch: &RecordBatch) -> Result<bool, QueryError> {
+        let encode = |e: arrow::error::ArrowError| QueryError::Sql {
+            message: format!("could not encode the rows: {e}"),
+        };
+        let mut at = 0;
+        while at < batch.num_rows() {
+            if self.rows >= self.limits.max_rows
+                || self.writer.get_ref().len() >= self.limits.max_bytes
+            {
+                self.truncated = true;
+                return Ok(false);
+            }
+            let n = ENCODE_ROWS
+                .min(batch.num_rows() - at)
+                .min(self.limits.max_rows - self.rows);
+            self.writer.write(&batch.slice(at, n)).map_err(encode)?;
+            self.rows += n;
+            at += n;
+        }
+        Ok(true)
+    }
+
+    /// The JSON array, its row count, and whether rows were left out.
+    pub fn finish(mut self) -> Result<(Vec<u8>, usize, bool), QueryError> {
+        self.writer.finish().map_err(|e| QueryError::Sql {
+            message: format!("could not encode the rows: {e}"),
+        })?;
+        let mut json = self.writer.into_inner();
+        if json.is_empty() {
+            json.extend_from_slice(b"[]");
+        }
+        Ok((json, self.rows, self.truncated))
+    }
+}
+
+/// `repeat`, `lpad` and `rpad` that refuse to build a value over
+/// [`MAX_VALUE_BYTES`]: the values a query builds are not in its memory
+/// pool, so a size check before the call is the only bound.
+mod bounded {
+    use std::sync::Arc;
+
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::{DataType, FieldRef, Int64Type};
+    use datafusion::common::{Result, ScalarValue, exec_err};
+    use datafusion::logical_expr::{
+        ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
+    };
+
+    use super::MAX_VALUE_BYTES;
+
+    pub fn functions() -> Vec<ScalarUDF> {
+        vec![
+            ScalarUDF::new_from_impl(Bounded {
+                inner: datafusion::functions::string::repeat(),
+                repeat: true,
+            }),
+            ScalarUDF::new_from_impl(Bounded {
+                inner: datafusion::functions::unicode::lpad(),
+                repeat: false,
+            }),
+            ScalarUDF::new_from_impl(Bounded {
+                inner: datafusion::functions::unicode::rpad(),
+                repeat: false,
+            }),
+        ]
+    }
+
+    #[derive(Debug, PartialEq, Eq, Hash)]
+    struct Bounded {
+        inner: Arc<ScalarUDF>,
+        /// `repeat(s, n)` builds len(s)·n bytes; `lpad/rpad(s, n, …)` n characters.
+        repeat: bool,
+    }
+
+    /// The largest integer of an argument (0 for nulls and non-integers).
+    fn max_int(v: &ColumnarValue) -> i64 {
+        match v {
+            ColumnarValue::Scalar(ScalarValue::Int64(Some(n))) => *n,
+            ColumnarValue::Array(a) if a.data_type() == &DataType::Int64 => {
+                arrow::compute::max(a.as_primitive::<Int64Type>()).unwrap_or(0)
+            }
+            _ => 0,
+        }
+    }
+
+    /// The longest string of an argument, in bytes.
+    fn max_len(v: &ColumnarValue) -> usize {
+        match v {
+            ColumnarValue::Scalar(s) => match s {
+                ScalarValue::Utf8(Some(s))
+                | ScalarValue::LargeUtf8(Some(s))
+                | ScalarValue::Utf8View(Some(s)) => s.len(),
+                _ => 0,
+            },
+            ColumnarValue::Array(a) => match a.data_type() {
+                DataType::Utf8 => a.as_string::<i32>().iter().flatten().map(str::len).max(),
+                DataType::LargeUtf8 => a.as_string::<i64>().iter().flatten().map(str::len).max(),
+                DataType::Utf8View => a.as_string_view().iter().flatten().map(str::len).max(),
+                _ => None,
+            }
+            .unwrap_or(0),
+        }
+    }
+
+    impl ScalarUDFImpl for Bounded {
+        fn name(&self) -> &str {
+            self.inner.name()
+        }
+        fn aliases(&self) -> &[String] {
+            self.inner.aliases()
+        }
+        fn signature(&self) -> &Signature {
+            self.inner.signature()
+        }
+        fn return_type(&self, args: &[DataType]) -> Result<DataType> {
+            self.inner.return_type(args)
+        }
+        fn return_field_from_args(&self, args: ReturnFieldArgs) -> Result<FieldRef> {
+            self.inner.return_field_from_args(args)
+        }
+        fn coerce_types(&self, args: &[DataType]) -> Result<Vec<DataType>> {
+            self.inner.coerce_types(args)
+        }
+        fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+            if args.args.len() >= 2 {
+                let n = max_int(&args.args[1]).max(0) as usize;
+                let bytes = if self.repeat {
+                    n.saturating_mul(max_len(&args.args[0]))
+                } else {
+                    // lpad/rpad count characters, of up to 4 bytes each.
+                    n.saturating_mul(4)
+                };
+                if bytes > MAX_VALUE_BYTES {
+                    return exec_err!(
+                        "{}() would build a value of {} bytes; a query may build values of at most {} bytes",
+                        self.name(),
+                        bytes,
+                        MAX_VALUE_BYTES
+                    );
+                }
+            }
+            self.inner.invoke_with_args(args)
+        }
+    }
 }

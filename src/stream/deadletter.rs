@@ -471,7 +471,9 @@ mod tests {
         assert_eq!(kept.last().unwrap().line, 99, "the newest records are kept");
         assert!(store.counters.removed_files.load(Ordering::Relaxed) > 0);
         assert!(
-            health.report_all().warnings[0].error.contains("reached its limit"),
+            health.report_all().warnings[0]
+                .error
+                .contains("reached its limit"),
             "{:?}",
             health.report_all()
         );

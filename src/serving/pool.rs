@@ -1,0 +1,196 @@
+//! Where reads run: a runtime of their own, a bounded number at once, a
+//! bounded queue, and a deadline for each.
+//!
+//! ```text
+//!  GET /v1/views/{name}, POST /v1/sql
+//!        │ a slot free? ── no ──▶ wait in the queue (≤ max_queued, ≤ queue_wait)
+//!        │                          └─ full or too long ──▶ 503 + Retry-After
+//!        ▼
+//!  query runtime (own threads, lower CPU priority) ── deadline ──▶ 408
+//! ```
+//!
+//! Ingest acknowledgements, micro-batches and archive commits run on the
+//! main runtime. A query that merges a large view, sorts, or encodes a wide
+//! reply runs here instead, so however heavy it is, it can only take its own
+//! threads, and the OS schedules them after the layers' (nice 10).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+/// How many reads run and wait at once.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolLimits {
+    /// Reads running at once.
+    pub running: usize,
+    /// Reads waiting for a slot, at most; beyond it 503.
+    pub queued: usize,
+    /// How long a read may wait for a slot before it gets 503.
+    pub queue_wait: Duration,
+    /// Threads of the query runtime.
+    pub threads: usize,
+}
+
+impl Default for PoolLimits {
+    fn default() -> Self {
+        PoolLimits {
+            running: 4,
+            queued: 64,
+            queue_wait: Duration::from_secs(2),
+            threads: 2,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error(
+        "too many queries at once: {running} running and {queued} waiting\nhint: retry after a short pause"
+    )]
+    Busy { running: usize, queued: usize },
+    #[error(
+        "the query ran longer than {} and was stopped\nhint: filter or aggregate more, or query a smaller view",
+        humantime::format_duration(*.0)
+    )]
+    Timeout(Duration),
+    #[error("the query failed inside the query runtime: {0}")]
+    Panicked(String),
+}
+
+/// The runtime reads run on, and its admission.
+pub struct QueryPool {
+    runtime: Option<tokio::runtime::Runtime>,
+    slots: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    limits: PoolLimits,
+}
+
+impl QueryPool {
+    pub fn new(limits: PoolLimits) -> std::io::Result<QueryPool> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(limits.threads.max(1))
+            .thread_name("lambdaflow-query")
+            .on_thread_start(|| {
+                // Linux keeps a nice value per thread: these yield the CPU
+                // to ingest and the layers. Failure only loses the hint.
+                // SAFETY: setpriority has no memory effects.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+                }
+            })
+            .enable_all()
+            .build()?;
+        Ok(QueryPool {
+            runtime: Some(runtime),
+            slots: Arc::new(Semaphore::new(limits.running.max(1))),
+            waiting: AtomicUsize::new(0),
+            limits,
+        })
+    }
+
+    pub fn limits(&self) -> PoolLimits {
+        self.limits
+    }
+
+    /// Runs `work` on the query runtime once a slot is free, stopping it at
+    /// `deadline` (the task is aborted, and DataFusion's with it).
+    pub async fn run<T, F>(&self, deadline: Duration, work: F) -> Result<T, PoolError>
+    where
+        F: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let busy = || PoolError::Busy {
+            running: self.limits.running,
+            queued: self.waiting.load(Ordering::Relaxed),
+        };
+        let permit = match self.slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.limits.queued {
+                    self.waiting.fetch_sub(1, Ordering::AcqRel);
+                    return Err(busy());
+                }
+                let waited = tokio::time::timeout(
+                    self.limits.queue_wait,
+                    self.slots.clone().acquire_owned(),
+                )
+                .await;
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
+                match waited {
+                    Ok(Ok(p)) => p,
+                    _ => return Err(busy()),
+                }
+            }
+        };
+        let handle = self
+            .runtime
+            .as_ref()
+            .expect("query runtime")
+            .spawn(async move {
+                let _permit = permit;
+                work.await
+            });
+        let abort = handle.abort_handle();
+        match tokio::time::timeout(deadline, handle).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(PoolError::Panicked(e.to_string())),
+            Err(_) => {
+                abort.abort();
+                Err(PoolError::Timeout(deadline))
+            }
+        }
+    }
+}
+
+impl Drop for QueryPool {
+    fn drop(&mut self) {
+        // Dropped from async code at shutdown: do not block on its tasks.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn beyond_its_queue_a_read_is_refused_and_a_slow_one_is_stopped() {
+        let pool = Arc::new(
+            QueryPool::new(PoolLimits {
+                running: 1,
+                queued: 1,
+                queue_wait: Duration::from_secs(2),
+                threads: 1,
+            })
+            .unwrap(),
+        );
+        let slow = {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                pool.run(Duration::from_millis(300), async {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let queued = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.run(Duration::from_secs(5), async { 7 }).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let third = pool.run(Duration::from_secs(5), async { 8 }).await;
+        assert!(
+            matches!(third, Err(PoolError::Busy { .. })),
+            "one running, one queued: the third is refused: {third:?}"
+        );
+        assert!(matches!(slow.await.unwrap(), Err(PoolError::Timeout(_))));
+        // The slow one was stopped at its deadline, so the queued one ran.
+        assert_eq!(queued.await.unwrap().unwrap(), 7);
+    }
+}
