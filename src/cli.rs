@@ -500,6 +500,12 @@ async fn query(args: QueryArgs) -> anyhow::Result<()> {
         .with_context(|| format!("could not reach {url}; is `lambdaflow serve` running?"))?;
     let body = reply_json(resp).await?;
     print!("{}", render_table(&body));
+    if let Some(next) = body["next_offset"].as_u64() {
+        println!(
+            "(first {next} of {} rows: raise --limit, or add --where filters)",
+            body["matched_rows"]
+        );
+    }
     println!("{}", render_freshness(&body["freshness"]));
     Ok(())
 }

@@ -106,6 +106,28 @@ fn views_sql_metrics_and_commands() {
     assert_eq!(two["rows"].as_array().unwrap().len(), 1, "{two}");
     let (_, lim) = get(&format!("{url}/v1/views/sales_by_zipcode?limit=4"));
     assert_eq!(lim["rows"].as_array().unwrap().len(), 4);
+    // Pages: `next_offset` says where the next starts; together they are the view.
+    let (_, all) = get(&format!("{url}/v1/views/sales_by_zipcode"));
+    let total = all["total_rows"].as_u64().unwrap() as usize;
+    assert_eq!(all["rows"].as_array().unwrap().len(), total, "{all}");
+    assert!(all.get("next_offset").is_none(), "one page holds it all");
+    let mut paged = Vec::new();
+    let mut offset = 0;
+    loop {
+        let (_, page) = get(&format!(
+            "{url}/v1/views/sales_by_zipcode?limit=3&offset={offset}"
+        ));
+        paged.extend(page["rows"].as_array().unwrap().iter().cloned());
+        match page["next_offset"].as_u64() {
+            Some(n) => offset = n,
+            None => break,
+        }
+    }
+    assert_eq!(
+        paged,
+        *all["rows"].as_array().unwrap(),
+        "pages add up to the view"
+    );
 
     // Mistakes get clear errors.
     let (status, err) = get(&format!("{url}/v1/views/sales_by_product?productname=x"));
