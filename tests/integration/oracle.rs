@@ -5,15 +5,15 @@
 //! marks R); it must equal the view's SQL run directly over exactly the events
 //! below those offsets. Then: the same after SIGKILL and restart.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arrow::array::{Int64Array, RecordBatch, StringArray, TimestampMillisecondArray};
-use common::{Site, event, post_events};
+use crate::common::{Site, event, post_events};
+use arrow::array::RecordBatch;
 use lambdaflow::config::Config;
 use lambdaflow::schema::EventSchema;
 use lambdaflow::view::oracle;
@@ -60,22 +60,11 @@ fn ndjson(events: &[Sent]) -> Vec<u8> {
 }
 
 fn batch_of(events: &[&Sent]) -> RecordBatch {
-    RecordBatch::try_new(
-        EventSchema::paper().arrow().clone(),
-        vec![
-            Arc::new(Int64Array::from_iter_values(
-                events.iter().map(|e| e.zipcode),
-            )),
-            Arc::new(StringArray::from_iter_values(
-                events.iter().map(|e| e.product.as_str()),
-            )),
-            Arc::new(Int64Array::from_iter_values(events.iter().map(|e| e.price))),
-            Arc::new(TimestampMillisecondArray::from_iter_values(
-                events.iter().map(|e| e.ts_ms),
-            )),
-        ],
+    crate::common::paper_batch(
+        events
+            .iter()
+            .map(|e| (e.zipcode, &e.product, e.price, e.ts_ms)),
     )
-    .unwrap()
 }
 
 /// An answer as a reader got it.

@@ -4,14 +4,14 @@
 //! the published views equal the view SQL run directly over the Delta table;
 //! a corrupt published file is detected and rebuilt, never served.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use common::Site;
-use common::exact::{
+use crate::common::Site;
+use crate::common::exact::{
     assert_exactly, assert_exactly_or_in_doubt, assert_views_equal_sql, send, send_in_doubt,
 };
 use lambdaflow::config::Config;

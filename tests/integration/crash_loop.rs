@@ -14,17 +14,16 @@
 //! `LAMBDAFLOW_CRASH_KILLS=500 cargo test --release --test crash_loop -- --nocapture`
 //! runs a longer loop (default: 50 kills).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::exact::{assert_views_equal_sql, body_of};
-use common::{BIN, Server, Site, get_json};
+use crate::common::exact::{assert_views_equal_sql, body_of};
+use crate::common::{Server, Site, get_json};
 
 const CONFIG: &str = "[stream]\nsegment_bytes = \"16 KiB\"\n[speed]\ninterval = \"10ms\"\n[archive]\nchunk_events = 1000\nchunk_age = \"100ms\"\n[batch]\npause = \"150ms\"\n";
 
@@ -65,36 +64,23 @@ impl Rng {
 /// Starts `serve`; `None` if it died before listening (a failpoint during
 /// the replay at startup — a kill like any other).
 fn start(site: &Site, failpoint: Option<&str>) -> Option<Server> {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["serve", "--config"])
-        .arg(&site.config)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(match std::env::var("LAMBDAFLOW_CRASH_DEBUG") {
-            Ok(f) if f.len() > 1 => Stdio::from(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(f)
-                    .unwrap(),
-            ),
-            _ => Stdio::null(),
-        });
+    let stderr = match std::env::var("LAMBDAFLOW_CRASH_DEBUG") {
+        Ok(f) if f.len() > 1 => Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(f)
+                .unwrap(),
+        ),
+        _ => Stdio::null(),
+    };
+    let mut env = vec![("RUST_LOG", "error")];
     if let Some(f) = failpoint {
-        cmd.env("LAMBDAFLOW_FAILPOINTS", f);
+        env.push(("LAMBDAFLOW_FAILPOINTS", f));
     }
-    let mut child = cmd.spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    match line.split_whitespace().find(|w| w.starts_with("http://")) {
-        Some(url) => Some(Server {
-            child,
-            url: url.to_string(),
-        }),
-        None => {
-            let status = child.wait().unwrap();
+    match site.try_serve(&env, stderr) {
+        Ok(server) => Some(server),
+        Err(status) => {
             assert!(
                 failpoint.is_some() && !status.success(),
                 "serve failed to start without a failpoint: {status}"

@@ -43,15 +43,30 @@ impl Site {
 
     /// Starts `serve` with its log (stderr) in `log`, if given.
     pub fn serve_logging(&self, env: &[(&str, &str)], log: Option<&Path>) -> Server {
+        let stderr = match log {
+            Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
+            None => Stdio::inherit(),
+        };
+        let mut env = env.to_vec();
+        if !env.iter().any(|(k, _)| *k == "RUST_LOG") {
+            env.push(("RUST_LOG", "warn"));
+        }
+        self.try_serve(&env, stderr)
+            .unwrap_or_else(|status| panic!("serve must print its address, exited with {status}"))
+    }
+
+    /// Starts `serve`, or says how it ended if it exited before listening
+    /// (at a failpoint during startup, say).
+    pub fn try_serve(
+        &self,
+        env: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> Result<Server, std::process::ExitStatus> {
         let mut cmd = Command::new(BIN);
         cmd.args(["serve", "--config"])
             .arg(&self.config)
-            .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(match log {
-                Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
-                None => Stdio::inherit(),
-            });
+            .stderr(stderr);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -60,12 +75,16 @@ impl Site {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        let url = line
+        match line
             .split_whitespace()
             .find(|w| w.starts_with("http://") || w.starts_with("https://"))
-            .unwrap_or_else(|| panic!("serve must print its address, printed {line:?}"))
-            .replace("0.0.0.0", "127.0.0.1");
-        Server { child, url }
+        {
+            Some(url) => Ok(Server {
+                child,
+                url: url.replace("0.0.0.0", "127.0.0.1"),
+            }),
+            None => Err(child.wait().unwrap()),
+        }
     }
 }
 
@@ -154,6 +173,31 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A batch of the paper's events: (zipcode, product, price, timestamp in ms).
+pub fn paper_batch<S: AsRef<str>>(
+    rows: impl IntoIterator<Item = (i64, S, i64, i64)>,
+) -> arrow::record_batch::RecordBatch {
+    use arrow::array::{Int64Array, StringArray, TimestampMillisecondArray};
+    use std::sync::Arc;
+    let (mut z, mut n, mut p, mut t) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (zip, name, price, ts) in rows {
+        z.push(zip);
+        n.push(name.as_ref().to_string());
+        p.push(price);
+        t.push(ts);
+    }
+    arrow::record_batch::RecordBatch::try_new(
+        lambdaflow::schema::EventSchema::paper().arrow().clone(),
+        vec![
+            Arc::new(Int64Array::from(z)),
+            Arc::new(StringArray::from(n)),
+            Arc::new(Int64Array::from(p)),
+            Arc::new(TimestampMillisecondArray::from(t)),
+        ],
+    )
+    .expect("the paper's schema")
 }
 
 pub fn rt() -> tokio::runtime::Runtime {

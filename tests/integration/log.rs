@@ -4,32 +4,15 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{
-    Array, AsArray, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
-};
+use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Int64Type, TimestampMillisecondType};
-use lambdaflow::schema::EventSchema;
 use lambdaflow::stream::{Log, LogError, LogOptions};
 use proptest::prelude::*;
 
 type Row = (i64, String, i64, i64);
 
 fn batch(rows: &[Row]) -> RecordBatch {
-    let schema = EventSchema::paper().arrow().clone();
-    RecordBatch::try_new(
-        schema,
-        vec![
-            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
-            Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|r| r.1.as_str()),
-            )),
-            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))),
-            Arc::new(TimestampMillisecondArray::from_iter_values(
-                rows.iter().map(|r| r.3),
-            )),
-        ],
-    )
-    .unwrap()
+    crate::common::paper_batch(rows.iter().map(|r| (r.0, &r.1, r.2, r.3)))
 }
 
 fn rows_of(b: &RecordBatch) -> Vec<Row> {

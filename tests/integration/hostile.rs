@@ -3,7 +3,7 @@
 //! bodies, and producers far faster than the machine. None may crash or stall
 //! a layer; each gets a clear error; every refused line is a dead letter.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Site, event, post_events};
+use crate::common::{Site, event, post_events};
 use lambdaflow::stream::DeadLetters;
 
 const LIMITS: &str =

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
+    BooleanArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray,
 };
 use lambdaflow::config::{FieldConfig, SchemaConfig, ViewConfig};
 use lambdaflow::schema::{EventSchema, FieldType};
@@ -147,20 +147,10 @@ fn extended_views() -> Vec<(ViewConfig, bool)> {
 type PaperRow = (i64, u8, i64, i64);
 
 fn paper_batch(rows: &[PaperRow]) -> RecordBatch {
-    RecordBatch::try_new(
-        EventSchema::paper().arrow().clone(),
-        vec![
-            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
-            Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|r| format!("product{}", r.1)),
-            )),
-            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))),
-            Arc::new(TimestampMillisecondArray::from_iter_values(
-                rows.iter().map(|r| r.3),
-            )),
-        ],
+    crate::common::paper_batch(
+        rows.iter()
+            .map(|r| (r.0, format!("product{}", r.1), r.2, r.3)),
     )
-    .unwrap()
 }
 
 type ExtRow = (Option<u8>, Option<i32>, bool, i64);

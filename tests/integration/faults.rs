@@ -2,7 +2,7 @@
 //! tmpfs the test mounts; the tests run as root), a byte flipped in the
 //! middle of a log segment, a byte flipped in a master-dataset file.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::exact::{assert_exactly, assert_views_equal_sql, body_of, record_ack, send};
-use common::{Site, get_json, post_events};
+use crate::common::exact::{assert_exactly, assert_views_equal_sql, body_of, record_ack, send};
+use crate::common::{Site, get_json, post_events};
 
 /// A size-limited tmpfs, unmounted on drop.
 struct Tmpfs(PathBuf);

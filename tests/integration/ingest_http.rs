@@ -12,9 +12,7 @@ use arrow::datatypes::{Int64Type, TimestampMillisecondType};
 use lambdaflow::stream::{DeadLetters, Log, LogOptions};
 use serde_json::Value;
 
-mod common;
-
-use common::{BIN, Site, event};
+use crate::common::{BIN, Site, event};
 
 fn post(url: &str, body: Vec<u8>) -> (u16, Option<String>, Value) {
     let rt = tokio::runtime::Builder::new_current_thread()

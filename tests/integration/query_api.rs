@@ -2,12 +2,12 @@
 //! reads with filters, SQL over views (and what it refuses), metrics, and the
 //! `query`, `sql` and `status` commands.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::Duration;
 
-use common::{BIN, Site, event, get_json, post_events};
+use crate::common::{BIN, Site, event, get_json, post_events};
 use serde_json::Value;
 
 fn post_sql(url: &str, sql: &str) -> (u16, Value) {

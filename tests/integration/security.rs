@@ -2,11 +2,11 @@
 //! bearer tokens with `ingest` and `query` scopes, tokens never in the logs,
 //! read-only SQL without file access, and HTTPS with rustls.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 
-use common::{BIN, Site, event};
+use crate::common::{BIN, Site, event};
 use serde_json::Value;
 
 const INGEST: &str = "ingest-token-5f1c9e0a7b3d";

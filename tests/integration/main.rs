@@ -1,0 +1,35 @@
+//! lambdaflow's end-to-end and integration tests, as one binary: each
+//! module below was its own test binary once, and each linked DataFusion and
+//! Delta Lake again (DataFusion's `core_integration.rs` does the same).
+//!
+//! ```text
+//!  common      a real `serve` child process on a temporary data directory,
+//!              HTTP helpers, the paper's events, the exactness checks
+//!  log         the durable log (in process)
+//!  views       view compilation and the merge laws (proptests)
+//!  golden      batch = stream = restored, against checked-in rows
+//!  batch       crashes at each archive and publish step, rebuild, retention
+//!  oracle      every answer equals the view SQL over the events it covers
+//!  ingest_http producers over HTTP: offsets, keys, config errors
+//!  query_api   views, SQL, metrics and the CLI against a running server
+//!  security    tokens and scopes, loopback, HTTPS
+//!  hostile     clients that try to starve the others
+//!  faults      lost logs, full disks, failing views, backpressure
+//!  crash_loop  kills at random moments, every acknowledged event survives
+//! ```
+//!
+//! One module: `cargo test --test integration hostile::`.
+
+mod common;
+
+mod batch;
+mod crash_loop;
+mod faults;
+mod golden;
+mod hostile;
+mod ingest_http;
+mod log;
+mod oracle;
+mod query_api;
+mod security;
+mod views;
