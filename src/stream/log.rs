@@ -345,8 +345,17 @@ impl Log {
             .write(true)
             .open(&lock_path)
             .map_err(|e| LogError::io("open", &lock_path, e))?;
-        if lock.try_lock().is_err() {
-            return Err(LogError::Locked { dir });
+        // A lock just released may still be held for a moment: by a process
+        // that is exiting, or by a child forked elsewhere in this process
+        // that has not reached its exec (the lock belongs to the open file,
+        // which the child shares until then). Wait a little before refusing.
+        let mut tries = 0;
+        while lock.try_lock().is_err() {
+            tries += 1;
+            if tries == 40 {
+                return Err(LogError::Locked { dir });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
         }
         let meta_path = dir.join("meta.json");
         match fs::read(&meta_path) {

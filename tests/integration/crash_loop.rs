@@ -11,7 +11,7 @@
 //! until acknowledged), none is there more often than it was sent, and the
 //! published views equal the view SQL over the master dataset.
 //!
-//! `LAMBDAFLOW_CRASH_KILLS=500 cargo test --release --test crash_loop -- --nocapture`
+//! `LAMBDAFLOW_CRASH_KILLS=500 cargo test --release --test integration crash_loop:: -- --nocapture`
 //! runs a longer loop (default: 50 kills).
 
 use crate::common;

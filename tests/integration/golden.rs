@@ -3,7 +3,7 @@
 //! micro-batches merged as the speed layer merges them, and after a round trip
 //! of the states through Parquet (as restored from a stored batch view).
 //!
-//! `UPDATE_GOLDEN=1 cargo test --test golden` rewrites the expected files;
+//! `UPDATE_GOLDEN=1 cargo test --test integration golden::` rewrites the expected files;
 //! review the diff before committing it.
 
 use std::path::PathBuf;

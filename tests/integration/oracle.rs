@@ -178,9 +178,12 @@ fn query(url: &str, view: &str) -> Option<Got> {
 }
 
 fn query_filtered(url: &str, view: &str, filter: Option<(&str, String)>) -> Option<Got> {
+    // The whole view: past the default page of 10,000 rows.
     let q = filter
         .as_ref()
-        .map_or(String::new(), |(c, v)| format!("?{c}={v}"));
+        .map_or("?limit=100000000".to_string(), |(c, v)| {
+            format!("?{c}={v}&limit=100000000")
+        });
     let v = common::rt().block_on(async {
         reqwest::get(format!("{url}/v1/views/{view}{q}"))
             .await
