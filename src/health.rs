@@ -60,41 +60,38 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// Records one more occurrence of `component`'s problem; returns how many.
+fn bump(
+    map: &Mutex<BTreeMap<String, Problem>>,
+    component: &str,
+    message: &dyn std::fmt::Display,
+) -> u64 {
+    let now = now_ms();
+    let mut m = map.lock().expect("health lock");
+    let e = m.entry(component.to_string()).or_insert_with(|| Problem {
+        component: component.to_string(),
+        error: String::new(),
+        since_ms: now,
+        last_ms: now,
+        count: 0,
+    });
+    e.error = message.to_string();
+    e.last_ms = now;
+    e.count += 1;
+    e.count
+}
+
 impl Health {
     /// `component` failed with `error` (again); returns the streak's length
     /// (callers log the first and then rarely, not every retry).
     pub fn report(&self, component: &str, error: &dyn std::fmt::Display) -> u64 {
-        let now = now_ms();
-        let error = error.to_string();
-        let mut p = self.problems.lock().expect("health lock");
-        let e = p.entry(component.to_string()).or_insert_with(|| Problem {
-            component: component.to_string(),
-            error: String::new(),
-            since_ms: now,
-            last_ms: now,
-            count: 0,
-        });
-        e.error = error;
-        e.last_ms = now;
-        e.count += 1;
-        e.count
+        bump(&self.problems, component, error)
     }
 
     /// `component` reached a limit and dealt with it as documented (the
     /// latest message is kept, with how often it happened).
     pub fn warn(&self, component: &str, message: &dyn std::fmt::Display) {
-        let now = now_ms();
-        let mut w = self.warnings.lock().expect("health lock");
-        let e = w.entry(component.to_string()).or_insert_with(|| Problem {
-            component: component.to_string(),
-            error: String::new(),
-            since_ms: now,
-            last_ms: now,
-            count: 0,
-        });
-        e.error = message.to_string();
-        e.last_ms = now;
-        e.count += 1;
+        bump(&self.warnings, component, message);
     }
 
     /// `component` works again: its problem, if any, moves to `recovered`.
