@@ -101,16 +101,11 @@ fn pool_error(e: crate::serving::pool::PoolError) -> ApiError {
 }
 
 fn query_error(e: QueryError) -> ApiError {
-    let status = match &e {
+    let status = match e {
+        QueryError::Pool(p) => return pool_error(p),
         QueryError::NotAQuery { .. } => StatusCode::FORBIDDEN,
         QueryError::Sql { .. } => StatusCode::BAD_REQUEST,
         QueryError::Memory { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-        QueryError::Pool(_) => {
-            let QueryError::Pool(p) = e else {
-                unreachable!()
-            };
-            return pool_error(p);
-        }
         QueryError::Serving(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     ApiError::new(status, e.to_string())
