@@ -179,7 +179,8 @@ pub async fn assemble(config: Config, clock: SharedClock) -> Result<Assembled, N
         Decoder::new(schema, partitioning),
         log.clone(),
         Arc::new(dead),
-    );
+    )
+    .with_health(health.clone());
     ingest.backlog = Arc::new(Backlog::new(
         config.ingest.max_unpublished,
         config.ingest.max_realtime_memory.as_u64(),

@@ -55,7 +55,9 @@ pub(super) async fn post_events(
         Err(IngestFailure { error, partial }) => {
             let status = match &error {
                 IngestError::EmptyBody => StatusCode::BAD_REQUEST,
-                IngestError::Log(LogError::Overloaded { .. } | LogError::Closed)
+                IngestError::Log(
+                    LogError::Overloaded { .. } | LogError::Closed | LogError::OutOfFiles { .. },
+                )
                 | IngestError::Backlogged { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 IngestError::Log(LogError::NoSpace { .. })
                 | IngestError::DeadLetter(crate::stream::deadletter::DeadLetterError::NoSpace {

@@ -255,8 +255,11 @@ impl IngestError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            IngestError::Log(LogError::Overloaded { .. } | LogError::NoSpace { .. })
-                | IngestError::DeadLetter(DeadLetterError::NoSpace { .. })
+            IngestError::Log(
+                LogError::Overloaded { .. }
+                    | LogError::NoSpace { .. }
+                    | LogError::OutOfFiles { .. }
+            ) | IngestError::DeadLetter(DeadLetterError::NoSpace { .. })
                 | IngestError::Backlogged { .. }
         )
     }
@@ -288,6 +291,10 @@ pub struct Ingest {
     pub counters: IngestCounters,
     /// The realtime window's bounds (none unless a node sets them).
     pub backlog: Arc<Backlog>,
+    /// Where a failing log write is reported (`health.problems["ingest"]`).
+    health: Option<Arc<crate::health::Health>>,
+    /// Whether the last log write failed (so success clears it only once).
+    failing: std::sync::atomic::AtomicBool,
 }
 
 impl Ingest {
@@ -299,6 +306,30 @@ impl Ingest {
             next_partition: AtomicU32::new(0),
             counters: IngestCounters::default(),
             backlog: Arc::new(Backlog::default()),
+            health: None,
+            failing: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Reports failing log writes (out of descriptors, disk full, I/O) as the
+    /// `ingest` problem until a write succeeds again.
+    pub fn with_health(mut self, health: Arc<crate::health::Health>) -> Ingest {
+        self.health = Some(health);
+        self
+    }
+
+    fn log_result(&self, error: Option<&LogError>) {
+        let Some(health) = &self.health else { return };
+        match error {
+            Some(e) => {
+                self.failing.store(true, Ordering::Relaxed);
+                health.report("ingest", e);
+            }
+            None => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    health.clear("ingest");
+                }
+            }
         }
     }
 
@@ -364,11 +395,15 @@ impl Ingest {
             ..IngestReport::default()
         };
         if accepted > 0 {
-            let acks = self
-                .log
-                .append_all(batches)
-                .await
-                .map_err(|e| fail(e.into()))?;
+            let acks = match self.log.append_all(batches).await {
+                Ok(acks) => acks,
+                Err(e) => {
+                    if !matches!(e, LogError::Overloaded { .. } | LogError::Closed) {
+                        self.log_result(Some(&e));
+                    }
+                    return Err(fail(e.into()));
+                }
+            };
             let mut first_error = None;
             for ack in acks {
                 match ack {
@@ -388,6 +423,7 @@ impl Ingest {
             self.counters
                 .accepted
                 .fetch_add(report.accepted, Ordering::Relaxed);
+            self.log_result(first_error.as_ref());
             if let Some(e) = first_error {
                 return Err(IngestFailure {
                     error: e.into(),

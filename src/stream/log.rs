@@ -118,6 +118,10 @@ pub enum LogError {
     },
     #[error("the disk holding the log is full: {detail}")]
     NoSpace { detail: String },
+    #[error(
+        "the process has run out of file descriptors: {detail}\nhint: raise the open-files limit (`ulimit -n`), or lower http.max_connections; nothing was stored, retry"
+    )]
+    OutOfFiles { detail: String },
     #[error("could not encode events for the log: {0}")]
     Encode(#[source] ArrowError),
     #[error("the log is shut down")]
@@ -129,6 +133,12 @@ impl LogError {
         if source.raw_os_error() == Some(28) {
             // ENOSPC: callers answer it differently (507, keep reads going).
             return LogError::NoSpace {
+                detail: format!("could not {op} {}: {source}", path.display()),
+            };
+        }
+        if matches!(source.raw_os_error(), Some(23 | 24)) {
+            // EMFILE / ENFILE: a resource the process gets back, not damage.
+            return LogError::OutOfFiles {
                 detail: format!("could not {op} {}: {source}", path.display()),
             };
         }
@@ -148,6 +158,9 @@ impl LogError {
                 source: io::Error::new(source.kind(), source.to_string()),
             },
             LogError::NoSpace { detail } => LogError::NoSpace {
+                detail: detail.clone(),
+            },
+            LogError::OutOfFiles { detail } => LogError::OutOfFiles {
                 detail: detail.clone(),
             },
             other => LogError::Io {
@@ -303,7 +316,11 @@ struct Partition {
 struct Segment {
     base: u64,
     path: PathBuf,
-    file: File,
+    /// The active segment's read handle. A sealed segment holds none and is
+    /// opened by each read: a descriptor per segment would grow with the
+    /// log's history (a backlog of small segments ran a process out of
+    /// descriptors) while an `open` costs microseconds per read.
+    held: Mutex<Option<Arc<File>>>,
     /// Durable length in bytes; frames below it are complete and fsynced.
     len: AtomicU64,
     /// Sparse index: `(frame base offset, byte position)`, ascending.
@@ -315,6 +332,16 @@ struct Append {
     count: u32,
     ack: oneshot::Sender<Result<AppendAck, LogError>>,
     _permit: Arc<OwnedSemaphorePermit>,
+}
+
+impl Segment {
+    /// A handle to read from: the held one while active, else a new one.
+    fn reader(&self) -> io::Result<Arc<File>> {
+        if let Some(f) = self.held.lock().expect("segment lock").as_ref() {
+            return Ok(f.clone());
+        }
+        File::open(&self.path).map(Arc::new)
+    }
 }
 
 fn segment_path(dir: &Path, base: u64, ext: &str) -> PathBuf {
@@ -593,8 +620,33 @@ impl Log {
                 let i = index.partition_point(|&(o, _)| o <= next);
                 if i == 0 { 0 } else { index[i - 1].1 }
             };
+            if pos >= len {
+                continue;
+            }
+            let file = match seg.reader() {
+                Ok(f) => f,
+                // Retention deleted it after the segment list was copied: what
+                // was read so far is contiguous, the rest is gone.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    if !out.is_empty() {
+                        break;
+                    }
+                    let start = part
+                        .segments
+                        .read()
+                        .expect("segments lock")
+                        .first()
+                        .map_or(0, |s| s.base);
+                    return Err(LogError::Trimmed {
+                        partition: p,
+                        offset: next,
+                        start: start.max(seg.base + 1),
+                    });
+                }
+                Err(e) => return Err(LogError::io("open", &seg.path, e)),
+            };
             while pos < len && got < max_events {
-                let head = read_head(&seg.file, pos, len).map_err(|detail| LogError::Corrupt {
+                let head = read_head(&file, pos, len).map_err(|detail| LogError::Corrupt {
                     partition: p,
                     segment: seg.path.clone(),
                     position: pos,
@@ -607,15 +659,14 @@ impl Log {
                     pos = frame_end;
                     continue;
                 }
-                let frame =
-                    read_frame(&seg.file, pos, &head).map_err(|detail| LogError::Corrupt {
-                        partition: p,
-                        segment: seg.path.clone(),
-                        position: pos,
-                        first_offset: head.base,
-                        until: until(k, pos),
-                        detail,
-                    })?;
+                let frame = read_frame(&file, pos, &head).map_err(|detail| LogError::Corrupt {
+                    partition: p,
+                    segment: seg.path.clone(),
+                    position: pos,
+                    first_offset: head.base,
+                    until: until(k, pos),
+                    detail,
+                })?;
                 if head.base > next {
                     return Err(LogError::Corrupt {
                         partition: p,
@@ -1079,7 +1130,7 @@ impl Partition {
             segments.push(Arc::new(Segment {
                 base,
                 path,
-                file,
+                held: Mutex::new(last.then(|| Arc::new(file))),
                 len: AtomicU64::new(len),
                 index: RwLock::new(index),
             }));
@@ -1111,7 +1162,7 @@ impl Partition {
             segments = vec![Arc::new(Segment {
                 base: floor,
                 path,
-                file,
+                held: Mutex::new(Some(Arc::new(file))),
                 len: AtomicU64::new(0),
                 index: RwLock::new(Vec::new()),
             })];
@@ -1372,7 +1423,7 @@ impl Writer {
         let seg = Arc::new(Segment {
             base: self.next,
             path,
-            file: read,
+            held: Mutex::new(Some(Arc::new(read))),
             len: AtomicU64::new(0),
             index: RwLock::new(Vec::new()),
         });
@@ -1382,9 +1433,33 @@ impl Writer {
             .expect("segments lock")
             .push(seg.clone());
         self.file = file;
+        // Sealed: readers open it when they need it (see `Segment::held`).
+        self.active.held.lock().expect("segment lock").take();
         self.active = seg;
         self.pos = 0;
         self.last_indexed = None;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_out_of_descriptors_is_its_own_error_not_damage() {
+        // Ingest answers it with 503 and a `health` problem, not 500.
+        for errno in [23, 24] {
+            let e = LogError::io(
+                "create",
+                Path::new("p0/x.log"),
+                io::Error::from_raw_os_error(errno),
+            );
+            assert!(
+                matches!(&e, LogError::OutOfFiles { detail } if detail.contains("p0/x.log")),
+                "errno {errno} must read as out of descriptors, got {e:?}"
+            );
+            assert!(matches!(e.duplicate(), LogError::OutOfFiles { .. }));
+        }
     }
 }

@@ -601,3 +601,55 @@ fn reading_a_range_past_the_log_end_fails_instead_of_spinning() {
         "an error that says the range runs past the end: {got:?}"
     );
 }
+
+/// Descriptors of `.log` files under `dir` this process holds open.
+fn open_segments(dir: &Path) -> Vec<std::path::PathBuf> {
+    let dir = dir.canonicalize().unwrap();
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t.starts_with(&dir) && t.extension().is_some_and(|x| x == "log"))
+        .collect()
+}
+
+#[test]
+fn open_descriptors_do_not_grow_with_the_number_of_segments() {
+    // A backlog of small segments (the archive behind ingest) once held a
+    // descriptor per segment until the process ran out of them.
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small(2, 4096)).unwrap();
+    for i in 0..400u64 {
+        let rows: Vec<Row> = (0..5).map(|j| row(i * 5 + j)).collect();
+        rt.block_on(log.append((i % 2) as u32, &batch(&rows)))
+            .unwrap();
+    }
+    let segments: usize = log.stats().iter().map(|s| s.segments).sum();
+    assert!(
+        segments >= 40,
+        "the test needs many segments, got {segments}"
+    );
+    for p in 0..2 {
+        assert_eq!(read_rows(&log, p, 0).len(), 1000);
+    }
+    let held = open_segments(dir.path());
+    // The active segment of each partition: its writer's and its readers' handle.
+    assert!(
+        held.len() <= 4,
+        "{segments} segments must not keep {} descriptors open (two per partition's active segment): {:?}…",
+        held.len(),
+        &held[..held.len().min(4)]
+    );
+    drop(log);
+    let log = Log::open(dir.path(), small(2, 4096)).unwrap();
+    let held = open_segments(dir.path());
+    assert!(
+        held.len() <= 4,
+        "after a reopen the sealed segments are closed again: {held:?}"
+    );
+    assert_eq!(
+        read_rows(&log, 1, 0).len(),
+        1000,
+        "sealed segments still read back"
+    );
+}
