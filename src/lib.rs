@@ -20,6 +20,7 @@ pub mod demo;
 pub mod failpoint;
 pub mod health;
 pub mod master;
+pub mod memory;
 pub mod metrics;
 pub mod node;
 pub mod produce;

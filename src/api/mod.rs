@@ -228,6 +228,9 @@ struct Status {
     /// Open connections and the limits in force.
     #[serde(skip_serializing_if = "Option::is_none")]
     connections: Option<crate::serve::conn::ConnReport>,
+    /// The heap: allocated by the program, resident by the allocator.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory: Option<crate::memory::MemoryReport>,
 }
 
 #[derive(Serialize)]
@@ -322,6 +325,7 @@ async fn status(
         speed,
         partitions,
         connections: state.connections.as_ref().map(|c| c.report()),
+        memory: crate::memory::report(),
         ingest: IngestStatus {
             requests: c.requests.load(Relaxed),
             accepted: c.accepted.load(Relaxed),

@@ -394,6 +394,22 @@ pub(super) async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
             &[(String::new(), conns.idle_closed as f64)],
         );
     }
+    if let Some(m) = crate::memory::report() {
+        sample(
+            &mut out,
+            "lambdaflow_memory_allocated_bytes",
+            "gauge",
+            "Heap bytes the program holds (jemalloc stats.allocated).",
+            &[(String::new(), m.allocated as f64)],
+        );
+        sample(
+            &mut out,
+            "lambdaflow_memory_resident_bytes",
+            "gauge",
+            "Bytes of the allocator's pages resident in memory (jemalloc stats.resident).",
+            &[(String::new(), m.resident as f64)],
+        );
+    }
     let log = state.ingest.log().stats();
     let per = |f: &dyn Fn(usize, &crate::stream::log::PartitionStats) -> Option<f64>| -> Vec<(String, f64)> {
         log.iter()

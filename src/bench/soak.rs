@@ -76,6 +76,8 @@ fn open_fds(pid: u32) -> Option<usize> {
 struct Sample {
     minute: f64,
     rss: u64,
+    /// Heap the server holds (jemalloc `stats.allocated`), 0 if not reported.
+    heap: u64,
     fds: usize,
     /// The log and the batch views must plateau; the master dataset grows
     /// with the events by design (it is the immutable record of them all).
@@ -150,9 +152,9 @@ pub fn soak(args: SoakBenchArgs) -> anyhow::Result<()> {
     let began = Instant::now();
     let mut samples: Vec<Sample> = Vec::new();
     println!(
-        "| minute | RSS | open fds | log disk | master disk | views disk | accepted | not archived | not in batch | not realtime | batch runs | problems |"
+        "| minute | RSS | heap | open fds | log disk | master disk | views disk | accepted | not archived | not in batch | not realtime | batch runs | problems |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut next = Duration::from_secs(args.every);
     loop {
         let done = producer.is_finished();
@@ -187,6 +189,7 @@ pub fn soak(args: SoakBenchArgs) -> anyhow::Result<()> {
         let s = Sample {
             minute: began.elapsed().as_secs_f64() / 60.0,
             rss: rss(pid).0.unwrap_or(0),
+            heap: st["memory"]["allocated"].as_u64().unwrap_or(0),
             fds: open_fds(pid).unwrap_or(0),
             log: disk_use(&data.join("log")),
             master: disk_use(&data.join("master")),
@@ -199,9 +202,10 @@ pub fn soak(args: SoakBenchArgs) -> anyhow::Result<()> {
             problems: st["health"]["problems"].as_array().map_or(0, Vec::len),
         };
         println!(
-            "| {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             s.minute,
             bytesize::ByteSize::b(s.rss),
+            bytesize::ByteSize::b(s.heap),
             s.fds,
             bytesize::ByteSize::b(s.log),
             bytesize::ByteSize::b(s.master),
@@ -246,6 +250,14 @@ pub fn soak(args: SoakBenchArgs) -> anyhow::Result<()> {
             mib(l1),
             mib(l2)
         );
+        let tail = &samples[half..];
+        println!(
+            "slope over the second half (minutes {:.0}–{:.0}, least squares): RSS {:+.2} MiB/min, heap {:+.2} MiB/min",
+            tail[0].minute,
+            c.minute,
+            slope(tail, |s| s.rss),
+            slope(tail, |s| s.heap)
+        );
         println!(
             "master dataset: {} for {} events (grows with the events by design)",
             bytesize::ByteSize::b(c.master),
@@ -253,4 +265,60 @@ pub fn soak(args: SoakBenchArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Least-squares slope of `f` (bytes) over the samples, in MiB per minute:
+/// end points alone swing with where a batch run is.
+fn slope(samples: &[Sample], f: fn(&Sample) -> u64) -> f64 {
+    let n = samples.len() as f64;
+    if n < 2.0 {
+        return 0.0;
+    }
+    let mx = samples.iter().map(|s| s.minute).sum::<f64>() / n;
+    let my = samples.iter().map(|s| f(s) as f64).sum::<f64>() / n;
+    let (mut num, mut den) = (0.0, 0.0);
+    for s in samples {
+        num += (s.minute - mx) * (f(s) as f64 - my);
+        den += (s.minute - mx) * (s.minute - mx);
+    }
+    if den == 0.0 {
+        0.0
+    } else {
+        num / den / (1 << 20) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slope_is_mib_per_minute_and_ignores_a_swing() {
+        let at = |minute: f64, mib: f64| Sample {
+            minute,
+            rss: (mib * (1 << 20) as f64) as u64,
+            heap: 0,
+            fds: 0,
+            log: 0,
+            master: 0,
+            views: 0,
+            accepted: 0,
+            not_archived: 0,
+            not_published: 0,
+            not_realtime: 0,
+            runs: 0,
+            problems: 0,
+        };
+        let line: Vec<Sample> = (0..10)
+            .map(|m| at(m as f64, 100.0 + 2.0 * m as f64))
+            .collect();
+        assert!((slope(&line, |s| s.rss) - 2.0).abs() < 1e-6);
+        let flat: Vec<Sample> = (0..10)
+            .map(|m| at(m as f64, if m % 2 == 0 { 100.0 } else { 160.0 }))
+            .collect();
+        assert!(
+            slope(&flat, |s| s.rss).abs() < 2.0,
+            "a 60 MiB swing is not a trend"
+        );
+    }
 }
