@@ -25,7 +25,14 @@ use std::time::{Duration, Instant};
 use crate::common::exact::{assert_views_equal_sql, body_of};
 use crate::common::{Server, Site, get_json};
 
-const CONFIG: &str = "[stream]\nsegment_bytes = \"16 KiB\"\n[speed]\ninterval = \"10ms\"\n[archive]\nchunk_events = 1000\nchunk_age = \"100ms\"\n[batch]\npause = \"150ms\"\n";
+/// Tiny segments and chunks: rolls, retention and archive commits happen
+/// within a process's short life. The bound on unpublished events keeps a
+/// long loop linear: a process lives 0.03–4 s, too short for a batch run over
+/// a master dataset of thousands of one-chunk files to publish, and without
+/// it each restart replays a realtime window that grows with every kill
+/// (1,000 kills: quadratic). Ingest then answers 503 until the batch layer
+/// publishes — backpressure under kills, which this loop checks too.
+const CONFIG: &str = "[stream]\nsegment_bytes = \"16 KiB\"\n[speed]\ninterval = \"10ms\"\n[archive]\nchunk_events = 1000\nchunk_age = \"100ms\"\n[batch]\npause = \"150ms\"\n[ingest]\nmax_unpublished = 200000\n";
 
 const FAILPOINTS: [&str; 6] = [
     "archive-after-parquet",
