@@ -578,9 +578,20 @@ impl MasterDataset {
             clustering_provider: None,
         };
         let mut table = self.table.lock().await;
-        let props = CommitProperties::default()
-            .with_application_transaction(Transaction::new(app_id(partition), end as i64));
         let snapshot = table.snapshot().map_err(delta("read the table"))?;
+        // After every commit Delta lists its whole log to remove expired
+        // entries — O(commits) per commit, quadratic over a table of small
+        // chunks — though it can only remove entries below a checkpoint. So
+        // clean up on the commits that write one (every 100th, by default).
+        let next = snapshot.version() + 1;
+        let interval = {
+            use deltalake::kernel::transaction::TableReference;
+            use deltalake::table::config::TablePropertiesExt;
+            snapshot.config().checkpoint_interval().get()
+        };
+        let props = CommitProperties::default()
+            .with_application_transaction(Transaction::new(app_id(partition), end as i64))
+            .with_cleanup_expired_logs(Some((next + 1) % interval == 0));
         let commit = CommitBuilder::from(props)
             .with_actions(vec![Action::Add(add)])
             .build(
