@@ -321,6 +321,8 @@ impl Ingest {
     fn log_result(&self, error: Option<&LogError>) {
         let Some(health) = &self.health else { return };
         match error {
+            // Load shedding and shutdown are not a failing log.
+            Some(LogError::Overloaded { .. } | LogError::Closed) => {}
             Some(e) => {
                 self.failing.store(true, Ordering::Relaxed);
                 health.report("ingest", e);
@@ -398,9 +400,7 @@ impl Ingest {
             let acks = match self.log.append_all(batches).await {
                 Ok(acks) => acks,
                 Err(e) => {
-                    if !matches!(e, LogError::Overloaded { .. } | LogError::Closed) {
-                        self.log_result(Some(&e));
-                    }
+                    self.log_result(Some(&e));
                     return Err(fail(e.into()));
                 }
             };

@@ -625,25 +625,28 @@ impl Log {
             }
             let file = match seg.reader() {
                 Ok(f) => f,
-                // Retention deleted it after the segment list was copied: what
-                // was read so far is contiguous, the rest is gone.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    if !out.is_empty() {
-                        break;
-                    }
+                Err(e) => {
                     let start = part
                         .segments
                         .read()
                         .expect("segments lock")
                         .first()
                         .map_or(0, |s| s.base);
+                    // Retention deleted it after the segment list was copied:
+                    // what was read so far is contiguous, the rest is gone. A
+                    // segment still listed but missing is damage, not a trim.
+                    if e.kind() != io::ErrorKind::NotFound || start <= seg.base {
+                        return Err(LogError::io("open", &seg.path, e));
+                    }
+                    if !out.is_empty() {
+                        break;
+                    }
                     return Err(LogError::Trimmed {
                         partition: p,
                         offset: next,
-                        start: start.max(seg.base + 1),
+                        start,
                     });
                 }
-                Err(e) => return Err(LogError::io("open", &seg.path, e)),
             };
             while pos < len && got < max_events {
                 let head = read_head(&file, pos, len).map_err(|detail| LogError::Corrupt {
