@@ -88,8 +88,19 @@ pub struct Node {
 /// Opens the master dataset, views and batch layer of a configuration
 /// (without the log: `rebuild` uses this while a server may be running).
 pub async fn open_batch(config: &Config) -> Result<Arc<BatchLayer>, NodeError> {
-    let schema = Arc::new(config.event_schema()?);
+    let schema = config.event_schema()?;
     let views = view::compile_all(&config.views, &schema).await?;
+    open_batch_with(config, views).await
+}
+
+/// [`open_batch`] with the views already compiled from `config.views`: a
+/// simulation that reopens a node many times compiles them once (compiling
+/// is a pure function of the config; a restart must redo what reads data).
+pub async fn open_batch_with(
+    config: &Config,
+    views: Vec<Arc<view::View>>,
+) -> Result<Arc<BatchLayer>, NodeError> {
+    let schema = Arc::new(config.event_schema()?);
     // Every command that opens a data directory checks its partition count:
     // a batch run with another count would publish an H of the wrong length.
     let log_dir = config.data.join("log");
@@ -130,6 +141,16 @@ pub struct Assembled {
 /// covering the log's start by [`driver::prepare`]), serving and the speed
 /// layer, caught up with the log. Time comes from `clock`.
 pub async fn assemble(config: Config, clock: SharedClock) -> Result<Assembled, NodeError> {
+    let batch = open_batch(&config).await?;
+    assemble_over(config, clock, batch).await
+}
+
+/// [`assemble`] over a batch layer just opened by [`open_batch_with`].
+pub async fn assemble_over(
+    config: Config,
+    clock: SharedClock,
+    batch: Arc<BatchLayer>,
+) -> Result<Assembled, NodeError> {
     let schema = Arc::new(config.event_schema()?);
     let partitioning = match &config.stream.key {
         Some(key) => Partitioning::Key {
@@ -138,7 +159,6 @@ pub async fn assemble(config: Config, clock: SharedClock) -> Result<Assembled, N
         },
         None => Partitioning::RoundRobin,
     };
-    let batch = open_batch(&config).await?;
     let master = batch.master().clone();
     let cov = master.coverage();
     tracing::info!(version = cov.version, h = ?cov.h, "master dataset open");

@@ -27,7 +27,8 @@ use crate::batch::driver;
 use crate::clock::ManualClock;
 use crate::config::{Config, ViewConfig};
 use crate::master::archiver;
-use crate::node::{Assembled, assemble};
+use crate::node::{Assembled, assemble_over, open_batch_with};
+use crate::view::View;
 use crate::view::oracle::{Cell, rows};
 
 /// splitmix64: small, seedable, good enough to pick steps.
@@ -128,6 +129,8 @@ fn expected(events: &[Event]) -> Vec<BTreeMap<String, Vec<String>>> {
 struct World {
     _dir: tempfile::TempDir,
     config: Config,
+    /// Compiled once per thread: a pure function of the config.
+    views: Vec<Arc<View>>,
     clock: Arc<ManualClock>,
     node: Option<Assembled>,
     /// Acknowledged events by (partition, offset).
@@ -140,7 +143,7 @@ struct World {
 }
 
 impl World {
-    async fn new(seed: u64) -> World {
+    async fn new(seed: u64, compiled: Vec<Arc<View>>) -> World {
         // In memory where there is a tmpfs: the simulation checks the order
         // of the layers' steps, not the disk, and fsyncs there cost nothing.
         let shm = std::path::Path::new("/dev/shm");
@@ -152,7 +155,7 @@ impl World {
         .expect("a temporary directory");
         let mut config = Config {
             data: dir.path().join("data"),
-            views: views(),
+            views: self::views(),
             ..Config::default()
         };
         config.stream.partitions = 2;
@@ -166,6 +169,7 @@ impl World {
             _dir: dir,
             config,
             clock,
+            views: compiled,
             node: None,
             acked: BTreeMap::new(),
             next: 0,
@@ -184,7 +188,10 @@ impl World {
 
     async fn open(&mut self) {
         self.node = None; // drop first: the log's lock is released
-        let n = assemble(self.config.clone(), self.clock.clone())
+        let batch = open_batch_with(&self.config, self.views.clone())
+            .await
+            .unwrap_or_else(|e| panic!("the batch layer must open: {e}"));
+        let n = assemble_over(self.config.clone(), self.clock.clone(), batch)
             .await
             .unwrap_or_else(|e| panic!("the node must open: {e}"));
         self.node = Some(n);
@@ -433,8 +440,18 @@ impl World {
     }
 }
 
-async fn schedule(seed: u64, steps: usize) {
-    let mut w = World::new(seed).await;
+/// The simulation's views, compiled.
+async fn compiled() -> Vec<Arc<View>> {
+    let schema = Config::default()
+        .event_schema()
+        .expect("the default schema");
+    crate::view::compile_all(&views(), &schema)
+        .await
+        .expect("the simulation's views compile")
+}
+
+async fn schedule(seed: u64, steps: usize, views: Vec<Arc<View>>) {
+    let mut w = World::new(seed, views).await;
     let outcome = {
         let w = &mut w;
         std::panic::AssertUnwindSafe(async move {
@@ -503,7 +520,8 @@ fn seeded_schedules_keep_the_handoff_exact_and_lose_nothing() {
         .ok()
         .and_then(|s| s.parse().ok())
     {
-        runtime().block_on(schedule(seed, STEPS));
+        let rt = runtime();
+        rt.block_on(async { schedule(seed, STEPS, compiled().await).await });
         return;
     }
     let n: u64 = std::env::var("LAMBDAFLOW_SIM_SCHEDULES")
@@ -520,8 +538,9 @@ fn seeded_schedules_keep_the_handoff_exact_and_lose_nothing() {
         .map(|k| {
             std::thread::spawn(move || {
                 let rt = runtime();
+                let views = rt.block_on(compiled());
                 for i in (k..n).step_by(threads as usize) {
-                    rt.block_on(schedule(base.wrapping_add(i), STEPS));
+                    rt.block_on(schedule(base.wrapping_add(i), STEPS, views.clone()));
                 }
             })
         })
