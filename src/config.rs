@@ -308,12 +308,17 @@ impl Default for SpeedConfig {
     }
 }
 
-/// How the log is cut into chunks of the master dataset.
+/// How the stream is cut into chunks of the master dataset. Boundaries are
+/// a function of the records, so every consumer cuts the same chunks.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ArchiveConfig {
+    /// A chunk ends after this many events.
     #[serde(default = "default_chunk_events")]
     pub chunk_events: u64,
+    /// A chunk ends before the first record whose stream time falls in a
+    /// later bucket of this length than its first record's (and an idle
+    /// chunk closes once its bucket has passed).
     #[serde(default = "default_chunk_age", with = "humantime_serde")]
     pub chunk_age: Duration,
 }

@@ -29,13 +29,13 @@ use crate::batch::{BatchError, BatchLayer};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, ConfigError};
 use crate::health::Health;
-use crate::master::archiver::ClosedChunk;
 use crate::master::{MasterDataset, MasterError, archiver};
 use crate::serving::{BatchSide, Serving};
 use crate::speed::{SpeedError, SpeedLayer, SpeedMetrics, SpeedOptions};
 use crate::storage::{Storage, StorageError};
 use crate::stream::deadletter::DeadLetterError;
 use crate::stream::ingest::Backlog;
+use crate::stream::{ChunkRange, Source};
 use crate::stream::{DeadLetters, Decoder, Ingest, Log, LogError, LogOptions, Partitioning};
 use crate::view::failures::ViewFailures;
 use crate::view::{self, View, ViewError};
@@ -130,7 +130,7 @@ pub struct Assembled {
     pub serving: Arc<Serving>,
     pub speed: SpeedLayer,
     /// Chunks the speed layer closed, for the archiver.
-    pub archive: mpsc::UnboundedReceiver<ClosedChunk>,
+    pub archive: mpsc::UnboundedReceiver<ChunkRange>,
     pub status: Arc<Mutex<BatchStatus>>,
     pub health: Arc<Health>,
 }
@@ -171,6 +171,7 @@ pub async fn assemble_over(
             max_pending_bytes: config.ingest.max_pending.as_u64(),
             pending_wait: config.ingest.pending_wait,
             floors: cov.h.clone(),
+            clock: clock.clone(),
             ..LogOptions::default()
         },
     )?);
@@ -219,7 +220,7 @@ pub async fn assemble_over(
     ));
     let published = batch.current().await?;
     if let Some(m) = published.clone() {
-        serving.set_batch(Arc::new(BatchSide::load(&batch, m).await?));
+        serving.set_batch(Arc::new(BatchSide::load(&batch, m, &[]).await?));
     }
     let h = published.as_ref().map_or_else(
         || vec![0; config.stream.partitions as usize],
@@ -231,7 +232,7 @@ pub async fn assemble_over(
         .collect();
     let (archive_tx, archive) = mpsc::unbounded_channel();
     let mut speed = SpeedLayer::new(
-        log.clone(),
+        log.clone() as Arc<dyn Source>,
         serving.clone(),
         archive_tx,
         SpeedOptions {
@@ -293,8 +294,10 @@ impl Node {
             tokio::spawn(speed.run(stop_rx.clone())),
             tokio::spawn(archiver::run_queue(
                 master,
-                log.clone(),
+                log.clone() as Arc<dyn Source>,
                 archive,
+                // A backlog merges into files of at most a few chunks' worth.
+                config.archive.chunk_events.saturating_mul(4),
                 health.clone(),
                 stop_rx.clone(),
             )),

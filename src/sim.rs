@@ -247,7 +247,7 @@ impl World {
             let Ok(c) = node.archive.try_recv() else {
                 return;
             };
-            archiver::archive_chunk(node.batch.master(), &node.log, c)
+            archiver::archive_chunk(node.batch.master(), node.log.as_ref(), c)
                 .await
                 .unwrap_or_else(|e| panic!("archiving {c:?} failed: {e}"));
         }

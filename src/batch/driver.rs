@@ -178,7 +178,13 @@ pub async fn cycle(
         let _lock = batch_lock(data).await?;
         let m = batch.run(None, None::<Arc<Progress>>).await?;
         // The swap: realtime chunks the run covers leave in the same swap.
-        let side = BatchSide::load(batch, m.clone()).await?;
+        let warm = serving
+            .snapshot()
+            .batch
+            .as_ref()
+            .map(|b| b.indexed())
+            .unwrap_or_default();
+        let side = BatchSide::load(batch, m.clone(), &warm).await?;
         serving.set_batch(Arc::new(side));
         release_free_memory();
         Ok::<_, DriverError>(m)
@@ -266,7 +272,7 @@ pub async fn run_loop(
             if let DriverError::Batch(BatchError::Master(bad @ MasterError::Corrupt { path, .. })) =
                 &e
             {
-                match batch.master().repair(bad, &log).await {
+                match batch.master().repair(bad, log.as_ref()).await {
                     Ok(true) => {
                         tracing::warn!(path, "rewrote a corrupt master dataset file from the log");
                         health.recovered(

@@ -266,7 +266,7 @@ pub const ZIP_PRODUCT_SQL: &str = "SELECT zipcode, ProductName, count(*) AS n, s
 /// for its peak memory), and DuckDB over the same files.
 pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
     use crate::master::MasterDataset;
-    use crate::stream::LogBatch;
+    use crate::stream::{ChunkRange, SourceBatch};
     let tmp = tempfile::Builder::new()
         .prefix("lambdaflow-bench-batch-")
         .tempdir()?;
@@ -290,21 +290,17 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
             let n = args.chunk.min(args.events - made);
             let p = (k % 2) as u32;
             let mut first = offsets[p as usize];
-            let batches: Vec<LogBatch> = paper_batches(n, 8192, 90_000)
+            let batches: Vec<SourceBatch> = paper_batches(n, 8192, 90_000)
                 .into_iter()
                 .map(|b| {
-                    let lb = LogBatch {
-                        partition: p,
-                        first_offset: first,
-                        ingest_time_ms: chrono::Utc::now().timestamp_millis(),
-                        batch: b,
-                    };
-                    first += lb.batch.num_rows() as u64;
-                    lb
+                    let at = first;
+                    first += b.num_rows() as u64;
+                    SourceBatch::dense(p, at, chrono::Utc::now().timestamp_millis(), b)
                 })
                 .collect();
+            let chunk = ChunkRange::dense(p, offsets[p as usize], first);
             let t = Instant::now();
-            rt.block_on(master.commit_chunk(p, offsets[p as usize], batches))?;
+            rt.block_on(master.commit_chunk(chunk, batches))?;
             archive_secs += t.elapsed().as_secs_f64();
             offsets[p as usize] += n;
             made += n;

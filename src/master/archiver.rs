@@ -1,9 +1,9 @@
-//! The archiver: cuts each log partition into chunks and commits them to the
-//! master dataset.
+//! The archiver: commits each chunk the speed layer closes to the master
+//! dataset, reading its events back from the stream.
 //!
 //! ```text
-//!  speed layer ──ClosedChunk{p, start, end}──▶ queue ──▶ read [start,end) from the log
-//!                                                        ──▶ Parquet + Delta commit
+//!  speed layer ──ChunkRange{p, [start,end), events}──▶ queue ──▶ read [start,end) from the source
+//!                                                               ──▶ Parquet + Delta commit
 //! ```
 //!
 //! The speed layer decides where chunks end (its realtime states are kept per
@@ -17,81 +17,44 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use super::{CommitOutcome, MasterDataset, MasterError};
-use crate::stream::{Log, LogBatch, LogError};
-
-/// A chunk the speed layer closed, to commit to the master dataset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClosedChunk {
-    pub partition: u32,
-    pub start: u64,
-    pub end: u64,
-}
+use crate::stream::source::{ChunkRange, Source, SourceError, read_exact};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
     #[error(transparent)]
-    Log(#[from] LogError),
+    Source(#[from] SourceError),
     #[error(transparent)]
     Master(#[from] MasterError),
-}
-
-/// Reads exactly `[start, end)` of partition `p` from the log.
-pub fn read_range(log: &Log, p: u32, start: u64, end: u64) -> Result<Vec<LogBatch>, LogError> {
-    let mut out = Vec::new();
-    let mut next = start;
-    while next < end {
-        let read = log.read(p, next, (end - next) as usize)?;
-        if read.is_empty() {
-            // The log ends inside the range: asking again would spin forever.
-            return Err(LogError::OutOfRange {
-                partition: p,
-                offset: end - 1,
-                end: log.end_offset(p)?,
-            });
-        }
-        for mut b in read {
-            let rows = b.batch.num_rows() as u64;
-            if b.first_offset + rows > end {
-                let keep = (end - b.first_offset) as usize;
-                b.batch = b.batch.slice(0, keep);
-            }
-            next = b.first_offset + b.batch.num_rows() as u64;
-            out.push(b);
-            if next >= end {
-                break;
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// Commits one closed chunk (idempotent: a chunk already in the table is skipped).
 pub async fn archive_chunk(
     master: &MasterDataset,
-    log: &Log,
-    c: ClosedChunk,
+    source: &dyn Source,
+    c: ChunkRange,
 ) -> Result<CommitOutcome, ArchiveError> {
-    let batches = read_range(log, c.partition, c.start, c.end)?;
-    Ok(master.commit_chunk(c.partition, c.start, batches).await?)
+    let batches = read_exact(source, c.partition, c.start, c.end).await?;
+    Ok(master.commit_chunk(c, batches).await?)
 }
 
 /// The archive queue: commits each partition's closed chunks in the order
-/// they closed, taking the partitions in turn (after a restart the speed
+/// they closed (contiguous ones queued together as one, up to `max_events`), taking the partitions in turn (after a restart the speed
 /// layer replays one partition's backlog before the next; first-come order
 /// would starve the later partitions while the first is archived). Retries
 /// with backoff — the log keeps the events until they are archived and
 /// published, so a failure delays the batch layer but loses nothing.
 pub async fn run_queue(
     master: Arc<MasterDataset>,
-    log: Arc<Log>,
-    mut chunks: mpsc::UnboundedReceiver<ClosedChunk>,
+    source: Arc<dyn Source>,
+    mut chunks: mpsc::UnboundedReceiver<ChunkRange>,
+    max_events: u64,
     health: Arc<crate::health::Health>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut pending: Vec<VecDeque<ClosedChunk>> = Vec::new();
+    let mut pending: Vec<VecDeque<ChunkRange>> = Vec::new();
     let mut turn = 0usize;
     let mut open = true;
-    let queue = |pending: &mut Vec<VecDeque<ClosedChunk>>, c: ClosedChunk| {
+    let queue = |pending: &mut Vec<VecDeque<ChunkRange>>, c: ChunkRange| {
         let p = c.partition as usize;
         if pending.len() <= p {
             pending.resize_with(p + 1, VecDeque::new);
@@ -125,11 +88,24 @@ pub async fn run_queue(
             continue;
         };
         turn = p + 1;
-        let c = pending[p].pop_front().expect("a chunk");
+        let mut c = pending[p].pop_front().expect("a chunk");
+        // Behind: contiguous chunks of a partition go into one file and one
+        // commit. The master's boundaries are then a subset of the speed
+        // layer's, which keeps the handoff exact (H is still a boundary of
+        // every realtime chunk list), and a backlog costs fewer commits and
+        // fewer files rather than more.
+        while let Some(next) = pending[p].front()
+            && c.precedes(next)
+            && c.events + next.events <= max_events
+        {
+            c = ChunkRange::new(c.partition, c.start, next.end, c.events + next.events)
+                .expect("contiguous ranges");
+            pending[p].pop_front();
+        }
         let mut backoff = Duration::from_millis(100);
         let component = format!("archive/p{}", c.partition);
         loop {
-            match archive_chunk(&master, &log, c).await {
+            match archive_chunk(&master, source.as_ref(), c).await {
                 Ok(outcome) => {
                     health.clear(&component);
                     if let CommitOutcome::Committed { version } = outcome {

@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::schema::{EventSchema, FieldType};
 use crate::storage::{Storage, StorageError};
-use crate::stream::{Log, LogBatch};
+use crate::stream::source::{ChunkRange, Source, SourceBatch, read_exact};
 
 /// Columns lambdaflow adds to every event in the master dataset.
 pub const PARTITION_COLUMN: &str = "_partition";
@@ -78,12 +78,11 @@ pub enum MasterError {
         end: u64,
         committed: u64,
     },
-    #[error("chunk [{start}, {end}) of partition {partition} has {got} events, expected {}", end - start)]
+    #[error("{chunk} was read back with {got} events{}", if *.out_of_range { " (some outside its range)" } else { "" })]
     ShortChunk {
-        partition: u32,
-        start: u64,
-        end: u64,
+        chunk: ChunkRange,
         got: u64,
+        out_of_range: bool,
     },
     #[error(
         "master dataset file {path} is corrupt: its CRC-32C is {found:08x}, it was written as {expected:08x}\ndetail: partition {partition}, offsets {start}..{end}\nhint: lambdaflow rewrites it from the log while the log still holds those offsets; otherwise restore the file from a backup. The published views stay as they are meanwhile"
@@ -130,15 +129,17 @@ impl MasterSnapshot {
         self.files.iter().filter_map(|f| f.records).sum()
     }
 
-    /// The committed chunks `[start, end)` of partition `p`, in order (from
-    /// the file names lambdaflow gives them).
-    pub fn chunks(&self, p: u32) -> Vec<(u64, u64)> {
-        let mut out: Vec<(u64, u64)> = self
+    /// The committed chunks of partition `p`, in order (ranges from the file
+    /// names lambdaflow gives them, event counts from the Delta statistics).
+    pub fn chunks(&self, p: u32) -> Vec<ChunkRange> {
+        let mut out: Vec<ChunkRange> = self
             .files
             .iter()
-            .filter_map(|f| parse_chunk_name(f.location.filename()?))
-            .filter(|&(q, _, _, _)| q == p)
-            .map(|(_, s, e, _)| (s, e))
+            .filter_map(|f| {
+                let (q, s, e, _) = parse_chunk_name(f.location.filename()?)?;
+                let events = f.records.unwrap_or(e.saturating_sub(s));
+                (q == p).then(|| ChunkRange::new(q, s, e, events))?
+            })
             .collect();
         out.sort_unstable();
         out
@@ -477,10 +478,14 @@ impl MasterDataset {
         Ok(())
     }
 
-    /// Rewrites a corrupt chunk file from the log's copy of its events, if
+    /// Rewrites a corrupt chunk file from the stream's copy of its events, if
     /// the rewrite reproduces the checksum the file was committed with (the
     /// encoding is deterministic); otherwise leaves it alone.
-    pub async fn repair(&self, bad: &MasterError, log: &Log) -> Result<bool, MasterError> {
+    pub async fn repair(
+        &self,
+        bad: &MasterError,
+        source: &dyn Source,
+    ) -> Result<bool, MasterError> {
         let MasterError::Corrupt {
             path,
             partition,
@@ -493,10 +498,10 @@ impl MasterDataset {
             return Ok(false);
         };
         let (p, start, end) = (*partition, *start, *end);
-        if log.start_offset(p).map_or(true, |s| s > start) {
+        if source.start(p).map_or(true, |s| s > start) {
             return Ok(false); // retention already removed them
         }
-        let Ok(batches) = archiver::read_range(log, p, start, end) else {
+        let Ok(batches) = read_exact(source, p, start, end).await else {
             return Ok(false);
         };
         let file_schema = self.file_schema.clone();
@@ -511,16 +516,19 @@ impl MasterDataset {
         Ok(true)
     }
 
-    /// Commits the events `[start, start + n)` of `partition` (from the log,
-    /// in order) as one file. Idempotent: a chunk already committed is skipped.
+    /// Commits the events of `chunk` (read from the stream, in order) as one
+    /// file. Idempotent: a chunk already committed is skipped.
     pub async fn commit_chunk(
         &self,
-        partition: u32,
-        start: u64,
-        batches: Vec<LogBatch>,
+        chunk: ChunkRange,
+        batches: Vec<SourceBatch>,
     ) -> Result<CommitOutcome, MasterError> {
-        let n: u64 = batches.iter().map(|b| b.batch.num_rows() as u64).sum();
-        let end = start + n;
+        let ChunkRange {
+            partition,
+            start,
+            end,
+            events: n,
+        } = chunk;
         let committed = self.coverage().h[partition as usize];
         if committed >= end {
             return Ok(CommitOutcome::AlreadyCommitted);
@@ -533,17 +541,17 @@ impl MasterDataset {
                 committed,
             });
         }
-        let mut next = start;
-        for b in &batches {
-            if b.first_offset != next {
-                return Err(MasterError::ShortChunk {
-                    partition,
-                    start,
-                    end,
-                    got: next - start,
-                });
-            }
-            next += b.batch.num_rows() as u64;
+        // The records must be the chunk's: as many, all inside its range.
+        let got: u64 = batches.iter().map(|b| b.rows() as u64).sum();
+        let out_of_range = batches.iter().any(|b| {
+            b.partition != partition || (b.rows() > 0 && (b.position(0) < start || b.end() > end))
+        });
+        if got != n || out_of_range {
+            return Err(MasterError::ShortChunk {
+                chunk,
+                got,
+                out_of_range,
+            });
         }
 
         let file_schema = self.file_schema.clone();
@@ -561,7 +569,7 @@ impl MasterDataset {
         let stats = serde_json::json!({
             "numRecords": n,
             "minValues": { PARTITION_COLUMN: partition, OFFSET_COLUMN: start },
-            "maxValues": { PARTITION_COLUMN: partition, OFFSET_COLUMN: end - 1 },
+            "maxValues": { PARTITION_COLUMN: partition, OFFSET_COLUMN: end.saturating_sub(1) },
             "nullCount": { PARTITION_COLUMN: 0, OFFSET_COLUMN: 0 },
         });
         let add = Add {
@@ -624,7 +632,7 @@ impl MasterDataset {
 fn encode_chunk(
     file_schema: &SchemaRef,
     partition: u32,
-    batches: &[LogBatch],
+    batches: &[SourceBatch],
 ) -> Result<Vec<u8>, MasterError> {
     let enc = |e: String| MasterError::Encode(e);
     let delta_cols = [OFFSET_COLUMN, INGEST_TIME_COLUMN];
@@ -643,6 +651,9 @@ fn encode_chunk(
     let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
     for b in batches {
         let rows = b.batch.num_rows();
+        if rows == 0 {
+            continue;
+        }
         let mut cols: Vec<ArrayRef> = Vec::with_capacity(file_schema.fields().len());
         for c in b.batch.columns() {
             cols.push(match c.data_type() {
@@ -655,20 +666,79 @@ fn encode_chunk(
             rows,
         )));
         cols.push(std::sync::Arc::new(Int64Array::from_iter_values(
-            (b.first_offset..b.first_offset + rows as u64).map(|o| o as i64),
+            (0..rows).map(|r| b.position(r) as i64),
         )));
         cols.push(std::sync::Arc::new(
-            TimestampMicrosecondArray::from_value(b.ingest_time_ms * 1000, rows)
+            TimestampMicrosecondArray::from_iter_values((0..rows).map(|r| b.time_ms(r) * 1000))
                 .with_timezone("UTC"),
         ));
         let out = RecordBatch::try_new(file_schema.clone(), cols).map_err(|e| {
             enc(format!(
                 "events of partition {partition} from offset {} do not fit the master dataset: {e}",
-                b.first_offset
+                b.position(0)
             ))
         })?;
         w.write(&out).map_err(|e| enc(e.to_string()))?;
     }
     w.close().map_err(|e| enc(e.to_string()))?;
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::source::{Positions, StreamTimes};
+    use arrow::array::AsArray;
+    use arrow::datatypes::Int64Type;
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    /// A Kafka-like chunk: positions with gaps (transaction markers,
+    /// aborted records) and a time per record.
+    #[tokio::test]
+    async fn a_chunk_with_gaps_is_committed_with_its_records_at_their_positions() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::local(dir.path()).unwrap();
+        let master = MasterDataset::open(&storage, Arc::new(EventSchema::paper()), 1)
+            .await
+            .unwrap();
+        let records = SourceBatch {
+            partition: 0,
+            batch: crate::bench::paper_batches(3, 3, 10).remove(0),
+            positions: Positions::Listed(vec![2, 5, 9].into()),
+            times: StreamTimes::Each(vec![1_000, 1_001, 1_002].into()),
+        };
+        let wrong = ChunkRange::new(0, 0, 10, 4).unwrap();
+        let refused = master.commit_chunk(wrong, vec![records.clone()]).await;
+        assert!(
+            matches!(refused, Err(MasterError::ShortChunk { got: 3, .. })),
+            "a chunk that should hold 4 events but was read with 3 is refused: {refused:?}"
+        );
+        let chunk = ChunkRange::new(0, 0, 10, 3).unwrap();
+        master.commit_chunk(chunk, vec![records]).await.unwrap();
+        let snap = master.snapshot().await.unwrap();
+        assert_eq!(snap.chunks(0), vec![chunk], "the range and its event count");
+        assert_eq!(
+            snap.coverage.h,
+            vec![10],
+            "coverage is the range's end, not its count"
+        );
+        let bytes = storage.read_at(&snap.files[0].location).await.unwrap();
+        let read: Vec<RecordBatch> = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .unwrap()
+            .build()
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let offsets: Vec<i64> = read
+            .iter()
+            .flat_map(|b| {
+                let c = b
+                    .column_by_name(OFFSET_COLUMN)
+                    .unwrap()
+                    .as_primitive::<Int64Type>();
+                c.values().to_vec()
+            })
+            .collect();
+        assert_eq!(offsets, vec![2, 5, 9], "each record keeps its own position");
+    }
 }

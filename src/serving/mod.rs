@@ -30,14 +30,13 @@ use arrow::record_batch::RecordBatch;
 use serde::Serialize;
 
 use crate::batch::{BatchError, BatchLayer, Manifest};
+use crate::stream::ChunkRange;
 use crate::view::{View, ViewError};
 
-/// One realtime chunk of one partition: states per view of events `[start, end)`.
+/// One realtime chunk of one partition: states per view of the events of its range.
 #[derive(Debug, Clone)]
 pub struct RealtimeChunk {
-    pub partition: u32,
-    pub start: u64,
-    pub end: u64,
+    pub range: ChunkRange,
     /// Closed chunks no longer grow (they are, or are being, archived).
     pub closed: bool,
     /// Per view (in view order): state batches whose merge is the chunk's states.
@@ -127,7 +126,11 @@ pub struct BatchSide {
 #[derive(Debug)]
 pub struct KeyIndex {
     converter: arrow::row::RowConverter,
-    rows: HashMap<Box<[u8]>, Vec<u32>>,
+    /// Every row's key, in Arrow's row format (one buffer).
+    keys: arrow::row::Rows,
+    /// Row numbers sorted by key (equal keys in row order): a flat array
+    /// searched by bisection, two allocations whatever the group count.
+    order: Vec<u32>,
 }
 
 impl KeyIndex {
@@ -137,23 +140,24 @@ impl KeyIndex {
             column.data_type().clone(),
         )])?;
         let keys = converter.convert_columns(std::slice::from_ref(column))?;
-        let mut rows: HashMap<Box<[u8]>, Vec<u32>> = HashMap::with_capacity(states.num_rows());
-        for i in 0..states.num_rows() {
-            rows.entry(Box::from(keys.row(i).as_ref()))
-                .or_default()
-                .push(i as u32);
-        }
-        Ok(KeyIndex { converter, rows })
+        let mut order: Vec<u32> = (0..states.num_rows() as u32).collect();
+        // Stable: rows with equal keys stay in row order.
+        order.sort_by(|&a, &b| keys.row(a as usize).cmp(&keys.row(b as usize)));
+        Ok(KeyIndex {
+            converter,
+            keys,
+            order,
+        })
     }
 
-    /// Rows whose key equals the one-element array `key`.
+    /// Rows whose key equals the one-element array `key`, in row order.
     fn lookup(&self, key: &arrow::array::ArrayRef) -> Result<Vec<u32>, arrow::error::ArrowError> {
         let k = self.converter.convert_columns(std::slice::from_ref(key))?;
-        Ok(self
-            .rows
-            .get(k.row(0).as_ref())
-            .cloned()
-            .unwrap_or_default())
+        let k = k.row(0);
+        let row = |i: &u32| self.keys.row(*i as usize);
+        let lo = self.order.partition_point(|i| row(i) < k);
+        let hi = lo + self.order[lo..].partition_point(|i| row(i) == k);
+        Ok(self.order[lo..hi].to_vec())
     }
 }
 
@@ -166,20 +170,37 @@ impl BatchSide {
         }
     }
 
-    /// Loads a published run's states, every file verified by its checksum,
-    /// and indexes every view's key columns for point reads.
-    pub async fn load(batch: &BatchLayer, manifest: Manifest) -> Result<BatchSide, BatchError> {
+    /// Loads a published run's states, every file verified by its checksum.
+    /// Key indexes are built on a point read's first need; those in `warm`
+    /// (the ones the previous run was read by) are built now, so readers by
+    /// key do not pay for them after every publish and nobody pays for an
+    /// index no one reads.
+    pub async fn load(
+        batch: &BatchLayer,
+        manifest: Manifest,
+        warm: &[(usize, usize)],
+    ) -> Result<BatchSide, BatchError> {
         let mut states = Vec::with_capacity(batch.views().len());
         for v in batch.views() {
             states.push(batch.read_states(&manifest, v).await?);
         }
         let side = BatchSide::new(manifest, states);
-        for (i, v) in batch.views().iter().enumerate() {
-            for (_, col) in v.key_columns() {
-                let _ = side.key_index(i, col);
+        for &(view, col) in warm {
+            if view < side.states.len() && col < side.states[view].num_columns() {
+                let _ = side.key_index(view, col);
             }
         }
         Ok(side)
+    }
+
+    /// The (view, column) pairs a point read has indexed.
+    pub fn indexed(&self) -> Vec<(usize, usize)> {
+        self.key_indexes
+            .lock()
+            .expect("index lock")
+            .keys()
+            .copied()
+            .collect()
     }
 
     fn key_index(
@@ -235,13 +256,13 @@ impl Snapshot {
         for (p, chunks) in self.realtime.iter().enumerate() {
             let mut at = h[p];
             for c in chunks {
-                if c.start != at {
+                if c.range.start != at || c.range.partition as usize != p {
                     return Err(format!(
-                        "partition {p}: realtime chunk starts at {} but the previous side ends at {at}",
-                        c.start
+                        "partition {p}: realtime chunk {} does not start where the previous side ends, at {at}",
+                        c.range
                     ));
                 }
-                at = c.end;
+                at = c.range.end;
             }
             if at != self.realtime_end[p] {
                 return Err(format!(
@@ -448,7 +469,10 @@ impl Serving {
             let h = cur.h();
             for (p, chunks, end) in parts {
                 let p = p as usize;
-                next.realtime[p] = chunks.into_iter().filter(|c| c.start >= h[p]).collect();
+                next.realtime[p] = chunks
+                    .into_iter()
+                    .filter(|c| c.range.start >= h[p])
+                    .collect();
                 if end != next.realtime_end[p] {
                     next.realtime_at_ms[p] = now;
                 }
@@ -464,7 +488,7 @@ impl Serving {
             let mut next = cur.clone();
             let h = side.manifest.h.clone();
             for (p, chunks) in next.realtime.iter_mut().enumerate() {
-                chunks.retain(|c| c.start >= h[p]);
+                chunks.retain(|c| c.range.start >= h[p]);
                 if next.realtime_end[p] < h[p] {
                     next.realtime_end[p] = h[p];
                 }
@@ -704,9 +728,7 @@ mod tests {
                         let mut at = h[p];
                         while at < end[p] {
                             chunks.push(Arc::new(RealtimeChunk {
-                                partition: p as u32,
-                                start: at,
-                                end: at + chunk as u64,
+                                range: ChunkRange::dense(p as u32, at, at + chunk as u64),
                                 closed: true,
                                 states: vec![vec![s.clone()]],
                                 indexes: Default::default(),
@@ -782,5 +804,34 @@ mod tests {
         writer.join().unwrap();
         batcher.join().unwrap();
         assert!(checked > 50, "only {checked} reads");
+    }
+
+    #[test]
+    fn a_key_index_finds_every_row_of_a_key_and_none_of_another() {
+        use arrow::array::{ArrayRef, Int64Array, StringArray};
+        use arrow::datatypes::{DataType, Field, Schema};
+        let keys = StringArray::from(vec![
+            Some("b"),
+            Some("a"),
+            None,
+            Some("b"),
+            Some("c"),
+            Some("a"),
+        ]);
+        let n = Int64Array::from_iter_values(0..6);
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, true),
+            Field::new("n", DataType::Int64, false),
+        ]));
+        let states = RecordBatch::try_new(schema, vec![Arc::new(keys), Arc::new(n)]).unwrap();
+        let index = KeyIndex::build(&states, 0).unwrap();
+        let find = |k: &str| {
+            let key: ArrayRef = Arc::new(StringArray::from(vec![k]));
+            index.lookup(&key).unwrap()
+        };
+        assert_eq!(find("a"), vec![1, 5], "both rows of `a`, in row order");
+        assert_eq!(find("b"), vec![0, 3], "both rows of `b`, in row order");
+        assert_eq!(find("c"), vec![4]);
+        assert!(find("ab").is_empty() && find("").is_empty() && find("z").is_empty());
     }
 }

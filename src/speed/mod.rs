@@ -1,18 +1,27 @@
-//! The speed layer: the paper's Spark Streaming job. It consumes each log
-//! partition in micro-batches, runs every view's states plan on them (the same
-//! plan as the batch layer), and keeps the states **per chunk** — the chunks
-//! the master dataset is cut into, because this loop is what cuts them:
+//! The speed layer: the paper's Spark Streaming job. It consumes each
+//! partition of the stream (any [`Source`]) in micro-batches, runs every
+//! view's states plan on them (the same plan as the batch layer), and keeps
+//! the states **per chunk** — the chunks the master dataset is cut into,
+//! because this loop is what cuts them:
 //!
 //! ```text
-//!  log p:  ···|── chunk [s1,e1) closed ──|── chunk [e1, …) open ──▶ R[p] (consumed)
-//!              └─▶ archive queue ─▶ master dataset commit (Txn version = e1)
+//!  source p:  ···|── chunk [s1,e1) closed ──|── chunk [e1, …) open ──▶ R[p] (consumed)
+//!                 └─▶ archive queue ─▶ master dataset commit (Txn version = e1)
 //!  every micro-batch: states ⊕ into the open chunk; snapshot swapped into serving
 //! ```
 //!
-//! A chunk closes at `chunk_events` events or `chunk_age` after it opened.
-//! On restart the loop replays the log from the published batch coverage H,
-//! reproducing the boundaries of chunks already committed after H (read from
-//! the master dataset), so batch and realtime always meet at a chunk boundary.
+//! Where a chunk ends is a function of the records alone, so any node that
+//! consumes a partition cuts the same chunks: a chunk ends after
+//! `chunk_events` events, or before the first record whose stream time falls
+//! in a later `chunk_age` bucket than the chunk's first record. One cut
+//! depends on time rather than data: an open chunk whose bucket has passed on
+//! the clock with no later record to end it closes where it is (an idle
+//! partition's events still reach the master dataset).
+//!
+//! On restart the loop replays the stream from the published batch coverage
+//! H, reproducing the boundaries of chunks already committed after H (read
+//! from the master dataset), so batch and realtime always meet at a chunk
+//! boundary.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -24,11 +33,11 @@ use tokio::sync::{mpsc, watch};
 
 use crate::clock::{SharedClock, SystemClock};
 use crate::health::Health;
-use crate::master::archiver::{ClosedChunk, read_range};
 use crate::metrics::Histogram;
 use crate::serving::{RealtimeChunk, Serving};
+use crate::stream::LogError;
 use crate::stream::ingest::Backlog;
-use crate::stream::{Log, LogError};
+use crate::stream::source::{ChunkRange, Source, SourceBatch, SourceError, StreamTimes};
 use crate::view::failures::{FailedRow, ViewFailures};
 use crate::view::{View, ViewError};
 
@@ -40,7 +49,7 @@ const COMPACT_AT: usize = 16;
 #[derive(Debug, thiserror::Error)]
 pub enum SpeedError {
     #[error(transparent)]
-    Log(#[from] LogError),
+    Source(#[from] SourceError),
     #[error(transparent)]
     View(#[from] ViewError),
 }
@@ -62,12 +71,24 @@ impl SpeedMetrics {
 }
 
 struct Part {
+    /// Where the next read starts: one past the last record consumed (the
+    /// end of the last chunk), or H.
     next: u64,
     chunks: Vec<Arc<RealtimeChunk>>,
-    /// When the open chunk got its first event (on the layer's clock).
-    open_since: Option<Duration>,
-    /// Boundaries of chunks already committed ahead of `next` (replay).
-    replay: VecDeque<(u64, u64)>,
+    /// The open chunk's `chunk_age` bucket: its first record's stream time
+    /// divided by `chunk_age`.
+    bucket: Option<i64>,
+    /// Chunks already committed ahead of `next` (replay): their boundaries
+    /// are kept whatever the records' times say.
+    replay: VecDeque<ChunkRange>,
+}
+
+/// How much of a micro-batch's records go into the open chunk.
+struct Cut {
+    /// The records that join the open chunk.
+    take: Vec<SourceBatch>,
+    /// Whether the open chunk is complete after them.
+    closes: bool,
 }
 
 /// When micro-batches run and where chunks close.
@@ -95,12 +116,61 @@ async fn compact(
     Ok(out)
 }
 
+/// The records of `read` that join the open chunk, which has room for
+/// `room` more events and whose bucket is `bucket` (`None` while empty): a
+/// chunk ends when it is full or before the first record of a later bucket.
+fn cut(read: Vec<SourceBatch>, mut room: u64, mut bucket: Option<i64>, age_ms: i64) -> Cut {
+    let mut take = Vec::with_capacity(read.len());
+    for b in read {
+        let n = b.rows();
+        let joins = match &b.times {
+            StreamTimes::All(t) => {
+                let t = t.div_euclid(age_ms);
+                if bucket.is_some_and(|cb| t > cb) {
+                    0
+                } else {
+                    bucket.get_or_insert(t);
+                    n.min(room as usize)
+                }
+            }
+            StreamTimes::Each(_) => {
+                let mut k = 0;
+                while k < n && (k as u64) < room {
+                    let t = b.time_ms(k).div_euclid(age_ms);
+                    if bucket.is_some_and(|cb| t > cb) {
+                        break;
+                    }
+                    bucket.get_or_insert(t);
+                    k += 1;
+                }
+                k
+            }
+        };
+        room -= joins as u64;
+        if joins == n {
+            take.push(b);
+            if room == 0 {
+                return Cut { take, closes: true };
+            }
+            continue;
+        }
+        if joins > 0 {
+            take.push(b.slice(0, joins));
+        }
+        return Cut { take, closes: true };
+    }
+    Cut {
+        take,
+        closes: room == 0,
+    }
+}
+
 /// The speed layer of a node.
 pub struct SpeedLayer {
-    log: Arc<Log>,
+    source: Arc<dyn Source>,
     views: Vec<Arc<View>>,
     serving: Arc<Serving>,
-    archive: mpsc::UnboundedSender<ClosedChunk>,
+    archive: mpsc::UnboundedSender<ChunkRange>,
     interval: Duration,
     chunk_events: u64,
     chunk_age: Duration,
@@ -112,19 +182,19 @@ pub struct SpeedLayer {
     pub failures: Arc<ViewFailures>,
     /// The realtime window's size, measured every round for ingest's bound.
     pub backlog: Arc<Backlog>,
-    /// When chunks close by age.
+    /// When an idle open chunk's bucket has passed.
     pub clock: SharedClock,
 }
 
 impl SpeedLayer {
     /// Starts at coverage `h`; `committed[p]` are the committed chunks of p at or after h[p].
     pub fn new(
-        log: Arc<Log>,
+        source: Arc<dyn Source>,
         serving: Arc<Serving>,
-        archive: mpsc::UnboundedSender<ClosedChunk>,
+        archive: mpsc::UnboundedSender<ChunkRange>,
         options: SpeedOptions,
         h: &[u64],
-        committed: Vec<Vec<(u64, u64)>>,
+        committed: Vec<Vec<ChunkRange>>,
     ) -> SpeedLayer {
         let views = serving.views().to_vec();
         let SpeedOptions {
@@ -137,23 +207,23 @@ impl SpeedLayer {
             .zip(committed)
             .map(|(&next, mut c)| {
                 c.sort_unstable();
-                c.retain(|&(s, _)| s >= next);
+                c.retain(|r| r.start >= next);
                 Part {
                     next,
                     chunks: Vec::new(),
-                    open_since: None,
+                    bucket: None,
                     replay: c.into(),
                 }
             })
             .collect();
         SpeedLayer {
-            log,
+            source,
             views,
             serving,
             archive,
             interval,
             chunk_events: chunk_events.max(1),
-            chunk_age,
+            chunk_age: chunk_age.max(Duration::from_millis(1)),
             parts,
             metrics: Arc::new(SpeedMetrics::default()),
             health: Arc::new(Health::default()),
@@ -203,7 +273,8 @@ impl SpeedLayer {
             moved |= consumed;
             if consumed || aged {
                 let part = &self.parts[p];
-                changed.push((p as u32, part.chunks.clone(), part.next));
+                let end = part.chunks.last().map_or(part.next, |c| c.range.end);
+                changed.push((p as u32, part.chunks.clone(), end));
             }
         }
         if !changed.is_empty() {
@@ -220,7 +291,7 @@ impl SpeedLayer {
     fn measure_window(&self, h: &[u64]) {
         let events: u64 = (0..self.parts.len())
             .map(|p| {
-                let end = self.log.end_offset(p as u32).unwrap_or(0);
+                let end = self.source.end(p as u32).unwrap_or(0);
                 end.saturating_sub(h.get(p).copied().unwrap_or(0))
             })
             .sum();
@@ -243,173 +314,225 @@ impl SpeedLayer {
     }
 
     /// Consumes what partition `p` has, in micro-batches, closing chunks;
-    /// true if the open chunk was closed by age.
+    /// true if the open chunk was closed because its bucket passed.
     async fn advance(&mut self, p: usize, hp: u64) -> Result<bool, SpeedError> {
-        let end = self.log.end_offset(p as u32)?;
-        let part = &mut self.parts[p];
+        let end = self.source.end(p as u32)?;
+        let age_ms = self.chunk_age.as_millis().max(1) as i64;
         // Chunks the installed batch run covers are no longer needed.
-        part.chunks.retain(|c| c.end > hp);
-        while part.next < end {
+        self.parts[p].chunks.retain(|c| c.range.end > hp);
+        while self.parts[p].next < end {
             let t = Instant::now();
-            let (start, limit) =
-                Self::open_chunk(part, p as u32, self.chunk_events, self.views.len());
-            let mut upto = end.min(limit).min(part.next + MAX_MICRO_EVENTS);
-            let read = match read_range(&self.log, p as u32, part.next, upto) {
+            let part = &mut self.parts[p];
+            let (open, replaying) = Self::open_chunk(part, p as u32, self.views.len());
+            let until = replaying.map_or(end, |r| r.end.min(end));
+            let room = if replaying.is_some() {
+                MAX_MICRO_EVENTS
+            } else {
+                (self.chunk_events - open.range.events).min(MAX_MICRO_EVENTS)
+            };
+            let read = match self
+                .source
+                .read(p as u32, part.next, until, room as usize)
+                .await
+            {
                 // Damage ahead: serve what precedes it; the next read stops at it
                 // again and reports it (never skipping past).
-                Err(LogError::Corrupt { first_offset, .. })
-                    if first_offset > part.next && first_offset < upto =>
+                Err(SourceError::Log(LogError::Corrupt { first_offset, .. }))
+                    if first_offset > part.next && first_offset < until =>
                 {
-                    upto = first_offset;
-                    read_range(&self.log, p as u32, part.next, upto)?
+                    self.source
+                        .read(p as u32, part.next, first_offset, room as usize)
+                        .await?
                 }
                 r => r?,
             };
-            let firsts: Vec<u64> = read.iter().map(|b| b.first_offset).collect();
-            let batches: Vec<RecordBatch> = read.into_iter().map(|b| b.batch).collect();
-            // Views with ordered aggregates also read each event's (partition, offset).
-            let keyed: Vec<RecordBatch> = if self.views.iter().any(|v| v.needs_offsets()) {
-                batches
-                    .iter()
-                    .zip(&firsts)
-                    .map(|(b, &f)| crate::view::input::with_offsets(b, p as u32, f))
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| SpeedError::View(ViewError::Internal(e.to_string())))?
-            } else {
-                Vec::new()
+            if read.is_empty() {
+                break; // nothing readable yet (positions without records ahead)
+            }
+            let Cut { take, closes } = match replaying {
+                Some(r) => {
+                    let last = read.last().map_or(part.next, SourceBatch::end);
+                    Cut {
+                        take: read,
+                        closes: last >= r.end,
+                    }
+                }
+                None => cut(
+                    read,
+                    self.chunk_events - open.range.events,
+                    part.bucket,
+                    age_ms,
+                ),
             };
-            let open = part.chunks.last().expect("an open chunk").clone();
-            let mut states = open.states.clone();
+            if let Some(first) = take.first().filter(|b| b.rows() > 0) {
+                part.bucket
+                    .get_or_insert(first.time_ms(0).div_euclid(age_ms));
+            }
+            let taken: u64 = take.iter().map(|b| b.rows() as u64).sum();
+            let new_end = take.last().map_or(open.range.end, SourceBatch::end);
+            let states = if taken == 0 {
+                open.states.clone()
+            } else {
+                self.states_of(p as u32, &open, &take).await?
+            };
+            let mut states = states;
             // Batches only appended keep their point-read indexes; a compaction drops them.
             let mut indexes = open.indexes.clone();
             for (i, v) in self.views.iter().enumerate() {
-                // A row the view fails on is left out of this view alone (the
-                // batch layer leaves out the same rows); the partition goes on.
-                let input = if v.needs_offsets() { &keyed } else { &batches };
-                let (s, bad) = v.states_excluding(input.clone()).await?;
-                if !bad.is_empty() {
-                    let rows: Vec<FailedRow> = bad
-                        .into_iter()
-                        .map(|x| FailedRow {
-                            view: v.name().to_string(),
-                            partition: p as u32,
-                            offset: firsts[x.batch] + x.row as u64,
-                            error: x.error,
-                        })
-                        .collect();
-                    if self.failures.record(&rows) > 0 {
-                        let first = &rows[0];
-                        let seen = &self.failures.report()[v.name()];
-                        self.health.report(
-                            &format!("view/{}", v.name()),
-                            &format!(
-                                "{} events left out of the view: its expressions fail on them (latest: partition {} offset {}: {}); they are listed in {}",
-                                seen.events, first.partition, first.offset, first.error, seen.file,
-                            ),
-                        );
-                    }
-                }
-                states[i].push(s);
                 if states[i].len() >= COMPACT_AT {
                     let merged = v.merge(std::mem::take(&mut states[i])).await?;
                     states[i].push(merged);
                     indexes = Default::default();
                 }
             }
-            let closes = upto == limit;
             if closes {
                 // A closed chunk no longer grows: one state batch per view reads fastest.
                 states = compact(&self.views, states).await?;
                 indexes = Default::default();
             }
-            let chunk = Arc::new(RealtimeChunk {
-                partition: p as u32,
-                start,
-                end: upto,
+            let range = ChunkRange::new(
+                p as u32,
+                open.range.start,
+                new_end,
+                open.range.events + taken,
+            )
+            .expect("records are read in order, one position each");
+            let part = &mut self.parts[p];
+            *part.chunks.last_mut().expect("open chunk") = Arc::new(RealtimeChunk {
+                range,
                 closed: closes,
                 states,
                 indexes,
             });
-            *part.chunks.last_mut().expect("open chunk") = chunk;
-            self.metrics.observe(t.elapsed(), upto - part.next);
-            part.next = upto;
-            let now = self.clock.elapsed();
-            part.open_since.get_or_insert(now);
+            self.metrics.observe(t.elapsed(), taken);
+            part.next = new_end;
             if closes {
-                Self::close(part, p as u32, &self.archive, &self.metrics);
+                Self::close(part, &self.archive, &self.metrics);
             }
         }
-        // Age: an open chunk (not a replayed one) closes chunk_age after it opened.
-        let replaying = part.replay.front().is_some();
-        if let (Some(since), Some(last)) = (part.open_since, part.chunks.last())
+        // An idle open chunk (not a replayed one) whose bucket has passed on
+        // the clock closes where it is: no later record will end it.
+        let part = &mut self.parts[p];
+        let now_bucket = self.clock.unix_ms().div_euclid(age_ms);
+        if let (Some(bucket), Some(last)) = (part.bucket, part.chunks.last())
             && !last.closed
-            && !replaying
-            && last.end > last.start
-            && self.clock.elapsed().saturating_sub(since) >= self.chunk_age
+            && part.replay.is_empty()
+            && last.range.events > 0
+            && now_bucket > bucket
         {
             let mut c = (**last).clone();
             c.closed = true;
             c.states = compact(&self.views, c.states).await?;
             c.indexes = Default::default();
             *part.chunks.last_mut().expect("open chunk") = Arc::new(c);
-            Self::close(part, p as u32, &self.archive, &self.metrics);
+            Self::close(part, &self.archive, &self.metrics);
             return Ok(true);
         }
         Ok(false)
     }
 
-    /// Ensures the last chunk is open; returns its start and where it must end.
-    fn open_chunk(part: &mut Part, p: u32, chunk_events: u64, views: usize) -> (u64, u64) {
+    /// Every view's states of the open chunk with `take` added: a row a
+    /// view fails on is left out of that view alone (the batch layer leaves
+    /// out the same rows) and recorded; the partition goes on.
+    async fn states_of(
+        &self,
+        p: u32,
+        open: &RealtimeChunk,
+        take: &[SourceBatch],
+    ) -> Result<Vec<Vec<RecordBatch>>, SpeedError> {
+        let batches: Vec<RecordBatch> = take.iter().map(|b| b.batch.clone()).collect();
+        // Views with ordered aggregates also read each event's (partition, offset).
+        let keyed: Vec<RecordBatch> = if self.views.iter().any(|v| v.needs_offsets()) {
+            take.iter()
+                .map(|b| crate::view::input::with_positions(&b.batch, p, &b.position_column()))
+                .collect::<Result<_, _>>()
+                .map_err(|e| SpeedError::View(ViewError::Internal(e.to_string())))?
+        } else {
+            Vec::new()
+        };
+        let mut states = open.states.clone();
+        for (i, v) in self.views.iter().enumerate() {
+            let input = if v.needs_offsets() { &keyed } else { &batches };
+            let (s, bad) = v.states_excluding(input.clone()).await?;
+            if !bad.is_empty() {
+                let rows: Vec<FailedRow> = bad
+                    .into_iter()
+                    .map(|x| FailedRow {
+                        view: v.name().to_string(),
+                        partition: p,
+                        offset: take[x.batch].position(x.row),
+                        error: x.error,
+                    })
+                    .collect();
+                if self.failures.record(&rows) > 0 {
+                    let first = &rows[0];
+                    let seen = &self.failures.report()[v.name()];
+                    self.health.report(
+                        &format!("view/{}", v.name()),
+                        &format!(
+                            "{} events left out of the view: its expressions fail on them (latest: partition {} offset {}: {}); they are listed in {}",
+                            seen.events, first.partition, first.offset, first.error, seen.file,
+                        ),
+                    );
+                }
+            }
+            states[i].push(s);
+        }
+        Ok(states)
+    }
+
+    /// Ensures the last chunk is open; returns it and, when replaying, the
+    /// committed chunk it must reproduce.
+    fn open_chunk(
+        part: &mut Part,
+        p: u32,
+        views: usize,
+    ) -> (Arc<RealtimeChunk>, Option<ChunkRange>) {
         if part.chunks.last().is_none_or(|c| c.closed) {
+            // Chunks are contiguous: the next one starts where the last ended.
             part.chunks.push(Arc::new(RealtimeChunk {
-                partition: p,
-                start: part.next,
-                end: part.next,
+                range: ChunkRange::new(p, part.next, part.next, 0).expect("an empty range"),
                 closed: false,
                 states: vec![Vec::new(); views],
                 indexes: Default::default(),
             }));
-            part.open_since = None;
+            part.bucket = None;
         }
-        let start = part.chunks.last().expect("open chunk").start;
+        let open = part.chunks.last().expect("open chunk").clone();
         // Replaying: the boundary is the committed chunk's.
-        while part.replay.front().is_some_and(|&(s, _)| s < start) {
+        while part
+            .replay
+            .front()
+            .is_some_and(|r| r.start < open.range.start)
+        {
             part.replay.pop_front();
         }
-        let limit = match part.replay.front() {
-            Some(&(s, e)) if s == start => e,
-            _ => start + chunk_events,
-        };
-        (start, limit)
+        let replaying = part
+            .replay
+            .front()
+            .filter(|r| r.start == open.range.start)
+            .copied();
+        (open, replaying)
     }
 
-    fn close(
-        part: &mut Part,
-        p: u32,
-        archive: &mpsc::UnboundedSender<ClosedChunk>,
-        metrics: &SpeedMetrics,
-    ) {
-        let last = part.chunks.last().expect("closed chunk");
-        let (start, end) = (last.start, last.end);
-        part.open_since = None;
+    fn close(part: &mut Part, archive: &mpsc::UnboundedSender<ChunkRange>, metrics: &SpeedMetrics) {
+        let range = part.chunks.last().expect("closed chunk").range;
+        part.bucket = None;
         metrics.chunks_closed.fetch_add(1, Ordering::Relaxed);
-        if part.replay.front() == Some(&(start, end)) {
+        if part
+            .replay
+            .front()
+            .is_some_and(|r| r.start == range.start && r.end == range.end)
+        {
             // Committed before the restart: nothing to archive.
             part.replay.pop_front();
             return;
         }
-        let _ = archive.send(ClosedChunk {
-            partition: p,
-            start,
-            end,
-        });
+        let _ = archive.send(range);
     }
 
     /// The loop: a micro-batch at most every `interval`, as soon as events arrive.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        let mut subs: Vec<watch::Receiver<u64>> = (0..self.parts.len())
-            .filter_map(|p| self.log.subscribe(p as u32).ok())
-            .collect();
         let age_tick =
             (self.chunk_age / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
         loop {
@@ -422,16 +545,20 @@ impl SpeedLayer {
             }
             // Wait for new events (or a chunk to age), but not sooner than `interval`.
             let pending = (0..self.parts.len()).any(|p| {
-                self.log
-                    .end_offset(p as u32)
+                self.source
+                    .end(p as u32)
                     .is_ok_and(|e| e > self.parts[p].next)
             });
             if !pending {
-                let changed =
-                    futures::future::select_all(subs.iter_mut().map(|s| Box::pin(s.changed())));
+                let source = &self.source;
+                let waits = futures::future::select_all(
+                    self.parts
+                        .iter()
+                        .enumerate()
+                        .map(|(p, part)| source.wait(p as u32, part.next, age_tick)),
+                );
                 tokio::select! {
-                    _ = changed => {}
-                    _ = tokio::time::sleep(age_tick) => {}
+                    _ = waits => {}
                     _ = stop.changed() => {}
                 }
             }
@@ -439,6 +566,103 @@ impl SpeedLayer {
             tokio::select! {
                 _ = tokio::time::sleep_until(next.into()) => {}
                 _ = stop.changed() => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+    use proptest::prelude::*;
+
+    /// Records at `positions` with stream times `times`, as one batch.
+    fn records(positions: &[u64], times: &[i64]) -> SourceBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        let col = Int64Array::from_iter_values(positions.iter().map(|&p| p as i64));
+        SourceBatch {
+            partition: 0,
+            batch: RecordBatch::try_new(schema, vec![Arc::new(col)]).expect("a batch"),
+            positions: crate::stream::source::Positions::Listed(positions.into()),
+            times: StreamTimes::Each(times.into()),
+        }
+    }
+
+    /// Cuts a partition's records into chunks the way [`SpeedLayer::advance`]
+    /// does, with the reads split at `splits` (how many records each read
+    /// returns): the chunk ranges.
+    fn chunks(
+        positions: &[u64],
+        times: &[i64],
+        splits: &[usize],
+        size: u64,
+        age_ms: i64,
+    ) -> Vec<ChunkRange> {
+        let mut out = Vec::new();
+        let (mut at, mut start, mut events, mut bucket) = (0usize, 0u64, 0u64, None);
+        let mut split = splits.iter().cycle();
+        while at < positions.len() {
+            let n = (*split.next().expect("cycle")).clamp(1, positions.len() - at);
+            let read = vec![records(&positions[at..at + n], &times[at..at + n])];
+            let Cut { take, closes } = cut(read, size - events, bucket, age_ms);
+            if let Some(first) = take.first() {
+                bucket.get_or_insert(first.time_ms(0).div_euclid(age_ms));
+            }
+            let taken: usize = take.iter().map(|b| b.rows()).sum();
+            events += taken as u64;
+            at += taken;
+            if closes {
+                let end = positions[at - 1] + 1;
+                out.push(ChunkRange::new(0, start, end, events).expect("a range"));
+                (start, events, bucket) = (end, 0, None);
+            }
+        }
+        if events > 0 {
+            out.push(ChunkRange::new(0, start, positions[at - 1] + 1, events).expect("a range"));
+        }
+        out
+    }
+
+    #[test]
+    fn a_chunk_ends_when_full_or_before_a_later_bucket() {
+        // Positions with gaps (as Kafka's), times in 1 s buckets.
+        let positions = [0, 1, 3, 4, 5, 9, 10, 11];
+        let times = [0, 100, 900, 1_000, 1_500, 1_200, 2_500, 2_600];
+        let got = chunks(&positions, &times, &[8], 3, 1_000);
+        let want = vec![
+            // 0, 100, 900 fill the chunk (3 events).
+            ChunkRange::new(0, 0, 4, 3).unwrap(),
+            // 1_000, 1_500, then 1_200 (earlier, same chunk: times need not climb).
+            ChunkRange::new(0, 4, 10, 3).unwrap(),
+            // bucket 2.
+            ChunkRange::new(0, 10, 12, 2).unwrap(),
+        ];
+        assert_eq!(got, want, "chunks of a gappy partition");
+    }
+
+    proptest! {
+        /// Any node consuming a partition cuts the same chunks, however its
+        /// reads happen to split the records.
+        #[test]
+        fn chunk_boundaries_depend_only_on_the_records(
+            gaps in prop::collection::vec(1u64..4, 1..200),
+            steps in prop::collection::vec(-300i64..700, 1..200),
+            splits_a in prop::collection::vec(1usize..40, 1..10),
+            splits_b in prop::collection::vec(1usize..40, 1..10),
+            size in 1u64..30,
+        ) {
+            let n = gaps.len().min(steps.len());
+            let positions: Vec<u64> = gaps[..n].iter().scan(0, |p, g| { *p += g; Some(*p) }).collect();
+            let times: Vec<i64> = steps[..n].iter().scan(0, |t, s| { *t += s; Some(*t) }).collect();
+            let a = chunks(&positions, &times, &splits_a, size, 1_000);
+            let b = chunks(&positions, &times, &splits_b, size, 1_000);
+            prop_assert_eq!(&a, &b, "reads split as {:?} and {:?} cut differently", splits_a, splits_b);
+            let total: u64 = a.iter().map(|c| c.events).sum();
+            prop_assert_eq!(total, n as u64, "every record is in one chunk");
+            for w in a.windows(2) {
+                prop_assert!(w[0].precedes(&w[1]), "contiguous: {} then {}", w[0], w[1]);
             }
         }
     }

@@ -26,6 +26,7 @@
 //! `.truncated-*` file, never just destroyed. Retention deletes whole sealed
 //! segments below an offset, never the active one.
 
+use crate::clock::{SharedClock, SystemClock};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Cursor, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
@@ -190,6 +191,8 @@ pub struct LogOptions {
     /// damaged at its tail — and must not hand those offsets out again: it
     /// restarts at the floor (see [`LogRecovery`]). Empty: no floor.
     pub floors: Vec<u64>,
+    /// Stamps each frame's ingest time (the stream time chunks are cut on).
+    pub clock: SharedClock,
 }
 
 impl Default for LogOptions {
@@ -201,6 +204,7 @@ impl Default for LogOptions {
             max_pending_bytes: 256 << 20,
             pending_wait: Duration::from_millis(500),
             floors: Vec::new(),
+            clock: SystemClock::shared(),
         }
     }
 }
@@ -1212,6 +1216,8 @@ impl Partition {
             last_indexed,
             segment_bytes: opts.segment_bytes,
             interval: opts.index_interval_bytes,
+            clock: opts.clock.clone(),
+            last_ms: i64::MIN,
         };
         let (tx, rx) = mpsc::channel::<Append>();
         let handle = std::thread::Builder::new()
@@ -1298,6 +1304,10 @@ struct Writer {
     last_indexed: Option<u64>,
     segment_bytes: u64,
     interval: u64,
+    clock: SharedClock,
+    /// The latest ingest time stamped: times never go backwards within a
+    /// partition, even if the wall clock does.
+    last_ms: i64,
 }
 
 impl Writer {
@@ -1342,7 +1352,8 @@ impl Writer {
         if self.pos >= self.segment_bytes {
             self.roll()?;
         }
-        let ingest_ms = now_ms();
+        let ingest_ms = self.clock.unix_ms().max(self.last_ms);
+        self.last_ms = ingest_ms;
         buf.clear();
         let mut firsts = Vec::with_capacity(group.len());
         let mut frames = Vec::with_capacity(group.len());

@@ -12,13 +12,18 @@
 //!   group commit, crash recovery, reads from any offset, retention.
 //! - [`deadletter`]: every refused line with its reason.
 //! - [`ingest`]: the three together, as `POST /v1/events` uses them.
+//! - [`source`]: the seam every consumer reads a stream through (the
+//!   embedded log here; Kafka and Kinesis behind the same trait), and the
+//!   chunk range type the handoff is made of.
 
 pub mod deadletter;
 pub mod decode;
 pub mod ingest;
 pub mod log;
+pub mod source;
 
 pub use deadletter::{DeadLetter, DeadLetters};
 pub use decode::{Decoded, Decoder, Partitioning, Reject};
 pub use ingest::{Ingest, IngestError, IngestReport};
 pub use log::{AppendAck, Log, LogBatch, LogError, LogOptions};
+pub use source::{ChunkRange, Source, SourceBatch, SourceError};

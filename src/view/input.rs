@@ -206,6 +206,21 @@ pub fn with_offsets(batch: &RecordBatch, partition: u32, first_offset: u64) -> R
     )
 }
 
+/// Events of one partition at the given positions (one per row), with
+/// their `_partition` and `_offset` columns added.
+pub fn with_positions(
+    batch: &RecordBatch,
+    partition: u32,
+    positions: &[u64],
+) -> Result<RecordBatch> {
+    use arrow::array::{Int32Array, Int64Array};
+    add_columns(
+        batch,
+        Int32Array::from(vec![partition as i32; batch.num_rows()]),
+        Int64Array::from_iter_values(positions.iter().map(|&o| o as i64)),
+    )
+}
+
 fn add_columns(
     batch: &RecordBatch,
     partitions: arrow::array::Int32Array,

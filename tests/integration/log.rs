@@ -591,14 +591,21 @@ fn reading_a_range_past_the_log_end_fails_instead_of_spinning() {
     let (tx, rx) = std::sync::mpsc::channel();
     let l = log.clone();
     std::thread::spawn(move || {
-        let _ = tx.send(lambdaflow::master::archiver::read_range(&l, 0, 5, 20).map(|b| b.len()));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let read = rt.block_on(lambdaflow::stream::source::read_exact(l.as_ref(), 0, 5, 20));
+        let _ = tx.send(read.map(|b| b.len()));
     });
     let got = rx
         .recv_timeout(std::time::Duration::from_secs(10))
-        .expect("read_range must return when the log ends inside the range, not loop forever");
+        .expect("read_exact must return when the log ends inside the range, not loop forever");
     assert!(
-        matches!(got, Err(LogError::OutOfRange { .. })),
-        "an error that says the range runs past the end: {got:?}"
+        matches!(
+            got,
+            Err(lambdaflow::stream::SourceError::EndsInside { end: 10, .. })
+        ),
+        "an error that says the range runs past the end (10): {got:?}"
     );
 }
 

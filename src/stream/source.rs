@@ -1,0 +1,329 @@
+//! The seam between a stream and the layers that consume it: the speed
+//! layer, the archiver and restart replay read events only through
+//! [`Source`], whether they come from the embedded log, a Kafka topic or a
+//! Kinesis stream.
+//!
+//! ```text
+//!  embedded log ─┐
+//!  Kafka topic  ─┼─ Source: partitions · end(p) · read(p, [from, until)) ─▶ speed layer ─▶ chunks
+//!  Kinesis      ─┘          each record: its position and its stream time        └─▶ archiver
+//! ```
+//!
+//! A position is ordered within its partition but need not be dense: Kafka
+//! leaves gaps (transaction markers, aborted records). So a chunk is a
+//! [`ChunkRange`] — a range of positions *with its event count* — and
+//! nothing downstream computes a count from `end - start`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::record_batch::RecordBatch;
+use serde::{Deserialize, Serialize};
+
+use super::{Log, LogError};
+
+/// Positions `[start, end)` of one partition and the events they hold: the
+/// unit the speed layer keeps realtime states by and the archiver commits as
+/// one master-dataset file.
+///
+/// Invariant (checked by [`ChunkRange::new`]): `start ≤ end` and
+/// `events ≤ end − start`, with equality on a dense source (the embedded
+/// log, Kinesis ordinals). A partition's committed chunks are contiguous
+/// from 0, so its coverage is one number: the end of the last one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ChunkRange {
+    pub partition: u32,
+    pub start: u64,
+    pub end: u64,
+    pub events: u64,
+}
+
+impl ChunkRange {
+    /// A range; `None` if it breaks the invariant.
+    pub fn new(partition: u32, start: u64, end: u64, events: u64) -> Option<ChunkRange> {
+        (start <= end && events <= end - start).then_some(ChunkRange {
+            partition,
+            start,
+            end,
+            events,
+        })
+    }
+
+    /// A range of a dense source: every position holds one event.
+    pub fn dense(partition: u32, start: u64, end: u64) -> ChunkRange {
+        assert!(
+            start <= end,
+            "a chunk range [{start}, {end}) must not be reversed"
+        );
+        ChunkRange {
+            partition,
+            start,
+            end,
+            events: end - start,
+        }
+    }
+
+    pub fn contains(&self, position: u64) -> bool {
+        (self.start..self.end).contains(&position)
+    }
+
+    /// Whether `next` starts where this one ends (contiguity).
+    pub fn precedes(&self, next: &ChunkRange) -> bool {
+        self.partition == next.partition && self.end == next.start
+    }
+}
+
+impl std::fmt::Display for ChunkRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "partition {} [{}, {}) ({} events)",
+            self.partition, self.start, self.end, self.events
+        )
+    }
+}
+
+/// Where each record of a [`SourceBatch`] sits in its partition.
+#[derive(Debug, Clone)]
+pub enum Positions {
+    /// Records at `first, first + 1, …` (the embedded log, Kinesis).
+    Dense { first: u64 },
+    /// One position per record, increasing (Kafka, with its gaps).
+    Listed(Arc<[u64]>),
+}
+
+/// When each record of a [`SourceBatch`] entered the stream (ms since the
+/// epoch): the embedded log's ingest time, Kafka's record timestamp,
+/// Kinesis' arrival time. Chunk boundaries are cut on it.
+#[derive(Debug, Clone)]
+pub enum StreamTimes {
+    /// Every record of the batch (one log frame).
+    All(i64),
+    Each(Arc<[i64]>),
+}
+
+/// Records read from one partition: consecutive records of the stream (no
+/// record of the partition lies between two of them).
+#[derive(Debug, Clone)]
+pub struct SourceBatch {
+    pub partition: u32,
+    pub batch: RecordBatch,
+    pub positions: Positions,
+    pub times: StreamTimes,
+}
+
+impl SourceBatch {
+    /// A batch of the embedded log: dense positions, one time.
+    pub fn dense(partition: u32, first: u64, time_ms: i64, batch: RecordBatch) -> SourceBatch {
+        SourceBatch {
+            partition,
+            batch,
+            positions: Positions::Dense { first },
+            times: StreamTimes::All(time_ms),
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.batch.num_rows()
+    }
+
+    /// The position of record `row`.
+    pub fn position(&self, row: usize) -> u64 {
+        match &self.positions {
+            Positions::Dense { first } => first + row as u64,
+            Positions::Listed(p) => p[row],
+        }
+    }
+
+    /// One past the position of the last record.
+    pub fn end(&self) -> u64 {
+        match self.rows() {
+            0 => match &self.positions {
+                Positions::Dense { first } => *first,
+                Positions::Listed(_) => 0,
+            },
+            n => self.position(n - 1) + 1,
+        }
+    }
+
+    /// The stream time of record `row`.
+    pub fn time_ms(&self, row: usize) -> i64 {
+        match &self.times {
+            StreamTimes::All(t) => *t,
+            StreamTimes::Each(t) => t[row],
+        }
+    }
+
+    /// Records `[offset, offset + len)` of this batch.
+    pub fn slice(&self, offset: usize, len: usize) -> SourceBatch {
+        SourceBatch {
+            partition: self.partition,
+            batch: self.batch.slice(offset, len),
+            positions: match &self.positions {
+                Positions::Dense { first } => Positions::Dense {
+                    first: first + offset as u64,
+                },
+                Positions::Listed(p) => Positions::Listed(p[offset..offset + len].into()),
+            },
+            times: match &self.times {
+                StreamTimes::All(t) => StreamTimes::All(*t),
+                StreamTimes::Each(t) => StreamTimes::Each(t[offset..offset + len].into()),
+            },
+        }
+    }
+
+    /// Each record's position, as a column (for `_offset`).
+    pub fn position_column(&self) -> Vec<u64> {
+        (0..self.rows()).map(|r| self.position(r)).collect()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// The stream ends inside a range that must be read whole (a chunk to
+    /// archive or replay): asking again would spin.
+    #[error("partition {partition} ends at {end}, inside the range [{start}, {until}) to read")]
+    EndsInside {
+        partition: u32,
+        start: u64,
+        until: u64,
+        end: u64,
+    },
+}
+
+/// A partitioned, ordered stream of events that can be read again from any
+/// retained position.
+#[async_trait::async_trait]
+pub trait Source: Send + Sync + 'static {
+    /// What the stream is, for logs and `status` ("embedded log", "Kafka topic `t`").
+    fn describe(&self) -> String;
+
+    /// How many partitions there are now (a topic may gain some).
+    fn partitions(&self) -> u32;
+
+    /// One past the last position readable now.
+    fn end(&self, p: u32) -> Result<u64, SourceError>;
+
+    /// The lowest position still readable (retention removes what is below).
+    fn start(&self, p: u32) -> Result<u64, SourceError>;
+
+    /// Records of `p` at positions in `[from, until)`, in order, about
+    /// `max_events` of them at most; none if nothing is readable yet. The
+    /// first returned record is the first of the partition at or after `from`.
+    async fn read(
+        &self,
+        p: u32,
+        from: u64,
+        until: u64,
+        max_events: usize,
+    ) -> Result<Vec<SourceBatch>, SourceError>;
+
+    /// Resolves when partition `p` may have records at or after `from`, or
+    /// after `timeout`.
+    async fn wait(&self, p: u32, from: u64, timeout: Duration);
+}
+
+/// Reads every record of partition `p` at positions `[start, end)` (to
+/// archive a chunk, or rewrite its file): the stream must hold them all.
+pub async fn read_exact(
+    source: &dyn Source,
+    p: u32,
+    start: u64,
+    end: u64,
+) -> Result<Vec<SourceBatch>, SourceError> {
+    let mut out = Vec::new();
+    let mut next = start;
+    while next < end {
+        let read = source
+            .read(p, next, end, (end - next).min(1 << 20) as usize)
+            .await?;
+        let Some(last) = read.last() else {
+            return Err(SourceError::EndsInside {
+                partition: p,
+                start,
+                until: end,
+                end: source.end(p)?,
+            });
+        };
+        next = last.end();
+        out.extend(read);
+    }
+    Ok(out)
+}
+
+/// The embedded log as a source: dense offsets, each frame's ingest time.
+#[async_trait::async_trait]
+impl Source for Log {
+    fn describe(&self) -> String {
+        format!("embedded log {}", self.dir().display())
+    }
+
+    fn partitions(&self) -> u32 {
+        Log::partitions(self)
+    }
+
+    fn end(&self, p: u32) -> Result<u64, SourceError> {
+        Ok(self.end_offset(p)?)
+    }
+
+    fn start(&self, p: u32) -> Result<u64, SourceError> {
+        Ok(self.start_offset(p)?)
+    }
+
+    async fn read(
+        &self,
+        p: u32,
+        from: u64,
+        until: u64,
+        max_events: usize,
+    ) -> Result<Vec<SourceBatch>, SourceError> {
+        let until = until.min(self.end_offset(p)?);
+        if from >= until {
+            return Ok(Vec::new());
+        }
+        let max = max_events.min((until - from) as usize).max(1);
+        let mut out = Vec::new();
+        for b in Log::read(self, p, from, max)? {
+            if b.first_offset >= until {
+                break;
+            }
+            let keep = (until - b.first_offset).min(b.batch.num_rows() as u64) as usize;
+            out.push(SourceBatch::dense(
+                p,
+                b.first_offset,
+                b.ingest_time_ms,
+                b.batch.slice(0, keep),
+            ));
+        }
+        Ok(out)
+    }
+
+    async fn wait(&self, p: u32, from: u64, timeout: Duration) {
+        let Ok(mut sub) = self.subscribe(p) else {
+            tokio::time::sleep(timeout).await;
+            return;
+        };
+        // Subscribed first, then checked: an append in between is not missed.
+        let _ = tokio::time::timeout(timeout, sub.wait_for(|&end| end > from)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_range_keeps_its_invariant() {
+        assert!(ChunkRange::new(0, 5, 3, 0).is_none(), "reversed");
+        assert!(
+            ChunkRange::new(0, 0, 3, 4).is_none(),
+            "more events than positions"
+        );
+        let gappy = ChunkRange::new(1, 10, 20, 7).expect("a range with gaps");
+        assert!(gappy.contains(10) && !gappy.contains(20));
+        assert!(gappy.precedes(&ChunkRange::dense(1, 20, 25)));
+        assert!(!gappy.precedes(&ChunkRange::dense(2, 20, 25)));
+    }
+}
