@@ -12,9 +12,9 @@
 //!  at the end:       settle: everything consumed, archived, published
 //! ```
 //!
-//! Runs `LAMBDAFLOW_SIM_SCHEDULES` schedules (default 500, ≈ 5 min of the
-//! suite on 2 idle cores; 1,000 took 606 s) from a random
-//! base seed; a failure names its seed, and `LAMBDAFLOW_SIM_SEED=<seed>`
+//! Runs `LAMBDAFLOW_SIM_SCHEDULES` schedules (default 1,000; the views are
+//! compiled once per thread, so a schedule costs what its steps read and
+//! write) from a random base seed; a failure names its seed, and `LAMBDAFLOW_SIM_SEED=<seed>`
 //! replays exactly that schedule.
 
 use std::collections::BTreeMap;
@@ -527,7 +527,7 @@ fn seeded_schedules_keep_the_handoff_exact_and_lose_nothing() {
     let n: u64 = std::env::var("LAMBDAFLOW_SIM_SCHEDULES")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(500);
+        .unwrap_or(1_000);
     let base = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64);
