@@ -89,6 +89,8 @@ struct Cut {
     take: Vec<SourceBatch>,
     /// Whether the open chunk is complete after them.
     closes: bool,
+    /// The open chunk's bucket after them.
+    bucket: Option<i64>,
 }
 
 /// When micro-batches run and where chunks close.
@@ -150,18 +152,23 @@ fn cut(read: Vec<SourceBatch>, mut room: u64, mut bucket: Option<i64>, age_ms: i
         if joins == n {
             take.push(b);
             if room == 0 {
-                return Cut { take, closes: true };
+                break;
             }
             continue;
         }
         if joins > 0 {
             take.push(b.slice(0, joins));
         }
-        return Cut { take, closes: true };
+        return Cut {
+            take,
+            closes: true,
+            bucket,
+        };
     }
     Cut {
         take,
         closes: room == 0,
+        bucket,
     }
 }
 
@@ -349,12 +356,19 @@ impl SpeedLayer {
             if read.is_empty() {
                 break; // nothing readable yet (positions without records ahead)
             }
-            let Cut { take, closes } = match replaying {
+            // A replayed chunk keeps its committed end; no bucket is needed
+            // (an idle chunk closes by time only once the replay is done).
+            let Cut {
+                take,
+                closes,
+                bucket,
+            } = match replaying {
                 Some(r) => {
                     let last = read.last().map_or(part.next, SourceBatch::end);
                     Cut {
                         take: read,
                         closes: last >= r.end,
+                        bucket: None,
                     }
                 }
                 None => cut(
@@ -364,18 +378,14 @@ impl SpeedLayer {
                     age_ms,
                 ),
             };
-            if let Some(first) = take.first().filter(|b| b.rows() > 0) {
-                part.bucket
-                    .get_or_insert(first.time_ms(0).div_euclid(age_ms));
-            }
+            part.bucket = bucket;
             let taken: u64 = take.iter().map(|b| b.rows() as u64).sum();
             let new_end = take.last().map_or(open.range.end, SourceBatch::end);
-            let states = if taken == 0 {
+            let mut states = if taken == 0 {
                 open.states.clone()
             } else {
                 self.states_of(p as u32, &open, &take).await?
             };
-            let mut states = states;
             // Batches only appended keep their point-read indexes; a compaction drops them.
             let mut indexes = open.indexes.clone();
             for (i, v) in self.views.iter().enumerate() {
@@ -606,10 +616,12 @@ mod tests {
         while at < positions.len() {
             let n = (*split.next().expect("cycle")).clamp(1, positions.len() - at);
             let read = vec![records(&positions[at..at + n], &times[at..at + n])];
-            let Cut { take, closes } = cut(read, size - events, bucket, age_ms);
-            if let Some(first) = take.first() {
-                bucket.get_or_insert(first.time_ms(0).div_euclid(age_ms));
-            }
+            let Cut {
+                take,
+                closes,
+                bucket: after,
+            } = cut(read, size - events, bucket, age_ms);
+            bucket = after;
             let taken: usize = take.iter().map(|b| b.rows()).sum();
             events += taken as u64;
             at += taken;
