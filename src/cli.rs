@@ -121,6 +121,13 @@ pub struct ProduceArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Send straight to Kafka at these bootstrap servers (with --topic), as
+    /// the paper's producer writes to its stream, instead of to a server.
+    #[arg(long, requires = "topic", value_name = "BROKERS")]
+    pub kafka: Option<String>,
+    /// The Kafka topic, with --kafka.
+    #[arg(long, requires = "kafka")]
+    pub topic: Option<String>,
 }
 
 impl ProduceArgs {
@@ -139,6 +146,14 @@ impl ProduceArgs {
             zipcodes: self.zipcodes,
             late: self.late,
             progress: !self.quiet,
+            kafka: self
+                .kafka
+                .clone()
+                .map(|brokers| crate::stream::kafka::KafkaConfig {
+                    brokers,
+                    topic: self.topic.clone().unwrap_or_default(),
+                    options: Default::default(),
+                }),
             ..ProduceOptions::default()
         }
     }

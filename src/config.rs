@@ -205,6 +205,11 @@ pub struct StreamConfig {
     /// A log segment file is closed once it reaches this size.
     #[serde(default = "default_segment_bytes")]
     pub segment_bytes: ByteSize,
+    /// Consume a Kafka topic instead of the embedded log: its partitions are
+    /// the partitions (`partitions` is then the topic's), each record one
+    /// event.
+    #[serde(default)]
+    pub kafka: Option<crate::stream::kafka::KafkaConfig>,
 }
 
 fn default_partitions() -> u32 {
@@ -221,6 +226,7 @@ impl Default for StreamConfig {
             partitions: default_partitions(),
             key: None,
             segment_bytes: default_segment_bytes(),
+            kafka: None,
         }
     }
 }

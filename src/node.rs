@@ -35,6 +35,7 @@ use crate::speed::{SpeedError, SpeedLayer, SpeedMetrics, SpeedOptions};
 use crate::storage::{Storage, StorageError};
 use crate::stream::deadletter::DeadLetterError;
 use crate::stream::ingest::Backlog;
+use crate::stream::kafka::{self, KafkaError, KafkaSource};
 use crate::stream::{ChunkRange, Source};
 use crate::stream::{DeadLetters, Decoder, Ingest, Log, LogError, LogOptions, Partitioning};
 use crate::view::failures::ViewFailures;
@@ -60,6 +61,23 @@ pub enum NodeError {
     Driver(#[from] DriverError),
     #[error(transparent)]
     Speed(#[from] SpeedError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Source(#[from] crate::stream::SourceError),
+}
+
+/// Settles what the stream decides rather than the configuration: a Kafka
+/// topic's partition count is the topic's.
+pub fn resolve_stream(config: &mut Config) -> Result<(), NodeError> {
+    if let Some(k) = &config.stream.kafka {
+        let n = kafka::partition_count(k)?;
+        if n != config.stream.partitions {
+            tracing::info!(topic = %k.topic, partitions = n, "partitions from the Kafka topic");
+        }
+        config.stream.partitions = n;
+    }
+    Ok(())
 }
 
 /// What the API reads of the layers.
@@ -73,6 +91,8 @@ pub struct Layers {
     pub batch_now: Arc<tokio::sync::Notify>,
     /// Failures being retried, and repairs made.
     pub health: Arc<Health>,
+    /// The stream the layers consume.
+    pub source: Arc<dyn Source>,
 }
 
 /// The layers of one process.
@@ -90,7 +110,9 @@ pub struct Node {
 pub async fn open_batch(config: &Config) -> Result<Arc<BatchLayer>, NodeError> {
     let schema = config.event_schema()?;
     let views = view::compile_all(&config.views, &schema).await?;
-    open_batch_with(config, views).await
+    let mut config = config.clone();
+    resolve_stream(&mut config)?;
+    open_batch_with(&config, views).await
 }
 
 /// [`open_batch`] with the views already compiled from `config.views`: a
@@ -125,6 +147,9 @@ pub async fn open_batch_with(
 pub struct Assembled {
     pub config: Config,
     pub log: Arc<Log>,
+    /// What the speed layer and the archiver read: the embedded log, or the
+    /// external stream the node consumes.
+    pub source: Arc<dyn Source>,
     pub ingest: Arc<Ingest>,
     pub batch: Arc<BatchLayer>,
     pub serving: Arc<Serving>,
@@ -140,7 +165,8 @@ pub struct Assembled {
 /// offset again), the log, the published batch views (made whole and
 /// covering the log's start by [`driver::prepare`]), serving and the speed
 /// layer, caught up with the log. Time comes from `clock`.
-pub async fn assemble(config: Config, clock: SharedClock) -> Result<Assembled, NodeError> {
+pub async fn assemble(mut config: Config, clock: SharedClock) -> Result<Assembled, NodeError> {
+    resolve_stream(&mut config)?;
     let batch = open_batch(&config).await?;
     assemble_over(config, clock, batch).await
 }
@@ -196,12 +222,25 @@ pub async fn assemble_over(
         ),
     )?
     .with_health(health.clone());
-    let mut ingest = Ingest::new(
-        Decoder::new(schema, partitioning),
-        log.clone(),
-        Arc::new(dead),
-    )
-    .with_health(health.clone());
+    let dead = Arc::new(dead);
+    let source: Arc<dyn Source> = match &config.stream.kafka {
+        None => log.clone(),
+        Some(k) => {
+            let (k, decoder, dead) = (
+                k.clone(),
+                Decoder::new(schema.clone(), Partitioning::RoundRobin),
+                dead.clone(),
+            );
+            tokio::task::spawn_blocking(move || KafkaSource::open(k, decoder, dead))
+                .await
+                .expect("the Kafka open task")?
+        }
+    };
+    let mut ingest = Ingest::new(Decoder::new(schema, partitioning), log.clone(), dead)
+        .with_health(health.clone());
+    if config.stream.kafka.is_some() {
+        ingest.external = Some(source.describe());
+    }
     ingest.backlog = Arc::new(Backlog::new(
         config.ingest.max_unpublished,
         config.ingest.max_realtime_memory.as_u64(),
@@ -209,7 +248,7 @@ pub async fn assemble_over(
     let ingest = Arc::new(ingest);
 
     let status = Arc::new(Mutex::new(BatchStatus::default()));
-    driver::prepare(&batch, &log, &config.data, &status, &health).await?;
+    driver::prepare(&batch, source.as_ref(), &config.data, &status, &health).await?;
 
     // Serving: the published run, then the speed layer's replay from its H.
     let views = batch.views().to_vec();
@@ -232,7 +271,7 @@ pub async fn assemble_over(
         .collect();
     let (archive_tx, archive) = mpsc::unbounded_channel();
     let mut speed = SpeedLayer::new(
-        log.clone() as Arc<dyn Source>,
+        source.clone(),
         serving.clone(),
         archive_tx,
         SpeedOptions {
@@ -253,6 +292,7 @@ pub async fn assemble_over(
     Ok(Assembled {
         config,
         log,
+        source,
         ingest,
         batch,
         serving,
@@ -269,6 +309,7 @@ impl Node {
         let Assembled {
             config,
             log,
+            source,
             ingest,
             batch,
             serving,
@@ -288,13 +329,14 @@ impl Node {
             speed: speed.metrics.clone(),
             batch_now: batch_now.clone(),
             health: health.clone(),
+            source: source.clone(),
         });
         let (stop, stop_rx) = watch::channel(false);
         let tasks = vec![
             tokio::spawn(speed.run(stop_rx.clone())),
             tokio::spawn(archiver::run_queue(
                 master,
-                log.clone() as Arc<dyn Source>,
+                source.clone(),
                 archive,
                 // A backlog merges into files of at most a few chunks' worth.
                 config.archive.chunk_events.saturating_mul(4),
@@ -303,6 +345,7 @@ impl Node {
             )),
             tokio::spawn(driver::run_loop(
                 batch,
+                source.clone(),
                 log,
                 serving,
                 config.data.clone(),

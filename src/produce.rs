@@ -52,6 +52,8 @@ pub enum ProduceError {
     Setup(String),
     #[error("could not set up the HTTP client: {0}")]
     Client(#[source] reqwest::Error),
+    #[error(transparent)]
+    Kafka(#[from] crate::stream::kafka::KafkaError),
 }
 
 /// What to produce and where to send it.
@@ -82,6 +84,9 @@ pub struct ProduceOptions {
     pub progress: bool,
     /// Retries of one request before its events count as failed.
     pub max_retries: u32,
+    /// Send straight to this Kafka topic (one record per event, acks=all)
+    /// instead of to a server.
+    pub kafka: Option<crate::stream::kafka::KafkaConfig>,
 }
 
 impl Default for ProduceOptions {
@@ -100,6 +105,7 @@ impl Default for ProduceOptions {
             zipcodes: 90_000,
             late: 0.0,
             progress: true,
+            kafka: None,
             max_retries: 10,
         }
     }
@@ -365,8 +371,13 @@ pub async fn run(opts: ProduceOptions) -> Result<Summary, ProduceError> {
         ProgressBar::hidden()
     };
 
+    let kafka = match &opts.kafka {
+        Some(k) => Some(crate::stream::kafka::KafkaProducer::new(k)?),
+        None => None,
+    };
     let shared = Arc::new(Shared {
         source,
+        kafka,
         url,
         client,
         opts: opts.clone(),
@@ -443,6 +454,8 @@ struct Stats {
 
 struct Shared {
     source: Source,
+    /// Where events go instead of `url`.
+    kafka: Option<crate::stream::kafka::KafkaProducer>,
     url: String,
     client: reqwest::Client,
     opts: ProduceOptions,
@@ -521,7 +534,41 @@ impl Shared {
         }
     }
 
+    /// Sends one batch's lines as records; librdkafka retries within its
+    /// delivery timeout, so a failure here is final.
+    async fn send_kafka(
+        &self,
+        producer: &crate::stream::kafka::KafkaProducer,
+        body: Bytes,
+        n: u64,
+    ) {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let lines = body
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+            .map(|l| (None, None, l));
+        match producer.send(lines).await {
+            Ok(acks) => {
+                self.stats
+                    .accepted
+                    .fetch_add(acks.len() as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                let mut why = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    why = format!("{why}: {c}");
+                    cause = c.source();
+                }
+                self.fail(&why, n)
+            }
+        }
+    }
+
     async fn send(&self, body: Bytes, n: u64) {
+        if let Some(producer) = &self.kafka {
+            return self.send_kafka(producer, body, n).await;
+        }
         let mut attempt = 0u32;
         loop {
             self.stats.requests.fetch_add(1, Ordering::Relaxed);

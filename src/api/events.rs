@@ -55,6 +55,7 @@ pub(super) async fn post_events(
         Err(IngestFailure { error, partial }) => {
             let status = match &error {
                 IngestError::EmptyBody => StatusCode::BAD_REQUEST,
+                IngestError::External { .. } => StatusCode::CONFLICT,
                 IngestError::Log(
                     LogError::Overloaded { .. } | LogError::Closed | LogError::OutOfFiles { .. },
                 )

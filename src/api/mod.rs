@@ -211,6 +211,9 @@ impl IntoResponse for ApiError {
 
 #[derive(Serialize)]
 struct Status {
+    /// The stream the layers consume.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream: Option<String>,
     partitions: Vec<PartitionStatus>,
     ingest: IngestStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -256,6 +259,13 @@ struct PartitionStatus {
     /// `R[p]`: events below it are in realtime answers.
     #[serde(skip_serializing_if = "Option::is_none")]
     realtime: Option<u64>,
+    /// One past the last position of the stream the layers consume (the
+    /// embedded log's `end`, or the Kafka partition's), and how far the
+    /// speed layer is behind it (positions; Kafka's may include gaps).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_end: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lag: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -299,6 +309,7 @@ async fn status(
                 .map_or(0, |t| now - t),
         }
     });
+    let source = state.layers.as_ref().map(|l| l.source.clone());
     let partitions = state
         .ingest
         .log()
@@ -313,11 +324,18 @@ async fn status(
                     .and_then(|b| b.published.as_ref())
                     .and_then(|r| r.h.get(p).copied()),
                 realtime: snap.as_ref().and_then(|s| s.realtime_end.get(p).copied()),
+                stream_end: source.as_ref().and_then(|s| s.end(log.partition).ok()),
+                lag: source.as_ref().and_then(|s| {
+                    let end = s.end(log.partition).ok()?;
+                    let r = snap.as_ref()?.realtime_end.get(p).copied()?;
+                    Some(end.saturating_sub(r))
+                }),
                 log,
             }
         })
         .collect();
     Json(Status {
+        stream: source.as_ref().map(|s| s.describe()),
         health: state.layers.as_ref().map(|l| l.health.report_all()),
         views_excluded: state.layers.as_ref().map(|l| l.batch.failures().report()),
         master,

@@ -425,6 +425,13 @@ pub(super) async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
         &per(&|_, s| Some(s.end as f64)),
     );
     if let Some(l) = &state.layers {
+        sample(
+            &mut out,
+            "lambdaflow_stream_end_offset",
+            "gauge",
+            "One past the last position of the stream the layers consume (the embedded log or a Kafka partition).",
+            &per(&|p, _| l.source.end(p as u32).ok().map(|v| v as f64)),
+        );
         let snap = l.serving.snapshot();
         let h = snap.h();
         let archived = l.master.coverage().h;

@@ -22,7 +22,7 @@ use super::{BatchError, BatchLayer, Manifest, Progress, RunInfo};
 use crate::health::Health;
 use crate::master::MasterError;
 use crate::serving::{BatchSide, Serving};
-use crate::stream::{Log, LogError};
+use crate::stream::{Log, LogError, Source, SourceError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
@@ -30,6 +30,8 @@ pub enum DriverError {
     Batch(#[from] BatchError),
     #[error(transparent)]
     Log(#[from] LogError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
     #[error("could not take the batch lock {}: {source}", path.display())]
     Lock {
         path: PathBuf,
@@ -98,7 +100,7 @@ pub async fn batch_lock(data: &Path) -> Result<BatchLock, DriverError> {
 /// log deletes nothing the master dataset does not hold.
 pub async fn prepare(
     batch: &BatchLayer,
-    log: &Log,
+    source: &dyn Source,
     data: &Path,
     status: &Mutex<BatchStatus>,
     health: &Health,
@@ -123,9 +125,9 @@ pub async fn prepare(
         let m = batch.run(None, None).await?;
         status.lock().expect("status lock").published(&m);
     }
-    let behind = |h: &[u64]| -> Result<Option<(u32, u64, u64)>, LogError> {
-        for p in 0..log.partitions() {
-            let start = log.start_offset(p)?;
+    let behind = |h: &[u64]| -> Result<Option<(u32, u64, u64)>, SourceError> {
+        for p in 0..source.partitions() {
+            let start = source.start(p)?;
             let hp = h.get(p as usize).copied().unwrap_or(0);
             if hp < start {
                 return Ok(Some((p, hp, start)));
@@ -151,6 +153,18 @@ pub async fn prepare(
         );
         status.lock().expect("status lock").published(&m);
         if let Some((partition, published, log_start)) = behind(&m.h)? {
+            if !source.keeps_unarchived() {
+                // An external stream's retention removed events before they
+                // were archived: the speed layer stops that partition and
+                // says so; the others serve.
+                tracing::error!(
+                    partition,
+                    archived = published,
+                    stream_start = log_start,
+                    "events were removed from the stream before they were archived"
+                );
+                return Ok(());
+            }
             return Err(DriverError::LogBehind {
                 partition,
                 published,
@@ -239,6 +253,7 @@ pub async fn cycle(
 #[allow(clippy::too_many_arguments)]
 pub async fn run_loop(
     batch: Arc<BatchLayer>,
+    source: Arc<dyn Source>,
     log: Arc<Log>,
     serving: Arc<Serving>,
     data: PathBuf,
@@ -272,12 +287,18 @@ pub async fn run_loop(
             if let DriverError::Batch(BatchError::Master(bad @ MasterError::Corrupt { path, .. })) =
                 &e
             {
-                match batch.master().repair(bad, log.as_ref()).await {
+                match batch.master().repair(bad, source.as_ref()).await {
                     Ok(true) => {
-                        tracing::warn!(path, "rewrote a corrupt master dataset file from the log");
+                        tracing::warn!(
+                            path,
+                            "rewrote a corrupt master dataset file from the stream"
+                        );
                         health.recovered(
                             "master",
-                            &format!("rewrote {path} from the log (its checksum matches again)"),
+                            &format!(
+                                "rewrote {path} from {} (its checksum matches again)",
+                                source.describe()
+                            ),
                         );
                         now.notify_one();
                     }

@@ -704,7 +704,10 @@ mod tests {
         let records = SourceBatch {
             partition: 0,
             batch: crate::bench::paper_batches(3, 3, 10).remove(0),
-            positions: Positions::Listed(vec![2, 5, 9].into()),
+            positions: Positions::Listed {
+                at: vec![2, 5, 9].into(),
+                end: 10,
+            },
             times: StreamTimes::Each(vec![1_000, 1_001, 1_002].into()),
         };
         let wrong = ChunkRange::new(0, 0, 10, 4).unwrap();

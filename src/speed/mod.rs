@@ -71,9 +71,14 @@ impl SpeedMetrics {
 }
 
 struct Part {
-    /// Where the next read starts: one past the last record consumed (the
-    /// end of the last chunk), or H.
+    /// Where the next read starts: one past the last position consumed, or
+    /// H. Records a source skipped (refused to the dead-letter store) may
+    /// lie between the open chunk's end and here.
     next: u64,
+    /// Where the next chunk starts: the end of the last closed one, or H.
+    /// A chunk ends right after its last record, so skipped records after
+    /// it open the next chunk, and boundaries depend on the records alone.
+    edge: u64,
     chunks: Vec<Arc<RealtimeChunk>>,
     /// The open chunk's `chunk_age` bucket: its first record's stream time
     /// divided by `chunk_age`.
@@ -217,6 +222,7 @@ impl SpeedLayer {
                 c.retain(|r| r.start >= next);
                 Part {
                     next,
+                    edge: next,
                     chunks: Vec::new(),
                     bucket: None,
                     replay: c.into(),
@@ -380,7 +386,14 @@ impl SpeedLayer {
             };
             part.bucket = bucket;
             let taken: u64 = take.iter().map(|b| b.rows() as u64).sum();
-            let new_end = take.last().map_or(open.range.end, SourceBatch::end);
+            // The chunk ends after its last record; the reader goes on from
+            // the end of what it read (skipped records included).
+            let new_end = take
+                .iter()
+                .rev()
+                .find_map(SourceBatch::last_record_end)
+                .unwrap_or(open.range.end);
+            let read_to = take.last().map_or(part.next, SourceBatch::end);
             let mut states = if taken == 0 {
                 open.states.clone()
             } else {
@@ -415,7 +428,7 @@ impl SpeedLayer {
                 indexes,
             });
             self.metrics.observe(t.elapsed(), taken);
-            part.next = new_end;
+            part.next = read_to;
             if closes {
                 Self::close(part, &self.archive, &self.metrics);
             }
@@ -501,7 +514,7 @@ impl SpeedLayer {
         if part.chunks.last().is_none_or(|c| c.closed) {
             // Chunks are contiguous: the next one starts where the last ended.
             part.chunks.push(Arc::new(RealtimeChunk {
-                range: ChunkRange::new(p, part.next, part.next, 0).expect("an empty range"),
+                range: ChunkRange::new(p, part.edge, part.edge, 0).expect("an empty range"),
                 closed: false,
                 states: vec![Vec::new(); views],
                 indexes: Default::default(),
@@ -528,6 +541,7 @@ impl SpeedLayer {
     fn close(part: &mut Part, archive: &mpsc::UnboundedSender<ChunkRange>, metrics: &SpeedMetrics) {
         let range = part.chunks.last().expect("closed chunk").range;
         part.bucket = None;
+        part.edge = range.end;
         metrics.chunks_closed.fetch_add(1, Ordering::Relaxed);
         if part
             .replay
@@ -588,14 +602,18 @@ mod tests {
     use arrow::datatypes::{DataType, Field, Schema};
     use proptest::prelude::*;
 
-    /// Records at `positions` with stream times `times`, as one batch.
-    fn records(positions: &[u64], times: &[i64]) -> SourceBatch {
+    /// Records at `positions` with stream times `times`, as one batch of a
+    /// read that went over everything below `end` (skipped records between).
+    fn records(positions: &[u64], times: &[i64], end: u64) -> SourceBatch {
         let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
         let col = Int64Array::from_iter_values(positions.iter().map(|&p| p as i64));
         SourceBatch {
             partition: 0,
             batch: RecordBatch::try_new(schema, vec![Arc::new(col)]).expect("a batch"),
-            positions: crate::stream::source::Positions::Listed(positions.into()),
+            positions: crate::stream::source::Positions::Listed {
+                at: positions.into(),
+                end,
+            },
             times: StreamTimes::Each(times.into()),
         }
     }
@@ -612,10 +630,21 @@ mod tests {
     ) -> Vec<ChunkRange> {
         let mut out = Vec::new();
         let (mut at, mut start, mut events, mut bucket) = (0usize, 0u64, 0u64, None);
+        let mut end = 0u64;
         let mut split = splits.iter().cycle();
         while at < positions.len() {
             let n = (*split.next().expect("cycle")).clamp(1, positions.len() - at);
-            let read = vec![records(&positions[at..at + n], &times[at..at + n])];
+            // The read went over the positions up to the next record (the
+            // gaps could be records it skipped), as the Kafka source's do.
+            let read_end = positions
+                .get(at + n)
+                .copied()
+                .unwrap_or(positions[at + n - 1] + 1);
+            let read = vec![records(
+                &positions[at..at + n],
+                &times[at..at + n],
+                read_end,
+            )];
             let Cut {
                 take,
                 closes,
@@ -625,14 +654,19 @@ mod tests {
             let taken: usize = take.iter().map(|b| b.rows()).sum();
             events += taken as u64;
             at += taken;
+            // As the speed layer does: the chunk ends after its last record.
+            end = take
+                .iter()
+                .rev()
+                .find_map(SourceBatch::last_record_end)
+                .unwrap_or(end);
             if closes {
-                let end = positions[at - 1] + 1;
                 out.push(ChunkRange::new(0, start, end, events).expect("a range"));
                 (start, events, bucket) = (end, 0, None);
             }
         }
         if events > 0 {
-            out.push(ChunkRange::new(0, start, positions[at - 1] + 1, events).expect("a range"));
+            out.push(ChunkRange::new(0, start, end, events).expect("a range"));
         }
         out
     }

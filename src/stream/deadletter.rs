@@ -94,6 +94,12 @@ pub struct DeadLetter {
     /// The line as sent, base64, when it is not UTF-8.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raw_base64: Option<String>,
+    /// Where the record sits in an external stream (Kafka partition and
+    /// offset); absent for a line of a `POST /v1/events` body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
 }
 
 impl DeadLetter {
@@ -118,7 +124,16 @@ impl DeadLetter {
             reason,
             raw,
             raw_base64,
+            partition: None,
+            offset: None,
         }
+    }
+
+    /// The record at `offset` of stream partition `partition`.
+    pub fn at(mut self, partition: u32, offset: u64) -> Self {
+        self.partition = Some(partition);
+        self.offset = Some(offset);
+        self
     }
 
     /// Appends the record as one NDJSON line.

@@ -197,6 +197,11 @@ pub enum IngestError {
     },
     #[error("decoding was interrupted: {0}")]
     Internal(String),
+    /// This node consumes an external stream; its producers send there.
+    #[error(
+        "this node consumes {stream}; send events to it directly (for example `lambdaflow produce --kafka BROKERS --topic TOPIC`)"
+    )]
+    External { stream: String },
 }
 
 /// The realtime window — events the log holds that no published batch run
@@ -295,6 +300,9 @@ pub struct Ingest {
     health: Option<Arc<crate::health::Health>>,
     /// Whether the last log write failed (so success clears it only once).
     failing: std::sync::atomic::AtomicBool,
+    /// The external stream this node consumes, if any: `POST /v1/events`
+    /// is refused, since the embedded log is not read.
+    pub external: Option<String>,
 }
 
 impl Ingest {
@@ -308,6 +316,7 @@ impl Ingest {
             backlog: Arc::new(Backlog::default()),
             health: None,
             failing: std::sync::atomic::AtomicBool::new(false),
+            external: None,
         }
     }
 
@@ -349,6 +358,11 @@ impl Ingest {
             error,
             partial: IngestReport::default(),
         };
+        if let Some(stream) = &self.external {
+            return Err(fail(IngestError::External {
+                stream: stream.clone(),
+            }));
+        }
         if body.is_empty() {
             return Err(fail(IngestError::EmptyBody));
         }

@@ -12,6 +12,7 @@
 //!   group commit, crash recovery, reads from any offset, retention.
 //! - [`deadletter`]: every refused line with its reason.
 //! - [`ingest`]: the three together, as `POST /v1/events` uses them.
+//! - [`kafka`]: a Kafka topic as the stream (consumer and producer).
 //! - [`source`]: the seam every consumer reads a stream through (the
 //!   embedded log here; Kafka and Kinesis behind the same trait), and the
 //!   chunk range type the handoff is made of.
@@ -19,6 +20,7 @@
 pub mod deadletter;
 pub mod decode;
 pub mod ingest;
+pub mod kafka;
 pub mod log;
 pub mod source;
 

@@ -88,8 +88,11 @@ impl std::fmt::Display for ChunkRange {
 pub enum Positions {
     /// Records at `first, first + 1, …` (the embedded log, Kinesis).
     Dense { first: u64 },
-    /// One position per record, increasing (Kafka, with its gaps).
-    Listed(Arc<[u64]>),
+    /// One position per record, increasing (Kafka, with its gaps), and one
+    /// past the last position the read went over: records it skipped (a
+    /// record refused to the dead-letter store, say) lie below `end` too, so
+    /// a read of nothing but such records still moves the reader on.
+    Listed { at: Arc<[u64]>, end: u64 },
 }
 
 /// When each record of a [`SourceBatch`] entered the stream (ms since the
@@ -131,19 +134,24 @@ impl SourceBatch {
     pub fn position(&self, row: usize) -> u64 {
         match &self.positions {
             Positions::Dense { first } => first + row as u64,
-            Positions::Listed(p) => p[row],
+            Positions::Listed { at, .. } => at[row],
         }
     }
 
-    /// One past the position of the last record.
+    /// One past the last position this batch went over: the last record's
+    /// position + 1, or beyond it over records the read skipped.
     pub fn end(&self) -> u64 {
-        match self.rows() {
-            0 => match &self.positions {
-                Positions::Dense { first } => *first,
-                Positions::Listed(_) => 0,
-            },
-            n => self.position(n - 1) + 1,
+        match &self.positions {
+            Positions::Dense { first } => first + self.rows() as u64,
+            Positions::Listed { end, .. } => *end,
         }
+    }
+
+    /// One past the position of the last record, if there is one.
+    pub fn last_record_end(&self) -> Option<u64> {
+        self.rows()
+            .checked_sub(1)
+            .map(|last| self.position(last) + 1)
     }
 
     /// The stream time of record `row`.
@@ -163,7 +171,17 @@ impl SourceBatch {
                 Positions::Dense { first } => Positions::Dense {
                     first: first + offset as u64,
                 },
-                Positions::Listed(p) => Positions::Listed(p[offset..offset + len].into()),
+                // A prefix ends after its last record; the whole keeps its end.
+                Positions::Listed { at, end } => Positions::Listed {
+                    at: at[offset..offset + len].into(),
+                    end: if offset + len == at.len() {
+                        *end
+                    } else if len > 0 {
+                        at[offset + len - 1] + 1
+                    } else {
+                        at[offset]
+                    },
+                },
             },
             times: match &self.times {
                 StreamTimes::All(t) => StreamTimes::All(*t),
@@ -182,6 +200,8 @@ impl SourceBatch {
 pub enum SourceError {
     #[error(transparent)]
     Log(#[from] LogError),
+    #[error(transparent)]
+    Kafka(Box<super::kafka::KafkaError>),
     /// The stream ends inside a range that must be read whole (a chunk to
     /// archive or replay): asking again would spin.
     #[error("partition {partition} ends at {end}, inside the range [{start}, {until}) to read")]
@@ -223,6 +243,13 @@ pub trait Source: Send + Sync + 'static {
     /// Resolves when partition `p` may have records at or after `from`, or
     /// after `timeout`.
     async fn wait(&self, p: u32, from: u64, timeout: Duration);
+
+    /// Whether the stream deletes only what the master dataset holds (the
+    /// embedded log), so a start above the archived coverage is damage, not
+    /// an upstream retention that outran the archiver.
+    fn keeps_unarchived(&self) -> bool {
+        false
+    }
 }
 
 /// Reads every record of partition `p` at positions `[start, end)` (to
@@ -262,6 +289,10 @@ impl Source for Log {
 
     fn partitions(&self) -> u32 {
         Log::partitions(self)
+    }
+
+    fn keeps_unarchived(&self) -> bool {
+        true
     }
 
     fn end(&self, p: u32) -> Result<u64, SourceError> {

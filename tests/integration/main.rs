@@ -16,6 +16,7 @@
 //!  hostile     clients that try to starve the others
 //!  faults      lost logs, full disks, failing views, backpressure
 //!  crash_loop  kills at random moments, every acknowledged event survives
+//!  kafka       Kafka as the stream, against a real broker (tansu)
 //! ```
 //!
 //! One module: `cargo test --test integration hostile::`.
@@ -28,6 +29,7 @@ mod faults;
 mod golden;
 mod hostile;
 mod ingest_http;
+mod kafka;
 mod log;
 mod oracle;
 mod query_api;

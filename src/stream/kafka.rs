@@ -1,0 +1,695 @@
+//! Kafka as the stream: a topic's partitions are the partitions, Kafka
+//! offsets the positions, each record one event (a JSON object).
+//!
+//! ```text
+//!  topic partition p ──assign(p, offset)──▶ cursor (a librdkafka consumer, read_committed)
+//!                                              │ records buffered in order
+//!                                              ▼
+//!        read(p, [from, until)) ── decode each record ──▶ SourceBatch (listed offsets)
+//!                                              └─ refused ─▶ dead-letter store (partition, offset, reason)
+//! ```
+//!
+//! The checkpoint is lambdaflow's own (the master dataset's Delta txn and
+//! the published H), so nothing is committed to a consumer group: reads are
+//! `assign()`ed at the position a layer asks for. Offsets have gaps
+//! (transaction markers, aborted records under `read_committed`), and a
+//! record refused by validation is a gap too: it goes to the dead-letter
+//! store once and the partition goes on past it.
+//!
+//! Each partition keeps a few cursors (consumers assigned to it): the speed
+//! layer reads the head, the archiver re-reads closed chunks behind it, and a
+//! read continues the cursor that stopped where it starts, so neither makes
+//! the other seek.
+//!
+//! `auto.offset.reset = error`: a position below the earliest retained
+//! offset is never silently moved forward — events removed upstream before
+//! they were archived stop that partition with [`KafkaError::Lost`].
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use arrow::record_batch::RecordBatch;
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError as ClientError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+use super::deadletter::{DeadLetter, DeadLetters};
+use super::decode::Decoder;
+use super::source::{Positions, Source, SourceBatch, SourceError, StreamTimes};
+
+/// `[stream] kafka = { brokers, topic, options }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port[,host:port…]`.
+    pub brokers: String,
+    pub topic: String,
+    /// librdkafka client properties, passed through as they are: SASL and
+    /// TLS (`security.protocol`, `sasl.mechanism`, `sasl.username`,
+    /// `ssl.ca.location`, …), timeouts, fetch sizes.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+impl KafkaConfig {
+    /// The client configuration every consumer, producer and admin client
+    /// of this topic starts from.
+    pub fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in &self.options {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    #[error("cannot reach Kafka at {brokers}")]
+    Connect {
+        brokers: String,
+        #[source]
+        source: ClientError,
+    },
+    #[error("Kafka topic `{topic}` does not exist at {brokers}")]
+    NoTopic { topic: String, brokers: String },
+    /// Compaction keeps only the last record of a key: the master dataset
+    /// must hold every event, and offsets that vanish below H cannot be
+    /// told from events lost.
+    #[error(
+        "Kafka topic `{topic}` is compacted (cleanup.policy = {policy}); lambdaflow needs every event, so it consumes only `delete` topics"
+    )]
+    Compacted { topic: String, policy: String },
+    #[error("cannot read partition {partition} of Kafka topic `{topic}`")]
+    Read {
+        topic: String,
+        partition: u32,
+        #[source]
+        source: ClientError,
+    },
+    #[error(
+        "events of partition {partition} of Kafka topic `{topic}` from offset {from} to {start} were removed by the topic's retention before lambdaflow archived them; the partition is stopped at {from} (nothing is skipped silently)"
+    )]
+    Lost {
+        topic: String,
+        partition: u32,
+        from: u64,
+        start: u64,
+    },
+    #[error("cannot send to Kafka topic `{topic}`")]
+    Send {
+        topic: String,
+        #[source]
+        source: ClientError,
+    },
+}
+
+/// Records a cursor keeps ahead of the reads, at most.
+const READ_AHEAD: usize = 1 << 16;
+/// Cursors per partition: the head, the archiver behind it, a replay.
+const CURSORS: usize = 3;
+/// A cursor this close behind a read's start continues instead of seeking.
+const SKIP_AHEAD: u64 = 4096;
+/// How long a read waits for records it knows are there (after a seek).
+const READ_WAIT: Duration = Duration::from_secs(5);
+/// How long metadata and watermark requests may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Record {
+    offset: u64,
+    time_ms: i64,
+    payload: Option<Box<[u8]>>,
+}
+
+/// A consumer assigned to one partition, and the records it fetched ahead.
+struct Cursor {
+    consumer: BaseConsumer,
+    /// One past the last record handed out (or the assigned offset).
+    next: u64,
+    pending: VecDeque<Record>,
+    used: Instant,
+}
+
+#[derive(Default)]
+struct Partition {
+    cursors: Mutex<Vec<Cursor>>,
+    /// One past the highest offset fetched.
+    seen: AtomicU64,
+    /// The broker's high watermark, refreshed in the background.
+    high: AtomicU64,
+    /// Records below this were written to the dead-letter store already.
+    dead_mark: AtomicU64,
+}
+
+/// A Kafka topic as a [`Source`].
+pub struct KafkaSource {
+    config: KafkaConfig,
+    decoder: Decoder,
+    dead: Arc<DeadLetters>,
+    meta: BaseConsumer,
+    parts: Vec<Partition>,
+    /// Partitions the topic has now (it may have gained some since open).
+    topic_partitions: AtomicU32,
+    stopped: AtomicBool,
+}
+
+impl KafkaSource {
+    /// Connects, checks the topic (it exists, it is not compacted), and
+    /// starts refreshing its watermarks. Blocking: a few broker requests.
+    pub fn open(
+        config: KafkaConfig,
+        decoder: Decoder,
+        dead: Arc<DeadLetters>,
+    ) -> Result<Arc<KafkaSource>, KafkaError> {
+        let meta: BaseConsumer =
+            consumer_config(&config)
+                .create()
+                .map_err(|source| KafkaError::Connect {
+                    brokers: config.brokers.clone(),
+                    source,
+                })?;
+        let n = topic_partitions(&meta, &config)?;
+        check_not_compacted(&config)?;
+        let source = Arc::new(KafkaSource {
+            decoder,
+            dead,
+            meta,
+            parts: (0..n).map(|_| Partition::default()).collect(),
+            topic_partitions: AtomicU32::new(n),
+            stopped: AtomicBool::new(false),
+            config,
+        });
+        source.refresh();
+        let weak = Arc::downgrade(&source);
+        std::thread::Builder::new()
+            .name("kafka-watermarks".into())
+            .spawn(move || refresh_loop(weak))
+            .expect("spawn the watermark thread");
+        Ok(source)
+    }
+
+    pub fn config(&self) -> &KafkaConfig {
+        &self.config
+    }
+
+    /// How many partitions the topic has now; more than [`Source::partitions`]
+    /// when some were added while running.
+    pub fn topic_partitions(&self) -> u32 {
+        self.topic_partitions.load(Ordering::Relaxed)
+    }
+
+    /// Stops the background refresh (the thread ends within a second).
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+    }
+
+    /// Refreshes every partition's high watermark and the partition count.
+    fn refresh(&self) {
+        for (p, part) in self.parts.iter().enumerate() {
+            if let Ok((_, high)) =
+                self.meta
+                    .fetch_watermarks(&self.config.topic, p as i32, REQUEST_TIMEOUT)
+            {
+                part.high.store(high.max(0) as u64, Ordering::Relaxed);
+            }
+        }
+        if let Ok(n) = topic_partitions(&self.meta, &self.config) {
+            self.topic_partitions.store(n, Ordering::Relaxed);
+        }
+    }
+
+    fn read_error(&self, partition: u32, source: ClientError) -> KafkaError {
+        KafkaError::Read {
+            topic: self.config.topic.clone(),
+            partition,
+            source,
+        }
+    }
+
+    /// A cursor of `p` that reads from `from` next: one that stopped at or
+    /// just before it, else a new one (or the least recently used, moved).
+    fn cursor_at<'a>(
+        &self,
+        p: u32,
+        cursors: &'a mut Vec<Cursor>,
+        from: u64,
+    ) -> Result<&'a mut Cursor, KafkaError> {
+        let near = cursors
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.next <= from && from - c.next <= SKIP_AHEAD)
+            .max_by_key(|(_, c)| c.next)
+            .map(|(i, _)| i);
+        let i = match near {
+            Some(i) => i,
+            None => {
+                let consumer: BaseConsumer = consumer_config(&self.config)
+                    .create()
+                    .map_err(|e| self.read_error(p, e))?;
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&self.config.topic, p as i32, Offset::Offset(from as i64))
+                    .map_err(|e| self.read_error(p, e))?;
+                consumer.assign(&tpl).map_err(|e| self.read_error(p, e))?;
+                let cursor = Cursor {
+                    consumer,
+                    next: from,
+                    pending: VecDeque::new(),
+                    used: Instant::now(),
+                };
+                if cursors.len() < CURSORS {
+                    cursors.push(cursor);
+                    cursors.len() - 1
+                } else {
+                    let lru = (0..cursors.len())
+                        .min_by_key(|&i| cursors[i].used)
+                        .expect("cursors");
+                    cursors[lru] = cursor;
+                    lru
+                }
+            }
+        };
+        let c = &mut cursors[i];
+        c.used = Instant::now();
+        // Records between where it stopped and `from` are not wanted.
+        while c.pending.front().is_some_and(|r| r.offset < from) {
+            c.pending.pop_front();
+        }
+        c.next = c.next.max(from);
+        Ok(c)
+    }
+
+    /// Moves what the consumer has fetched into the cursor, without
+    /// blocking, up to `READ_AHEAD` records.
+    fn fill(&self, p: u32, c: &mut Cursor) -> Result<(), KafkaError> {
+        let part = &self.parts[p as usize];
+        while c.pending.len() < READ_AHEAD {
+            match c.consumer.poll(Duration::ZERO) {
+                None => break,
+                Some(Ok(m)) => {
+                    let offset = m.offset().max(0) as u64;
+                    part.seen.fetch_max(offset + 1, Ordering::Relaxed);
+                    if offset < c.next || c.pending.back().is_some_and(|r| r.offset >= offset) {
+                        continue; // before the cursor's start, or seen twice
+                    }
+                    c.pending.push_back(Record {
+                        offset,
+                        time_ms: m.timestamp().to_millis().unwrap_or(0),
+                        payload: m.payload().map(Box::from),
+                    });
+                }
+                Some(Err(e)) => {
+                    if e.rdkafka_error_code() == Some(RDKafkaErrorCode::OffsetOutOfRange) {
+                        let (low, _) = self
+                            .meta
+                            .fetch_watermarks(&self.config.topic, p as i32, REQUEST_TIMEOUT)
+                            .map_err(|e| self.read_error(p, e))?;
+                        if low.max(0) as u64 > c.next {
+                            return Err(KafkaError::Lost {
+                                topic: self.config.topic.clone(),
+                                partition: p,
+                                from: c.next,
+                                start: low.max(0) as u64,
+                            });
+                        }
+                    }
+                    return Err(self.read_error(p, e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes records into one batch; refused ones go to the dead-letter
+    /// store (once) and become gaps.
+    fn decode(&self, p: u32, records: Vec<Record>, end: u64) -> SourceBatch {
+        let mut body = Vec::with_capacity(
+            records
+                .iter()
+                .map(|r| r.payload.as_ref().map_or(0, |b| b.len() + 1))
+                .sum(),
+        );
+        let mut lines: Vec<(u64, i64)> = Vec::with_capacity(records.len());
+        let mut refused: Vec<DeadLetter> = Vec::new();
+        let received = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let mark = self.parts[p as usize].dead_mark.load(Ordering::Relaxed);
+        for r in &records {
+            match r.payload.as_deref() {
+                Some(b) if !b.iter().all(u8::is_ascii_whitespace) => {
+                    // One record, one line: a newline outside a JSON string
+                    // is whitespace, and inside one it is invalid anyway.
+                    body.extend(
+                        b.iter()
+                            .map(|&c| if c == b'\n' || c == b'\r' { b' ' } else { c }),
+                    );
+                    body.push(b'\n');
+                    lines.push((r.offset, r.time_ms));
+                }
+                raw => {
+                    if r.offset >= mark {
+                        refused.push(
+                            DeadLetter::new(
+                                &received,
+                                1,
+                                None,
+                                "the record has no value (a tombstone or a blank record)".into(),
+                                raw.unwrap_or_default(),
+                            )
+                            .at(p, r.offset),
+                        );
+                    }
+                }
+            }
+        }
+        let mut rejected = vec![false; lines.len()];
+        let decoded = self.decoder.decode_with(&body, p, &mut |reject| {
+            let i = reject.line as usize - 1;
+            rejected[i] = true;
+            let (offset, _) = lines[i];
+            if offset >= mark {
+                refused.push(
+                    DeadLetter::new(&received, 1, reject.field, reject.reason, &body[reject.raw])
+                        .at(p, offset),
+                );
+            }
+        });
+        if !refused.is_empty() {
+            refused.sort_by_key(|d| d.offset);
+            if let Err(e) = self.dead.write(&refused) {
+                tracing::warn!(partition = p, error = %e, "cannot keep refused Kafka records in the dead-letter store");
+            }
+        }
+        self.parts[p as usize]
+            .dead_mark
+            .fetch_max(end, Ordering::Relaxed);
+        let kept: Vec<(u64, i64)> = lines
+            .iter()
+            .zip(&rejected)
+            .filter(|(_, r)| !**r)
+            .map(|(l, _)| *l)
+            .collect();
+        let batch = decoded
+            .batches
+            .into_iter()
+            .next()
+            .map(|(_, b)| b)
+            .unwrap_or_else(|| RecordBatch::new_empty(self.decoder.schema().arrow().clone()));
+        debug_assert_eq!(batch.num_rows(), kept.len());
+        SourceBatch {
+            partition: p,
+            batch,
+            positions: Positions::Listed {
+                at: kept.iter().map(|k| k.0).collect(),
+                end,
+            },
+            times: StreamTimes::Each(kept.iter().map(|k| k.1).collect()),
+        }
+    }
+
+    /// Takes up to `max` buffered records below `until` from the cursor at
+    /// `from`, fetching (without blocking) first.
+    fn take(
+        &self,
+        p: u32,
+        from: u64,
+        until: u64,
+        max: usize,
+    ) -> Result<Option<(Vec<Record>, u64)>, KafkaError> {
+        let part = &self.parts[p as usize];
+        let mut cursors = part.cursors.lock().expect("kafka cursors");
+        let c = match self.cursor_at(p, &mut cursors, from) {
+            Ok(c) => c,
+            Err(e) => return Err(e),
+        };
+        let filled = self.fill(p, c);
+        if let Err(e) = filled {
+            // A failed consumer is replaced on the next read.
+            let at = c.next;
+            cursors.retain(|c| c.next != at);
+            return Err(e);
+        }
+        if c.pending.front().is_some_and(|r| r.offset >= until) {
+            // Nothing below `until`: the range is read (gaps up to it).
+            c.next = until;
+            return Ok(Some((Vec::new(), until)));
+        }
+        let n = c
+            .pending
+            .iter()
+            .take(max.max(1))
+            .take_while(|r| r.offset < until)
+            .count();
+        if n == 0 {
+            return Ok(None);
+        }
+        let records: Vec<Record> = c.pending.drain(..n).collect();
+        let end = records.last().expect("records").offset + 1;
+        c.next = end;
+        Ok(Some((records, end)))
+    }
+}
+
+fn consumer_config(config: &KafkaConfig) -> ClientConfig {
+    let mut c = config.client();
+    for (k, v) in [
+        ("group.id", format!("lambdaflow-{}", config.topic).as_str()),
+        ("enable.auto.commit", "false"),
+        ("enable.auto.offset.store", "false"),
+        ("enable.partition.eof", "false"),
+        ("isolation.level", "read_committed"),
+        ("auto.offset.reset", "error"),
+        ("fetch.wait.max.ms", "50"),
+        ("queued.max.messages.kbytes", "16384"),
+    ] {
+        if !config.options.contains_key(k) {
+            c.set(k, v);
+        }
+    }
+    // Never move past a lost position, whatever the options say.
+    c.set("auto.offset.reset", "error");
+    c.set("enable.auto.commit", "false");
+    c
+}
+
+fn topic_partitions(meta: &BaseConsumer, config: &KafkaConfig) -> Result<u32, KafkaError> {
+    let md = meta
+        .fetch_metadata(Some(&config.topic), REQUEST_TIMEOUT)
+        .map_err(|source| KafkaError::Connect {
+            brokers: config.brokers.clone(),
+            source,
+        })?;
+    match md.topics().iter().find(|t| t.name() == config.topic) {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+            Ok(t.partitions().len() as u32)
+        }
+        _ => Err(KafkaError::NoTopic {
+            topic: config.topic.clone(),
+            brokers: config.brokers.clone(),
+        }),
+    }
+}
+
+/// Refuses a compacted topic. A broker that cannot describe topic configs
+/// is let through with a warning (some Kafka-protocol brokers lack it).
+fn check_not_compacted(config: &KafkaConfig) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> =
+        config
+            .client()
+            .create()
+            .map_err(|source| KafkaError::Connect {
+                brokers: config.brokers.clone(),
+                source,
+            })?;
+    let resource = ResourceSpecifier::Topic(&config.topic);
+    let opts = AdminOptions::new().request_timeout(Some(REQUEST_TIMEOUT));
+    let described = futures::executor::block_on(admin.describe_configs([&resource], &opts));
+    let policy = match described.as_deref() {
+        Ok([Ok(r)]) => r
+            .entries
+            .iter()
+            .find(|e| e.name == "cleanup.policy")
+            .and_then(|e| e.value.clone()),
+        other => {
+            tracing::warn!(topic = %config.topic, answer = ?other.map(|r| r.len()), "the broker did not describe the topic's configuration; cannot check that it is not compacted");
+            None
+        }
+    };
+    match policy {
+        Some(p) if p.contains("compact") => Err(KafkaError::Compacted {
+            topic: config.topic.clone(),
+            policy: p,
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn refresh_loop(source: Weak<KafkaSource>) {
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        match source.upgrade() {
+            Some(s) if !s.stopped.load(Ordering::Relaxed) => s.refresh(),
+            _ => return,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Source for KafkaSource {
+    fn describe(&self) -> String {
+        format!(
+            "Kafka topic `{}` at {}",
+            self.config.topic, self.config.brokers
+        )
+    }
+
+    fn partitions(&self) -> u32 {
+        self.parts.len() as u32
+    }
+
+    fn end(&self, p: u32) -> Result<u64, SourceError> {
+        let part = &self.parts[p as usize];
+        // A broker's end offset is a hint (some report the start of the
+        // last record batch); what was fetched is proof.
+        Ok(part
+            .seen
+            .load(Ordering::Relaxed)
+            .max(part.high.load(Ordering::Relaxed)))
+    }
+
+    fn start(&self, p: u32) -> Result<u64, SourceError> {
+        let (low, _) = self
+            .meta
+            .fetch_watermarks(&self.config.topic, p as i32, REQUEST_TIMEOUT)
+            .map_err(|e| self.read_error(p, e))?;
+        Ok(low.max(0) as u64)
+    }
+
+    async fn read(
+        &self,
+        p: u32,
+        from: u64,
+        until: u64,
+        max_events: usize,
+    ) -> Result<Vec<SourceBatch>, SourceError> {
+        if from >= until {
+            return Ok(Vec::new());
+        }
+        // Records known to be there are waited for (a new cursor's first
+        // fetch); otherwise a read returns what has arrived.
+        let known = from < self.end(p)?;
+        let deadline = Instant::now() + if known { READ_WAIT } else { Duration::ZERO };
+        loop {
+            if let Some((records, end)) = self.take(p, from, until, max_events)? {
+                return Ok(vec![self.decode(p, records, end)]);
+            }
+            if Instant::now() >= deadline {
+                return Ok(Vec::new());
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    async fn wait(&self, p: u32, from: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ready = {
+                let part = &self.parts[p as usize];
+                let mut cursors = part.cursors.lock().expect("kafka cursors");
+                match self.cursor_at(p, &mut cursors, from) {
+                    Ok(c) => self.fill(p, c).is_err() || !c.pending.is_empty(),
+                    Err(_) => true, // the read reports it
+                }
+            };
+            if ready || Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+impl From<KafkaError> for SourceError {
+    fn from(e: KafkaError) -> Self {
+        SourceError::Kafka(Box::new(e))
+    }
+}
+
+/// Sends events to a topic: an idempotent producer with `acks=all`, so a
+/// send that returns is on every in-sync replica, once.
+pub struct KafkaProducer {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl KafkaProducer {
+    pub fn new(config: &KafkaConfig) -> Result<KafkaProducer, KafkaError> {
+        let mut c = config.client();
+        for (k, v) in [
+            ("acks", "all"),
+            ("enable.idempotence", "true"),
+            ("linger.ms", "5"),
+            ("queue.buffering.max.messages", "1000000"),
+        ] {
+            if !config.options.contains_key(k) {
+                c.set(k, v);
+            }
+        }
+        let producer = c.create().map_err(|source| KafkaError::Connect {
+            brokers: config.brokers.clone(),
+            source,
+        })?;
+        Ok(KafkaProducer {
+            producer,
+            topic: config.topic.clone(),
+        })
+    }
+
+    /// Sends each record to its partition (`None`: the partitioner picks by
+    /// key, or spreads keyless records) and waits for every acknowledgement;
+    /// returns each record's (partition, offset).
+    pub async fn send(
+        &self,
+        records: impl IntoIterator<Item = (Option<u32>, Option<&[u8]>, &[u8])>,
+    ) -> Result<Vec<(u32, u64)>, KafkaError> {
+        let mut pending = Vec::new();
+        for (partition, key, value) in records {
+            let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic).payload(value);
+            if let Some(k) = key {
+                record = record.key(k);
+            }
+            if let Some(p) = partition {
+                record = record.partition(p as i32);
+            }
+            pending.push(self.producer.send(record, Duration::from_secs(30)));
+        }
+        let mut out = Vec::with_capacity(pending.len());
+        for r in futures::future::join_all(pending).await {
+            let delivery = r.map_err(|(source, _)| KafkaError::Send {
+                topic: self.topic.clone(),
+                source,
+            })?;
+            out.push((delivery.partition as u32, delivery.offset as u64));
+        }
+        Ok(out)
+    }
+}
+
+/// How many partitions the topic has (a metadata request).
+pub fn partition_count(config: &KafkaConfig) -> Result<u32, KafkaError> {
+    let meta: BaseConsumer =
+        consumer_config(config)
+            .create()
+            .map_err(|source| KafkaError::Connect {
+                brokers: config.brokers.clone(),
+                source,
+            })?;
+    topic_partitions(&meta, config)
+}

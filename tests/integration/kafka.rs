@@ -1,0 +1,332 @@
+//! Kafka as the stream, against a real broker: tansu 0.6.0 (a
+//! Kafka-protocol broker) started here on 127.0.0.1 with in-memory storage.
+//! `scripts/test` installs it and sets `LAMBDAFLOW_TANSU`; without it these
+//! tests fail and say how to get it.
+//!
+//! The oracle test over Kafka: producers write records (some of them not
+//! events at all) straight to the topic while every view is queried; every
+//! answer must equal the view's SQL over exactly the events below the
+//! offsets it reports — Kafka offsets, with gaps where the refused records
+//! are. Then a `kill -9` while consuming, and a restart that is exact.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lambdaflow::stream::kafka::{KafkaConfig, KafkaProducer};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use serde_json::Value;
+
+use crate::common::{self, Site};
+use crate::oracle::{self, Sent, make, ndjson};
+
+/// A tansu broker on a free port of 127.0.0.1, killed on drop.
+pub struct Tansu {
+    child: Child,
+    pub brokers: String,
+}
+
+impl Tansu {
+    pub fn start() -> Tansu {
+        let bin = std::env::var("LAMBDAFLOW_TANSU").unwrap_or_else(|_| {
+            let cached = std::env::var("HOME").unwrap_or_default() + "/.cache/tansu/bin/tansu";
+            if std::path::Path::new(&cached).exists() {
+                cached
+            } else {
+                "tansu".into()
+            }
+        });
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(&bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start the Kafka broker `{bin}` ({e}): run the tests with `scripts/test`, which installs tansu 0.6.0, or set LAMBDAFLOW_TANSU"
+                )
+            });
+        let brokers = format!("127.0.0.1:{port}");
+        let t = Instant::now();
+        while std::net::TcpStream::connect(&brokers).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "tansu did not listen on {brokers} within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Tansu { child, brokers }
+    }
+
+    pub fn config(&self, topic: &str) -> KafkaConfig {
+        KafkaConfig {
+            brokers: self.brokers.clone(),
+            topic: topic.into(),
+            options: Default::default(),
+        }
+    }
+
+    pub fn create_topic(&self, topic: &str, partitions: i32) {
+        let admin: AdminClient<DefaultClientContext> =
+            self.config(topic).client().create().unwrap();
+        let created = common::rt()
+            .block_on(admin.create_topics(
+                [&NewTopic::new(
+                    topic,
+                    partitions,
+                    TopicReplication::Fixed(1),
+                )],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            ))
+            .expect("create_topics answers");
+        for r in created {
+            r.unwrap_or_else(|(t, e)| panic!("cannot create topic {t}: {e}"));
+        }
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn site(tansu: &Tansu, topic: &str) -> Site {
+    Site::new(&format!(
+        "{}[stream]\nkafka = {{ brokers = \"{}\", topic = \"{topic}\" }}\n",
+        oracle::CONFIG,
+        tansu.brokers
+    ))
+}
+
+/// Sends records to partition `p`, each line of `body` one record, plus
+/// `bad` records that are not events; returns the offsets of the events.
+fn send(producer: &KafkaProducer, p: u32, events: &[Sent], bad: &[&str]) -> Vec<u64> {
+    let body = ndjson(events);
+    let mut lines: Vec<&[u8]> = body
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    // Bad records in the middle of the good ones.
+    let at = lines.len() / 2;
+    for b in bad.iter().rev() {
+        lines.insert(at, b.as_bytes());
+    }
+    let acks = common::rt()
+        .block_on(producer.send(lines.iter().map(|l| (Some(p), None, *l))))
+        .expect("the broker acknowledges");
+    let mut offsets: Vec<u64> = acks.iter().map(|a| a.1).collect();
+    offsets.drain(at..at + bad.len());
+    offsets
+}
+
+/// Waits until every partition is archived, published and realtime up to
+/// one past its last event.
+fn wait_settled(server: &common::Server, last: &BTreeMap<u32, u64>, within: Duration) -> Value {
+    let t = Instant::now();
+    loop {
+        let s = server.status();
+        let parts = s["partitions"].as_array().unwrap();
+        let done = last.iter().all(|(&p, &o)| {
+            let part = &parts[p as usize];
+            let (a, pb, r) = (
+                part["archived"].as_u64().unwrap_or(0),
+                part["published"].as_u64().unwrap_or(0),
+                part["realtime"].as_u64().unwrap_or(0),
+            );
+            a == pb && pb == r && r > o
+        });
+        if done {
+            return s;
+        }
+        assert!(
+            t.elapsed() < within,
+            "not settled within {within:?}: last offsets {last:?}, status {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn every_answer_over_kafka_equals_the_view_sql_over_the_events_below_its_offsets() {
+    let tansu = Tansu::start();
+    tansu.create_topic("events", 2);
+    let site = site(&tansu, "events");
+    let server = site.serve(&[]);
+    let url = server.url.clone();
+    let known: Arc<Mutex<BTreeMap<(u32, u64), Sent>>> = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
+
+    let status = server.status();
+    assert!(
+        status["stream"]
+            .as_str()
+            .is_some_and(|s| s.contains("Kafka topic `events`")),
+        "status names the stream: {status}"
+    );
+    // The embedded log is not read: ingest over HTTP says where to send.
+    let (code, reply) = common::post_events(&url, ndjson(&[make(0)])).unwrap();
+    assert_eq!(code, 409, "POST /v1/events on a Kafka node: {reply}");
+
+    let producers: Vec<_> = (0..2i64)
+        .map(|t| {
+            let (known, config) = (known.clone(), tansu.config("events"));
+            std::thread::spawn(move || {
+                let producer = KafkaProducer::new(&config).unwrap();
+                for r in 0..60i64 {
+                    let events: Vec<Sent> = (0..50).map(|i| make((r * 2 + t) * 50 + i)).collect();
+                    let p = ((r + t) % 2) as u32;
+                    // Every 7th batch carries records that are not events.
+                    let bad: &[&str] = if r % 7 == 3 {
+                        &["not json", "{\"zipcode\": \"x\"}", ""]
+                    } else {
+                        &[]
+                    };
+                    let offsets = send(&producer, p, &events, bad);
+                    let mut k = known.lock().unwrap();
+                    for (o, e) in offsets.into_iter().zip(events) {
+                        k.insert((p, o), e);
+                    }
+                    drop(k);
+                    std::thread::sleep(Duration::from_millis(15));
+                }
+            })
+        })
+        .collect();
+
+    let answers: Arc<Mutex<Vec<oracle::Got>>> = Arc::default();
+    let readers: Vec<_> = ["sales_by_product", "sales_by_zipcode", "sales_per_minute"]
+        .into_iter()
+        .map(|view| {
+            let (url, answers, done) = (url.clone(), answers.clone(), done.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    if let Some(g) = oracle::query(&url, view) {
+                        answers.lock().unwrap().push(g);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        })
+        .collect();
+    for p in producers {
+        p.join().unwrap();
+    }
+    let known = known.lock().unwrap().clone();
+    assert_eq!(known.len(), 2 * 60 * 50, "every event acknowledged");
+    let mut last = BTreeMap::new();
+    for &(p, o) in known.keys() {
+        last.insert(p, o);
+    }
+    let settled = wait_settled(&server, &last, Duration::from_secs(120));
+    for view in ["sales_by_product", "sales_by_zipcode", "sales_per_minute"] {
+        answers
+            .lock()
+            .unwrap()
+            .push(oracle::query(&url, view).unwrap());
+    }
+    done.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.join().unwrap();
+    }
+    let answers = answers.lock().unwrap().clone();
+    let runs: std::collections::BTreeSet<u64> = answers.iter().filter_map(|a| a.run).collect();
+    assert!(
+        runs.len() >= 3,
+        "answers must span at least three batch publishes, saw runs {runs:?}: {settled}"
+    );
+    let checked = oracle::verify_positions(&answers, &known, false);
+    assert!(checked > 50, "only {checked} distinct answers were checked");
+    eprintln!(
+        "checked {checked} distinct answers over {} batch runs",
+        runs.len()
+    );
+
+    // The records that are not events are in the dead-letter store, each
+    // once, with their partition and offset; nothing else is.
+    let dead = lambdaflow::stream::DeadLetters::read_all(site.data.join("deadletter")).unwrap();
+    let kafka_dead: Vec<_> = dead.iter().filter(|d| d.offset.is_some()).collect();
+    assert_eq!(
+        kafka_dead.len(),
+        2 * 9 * 3,
+        "three refused records in each of 18 batches, each kept once: {kafka_dead:?}"
+    );
+    for d in &kafka_dead {
+        let at = (d.partition.unwrap(), d.offset.unwrap());
+        assert!(
+            !known.contains_key(&at),
+            "a dead letter at {at:?}, where an event is"
+        );
+    }
+    server.stop();
+}
+
+#[test]
+fn kill_9_while_consuming_kafka_then_restart_is_exact() {
+    let tansu = Tansu::start();
+    tansu.create_topic("events", 2);
+    let site = site(&tansu, "events");
+    let producer = KafkaProducer::new(&tansu.config("events")).unwrap();
+    let mut known = BTreeMap::new();
+    let mut k = 0i64;
+    let mut send_some = |n: i64, known: &mut BTreeMap<(u32, u64), Sent>| {
+        for r in 0..n {
+            let events: Vec<Sent> = (0..100).map(|i| make(k + i)).collect();
+            k += 100;
+            let p = (r % 2) as u32;
+            for (o, e) in send(&producer, p, &events, &[]).into_iter().zip(events) {
+                known.insert((p, o), e);
+            }
+        }
+    };
+    send_some(20, &mut known);
+    let server = site.serve(&[]);
+    // Consuming and archiving while more arrives; then kill -9.
+    send_some(20, &mut known);
+    std::thread::sleep(Duration::from_millis(300));
+    drop(server);
+    send_some(20, &mut known);
+
+    let server = site.serve(&[]);
+    send_some(10, &mut known);
+    let mut last = BTreeMap::new();
+    for &(p, o) in known.keys() {
+        last.insert(p, o);
+    }
+    wait_settled(&server, &last, Duration::from_secs(120));
+    let answers: Vec<oracle::Got> = ["sales_by_product", "sales_by_zipcode", "sales_per_minute"]
+        .into_iter()
+        .map(|v| oracle::query(&server.url, v).unwrap())
+        .collect();
+    server.stop();
+    // Every event exactly once: the settled answers equal the SQL over all.
+    oracle::verify_positions(&answers, &known, false);
+    let (rows, _) = common::master_events(&site.data);
+    assert_eq!(
+        rows.len(),
+        known.len(),
+        "the master dataset holds every event once"
+    );
+    for at in rows.keys() {
+        assert!(known.contains_key(at), "an event at {at:?} nobody sent");
+    }
+}
