@@ -223,6 +223,8 @@ pub enum BenchCommand {
     Serve(crate::bench::ServeBenchArgs),
     /// Steady load for N minutes: RSS, open files, disk and lag every minute.
     Soak(crate::bench::SoakBenchArgs),
+    /// Consumption from a Kafka topic into views, and freshness over Kafka.
+    Kafka(crate::bench::KafkaBenchArgs),
 }
 
 fn init_tracing(default: &str) {
@@ -317,6 +319,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 BenchCommand::Batch(args) => crate::bench::batch(args)?,
                 BenchCommand::Serve(args) => crate::bench::serve(args)?,
                 BenchCommand::Soak(args) => crate::bench::soak(args)?,
+                BenchCommand::Kafka(args) => crate::bench::kafka(args)?,
             }
             Ok(ExitCode::SUCCESS)
         }

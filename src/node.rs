@@ -69,7 +69,7 @@ pub enum NodeError {
 
 /// Settles what the stream decides rather than the configuration: a Kafka
 /// topic's partition count is the topic's.
-pub fn resolve_stream(config: &mut Config) -> Result<(), NodeError> {
+pub fn resolve_stream(config: &mut Config) -> Result<(), KafkaError> {
     if let Some(k) = &config.stream.kafka {
         let n = kafka::partition_count(k)?;
         if n != config.stream.partitions {
@@ -196,7 +196,13 @@ pub async fn assemble_over(
             segment_bytes: config.stream.segment_bytes.as_u64(),
             max_pending_bytes: config.ingest.max_pending.as_u64(),
             pending_wait: config.ingest.pending_wait,
-            floors: cov.h.clone(),
+            // The archived coverage is the embedded log's floor only when
+            // it is the stream (a Kafka node's log is never written).
+            floors: if config.stream.kafka.is_none() {
+                cov.h.clone()
+            } else {
+                Vec::new()
+            },
             clock: clock.clone(),
             ..LogOptions::default()
         },

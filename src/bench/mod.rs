@@ -7,7 +7,9 @@
 //! second, group-commit figures and the server's peak memory; it also times
 //! the NDJSON decoder alone on one thread.
 
+mod kafka;
 mod soak;
+pub use kafka::{KafkaBenchArgs, kafka};
 
 pub use soak::{SoakBenchArgs, soak};
 

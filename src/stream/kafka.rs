@@ -425,10 +425,7 @@ impl KafkaSource {
     ) -> Result<Option<(Vec<Record>, u64)>, KafkaError> {
         let part = &self.parts[p as usize];
         let mut cursors = part.cursors.lock().expect("kafka cursors");
-        let c = match self.cursor_at(p, &mut cursors, from) {
-            Ok(c) => c,
-            Err(e) => return Err(e),
-        };
+        let c = self.cursor_at(p, &mut cursors, from)?;
         let filled = self.fill(p, c);
         if let Err(e) = filled {
             // A failed consumer is replaced on the next read.

@@ -192,7 +192,7 @@ fn every_answer_over_kafka_equals_the_view_sql_over_the_events_below_its_offsets
             let (known, config) = (known.clone(), tansu.config("events"));
             std::thread::spawn(move || {
                 let producer = KafkaProducer::new(&config).unwrap();
-                for r in 0..60i64 {
+                for r in 0..150i64 {
                     let events: Vec<Sent> = (0..50).map(|i| make((r * 2 + t) * 50 + i)).collect();
                     let p = ((r + t) % 2) as u32;
                     // Every 7th batch carries records that are not events.
@@ -232,7 +232,7 @@ fn every_answer_over_kafka_equals_the_view_sql_over_the_events_below_its_offsets
         p.join().unwrap();
     }
     let known = known.lock().unwrap().clone();
-    assert_eq!(known.len(), 2 * 60 * 50, "every event acknowledged");
+    assert_eq!(known.len(), 2 * 150 * 50, "every event acknowledged");
     let mut last = BTreeMap::new();
     for &(p, o) in known.keys() {
         last.insert(p, o);
@@ -267,8 +267,8 @@ fn every_answer_over_kafka_equals_the_view_sql_over_the_events_below_its_offsets
     let kafka_dead: Vec<_> = dead.iter().filter(|d| d.offset.is_some()).collect();
     assert_eq!(
         kafka_dead.len(),
-        2 * 9 * 3,
-        "three refused records in each of 18 batches, each kept once: {kafka_dead:?}"
+        2 * 21 * 3,
+        "three refused records in each of 42 batches, each kept once: {kafka_dead:?}"
     );
     for d in &kafka_dead {
         let at = (d.partition.unwrap(), d.offset.unwrap());
