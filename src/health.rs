@@ -88,6 +88,23 @@ impl Health {
         bump(&self.problems, component, error)
     }
 
+    /// [`Health::report`] of an error with its causes, one after another
+    /// ("cannot read partition 0: Broker: Offset out of range"): the
+    /// component's problem must say why, not only what.
+    pub fn report_error(&self, component: &str, error: &dyn std::error::Error) -> u64 {
+        let mut message = error.to_string();
+        let mut cause = error.source();
+        while let Some(c) = cause {
+            let c_text = c.to_string();
+            // Transparent wrappers repeat their source's text.
+            if !message.ends_with(&c_text) {
+                message = format!("{message}: {c_text}");
+            }
+            cause = c.source();
+        }
+        bump(&self.problems, component, &message)
+    }
+
     /// `component` reached a limit and dealt with it as documented (the
     /// latest message is kept, with how often it happened).
     pub fn warn(&self, component: &str, message: &dyn std::fmt::Display) {

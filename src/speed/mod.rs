@@ -274,7 +274,7 @@ impl SpeedLayer {
                     aged
                 }
                 Err(e) => {
-                    let n = self.health.report(&component, &e);
+                    let n = self.health.report_error(&component, &e);
                     if n.is_power_of_two() {
                         tracing::error!(partition = p, failures = n, error = %e, "speed layer cannot consume a partition; retrying");
                     }

@@ -72,7 +72,7 @@ impl KafkaConfig {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum KafkaError {
     #[error("cannot reach Kafka at {brokers}")]
     Connect {
@@ -104,6 +104,17 @@ pub enum KafkaError {
         partition: u32,
         from: u64,
         start: u64,
+    },
+    /// The partition ends below what was consumed already: the topic was
+    /// deleted and created again, or the broker lost acknowledged records.
+    #[error(
+        "partition {partition} of Kafka topic `{topic}` ends at offset {end}, below offset {from} that lambdaflow consumed already (the topic was created again, or the broker lost records); the partition is stopped at {from}"
+    )]
+    Behind {
+        topic: String,
+        partition: u32,
+        from: u64,
+        end: u64,
     },
     #[error("cannot send to Kafka topic `{topic}`")]
     Send {
@@ -148,7 +159,15 @@ struct Partition {
     high: AtomicU64,
     /// Records below this were written to the dead-letter store already.
     dead_mark: AtomicU64,
+    /// The last failure of a fetch, and when: `end` reports it while it is
+    /// recent, so a partition that cannot be read is a `health` problem
+    /// even when no read is asked of it (the error recurs at each retry;
+    /// a passing one ages out).
+    failed: Mutex<Option<(KafkaError, Instant)>>,
 }
+
+/// How long a fetch failure stands without recurring.
+const FAILURE_STANDS: Duration = Duration::from_secs(2);
 
 /// A Kafka topic as a [`Source`].
 pub struct KafkaSource {
@@ -290,12 +309,24 @@ impl KafkaSource {
     /// Moves what the consumer has fetched into the cursor, without
     /// blocking, up to `READ_AHEAD` records.
     fn fill(&self, p: u32, c: &mut Cursor) -> Result<(), KafkaError> {
+        let filled = self.fill_inner(p, c);
+        if let Err(e) = &filled {
+            *self.parts[p as usize].failed.lock().expect("kafka failure") =
+                Some((e.clone(), Instant::now()));
+        }
+        filled
+    }
+
+    fn fill_inner(&self, p: u32, c: &mut Cursor) -> Result<(), KafkaError> {
         let part = &self.parts[p as usize];
         while c.pending.len() < READ_AHEAD {
             match c.consumer.poll(Duration::ZERO) {
                 None => break,
                 Some(Ok(m)) => {
                     let offset = m.offset().max(0) as u64;
+                    if offset >= c.next {
+                        *part.failed.lock().expect("kafka failure") = None;
+                    }
                     part.seen.fetch_max(offset + 1, Ordering::Relaxed);
                     if offset < c.next || c.pending.back().is_some_and(|r| r.offset >= offset) {
                         continue; // before the cursor's start, or seen twice
@@ -307,17 +338,33 @@ impl KafkaSource {
                     });
                 }
                 Some(Err(e)) => {
-                    if e.rdkafka_error_code() == Some(RDKafkaErrorCode::OffsetOutOfRange) {
-                        let (low, _) = self
+                    // With `auto.offset.reset = error`, librdkafka reports a
+                    // fetch outside the log as "no offset to reset to".
+                    if matches!(
+                        e.rdkafka_error_code(),
+                        Some(
+                            RDKafkaErrorCode::OffsetOutOfRange | RDKafkaErrorCode::AutoOffsetReset
+                        )
+                    ) {
+                        let (low, high) = self
                             .meta
                             .fetch_watermarks(&self.config.topic, p as i32, REQUEST_TIMEOUT)
                             .map_err(|e| self.read_error(p, e))?;
-                        if low.max(0) as u64 > c.next {
+                        let (low, high) = (low.max(0) as u64, high.max(0) as u64);
+                        if low > c.next {
                             return Err(KafkaError::Lost {
                                 topic: self.config.topic.clone(),
                                 partition: p,
                                 from: c.next,
-                                start: low.max(0) as u64,
+                                start: low,
+                            });
+                        }
+                        if high < c.next {
+                            return Err(KafkaError::Behind {
+                                topic: self.config.topic.clone(),
+                                partition: p,
+                                from: c.next,
+                                end: high,
                             });
                         }
                     }
@@ -553,6 +600,11 @@ impl Source for KafkaSource {
 
     fn end(&self, p: u32) -> Result<u64, SourceError> {
         let part = &self.parts[p as usize];
+        if let Some((e, at)) = &*part.failed.lock().expect("kafka failure")
+            && at.elapsed() < FAILURE_STANDS
+        {
+            return Err(e.clone().into());
+        }
         // A broker's end offset is a hint (some report the start of the
         // last record batch); what was fetched is proof.
         Ok(part
@@ -601,12 +653,26 @@ impl Source for KafkaSource {
                 let part = &self.parts[p as usize];
                 let mut cursors = part.cursors.lock().expect("kafka cursors");
                 match self.cursor_at(p, &mut cursors, from) {
-                    Ok(c) => self.fill(p, c).is_err() || !c.pending.is_empty(),
-                    Err(_) => true, // the read reports it
+                    Ok(c) => match self.fill(p, c) {
+                        Ok(()) => Some(!c.pending.is_empty()),
+                        Err(_) => {
+                            // Reported through `end`; a new consumer retries
+                            // after this wait, not at once.
+                            cursors.retain(|c| c.next != from);
+                            None
+                        }
+                    },
+                    Err(_) => None,
                 }
             };
-            if ready || Instant::now() >= deadline {
-                return;
+            match ready {
+                Some(true) => return,
+                None => {
+                    tokio::time::sleep_until(deadline.into()).await;
+                    return;
+                }
+                Some(false) if Instant::now() >= deadline => return,
+                Some(false) => {}
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }

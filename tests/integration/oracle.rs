@@ -70,11 +70,11 @@ fn batch_of(events: &[&Sent]) -> RecordBatch {
 /// An answer as a reader got it.
 #[derive(Debug, Clone)]
 pub(crate) struct Got {
-    view: String,
+    pub(crate) view: String,
     /// A key lookup (`?COL=VAL`), or the whole view.
-    filter: Option<(String, String)>,
-    rows: Vec<Value>,
-    realtime: Vec<u64>,
+    pub(crate) filter: Option<(String, String)>,
+    pub(crate) rows: Vec<Value>,
+    pub(crate) realtime: Vec<u64>,
     pub(crate) run: Option<u64>,
 }
 
