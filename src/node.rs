@@ -244,8 +244,9 @@ pub async fn assemble_over(
     };
     let mut ingest = Ingest::new(Decoder::new(schema, partitioning), log.clone(), dead)
         .with_health(health.clone());
-    if config.stream.kafka.is_some() {
-        ingest.external = Some(source.describe());
+    if let Some(k) = &config.stream.kafka {
+        // POST /v1/events produces into the topic the node consumes.
+        ingest.producer = Some(Arc::new(kafka::KafkaProducer::new(k)?));
     }
     ingest.backlog = Arc::new(Backlog::new(
         config.ingest.max_unpublished,

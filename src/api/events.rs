@@ -55,11 +55,11 @@ pub(super) async fn post_events(
         Err(IngestFailure { error, partial }) => {
             let status = match &error {
                 IngestError::EmptyBody => StatusCode::BAD_REQUEST,
-                IngestError::External { .. } => StatusCode::CONFLICT,
                 IngestError::Log(
                     LogError::Overloaded { .. } | LogError::Closed | LogError::OutOfFiles { .. },
                 )
-                | IngestError::Backlogged { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                | IngestError::Backlogged { .. }
+                | IngestError::Kafka(_) => StatusCode::SERVICE_UNAVAILABLE,
                 IngestError::Log(LogError::NoSpace { .. })
                 | IngestError::DeadLetter(crate::stream::deadletter::DeadLetterError::NoSpace {
                     ..

@@ -105,6 +105,19 @@ impl Decoder {
         default_partition: u32,
         on_reject: &mut dyn FnMut(Reject),
     ) -> Decoded {
+        self.decode_each(body, default_partition, on_reject, &mut |_, _| {})
+    }
+
+    /// [`Decoder::decode_with`], also handing each accepted line's byte
+    /// range (without its line end) and partition to `on_accept`, in order:
+    /// what a node that produces into an external stream sends.
+    pub fn decode_each(
+        &self,
+        body: &[u8],
+        default_partition: u32,
+        on_reject: &mut dyn FnMut(Reject),
+        on_accept: &mut dyn FnMut(std::ops::Range<usize>, u32),
+    ) -> Decoded {
         let mut out = Decoded::default();
         let n_parts = match self.partitioning {
             Partitioning::RoundRobin => 1,
@@ -149,6 +162,11 @@ impl Decoder {
                             (key_hash(&row[field]) % partitions) as usize
                         }
                     };
+                    let partition = match self.partitioning {
+                        Partitioning::RoundRobin => default_partition,
+                        Partitioning::Key { .. } => slot as u32,
+                    };
+                    on_accept(range.start..range.start + line.len(), partition);
                     columns[slot]
                         .get_or_insert_with(|| Columns::new(fields))
                         .push(row);

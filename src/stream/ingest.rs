@@ -197,6 +197,8 @@ pub enum IngestError {
     },
     #[error("decoding was interrupted: {0}")]
     Internal(String),
+    #[error(transparent)]
+    Kafka(#[from] super::kafka::KafkaError),
     /// This node consumes an external stream; its producers send there.
     #[error(
         "this node consumes {stream}; send events to it directly (for example `lambdaflow produce --kafka BROKERS --topic TOPIC`)"
@@ -301,8 +303,8 @@ pub struct Ingest {
     /// Whether the last log write failed (so success clears it only once).
     failing: std::sync::atomic::AtomicBool,
     /// The external stream this node consumes, if any: `POST /v1/events`
-    /// is refused, since the embedded log is not read.
-    pub external: Option<String>,
+    /// produces the accepted lines into it instead of the embedded log.
+    pub producer: Option<Arc<super::kafka::KafkaProducer>>,
 }
 
 impl Ingest {
@@ -316,7 +318,7 @@ impl Ingest {
             backlog: Arc::new(Backlog::default()),
             health: None,
             failing: std::sync::atomic::AtomicBool::new(false),
-            external: None,
+            producer: None,
         }
     }
 
@@ -358,11 +360,6 @@ impl Ingest {
             error,
             partial: IngestReport::default(),
         };
-        if let Some(stream) = &self.external {
-            return Err(fail(IngestError::External {
-                stream: stream.clone(),
-            }));
-        }
         if body.is_empty() {
             return Err(fail(IngestError::EmptyBody));
         }
@@ -373,11 +370,22 @@ impl Ingest {
             .fetch_add(body.len() as u64, Ordering::Relaxed);
         let partition = self.next_partition.fetch_add(1, Ordering::Relaxed) % self.log.partitions();
         let internal = |e: tokio::task::JoinError| fail(IngestError::Internal(e.to_string()));
-        let (decoded, refused) = if body.len() <= INLINE_DECODE_BYTES {
+        // Producing into an external stream sends the accepted lines as
+        // they are; the embedded log takes the decoded columns.
+        let collect = self.producer.is_some();
+        let (decoded, refused, lines) = if body.len() <= INLINE_DECODE_BYTES {
             let mut refusals = Refusals::new(self.dead.clone(), body.clone(), false);
-            let decoded = self
-                .decoder
-                .decode_with(&body, partition, &mut |r| refusals.push(r));
+            let mut lines = Vec::new();
+            let decoded = self.decoder.decode_each(
+                &body,
+                partition,
+                &mut |r| refusals.push(r),
+                &mut |range, p| {
+                    if collect {
+                        lines.push((range, p))
+                    }
+                },
+            );
             let refused = if refusals.rejected > 0 {
                 tokio::task::spawn_blocking(move || refusals.finish())
                     .await
@@ -385,13 +393,23 @@ impl Ingest {
             } else {
                 refusals.finish()
             };
-            (decoded, refused)
+            (decoded, refused, lines)
         } else {
-            let (decoder, dead) = (self.decoder.clone(), self.dead.clone());
+            let (decoder, dead, body) = (self.decoder.clone(), self.dead.clone(), body.clone());
             tokio::task::spawn_blocking(move || {
                 let mut refusals = Refusals::new(dead, body.clone(), true);
-                let decoded = decoder.decode_with(&body, partition, &mut |r| refusals.push(r));
-                (decoded, refusals.finish())
+                let mut lines = Vec::new();
+                let decoded = decoder.decode_each(
+                    &body,
+                    partition,
+                    &mut |r| refusals.push(r),
+                    &mut |range, p| {
+                        if collect {
+                            lines.push((range, p))
+                        }
+                    },
+                );
+                (decoded, refusals.finish(), lines)
             })
             .await
             .map_err(internal)?
@@ -410,6 +428,10 @@ impl Ingest {
             dead_letters_dropped: refused.dropped,
             ..IngestReport::default()
         };
+        if let Some(producer) = &self.producer {
+            drop(batches);
+            return self.produce(producer, &body, lines, report).await;
+        }
         if accepted > 0 {
             let acks = match self.log.append_all(batches).await {
                 Ok(acks) => acks,
@@ -445,6 +467,48 @@ impl Ingest {
                 });
             }
         }
+        Ok(report)
+    }
+
+    /// Sends the accepted lines of a body to the external stream, each to
+    /// its partition, and replies once every one is acknowledged (`acks =
+    /// all`). A failure may leave some stored: a resend can duplicate them
+    /// (at-least-once, as for a reply lost on the way).
+    async fn produce(
+        &self,
+        producer: &super::kafka::KafkaProducer,
+        body: &Bytes,
+        lines: Vec<(std::ops::Range<usize>, u32)>,
+        mut report: IngestReport,
+    ) -> Result<IngestReport, IngestFailure> {
+        let acks = producer
+            .send(
+                lines
+                    .iter()
+                    .map(|(range, p)| (Some(*p), None, &body[range.clone()])),
+            )
+            .await
+            .map_err(|e| IngestFailure {
+                error: e.into(),
+                partial: IngestReport::default(),
+            })?;
+        // Per partition, the first and last offset of this body's events
+        // (another producer's records may lie between them).
+        let mut ranges: std::collections::BTreeMap<u32, OffsetRange> = Default::default();
+        for (p, o) in acks {
+            let r = ranges.entry(p).or_insert(OffsetRange {
+                partition: p,
+                first: o,
+                last: o,
+            });
+            r.first = r.first.min(o);
+            r.last = r.last.max(o);
+            report.accepted += 1;
+        }
+        report.offsets = ranges.into_values().collect();
+        self.counters
+            .accepted
+            .fetch_add(report.accepted, Ordering::Relaxed);
         Ok(report)
     }
 }

@@ -184,9 +184,6 @@ fn every_answer_over_kafka_equals_the_view_sql_over_the_events_below_its_offsets
             .is_some_and(|s| s.contains("Kafka topic `events`")),
         "status names the stream: {status}"
     );
-    // The embedded log is not read: ingest over HTTP says where to send.
-    let (code, reply) = common::post_events(&url, ndjson(&[make(0)])).unwrap();
-    assert_eq!(code, 409, "POST /v1/events on a Kafka node: {reply}");
 
     let producers: Vec<_> = (0..2i64)
         .map(|t| {
@@ -330,6 +327,54 @@ fn kill_9_while_consuming_kafka_then_restart_is_exact() {
     for at in rows.keys() {
         assert!(known.contains_key(at), "an event at {at:?} nobody sent");
     }
+}
+
+/// On a Kafka node, `POST /v1/events` validates as ever and produces the
+/// good lines into the topic; the reply names their Kafka offsets, and the
+/// views count them once they come back through the consumer.
+#[test]
+fn http_ingest_on_a_kafka_node_produces_into_the_topic() {
+    let tansu = Tansu::start();
+    tansu.create_topic("events", 2);
+    let site = site(&tansu, "events");
+    let server = site.serve(&[]);
+    let mut known = BTreeMap::new();
+    for r in 0..20i64 {
+        let events: Vec<Sent> = (0..50).map(|i| make(r * 50 + i)).collect();
+        let mut body = ndjson(&events);
+        body.extend_from_slice(b"{\"zipcode\": \"not a number\"}\n");
+        let (code, reply) = common::post_events(&server.url, body).unwrap();
+        assert_eq!(code, 200, "{reply}");
+        assert_eq!(reply["accepted"], 50, "{reply}");
+        assert_eq!(reply["rejected"], 1, "{reply}");
+        let range = &reply["offsets"][0];
+        let (p, first, last) = (
+            range["partition"].as_u64().unwrap() as u32,
+            range["first"].as_u64().unwrap(),
+            range["last"].as_u64().unwrap(),
+        );
+        assert_eq!(
+            last - first + 1,
+            50,
+            "one producer: consecutive offsets: {reply}"
+        );
+        for (i, e) in events.into_iter().enumerate() {
+            known.insert((p, first + i as u64), e);
+        }
+    }
+    let mut last = BTreeMap::new();
+    for &(p, o) in known.keys() {
+        last.insert(p, o);
+    }
+    wait_settled(&server, &last, Duration::from_secs(60));
+    let answers: Vec<oracle::Got> = ["sales_by_product", "sales_by_zipcode", "sales_per_minute"]
+        .into_iter()
+        .map(|v| oracle::query(&server.url, v).unwrap())
+        .collect();
+    server.stop();
+    oracle::verify_positions(&answers, &known, true);
+    let dead = lambdaflow::stream::DeadLetters::read_all(site.data.join("deadletter")).unwrap();
+    assert_eq!(dead.len(), 20, "each refused line kept once, at ingest");
 }
 
 /// A Kafka node's config on any bootstrap servers.
