@@ -232,12 +232,13 @@ pub async fn assemble_over(
     let source: Arc<dyn Source> = match &config.stream.kafka {
         None => log.clone(),
         Some(k) => {
-            let (k, decoder, dead) = (
+            let (k, decoder, dead, health) = (
                 k.clone(),
                 Decoder::new(schema.clone(), Partitioning::RoundRobin),
                 dead.clone(),
+                health.clone(),
             );
-            tokio::task::spawn_blocking(move || KafkaSource::open(k, decoder, dead))
+            tokio::task::spawn_blocking(move || KafkaSource::open(k, decoder, dead, Some(health)))
                 .await
                 .expect("the Kafka open task")?
         }

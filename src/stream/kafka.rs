@@ -179,6 +179,8 @@ pub struct KafkaSource {
     /// Partitions the topic has now (it may have gained some since open).
     topic_partitions: AtomicU32,
     stopped: AtomicBool,
+    /// Where partitions added to the topic are reported.
+    health: Option<Arc<crate::health::Health>>,
 }
 
 impl KafkaSource {
@@ -188,6 +190,7 @@ impl KafkaSource {
         config: KafkaConfig,
         decoder: Decoder,
         dead: Arc<DeadLetters>,
+        health: Option<Arc<crate::health::Health>>,
     ) -> Result<Arc<KafkaSource>, KafkaError> {
         let meta: BaseConsumer =
             consumer_config(&config)
@@ -205,6 +208,7 @@ impl KafkaSource {
             parts: (0..n).map(|_| Partition::default()).collect(),
             topic_partitions: AtomicU32::new(n),
             stopped: AtomicBool::new(false),
+            health,
             config,
         });
         source.refresh();
@@ -243,6 +247,20 @@ impl KafkaSource {
         }
         if let Ok(n) = topic_partitions(&self.meta, &self.config) {
             self.topic_partitions.store(n, Ordering::Relaxed);
+            // Events in a partition this node does not read would be missing
+            // from every answer: a problem until it is dealt with, not a note.
+            if let Some(h) = &self.health
+                && n as usize > self.parts.len()
+            {
+                h.report(
+                    "stream",
+                    &format!(
+                        "Kafka topic `{}` has {n} partitions now, but this data directory consumes {}: events in the new ones are in no view (consuming partitions added to a topic is not supported yet; use a new topic and data directory)",
+                        self.config.topic,
+                        self.parts.len()
+                    ),
+                );
+            }
         }
     }
 
