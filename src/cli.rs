@@ -393,24 +393,37 @@ async fn status(url: &str) -> anyhow::Result<()> {
         .with_context(|| format!("could not reach {url}; is `lambdaflow serve` running?"))?;
     let s = reply_json(resp).await?;
     let n = |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), crate::produce::group);
+    if let Some(stream) = s["stream"].as_str() {
+        println!("stream: {stream}");
+    }
     println!(
-        "{:>9}  {:>14}  {:>14}  {:>14}  {:>14}  {:>12}",
-        "partition", "log start", "log end", "archived", "published H", "not in batch"
+        "{:>9}  {:>14}  {:>14}  {:>14}  {:>14}  {:>12}  {:>10}",
+        "partition",
+        "stream end",
+        "realtime R",
+        "archived",
+        "published H",
+        "not in batch",
+        "speed lag"
     );
     for p in s["partitions"].as_array().into_iter().flatten() {
-        let lag = match (p["end"].as_u64(), p["published"].as_u64()) {
-            (Some(e), Some(h)) => crate::produce::group(e.saturating_sub(h)),
+        // The end of what the layers consume (the embedded log's, or a
+        // Kafka partition's); older servers report only the log's.
+        let end = p["stream_end"].as_u64().or(p["end"].as_u64());
+        let behind = |mark: &serde_json::Value| match (end, mark.as_u64()) {
+            (Some(e), Some(m)) => crate::produce::group(e.saturating_sub(m)),
             (Some(e), None) => crate::produce::group(e),
             _ => "-".into(),
         };
         println!(
-            "{:>9}  {:>14}  {:>14}  {:>14}  {:>14}  {:>12}",
+            "{:>9}  {:>14}  {:>14}  {:>14}  {:>14}  {:>12}  {:>10}",
             n(&p["partition"]),
-            n(&p["start"]),
-            n(&p["end"]),
+            end.map_or("-".to_string(), crate::produce::group),
+            n(&p["realtime"]),
             n(&p["archived"]),
             n(&p["published"]),
-            lag
+            behind(&p["published"]),
+            behind(&p["realtime"]),
         );
     }
     let now = chrono::Utc::now().timestamp_millis();
