@@ -266,6 +266,10 @@ struct PartitionStatus {
     stream_end: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     lag: Option<u64>,
+    /// The same in time: now minus the stream time of the last record
+    /// consumed, while records wait; 0 when caught up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lag_ms: Option<i64>,
 }
 
 #[derive(Serialize)]
@@ -310,6 +314,11 @@ async fn status(
         }
     });
     let source = state.layers.as_ref().map(|l| l.source.clone());
+    let lag = |p: usize, partition: u32| -> Option<u64> {
+        let end = source.as_ref()?.end(partition).ok()?;
+        let r = snap.as_ref()?.realtime_end.get(p).copied()?;
+        Some(end.saturating_sub(r))
+    };
     let partitions = state
         .ingest
         .log()
@@ -325,10 +334,13 @@ async fn status(
                     .and_then(|r| r.h.get(p).copied()),
                 realtime: snap.as_ref().and_then(|s| s.realtime_end.get(p).copied()),
                 stream_end: source.as_ref().and_then(|s| s.end(log.partition).ok()),
-                lag: source.as_ref().and_then(|s| {
-                    let end = s.end(log.partition).ok()?;
-                    let r = snap.as_ref()?.realtime_end.get(p).copied()?;
-                    Some(end.saturating_sub(r))
+                lag: lag(p, log.partition),
+                lag_ms: lag(p, log.partition).and_then(|waiting| {
+                    let l = state.layers.as_ref()?;
+                    Some(
+                        l.speed
+                            .lag_ms(p, waiting, chrono::Utc::now().timestamp_millis()),
+                    )
                 }),
                 log,
             }

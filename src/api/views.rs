@@ -434,6 +434,18 @@ pub(super) async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
         );
         let snap = l.serving.snapshot();
         let h = snap.h();
+        let now = chrono::Utc::now().timestamp_millis();
+        sample(
+            &mut out,
+            "lambdaflow_speed_lag_seconds",
+            "gauge",
+            "How far the speed layer is behind the stream in time: now minus the stream time of the last record consumed, while records wait; 0 when caught up.",
+            &per(&|p, _| {
+                let end = l.source.end(p as u32).ok()?;
+                let waiting = end.saturating_sub(snap.realtime_end.get(p).copied()?);
+                Some(l.speed.lag_ms(p, waiting, now) as f64 / 1000.0)
+            }),
+        );
         let archived = l.master.coverage().h;
         sample(
             &mut out,

@@ -61,6 +61,29 @@ pub struct SpeedMetrics {
     pub chunks_closed: AtomicU64,
     /// Micro-batch durations (one observation per partition micro-batch).
     pub micro: Histogram,
+    /// Per partition, the stream time (ms since the epoch) of the last
+    /// record consumed: how far behind the speed layer is in time, while
+    /// records wait (0 before the first).
+    pub last_record_ms: std::sync::Mutex<Vec<i64>>,
+}
+
+impl SpeedMetrics {
+    /// How far behind partition `p` is in time: `now` minus the stream time
+    /// of its last consumed record, when `waiting` records are not consumed
+    /// yet; 0 when it is caught up.
+    pub fn lag_ms(&self, p: usize, waiting: u64, now_ms: i64) -> i64 {
+        if waiting == 0 {
+            return 0;
+        }
+        let last = self
+            .last_record_ms
+            .lock()
+            .expect("speed metrics")
+            .get(p)
+            .copied()
+            .unwrap_or(0);
+        if last == 0 { 0 } else { (now_ms - last).max(0) }
+    }
 }
 
 impl SpeedMetrics {
@@ -428,6 +451,13 @@ impl SpeedLayer {
                 indexes,
             });
             self.metrics.observe(t.elapsed(), taken);
+            if let Some(b) = take.iter().rev().find(|b| b.rows() > 0) {
+                let mut last = self.metrics.last_record_ms.lock().expect("speed metrics");
+                if last.len() <= p {
+                    last.resize(p + 1, 0);
+                }
+                last[p] = b.time_ms(b.rows() - 1);
+            }
             part.next = read_to;
             if closes {
                 Self::close(part, &self.archive, &self.metrics);

@@ -130,10 +130,27 @@ const READ_AHEAD: usize = 1 << 16;
 const CURSORS: usize = 3;
 /// A cursor this close behind a read's start continues instead of seeking.
 const SKIP_AHEAD: u64 = 4096;
+/// How far before a read's start a new cursor is assigned. A broker must
+/// answer a fetch inside a record batch with that batch (the consumer skips
+/// its first records); tansu 0.6.0 answers with the *next* batch, which
+/// would silently skip the rest of the containing one. Starting up to a
+/// batch earlier (librdkafka's `batch.num.messages` is 10,000 by default)
+/// and dropping what precedes the start reads every record either way.
+const LOOKBACK: u64 = 10_000;
 /// How long a read waits for records it knows are there (after a seek).
 const READ_WAIT: Duration = Duration::from_secs(5);
+/// How long a read waits for a new cursor's first fetch.
+const FIRST_FETCH_WAIT: Duration = Duration::from_secs(2);
 /// How long metadata and watermark requests may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a [`KafkaSource::take`] got.
+enum Took {
+    /// Records, and one past the last position read over.
+    Records(Vec<Record>, u64),
+    /// Nothing buffered; `fresh` if the cursor has not fetched yet.
+    Nothing { fresh: bool },
+}
 
 struct Record {
     offset: u64,
@@ -148,6 +165,9 @@ struct Cursor {
     next: u64,
     pending: VecDeque<Record>,
     used: Instant,
+    /// Whether the consumer has handed out anything yet: a new one's first
+    /// fetch takes a round trip, which a read waits for.
+    fetched: bool,
 }
 
 #[derive(Default)]
@@ -155,7 +175,8 @@ struct Partition {
     cursors: Mutex<Vec<Cursor>>,
     /// One past the highest offset fetched.
     seen: AtomicU64,
-    /// The broker's high watermark, refreshed in the background.
+    /// The broker's low and high watermarks, refreshed in the background.
+    low: AtomicU64,
     high: AtomicU64,
     /// Records below this were written to the dead-letter store already.
     dead_mark: AtomicU64,
@@ -238,10 +259,11 @@ impl KafkaSource {
     /// Refreshes every partition's high watermark and the partition count.
     fn refresh(&self) {
         for (p, part) in self.parts.iter().enumerate() {
-            if let Ok((_, high)) =
+            if let Ok((low, high)) =
                 self.meta
                     .fetch_watermarks(&self.config.topic, p as i32, REQUEST_TIMEOUT)
             {
+                part.low.store(low.max(0) as u64, Ordering::Relaxed);
                 part.high.store(high.max(0) as u64, Ordering::Relaxed);
             }
         }
@@ -292,8 +314,10 @@ impl KafkaSource {
                 let consumer: BaseConsumer = consumer_config(&self.config)
                     .create()
                     .map_err(|e| self.read_error(p, e))?;
+                let low = self.parts[p as usize].low.load(Ordering::Relaxed);
+                let at = from.saturating_sub(LOOKBACK).max(low.min(from));
                 let mut tpl = TopicPartitionList::new();
-                tpl.add_partition_offset(&self.config.topic, p as i32, Offset::Offset(from as i64))
+                tpl.add_partition_offset(&self.config.topic, p as i32, Offset::Offset(at as i64))
                     .map_err(|e| self.read_error(p, e))?;
                 consumer.assign(&tpl).map_err(|e| self.read_error(p, e))?;
                 let cursor = Cursor {
@@ -301,6 +325,7 @@ impl KafkaSource {
                     next: from,
                     pending: VecDeque::new(),
                     used: Instant::now(),
+                    fetched: false,
                 };
                 if cursors.len() < CURSORS {
                     cursors.push(cursor);
@@ -349,6 +374,8 @@ impl KafkaSource {
                     if offset < c.next || c.pending.back().is_some_and(|r| r.offset >= offset) {
                         continue; // before the cursor's start, or seen twice
                     }
+                    // A record at or past the start: the first fetch is in.
+                    c.fetched = true;
                     c.pending.push_back(Record {
                         offset,
                         time_ms: m.timestamp().to_millis().unwrap_or(0),
@@ -481,13 +508,7 @@ impl KafkaSource {
 
     /// Takes up to `max` buffered records below `until` from the cursor at
     /// `from`, fetching (without blocking) first.
-    fn take(
-        &self,
-        p: u32,
-        from: u64,
-        until: u64,
-        max: usize,
-    ) -> Result<Option<(Vec<Record>, u64)>, KafkaError> {
+    fn take(&self, p: u32, from: u64, until: u64, max: usize) -> Result<Took, KafkaError> {
         let part = &self.parts[p as usize];
         let mut cursors = part.cursors.lock().expect("kafka cursors");
         let c = self.cursor_at(p, &mut cursors, from)?;
@@ -501,7 +522,7 @@ impl KafkaSource {
         if c.pending.front().is_some_and(|r| r.offset >= until) {
             // Nothing below `until`: the range is read (gaps up to it).
             c.next = until;
-            return Ok(Some((Vec::new(), until)));
+            return Ok(Took::Records(Vec::new(), until));
         }
         let n = c
             .pending
@@ -510,12 +531,12 @@ impl KafkaSource {
             .take_while(|r| r.offset < until)
             .count();
         if n == 0 {
-            return Ok(None);
+            return Ok(Took::Nothing { fresh: !c.fetched });
         }
         let records: Vec<Record> = c.pending.drain(..n).collect();
         let end = records.last().expect("records").offset + 1;
         c.next = end;
-        Ok(Some((records, end)))
+        Ok(Took::Records(records, end))
     }
 }
 
@@ -649,15 +670,20 @@ impl Source for KafkaSource {
         if from >= until {
             return Ok(Vec::new());
         }
-        // Records known to be there are waited for (a new cursor's first
-        // fetch); otherwise a read returns what has arrived.
+        // A new cursor's first fetch is waited for (a broker's end offset
+        // may be below what it holds, so "nothing yet" is not "nothing");
+        // so are records known to be there. Otherwise a read returns what
+        // has arrived: a partition may end with offsets that hold no
+        // record (transaction markers).
         let known = from < self.end(p)?;
-        let deadline = Instant::now() + if known { READ_WAIT } else { Duration::ZERO };
+        let began = Instant::now();
         loop {
-            if let Some((records, end)) = self.take(p, from, until, max_events)? {
-                return Ok(vec![self.decode(p, records, end)]);
-            }
-            if Instant::now() >= deadline {
+            let fresh = match self.take(p, from, until, max_events)? {
+                Took::Records(records, end) => return Ok(vec![self.decode(p, records, end)]),
+                Took::Nothing { fresh } => fresh,
+            };
+            let waited = began.elapsed();
+            if !(fresh && waited < FIRST_FETCH_WAIT || known && waited < READ_WAIT) {
                 return Ok(Vec::new());
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
