@@ -289,6 +289,30 @@ pub struct IngestCounters {
     pub bytes: AtomicU64,
 }
 
+/// Decodes `body`, handing refused lines to `refusals`; with `collect`,
+/// also each accepted line's byte range and partition (to produce them into
+/// an external stream as they were sent).
+fn decode_into(
+    decoder: &Decoder,
+    body: &[u8],
+    partition: u32,
+    refusals: &mut Refusals,
+    collect: bool,
+) -> (Decoded, Vec<(std::ops::Range<usize>, u32)>) {
+    let mut lines = Vec::new();
+    let decoded = decoder.decode_each(
+        body,
+        partition,
+        &mut |r| refusals.push(r),
+        &mut |range, p| {
+            if collect {
+                lines.push((range, p))
+            }
+        },
+    );
+    (decoded, lines)
+}
+
 /// Decoder, log and dead-letter store, wired together.
 pub struct Ingest {
     decoder: Decoder,
@@ -375,17 +399,8 @@ impl Ingest {
         let collect = self.producer.is_some();
         let (decoded, refused, lines) = if body.len() <= INLINE_DECODE_BYTES {
             let mut refusals = Refusals::new(self.dead.clone(), body.clone(), false);
-            let mut lines = Vec::new();
-            let decoded = self.decoder.decode_each(
-                &body,
-                partition,
-                &mut |r| refusals.push(r),
-                &mut |range, p| {
-                    if collect {
-                        lines.push((range, p))
-                    }
-                },
-            );
+            let (decoded, lines) =
+                decode_into(&self.decoder, &body, partition, &mut refusals, collect);
             let refused = if refusals.rejected > 0 {
                 tokio::task::spawn_blocking(move || refusals.finish())
                     .await
@@ -398,17 +413,8 @@ impl Ingest {
             let (decoder, dead, body) = (self.decoder.clone(), self.dead.clone(), body.clone());
             tokio::task::spawn_blocking(move || {
                 let mut refusals = Refusals::new(dead, body.clone(), true);
-                let mut lines = Vec::new();
-                let decoded = decoder.decode_each(
-                    &body,
-                    partition,
-                    &mut |r| refusals.push(r),
-                    &mut |range, p| {
-                        if collect {
-                            lines.push((range, p))
-                        }
-                    },
-                );
+                let (decoded, lines) =
+                    decode_into(&decoder, &body, partition, &mut refusals, collect);
                 (decoded, refusals.finish(), lines)
             })
             .await

@@ -212,20 +212,7 @@ fn every_answer_over_kafka_equals_the_view_sql_over_the_events_below_its_offsets
         .collect();
 
     let answers: Arc<Mutex<Vec<oracle::Got>>> = Arc::default();
-    let readers: Vec<_> = ["sales_by_product", "sales_by_zipcode", "sales_per_minute"]
-        .into_iter()
-        .map(|view| {
-            let (url, answers, done) = (url.clone(), answers.clone(), done.clone());
-            std::thread::spawn(move || {
-                while !done.load(Ordering::Relaxed) {
-                    if let Some(g) = oracle::query(&url, view) {
-                        answers.lock().unwrap().push(g);
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            })
-        })
-        .collect();
+    let readers = oracle::view_readers(&url, &answers, &done);
     for p in producers {
         p.join().unwrap();
     }

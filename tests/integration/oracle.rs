@@ -188,6 +188,29 @@ pub(crate) fn verify_positions(
     checked
 }
 
+/// One thread per default view, each querying it every 20 ms into
+/// `answers` until `done`.
+pub(crate) fn view_readers(
+    url: &str,
+    answers: &Arc<Mutex<Vec<Got>>>,
+    done: &Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    ["sales_by_product", "sales_by_zipcode", "sales_per_minute"]
+        .into_iter()
+        .map(|view| {
+            let (url, answers, done) = (url.to_string(), answers.clone(), done.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    if let Some(g) = query(&url, view) {
+                        answers.lock().unwrap().push(g);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        })
+        .collect()
+}
+
 pub(crate) fn query(url: &str, view: &str) -> Option<Got> {
     query_filtered(url, view, None)
 }
@@ -255,20 +278,7 @@ fn every_answer_equals_the_view_sql_over_the_events_below_its_offsets() {
 
     // Readers: every view, again and again, until producers finish and ≥ 3 runs published.
     let answers: Arc<Mutex<Vec<Got>>> = Arc::default();
-    let readers: Vec<_> = ["sales_by_product", "sales_by_zipcode", "sales_per_minute"]
-        .into_iter()
-        .map(|view| {
-            let (url, answers, done) = (url.clone(), answers.clone(), done.clone());
-            std::thread::spawn(move || {
-                while !done.load(Ordering::Relaxed) {
-                    if let Some(g) = query(&url, view) {
-                        answers.lock().unwrap().push(g);
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            })
-        })
-        .collect();
+    let readers = view_readers(&url, &answers, &done);
     // Point readers: key lookups that read one group, never the whole view.
     let points: Vec<_> = [
         ("sales_by_product", "ProductName"),
