@@ -232,14 +232,7 @@ fn every_answer_over_kafka_equals_the_view_sql_over_the_events_below_its_offsets
             "status shows the partition's end and no lag once settled: {part}"
         );
     }
-    let metrics = common::rt().block_on(async {
-        reqwest::get(format!("{url}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    });
+    let metrics = common::get_text(&format!("{url}/metrics"));
     assert!(
         metrics.contains("lambdaflow_stream_end_offset{partition=\"1\"}")
             && metrics.contains("lambdaflow_speed_lag_seconds{partition=\"0\"} 0"),

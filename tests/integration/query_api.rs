@@ -180,14 +180,7 @@ fn views_sql_metrics_and_commands() {
     assert_eq!(status, 400, "{r}");
 
     // Prometheus metrics.
-    let text = common::rt().block_on(async {
-        reqwest::get(format!("{url}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    });
+    let text = common::get_text(&format!("{url}/metrics"));
     for m in [
         "lambdaflow_events_accepted_total 300",
         "lambdaflow_realtime_offset{partition=\"0\"} 300",

@@ -207,6 +207,10 @@ pub fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+pub fn get_text(url: &str) -> String {
+    rt().block_on(async { reqwest::get(url).await.unwrap().text().await.unwrap() })
+}
+
 pub fn get_json(url: &str) -> Value {
     rt().block_on(async { reqwest::get(url).await.unwrap().json().await.unwrap() })
 }
