@@ -26,7 +26,7 @@
 //! they were archived stop that partition with [`KafkaError::Lost`].
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,18 @@ impl KafkaConfig {
         c.set("bootstrap.servers", &self.brokers);
         for (k, v) in &self.options {
             c.set(k, v);
+        }
+        c
+    }
+
+    /// [`KafkaConfig::client`] with `defaults` for the properties the
+    /// user's `options` leave unset.
+    fn client_with(&self, defaults: &[(&str, &str)]) -> ClientConfig {
+        let mut c = self.client();
+        for (k, v) in defaults {
+            if !self.options.contains_key(*k) {
+                c.set(*k, *v);
+            }
         }
         c
     }
@@ -197,8 +209,6 @@ pub struct KafkaSource {
     dead: Arc<DeadLetters>,
     meta: BaseConsumer,
     parts: Vec<Partition>,
-    /// Partitions the topic has now (it may have gained some since open).
-    topic_partitions: AtomicU32,
     stopped: AtomicBool,
     /// Where partitions added to the topic are reported.
     health: Option<Arc<crate::health::Health>>,
@@ -227,7 +237,6 @@ impl KafkaSource {
             dead,
             meta,
             parts: (0..n).map(|_| Partition::default()).collect(),
-            topic_partitions: AtomicU32::new(n),
             stopped: AtomicBool::new(false),
             health,
             config,
@@ -239,16 +248,6 @@ impl KafkaSource {
             .spawn(move || refresh_loop(weak))
             .expect("spawn the watermark thread");
         Ok(source)
-    }
-
-    pub fn config(&self) -> &KafkaConfig {
-        &self.config
-    }
-
-    /// How many partitions the topic has now; more than [`Source::partitions`]
-    /// when some were added while running.
-    pub fn topic_partitions(&self) -> u32 {
-        self.topic_partitions.load(Ordering::Relaxed)
     }
 
     /// Stops the background refresh (the thread ends within a second).
@@ -268,7 +267,6 @@ impl KafkaSource {
             }
         }
         if let Ok(n) = topic_partitions(&self.meta, &self.config) {
-            self.topic_partitions.store(n, Ordering::Relaxed);
             // Events in a partition this node does not read would be missing
             // from every answer: a problem until it is dealt with, not a note.
             if let Some(h) = &self.health
@@ -541,21 +539,15 @@ impl KafkaSource {
 }
 
 fn consumer_config(config: &KafkaConfig) -> ClientConfig {
-    let mut c = config.client();
-    for (k, v) in [
-        ("group.id", format!("lambdaflow-{}", config.topic).as_str()),
-        ("enable.auto.commit", "false"),
+    let group = format!("lambdaflow-{}", config.topic);
+    let mut c = config.client_with(&[
+        ("group.id", &group),
         ("enable.auto.offset.store", "false"),
         ("enable.partition.eof", "false"),
         ("isolation.level", "read_committed"),
-        ("auto.offset.reset", "error"),
         ("fetch.wait.max.ms", "50"),
         ("queued.max.messages.kbytes", "16384"),
-    ] {
-        if !config.options.contains_key(k) {
-            c.set(k, v);
-        }
-    }
+    ]);
     // Never move past a lost position, whatever the options say.
     c.set("auto.offset.reset", "error");
     c.set("enable.auto.commit", "false");
@@ -738,21 +730,18 @@ pub struct KafkaProducer {
 
 impl KafkaProducer {
     pub fn new(config: &KafkaConfig) -> Result<KafkaProducer, KafkaError> {
-        let mut c = config.client();
-        for (k, v) in [
-            ("acks", "all"),
-            ("enable.idempotence", "true"),
-            ("linger.ms", "5"),
-            ("queue.buffering.max.messages", "1000000"),
-        ] {
-            if !config.options.contains_key(k) {
-                c.set(k, v);
-            }
-        }
-        let producer = c.create().map_err(|source| KafkaError::Connect {
-            brokers: config.brokers.clone(),
-            source,
-        })?;
+        let producer = config
+            .client_with(&[
+                ("acks", "all"),
+                ("enable.idempotence", "true"),
+                ("linger.ms", "5"),
+                ("queue.buffering.max.messages", "1000000"),
+            ])
+            .create()
+            .map_err(|source| KafkaError::Connect {
+                brokers: config.brokers.clone(),
+                source,
+            })?;
         Ok(KafkaProducer {
             producer,
             topic: config.topic.clone(),
