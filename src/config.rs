@@ -210,6 +210,18 @@ pub struct StreamConfig {
     /// event.
     #[serde(default)]
     pub kafka: Option<crate::stream::kafka::KafkaConfig>,
+    /// Consume a Kinesis stream instead: its shards are the partitions
+    /// (numbered by a registry under the data root), each record one event.
+    #[serde(default)]
+    pub kinesis: Option<crate::stream::kinesis::KinesisConfig>,
+}
+
+impl StreamConfig {
+    /// Whether the layers consume an external stream rather than the
+    /// embedded log (which is then never written).
+    pub fn external(&self) -> bool {
+        self.kafka.is_some() || self.kinesis.is_some()
+    }
 }
 
 fn default_partitions() -> u32 {
@@ -227,6 +239,7 @@ impl Default for StreamConfig {
             key: None,
             segment_bytes: default_segment_bytes(),
             kafka: None,
+            kinesis: None,
         }
     }
 }
@@ -518,6 +531,22 @@ impl Config {
                 "data",
                 "object-store roots (`s3://…`) are not supported by this build yet".into(),
                 Some("use a local directory such as \"./data\"".into()),
+            ));
+        }
+        if self.stream.kafka.is_some() && self.stream.kinesis.is_some() {
+            return Err(invalid(
+                "stream",
+                "set `kafka` or `kinesis`, not both: a node consumes one stream".into(),
+                None,
+            ));
+        }
+        if let Some(k) = &self.stream.kinesis
+            && k.stream.is_empty()
+        {
+            return Err(invalid(
+                "stream.kinesis.stream",
+                "must name the stream".into(),
+                None,
             ));
         }
         if self.stream.partitions == 0 || self.stream.partitions > 1024 {

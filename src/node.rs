@@ -35,7 +35,9 @@ use crate::speed::{SpeedError, SpeedLayer, SpeedMetrics, SpeedOptions};
 use crate::storage::{Storage, StorageError};
 use crate::stream::deadletter::DeadLetterError;
 use crate::stream::ingest::Backlog;
+use crate::stream::ingest::Producer;
 use crate::stream::kafka::{self, KafkaError, KafkaSource};
+use crate::stream::kinesis::{self, KinesisError, KinesisSource};
 use crate::stream::{ChunkRange, Source};
 use crate::stream::{DeadLetters, Decoder, Ingest, Log, LogError, LogOptions, Partitioning};
 use crate::view::failures::ViewFailures;
@@ -64,16 +66,28 @@ pub enum NodeError {
     #[error(transparent)]
     Kafka(#[from] KafkaError),
     #[error(transparent)]
+    Kinesis(#[from] KinesisError),
+    #[error(transparent)]
     Source(#[from] crate::stream::SourceError),
 }
 
 /// Settles what the stream decides rather than the configuration: a Kafka
-/// topic's partition count is the topic's.
-pub fn resolve_stream(config: &mut Config) -> Result<(), KafkaError> {
+/// topic's partition count is the topic's; a Kinesis stream's is the number
+/// of shards its registry holds (every shard it ever had).
+pub async fn resolve_stream(config: &mut Config) -> Result<(), NodeError> {
     if let Some(k) = &config.stream.kafka {
         let n = kafka::partition_count(k)?;
         if n != config.stream.partitions {
             tracing::info!(topic = %k.topic, partitions = n, "partitions from the Kafka topic");
+        }
+        config.stream.partitions = n;
+    }
+    if let Some(k) = &config.stream.kinesis {
+        let storage = Storage::local(&config.data)?;
+        let registry = kinesis::resolve(&storage, k).await?;
+        let n = registry.shards.len() as u32;
+        if n != config.stream.partitions {
+            tracing::info!(stream = %k.stream, partitions = n, "partitions from the Kinesis shard registry");
         }
         config.stream.partitions = n;
     }
@@ -111,7 +125,7 @@ pub async fn open_batch(config: &Config) -> Result<Arc<BatchLayer>, NodeError> {
     let schema = config.event_schema()?;
     let views = view::compile_all(&config.views, &schema).await?;
     let mut config = config.clone();
-    resolve_stream(&mut config)?;
+    resolve_stream(&mut config).await?;
     open_batch_with(&config, views).await
 }
 
@@ -125,9 +139,11 @@ pub async fn open_batch_with(
     let schema = Arc::new(config.event_schema()?);
     // Every command that opens a data directory checks its partition count:
     // a batch run with another count would publish an H of the wrong length.
+    // (An external stream may gain partitions; its node's log is never written.)
     let log_dir = config.data.join("log");
     if let Some(found) = Log::partitions_in(&log_dir)?
         && found != config.stream.partitions
+        && !config.stream.external()
     {
         return Err(LogError::PartitionMismatch {
             dir: log_dir,
@@ -166,7 +182,7 @@ pub struct Assembled {
 /// covering the log's start by [`driver::prepare`]), serving and the speed
 /// layer, caught up with the log. Time comes from `clock`.
 pub async fn assemble(mut config: Config, clock: SharedClock) -> Result<Assembled, NodeError> {
-    resolve_stream(&mut config)?;
+    resolve_stream(&mut config).await?;
     let batch = open_batch(&config).await?;
     assemble_over(config, clock, batch).await
 }
@@ -189,16 +205,21 @@ pub async fn assemble_over(
     let cov = master.coverage();
     tracing::info!(version = cov.version, h = ?cov.h, "master dataset open");
     let health = Arc::new(Health::default());
+    let log_dir = config.data.join("log");
+    let log_partitions = match Log::partitions_in(&log_dir)? {
+        Some(found) if config.stream.external() => found,
+        _ => config.stream.partitions,
+    };
     let log = Arc::new(Log::open(
-        config.data.join("log"),
+        log_dir,
         LogOptions {
-            partitions: config.stream.partitions,
+            partitions: log_partitions,
             segment_bytes: config.stream.segment_bytes.as_u64(),
             max_pending_bytes: config.ingest.max_pending.as_u64(),
             pending_wait: config.ingest.pending_wait,
             // The archived coverage is the embedded log's floor only when
             // it is the stream (a Kafka node's log is never written).
-            floors: if config.stream.kafka.is_none() {
+            floors: if !config.stream.external() {
                 cov.h.clone()
             } else {
                 Vec::new()
@@ -229,7 +250,21 @@ pub async fn assemble_over(
     )?
     .with_health(health.clone());
     let dead = Arc::new(dead);
+    let mut kinesis_source = None;
     let source: Arc<dyn Source> = match &config.stream.kafka {
+        None if config.stream.kinesis.is_some() => {
+            let k = config.stream.kinesis.clone().expect("a Kinesis stream");
+            let s = KinesisSource::open(
+                k,
+                Storage::local(&config.data)?,
+                Decoder::new(schema.clone(), Partitioning::RoundRobin),
+                dead.clone(),
+                Some(health.clone()),
+            )
+            .await?;
+            kinesis_source = Some(s.clone());
+            s
+        }
         None => log.clone(),
         Some(k) => {
             let (k, decoder, dead, health) = (
@@ -245,9 +280,14 @@ pub async fn assemble_over(
     };
     let mut ingest = Ingest::new(Decoder::new(schema, partitioning), log.clone(), dead)
         .with_health(health.clone());
+    // POST /v1/events produces into the stream the node consumes.
     if let Some(k) = &config.stream.kafka {
-        // POST /v1/events produces into the topic the node consumes.
-        ingest.producer = Some(Arc::new(kafka::KafkaProducer::new(k)?));
+        ingest.producer = Some(Arc::new(Producer::Kafka(kafka::KafkaProducer::new(k)?)));
+    }
+    if let Some(k) = &config.stream.kinesis {
+        ingest.producer = Some(Arc::new(Producer::Kinesis(
+            kinesis::KinesisProducer::new(k).await,
+        )));
     }
     ingest.backlog = Arc::new(Backlog::new(
         config.ingest.max_unpublished,
@@ -269,10 +309,14 @@ pub async fn assemble_over(
     if let Some(m) = published.clone() {
         serving.set_batch(Arc::new(BatchSide::load(&batch, m, &[]).await?));
     }
-    let h = published.as_ref().map_or_else(
-        || vec![0; config.stream.partitions as usize],
-        |m| m.h.clone(),
-    );
+    // A run from before the stream gained partitions covers none of them.
+    let mut h = published.as_ref().map_or_else(Vec::new, |m| m.h.clone());
+    h.resize(h.len().max(config.stream.partitions as usize), 0);
+    if let Some(k) = &kinesis_source {
+        // Kinesis resumes after the sequence number the chunk ending at H keeps.
+        let tokens = master.resume_tokens(&h).await?;
+        k.resume(&h, &tokens)?;
+    }
     let snapshot = master.snapshot().await?;
     let committed = (0..config.stream.partitions)
         .map(|p| snapshot.chunks(p))
@@ -354,7 +398,7 @@ impl Node {
             tokio::spawn(driver::run_loop(
                 batch,
                 source.clone(),
-                log,
+                (!config.stream.external()).then_some(log),
                 serving,
                 config.data.clone(),
                 config.batch.pause,

@@ -257,7 +257,7 @@ impl World {
         let node = self.node();
         driver::cycle(
             &node.batch,
-            &node.log,
+            Some(&node.log),
             &node.serving,
             &node.config.data,
             &node.status,

@@ -117,6 +117,43 @@ impl Storage {
         self.sync_at(path).await
     }
 
+    /// Writes `rel` only if no object is there (a conditional put on S3, a
+    /// no-replace link on a local root), durably; `Ok(false)` when another
+    /// writer was first. What every node agrees on is created this way.
+    pub async fn create(&self, rel: &str, bytes: Bytes) -> Result<bool, StorageError> {
+        let path = self.path(rel);
+        let opts = object_store::PutOptions {
+            mode: object_store::PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&path, PutPayload::from(bytes), opts)
+            .await
+        {
+            Ok(_) => {
+                self.sync_at(&path).await?;
+                Ok(true)
+            }
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(source) => Err(io("create", &path)(source)),
+        }
+    }
+
+    /// Names of the objects directly under `rel` (none if it does not exist).
+    pub async fn list_files(&self, rel: &str) -> Result<Vec<String>, StorageError> {
+        let path = self.path(rel);
+        match self.store.list_with_delimiter(Some(&path)).await {
+            Ok(listed) => Ok(listed
+                .objects
+                .iter()
+                .filter_map(|o| o.location.filename().map(str::to_string))
+                .collect()),
+            Err(object_store::Error::NotFound { .. }) => Ok(Vec::new()),
+            Err(source) => Err(io("list", &path)(source)),
+        }
+    }
+
     /// Makes an object written by someone else (Delta's commit files) as
     /// durable as [`Storage::put_at`] makes its own. A no-op for object stores,
     /// where a completed write is durable.

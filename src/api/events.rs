@@ -59,7 +59,8 @@ pub(super) async fn post_events(
                     LogError::Overloaded { .. } | LogError::Closed | LogError::OutOfFiles { .. },
                 )
                 | IngestError::Backlogged { .. }
-                | IngestError::Kafka(_) => StatusCode::SERVICE_UNAVAILABLE,
+                | IngestError::Kafka(_)
+                | IngestError::Kinesis(_) => StatusCode::SERVICE_UNAVAILABLE,
                 IngestError::Log(LogError::NoSpace { .. })
                 | IngestError::DeadLetter(crate::stream::deadletter::DeadLetterError::NoSpace {
                     ..

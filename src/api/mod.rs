@@ -248,8 +248,16 @@ struct SpeedStatus {
 /// One partition across the layers: log extent, archived and published coverage.
 #[derive(Serialize)]
 struct PartitionStatus {
-    #[serde(flatten)]
-    log: crate::stream::log::PartitionStats,
+    /// The embedded log's figures (on a node that consumes an external
+    /// stream, its partitions are the stream's and the log is unused).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    log: Option<crate::stream::log::PartitionStats>,
+    /// The partition, when there is no log partition to name it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partition: Option<u32>,
+    /// What the stream calls it (a Kinesis shard) and how it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shard: Option<crate::stream::source::PartitionInfo>,
     /// End of the last chunk in the master dataset.
     #[serde(skip_serializing_if = "Option::is_none")]
     archived: Option<u64>,
@@ -319,23 +327,44 @@ async fn status(
         let r = snap.as_ref()?.realtime_end.get(p).copied()?;
         Some(end.saturating_sub(r))
     };
-    let partitions = state
-        .ingest
-        .log()
-        .stats()
+    let mut logs = state.ingest.log().stats();
+    // A node that produces into an external stream consumes it: its
+    // partitions are the stream's, and its log is unused.
+    let external = state.ingest.producer.is_some();
+    let count = match &source {
+        Some(s) if external => s.partitions() as usize,
+        _ => logs.len(),
+    };
+    logs.resize_with(logs.len().max(count), || {
+        crate::stream::log::PartitionStats {
+            partition: u32::MAX,
+            start: 0,
+            end: 0,
+            segments: 0,
+            bytes: 0,
+            fsyncs: 0,
+            frames: 0,
+        }
+    });
+    let partitions = logs
         .into_iter()
-        .map(|log| {
-            let p = log.partition as usize;
+        .take(count)
+        .enumerate()
+        .map(|(p, log)| {
+            let partition = p as u32;
+            let log = (log.partition == partition && !external).then_some(log);
             PartitionStatus {
+                partition: log.is_none().then_some(partition),
+                shard: source.as_ref().and_then(|s| s.info(partition)),
                 archived: master.as_ref().and_then(|m| m.h.get(p).copied()),
                 published: batch
                     .as_ref()
                     .and_then(|b| b.published.as_ref())
                     .and_then(|r| r.h.get(p).copied()),
                 realtime: snap.as_ref().and_then(|s| s.realtime_end.get(p).copied()),
-                stream_end: source.as_ref().and_then(|s| s.end(log.partition).ok()),
-                lag: lag(p, log.partition),
-                lag_ms: lag(p, log.partition).and_then(|waiting| {
+                stream_end: source.as_ref().and_then(|s| s.end(partition).ok()),
+                lag: lag(p, partition),
+                lag_ms: lag(p, partition).and_then(|waiting| {
                     let l = state.layers.as_ref()?;
                     Some(
                         l.speed

@@ -180,7 +180,7 @@ pub async fn prepare(
 /// it, so retention never outruns the durable copy.
 pub async fn cycle(
     batch: &BatchLayer,
-    log: &Log,
+    log: Option<&Log>,
     serving: &Serving,
     data: &Path,
     status: &Mutex<BatchStatus>,
@@ -232,6 +232,8 @@ pub async fn cycle(
             m.h.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
         )),
     );
+    // An external stream keeps its own retention; the node's log is unused.
+    let Some(log) = log else { return Ok(m) };
     for (p, &h) in m.h.iter().enumerate() {
         let component = format!("retention/p{p}");
         match log.delete_below(p as u32, h) {
@@ -254,7 +256,7 @@ pub async fn cycle(
 pub async fn run_loop(
     batch: Arc<BatchLayer>,
     source: Arc<dyn Source>,
-    log: Arc<Log>,
+    log: Option<Arc<Log>>,
     serving: Arc<Serving>,
     data: PathBuf,
     pause: Duration,
@@ -280,7 +282,9 @@ pub async fn run_loop(
             (Ok(v), None) => *v >= 0,
             (Err(_), _) => false,
         };
-        if due && let Err(e) = cycle(&batch, &log, &serving, &data, &status, &health).await {
+        if due
+            && let Err(e) = cycle(&batch, log.as_deref(), &serving, &data, &status, &health).await
+        {
             tracing::error!(error = %e, "batch run failed; the previous run stays published");
             status.lock().expect("status lock").last_error = Some(e.to_string());
             health.report("batch", &e);

@@ -206,9 +206,11 @@ impl BatchLayer {
             detail: e.to_string(),
         })?;
         let partitions = self.master.partitions() as usize;
-        if m.h.len() != partitions {
-            // Serving would index H by partition: a manifest of another
-            // partition count is unusable, as a corrupt one is.
+        if m.h.len() > partitions {
+            // A stream never loses partitions (a topic cannot shrink, a
+            // closed Kinesis shard stays in the registry): a manifest of more
+            // is not this stream's, as unusable as a corrupt one. Fewer is a
+            // run from before the stream gained some.
             return Err(BatchError::BadManifest {
                 path: CURRENT.into(),
                 detail: format!(

@@ -302,7 +302,7 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
                 .collect();
             let chunk = ChunkRange::dense(p, offsets[p as usize], first);
             let t = Instant::now();
-            rt.block_on(master.commit_chunk(chunk, batches))?;
+            rt.block_on(master.commit_chunk(chunk, batches, None))?;
             archive_secs += t.elapsed().as_secs_f64();
             offsets[p as usize] += n;
             made += n;

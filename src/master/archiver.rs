@@ -34,7 +34,10 @@ pub async fn archive_chunk(
     c: ChunkRange,
 ) -> Result<CommitOutcome, ArchiveError> {
     let batches = read_exact(source, c.partition, c.start, c.end).await?;
-    Ok(master.commit_chunk(c, batches).await?)
+    let token = source.resume_token(c.partition, c.end);
+    let outcome = master.commit_chunk(c, batches, token).await?;
+    source.archived(c.partition, c.end);
+    Ok(outcome)
 }
 
 /// The archive queue: commits each partition's closed chunks in the order

@@ -181,11 +181,16 @@ pub struct MasterDataset {
     table: tokio::sync::Mutex<DeltaTable>,
     events: Arc<EventSchema>,
     file_schema: SchemaRef,
-    partitions: u32,
+    /// The partitions of the stream: those it had at open, and more as
+    /// chunks of new ones are committed (a stream may gain partitions).
+    partitions: std::sync::atomic::AtomicU32,
     coverage: std::sync::Mutex<Coverage>,
     /// Files whose checksum this process has verified (files never change).
     verified: std::sync::Mutex<std::collections::HashSet<object_store::path::Path>>,
 }
+
+/// The Parquet metadata key of a chunk file's resume token.
+const RESUME_KEY: &str = "lambdaflow.resume_token";
 
 fn app_id(partition: u32) -> String {
     format!("lambdaflow-p{partition}")
@@ -293,7 +298,7 @@ impl MasterDataset {
             table: tokio::sync::Mutex::new(table),
             events,
             file_schema,
-            partitions,
+            partitions: partitions.into(),
             coverage: std::sync::Mutex::new(Coverage {
                 version: -1,
                 h: vec![0; partitions as usize],
@@ -343,7 +348,7 @@ impl MasterDataset {
     }
 
     pub fn partitions(&self) -> u32 {
-        self.partitions
+        self.partitions.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn storage(&self) -> &Storage {
@@ -378,7 +383,7 @@ impl MasterDataset {
             // Reading the application transactions scans the log: skip it when nothing moved.
             return Ok(cached);
         }
-        let cov = Self::coverage_of(&table, self.partitions).await?;
+        let cov = Self::coverage_of(&table, self.partitions()).await?;
         *self.coverage.lock().expect("coverage lock") = cov.clone();
         Ok(cov)
     }
@@ -419,8 +424,39 @@ impl MasterDataset {
         self.snapshot_of(&table).await
     }
 
+    /// Per partition, the resume token kept by the committed chunk that
+    /// ends at `at[p]` (none at 0, or when the stream keeps none).
+    pub async fn resume_tokens(&self, at: &[u64]) -> Result<Vec<Option<String>>, MasterError> {
+        let snapshot = self.snapshot().await?;
+        let mut out = Vec::with_capacity(at.len());
+        for (p, &end) in at.iter().enumerate() {
+            let file = snapshot.files.iter().find(|f| {
+                f.location
+                    .filename()
+                    .and_then(parse_chunk_name)
+                    .is_some_and(|(q, s, e, _)| q == p as u32 && e == end && s < e)
+            });
+            let Some(file) = file else {
+                out.push(None);
+                continue;
+            };
+            let bytes = self.storage.read_at(&file.location).await?;
+            let reader = datafusion::parquet::file::reader::SerializedFileReader::new(bytes)
+                .map_err(|e| MasterError::Encode(format!("{}: {e}", file.location)))?;
+            use datafusion::parquet::file::reader::FileReader;
+            let token = reader
+                .metadata()
+                .file_metadata()
+                .key_value_metadata()
+                .and_then(|kv| kv.iter().find(|k| k.key == RESUME_KEY))
+                .and_then(|k| k.value.clone());
+            out.push(token);
+        }
+        Ok(out)
+    }
+
     async fn snapshot_of(&self, table: &DeltaTable) -> Result<MasterSnapshot, MasterError> {
-        let coverage = Self::coverage_of(table, self.partitions).await?;
+        let coverage = Self::coverage_of(table, self.partitions()).await?;
         let snapshot = table.snapshot().map_err(delta("read the table"))?;
         let table_prefix = self.storage.path(TABLE_DIR);
         let mut files = Vec::new();
@@ -505,9 +541,12 @@ impl MasterDataset {
             return Ok(false);
         };
         let file_schema = self.file_schema.clone();
-        let encoded = tokio::task::spawn_blocking(move || encode_chunk(&file_schema, p, &batches))
-            .await
-            .map_err(|e| MasterError::Encode(e.to_string()))??;
+        // The same token as at the commit, or the checksum will not match.
+        let token = source.resume_token(p, end);
+        let encoded =
+            tokio::task::spawn_blocking(move || encode_chunk(&file_schema, p, &batches, token))
+                .await
+                .map_err(|e| MasterError::Encode(e.to_string()))??;
         if crc32c::crc32c(&encoded) != *expected {
             return Ok(false);
         }
@@ -518,10 +557,15 @@ impl MasterDataset {
 
     /// Commits the events of `chunk` (read from the stream, in order) as one
     /// file. Idempotent: a chunk already committed is skipped.
+    ///
+    /// `resume` is what the stream needs to read on after the chunk's last
+    /// record (a Kinesis sequence number): the file keeps it, and
+    /// [`MasterDataset::resume_tokens`] gives it back after a restart.
     pub async fn commit_chunk(
         &self,
         chunk: ChunkRange,
         batches: Vec<SourceBatch>,
+        resume: Option<String>,
     ) -> Result<CommitOutcome, MasterError> {
         let ChunkRange {
             partition,
@@ -529,7 +573,14 @@ impl MasterDataset {
             end,
             events: n,
         } = chunk;
-        let committed = self.coverage().h[partition as usize];
+        self.partitions
+            .fetch_max(partition + 1, std::sync::atomic::Ordering::Relaxed);
+        let committed = self
+            .coverage()
+            .h
+            .get(partition as usize)
+            .copied()
+            .unwrap_or(0);
         if committed >= end {
             return Ok(CommitOutcome::AlreadyCommitted);
         }
@@ -555,10 +606,11 @@ impl MasterDataset {
         }
 
         let file_schema = self.file_schema.clone();
-        let encoded =
-            tokio::task::spawn_blocking(move || encode_chunk(&file_schema, partition, &batches))
-                .await
-                .map_err(|e| MasterError::Encode(e.to_string()))??;
+        let encoded = tokio::task::spawn_blocking(move || {
+            encode_chunk(&file_schema, partition, &batches, resume)
+        })
+        .await
+        .map_err(|e| MasterError::Encode(e.to_string()))??;
         let name = chunk_name(partition, start, end, crc32c::crc32c(&encoded));
         let size = encoded.len() as u64;
         self.storage
@@ -623,6 +675,9 @@ impl MasterDataset {
         table.state = Some(commit.snapshot());
         let mut cov = self.coverage.lock().expect("coverage lock");
         cov.version = version;
+        if cov.h.len() <= partition as usize {
+            cov.h.resize(partition as usize + 1, 0);
+        }
         cov.h[partition as usize] = end;
         Ok(CommitOutcome::Committed { version })
     }
@@ -633,12 +688,19 @@ fn encode_chunk(
     file_schema: &SchemaRef,
     partition: u32,
     batches: &[SourceBatch],
+    resume: Option<String>,
 ) -> Result<Vec<u8>, MasterError> {
     let enc = |e: String| MasterError::Encode(e);
     let delta_cols = [OFFSET_COLUMN, INGEST_TIME_COLUMN];
     let mut props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
-        .set_max_row_group_row_count(Some(1 << 20));
+        .set_max_row_group_row_count(Some(1 << 20))
+        .set_key_value_metadata(resume.map(|r| {
+            vec![datafusion::parquet::file::metadata::KeyValue::new(
+                RESUME_KEY.to_string(),
+                r,
+            )]
+        }));
     for c in delta_cols {
         // Offsets and ingest times climb steadily: delta encoding makes them nearly free.
         props = props
@@ -711,13 +773,18 @@ mod tests {
             times: StreamTimes::Each(vec![1_000, 1_001, 1_002].into()),
         };
         let wrong = ChunkRange::new(0, 0, 10, 4).unwrap();
-        let refused = master.commit_chunk(wrong, vec![records.clone()]).await;
+        let refused = master
+            .commit_chunk(wrong, vec![records.clone()], None)
+            .await;
         assert!(
             matches!(refused, Err(MasterError::ShortChunk { got: 3, .. })),
             "a chunk that should hold 4 events but was read with 3 is refused: {refused:?}"
         );
         let chunk = ChunkRange::new(0, 0, 10, 3).unwrap();
-        master.commit_chunk(chunk, vec![records]).await.unwrap();
+        master
+            .commit_chunk(chunk, vec![records], None)
+            .await
+            .unwrap();
         let snap = master.snapshot().await.unwrap();
         assert_eq!(snap.chunks(0), vec![chunk], "the range and its event count");
         assert_eq!(

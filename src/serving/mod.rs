@@ -240,11 +240,26 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Batch coverage H (zeros before the first run).
+    /// Batch coverage H, one entry per partition the snapshot knows (zeros
+    /// before the first run, and for partitions the stream gained after it).
     pub fn h(&self) -> Vec<u64> {
-        match &self.batch {
+        let mut h = match &self.batch {
             Some(b) => b.manifest.h.clone(),
-            None => vec![0; self.realtime_end.len()],
+            None => Vec::new(),
+        };
+        if h.len() < self.realtime_end.len() {
+            h.resize(self.realtime_end.len(), 0);
+        }
+        h
+    }
+
+    /// Makes room for partitions `0..n` (a topic gained partitions, a
+    /// Kinesis shard split): a new partition starts empty at 0.
+    fn grow(&mut self, n: usize) {
+        if self.realtime.len() < n {
+            self.realtime.resize_with(n, Vec::new);
+            self.realtime_end.resize(n, 0);
+            self.realtime_at_ms.resize(n, 0);
         }
     }
 
@@ -466,7 +481,10 @@ impl Serving {
         let now = self.clock.unix_ms();
         self.update(|cur| {
             let mut next = cur.clone();
-            let h = cur.h();
+            if let Some(max) = parts.iter().map(|(p, ..)| *p as usize + 1).max() {
+                next.grow(max);
+            }
+            let h = next.h();
             for (p, chunks, end) in parts {
                 let p = p as usize;
                 next.realtime[p] = chunks
@@ -486,8 +504,9 @@ impl Serving {
     pub fn set_batch(&self, side: Arc<BatchSide>) {
         self.update(|cur| {
             let mut next = cur.clone();
+            next.grow(side.manifest.h.len());
             let h = side.manifest.h.clone();
-            for (p, chunks) in next.realtime.iter_mut().enumerate() {
+            for (p, chunks) in next.realtime.iter_mut().enumerate().take(h.len()) {
                 chunks.retain(|c| c.range.start >= h[p]);
                 if next.realtime_end[p] < h[p] {
                     next.realtime_end[p] = h[p];

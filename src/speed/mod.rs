@@ -111,6 +111,22 @@ struct Part {
     replay: VecDeque<ChunkRange>,
 }
 
+impl Part {
+    /// A partition consumed from `next`, with the chunks already committed
+    /// at or after it to reproduce.
+    fn at(next: u64, mut committed: Vec<ChunkRange>) -> Part {
+        committed.sort_unstable();
+        committed.retain(|r| r.start >= next);
+        Part {
+            next,
+            edge: next,
+            chunks: Vec::new(),
+            bucket: None,
+            replay: committed.into(),
+        }
+    }
+}
+
 /// How much of a micro-batch's records go into the open chunk.
 struct Cut {
     /// The records that join the open chunk.
@@ -240,17 +256,7 @@ impl SpeedLayer {
         let parts = h
             .iter()
             .zip(committed)
-            .map(|(&next, mut c)| {
-                c.sort_unstable();
-                c.retain(|r| r.start >= next);
-                Part {
-                    next,
-                    edge: next,
-                    chunks: Vec::new(),
-                    bucket: None,
-                    replay: c.into(),
-                }
-            })
+            .map(|(&next, c)| Part::at(next, c))
             .collect();
         SpeedLayer {
             source,
@@ -285,10 +291,18 @@ impl SpeedLayer {
     /// retried next round; it does not hold the others back, and it never
     /// skips: its high-water mark stays below the events it cannot read.
     pub async fn round(&mut self) -> Result<bool, SpeedError> {
+        // Partitions the stream gained (a topic's new partitions, a Kinesis
+        // shard's children) start empty at 0: nothing of them is archived.
+        let known = self.source.partitions() as usize;
+        while self.parts.len() < known {
+            tracing::info!(partition = self.parts.len(), source = %self.source.describe(), "consuming a new partition");
+            self.parts.push(Part::at(0, Vec::new()));
+        }
         let h = self.serving.snapshot().h();
         let mut moved = false;
         let mut changed = Vec::new();
-        for (p, &hp) in h.iter().enumerate().take(self.parts.len()) {
+        for p in 0..self.parts.len() {
+            let hp = h.get(p).copied().unwrap_or(0);
             let before = self.parts[p].next;
             let component = format!("speed/p{p}");
             let aged = match self.advance(p, hp).await {
@@ -464,14 +478,17 @@ impl SpeedLayer {
             }
         }
         // An idle open chunk (not a replayed one) whose bucket has passed on
-        // the clock closes where it is: no later record will end it.
+        // the clock closes where it is: no later record will end it. Nor
+        // will one after a partition's last record (a closed Kinesis shard):
+        // its end is a boundary every node cuts.
+        let finished = self.parts[p].next >= end && self.source.finished(p as u32);
         let part = &mut self.parts[p];
         let now_bucket = self.clock.unix_ms().div_euclid(age_ms);
         if let (Some(bucket), Some(last)) = (part.bucket, part.chunks.last())
             && !last.closed
             && part.replay.is_empty()
             && last.range.events > 0
-            && now_bucket > bucket
+            && (now_bucket > bucket || finished)
         {
             let mut c = (**last).clone();
             c.closed = true;

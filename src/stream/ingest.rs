@@ -36,6 +36,10 @@ pub struct IngestReport {
     pub rejected: u64,
     /// Offsets given to the accepted events, per partition (inclusive).
     pub offsets: Vec<OffsetRange>,
+    /// On a Kinesis node: per shard, the first and last sequence number of
+    /// the accepted events (their ordinals are known once read).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sequences: Vec<SequenceRange>,
     /// The first refused lines (at most `MAX_REPORTED_ERRORS`), in order.
     pub errors: Vec<LineError>,
     /// Refused lines not listed in `errors`.
@@ -168,6 +172,24 @@ pub struct OffsetRange {
     pub last: u64,
 }
 
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SequenceRange {
+    pub shard: String,
+    pub first: String,
+    pub last: String,
+}
+
+/// Kinesis sequence numbers are decimal integers of any length.
+fn seq_key(s: &str) -> (usize, &str) {
+    (s.len(), s)
+}
+
+/// The external stream a node produces its accepted events into.
+pub enum Producer {
+    Kafka(super::kafka::KafkaProducer),
+    Kinesis(super::kinesis::KinesisProducer),
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct LineError {
     pub line: u64,
@@ -199,6 +221,8 @@ pub enum IngestError {
     Internal(String),
     #[error(transparent)]
     Kafka(#[from] super::kafka::KafkaError),
+    #[error(transparent)]
+    Kinesis(#[from] super::kinesis::KinesisError),
     /// This node consumes an external stream; its producers send there.
     #[error(
         "this node consumes {stream}; send events to it directly (for example `lambdaflow produce --kafka BROKERS --topic TOPIC`)"
@@ -328,7 +352,7 @@ pub struct Ingest {
     failing: std::sync::atomic::AtomicBool,
     /// The external stream this node consumes, if any: `POST /v1/events`
     /// produces the accepted lines into it instead of the embedded log.
-    pub producer: Option<Arc<super::kafka::KafkaProducer>>,
+    pub producer: Option<Arc<Producer>>,
 }
 
 impl Ingest {
@@ -482,11 +506,49 @@ impl Ingest {
     /// (at-least-once, as for a reply lost on the way).
     async fn produce(
         &self,
-        producer: &super::kafka::KafkaProducer,
+        producer: &Producer,
         body: &Bytes,
         lines: Vec<(std::ops::Range<usize>, u32)>,
         mut report: IngestReport,
     ) -> Result<IngestReport, IngestFailure> {
+        let producer = match producer {
+            Producer::Kafka(k) => k,
+            Producer::Kinesis(k) => {
+                // The key's hash (the partitioning's bucket) is the partition
+                // key: one key's events share a shard.
+                let records: Vec<(String, Bytes)> = lines
+                    .iter()
+                    .map(|(range, p)| (p.to_string(), body.slice(range.clone())))
+                    .collect();
+                let puts = k.send(&records).await.map_err(|e| IngestFailure {
+                    error: e.into(),
+                    partial: IngestReport::default(),
+                })?;
+                let mut ranges: std::collections::BTreeMap<String, SequenceRange> =
+                    Default::default();
+                for put in puts {
+                    let r = ranges
+                        .entry(put.shard.clone())
+                        .or_insert_with(|| SequenceRange {
+                            shard: put.shard.clone(),
+                            first: put.sequence.clone(),
+                            last: put.sequence.clone(),
+                        });
+                    if seq_key(&put.sequence) < seq_key(&r.first) {
+                        r.first = put.sequence.clone();
+                    }
+                    if seq_key(&put.sequence) > seq_key(&r.last) {
+                        r.last = put.sequence;
+                    }
+                    report.accepted += 1;
+                }
+                report.sequences = ranges.into_values().collect();
+                self.counters
+                    .accepted
+                    .fetch_add(report.accepted, Ordering::Relaxed);
+                return Ok(report);
+            }
+        };
         let acks = producer
             .send(
                 lines

@@ -30,7 +30,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use arrow::record_batch::RecordBatch;
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -41,9 +40,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
-use super::deadletter::{DeadLetter, DeadLetters};
+use super::deadletter::DeadLetters;
 use super::decode::Decoder;
-use super::source::{Positions, Source, SourceBatch, SourceError, StreamTimes};
+use super::source::{RawRecord, Source, SourceBatch, SourceError, decode_records};
 
 /// `[stream] kafka = { brokers, topic, options }`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -421,87 +420,21 @@ impl KafkaSource {
     /// Decodes records into one batch; refused ones go to the dead-letter
     /// store (once) and become gaps.
     fn decode(&self, p: u32, records: Vec<Record>, end: u64) -> SourceBatch {
-        let mut body = Vec::with_capacity(
-            records
-                .iter()
-                .map(|r| r.payload.as_ref().map_or(0, |b| b.len() + 1))
-                .sum(),
+        let dead_mark = &self.parts[p as usize].dead_mark;
+        let batch = decode_records(
+            &self.decoder,
+            &self.dead,
+            p,
+            records.iter().map(|r| RawRecord {
+                position: r.offset,
+                time_ms: r.time_ms,
+                value: r.payload.as_deref(),
+            }),
+            end,
+            dead_mark.load(Ordering::Relaxed),
         );
-        let mut lines: Vec<(u64, i64)> = Vec::with_capacity(records.len());
-        let mut refused: Vec<DeadLetter> = Vec::new();
-        let received = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let mark = self.parts[p as usize].dead_mark.load(Ordering::Relaxed);
-        for r in &records {
-            match r.payload.as_deref() {
-                Some(b) if !b.iter().all(u8::is_ascii_whitespace) => {
-                    // One record, one line: a newline outside a JSON string
-                    // is whitespace, and inside one it is invalid anyway.
-                    body.extend(
-                        b.iter()
-                            .map(|&c| if c == b'\n' || c == b'\r' { b' ' } else { c }),
-                    );
-                    body.push(b'\n');
-                    lines.push((r.offset, r.time_ms));
-                }
-                raw => {
-                    if r.offset >= mark {
-                        refused.push(
-                            DeadLetter::new(
-                                &received,
-                                1,
-                                None,
-                                "the record has no value (a tombstone or a blank record)".into(),
-                                raw.unwrap_or_default(),
-                            )
-                            .at(p, r.offset),
-                        );
-                    }
-                }
-            }
-        }
-        let mut rejected = vec![false; lines.len()];
-        let decoded = self.decoder.decode_with(&body, p, &mut |reject| {
-            let i = reject.line as usize - 1;
-            rejected[i] = true;
-            let (offset, _) = lines[i];
-            if offset >= mark {
-                refused.push(
-                    DeadLetter::new(&received, 1, reject.field, reject.reason, &body[reject.raw])
-                        .at(p, offset),
-                );
-            }
-        });
-        if !refused.is_empty() {
-            refused.sort_by_key(|d| d.offset);
-            if let Err(e) = self.dead.write(&refused) {
-                tracing::warn!(partition = p, error = %e, "cannot keep refused Kafka records in the dead-letter store");
-            }
-        }
-        self.parts[p as usize]
-            .dead_mark
-            .fetch_max(end, Ordering::Relaxed);
-        let kept: Vec<(u64, i64)> = lines
-            .iter()
-            .zip(&rejected)
-            .filter(|(_, r)| !**r)
-            .map(|(l, _)| *l)
-            .collect();
-        let batch = decoded
-            .batches
-            .into_iter()
-            .next()
-            .map(|(_, b)| b)
-            .unwrap_or_else(|| RecordBatch::new_empty(self.decoder.schema().arrow().clone()));
-        debug_assert_eq!(batch.num_rows(), kept.len());
-        SourceBatch {
-            partition: p,
-            batch,
-            positions: Positions::Listed {
-                at: kept.iter().map(|k| k.0).collect(),
-                end,
-            },
-            times: StreamTimes::Each(kept.iter().map(|k| k.1).collect()),
-        }
+        dead_mark.fetch_max(end, Ordering::Relaxed);
+        batch
     }
 
     /// Takes up to `max` buffered records below `until` from the cursor at

@@ -13,6 +13,8 @@
 //! - [`deadletter`]: every refused line with its reason.
 //! - [`ingest`]: the three together, as `POST /v1/events` uses them.
 //! - [`kafka`]: a Kafka topic as the stream (consumer and producer).
+//! - [`kinesis`]: a Kinesis stream as the stream (shard registry, pollers,
+//!   producer).
 //! - [`source`]: the seam every consumer reads a stream through (the
 //!   embedded log here; Kafka and Kinesis behind the same trait), and the
 //!   chunk range type the handoff is made of.
@@ -21,6 +23,7 @@ pub mod deadletter;
 pub mod decode;
 pub mod ingest;
 pub mod kafka;
+pub mod kinesis;
 pub mod log;
 pub mod source;
 

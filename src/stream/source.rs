@@ -20,7 +20,8 @@ use std::time::Duration;
 use arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};
 
-use super::{Log, LogError};
+use super::deadletter::{DeadLetter, DeadLetters};
+use super::{Decoder, Log, LogError};
 
 /// Positions `[start, end)` of one partition and the events they hold: the
 /// unit the speed layer keeps realtime states by and the archiver commits as
@@ -196,12 +197,112 @@ impl SourceBatch {
     }
 }
 
+/// One record of an external stream as it arrived: its position, its
+/// stream time and its value (one event, a JSON object).
+#[derive(Debug, Clone, Copy)]
+pub struct RawRecord<'a> {
+    pub position: u64,
+    pub time_ms: i64,
+    pub value: Option<&'a [u8]>,
+}
+
+/// Decodes records of partition `p` — consecutive, ending before `end` —
+/// into one batch. A refused record goes to the dead-letter store with its
+/// partition, position and reason, unless it lies below `mark` (refused
+/// before: a re-read must not keep it twice), and becomes a gap.
+pub fn decode_records<'a>(
+    decoder: &Decoder,
+    dead: &DeadLetters,
+    p: u32,
+    records: impl IntoIterator<Item = RawRecord<'a>>,
+    end: u64,
+    mark: u64,
+) -> SourceBatch {
+    let records: Vec<RawRecord<'a>> = records.into_iter().collect();
+    let mut body = Vec::with_capacity(
+        records
+            .iter()
+            .map(|r| r.value.map_or(0, |b| b.len() + 1))
+            .sum(),
+    );
+    let mut lines: Vec<(u64, i64)> = Vec::with_capacity(records.len());
+    let mut refused: Vec<DeadLetter> = Vec::new();
+    let received = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    for r in &records {
+        match r.value {
+            Some(b) if !b.iter().all(u8::is_ascii_whitespace) => {
+                // One record, one line: a newline outside a JSON string is
+                // whitespace, and inside one it is invalid anyway.
+                body.extend(
+                    b.iter()
+                        .map(|&c| if c == b'\n' || c == b'\r' { b' ' } else { c }),
+                );
+                body.push(b'\n');
+                lines.push((r.position, r.time_ms));
+            }
+            raw if r.position >= mark => refused.push(
+                DeadLetter::new(
+                    &received,
+                    1,
+                    None,
+                    "the record has no value (a tombstone or a blank record)".into(),
+                    raw.unwrap_or_default(),
+                )
+                .at(p, r.position),
+            ),
+            _ => {}
+        }
+    }
+    let mut rejected = vec![false; lines.len()];
+    let decoded = decoder.decode_with(&body, p, &mut |reject| {
+        let i = reject.line as usize - 1;
+        rejected[i] = true;
+        let (position, _) = lines[i];
+        if position >= mark {
+            refused.push(
+                DeadLetter::new(&received, 1, reject.field, reject.reason, &body[reject.raw])
+                    .at(p, position),
+            );
+        }
+    });
+    if !refused.is_empty() {
+        refused.sort_by_key(|d| d.offset);
+        if let Err(e) = dead.write(&refused) {
+            tracing::warn!(partition = p, error = %e, "cannot keep refused stream records in the dead-letter store");
+        }
+    }
+    let kept: Vec<(u64, i64)> = lines
+        .iter()
+        .zip(&rejected)
+        .filter(|(_, r)| !**r)
+        .map(|(l, _)| *l)
+        .collect();
+    let batch = decoded
+        .batches
+        .into_iter()
+        .next()
+        .map(|(_, b)| b)
+        .unwrap_or_else(|| RecordBatch::new_empty(decoder.schema().arrow().clone()));
+    debug_assert_eq!(batch.num_rows(), kept.len());
+    SourceBatch {
+        partition: p,
+        batch,
+        positions: Positions::Listed {
+            at: kept.iter().map(|k| k.0).collect(),
+            end,
+        },
+        times: StreamTimes::Each(kept.iter().map(|k| k.1).collect()),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error(transparent)]
     Log(#[from] LogError),
     #[error(transparent)]
     Kafka(Box<super::kafka::KafkaError>),
+    #[error(transparent)]
+    Kinesis(Box<super::kinesis::KinesisError>),
     /// The stream ends inside a range that must be read whole (a chunk to
     /// archive or replay): asking again would spin.
     #[error("partition {partition} ends at {end}, inside the range [{start}, {until}) to read")]
@@ -244,12 +345,56 @@ pub trait Source: Send + Sync + 'static {
     /// after `timeout`.
     async fn wait(&self, p: u32, from: u64, timeout: Duration);
 
+    /// Whether partition `p` has ended for good: no record will ever follow
+    /// `end(p)` (a Kinesis shard closed by a split or a merge).
+    fn finished(&self, _p: u32) -> bool {
+        false
+    }
+
+    /// What the stream needs, beyond a position, to read on from
+    /// `position` after a restart (a Kinesis sequence number): the chunk of
+    /// the master dataset that ends at `position` keeps it.
+    fn resume_token(&self, _p: u32, _position: u64) -> Option<String> {
+        None
+    }
+
+    /// The master dataset holds partition `p` below `end`: the source need
+    /// not keep those records for this node any more.
+    fn archived(&self, _p: u32, _end: u64) {}
+
+    /// What the stream calls partition `p` and how it is (a Kinesis shard:
+    /// its id; open, closed or throttled).
+    fn info(&self, _p: u32) -> Option<PartitionInfo> {
+        None
+    }
+
     /// Whether the stream deletes only what the master dataset holds (the
     /// embedded log), so a start above the archived coverage is damage, not
     /// an upstream retention that outran the archiver.
     fn keeps_unarchived(&self) -> bool {
         false
     }
+}
+
+/// A partition as the stream names it, for `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionInfo {
+    /// The stream's name for it (a Kinesis shard id).
+    pub id: String,
+    pub state: PartitionState,
+    /// How far behind the stream's tip the reader is, as the stream says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub behind_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PartitionState {
+    Open,
+    /// Ended for good (a split or merged shard): its partition is final.
+    Closed,
+    /// Over the stream's read budget; the reader backs off.
+    Throttled,
 }
 
 /// Reads every record of partition `p` at positions `[start, end)` (to

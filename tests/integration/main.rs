@@ -17,6 +17,7 @@
 //!  faults      lost logs, full disks, failing views, backpressure
 //!  crash_loop  kills at random moments, every acknowledged event survives
 //!  kafka       Kafka as the stream, against a real broker (tansu)
+//!  kinesis     Kinesis as the stream, against an emulator (kinesalite)
 //! ```
 //!
 //! One module: `cargo test --test integration hostile::`.
@@ -30,6 +31,7 @@ mod golden;
 mod hostile;
 mod ingest_http;
 mod kafka;
+mod kinesis;
 mod log;
 mod oracle;
 mod query_api;

@@ -1,0 +1,1111 @@
+//! Amazon Kinesis as the stream: each shard is a partition, a record's
+//! position is its ordinal within the shard (dense, from 0), each record is
+//! one event (a JSON object).
+//!
+//! ```text
+//!  ListShards ─(every 2 s)─▶ registry: shard id ↔ partition (created with a conditional put)
+//!  shard ─GetRecords (one poller per shard, ≤ 5 calls/s)─▶ decode ─▶ cache [base, head)
+//!                                                                    │
+//!        read(p, [from, until)) ◀── speed layer (head), archiver (closed chunks)
+//!        archived(p, end) ──▶ the cache drops what the master dataset holds
+//! ```
+//!
+//! Kinesis has no offsets to seek to, only sequence numbers, and GetRecords
+//! has a budget of 5 calls and 2 MB per second per shard shared by every
+//! reader. So one poller per shard reads it once, into a cache that both
+//! the speed layer and the archiver read; the archiver's commits release it.
+//! Each committed chunk keeps the sequence number of its last record (its
+//! *resume token*), and a restart resumes `AFTER_SEQUENCE_NUMBER` of the
+//! chunk that ends at the published H. The cache is bounded: a poller waits
+//! while the master dataset is behind (the stream keeps the records).
+//!
+//! Resharding: a shard closed by a split or a merge ends (GetRecords gives no
+//! next iterator); its partition is final, [`Source::finished`], and its last
+//! chunk closes at its end. Its children are registered as new partitions,
+//! read from their first record once their parents are read to the end.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use aws_sdk_kinesis::Client;
+use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardIteratorType};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::deadletter::DeadLetters;
+use super::decode::Decoder;
+use super::source::{
+    PartitionInfo, PartitionState, Positions, RawRecord, Source, SourceBatch, SourceError,
+    StreamTimes, decode_records,
+};
+use crate::health::Health;
+use crate::storage::Storage;
+
+/// GetRecords may be called 5 times a second per shard.
+const MIN_POLL: Duration = Duration::from_millis(200);
+/// How often the shard list is read for splits and merges.
+const LIST_EVERY: Duration = Duration::from_secs(2);
+/// A poller waits while the cache holds this much above the archived end.
+const MAX_CACHED_BYTES: usize = 256 << 20;
+/// At most this many records per GetRecords (the API's limit).
+const GET_LIMIT: i32 = 10_000;
+/// PutRecords takes at most 500 records, 5 MiB, per call.
+const PUT_RECORDS: usize = 500;
+const PUT_BYTES: usize = 5 << 20;
+
+/// `[stream] kinesis = { stream, region, endpoint, poll }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KinesisConfig {
+    pub stream: String,
+    /// The AWS region; else the usual chain (`AWS_REGION`, the profile).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Another endpoint than AWS's (an emulator, a VPC endpoint).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// How often each shard is polled when it has nothing new (at least
+    /// 200 ms: GetRecords' budget of 5 calls/s per shard is shared by every
+    /// reader of the stream).
+    #[serde(default = "default_poll", with = "humantime_serde")]
+    pub poll: Duration,
+}
+
+fn default_poll() -> Duration {
+    Duration::from_millis(250)
+}
+
+impl KinesisConfig {
+    /// A client: credentials from the usual AWS chain (environment,
+    /// profile, web identity, container or instance metadata); HTTPS with
+    /// rustls and ring.
+    pub async fn client(&self) -> Client {
+        Client::new(&self.sdk_config().await)
+    }
+
+    /// A client for the shard readers: the SDK does not retry on its own,
+    /// so a throttled call is seen at once (in `status`) and the reader's
+    /// backoff alone decides when to call again.
+    async fn reader_client(&self) -> Client {
+        let conf = aws_sdk_kinesis::config::Builder::from(&self.sdk_config().await)
+            .retry_config(aws_sdk_kinesis::config::retry::RetryConfig::disabled())
+            .build();
+        Client::from_conf(conf)
+    }
+
+    async fn sdk_config(&self) -> aws_config::SdkConfig {
+        use aws_smithy_http_client::tls;
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(
+                tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
+        let mut loader =
+            aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http);
+        if let Some(r) = &self.region {
+            loader = loader.region(aws_config::Region::new(r.clone()));
+        }
+        if let Some(e) = &self.endpoint {
+            loader = loader.endpoint_url(e);
+        }
+        loader.load().await
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum KinesisError {
+    #[error("cannot reach Kinesis stream `{stream}`")]
+    Connect { stream: String, detail: String },
+    #[error("Kinesis stream `{stream}` does not exist")]
+    NoStream { stream: String },
+    #[error("reading shard {shard} (partition {partition}) failed")]
+    Read {
+        shard: String,
+        partition: u32,
+        detail: String,
+    },
+    #[error(
+        "shard {shard} (partition {partition}) has no record at position {position} any more on this node"
+    )]
+    Released {
+        shard: String,
+        partition: u32,
+        position: u64,
+        hint: String,
+    },
+    #[error("cannot resume shard {shard} (partition {partition}) at position {position}")]
+    NoResumeToken {
+        shard: String,
+        partition: u32,
+        position: u64,
+        hint: String,
+    },
+    #[error("the shard registry of Kinesis stream `{stream}` cannot be {op}")]
+    Registry {
+        stream: String,
+        op: &'static str,
+        detail: String,
+    },
+    #[error("PutRecords to Kinesis stream `{stream}` failed")]
+    Put { stream: String, detail: String },
+}
+
+impl KinesisError {
+    /// What went wrong below this error, where the error came from AWS or
+    /// storage, and what to do.
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            KinesisError::Connect { detail, .. }
+            | KinesisError::Read { detail, .. }
+            | KinesisError::Registry { detail, .. }
+            | KinesisError::Put { detail, .. } => Some(detail),
+            KinesisError::Released { hint, .. } | KinesisError::NoResumeToken { hint, .. } => {
+                Some(hint)
+            }
+            KinesisError::NoStream { .. } => None,
+        }
+    }
+}
+
+impl From<KinesisError> for SourceError {
+    fn from(e: KinesisError) -> SourceError {
+        SourceError::Kinesis(Box::new(e))
+    }
+}
+
+fn aws_detail<E: std::error::Error>(e: E) -> String {
+    DisplayErrorContext(e).to_string()
+}
+
+// ---------------------------------------------------------------------------
+// The shard registry
+
+/// One registered shard; its partition is its index in the registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardEntry {
+    pub shard: String,
+    /// The shard(s) it was split or merged from.
+    #[serde(default)]
+    pub parents: Vec<String>,
+    /// The sequence number its records start at.
+    pub first_sequence: String,
+}
+
+/// Which partition each shard is: a list only ever appended to, one object
+/// per generation, each created only if absent — so every node that reads
+/// the latest generation sees the same numbering.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registry {
+    pub stream: String,
+    pub generation: u64,
+    pub shards: Vec<ShardEntry>,
+}
+
+fn registry_dir(stream: &str) -> String {
+    format!("stream/kinesis/{stream}")
+}
+
+impl Registry {
+    /// The latest generation under `storage`, if any.
+    pub async fn load(storage: &Storage, stream: &str) -> Result<Option<Registry>, KinesisError> {
+        let fail = |op, detail: String| KinesisError::Registry {
+            stream: stream.into(),
+            op,
+            detail,
+        };
+        let dir = registry_dir(stream);
+        let latest = storage
+            .list_files(&dir)
+            .await
+            .map_err(|e| fail("listed", e.to_string()))?
+            .into_iter()
+            .filter_map(|f| {
+                f.strip_prefix("shards-")?
+                    .strip_suffix(".json")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max();
+        let Some(g) = latest else { return Ok(None) };
+        let bytes = storage
+            .get(&format!("{dir}/shards-{g:08}.json"))
+            .await
+            .map_err(|e| fail("read", e.to_string()))?
+            .ok_or_else(|| fail("read", format!("generation {g} vanished")))?;
+        let r: Registry =
+            serde_json::from_slice(&bytes).map_err(|e| fail("read", e.to_string()))?;
+        Ok(Some(r))
+    }
+
+    /// Registers the shards of `listed` not registered yet (parents before
+    /// their children), racing other nodes fairly: a generation lost to
+    /// another writer is read back and the rest added after it.
+    pub async fn extend(
+        storage: &Storage,
+        stream: &str,
+        listed: &[ShardEntry],
+    ) -> Result<Registry, KinesisError> {
+        loop {
+            let current = Registry::load(storage, stream).await?.unwrap_or(Registry {
+                stream: stream.into(),
+                generation: 0,
+                shards: Vec::new(),
+            });
+            let mut missing: Vec<&ShardEntry> = listed
+                .iter()
+                .filter(|s| !current.shards.iter().any(|c| c.shard == s.shard))
+                .collect();
+            if missing.is_empty() && current.generation > 0 {
+                return Ok(current);
+            }
+            // Shard ids grow with creation, so a parent sorts before its child.
+            missing.sort_by(|a, b| (a.shard.len(), &a.shard).cmp(&(b.shard.len(), &b.shard)));
+            let mut next = current.clone();
+            next.generation += 1;
+            next.shards.extend(missing.into_iter().cloned());
+            let body = serde_json::to_vec_pretty(&next).expect("a registry serializes");
+            let name = format!(
+                "{}/shards-{:08}.json",
+                registry_dir(stream),
+                next.generation
+            );
+            match storage.create(&name, Bytes::from(body)).await {
+                Ok(true) => return Ok(next),
+                Ok(false) => continue, // another node was first: build on its list
+                Err(e) => {
+                    return Err(KinesisError::Registry {
+                        stream: stream.into(),
+                        op: "written",
+                        detail: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Every shard of the stream, open and closed (within retention).
+pub async fn list_shards(client: &Client, stream: &str) -> Result<Vec<ShardEntry>, KinesisError> {
+    let mut out = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let req = match &token {
+            Some(t) => client.list_shards().next_token(t),
+            None => client.list_shards().stream_name(stream),
+        };
+        let resp = req.send().await.map_err(|e| {
+            if e.as_service_error().and_then(|s| s.code()) == Some("ResourceNotFoundException") {
+                KinesisError::NoStream {
+                    stream: stream.into(),
+                }
+            } else {
+                KinesisError::Connect {
+                    stream: stream.into(),
+                    detail: aws_detail(e),
+                }
+            }
+        })?;
+        for s in resp.shards() {
+            out.push(ShardEntry {
+                shard: s.shard_id().to_string(),
+                parents: s
+                    .parent_shard_id()
+                    .into_iter()
+                    .chain(s.adjacent_parent_shard_id())
+                    .map(str::to_string)
+                    .collect(),
+                first_sequence: s
+                    .sequence_number_range()
+                    .map(|r| r.starting_sequence_number().to_string())
+                    .unwrap_or_default(),
+            });
+        }
+        match resp.next_token() {
+            Some(t) => token = Some(t.to_string()),
+            None => return Ok(out),
+        }
+    }
+}
+
+/// The registry of `config.stream` after registering every shard listed
+/// now: what a node's partition count is at startup.
+pub async fn resolve(storage: &Storage, config: &KinesisConfig) -> Result<Registry, KinesisError> {
+    let client = config.client().await;
+    let listed = list_shards(&client, &config.stream).await?;
+    Registry::extend(storage, &config.stream, &listed).await
+}
+
+// ---------------------------------------------------------------------------
+// The source
+
+/// One GetRecords answer, decoded: records at `[first, first + seqs.len())`.
+struct Fetch {
+    first: u64,
+    /// Every record's sequence number (refused ones too).
+    seqs: Vec<Box<str>>,
+    batch: SourceBatch,
+}
+
+impl Fetch {
+    fn end(&self) -> u64 {
+        self.first + self.seqs.len() as u64
+    }
+}
+
+struct ShardState {
+    /// Where the cache starts, and the sequence number of the record just
+    /// before (empty: the shard's start).
+    base: u64,
+    base_seq: String,
+    fetches: VecDeque<Fetch>,
+    /// One past the last record fetched.
+    head: u64,
+    cached_bytes: usize,
+    finished: bool,
+    throttled: bool,
+    started: bool,
+    /// How far behind the shard's tip the poller is, as GetRecords says.
+    millis_behind: i64,
+    /// Records below this were written to the dead-letter store already.
+    dead_mark: u64,
+}
+
+struct Shard {
+    partition: u32,
+    entry: ShardEntry,
+    state: Mutex<ShardState>,
+    head: watch::Sender<u64>,
+}
+
+/// A Kinesis stream as a [`Source`].
+pub struct KinesisSource {
+    config: KinesisConfig,
+    client: Client,
+    storage: Storage,
+    decoder: Decoder,
+    dead: Arc<DeadLetters>,
+    shards: RwLock<Vec<Arc<Shard>>>,
+    health: Option<Arc<Health>>,
+    stopped: AtomicBool,
+}
+
+impl KinesisSource {
+    /// The stream as registered under `storage`; nothing is read until
+    /// [`KinesisSource::resume`].
+    pub async fn open(
+        config: KinesisConfig,
+        storage: Storage,
+        decoder: Decoder,
+        dead: Arc<DeadLetters>,
+        health: Option<Arc<Health>>,
+    ) -> Result<Arc<KinesisSource>, KinesisError> {
+        let client = config.reader_client().await;
+        let listed = list_shards(&client, &config.stream).await?;
+        let registry = Registry::extend(&storage, &config.stream, &listed).await?;
+        let source = Arc::new(KinesisSource {
+            config,
+            client,
+            storage,
+            decoder,
+            dead,
+            shards: RwLock::new(Vec::new()),
+            health,
+            stopped: AtomicBool::new(false),
+        });
+        source.add_shards(&registry);
+        Ok(source)
+    }
+
+    fn add_shards(&self, registry: &Registry) {
+        let mut shards = self.shards.write().expect("kinesis shards");
+        for (p, entry) in registry.shards.iter().enumerate().skip(shards.len()) {
+            shards.push(Arc::new(Shard {
+                partition: p as u32,
+                entry: entry.clone(),
+                state: Mutex::new(ShardState {
+                    base: 0,
+                    base_seq: String::new(),
+                    fetches: VecDeque::new(),
+                    head: 0,
+                    cached_bytes: 0,
+                    finished: false,
+                    throttled: false,
+                    started: false,
+                    millis_behind: 0,
+                    dead_mark: 0,
+                }),
+                head: watch::channel(0).0,
+            }));
+        }
+    }
+
+    fn shard(&self, p: u32) -> Result<Arc<Shard>, SourceError> {
+        self.shards
+            .read()
+            .expect("kinesis shards")
+            .get(p as usize)
+            .cloned()
+            .ok_or_else(|| {
+                SourceError::Log(super::LogError::NoSuchPartition {
+                    partition: p,
+                    partitions: self.partitions(),
+                })
+            })
+    }
+
+    /// Starts reading each partition at `from[p]` (the published H), after
+    /// the record whose sequence number is `tokens[p]` (the resume token the
+    /// chunk ending at H keeps; none at 0). Partitions beyond `from` start
+    /// at 0. Then follows the shard list for splits and merges.
+    pub fn resume(
+        self: &Arc<Self>,
+        from: &[u64],
+        tokens: &[Option<String>],
+    ) -> Result<(), KinesisError> {
+        let shards = self.shards.read().expect("kinesis shards").clone();
+        for s in &shards {
+            let p = s.partition as usize;
+            let at = from.get(p).copied().unwrap_or(0);
+            let seq = tokens.get(p).cloned().flatten();
+            if at > 0 && seq.is_none() {
+                return Err(KinesisError::NoResumeToken {
+                    shard: s.entry.shard.clone(),
+                    partition: s.partition,
+                    position: at,
+                    hint: "the master dataset's chunk that ends there keeps no sequence number (it was not written from this Kinesis stream); use the data directory of this stream".into(),
+                });
+            }
+            let mut st = s.state.lock().expect("shard state");
+            st.base = at;
+            st.head = at;
+            st.dead_mark = at;
+            st.base_seq = seq.unwrap_or_default();
+            s.head.send_replace(at);
+        }
+        for s in shards {
+            self.start_poller(s);
+        }
+        let weak = Arc::downgrade(self);
+        tokio::spawn(follow_shards(weak));
+        Ok(())
+    }
+
+    fn start_poller(self: &Arc<Self>, shard: Arc<Shard>) {
+        {
+            let mut st = shard.state.lock().expect("shard state");
+            if st.started {
+                return;
+            }
+            st.started = true;
+        }
+        tokio::spawn(poll_shard(Arc::downgrade(self), shard));
+    }
+
+    /// Whether every parent of `shard` that this node reads is read to its end.
+    fn parents_done(&self, shard: &Shard) -> bool {
+        let shards = self.shards.read().expect("kinesis shards");
+        shard.entry.parents.iter().all(|parent| {
+            shards
+                .iter()
+                .find(|s| &s.entry.shard == parent)
+                .is_none_or(|s| s.state.lock().expect("shard state").finished)
+        })
+    }
+
+    fn report(&self, p: u32, e: &KinesisError) {
+        if let Some(h) = &self.health {
+            let n = h.report_error(&format!("stream/p{p}"), e);
+            if n.is_power_of_two() {
+                tracing::warn!(partition = p, error = %e, detail = e.detail().unwrap_or(""), "reading a Kinesis shard failed; retrying");
+            }
+        }
+    }
+
+    fn clear(&self, p: u32) {
+        if let Some(h) = &self.health {
+            h.clear(&format!("stream/p{p}"));
+        }
+    }
+
+    /// Stops the pollers (they end at their next call).
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for KinesisSource {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Reads the shard list every [`LIST_EVERY`]: new shards (children of a
+/// split or a merge) become partitions and are read.
+async fn follow_shards(source: Weak<KinesisSource>) {
+    loop {
+        tokio::time::sleep(LIST_EVERY).await;
+        let Some(s) = source.upgrade() else { return };
+        if s.stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        let listed = match list_shards(&s.client, &s.config.stream).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(stream = %s.config.stream, error = %e, "listing the Kinesis shards failed");
+                continue;
+            }
+        };
+        let known = s.shards.read().expect("kinesis shards").len();
+        if listed.len() <= known {
+            continue;
+        }
+        match Registry::extend(&s.storage, &s.config.stream, &listed).await {
+            Ok(registry) if registry.shards.len() > known => {
+                s.add_shards(&registry);
+                let shards = s.shards.read().expect("kinesis shards").clone();
+                for shard in shards.into_iter().skip(known) {
+                    tracing::info!(shard = %shard.entry.shard, partition = shard.partition, parents = ?shard.entry.parents, "a new Kinesis shard");
+                    s.start_poller(shard);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(stream = %s.config.stream, error = %e, detail = e.detail().unwrap_or(""), "registering new Kinesis shards failed")
+            }
+        }
+    }
+}
+
+/// The one reader of a shard on this node: GetRecords at most every
+/// `poll`, into the cache; backs off when throttled.
+async fn poll_shard(source: Weak<KinesisSource>, shard: Arc<Shard>) {
+    let p = shard.partition;
+    let mut iterator: Option<String> = None;
+    let mut backoff = Duration::from_millis(500);
+    let mut last_call = Instant::now() - MIN_POLL;
+    loop {
+        let Some(s) = source.upgrade() else { return };
+        if s.stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        let poll = s.config.poll.max(MIN_POLL);
+        // Children are read once their parents are read to the end (the
+        // order Kinesis keeps for a key across a reshard).
+        if !s.parents_done(&shard) {
+            drop(s);
+            tokio::time::sleep(poll).await;
+            continue;
+        }
+        let (full, at, after) = {
+            let st = shard.state.lock().expect("shard state");
+            let at = st.head;
+            // The sequence number of the record before `at`.
+            let after = match st.fetches.back() {
+                Some(f) => f.seqs.last().map(|s| s.to_string()),
+                None => Some(st.base_seq.clone()).filter(|s| !s.is_empty()),
+            };
+            (st.cached_bytes >= MAX_CACHED_BYTES, at, after)
+        };
+        if full {
+            drop(s);
+            tokio::time::sleep(poll).await;
+            continue;
+        }
+        let it = match &iterator {
+            Some(it) => it.clone(),
+            None => {
+                let req = s
+                    .client
+                    .get_shard_iterator()
+                    .stream_name(&s.config.stream)
+                    .shard_id(&shard.entry.shard);
+                let req = match &after {
+                    Some(seq) => req
+                        .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
+                        .starting_sequence_number(seq),
+                    None => req.shard_iterator_type(ShardIteratorType::TrimHorizon),
+                };
+                match req.send().await {
+                    Ok(r) => match r.shard_iterator() {
+                        Some(it) => it.to_string(),
+                        None => {
+                            finish(&shard, at);
+                            return;
+                        }
+                    },
+                    Err(e) => {
+                        let throttled = e.as_service_error().and_then(|x| x.code())
+                            == Some("LimitExceededException");
+                        shard.state.lock().expect("shard state").throttled = throttled;
+                        s.report(
+                            p,
+                            &KinesisError::Read {
+                                shard: shard.entry.shard.clone(),
+                                partition: p,
+                                detail: aws_detail(e),
+                            },
+                        );
+                        drop(s);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                }
+            }
+        };
+        // The budget: at most one call per `poll` from this node.
+        let wait = poll.saturating_sub(last_call.elapsed());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        last_call = Instant::now();
+        let resp = s
+            .client
+            .get_records()
+            .shard_iterator(&it)
+            .limit(GET_LIMIT)
+            .send()
+            .await;
+        let out = match resp {
+            Ok(out) => out,
+            Err(e) => {
+                let code = e
+                    .as_service_error()
+                    .and_then(|x| x.code())
+                    .map(str::to_string);
+                match code.as_deref() {
+                    Some("ProvisionedThroughputExceededException") => {
+                        // Over the shard's budget (shared with other readers).
+                        let first = !std::mem::replace(
+                            &mut shard.state.lock().expect("shard state").throttled,
+                            true,
+                        );
+                        if first {
+                            tracing::info!(shard = %shard.entry.shard, partition = p, "GetRecords throttled; backing off");
+                        }
+                    }
+                    Some("ExpiredIteratorException") => {
+                        iterator = None;
+                        continue;
+                    }
+                    _ => {
+                        iterator = None;
+                        s.report(
+                            p,
+                            &KinesisError::Read {
+                                shard: shard.entry.shard.clone(),
+                                partition: p,
+                                detail: aws_detail(e),
+                            },
+                        );
+                    }
+                }
+                drop(s);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(500);
+        s.clear(p);
+        let records = out.records();
+        if !records.is_empty() {
+            let mark = shard.state.lock().expect("shard state").dead_mark;
+            let raw: Vec<RawRecord<'_>> = records
+                .iter()
+                .enumerate()
+                .map(|(i, r)| RawRecord {
+                    position: at + i as u64,
+                    time_ms: r
+                        .approximate_arrival_timestamp()
+                        .and_then(|t| t.to_millis().ok())
+                        .unwrap_or_else(|| chrono::Utc::now().timestamp_millis()),
+                    value: Some(r.data().as_ref()),
+                })
+                .collect();
+            let end = at + records.len() as u64;
+            let batch = decode_records(&s.decoder, &s.dead, p, raw, end, mark);
+            let fetch = Fetch {
+                first: at,
+                seqs: records.iter().map(|r| r.sequence_number().into()).collect(),
+                batch,
+            };
+            let mut st = shard.state.lock().expect("shard state");
+            st.cached_bytes += fetch.batch.batch.get_array_memory_size();
+            st.fetches.push_back(fetch);
+            st.head = end;
+            st.dead_mark = st.dead_mark.max(end);
+            st.throttled = false;
+            st.millis_behind = out.millis_behind_latest().unwrap_or(0);
+            drop(st);
+            shard.head.send_replace(end);
+        } else {
+            let mut st = shard.state.lock().expect("shard state");
+            st.throttled = false;
+            st.millis_behind = out.millis_behind_latest().unwrap_or(0);
+        }
+        match out.next_shard_iterator() {
+            Some(next) => iterator = Some(next.to_string()),
+            None => {
+                // A closed shard read to its end: its partition is final.
+                let end = shard.state.lock().expect("shard state").head;
+                finish(&shard, end);
+                tracing::info!(shard = %shard.entry.shard, partition = p, end, "a Kinesis shard ended (split or merged)");
+                return;
+            }
+        }
+    }
+}
+
+fn finish(shard: &Shard, end: u64) {
+    shard.state.lock().expect("shard state").finished = true;
+    // Wakes readers waiting for records: there will be none.
+    shard.head.send_replace(end);
+}
+
+/// The records of `f` at positions `[from, until)`, at most `max`; `None`
+/// when it has none there and the read gains nothing.
+fn clip(f: &Fetch, from: u64, until: u64, max: usize) -> Option<SourceBatch> {
+    let b = &f.batch;
+    let n = b.rows();
+    let positions: Vec<u64> = (0..n).map(|r| b.position(r)).collect();
+    let lo = positions.partition_point(|&x| x < from);
+    let hi_all = positions.partition_point(|&x| x < until);
+    let hi = hi_all.min(lo + max);
+    let end = if hi < hi_all {
+        b.position(hi - 1) + 1
+    } else {
+        until.min(f.end())
+    };
+    if hi == lo && end <= from {
+        return None;
+    }
+    let at: Arc<[u64]> = positions[lo..hi].into();
+    let times: Arc<[i64]> = (lo..hi).map(|r| b.time_ms(r)).collect();
+    Some(SourceBatch {
+        partition: b.partition,
+        batch: b.batch.slice(lo, hi - lo),
+        positions: Positions::Listed { at, end },
+        times: StreamTimes::Each(times),
+    })
+}
+
+#[async_trait::async_trait]
+impl Source for KinesisSource {
+    fn describe(&self) -> String {
+        format!("Kinesis stream `{}`", self.config.stream)
+    }
+
+    fn partitions(&self) -> u32 {
+        self.shards.read().expect("kinesis shards").len() as u32
+    }
+
+    fn end(&self, p: u32) -> Result<u64, SourceError> {
+        Ok(self.shard(p)?.state.lock().expect("shard state").head)
+    }
+
+    fn start(&self, p: u32) -> Result<u64, SourceError> {
+        Ok(self.shard(p)?.state.lock().expect("shard state").base)
+    }
+
+    fn finished(&self, p: u32) -> bool {
+        self.shard(p)
+            .is_ok_and(|s| s.state.lock().expect("shard state").finished)
+    }
+
+    async fn read(
+        &self,
+        p: u32,
+        from: u64,
+        until: u64,
+        max_events: usize,
+    ) -> Result<Vec<SourceBatch>, SourceError> {
+        let shard = self.shard(p)?;
+        let st = shard.state.lock().expect("shard state");
+        let until = until.min(st.head);
+        if from >= until {
+            return Ok(Vec::new());
+        }
+        if from < st.base {
+            return Err(KinesisError::Released {
+                shard: shard.entry.shard.clone(),
+                partition: p,
+                position: from,
+                hint: format!(
+                    "this node keeps the records of the shard from position {} on (what the master dataset does not hold yet); older ones are read from the master dataset",
+                    st.base
+                ),
+            }
+            .into());
+        }
+        let mut out = Vec::new();
+        let mut left = max_events.max(1);
+        let mut next = from;
+        let i = st.fetches.partition_point(|f| f.end() <= from);
+        for f in st.fetches.iter().skip(i) {
+            if f.first >= until || left == 0 {
+                break;
+            }
+            if let Some(b) = clip(f, next, until, left) {
+                left -= b.rows();
+                next = b.end();
+                out.push(b);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn wait(&self, p: u32, from: u64, timeout: Duration) {
+        let Ok(shard) = self.shard(p) else {
+            tokio::time::sleep(timeout).await;
+            return;
+        };
+        let mut sub = shard.head.subscribe();
+        let _ = tokio::time::timeout(timeout, async {
+            loop {
+                if *sub.borrow_and_update() > from
+                    || shard.state.lock().expect("shard state").finished
+                {
+                    return;
+                }
+                if sub.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+
+    fn resume_token(&self, p: u32, position: u64) -> Option<String> {
+        let shard = self.shard(p).ok()?;
+        let st = shard.state.lock().expect("shard state");
+        if position == st.base {
+            return Some(st.base_seq.clone()).filter(|s| !s.is_empty());
+        }
+        let i = st.fetches.partition_point(|f| f.end() < position);
+        let f = st.fetches.get(i)?;
+        (f.first < position && position <= f.end())
+            .then(|| f.seqs[(position - 1 - f.first) as usize].to_string())
+    }
+
+    fn archived(&self, p: u32, end: u64) {
+        let Ok(shard) = self.shard(p) else { return };
+        let mut st = shard.state.lock().expect("shard state");
+        while let Some(f) = st.fetches.front()
+            && f.end() <= end
+        {
+            let f = st.fetches.pop_front().expect("a fetch");
+            st.cached_bytes -= f.batch.batch.get_array_memory_size();
+            st.base = f.end();
+            st.base_seq = f.seqs.last().map(|s| s.to_string()).unwrap_or_default();
+        }
+    }
+
+    fn info(&self, p: u32) -> Option<PartitionInfo> {
+        let shard = self.shard(p).ok()?;
+        let st = shard.state.lock().expect("shard state");
+        Some(PartitionInfo {
+            id: shard.entry.shard.clone(),
+            state: if st.finished {
+                PartitionState::Closed
+            } else if st.throttled {
+                PartitionState::Throttled
+            } else {
+                PartitionState::Open
+            },
+            behind_ms: Some(st.millis_behind),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The producer
+
+/// Where a record went: its shard and sequence number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Put {
+    pub shard: String,
+    pub sequence: String,
+}
+
+/// `PutRecords` into the stream, the failed records retried.
+pub struct KinesisProducer {
+    client: Client,
+    stream: String,
+}
+
+impl KinesisProducer {
+    pub async fn new(config: &KinesisConfig) -> KinesisProducer {
+        KinesisProducer::with_client(config.client().await, &config.stream)
+    }
+
+    /// A producer on a client built elsewhere (explicit credentials, say).
+    pub fn with_client(client: Client, stream: &str) -> KinesisProducer {
+        KinesisProducer {
+            client,
+            stream: stream.into(),
+        }
+    }
+
+    /// Sends `(partition key, data)` records, in calls of at most 500
+    /// records and 5 MiB; records a call refuses (throttled, internal
+    /// failure) are sent again with backoff. Returns where each one went, in
+    /// order, once all are stored.
+    pub async fn send(&self, records: &[(String, Bytes)]) -> Result<Vec<Put>, KinesisError> {
+        let mut out: Vec<Option<Put>> = vec![None; records.len()];
+        let mut start = 0;
+        while start < records.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < records.len()
+                && end - start < PUT_RECORDS
+                && (end == start
+                    || bytes + records[end].1.len() + records[end].0.len() <= PUT_BYTES)
+            {
+                bytes += records[end].1.len() + records[end].0.len();
+                end += 1;
+            }
+            self.put_all(&records[start..end], &mut out[start..end])
+                .await?;
+            start = end;
+        }
+        Ok(out
+            .into_iter()
+            .map(|p| p.expect("every record put"))
+            .collect())
+    }
+
+    async fn put_all(
+        &self,
+        records: &[(String, Bytes)],
+        out: &mut [Option<Put>],
+    ) -> Result<(), KinesisError> {
+        let mut backoff = Duration::from_millis(50);
+        for attempt in 0.. {
+            let pending: Vec<usize> = (0..records.len()).filter(|&i| out[i].is_none()).collect();
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let entries = pending
+                .iter()
+                .map(|&i| {
+                    PutRecordsRequestEntry::builder()
+                        .partition_key(&records[i].0)
+                        .data(Blob::new(records[i].1.to_vec()))
+                        .build()
+                        .expect("key and data are set")
+                })
+                .collect::<Vec<_>>();
+            let fail = |detail: String| KinesisError::Put {
+                stream: self.stream.clone(),
+                detail,
+            };
+            match self
+                .client
+                .put_records()
+                .stream_name(&self.stream)
+                .set_records(Some(entries))
+                .send()
+                .await
+            {
+                Ok(resp) => {
+                    let mut last_error = None;
+                    for (r, &i) in resp.records().iter().zip(&pending) {
+                        match (r.shard_id(), r.sequence_number()) {
+                            (Some(shard), Some(seq)) if r.error_code().is_none() => {
+                                out[i] = Some(Put {
+                                    shard: shard.to_string(),
+                                    sequence: seq.to_string(),
+                                });
+                            }
+                            _ => {
+                                last_error = Some(format!(
+                                    "{}: {}",
+                                    r.error_code().unwrap_or("no sequence number"),
+                                    r.error_message().unwrap_or("")
+                                ))
+                            }
+                        }
+                    }
+                    if let Some(e) = last_error
+                        && attempt >= 12
+                    {
+                        return Err(fail(format!(
+                            "records still refused after {attempt} attempts: {e}"
+                        )));
+                    }
+                }
+                Err(e) => {
+                    let retry = e.as_service_error().and_then(|x| x.code())
+                        == Some("ProvisionedThroughputExceededException");
+                    if !retry || attempt >= 12 {
+                        return Err(fail(aws_detail(e)));
+                    }
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+        unreachable!("the loop returns")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str) -> ShardEntry {
+        ShardEntry {
+            shard: id.into(),
+            parents: Vec::new(),
+            first_sequence: "1".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_registry_only_grows_and_two_writers_agree() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::local(dir.path()).expect("storage");
+        let a = Registry::extend(
+            &storage,
+            "s",
+            &[entry("shardId-000000000000"), entry("shardId-000000000001")],
+        )
+        .await
+        .expect("first");
+        assert_eq!(a.generation, 1);
+        // A writer that read generation 1 and lost the race for 2 builds on the winner's list.
+        let b = Registry::extend(&storage, "s", &[entry("shardId-000000000002")])
+            .await
+            .expect("second");
+        let c = Registry::extend(
+            &storage,
+            "s",
+            &[entry("shardId-000000000003"), entry("shardId-000000000002")],
+        )
+        .await
+        .expect("third");
+        assert_eq!(b.generation, 2);
+        assert_eq!(
+            c.shards
+                .iter()
+                .map(|s| s.shard.as_str())
+                .collect::<Vec<_>>(),
+            [
+                "shardId-000000000000",
+                "shardId-000000000001",
+                "shardId-000000000002",
+                "shardId-000000000003"
+            ],
+            "partition numbers never change once given"
+        );
+        assert_eq!(Registry::load(&storage, "s").await.expect("load"), Some(c));
+    }
+}
