@@ -33,6 +33,9 @@ pub enum Command {
     Rebuild(RebuildArgs),
     /// Each layer's watermark, lag and last run, from a running server.
     Status(StatusArgs),
+    /// Accept that a Kafka partition's retention removed events before they
+    /// were archived, so the partition goes on past them (the node stopped).
+    AcceptLoss(AcceptLossArgs),
     /// A view's merged rows (batch ⊕ realtime), from a running server.
     Query(QueryArgs),
     /// Read-only SQL over the views (each view is a table), on a running server.
@@ -128,6 +131,16 @@ pub struct ProduceArgs {
     /// The Kafka topic, with --kafka.
     #[arg(long, requires = "kafka")]
     pub topic: Option<String>,
+    /// Send straight to this Kinesis stream (PutRecords), as the paper's
+    /// KinesisProducer does; credentials from the usual AWS chain.
+    #[arg(long, value_name = "STREAM", conflicts_with = "kafka")]
+    pub kinesis: Option<String>,
+    /// The AWS region of --kinesis (default: the usual AWS chain).
+    #[arg(long, requires = "kinesis")]
+    pub region: Option<String>,
+    /// Another Kinesis endpoint than AWS's (an emulator), with --kinesis.
+    #[arg(long, requires = "kinesis", value_name = "URL")]
+    pub endpoint: Option<String>,
 }
 
 impl ProduceArgs {
@@ -154,9 +167,30 @@ impl ProduceArgs {
                     topic: self.topic.clone().unwrap_or_default(),
                     options: Default::default(),
                 }),
+            kinesis: self
+                .kinesis
+                .clone()
+                .map(|stream| crate::stream::kinesis::KinesisConfig {
+                    stream,
+                    region: self.region.clone(),
+                    endpoint: self.endpoint.clone(),
+                    poll: std::time::Duration::from_millis(250),
+                }),
             ..ProduceOptions::default()
         }
     }
+}
+
+#[derive(Debug, Args)]
+pub struct AcceptLossArgs {
+    /// The stopped partition (`status` → `health` names it).
+    #[arg(long)]
+    pub partition: u32,
+    /// Accept: without it, only say what is missing.
+    #[arg(long)]
+    pub yes: bool,
+    #[command(flatten)]
+    pub config: ConfigArgs,
 }
 
 #[derive(Debug, Args)]
@@ -225,6 +259,8 @@ pub enum BenchCommand {
     Soak(crate::bench::SoakBenchArgs),
     /// Consumption from a Kafka topic into views, and freshness over Kafka.
     Kafka(crate::bench::KafkaBenchArgs),
+    /// Consumption from a Kinesis stream (an emulator) into views, and freshness over it.
+    Kinesis(crate::bench::KinesisBenchArgs),
 }
 
 fn init_tracing(default: &str) {
@@ -291,6 +327,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(rebuild(config, args.view))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::AcceptLoss(args) => {
+            init_tracing("warn");
+            let config = args.config.load()?;
+            runtime()?.block_on(accept_loss(config, args.partition, args.yes))
+        }
         Command::Status(args) => {
             init_tracing("warn");
             runtime()?.block_on(status(&args.url))?;
@@ -320,10 +361,82 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 BenchCommand::Serve(args) => crate::bench::serve(args)?,
                 BenchCommand::Soak(args) => crate::bench::soak(args)?,
                 BenchCommand::Kafka(args) => crate::bench::kafka(args)?,
+                BenchCommand::Kinesis(args) => crate::bench::kinesis(args)?,
             }
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `lambdaflow accept-loss --partition P [--yes]`: on a stopped node whose
+/// Kafka topic lost events of `P` to retention before they were archived.
+async fn accept_loss(mut config: Config, p: u32, yes: bool) -> anyhow::Result<ExitCode> {
+    let Some(kafka) = config.stream.kafka.clone() else {
+        anyhow::bail!(
+            "accept-loss is for a Kafka topic whose retention removed events before they were archived; this node's stream ({}) cannot lose events that way",
+            if config.stream.kinesis.is_some() {
+                "a Kinesis stream, whose positions retention cannot show"
+            } else {
+                "the embedded log, which keeps every event until it is archived"
+            }
+        );
+    };
+    crate::node::resolve_stream(&mut config).await?;
+    if p >= config.stream.partitions {
+        anyhow::bail!(
+            "Kafka topic `{}` has no partition {p} (it has {})",
+            kafka.topic,
+            config.stream.partitions
+        );
+    }
+    // Holding the log's lock proves no node runs on this data directory
+    // (a running one would go on reading below the new coverage).
+    let log_dir = config.data.join("log");
+    let _log = crate::stream::Log::open(
+        &log_dir,
+        crate::stream::LogOptions {
+            partitions: crate::stream::Log::partitions_in(&log_dir)?
+                .unwrap_or(config.stream.partitions),
+            ..Default::default()
+        },
+    )
+    .context("stop `lambdaflow serve` on this data directory first")?;
+    let batch = crate::node::open_batch(&config).await?;
+    let k = kafka.clone();
+    let start =
+        tokio::task::spawn_blocking(move || crate::stream::kafka::earliest_offset(&k, p)).await??;
+    let archived = batch
+        .master()
+        .coverage()
+        .h
+        .get(p as usize)
+        .copied()
+        .unwrap_or(0);
+    if start <= archived {
+        println!(
+            "partition {p} of Kafka topic `{}` lost nothing: the topic holds it from offset {start}, the master dataset up to {archived}",
+            kafka.topic
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "partition {p} of Kafka topic `{}`: offsets {archived} to {start} were removed by the topic's retention before they were archived; every view will go without them for good",
+        kafka.topic
+    );
+    if !yes {
+        println!("run again with --yes to accept the loss and go on from offset {start}");
+        return Ok(ExitCode::from(2));
+    }
+    match crate::batch::driver::accept_loss(&batch, &config.data, p, start).await? {
+        Some(loss) => println!(
+            "accepted: partition {p} goes on from offset {}; run {} published; recorded in {}",
+            loss.to,
+            loss.run,
+            config.data.join(crate::batch::driver::LOSSES).display()
+        ),
+        None => println!("nothing to accept any more"),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `lambdaflow rebuild [VIEW]`, with a progress bar.
@@ -425,6 +538,10 @@ async fn status(url: &str) -> anyhow::Result<()> {
             behind(&p["published"]),
             behind(&p["realtime"]),
         );
+        // A Kinesis shard: its id and whether it is open, closed or throttled.
+        if let (Some(id), Some(state)) = (p["shard"]["id"].as_str(), p["shard"]["state"].as_str()) {
+            println!("{:>9}  {id} ({state})", "");
+        }
     }
     let now = chrono::Utc::now().timestamp_millis();
     match s["batch"]["published"].as_object() {

@@ -267,13 +267,12 @@ pub async fn assemble_over(
         }
         None => log.clone(),
         Some(k) => {
-            let (k, decoder, dead, health) = (
+            let (k, decoder, dead) = (
                 k.clone(),
                 Decoder::new(schema.clone(), Partitioning::RoundRobin),
                 dead.clone(),
-                health.clone(),
             );
-            tokio::task::spawn_blocking(move || KafkaSource::open(k, decoder, dead, Some(health)))
+            tokio::task::spawn_blocking(move || KafkaSource::open(k, decoder, dead))
                 .await
                 .expect("the Kafka open task")?
         }

@@ -87,6 +87,9 @@ pub struct ProduceOptions {
     /// Send straight to this Kafka topic (one record per event, acks=all)
     /// instead of to a server.
     pub kafka: Option<crate::stream::kafka::KafkaConfig>,
+    /// Send straight to this Kinesis stream (PutRecords, failed records
+    /// retried) instead of to a server.
+    pub kinesis: Option<crate::stream::kinesis::KinesisConfig>,
 }
 
 impl Default for ProduceOptions {
@@ -106,6 +109,7 @@ impl Default for ProduceOptions {
             late: 0.0,
             progress: true,
             kafka: None,
+            kinesis: None,
             max_retries: 10,
         }
     }
@@ -375,13 +379,19 @@ pub async fn run(opts: ProduceOptions) -> Result<Summary, ProduceError> {
         Some(k) => Some(crate::stream::kafka::KafkaProducer::new(k)?),
         None => None,
     };
+    let kinesis = match &opts.kinesis {
+        Some(k) => Some(crate::stream::kinesis::KinesisProducer::new(k).await),
+        None => None,
+    };
     let shared = Arc::new(Shared {
         source,
         kafka,
+        kinesis,
         url,
         client,
         opts: opts.clone(),
         next_batch: AtomicU64::new(0),
+        next_key: AtomicU64::new(0),
         t0: tokio::time::Instant::now(),
         bar: bar.clone(),
         stats: Stats::default(),
@@ -456,10 +466,13 @@ struct Shared {
     source: Source,
     /// Where events go instead of `url`.
     kafka: Option<crate::stream::kafka::KafkaProducer>,
+    kinesis: Option<crate::stream::kinesis::KinesisProducer>,
     url: String,
     client: reqwest::Client,
     opts: ProduceOptions,
     next_batch: AtomicU64,
+    /// The next Kinesis partition key.
+    next_key: AtomicU64,
     t0: tokio::time::Instant,
     bar: ProgressBar,
     stats: Stats,
@@ -565,9 +578,42 @@ impl Shared {
         }
     }
 
+    /// Sends one batch's lines as Kinesis records, each under its own
+    /// partition key (spread over the shards, as the paper's producer does);
+    /// records PutRecords refuses are sent again with backoff.
+    async fn send_kinesis(
+        &self,
+        producer: &crate::stream::kinesis::KinesisProducer,
+        body: Bytes,
+        n: u64,
+    ) {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let mut records = Vec::with_capacity(n as usize);
+        let mut start = 0;
+        while start < body.len() {
+            let end = memchr::memchr(b'\n', &body[start..]).map_or(body.len(), |i| start + i);
+            if !body[start..end].iter().all(u8::is_ascii_whitespace) {
+                let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+                records.push((key.to_string(), body.slice(start..end)));
+            }
+            start = end + 1;
+        }
+        match producer.send(&records).await {
+            Ok(puts) => {
+                self.stats
+                    .accepted
+                    .fetch_add(puts.len() as u64, Ordering::Relaxed);
+            }
+            Err(e) => self.fail(&e.to_string(), n),
+        }
+    }
+
     async fn send(&self, body: Bytes, n: u64) {
         if let Some(producer) = &self.kafka {
             return self.send_kafka(producer, body, n).await;
+        }
+        if let Some(producer) = &self.kinesis {
+            return self.send_kinesis(producer, body, n).await;
         }
         let mut attempt = 0u32;
         loop {

@@ -410,7 +410,23 @@ pub(super) async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
             &[(String::new(), m.resident as f64)],
         );
     }
-    let log = state.ingest.log().stats();
+    // A node on an external stream has its partitions (which may grow); the
+    // log's are the embedded stream's.
+    let log = if state.ingest.producer.is_some() {
+        Vec::new()
+    } else {
+        state.ingest.log().stats()
+    };
+    let partitions = state
+        .layers
+        .as_ref()
+        .map_or(0, |l| l.source.partitions() as usize)
+        .max(log.len());
+    let per_stream = |f: &dyn Fn(usize) -> Option<f64>| -> Vec<(String, f64)> {
+        (0..partitions)
+            .filter_map(|p| f(p).map(|v| (format!("partition=\"{p}\""), v)))
+            .collect()
+    };
     let per = |f: &dyn Fn(usize, &crate::stream::log::PartitionStats) -> Option<f64>| -> Vec<(String, f64)> {
         log.iter()
             .enumerate()
@@ -429,9 +445,32 @@ pub(super) async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
             &mut out,
             "lambdaflow_stream_end_offset",
             "gauge",
-            "One past the last position of the stream the layers consume (the embedded log or a Kafka partition).",
-            &per(&|p, _| l.source.end(p as u32).ok().map(|v| v as f64)),
+            "One past the last position of the stream the layers consume (the embedded log, a Kafka partition, the records read of a Kinesis shard).",
+            &per_stream(&|p| l.source.end(p as u32).ok().map(|v| v as f64)),
         );
+        let shards: Vec<(String, f64)> = (0..partitions)
+            .filter_map(|p| {
+                let i = l.source.info(p as u32)?;
+                let state = serde_json::to_value(i.state).ok()?;
+                Some((
+                    format!(
+                        "partition=\"{p}\",shard=\"{}\",state=\"{}\"",
+                        i.id,
+                        state.as_str().unwrap_or_default()
+                    ),
+                    1.0,
+                ))
+            })
+            .collect();
+        if !shards.is_empty() {
+            sample(
+                &mut out,
+                "lambdaflow_stream_partition_info",
+                "gauge",
+                "The stream's name for each partition (a Kinesis shard) and its state: open, closed (ended by a split or merge) or throttled.",
+                &shards,
+            );
+        }
         let snap = l.serving.snapshot();
         let h = snap.h();
         let now = chrono::Utc::now().timestamp_millis();
@@ -440,7 +479,7 @@ pub(super) async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
             "lambdaflow_speed_lag_seconds",
             "gauge",
             "How far the speed layer is behind the stream in time: now minus the stream time of the last record consumed, while records wait; 0 when caught up.",
-            &per(&|p, _| {
+            &per_stream(&|p| {
                 let end = l.source.end(p as u32).ok()?;
                 let waiting = end.saturating_sub(snap.realtime_end.get(p).copied()?);
                 Some(l.speed.lag_ms(p, waiting, now) as f64 / 1000.0)
@@ -452,39 +491,43 @@ pub(super) async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
             "lambdaflow_realtime_offset",
             "gauge",
             "Realtime high-water mark R: events below it are in answers.",
-            &per(&|p, _| snap.realtime_end.get(p).map(|&v| v as f64)),
+            &per_stream(&|p| snap.realtime_end.get(p).map(|&v| v as f64)),
         );
         sample(
             &mut out,
             "lambdaflow_archived_offset",
             "gauge",
             "End of the last chunk committed to the master dataset.",
-            &per(&|p, _| archived.get(p).map(|&v| v as f64)),
+            &per_stream(&|p| archived.get(p).map(|&v| v as f64)),
         );
         sample(
             &mut out,
             "lambdaflow_batch_offset",
             "gauge",
             "Published batch coverage H.",
-            &per(&|p, _| h.get(p).map(|&v| v as f64)),
+            &per_stream(&|p| h.get(p).map(|&v| v as f64)),
         );
         sample(
             &mut out,
             "lambdaflow_speed_lag_events",
             "gauge",
-            "Durable events not yet in the realtime view.",
-            &per(&|p, s| {
+            "Durable events not yet in the realtime view (positions, on a stream with gaps).",
+            &per_stream(&|p| {
+                let end = l.source.end(p as u32).ok()?;
                 snap.realtime_end
                     .get(p)
-                    .map(|&r| s.end.saturating_sub(r) as f64)
+                    .map(|&r| end.saturating_sub(r) as f64)
             }),
         );
         sample(
             &mut out,
             "lambdaflow_batch_lag_events",
             "gauge",
-            "Durable events not yet in a batch view.",
-            &per(&|p, s| h.get(p).map(|&v| s.end.saturating_sub(v) as f64)),
+            "Durable events not yet in a batch view (positions, on a stream with gaps).",
+            &per_stream(&|p| {
+                let end = l.source.end(p as u32).ok()?;
+                Some(end.saturating_sub(h.get(p).copied().unwrap_or(0)) as f64)
+            }),
         );
         sample(
             &mut out,

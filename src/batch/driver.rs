@@ -22,7 +22,7 @@ use super::{BatchError, BatchLayer, Manifest, Progress, RunInfo};
 use crate::health::Health;
 use crate::master::MasterError;
 use crate::serving::{BatchSide, Serving};
-use crate::stream::{Log, LogError, Source, SourceError};
+use crate::stream::{ChunkRange, Log, LogError, Source, SourceError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
@@ -38,6 +38,12 @@ pub enum DriverError {
         #[source]
         source: std::io::Error,
     },
+    #[error("could not record the accepted loss in {}", path.display())]
+    Record {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(
         "events of partition {partition} from offset {published} to {log_start} are in neither the master dataset nor the log\nhint: the log's segments below {log_start} were removed by hand, or the master dataset was restored from an older copy; restore them, or use a new data directory"
     )]
@@ -46,6 +52,76 @@ pub enum DriverError {
         published: u64,
         log_start: u64,
     },
+}
+
+/// What [`accept_loss`] did: positions `[from, to)` of `partition` are
+/// covered with no events, and run `run` published it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct AcceptedLoss {
+    pub partition: u32,
+    pub from: u64,
+    pub to: u64,
+    pub run: u64,
+    /// When it was accepted (RFC 3339).
+    pub at: String,
+}
+
+/// Where every accepted loss is recorded, one JSON object per line.
+pub const LOSSES: &str = "stream/accepted-losses.ndjson";
+
+/// Accepts that the stream no longer holds partition `p` below `stream_start`
+/// (its retention removed events before they were archived): commits an
+/// empty chunk `[archived, stream_start)` — the coverage moves past the gap,
+/// idempotently, like any chunk — publishes a run, and records the loss in
+/// [`LOSSES`]. `None` when nothing is missing. The caller makes sure no node
+/// runs on `data` (it holds the log's lock).
+pub async fn accept_loss(
+    batch: &BatchLayer,
+    data: &Path,
+    p: u32,
+    stream_start: u64,
+) -> Result<Option<AcceptedLoss>, DriverError> {
+    let _lock = batch_lock(data).await?;
+    let master = batch.master();
+    let archived = master
+        .refresh()
+        .await
+        .map_err(BatchError::from)?
+        .h
+        .get(p as usize)
+        .copied()
+        .unwrap_or(0);
+    if stream_start <= archived {
+        return Ok(None);
+    }
+    let gap = ChunkRange::new(p, archived, stream_start, 0).expect("an empty range is valid");
+    master
+        .commit_chunk(gap, Vec::new(), None)
+        .await
+        .map_err(BatchError::from)?;
+    let m = batch.run(None, None).await?;
+    let loss = AcceptedLoss {
+        partition: p,
+        from: archived,
+        to: stream_start,
+        run: m.run,
+        at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    };
+    let path = data.join(LOSSES);
+    let record = |source: std::io::Error| DriverError::Record {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(path.parent().expect("a parent")).map_err(record)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(record)?;
+    use std::io::Write;
+    writeln!(f, "{}", serde_json::to_string(&loss).expect("serializes")).map_err(record)?;
+    f.sync_all().map_err(record)?;
+    Ok(Some(loss))
 }
 
 /// The batch layer's state, for `/v1/status`.

@@ -8,8 +8,10 @@
 //! the NDJSON decoder alone on one thread.
 
 mod kafka;
+mod kinesis;
 mod soak;
 pub use kafka::{KafkaBenchArgs, kafka};
+pub use kinesis::{KinesisBenchArgs, kinesis};
 
 pub use soak::{SoakBenchArgs, soak};
 

@@ -207,10 +207,9 @@ pub struct KafkaSource {
     decoder: Decoder,
     dead: Arc<DeadLetters>,
     meta: BaseConsumer,
-    parts: Vec<Partition>,
+    /// One per partition of the topic; grows when the topic gains some.
+    parts: std::sync::RwLock<Vec<Arc<Partition>>>,
     stopped: AtomicBool,
-    /// Where partitions added to the topic are reported.
-    health: Option<Arc<crate::health::Health>>,
 }
 
 impl KafkaSource {
@@ -220,7 +219,6 @@ impl KafkaSource {
         config: KafkaConfig,
         decoder: Decoder,
         dead: Arc<DeadLetters>,
-        health: Option<Arc<crate::health::Health>>,
     ) -> Result<Arc<KafkaSource>, KafkaError> {
         let meta: BaseConsumer =
             consumer_config(&config)
@@ -235,9 +233,8 @@ impl KafkaSource {
             decoder,
             dead,
             meta,
-            parts: (0..n).map(|_| Partition::default()).collect(),
+            parts: std::sync::RwLock::new((0..n).map(|_| Arc::default()).collect()),
             stopped: AtomicBool::new(false),
-            health,
             config,
         });
         source.refresh();
@@ -254,9 +251,16 @@ impl KafkaSource {
         self.stopped.store(true, Ordering::Relaxed);
     }
 
-    /// Refreshes every partition's high watermark and the partition count.
+    /// Partition `p` (the layers ask only for partitions they were told of).
+    fn part(&self, p: u32) -> Arc<Partition> {
+        self.parts.read().expect("kafka partitions")[p as usize].clone()
+    }
+
+    /// Refreshes every partition's watermarks and the partition count:
+    /// partitions added to the topic are consumed from their start.
     fn refresh(&self) {
-        for (p, part) in self.parts.iter().enumerate() {
+        let parts = self.parts.read().expect("kafka partitions").clone();
+        for (p, part) in parts.iter().enumerate() {
             if let Ok((low, high)) =
                 self.meta
                     .fetch_watermarks(&self.config.topic, p as i32, REQUEST_TIMEOUT)
@@ -266,19 +270,10 @@ impl KafkaSource {
             }
         }
         if let Ok(n) = topic_partitions(&self.meta, &self.config) {
-            // Events in a partition this node does not read would be missing
-            // from every answer: a problem until it is dealt with, not a note.
-            if let Some(h) = &self.health
-                && n as usize > self.parts.len()
-            {
-                h.report(
-                    "stream",
-                    &format!(
-                        "Kafka topic `{}` has {n} partitions now, but this data directory consumes {}: events in the new ones are in no view (consuming partitions added to a topic is not supported yet; use a new topic and data directory)",
-                        self.config.topic,
-                        self.parts.len()
-                    ),
-                );
+            let mut parts = self.parts.write().expect("kafka partitions");
+            if n as usize > parts.len() {
+                tracing::info!(topic = %self.config.topic, from = parts.len(), to = n, "the Kafka topic gained partitions; consuming them");
+                parts.resize_with(n as usize, Arc::default);
             }
         }
     }
@@ -311,7 +306,7 @@ impl KafkaSource {
                 let consumer: BaseConsumer = consumer_config(&self.config)
                     .create()
                     .map_err(|e| self.read_error(p, e))?;
-                let low = self.parts[p as usize].low.load(Ordering::Relaxed);
+                let low = self.part(p).low.load(Ordering::Relaxed);
                 let at = from.saturating_sub(LOOKBACK).max(low.min(from));
                 let mut tpl = TopicPartitionList::new();
                 tpl.add_partition_offset(&self.config.topic, p as i32, Offset::Offset(at as i64))
@@ -351,14 +346,13 @@ impl KafkaSource {
     fn fill(&self, p: u32, c: &mut Cursor) -> Result<(), KafkaError> {
         let filled = self.fill_inner(p, c);
         if let Err(e) = &filled {
-            *self.parts[p as usize].failed.lock().expect("kafka failure") =
-                Some((e.clone(), Instant::now()));
+            *self.part(p).failed.lock().expect("kafka failure") = Some((e.clone(), Instant::now()));
         }
         filled
     }
 
     fn fill_inner(&self, p: u32, c: &mut Cursor) -> Result<(), KafkaError> {
-        let part = &self.parts[p as usize];
+        let part = self.part(p);
         while c.pending.len() < READ_AHEAD {
             match c.consumer.poll(Duration::ZERO) {
                 None => break,
@@ -420,7 +414,8 @@ impl KafkaSource {
     /// Decodes records into one batch; refused ones go to the dead-letter
     /// store (once) and become gaps.
     fn decode(&self, p: u32, records: Vec<Record>, end: u64) -> SourceBatch {
-        let dead_mark = &self.parts[p as usize].dead_mark;
+        let part = self.part(p);
+        let dead_mark = &part.dead_mark;
         let batch = decode_records(
             &self.decoder,
             &self.dead,
@@ -440,7 +435,7 @@ impl KafkaSource {
     /// Takes up to `max` buffered records below `until` from the cursor at
     /// `from`, fetching (without blocking) first.
     fn take(&self, p: u32, from: u64, until: u64, max: usize) -> Result<Took, KafkaError> {
-        let part = &self.parts[p as usize];
+        let part = self.part(p);
         let mut cursors = part.cursors.lock().expect("kafka cursors");
         let c = self.cursor_at(p, &mut cursors, from)?;
         let filled = self.fill(p, c);
@@ -559,11 +554,11 @@ impl Source for KafkaSource {
     }
 
     fn partitions(&self) -> u32 {
-        self.parts.len() as u32
+        self.parts.read().expect("kafka partitions").len() as u32
     }
 
     fn end(&self, p: u32) -> Result<u64, SourceError> {
-        let part = &self.parts[p as usize];
+        let part = self.part(p);
         if let Some((e, at)) = &*part.failed.lock().expect("kafka failure")
             && at.elapsed() < FAILURE_STANDS
         {
@@ -619,7 +614,7 @@ impl Source for KafkaSource {
         let deadline = Instant::now() + timeout;
         loop {
             let ready = {
-                let part = &self.parts[p as usize];
+                let part = self.part(p);
                 let mut cursors = part.cursors.lock().expect("kafka cursors");
                 match self.cursor_at(p, &mut cursors, from) {
                     Ok(c) => match self.fill(p, c) {
@@ -712,6 +707,26 @@ impl KafkaProducer {
 }
 
 /// How many partitions the topic has (a metadata request).
+/// The earliest offset partition `p` of the topic still holds (its low
+/// watermark): below it, retention removed the records. Blocking.
+pub fn earliest_offset(config: &KafkaConfig, p: u32) -> Result<u64, KafkaError> {
+    let meta: BaseConsumer =
+        consumer_config(config)
+            .create()
+            .map_err(|source| KafkaError::Connect {
+                brokers: config.brokers.clone(),
+                source,
+            })?;
+    let (low, _) = meta
+        .fetch_watermarks(&config.topic, p as i32, REQUEST_TIMEOUT)
+        .map_err(|source| KafkaError::Read {
+            topic: config.topic.clone(),
+            partition: p,
+            source,
+        })?;
+    Ok(low.max(0) as u64)
+}
+
 pub fn partition_count(config: &KafkaConfig) -> Result<u32, KafkaError> {
     let meta: BaseConsumer =
         consumer_config(config)

@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::Client;
-use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_kinesis::error::ProvideErrorMetadata;
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardIteratorType};
 use bytes::Bytes;
@@ -119,18 +119,18 @@ impl KinesisConfig {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum KinesisError {
-    #[error("cannot reach Kinesis stream `{stream}`")]
+    #[error("cannot reach Kinesis stream `{stream}`: {detail}")]
     Connect { stream: String, detail: String },
     #[error("Kinesis stream `{stream}` does not exist")]
     NoStream { stream: String },
-    #[error("reading shard {shard} (partition {partition}) failed")]
+    #[error("reading shard {shard} (partition {partition}) failed: {detail}")]
     Read {
         shard: String,
         partition: u32,
         detail: String,
     },
     #[error(
-        "shard {shard} (partition {partition}) has no record at position {position} any more on this node"
+        "shard {shard} (partition {partition}) has no record at position {position} any more on this node\nhint: {hint}"
     )]
     Released {
         shard: String,
@@ -138,38 +138,23 @@ pub enum KinesisError {
         position: u64,
         hint: String,
     },
-    #[error("cannot resume shard {shard} (partition {partition}) at position {position}")]
+    #[error(
+        "cannot resume shard {shard} (partition {partition}) at position {position}\nhint: {hint}"
+    )]
     NoResumeToken {
         shard: String,
         partition: u32,
         position: u64,
         hint: String,
     },
-    #[error("the shard registry of Kinesis stream `{stream}` cannot be {op}")]
+    #[error("the shard registry of Kinesis stream `{stream}` cannot be {op}: {detail}")]
     Registry {
         stream: String,
         op: &'static str,
         detail: String,
     },
-    #[error("PutRecords to Kinesis stream `{stream}` failed")]
+    #[error("PutRecords to Kinesis stream `{stream}` failed: {detail}")]
     Put { stream: String, detail: String },
-}
-
-impl KinesisError {
-    /// What went wrong below this error, where the error came from AWS or
-    /// storage, and what to do.
-    pub fn detail(&self) -> Option<&str> {
-        match self {
-            KinesisError::Connect { detail, .. }
-            | KinesisError::Read { detail, .. }
-            | KinesisError::Registry { detail, .. }
-            | KinesisError::Put { detail, .. } => Some(detail),
-            KinesisError::Released { hint, .. } | KinesisError::NoResumeToken { hint, .. } => {
-                Some(hint)
-            }
-            KinesisError::NoStream { .. } => None,
-        }
-    }
 }
 
 impl From<KinesisError> for SourceError {
@@ -178,8 +163,26 @@ impl From<KinesisError> for SourceError {
     }
 }
 
-fn aws_detail<E: std::error::Error>(e: E) -> String {
-    DisplayErrorContext(e).to_string()
+/// What AWS said: its error code and message for a service error, else the
+/// cause chain (a connection refused, a timeout), without the raw response.
+fn aws_detail<E, R>(e: aws_sdk_kinesis::error::SdkError<E, R>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match (e.code(), e.message()) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code.to_string(),
+        _ => {
+            let mut out = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                out = format!("{out}: {c}");
+                cause = c.source();
+            }
+            out
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -523,7 +526,7 @@ impl KinesisSource {
         if let Some(h) = &self.health {
             let n = h.report_error(&format!("stream/p{p}"), e);
             if n.is_power_of_two() {
-                tracing::warn!(partition = p, error = %e, detail = e.detail().unwrap_or(""), "reading a Kinesis shard failed; retrying");
+                tracing::warn!(partition = p, error = %e, "reading a Kinesis shard failed; retrying");
             }
         }
     }
@@ -577,7 +580,7 @@ async fn follow_shards(source: Weak<KinesisSource>) {
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(stream = %s.config.stream, error = %e, detail = e.detail().unwrap_or(""), "registering new Kinesis shards failed")
+                tracing::warn!(stream = %s.config.stream, error = %e, "registering new Kinesis shards failed")
             }
         }
     }

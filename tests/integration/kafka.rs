@@ -389,7 +389,9 @@ fn site_at(brokers: &str, topic: &str) -> Site {
 
 /// Events removed by the topic's retention before lambdaflow archived them
 /// stop their partition where it is, with a `health` problem naming the
-/// offsets; the other partitions go on and nothing is skipped. Staged on
+/// offsets; the other partitions go on and nothing is skipped — until the
+/// operator runs `lambdaflow accept-loss`, after which the partition goes on
+/// from the earliest offset the topic holds, exactly. Staged on
 /// librdkafka's mock cluster (a broker in the test process that the
 /// `serve` child reaches over TCP), whose partitions keep at most 5 MB and
 /// drop the oldest record batches beyond it: tansu 0.6.0's in-memory
@@ -401,7 +403,7 @@ fn site_at(brokers: &str, topic: &str) -> Site {
 /// has nothing to filter; gaps in offsets are exercised by the refused
 /// records of the oracle test instead.
 #[test]
-fn events_removed_upstream_before_archiving_stop_their_partition_and_say_so() {
+fn events_removed_upstream_stop_their_partition_until_the_operator_accepts_the_loss() {
     let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
     mock.create_topic("events", 2, 1).unwrap();
     let brokers = mock.bootstrap_servers();
@@ -411,13 +413,18 @@ fn events_removed_upstream_before_archiving_stop_their_partition_and_say_so() {
         options: Default::default(),
     };
     let producer = KafkaProducer::new(&config).unwrap();
+    let mut known = BTreeMap::new();
     // About 8 MB into partition 0: the first ~3 MB fall out of its log.
     for r in 0..16i64 {
         let events: Vec<Sent> = (0..5_000).map(|i| make(r * 5_000 + i)).collect();
-        send(&producer, 0, &events, &[]);
+        for (o, e) in send(&producer, 0, &events, &[]).into_iter().zip(events) {
+            known.insert((0u32, o), e);
+        }
     }
     let others: Vec<Sent> = (0..100).map(|i| make(1_000_000 + i)).collect();
-    send(&producer, 1, &others, &[]);
+    for (o, e) in send(&producer, 1, &others, &[]).into_iter().zip(others) {
+        known.insert((1u32, o), e);
+    }
 
     let site = site_at(&brokers, "events");
     let server = site.serve(&[]);
@@ -451,6 +458,74 @@ fn events_removed_upstream_before_archiving_stop_their_partition_and_say_so() {
         "nothing of partition 0 is skipped: {status}"
     );
     server.stop();
+
+    // The operator accepts the loss: first asked, then done.
+    let accept = |yes: bool| {
+        let mut c = std::process::Command::new(common::BIN);
+        c.args(["accept-loss", "--partition", "0", "--config"])
+            .arg(&site.config);
+        if yes {
+            c.arg("--yes");
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (code, said) = accept(false);
+    assert_eq!(
+        code,
+        Some(2),
+        "without --yes it only says what is lost: {said}"
+    );
+    assert!(
+        said.contains("offsets 0 to ") && said.contains("--yes"),
+        "{said}"
+    );
+    let (code, said) = accept(true);
+    assert_eq!(code, Some(0), "accepted: {said}");
+    let losses = std::fs::read_to_string(site.data.join("stream/accepted-losses.ndjson")).unwrap();
+    let loss: Value = serde_json::from_str(losses.lines().next().unwrap()).unwrap();
+    let lost_to = loss["to"].as_u64().unwrap();
+    assert!(
+        lost_to > 0 && loss["from"] == 0,
+        "the loss is recorded: {loss}"
+    );
+    let (code, said) = accept(true);
+    assert_eq!(
+        code,
+        Some(0),
+        "a second acceptance finds nothing lost: {said}"
+    );
+    assert!(said.contains("lost nothing"), "{said}");
+
+    // Restarted, partition 0 goes on from the earliest retained offset.
+    let server = site.serve(&[]);
+    known.retain(|&(p, o), _| p == 1 || o >= lost_to);
+    let last = BTreeMap::from([(0u32, 79_999u64), (1u32, 99u64)]);
+    let settled = wait_settled(&server, &last, Duration::from_secs(120));
+    assert!(
+        !settled["health"]["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["component"] == "speed/p0"),
+        "partition 0 is no longer stopped: {settled}"
+    );
+    let answers: Vec<oracle::Got> = ["sales_by_product", "sales_by_zipcode", "sales_per_minute"]
+        .into_iter()
+        .map(|v| oracle::query(&server.url, v).unwrap())
+        .collect();
+    server.stop();
+    // Exactly the events the topic still held, once each.
+    oracle::verify_positions(&answers, &known, false);
+    let (rows, _) = common::master_events(&site.data);
+    assert_eq!(
+        rows.len(),
+        known.len(),
+        "the master dataset holds what is left, once"
+    );
 }
 
 /// A read may start inside a record batch (an archived chunk ends wherever
@@ -475,7 +550,6 @@ fn a_read_that_starts_inside_a_record_batch_gets_every_record() {
             Partitioning::RoundRobin,
         ),
         Arc::new(DeadLetters::open(dir.path()).unwrap()),
-        None,
     )
     .unwrap();
     let read = common::rt()

@@ -335,6 +335,12 @@ fn every_answer_over_kinesis_equals_the_view_sql_over_the_events_below_its_posit
             "status names each shard, open, with no lag once settled: {part}"
         );
     }
+    let metrics = common::get_text(&format!("{url}/metrics"));
+    assert!(
+        metrics.contains("lambdaflow_stream_partition_info{partition=\"1\",shard=\"shardId-")
+            && metrics.contains("lambdaflow_speed_lag_events{partition=\"0\"} 0"),
+        "metrics name each shard and its lag: {metrics}"
+    );
     answers.lock().unwrap().extend(settled_answers(&server));
     done.store(true, Ordering::Relaxed);
     for r in readers {
