@@ -380,6 +380,83 @@ struct ShardState {
     dead_mark: u64,
 }
 
+impl ShardState {
+    fn new() -> ShardState {
+        ShardState {
+            base: 0,
+            base_seq: String::new(),
+            fetches: VecDeque::new(),
+            head: 0,
+            cached_bytes: 0,
+            finished: false,
+            throttled: false,
+            started: false,
+            millis_behind: 0,
+            dead_mark: 0,
+        }
+    }
+
+    /// Appends what a GetRecords call gave (it starts at the head).
+    fn push(&mut self, fetch: Fetch) {
+        debug_assert_eq!(fetch.first, self.head, "fetches are contiguous");
+        self.cached_bytes += fetch.batch.batch.get_array_memory_size();
+        self.head = fetch.end();
+        self.dead_mark = self.dead_mark.max(self.head);
+        self.fetches.push_back(fetch);
+    }
+
+    /// The cached records at `[from, until)`, at most about `max` of them;
+    /// `None` when `from` lies below the cache (released).
+    fn cached(&self, from: u64, until: u64, max: usize) -> Option<Vec<SourceBatch>> {
+        let until = until.min(self.head);
+        if from >= until {
+            return Some(Vec::new());
+        }
+        if from < self.base {
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut left = max.max(1);
+        let mut next = from;
+        let i = self.fetches.partition_point(|f| f.end() <= from);
+        for f in self.fetches.iter().skip(i) {
+            if f.first >= until || left == 0 {
+                break;
+            }
+            if let Some(b) = clip(f, next, until, left) {
+                left -= b.rows();
+                next = b.end();
+                out.push(b);
+            }
+        }
+        Some(out)
+    }
+
+    /// The sequence number of the record just before `position`, if this
+    /// node still knows it.
+    fn token_at(&self, position: u64) -> Option<String> {
+        if position == self.base {
+            return Some(self.base_seq.clone()).filter(|s| !s.is_empty());
+        }
+        let i = self.fetches.partition_point(|f| f.end() < position);
+        let f = self.fetches.get(i)?;
+        (f.first < position && position <= f.end())
+            .then(|| f.seqs[(position - 1 - f.first) as usize].to_string())
+    }
+
+    /// Drops the fetches wholly below `end` (the master dataset holds them).
+    fn release(&mut self, end: u64) {
+        while let Some(f) = self.fetches.front()
+            && f.end() <= end
+        {
+            let f = self.fetches.pop_front().expect("a fetch");
+            self.cached_bytes -= f.batch.batch.get_array_memory_size();
+            self.base = f.end();
+            self.base_seq = f.seqs.last().map(|s| s.to_string()).unwrap_or_default();
+        }
+    }
+}
+
 struct Shard {
     partition: u32,
     entry: ShardEntry,
@@ -432,18 +509,7 @@ impl KinesisSource {
             shards.push(Arc::new(Shard {
                 partition: p as u32,
                 entry: entry.clone(),
-                state: Mutex::new(ShardState {
-                    base: 0,
-                    base_seq: String::new(),
-                    fetches: VecDeque::new(),
-                    head: 0,
-                    cached_bytes: 0,
-                    finished: false,
-                    throttled: false,
-                    started: false,
-                    millis_behind: 0,
-                    dead_mark: 0,
-                }),
+                state: Mutex::new(ShardState::new()),
                 head: watch::channel(0).0,
             }));
         }
@@ -741,10 +807,7 @@ async fn poll_shard(source: Weak<KinesisSource>, shard: Arc<Shard>) {
                 batch,
             };
             let mut st = shard.state.lock().expect("shard state");
-            st.cached_bytes += fetch.batch.batch.get_array_memory_size();
-            st.fetches.push_back(fetch);
-            st.head = end;
-            st.dead_mark = st.dead_mark.max(end);
+            st.push(fetch);
             st.throttled = false;
             st.millis_behind = out.millis_behind_latest().unwrap_or(0);
             drop(st);
@@ -832,12 +895,8 @@ impl Source for KinesisSource {
     ) -> Result<Vec<SourceBatch>, SourceError> {
         let shard = self.shard(p)?;
         let st = shard.state.lock().expect("shard state");
-        let until = until.min(st.head);
-        if from >= until {
-            return Ok(Vec::new());
-        }
-        if from < st.base {
-            return Err(KinesisError::Released {
+        st.cached(from, until, max_events).ok_or_else(|| {
+            KinesisError::Released {
                 shard: shard.entry.shard.clone(),
                 partition: p,
                 position: from,
@@ -846,23 +905,8 @@ impl Source for KinesisSource {
                     st.base
                 ),
             }
-            .into());
-        }
-        let mut out = Vec::new();
-        let mut left = max_events.max(1);
-        let mut next = from;
-        let i = st.fetches.partition_point(|f| f.end() <= from);
-        for f in st.fetches.iter().skip(i) {
-            if f.first >= until || left == 0 {
-                break;
-            }
-            if let Some(b) = clip(f, next, until, left) {
-                left -= b.rows();
-                next = b.end();
-                out.push(b);
-            }
-        }
-        Ok(out)
+            .into()
+        })
     }
 
     async fn wait(&self, p: u32, from: u64, timeout: Duration) {
@@ -889,25 +933,12 @@ impl Source for KinesisSource {
     fn resume_token(&self, p: u32, position: u64) -> Option<String> {
         let shard = self.shard(p).ok()?;
         let st = shard.state.lock().expect("shard state");
-        if position == st.base {
-            return Some(st.base_seq.clone()).filter(|s| !s.is_empty());
-        }
-        let i = st.fetches.partition_point(|f| f.end() < position);
-        let f = st.fetches.get(i)?;
-        (f.first < position && position <= f.end())
-            .then(|| f.seqs[(position - 1 - f.first) as usize].to_string())
+        st.token_at(position)
     }
 
     fn archived(&self, p: u32, end: u64) {
-        let Ok(shard) = self.shard(p) else { return };
-        let mut st = shard.state.lock().expect("shard state");
-        while let Some(f) = st.fetches.front()
-            && f.end() <= end
-        {
-            let f = st.fetches.pop_front().expect("a fetch");
-            st.cached_bytes -= f.batch.batch.get_array_memory_size();
-            st.base = f.end();
-            st.base_seq = f.seqs.last().map(|s| s.to_string()).unwrap_or_default();
+        if let Ok(shard) = self.shard(p) {
+            shard.state.lock().expect("shard state").release(end);
         }
     }
 
@@ -1072,43 +1103,134 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn the_registry_only_grows_and_two_writers_agree() {
+    /// A fetch of records at `first..first + n`, those at `refused`
+    /// positions refused (gaps), each record's sequence number `s<pos>`.
+    fn fetch(first: u64, n: u64, refused: &[u64]) -> Fetch {
+        use arrow::array::Int64Array;
+        use arrow::datatypes::{DataType, Field, Schema};
+        let kept: Vec<u64> = (first..first + n)
+            .filter(|p| !refused.contains(p))
+            .collect();
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        let col = Int64Array::from_iter_values(kept.iter().map(|&p| p as i64));
+        let batch = arrow::record_batch::RecordBatch::try_new(schema, vec![Arc::new(col)])
+            .expect("a batch");
+        Fetch {
+            first,
+            seqs: (first..first + n).map(|p| format!("s{p}").into()).collect(),
+            batch: SourceBatch {
+                partition: 0,
+                batch,
+                times: StreamTimes::Each(kept.iter().map(|&p| p as i64).collect()),
+                positions: Positions::Listed {
+                    at: kept.into(),
+                    end: first + n,
+                },
+            },
+        }
+    }
+
+    fn positions(batches: &[SourceBatch]) -> (Vec<u64>, u64) {
+        let at = batches.iter().flat_map(|b| b.position_column()).collect();
+        (at, batches.last().map_or(0, SourceBatch::end))
+    }
+
+    #[test]
+    fn the_cache_serves_any_range_with_its_gaps_and_forgets_what_is_archived() {
+        let mut st = ShardState::new();
+        st.push(fetch(0, 10, &[3]));
+        st.push(fetch(10, 5, &[14]));
+        st.push(fetch(15, 5, &[]));
+        assert_eq!(
+            positions(&st.cached(2, 12, 100).expect("cached")),
+            (vec![2, 4, 5, 6, 7, 8, 9, 10, 11], 12),
+            "a range across fetches, over the refused record at 3"
+        );
+        assert_eq!(
+            positions(&st.cached(5, 20, 3).expect("cached")),
+            (vec![5, 6, 7], 8),
+            "at most `max` records; the read ends after the last one"
+        );
+        assert_eq!(
+            positions(&st.cached(14, 15, 10).expect("cached")),
+            (vec![], 15),
+            "a range of refused records only still moves the reader on"
+        );
+        assert_eq!(
+            positions(&st.cached(20, 30, 10).expect("cached")).0,
+            Vec::<u64>::new()
+        );
+        assert_eq!(st.token_at(0), None, "the shard's start has no token");
+        assert_eq!(st.token_at(12).as_deref(), Some("s11"));
+        assert_eq!(
+            st.token_at(15).as_deref(),
+            Some("s14"),
+            "a refused record's too"
+        );
+        st.release(12);
+        assert_eq!(st.base, 10, "a fetch partly archived stays");
+        assert_eq!(
+            st.token_at(10).as_deref(),
+            Some("s9"),
+            "the base keeps its token"
+        );
+        assert!(st.cached(9, 12, 10).is_none(), "below the cache: released");
+        st.release(20);
+        assert_eq!((st.base, st.token_at(20).as_deref()), (20, Some("s19")));
+        assert_eq!(st.cached_bytes, 0, "nothing cached after all is archived");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn writers_racing_on_the_registry_agree_on_every_partition_number() {
+        // A lost race is timing: race often.
+        for _ in 0..20 {
+            race_on_a_registry().await;
+        }
+    }
+
+    async fn race_on_a_registry() {
         let dir = tempfile::tempdir().expect("tempdir");
         let storage = Storage::local(dir.path()).expect("storage");
-        let a = Registry::extend(
-            &storage,
-            "s",
-            &[entry("shardId-000000000000"), entry("shardId-000000000001")],
-        )
-        .await
-        .expect("first");
-        assert_eq!(a.generation, 1);
-        // A writer that read generation 1 and lost the race for 2 builds on the winner's list.
-        let b = Registry::extend(&storage, "s", &[entry("shardId-000000000002")])
+        let id = |n: u32| format!("shardId-{n:012}");
+        let first = Registry::extend(&storage, "s", &[entry(&id(0)), entry(&id(1))])
             .await
-            .expect("second");
-        let c = Registry::extend(
-            &storage,
-            "s",
-            &[entry("shardId-000000000003"), entry("shardId-000000000002")],
-        )
-        .await
-        .expect("third");
-        assert_eq!(b.generation, 2);
+            .expect("first");
+        assert_eq!((first.generation, first.shards.len()), (1, 2));
+        // Eight nodes, each seeing some of the same new shards, at once.
+        let writers: Vec<_> = (0..8u32)
+            .map(|w| {
+                let storage = storage.clone();
+                let listed: Vec<ShardEntry> = (0..2 + w % 4).map(|n| entry(&id(n))).collect();
+                tokio::spawn(async move { Registry::extend(&storage, "s", &listed).await })
+            })
+            .collect();
+        let mut seen = Vec::new();
+        for w in writers {
+            seen.push(w.await.expect("a writer").expect("extends"));
+        }
+        let last = Registry::load(&storage, "s")
+            .await
+            .expect("load")
+            .expect("a registry");
+        let ids: Vec<&str> = last.shards.iter().map(|s| s.shard.as_str()).collect();
         assert_eq!(
-            c.shards
-                .iter()
-                .map(|s| s.shard.as_str())
-                .collect::<Vec<_>>(),
-            [
-                "shardId-000000000000",
-                "shardId-000000000001",
-                "shardId-000000000002",
-                "shardId-000000000003"
-            ],
-            "partition numbers never change once given"
+            ids,
+            (0..5).map(id).collect::<Vec<_>>(),
+            "every shard once, parents first"
         );
-        assert_eq!(Registry::load(&storage, "s").await.expect("load"), Some(c));
+        for r in seen {
+            assert_eq!(
+                r.shards[..],
+                last.shards[..r.shards.len()],
+                "what each writer was told is a prefix of the final registry"
+            );
+        }
+        assert_eq!(
+            Registry::extend(&storage, "s", &[entry(&id(3))])
+                .await
+                .expect("again"),
+            last,
+            "nothing new, nothing written"
+        );
     }
 }
