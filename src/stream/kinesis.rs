@@ -501,6 +501,17 @@ impl KinesisSource {
         })
     }
 
+    fn report_read(&self, shard: &Shard, detail: String) {
+        self.report(
+            shard.partition,
+            &KinesisError::Read {
+                shard: shard.entry.shard.clone(),
+                partition: shard.partition,
+                detail,
+            },
+        );
+    }
+
     fn report(&self, p: u32, e: &KinesisError) {
         if let Some(h) = &self.health {
             let n = h.report_error(&format!("stream/p{p}"), e);
@@ -625,14 +636,7 @@ async fn poll_shard(source: Weak<KinesisSource>, shard: Arc<Shard>) {
                         let throttled = e.as_service_error().and_then(|x| x.code())
                             == Some("LimitExceededException");
                         shard.state.lock().expect("shard state").throttled = throttled;
-                        s.report(
-                            p,
-                            &KinesisError::Read {
-                                shard: shard.entry.shard.clone(),
-                                partition: p,
-                                detail: aws_detail(e),
-                            },
-                        );
+                        s.report_read(&shard, aws_detail(e));
                         drop(s);
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -678,14 +682,7 @@ async fn poll_shard(source: Weak<KinesisSource>, shard: Arc<Shard>) {
                     }
                     _ => {
                         iterator = None;
-                        s.report(
-                            p,
-                            &KinesisError::Read {
-                                shard: shard.entry.shard.clone(),
-                                partition: p,
-                                detail: aws_detail(e),
-                            },
-                        );
+                        s.report_read(&shard, aws_detail(e));
                     }
                 }
                 drop(s);
