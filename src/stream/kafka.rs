@@ -40,6 +40,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
+use super::cache::{Fetch, ReadAhead};
 use super::deadletter::DeadLetters;
 use super::decode::Decoder;
 use super::source::{RawRecord, Source, SourceBatch, SourceError, decode_records};
@@ -152,6 +153,10 @@ const LOOKBACK: u64 = 10_000;
 const READ_WAIT: Duration = Duration::from_secs(5);
 /// How long a read waits for a new cursor's first fetch.
 const FIRST_FETCH_WAIT: Duration = Duration::from_secs(2);
+/// Records the reader thread decodes at once, at most.
+const AHEAD_RECORDS: usize = 16_384;
+/// The reader thread waits while its partition's read-ahead holds this much.
+const MAX_AHEAD_BYTES: usize = 256 << 20;
 /// How long metadata and watermark requests may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -196,6 +201,13 @@ struct Partition {
     /// even when no read is asked of it (the error recurs at each retry;
     /// a passing one ages out).
     failed: Mutex<Option<(KafkaError, Instant)>>,
+    /// What this partition's reader thread fetched and decoded ahead, from
+    /// where the first read started (the speed layer's H), until archived.
+    ahead: Mutex<Option<ReadAhead>>,
+    /// Whether the reader thread has fetched anything yet.
+    ahead_fetched: AtomicBool,
+    /// Wakes reads waiting for the read-ahead to grow.
+    grown: tokio::sync::Notify,
 }
 
 /// How long a fetch failure stands without recurring.
@@ -210,6 +222,8 @@ pub struct KafkaSource {
     /// One per partition of the topic; grows when the topic gains some.
     parts: std::sync::RwLock<Vec<Arc<Partition>>>,
     stopped: AtomicBool,
+    /// Itself, for the reader threads it starts.
+    me: Weak<KafkaSource>,
 }
 
 impl KafkaSource {
@@ -229,13 +243,14 @@ impl KafkaSource {
                 })?;
         let n = topic_partitions(&meta, &config)?;
         check_not_compacted(&config)?;
-        let source = Arc::new(KafkaSource {
+        let source = Arc::new_cyclic(|me| KafkaSource {
             decoder,
             dead,
             meta,
             parts: std::sync::RwLock::new((0..n).map(|_| Arc::default()).collect()),
             stopped: AtomicBool::new(false),
             config,
+            me: me.clone(),
         });
         source.refresh();
         let weak = Arc::downgrade(&source);
@@ -557,6 +572,12 @@ impl Source for KafkaSource {
         self.parts.read().expect("kafka partitions").len() as u32
     }
 
+    fn archived(&self, p: u32, end: u64) {
+        if let Some(a) = self.part(p).ahead.lock().expect("read-ahead").as_mut() {
+            a.release(end);
+        }
+    }
+
     fn end(&self, p: u32) -> Result<u64, SourceError> {
         let part = self.part(p);
         if let Some((e, at)) = &*part.failed.lock().expect("kafka failure")
@@ -595,6 +616,9 @@ impl Source for KafkaSource {
         // so are records known to be there. Otherwise a read returns what
         // has arrived: a partition may end with offsets that hold no
         // record (transaction markers).
+        if let Some(read) = self.read_ahead(p, from, until, max_events).await? {
+            return Ok(read);
+        }
         let known = from < self.end(p)?;
         let began = Instant::now();
         loop {
@@ -612,6 +636,22 @@ impl Source for KafkaSource {
 
     async fn wait(&self, p: u32, from: u64, timeout: Duration) {
         let deadline = Instant::now() + timeout;
+        let part = self.part(p);
+        if part.ahead.lock().expect("read-ahead").is_some() {
+            loop {
+                let grown = part.grown.notified();
+                let head = part
+                    .ahead
+                    .lock()
+                    .expect("read-ahead")
+                    .as_ref()
+                    .map(|a| a.head);
+                if head.is_none_or(|h| h > from) || Instant::now() >= deadline {
+                    return;
+                }
+                let _ = tokio::time::timeout_at(deadline.into(), grown).await;
+            }
+        }
         loop {
             let ready = {
                 let part = self.part(p);
@@ -639,6 +679,123 @@ impl Source for KafkaSource {
                 Some(false) => {}
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+impl KafkaSource {
+    /// A read served from the partition's read-ahead: `None` when `from`
+    /// lies outside it (a replay below what it holds), for the cursors to
+    /// serve. The first read of a partition starts its reader thread there.
+    async fn read_ahead(
+        &self,
+        p: u32,
+        from: u64,
+        until: u64,
+        max: usize,
+    ) -> Result<Option<Vec<SourceBatch>>, SourceError> {
+        let part = self.part(p);
+        {
+            let mut ahead = part.ahead.lock().expect("read-ahead");
+            if ahead.is_none() {
+                *ahead = Some(ReadAhead::at(from, None));
+                let me = self.me.clone();
+                std::thread::Builder::new()
+                    .name(format!("kafka-p{p}"))
+                    .spawn(move || read_ahead_loop(me, p))
+                    .expect("spawn a Kafka reader thread");
+            }
+        }
+        // As the cursors do: records known to be there are waited for, and
+        // so is the reader's first fetch.
+        let known = from < self.end(p)?;
+        let began = Instant::now();
+        loop {
+            let grown = part.grown.notified();
+            let got = part
+                .ahead
+                .lock()
+                .expect("read-ahead")
+                .as_ref()
+                .and_then(|a| a.cached(from, until, max));
+            match got {
+                None => return Ok(None),
+                Some(read) if !read.is_empty() || from >= until => return Ok(Some(read)),
+                Some(_) => {}
+            }
+            let waited = began.elapsed();
+            let fresh = !part.ahead_fetched.load(Ordering::Relaxed);
+            let limit = match (known, fresh) {
+                (true, _) => READ_WAIT,
+                (false, true) => FIRST_FETCH_WAIT,
+                (false, false) => Duration::ZERO,
+            };
+            if waited >= limit {
+                return Ok(Some(Vec::new()));
+            }
+            // A failure reported meanwhile ends the wait with it.
+            self.end(p)?;
+            let _ =
+                tokio::time::timeout((limit - waited).min(Duration::from_millis(50)), grown).await;
+        }
+    }
+}
+
+/// A partition's reader thread: takes what its cursor fetched from the
+/// read-ahead's head on, decodes it (off the speed layer's thread, one
+/// thread per partition) and appends it; waits while the read-ahead is full.
+fn read_ahead_loop(source: Weak<KafkaSource>, p: u32) {
+    let mut idle = Duration::from_millis(1);
+    loop {
+        let Some(s) = source.upgrade() else { return };
+        if s.stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        let part = s.part(p);
+        let Some((head, full)) = part
+            .ahead
+            .lock()
+            .expect("read-ahead")
+            .as_ref()
+            .map(|a| (a.head, a.bytes >= MAX_AHEAD_BYTES))
+        else {
+            return;
+        };
+        let pause = if full {
+            Some(Duration::from_millis(5))
+        } else {
+            match s.take(p, head, u64::MAX, AHEAD_RECORDS) {
+                Ok(Took::Records(records, end)) if !records.is_empty() => {
+                    let batch = s.decode(p, records, end);
+                    if let Some(a) = part.ahead.lock().expect("read-ahead").as_mut()
+                        && a.head == head
+                    {
+                        a.push(Fetch {
+                            first: head,
+                            end,
+                            tokens: Vec::new(),
+                            batch,
+                        });
+                    }
+                    part.ahead_fetched.store(true, Ordering::Relaxed);
+                    part.grown.notify_waiters();
+                    idle = Duration::from_millis(1);
+                    None
+                }
+                Ok(_) => {
+                    // Nothing yet: poll again soon, less often while idle.
+                    let wait = idle;
+                    idle = (idle * 2).min(Duration::from_millis(20));
+                    Some(wait)
+                }
+                // Recorded in `failed` (reported through `end`); retried.
+                Err(_) => Some(Duration::from_millis(500)),
+            }
+        };
+        drop(part);
+        drop(s);
+        if let Some(wait) = pause {
+            std::thread::sleep(wait);
         }
     }
 }

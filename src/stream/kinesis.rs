@@ -24,7 +24,6 @@
 //! chunk closes at its end. Its children are registered as new partitions,
 //! read from their first record once their parents are read to the end.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
@@ -37,11 +36,11 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::cache::{Fetch, ReadAhead};
 use super::deadletter::DeadLetters;
 use super::decode::Decoder;
 use super::source::{
-    PartitionInfo, PartitionState, Positions, RawRecord, Source, SourceBatch, SourceError,
-    StreamTimes, decode_records,
+    PartitionInfo, PartitionState, RawRecord, Source, SourceBatch, SourceError, decode_records,
 };
 use crate::health::Health;
 use crate::storage::Storage;
@@ -348,29 +347,9 @@ pub async fn resolve(storage: &Storage, config: &KinesisConfig) -> Result<Regist
 // ---------------------------------------------------------------------------
 // The source
 
-/// One GetRecords answer, decoded: records at `[first, first + seqs.len())`.
-struct Fetch {
-    first: u64,
-    /// Every record's sequence number (refused ones too).
-    seqs: Vec<Box<str>>,
-    batch: SourceBatch,
-}
-
-impl Fetch {
-    fn end(&self) -> u64 {
-        self.first + self.seqs.len() as u64
-    }
-}
-
 struct ShardState {
-    /// Where the cache starts, and the sequence number of the record just
-    /// before (empty: the shard's start).
-    base: u64,
-    base_seq: String,
-    fetches: VecDeque<Fetch>,
-    /// One past the last record fetched.
-    head: u64,
-    cached_bytes: usize,
+    /// The records read and not yet archived, with their sequence numbers.
+    cache: ReadAhead,
     finished: bool,
     throttled: bool,
     started: bool,
@@ -383,76 +362,12 @@ struct ShardState {
 impl ShardState {
     fn new() -> ShardState {
         ShardState {
-            base: 0,
-            base_seq: String::new(),
-            fetches: VecDeque::new(),
-            head: 0,
-            cached_bytes: 0,
+            cache: ReadAhead::at(0, None),
             finished: false,
             throttled: false,
             started: false,
             millis_behind: 0,
             dead_mark: 0,
-        }
-    }
-
-    /// Appends what a GetRecords call gave (it starts at the head).
-    fn push(&mut self, fetch: Fetch) {
-        debug_assert_eq!(fetch.first, self.head, "fetches are contiguous");
-        self.cached_bytes += fetch.batch.batch.get_array_memory_size();
-        self.head = fetch.end();
-        self.dead_mark = self.dead_mark.max(self.head);
-        self.fetches.push_back(fetch);
-    }
-
-    /// The cached records at `[from, until)`, at most about `max` of them;
-    /// `None` when `from` lies below the cache (released).
-    fn cached(&self, from: u64, until: u64, max: usize) -> Option<Vec<SourceBatch>> {
-        let until = until.min(self.head);
-        if from >= until {
-            return Some(Vec::new());
-        }
-        if from < self.base {
-            return None;
-        }
-        let mut out = Vec::new();
-        let mut left = max.max(1);
-        let mut next = from;
-        let i = self.fetches.partition_point(|f| f.end() <= from);
-        for f in self.fetches.iter().skip(i) {
-            if f.first >= until || left == 0 {
-                break;
-            }
-            if let Some(b) = clip(f, next, until, left) {
-                left -= b.rows();
-                next = b.end();
-                out.push(b);
-            }
-        }
-        Some(out)
-    }
-
-    /// The sequence number of the record just before `position`, if this
-    /// node still knows it.
-    fn token_at(&self, position: u64) -> Option<String> {
-        if position == self.base {
-            return Some(self.base_seq.clone()).filter(|s| !s.is_empty());
-        }
-        let i = self.fetches.partition_point(|f| f.end() < position);
-        let f = self.fetches.get(i)?;
-        (f.first < position && position <= f.end())
-            .then(|| f.seqs[(position - 1 - f.first) as usize].to_string())
-    }
-
-    /// Drops the fetches wholly below `end` (the master dataset holds them).
-    fn release(&mut self, end: u64) {
-        while let Some(f) = self.fetches.front()
-            && f.end() <= end
-        {
-            let f = self.fetches.pop_front().expect("a fetch");
-            self.cached_bytes -= f.batch.batch.get_array_memory_size();
-            self.base = f.end();
-            self.base_seq = f.seqs.last().map(|s| s.to_string()).unwrap_or_default();
         }
     }
 }
@@ -552,10 +467,8 @@ impl KinesisSource {
                 });
             }
             let mut st = s.state.lock().expect("shard state");
-            st.base = at;
-            st.head = at;
+            st.cache = ReadAhead::at(at, seq);
             st.dead_mark = at;
-            st.base_seq = seq.unwrap_or_default();
             s.head.send_replace(at);
         }
         for s in shards {
@@ -586,6 +499,17 @@ impl KinesisSource {
                 .find(|s| &s.entry.shard == parent)
                 .is_none_or(|s| s.state.lock().expect("shard state").finished)
         })
+    }
+
+    fn report_read(&self, shard: &Shard, detail: String) {
+        self.report(
+            shard.partition,
+            &KinesisError::Read {
+                shard: shard.entry.shard.clone(),
+                partition: shard.partition,
+                detail,
+            },
+        );
     }
 
     fn report(&self, p: u32, e: &KinesisError) {
@@ -674,13 +598,12 @@ async fn poll_shard(source: Weak<KinesisSource>, shard: Arc<Shard>) {
         }
         let (full, at, after) = {
             let st = shard.state.lock().expect("shard state");
-            let at = st.head;
-            // The sequence number of the record before `at`.
-            let after = match st.fetches.back() {
-                Some(f) => f.seqs.last().map(|s| s.to_string()),
-                None => Some(st.base_seq.clone()).filter(|s| !s.is_empty()),
-            };
-            (st.cached_bytes >= MAX_CACHED_BYTES, at, after)
+            // The sequence number of the record before the head.
+            (
+                st.cache.bytes >= MAX_CACHED_BYTES,
+                st.cache.head,
+                st.cache.head_token(),
+            )
         };
         if full {
             drop(s);
@@ -713,14 +636,7 @@ async fn poll_shard(source: Weak<KinesisSource>, shard: Arc<Shard>) {
                         let throttled = e.as_service_error().and_then(|x| x.code())
                             == Some("LimitExceededException");
                         shard.state.lock().expect("shard state").throttled = throttled;
-                        s.report(
-                            p,
-                            &KinesisError::Read {
-                                shard: shard.entry.shard.clone(),
-                                partition: p,
-                                detail: aws_detail(e),
-                            },
-                        );
+                        s.report_read(&shard, aws_detail(e));
                         drop(s);
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -766,14 +682,7 @@ async fn poll_shard(source: Weak<KinesisSource>, shard: Arc<Shard>) {
                     }
                     _ => {
                         iterator = None;
-                        s.report(
-                            p,
-                            &KinesisError::Read {
-                                shard: shard.entry.shard.clone(),
-                                partition: p,
-                                detail: aws_detail(e),
-                            },
-                        );
+                        s.report_read(&shard, aws_detail(e));
                     }
                 }
                 drop(s);
@@ -803,11 +712,13 @@ async fn poll_shard(source: Weak<KinesisSource>, shard: Arc<Shard>) {
             let batch = decode_records(&s.decoder, &s.dead, p, raw, end, mark);
             let fetch = Fetch {
                 first: at,
-                seqs: records.iter().map(|r| r.sequence_number().into()).collect(),
+                end,
+                tokens: records.iter().map(|r| r.sequence_number().into()).collect(),
                 batch,
             };
             let mut st = shard.state.lock().expect("shard state");
-            st.push(fetch);
+            st.cache.push(fetch);
+            st.dead_mark = st.dead_mark.max(end);
             st.throttled = false;
             st.millis_behind = out.millis_behind_latest().unwrap_or(0);
             drop(st);
@@ -821,7 +732,7 @@ async fn poll_shard(source: Weak<KinesisSource>, shard: Arc<Shard>) {
             Some(next) => iterator = Some(next.to_string()),
             None => {
                 // A closed shard read to its end: its partition is final.
-                let end = shard.state.lock().expect("shard state").head;
+                let end = shard.state.lock().expect("shard state").cache.head;
                 finish(&shard, end);
                 tracing::info!(shard = %shard.entry.shard, partition = p, end, "a Kinesis shard ended (split or merged)");
                 return;
@@ -836,33 +747,6 @@ fn finish(shard: &Shard, end: u64) {
     shard.head.send_replace(end);
 }
 
-/// The records of `f` at positions `[from, until)`, at most `max`; `None`
-/// when it has none there and the read gains nothing.
-fn clip(f: &Fetch, from: u64, until: u64, max: usize) -> Option<SourceBatch> {
-    let b = &f.batch;
-    let n = b.rows();
-    let positions: Vec<u64> = (0..n).map(|r| b.position(r)).collect();
-    let lo = positions.partition_point(|&x| x < from);
-    let hi_all = positions.partition_point(|&x| x < until);
-    let hi = hi_all.min(lo + max);
-    let end = if hi < hi_all {
-        b.position(hi - 1) + 1
-    } else {
-        until.min(f.end())
-    };
-    if hi == lo && end <= from {
-        return None;
-    }
-    let at: Arc<[u64]> = positions[lo..hi].into();
-    let times: Arc<[i64]> = (lo..hi).map(|r| b.time_ms(r)).collect();
-    Some(SourceBatch {
-        partition: b.partition,
-        batch: b.batch.slice(lo, hi - lo),
-        positions: Positions::Listed { at, end },
-        times: StreamTimes::Each(times),
-    })
-}
-
 #[async_trait::async_trait]
 impl Source for KinesisSource {
     fn describe(&self) -> String {
@@ -874,11 +758,11 @@ impl Source for KinesisSource {
     }
 
     fn end(&self, p: u32) -> Result<u64, SourceError> {
-        Ok(self.shard(p)?.state.lock().expect("shard state").head)
+        Ok(self.shard(p)?.state.lock().expect("shard state").cache.head)
     }
 
     fn start(&self, p: u32) -> Result<u64, SourceError> {
-        Ok(self.shard(p)?.state.lock().expect("shard state").base)
+        Ok(self.shard(p)?.state.lock().expect("shard state").cache.base)
     }
 
     fn finished(&self, p: u32) -> bool {
@@ -895,14 +779,17 @@ impl Source for KinesisSource {
     ) -> Result<Vec<SourceBatch>, SourceError> {
         let shard = self.shard(p)?;
         let st = shard.state.lock().expect("shard state");
-        st.cached(from, until, max_events).ok_or_else(|| {
+        if from >= st.cache.head {
+            return Ok(Vec::new());
+        }
+        st.cache.cached(from, until, max_events).ok_or_else(|| {
             KinesisError::Released {
                 shard: shard.entry.shard.clone(),
                 partition: p,
                 position: from,
                 hint: format!(
                     "this node keeps the records of the shard from position {} on (what the master dataset does not hold yet); older ones are read from the master dataset",
-                    st.base
+                    st.cache.base
                 ),
             }
             .into()
@@ -933,12 +820,12 @@ impl Source for KinesisSource {
     fn resume_token(&self, p: u32, position: u64) -> Option<String> {
         let shard = self.shard(p).ok()?;
         let st = shard.state.lock().expect("shard state");
-        st.token_at(position)
+        st.cache.token_at(position)
     }
 
     fn archived(&self, p: u32, end: u64) {
         if let Ok(shard) = self.shard(p) {
-            shard.state.lock().expect("shard state").release(end);
+            shard.state.lock().expect("shard state").cache.release(end);
         }
     }
 
@@ -1101,83 +988,6 @@ mod tests {
             parents: Vec::new(),
             first_sequence: "1".into(),
         }
-    }
-
-    /// A fetch of records at `first..first + n`, those at `refused`
-    /// positions refused (gaps), each record's sequence number `s<pos>`.
-    fn fetch(first: u64, n: u64, refused: &[u64]) -> Fetch {
-        use arrow::array::Int64Array;
-        use arrow::datatypes::{DataType, Field, Schema};
-        let kept: Vec<u64> = (first..first + n)
-            .filter(|p| !refused.contains(p))
-            .collect();
-        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
-        let col = Int64Array::from_iter_values(kept.iter().map(|&p| p as i64));
-        let batch = arrow::record_batch::RecordBatch::try_new(schema, vec![Arc::new(col)])
-            .expect("a batch");
-        Fetch {
-            first,
-            seqs: (first..first + n).map(|p| format!("s{p}").into()).collect(),
-            batch: SourceBatch {
-                partition: 0,
-                batch,
-                times: StreamTimes::Each(kept.iter().map(|&p| p as i64).collect()),
-                positions: Positions::Listed {
-                    at: kept.into(),
-                    end: first + n,
-                },
-            },
-        }
-    }
-
-    fn positions(batches: &[SourceBatch]) -> (Vec<u64>, u64) {
-        let at = batches.iter().flat_map(|b| b.position_column()).collect();
-        (at, batches.last().map_or(0, SourceBatch::end))
-    }
-
-    #[test]
-    fn the_cache_serves_any_range_with_its_gaps_and_forgets_what_is_archived() {
-        let mut st = ShardState::new();
-        st.push(fetch(0, 10, &[3]));
-        st.push(fetch(10, 5, &[14]));
-        st.push(fetch(15, 5, &[]));
-        assert_eq!(
-            positions(&st.cached(2, 12, 100).expect("cached")),
-            (vec![2, 4, 5, 6, 7, 8, 9, 10, 11], 12),
-            "a range across fetches, over the refused record at 3"
-        );
-        assert_eq!(
-            positions(&st.cached(5, 20, 3).expect("cached")),
-            (vec![5, 6, 7], 8),
-            "at most `max` records; the read ends after the last one"
-        );
-        assert_eq!(
-            positions(&st.cached(14, 15, 10).expect("cached")),
-            (vec![], 15),
-            "a range of refused records only still moves the reader on"
-        );
-        assert_eq!(
-            positions(&st.cached(20, 30, 10).expect("cached")).0,
-            Vec::<u64>::new()
-        );
-        assert_eq!(st.token_at(0), None, "the shard's start has no token");
-        assert_eq!(st.token_at(12).as_deref(), Some("s11"));
-        assert_eq!(
-            st.token_at(15).as_deref(),
-            Some("s14"),
-            "a refused record's too"
-        );
-        st.release(12);
-        assert_eq!(st.base, 10, "a fetch partly archived stays");
-        assert_eq!(
-            st.token_at(10).as_deref(),
-            Some("s9"),
-            "the base keeps its token"
-        );
-        assert!(st.cached(9, 12, 10).is_none(), "below the cache: released");
-        st.release(20);
-        assert_eq!((st.base, st.token_at(20).as_deref()), (20, Some("s19")));
-        assert_eq!(st.cached_bytes, 0, "nothing cached after all is archived");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

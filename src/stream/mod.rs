@@ -19,6 +19,7 @@
 //!   embedded log here; Kafka and Kinesis behind the same trait), and the
 //!   chunk range type the handoff is made of.
 
+pub(crate) mod cache;
 pub mod deadletter;
 pub mod decode;
 pub mod ingest;

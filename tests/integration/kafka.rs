@@ -313,22 +313,8 @@ fn kill_9_while_consuming_kafka_then_restart_is_exact() {
         last.insert(p, o);
     }
     wait_settled(&server, &last, Duration::from_secs(120));
-    let answers: Vec<oracle::Got> = ["sales_by_product", "sales_by_zipcode", "sales_per_minute"]
-        .into_iter()
-        .map(|v| oracle::query(&server.url, v).unwrap())
-        .collect();
-    server.stop();
     // Every event exactly once: the settled answers equal the SQL over all.
-    oracle::verify_positions(&answers, &known, false);
-    let (rows, _) = common::master_events(&site.data);
-    assert_eq!(
-        rows.len(),
-        known.len(),
-        "the master dataset holds every event once"
-    );
-    for at in rows.keys() {
-        assert!(known.contains_key(at), "an event at {at:?} nobody sent");
-    }
+    oracle::assert_settled_exact(server, &site.data, &known, false);
 }
 
 /// On a Kafka node, `POST /v1/events` validates as ever and produces the
@@ -369,10 +355,7 @@ fn http_ingest_on_a_kafka_node_produces_into_the_topic() {
         last.insert(p, o);
     }
     wait_settled(&server, &last, Duration::from_secs(60));
-    let answers: Vec<oracle::Got> = ["sales_by_product", "sales_by_zipcode", "sales_per_minute"]
-        .into_iter()
-        .map(|v| oracle::query(&server.url, v).unwrap())
-        .collect();
+    let answers = oracle::settled_answers(&server.url);
     server.stop();
     oracle::verify_positions(&answers, &known, true);
     let dead = lambdaflow::stream::DeadLetters::read_all(site.data.join("deadletter")).unwrap();
@@ -513,19 +496,8 @@ fn events_removed_upstream_stop_their_partition_until_the_operator_accepts_the_l
             .any(|p| p["component"] == "speed/p0"),
         "partition 0 is no longer stopped: {settled}"
     );
-    let answers: Vec<oracle::Got> = ["sales_by_product", "sales_by_zipcode", "sales_per_minute"]
-        .into_iter()
-        .map(|v| oracle::query(&server.url, v).unwrap())
-        .collect();
-    server.stop();
     // Exactly the events the topic still held, once each.
-    oracle::verify_positions(&answers, &known, false);
-    let (rows, _) = common::master_events(&site.data);
-    assert_eq!(
-        rows.len(),
-        known.len(),
-        "the master dataset holds what is left, once"
-    );
+    oracle::assert_settled_exact(server, &site.data, &known, false);
 }
 
 /// A read may start inside a record batch (an archived chunk ends wherever

@@ -260,26 +260,6 @@ fn wait_settled(server: &common::Server, counts: &BTreeMap<u32, u64>, within: Du
     }
 }
 
-fn settled_answers(server: &common::Server) -> Vec<oracle::Got> {
-    ["sales_by_product", "sales_by_zipcode", "sales_per_minute"]
-        .into_iter()
-        .map(|v| oracle::query(&server.url, v).unwrap())
-        .collect()
-}
-
-/// The master dataset holds each event once, where it was put.
-fn assert_master_exact(site: &Site, known: &BTreeMap<(u32, u64), Sent>) {
-    let (rows, _) = common::master_events(&site.data);
-    assert_eq!(
-        rows.len(),
-        known.len(),
-        "the master dataset holds every event once"
-    );
-    for at in rows.keys() {
-        assert!(known.contains_key(at), "an event at {at:?} nobody sent");
-    }
-}
-
 #[test]
 fn every_answer_over_kinesis_equals_the_view_sql_over_the_events_below_its_positions() {
     let k = Kinesalite::start();
@@ -341,7 +321,10 @@ fn every_answer_over_kinesis_equals_the_view_sql_over_the_events_below_its_posit
             && metrics.contains("lambdaflow_speed_lag_events{partition=\"0\"} 0"),
         "metrics name each shard and its lag: {metrics}"
     );
-    answers.lock().unwrap().extend(settled_answers(&server));
+    answers
+        .lock()
+        .unwrap()
+        .extend(oracle::settled_answers(&server.url));
     done.store(true, Ordering::Relaxed);
     for r in readers {
         r.join().unwrap();
@@ -374,7 +357,7 @@ fn every_answer_over_kinesis_equals_the_view_sql_over_the_events_below_its_posit
             "a dead letter at {at:?}, where an event is"
         );
     }
-    assert_master_exact(&site, &known);
+    oracle::assert_master_holds(&site.data, &known);
 }
 
 #[test]
@@ -402,10 +385,7 @@ fn kill_9_while_consuming_kinesis_then_restart_resumes_after_the_recorded_sequen
     send_some(5, &mut puts);
     let (known, counts) = positions(&site, "events", &puts);
     wait_settled(&server, &counts, Duration::from_secs(120));
-    let answers = settled_answers(&server);
-    server.stop();
-    oracle::verify_positions(&answers, &known, true);
-    assert_master_exact(&site, &known);
+    oracle::assert_settled_exact(server, &site.data, &known, true);
 }
 
 /// Splits shard 0 and then merges two open shards while producers write;
@@ -498,10 +478,7 @@ fn a_shard_split_and_a_merge_during_ingest_lose_and_double_nothing() {
         [0, 2, 3],
         "the split and merged shards are closed: {settled}"
     );
-    let answers = settled_answers(&server);
-    server.stop();
-    oracle::verify_positions(&answers, &known, true);
-    assert_master_exact(&site, &known);
+    oracle::assert_settled_exact(server, &site.data, &known, true);
 }
 
 /// GetRecords answered with `ProvisionedThroughputExceededException` (by
@@ -561,7 +538,7 @@ fn a_throttled_shard_is_shown_and_backed_off_and_nothing_is_lost() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let answers = settled_answers(&server);
+    let answers = oracle::settled_answers(&server.url);
     server.stop();
     oracle::verify_positions(&answers, &known, true);
 }

@@ -211,6 +211,42 @@ pub(crate) fn view_readers(
         .collect()
 }
 
+/// Every default view's answer now (after the layers settled).
+pub(crate) fn settled_answers(url: &str) -> Vec<Got> {
+    ["sales_by_product", "sales_by_zipcode", "sales_per_minute"]
+        .into_iter()
+        .map(|v| query(url, v).expect("a settled view answers"))
+        .collect()
+}
+
+/// Takes `server`'s settled answers, stops it, and checks that the answers
+/// and the master dataset under `data` hold exactly `known`, once each.
+pub(crate) fn assert_settled_exact(
+    server: common::Server,
+    data: &std::path::Path,
+    known: &BTreeMap<(u32, u64), Sent>,
+    dense: bool,
+) {
+    let answers = settled_answers(&server.url);
+    server.stop();
+    verify_positions(&answers, known, dense);
+    assert_master_holds(data, known);
+}
+
+/// The master dataset under `data` holds each of `known` once, where it
+/// was sent, and nothing else.
+pub(crate) fn assert_master_holds(data: &std::path::Path, known: &BTreeMap<(u32, u64), Sent>) {
+    let (rows, _) = common::master_events(data);
+    assert_eq!(
+        rows.len(),
+        known.len(),
+        "the master dataset holds every event once"
+    );
+    for at in rows.keys() {
+        assert!(known.contains_key(at), "an event at {at:?} nobody sent");
+    }
+}
+
 pub(crate) fn query(url: &str, view: &str) -> Option<Got> {
     query_filtered(url, view, None)
 }
