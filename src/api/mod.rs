@@ -327,35 +327,27 @@ async fn status(
         let r = snap.as_ref()?.realtime_end.get(p).copied()?;
         Some(end.saturating_sub(r))
     };
-    let mut logs = state.ingest.log().stats();
     // A node that produces into an external stream consumes it: its
     // partitions are the stream's, and its log is unused.
     let external = state.ingest.producer.is_some();
+    let logs = if external {
+        Vec::new()
+    } else {
+        state.ingest.log().stats()
+    };
     let count = match &source {
         Some(s) if external => s.partitions() as usize,
         _ => logs.len(),
     };
-    logs.resize_with(logs.len().max(count), || {
-        crate::stream::log::PartitionStats {
-            partition: u32::MAX,
-            start: 0,
-            end: 0,
-            segments: 0,
-            bytes: 0,
-            fsyncs: 0,
-            frames: 0,
-        }
-    });
-    let partitions = logs
-        .into_iter()
-        .take(count)
-        .enumerate()
-        .map(|(p, log)| {
+    let mut logs = logs.into_iter();
+    let partitions = (0..count)
+        .map(|p| {
             let partition = p as u32;
-            let log = (log.partition == partition && !external).then_some(log);
+            let log = logs.next();
             PartitionStatus {
                 partition: log.is_none().then_some(partition),
                 shard: source.as_ref().and_then(|s| s.info(partition)),
+                log,
                 archived: master.as_ref().and_then(|m| m.h.get(p).copied()),
                 published: batch
                     .as_ref()
@@ -371,7 +363,6 @@ async fn status(
                             .lag_ms(p, waiting, chrono::Utc::now().timestamp_millis()),
                     )
                 }),
-                log,
             }
         })
         .collect();
