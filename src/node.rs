@@ -32,7 +32,7 @@ use crate::health::Health;
 use crate::master::{MasterDataset, MasterError, archiver};
 use crate::serving::{BatchSide, Serving};
 use crate::speed::{SpeedError, SpeedLayer, SpeedMetrics, SpeedOptions};
-use crate::storage::{Storage, StorageError};
+use crate::storage::StorageError;
 use crate::stream::deadletter::DeadLetterError;
 use crate::stream::ingest::Backlog;
 use crate::stream::ingest::Producer;
@@ -83,7 +83,7 @@ pub async fn resolve_stream(config: &mut Config) -> Result<(), NodeError> {
         config.stream.partitions = n;
     }
     if let Some(k) = &config.stream.kinesis {
-        let storage = Storage::local(&config.data)?;
+        let storage = config.storage()?;
         let registry = kinesis::resolve(&storage, k).await?;
         let n = registry.shards.len() as u32;
         if n != config.stream.partitions {
@@ -140,7 +140,7 @@ pub async fn open_batch_with(
     // Every command that opens a data directory checks its partition count:
     // a batch run with another count would publish an H of the wrong length.
     // (An external stream may gain partitions; its node's log is never written.)
-    let log_dir = config.data.join("log");
+    let log_dir = config.local_dir().join("log");
     if let Some(found) = Log::partitions_in(&log_dir)?
         && found != config.stream.partitions
         && !config.stream.external()
@@ -152,9 +152,11 @@ pub async fn open_batch_with(
         }
         .into());
     }
-    let storage = Storage::local(&config.data)?;
+    let storage = config.storage()?;
     let master = Arc::new(MasterDataset::open(&storage, schema, config.stream.partitions).await?);
-    let failures = Arc::new(ViewFailures::new(config.data.join("deadletter/views")));
+    let failures = Arc::new(ViewFailures::new(
+        config.local_dir().join("deadletter/views"),
+    ));
     Ok(Arc::new(BatchLayer::new(storage, master, views, failures)))
 }
 
@@ -205,7 +207,7 @@ pub async fn assemble_over(
     let cov = master.coverage();
     tracing::info!(version = cov.version, h = ?cov.h, "master dataset open");
     let health = Arc::new(Health::default());
-    let log_dir = config.data.join("log");
+    let log_dir = config.local_dir().join("log");
     let log_partitions = match Log::partitions_in(&log_dir)? {
         Some(found) if config.stream.external() => found,
         _ => config.stream.partitions,
@@ -240,11 +242,11 @@ pub async fn assemble_over(
             "log partition open"
         );
     }
-    let dead_dir = config.data.join("deadletter");
+    let dead_dir = config.local_dir().join("deadletter");
     let dead = DeadLetters::open_with(
         &dead_dir,
         crate::stream::deadletter::DeadLetterLimits::for_disk(
-            &config.data,
+            &config.local_dir(),
             config.ingest.dead_letter_max.as_u64(),
         ),
     )?
@@ -256,7 +258,7 @@ pub async fn assemble_over(
             let k = config.stream.kinesis.clone().expect("a Kinesis stream");
             let s = KinesisSource::open(
                 k,
-                Storage::local(&config.data)?,
+                config.storage()?,
                 Decoder::new(schema.clone(), Partitioning::RoundRobin),
                 dead.clone(),
                 Some(health.clone()),
@@ -295,7 +297,14 @@ pub async fn assemble_over(
     let ingest = Arc::new(ingest);
 
     let status = Arc::new(Mutex::new(BatchStatus::default()));
-    driver::prepare(&batch, source.as_ref(), &config.data, &status, &health).await?;
+    driver::prepare(
+        &batch,
+        source.as_ref(),
+        &config.local_dir(),
+        &status,
+        &health,
+    )
+    .await?;
 
     // Serving: the published run, then the speed layer's replay from its H.
     let views = batch.views().to_vec();
@@ -399,7 +408,7 @@ impl Node {
                 source.clone(),
                 (!config.stream.external()).then_some(log),
                 serving,
-                config.data.clone(),
+                config.local_dir(),
                 config.batch.pause,
                 status,
                 batch_now,
@@ -417,6 +426,7 @@ impl Node {
         })
     }
 
+    /// The storage root of the master dataset and the views, as given.
     pub fn data_dir(&self) -> PathBuf {
         self.config.data.clone()
     }

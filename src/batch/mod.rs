@@ -17,6 +17,7 @@
 //! it and the caller rebuilds from the master dataset before serving.
 
 pub mod driver;
+pub mod lease;
 pub mod scan;
 
 use std::collections::BTreeMap;
@@ -173,6 +174,12 @@ impl BatchLayer {
         views: Vec<Arc<View>>,
         failures: Arc<ViewFailures>,
     ) -> BatchLayer {
+        if storage.url().scheme() != "file" {
+            let url = url::Url::parse(&storage.store_url()).expect("a store URL");
+            for v in &views {
+                v.register_store(&url, storage.store().clone());
+            }
+        }
         BatchLayer {
             storage,
             master,
@@ -589,7 +596,7 @@ async fn states_file_by_file(
     let mut parts = Vec::with_capacity(files.len());
     let mut failed = Vec::new();
     for f in files {
-        let read = scan::read_with_offsets(store_url, events, f)
+        let read = scan::read_with_offsets(store_url, view.task_ctx(), events, f)
             .await
             .map_err(|e| ViewError::Exec {
                 view: view.name().to_string(),
