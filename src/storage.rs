@@ -100,8 +100,8 @@ const UNSAFE_ENV: [(&str, &str, &str); 3] = [
 /// How long S3 calls may take and how often they are retried before the
 /// caller hears of a failure: the caller's own loop retries on (with backoff,
 /// reported in `health`), so an outage shows within seconds, not minutes.
-fn s3_client() -> (object_store::RetryConfig, object_store::ClientOptions) {
-    let retry = object_store::RetryConfig {
+fn s3_retry() -> object_store::RetryConfig {
+    object_store::RetryConfig {
         backoff: object_store::BackoffConfig {
             init_backoff: std::time::Duration::from_millis(100),
             max_backoff: std::time::Duration::from_secs(2),
@@ -109,11 +109,7 @@ fn s3_client() -> (object_store::RetryConfig, object_store::ClientOptions) {
         },
         max_retries: 4,
         retry_timeout: std::time::Duration::from_secs(15),
-    };
-    let client = object_store::ClientOptions::new()
-        .with_connect_timeout(std::time::Duration::from_secs(3))
-        .with_timeout(std::time::Duration::from_secs(30));
-    (retry, client)
+    }
 }
 
 impl Storage {
@@ -152,13 +148,22 @@ impl Storage {
         if url.host_str().is_none_or(str::is_empty) {
             return Err(bad("names no bucket (s3://bucket/prefix)".into()));
         }
-        let (retry, client) = s3_client();
-        let store = object_store::aws::AmazonS3Builder::from_env()
+        use object_store::ClientConfigKey as C;
+        use object_store::aws::AmazonS3ConfigKey as K;
+        let mut builder = object_store::aws::AmazonS3Builder::from_env()
             .with_url(root)
-            .with_retry(retry)
-            .with_client_options(client)
-            .build()
-            .map_err(|e| bad(e.to_string()))?;
+            .with_retry(s3_retry());
+        // Bounded calls (unless the environment says otherwise), so a store
+        // that stops answering is a failure to retry, not a hang.
+        for (key, env, value) in [
+            (C::ConnectTimeout, "AWS_CONNECT_TIMEOUT", "3s"),
+            (C::Timeout, "AWS_TIMEOUT", "30s"),
+        ] {
+            if std::env::var_os(env).is_none() {
+                builder = builder.with_config(K::Client(key), value);
+            }
+        }
+        let store = builder.build().map_err(|e| bad(e.to_string()))?;
         let prefix = ObjectPath::from_url_path(url.path()).map_err(|e| bad(e.to_string()))?;
         // Delta's own S3 handlers (registered by `deltalake` at load) read
         // the same environment.
