@@ -512,6 +512,27 @@ async fn status(url: &str) -> anyhow::Result<()> {
     if let Some(stream) = s["stream"].as_str() {
         println!("stream: {stream}");
     }
+    let now = chrono::Utc::now().timestamp_millis();
+    let lease = &s["cluster"]["lease"];
+    if lease["kind"] == "lease" {
+        let expires = lease["expires_ms"].as_i64().map_or("-".to_string(), |t| {
+            format!("{:.1} s", (t - now) as f64 / 1000.0)
+        });
+        if lease["held"] == true {
+            println!(
+                "storage: {} · this node drives (lease term {}, renewed, expires in {expires})",
+                s["cluster"]["root"].as_str().unwrap_or("?"),
+                lease["term"]
+            );
+        } else {
+            println!(
+                "storage: {} · driven by {} (lease term {}, expires in {expires}); this node serves and follows",
+                s["cluster"]["root"].as_str().unwrap_or("?"),
+                lease["node"].as_str().unwrap_or("nobody yet"),
+                lease["term"]
+            );
+        }
+    }
     println!(
         "{:>9}  {:>14}  {:>14}  {:>14}  {:>14}  {:>12}  {:>10}",
         "partition",
@@ -546,7 +567,6 @@ async fn status(url: &str) -> anyhow::Result<()> {
             println!("{:>9}  {id} ({state})", "");
         }
     }
-    let now = chrono::Utc::now().timestamp_millis();
     match s["batch"]["published"].as_object() {
         Some(r) => println!(
             "batch: run {} published {:.1} s ago (master version {}, {} events), took {:.2} s",

@@ -144,7 +144,6 @@ pub async fn open_batch_with(
     config: &Config,
     views: Vec<Arc<view::View>>,
 ) -> Result<Arc<BatchLayer>, NodeError> {
-    let schema = Arc::new(config.event_schema()?);
     // Every command that opens a data directory checks its partition count:
     // a batch run with another count would publish an H of the wrong length.
     // (An external stream may gain partitions; its node's log is never written.)
@@ -160,7 +159,17 @@ pub async fn open_batch_with(
         }
         .into());
     }
-    let storage = config.storage()?;
+    open_batch_in(config, config.storage()?, views).await
+}
+
+/// [`open_batch_with`] on a storage root opened by the caller (a process
+/// that talks to several stores, such as a test).
+pub async fn open_batch_in(
+    config: &Config,
+    storage: crate::storage::Storage,
+    views: Vec<Arc<view::View>>,
+) -> Result<Arc<BatchLayer>, NodeError> {
+    let schema = Arc::new(config.event_schema()?);
     let master = Arc::new(MasterDataset::open(&storage, schema, config.stream.partitions).await?);
     let failures = Arc::new(ViewFailures::new(
         config.local_dir().join("deadletter/views"),

@@ -124,8 +124,15 @@ impl Storage {
         }
     }
 
-    /// An S3 root, `s3://bucket/prefix`.
+    /// An S3 root, `s3://bucket/prefix`, configured by the environment.
     pub fn s3(root: &str) -> Result<Storage, StorageError> {
+        Storage::s3_with(root, &[])
+    }
+
+    /// An S3 root configured by the environment and then `options`
+    /// (`object_store`'s keys: `aws_endpoint`, `aws_allow_http`, …): for a
+    /// process that talks to several stores, such as a test.
+    pub fn s3_with(root: &str, options: &[(&str, &str)]) -> Result<Storage, StorageError> {
         let bad = |reason: String| StorageError::BadRoot {
             root: root.to_string(),
             reason,
@@ -163,10 +170,16 @@ impl Storage {
                 builder = builder.with_config(K::Client(key), value);
             }
         }
+        for (k, v) in options {
+            let key: K = k
+                .parse()
+                .map_err(|e: object_store::Error| bad(e.to_string()))?;
+            builder = builder.with_config(key, *v);
+        }
         let store = builder.build().map_err(|e| bad(e.to_string()))?;
         let prefix = ObjectPath::from_url_path(url.path()).map_err(|e| bad(e.to_string()))?;
-        // Delta's own S3 handlers (registered by `deltalake` at load) read
-        // the same environment.
+        // Delta reads and writes the table through this same client (see
+        // `master`), so it sees the same endpoint and credentials.
         let mut url = url;
         if !url.path().ends_with('/') {
             url.set_path(&format!("{}/", url.path()));

@@ -154,6 +154,10 @@ pub async fn batch_lock(data: &Path) -> Result<BatchLock, DriverError> {
     let path = data.join("batch.lock");
     let p = path.clone();
     tokio::task::spawn_blocking(move || {
+        // A node's local directory on an S3 root may not exist yet.
+        if let Some(dir) = p.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
         let f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)

@@ -416,6 +416,7 @@ impl BatchLayer {
         // only if it is still what this run started from. A loser removes
         // what it wrote: nothing it computed is ever named by CURRENT.
         let run_path = format!("views/runs/{run:012}.json");
+        crate::failpoint::hit("batch-before-claim");
         if !self.storage.create(&run_path, json.clone()).await? {
             self.discard(&manifest, None).await;
             return Err(BatchError::LostRace {

@@ -284,15 +284,13 @@ impl MasterDataset {
             .list_files(&format!("{TABLE_DIR}/_delta_log"))
             .await?
             .is_empty();
+        let builder = table_builder(storage).map_err(delta("open the table"))?;
         let mut table = if exists {
-            DeltaTable::try_from_url(url)
-                .await
-                .map_err(delta("open the table"))?
+            builder.load().await.map_err(delta("open the table"))?
         } else {
-            deltalake::DeltaTableBuilder::from_url(url)
-                .and_then(|b| b.build())
-                .map_err(delta("open the table"))?
+            builder.build().map_err(delta("open the table"))?
         };
+        let _ = url;
         if table.version().is_none() {
             table = table
                 .create()
@@ -429,8 +427,8 @@ impl MasterDataset {
 
     /// A given version's files and coverage.
     pub async fn snapshot_at(&self, version: i64) -> Result<MasterSnapshot, MasterError> {
-        let mut table = DeltaTable::try_from_url(self.storage.dir_url(TABLE_DIR))
-            .await
+        let mut table = table_builder(&self.storage)
+            .and_then(|b| b.build())
             .map_err(delta("open the table"))?;
         table
             .load_version(version.max(0) as u64)
@@ -737,6 +735,21 @@ impl MasterDataset {
         }
         Ok(CommitOutcome::Committed { version })
     }
+}
+
+/// Delta's access to the table: an object-store root lends Delta its own
+/// client, so Delta and lambdaflow read and write with one configuration
+/// (endpoint, credentials, retries); a local root lets Delta open the path.
+fn table_builder(
+    storage: &Storage,
+) -> Result<deltalake::DeltaTableBuilder, deltalake::DeltaTableError> {
+    let url = storage.dir_url(TABLE_DIR);
+    let builder = deltalake::DeltaTableBuilder::from_url(url.clone())?;
+    Ok(if storage.url().scheme() == "file" {
+        builder
+    } else {
+        builder.with_storage_backend(storage.store().clone(), url)
+    })
 }
 
 /// Encodes a chunk's batches as one Parquet file of the master dataset.

@@ -24,7 +24,7 @@ pub(crate) const CONFIG: &str = "[speed]\ninterval = \"10ms\"\n[archive]\nchunk_
 /// One event as the test sent it.
 #[derive(Debug, Clone)]
 pub(crate) struct Sent {
-    zipcode: i64,
+    pub(crate) zipcode: i64,
     product: String,
     price: i64,
     ts_ms: i64,
@@ -281,7 +281,12 @@ fn query_filtered(url: &str, view: &str, filter: Option<(&str, String)>) -> Opti
 
 #[test]
 fn every_answer_equals_the_view_sql_over_the_events_below_its_offsets() {
-    let site = Site::new(CONFIG);
+    every_answer_is_exact_on(&Site::new(CONFIG));
+}
+
+/// The oracle test on `site` (a local data directory, or an S3 root): three
+/// producers over HTTP while every view is read, whole and by key.
+pub(crate) fn every_answer_is_exact_on(site: &Site) -> BTreeMap<(u32, u64), Sent> {
     let server = site.serve(&[]);
     let url = server.url.clone();
     let known: Arc<Mutex<BTreeMap<(u32, u64), Sent>>> = Arc::default();
@@ -380,6 +385,7 @@ fn every_answer_equals_the_view_sql_over_the_events_below_its_offsets() {
         distinct_runs.len()
     );
     server.stop();
+    known
 }
 
 #[test]
