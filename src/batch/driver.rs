@@ -517,6 +517,10 @@ impl Driver {
                 let side = BatchSide::load(&self.batch, m.clone(), &warm).await?;
                 self.serving.set_batch(Arc::new(side));
                 self.status.lock().expect("status lock").published(&m);
+                // What the run covers will not be read again here.
+                for (p, &h) in m.h.iter().enumerate() {
+                    self.source.archived(p as u32, h);
+                }
                 tracing::debug!(run = m.run, h = ?m.h, "loaded the driver's publish");
             }
             *seen = Some(version);

@@ -89,7 +89,7 @@ pub async fn run_queue(
                 _ = driving.changed() => {}
                 _ = tokio::time::sleep(Duration::from_secs(2)), if !held && !idle => {
                     if let Ok(cov) = master.refresh().await {
-                        drop_committed(&mut pending, &cov.h, source.as_ref());
+                        drop_committed(&mut pending, &cov.h);
                     }
                 }
                 _ = stop.changed() => break,
@@ -103,11 +103,24 @@ pub async fn run_queue(
         // it: the master's boundaries are then a subset of the speed layer's,
         // which keeps the handoff exact (H is still a boundary of every
         // realtime chunk list), and a backlog costs fewer commits and files.
-        let round: Vec<ChunkRange> = pending
+        let coverage = master.coverage().h;
+        drop_committed(&mut pending, &coverage);
+        let round: Vec<Commit> = pending
             .iter()
             .filter_map(|q| {
                 let mut it = q.iter();
                 let mut c = *it.next()?;
+                // A chunk across the coverage (the chunks before it were cut
+                // by another driver) is committed from the coverage on, with
+                // as many events as its range holds there.
+                let covered = coverage.get(c.partition as usize).copied().unwrap_or(0);
+                if c.start < covered {
+                    let rest = ChunkRange::new(c.partition, covered, c.end, 0).expect("a range");
+                    return Some(Commit {
+                        range: rest,
+                        count_from_read: true,
+                    });
+                }
                 for next in it {
                     if !(c.precedes(next) && c.events + next.events <= max_events) {
                         break;
@@ -115,7 +128,10 @@ pub async fn run_queue(
                     c = ChunkRange::new(c.partition, c.start, next.end, c.events + next.events)
                         .expect("contiguous ranges");
                 }
-                Some(c)
+                Some(Commit {
+                    range: c,
+                    count_from_read: false,
+                })
             })
             .collect();
         match archive_chunks(&master, source.as_ref(), &round).await {
@@ -125,7 +141,7 @@ pub async fn run_queue(
                 if let CommitOutcome::Committed { version } = outcome {
                     tracing::debug!(chunks = ?round, version, "archived");
                 }
-                for c in &round {
+                for Commit { range: c, .. } in &round {
                     let q = &mut pending[c.partition as usize];
                     while q.front().is_some_and(|f| f.end <= c.end) {
                         q.pop_front();
@@ -141,12 +157,18 @@ pub async fn run_queue(
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(10));
                 // Another driver may have committed some (a failover's overlap).
-                if let Ok(cov) = master.refresh().await {
-                    drop_committed(&mut pending, &cov.h, source.as_ref());
-                }
+                let _ = master.refresh().await;
             }
         }
     }
+}
+
+/// A range to commit, and whether its event count is what reading it finds
+/// (the part above the coverage of a chunk another driver cut elsewhere).
+#[derive(Debug, Clone, Copy)]
+pub struct Commit {
+    pub range: ChunkRange,
+    pub count_from_read: bool,
 }
 
 /// Reads chunks (one per partition) back from the stream and commits them
@@ -154,35 +176,43 @@ pub async fn run_queue(
 pub async fn archive_chunks(
     master: &MasterDataset,
     source: &dyn Source,
-    chunks: &[ChunkRange],
+    chunks: &[Commit],
 ) -> Result<CommitOutcome, ArchiveError> {
     let mut data = Vec::with_capacity(chunks.len());
-    for &c in chunks {
+    for &Commit {
+        range: c,
+        count_from_read,
+    } in chunks
+    {
+        let batches = read_exact(source, c.partition, c.start, c.end).await?;
+        let range = if count_from_read {
+            let n = batches.iter().map(|b| b.rows() as u64).sum();
+            ChunkRange::new(c.partition, c.start, c.end, n).expect("a read range")
+        } else {
+            c
+        };
         data.push(super::ChunkData {
-            range: c,
-            batches: read_exact(source, c.partition, c.start, c.end).await?,
+            range,
+            batches,
             resume: source.resume_token(c.partition, c.end),
         });
     }
     let outcome = master.commit_chunks(data).await?;
     for c in chunks {
-        source.archived(c.partition, c.end);
+        source.archived(c.range.partition, c.range.end);
     }
     Ok(outcome)
 }
 
 /// Drops the queued chunks the table already holds (committed by another
-/// driver), and lets the stream release them.
-fn drop_committed(pending: &mut [VecDeque<ChunkRange>], h: &[u64], source: &dyn Source) {
+/// driver, or queued twice: a speed layer that realigned on H closes its
+/// chunks again). The stream releases records at publishes, not here: a
+/// node that does not drive may still have to read them again.
+fn drop_committed(pending: &mut [VecDeque<ChunkRange>], h: &[u64]) {
     for (p, q) in pending.iter_mut().enumerate() {
         let covered = h.get(p).copied().unwrap_or(0);
-        let mut dropped = false;
         while q.front().is_some_and(|c| c.end <= covered) {
             q.pop_front();
-            dropped = true;
-        }
-        if dropped {
-            source.archived(p as u32, covered);
         }
     }
 }
