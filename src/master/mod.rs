@@ -598,6 +598,13 @@ impl MasterDataset {
         &self,
         chunks: Vec<ChunkData>,
     ) -> Result<CommitOutcome, MasterError> {
+        // The table's state and its coverage change together under this
+        // lock (here and in `refresh`), and the commit is built on that
+        // state: checked against one version and committed on a later one, a
+        // chunk another driver committed in between would be committed
+        // twice. Against another process, Delta's conflict check on the
+        // partitions' application transactions does the same.
+        let mut table = self.table.lock().await;
         let coverage = self.coverage();
         let mut todo = Vec::with_capacity(chunks.len());
         for c in chunks {
@@ -684,7 +691,6 @@ impl MasterDataset {
             txns.push((partition, end));
         }
 
-        let mut table = self.table.lock().await;
         let snapshot = table.snapshot().map_err(delta("read the table"))?;
         // After every commit Delta lists its whole log to remove expired
         // entries — O(commits) per commit, quadratic over a table of small

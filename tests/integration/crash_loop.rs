@@ -358,7 +358,7 @@ pub(crate) fn crash_loop_on(site: &Site, kills: usize, seed: u64) {
     let ledger = ledger.lock().unwrap();
     let (rows, events) = match &site.storage {
         None => common::master_events(&site.data),
-        Some(s) => common::master_events_in(s),
+        Some(s) => common::master_events_in(s, 2),
     };
     for (k, z) in &ledger.acked {
         assert_eq!(

@@ -76,6 +76,9 @@ pub(crate) struct Got {
     pub(crate) rows: Vec<Value>,
     pub(crate) realtime: Vec<u64>,
     pub(crate) run: Option<u64>,
+    /// The batch run's coverage, and the node that answered.
+    pub(crate) h: Vec<u64>,
+    pub(crate) url: String,
 }
 
 /// Rows as canonical strings, floats rounded (float sums differ in the last bits).
@@ -179,8 +182,8 @@ pub(crate) fn verify_positions(
             let missing: Vec<_> = w.iter().filter(|r| !g.contains(r)).take(3).collect();
             let extra: Vec<_> = g.iter().filter(|r| !w.contains(r)).take(3).collect();
             panic!(
-                "view `{}` at offsets {:?} (batch run {:?}) differs from its SQL over those {} events\n  missing: {missing:?}\n  extra: {extra:?}",
-                a.view, a.realtime, a.run, covered
+                "view `{}` at offsets {:?} (batch run {:?} at H {:?}, from {}) differs from its SQL over those {} events\n  missing: {missing:?}\n  extra: {extra:?}",
+                a.view, a.realtime, a.run, a.h, a.url, covered
             );
         }
         checked += 1;
@@ -276,6 +279,11 @@ fn query_filtered(url: &str, view: &str, filter: Option<(&str, String)>) -> Opti
             .map(|x| x.as_u64().unwrap())
             .collect(),
         run: v["freshness"]["run"].as_u64(),
+        h: v["freshness"]["h"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+            .unwrap_or_default(),
+        url: url.to_string(),
     })
 }
 

@@ -140,7 +140,7 @@ impl Drop for Moto {
 /// The master dataset on `storage` holds each of `known` once, where it was
 /// sent, and nothing else.
 fn assert_master_holds(storage: &Storage, known: &BTreeMap<(u32, u64), Sent>) {
-    let (rows, _) = common::master_events_in(storage);
+    let (rows, _) = common::master_events_in(storage, 2);
     assert_eq!(
         rows.len(),
         known.len(),
@@ -522,8 +522,10 @@ fn a_cluster_of_three_nodes_survives_its_driver_dying_twice_exactly() {
     for &(p, o) in known.keys() {
         last.insert(p, o);
     }
+    let t = Instant::now();
     for s in servers.iter().flatten() {
         crate::kafka::wait_settled(s, &last, Duration::from_secs(120));
+        eprintln!("{} settled at {:?}", s.url, t.elapsed());
         for view in ["sales_by_product", "sales_by_zipcode", "sales_per_minute"] {
             answers
                 .lock()
@@ -535,23 +537,27 @@ fn a_cluster_of_three_nodes_survives_its_driver_dying_twice_exactly() {
     for r in readers {
         r.join().unwrap();
     }
-    let answers = answers.lock().unwrap().clone();
-    let runs: BTreeSet<u64> = answers.iter().filter_map(|a| a.run).collect();
-    let checked = oracle::verify_positions(&answers, &known, false);
-    eprintln!("{checked} distinct answers of 3 nodes checked over runs {runs:?}");
-    assert!(checked > 20, "only {checked} distinct answers were checked");
+    eprintln!("readers done at {:?}", t.elapsed());
     let holders: Vec<bool> = servers
         .iter()
         .flatten()
         .map(|s| s.status()["cluster"]["lease"]["held"] == true)
         .collect();
+    for s in servers.into_iter().flatten() {
+        s.stop();
+    }
+    eprintln!("stopped at {:?}", t.elapsed());
+    assert_master_holds(sites[0].storage.as_ref().unwrap(), &known);
+    eprintln!("master checked at {:?}", t.elapsed());
+    let answers = answers.lock().unwrap().clone();
+    let runs: BTreeSet<u64> = answers.iter().filter_map(|a| a.run).collect();
+    let checked = oracle::verify_positions(&answers, &known, false);
+    eprintln!("answers checked at {:?}", t.elapsed());
+    eprintln!("{checked} distinct answers of 3 nodes checked over runs {runs:?}");
+    assert!(checked > 20, "only {checked} distinct answers were checked");
     assert_eq!(
         holders.iter().filter(|h| **h).count(),
         1,
         "one driver at the end: {holders:?}"
     );
-    for s in servers.into_iter().flatten() {
-        s.stop();
-    }
-    assert_master_holds(sites[0].storage.as_ref().unwrap(), &known);
 }

@@ -335,13 +335,14 @@ pub fn master_events(
 /// listed by the table's log.
 pub fn master_events_in(
     storage: &lambdaflow::storage::Storage,
+    partitions: u32,
 ) -> (
     std::collections::BTreeMap<(u32, u64), i64>,
     Vec<arrow::array::RecordBatch>,
 ) {
     let files = rt().block_on(async {
         let schema = std::sync::Arc::new(lambdaflow::schema::EventSchema::paper());
-        let master = lambdaflow::master::MasterDataset::open(storage, schema, 1024)
+        let master = lambdaflow::master::MasterDataset::open(storage, schema, partitions)
             .await
             .expect("the master dataset opens");
         let snap = master.snapshot().await.unwrap();
