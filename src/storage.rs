@@ -108,7 +108,7 @@ fn s3_retry() -> object_store::RetryConfig {
             base: 2.0,
         },
         max_retries: 4,
-        retry_timeout: std::time::Duration::from_secs(15),
+        retry_timeout: std::time::Duration::from_secs(5),
     }
 }
 

@@ -95,7 +95,7 @@ impl Moto {
             ("AWS_ALLOW_HTTP", "true"),
             ("AWS_EC2_METADATA_DISABLED", "true"),
             // Fail fast while the server is paused, so the outage shows.
-            ("AWS_TIMEOUT", "2s"),
+            ("AWS_TIMEOUT", "1s"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
