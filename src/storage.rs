@@ -29,11 +29,13 @@ use url::Url;
 pub enum StorageError {
     #[error("invalid storage root {root}: {reason}")]
     BadRoot { root: String, reason: String },
-    #[error("storage root {root} is configured unsafely: {reason}")]
+    #[error(
+        "an S3 root is configured unsafely: {setting}={value}: {reason}\nhint: unset {setting}; S3 (and moto, MinIO, R2) support conditional writes"
+    )]
     Unsafe {
-        root: String,
-        reason: String,
-        hint: &'static str,
+        setting: &'static str,
+        value: Box<str>,
+        reason: &'static str,
     },
     #[error("storage: could not {op} {path}: {source}")]
     Io {
@@ -145,9 +147,9 @@ impl Storage {
                 && (value.is_empty() || v.eq_ignore_ascii_case(value))
             {
                 return Err(StorageError::Unsafe {
-                    root: root.to_string(),
-                    reason: format!("{key}={v}: {reason}"),
-                    hint: "unset it; S3 (and moto, MinIO, R2) support conditional writes",
+                    setting: key,
+                    value: v.into(),
+                    reason,
                 });
             }
         }

@@ -211,6 +211,11 @@ impl BatchLayer {
             return Ok(None);
         };
         self.parse_manifest(&bytes)
+            .map(Some)
+            .map_err(|detail| BatchError::BadManifest {
+                path: CURRENT.into(),
+                detail,
+            })
     }
 
     /// The published manifest (`None` if absent or unusable) and the
@@ -218,7 +223,7 @@ impl BatchLayer {
     async fn current_versioned(&self) -> Result<(Option<Manifest>, Version), BatchError> {
         let (bytes, version) = self.storage.get_versioned(CURRENT).await?;
         let m = match bytes {
-            Some(b) => self.parse_manifest(&b).unwrap_or(None),
+            Some(b) => self.parse_manifest(&b).ok(),
             None => None,
         };
         Ok((m, version))
@@ -230,26 +235,21 @@ impl BatchLayer {
         Ok(self.storage.version(CURRENT).await?)
     }
 
-    fn parse_manifest(&self, bytes: &[u8]) -> Result<Option<Manifest>, BatchError> {
-        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| BatchError::BadManifest {
-            path: CURRENT.into(),
-            detail: e.to_string(),
-        })?;
+    /// A manifest of this stream, or why it is unusable.
+    fn parse_manifest(&self, bytes: &[u8]) -> Result<Manifest, String> {
+        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
         let partitions = self.master.partitions() as usize;
         if m.h.len() > partitions {
             // A stream never loses partitions (a topic cannot shrink, a
             // closed Kinesis shard stays in the registry): a manifest of more
             // is not this stream's, as unusable as a corrupt one. Fewer is a
             // run from before the stream gained some.
-            return Err(BatchError::BadManifest {
-                path: CURRENT.into(),
-                detail: format!(
-                    "it covers {} partitions, the stream has {partitions}",
-                    m.h.len()
-                ),
-            });
+            return Err(format!(
+                "it covers {} partitions, the stream has {partitions}",
+                m.h.len()
+            ));
         }
-        Ok(Some(m))
+        Ok(m)
     }
 
     /// Reads a file of a run and checks it against its entry.
