@@ -391,7 +391,7 @@ async fn accept_loss(mut config: Config, p: u32, yes: bool) -> anyhow::Result<Ex
     }
     // Holding the log's lock proves no node runs on this data directory
     // (a running one would go on reading below the new coverage).
-    let log_dir = config.data.join("log");
+    let log_dir = config.local_dir().join("log");
     let _log = crate::stream::Log::open(
         &log_dir,
         crate::stream::LogOptions {
@@ -427,12 +427,15 @@ async fn accept_loss(mut config: Config, p: u32, yes: bool) -> anyhow::Result<Ex
         println!("run again with --yes to accept the loss and go on from offset {start}");
         return Ok(ExitCode::from(2));
     }
-    match crate::batch::driver::accept_loss(&batch, &config.data, p, start).await? {
+    match crate::batch::driver::accept_loss(&batch, &config.local_dir(), p, start).await? {
         Some(loss) => println!(
             "accepted: partition {p} goes on from offset {}; run {} published; recorded in {}",
             loss.to,
             loss.run,
-            config.data.join(crate::batch::driver::LOSSES).display()
+            config
+                .local_dir()
+                .join(crate::batch::driver::LOSSES)
+                .display()
         ),
         None => println!("nothing to accept any more"),
     }
@@ -445,7 +448,7 @@ async fn rebuild(config: Config, view: Option<String>) -> anyhow::Result<()> {
     use std::sync::atomic::Ordering::Relaxed;
     let batch = crate::node::open_batch(&config).await?;
     eprintln!("waiting for the batch lock of {}…", config.data.display());
-    let _lock = crate::node::batch_lock(&config.data).await?;
+    let _lock = crate::node::batch_lock(&config.local_dir()).await?;
     let progress = Arc::new(crate::batch::Progress::default());
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
@@ -509,6 +512,27 @@ async fn status(url: &str) -> anyhow::Result<()> {
     if let Some(stream) = s["stream"].as_str() {
         println!("stream: {stream}");
     }
+    let now = chrono::Utc::now().timestamp_millis();
+    let lease = &s["cluster"]["lease"];
+    if lease["kind"] == "lease" {
+        let expires = lease["expires_ms"].as_i64().map_or("-".to_string(), |t| {
+            format!("{:.1} s", (t - now) as f64 / 1000.0)
+        });
+        if lease["held"] == true {
+            println!(
+                "storage: {} · this node drives (lease term {}, renewed, expires in {expires})",
+                s["cluster"]["root"].as_str().unwrap_or("?"),
+                lease["term"]
+            );
+        } else {
+            println!(
+                "storage: {} · driven by {} (lease term {}, expires in {expires}); this node serves and follows",
+                s["cluster"]["root"].as_str().unwrap_or("?"),
+                lease["node"].as_str().unwrap_or("nobody yet"),
+                lease["term"]
+            );
+        }
+    }
     println!(
         "{:>9}  {:>14}  {:>14}  {:>14}  {:>14}  {:>12}  {:>10}",
         "partition",
@@ -543,7 +567,6 @@ async fn status(url: &str) -> anyhow::Result<()> {
             println!("{:>9}  {id} ({state})", "");
         }
     }
-    let now = chrono::Utc::now().timestamp_millis();
     match s["batch"]["published"].as_object() {
         Some(r) => println!(
             "batch: run {} published {:.1} s ago (master version {}, {} events), took {:.2} s",

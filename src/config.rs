@@ -41,8 +41,9 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Root of everything lambdaflow stores: the log, the dead-letter store,
-    /// later the master dataset and the batch views.
+    /// Root of the master dataset and the batch views: a local directory
+    /// (which then also holds the log and the dead-letter store) or
+    /// `s3://bucket/prefix` (they stay in `stream.dir`).
     #[serde(default = "default_data")]
     pub data: PathBuf,
     #[serde(default = "default_listen")]
@@ -214,6 +215,11 @@ pub struct StreamConfig {
     /// (numbered by a registry under the data root), each record one event.
     #[serde(default)]
     pub kinesis: Option<crate::stream::kinesis::KinesisConfig>,
+    /// The node's local directory: the embedded log, the dead-letter store,
+    /// the batch lock. Defaults to `data` when that is a local directory,
+    /// else to `./lambdaflow-local` under the working directory.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
 }
 
 impl StreamConfig {
@@ -240,6 +246,7 @@ impl Default for StreamConfig {
             segment_bytes: default_segment_bytes(),
             kafka: None,
             kinesis: None,
+            dir: None,
         }
     }
 }
@@ -365,16 +372,33 @@ impl Default for ArchiveConfig {
 pub struct BatchConfig {
     #[serde(default = "default_batch_pause", with = "humantime_serde")]
     pub pause: Duration,
+    /// On an `s3://` root, how long the driver lease lasts unless renewed:
+    /// when its holder dies, another node takes over within this time.
+    #[serde(default = "default_lease", with = "humantime_serde")]
+    pub lease: Duration,
+    /// How often a node that does not drive looks for a new publish.
+    #[serde(default = "default_poll", with = "humantime_serde")]
+    pub poll: Duration,
 }
 
 fn default_batch_pause() -> Duration {
     Duration::from_secs(60)
 }
 
+fn default_lease() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_poll() -> Duration {
+    Duration::from_secs(1)
+}
+
 impl Default for BatchConfig {
     fn default() -> Self {
         BatchConfig {
             pause: default_batch_pause(),
+            lease: default_lease(),
+            poll: default_poll(),
         }
     }
 }
@@ -513,6 +537,26 @@ impl Config {
         Ok(config)
     }
 
+    /// Whether the master dataset and the views live on an object store
+    /// (`s3://…`) rather than in a local directory.
+    pub fn data_is_remote(&self) -> bool {
+        self.data.to_str().is_some_and(|d| d.starts_with("s3://"))
+    }
+
+    /// The storage root of the master dataset and the batch views.
+    pub fn storage(&self) -> Result<crate::storage::Storage, crate::storage::StorageError> {
+        crate::storage::Storage::open(&self.data)
+    }
+
+    /// The node's own directory: the log, the dead-letter store, the locks.
+    pub fn local_dir(&self) -> PathBuf {
+        match &self.stream.dir {
+            Some(d) => d.clone(),
+            None if self.data_is_remote() => PathBuf::from("./lambdaflow-local"),
+            None => self.data.clone(),
+        }
+    }
+
     /// Parses TOML text; the error names the line, the key and the reason.
     pub fn parse(text: &str) -> Result<Config, String> {
         toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
@@ -526,11 +570,33 @@ impl Config {
             reason,
             hint,
         };
-        if self.data.to_string_lossy().starts_with("s3://") {
+        if let Some(rest) = self.data.to_str().and_then(|d| d.strip_prefix("s3://"))
+            && rest.split('/').next().is_none_or(str::is_empty)
+        {
             return Err(invalid(
                 "data",
-                "object-store roots (`s3://…`) are not supported by this build yet".into(),
-                Some("use a local directory such as \"./data\"".into()),
+                format!("`{}` names no bucket", self.data.display()),
+                Some("write it as \"s3://bucket/prefix\"".into()),
+            ));
+        }
+        if self.data.to_string_lossy().contains("://") && !self.data_is_remote() {
+            return Err(invalid(
+                "data",
+                format!(
+                    "`{}` is not a storage root lambdaflow knows",
+                    self.data.display()
+                ),
+                Some("use a local directory such as \"./data\", or \"s3://bucket/prefix\"".into()),
+            ));
+        }
+        if self.batch.lease < Duration::from_secs(2) {
+            return Err(invalid(
+                "batch.lease",
+                format!(
+                    "must be at least 2s, got {}",
+                    humantime::format_duration(self.batch.lease)
+                ),
+                Some("the holder renews it three times per lease; shorter leases flap on a slow store".into()),
             ));
         }
         if self.stream.kafka.is_some() && self.stream.kinesis.is_some() {

@@ -100,6 +100,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         },
         batch: BatchConfig {
             pause: Duration::from_secs(3600),
+            ..BatchConfig::default()
         },
         ..Config::default()
     };

@@ -4,7 +4,9 @@
 //!
 //! `LAMBDAFLOW_FAILPOINTS=archive-after-parquet,batch-after-publish` makes the
 //! process abort (like `kill -9`: no destructors, no flush) the first time it
-//! reaches one of the named points. Unset, a failpoint costs one branch.
+//! reaches one of the named points; `name=sleep:MS` makes it wait there
+//! instead (to hold two processes at the same step, so they race). Unset, a
+//! failpoint costs one branch.
 
 use std::sync::OnceLock;
 
@@ -22,11 +24,22 @@ fn armed() -> &'static [String] {
     })
 }
 
-/// Aborts the process if the failpoint `name` is armed.
+/// Aborts the process if the failpoint `name` is armed (or sleeps, if it
+/// is armed as `name=sleep:MS`).
 pub fn hit(name: &str) {
-    if armed().iter().any(|a| a == name) {
-        eprintln!("lambdaflow: failpoint `{name}` hit, aborting");
-        std::process::abort();
+    for a in armed() {
+        if a == name {
+            eprintln!("lambdaflow: failpoint `{name}` hit, aborting");
+            std::process::abort();
+        }
+        if let Some(ms) = a
+            .strip_prefix(name)
+            .and_then(|r| r.strip_prefix("=sleep:"))
+            .and_then(|ms| ms.parse::<u64>().ok())
+        {
+            eprintln!("lambdaflow: failpoint `{name}` hit, sleeping {ms} ms");
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! A node: every layer of one process, opened on one data directory, and the
 //! background loops that drive them. This module wires; the policies live in
 //! their layers (startup checks and the batch loop in `batch::driver`, the
-//! micro-batch loop in `speed`, the archive queue in `master::archiver`).
+//! micro-batch loop in `speed`, the archive queue in `master::archiver`, the
+//! driver lease in `batch::lease`).
 //!
 //! ```text
 //!  data/
@@ -23,16 +24,17 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::batch::driver::{self, DriverError};
+use crate::batch::driver::{self, Driver, DriverError};
 pub use crate::batch::driver::{BatchLock, BatchStatus, batch_lock};
+use crate::batch::lease::Lease;
 use crate::batch::{BatchError, BatchLayer};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, ConfigError};
 use crate::health::Health;
-use crate::master::{MasterDataset, MasterError, archiver};
+use crate::master::{MasterDataset, MasterError};
 use crate::serving::{BatchSide, Serving};
 use crate::speed::{SpeedError, SpeedLayer, SpeedMetrics, SpeedOptions};
-use crate::storage::{Storage, StorageError};
+use crate::storage::StorageError;
 use crate::stream::deadletter::DeadLetterError;
 use crate::stream::ingest::Backlog;
 use crate::stream::ingest::Producer;
@@ -69,6 +71,10 @@ pub enum NodeError {
     Kinesis(#[from] KinesisError),
     #[error(transparent)]
     Source(#[from] crate::stream::SourceError),
+    #[error(
+        "another node ({node}) holds the driver lease of {root}\nhint: a node on the embedded log must drive; stop the other node, or use Kafka or Kinesis as the stream to run several nodes on one root"
+    )]
+    LeaseHeld { root: String, node: String },
 }
 
 /// Settles what the stream decides rather than the configuration: a Kafka
@@ -83,7 +89,7 @@ pub async fn resolve_stream(config: &mut Config) -> Result<(), NodeError> {
         config.stream.partitions = n;
     }
     if let Some(k) = &config.stream.kinesis {
-        let storage = Storage::local(&config.data)?;
+        let storage = config.storage()?;
         let registry = kinesis::resolve(&storage, k).await?;
         let n = registry.shards.len() as u32;
         if n != config.stream.partitions {
@@ -107,6 +113,8 @@ pub struct Layers {
     pub health: Arc<Health>,
     /// The stream the layers consume.
     pub source: Arc<dyn Source>,
+    /// Whether this node drives (archives and runs the batch layer).
+    pub lease: Arc<Lease>,
 }
 
 /// The layers of one process.
@@ -136,11 +144,10 @@ pub async fn open_batch_with(
     config: &Config,
     views: Vec<Arc<view::View>>,
 ) -> Result<Arc<BatchLayer>, NodeError> {
-    let schema = Arc::new(config.event_schema()?);
     // Every command that opens a data directory checks its partition count:
     // a batch run with another count would publish an H of the wrong length.
     // (An external stream may gain partitions; its node's log is never written.)
-    let log_dir = config.data.join("log");
+    let log_dir = config.local_dir().join("log");
     if let Some(found) = Log::partitions_in(&log_dir)?
         && found != config.stream.partitions
         && !config.stream.external()
@@ -152,9 +159,21 @@ pub async fn open_batch_with(
         }
         .into());
     }
-    let storage = Storage::local(&config.data)?;
+    open_batch_in(config, config.storage()?, views).await
+}
+
+/// [`open_batch_with`] on a storage root opened by the caller (a process
+/// that talks to several stores, such as a test).
+pub async fn open_batch_in(
+    config: &Config,
+    storage: crate::storage::Storage,
+    views: Vec<Arc<view::View>>,
+) -> Result<Arc<BatchLayer>, NodeError> {
+    let schema = Arc::new(config.event_schema()?);
     let master = Arc::new(MasterDataset::open(&storage, schema, config.stream.partitions).await?);
-    let failures = Arc::new(ViewFailures::new(config.data.join("deadletter/views")));
+    let failures = Arc::new(ViewFailures::new(
+        config.local_dir().join("deadletter/views"),
+    ));
     Ok(Arc::new(BatchLayer::new(storage, master, views, failures)))
 }
 
@@ -174,6 +193,7 @@ pub struct Assembled {
     pub archive: mpsc::UnboundedReceiver<ChunkRange>,
     pub status: Arc<Mutex<BatchStatus>>,
     pub health: Arc<Health>,
+    pub lease: Arc<Lease>,
 }
 
 /// Opens every layer on `config.data`: the master dataset first (its
@@ -205,7 +225,7 @@ pub async fn assemble_over(
     let cov = master.coverage();
     tracing::info!(version = cov.version, h = ?cov.h, "master dataset open");
     let health = Arc::new(Health::default());
-    let log_dir = config.data.join("log");
+    let log_dir = config.local_dir().join("log");
     let log_partitions = match Log::partitions_in(&log_dir)? {
         Some(found) if config.stream.external() => found,
         _ => config.stream.partitions,
@@ -240,11 +260,11 @@ pub async fn assemble_over(
             "log partition open"
         );
     }
-    let dead_dir = config.data.join("deadletter");
+    let dead_dir = config.local_dir().join("deadletter");
     let dead = DeadLetters::open_with(
         &dead_dir,
         crate::stream::deadletter::DeadLetterLimits::for_disk(
-            &config.data,
+            &config.local_dir(),
             config.ingest.dead_letter_max.as_u64(),
         ),
     )?
@@ -256,7 +276,7 @@ pub async fn assemble_over(
             let k = config.stream.kinesis.clone().expect("a Kinesis stream");
             let s = KinesisSource::open(
                 k,
-                Storage::local(&config.data)?,
+                config.storage()?,
                 Decoder::new(schema.clone(), Partitioning::RoundRobin),
                 dead.clone(),
                 Some(health.clone()),
@@ -294,8 +314,17 @@ pub async fn assemble_over(
     ));
     let ingest = Arc::new(ingest);
 
+    let lease = take_lease(&config, &clock).await?;
     let status = Arc::new(Mutex::new(BatchStatus::default()));
-    driver::prepare(&batch, source.as_ref(), &config.data, &status, &health).await?;
+    driver::prepare(
+        &batch,
+        source.as_ref(),
+        &config.local_dir(),
+        &status,
+        &health,
+        lease.is_held(),
+    )
+    .await?;
 
     // Serving: the published run, then the speed layer's replay from its H.
     let views = batch.views().to_vec();
@@ -351,7 +380,42 @@ pub async fn assemble_over(
         archive,
         status,
         health,
+        lease,
     })
+}
+
+/// The driver lease of the node's root: always held on a local root; on a
+/// shared one, taken now if free. A node on the embedded log must drive
+/// (its log is the only copy of its events until archived), so it waits for
+/// a lease another process holds to expire, and refuses to start if it does not.
+async fn take_lease(config: &Config, clock: &SharedClock) -> Result<Arc<Lease>, NodeError> {
+    if !config.data_is_remote() {
+        return Ok(Lease::local(clock.clone()));
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "node".into());
+    let lease = Lease::shared(
+        config.storage()?,
+        format!("{host}:{}", config.listen.port()),
+        config.batch.lease,
+        clock.clone(),
+    );
+    let deadline = std::time::Instant::now() + config.batch.lease + config.batch.lease / 2;
+    loop {
+        if lease.try_acquire().await? || config.stream.external() {
+            return Ok(lease);
+        }
+        if std::time::Instant::now() >= deadline {
+            let s = lease.status();
+            return Err(NodeError::LeaseHeld {
+                root: config.data.display().to_string(),
+                node: s.node.unwrap_or_default(),
+            });
+        }
+        tracing::info!("waiting for the driver lease: with the embedded log, this node must drive");
+        tokio::time::sleep(config.batch.lease / 3).await;
+    }
 }
 
 impl Node {
@@ -368,6 +432,7 @@ impl Node {
             archive,
             status,
             health,
+            lease,
         } = assemble(config, SystemClock::shared()).await?;
         let master = batch.master().clone();
         let views = batch.views().to_vec();
@@ -381,32 +446,26 @@ impl Node {
             batch_now: batch_now.clone(),
             health: health.clone(),
             source: source.clone(),
+            lease: lease.clone(),
         });
         let (stop, stop_rx) = watch::channel(false);
-        let tasks = vec![
-            tokio::spawn(speed.run(stop_rx.clone())),
-            tokio::spawn(archiver::run_queue(
-                master,
-                source.clone(),
-                archive,
-                // A backlog merges into files of at most a few chunks' worth.
-                config.archive.chunk_events.saturating_mul(4),
-                health.clone(),
-                stop_rx.clone(),
-            )),
-            tokio::spawn(driver::run_loop(
-                batch,
-                source.clone(),
-                (!config.stream.external()).then_some(log),
-                serving,
-                config.data.clone(),
-                config.batch.pause,
-                status,
-                batch_now,
-                health,
-                stop_rx,
-            )),
-        ];
+        let mut tasks = vec![tokio::spawn(speed.run(stop_rx.clone()))];
+        let driver = Driver {
+            batch,
+            source: source.clone(),
+            log: (!config.stream.external()).then_some(log),
+            serving,
+            local_dir: config.local_dir(),
+            pause: config.batch.pause,
+            poll: config.batch.poll,
+            // A backlog merges into files of at most a few chunks' worth.
+            archive_events: config.archive.chunk_events.saturating_mul(4),
+            status,
+            now: batch_now,
+            health,
+            lease,
+        };
+        tasks.extend(driver.start(archive, stop_rx));
         Ok(Node {
             config,
             ingest,
@@ -417,6 +476,7 @@ impl Node {
         })
     }
 
+    /// The storage root of the master dataset and the views, as given.
     pub fn data_dir(&self) -> PathBuf {
         self.config.data.clone()
     }

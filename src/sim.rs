@@ -259,7 +259,7 @@ impl World {
             &node.batch,
             Some(&node.log),
             &node.serving,
-            &node.config.data,
+            &node.config.local_dir(),
             &node.status,
             &node.health,
         )

@@ -9,6 +9,12 @@
 //!
 //! The log and the dead-letter store are local files (they need fsync and
 //! appends); everything a batch layer or another engine reads goes through here.
+//!
+//! What several writers may race on is written with a condition: created
+//! only if absent ([`Storage::create`]), replaced only if unchanged since it
+//! was read ([`Storage::replace`], If-Match on the ETag). S3 enforces both;
+//! a local root has no ETags, so there the caller's file lock serializes the
+//! writers and a replace is an atomic rename.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -23,6 +29,14 @@ use url::Url;
 pub enum StorageError {
     #[error("invalid storage root {root}: {reason}")]
     BadRoot { root: String, reason: String },
+    #[error(
+        "an S3 root is configured unsafely: {setting}={value}: {reason}\nhint: unset {setting}; S3 (and moto, MinIO, R2) support conditional writes"
+    )]
+    Unsafe {
+        setting: &'static str,
+        value: Box<str>,
+        reason: &'static str,
+    },
     #[error("storage: could not {op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -46,7 +60,162 @@ pub struct Storage {
     prefix: ObjectPath,
 }
 
+/// The version of an object as last read, for a conditional replace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Version(Option<object_store::UpdateVersion>);
+
+impl Version {
+    /// The object did not exist when read: a replace creates it.
+    pub fn absent() -> Version {
+        Version(None)
+    }
+}
+
+/// Whether a conditional write took place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Swap {
+    Done,
+    /// Another writer changed (or created) the object first.
+    Lost,
+}
+
+/// Environment settings that would let two writers both believe they
+/// committed: lambdaflow refuses to start with them.
+const UNSAFE_ENV: [(&str, &str, &str); 3] = [
+    (
+        "AWS_CONDITIONAL_PUT",
+        "disabled",
+        "conditional writes are what make Delta commits and publishes safe between writers",
+    ),
+    (
+        "AWS_S3_ALLOW_UNSAFE_RENAME",
+        "true",
+        "an unsafe rename lets two writers commit the same Delta version",
+    ),
+    (
+        "AWS_S3_LOCKING_PROVIDER",
+        "",
+        "lambdaflow commits through S3's conditional writes, not an external lock",
+    ),
+];
+
+/// How long S3 calls may take and how often they are retried before the
+/// caller hears of a failure: the caller's own loop retries on (with backoff,
+/// reported in `health`), so an outage shows within seconds, not minutes.
+fn s3_retry() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig {
+            init_backoff: std::time::Duration::from_millis(100),
+            max_backoff: std::time::Duration::from_secs(2),
+            base: 2.0,
+        },
+        max_retries: 4,
+        retry_timeout: std::time::Duration::from_secs(5),
+    }
+}
+
 impl Storage {
+    /// A root given as a local path or an `s3://bucket/prefix` URL.
+    /// Credentials, region and endpoint come from the usual AWS environment
+    /// (`AWS_ACCESS_KEY_ID`, `AWS_REGION`, `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`
+    /// for a local emulator), as the AWS tools read them.
+    pub fn open(root: &Path) -> Result<Storage, StorageError> {
+        match root.to_str() {
+            Some(r) if r.starts_with("s3://") => Storage::s3(r),
+            _ => Storage::local(root),
+        }
+    }
+
+    /// An S3 root, `s3://bucket/prefix`, configured by the environment.
+    pub fn s3(root: &str) -> Result<Storage, StorageError> {
+        Storage::s3_with(root, &[])
+    }
+
+    /// An S3 root configured by the environment and then `options`
+    /// (`object_store`'s keys: `aws_endpoint`, `aws_allow_http`, …): for a
+    /// process that talks to several stores, such as a test.
+    pub fn s3_with(root: &str, options: &[(&str, &str)]) -> Result<Storage, StorageError> {
+        let bad = |reason: String| StorageError::BadRoot {
+            root: root.to_string(),
+            reason,
+        };
+        for (key, value, reason) in UNSAFE_ENV {
+            let set = std::env::var(key)
+                .ok()
+                .or_else(|| std::env::var(key.to_ascii_lowercase()).ok());
+            if let Some(v) = set
+                && (value.is_empty() || v.eq_ignore_ascii_case(value))
+            {
+                return Err(StorageError::Unsafe {
+                    setting: key,
+                    value: v.into(),
+                    reason,
+                });
+            }
+        }
+        let url = Url::parse(root).map_err(|e| bad(e.to_string()))?;
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(bad("names no bucket (s3://bucket/prefix)".into()));
+        }
+        use object_store::ClientConfigKey as C;
+        use object_store::aws::AmazonS3ConfigKey as K;
+        let mut builder = object_store::aws::AmazonS3Builder::from_env()
+            .with_url(root)
+            .with_retry(s3_retry());
+        // Bounded calls (unless the environment says otherwise), so a store
+        // that stops answering is a failure to retry, not a hang.
+        for (key, env, value) in [
+            (C::ConnectTimeout, "AWS_CONNECT_TIMEOUT", "3s"),
+            (C::Timeout, "AWS_TIMEOUT", "30s"),
+        ] {
+            if std::env::var_os(env).is_none() {
+                builder = builder.with_config(K::Client(key), value);
+            }
+        }
+        for (k, v) in options {
+            let key: K = k
+                .parse()
+                .map_err(|e: object_store::Error| bad(e.to_string()))?;
+            builder = builder.with_config(key, *v);
+        }
+        let store = builder.build().map_err(|e| bad(e.to_string()))?;
+        let prefix = ObjectPath::from_url_path(url.path()).map_err(|e| bad(e.to_string()))?;
+        // Delta reads and writes the table through this same client (see
+        // `master`), so it sees the same endpoint and credentials.
+        let mut url = url;
+        if !url.path().ends_with('/') {
+            url.set_path(&format!("{}/", url.path()));
+        }
+        Ok(Storage {
+            url,
+            store: Arc::new(store),
+            prefix,
+        })
+    }
+
+    /// An in-memory root, for tests of what races on storage.
+    pub fn memory() -> Storage {
+        Storage {
+            url: Url::parse("memory:///").expect("a URL"),
+            store: Arc::new(object_store::memory::InMemory::new()),
+            prefix: ObjectPath::default(),
+        }
+    }
+
+    /// Whether the store itself enforces conditional replaces (S3 does; a
+    /// local root relies on the caller's file lock).
+    pub fn compares_versions(&self) -> bool {
+        self.url.scheme() != "file"
+    }
+
+    /// A short name of the root for messages: the path, or the URL.
+    pub fn describe(&self) -> String {
+        match self.url.to_file_path() {
+            Ok(p) if self.url.scheme() == "file" => p.display().to_string(),
+            _ => self.url.to_string(),
+        }
+    }
+
     /// A local directory (created if missing).
     pub fn local(dir: &Path) -> Result<Storage, StorageError> {
         let bad = |reason: String| StorageError::BadRoot {
@@ -137,6 +306,73 @@ impl Storage {
             }
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
             Err(source) => Err(io("create", &path)(source)),
+        }
+    }
+
+    /// Reads `rel` with its version, for a later [`Storage::replace`].
+    pub async fn get_versioned(&self, rel: &str) -> Result<(Option<Bytes>, Version), StorageError> {
+        let path = self.path(rel);
+        match self.store.get(&path).await {
+            Ok(r) => {
+                let version = object_store::UpdateVersion {
+                    e_tag: r.meta.e_tag.clone(),
+                    version: r.meta.version.clone(),
+                };
+                let bytes = r.bytes().await.map_err(io("read", &path))?;
+                Ok((Some(bytes), Version(Some(version))))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok((None, Version(None))),
+            Err(source) => Err(io("read", &path)(source)),
+        }
+    }
+
+    /// The version of `rel` now, without its bytes.
+    pub async fn version(&self, rel: &str) -> Result<Version, StorageError> {
+        let path = self.path(rel);
+        match self.store.head(&path).await {
+            Ok(meta) => Ok(Version(Some(object_store::UpdateVersion {
+                e_tag: meta.e_tag,
+                version: meta.version,
+            }))),
+            Err(object_store::Error::NotFound { .. }) => Ok(Version(None)),
+            Err(source) => Err(io("read", &path)(source)),
+        }
+    }
+
+    /// Replaces `rel` only if it is still at `seen` (created only if it was
+    /// absent): a compare-and-swap on stores that compare versions. A local
+    /// root replaces it whole by an atomic rename, serialized by the
+    /// caller's lock.
+    pub async fn replace(
+        &self,
+        rel: &str,
+        bytes: Bytes,
+        seen: &Version,
+    ) -> Result<Swap, StorageError> {
+        if !self.compares_versions() {
+            self.put(rel, bytes).await?;
+            return Ok(Swap::Done);
+        }
+        let path = self.path(rel);
+        let mode = match &seen.0 {
+            None => object_store::PutMode::Create,
+            Some(v) => object_store::PutMode::Update(v.clone()),
+        };
+        let opts = object_store::PutOptions {
+            mode,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&path, PutPayload::from(bytes), opts)
+            .await
+        {
+            Ok(_) => Ok(Swap::Done),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Ok(Swap::Lost),
+            Err(source) => Err(io("replace", &path)(source)),
         }
     }
 
@@ -255,6 +491,24 @@ impl Storage {
             .flatten()
             .map(|root| root.join(rel))
     }
+}
+
+/// This process's id among the writers of a storage root: random, fixed for
+/// the process's life. Files several writers may race to write carry it in
+/// their names, so no writer ever overwrites another's.
+pub fn writer_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        format!("{:08x}", h.finish() as u32)
+    })
 }
 
 /// fsyncs `file`, then each directory from its parent up to `root`: a new

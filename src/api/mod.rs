@@ -214,6 +214,9 @@ struct Status {
     /// The stream the layers consume.
     #[serde(skip_serializing_if = "Option::is_none")]
     stream: Option<String>,
+    /// The storage root and which node drives (archives and runs batches).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<ClusterStatus>,
     partitions: Vec<PartitionStatus>,
     ingest: IngestStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -295,6 +298,15 @@ struct IngestStatus {
     dead_letter_files_removed: u64,
 }
 
+/// The cluster as this node sees it.
+#[derive(Serialize)]
+struct ClusterStatus {
+    /// The storage root of the master dataset and the views.
+    root: String,
+    /// The driver lease: holder, term, expiry, and whether this node holds it.
+    lease: crate::batch::lease::LeaseStatus,
+}
+
 async fn status(
     axum::extract::State(state): axum::extract::State<Arc<ApiState>>,
 ) -> Json<impl Serialize> {
@@ -368,6 +380,10 @@ async fn status(
         .collect();
     Json(Status {
         stream: source.as_ref().map(|s| s.describe()),
+        cluster: state.layers.as_ref().map(|l| ClusterStatus {
+            root: l.master.storage().describe(),
+            lease: l.lease.status(),
+        }),
         health: state.layers.as_ref().map(|l| l.health.report_all()),
         views_excluded: state.layers.as_ref().map(|l| l.batch.failures().report()),
         master,

@@ -1,14 +1,16 @@
 //! The batch driver: the policies around batch runs — what must be published
-//! before a node serves, one publish-and-retain cycle, and the loop that
-//! repeats it (run by the process that holds the batch lock).
+//! before a node serves, one publish-and-retain cycle, the loop that repeats
+//! it — and [`Driver`], the part of a node that archives and runs the batch
+//! layer while the node holds the driver lease (see `lease`).
 //!
 //! ```text
 //!  startup:  published views whole? ──no──▶ rebuild
 //!            published H ≥ log start? ──no──▶ publish a run of the master dataset
 //!  cycle:    lock ─▶ run (master @ v) ─▶ publish ─▶ swap into serving
 //!                 ─▶ log retention below H   (only after the run's files are durable)
-//!  loop:     cycle when the master dataset moved; on a corrupt master file,
-//!            repair it from the log and go again
+//!  loop:     holding the lease: cycle when the master dataset moved; on a
+//!            corrupt master file, repair it from the log and go again
+//!            not holding it:    poll CURRENT's version; load a new publish
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -18,6 +20,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use super::lease::Lease;
 use super::{BatchError, BatchLayer, Manifest, Progress, RunInfo};
 use crate::health::Health;
 use crate::master::MasterError;
@@ -151,6 +154,10 @@ pub async fn batch_lock(data: &Path) -> Result<BatchLock, DriverError> {
     let path = data.join("batch.lock");
     let p = path.clone();
     tokio::task::spawn_blocking(move || {
+        // A node's local directory on an S3 root may not exist yet.
+        if let Some(dir) = p.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
         let f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -174,17 +181,32 @@ pub async fn batch_lock(data: &Path) -> Result<BatchLock, DriverError> {
 /// older copy, or the log restarted at the archived coverage), a run of the
 /// master dataset is published first; it covers the log's start, since the
 /// log deletes nothing the master dataset does not hold.
+///
+/// A node that does not hold the driver lease (`driving` false) repairs
+/// nothing: it reports what it finds and serves what the driver publishes.
 pub async fn prepare(
     batch: &BatchLayer,
     source: &dyn Source,
     data: &Path,
     status: &Mutex<BatchStatus>,
     health: &Health,
+    driving: bool,
 ) -> Result<(), DriverError> {
     let _lock = batch_lock(data).await?;
     let check = batch.check().await?;
     if let Some(m) = &check.manifest {
         status.lock().expect("status lock").published = Some(m.info.clone());
+    }
+    if !driving {
+        for (view, problem) in &check.problems {
+            tracing::warn!(
+                view,
+                problem,
+                "published batch view unusable; the driver rebuilds it"
+            );
+            health.report(&format!("view/{view}"), problem);
+        }
+        return Ok(());
     }
     if !check.is_ok() {
         for (view, problem) in &check.problems {
@@ -326,27 +348,83 @@ pub async fn cycle(
     Ok(m)
 }
 
-/// The batch loop: a cycle when the master dataset has moved (or a rollup's
-/// boundary may have); a failed cycle leaves the previous run published.
-#[allow(clippy::too_many_arguments)]
-pub async fn run_loop(
-    batch: Arc<BatchLayer>,
-    source: Arc<dyn Source>,
-    log: Option<Arc<Log>>,
-    serving: Arc<Serving>,
-    data: PathBuf,
-    pause: Duration,
-    status: Arc<Mutex<BatchStatus>>,
-    now: Arc<tokio::sync::Notify>,
-    health: Arc<Health>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let has_rollup = batch.views().iter().any(|v| v.rollup().is_some());
-    loop {
-        if *stop.borrow() {
-            break;
+/// The part of a node that drives: the archiver and the batch loop (with
+/// retention and repair), active while the node holds the driver lease.
+/// `node.rs` builds it and calls [`Driver::start`].
+pub struct Driver {
+    pub batch: Arc<BatchLayer>,
+    pub source: Arc<dyn Source>,
+    /// The embedded log, when it is the stream (its retention is the driver's).
+    pub log: Option<Arc<Log>>,
+    pub serving: Arc<Serving>,
+    /// The node's local directory (its batch lock).
+    pub local_dir: PathBuf,
+    /// Between batch runs.
+    pub pause: Duration,
+    /// Between looks at `CURRENT` while not driving.
+    pub poll: Duration,
+    /// A backlog merges into files of at most this many events.
+    pub archive_events: u64,
+    pub status: Arc<Mutex<BatchStatus>>,
+    pub now: Arc<tokio::sync::Notify>,
+    pub health: Arc<Health>,
+    pub lease: Arc<Lease>,
+}
+
+impl Driver {
+    /// Starts the lease keeper, the archive queue (fed by the speed layer's
+    /// closed chunks) and the batch loop; all end at `stop`.
+    pub fn start(
+        self,
+        chunks: tokio::sync::mpsc::UnboundedReceiver<ChunkRange>,
+        stop: watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        vec![
+            tokio::spawn(self.lease.clone().run(self.health.clone(), stop.clone())),
+            tokio::spawn(crate::master::archiver::run_queue(
+                self.batch.master().clone(),
+                self.source.clone(),
+                chunks,
+                self.archive_events,
+                self.health.clone(),
+                self.lease.watch(),
+                stop.clone(),
+            )),
+            tokio::spawn(self.run_loop(stop)),
+        ]
+    }
+
+    /// The batch loop: holding the lease, a cycle when the master dataset
+    /// has moved (or a rollup's boundary may have) — a failed cycle leaves
+    /// the previous run published; not holding it, follow the driver's
+    /// publishes.
+    async fn run_loop(self, mut stop: watch::Receiver<bool>) {
+        let has_rollup = self.batch.views().iter().any(|v| v.rollup().is_some());
+        let mut role = self.lease.watch();
+        let mut seen = None;
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            let driving = self.lease.is_held();
+            if driving {
+                self.drive(has_rollup).await;
+            } else {
+                self.follow(&mut seen).await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(if driving { self.pause } else { self.poll }) => {}
+                _ = self.now.notified(), if driving => {}
+                _ = role.changed() => {}
+                _ = stop.changed() => {}
+            }
         }
-        let published_version = status
+    }
+
+    async fn drive(&self, has_rollup: bool) {
+        let (batch, health) = (&self.batch, &self.health);
+        let published_version = self
+            .status
             .lock()
             .expect("status lock")
             .published
@@ -359,15 +437,28 @@ pub async fn run_loop(
             (Err(_), _) => false,
         };
         if due
-            && let Err(e) = cycle(&batch, log.as_deref(), &serving, &data, &status, &health).await
+            && let Err(e) = cycle(
+                batch,
+                self.log.as_deref(),
+                &self.serving,
+                &self.local_dir,
+                &self.status,
+                health,
+            )
+            .await
         {
+            self.status.lock().expect("status lock").last_error = Some(e.to_string());
+            if let DriverError::Batch(BatchError::LostRace { .. }) = &e {
+                // Another driver's run is published: follow it.
+                tracing::warn!(error = %e, "another driver published first");
+                return;
+            }
             tracing::error!(error = %e, "batch run failed; the previous run stays published");
-            status.lock().expect("status lock").last_error = Some(e.to_string());
             health.report("batch", &e);
             if let DriverError::Batch(BatchError::Master(bad @ MasterError::Corrupt { path, .. })) =
                 &e
             {
-                match batch.master().repair(bad, source.as_ref()).await {
+                match batch.master().repair(bad, self.source.as_ref()).await {
                     Ok(true) => {
                         tracing::warn!(
                             path,
@@ -377,10 +468,10 @@ pub async fn run_loop(
                             "master",
                             &format!(
                                 "rewrote {path} from {} (its checksum matches again)",
-                                source.describe()
+                                self.source.describe()
                             ),
                         );
-                        now.notify_one();
+                        self.now.notify_one();
                     }
                     Ok(false) => {}
                     Err(e) => {
@@ -395,10 +486,53 @@ pub async fn run_loop(
         if latest.is_ok() {
             health.clear("master");
         }
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            _ = now.notified() => {}
-            _ = stop.changed() => {}
+    }
+
+    /// Loads the driver's new publish into serving, if `CURRENT` changed
+    /// since `seen` (one small request per poll when nothing changed).
+    async fn follow(&self, seen: &mut Option<crate::storage::Version>) {
+        let result = async {
+            let version = self.batch.current_version().await?;
+            if seen.as_ref() == Some(&version) {
+                return Ok(());
+            }
+            let Some(m) = self.batch.current().await? else {
+                *seen = Some(version);
+                return Ok(());
+            };
+            let serving_run = self
+                .serving
+                .snapshot()
+                .batch
+                .as_ref()
+                .map(|b| b.manifest.run);
+            if serving_run.is_none_or(|r| r < m.run) {
+                let warm = self
+                    .serving
+                    .snapshot()
+                    .batch
+                    .as_ref()
+                    .map(|b| b.indexed())
+                    .unwrap_or_default();
+                let side = BatchSide::load(&self.batch, m.clone(), &warm).await?;
+                self.serving.set_batch(Arc::new(side));
+                self.status.lock().expect("status lock").published(&m);
+                // What the run covers will not be read again here.
+                for (p, &h) in m.h.iter().enumerate() {
+                    self.source.archived(p as u32, h);
+                }
+                tracing::debug!(run = m.run, h = ?m.h, "loaded the driver's publish");
+            }
+            *seen = Some(version);
+            Ok::<_, BatchError>(())
+        }
+        .await;
+        match result {
+            Ok(()) => self.health.clear("follow"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not load the driver's publish");
+                self.health.report("follow", &e);
+            }
         }
     }
 }

@@ -17,6 +17,7 @@
 //! it and the caller rebuilds from the master dataset before serving.
 
 pub mod driver;
+pub mod lease;
 pub mod scan;
 
 use std::collections::BTreeMap;
@@ -31,7 +32,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::master::{MasterDataset, MasterError, MasterSnapshot};
-use crate::storage::{Storage, StorageError};
+use crate::storage::{Storage, StorageError, Swap, Version};
 use crate::view::failures::{FailedRow, ViewFailures};
 use crate::view::{View, ViewError, store::to_tsv};
 
@@ -53,6 +54,8 @@ pub enum BatchError {
     BadManifest { path: String, detail: String },
     #[error("a batch task failed: {0}")]
     Task(String),
+    #[error("run {run} was not published: {reason}; its files are discarded")]
+    LostRace { run: u64, reason: &'static str },
 }
 
 /// A file of a run, with what it must be.
@@ -173,6 +176,12 @@ impl BatchLayer {
         views: Vec<Arc<View>>,
         failures: Arc<ViewFailures>,
     ) -> BatchLayer {
+        if storage.url().scheme() != "file" {
+            let url = url::Url::parse(&storage.store_url()).expect("a store URL");
+            for v in &views {
+                v.register_store(&url, storage.store().clone());
+            }
+        }
         BatchLayer {
             storage,
             master,
@@ -201,25 +210,46 @@ impl BatchLayer {
         let Some(bytes) = self.storage.get(CURRENT).await? else {
             return Ok(None);
         };
-        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| BatchError::BadManifest {
-            path: CURRENT.into(),
-            detail: e.to_string(),
-        })?;
+        self.parse_manifest(&bytes)
+            .map(Some)
+            .map_err(|detail| BatchError::BadManifest {
+                path: CURRENT.into(),
+                detail,
+            })
+    }
+
+    /// The published manifest (`None` if absent or unusable) and the
+    /// version of `CURRENT` it was read at, for the compare-and-swap publish.
+    async fn current_versioned(&self) -> Result<(Option<Manifest>, Version), BatchError> {
+        let (bytes, version) = self.storage.get_versioned(CURRENT).await?;
+        let m = match bytes {
+            Some(b) => self.parse_manifest(&b).ok(),
+            None => None,
+        };
+        Ok((m, version))
+    }
+
+    /// The version of `CURRENT` now: a node that does not drive polls it to
+    /// learn of a new publish.
+    pub async fn current_version(&self) -> Result<Version, BatchError> {
+        Ok(self.storage.version(CURRENT).await?)
+    }
+
+    /// A manifest of this stream, or why it is unusable.
+    fn parse_manifest(&self, bytes: &[u8]) -> Result<Manifest, String> {
+        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
         let partitions = self.master.partitions() as usize;
         if m.h.len() > partitions {
             // A stream never loses partitions (a topic cannot shrink, a
             // closed Kinesis shard stays in the registry): a manifest of more
             // is not this stream's, as unusable as a corrupt one. Fewer is a
             // run from before the stream gained some.
-            return Err(BatchError::BadManifest {
-                path: CURRENT.into(),
-                detail: format!(
-                    "it covers {} partitions, the stream has {partitions}",
-                    m.h.len()
-                ),
-            });
+            return Err(format!(
+                "it covers {} partitions, the stream has {partitions}",
+                m.h.len()
+            ));
         }
-        Ok(Some(m))
+        Ok(m)
     }
 
     /// Reads a file of a run and checks it against its entry.
@@ -328,7 +358,7 @@ impl BatchLayer {
         }
         let started = Instant::now();
         let started_ms = chrono::Utc::now().timestamp_millis();
-        let prev = self.current().await.unwrap_or(None);
+        let (prev, seen) = self.current_versioned().await?;
         // Rebuilding one view keeps the published coverage, so the run stays one H.
         let snapshot = match (only, &prev) {
             (Some(_), Some(p)) => self.master.snapshot_at(p.table_version).await?,
@@ -380,16 +410,33 @@ impl BatchLayer {
             },
             views,
         };
-        let json = serde_json::to_vec_pretty(&manifest).expect("manifests serialize");
-        self.storage
-            .put(
-                &format!("views/runs/{run:012}.json"),
-                Bytes::from(json.clone()),
-            )
-            .await?;
+        let json = Bytes::from(serde_json::to_vec_pretty(&manifest).expect("manifests serialize"));
+        // Two drivers (a failover's overlap) may both reach here. The run
+        // number is claimed by creating its manifest; CURRENT is replaced
+        // only if it is still what this run started from. A loser removes
+        // what it wrote: nothing it computed is ever named by CURRENT.
+        let run_path = format!("views/runs/{run:012}.json");
+        crate::failpoint::hit("batch-before-claim");
+        if !self.storage.create(&run_path, json.clone()).await? {
+            self.discard(&manifest, None).await;
+            return Err(BatchError::LostRace {
+                run,
+                reason: "another driver published a run of that number first",
+            });
+        }
         crate::failpoint::hit("batch-before-publish");
-        // The swap: one object, replaced whole (atomic on a local disk and on S3).
-        self.storage.put(CURRENT, Bytes::from(json)).await?;
+        if self.storage.replace(CURRENT, json, &seen).await? == Swap::Lost {
+            // A request retried after a lost reply may have landed: only a
+            // CURRENT that is not this run means another writer won.
+            let (now, _) = self.current_versioned().await?;
+            if now.as_ref() != Some(&manifest) {
+                self.discard(&manifest, Some(&run_path)).await;
+                return Err(BatchError::LostRace {
+                    run,
+                    reason: "another driver published since this run started",
+                });
+            }
+        }
         crate::failpoint::hit("batch-after-publish");
         tracing::info!(
             run,
@@ -405,7 +452,7 @@ impl BatchLayer {
         Ok(manifest)
     }
 
-    /// A run number above every run on storage (a crashed run's files are overwritten).
+    /// A run number above every run on storage.
     async fn next_run(&self, prev: Option<&Manifest>) -> Result<u64, BatchError> {
         let mut max = prev.map_or(0, |m| m.run);
         for v in &self.views {
@@ -414,12 +461,36 @@ impl BatchLayer {
                 .list_dirs(&format!("views/{}", v.name()))
                 .await?
             {
-                if let Ok(n) = d.parse::<u64>() {
+                if let Some(n) = run_of_dir(&d) {
                     max = max.max(n);
                 }
             }
         }
+        for f in self.storage.list_files("views/runs").await? {
+            if let Some(n) = f.strip_suffix(".json").and_then(|n| n.parse::<u64>().ok()) {
+                max = max.max(n);
+            }
+        }
         Ok(max + 1)
+    }
+
+    /// Removes the files of a run that lost the race to publish (those this
+    /// writer computed; reused views belong to an earlier run).
+    async fn discard(&self, lost: &Manifest, run_file: Option<&str>) {
+        for (name, e) in &lost.views {
+            if e.run != lost.run {
+                continue;
+            }
+            let dir = e.states.path.rsplit_once('/').map_or("", |(d, _)| d);
+            if let Err(err) = self.storage.delete_dir(dir).await {
+                tracing::warn!(view = %name, error = %err, "could not remove the files of a run that lost the race");
+            }
+        }
+        if let Some(f) = run_file
+            && let Err(err) = self.storage.delete(f).await
+        {
+            tracing::warn!(error = %err, "could not remove the manifest of a run that lost the race");
+        }
     }
 
     async fn compute_view(
@@ -436,7 +507,13 @@ impl BatchLayer {
         let rows = view.finalize(vec![states.clone()]).await?;
         let tsv = to_tsv(view.output_schema(), &rows);
         let parquet = view.states_to_parquet(&states)?;
-        let dir = format!("views/{}/{run:012}", view.name());
+        // The writer's id in the directory: a run number two drivers race
+        // for never has them write the same files.
+        let dir = format!(
+            "views/{}/{run:012}-{}",
+            view.name(),
+            crate::storage::writer_id()
+        );
         let states_entry = FileEntry {
             path: format!("{dir}/states.parquet"),
             bytes: parquet.len() as u64,
@@ -551,31 +628,42 @@ impl BatchLayer {
 
     /// Removes runs older than the published one and the `keep_runs` before it.
     async fn remove_old_runs(&self, published: &Manifest) -> Result<(), BatchError> {
-        let live: std::collections::HashSet<u64> =
+        let live: std::collections::HashSet<&str> = published
+            .views
+            .values()
+            .filter_map(|e| e.states.path.rsplit_once('/').map(|(d, _)| d))
+            .collect();
+        let live_runs: std::collections::HashSet<u64> =
             published.views.values().map(|e| e.run).collect();
+        let cutoff = published.run.saturating_sub(self.keep_runs as u64);
         for v in &self.views {
-            let mut runs: Vec<u64> = self
+            for d in self
                 .storage
                 .list_dirs(&format!("views/{}", v.name()))
                 .await?
-                .iter()
-                .filter_map(|d| d.parse().ok())
-                .collect();
-            runs.sort_unstable();
-            let cutoff = published.run.saturating_sub(self.keep_runs as u64);
-            for r in runs {
-                if r < cutoff && !live.contains(&r) {
-                    self.storage
-                        .delete_dir(&format!("views/{}/{r:012}", v.name()))
-                        .await?;
-                    self.storage
-                        .delete(&format!("views/runs/{r:012}.json"))
-                        .await?;
+            {
+                let dir = format!("views/{}/{d}", v.name());
+                if run_of_dir(&d).is_some_and(|r| r < cutoff) && !live.contains(dir.as_str()) {
+                    self.storage.delete_dir(&dir).await?;
                 }
+            }
+        }
+        for f in self.storage.list_files("views/runs").await? {
+            if let Some(r) = f.strip_suffix(".json").and_then(|n| n.parse::<u64>().ok())
+                && r < cutoff
+                && !live_runs.contains(&r)
+            {
+                self.storage.delete(&format!("views/runs/{f}")).await?;
             }
         }
         Ok(())
     }
+}
+
+/// The run number of a run's directory (`000000000042-<writer>`, or
+/// `000000000042` as older versions named it).
+fn run_of_dir(dir: &str) -> Option<u64> {
+    dir.split('-').next()?.parse().ok()
 }
 
 /// A view's states over some files read whole, one file at a time, leaving
@@ -589,7 +677,7 @@ async fn states_file_by_file(
     let mut parts = Vec::with_capacity(files.len());
     let mut failed = Vec::new();
     for f in files {
-        let read = scan::read_with_offsets(store_url, events, f)
+        let read = scan::read_with_offsets(store_url, view.task_ctx(), events, f)
             .await
             .map_err(|e| ViewError::Exec {
                 view: view.name().to_string(),

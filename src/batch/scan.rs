@@ -116,6 +116,7 @@ impl ExecutionPlan for CountingExec {
 /// needs to name the rows a view fails on.
 pub async fn read_with_offsets(
     store_url: &str,
+    ctx: &Arc<TaskContext>,
     events: &EventSchema,
     file: &DataFile,
 ) -> Result<Vec<RecordBatch>> {
@@ -128,5 +129,5 @@ pub async fn read_with_offsets(
         )])])
         .build();
     let plan = DataSourceExec::from_data_source(config);
-    datafusion::physical_plan::collect(plan, Arc::new(TaskContext::default())).await
+    datafusion::physical_plan::collect(plan, ctx.clone()).await
 }

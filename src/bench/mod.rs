@@ -281,7 +281,10 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let schema = Arc::new(EventSchema::paper());
-    let storage = crate::storage::Storage::local(&data)?;
+    // `--data s3://bucket/prefix`: the same run with the root on S3 (the
+    // endpoint and credentials from the AWS environment).
+    let storage = crate::storage::Storage::open(&data)?;
+    let remote = storage.url().scheme() != "file";
     let master = rt.block_on(MasterDataset::open(&storage, schema.clone(), 2))?;
     let mut offsets = [master.coverage().h[0], master.coverage().h[1]];
     let existing: u64 = offsets.iter().sum();
@@ -319,11 +322,21 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
             group(((args.events - existing) as f64 / archive_secs) as u64)
         );
     }
-    let size: u64 = std::fs::read_dir(data.join("master"))?
-        .filter_map(|e| e.ok()?.metadata().ok())
-        .filter(|m| m.is_file())
-        .map(|m| m.len())
-        .sum();
+    let size: u64 = rt.block_on(async {
+        use futures::TryStreamExt;
+        let objects: Vec<_> = storage
+            .store()
+            .list(Some(&storage.path(crate::master::TABLE_DIR)))
+            .try_collect()
+            .await?;
+        Ok::<_, object_store::Error>(
+            objects
+                .iter()
+                .filter(|o| o.location.extension() == Some("parquet"))
+                .map(|o| o.size)
+                .sum(),
+        )
+    })?;
     println!(
         "master dataset: {} events in {} ({:.1} bytes/event)",
         group(args.events),
@@ -332,10 +345,21 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
     );
 
     // The views, plus the GROUP BY compared with DuckDB.
-    let config_path = data.join("bench-batch.toml");
+    let config_path = if remote {
+        tmp.path().join("bench-batch.toml")
+    } else {
+        data.join("bench-batch.toml")
+    };
     let mut toml = format!(
-        "data = {:?}\n[stream]\npartitions = 2\n",
-        data.display().to_string()
+        "data = {:?}\n[stream]\npartitions = 2\ndir = {:?}\n",
+        data.display().to_string(),
+        if remote {
+            tmp.path().join("local")
+        } else {
+            data.clone()
+        }
+        .display()
+        .to_string()
     );
     let mut views = crate::config::Config::default().views;
     views.push(crate::config::ViewConfig {
@@ -399,7 +423,7 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
         best,
         group((args.events as f64 / best) as u64)
     );
-    if !args.no_duckdb {
+    if !args.no_duckdb && !remote {
         let script =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/duckdb_groupby.py");
         let glob = format!("{}/master/*.parquet", data.display());

@@ -40,23 +40,28 @@ pub async fn archive_chunk(
     Ok(outcome)
 }
 
-/// The archive queue: commits each partition's closed chunks in the order
-/// they closed (contiguous ones queued together as one, up to `max_events`), taking the partitions in turn (after a restart the speed
-/// layer replays one partition's backlog before the next; first-come order
-/// would starve the later partitions while the first is archived). Retries
-/// with backoff — the log keeps the events until they are archived and
-/// published, so a failure delays the batch layer but loses nothing.
+/// The archive queue: commits the partitions' closed chunks in the order
+/// each partition closed them — one merged run of contiguous chunks per
+/// partition (up to `max_events`), several partitions in one Delta commit —
+/// while this node holds the driver lease (`driving`). Retries with backoff:
+/// the stream keeps the events until they are archived and published, so a
+/// failure delays the batch layer but loses nothing.
+///
+/// A node that does not drive keeps its closed chunks queued and drops those
+/// the driver has committed (it re-reads the table's coverage), so when it
+/// takes the lease over it commits exactly what the old driver had not.
 pub async fn run_queue(
     master: Arc<MasterDataset>,
     source: Arc<dyn Source>,
     mut chunks: mpsc::UnboundedReceiver<ChunkRange>,
     max_events: u64,
     health: Arc<crate::health::Health>,
+    mut driving: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut pending: Vec<VecDeque<ChunkRange>> = Vec::new();
-    let mut turn = 0usize;
     let mut open = true;
+    let mut backoff = Duration::from_millis(100);
     let queue = |pending: &mut Vec<VecDeque<ChunkRange>>, c: ChunkRange| {
         let p = c.partition as usize;
         if pending.len() <= p {
@@ -66,73 +71,148 @@ pub async fn run_queue(
     };
     loop {
         if *stop.borrow() {
-            break; // what is left is re-closed from the log at the next start
+            break; // what is left is re-closed from the stream at the next start
         }
-        if pending.iter().all(VecDeque::is_empty) {
-            if !open {
-                break;
-            }
+        let idle = pending.iter().all(VecDeque::is_empty);
+        if idle && !open {
+            break;
+        }
+        let held = *driving.borrow();
+        if idle || !held {
+            // Wait for a chunk, a change of role, or (not driving) the
+            // moment to look at what the driver committed.
             tokio::select! {
-                c = chunks.recv() => match c {
+                c = chunks.recv(), if open => match c {
                     Some(c) => queue(&mut pending, c),
-                    None => { open = false; continue; }
+                    None => open = false,
                 },
+                _ = driving.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(2)), if !held && !idle => {
+                    if let Ok(cov) = master.refresh().await {
+                        drop_committed(&mut pending, &cov.h);
+                    }
+                }
                 _ = stop.changed() => break,
             }
+            continue;
         }
         while let Ok(c) = chunks.try_recv() {
             queue(&mut pending, c);
         }
-        let n = pending.len();
-        let Some(p) = (0..n)
-            .map(|i| (turn + i) % n)
-            .find(|&p| !pending[p].is_empty())
-        else {
-            continue;
-        };
-        turn = p + 1;
-        let mut c = pending[p].pop_front().expect("a chunk");
-        // Behind: contiguous chunks of a partition go into one file and one
-        // commit. The master's boundaries are then a subset of the speed
-        // layer's, which keeps the handoff exact (H is still a boundary of
-        // every realtime chunk list), and a backlog costs fewer commits and
-        // fewer files rather than more.
-        while let Some(next) = pending[p].front()
-            && c.precedes(next)
-            && c.events + next.events <= max_events
-        {
-            c = ChunkRange::new(c.partition, c.start, next.end, c.events + next.events)
-                .expect("contiguous ranges");
-            pending[p].pop_front();
-        }
-        let mut backoff = Duration::from_millis(100);
-        let component = format!("archive/p{}", c.partition);
-        loop {
-            match archive_chunk(&master, source.as_ref(), c).await {
-                Ok(outcome) => {
-                    health.clear(&component);
-                    if let CommitOutcome::Committed { version } = outcome {
-                        tracing::debug!(
-                            partition = c.partition,
-                            start = c.start,
-                            end = c.end,
-                            version,
-                            "archived a chunk"
-                        );
-                    }
-                    break;
+        // Each partition's head, merged with the contiguous chunks behind
+        // it: the master's boundaries are then a subset of the speed layer's,
+        // which keeps the handoff exact (H is still a boundary of every
+        // realtime chunk list), and a backlog costs fewer commits and files.
+        let coverage = master.coverage().h;
+        drop_committed(&mut pending, &coverage);
+        let round: Vec<Commit> = pending
+            .iter()
+            .filter_map(|q| {
+                let mut it = q.iter();
+                let mut c = *it.next()?;
+                // A chunk across the coverage (the chunks before it were cut
+                // by another driver) is committed from the coverage on, with
+                // as many events as its range holds there.
+                let covered = coverage.get(c.partition as usize).copied().unwrap_or(0);
+                if c.start < covered {
+                    let rest = ChunkRange::new(c.partition, covered, c.end, 0).expect("a range");
+                    return Some(Commit {
+                        range: rest,
+                        count_from_read: true,
+                    });
                 }
-                Err(e) => {
-                    health.report(&component, &e);
-                    tracing::error!(partition = c.partition, start = c.start, end = c.end, error = %e, retry_in = ?backoff, "archiving a chunk failed; will retry");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = stop.changed() => return,
+                for next in it {
+                    if !(c.precedes(next) && c.events + next.events <= max_events) {
+                        break;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                    let _ = master.refresh().await;
+                    c = ChunkRange::new(c.partition, c.start, next.end, c.events + next.events)
+                        .expect("contiguous ranges");
+                }
+                Some(Commit {
+                    range: c,
+                    count_from_read: false,
+                })
+            })
+            .collect();
+        match archive_chunks(&master, source.as_ref(), &round).await {
+            Ok(outcome) => {
+                health.clear("archive");
+                backoff = Duration::from_millis(100);
+                if let CommitOutcome::Committed { version } = outcome {
+                    tracing::debug!(chunks = ?round, version, "archived");
+                }
+                for Commit { range: c, .. } in &round {
+                    let q = &mut pending[c.partition as usize];
+                    while q.front().is_some_and(|f| f.end <= c.end) {
+                        q.pop_front();
+                    }
                 }
             }
+            Err(e) => {
+                health.report("archive", &e);
+                tracing::error!(chunks = ?round, error = %e, retry_in = ?backoff, "archiving failed; will retry");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                // Another driver may have committed some (a failover's overlap).
+                let _ = master.refresh().await;
+            }
+        }
+    }
+}
+
+/// A range to commit, and whether its event count is what reading it finds
+/// (the part above the coverage of a chunk another driver cut elsewhere).
+#[derive(Debug, Clone, Copy)]
+pub struct Commit {
+    pub range: ChunkRange,
+    pub count_from_read: bool,
+}
+
+/// Reads chunks (one per partition) back from the stream and commits them
+/// in one Delta commit.
+pub async fn archive_chunks(
+    master: &MasterDataset,
+    source: &dyn Source,
+    chunks: &[Commit],
+) -> Result<CommitOutcome, ArchiveError> {
+    let mut data = Vec::with_capacity(chunks.len());
+    for &Commit {
+        range: c,
+        count_from_read,
+    } in chunks
+    {
+        let batches = read_exact(source, c.partition, c.start, c.end).await?;
+        let range = if count_from_read {
+            let n = batches.iter().map(|b| b.rows() as u64).sum();
+            ChunkRange::new(c.partition, c.start, c.end, n).expect("a read range")
+        } else {
+            c
+        };
+        data.push(super::ChunkData {
+            range,
+            batches,
+            resume: source.resume_token(c.partition, c.end),
+        });
+    }
+    let outcome = master.commit_chunks(data).await?;
+    for c in chunks {
+        source.archived(c.range.partition, c.range.end);
+    }
+    Ok(outcome)
+}
+
+/// Drops the queued chunks the table already holds (committed by another
+/// driver, or queued twice: a speed layer that realigned on H closes its
+/// chunks again). The stream releases records at publishes, not here: a
+/// node that does not drive may still have to read them again.
+fn drop_committed(pending: &mut [VecDeque<ChunkRange>], h: &[u64]) {
+    for (p, q) in pending.iter_mut().enumerate() {
+        let covered = h.get(p).copied().unwrap_or(0);
+        while q.front().is_some_and(|c| c.end <= covered) {
+            q.pop_front();
         }
     }
 }

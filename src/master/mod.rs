@@ -148,12 +148,16 @@ impl MasterSnapshot {
 
 /// A chunk's file name carries the CRC-32C of its bytes: Delta's `Add`
 /// has no checksum field that the reader exposes, and a name travels with
-/// the file to any tool (`ls` shows it, a copy keeps it).
+/// the file to any tool (`ls` shows it, a copy keeps it). It ends with the
+/// writing process's id: two drivers racing for one chunk (a failover's
+/// overlap) write two files, and the one whose commit loses is never named
+/// by the table — a loser can never overwrite a committed file.
 fn chunk_name(partition: u32, start: u64, end: u64, crc: u32) -> String {
-    format!("part-p{partition:04}-{start:020}-{end:020}-{crc:08x}.parquet")
+    let writer = crate::storage::writer_id();
+    format!("part-p{partition:04}-{start:020}-{end:020}-{crc:08x}-{writer}.parquet")
 }
 
-/// `part-p0001-…start…-…end…[-crc].parquet` → (1, start, end, crc).
+/// `part-p0001-…start…-…end…[-crc[-writer]].parquet` → (1, start, end, crc).
 fn parse_chunk_name(name: &str) -> Option<(u32, u64, u64, Option<u32>)> {
     let rest = name.strip_prefix("part-p")?.strip_suffix(".parquet")?;
     let mut it = rest.split('-');
@@ -163,6 +167,16 @@ fn parse_chunk_name(name: &str) -> Option<(u32, u64, u64, Option<u32>)> {
         None => None,
     };
     Some((p.parse().ok()?, s.parse().ok()?, e.parse().ok()?, crc))
+}
+
+/// A closed chunk read back from the stream, ready to commit.
+pub struct ChunkData {
+    pub range: ChunkRange,
+    /// Its records, in order.
+    pub batches: Vec<SourceBatch>,
+    /// What the stream needs to read on after its last record (a Kinesis
+    /// sequence number); the file keeps it.
+    pub resume: Option<String>,
 }
 
 /// What committing a chunk did.
@@ -266,18 +280,17 @@ impl MasterDataset {
         }
         // A table that was never created has no log; asking the kernel to load
         // it would only log an error.
-        let exists = storage
-            .local_path(&format!("{TABLE_DIR}/_delta_log"))
-            .is_none_or(|p| p.exists());
+        let exists = !storage
+            .list_files(&format!("{TABLE_DIR}/_delta_log"))
+            .await?
+            .is_empty();
+        let builder = table_builder(storage).map_err(delta("open the table"))?;
         let mut table = if exists {
-            DeltaTable::try_from_url(url)
-                .await
-                .map_err(delta("open the table"))?
+            builder.load().await.map_err(delta("open the table"))?
         } else {
-            deltalake::DeltaTableBuilder::from_url(url)
-                .and_then(|b| b.build())
-                .map_err(delta("open the table"))?
+            builder.build().map_err(delta("open the table"))?
         };
+        let _ = url;
         if table.version().is_none() {
             table = table
                 .create()
@@ -414,8 +427,8 @@ impl MasterDataset {
 
     /// A given version's files and coverage.
     pub async fn snapshot_at(&self, version: i64) -> Result<MasterSnapshot, MasterError> {
-        let mut table = DeltaTable::try_from_url(self.storage.dir_url(TABLE_DIR))
-            .await
+        let mut table = table_builder(&self.storage)
+            .and_then(|b| b.build())
             .map_err(delta("open the table"))?;
         table
             .load_version(version.max(0) as u64)
@@ -567,82 +580,123 @@ impl MasterDataset {
         batches: Vec<SourceBatch>,
         resume: Option<String>,
     ) -> Result<CommitOutcome, MasterError> {
-        let ChunkRange {
-            partition,
-            start,
-            end,
-            events: n,
-        } = chunk;
-        self.partitions
-            .fetch_max(partition + 1, std::sync::atomic::Ordering::Relaxed);
-        let committed = self
-            .coverage()
-            .h
-            .get(partition as usize)
-            .copied()
-            .unwrap_or(0);
-        if committed >= end {
-            return Ok(CommitOutcome::AlreadyCommitted);
-        }
-        if committed != start {
-            return Err(MasterError::Gap {
+        self.commit_chunks(vec![ChunkData {
+            range: chunk,
+            batches,
+            resume,
+        }])
+        .await
+    }
+
+    /// Commits chunks of several partitions (at most one per partition) in
+    /// one Delta commit: one file and one application transaction each.
+    /// Chunks the table already holds are skipped; the commit is idempotent
+    /// per partition, and a concurrent commit of the same partition by
+    /// another writer (a failover's overlap) makes this one fail with a
+    /// conflict rather than commit the events twice.
+    pub async fn commit_chunks(
+        &self,
+        chunks: Vec<ChunkData>,
+    ) -> Result<CommitOutcome, MasterError> {
+        // The table's state and its coverage change together under this
+        // lock (here and in `refresh`), and the commit is built on that
+        // state: checked against one version and committed on a later one, a
+        // chunk another driver committed in between would be committed
+        // twice. Against another process, Delta's conflict check on the
+        // partitions' application transactions does the same.
+        let mut table = self.table.lock().await;
+        let coverage = self.coverage();
+        let mut todo = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            let ChunkRange {
                 partition,
                 start,
                 end,
-                committed,
+                events: n,
+            } = c.range;
+            self.partitions
+                .fetch_max(partition + 1, std::sync::atomic::Ordering::Relaxed);
+            let committed = coverage.h.get(partition as usize).copied().unwrap_or(0);
+            if committed >= end {
+                continue;
+            }
+            if committed != start {
+                return Err(MasterError::Gap {
+                    partition,
+                    start,
+                    end,
+                    committed,
+                });
+            }
+            // The records must be the chunk's: as many, all inside its range.
+            let got: u64 = c.batches.iter().map(|b| b.rows() as u64).sum();
+            let out_of_range = c.batches.iter().any(|b| {
+                b.partition != partition
+                    || (b.rows() > 0 && (b.position(0) < start || b.end() > end))
             });
+            if got != n || out_of_range {
+                return Err(MasterError::ShortChunk {
+                    chunk: c.range,
+                    got,
+                    out_of_range,
+                });
+            }
+            todo.push(c);
         }
-        // The records must be the chunk's: as many, all inside its range.
-        let got: u64 = batches.iter().map(|b| b.rows() as u64).sum();
-        let out_of_range = batches.iter().any(|b| {
-            b.partition != partition || (b.rows() > 0 && (b.position(0) < start || b.end() > end))
-        });
-        if got != n || out_of_range {
-            return Err(MasterError::ShortChunk {
-                chunk,
-                got,
-                out_of_range,
-            });
+        if todo.is_empty() {
+            return Ok(CommitOutcome::AlreadyCommitted);
         }
 
-        let file_schema = self.file_schema.clone();
-        let encoded = tokio::task::spawn_blocking(move || {
-            encode_chunk(&file_schema, partition, &batches, resume)
-        })
-        .await
-        .map_err(|e| MasterError::Encode(e.to_string()))??;
-        let name = chunk_name(partition, start, end, crc32c::crc32c(&encoded));
-        let size = encoded.len() as u64;
-        self.storage
-            .put(&format!("{TABLE_DIR}/{name}"), Bytes::from(encoded))
-            .await?;
-        crate::failpoint::hit("archive-after-parquet");
+        let mut actions = Vec::with_capacity(todo.len());
+        let mut txns = Vec::with_capacity(todo.len());
+        for c in todo {
+            let ChunkRange {
+                partition,
+                start,
+                end,
+                events: n,
+            } = c.range;
+            let file_schema = self.file_schema.clone();
+            let (batches, resume) = (c.batches, c.resume);
+            let encoded = tokio::task::spawn_blocking(move || {
+                encode_chunk(&file_schema, partition, &batches, resume)
+            })
+            .await
+            .map_err(|e| MasterError::Encode(e.to_string()))??;
+            let name = chunk_name(partition, start, end, crc32c::crc32c(&encoded));
+            let size = encoded.len() as u64;
+            self.storage
+                .put(&format!("{TABLE_DIR}/{name}"), Bytes::from(encoded))
+                .await?;
+            crate::failpoint::hit("archive-after-parquet");
+            let stats = serde_json::json!({
+                "numRecords": n,
+                "minValues": { PARTITION_COLUMN: partition, OFFSET_COLUMN: start },
+                "maxValues": { PARTITION_COLUMN: partition, OFFSET_COLUMN: end.saturating_sub(1) },
+                "nullCount": { PARTITION_COLUMN: 0, OFFSET_COLUMN: 0 },
+            });
+            actions.push(Action::Add(Add {
+                path: name,
+                partition_values: HashMap::new(),
+                size: size as i64,
+                modification_time: chrono::Utc::now().timestamp_millis(),
+                data_change: true,
+                stats: Some(stats.to_string()),
+                tags: None,
+                deletion_vector: None,
+                base_row_id: None,
+                default_row_commit_version: None,
+                clustering_provider: None,
+            }));
+            txns.push((partition, end));
+        }
 
-        let stats = serde_json::json!({
-            "numRecords": n,
-            "minValues": { PARTITION_COLUMN: partition, OFFSET_COLUMN: start },
-            "maxValues": { PARTITION_COLUMN: partition, OFFSET_COLUMN: end.saturating_sub(1) },
-            "nullCount": { PARTITION_COLUMN: 0, OFFSET_COLUMN: 0 },
-        });
-        let add = Add {
-            path: name,
-            partition_values: HashMap::new(),
-            size: size as i64,
-            modification_time: chrono::Utc::now().timestamp_millis(),
-            data_change: true,
-            stats: Some(stats.to_string()),
-            tags: None,
-            deletion_vector: None,
-            base_row_id: None,
-            default_row_commit_version: None,
-            clustering_provider: None,
-        };
-        let mut table = self.table.lock().await;
         let snapshot = table.snapshot().map_err(delta("read the table"))?;
         // After every commit Delta lists its whole log to remove expired
         // entries — O(commits) per commit, quadratic over a table of small
         // chunks — though it can only remove entries below a checkpoint. So
-        // clean up on the commits that write one (every 100th, by default).
+        // clean up on the commits that write one (every 100th, by default;
+        // Delta writes the checkpoint itself, so opening the table stays fast).
         let next = snapshot.version() + 1;
         let interval = {
             use deltalake::kernel::transaction::TableReference;
@@ -650,10 +704,14 @@ impl MasterDataset {
             snapshot.config().checkpoint_interval().get()
         };
         let props = CommitProperties::default()
-            .with_application_transaction(Transaction::new(app_id(partition), end as i64))
+            .with_application_transactions(
+                txns.iter()
+                    .map(|&(p, end)| Transaction::new(app_id(p), end as i64))
+                    .collect::<Vec<_>>(),
+            )
             .with_cleanup_expired_logs(Some((next + 1) % interval == 0));
         let commit = CommitBuilder::from(props)
-            .with_actions(vec![Action::Add(add)])
+            .with_actions(actions)
             .build(
                 Some(snapshot),
                 table.log_store(),
@@ -675,12 +733,29 @@ impl MasterDataset {
         table.state = Some(commit.snapshot());
         let mut cov = self.coverage.lock().expect("coverage lock");
         cov.version = version;
-        if cov.h.len() <= partition as usize {
-            cov.h.resize(partition as usize + 1, 0);
+        for (partition, end) in txns {
+            if cov.h.len() <= partition as usize {
+                cov.h.resize(partition as usize + 1, 0);
+            }
+            cov.h[partition as usize] = end;
         }
-        cov.h[partition as usize] = end;
         Ok(CommitOutcome::Committed { version })
     }
+}
+
+/// Delta's access to the table: an object-store root lends Delta its own
+/// client, so Delta and lambdaflow read and write with one configuration
+/// (endpoint, credentials, retries); a local root lets Delta open the path.
+fn table_builder(
+    storage: &Storage,
+) -> Result<deltalake::DeltaTableBuilder, deltalake::DeltaTableError> {
+    let url = storage.dir_url(TABLE_DIR);
+    let builder = deltalake::DeltaTableBuilder::from_url(url.clone())?;
+    Ok(if storage.url().scheme() == "file" {
+        builder
+    } else {
+        builder.with_storage_backend(storage.store().clone(), url)
+    })
 }
 
 /// Encodes a chunk's batches as one Parquet file of the master dataset.

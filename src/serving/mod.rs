@@ -393,6 +393,19 @@ pub enum ServingError {
 pub const MAX_STALE: Duration = Duration::from_millis(250);
 
 /// Per view: the latest answer and whether a newer one is being computed.
+/// The realtime chunks of one partition that merge exactly with a batch
+/// run covering it up to `h`, and the end they reach: the chunks above `h`,
+/// if the first starts at `h`. A chunk across `h` (this node cut the stream
+/// elsewhere than the node whose chunks the run archived) cannot be split:
+/// the partition is then exact up to `h` alone.
+fn aligned(chunks: Vec<Arc<RealtimeChunk>>, end: u64, h: u64) -> (Vec<Arc<RealtimeChunk>>, u64) {
+    let above: Vec<_> = chunks.into_iter().filter(|c| c.range.end > h).collect();
+    match above.first() {
+        Some(c) if c.range.start != h => (Vec::new(), h),
+        _ => (above, end.max(h)),
+    }
+}
+
 struct Cached {
     answer: ArcSwap<Option<Arc<Answer>>>,
     computing: AtomicBool,
@@ -487,30 +500,34 @@ impl Serving {
             let h = next.h();
             for (p, chunks, end) in parts {
                 let p = p as usize;
-                next.realtime[p] = chunks
-                    .into_iter()
-                    .filter(|c| c.range.start >= h[p])
-                    .collect();
+                let (chunks, end) = aligned(chunks, end, h[p]);
+                next.realtime[p] = chunks;
                 if end != next.realtime_end[p] {
                     next.realtime_at_ms[p] = now;
                 }
-                next.realtime_end[p] = end.max(h[p]);
+                next.realtime_end[p] = end;
             }
             next
         });
     }
 
     /// Installs a published batch run; realtime chunks it covers leave in the same swap.
+    /// A node that did not cut the chunks the run covers (another node
+    /// drove) may find H inside one of its chunks: that partition is then
+    /// served up to H only, until its speed layer re-reads from H.
     pub fn set_batch(&self, side: Arc<BatchSide>) {
         self.update(|cur| {
             let mut next = cur.clone();
             next.grow(side.manifest.h.len());
             let h = side.manifest.h.clone();
-            for (p, chunks) in next.realtime.iter_mut().enumerate().take(h.len()) {
-                chunks.retain(|c| c.range.start >= h[p]);
-                if next.realtime_end[p] < h[p] {
-                    next.realtime_end[p] = h[p];
-                }
+            for (p, &hp) in h.iter().enumerate() {
+                let (chunks, end) = aligned(
+                    std::mem::take(&mut next.realtime[p]),
+                    next.realtime_end[p],
+                    hp,
+                );
+                next.realtime[p] = chunks;
+                next.realtime_end[p] = end;
             }
             next.batch = Some(side);
             next

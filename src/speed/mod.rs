@@ -369,7 +369,24 @@ impl SpeedLayer {
         let end = self.source.end(p as u32)?;
         let age_ms = self.chunk_age.as_millis().max(1) as i64;
         // Chunks the installed batch run covers are no longer needed.
-        self.parts[p].chunks.retain(|c| c.range.end > hp);
+        let part = &mut self.parts[p];
+        part.chunks.retain(|c| c.range.end > hp);
+        // H inside a chunk, or ahead of what was read: the run archived
+        // another node's chunks (a cluster's driver, or the one before a
+        // failover). Read on from H, so the chunks line up with it again.
+        let misaligned = match part.chunks.first() {
+            Some(c) => c.range.start != hp,
+            None => part.edge < hp,
+        };
+        if misaligned {
+            tracing::debug!(
+                partition = p,
+                h = hp,
+                next = part.next,
+                "realigning on the published H"
+            );
+            *part = Part::at(hp, Vec::new());
+        }
         while self.parts[p].next < end {
             let t = Instant::now();
             let part = &mut self.parts[p];

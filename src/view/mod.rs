@@ -187,6 +187,19 @@ impl View {
         &self.name
     }
 
+    /// Where the view's plans run (with the stores they may read).
+    pub fn task_ctx(&self) -> &Arc<datafusion::execution::TaskContext> {
+        &self.task_ctx
+    }
+
+    /// Lets the view's plans read files of `store` (the storage root of the
+    /// master dataset), under the URL `scheme://authority` that scans name.
+    pub fn register_store(&self, url: &url::Url, store: Arc<dyn object_store::ObjectStore>) {
+        self.task_ctx
+            .runtime_env()
+            .register_object_store(url, store);
+    }
+
     pub fn sql(&self) -> &str {
         &self.sql
     }

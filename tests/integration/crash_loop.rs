@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::common::exact::{assert_views_equal_sql, body_of};
+use crate::common::exact::body_of;
 use crate::common::{Server, Site, get_json};
 
 /// Tiny segments and chunks: rolls, retention and archive commits happen
@@ -32,7 +32,7 @@ use crate::common::{Server, Site, get_json};
 /// it each restart replays a realtime window that grows with every kill
 /// (1,000 kills: quadratic). Ingest then answers 503 until the batch layer
 /// publishes — backpressure under kills, which this loop checks too.
-const CONFIG: &str = "[stream]\nsegment_bytes = \"16 KiB\"\n[speed]\ninterval = \"10ms\"\n[archive]\nchunk_events = 1000\nchunk_age = \"100ms\"\n[batch]\npause = \"150ms\"\n[ingest]\nmax_unpublished = 200000\n";
+pub(crate) const CONFIG: &str = "[stream]\nsegment_bytes = \"16 KiB\"\n[speed]\ninterval = \"10ms\"\n[archive]\nchunk_events = 1000\nchunk_age = \"100ms\"\n[batch]\npause = \"150ms\"\n[ingest]\nmax_unpublished = 200000\n";
 
 const FAILPOINTS: [&str; 6] = [
     "archive-after-parquet",
@@ -238,9 +238,13 @@ fn every_acknowledged_event_survives_50_kills_exactly_once() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0x5eed_1a3b_da7a);
+    crash_loop_on(&Site::new(CONFIG), kills, seed);
+}
+
+/// The crash loop on `site` (a local data directory, or an S3 root).
+pub(crate) fn crash_loop_on(site: &Site, kills: usize, seed: u64) {
     eprintln!("crash loop: {kills} kills, seed {seed}");
     let mut rng = Rng(seed);
-    let site = Site::new(CONFIG);
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let next = Arc::new(Mutex::new(0i64));
     let mut by_kind: BTreeMap<String, u32> = BTreeMap::new();
@@ -248,7 +252,7 @@ fn every_acknowledged_event_survives_50_kills_exactly_once() {
     let mut checked = 0;
     for cycle in 0..kills {
         let failpoint = (rng.below(3) == 0).then(|| FAILPOINTS[rng.below(6) as usize]);
-        let Some(mut server) = start(&site, failpoint) else {
+        let Some(mut server) = start(site, failpoint) else {
             *by_kind
                 .entry(format!("{} (at startup)", failpoint.unwrap()))
                 .or_default() += 1;
@@ -312,7 +316,7 @@ fn every_acknowledged_event_survives_50_kills_exactly_once() {
     }
 
     // The end: a clean server; producers re-send what is still unacknowledged.
-    let server = start(&site, None).unwrap();
+    let server = start(site, None).unwrap();
     assert!(check_after_restart(&server, &ledger.lock().unwrap(), kills));
     loop {
         let retry = std::mem::take(&mut ledger.lock().unwrap().retry);
@@ -352,7 +356,10 @@ fn every_acknowledged_event_survives_50_kills_exactly_once() {
     server.stop();
 
     let ledger = ledger.lock().unwrap();
-    let (rows, events) = common::master_events(&site.data);
+    let (rows, events) = match &site.storage {
+        None => common::master_events(&site.data),
+        Some(s) => common::master_events_in(s, 2),
+    };
     for (k, z) in &ledger.acked {
         assert_eq!(
             rows.get(k),
@@ -381,7 +388,7 @@ fn every_acknowledged_event_survives_50_kills_exactly_once() {
         "the master dataset holds only events that were sent"
     );
     let duplicates: u32 = stored.values().map(|n| n - 1).sum();
-    assert_views_equal_sql(&site.data, &events);
+    common::exact::assert_views_equal_sql_in(site.storage.as_ref(), &site.data, &events);
     let (orders, _) = common::orders_and_covered(&answer);
     assert_eq!(
         orders,

@@ -481,7 +481,21 @@ fn nothing_leaves_the_log_before_the_files_of_the_run_that_covers_it_are_synced(
                 data.join("master"),
             ];
             for v in &views {
-                let dir = data.join(format!("views/{v}/{run:012}"));
+                // A run's directory is `<run>-<writer id>`.
+                let prefix = format!("{run:012}");
+                // (found in the trace: it may be gone by now, as an old run).
+                let want = format!(
+                    "sync {}/",
+                    data.join(format!("views/{v}/{prefix}")).display()
+                );
+                let dir = lines[..i]
+                    .iter()
+                    .find_map(|l| {
+                        let rest = l.strip_prefix(&want[..want.len() - 1])?;
+                        let name = rest.split('/').next()?;
+                        Some(data.join(format!("views/{v}/{prefix}{name}")))
+                    })
+                    .unwrap_or_else(|| panic!("no file of view {v}'s run {run} was synced"));
                 need.push(dir.join("states.parquet"));
                 need.push(dir.join("rows.tsv"));
                 need.push(dir.clone());

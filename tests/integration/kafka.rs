@@ -121,7 +121,7 @@ fn site(tansu: &Tansu, topic: &str) -> Site {
 
 /// Sends records to partition `p`, each line of `body` one record, plus
 /// `bad` records that are not events; returns the offsets of the events.
-fn send(producer: &KafkaProducer, p: u32, events: &[Sent], bad: &[&str]) -> Vec<u64> {
+pub(crate) fn send(producer: &KafkaProducer, p: u32, events: &[Sent], bad: &[&str]) -> Vec<u64> {
     let body = ndjson(events);
     let mut lines: Vec<&[u8]> = body
         .split(|&b| b == b'\n')
@@ -142,7 +142,11 @@ fn send(producer: &KafkaProducer, p: u32, events: &[Sent], bad: &[&str]) -> Vec<
 
 /// Waits until every partition is archived, published and realtime up to
 /// one past its last event.
-fn wait_settled(server: &common::Server, last: &BTreeMap<u32, u64>, within: Duration) -> Value {
+pub(crate) fn wait_settled(
+    server: &common::Server,
+    last: &BTreeMap<u32, u64>,
+    within: Duration,
+) -> Value {
     let t = Instant::now();
     loop {
         let s = server.status();

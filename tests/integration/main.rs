@@ -18,6 +18,7 @@
 //!  crash_loop  kills at random moments, every acknowledged event survives
 //!  kafka       Kafka as the stream, against a real broker (tansu)
 //!  kinesis     Kinesis as the stream, against an emulator (kinesalite)
+//!  s3          the root on S3 (moto): one node, a cluster, races, outages
 //! ```
 //!
 //! One module: `cargo test --test integration hostile::`.
@@ -35,5 +36,6 @@ mod kinesis;
 mod log;
 mod oracle;
 mod query_api;
+mod s3;
 mod security;
 mod views;

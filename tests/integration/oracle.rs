@@ -24,7 +24,7 @@ pub(crate) const CONFIG: &str = "[speed]\ninterval = \"10ms\"\n[archive]\nchunk_
 /// One event as the test sent it.
 #[derive(Debug, Clone)]
 pub(crate) struct Sent {
-    zipcode: i64,
+    pub(crate) zipcode: i64,
     product: String,
     price: i64,
     ts_ms: i64,
@@ -76,6 +76,9 @@ pub(crate) struct Got {
     pub(crate) rows: Vec<Value>,
     pub(crate) realtime: Vec<u64>,
     pub(crate) run: Option<u64>,
+    /// The batch run's coverage, and the node that answered.
+    pub(crate) h: Vec<u64>,
+    pub(crate) url: String,
 }
 
 /// Rows as canonical strings, floats rounded (float sums differ in the last bits).
@@ -179,8 +182,8 @@ pub(crate) fn verify_positions(
             let missing: Vec<_> = w.iter().filter(|r| !g.contains(r)).take(3).collect();
             let extra: Vec<_> = g.iter().filter(|r| !w.contains(r)).take(3).collect();
             panic!(
-                "view `{}` at offsets {:?} (batch run {:?}) differs from its SQL over those {} events\n  missing: {missing:?}\n  extra: {extra:?}",
-                a.view, a.realtime, a.run, covered
+                "view `{}` at offsets {:?} (batch run {:?} at H {:?}, from {}) differs from its SQL over those {} events\n  missing: {missing:?}\n  extra: {extra:?}",
+                a.view, a.realtime, a.run, a.h, a.url, covered
             );
         }
         checked += 1;
@@ -276,12 +279,22 @@ fn query_filtered(url: &str, view: &str, filter: Option<(&str, String)>) -> Opti
             .map(|x| x.as_u64().unwrap())
             .collect(),
         run: v["freshness"]["run"].as_u64(),
+        h: v["freshness"]["h"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+            .unwrap_or_default(),
+        url: url.to_string(),
     })
 }
 
 #[test]
 fn every_answer_equals_the_view_sql_over_the_events_below_its_offsets() {
-    let site = Site::new(CONFIG);
+    every_answer_is_exact_on(&Site::new(CONFIG));
+}
+
+/// The oracle test on `site` (a local data directory, or an S3 root): three
+/// producers over HTTP while every view is read, whole and by key.
+pub(crate) fn every_answer_is_exact_on(site: &Site) -> BTreeMap<(u32, u64), Sent> {
     let server = site.serve(&[]);
     let url = server.url.clone();
     let known: Arc<Mutex<BTreeMap<(u32, u64), Sent>>> = Arc::default();
@@ -380,6 +393,7 @@ fn every_answer_equals_the_view_sql_over_the_events_below_its_offsets() {
         distinct_runs.len()
     );
     server.stop();
+    known
 }
 
 #[test]

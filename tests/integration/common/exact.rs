@@ -128,6 +128,16 @@ pub fn assert_exactly_or_in_doubt(
 /// Published states of every default view, finalized, must equal the SQL
 /// run directly over the events of the Delta table.
 pub fn assert_views_equal_sql(data: &Path, events: &[RecordBatch]) {
+    assert_views_equal_sql_in(None, data, events)
+}
+
+/// [`assert_views_equal_sql`] with the master dataset and the views on
+/// `storage` (an S3 root), the node's local files in `data`.
+pub fn assert_views_equal_sql_in(
+    storage: Option<&lambdaflow::storage::Storage>,
+    data: &Path,
+    events: &[RecordBatch],
+) {
     let rt = super::rt();
     rt.block_on(async {
         let mut config = Config {
@@ -138,7 +148,18 @@ pub fn assert_views_equal_sql(data: &Path, events: &[RecordBatch]) {
         if let Some(n) = lambdaflow::stream::Log::partitions_in(data.join("log")).unwrap() {
             config.stream.partitions = n;
         }
-        let batch = lambdaflow::node::open_batch(&config).await.unwrap();
+        let batch = match storage {
+            None => lambdaflow::node::open_batch(&config).await.unwrap(),
+            Some(s) => {
+                let schema = config.event_schema().unwrap();
+                let views = lambdaflow::view::compile_all(&config.views, &schema)
+                    .await
+                    .unwrap();
+                lambdaflow::node::open_batch_in(&config, s.clone(), views)
+                    .await
+                    .unwrap()
+            }
+        };
         let m = batch.current().await.unwrap().expect("a published run");
         let total: u64 = events.iter().map(|b| b.num_rows() as u64).sum();
         assert_eq!(m.events, total, "the run read every event of the table");
@@ -153,7 +174,11 @@ pub fn assert_views_equal_sql(data: &Path, events: &[RecordBatch]) {
                 panic!("view `{}` published by the batch layer differs from its SQL over the Delta table: {d}", view.name())
             });
             // The TSV holds the same rows.
-            let tsv = std::fs::read_to_string(data.join(&m.views[view.name()].tsv.path)).unwrap();
+            let tsv_path = &m.views[view.name()].tsv.path;
+            let tsv = match storage {
+                None => std::fs::read_to_string(data.join(tsv_path)).unwrap(),
+                Some(s) => String::from_utf8(s.get(tsv_path).await.unwrap().unwrap().to_vec()).unwrap(),
+            };
             let expect = lambdaflow::view::store::to_tsv(view.output_schema(), &got);
             assert_eq!(tsv, expect, "view `{}`: rows.tsv is the finalized rows", view.name());
         }

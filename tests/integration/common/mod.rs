@@ -18,6 +18,10 @@ pub struct Site {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub data: PathBuf,
+    /// Set for every `serve` of the site (an S3 root's endpoint, say).
+    pub env: Vec<(String, String)>,
+    /// The storage root, when it is not the local `data` (an S3 root).
+    pub storage: Option<lambdaflow::storage::Storage>,
 }
 
 impl Site {
@@ -33,7 +37,45 @@ impl Site {
             ),
         )
         .unwrap();
-        Site { dir, config, data }
+        Site {
+            dir,
+            config,
+            data,
+            env: Vec::new(),
+            storage: None,
+        }
+    }
+
+    /// A node on an object-store root (`s3://bucket/prefix`), its local
+    /// files in a temporary directory; `env` configures the store.
+    /// `extra_config` may hold a `[stream]` table, which gets the `dir` key.
+    pub fn remote(
+        root: &str,
+        storage: lambdaflow::storage::Storage,
+        env: Vec<(String, String)>,
+        extra_config: &str,
+    ) -> Site {
+        let dir = tempfile::tempdir().unwrap();
+        let local = dir.path().join("local");
+        let config = dir.path().join("lambdaflow.toml");
+        let stream_dir = format!("dir = {:?}\n", local.display().to_string());
+        let extra = if extra_config.contains("[stream]\n") {
+            extra_config.replacen("[stream]\n", &format!("[stream]\n{stream_dir}"), 1)
+        } else {
+            format!("{extra_config}[stream]\n{stream_dir}")
+        };
+        std::fs::write(
+            &config,
+            format!("data = {root:?}\nlisten = \"127.0.0.1:0\"\n{extra}"),
+        )
+        .unwrap();
+        Site {
+            dir,
+            config,
+            data: local,
+            env,
+            storage: Some(storage),
+        }
     }
 
     /// Starts `serve`; `env` sets variables such as failpoints.
@@ -67,6 +109,9 @@ impl Site {
             .arg(&self.config)
             .stdout(Stdio::piped())
             .stderr(stderr);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -215,6 +260,11 @@ pub fn get_json(url: &str) -> Value {
     rt().block_on(async { reqwest::get(url).await.unwrap().json().await.unwrap() })
 }
 
+/// [`get_json`], or `None` if the server does not answer (it died).
+pub fn get_json_opt(url: &str) -> Option<Value> {
+    rt().block_on(async { reqwest::get(url).await.ok()?.json().await.ok() })
+}
+
 /// POSTs an NDJSON body: `Ok((status, reply))`, or `Err` if the server is unreachable.
 pub fn post_events(url: &str, body: Vec<u8>) -> Result<(u16, Value), String> {
     rt().block_on(async {
@@ -264,10 +314,6 @@ pub fn master_events(
     std::collections::BTreeMap<(u32, u64), i64>,
     Vec<arrow::array::RecordBatch>,
 ) {
-    use arrow::array::{AsArray, RecordBatch};
-    use arrow::compute::cast;
-    use arrow::datatypes::{DataType, Int32Type, Int64Type, TimeUnit};
-    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let uris: Vec<String> = rt().block_on(async {
         let url = deltalake::ensure_table_uri(data.join("master").to_str().unwrap()).unwrap();
         let table = deltalake::open_table(url)
@@ -275,15 +321,55 @@ pub fn master_events(
             .expect("the master dataset is a Delta table");
         table.get_file_uris().unwrap().collect()
     });
-    let schema = lambdaflow::schema::EventSchema::paper();
-    let mut rows = std::collections::BTreeMap::new();
-    let mut events = Vec::new();
-    for uri in uris {
+    let files = uris.into_iter().map(|uri| {
         let path = url::Url::parse(&uri)
             .ok()
             .and_then(|u| u.to_file_path().ok())
             .unwrap_or_else(|| uri.clone().into());
-        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap())
+        bytes::Bytes::from(std::fs::read(&path).unwrap())
+    });
+    events_of_files(files.collect())
+}
+
+/// [`master_events`] of a master dataset on an object store, its files
+/// listed by the table's log.
+pub fn master_events_in(
+    storage: &lambdaflow::storage::Storage,
+    partitions: u32,
+) -> (
+    std::collections::BTreeMap<(u32, u64), i64>,
+    Vec<arrow::array::RecordBatch>,
+) {
+    let files = rt().block_on(async {
+        let schema = std::sync::Arc::new(lambdaflow::schema::EventSchema::paper());
+        let master = lambdaflow::master::MasterDataset::open(storage, schema, partitions)
+            .await
+            .expect("the master dataset opens");
+        let snap = master.snapshot().await.unwrap();
+        let mut files = Vec::new();
+        for f in snap.files {
+            files.push(storage.read_at(&f.location).await.unwrap());
+        }
+        files
+    });
+    events_of_files(files)
+}
+
+fn events_of_files(
+    files: Vec<bytes::Bytes>,
+) -> (
+    std::collections::BTreeMap<(u32, u64), i64>,
+    Vec<arrow::array::RecordBatch>,
+) {
+    use arrow::array::{AsArray, RecordBatch};
+    use arrow::compute::cast;
+    use arrow::datatypes::{DataType, Int32Type, Int64Type, TimeUnit};
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let schema = lambdaflow::schema::EventSchema::paper();
+    let mut rows = std::collections::BTreeMap::new();
+    let mut events = Vec::new();
+    for file in files {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
             .unwrap()
             .build()
             .unwrap();
