@@ -650,12 +650,12 @@ impl MasterDataset {
         let mut actions = Vec::with_capacity(todo.len());
         let mut txns = Vec::with_capacity(todo.len());
         for c in todo {
-            let ChunkRange {
-                partition,
-                start,
-                end,
-                events: n,
-            } = c.range;
+            let (partition, start, end, n) = (
+                c.range.partition,
+                c.range.start,
+                c.range.end,
+                c.range.events,
+            );
             let file_schema = self.file_schema.clone();
             let (batches, resume) = (c.batches, c.resume);
             let encoded = tokio::task::spawn_blocking(move || {
@@ -828,6 +828,45 @@ mod tests {
     use arrow::array::AsArray;
     use arrow::datatypes::Int64Type;
     use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    /// Opening a table reads its last checkpoint and the commits after it,
+    /// not every commit since the first: Delta writes one every 100th
+    /// version, and several partitions' chunks go into one commit.
+    #[tokio::test]
+    async fn the_table_is_checkpointed_and_partitions_share_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::local(dir.path()).unwrap();
+        let master = MasterDataset::open(&storage, Arc::new(EventSchema::paper()), 2)
+            .await
+            .unwrap();
+        let chunk = |p: u32, i: u64| {
+            let batch = crate::bench::paper_batches(2, 2, 10).remove(0);
+            ChunkData {
+                range: ChunkRange::dense(p, 2 * i, 2 * i + 2),
+                batches: vec![SourceBatch::dense(p, 2 * i, 1_000, batch)],
+                resume: None,
+            }
+        };
+        for i in 0..100 {
+            master
+                .commit_chunks(vec![chunk(0, i), chunk(1, i)])
+                .await
+                .unwrap();
+        }
+        let cov = master.refresh().await.unwrap();
+        assert_eq!(cov.h, vec![200, 200], "both partitions' chunks committed");
+        assert_eq!(cov.version, 100, "one commit per round, not one per chunk");
+        let log = dir.path().join("master/_delta_log");
+        assert!(
+            log.join(format!("{:020}.checkpoint.parquet", 99)).exists(),
+            "a checkpoint at version 99: {:?}",
+            std::fs::read_dir(&log)
+                .unwrap()
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.contains("checkpoint"))
+                .collect::<Vec<_>>()
+        );
+    }
 
     /// A Kafka-like chunk: positions with gaps (transaction markers,
     /// aborted records) and a time per record.

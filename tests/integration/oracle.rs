@@ -239,7 +239,15 @@ pub(crate) fn assert_settled_exact(
 /// The master dataset under `data` holds each of `known` once, where it
 /// was sent, and nothing else.
 pub(crate) fn assert_master_holds(data: &std::path::Path, known: &BTreeMap<(u32, u64), Sent>) {
-    let (rows, _) = common::master_events(data);
+    assert_rows_are(&common::master_events(data).0, known);
+}
+
+/// The master dataset's rows (`(partition, offset)` → zipcode) are each of
+/// `known` once, and nothing else.
+pub(crate) fn assert_rows_are(
+    rows: &BTreeMap<(u32, u64), i64>,
+    known: &BTreeMap<(u32, u64), Sent>,
+) {
     assert_eq!(
         rows.len(),
         known.len(),
