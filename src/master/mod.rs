@@ -269,7 +269,6 @@ impl MasterDataset {
         events: Arc<EventSchema>,
         partitions: u32,
     ) -> Result<MasterDataset, MasterError> {
-        let url = storage.dir_url(TABLE_DIR);
         if let Some(dir) = storage.local_path(TABLE_DIR) {
             std::fs::create_dir_all(&dir).map_err(|e| {
                 MasterError::Storage(StorageError::BadRoot {
@@ -290,7 +289,6 @@ impl MasterDataset {
         } else {
             builder.build().map_err(delta("open the table"))?
         };
-        let _ = url;
         if table.version().is_none() {
             table = table
                 .create()

@@ -10,7 +10,6 @@
 //! are. Then a `kill -9` while consuming, and a restart that is exact.
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,11 +44,7 @@ fn tansu_bin() -> String {
 impl Tansu {
     pub fn start() -> Tansu {
         let bin = tansu_bin();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::free_port();
         let url = format!("tcp://127.0.0.1:{port}");
         let child = Command::new(&bin)
             .args([
@@ -70,14 +65,7 @@ impl Tansu {
                 )
             });
         let brokers = format!("127.0.0.1:{port}");
-        let t = Instant::now();
-        while std::net::TcpStream::connect(&brokers).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "tansu did not listen on {brokers} within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::wait_listening(&brokers, Duration::from_secs(30), "tansu");
         Tansu { child, brokers }
     }
 

@@ -41,20 +41,12 @@ pub struct Kinesalite {
     pub endpoint: String,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Kinesalite {
     pub fn start() -> Kinesalite {
         let modules = std::env::var("LAMBDAFLOW_KINESALITE").unwrap_or_else(|_| {
             std::env::var("HOME").unwrap_or_default() + "/.cache/kinesalite/node_modules"
         });
-        let port = free_port();
+        let port = common::free_port();
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kinesalite.js");
         let child = Command::new("node")
             .arg(script)
@@ -67,14 +59,11 @@ impl Kinesalite {
                 panic!("cannot start node ({e}): run the tests with `scripts/test`, which installs Node.js and kinesalite 3.3.3")
             });
         let addr = format!("127.0.0.1:{port}");
-        let t = Instant::now();
-        while TcpStream::connect(&addr).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "kinesalite did not listen on {addr} within 30 s (is it installed under {modules}? run `scripts/test`)"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::wait_listening(
+            &addr,
+            Duration::from_secs(30),
+            &format!("kinesalite (installed under {modules}? run `scripts/test`)"),
+        );
         Kinesalite {
             child,
             endpoint: format!("http://{addr}"),

@@ -12,7 +12,6 @@
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -46,11 +45,7 @@ fn moto_bin() -> String {
 impl Moto {
     pub fn start() -> Moto {
         let bin = moto_bin();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::free_port();
         let child = Command::new(&bin)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
@@ -60,14 +55,7 @@ impl Moto {
                 panic!("cannot start the S3 server `{bin}` ({e}): run the tests with `scripts/test`, which installs moto, or set LAMBDAFLOW_MOTO")
             });
         let addr = format!("127.0.0.1:{port}");
-        let t = Instant::now();
-        while TcpStream::connect(&addr).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "moto did not listen on {addr} within 60 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        common::wait_listening(&addr, Duration::from_secs(60), "moto");
         Moto {
             child,
             endpoint: format!("http://{addr}"),

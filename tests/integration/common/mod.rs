@@ -245,6 +245,28 @@ pub fn paper_batch<S: AsRef<str>>(
     .expect("the paper's schema")
 }
 
+/// A free TCP port on 127.0.0.1 (for a server a test starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until something listens on `addr`; `what` names it (and how to
+/// get it) if nothing does within `within`.
+pub fn wait_listening(addr: &str, within: Duration, what: &str) {
+    let t = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            t.elapsed() < within,
+            "{what} did not listen on {addr} within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
