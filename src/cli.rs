@@ -290,9 +290,42 @@ pub fn main() -> ExitCode {
         Err(e) => {
             // `{:#}` prints the whole chain: what failed, then why.
             eprintln!("error: {e:#}");
+            if let Some(x) = explained(&e) {
+                if let Some(d) = x.detail() {
+                    eprintln!("detail: {d}");
+                }
+                if let Some(h) = x.hint() {
+                    eprintln!("hint: {h}");
+                }
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// The first error in `e`'s chain that has a detail or hint to give.
+fn explained(e: &anyhow::Error) -> Option<&dyn crate::error::Explain> {
+    macro_rules! first_of {
+        ($cause:expr, $($t:ty),*) => {
+            $(if let Some(x) = $cause.downcast_ref::<$t>() {
+                return Some(x);
+            })*
+        };
+    }
+    for cause in e.chain() {
+        first_of!(
+            cause,
+            crate::serve::ServeError,
+            crate::node::NodeError,
+            crate::config::ConfigError,
+            crate::storage::StorageError,
+            crate::master::MasterError,
+            crate::view::ViewError,
+            crate::serving::query::QueryError,
+            crate::stream::ingest::IngestError
+        );
+    }
+    None
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {

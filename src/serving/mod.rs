@@ -16,6 +16,7 @@
 //! at every instant. The merged rows of a view are computed once per snapshot
 //! version and shared by every reader of that version.
 
+pub mod pg;
 pub mod pool;
 pub mod query;
 
@@ -386,6 +387,24 @@ pub enum ServingError {
     View(#[from] ViewError),
     #[error("view `{view}` cannot be served right now: {detail}")]
     Inconsistent { view: String, detail: String },
+}
+
+impl crate::error::Explain for ServingError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            ServingError::View(v) => v.hint(),
+            _ => None,
+        }
+    }
+
+    fn sqlstate(&self) -> &'static str {
+        match self {
+            // undefined_table
+            ServingError::NoSuchView { .. } => "42P01",
+            ServingError::View(v) => v.sqlstate(),
+            ServingError::Inconsistent { .. } => "XX000",
+        }
+    }
 }
 
 /// A read may get the previous version's answer while the current one is

@@ -47,17 +47,37 @@ impl Default for PoolLimits {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
-    #[error(
-        "too many queries at once: {running} running and {queued} waiting\nhint: retry after a short pause"
-    )]
+    #[error("too many queries at once: {running} running and {queued} waiting")]
     Busy { running: usize, queued: usize },
     #[error(
-        "the query ran longer than {} and was stopped\nhint: filter or aggregate more, or query a smaller view",
+        "the query ran longer than {} and was stopped",
         humantime::format_duration(*.0)
     )]
     Timeout(Duration),
     #[error("the query failed inside the query runtime: {0}")]
     Panicked(String),
+}
+
+impl crate::error::Explain for PoolError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            PoolError::Busy { .. } => Some("retry after a short pause".into()),
+            PoolError::Timeout(_) => {
+                Some("filter or aggregate more, or query a smaller view".into())
+            }
+            PoolError::Panicked(_) => None,
+        }
+    }
+
+    fn sqlstate(&self) -> &'static str {
+        match self {
+            // too_many_connections: what poolers and drivers retry on
+            PoolError::Busy { .. } => "53300",
+            // query_canceled, as for statement_timeout
+            PoolError::Timeout(_) => "57014",
+            PoolError::Panicked(_) => "XX000",
+        }
+    }
 }
 
 /// The runtime reads run on, and its admission.
