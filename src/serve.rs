@@ -2,6 +2,7 @@
 
 pub mod conn;
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -389,16 +390,21 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let listen = config.listen;
     let node = Node::open(config).await?;
     let server = start(&node, listen).await?;
-    // A plain line on stdout that scripts and tests wait for.
-    println!(
-        "lambdaflow listening on {}://{} (data: {})",
+    // One plain line on stdout that scripts and tests wait for (they may
+    // stop reading after it: nothing else goes to stdout, and a closed
+    // stdout is no reason to stop serving).
+    let pg = server
+        .pg
+        .as_ref()
+        .map(|pg| format!(", postgres: {}", pg.url()))
+        .unwrap_or_default();
+    let _ = writeln!(
+        std::io::stdout(),
+        "lambdaflow listening on {}://{} (data: {}{pg})",
         server.scheme,
         server.addr,
         node.data_dir().display()
     );
-    if let Some(pg) = &server.pg {
-        println!("lambdaflow postgres on {}", pg.url());
-    }
     tracing::info!(addr = %server.addr, data = %node.data_dir().display(), "serving");
     shutdown_signal().await;
     tracing::info!("shutting down: finishing requests in flight");

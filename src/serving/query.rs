@@ -273,7 +273,9 @@ impl Catalog {
     pub fn new(serving: &Arc<Serving>, catalog: &str) -> Catalog {
         let mut cfg = SessionConfig::new()
             .with_batch_size(BATCH_ROWS)
-            .with_default_catalog_and_schema(catalog, "public");
+            .with_default_catalog_and_schema(catalog, "public")
+            // What SQL clients introspect (Grafana lists tables from it).
+            .with_information_schema(true);
         // Column names are as the views spell them (`ProductName`).
         cfg.options_mut().sql_parser.enable_ident_normalization = false;
         let base = SessionContext::new_with_config(cfg);
@@ -318,10 +320,16 @@ impl Catalog {
             )
             .build_arc()?;
         let state = self.base.state();
-        let config = state.config().clone().with_extension(Arc::new(Pinned {
-            snap: snap.clone(),
-            merged: tokio::sync::Mutex::new(Merged::default()),
-        }));
+        // The catalog exists: building a state must not replace it with a
+        // new, empty one (the catalog list is shared with the base).
+        let config = state
+            .config()
+            .clone()
+            .with_create_default_catalog_and_schema(false)
+            .with_extension(Arc::new(Pinned {
+                snap: snap.clone(),
+                merged: tokio::sync::Mutex::new(Merged::default()),
+            }));
         let state = SessionStateBuilder::new_from_existing(state)
             .with_config(config)
             .with_runtime_env(runtime)
