@@ -255,6 +255,8 @@ pub enum BenchCommand {
     Batch(crate::bench::BatchBenchArgs),
     /// Freshness, speed-layer throughput, query latency and memory of a real server.
     Serve(crate::bench::ServeBenchArgs),
+    /// Point reads against this machine's ceiling, and the Postgres wire beside HTTP.
+    Reads(crate::bench::ReadsBenchArgs),
     /// Steady load for N minutes: RSS, open files, disk and lag every minute.
     Soak(crate::bench::SoakBenchArgs),
     /// Consumption from a Kafka topic into views, and freshness over Kafka.
@@ -393,6 +395,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 BenchCommand::Batch(args) => crate::bench::batch(args)?,
                 BenchCommand::Serve(args) => crate::bench::serve(args)?,
                 BenchCommand::Soak(args) => crate::bench::soak(args)?,
+                BenchCommand::Reads(args) => crate::bench::reads(args)?,
                 BenchCommand::Kafka(args) => crate::bench::kafka(args)?,
                 BenchCommand::Kinesis(args) => crate::bench::kinesis(args)?,
             }

@@ -999,7 +999,7 @@ sql = "SELECT ProductName, count(*) AS orders, sum(price) AS revenue FROM events
     fn event_time_must_exist_and_be_a_timestamp() {
         let mut c = Config::default();
         c.schema.event_time = "timestmap".into();
-        let err = c.check(None).unwrap_err().to_string();
+        let err = crate::error::Report::of(&c.check(None).unwrap_err()).to_string();
         assert!(err.contains("schema.event_time"), "{err}");
         assert!(err.contains("did you mean `timestamp`"), "{err}");
 

@@ -8,6 +8,7 @@
 //!  GET  /v1/status        every layer's watermarks, lag and last run
 //!  GET  /metrics          Prometheus text
 //!  GET  /                 the live dashboard (one page, no outside fetches)
+//!  GET  /healthz          liveness: "ok" (no token)
 //!  POST /v1/batch/run     start a batch cycle now (instead of after the pause)
 //! ```
 //!
@@ -163,6 +164,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         // The page holds no data (it asks the API, with the token the user
         // gives it), so it needs none to load.
         .route("/", get(dashboard::page))
+        .route("/healthz", get(healthz))
         // Bodies are bounded by each handler (`read_body`), not by axum's default.
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
@@ -429,6 +431,14 @@ async fn status(
             dead_letters_recent: dead.recent(),
         },
     })
+}
+
+/// `GET /healthz`: the process answers (a liveness probe for load
+/// balancers and orchestrators; it says nothing about the layers, which
+/// `/v1/status` does). No token needed, and it costs next to nothing: the
+/// read benchmark's ceiling.
+async fn healthz() -> &'static str {
+    "ok\n"
 }
 
 /// `POST /v1/batch/run`: wakes the batch loop (a run starts if the master

@@ -9,7 +9,10 @@
 
 mod kafka;
 mod kinesis;
+mod reads;
 mod soak;
+
+pub use reads::{ReadsBenchArgs, reads};
 pub use kafka::{KafkaBenchArgs, kafka};
 pub use kinesis::{KinesisBenchArgs, kinesis};
 

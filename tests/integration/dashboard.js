@@ -66,7 +66,10 @@ async function main() {
       } else if (cmd === "check") {
         const now = await page.evaluate(() => window.lambdaflowLoadedAt);
         const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
-        console.log("ok " + JSON.stringify({ reloaded: now !== loadedAt, outside, overflow, errors }));
+        const state = await page.evaluate(() => document.getElementById("state").textContent);
+        const charts = await page.evaluate(() => document.querySelectorAll("section.view .chart svg").length);
+        const tables = await page.evaluate(() => document.querySelectorAll("section.view table tr").length);
+        console.log("ok " + JSON.stringify({ reloaded: now !== loadedAt, outside, overflow, errors, state, charts, tables }));
       } else if (cmd === "quit") {
         break;
       } else {

@@ -137,6 +137,13 @@ fn the_dashboard_shows_the_views_live_without_a_reload() {
         "nothing fetched from elsewhere: {check}"
     );
     assert_eq!(check["errors"], json!([]), "no script errors: {check}");
+    assert!(
+        check["state"].as_str().unwrap().starts_with("live"),
+        "the page reads the API without errors: {check}"
+    );
+    let views = second.as_object().unwrap().len() as u64;
+    assert_eq!(check["charts"], views, "a chart per view: {check}");
+    assert!(check["tables"].as_u64().unwrap() > views, "a table per view: {check}");
     page.ask(&format!("shot {} 390 844", phone.display()));
     let check: Value = serde_json::from_str(&page.ask("check")).unwrap();
     assert!(
