@@ -569,6 +569,18 @@ async fn status(url: &str) -> anyhow::Result<()> {
             );
         }
     }
+    if let Some(pg) = s["pg"].as_object() {
+        let c = |k: &str| pg.get(k).map_or("-".to_string(), n);
+        println!(
+            "postgres: {} connections ({} refused, {} logins denied) · {} queries, {} point reads, {} errors",
+            c("connections"),
+            c("refused"),
+            c("denied"),
+            c("queries"),
+            c("point_reads"),
+            c("errors")
+        );
+    }
     println!(
         "{:>9}  {:>14}  {:>14}  {:>14}  {:>14}  {:>12}  {:>10}",
         "partition",

@@ -12,9 +12,9 @@ mod kinesis;
 mod reads;
 mod soak;
 
-pub use reads::{ReadsBenchArgs, reads};
 pub use kafka::{KafkaBenchArgs, kafka};
 pub use kinesis::{KinesisBenchArgs, kinesis};
+pub use reads::{ReadsBenchArgs, reads};
 
 pub use soak::{SoakBenchArgs, soak};
 

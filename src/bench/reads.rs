@@ -99,10 +99,7 @@ async fn load(
 }
 
 fn line(what: &str, (rate, p50, p99): (f64, f64, f64)) {
-    println!(
-        "| {what} | {} | {p50:.2} | {p99:.2} |",
-        group(rate as u64)
-    );
+    println!("| {what} | {} | {p50:.2} | {p99:.2} |", group(rate as u64));
 }
 
 pub fn reads(args: ReadsBenchArgs) -> anyhow::Result<()> {
@@ -158,7 +155,11 @@ pub fn reads(args: ReadsBenchArgs) -> anyhow::Result<()> {
     println!();
     println!(
         "server on core 0, load generator on core 1: {}; {} clients, {} s per phase",
-        if pin { "pinned (taskset)" } else { "not pinned" },
+        if pin {
+            "pinned (taskset)"
+        } else {
+            "not pinned"
+        },
         args.clients,
         args.seconds
     );
@@ -175,8 +176,14 @@ pub fn reads(args: ReadsBenchArgs) -> anyhow::Result<()> {
     }))?;
     let t = Instant::now();
     loop {
-        let st: serde_json::Value =
-            rt.block_on(async { client.get(format!("{url}/v1/status")).send().await?.json().await })?;
+        let st: serde_json::Value = rt.block_on(async {
+            client
+                .get(format!("{url}/v1/status"))
+                .send()
+                .await?
+                .json()
+                .await
+        })?;
         let parts = st["partitions"].as_array().cloned().unwrap_or_default();
         if parts.iter().all(|p| p["published"] == p["end"]) {
             break;
@@ -197,7 +204,12 @@ pub fn reads(args: ReadsBenchArgs) -> anyhow::Result<()> {
     println!();
 
     let zipcodes = args.zipcodes;
-    let point = move |k: u64| format!("/v1/views/sales_by_zipcode?zipcode={}", 10_000 + k % zipcodes);
+    let point = move |k: u64| {
+        format!(
+            "/v1/views/sales_by_zipcode?zipcode={}",
+            10_000 + k % zipcodes
+        )
+    };
     let ceiling = |_: u64| "/healthz".to_string();
     let phases: Vec<(&str, u64)> = if args.rate > 0 {
         vec![("idle", 0), ("ingesting", args.rate)]
@@ -234,7 +246,10 @@ pub fn reads(args: ReadsBenchArgs) -> anyhow::Result<()> {
             (c, p)
         });
         line(&format!("{name}: ceiling, GET /healthz"), c);
-        line(&format!("{name}: point read, GET /v1/views/sales_by_zipcode?zipcode=…"), p);
+        line(
+            &format!("{name}: point read, GET /v1/views/sales_by_zipcode?zipcode=…"),
+            p,
+        );
         ratios.push((name, p.0 / c.0, p.2 / c.2));
     }
     println!();
@@ -321,7 +336,8 @@ async fn pg_vs_http(
     let (mut a, mut b) = (Vec::with_capacity(whole), Vec::with_capacity(whole));
     for _ in 0..whole / 10 {
         let t = Instant::now();
-        pg.query("SELECT * FROM sales_by_zipcode LIMIT 10000", &[]).await?;
+        pg.query("SELECT * FROM sales_by_zipcode LIMIT 10000", &[])
+            .await?;
         a.push(t.elapsed().as_secs_f64() * 1000.0);
         let t = Instant::now();
         client

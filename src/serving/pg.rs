@@ -621,16 +621,22 @@ impl Service {
     }
 }
 
-/// Reads `stream` up to the row limit.
+/// Reads `stream` up to the row and byte limits.
 async fn collect(
     stream: &mut datafusion::physical_plan::SendableRecordBatchStream,
     schema: SchemaRef,
     limits: &SqlLimits,
 ) -> Result<Rows, QueryError> {
     use futures::StreamExt;
-    let (mut batches, mut rows, mut truncated) = (Vec::new(), 0, false);
+    let (mut batches, mut rows, mut bytes, mut truncated) = (Vec::new(), 0, 0, false);
     while let Some(b) = stream.next().await {
         let b = b.map_err(|e| QueryError::from_df(e, limits))?;
+        // The reply's rows and bytes are bounded as HTTP's are (a wide
+        // row can be a megabyte).
+        if bytes >= limits.max_bytes {
+            truncated = true;
+            break;
+        }
         let room = limits.max_rows - rows;
         if b.num_rows() > room {
             batches.push(b.slice(0, room));
@@ -638,6 +644,7 @@ async fn collect(
             break;
         }
         rows += b.num_rows();
+        bytes += b.get_array_memory_size();
         batches.push(b);
     }
     Ok(Rows {
@@ -652,7 +659,7 @@ async fn respond<C>(
     client: &mut C,
     rows: Rows,
     format: &Format,
-    max_rows: usize,
+    limits: &SqlLimits,
 ) -> PgWireResult<Response>
 where
     C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
@@ -662,7 +669,12 @@ where
         let mut info = ErrorInfo::new(
             "WARNING".into(),
             "01000".into(),
-            format!("the reply holds the first {max_rows} rows; the rest were left out"),
+            format!(
+                "the reply holds the first {} rows; the rest were left out (at most {} rows or {})",
+                rows.batches.iter().map(|b| b.num_rows()).sum::<usize>(),
+                limits.max_rows,
+                bytesize::ByteSize::b(limits.max_bytes as u64)
+            ),
         );
         info.hint = Some("filter or aggregate more, or add LIMIT and OFFSET".into());
         client
@@ -710,7 +722,7 @@ impl SimpleQueryHandler for Service {
             }
             let plan = plan(self.planner.context(), &statement).await?;
             let rows = self.count(self.run(plan).await, false)?;
-            out.push(respond(client, rows, &Format::UnifiedText, self.limits.max_rows).await?);
+            out.push(respond(client, rows, &Format::UnifiedText, &self.limits).await?);
         }
         Ok(out)
     }
@@ -761,13 +773,7 @@ impl ExtendedQueryHandler for Service {
                 self.count(self.run(plan).await, false)?
             }
         };
-        respond(
-            client,
-            rows,
-            &portal.result_column_format,
-            self.limits.max_rows,
-        )
-        .await
+        respond(client, rows, &portal.result_column_format, &self.limits).await
     }
 }
 

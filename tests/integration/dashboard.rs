@@ -143,7 +143,10 @@ fn the_dashboard_shows_the_views_live_without_a_reload() {
     );
     let views = second.as_object().unwrap().len() as u64;
     assert_eq!(check["charts"], views, "a chart per view: {check}");
-    assert!(check["tables"].as_u64().unwrap() > views, "a table per view: {check}");
+    assert!(
+        check["tables"].as_u64().unwrap() > views,
+        "a table per view: {check}"
+    );
     page.ask(&format!("shot {} 390 844", phone.display()));
     let check: Value = serde_json::from_str(&page.ask("check")).unwrap();
     assert!(
