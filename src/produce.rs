@@ -604,7 +604,7 @@ impl Shared {
                     .accepted
                     .fetch_add(puts.len() as u64, Ordering::Relaxed);
             }
-            Err(e) => self.fail(&e.to_string(), n),
+            Err(e) => self.fail(&crate::error::chain(&e), n),
         }
     }
 

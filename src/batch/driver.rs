@@ -456,7 +456,7 @@ impl Driver {
             )
             .await
         {
-            self.status.lock().expect("status lock").last_error = Some(e.to_string());
+            self.status.lock().expect("status lock").last_error = Some(crate::error::chain(&e));
             if let DriverError::Batch(BatchError::LostRace { .. }) = &e {
                 // Another driver's run is published: follow it.
                 tracing::warn!(error = %crate::error::chain(&e), "another driver published first");

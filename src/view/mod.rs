@@ -342,7 +342,7 @@ impl View {
                 excluded.push(Excluded {
                     batch,
                     row,
-                    error: error.to_string(),
+                    error: crate::error::chain(&error),
                 });
                 continue;
             }
