@@ -175,7 +175,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub report: crate::error::Report,
+    /// Boxed: an error travels in every handler's `Result`.
+    pub report: Box<crate::error::Report>,
     pub retry_after: Option<u32>,
     /// Extra JSON fields (e.g. what of the request was stored anyway).
     pub extra: Option<serde_json::Value>,
@@ -190,7 +191,7 @@ impl ApiError {
     pub fn report(status: StatusCode, report: crate::error::Report) -> ApiError {
         ApiError {
             status,
-            report,
+            report: Box::new(report),
             retry_after: None,
             extra: None,
         }
@@ -209,11 +210,12 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = serde_json::json!({ "error": self.report.message });
-        if let Some(d) = self.report.detail {
+        let report = *self.report;
+        let mut body = serde_json::json!({ "error": report.message });
+        if let Some(d) = report.detail {
             body["detail"] = d.into();
         }
-        if let Some(h) = self.report.hint {
+        if let Some(h) = report.hint {
             body["hint"] = h.into();
         }
         if let Some(serde_json::Value::Object(extra)) = self.extra {

@@ -239,7 +239,7 @@ pub fn reads(args: ReadsBenchArgs) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
             let c = load(&client, &url, args.clients, args.seconds, ceiling).await;
-            let p = load(&client, &url, args.clients, args.seconds, point.clone()).await;
+            let p = load(&client, &url, args.clients, args.seconds, point).await;
             if let Some(bg) = bg {
                 bg.abort();
             }
