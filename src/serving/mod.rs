@@ -56,15 +56,15 @@ pub type ChunkIndexes = Arc<Mutex<HashMap<(usize, usize, usize), Option<Arc<KeyI
 const INDEX_ROWS: usize = 4096;
 
 impl RealtimeChunk {
-    /// Rows of state batch `j` of view `i` whose column `col` equals `key`.
+    /// Row numbers of state batch `j` of view `i` whose column `col` equals
+    /// the key of `probe`.
     fn matching(
         &self,
         i: usize,
         j: usize,
         col: usize,
-        key: &arrow::array::ArrayRef,
-    ) -> Result<Option<RecordBatch>, arrow::error::ArrowError> {
-        use arrow::array::UInt32Array;
+        probe: &KeyProbe,
+    ) -> Result<Vec<u32>, arrow::error::ArrowError> {
         let s = &self.states[i][j];
         let index = if s.num_rows() > INDEX_ROWS {
             let mut all = self.indexes.lock().expect("chunk index lock");
@@ -90,25 +90,40 @@ impl RealtimeChunk {
             None
         };
         match index {
-            Some(index) => {
-                let rows = index.lookup(key)?;
-                if rows.is_empty() {
-                    return Ok(None);
-                }
-                arrow::compute::take_record_batch(s, &UInt32Array::from(rows)).map(Some)
-            }
+            Some(index) => Ok(index.lookup(probe)),
             // Not indexed yet (it is being built in the background): scan.
             None => {
                 let mask = arrow::compute::kernels::cmp::eq(
                     s.column(col),
-                    &arrow::array::Scalar::new(key.clone()),
+                    &arrow::array::Scalar::new(probe.key.clone()),
                 )?;
                 if mask.true_count() == 0 {
-                    return Ok(None);
+                    return Ok(Vec::new());
                 }
-                arrow::compute::filter_record_batch(s, &mask).map(Some)
+                Ok(mask.values().set_indices().map(|r| r as u32).collect())
             }
         }
+    }
+}
+
+/// A point read's key, converted once to Arrow's row format: every index
+/// it probes compares bytes with it (the indexes of one column share the
+/// column's type, so the same encoding).
+pub struct KeyProbe {
+    key: arrow::array::ArrayRef,
+    row: Vec<u8>,
+}
+
+impl KeyProbe {
+    fn new(key: &arrow::array::ArrayRef) -> Result<KeyProbe, arrow::error::ArrowError> {
+        let converter = arrow::row::RowConverter::new(vec![arrow::row::SortField::new(
+            key.data_type().clone(),
+        )])?;
+        let rows = converter.convert_columns(std::slice::from_ref(key))?;
+        Ok(KeyProbe {
+            key: key.clone(),
+            row: rows.row(0).as_ref().to_vec(),
+        })
     }
 }
 
@@ -126,7 +141,6 @@ pub struct BatchSide {
 /// format, so equality is the column type's own).
 #[derive(Debug)]
 pub struct KeyIndex {
-    converter: arrow::row::RowConverter,
     /// Every row's key, in Arrow's row format (one buffer).
     keys: arrow::row::Rows,
     /// Row numbers sorted by key (equal keys in row order): a flat array
@@ -144,21 +158,16 @@ impl KeyIndex {
         let mut order: Vec<u32> = (0..states.num_rows() as u32).collect();
         // Stable: rows with equal keys stay in row order.
         order.sort_by(|&a, &b| keys.row(a as usize).cmp(&keys.row(b as usize)));
-        Ok(KeyIndex {
-            converter,
-            keys,
-            order,
-        })
+        Ok(KeyIndex { keys, order })
     }
 
-    /// Rows whose key equals the one-element array `key`, in row order.
-    fn lookup(&self, key: &arrow::array::ArrayRef) -> Result<Vec<u32>, arrow::error::ArrowError> {
-        let k = self.converter.convert_columns(std::slice::from_ref(key))?;
-        let k = k.row(0);
+    /// Rows whose key is the probe's, in row order.
+    fn lookup(&self, probe: &KeyProbe) -> Vec<u32> {
+        let k = probe.row.as_slice();
         let row = |i: &u32| self.keys.row(*i as usize);
-        let lo = self.order.partition_point(|i| row(i) < k);
-        let hi = lo + self.order[lo..].partition_point(|i| row(i) == k);
-        Ok(self.order[lo..hi].to_vec())
+        let lo = self.order.partition_point(|i| row(i).as_ref() < k);
+        let hi = lo + self.order[lo..].partition_point(|i| row(i).as_ref() == k);
+        self.order[lo..hi].to_vec()
     }
 }
 
@@ -674,30 +683,44 @@ impl Serving {
         let key = cast(&text, &ty).ok().filter(|k| k.null_count() == 0);
         let mut parts = Vec::new();
         if let Some(key) = &key {
+            let probe = KeyProbe::new(key).map_err(exec)?;
+            let as_of = snap.batch.as_ref().map(|b| b.manifest.as_of_ms);
+            let roll = view.rollup().is_some() && as_of.is_some();
+            // Every matching state row, by (source batch, row), gathered
+            // at the end into one batch: one allocation per column, and
+            // the final aggregation runs over one batch, not one per chunk.
+            let mut sources: Vec<&RecordBatch> = Vec::new();
+            let mut picks: Vec<(usize, usize)> = Vec::new();
             if let Some(b) = &snap.batch {
-                let rows = b
-                    .key_index(i, col)
-                    .and_then(|x| x.lookup(key))
-                    .map_err(exec)?;
+                let rows = b.key_index(i, col).map_err(exec)?.lookup(&probe);
                 if !rows.is_empty() {
-                    parts.push(
-                        take_record_batch(&b.states[i], &UInt32Array::from(rows)).map_err(exec)?,
-                    );
+                    sources.push(&b.states[i]);
+                    picks.extend(rows.iter().map(|&r| (0, r as usize)));
                 }
             }
-            let as_of = snap.batch.as_ref().map(|b| b.manifest.as_of_ms);
             for chunks in &snap.realtime {
                 for c in chunks {
-                    for j in 0..c.states[i].len() {
-                        let Some(hit) = c.matching(i, j, col, key).map_err(exec)? else {
+                    for (j, states) in c.states[i].iter().enumerate() {
+                        let rows = c.matching(i, j, col, &probe).map_err(exec)?;
+                        if rows.is_empty() {
                             continue;
-                        };
-                        parts.push(match (view.rollup(), as_of) {
-                            (Some(_), Some(t)) => view.roll_up(hit, t).await?,
-                            _ => hit,
-                        });
+                        }
+                        if roll {
+                            // Realtime groups roll up with the batch run's time.
+                            let hit = take_record_batch(states, &UInt32Array::from(rows))
+                                .map_err(exec)?;
+                            parts.push(view.roll_up(hit, as_of.expect("a run")).await?);
+                        } else {
+                            let at = sources.len();
+                            sources.push(states);
+                            picks.extend(rows.iter().map(|&r| (at, r as usize)));
+                        }
                     }
                 }
+            }
+            if !picks.is_empty() {
+                parts
+                    .push(arrow::compute::interleave_record_batch(&sources, &picks).map_err(exec)?);
             }
         }
         let rows = view.finalize(parts).await?;
@@ -882,7 +905,7 @@ mod tests {
         let index = KeyIndex::build(&states, 0).unwrap();
         let find = |k: &str| {
             let key: ArrayRef = Arc::new(StringArray::from(vec![k]));
-            index.lookup(&key).unwrap()
+            index.lookup(&KeyProbe::new(&key).unwrap())
         };
         assert_eq!(find("a"), vec![1, 5], "both rows of `a`, in row order");
         assert_eq!(find("b"), vec![0, 3], "both rows of `b`, in row order");

@@ -18,8 +18,18 @@ fn psql_bin() -> String {
     std::env::var("LAMBDAFLOW_PSQL").unwrap_or_else(|_| "psql".into())
 }
 
+/// A Python with psycopg: `LAMBDAFLOW_PYTHON`, or the venv scripts/test
+/// makes, or the PATH's.
 fn python() -> String {
-    std::env::var("LAMBDAFLOW_PYTHON").unwrap_or_else(|_| "python3".into())
+    if let Ok(p) = std::env::var("LAMBDAFLOW_PYTHON") {
+        return p;
+    }
+    let venv = PathBuf::from(std::env::var("HOME").unwrap_or_default())
+        .join(".cache/lambdaflow-py/bin/python");
+    if venv.exists() {
+        return venv.display().to_string();
+    }
+    "python3".into()
 }
 
 /// psql's unaligned, tuples-only output of `sql` (or its error).
