@@ -166,6 +166,13 @@ pub(super) async fn get_view(
         max_rows: limit,
         ..query::SqlLimits::default()
     };
+    // A key lookup whose indexes are built is small, bounded work: it runs
+    // here (see `QueryPool::run_here`); anything that merges a whole view
+    // runs on the query runtime.
+    let here = filters
+        .iter()
+        .find_map(|(col, _)| view.key_column(col))
+        .is_some_and(|c| l.serving.point_is_cheap(i, c));
     let work = async move {
         // A filter on a group key reads just that group (fresh, no full
         // merge); the other filters then apply to its rows.
@@ -235,11 +242,12 @@ pub(super) async fn get_view(
         let parts: Vec<(&str, &[u8])> = parts.iter().map(|(k, v)| (*k, v.as_slice())).collect();
         Ok::<_, ApiError>(json_reply(&parts))
     };
-    let resp = state
-        .queries
-        .run(limits.timeout, work)
-        .await
-        .map_err(pool_error)??;
+    let resp = if here {
+        state.queries.run_here(limits.timeout, work).await
+    } else {
+        state.queries.run(limits.timeout, work).await
+    }
+    .map_err(pool_error)??;
     state.query_latency.observe(began.elapsed());
     Ok(resp)
 }

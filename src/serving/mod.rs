@@ -659,6 +659,20 @@ impl Serving {
         })
     }
 
+    /// Whether a point read of view `i` by state column `col` is cheap now:
+    /// the published run's key index is built (the first read after a
+    /// publish may have to sort the run's states to build it).
+    pub fn point_is_cheap(&self, i: usize, col: usize) -> bool {
+        match &self.snapshot().batch {
+            None => true,
+            Some(b) => b
+                .key_indexes
+                .lock()
+                .expect("index lock")
+                .contains_key(&(i, col)),
+        }
+    }
+
     /// A point read: the rows of view `i` whose key column (state column
     /// `col`, see [`View::key_column`]) equals `value`, merged from just the
     /// matching groups of the current snapshot — no full merge, always fresh.

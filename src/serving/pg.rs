@@ -583,41 +583,46 @@ impl Service {
             ParamValues::Map(_) => None,
         };
         let serving = self.serving.clone();
+        let (p_view, p_key) = (p.view, p.key);
         let (p, limits) = (p.clone(), self.limits);
-        self.pool
-            .run(limits.timeout, async move {
-                let view = &serving.views()[p.view];
-                let schema = Arc::new(view.output_schema().project(&p.columns).map_err(|e| {
-                    QueryError::Sql {
-                        message: e.to_string(),
-                        sqlstate: "XX000",
-                    }
-                })?);
-                // A NULL key equals nothing.
-                let Some(key) = key.filter(|k| !k.is_null()) else {
-                    return Ok(Rows {
-                        schema,
-                        batches: Vec::new(),
-                        truncated: false,
-                    });
-                };
-                let a = serving.point(p.view, p.key, &key.to_string()).await?;
-                let batches = a
-                    .rows
-                    .iter()
-                    .map(|b| b.project(&p.columns))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| QueryError::Sql {
-                        message: e.to_string(),
-                        sqlstate: "XX000",
-                    })?;
-                Ok(Rows {
+        let work = async move {
+            let view = &serving.views()[p.view];
+            let schema = Arc::new(view.output_schema().project(&p.columns).map_err(|e| {
+                QueryError::Sql {
+                    message: e.to_string(),
+                    sqlstate: "XX000",
+                }
+            })?);
+            // A NULL key equals nothing.
+            let Some(key) = key.filter(|k| !k.is_null()) else {
+                return Ok(Rows {
                     schema,
-                    batches,
+                    batches: Vec::new(),
                     truncated: false,
-                })
+                });
+            };
+            let a = serving.point(p.view, p.key, &key.to_string()).await?;
+            let batches = a
+                .rows
+                .iter()
+                .map(|b| b.project(&p.columns))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| QueryError::Sql {
+                    message: e.to_string(),
+                    sqlstate: "XX000",
+                })?;
+            Ok(Rows {
+                schema,
+                batches,
+                truncated: false,
             })
-            .await?
+        };
+        // As over HTTP: a key lookup with its indexes built runs here.
+        if self.serving.point_is_cheap(p_view, p_key) {
+            self.pool.run_here(limits.timeout, work).await?
+        } else {
+            self.pool.run(limits.timeout, work).await?
+        }
     }
 }
 
