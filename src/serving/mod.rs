@@ -112,6 +112,8 @@ impl RealtimeChunk {
 pub struct KeyProbe {
     key: arrow::array::ArrayRef,
     row: Vec<u8>,
+    /// The key as an integer, when it is an int64.
+    int64: Option<i64>,
 }
 
 impl KeyProbe {
@@ -120,9 +122,13 @@ impl KeyProbe {
             key.data_type().clone(),
         )])?;
         let rows = converter.convert_columns(std::slice::from_ref(key))?;
+        use arrow::array::{Array, AsArray};
+        let int64 = (key.data_type() == &arrow::datatypes::DataType::Int64 && key.is_valid(0))
+            .then(|| key.as_primitive::<arrow::datatypes::Int64Type>().value(0));
         Ok(KeyProbe {
             key: key.clone(),
             row: rows.row(0).as_ref().to_vec(),
+            int64,
         })
     }
 }
@@ -137,36 +143,73 @@ pub struct BatchSide {
     key_indexes: Mutex<HashMap<(usize, usize), Arc<KeyIndex>>>,
 }
 
-/// Rows of a state batch by the value of one group column (in Arrow's row
-/// format, so equality is the column type's own).
+/// Rows of a state batch by the value of one group column: row numbers
+/// sorted by key (equal keys in row order), searched by bisection — a flat
+/// array, a few allocations whatever the group count.
 #[derive(Debug)]
 pub struct KeyIndex {
-    /// Every row's key, in Arrow's row format (one buffer).
-    keys: arrow::row::Rows,
-    /// Row numbers sorted by key (equal keys in row order): a flat array
-    /// searched by bisection, two allocations whatever the group count.
+    keys: IndexKeys,
     order: Vec<u32>,
+}
+
+/// The keys an index bisects, in `order`'s order.
+#[derive(Debug)]
+enum IndexKeys {
+    /// A non-null int64 column (zipcodes, ids): the values themselves,
+    /// compared as integers. Point reads under ingest probe dozens of
+    /// indexes each; comparing row-format bytes was a quarter of their time.
+    Int64(Vec<i64>),
+    /// Any other column, in Arrow's row format (equality is the type's own).
+    Rows(arrow::row::Rows),
 }
 
 impl KeyIndex {
     fn build(states: &RecordBatch, col: usize) -> Result<KeyIndex, arrow::error::ArrowError> {
+        use arrow::array::{Array, AsArray};
+        use arrow::datatypes::{DataType, Int64Type};
         let column = states.column(col);
+        let mut order: Vec<u32> = (0..states.num_rows() as u32).collect();
+        if column.data_type() == &DataType::Int64 && column.null_count() == 0 {
+            let values = column.as_primitive::<Int64Type>().values();
+            // Stable: rows with equal keys stay in row order.
+            order.sort_by_key(|&r| values[r as usize]);
+            let keys = order.iter().map(|&r| values[r as usize]).collect();
+            return Ok(KeyIndex {
+                keys: IndexKeys::Int64(keys),
+                order,
+            });
+        }
         let converter = arrow::row::RowConverter::new(vec![arrow::row::SortField::new(
             column.data_type().clone(),
         )])?;
         let keys = converter.convert_columns(std::slice::from_ref(column))?;
-        let mut order: Vec<u32> = (0..states.num_rows() as u32).collect();
-        // Stable: rows with equal keys stay in row order.
         order.sort_by(|&a, &b| keys.row(a as usize).cmp(&keys.row(b as usize)));
-        Ok(KeyIndex { keys, order })
+        Ok(KeyIndex {
+            keys: IndexKeys::Rows(keys),
+            order,
+        })
     }
 
     /// Rows whose key is the probe's, in row order.
     fn lookup(&self, probe: &KeyProbe) -> Vec<u32> {
-        let k = probe.row.as_slice();
-        let row = |i: &u32| self.keys.row(*i as usize);
-        let lo = self.order.partition_point(|i| row(i).as_ref() < k);
-        let hi = lo + self.order[lo..].partition_point(|i| row(i).as_ref() == k);
+        let (lo, hi) = match &self.keys {
+            IndexKeys::Int64(keys) => match probe.int64 {
+                Some(k) => {
+                    let lo = keys.partition_point(|&x| x < k);
+                    (lo, lo + keys[lo..].partition_point(|&x| x == k))
+                }
+                None => (0, 0),
+            },
+            IndexKeys::Rows(keys) => {
+                let k = probe.row.as_slice();
+                let row = |i: &u32| keys.row(*i as usize);
+                let lo = self.order.partition_point(|i| row(i).as_ref() < k);
+                (
+                    lo,
+                    lo + self.order[lo..].partition_point(|i| row(i).as_ref() == k),
+                )
+            }
+        };
         self.order[lo..hi].to_vec()
     }
 }
@@ -925,5 +968,28 @@ mod tests {
         assert_eq!(find("b"), vec![0, 3], "both rows of `b`, in row order");
         assert_eq!(find("c"), vec![4]);
         assert!(find("ab").is_empty() && find("").is_empty() && find("z").is_empty());
+
+        // An int64 key column is indexed by its values: the same answers.
+        let zips = Int64Array::from(vec![95126, -3, 95126, 7, -3, 95126]);
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("zip", DataType::Int64, false),
+            Field::new("n", DataType::Int64, false),
+        ]));
+        let n = Int64Array::from_iter_values(0..6);
+        let states = RecordBatch::try_new(schema, vec![Arc::new(zips), Arc::new(n)]).unwrap();
+        let index = KeyIndex::build(&states, 0).unwrap();
+        assert!(matches!(index.keys, IndexKeys::Int64(_)));
+        let find = |k: i64| {
+            let key: ArrayRef = Arc::new(Int64Array::from(vec![k]));
+            index.lookup(&KeyProbe::new(&key).unwrap())
+        };
+        assert_eq!(
+            find(95126),
+            vec![0, 2, 5],
+            "every row of the key, in row order"
+        );
+        assert_eq!(find(-3), vec![1, 4]);
+        assert_eq!(find(7), vec![3]);
+        assert!(find(8).is_empty() && find(i64::MIN).is_empty() && find(i64::MAX).is_empty());
     }
 }
