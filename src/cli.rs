@@ -255,6 +255,8 @@ pub enum BenchCommand {
     Batch(crate::bench::BatchBenchArgs),
     /// Freshness, speed-layer throughput, query latency and memory of a real server.
     Serve(crate::bench::ServeBenchArgs),
+    /// Point reads against this machine's ceiling, and the Postgres wire beside HTTP.
+    Reads(crate::bench::ReadsBenchArgs),
     /// Steady load for N minutes: RSS, open files, disk and lag every minute.
     Soak(crate::bench::SoakBenchArgs),
     /// Consumption from a Kafka topic into views, and freshness over Kafka.
@@ -290,9 +292,42 @@ pub fn main() -> ExitCode {
         Err(e) => {
             // `{:#}` prints the whole chain: what failed, then why.
             eprintln!("error: {e:#}");
+            if let Some(x) = explained(&e) {
+                if let Some(d) = x.detail() {
+                    eprintln!("detail: {d}");
+                }
+                if let Some(h) = x.hint() {
+                    eprintln!("hint: {h}");
+                }
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// The first error in `e`'s chain that has a detail or hint to give.
+fn explained(e: &anyhow::Error) -> Option<&dyn crate::error::Explain> {
+    macro_rules! first_of {
+        ($cause:expr, $($t:ty),*) => {
+            $(if let Some(x) = $cause.downcast_ref::<$t>() {
+                return Some(x);
+            })*
+        };
+    }
+    for cause in e.chain() {
+        first_of!(
+            cause,
+            crate::serve::ServeError,
+            crate::node::NodeError,
+            crate::config::ConfigError,
+            crate::storage::StorageError,
+            crate::master::MasterError,
+            crate::view::ViewError,
+            crate::serving::query::QueryError,
+            crate::stream::ingest::IngestError
+        );
+    }
+    None
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -360,6 +395,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 BenchCommand::Batch(args) => crate::bench::batch(args)?,
                 BenchCommand::Serve(args) => crate::bench::serve(args)?,
                 BenchCommand::Soak(args) => crate::bench::soak(args)?,
+                BenchCommand::Reads(args) => crate::bench::reads(args)?,
                 BenchCommand::Kafka(args) => crate::bench::kafka(args)?,
                 BenchCommand::Kinesis(args) => crate::bench::kinesis(args)?,
             }
@@ -532,6 +568,18 @@ async fn status(url: &str) -> anyhow::Result<()> {
                 lease["term"]
             );
         }
+    }
+    if let Some(pg) = s["pg"].as_object() {
+        let c = |k: &str| pg.get(k).map_or("-".to_string(), n);
+        println!(
+            "postgres: {} connections ({} refused, {} logins denied) · {} queries, {} point reads, {} errors",
+            c("connections"),
+            c("refused"),
+            c("denied"),
+            c("queries"),
+            c("point_reads"),
+            c("errors")
+        );
     }
     println!(
         "{:>9}  {:>14}  {:>14}  {:>14}  {:>14}  {:>12}  {:>10}",

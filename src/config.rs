@@ -18,7 +18,7 @@ use crate::schema::{
 /// Errors loading or checking a configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("could not read config file {path}: {source}")]
+    #[error("could not read config file {path}")]
     Read {
         path: PathBuf,
         #[source]
@@ -26,15 +26,23 @@ pub enum ConfigError {
     },
     #[error("invalid config file {path}:\n{message}")]
     Parse { path: PathBuf, message: String },
-    #[error("invalid config{}: key `{key}`: {reason}{}",
-        path.as_ref().map(|p| format!(" file {}", p.display())).unwrap_or_default(),
-        hint.as_ref().map(|h| format!("\nhint: {h}")).unwrap_or_default())]
+    #[error("invalid config{}: key `{key}`: {reason}",
+        path.as_ref().map(|p| format!(" file {}", p.display())).unwrap_or_default())]
     Invalid {
         path: Option<PathBuf>,
         key: String,
         reason: String,
         hint: Option<String>,
     },
+}
+
+impl crate::error::Explain for ConfigError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            ConfigError::Invalid { hint, .. } => hint.clone(),
+            _ => None,
+        }
+    }
 }
 
 /// The whole configuration file.
@@ -66,6 +74,38 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub http: HttpConfig,
+    #[serde(default)]
+    pub pg: PgConfig,
+}
+
+/// `[pg]`: the Postgres wire protocol over the views, off unless `listen`
+/// is set. Clients give a token with scope `query` as the password (any
+/// user name) when `[auth]` has tokens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgConfig {
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// TLS for Postgres clients (default: `[http.tls]`, if set).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Open Postgres connections at once; more are refused (53300).
+    #[serde(default = "default_pg_connections")]
+    pub max_connections: usize,
+}
+
+fn default_pg_connections() -> usize {
+    256
+}
+
+impl Default for PgConfig {
+    fn default() -> Self {
+        PgConfig {
+            listen: None,
+            tls: None,
+            max_connections: default_pg_connections(),
+        }
+    }
 }
 
 /// What a token may do.
@@ -513,6 +553,7 @@ impl Default for Config {
             views: default_views(),
             auth: AuthConfig::default(),
             http: HttpConfig::default(),
+            pg: PgConfig::default(),
         }
     }
 }
@@ -958,7 +999,7 @@ sql = "SELECT ProductName, count(*) AS orders, sum(price) AS revenue FROM events
     fn event_time_must_exist_and_be_a_timestamp() {
         let mut c = Config::default();
         c.schema.event_time = "timestmap".into();
-        let err = c.check(None).unwrap_err().to_string();
+        let err = crate::error::Report::of(&c.check(None).unwrap_err()).to_string();
         assert!(err.contains("schema.event_time"), "{err}");
         assert!(err.contains("did you mean `timestamp`"), "{err}");
 

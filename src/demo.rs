@@ -86,6 +86,28 @@ fn print_views(views: &[(String, String, String)]) {
     }
 }
 
+/// How a newcomer runs this binary from their shell: `lambdaflow` if that
+/// is on the PATH and is this program, `cargo run --` when cargo started
+/// it (after `cargo run -- demo` the binary is not on the PATH), else its
+/// path.
+fn invocation() -> String {
+    let me = std::env::current_exe().ok();
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("lambdaflow"))
+            .find(|p| p.is_file())
+    });
+    let same = |a: &std::path::Path, b: &std::path::Path| {
+        std::fs::canonicalize(a).ok() == std::fs::canonicalize(b).ok()
+    };
+    match (&me, &on_path) {
+        (Some(me), Some(p)) if same(me, p) => "lambdaflow".into(),
+        _ if std::env::var_os("CARGO").is_some() => "cargo run --".into(),
+        (Some(me), _) => me.display().to_string(),
+        _ => "lambdaflow".into(),
+    }
+}
+
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("lambdaflow-demo-")
@@ -101,6 +123,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         batch: BatchConfig {
             pause: Duration::from_secs(3600),
             ..BatchConfig::default()
+        },
+        // Postgres clients on a free port: 5432 may be a real Postgres.
+        pg: crate::config::PgConfig {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            ..crate::config::PgConfig::default()
         },
         ..Config::default()
     };
@@ -122,6 +149,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         dir.path().display()
     );
     println!("  API             {base}");
+    println!("  dashboard       {base}/");
+    if let Some(pg) = &server.pg {
+        println!("  Postgres        {}", pg.url());
+    }
     println!();
 
     println!(
@@ -152,9 +183,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         layers.serving.snapshot().realtime_end == target
     })
     .await?;
-    println!(
-        "2. The speed layer has every event (high-water marks {target:?}); no batch view yet."
-    );
+    println!("2. The speed layer has every event (high-water marks {target:?}). The batch view is");
+    println!("   still empty: its run covers no events yet (H = 0 on every partition below).");
     println!("   The merged views, all from realtime chunks:");
     let before = views_now(&layers).await?;
     print_views(&before);
@@ -226,13 +256,26 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     println!();
 
-    println!("Try it, while this runs:");
+    let me = invocation();
+    println!("Try it, while this runs (in another terminal, from this directory):");
+    println!("  open {base}/ in a browser: the live dashboard");
+    if let Some(pg) = &server.pg {
+        println!(
+            "  psql \"{}\" -c \"SELECT * FROM sales_by_product ORDER BY revenue DESC LIMIT 3\"",
+            pg.url()
+        );
+    }
     println!("  curl -s '{base}/v1/views/sales_by_product?ProductName=product2'");
     println!(
-        "  lambdaflow sql --url {base} \"SELECT * FROM sales_by_product ORDER BY revenue DESC LIMIT 3\""
+        "  {me} sql --url {base} \"SELECT * FROM sales_by_product ORDER BY revenue DESC LIMIT 3\""
     );
-    println!("  lambdaflow produce --url {base} --events 100000 --late 0.1");
-    println!("  lambdaflow status --url {base}");
+    println!("  {me} produce --url {base} --events 100000 --late 0.1");
+    println!("  {me} status --url {base}");
+    if me != "lambdaflow" {
+        println!(
+            "  (or install the binary once with `cargo install --path .`, then `lambdaflow …`)"
+        );
+    }
     if args.exit {
         server.stop().await?;
     } else {

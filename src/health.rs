@@ -92,17 +92,7 @@ impl Health {
     /// ("cannot read partition 0: Broker: Offset out of range"): the
     /// component's problem must say why, not only what.
     pub fn report_error(&self, component: &str, error: &dyn std::error::Error) -> u64 {
-        let mut message = error.to_string();
-        let mut cause = error.source();
-        while let Some(c) = cause {
-            let c_text = c.to_string();
-            // Transparent wrappers repeat their source's text.
-            if !message.ends_with(&c_text) {
-                message = format!("{message}: {c_text}");
-            }
-            cause = c.source();
-        }
-        bump(&self.problems, component, &message)
+        bump(&self.problems, component, &crate::error::chain(error))
     }
 
     /// `component` reached a limit and dealt with it as documented (the

@@ -17,6 +17,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod error;
 pub mod failpoint;
 pub mod health;
 pub mod master;

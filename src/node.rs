@@ -71,10 +71,28 @@ pub enum NodeError {
     Kinesis(#[from] KinesisError),
     #[error(transparent)]
     Source(#[from] crate::stream::SourceError),
-    #[error(
-        "another node ({node}) holds the driver lease of {root}\nhint: a node on the embedded log must drive; stop the other node, or use Kafka or Kinesis as the stream to run several nodes on one root"
-    )]
+    #[error("another node ({node}) holds the driver lease of {root}")]
     LeaseHeld { root: String, node: String },
+}
+
+impl crate::error::Explain for NodeError {
+    fn detail(&self) -> Option<String> {
+        match self {
+            NodeError::Master(e) => e.detail(),
+            _ => None,
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        match self {
+            NodeError::Config(e) => e.hint(),
+            NodeError::Storage(e) => e.hint(),
+            NodeError::Master(e) => e.hint(),
+            NodeError::View(e) => e.hint(),
+            NodeError::LeaseHeld { .. } => Some("a node on the embedded log must drive; stop the other node, or use Kafka or Kinesis as the stream to run several nodes on one root".into()),
+            _ => None,
+        }
+    }
 }
 
 /// Settles what the stream decides rather than the configuration: a Kafka
@@ -115,6 +133,8 @@ pub struct Layers {
     pub source: Arc<dyn Source>,
     /// Whether this node drives (archives and runs the batch layer).
     pub lease: Arc<Lease>,
+    /// The views as SQL tables (`POST /v1/sql`, the Postgres wire).
+    pub catalog: Arc<crate::serving::query::Catalog>,
 }
 
 /// The layers of one process.
@@ -447,6 +467,10 @@ impl Node {
             health: health.clone(),
             source: source.clone(),
             lease: lease.clone(),
+            catalog: Arc::new(crate::serving::query::Catalog::new(
+                &serving,
+                crate::serving::query::CATALOG,
+            )),
         });
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = vec![tokio::spawn(speed.run(stop_rx.clone()))];

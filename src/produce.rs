@@ -32,13 +32,13 @@ use crate::schema::PAPER_TIME_FORMAT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProduceError {
-    #[error("could not read {}: {source}", path.display())]
+    #[error("could not read {}", path.display())]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("could not write {}: {source}", path.display())]
+    #[error("could not write {}", path.display())]
     Write {
         path: PathBuf,
         #[source]
@@ -50,7 +50,7 @@ pub enum ProduceError {
     BadOption(String),
     #[error("could not set up the HTTP client: {0}")]
     Setup(String),
-    #[error("could not set up the HTTP client: {0}")]
+    #[error("could not set up the HTTP client")]
     Client(#[source] reqwest::Error),
     #[error(transparent)]
     Kafka(#[from] crate::stream::kafka::KafkaError),
@@ -604,7 +604,7 @@ impl Shared {
                     .accepted
                     .fetch_add(puts.len() as u64, Ordering::Relaxed);
             }
-            Err(e) => self.fail(&e.to_string(), n),
+            Err(e) => self.fail(&crate::error::chain(&e), n),
         }
     }
 

@@ -2,6 +2,7 @@
 
 pub mod conn;
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,45 +30,89 @@ pub enum ServeError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Node(#[from] NodeError),
-    #[error(
-        "could not listen on {addr}: {source}\nhint: is another server using that port? pick another with --listen"
-    )]
+    #[error("could not listen on {addr}")]
     Bind {
         addr: SocketAddr,
+        /// The flag or key that sets this address.
+        set_by: &'static str,
         #[source]
         source: std::io::Error,
     },
     #[error(
-        "refusing to listen on {addr}: it is not a loopback address, and no access tokens are configured\nhint: add [auth] tokens with scopes \"ingest\" and \"query\", or listen on 127.0.0.1"
+        "refusing to listen on {addr}: it is not a loopback address, and no access tokens are configured"
     )]
     NotLoopback { addr: SocketAddr },
     #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("the HTTP server failed: {0}")]
+    #[error("the HTTP server failed")]
     Http(#[source] std::io::Error),
 }
 
-/// `[http.tls]` could not be loaded.
+impl crate::error::Explain for ServeError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            ServeError::Config(e) => e.hint(),
+            ServeError::Node(e) => e.hint(),
+            ServeError::Bind { set_by, .. } => Some(format!(
+                "is another server using that port? pick another with {set_by}"
+            )),
+            ServeError::NotLoopback { .. } => Some(
+                "add [auth] tokens with scopes \"ingest\" and \"query\", or listen on 127.0.0.1"
+                    .into(),
+            ),
+            ServeError::Tls(e) => e.hint(),
+            ServeError::Http(_) => None,
+        }
+    }
+}
+
+/// `[http.tls]` (or `[pg.tls]`) could not be loaded.
 #[derive(Debug, thiserror::Error)]
-#[error("could not load the TLS {what} {}: {detail}\nhint: http.tls wants PEM files: the certificate chain and its private key", path.display())]
+#[error("could not load the TLS {what} {}: {detail}", path.display())]
 pub struct TlsError {
     what: &'static str,
     path: PathBuf,
     detail: String,
 }
 
-/// A running HTTP server.
+impl crate::error::Explain for TlsError {
+    fn hint(&self) -> Option<String> {
+        Some("tls wants PEM files: the certificate chain and its private key".into())
+    }
+}
+
+/// A running HTTP server (and Postgres endpoint, if configured).
 pub struct Running {
     pub addr: SocketAddr,
     /// `http` or `https`.
     pub scheme: &'static str,
+    /// Where Postgres clients connect, if `[pg] listen` is set.
+    pub pg: Option<PgRunning>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), ServeError>>,
+}
+
+/// The Postgres endpoint of a running server.
+pub struct PgRunning {
+    pub addr: SocketAddr,
+    pub tls: bool,
+    pub counters: Arc<crate::serving::pg::PgCounters>,
+    task: JoinHandle<()>,
+}
+
+impl PgRunning {
+    /// The address a client connects to, as a URL.
+    pub fn url(&self) -> String {
+        crate::serving::pg::describe(self.addr, self.tls)
+    }
 }
 
 impl Running {
     /// Stops accepting, finishes requests in flight, and returns.
     pub async fn stop(mut self) -> Result<(), ServeError> {
+        if let Some(pg) = self.pg.take() {
+            pg.task.abort();
+        }
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
@@ -78,7 +123,7 @@ impl Running {
 }
 
 /// Loads `[http.tls]`: a rustls server config from PEM files.
-fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
+fn tls_acceptor(tls: &TlsConfig, alpn: &[&[u8]]) -> Result<TlsAcceptor, TlsError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert)
@@ -109,7 +154,7 @@ fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
             path: tls.cert.clone(),
             detail: e.to_string(),
         })?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -126,7 +171,11 @@ pub async fn start(node: &Node, listen: SocketAddr) -> Result<Running, ServeErro
         return Err(ServeError::NotLoopback { addr: listen });
     }
     let http = &node.config.http;
-    let tls = http.tls.as_ref().map(tls_acceptor).transpose()?;
+    let tls = http
+        .tls
+        .as_ref()
+        .map(|t| tls_acceptor(t, &[b"h2", b"http/1.1"]))
+        .transpose()?;
     let limits = conn::ConnLimits::new(http, conn::raise_fd_limit());
     tracing::info!(
         open_files = limits.fd_limit,
@@ -146,21 +195,27 @@ pub async fn start(node: &Node, listen: SocketAddr) -> Result<Running, ServeErro
         .await
         .map_err(|source| ServeError::Bind {
             addr: listen,
+            set_by: "--listen",
             source,
         })?;
     let addr = listener.local_addr().map_err(ServeError::Http)?;
     let admission = conn::Admission::new(limits);
-    let state = Arc::new(
-        ApiState::new(
-            node.ingest.clone(),
-            node.config.ingest.max_body.as_u64() as usize,
-            MAX_IN_FLIGHT,
-            Some(node.layers()),
-        )
-        .with_auth(auth)
-        .with_body_timeout(http.body_timeout)
-        .with_connections(admission.clone()),
-    );
+    let mut state = ApiState::new(
+        node.ingest.clone(),
+        node.config.ingest.max_body.as_u64() as usize,
+        MAX_IN_FLIGHT,
+        Some(node.layers()),
+    )
+    .with_auth(auth)
+    .with_body_timeout(http.body_timeout)
+    .with_connections(admission.clone());
+    // Postgres clients share the HTTP reads' query pool (and its limits).
+    let pg = match node.config.pg.listen {
+        Some(addr) => Some(start_pg(node, addr, state.queries.clone()).await?),
+        None => None,
+    };
+    state.pg = pg.as_ref().map(|p| p.counters.clone());
+    let state = Arc::new(state);
     let app = api::router(state);
     let (first, idle) = (http.header_timeout, http.idle_timeout);
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -264,7 +319,57 @@ pub async fn start(node: &Node, listen: SocketAddr) -> Result<Running, ServeErro
     Ok(Running {
         addr,
         scheme,
+        pg,
         stop: Some(tx),
+        task,
+    })
+}
+
+/// Binds `[pg] listen` and serves the Postgres wire protocol over the
+/// views: the same refusal off loopback without tokens as HTTP, TLS from
+/// `[pg] tls` or else `[http] tls`, the same query pool.
+async fn start_pg(
+    node: &Node,
+    listen: SocketAddr,
+    queries: Arc<crate::serving::pool::QueryPool>,
+) -> Result<PgRunning, ServeError> {
+    use crate::serving::pg;
+    let auth = Arc::new(Auth::from_config(&node.config.auth));
+    if !listen.ip().is_loopback() && !auth.enabled() {
+        return Err(ServeError::NotLoopback { addr: listen });
+    }
+    let config = &node.config.pg;
+    let tls = config
+        .tls
+        .as_ref()
+        .or(node.config.http.tls.as_ref())
+        .map(|t| tls_acceptor(t, &[b"postgresql"]))
+        .transpose()?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: listen,
+            set_by: "pg.listen",
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(ServeError::Http)?;
+    let layers = node.layers();
+    let counters = Arc::new(pg::PgCounters::default());
+    let server = Arc::new(pg::PgServer::new(
+        layers.serving.clone(),
+        &layers.catalog,
+        queries,
+        auth,
+        crate::serving::query::SqlLimits::default(),
+        tls.is_some(),
+        counters.clone(),
+    ));
+    let tls_on = tls.is_some();
+    let task = tokio::spawn(pg::serve(listener, server, tls, config.max_connections));
+    Ok(PgRunning {
+        addr,
+        tls: tls_on,
+        counters,
         task,
     })
 }
@@ -285,9 +390,17 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let listen = config.listen;
     let node = Node::open(config).await?;
     let server = start(&node, listen).await?;
-    // A plain line on stdout that scripts and tests wait for.
-    println!(
-        "lambdaflow listening on {}://{} (data: {})",
+    // One plain line on stdout that scripts and tests wait for (they may
+    // stop reading after it: nothing else goes to stdout, and a closed
+    // stdout is no reason to stop serving).
+    let pg = server
+        .pg
+        .as_ref()
+        .map(|pg| format!(", postgres: {}", pg.url()))
+        .unwrap_or_default();
+    let _ = writeln!(
+        std::io::stdout(),
+        "lambdaflow listening on {}://{} (data: {}{pg})",
         server.scheme,
         server.addr,
         node.data_dir().display()

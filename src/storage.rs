@@ -29,21 +29,30 @@ use url::Url;
 pub enum StorageError {
     #[error("invalid storage root {root}: {reason}")]
     BadRoot { root: String, reason: String },
-    #[error(
-        "an S3 root is configured unsafely: {setting}={value}: {reason}\nhint: unset {setting}; S3 (and moto, MinIO, R2) support conditional writes"
-    )]
+    #[error("an S3 root is configured unsafely: {setting}={value}: {reason}")]
     Unsafe {
         setting: &'static str,
         value: Box<str>,
         reason: &'static str,
     },
-    #[error("storage: could not {op} {path}: {source}")]
+    #[error("storage: could not {op} {path}")]
     Io {
         op: &'static str,
         path: String,
         #[source]
         source: object_store::Error,
     },
+}
+
+impl crate::error::Explain for StorageError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            StorageError::Unsafe { setting, .. } => Some(format!(
+                "unset {setting}; S3 (and moto, MinIO, R2) support conditional writes"
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// Wraps an object-store error with what was being done, and where.

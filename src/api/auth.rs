@@ -22,6 +22,7 @@ use subtle::ConstantTimeEq;
 
 use super::{ApiError, ApiState};
 use crate::config::{AuthConfig, Scope};
+use crate::error::{Explain, Report};
 
 /// The configured tokens, resolved (from the file or the environment).
 #[derive(Default)]
@@ -48,6 +49,15 @@ impl Auth {
 
     pub fn enabled(&self) -> bool {
         !self.tokens.is_empty()
+    }
+
+    /// Whether `presented` is a token with scope `need`.
+    pub fn check(&self, presented: &[u8], need: Scope) -> Result<(), Denied> {
+        match self.scopes(presented) {
+            None => Err(Denied::Invalid),
+            Some(scopes) if !scopes.contains(&need) => Err(Denied::Scope(need)),
+            Some(_) => Ok(()),
+        }
     }
 
     /// The scopes of `presented`, or `None` if it is no configured token.
@@ -87,22 +97,47 @@ pub(super) async fn require_token(
         .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
         .map(|t| t.trim_ascii());
     let Some(presented) = presented else {
-        return unauthorized(
-            "this server requires an access token\nhint: send `Authorization: Bearer <token>`",
-        );
+        return unauthorized(Denied::Missing);
     };
-    match state.auth.scopes(presented) {
-        None => unauthorized("the access token is not valid\nhint: check the token you were given; tokens are configured in [auth] on the server"),
-        Some(scopes) if !scopes.contains(&need) => ApiError::new(
-            StatusCode::FORBIDDEN,
-            format!(
-                "the access token does not have the `{}` scope\nhint: use a token with scope \"{}\"",
-                scope_name(need),
-                scope_name(need)
-            ),
-        )
-        .into_response(),
-        Some(_) => next.run(req).await,
+    match state.auth.check(presented, need) {
+        Err(e @ Denied::Scope(_)) => {
+            ApiError::report(StatusCode::FORBIDDEN, Report::of(&e)).into_response()
+        }
+        Err(e) => unauthorized(e),
+        Ok(()) => next.run(req).await,
+    }
+}
+
+/// Why a client was turned away.
+#[derive(Debug, thiserror::Error)]
+pub enum Denied {
+    #[error("this server requires an access token")]
+    Missing,
+    #[error("the access token is not valid")]
+    Invalid,
+    #[error("the access token does not have the `{}` scope", scope_name(*.0))]
+    Scope(Scope),
+}
+
+impl Explain for Denied {
+    fn hint(&self) -> Option<String> {
+        Some(match self {
+            Denied::Missing => "send `Authorization: Bearer <token>`".into(),
+            Denied::Invalid => {
+                "check the token you were given; tokens are configured in [auth] on the server"
+                    .into()
+            }
+            Denied::Scope(s) => format!("use a token with scope \"{}\"", scope_name(*s)),
+        })
+    }
+
+    fn sqlstate(&self) -> &'static str {
+        match self {
+            // invalid_password
+            Denied::Missing | Denied::Invalid => "28P01",
+            // insufficient_privilege
+            Denied::Scope(_) => "42501",
+        }
     }
 }
 
@@ -113,8 +148,8 @@ fn scope_name(s: Scope) -> &'static str {
     }
 }
 
-fn unauthorized(message: &str) -> Response {
-    let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, message).into_response();
+fn unauthorized(e: Denied) -> Response {
+    let mut resp = ApiError::report(StatusCode::UNAUTHORIZED, Report::of(&e)).into_response();
     resp.headers_mut().insert(
         header::WWW_AUTHENTICATE,
         HeaderValue::from_static("Bearer realm=\"lambdaflow\""),

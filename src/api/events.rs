@@ -21,8 +21,9 @@ pub(super) async fn post_events(
     let _permit = state.in_flight.clone().try_acquire_owned().map_err(|_| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "too many ingest requests in flight\nhint: retry after a short pause, or send fewer, larger requests",
+            "too many ingest requests in flight",
         )
+        .hint("retry after a short pause, or send fewer, larger requests")
         .retry_after(1)
     })?;
     let declared = headers
@@ -35,10 +36,11 @@ pub(super) async fn post_events(
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
-                "the request body is larger than the limit of {}\nhint: {hint}",
+                "the request body is larger than the limit of {}",
                 bytesize::ByteSize::b(state.max_body as u64)
             ),
-        ));
+        )
+        .hint(hint));
     }
     let bytes = read_body(&state, body, state.max_body, hint).await?;
 
@@ -74,7 +76,7 @@ pub(super) async fn post_events(
             } else if status.is_server_error() {
                 tracing::warn!(%status, error = %error, "ingest request failed");
             }
-            let mut err = ApiError::new(status, error.to_string());
+            let mut err = ApiError::report(status, crate::error::Report::of(&error));
             if matches!(error, IngestError::Backlogged { .. }) {
                 err = err.retry_after(5);
             } else if status == StatusCode::SERVICE_UNAVAILABLE {
@@ -83,7 +85,7 @@ pub(super) async fn post_events(
                 err = err.retry_after(10);
             }
             if partial.accepted > 0 {
-                err.detail = Some(serde_json::json!({ "stored_before_failure": partial }));
+                err.extra = Some(serde_json::json!({ "stored_before_failure": partial }));
             }
             Err(err)
         }

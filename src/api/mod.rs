@@ -7,6 +7,8 @@
 //!  POST /v1/sql           read-only SQL over the views (each view is a table)
 //!  GET  /v1/status        every layer's watermarks, lag and last run
 //!  GET  /metrics          Prometheus text
+//!  GET  /                 the live dashboard (one page, no outside fetches)
+//!  GET  /healthz          liveness: "ok" (no token)
 //!  POST /v1/batch/run     start a batch cycle now (instead of after the pause)
 //! ```
 //!
@@ -16,6 +18,7 @@
 
 pub mod auth;
 pub mod client;
+mod dashboard;
 mod events;
 mod views;
 
@@ -53,6 +56,8 @@ pub struct ApiState {
     /// Where reads run (view reads and SQL): off the runtime that
     /// acknowledges ingest.
     pub queries: Arc<crate::serving::pool::QueryPool>,
+    /// The Postgres endpoint's counters, when it runs.
+    pub pg: Option<Arc<crate::serving::pg::PgCounters>>,
 }
 
 impl ApiState {
@@ -76,6 +81,7 @@ impl ApiState {
                 crate::serving::pool::QueryPool::new(Default::default())
                     .expect("the query runtime starts"),
             ),
+            pg: None,
         }
     }
 
@@ -108,19 +114,21 @@ pub(crate) async fn read_body(
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
-                "the request body is larger than the limit of {}\nhint: {what}",
+                "the request body is larger than the limit of {}",
                 bytesize::ByteSize::b(limit as u64)
             ),
         )
+        .hint(what)
     };
     match tokio::time::timeout(state.body_timeout, axum::body::to_bytes(body, limit)).await {
         Err(_) => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             format!(
-                "the request body did not arrive within {}\nhint: send the body as fast as the network allows, or raise http.body_timeout",
+                "the request body did not arrive within {}",
                 humantime::format_duration(state.body_timeout)
             ),
-        )),
+        )
+        .hint("send the body as fast as the network allows, or raise http.body_timeout")),
         Ok(Ok(b)) => Ok(b),
         Ok(Err(e)) => {
             let limited = std::error::Error::source(&e)
@@ -153,29 +161,45 @@ pub fn router(state: Arc<ApiState>) -> Router {
             state.clone(),
             auth::require_token,
         ))
+        // The page holds no data (it asks the API, with the token the user
+        // gives it), so it needs none to load.
+        .route("/", get(dashboard::page))
+        .route("/healthz", get(healthz))
         // Bodies are bounded by each handler (`read_body`), not by axum's default.
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
 }
 
-/// An error answer: status, message, optional hint and `Retry-After`.
+/// An error answer: status, the error (message, detail, hint) and
+/// `Retry-After`.
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub message: String,
+    /// Boxed: an error travels in every handler's `Result`.
+    pub report: Box<crate::error::Report>,
     pub retry_after: Option<u32>,
     /// Extra JSON fields (e.g. what of the request was stored anyway).
-    pub detail: Option<serde_json::Value>,
+    pub extra: Option<serde_json::Value>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError::report(status, crate::error::Report::new(message))
+    }
+
+    /// An error of a layer, with its detail and hint.
+    pub fn report(status: StatusCode, report: crate::error::Report) -> ApiError {
         ApiError {
             status,
-            message: message.into(),
+            report: Box::new(report),
             retry_after: None,
-            detail: None,
+            extra: None,
         }
+    }
+
+    pub fn hint(mut self, hint: impl Into<String>) -> ApiError {
+        self.report.hint = Some(hint.into());
+        self
     }
 
     pub fn retry_after(mut self, secs: u32) -> ApiError {
@@ -186,16 +210,15 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        // Library errors put their hint on a line of its own; JSON gets a field.
-        let (error, hint) = match self.message.split_once("\nhint: ") {
-            Some((e, h)) => (e.to_string(), Some(h.to_string())),
-            None => (self.message, None),
-        };
-        let mut body = serde_json::json!({ "error": error });
-        if let Some(h) = hint {
+        let report = *self.report;
+        let mut body = serde_json::json!({ "error": report.message });
+        if let Some(d) = report.detail {
+            body["detail"] = d.into();
+        }
+        if let Some(h) = report.hint {
             body["hint"] = h.into();
         }
-        if let Some(serde_json::Value::Object(extra)) = self.detail {
+        if let Some(serde_json::Value::Object(extra)) = self.extra {
             for (k, v) in extra {
                 body[k] = v;
             }
@@ -237,6 +260,9 @@ struct Status {
     /// The heap: allocated by the program, resident by the allocator.
     #[serde(skip_serializing_if = "Option::is_none")]
     memory: Option<crate::memory::MemoryReport>,
+    /// The Postgres endpoint: connections, logins refused, queries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pg: Option<Arc<crate::serving::pg::PgCounters>>,
 }
 
 #[derive(Serialize)]
@@ -296,6 +322,8 @@ struct IngestStatus {
     /// under `ingest.dead_letter_max`.
     dead_letter_bytes: u64,
     dead_letter_files_removed: u64,
+    /// The latest refused lines with their reasons, newest first.
+    dead_letters_recent: Vec<crate::stream::deadletter::RecentReject>,
 }
 
 /// The cluster as this node sees it.
@@ -392,6 +420,7 @@ async fn status(
         partitions,
         connections: state.connections.as_ref().map(|c| c.report()),
         memory: crate::memory::report(),
+        pg: state.pg.clone(),
         ingest: IngestStatus {
             requests: c.requests.load(Relaxed),
             accepted: c.accepted.load(Relaxed),
@@ -401,8 +430,17 @@ async fn status(
             dead_letters_dropped: dead.counters.dropped.load(Relaxed),
             dead_letter_bytes: dead.bytes(),
             dead_letter_files_removed: dead.counters.removed_files.load(Relaxed),
+            dead_letters_recent: dead.recent(),
         },
     })
+}
+
+/// `GET /healthz`: the process answers (a liveness probe for load
+/// balancers and orchestrators; it says nothing about the layers, which
+/// `/v1/status` does). No token needed, and it costs next to nothing: the
+/// read benchmark's ceiling.
+async fn healthz() -> &'static str {
+    "ok\n"
 }
 
 /// `POST /v1/batch/run`: wakes the batch loop (a run starts if the master

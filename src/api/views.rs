@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::{ApiError, ApiState};
+use crate::error::Report;
 use crate::node::Layers;
 use crate::serving::ServingError;
 use crate::serving::query::{self, QueryError};
@@ -32,7 +33,7 @@ fn serving_error(e: ServingError) -> ApiError {
         ServingError::NoSuchView { .. } => StatusCode::NOT_FOUND,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    ApiError::new(status, e.to_string())
+    ApiError::report(status, Report::of(&e))
 }
 
 fn columns(schema: &arrow::datatypes::Schema) -> Value {
@@ -57,6 +58,7 @@ pub(super) async fn list_views(
             "sql": v.sql(),
             "kind": format!("{:?}", v.kind()).to_lowercase(),
             "columns": columns(v.output_schema()),
+            "keys": v.key_names(),
             "rows": a.rows.iter().map(|b| b.num_rows()).sum::<usize>(),
             "freshness": a.freshness,
         }));
@@ -91,12 +93,13 @@ fn json_bytes(v: &impl serde::Serialize) -> Vec<u8> {
 
 fn pool_error(e: crate::serving::pool::PoolError) -> ApiError {
     use crate::serving::pool::PoolError;
+    let r = Report::of(&e);
     match e {
         PoolError::Busy { .. } => {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).retry_after(1)
+            ApiError::report(StatusCode::SERVICE_UNAVAILABLE, r).retry_after(1)
         }
-        PoolError::Timeout(_) => ApiError::new(StatusCode::REQUEST_TIMEOUT, e.to_string()),
-        PoolError::Panicked(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        PoolError::Timeout(_) => ApiError::report(StatusCode::REQUEST_TIMEOUT, r),
+        PoolError::Panicked(_) => ApiError::report(StatusCode::INTERNAL_SERVER_ERROR, r),
     }
 }
 
@@ -106,9 +109,10 @@ fn query_error(e: QueryError) -> ApiError {
         QueryError::NotAQuery { .. } => StatusCode::FORBIDDEN,
         QueryError::Sql { .. } => StatusCode::BAD_REQUEST,
         QueryError::Memory { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        QueryError::Serving(ServingError::NoSuchView { .. }) => StatusCode::NOT_FOUND,
         QueryError::Serving(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    ApiError::new(status, e.to_string())
+    ApiError::report(status, Report::of(&e))
 }
 
 fn param_usize(params: &HashMap<String, String>, key: &str) -> Result<Option<usize>, ApiError> {
@@ -153,14 +157,22 @@ pub(super) async fn get_view(
                 .unwrap_or_else(|| format!("the columns of `{name}` are: {}", names.join(", ")));
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
-                format!("view `{name}` has no column `{col}`\nhint: {hint}"),
-            ));
+                format!("view `{name}` has no column `{col}`"),
+            )
+            .hint(hint));
         }
     }
     let limits = query::SqlLimits {
         max_rows: limit,
         ..query::SqlLimits::default()
     };
+    // A key lookup whose indexes are built is small, bounded work: it runs
+    // here (see `QueryPool::run_here`); anything that merges a whole view
+    // runs on the query runtime.
+    let here = filters
+        .iter()
+        .find_map(|(col, _)| view.key_column(col))
+        .is_some_and(|c| l.serving.point_is_cheap(i, c));
     let work = async move {
         // A filter on a group key reads just that group (fresh, no full
         // merge); the other filters then apply to its rows.
@@ -230,11 +242,12 @@ pub(super) async fn get_view(
         let parts: Vec<(&str, &[u8])> = parts.iter().map(|(k, v)| (*k, v.as_slice())).collect();
         Ok::<_, ApiError>(json_reply(&parts))
     };
-    let resp = state
-        .queries
-        .run(limits.timeout, work)
-        .await
-        .map_err(pool_error)??;
+    let resp = if here {
+        state.queries.run_here(limits.timeout, work).await
+    } else {
+        state.queries.run(limits.timeout, work).await
+    }
+    .map_err(pool_error)??;
     state.query_latency.observe(began.elapsed());
     Ok(resp)
 }
@@ -279,8 +292,9 @@ pub(super) async fn post_sql(
         let v: Value = serde_json::from_slice(&body).map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
-                format!("the body is not JSON: {e}\nhint: send {{\"sql\": \"SELECT …\"}}"),
+                format!("the body is not JSON: {e}"),
             )
+            .hint("send {\"sql\": \"SELECT …\"}")
         })?;
         v["sql"]
             .as_str()
@@ -296,13 +310,12 @@ pub(super) async fn post_sql(
             .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "the SQL is not UTF-8"))?
     };
     if sql.trim().is_empty() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "empty query\nhint: send one SELECT over the views",
-        ));
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "empty query")
+            .hint("send one SELECT over the views"));
     }
     let answer = query::run(
         &l.serving,
+        &l.catalog,
         &state.queries,
         &sql,
         query::SqlLimits::default(),

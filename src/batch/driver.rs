@@ -35,7 +35,7 @@ pub enum DriverError {
     Log(#[from] LogError),
     #[error(transparent)]
     Source(#[from] SourceError),
-    #[error("could not take the batch lock {}: {source}", path.display())]
+    #[error("could not take the batch lock {}", path.display())]
     Lock {
         path: PathBuf,
         #[source]
@@ -131,6 +131,8 @@ pub async fn accept_loss(
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct BatchStatus {
     pub published: Option<RunInfo>,
+    /// The latest published runs, newest first (at most [`RECENT_RUNS`]).
+    pub recent: std::collections::VecDeque<RunInfo>,
     /// When the run in progress started (ms since the epoch).
     pub running_since_ms: Option<i64>,
     pub runs: u64,
@@ -140,9 +142,16 @@ pub struct BatchStatus {
 impl BatchStatus {
     fn published(&mut self, m: &Manifest) {
         self.published = Some(m.info.clone());
+        if self.recent.front().map(|r| r.run) != Some(m.info.run) {
+            self.recent.push_front(m.info.clone());
+            self.recent.truncate(RECENT_RUNS);
+        }
         self.runs += 1;
     }
 }
+
+/// Published runs `status` lists.
+pub const RECENT_RUNS: usize = 10;
 
 /// Holds the batch lock of a data directory while alive.
 pub struct BatchLock {
@@ -340,8 +349,8 @@ pub async fn cycle(
                 tracing::debug!(partition = p, start, "log retention")
             }
             Err(e) => {
-                health.report(&component, &e);
-                tracing::warn!(partition = p, error = %e, "log retention failed")
+                health.report_error(&component, &e);
+                tracing::warn!(partition = p, error = %crate::error::chain(&e), "log retention failed")
             }
         }
     }
@@ -447,14 +456,14 @@ impl Driver {
             )
             .await
         {
-            self.status.lock().expect("status lock").last_error = Some(e.to_string());
+            self.status.lock().expect("status lock").last_error = Some(crate::error::chain(&e));
             if let DriverError::Batch(BatchError::LostRace { .. }) = &e {
                 // Another driver's run is published: follow it.
-                tracing::warn!(error = %e, "another driver published first");
+                tracing::warn!(error = %crate::error::chain(&e), "another driver published first");
                 return;
             }
-            tracing::error!(error = %e, "batch run failed; the previous run stays published");
-            health.report("batch", &e);
+            tracing::error!(error = %crate::error::chain(&e), "batch run failed; the previous run stays published");
+            health.report_error("batch", &e);
             if let DriverError::Batch(BatchError::Master(bad @ MasterError::Corrupt { path, .. })) =
                 &e
             {
@@ -475,13 +484,13 @@ impl Driver {
                     }
                     Ok(false) => {}
                     Err(e) => {
-                        tracing::warn!(path, error = %e, "could not repair a master dataset file")
+                        tracing::warn!(path, error = %crate::error::chain(&e), "could not repair a master dataset file")
                     }
                 }
             }
         } else if let Err(e) = &latest {
-            health.report("master", e);
-            tracing::warn!(error = %e, "could not read the master dataset");
+            health.report_error("master", e);
+            tracing::warn!(error = %crate::error::chain(&e), "could not read the master dataset");
         }
         if latest.is_ok() {
             health.clear("master");
@@ -530,8 +539,8 @@ impl Driver {
         match result {
             Ok(()) => self.health.clear("follow"),
             Err(e) => {
-                tracing::warn!(error = %e, "could not load the driver's publish");
-                self.health.report("follow", &e);
+                tracing::warn!(error = %crate::error::chain(&e), "could not load the driver's publish");
+                self.health.report_error("follow", &e);
             }
         }
     }

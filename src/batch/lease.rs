@@ -226,8 +226,8 @@ impl Lease {
                 }
                 Ok(false) => health.clear("lease"),
                 Err(e) => {
-                    health.report("lease", &e);
-                    tracing::warn!(error = %e, "could not read or renew the driver lease");
+                    health.report_error("lease", &e);
+                    tracing::warn!(error = %crate::error::chain(&e), "could not read or renew the driver lease");
                     if self.is_held() && self.clock.elapsed() - renewed_at >= self.ttl - every {
                         tracing::warn!(
                             "stepping down as the driver: the lease could not be renewed"

@@ -9,9 +9,12 @@
 
 mod kafka;
 mod kinesis;
+mod reads;
 mod soak;
+
 pub use kafka::{KafkaBenchArgs, kafka};
 pub use kinesis::{KinesisBenchArgs, kinesis};
+pub use reads::{ReadsBenchArgs, reads};
 
 pub use soak::{SoakBenchArgs, soak};
 

@@ -149,8 +149,8 @@ pub async fn run_queue(
                 }
             }
             Err(e) => {
-                health.report("archive", &e);
-                tracing::error!(chunks = ?round, error = %e, retry_in = ?backoff, "archiving failed; will retry");
+                health.report_error("archive", &e);
+                tracing::error!(chunks = ?round, error = %crate::error::chain(&e), retry_in = ?backoff, "archiving failed; will retry");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.changed() => return,

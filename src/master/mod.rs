@@ -51,7 +51,7 @@ pub const TABLE_DIR: &str = "master";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MasterError {
-    #[error("master dataset: could not {op}: {source}")]
+    #[error("master dataset: could not {op}")]
     Delta {
         op: &'static str,
         #[source]
@@ -61,12 +61,10 @@ pub enum MasterError {
     Storage(#[from] StorageError),
     #[error("master dataset: could not encode a chunk as Parquet: {0}")]
     Encode(String),
-    #[error(
-        "the master dataset's columns differ from the event schema: {detail}\nhint: lambdaflow does not migrate a master dataset yet; restore the schema it was created with, or use a new data directory"
-    )]
+    #[error("the master dataset's columns differ from the event schema: {detail}")]
     SchemaChanged { detail: String },
     #[error(
-        "the master dataset holds events of partition {found}, but the configuration has {configured} partitions\nhint: the partition count of an existing data directory cannot change; set stream.partitions to what it was, or use a new data directory"
+        "the master dataset holds events of partition {found}, but the configuration has {configured} partitions"
     )]
     PartitionMismatch { found: u32, configured: u32 },
     #[error(
@@ -85,7 +83,7 @@ pub enum MasterError {
         out_of_range: bool,
     },
     #[error(
-        "master dataset file {path} is corrupt: its CRC-32C is {found:08x}, it was written as {expected:08x}\ndetail: partition {partition}, offsets {start}..{end}\nhint: lambdaflow rewrites it from the log while the log still holds those offsets; otherwise restore the file from a backup. The published views stay as they are meanwhile"
+        "master dataset file {path} is corrupt: its CRC-32C is {found:08x}, it was written as {expected:08x}"
     )]
     Corrupt {
         path: String,
@@ -95,6 +93,30 @@ pub enum MasterError {
         expected: u32,
         found: u32,
     },
+}
+
+impl crate::error::Explain for MasterError {
+    fn detail(&self) -> Option<String> {
+        match self {
+            MasterError::Corrupt {
+                partition,
+                start,
+                end,
+                ..
+            } => Some(format!("partition {partition}, offsets {start}..{end}")),
+            _ => None,
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        Some(match self {
+            MasterError::Storage(e) => return e.hint(),
+            MasterError::SchemaChanged { .. } => "lambdaflow does not migrate a master dataset yet; restore the schema it was created with, or use a new data directory".into(),
+            MasterError::PartitionMismatch { .. } => "the partition count of an existing data directory cannot change; set stream.partitions to what it was, or use a new data directory".into(),
+            MasterError::Corrupt { .. } => "lambdaflow rewrites it from the log while the log still holds those offsets; otherwise restore the file from a backup. The published views stay as they are meanwhile".into(),
+            _ => return None,
+        })
+    }
 }
 
 fn delta(op: &'static str) -> impl FnOnce(deltalake::DeltaTableError) -> MasterError {

@@ -24,6 +24,7 @@ use datafusion::error::DataFusionError;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::logical_expr::Expr;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
@@ -56,6 +57,10 @@ impl Default for SqlLimits {
 /// A value built by a function in a query, at most (`repeat('x', 1e9)`
 /// would otherwise allocate outside any memory pool).
 pub const MAX_VALUE_BYTES: usize = 1 << 20;
+/// The database the views are in, as SQL and Postgres clients see it
+/// (`lambdaflow.public.sales_by_zipcode`).
+pub const CATALOG: &str = "lambdaflow";
+
 /// Rows per batch inside a query: views are small, and a small batch keeps
 /// a wide row's batch small too.
 const BATCH_ROWS: usize = 256;
@@ -64,15 +69,15 @@ const ENCODE_ROWS: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
-    #[error(
-        "only queries are allowed here: {detail}\nhint: views are read-only; send one SELECT (or WITH … SELECT)"
-    )]
+    #[error("only queries are allowed here: {detail}")]
     NotAQuery { detail: String },
     #[error("{message}")]
-    Sql { message: String },
-    #[error(
-        "the query needs more memory than its limit of {limit}: {detail}\nhint: filter or aggregate more, or select fewer columns"
-    )]
+    Sql {
+        message: String,
+        /// The SQLSTATE of the error's class (syntax, unknown table, …).
+        sqlstate: &'static str,
+    },
+    #[error("the query needs more memory than its limit of {limit}: {detail}")]
     Memory {
         limit: bytesize::ByteSize,
         detail: String,
@@ -83,8 +88,69 @@ pub enum QueryError {
     Serving(#[from] ServingError),
 }
 
+impl crate::error::Explain for QueryError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            QueryError::NotAQuery { .. } => {
+                Some("views are read-only; send one SELECT (or WITH … SELECT)".into())
+            }
+            QueryError::Memory { .. } => {
+                Some("filter or aggregate more, or select fewer columns".into())
+            }
+            QueryError::Pool(p) => p.hint(),
+            QueryError::Serving(s) => s.hint(),
+            QueryError::Sql { .. } => None,
+        }
+    }
+
+    fn sqlstate(&self) -> &'static str {
+        match self {
+            // read_only_sql_transaction
+            QueryError::NotAQuery { .. } => "25006",
+            QueryError::Sql { sqlstate, .. } => sqlstate,
+            // out_of_memory
+            QueryError::Memory { .. } => "53200",
+            QueryError::Pool(p) => p.sqlstate(),
+            QueryError::Serving(s) => s.sqlstate(),
+        }
+    }
+}
+
+/// The SQLSTATE class of a DataFusion error: what a Postgres client
+/// branches on.
+fn sqlstate_of(e: &DataFusionError) -> &'static str {
+    let text = e.to_string();
+    match e.find_root() {
+        // syntax_error
+        DataFusionError::SQL(..) => "42601",
+        // undefined_table, undefined_column
+        DataFusionError::Plan(_) if text.contains("table") && text.contains("not found") => "42P01",
+        DataFusionError::SchemaError(..) => "42703",
+        // feature_not_supported
+        DataFusionError::NotImplemented(_) => "0A000",
+        // syntax_error_or_access_rule_violation
+        DataFusionError::Plan(_) => "42000",
+        // data_exception
+        DataFusionError::Execution(_) | DataFusionError::ArrowError(..) => "22000",
+        _ => "XX000",
+    }
+}
+
 impl QueryError {
-    fn from_df(e: DataFusionError, limits: &SqlLimits) -> QueryError {
+    /// An error of planning: a statement that is not a query is refused
+    /// as such.
+    pub fn from_planning(e: DataFusionError, limits: &SqlLimits) -> QueryError {
+        let message = e.strip_backtrace();
+        if message.contains("not supported")
+            && (message.contains("DDL") || message.contains("DML") || message.contains("Statement"))
+        {
+            QueryError::NotAQuery { detail: message }
+        } else {
+            QueryError::from_df(e, limits)
+        }
+    }
+
+    pub fn from_df(e: DataFusionError, limits: &SqlLimits) -> QueryError {
         let message = e.strip_backtrace();
         if matches!(e.find_root(), DataFusionError::ResourcesExhausted(_)) {
             return QueryError::Memory {
@@ -95,11 +161,16 @@ impl QueryError {
         if let DataFusionError::External(inner) = e.find_root()
             && let Some(s) = inner.downcast_ref::<ServingError>()
         {
+            use crate::error::Explain;
             return QueryError::Sql {
                 message: s.to_string(),
+                sqlstate: s.sqlstate(),
             };
         }
-        QueryError::Sql { message }
+        QueryError::Sql {
+            sqlstate: sqlstate_of(&e),
+            message,
+        }
     }
 }
 
@@ -122,23 +193,25 @@ struct Merged {
     answers: HashMap<usize, (Arc<Answer>, MemoryReservation)>,
 }
 
-/// A view as a table of one snapshot: its rows are merged only if the query
-/// reads it.
+/// The snapshot a query reads, pinned in its session's config: every view
+/// it names is read from this one snapshot, and merged once.
+struct Pinned {
+    snap: Arc<Snapshot>,
+    merged: tokio::sync::Mutex<Merged>,
+}
+
+/// A view as a table: its rows are those of the snapshot pinned in the
+/// session that scans it ([`Catalog::session`]), merged only if the query
+/// reads it. A session with no snapshot can plan over it, not run.
 struct ViewTable {
     serving: Arc<Serving>,
     index: usize,
-    snap: Arc<Snapshot>,
     schema: SchemaRef,
-    merged: Arc<tokio::sync::Mutex<Merged>>,
 }
 
 impl std::fmt::Debug for ViewTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "ViewTable({}, snapshot {})",
-            self.index, self.snap.version
-        )
+        write!(f, "ViewTable({})", self.index)
     }
 }
 
@@ -159,13 +232,16 @@ impl TableProvider for ViewTable {
         _filters: &[Expr],
         _limit: Option<usize>,
     ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
-        let mut merged = self.merged.lock().await;
+        let pinned = state.config().get_extension::<Pinned>().ok_or_else(|| {
+            DataFusionError::Internal("a view was scanned outside a query's session".into())
+        })?;
+        let mut merged = pinned.merged.lock().await;
         let a = match merged.answers.get(&self.index) {
             Some((a, _)) => a.clone(),
             None => {
                 let a = self
                     .serving
-                    .answer_at(self.index, &self.snap)
+                    .answer_at(self.index, &pinned.snap)
                     .await
                     .map_err(|e| DataFusionError::External(Box::new(e)))?;
                 let bytes = a.rows.iter().map(|b| b.get_array_memory_size()).sum();
@@ -185,75 +261,121 @@ impl TableProvider for ViewTable {
     }
 }
 
+/// The views as tables, planned once: a session per query is this
+/// context's state with the query's snapshot and limits.
+pub struct Catalog {
+    base: SessionContext,
+}
+
+impl Catalog {
+    /// The views of `serving` as tables of `catalog.public`, with the
+    /// bounded value builders.
+    pub fn new(serving: &Arc<Serving>, catalog: &str) -> Catalog {
+        let mut cfg = SessionConfig::new()
+            .with_batch_size(BATCH_ROWS)
+            .with_default_catalog_and_schema(catalog, "public")
+            // What SQL clients introspect (Grafana lists tables from it).
+            .with_information_schema(true);
+        // Column names are as the views spell them (`ProductName`).
+        cfg.options_mut().sql_parser.enable_ident_normalization = false;
+        let base = SessionContext::new_with_config(cfg);
+        for udf in bounded::functions() {
+            base.register_udf(udf);
+        }
+        for (index, view) in serving.views().iter().enumerate() {
+            let table = ViewTable {
+                serving: serving.clone(),
+                index,
+                schema: view.output_schema().clone(),
+            };
+            base.register_table(view.name(), Arc::new(table))
+                .expect("view names are unique (checked when views are compiled)");
+        }
+        Catalog { base }
+    }
+
+    /// A catalog planning in `ctx` (made from [`Catalog::context`], with
+    /// more tables or functions).
+    pub fn from_context(ctx: SessionContext) -> Catalog {
+        Catalog { base: ctx }
+    }
+
+    /// The context to plan in (and to add tables or functions to, before
+    /// the first query).
+    pub fn context(&self) -> &SessionContext {
+        &self.base
+    }
+
+    /// The session a query runs in: its memory limit, no spill, and the
+    /// views as tables of `snap`.
+    pub fn session(
+        &self,
+        snap: &Arc<Snapshot>,
+        limits: &SqlLimits,
+    ) -> Result<SessionContext, DataFusionError> {
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_limit(limits.memory_bytes, 1.0)
+            .with_disk_manager_builder(
+                DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+            )
+            .build_arc()?;
+        let state = self.base.state();
+        // The catalog exists: building a state must not replace it with a
+        // new, empty one (the catalog list is shared with the base).
+        let config = state
+            .config()
+            .clone()
+            .with_create_default_catalog_and_schema(false)
+            .with_extension(Arc::new(Pinned {
+                snap: snap.clone(),
+                merged: tokio::sync::Mutex::new(Merged::default()),
+            }));
+        let state = SessionStateBuilder::new_from_existing(state)
+            .with_config(config)
+            .with_runtime_env(runtime)
+            .build();
+        Ok(SessionContext::new_with_state(state))
+    }
+}
+
+/// What a query may be: no DDL, DML or statements.
+pub fn read_only() -> SQLOptions {
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+}
+
 /// Runs `sql` over the views' merged rows, all of one snapshot, on the
 /// query pool and within `limits`.
 pub async fn run(
     serving: &Arc<Serving>,
+    catalog: &Arc<Catalog>,
     pool: &QueryPool,
     sql: &str,
     limits: SqlLimits,
 ) -> Result<SqlAnswer, QueryError> {
-    let (serving, sql) = (serving.clone(), sql.to_string());
+    let (serving, catalog, sql) = (serving.clone(), catalog.clone(), sql.to_string());
     pool.run(limits.timeout, async move {
-        run_here(&serving, &sql, limits).await
+        run_here(&serving, &catalog, &sql, limits).await
     })
     .await?
 }
 
-/// The session a query runs in: its memory limit, no spill, small batches,
-/// bounded value builders, and the views as tables of `snap`.
-fn session(
-    serving: &Arc<Serving>,
-    snap: &Arc<Snapshot>,
-    limits: &SqlLimits,
-) -> Result<SessionContext, DataFusionError> {
-    let runtime = RuntimeEnvBuilder::new()
-        .with_memory_limit(limits.memory_bytes, 1.0)
-        .with_disk_manager_builder(
-            DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
-        )
-        .build_arc()?;
-    let mut cfg = SessionConfig::new().with_batch_size(BATCH_ROWS);
-    cfg.options_mut().sql_parser.enable_ident_normalization = false;
-    let ctx = SessionContext::new_with_config_rt(cfg, runtime);
-    for udf in bounded::functions() {
-        ctx.register_udf(udf);
-    }
-    let merged = Arc::new(tokio::sync::Mutex::new(Merged::default()));
-    for (index, view) in serving.views().iter().enumerate() {
-        let table = ViewTable {
-            serving: serving.clone(),
-            index,
-            snap: snap.clone(),
-            schema: view.output_schema().clone(),
-            merged: merged.clone(),
-        };
-        ctx.register_table(view.name(), Arc::new(table))?;
-    }
-    Ok(ctx)
-}
-
 async fn run_here(
     serving: &Arc<Serving>,
+    catalog: &Catalog,
     sql: &str,
     limits: SqlLimits,
 ) -> Result<SqlAnswer, QueryError> {
     let snap = serving.snapshot();
-    let ctx = session(serving, &snap, &limits).map_err(|e| QueryError::from_df(e, &limits))?;
-    let options = SQLOptions::new()
-        .with_allow_ddl(false)
-        .with_allow_dml(false)
-        .with_allow_statements(false);
-    let df = ctx.sql_with_options(sql, options).await.map_err(|e| {
-        let message = e.strip_backtrace();
-        if message.contains("not supported")
-            && (message.contains("DDL") || message.contains("DML") || message.contains("Statement"))
-        {
-            QueryError::NotAQuery { detail: message }
-        } else {
-            QueryError::from_df(e, &limits)
-        }
-    })?;
+    let ctx = catalog
+        .session(&snap, &limits)
+        .map_err(|e| QueryError::from_df(e, &limits))?;
+    let df = ctx
+        .sql_with_options(sql, read_only())
+        .await
+        .map_err(|e| QueryError::from_planning(e, &limits))?;
     let df = df
         .limit(0, Some(limits.max_rows + 1))
         .map_err(|e| QueryError::from_df(e, &limits))?;
@@ -302,6 +424,7 @@ impl Reply {
     pub fn push(&mut self, batch: &RecordBatch) -> Result<bool, QueryError> {
         let encode = |e: arrow::error::ArrowError| QueryError::Sql {
             message: format!("could not encode the rows: {e}"),
+            sqlstate: "XX000",
         };
         let mut at = 0;
         while at < batch.num_rows() {
@@ -325,6 +448,7 @@ impl Reply {
     pub fn finish(mut self) -> Result<(Vec<u8>, usize, bool), QueryError> {
         self.writer.finish().map_err(|e| QueryError::Sql {
             message: format!("could not encode the rows: {e}"),
+            sqlstate: "XX000",
         })?;
         let mut json = self.writer.into_inner();
         if json.is_empty() {

@@ -45,7 +45,7 @@ fn free_bytes(dir: &Path) -> Option<u64> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeadLetterError {
-    #[error("dead-letter store I/O failed: could not {op} {}: {source}", path.display())]
+    #[error("dead-letter store I/O failed: could not {op} {}", path.display())]
     Io {
         op: &'static str,
         path: PathBuf,
@@ -214,7 +214,20 @@ pub struct DeadLetters {
     pub counters: DeadLetterCounters,
     /// Where limits reached are reported.
     health: Option<std::sync::Arc<crate::health::Health>>,
+    /// The latest refusals, newest last, for the dashboard.
+    recent: Mutex<std::collections::VecDeque<RecentReject>>,
 }
+
+/// A refused line, as the dashboard lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecentReject {
+    pub at_ms: i64,
+    /// "line 7: field `price`: expected int64, got string \"abc\"".
+    pub message: String,
+}
+
+/// Refusals remembered for the dashboard.
+const RECENT: usize = 20;
 
 impl DeadLetters {
     pub fn open(dir: impl AsRef<Path>) -> Result<DeadLetters, DeadLetterError> {
@@ -238,6 +251,7 @@ impl DeadLetters {
             current: Mutex::new((None, total)),
             counters: DeadLetterCounters::default(),
             health: None,
+            recent: Mutex::new(std::collections::VecDeque::with_capacity(RECENT)),
         })
     }
 
@@ -265,6 +279,24 @@ impl DeadLetters {
         self.current.lock().expect("dead-letter lock").1
     }
 
+    /// Remembers a refusal for [`DeadLetters::recent`] (the last few).
+    pub fn remember(&self, message: String) {
+        let mut recent = self.recent.lock().expect("dead-letter lock");
+        if recent.len() == RECENT {
+            recent.pop_front();
+        }
+        recent.push_back(RecentReject {
+            at_ms: chrono::Utc::now().timestamp_millis(),
+            message,
+        });
+    }
+
+    /// The latest refusals, newest first.
+    pub fn recent(&self) -> Vec<RecentReject> {
+        let recent = self.recent.lock().expect("dead-letter lock");
+        recent.iter().rev().cloned().collect()
+    }
+
     /// Counts refused lines that were not kept, and says so in `health`.
     pub fn dropped(&self, lines: u64, why: &str) {
         if lines == 0 {
@@ -287,6 +319,12 @@ impl DeadLetters {
         let mut buf = Vec::new();
         for r in records {
             r.encode_into(&mut buf);
+        }
+        for r in records.iter().rev().take(RECENT).rev() {
+            self.remember(match &r.field {
+                Some(f) => format!("line {}: field `{f}`: {}", r.line, r.reason),
+                None => format!("line {}: {}", r.line, r.reason),
+            });
         }
         self.append(&buf, records.len() as u64)?;
         self.sync()

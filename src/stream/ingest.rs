@@ -98,6 +98,7 @@ impl Refusals {
     fn push(&mut self, r: super::decode::Reject) {
         self.rejected += 1;
         if self.errors.len() < MAX_REPORTED_ERRORS {
+            self.store.remember(r.to_string());
             self.errors.push(LineError {
                 line: r.line,
                 field: r.field.clone(),
@@ -202,14 +203,14 @@ pub struct LineError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    #[error("the request body is empty\nhint: send one JSON event per line (NDJSON)")]
+    #[error("the request body is empty")]
     EmptyBody,
     #[error(transparent)]
     Log(#[from] LogError),
     #[error(transparent)]
     DeadLetter(#[from] DeadLetterError),
     #[error(
-        "the realtime window is full: {events} events are not in a published batch view yet (limit {max_events}) and their realtime states take {memory} (limit {max_memory})\nhint: the batch layer is not publishing (see `lambdaflow status`); retry after it has caught up"
+        "the realtime window is full: {events} events are not in a published batch view yet (limit {max_events}) and their realtime states take {memory} (limit {max_memory})"
     )]
     Backlogged {
         events: u64,
@@ -228,6 +229,19 @@ pub enum IngestError {
         "this node consumes {stream}; send events to it directly (for example `lambdaflow produce --kafka BROKERS --topic TOPIC`)"
     )]
     External { stream: String },
+}
+
+impl crate::error::Explain for IngestError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            IngestError::EmptyBody => Some("send one JSON event per line (NDJSON)".into()),
+            IngestError::Backlogged { .. } => Some(
+                "the batch layer is not publishing (see `lambdaflow status`); retry after it has caught up"
+                    .into(),
+            ),
+            _ => None,
+        }
+    }
 }
 
 /// The realtime window — events the log holds that no published batch run
@@ -384,7 +398,7 @@ impl Ingest {
             Some(LogError::Overloaded { .. } | LogError::Closed) => {}
             Some(e) => {
                 self.failing.store(true, Ordering::Relaxed);
-                health.report("ingest", e);
+                health.report_error("ingest", e);
             }
             None => {
                 if self.failing.swap(false, Ordering::Relaxed) {

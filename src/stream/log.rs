@@ -58,7 +58,7 @@ const INDEX_MAGIC: &[u8; 4] = b"LFIX";
 /// Errors of the embedded log.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
-    #[error("log I/O failed: could not {op} {}: {source}", path.display())]
+    #[error("log I/O failed: could not {op} {}", path.display())]
     Io {
         op: &'static str,
         path: PathBuf,
@@ -123,7 +123,7 @@ pub enum LogError {
         "the process has run out of file descriptors: {detail}\nhint: raise the open-files limit (`ulimit -n`), or lower http.max_connections; nothing was stored, retry"
     )]
     OutOfFiles { detail: String },
-    #[error("could not encode events for the log: {0}")]
+    #[error("could not encode events for the log")]
     Encode(#[source] ArrowError),
     #[error("the log is shut down")]
     Closed,

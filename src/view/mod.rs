@@ -44,13 +44,13 @@ use crate::schema::EventSchema;
 /// Errors of the view layer, each naming its view.
 #[derive(Debug, thiserror::Error)]
 pub enum ViewError {
-    #[error("view `{view}`: {message}{}", hint.as_ref().map(|h| format!("\nhint: {h}")).unwrap_or_default())]
+    #[error("view `{view}`: {message}")]
     Plan {
         view: String,
         message: String,
         hint: Option<String>,
     },
-    #[error("view `{view}` cannot use {construct}: {why}{}", hint.as_ref().map(|h| format!("\nhint: {h}")).unwrap_or_default())]
+    #[error("view `{view}` cannot use {construct}: {why}")]
     Unsupported {
         view: String,
         construct: String,
@@ -59,15 +59,13 @@ pub enum ViewError {
     },
     #[error("view `{view}`: invalid rollup: {reason}")]
     Rollup { view: String, reason: String },
-    #[error("view `{view}`: running the view failed: {source}")]
+    #[error("view `{view}`: running the view failed")]
     Exec {
         view: String,
         #[source]
         source: DataFusionError,
     },
-    #[error(
-        "view `{view}`: stored states do not match the view: {detail}\nhint: the view's SQL or the engine changed since they were written; rebuild them"
-    )]
+    #[error("view `{view}`: stored states do not match the view: {detail}")]
     StateMismatch { view: String, detail: String },
     #[error("view `{view}`: could not {op} states as Parquet: {detail}")]
     Parquet {
@@ -77,6 +75,28 @@ pub enum ViewError {
     },
     #[error("internal error in the view layer: {0}")]
     Internal(String),
+}
+
+impl crate::error::Explain for ViewError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            ViewError::Plan { hint, .. } | ViewError::Unsupported { hint, .. } => hint.clone(),
+            ViewError::StateMismatch { .. } => Some(
+                "the view's SQL or the engine changed since they were written; rebuild them".into(),
+            ),
+            _ => None,
+        }
+    }
+
+    fn sqlstate(&self) -> &'static str {
+        match self {
+            // feature_not_supported
+            ViewError::Unsupported { .. } => "0A000",
+            // syntax_error_or_access_rule_violation
+            ViewError::Plan { .. } | ViewError::Rollup { .. } => "42000",
+            _ => "XX000",
+        }
+    }
 }
 
 impl ViewError {
@@ -235,6 +255,16 @@ impl View {
         }
     }
 
+    /// The output columns that are group keys, in output order.
+    pub fn key_names(&self) -> Vec<&str> {
+        self.output_schema
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .filter(|n| self.key_columns.contains_key(*n))
+            .collect()
+    }
+
     /// The output columns that are group keys, with their state columns.
     pub fn key_columns(&self) -> impl Iterator<Item = (&str, usize)> {
         self.key_columns.iter().map(|(k, v)| (k.as_str(), *v))
@@ -312,7 +342,7 @@ impl View {
                 excluded.push(Excluded {
                     batch,
                     row,
-                    error: error.to_string(),
+                    error: crate::error::chain(&error),
                 });
                 continue;
             }

@@ -14,7 +14,7 @@ fn def(sql: &str) -> ViewConfig {
 async fn refuse(sql: &str) -> String {
     match compile(&def(sql), &EventSchema::paper()).await {
         Ok(_) => panic!("view must be refused: {sql}"),
-        Err(e) => e.to_string(),
+        Err(e) => crate::error::Report::of(&e).to_string(),
     }
 }
 

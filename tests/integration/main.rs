@@ -12,6 +12,8 @@
 //!  oracle      every answer equals the view SQL over the events it covers
 //!  ingest_http producers over HTTP: offsets, keys, config errors
 //!  query_api   views, SQL, metrics and the CLI against a running server
+//!  pg          the Postgres wire protocol: psql, psycopg, tokens, TLS
+//!  dashboard   the live page in headless Chromium
 //!  security    tokens and scopes, loopback, HTTPS
 //!  hostile     clients that try to starve the others
 //!  faults      lost logs, full disks, failing views, backpressure
@@ -27,6 +29,7 @@ mod common;
 
 mod batch;
 mod crash_loop;
+mod dashboard;
 mod faults;
 mod golden;
 mod hostile;
@@ -35,6 +38,7 @@ mod kafka;
 mod kinesis;
 mod log;
 mod oracle;
+mod pg;
 mod query_api;
 mod s3;
 mod security;

@@ -272,3 +272,61 @@ fn the_demo_tour_runs_and_finds_the_handoff_exact() {
     );
     assert!(stdout.contains("accepted 1, rejected 3"), "{stdout}");
 }
+
+#[test]
+fn every_command_the_demo_suggests_works_as_pasted() {
+    use std::io::{BufRead, BufReader};
+    let mut demo = Command::new(BIN)
+        .args(["demo", "--events", "2000", "--listen", "127.0.0.1:0"])
+        // As a newcomer's shell: not started by cargo (`cargo run -- demo`
+        // is covered by the same code path, suggesting `cargo run --`).
+        .env_remove("CARGO")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(demo.stdout.take().unwrap());
+    let (mut tour, mut line) = (String::new(), String::new());
+    while !tour.contains("Serving on") {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "the demo ended early:\n{tour}"
+        );
+        tour.push_str(&line);
+    }
+    assert!(
+        tour.contains("The batch view is") && tour.contains("still empty"),
+        "step 2 says plainly that the batch view is empty:\n{tour}"
+    );
+    assert!(tour.contains("dashboard"), "{tour}");
+    // The commands after "Try it": psql, curl, and this binary as a newcomer
+    // would run it (here neither on the PATH nor started by cargo: its path).
+    let commands: Vec<&str> = tour
+        .split("Try it")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("psql ") || l.starts_with("curl ") || l.starts_with(BIN))
+        .collect();
+    assert!(commands.len() >= 5, "{tour}");
+    assert!(commands.iter().any(|c| c.starts_with("psql ")), "{tour}");
+    for c in &commands {
+        let run = Command::new("sh")
+            .args(["-c", c])
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "`{c}` failed: {}{}",
+            String::from_utf8_lossy(&run.stdout),
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
+    unsafe {
+        libc::kill(demo.id() as i32, libc::SIGTERM);
+    }
+    assert!(demo.wait().unwrap().success(), "the demo stops on SIGTERM");
+}

@@ -224,73 +224,7 @@ fn tokens_have_scopes_are_checked_and_never_logged() {
 fn https_with_a_pem_certificate() {
     let site = Site::new("");
     let dir = site.dir.path();
-    let (ca, cert, key) = (
-        dir.join("ca.pem"),
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-    );
-    // A test CA, and a certificate for localhost signed by it.
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl makes the test certificates");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-subj",
-        "/CN=lambdaflow test CA",
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "key.pem",
-        "-out",
-        "leaf.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "leaf.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-out",
-        "cert.pem",
-        "-extfile",
-        "ext.cnf",
-    ]);
+    let (ca, cert, key) = common::test_certificates(dir);
     let mut config = std::fs::read_to_string(&site.config).unwrap();
     config.push_str(&format!(
         "[http]\nheader_timeout = \"1s\"\ntls = {{ cert = {:?}, key = {:?} }}\n",

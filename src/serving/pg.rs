@@ -1,0 +1,792 @@
+//! The Postgres wire protocol over the views (`[pg] listen`): psql, Grafana,
+//! Metabase and every language's driver read the views as read-only tables,
+//! with the answers, limits and scopes of `POST /v1/sql`.
+//!
+//! ```text
+//!  client ──TCP (TLS if [pg] tls or [http] tls)──▶ startup: the password is a
+//!     │                                            token with scope "query"
+//!     ├─ simple query ─▶ parse (Postgres dialect, pg_catalog rewrites)
+//!     │     SET / SHOW / BEGIN / COMMIT ─▶ answered per connection
+//!     │     anything but a query ───────▶ 25006, as HTTP's 403
+//!     │     a query ─▶ query pool: one snapshot, memory, time and row limits
+//!     └─ extended (Parse/Bind/Execute, `$1` parameters)
+//!           `SELECT … FROM view WHERE key = $1` ─▶ point read: one group merged
+//!           anything else ─▶ planned at Parse, run as above at Execute
+//! ```
+//!
+//! Built on pgwire (the protocol) and the pieces of datafusion-postgres that
+//! make DataFusion look like Postgres to clients (`pg_catalog`, the dialect
+//! rewrites, Arrow ⇄ Postgres types, `SET`/`SHOW`/transaction statements).
+//! Its ready-made handler serves one fixed `SessionContext`; lambdaflow
+//! plans each query in a session of its own (the snapshot it reads, its
+//! memory pool), runs it on the query pool, and answers key lookups without
+//! a scan, so the handlers are ours.
+
+use std::fmt::Debug;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arrow::datatypes::{DataType, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use datafusion::common::ParamValues;
+use datafusion::logical_expr::{BinaryExpr, Expr, LogicalPlan, Operator};
+use datafusion::prelude::SessionContext;
+use datafusion::sql::parser::Statement as DfStatement;
+use datafusion::sql::sqlparser::ast::Statement;
+use datafusion_postgres::QueryHook;
+use datafusion_postgres::arrow_pg::datatypes::df::deserialize_parameters;
+use datafusion_postgres::arrow_pg::datatypes::{
+    arrow_schema_to_pg_fields, encode_recordbatch, into_pg_type,
+};
+use datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
+use datafusion_postgres::datafusion_pg_catalog::pg_catalog::setup_pg_catalog;
+use datafusion_postgres::datafusion_pg_catalog::sql::PostgresCompatibilityParser;
+use datafusion_postgres::hooks::set_show::SetShowHook;
+use datafusion_postgres::hooks::transactions::TransactionStatementHook;
+use datafusion_postgres::pgwire::api::auth::{
+    DefaultServerParameterProvider, StartupHandler, finish_authentication, protocol_negotiation,
+    save_startup_parameters_to_metadata,
+};
+use datafusion_postgres::pgwire::api::cancel::DefaultCancelHandler;
+use datafusion_postgres::pgwire::api::portal::{Format, Portal};
+use datafusion_postgres::pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use datafusion_postgres::pgwire::api::results::{FieldInfo, QueryResponse, Response};
+use datafusion_postgres::pgwire::api::stmt::QueryParser;
+use datafusion_postgres::pgwire::api::store::PortalStore;
+use datafusion_postgres::pgwire::api::{
+    ClientInfo, ClientPortalStore, ConnectionManager, PgWireConnectionState, PgWireServerHandlers,
+    Type,
+};
+use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use datafusion_postgres::pgwire::messages::startup::Authentication;
+use datafusion_postgres::pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
+use datafusion_postgres::pgwire::types::format::FormatOptions;
+use futures::{Sink, SinkExt, stream};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use super::Serving;
+use super::pool::QueryPool;
+use super::query::{self, Catalog, QueryError, SqlLimits};
+use crate::api::auth::Auth;
+use crate::config::Scope;
+use crate::error::Report;
+
+/// An error as a Postgres client gets it: message, detail, hint, SQLSTATE.
+fn pg_error(r: Report) -> PgWireError {
+    let mut info = ErrorInfo::new("ERROR".into(), r.sqlstate.into(), r.message);
+    info.detail = r.detail;
+    info.hint = r.hint;
+    PgWireError::UserError(Box::new(info))
+}
+
+fn query_error(e: QueryError) -> PgWireError {
+    pg_error(Report::of(&e))
+}
+
+/// What the endpoint did since start (`/v1/status`).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct PgCounters {
+    /// Connections accepted, and refused over `max_connections`.
+    pub connections: AtomicU64,
+    pub refused: AtomicU64,
+    /// Logins turned away (bad token, no TLS).
+    pub denied: AtomicU64,
+    /// Queries planned and run, and key lookups answered as point reads.
+    pub queries: AtomicU64,
+    pub point_reads: AtomicU64,
+    /// Queries answered with an error.
+    pub errors: AtomicU64,
+}
+
+/// The Postgres endpoint of a node: its handlers, shared by connections.
+pub struct PgServer {
+    service: Arc<Service>,
+    startup: Arc<Startup>,
+    cancel: Arc<DefaultCancelHandler>,
+}
+
+impl PgServer {
+    /// `require_tls`: refuse clients that did not negotiate TLS (when the
+    /// endpoint has a certificate, as an HTTPS listener serves no HTTP).
+    pub fn new(
+        serving: Arc<Serving>,
+        catalog: &Catalog,
+        pool: Arc<QueryPool>,
+        auth: Arc<Auth>,
+        limits: SqlLimits,
+        require_tls: bool,
+        counters: Arc<PgCounters>,
+    ) -> PgServer {
+        // pg_catalog and the functions clients call (`format_type`,
+        // `pg_table_is_visible`, …) over the views' catalog; its tables are
+        // computed from the catalog when read, so they list the views.
+        let planner = SessionContext::new_with_state(catalog.context().state());
+        setup_pg_catalog(&planner, query::CATALOG, EmptyContextProvider)
+            .expect("the catalog the views are in exists");
+        let planner = Arc::new(Catalog::from_context(planner));
+        let connections = Arc::new(ConnectionManager::new());
+        let service = Arc::new(Service {
+            parser: Arc::new(Parser {
+                sql: PostgresCompatibilityParser::new(),
+                hooks: hooks(),
+                planner: planner.clone(),
+                serving: serving.clone(),
+            }),
+            serving,
+            planner,
+            pool,
+            limits,
+            counters: counters.clone(),
+        });
+        PgServer {
+            service,
+            startup: Arc::new(Startup {
+                auth,
+                parameters: parameters(),
+                connections: connections.clone(),
+                require_tls,
+                counters,
+            }),
+            cancel: Arc::new(DefaultCancelHandler::new(connections)),
+        }
+    }
+}
+
+fn parameters() -> DefaultServerParameterProvider {
+    let mut p = DefaultServerParameterProvider::default();
+    // What psql prints at connect, and what drivers gate features on.
+    p.server_version = "16.0 (lambdaflow)".into();
+    p.is_superuser = false;
+    p.default_transaction_read_only = true;
+    p
+}
+
+fn hooks() -> Vec<Arc<dyn QueryHook>> {
+    vec![Arc::new(SetShowHook), Arc::new(TransactionStatementHook)]
+}
+
+impl PgWireServerHandlers for PgServer {
+    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
+        self.service.clone()
+    }
+
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        self.service.clone()
+    }
+
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        self.startup.clone()
+    }
+
+    fn cancel_handler(&self) -> Arc<impl datafusion_postgres::pgwire::api::cancel::CancelHandler> {
+        self.cancel.clone()
+    }
+}
+
+/// Serves `server` on `listener` until the task is aborted: at most
+/// `max_connections` at once (more are refused with 53300), TLS when
+/// `tls` is set.
+pub async fn serve(
+    listener: TcpListener,
+    server: Arc<PgServer>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    max_connections: usize,
+) {
+    let counters = server.startup.counters.clone();
+    let slots = Arc::new(Semaphore::new(max_connections));
+    loop {
+        let (socket, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "postgres: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            counters.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, max_connections, "postgres: connection refused, no slot free");
+            tokio::spawn(refuse(socket));
+            continue;
+        };
+        let _ = socket.set_nodelay(true);
+        counters.connections.fetch_add(1, Ordering::Relaxed);
+        let (server, tls) = (server.clone(), tls.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) =
+                datafusion_postgres::pgwire::tokio::process_socket(socket, tls, server).await
+            {
+                tracing::debug!(%peer, error = %e, "postgres: connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Tells a client over the limit why, as Postgres does, and closes.
+async fn refuse(mut socket: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let mut info = ErrorInfo::new(
+        "FATAL".into(),
+        "53300".into(),
+        "too many connections to the Postgres endpoint".into(),
+    );
+    info.hint = Some("close idle connections, or raise pg.max_connections".into());
+    let msg = datafusion_postgres::pgwire::messages::response::ErrorResponse::from(info);
+    let mut buf = bytes::BytesMut::new();
+    if datafusion_postgres::pgwire::messages::Message::encode(&msg, &mut buf).is_ok() {
+        let _ = socket.write_all(&buf).await;
+    }
+}
+
+/// Startup: with tokens configured, the password must be one with scope
+/// `query` (the user name is free); without, anyone on loopback is in.
+struct Startup {
+    auth: Arc<Auth>,
+    parameters: DefaultServerParameterProvider,
+    connections: Arc<ConnectionManager>,
+    require_tls: bool,
+    counters: Arc<PgCounters>,
+}
+
+#[async_trait]
+impl StartupHandler for Startup {
+    async fn on_startup<C>(
+        &self,
+        client: &mut C,
+        message: PgWireFrontendMessage,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        match message {
+            PgWireFrontendMessage::Startup(ref startup) => {
+                if self.require_tls && !client.is_secure() {
+                    self.counters.denied.fetch_add(1, Ordering::Relaxed);
+                    let mut info = ErrorInfo::new(
+                        "FATAL".into(),
+                        // invalid_authorization_specification
+                        "28000".into(),
+                        "this endpoint requires TLS".into(),
+                    );
+                    info.hint = Some("connect with sslmode=require (or verify-full)".into());
+                    return Err(PgWireError::UserError(Box::new(info)));
+                }
+                protocol_negotiation(client, startup).await?;
+                save_startup_parameters_to_metadata(client, startup);
+                if self.auth.enabled() {
+                    client.set_state(PgWireConnectionState::AuthenticationInProgress);
+                    client
+                        .send(PgWireBackendMessage::Authentication(
+                            Authentication::CleartextPassword,
+                        ))
+                        .await?;
+                } else {
+                    self.admit(client).await?;
+                }
+            }
+            PgWireFrontendMessage::PasswordMessageFamily(pwd) => {
+                let pwd = pwd.into_password()?;
+                if let Err(denied) = self.auth.check(pwd.password.as_bytes(), Scope::Query) {
+                    self.counters.denied.fetch_add(1, Ordering::Relaxed);
+                    let r = Report::of(&denied);
+                    let mut info = ErrorInfo::new("FATAL".into(), r.sqlstate.into(), r.message);
+                    info.hint = r.hint;
+                    return Err(PgWireError::UserError(Box::new(info)));
+                }
+                self.admit(client).await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl Startup {
+    async fn admit<C>(&self, client: &mut C) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let (pid, key) = datafusion_postgres::pgwire::api::PidSecretKeyGenerator::generate(
+            &datafusion_postgres::pgwire::api::RandomPidSecretKeyGenerator::default(),
+            client,
+        );
+        client.set_pid_and_secret_key(pid, key.clone());
+        // Registered for cancel requests (psql's Ctrl-C) while connected.
+        let (handle, guard) = self.connections.register(pid, key);
+        client.session_extensions().insert(handle);
+        client.session_extensions().insert(guard);
+        finish_authentication(client, &self.parameters).await
+    }
+}
+
+/// A parsed statement: its text, its AST and logical plan (planned once, at
+/// Parse), and whether it is a key lookup the point-read path answers.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    statement: Statement,
+    plan: LogicalPlan,
+    point: Option<Point>,
+}
+
+/// `SELECT cols FROM view WHERE key = $n`: one group of the view, merged
+/// from its batch row and realtime states without a scan.
+#[derive(Clone, Debug)]
+struct Point {
+    view: usize,
+    /// The key's column among the view's states.
+    key: usize,
+    /// Which parameter holds the key (0-based).
+    param: usize,
+    /// The output columns, by index into the view's columns.
+    columns: Vec<usize>,
+}
+
+/// The point lookup `plan` is, if it is one: a projection of plain columns
+/// of one view, filtered by one key column equal to a parameter.
+fn point_of(plan: &LogicalPlan, serving: &Serving) -> Option<Point> {
+    let (columns, filter) = match plan {
+        LogicalPlan::Projection(p) => {
+            let LogicalPlan::Filter(f) = p.input.as_ref() else {
+                return None;
+            };
+            let cols = p
+                .expr
+                .iter()
+                .map(|e| match e {
+                    Expr::Column(c) => Some(c.name.clone()),
+                    _ => None,
+                })
+                .collect::<Option<Vec<_>>>()?;
+            (Some(cols), f)
+        }
+        LogicalPlan::Filter(f) => (None, f),
+        _ => return None,
+    };
+    let LogicalPlan::TableScan(scan) = filter.input.as_ref() else {
+        return None;
+    };
+    if !scan.filters.is_empty() || scan.fetch.is_some() {
+        return None;
+    }
+    let view = serving.view_index(scan.table_name.table()).ok()?;
+    let v = &serving.views()[view];
+    let Expr::BinaryExpr(BinaryExpr {
+        left,
+        op: Operator::Eq,
+        right,
+    }) = &filter.predicate
+    else {
+        return None;
+    };
+    let (col, ph) = match (left.as_ref(), right.as_ref()) {
+        (Expr::Column(c), Expr::Placeholder(p)) | (Expr::Placeholder(p), Expr::Column(c)) => (c, p),
+        _ => return None,
+    };
+    let key = v.key_column(&col.name)?;
+    let param = ph
+        .id
+        .strip_prefix('$')?
+        .parse::<usize>()
+        .ok()?
+        .checked_sub(1)?;
+    let schema = v.output_schema();
+    let columns = match columns {
+        Some(names) => names
+            .iter()
+            .map(|n| schema.index_of(n).ok())
+            .collect::<Option<Vec<_>>>()?,
+        None => (0..schema.fields().len()).collect(),
+    };
+    Some(Point {
+        view,
+        key,
+        param,
+        columns,
+    })
+}
+
+/// The parameters of `plan`, `$1` first, with the types DataFusion
+/// inferred (None where it could not).
+fn parameter_types(plan: &LogicalPlan) -> PgWireResult<Vec<Option<DataType>>> {
+    let types = plan
+        .get_parameter_types()
+        .map_err(|e| query_error(QueryError::from_df(e, &SqlLimits::default())))?;
+    let mut ordered: Vec<(usize, Option<DataType>)> = types
+        .into_iter()
+        .filter_map(|(id, ty)| Some((id.strip_prefix('$')?.parse().ok()?, ty)))
+        .collect();
+    ordered.sort_by_key(|(n, _)| *n);
+    Ok(ordered.into_iter().map(|(_, ty)| ty).collect())
+}
+
+pub struct Parser {
+    sql: PostgresCompatibilityParser,
+    hooks: Vec<Arc<dyn QueryHook>>,
+    planner: Arc<Catalog>,
+    serving: Arc<Serving>,
+}
+
+impl Parser {
+    /// The statements of `text`, in the Postgres dialect (with the
+    /// rewrites that map Postgres idioms to DataFusion).
+    fn parse(&self, text: &str) -> PgWireResult<Vec<Statement>> {
+        self.sql
+            .parse(text)
+            .map_err(|e| pg_error(Report::new(format!("syntax error: {e}")).with_sqlstate("42601")))
+    }
+}
+
+#[async_trait]
+impl QueryParser for Parser {
+    type Statement = Prepared;
+
+    async fn parse_sql<C>(
+        &self,
+        client: &C,
+        sql: &str,
+        _types: &[Option<Type>],
+    ) -> PgWireResult<Option<Prepared>>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        let mut statements = self.parse(sql)?;
+        if statements.is_empty() {
+            return Ok(None);
+        }
+        let statement = statements.remove(0);
+        let ctx = self.planner.context();
+        for hook in &self.hooks {
+            if let Some(plan) = hook
+                .handle_extended_parse_query(&statement, ctx, client)
+                .await
+            {
+                return Ok(Some(Prepared {
+                    statement,
+                    plan: plan?,
+                    point: None,
+                }));
+            }
+        }
+        let plan = plan(ctx, &statement).await?;
+        Ok(Some(Prepared {
+            point: point_of(&plan, &self.serving),
+            statement,
+            plan,
+        }))
+    }
+
+    fn get_parameter_types(&self, stmt: &Prepared) -> PgWireResult<Vec<Type>> {
+        parameter_types(&stmt.plan)?
+            .into_iter()
+            .map(|ty| match ty {
+                Some(ty) => into_pg_type(&ty),
+                None => Ok(Type::UNKNOWN),
+            })
+            .collect()
+    }
+
+    fn get_result_schema(
+        &self,
+        stmt: &Prepared,
+        format: Option<&Format>,
+    ) -> PgWireResult<Vec<FieldInfo>> {
+        if matches!(stmt.plan, LogicalPlan::Ddl(_) | LogicalPlan::Dml(_)) {
+            return Ok(Vec::new());
+        }
+        arrow_schema_to_pg_fields(
+            stmt.plan.schema().as_arrow(),
+            format.unwrap_or(&Format::UnifiedText),
+            None,
+        )
+    }
+}
+
+/// Plans `statement` as a read-only query: anything else is refused.
+async fn plan(ctx: &SessionContext, statement: &Statement) -> PgWireResult<LogicalPlan> {
+    let limits = SqlLimits::default();
+    let plan = ctx
+        .state()
+        .statement_to_plan(DfStatement::Statement(Box::new(statement.clone())))
+        .await
+        .map_err(|e| query_error(QueryError::from_planning(e, &limits)))?;
+    query::read_only()
+        .verify_plan(&plan)
+        .map_err(|e| query_error(QueryError::from_planning(e, &limits)))?;
+    Ok(plan)
+}
+
+/// Rows read within a query's limits, and whether some were left out.
+struct Rows {
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+    truncated: bool,
+}
+
+pub struct Service {
+    serving: Arc<Serving>,
+    planner: Arc<Catalog>,
+    pool: Arc<QueryPool>,
+    limits: SqlLimits,
+    parser: Arc<Parser>,
+    counters: Arc<PgCounters>,
+}
+
+impl Service {
+    /// Counts a query and its outcome.
+    fn count<T>(&self, r: Result<T, QueryError>, point: bool) -> PgWireResult<T> {
+        self.counters.queries.fetch_add(1, Ordering::Relaxed);
+        if point {
+            self.counters.point_reads.fetch_add(1, Ordering::Relaxed);
+        }
+        r.map_err(|e| {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            query_error(e)
+        })
+    }
+
+    /// Runs `plan` on the query pool over one snapshot, within the limits.
+    async fn run(&self, plan: LogicalPlan) -> Result<Rows, QueryError> {
+        let (serving, catalog, limits) = (self.serving.clone(), self.planner.clone(), self.limits);
+        self.pool
+            .run(limits.timeout, async move {
+                let snap = serving.snapshot();
+                let ctx = catalog
+                    .session(&snap, &limits)
+                    .map_err(|e| QueryError::from_df(e, &limits))?;
+                let df = ctx
+                    .execute_logical_plan(plan)
+                    .await
+                    .and_then(|df| df.limit(0, Some(limits.max_rows + 1)))
+                    .map_err(|e| QueryError::from_df(e, &limits))?;
+                let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+                let mut stream = df
+                    .execute_stream()
+                    .await
+                    .map_err(|e| QueryError::from_df(e, &limits))?;
+                collect(&mut stream, schema, &limits).await
+            })
+            .await?
+    }
+
+    /// A key lookup: the group's rows, merged from the current snapshot.
+    async fn point(&self, p: &Point, params: &ParamValues) -> Result<Rows, QueryError> {
+        let key = match params {
+            ParamValues::List(values) => values.get(p.param).map(|v| v.value.clone()),
+            ParamValues::Map(_) => None,
+        };
+        let serving = self.serving.clone();
+        let (p_view, p_key) = (p.view, p.key);
+        let (p, limits) = (p.clone(), self.limits);
+        let work = async move {
+            let view = &serving.views()[p.view];
+            let schema = Arc::new(view.output_schema().project(&p.columns).map_err(|e| {
+                QueryError::Sql {
+                    message: e.to_string(),
+                    sqlstate: "XX000",
+                }
+            })?);
+            // A NULL key equals nothing.
+            let Some(key) = key.filter(|k| !k.is_null()) else {
+                return Ok(Rows {
+                    schema,
+                    batches: Vec::new(),
+                    truncated: false,
+                });
+            };
+            let a = serving.point(p.view, p.key, &key.to_string()).await?;
+            let batches = a
+                .rows
+                .iter()
+                .map(|b| b.project(&p.columns))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| QueryError::Sql {
+                    message: e.to_string(),
+                    sqlstate: "XX000",
+                })?;
+            Ok(Rows {
+                schema,
+                batches,
+                truncated: false,
+            })
+        };
+        // As over HTTP: a key lookup with its indexes built runs here.
+        if self.serving.point_is_cheap(p_view, p_key) {
+            self.pool.run_here(limits.timeout, work).await?
+        } else {
+            self.pool.run(limits.timeout, work).await?
+        }
+    }
+}
+
+/// Reads `stream` up to the row and byte limits.
+async fn collect(
+    stream: &mut datafusion::physical_plan::SendableRecordBatchStream,
+    schema: SchemaRef,
+    limits: &SqlLimits,
+) -> Result<Rows, QueryError> {
+    use futures::StreamExt;
+    let (mut batches, mut rows, mut bytes, mut truncated) = (Vec::new(), 0, 0, false);
+    while let Some(b) = stream.next().await {
+        let b = b.map_err(|e| QueryError::from_df(e, limits))?;
+        // The reply's rows and bytes are bounded as HTTP's are (a wide
+        // row can be a megabyte).
+        if bytes >= limits.max_bytes {
+            truncated = true;
+            break;
+        }
+        let room = limits.max_rows - rows;
+        if b.num_rows() > room {
+            batches.push(b.slice(0, room));
+            truncated = true;
+            break;
+        }
+        rows += b.num_rows();
+        bytes += b.get_array_memory_size();
+        batches.push(b);
+    }
+    Ok(Rows {
+        schema,
+        batches,
+        truncated,
+    })
+}
+
+/// The rows as a Postgres result, after a warning if some were left out.
+async fn respond<C>(
+    client: &mut C,
+    rows: Rows,
+    format: &Format,
+    limits: &SqlLimits,
+) -> PgWireResult<Response>
+where
+    C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+    PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+{
+    if rows.truncated {
+        let mut info = ErrorInfo::new(
+            "WARNING".into(),
+            "01000".into(),
+            format!(
+                "the reply holds the first {} rows; the rest were left out (at most {} rows or {})",
+                rows.batches.iter().map(|b| b.num_rows()).sum::<usize>(),
+                limits.max_rows,
+                bytesize::ByteSize::b(limits.max_bytes as u64)
+            ),
+        );
+        info.hint = Some("filter or aggregate more, or add LIMIT and OFFSET".into());
+        client
+            .send(PgWireBackendMessage::NoticeResponse(info.into()))
+            .await?;
+    }
+    let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+    let fields = Arc::new(arrow_schema_to_pg_fields(
+        &rows.schema,
+        format,
+        Some(options),
+    )?);
+    let encoded = fields.clone();
+    let data = stream::iter(
+        rows.batches
+            .into_iter()
+            .flat_map(move |b| encode_recordbatch(encoded.clone(), b)),
+    );
+    Ok(Response::Query(QueryResponse::new(fields, data)))
+}
+
+#[async_trait]
+impl SimpleQueryHandler for Service {
+    async fn do_query<C>(&self, client: &mut C, text: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let statements = self.parser.parse(text)?;
+        if statements.is_empty() {
+            return Ok(vec![Response::EmptyQuery]);
+        }
+        let mut out = Vec::new();
+        'statements: for statement in statements {
+            // SET and SHOW see a session of their own: what they change
+            // stays on this connection's metadata.
+            let own = SessionContext::new_with_state(self.planner.context().state());
+            for hook in &self.parser.hooks {
+                if let Some(r) = hook.handle_simple_query(&statement, &own, client).await {
+                    out.push(r?);
+                    continue 'statements;
+                }
+            }
+            let plan = plan(self.planner.context(), &statement).await?;
+            let rows = self.count(self.run(plan).await, false)?;
+            out.push(respond(client, rows, &Format::UnifiedText, &self.limits).await?);
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for Service {
+    type Statement = Prepared;
+    type QueryParser = Parser;
+
+    fn query_parser(&self) -> Arc<Parser> {
+        self.parser.clone()
+    }
+
+    async fn do_query<C>(
+        &self,
+        client: &mut C,
+        portal: &Portal<Prepared>,
+        _max_rows: usize,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let prepared = &portal.statement.statement;
+        let types = parameter_types(&prepared.plan)?;
+        let refs: Vec<Option<&DataType>> = types.iter().map(Option::as_ref).collect();
+        let params = deserialize_parameters(portal, &refs)?;
+        let own = SessionContext::new_with_state(self.planner.context().state());
+        for hook in &self.parser.hooks {
+            if let Some(r) = hook
+                .handle_extended_query(&prepared.statement, &prepared.plan, &params, &own, client)
+                .await
+            {
+                return r;
+            }
+        }
+        let rows = match &prepared.point {
+            Some(p) => self.count(self.point(p, &params).await, true)?,
+            None => {
+                let plan = prepared
+                    .plan
+                    .clone()
+                    .replace_params_with_values(&params)
+                    .map_err(|e| query_error(QueryError::from_df(e, &self.limits)))?;
+                self.count(self.run(plan).await, false)?
+            }
+        };
+        respond(client, rows, &portal.result_column_format, &self.limits).await
+    }
+}
+
+/// Where the endpoint listens, as configured.
+pub fn describe(addr: SocketAddr, tls: bool) -> String {
+    format!(
+        "postgres://{addr}/{}{}",
+        query::CATALOG,
+        if tls { "?sslmode=require" } else { "" }
+    )
+}

@@ -1,0 +1,59 @@
+"""A Postgres driver (psycopg 3) against lambdaflow's Postgres endpoint, for
+the pg tests: reads a JSON plan on stdin, prints one JSON result per step.
+
+Plan: {"dsn": "...", "steps": [{"sql": "...", "params": [...],
+        "prepare": true|false, "simple": true|false}]}
+Each result: {"columns": [...], "rows": [[...], ...]} or
+             {"error": {"sqlstate": ..., "message": ..., "detail": ..., "hint": ...}}
+
+A connection failure prints {"connect_error": {...}} and nothing else.
+"""
+
+import datetime
+import decimal
+import json
+import sys
+
+import psycopg
+
+
+def plain(v):
+    if isinstance(v, (datetime.datetime, datetime.date)):
+        return v.isoformat(sep=" ")
+    if isinstance(v, decimal.Decimal):
+        return float(v)
+    return v
+
+
+def error(e):
+    d = getattr(e, "diag", None)
+    return {
+        "sqlstate": getattr(e, "sqlstate", None),
+        "message": d.message_primary if d else str(e),
+        "detail": d.message_detail if d else None,
+        "hint": d.message_hint if d else None,
+        "text": str(e),
+    }
+
+
+def main():
+    plan = json.load(sys.stdin)
+    try:
+        conn = psycopg.connect(plan["dsn"], autocommit=True, connect_timeout=10)
+    except psycopg.Error as e:
+        print(json.dumps({"connect_error": error(e)}))
+        return
+    with conn:
+        for step in plan["steps"]:
+            cur = psycopg.ClientCursor(conn) if step.get("simple") else conn.cursor()
+            try:
+                params = step.get("params")
+                cur.execute(step["sql"], params, prepare=step.get("prepare"))
+                cols = [c.name for c in cur.description] if cur.description else []
+                rows = [[plain(v) for v in r] for r in cur.fetchall()] if cols else []
+                print(json.dumps({"columns": cols, "rows": rows}), flush=True)
+            except psycopg.Error as e:
+                print(json.dumps({"error": error(e)}), flush=True)
+
+
+main()
