@@ -792,8 +792,24 @@ fn bench_site(
 /// Starts `lambdaflow serve --config <config>` as a child process (killed on
 /// drop) and returns it with the URL it printed.
 fn spawn_server(config: &std::path::Path) -> anyhow::Result<(ServerChild, String)> {
+    spawn_server_on(config, None)
+}
+
+/// [`spawn_server`], pinned to core `cpu` with `taskset` if given.
+fn spawn_server_on(
+    config: &std::path::Path,
+    cpu: Option<usize>,
+) -> anyhow::Result<(ServerChild, String)> {
     let exe = std::env::current_exe().context("cannot find the lambdaflow binary")?;
-    let mut child = Command::new(exe)
+    let mut cmd = match cpu {
+        Some(c) => {
+            let mut t = Command::new("taskset");
+            t.args(["-c", &c.to_string()]).arg(exe);
+            t
+        }
+        None => Command::new(exe),
+    };
+    let mut child = cmd
         .args(["serve", "--config"])
         .arg(config)
         .env("RUST_LOG", "warn")

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use super::{ServerChild, bench_site, pcts};
+use super::{bench_site, pcts, spawn_server_on};
 use crate::produce::{self, ProduceOptions, group};
 
 #[derive(Debug, clap::Args)]
@@ -114,33 +114,7 @@ pub fn reads(args: ReadsBenchArgs) -> anyhow::Result<()> {
         None,
         &format!("[pg]\nlisten = \"127.0.0.1:{pg_port}\"\n"),
     )?;
-    let exe = std::env::current_exe().context("cannot find the lambdaflow binary")?;
-    let mut cmd = if pin {
-        let mut c = std::process::Command::new("taskset");
-        c.args(["-c", "0"]).arg(exe);
-        c
-    } else {
-        std::process::Command::new(exe)
-    };
-    cmd.args(["serve", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit());
-    let mut child = cmd
-        .spawn()
-        .context("could not start `lambdaflow serve` (pinned with taskset)")?;
-    let stdout = child.stdout.take().expect("piped stdout");
-    let _server = ServerChild { child };
-    let mut first = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut first)?;
-    let Some(url) = first
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .map(str::to_string)
-    else {
-        bail!("the server did not report its address (got {first:?})");
-    };
+    let (_server, url) = spawn_server_on(&config, pin.then_some(0))?;
     if pin && !pin_self(1) {
         bail!("could not pin the load generator to core 1");
     }
