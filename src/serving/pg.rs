@@ -540,6 +540,17 @@ pub struct Service {
 }
 
 impl Service {
+    /// The session `SET`, `SHOW` and transaction statements are answered
+    /// in: a copy of the planning context, so what a `SET` changes stays
+    /// with that statement (the connection's settings are its metadata).
+    /// None for a query, which no hook answers: copying the context's
+    /// state (its function registries) per query would be wasted work on
+    /// every read, point reads included.
+    fn hook_session(&self, statement: &Statement) -> Option<SessionContext> {
+        (!matches!(statement, Statement::Query(_)))
+            .then(|| SessionContext::new_with_state(self.planner.context().state()))
+    }
+
     /// Counts a query and its outcome.
     fn count<T>(&self, r: Result<T, QueryError>, point: bool) -> PgWireResult<T> {
         self.counters.queries.fetch_add(1, Ordering::Relaxed);
@@ -716,13 +727,12 @@ impl SimpleQueryHandler for Service {
         }
         let mut out = Vec::new();
         'statements: for statement in statements {
-            // SET and SHOW see a session of their own: what they change
-            // stays on this connection's metadata.
-            let own = SessionContext::new_with_state(self.planner.context().state());
-            for hook in &self.parser.hooks {
-                if let Some(r) = hook.handle_simple_query(&statement, &own, client).await {
-                    out.push(r?);
-                    continue 'statements;
+            if let Some(own) = self.hook_session(&statement) {
+                for hook in &self.parser.hooks {
+                    if let Some(r) = hook.handle_simple_query(&statement, &own, client).await {
+                        out.push(r?);
+                        continue 'statements;
+                    }
                 }
             }
             let plan = plan(self.planner.context(), &statement).await?;
@@ -758,13 +768,20 @@ impl ExtendedQueryHandler for Service {
         let types = parameter_types(&prepared.plan)?;
         let refs: Vec<Option<&DataType>> = types.iter().map(Option::as_ref).collect();
         let params = deserialize_parameters(portal, &refs)?;
-        let own = SessionContext::new_with_state(self.planner.context().state());
-        for hook in &self.parser.hooks {
-            if let Some(r) = hook
-                .handle_extended_query(&prepared.statement, &prepared.plan, &params, &own, client)
-                .await
-            {
-                return r;
+        if let Some(own) = self.hook_session(&prepared.statement) {
+            for hook in &self.parser.hooks {
+                if let Some(r) = hook
+                    .handle_extended_query(
+                        &prepared.statement,
+                        &prepared.plan,
+                        &params,
+                        &own,
+                        client,
+                    )
+                    .await
+                {
+                    return r;
+                }
             }
         }
         let rows = match &prepared.point {
