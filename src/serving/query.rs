@@ -163,7 +163,9 @@ impl QueryError {
         {
             use crate::error::Explain;
             return QueryError::Sql {
-                message: s.to_string(),
+                // With its causes: a view's error no longer repeats its
+                // source in its own text.
+                message: crate::error::chain(s),
                 sqlstate: s.sqlstate(),
             };
         }
