@@ -721,6 +721,38 @@ async fn status(url: &str) -> anyhow::Result<()> {
         ),
         None => println!("batch: nothing published yet"),
     }
+    if let Some(engine) = s["batch"]["engine"].as_str() {
+        match s["batch"]["scheduler"].as_str() {
+            Some(sched) => println!("batch: engine {engine}, scheduler {sched}"),
+            None => println!("batch: engine {engine}"),
+        }
+    }
+    // The last runs: which engine computed each, and its stages' times.
+    if let Some(runs) = s["batch"]["recent"].as_array() {
+        for r in runs.iter().take(5) {
+            let c = &r["compute"];
+            let stages: Vec<String> = c["stages"]
+                .as_array()
+                .map(|st| {
+                    st.iter()
+                        .map(|x| {
+                            format!("{} {} ms", x["stage"].as_str().unwrap_or("?"), n(&x["ms"]))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            println!(
+                "  run {:>6}  {:<8} {:>8.2} s  {}",
+                n(&r["run"]),
+                c["engine"]
+                    .as_str()
+                    .filter(|e| !e.is_empty())
+                    .unwrap_or("-"),
+                r["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+                stages.join(", ")
+            );
+        }
+    }
     if let Some(since) = s["batch"]["running_since_ms"].as_i64() {
         println!(
             "batch: a run is in progress for {:.1} s",

@@ -344,7 +344,11 @@ pub async fn assemble_over(
     let ingest = Arc::new(ingest);
 
     let lease = take_lease(&config, &clock).await?;
-    let status = Arc::new(Mutex::new(BatchStatus::default()));
+    let status = Arc::new(Mutex::new(BatchStatus {
+        engine: batch.engine().name().to_string(),
+        scheduler: batch.engine().scheduler(),
+        ..BatchStatus::default()
+    }));
     driver::prepare(
         &batch,
         source.as_ref(),

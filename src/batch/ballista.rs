@@ -346,10 +346,33 @@ impl Cluster {
                     _ => {}
                 }
             }
-            let ops: Vec<&str> = stage
+            // In data-flow order, without the shuffle's own plumbing:
+            // "stage 1: DataSource→Aggregate(Partial)".
+            let ops: Vec<String> = stage
                 .operators
                 .iter()
-                .map(|o| o.operator_type.trim_end_matches("Exec"))
+                .rev()
+                .map(|o| {
+                    let name = o.operator_type.trim_end_matches("Exec");
+                    match o.operator_desc.split("mode=").nth(1) {
+                        Some(mode) if name == "Aggregate" => {
+                            let mode = mode.split([',', ' ']).next().unwrap_or("");
+                            format!("{name}({mode})")
+                        }
+                        _ => name.to_string(),
+                    }
+                })
+                .filter(|o| {
+                    !matches!(
+                        o.as_str(),
+                        "ShuffleWriter"
+                            | "SortShuffleWriter"
+                            | "ShuffleReader"
+                            | "UnresolvedShuffle"
+                            | "Cooperative"
+                            | "CoalesceBatches"
+                    )
+                })
                 .collect();
             let name = format!("stage {}: {}", stage.stage_id, ops.join("→"));
             let took = if end >= start {

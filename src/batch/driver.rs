@@ -130,6 +130,11 @@ pub async fn accept_loss(
 /// The batch layer's state, for `/v1/status`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct BatchStatus {
+    /// Where runs are computed: `local` or `ballista`.
+    pub engine: String,
+    /// The Ballista scheduler, with `ballista`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<String>,
     pub published: Option<RunInfo>,
     /// The latest published runs, newest first (at most [`RECENT_RUNS`]).
     pub recent: std::collections::VecDeque<RunInfo>,
