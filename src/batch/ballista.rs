@@ -396,10 +396,10 @@ pub fn check_plan(view: &str, plan: Arc<dyn ExecutionPlan>) -> Result<(), Engine
         view: view.to_string(),
         detail,
     };
-    let stock = ballista_core::utils::default_session_builder(
-        ballista_core::utils::default_config_producer(),
-    )
-    .map_err(|e| refused(e.to_string()))?;
+    // What the stock scheduler binary decodes with: DataFusion's and
+    // Ballista's functions, local files and S3.
+    let stock =
+        ballista_core::object_store::state_with_s3_support().map_err(|e| refused(e.to_string()))?;
     let task_ctx = datafusion::execution::TaskContext::from(&stock);
     PhysicalPlanNode::try_decode(&bytes)
         .and_then(|n| {

@@ -392,6 +392,18 @@ impl BatchLayer {
         only: Option<&str>,
         progress: Option<Arc<Progress>>,
     ) -> Result<Manifest, BatchError> {
+        self.run_on(&self.engine, only, progress).await
+    }
+
+    /// [`BatchLayer::run`] on `engine` rather than the configured one: a
+    /// node that must repair its published views before it serves does it
+    /// with the local engine when the cluster cannot be reached.
+    pub async fn run_on(
+        &self,
+        engine: &Engine,
+        only: Option<&str>,
+        progress: Option<Arc<Progress>>,
+    ) -> Result<Manifest, BatchError> {
         if let Some(name) = only
             && !self.views.iter().any(|v| v.name() == name)
         {
@@ -435,10 +447,18 @@ impl BatchLayer {
         progress
             .total
             .fetch_add(snapshot.events() * todo.len() as u64, Ordering::Relaxed);
-        let mut compute = self.engine.compute();
+        let mut compute = engine.compute();
         for view in todo {
             let entry = self
-                .compute_view(view, &snapshot, run, as_of_ms, &progress, &mut compute)
+                .compute_view(
+                    engine,
+                    view,
+                    &snapshot,
+                    run,
+                    as_of_ms,
+                    &progress,
+                    &mut compute,
+                )
                 .await?;
             views.insert(view.name().to_string(), entry);
         }
@@ -539,8 +559,10 @@ impl BatchLayer {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn compute_view(
         &self,
+        engine: &Engine,
         view: &Arc<View>,
         snapshot: &MasterSnapshot,
         run: u64,
@@ -550,7 +572,7 @@ impl BatchLayer {
     ) -> Result<ViewEntry, BatchError> {
         let t = Instant::now();
         let (states, excluded) = self
-            .compute_states(view, snapshot, progress, compute)
+            .compute_states(engine, view, snapshot, progress, compute)
             .await?;
         let finalizing = Instant::now();
         let states = view.roll_up(states, as_of_ms).await?;
@@ -609,6 +631,7 @@ impl BatchLayer {
     /// how many events were left out because the view fails on them.
     async fn compute_states(
         &self,
+        engine: &Engine,
         view: &Arc<View>,
         snapshot: &MasterSnapshot,
         progress: &Arc<Progress>,
@@ -617,7 +640,7 @@ impl BatchLayer {
         if snapshot.files.is_empty() {
             return Ok((view.states(Vec::new()).await?, 0));
         }
-        let (states, failed) = match &self.engine {
+        let (states, failed) = match engine {
             Engine::Local => {
                 let t = Instant::now();
                 let out = self.local_states(view, snapshot, progress).await?;

@@ -415,7 +415,16 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
     println!("```");
     let local_stages = published_compute(&storage, &rt)?;
     if args.engine == "ballista" {
-        ballista_beside_local(&args, &exe, &config_path, &storage, &rt, secs, &out, &local_stages)?;
+        ballista_beside_local(
+            &args,
+            &exe,
+            &config_path,
+            &storage,
+            &rt,
+            secs,
+            &out,
+            &local_stages,
+        )?;
     }
     let mut best = f64::MAX;
     for _ in 0..3 {
@@ -493,20 +502,33 @@ struct BenchCluster {
 
 impl BenchCluster {
     /// One scheduler and `executors` executors of one task each.
-    fn start(exe: &std::path::Path, dir: &std::path::Path, executors: usize) -> anyhow::Result<BenchCluster> {
+    fn start(
+        exe: &std::path::Path,
+        dir: &std::path::Path,
+        executors: usize,
+    ) -> anyhow::Result<BenchCluster> {
         let free = || -> anyhow::Result<u16> {
-            Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port())
         };
         let log = |name: &str| -> anyhow::Result<std::fs::File> {
             Ok(std::fs::File::create(dir.join(name))?)
         };
         let port = free()?;
         let url = format!("df://127.0.0.1:{port}");
-        let mut children = vec![Command::new(exe)
-            .args(["ballista", "scheduler", "--bind", &format!("127.0.0.1:{port}")])
-            .stdout(log("scheduler.log")?)
-            .stderr(log("scheduler.err")?)
-            .spawn()?];
+        let mut children = vec![
+            Command::new(exe)
+                .args([
+                    "ballista",
+                    "scheduler",
+                    "--bind",
+                    &format!("127.0.0.1:{port}"),
+                ])
+                .stdout(log("scheduler.log")?)
+                .stderr(log("scheduler.err")?)
+                .spawn()?,
+        ];
         wait_port(port)?;
         for i in 0..executors {
             let flight = free()?;
@@ -516,7 +538,12 @@ impl BenchCluster {
                 Command::new(exe)
                     .args(["ballista", "executor", "--scheduler", &url])
                     .args(["--bind", &format!("127.0.0.1:{flight}")])
-                    .args(["--grpc-port", &free()?.to_string(), "--concurrent-tasks", "1"])
+                    .args([
+                        "--grpc-port",
+                        &free()?.to_string(),
+                        "--concurrent-tasks",
+                        "1",
+                    ])
                     .arg("--work-dir")
                     .arg(&work)
                     .stdout(log(&format!("executor-{i}.log"))?)
@@ -624,7 +651,12 @@ fn ballista_beside_local(
         out.lines()
             .filter_map(|l| {
                 let (name, rest) = l.trim().split_once(": ")?;
-                let s = rest.rsplit(", ").next()?.trim_end_matches(" s").parse().ok()?;
+                let s = rest
+                    .rsplit(", ")
+                    .next()?
+                    .trim_end_matches(" s")
+                    .parse()
+                    .ok()?;
                 Some((name.to_string(), s))
             })
             .collect()

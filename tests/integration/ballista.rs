@@ -28,17 +28,24 @@ pub(crate) struct Cluster {
     port: u16,
     scheduler: Option<Child>,
     executors: Vec<Option<Child>>,
+    /// The executors' environment (an S3 endpoint and credentials).
+    env: Vec<(String, String)>,
     pub(crate) dir: tempfile::TempDir,
 }
 
 impl Cluster {
     pub(crate) fn start(executors: usize) -> Cluster {
+        Cluster::start_with_env(executors, Vec::new())
+    }
+
+    pub(crate) fn start_with_env(executors: usize, env: Vec<(String, String)>) -> Cluster {
         let port = free_port();
         let mut c = Cluster {
             url: format!("df://127.0.0.1:{port}"),
             port,
             scheduler: None,
             executors: Vec::new(),
+            env,
             dir: tempfile::tempdir().unwrap(),
         };
         c.start_scheduler();
@@ -88,6 +95,7 @@ impl Cluster {
             .args(["--grpc-port", &grpc.to_string()])
             .args(["--concurrent-tasks", "2", "--heartbeat", "1s", "--work-dir"])
             .arg(&work)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("NO_COLOR", "1")
             .stdout(self.log(&format!("executor-{i}.log")))
             .stderr(self.log(&format!("executor-{i}.log")))
@@ -507,15 +515,28 @@ fn a_scheduler_that_is_down_is_a_health_problem_and_the_views_stay_published() {
             })
         },
     );
+    // A run that had its states before the kill may still have published;
+    // from the first failure on, nothing is.
+    let stuck = down["batch"]["published"]["run"].as_u64().unwrap();
+    assert!(stuck <= run + 1, "at most the run in flight published");
+    std::thread::sleep(Duration::from_secs(2));
+    let later = common::get_json(&format!("{url}/v1/status"));
     assert_eq!(
-        down["batch"]["published"]["run"].as_u64(),
-        Some(run),
-        "nothing is published while the scheduler is down"
+        later["batch"]["published"]["run"].as_u64(),
+        Some(stuck),
+        "nothing is published while the scheduler is down: {later}"
+    );
+    assert!(
+        later["health"]["problems"]
+            .to_string()
+            .contains(&cluster.url),
+        "the problem stays while the scheduler is down: {}",
+        later["health"]
     );
     // The views still answer exactly: the speed layer covers what the batch
     // layer has not reached.
     for answer in crate::oracle::settled_answers(&url) {
-        assert!(answer.run == Some(run), "served from the published run");
+        assert_eq!(answer.run, Some(stuck), "served from the published run");
     }
     let (orders, _) = common::orders_and_covered(&common::get_json(&format!(
         "{url}/v1/views/sales_by_product"
@@ -557,4 +578,125 @@ fn wait_for(
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn executors_read_a_master_dataset_on_s3() {
+    let moto = crate::s3::Moto::start();
+    let root = moto.bucket("ballista");
+    // The executors reach S3 as the paper's EMR nodes do: from their own
+    // AWS environment.
+    let cluster = Cluster::start_with_env(2, moto.env());
+    let site = moto.site(
+        &root,
+        &format!(
+            "[archive]\nchunk_age = \"200ms\"\n[batch]\npause = \"300ms\"\nengine = \"ballista\"\nscheduler = \"{}\"\n",
+            cluster.url
+        ),
+    );
+    let server = site.serve(&[]);
+    let url = server.url.clone();
+    common::post_events(
+        &url,
+        crate::oracle::ndjson(&(0..700).map(crate::oracle::make).collect::<Vec<_>>()),
+    )
+    .unwrap();
+    let s = wait_for(
+        &url,
+        Duration::from_secs(90),
+        "a Ballista run of all 700 events on S3",
+        |s| {
+            s["batch"]["published"]["events"].as_u64() == Some(700)
+                && s["batch"]["published"]["compute"]["engine"] == "ballista"
+        },
+    );
+    assert!(
+        s["cluster"]["root"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("s3://")),
+        "{s}"
+    );
+    // Every event in the published run, each once: the batch side alone
+    // (nothing is left for the speed layer) holds all 700.
+    let answer = common::get_json(&format!("{url}/v1/views/sales_by_product"));
+    let rows = answer["rows"].as_array().unwrap();
+    let orders: u64 = rows.iter().map(|r| r["orders"].as_u64().unwrap()).sum();
+    let revenue: i64 = rows.iter().map(|r| r["revenue"].as_i64().unwrap()).sum();
+    let want: i64 = (0..700).map(|k| crate::oracle::make(k).price).sum();
+    assert_eq!((orders, revenue), (700, want), "{answer}");
+    assert_eq!(
+        answer["freshness"]["run"].as_u64(),
+        s["batch"]["published"]["run"].as_u64()
+    );
+    server.stop();
+}
+
+#[test]
+fn a_repair_needed_before_serving_is_computed_here_when_the_scheduler_is_down() {
+    let site = Site::new("[archive]\nchunk_age = \"200ms\"\n[batch]\npause = \"300ms\"\n");
+    let server = site.serve(&[]);
+    common::post_events(
+        &server.url,
+        crate::oracle::ndjson(&(0..400).map(crate::oracle::make).collect::<Vec<_>>()),
+    )
+    .unwrap();
+    wait_for(
+        &server.url,
+        Duration::from_secs(60),
+        "a run of all 400 events",
+        |s| s["batch"]["published"]["events"].as_u64() == Some(400),
+    );
+    server.stop();
+    // Damage a published states file, and point the node at a scheduler
+    // that is not there.
+    let current: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(site.data.join("views/CURRENT")).unwrap()).unwrap();
+    let path = site.data.join(
+        current["views"]["sales_by_product"]["states"]["path"]
+            .as_str()
+            .unwrap(),
+    );
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x5a;
+    std::fs::write(&path, &bytes).unwrap();
+    let nowhere = format!("df://127.0.0.1:{}", free_port());
+    let config = std::fs::read_to_string(&site.config).unwrap();
+    std::fs::write(
+        &site.config,
+        config.replace(
+            "pause = \"300ms\"\n",
+            &format!("pause = \"300ms\"\nengine = \"ballista\"\nscheduler = \"{nowhere}\"\n"),
+        ),
+    )
+    .unwrap();
+
+    // The node starts and serves: the repair ran here, and health says why.
+    let server = site.serve(&[]);
+    let s = server.status();
+    let recovered = s["health"]["recovered"].to_string();
+    assert!(
+        recovered.contains("computed with the local engine before serving")
+            && recovered.contains(&nowhere),
+        "status names the fallback and its reason: {s}"
+    );
+    assert_eq!(s["batch"]["published"]["compute"]["engine"], "local", "{s}");
+    let (orders, _) = common::orders_and_covered(&common::get_json(&format!(
+        "{}/v1/views/sales_by_product",
+        server.url
+    )));
+    assert_eq!(orders, 400, "every event counted once after the repair");
+    // Later runs are the cluster's: while it is down, a health problem.
+    common::post_events(
+        &server.url,
+        crate::oracle::ndjson(&(400..500).map(crate::oracle::make).collect::<Vec<_>>()),
+    )
+    .unwrap();
+    wait_for(
+        &server.url,
+        Duration::from_secs(30),
+        "a batch problem naming the scheduler",
+        |s| s["health"]["problems"].to_string().contains(&nowhere),
+    );
+    server.stop();
 }
