@@ -625,6 +625,16 @@ async fn rebuild(config: Config, view: Option<String>) -> anyhow::Result<()> {
             }
         );
     }
+    let c = &m.compute;
+    println!(
+        "  computed by {}{}: {}",
+        c.engine,
+        c.scheduler
+            .as_deref()
+            .map(|s| format!(" at {s}"))
+            .unwrap_or_default(),
+        c.summary()
+    );
     Ok(())
 }
 

@@ -47,8 +47,12 @@ use crate::config::BatchConfig;
 use crate::master::DataFile;
 use crate::view::View;
 
-/// At most this many scan tasks per view: one per file group.
-const MAX_SCAN_TASKS: usize = 64;
+/// Parquet bytes per scan task. Each task emits its own partial states
+/// (up to one row per group), which the shuffle then moves: fewer, larger
+/// tasks move fewer states, while enough of them keep every executor busy.
+const TASK_BYTES: u64 = 64 * 1024 * 1024;
+/// At most this many scan tasks per view.
+const MAX_SCAN_TASKS: usize = 4096;
 /// Hash partitions of the shuffle between the two stages.
 const REDUCERS: usize = 8;
 /// How often the job's status is asked for while it runs.
@@ -91,7 +95,7 @@ impl Cluster {
             view: view.name().to_string(),
             detail,
         };
-        let groups = scan::balance(files, MAX_SCAN_TASKS);
+        let groups = scan::balance(files, scan_tasks(files));
         let leaf = scan::parquet_leaf_groups(
             store_url,
             view.events_schema(),
@@ -171,10 +175,20 @@ impl Cluster {
                     value: Some(value),
                 })
             })
+            // Views plan with one partition (lambdaflow splits the work
+            // itself). Sent along, it made the whole of stage 1 one task on
+            // one executor, measured here: the job ran at one core's speed.
+            .filter(|kv| kv.key != "datafusion.execution.target_partitions")
             .collect();
         settings.push(KeyValuePair {
             key: "ballista.job.name".into(),
             value: Some(format!("lambdaflow view {}", view.name())),
+        });
+        // One task per file group: groups are sized by bytes already
+        // (TASK_BYTES), and a lost executor then loses one group's work.
+        settings.push(KeyValuePair {
+            key: "ballista.scheduler.max_partitions_per_task".into(),
+            value: Some("1".into()),
         });
         compute.add("plan", t.elapsed());
 
@@ -385,6 +399,15 @@ impl Cluster {
     }
 }
 
+/// How many scan tasks a view's job over `files` gets: one per
+/// [`TASK_BYTES`] of Parquet, at least two (two executors both work) and at
+/// most one per file.
+fn scan_tasks(files: &[DataFile]) -> usize {
+    let bytes: u64 = files.iter().map(|f| f.size).sum();
+    let by_size = bytes.div_ceil(TASK_BYTES) as usize;
+    by_size.clamp(2, MAX_SCAN_TASKS).min(files.len()).max(1)
+}
+
 /// Refuses a plan a stock Ballista scheduler could not decode: the plan goes
 /// through the wire format and back against a stock Ballista session
 /// (DataFusion's built-in functions, Ballista's codec). A node of ours (a
@@ -474,6 +497,9 @@ pub async fn run_scheduler(
         executor_timeout_seconds: timeout,
         expire_dead_executor_interval_seconds: (timeout / 3).max(1),
         no_executors_grace_period_seconds: timeout,
+        // Ballista's default (`bias`) fills one executor's slots before the
+        // next; its docs recommend round-robin for a single scheduler.
+        task_distribution: ballista_scheduler::config::TaskDistributionPolicy::RoundRobin,
         ..SchedulerConfig::default()
     }
     .with_override_config_producer(Arc::new(session_config_with_s3_support))
@@ -606,7 +632,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("file_groups={5 groups"),
+            text.contains("file_groups={2 groups"),
             "one scan task per file:\n{text}"
         );
 
@@ -639,6 +665,24 @@ mod tests {
             text.starts_with("CoalescePartitionsExec") && !text.contains("Aggregate"),
             "rows merge by union: gathered, not reduced:\n{text}"
         );
+    }
+
+    #[test]
+    fn one_scan_task_per_64_mib_at_least_two_at_most_one_per_file() {
+        let sized = |n: usize, size: u64| -> Vec<DataFile> {
+            (0..n)
+                .map(|i| DataFile {
+                    location: format!("f{i}").into(),
+                    size,
+                    records: None,
+                })
+                .collect()
+        };
+        // 100M events: 100 files of 8.3 MiB.
+        assert_eq!(scan_tasks(&sized(100, 8_700_000)), 13);
+        assert_eq!(scan_tasks(&sized(5, 1000)), 2, "two executors both work");
+        assert_eq!(scan_tasks(&sized(1, 1 << 40)), 1, "a file is not split");
+        assert_eq!(scan_tasks(&sized(10_000, 1 << 27)), MAX_SCAN_TASKS);
     }
 
     #[tokio::test]
