@@ -47,6 +47,56 @@ pub enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+    /// Ballista's stock scheduler or executor, for `[batch] engine = "ballista"`.
+    #[cfg(feature = "ballista")]
+    Ballista {
+        #[command(subcommand)]
+        role: BallistaCommand,
+    },
+}
+
+/// The two processes of a Ballista cluster: the library code of Ballista's
+/// own `ballista-scheduler` and `ballista-executor` binaries, built into
+/// lambdaflow so that one build (and one DataFusion) serves all three.
+#[cfg(feature = "ballista")]
+#[derive(Debug, Subcommand)]
+pub enum BallistaCommand {
+    /// The scheduler: plans jobs into stages and hands tasks to executors.
+    Scheduler {
+        /// gRPC address clients and executors connect to (`df://` this).
+        #[arg(long, default_value = "127.0.0.1:50050")]
+        bind: SocketAddr,
+        /// Host name executors and clients reach this scheduler by (default: the bind address).
+        #[arg(long)]
+        external_host: Option<String>,
+        /// An executor silent this long is dead: its tasks run elsewhere.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        executor_timeout: std::time::Duration,
+    },
+    /// An executor: runs tasks, keeps shuffle files, serves them over Arrow Flight.
+    Executor {
+        /// The scheduler, `df://host:port`.
+        #[arg(long, default_value = "df://127.0.0.1:50050")]
+        scheduler: String,
+        /// Arrow Flight address (shuffle and results).
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        bind: SocketAddr,
+        /// Port of the executor's gRPC service (on the same host).
+        #[arg(long, default_value_t = 50052)]
+        grpc_port: u16,
+        /// Host name others reach this executor by (default: the bind address).
+        #[arg(long)]
+        external_host: Option<String>,
+        /// Tasks run at once (default: the cores).
+        #[arg(long)]
+        concurrent_tasks: Option<usize>,
+        /// Where shuffle files go (default: a temporary directory).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+        /// How often it tells the scheduler it is alive.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        heartbeat: std::time::Duration,
+    },
 }
 
 /// Where the configuration comes from; flags override the file.
@@ -319,6 +369,7 @@ fn explained(e: &anyhow::Error) -> Option<&dyn crate::error::Explain> {
             cause,
             crate::serve::ServeError,
             crate::node::NodeError,
+            crate::batch::EngineError,
             crate::config::ConfigError,
             crate::storage::StorageError,
             crate::master::MasterError,
@@ -398,6 +449,48 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 BenchCommand::Reads(args) => crate::bench::reads(args)?,
                 BenchCommand::Kafka(args) => crate::bench::kafka(args)?,
                 BenchCommand::Kinesis(args) => crate::bench::kinesis(args)?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(feature = "ballista")]
+        Command::Ballista { role } => {
+            init_tracing("info");
+            // Ballista's own binaries run with deep stacks: plans recurse.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_stack_size(32 * 1024 * 1024)
+                .build()
+                .context("could not start the async runtime")?;
+            use crate::batch::ballista;
+            match role {
+                BallistaCommand::Scheduler {
+                    bind,
+                    external_host,
+                    executor_timeout,
+                } => rt.block_on(ballista::run_scheduler(
+                    bind,
+                    external_host,
+                    executor_timeout,
+                ))?,
+                BallistaCommand::Executor {
+                    scheduler,
+                    bind,
+                    grpc_port,
+                    external_host,
+                    concurrent_tasks,
+                    work_dir,
+                    heartbeat,
+                } => rt.block_on(ballista::run_executor(ballista::ExecutorArgs {
+                    scheduler,
+                    bind,
+                    grpc_port,
+                    external_host,
+                    concurrent_tasks: concurrent_tasks.unwrap_or_else(|| {
+                        std::thread::available_parallelism().map_or(1, |n| n.get())
+                    }),
+                    work_dir,
+                    heartbeat,
+                }))?,
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -532,6 +625,16 @@ async fn rebuild(config: Config, view: Option<String>) -> anyhow::Result<()> {
             }
         );
     }
+    let c = &m.compute;
+    println!(
+        "  computed by {}{}: {}",
+        c.engine,
+        c.scheduler
+            .as_deref()
+            .map(|s| format!(" at {s}"))
+            .unwrap_or_default(),
+        c.summary()
+    );
     Ok(())
 }
 
@@ -627,6 +730,38 @@ async fn status(url: &str) -> anyhow::Result<()> {
             r["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0
         ),
         None => println!("batch: nothing published yet"),
+    }
+    if let Some(engine) = s["batch"]["engine"].as_str() {
+        match s["batch"]["scheduler"].as_str() {
+            Some(sched) => println!("batch: engine {engine}, scheduler {sched}"),
+            None => println!("batch: engine {engine}"),
+        }
+    }
+    // The last runs: which engine computed each, and its stages' times.
+    if let Some(runs) = s["batch"]["recent"].as_array() {
+        for r in runs.iter().take(5) {
+            let c = &r["compute"];
+            let stages: Vec<String> = c["stages"]
+                .as_array()
+                .map(|st| {
+                    st.iter()
+                        .map(|x| {
+                            format!("{} {} ms", x["stage"].as_str().unwrap_or("?"), n(&x["ms"]))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            println!(
+                "  run {:>6}  {:<8} {:>8.2} s  {}",
+                n(&r["run"]),
+                c["engine"]
+                    .as_str()
+                    .filter(|e| !e.is_empty())
+                    .unwrap_or("-"),
+                r["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+                stages.join(", ")
+            );
+        }
     }
     if let Some(since) = s["batch"]["running_since_ms"].as_i64() {
         println!(

@@ -419,6 +419,41 @@ pub struct BatchConfig {
     /// How often a node that does not drive looks for a new publish.
     #[serde(default = "default_poll", with = "humantime_serde")]
     pub poll: Duration,
+    /// Where each view's states are computed: `local` (this process), or
+    /// `ballista` (an Apache DataFusion Ballista cluster, at `scheduler`).
+    #[serde(default)]
+    pub engine: EngineKind,
+    /// The Ballista scheduler, `df://host:port` (port 50050 if left out).
+    #[serde(default)]
+    pub scheduler: Option<String>,
+}
+
+/// `[batch] engine`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    #[default]
+    Local,
+    Ballista,
+}
+
+impl BatchConfig {
+    /// The scheduler's gRPC address (`http://host:port`) from `scheduler`.
+    pub fn scheduler_url(&self) -> Result<String, String> {
+        let s = self
+            .scheduler
+            .as_deref()
+            .ok_or_else(|| "`engine = \"ballista\"` needs `scheduler`".to_string())?;
+        let url = url::Url::parse(s).map_err(|e| format!("`{s}` is not a URL: {e}"))?;
+        if url.scheme() != "df" {
+            return Err(format!("`{s}` is not a df:// URL"));
+        }
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| format!("`{s}` names no host"))?;
+        Ok(format!("http://{host}:{}", url.port().unwrap_or(50050)))
+    }
 }
 
 fn default_batch_pause() -> Duration {
@@ -439,6 +474,8 @@ impl Default for BatchConfig {
             pause: default_batch_pause(),
             lease: default_lease(),
             poll: default_poll(),
+            engine: EngineKind::Local,
+            scheduler: None,
         }
     }
 }
@@ -639,6 +676,34 @@ impl Config {
                 ),
                 Some("the holder renews it three times per lease; shorter leases flap on a slow store".into()),
             ));
+        }
+        match (self.batch.engine, &self.batch.scheduler) {
+            (EngineKind::Ballista, _) => {
+                if let Err(reason) = self.batch.scheduler_url() {
+                    return Err(invalid(
+                        "batch.scheduler",
+                        reason,
+                        Some("write it as scheduler = \"df://host:50050\"".into()),
+                    ));
+                }
+                if !cfg!(feature = "ballista") {
+                    return Err(invalid(
+                        "batch.engine",
+                        "this lambdaflow was built without Ballista".into(),
+                        Some("build it with `cargo build --release --features ballista`".into()),
+                    ));
+                }
+            }
+            (EngineKind::Local, Some(_)) => {
+                return Err(invalid(
+                    "batch.scheduler",
+                    "is set, but `engine` is `local`: nothing would use it".into(),
+                    Some(
+                        "set engine = \"ballista\" to compute batch runs on that scheduler".into(),
+                    ),
+                ));
+            }
+            (EngineKind::Local, None) => {}
         }
         if self.stream.kafka.is_some() && self.stream.kinesis.is_some() {
             return Err(invalid(

@@ -62,6 +62,8 @@ pub enum NodeError {
     #[error(transparent)]
     Batch(#[from] BatchError),
     #[error(transparent)]
+    Engine(#[from] crate::batch::EngineError),
+    #[error(transparent)]
     Driver(#[from] DriverError),
     #[error(transparent)]
     Speed(#[from] SpeedError),
@@ -79,6 +81,8 @@ impl crate::error::Explain for NodeError {
     fn detail(&self) -> Option<String> {
         match self {
             NodeError::Master(e) => e.detail(),
+            NodeError::Engine(e) => e.detail(),
+            NodeError::Batch(e) => e.detail(),
             _ => None,
         }
     }
@@ -89,6 +93,8 @@ impl crate::error::Explain for NodeError {
             NodeError::Storage(e) => e.hint(),
             NodeError::Master(e) => e.hint(),
             NodeError::View(e) => e.hint(),
+            NodeError::Engine(e) => e.hint(),
+            NodeError::Batch(e) => e.hint(),
             NodeError::LeaseHeld { .. } => Some("a node on the embedded log must drive; stop the other node, or use Kafka or Kinesis as the stream to run several nodes on one root".into()),
             _ => None,
         }
@@ -194,7 +200,10 @@ pub async fn open_batch_in(
     let failures = Arc::new(ViewFailures::new(
         config.local_dir().join("deadletter/views"),
     ));
-    Ok(Arc::new(BatchLayer::new(storage, master, views, failures)))
+    let engine = crate::batch::Engine::from_config(&config.batch)?;
+    Ok(Arc::new(
+        BatchLayer::new(storage, master, views, failures).with_engine(engine)?,
+    ))
 }
 
 /// Every layer of a node, opened and checked, with nothing running yet: what
@@ -335,7 +344,11 @@ pub async fn assemble_over(
     let ingest = Arc::new(ingest);
 
     let lease = take_lease(&config, &clock).await?;
-    let status = Arc::new(Mutex::new(BatchStatus::default()));
+    let status = Arc::new(Mutex::new(BatchStatus {
+        engine: batch.engine().name().to_string(),
+        scheduler: batch.engine().scheduler(),
+        ..BatchStatus::default()
+    }));
     driver::prepare(
         &batch,
         source.as_ref(),

@@ -130,6 +130,11 @@ pub async fn accept_loss(
 /// The batch layer's state, for `/v1/status`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct BatchStatus {
+    /// Where runs are computed: `local` or `ballista`.
+    pub engine: String,
+    /// The Ballista scheduler, with `ballista`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<String>,
     pub published: Option<RunInfo>,
     /// The latest published runs, newest first (at most [`RECENT_RUNS`]).
     pub recent: std::collections::VecDeque<RunInfo>,
@@ -229,7 +234,7 @@ pub async fn prepare(
                 &format!("view `{view}`: {problem}; rebuilt from the master dataset at startup"),
             );
         }
-        let m = batch.run(None, None).await?;
+        let m = run_before_serving(batch, health).await?;
         status.lock().expect("status lock").published(&m);
     }
     let behind = |h: &[u64]| -> Result<Option<(u32, u64, u64)>, SourceError> {
@@ -250,7 +255,7 @@ pub async fn prepare(
             log_start = start,
             "the published batch views end below the log's start; publishing a run of the master dataset before serving"
         );
-        let m = batch.run(None, None).await?;
+        let m = run_before_serving(batch, health).await?;
         health.recovered(
             "batch",
             &format!(
@@ -280,6 +285,31 @@ pub async fn prepare(
         }
     }
     Ok(())
+}
+
+/// A run a node needs before it can serve at all. When the configured
+/// cluster cannot compute it, this process does (both engines publish the
+/// same states), and `health` says so: a node must not stay down because a
+/// Ballista scheduler is.
+async fn run_before_serving(batch: &BatchLayer, health: &Health) -> Result<Manifest, DriverError> {
+    match batch.run(None, None).await {
+        Err(BatchError::Engine(e)) => {
+            let why = crate::error::chain(&e);
+            tracing::warn!(error = %why, "the batch engine cannot compute the run needed before serving; computing it here");
+            let m = batch
+                .run_on(&crate::batch::Engine::Local, None, None)
+                .await?;
+            health.recovered(
+                "batch",
+                &format!(
+                    "run {} was computed with the local engine before serving: {why}",
+                    m.run
+                ),
+            );
+            Ok(m)
+        }
+        r => Ok(r?),
+    }
 }
 
 /// One cycle: run, publish, swap the run into serving, then let the log drop

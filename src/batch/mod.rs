@@ -16,7 +16,10 @@
 //! make the published run unusable for that view: [`BatchLayer::check`] finds
 //! it and the caller rebuilds from the master dataset before serving.
 
+#[cfg(feature = "ballista")]
+pub mod ballista;
 pub mod driver;
+pub mod engine;
 pub mod lease;
 pub mod scan;
 
@@ -31,10 +34,12 @@ use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::error;
 use crate::master::{MasterDataset, MasterError, MasterSnapshot};
 use crate::storage::{Storage, StorageError, Swap, Version};
 use crate::view::failures::{FailedRow, ViewFailures};
 use crate::view::{View, ViewError, store::to_tsv};
+pub use engine::{Compute, Engine, EngineError};
 
 pub const CURRENT: &str = "views/CURRENT";
 
@@ -46,6 +51,8 @@ pub enum BatchError {
     Storage(#[from] StorageError),
     #[error(transparent)]
     View(#[from] ViewError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
     #[error("batch view file {path} is corrupt: {detail}")]
     Corrupt { path: String, detail: String },
     #[error("no view named `{name}`; the views are: {known}")]
@@ -56,6 +63,26 @@ pub enum BatchError {
     Task(String),
     #[error("run {run} was not published: {reason}; its files are discarded")]
     LostRace { run: u64, reason: &'static str },
+}
+
+impl crate::error::Explain for BatchError {
+    fn detail(&self) -> Option<String> {
+        match self {
+            BatchError::Engine(e) => e.detail(),
+            BatchError::Master(e) => e.detail(),
+            _ => None,
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        match self {
+            BatchError::Engine(e) => e.hint(),
+            BatchError::Master(e) => e.hint(),
+            BatchError::View(e) => e.hint(),
+            BatchError::Storage(e) => e.hint(),
+            _ => None,
+        }
+    }
 }
 
 /// A file of a run, with what it must be.
@@ -119,6 +146,9 @@ pub struct RunInfo {
     pub started_ms: i64,
     pub duration_ms: u64,
     pub engine: String,
+    /// Which engine computed the run, and its stages' times.
+    #[serde(default)]
+    pub compute: Compute,
 }
 
 /// What is wrong with the published run, per view.
@@ -166,6 +196,7 @@ pub struct BatchLayer {
     keep_runs: usize,
     parallelism: usize,
     failures: Arc<ViewFailures>,
+    engine: Engine,
 }
 
 impl BatchLayer {
@@ -189,7 +220,20 @@ impl BatchLayer {
             keep_runs: 2,
             parallelism: std::thread::available_parallelism().map_or(1, |n| n.get()),
             failures,
+            engine: Engine::Local,
         }
+    }
+
+    /// Computes runs on `engine`, once it has accepted every view (a view it
+    /// cannot run is refused here, before any run).
+    pub fn with_engine(mut self, engine: Engine) -> Result<BatchLayer, EngineError> {
+        engine.check(&self.views, &self.storage.store_url())?;
+        self.engine = engine;
+        Ok(self)
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
     }
 
     /// Where both layers record the rows each view fails on.
@@ -348,6 +392,18 @@ impl BatchLayer {
         only: Option<&str>,
         progress: Option<Arc<Progress>>,
     ) -> Result<Manifest, BatchError> {
+        self.run_on(&self.engine, only, progress).await
+    }
+
+    /// [`BatchLayer::run`] on `engine` rather than the configured one: a
+    /// node that must repair its published views before it serves does it
+    /// with the local engine when the cluster cannot be reached.
+    pub async fn run_on(
+        &self,
+        engine: &Engine,
+        only: Option<&str>,
+        progress: Option<Arc<Progress>>,
+    ) -> Result<Manifest, BatchError> {
         if let Some(name) = only
             && !self.views.iter().any(|v| v.name() == name)
         {
@@ -391,9 +447,18 @@ impl BatchLayer {
         progress
             .total
             .fetch_add(snapshot.events() * todo.len() as u64, Ordering::Relaxed);
+        let mut compute = engine.compute();
         for view in todo {
             let entry = self
-                .compute_view(view, &snapshot, run, as_of_ms, &progress)
+                .compute_view(
+                    engine,
+                    view,
+                    &snapshot,
+                    run,
+                    as_of_ms,
+                    &progress,
+                    &mut compute,
+                )
                 .await?;
             views.insert(view.name().to_string(), entry);
         }
@@ -407,6 +472,7 @@ impl BatchLayer {
                 started_ms,
                 duration_ms: started.elapsed().as_millis() as u64,
                 engine: engine_version(),
+                compute,
             },
             views,
         };
@@ -493,18 +559,26 @@ impl BatchLayer {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn compute_view(
         &self,
+        engine: &Engine,
         view: &Arc<View>,
         snapshot: &MasterSnapshot,
         run: u64,
         as_of_ms: i64,
         progress: &Arc<Progress>,
+        compute: &mut Compute,
     ) -> Result<ViewEntry, BatchError> {
         let t = Instant::now();
-        let (states, excluded) = self.compute_states(view, snapshot, progress).await?;
+        let (states, excluded) = self
+            .compute_states(engine, view, snapshot, progress, compute)
+            .await?;
+        let finalizing = Instant::now();
         let states = view.roll_up(states, as_of_ms).await?;
         let rows = view.finalize(vec![states.clone()]).await?;
+        compute.add("rollup+finalize", finalizing.elapsed());
+        let writing = Instant::now();
         let tsv = to_tsv(view.output_schema(), &rows);
         let parquet = view.states_to_parquet(&states)?;
         // The writer's id in the directory: a run number two drivers race
@@ -549,34 +623,90 @@ impl BatchLayer {
         self.storage
             .put(&format!("{dir}/view.json"), Bytes::from(meta.to_string()))
             .await?;
+        compute.add("write", writing.elapsed());
         Ok(entry)
     }
 
-    /// States of one view over all files, the files split among the cores,
-    /// and how many events were left out because the view fails on them.
+    /// States of one view over all files, on the batch layer's engine, and
+    /// how many events were left out because the view fails on them.
     async fn compute_states(
         &self,
+        engine: &Engine,
         view: &Arc<View>,
         snapshot: &MasterSnapshot,
         progress: &Arc<Progress>,
+        compute: &mut Compute,
     ) -> Result<(RecordBatch, u64), BatchError> {
         if snapshot.files.is_empty() {
             return Ok((view.states(Vec::new()).await?, 0));
         }
-        // Balance the groups by size: biggest file to the lightest group.
-        let k = self.parallelism.min(snapshot.files.len()).max(1);
-        let mut groups: Vec<(u64, Vec<crate::master::DataFile>)> = vec![(0, Vec::new()); k];
-        let mut files = snapshot.files.clone();
-        files.sort_by_key(|f| std::cmp::Reverse(f.size));
-        for f in files {
-            let g = groups.iter_mut().min_by_key(|g| g.0).expect("k ≥ 1");
-            g.0 += f.size;
-            g.1.push(f);
+        let (states, failed) = match engine {
+            Engine::Local => {
+                let t = Instant::now();
+                let out = self.local_states(view, snapshot, progress).await?;
+                compute.add("scan+states", t.elapsed());
+                out
+            }
+            #[cfg(feature = "ballista")]
+            Engine::Ballista(cluster) => {
+                let store_url = self.storage.store_url();
+                match cluster
+                    .states(view, &store_url, &snapshot.files, compute)
+                    .await
+                {
+                    Ok(states) => {
+                        progress
+                            .done
+                            .fetch_add(snapshot.events(), Ordering::Relaxed);
+                        (states, Vec::new())
+                    }
+                    // The view fails on some events: the same rows fail
+                    // anywhere, so find them here, file by file, as the
+                    // local engine does.
+                    Err(e) if ballista::failed_on_data(&e) => {
+                        tracing::info!(view = view.name(), error = %error::chain(&e), "the cluster's job failed on the view's own expressions; looking for the rows it fails on");
+                        let t = Instant::now();
+                        let events = self.master.events_schema().clone();
+                        let out =
+                            states_file_by_file(view, &store_url, &events, &snapshot.files).await?;
+                        progress
+                            .done
+                            .fetch_add(snapshot.events(), Ordering::Relaxed);
+                        compute.add("states of failing rows (local)", t.elapsed());
+                        out
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        };
+        let excluded = failed.len() as u64;
+        if !failed.is_empty() {
+            let new = self.failures.record(&failed);
+            tracing::warn!(
+                view = view.name(),
+                excluded,
+                new,
+                first = ?failed.first(),
+                "the view fails on some events of the master dataset; they are left out of it"
+            );
         }
+        Ok((states, excluded))
+    }
+
+    /// The local engine: the files split among the cores, one task each,
+    /// their states merged; the rows the view fails on, if any.
+    async fn local_states(
+        &self,
+        view: &Arc<View>,
+        snapshot: &MasterSnapshot,
+        progress: &Arc<Progress>,
+    ) -> Result<(RecordBatch, Vec<FailedRow>), BatchError> {
+        let groups = scan::balance(&snapshot.files, self.parallelism);
+        let k = groups.len();
         let store_url = self.storage.store_url();
         let events = self.master.events_schema().clone();
         let mut tasks = Vec::with_capacity(k);
-        for (_, group) in groups {
+        for group in groups {
             let view = view.clone();
             let store_url = store_url.clone();
             let events = events.clone();
@@ -612,18 +742,7 @@ impl BatchLayer {
             parts.push(states);
             failed.extend(rows);
         }
-        let excluded = failed.len() as u64;
-        if !failed.is_empty() {
-            let new = self.failures.record(&failed);
-            tracing::warn!(
-                view = view.name(),
-                excluded,
-                new,
-                first = ?failed.first(),
-                "the view fails on some events of the master dataset; they are left out of it"
-            );
-        }
-        Ok((view.merge(parts).await?, excluded))
+        Ok((view.merge(parts).await?, failed))
     }
 
     /// Removes runs older than the published one and the `keep_runs` before it.

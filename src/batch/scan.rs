@@ -30,16 +30,48 @@ pub fn parquet_leaf(
     files: &[DataFile],
     projection: Option<&Vec<usize>>,
 ) -> Result<Arc<dyn ExecutionPlan>> {
+    parquet_leaf_groups(store_url, schema, &[files.to_vec()], projection)
+}
+
+/// [`parquet_leaf`] with one output partition per group of files.
+pub fn parquet_leaf_groups(
+    store_url: &str,
+    schema: &arrow::datatypes::SchemaRef,
+    groups: &[Vec<DataFile>],
+    projection: Option<&Vec<usize>>,
+) -> Result<Arc<dyn ExecutionPlan>> {
     let source = Arc::new(ParquetSource::new(schema.clone()));
-    let group: Vec<PartitionedFile> = files
+    let groups = groups
         .iter()
-        .map(|f| PartitionedFile::new(f.location.to_string(), f.size))
+        .map(|files| {
+            FileGroup::new(
+                files
+                    .iter()
+                    .map(|f| PartitionedFile::new(f.location.to_string(), f.size))
+                    .collect(),
+            )
+        })
         .collect();
     let config = FileScanConfigBuilder::new(ObjectStoreUrl::parse(store_url)?, source)
-        .with_file_groups(vec![FileGroup::new(group)])
+        .with_file_groups(groups)
         .with_projection_indices(projection.cloned())?
         .build();
     Ok(DataSourceExec::from_data_source(config))
+}
+
+/// `files` in at most `k` groups of about equal bytes (the biggest file to
+/// the lightest group, in turn): one scan task per group.
+pub fn balance(files: &[DataFile], k: usize) -> Vec<Vec<DataFile>> {
+    let k = k.min(files.len()).max(1);
+    let mut groups: Vec<(u64, Vec<DataFile>)> = vec![(0, Vec::new()); k];
+    let mut files = files.to_vec();
+    files.sort_by_key(|f| std::cmp::Reverse(f.size));
+    for f in files {
+        let g = groups.iter_mut().min_by_key(|g| g.0).expect("k ≥ 1");
+        g.0 += f.size;
+        g.1.push(f);
+    }
+    groups.into_iter().map(|(_, g)| g).collect()
 }
 
 /// Passes batches through, adding their rows to a counter.

@@ -264,6 +264,14 @@ pub struct BatchBenchArgs {
     /// Skip the DuckDB comparison.
     #[arg(long)]
     pub no_duckdb: bool,
+    /// `ballista`: also recompute every view on a Ballista cluster and set
+    /// it beside the local engine (same files, same run).
+    #[arg(long, default_value = "local", value_parser = ["local", "ballista"])]
+    pub engine: String,
+    /// With `--engine ballista`: this scheduler (`df://host:port`), instead
+    /// of a scheduler and two one-task executors started for the bench.
+    #[arg(long)]
+    pub scheduler: Option<String>,
 }
 
 /// The GROUP BY measured against DuckDB.
@@ -405,6 +413,19 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
     println!("```");
     print!("{out}");
     println!("```");
+    let local_stages = published_compute(&storage, &rt)?;
+    if args.engine == "ballista" {
+        ballista_beside_local(
+            &args,
+            &exe,
+            &config_path,
+            &storage,
+            &rt,
+            secs,
+            &out,
+            &local_stages,
+        )?;
+    }
     let mut best = f64::MAX;
     for _ in 0..3 {
         let (_, out) = rebuild(Some("zip_product"))?;
@@ -457,6 +478,218 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
             ),
             Err(e) => println!("DuckDB comparison skipped: {e}"),
         }
+    }
+    Ok(())
+}
+
+/// The published run's engine record.
+fn published_compute(
+    storage: &crate::storage::Storage,
+    rt: &tokio::runtime::Runtime,
+) -> anyhow::Result<crate::batch::Compute> {
+    let bytes = rt
+        .block_on(storage.get(crate::batch::CURRENT))?
+        .context("no published run")?;
+    let m: crate::batch::Manifest = serde_json::from_slice(&bytes)?;
+    Ok(m.info.compute)
+}
+
+/// A Ballista cluster of child processes of this executable, killed on drop.
+struct BenchCluster {
+    children: Vec<Child>,
+    url: String,
+}
+
+impl BenchCluster {
+    /// One scheduler and `executors` executors of one task each.
+    fn start(
+        exe: &std::path::Path,
+        dir: &std::path::Path,
+        executors: usize,
+    ) -> anyhow::Result<BenchCluster> {
+        let free = || -> anyhow::Result<u16> {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port())
+        };
+        let log = |name: &str| -> anyhow::Result<std::fs::File> {
+            Ok(std::fs::File::create(dir.join(name))?)
+        };
+        let port = free()?;
+        let url = format!("df://127.0.0.1:{port}");
+        let mut children = vec![
+            Command::new(exe)
+                .args([
+                    "ballista",
+                    "scheduler",
+                    "--bind",
+                    &format!("127.0.0.1:{port}"),
+                ])
+                .stdout(log("scheduler.log")?)
+                .stderr(log("scheduler.err")?)
+                .spawn()?,
+        ];
+        wait_port(port)?;
+        for i in 0..executors {
+            let flight = free()?;
+            let work = dir.join(format!("executor-{i}"));
+            std::fs::create_dir_all(&work)?;
+            children.push(
+                Command::new(exe)
+                    .args(["ballista", "executor", "--scheduler", &url])
+                    .args(["--bind", &format!("127.0.0.1:{flight}")])
+                    .args([
+                        "--grpc-port",
+                        &free()?.to_string(),
+                        "--concurrent-tasks",
+                        "1",
+                    ])
+                    .arg("--work-dir")
+                    .arg(&work)
+                    .stdout(log(&format!("executor-{i}.log"))?)
+                    .stderr(log(&format!("executor-{i}.err"))?)
+                    .spawn()?,
+            );
+            wait_port(flight)?;
+        }
+        Ok(BenchCluster { children, url })
+    }
+}
+
+fn wait_port(port: u16) -> anyhow::Result<()> {
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if t.elapsed() > std::time::Duration::from_secs(30) {
+            bail!("nothing listens on 127.0.0.1:{port} after 30 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+impl Drop for BenchCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `bench batch --engine ballista`: every view recomputed on the cluster,
+/// beside the local engine's run over the same files, and where the
+/// distributed path's time goes.
+#[allow(clippy::too_many_arguments)]
+fn ballista_beside_local(
+    args: &BatchBenchArgs,
+    exe: &std::path::Path,
+    config_path: &std::path::Path,
+    storage: &crate::storage::Storage,
+    rt: &tokio::runtime::Runtime,
+    local_secs: f64,
+    local_out: &str,
+    local: &crate::batch::Compute,
+) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("lambdaflow-bench-ballista-")
+        .tempdir()?;
+    let started;
+    let url = match &args.scheduler {
+        Some(s) => {
+            started = None;
+            s.clone()
+        }
+        None => {
+            let c = BenchCluster::start(exe, dir.path(), 2)?;
+            let url = c.url.clone();
+            started = Some(c);
+            url
+        }
+    };
+    let toml = std::fs::read_to_string(config_path)?;
+    let ballista_config = dir.path().join("bench-batch-ballista.toml");
+    // `[batch]` goes before the `[[views]]` tables.
+    let (head, views) = toml.split_at(toml.find("[[views]]").unwrap_or(toml.len()));
+    std::fs::write(
+        &ballista_config,
+        format!("{head}[batch]\nengine = \"ballista\"\nscheduler = {url:?}\n{views}"),
+    )?;
+    let t = Instant::now();
+    let out = Command::new(exe)
+        .arg("rebuild")
+        .arg("--config")
+        .arg(&ballista_config)
+        .output()?;
+    let secs = t.elapsed().as_secs_f64();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "rebuild on Ballista failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let dist = published_compute(storage, rt)?;
+    drop(started);
+    println!();
+    println!(
+        "the same recompute on Ballista 55.0.0 at {url} ({}; `rebuild` with engine = \"ballista\", {:.2} s wall):",
+        if args.scheduler.is_some() {
+            "the given cluster"
+        } else {
+            "one scheduler and two executors of one task each, started for the bench"
+        },
+        secs
+    );
+    println!("```");
+    print!("{stdout}");
+    println!("```");
+    println!();
+    println!("| | local | ballista |");
+    println!("|---|---:|---:|");
+    println!("| `rebuild` wall (s) | {local_secs:.2} | {secs:.2} |");
+    let per_view = |out: &str| -> Vec<(String, f64)> {
+        out.lines()
+            .filter_map(|l| {
+                let (name, rest) = l.trim().split_once(": ")?;
+                let s = rest
+                    .rsplit(", ")
+                    .next()?
+                    .trim_end_matches(" s")
+                    .parse()
+                    .ok()?;
+                Some((name.to_string(), s))
+            })
+            .collect()
+    };
+    let lv = per_view(local_out);
+    for (name, d) in per_view(&stdout) {
+        if let Some((_, l)) = lv.iter().find(|(n, _)| *n == name) {
+            println!("| {name} (s) | {l:.3} | {d:.3} |");
+        }
+    }
+    println!(
+        "| overhead ratio (ballista / local wall) | 1.00 | {:.2} |",
+        secs / local_secs
+    );
+    println!();
+    println!("where each engine's time went (summed over the views):");
+    println!();
+    println!("| stage | local (ms) | ballista (ms) |");
+    println!("|---|---:|---:|");
+    let mut names: Vec<&str> = local.stages.iter().map(|s| s.stage.as_str()).collect();
+    for s in &dist.stages {
+        if !names.contains(&s.stage.as_str()) {
+            names.push(&s.stage);
+        }
+    }
+    let ms = |c: &crate::batch::Compute, n: &str| {
+        c.stages
+            .iter()
+            .find(|s| s.stage == n)
+            .map_or("".to_string(), |s| group(s.ms))
+    };
+    for n in names {
+        println!("| {n} | {} | {} |", ms(local, n), ms(&dist, n));
     }
     Ok(())
 }

@@ -905,6 +905,7 @@ mod tests {
                                 started_ms: 0,
                                 duration_ms: 0,
                                 engine: String::new(),
+                                compute: Default::default(),
                             },
                             views: Default::default(),
                         },

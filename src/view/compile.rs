@@ -686,6 +686,41 @@ pub(super) fn with_input(
     datafusion::physical_plan::execution_plan::reset_plan_states(replaced)
 }
 
+/// See [`super::View::distributed_states_plan`].
+pub(super) fn distributed(
+    states: &Arc<dyn ExecutionPlan>,
+    reduce: Option<&Arc<dyn ExecutionPlan>>,
+    leaf: Arc<dyn ExecutionPlan>,
+    reducers: usize,
+) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+    use datafusion::physical_plan::Partitioning;
+    let partial = with_leaf(states, leaf)?;
+    let Some(reduce) = reduce else {
+        // Rows merge by union: gathering them is the whole merge.
+        return Ok(Arc::new(CoalescePartitionsExec::new(partial)));
+    };
+    let keys = reduce
+        .downcast_ref::<AggregateExec>()
+        .ok_or_else(|| {
+            datafusion::error::DataFusionError::Internal(
+                "a view's reduce plan is not an aggregation".into(),
+            )
+        })?
+        .group_expr()
+        .input_exprs();
+    if keys.is_empty() {
+        // One group: its states meet in one partition.
+        return with_leaf(reduce, Arc::new(CoalescePartitionsExec::new(partial)));
+    }
+    let shuffled = Arc::new(RepartitionExec::try_new(
+        partial,
+        Partitioning::Hash(keys, reducers.max(1)),
+    )?);
+    Ok(Arc::new(CoalescePartitionsExec::new(with_leaf(
+        reduce, shuffled,
+    )?)))
+}
+
 /// Runs `plan` with its placeholder leaf replaced by another leaf (a scan).
 pub(super) fn with_leaf(
     plan: &Arc<dyn ExecutionPlan>,

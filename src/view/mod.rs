@@ -379,6 +379,21 @@ impl View {
         compile::with_leaf(&self.states_plan, leaf).map_err(|e| ViewError::exec(&self.name, e))
     }
 
+    /// The states of the whole master dataset as one plan of DataFusion's
+    /// built-in nodes, for a distributed engine: `leaf` (a scan of one
+    /// partition per file group) → the states plan → hash repartition by the
+    /// group keys into `reducers` partitions → `PartialReduce` → one partition.
+    /// Every group's partial states meet in one reducer, so what comes out is
+    /// what [`View::merge`] of the per-group states would give.
+    pub fn distributed_states_plan(
+        &self,
+        leaf: Arc<dyn ExecutionPlan>,
+        reducers: usize,
+    ) -> Result<Arc<dyn ExecutionPlan>, ViewError> {
+        compile::distributed(&self.states_plan, self.reduce_plan.as_ref(), leaf, reducers)
+            .map_err(|e| ViewError::exec(&self.name, e))
+    }
+
     /// Runs a plan made by [`View::states_plan_over`] and collects its states.
     pub async fn run_states_plan(
         &self,

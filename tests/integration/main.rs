@@ -21,12 +21,15 @@
 //!  kafka       Kafka as the stream, against a real broker (tansu)
 //!  kinesis     Kinesis as the stream, against an emulator (kinesalite)
 //!  s3          the root on S3 (moto): one node, a cluster, races, outages
+//!  ballista    the batch layer on a Ballista cluster (scheduler + 2 executors)
 //! ```
 //!
 //! One module: `cargo test --test integration hostile::`.
 
 mod common;
 
+#[cfg(feature = "ballista")]
+mod ballista;
 mod batch;
 mod crash_loop;
 mod dashboard;

@@ -26,7 +26,7 @@ pub(crate) const CONFIG: &str = "[speed]\ninterval = \"10ms\"\n[archive]\nchunk_
 pub(crate) struct Sent {
     pub(crate) zipcode: i64,
     product: String,
-    price: i64,
+    pub(crate) price: i64,
     ts_ms: i64,
 }
 

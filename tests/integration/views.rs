@@ -30,7 +30,7 @@ fn def(name: &str, sql: &str) -> ViewConfig {
 }
 
 /// Views over the paper's schema that cover every kind of state.
-fn paper_views() -> Vec<(ViewConfig, bool)> {
+pub(crate) fn paper_views() -> Vec<(ViewConfig, bool)> {
     let mut v: Vec<(ViewConfig, bool)> = lambdaflow::config::Config::default()
         .views
         .into_iter()

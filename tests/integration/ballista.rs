@@ -1,0 +1,702 @@
+//! The batch layer on a real Ballista cluster: a scheduler and two executors
+//! (`lambdaflow ballista scheduler|executor`, Ballista's own code) as child
+//! processes on 127.0.0.1. The states it publishes must be the local
+//! engine's; the oracle must hold with it as the batch engine; a killed
+//! executor is Ballista's to retry; a scheduler that is down is a health
+//! problem that leaves the published views as they were.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::DataType;
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use lambdaflow::batch::{BatchLayer, Manifest};
+use lambdaflow::config::{Config, EngineKind, ViewConfig};
+use lambdaflow::stream::{ChunkRange, SourceBatch};
+use lambdaflow::view::{View, oracle};
+
+use crate::common::{self, BIN, Site, free_port, wait_listening};
+
+/// A Ballista cluster of child processes; all are killed on drop.
+pub(crate) struct Cluster {
+    /// `df://127.0.0.1:<port>`, for `[batch] scheduler`.
+    pub(crate) url: String,
+    port: u16,
+    scheduler: Option<Child>,
+    executors: Vec<Option<Child>>,
+    /// The executors' environment (an S3 endpoint and credentials).
+    env: Vec<(String, String)>,
+    pub(crate) dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub(crate) fn start(executors: usize) -> Cluster {
+        Cluster::start_with_env(executors, Vec::new())
+    }
+
+    pub(crate) fn start_with_env(executors: usize, env: Vec<(String, String)>) -> Cluster {
+        let port = free_port();
+        let mut c = Cluster {
+            url: format!("df://127.0.0.1:{port}"),
+            port,
+            scheduler: None,
+            executors: Vec::new(),
+            env,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        c.start_scheduler();
+        for i in 0..executors {
+            let child = c.spawn_executor(i);
+            c.executors.push(Some(child));
+        }
+        c
+    }
+
+    fn log(&self, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(name))
+            .unwrap()
+    }
+
+    pub(crate) fn start_scheduler(&mut self) {
+        let child = Command::new(BIN)
+            .args(["ballista", "scheduler", "--bind"])
+            .arg(format!("127.0.0.1:{}", self.port))
+            // Executors heartbeat every second: one silent for 3 s is dead.
+            .args(["--executor-timeout", "3s"])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(self.log("scheduler.log"))
+            .stderr(self.log("scheduler.log"))
+            .spawn()
+            .unwrap();
+        self.scheduler = Some(child);
+        wait_listening(
+            &format!("127.0.0.1:{}", self.port),
+            Duration::from_secs(30),
+            "the Ballista scheduler (lambdaflow ballista scheduler)",
+        );
+    }
+
+    fn spawn_executor(&self, i: usize) -> Child {
+        let flight = free_port();
+        let grpc = free_port();
+        let work = self.dir.path().join(format!("executor-{i}"));
+        std::fs::create_dir_all(&work).unwrap();
+        let child = Command::new(BIN)
+            .args(["ballista", "executor", "--scheduler", &self.url, "--bind"])
+            .arg(format!("127.0.0.1:{flight}"))
+            .args(["--grpc-port", &grpc.to_string()])
+            .args(["--concurrent-tasks", "2", "--heartbeat", "1s", "--work-dir"])
+            .arg(&work)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("NO_COLOR", "1")
+            .stdout(self.log(&format!("executor-{i}.log")))
+            .stderr(self.log(&format!("executor-{i}.log")))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_listening(
+            &format!("127.0.0.1:{flight}"),
+            Duration::from_secs(30),
+            "a Ballista executor (lambdaflow ballista executor)",
+        );
+        child
+    }
+
+    pub(crate) fn kill_executor(&mut self, i: usize) {
+        if let Some(mut c) = self.executors[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub(crate) fn kill_scheduler(&mut self) {
+        if let Some(mut c) = self.scheduler.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A whole new cluster on the same scheduler address (executors of the
+    /// old scheduler do not re-register with a new one).
+    pub(crate) fn restart(&mut self) {
+        self.kill_scheduler();
+        for i in 0..self.executors.len() {
+            self.kill_executor(i);
+        }
+        self.start_scheduler();
+        for i in 0..self.executors.len() {
+            let child = self.spawn_executor(i);
+            self.executors[i] = Some(child);
+        }
+    }
+
+    pub(crate) fn scheduler_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("scheduler.log")).unwrap_or_default()
+    }
+
+    /// Jobs the scheduler accepted so far.
+    pub(crate) fn jobs(&self) -> usize {
+        self.scheduler_log()
+            .matches("Submitting execution graph")
+            .count()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill_scheduler();
+        for i in 0..self.executors.len() {
+            self.kill_executor(i);
+        }
+        if std::thread::panicking() {
+            // The cluster's side of a failure.
+            for f in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
+                if f.path().extension().is_some_and(|e| e == "log") {
+                    let text = std::fs::read_to_string(f.path()).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                    eprintln!("--- {} (last lines)", f.path().display());
+                    for l in tail.into_iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A small deterministic generator (the cases must be reproducible).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        self.0 >> 33
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+const BASE_MS: i64 = 1_414_800_000_000;
+
+fn config(data: &Path, views: &[ViewConfig], scheduler: Option<&str>) -> Config {
+    let mut c = Config {
+        data: data.to_path_buf(),
+        views: views.to_vec(),
+        ..Config::default()
+    };
+    c.stream.partitions = 2;
+    if let Some(s) = scheduler {
+        c.batch.engine = EngineKind::Ballista;
+        c.batch.scheduler = Some(s.to_string());
+    }
+    c
+}
+
+async fn open(config: &Config) -> Arc<BatchLayer> {
+    let schema = config.event_schema().unwrap();
+    let views = lambdaflow::view::compile_all(&config.views, &schema)
+        .await
+        .unwrap();
+    lambdaflow::node::open_batch_in(config, config.storage().unwrap(), views)
+        .await
+        .unwrap()
+}
+
+/// `n` random events of the paper's schema, in two partitions, each
+/// partition committed to the master dataset in random chunks (one data
+/// file each).
+async fn random_master(layer: &BatchLayer, rng: &mut Lcg, n: usize) {
+    let mut parts: [Vec<(i64, String, i64, i64)>; 2] = Default::default();
+    for i in 0..n {
+        let row = (
+            10_000 + rng.below(40) as i64,
+            format!("product{}", rng.below(6)),
+            rng.below(105) as i64 - 5,
+            // Unique event times: first/last_value need a total order.
+            BASE_MS + rng.below(3 * 3_600_000) as i64 / 1000 * 1000 + i as i64,
+        );
+        parts[i % 2].push(row);
+    }
+    for (p, rows) in parts.iter().enumerate() {
+        let mut cuts: Vec<usize> = (0..rng.below(6))
+            .map(|_| rng.below(rows.len() as u64) as usize)
+            .collect();
+        cuts.push(0);
+        cuts.push(rows.len());
+        cuts.sort();
+        cuts.dedup();
+        for w in cuts.windows(2) {
+            let (start, end) = (w[0] as u64, w[1] as u64);
+            let batch = common::paper_batch(rows[w[0]..w[1]].iter().cloned());
+            let chunk = ChunkRange::new(p as u32, start, end, end - start).unwrap();
+            layer
+                .master()
+                .commit_chunk(
+                    chunk,
+                    vec![SourceBatch::dense(p as u32, start, BASE_MS, batch)],
+                    None,
+                )
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// A state set's rows as sorted text: equal exactly when the two sets hold
+/// the same groups with the same states, in whatever order.
+fn canonical(b: &RecordBatch) -> Vec<String> {
+    let opts = FormatOptions::default().with_null("∅");
+    let cols: Vec<ArrayFormatter> = b
+        .columns()
+        .iter()
+        .map(|c| ArrayFormatter::try_new(c.as_ref(), &opts).unwrap())
+        .collect();
+    let mut rows: Vec<String> = (0..b.num_rows())
+        .map(|r| {
+            cols.iter()
+                .map(|c| c.value(r).to_string())
+                .collect::<Vec<_>>()
+                .join("\t")
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// Whether a state set compares exactly as text: no float (its last bits
+/// depend on the order partial states merge in) and no list (a distinct
+/// set's members come in arrival order).
+fn exact_states(view: &View) -> bool {
+    view.state_schema().fields().iter().all(|f| {
+        !matches!(
+            f.data_type(),
+            DataType::Float16
+                | DataType::Float32
+                | DataType::Float64
+                | DataType::List(_)
+                | DataType::LargeList(_)
+                | DataType::Binary
+                | DataType::Struct(_)
+        )
+    })
+}
+
+/// The published states of every view of two runs: same groups, same
+/// finalized rows; same states where states compare exactly.
+async fn assert_same_runs(
+    local: &BatchLayer,
+    a: &Manifest,
+    dist: &BatchLayer,
+    b: &Manifest,
+    ordered: &BTreeMap<String, bool>,
+    case: &str,
+) {
+    assert_eq!(a.h, b.h, "{case}: both runs cover the same events");
+    assert_eq!(a.events, b.events);
+    for view in local.views() {
+        let name = view.name();
+        let (ea, eb) = (&a.views[name], &b.views[name]);
+        assert_eq!(
+            (ea.groups, ea.rows),
+            (eb.groups, eb.rows),
+            "{case}: view `{name}`: the local engine published {} groups and {} rows, Ballista {} and {}",
+            ea.groups,
+            ea.rows,
+            eb.groups,
+            eb.rows
+        );
+        assert_eq!(
+            ea.excluded, eb.excluded,
+            "{case}: view `{name}`: both engines leave out the same events"
+        );
+        if name == "inverse" {
+            assert!(ea.excluded > 0, "{case}: some events have price 0");
+        }
+        let sa = local.read_states(a, view).await.unwrap();
+        let sb = dist.read_states(b, view).await.unwrap();
+        if exact_states(view) {
+            assert_eq!(
+                canonical(&sa),
+                canonical(&sb),
+                "{case}: view `{name}`: Ballista's states differ from the local engine's"
+            );
+        }
+        let ra = view.finalize(vec![sa]).await.unwrap();
+        let rb = view.finalize(vec![sb]).await.unwrap();
+        let ordered = ordered.get(name).copied().unwrap_or(false);
+        if let Err(diff) = oracle::same_rows(&rb, &ra, ordered, 1e-9) {
+            panic!("{case}: view `{name}`: Ballista's rows differ from the local engine's: {diff}");
+        }
+    }
+}
+
+#[test]
+fn ballista_publishes_the_local_engines_states_for_every_view() {
+    let cluster = Cluster::start(2);
+    let mut views: Vec<(ViewConfig, bool)> = Config::default()
+        .views
+        .into_iter()
+        .map(|v| (v, false))
+        .collect();
+    views.extend(crate::views::paper_views());
+    // Fails on the events of price 0: the cluster's job fails, and the rows
+    // are found and left out as the local engine leaves them out.
+    views.push((
+        ViewConfig {
+            name: "inverse".into(),
+            sql: "SELECT ProductName, sum(100 / price) AS inv FROM events GROUP BY ProductName"
+                .into(),
+            rollup: Vec::new(),
+        },
+        false,
+    ));
+    // Names are unique per config.
+    views.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    views.dedup_by(|a, b| a.0.name == b.0.name);
+    let ordered: BTreeMap<String, bool> = views.iter().map(|(v, o)| (v.name.clone(), *o)).collect();
+    let defs: Vec<ViewConfig> = views.into_iter().map(|(v, _)| v).collect();
+    common::rt().block_on(async {
+        for seed in [1u64, 7, 42] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut rng = Lcg(seed);
+            let local = open(&config(dir.path(), &defs, None)).await;
+            let n = 1500 + rng.below(1500) as usize;
+            random_master(&local, &mut rng, n).await;
+            let a = local.run(None, None).await.unwrap();
+            let jobs = cluster.jobs();
+            let dist = open(&config(dir.path(), &defs, Some(&cluster.url))).await;
+            let b = dist.run(None, None).await.unwrap();
+            assert_eq!(b.compute.engine, "ballista", "the second run is Ballista's");
+            assert_eq!(
+                cluster.jobs() - jobs,
+                defs.len(),
+                "one Ballista job per view"
+            );
+            assert!(
+                b.compute
+                    .stages
+                    .iter()
+                    .any(|s| s.stage.starts_with("stage ")),
+                "the run records the cluster's stages: {:?}",
+                b.compute.stages
+            );
+            let case = format!("seed {seed} ({} events)", a.events);
+            assert_same_runs(&local, &a, &dist, &b, &ordered, &case).await;
+        }
+    });
+}
+
+#[test]
+fn the_oracle_holds_with_ballista_as_the_batch_engine() {
+    let cluster = Cluster::start(2);
+    let site = Site::new(&format!(
+        "{}engine = \"ballista\"\nscheduler = \"{}\"\n",
+        crate::oracle::CONFIG,
+        cluster.url
+    ));
+    crate::oracle::every_answer_is_exact_on(&site);
+    let current: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(site.data.join("views/CURRENT")).unwrap()).unwrap();
+    assert_eq!(
+        current["compute"]["engine"], "ballista",
+        "the published run was computed by the cluster: {current}"
+    );
+    assert!(cluster.jobs() >= 3, "the cluster ran the views' jobs");
+}
+
+#[test]
+fn an_executor_killed_mid_run_is_retried_by_ballista_and_the_run_is_exact() {
+    let mut cluster = Cluster::start(2);
+    let defs = Config::default().views;
+    common::rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = Lcg(3);
+        let local = open(&config(dir.path(), &defs, None)).await;
+        // Enough events that each view's job runs for a while.
+        random_master(&local, &mut rng, 240_000).await;
+        let a = local.run(None, None).await.unwrap();
+        let dist = open(&config(dir.path(), &defs, Some(&cluster.url))).await;
+        let jobs = cluster.jobs();
+        let run = tokio::spawn({
+            let dist = dist.clone();
+            async move { dist.run(None, None).await }
+        });
+        // Kill an executor once the first job is on the cluster.
+        let t = Instant::now();
+        while cluster.jobs() == jobs {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "no job was submitted"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        cluster.kill_executor(0);
+        let b = tokio::time::timeout(Duration::from_secs(180), run)
+            .await
+            .expect("the run ends")
+            .unwrap()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the run must survive a lost executor: {}",
+                    lambdaflow::error::Report::of(&e)
+                )
+            });
+        // Ballista saw the executor go while the run had tasks for it: it
+        // removed it, and put what it was running elsewhere.
+        let log = cluster.scheduler_log();
+        assert!(
+            log.contains("Removing executor"),
+            "the kill must land while the run's jobs are on the cluster; scheduler log:\n{log}"
+        );
+        assert_same_runs(&local, &a, &dist, &b, &BTreeMap::new(), "a lost executor").await;
+    });
+}
+
+#[test]
+fn a_scheduler_that_is_down_is_a_health_problem_and_the_views_stay_published() {
+    let mut cluster = Cluster::start(2);
+    let site = Site::new(&format!(
+        "[archive]\nchunk_age = \"200ms\"\n[batch]\npause = \"300ms\"\nengine = \"ballista\"\nscheduler = \"{}\"\n",
+        cluster.url
+    ));
+    let server = site.serve(&[]);
+    let url = server.url.clone();
+    common::post_events(
+        &url,
+        crate::oracle::ndjson(&(0..500).map(crate::oracle::make).collect::<Vec<_>>()),
+    )
+    .unwrap();
+    let published = wait_for(
+        &url,
+        Duration::from_secs(60),
+        "a run of all 500 events",
+        |s| s["batch"]["published"]["events"].as_u64() == Some(500),
+    );
+    assert_eq!(published["batch"]["engine"], "ballista");
+    assert_eq!(published["batch"]["scheduler"], cluster.url.as_str());
+    assert_eq!(
+        published["batch"]["published"]["compute"]["engine"],
+        "ballista"
+    );
+    let run = published["batch"]["published"]["run"].as_u64().unwrap();
+
+    cluster.kill_scheduler();
+    common::post_events(
+        &url,
+        crate::oracle::ndjson(&(500..800).map(crate::oracle::make).collect::<Vec<_>>()),
+    )
+    .unwrap();
+    let down = wait_for(
+        &url,
+        Duration::from_secs(60),
+        "a health problem naming the scheduler",
+        |s| {
+            s["health"]["problems"].as_array().is_some_and(|p| {
+                p.iter().any(|x| {
+                    x["component"] == "batch"
+                        && x["error"]
+                            .as_str()
+                            .is_some_and(|e| e.contains(&cluster.url))
+                })
+            })
+        },
+    );
+    // A run that had its states before the kill may still have published;
+    // from the first failure on, nothing is.
+    let stuck = down["batch"]["published"]["run"].as_u64().unwrap();
+    assert!(stuck <= run + 1, "at most the run in flight published");
+    std::thread::sleep(Duration::from_secs(2));
+    let later = common::get_json(&format!("{url}/v1/status"));
+    assert_eq!(
+        later["batch"]["published"]["run"].as_u64(),
+        Some(stuck),
+        "nothing is published while the scheduler is down: {later}"
+    );
+    assert!(
+        later["health"]["problems"]
+            .to_string()
+            .contains(&cluster.url),
+        "the problem stays while the scheduler is down: {}",
+        later["health"]
+    );
+    // The views still answer exactly: the speed layer covers what the batch
+    // layer has not reached.
+    for answer in crate::oracle::settled_answers(&url) {
+        assert_eq!(answer.run, Some(stuck), "served from the published run");
+    }
+    let (orders, _) = common::orders_and_covered(&common::get_json(&format!(
+        "{url}/v1/views/sales_by_product"
+    )));
+    assert_eq!(orders, 800, "every event is counted, none twice");
+
+    cluster.restart();
+    let back = wait_for(
+        &url,
+        Duration::from_secs(90),
+        "a run of all 800 events after the scheduler came back",
+        |s| s["batch"]["published"]["events"].as_u64() == Some(800),
+    );
+    assert!(
+        back["health"]["problems"]
+            .as_array()
+            .is_some_and(|p| p.iter().all(|x| x["component"] != "batch")),
+        "the problem clears when a run succeeds: {}",
+        back["health"]
+    );
+    server.stop();
+}
+
+fn wait_for(
+    url: &str,
+    within: Duration,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let t = Instant::now();
+    loop {
+        let s = common::get_json(&format!("{url}/v1/status"));
+        if ok(&s) {
+            return s;
+        }
+        assert!(
+            t.elapsed() < within,
+            "no {what} within {within:?}; status: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn executors_read_a_master_dataset_on_s3() {
+    let moto = crate::s3::Moto::start();
+    let root = moto.bucket("ballista");
+    // The executors reach S3 as the paper's EMR nodes do: from their own
+    // AWS environment.
+    let cluster = Cluster::start_with_env(2, moto.env());
+    let site = moto.site(
+        &root,
+        &format!(
+            "[archive]\nchunk_age = \"200ms\"\n[batch]\npause = \"300ms\"\nengine = \"ballista\"\nscheduler = \"{}\"\n",
+            cluster.url
+        ),
+    );
+    let server = site.serve(&[]);
+    let url = server.url.clone();
+    common::post_events(
+        &url,
+        crate::oracle::ndjson(&(0..700).map(crate::oracle::make).collect::<Vec<_>>()),
+    )
+    .unwrap();
+    let s = wait_for(
+        &url,
+        Duration::from_secs(90),
+        "a Ballista run of all 700 events on S3",
+        |s| {
+            s["batch"]["published"]["events"].as_u64() == Some(700)
+                && s["batch"]["published"]["compute"]["engine"] == "ballista"
+        },
+    );
+    assert!(
+        s["cluster"]["root"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("s3://")),
+        "{s}"
+    );
+    // Every event in the published run, each once: the batch side alone
+    // (nothing is left for the speed layer) holds all 700.
+    let answer = common::get_json(&format!("{url}/v1/views/sales_by_product"));
+    let rows = answer["rows"].as_array().unwrap();
+    let orders: u64 = rows.iter().map(|r| r["orders"].as_u64().unwrap()).sum();
+    let revenue: i64 = rows.iter().map(|r| r["revenue"].as_i64().unwrap()).sum();
+    let want: i64 = (0..700).map(|k| crate::oracle::make(k).price).sum();
+    assert_eq!((orders, revenue), (700, want), "{answer}");
+    assert_eq!(
+        answer["freshness"]["run"].as_u64(),
+        s["batch"]["published"]["run"].as_u64()
+    );
+    server.stop();
+}
+
+#[test]
+fn a_repair_needed_before_serving_is_computed_here_when_the_scheduler_is_down() {
+    let site = Site::new("[archive]\nchunk_age = \"200ms\"\n[batch]\npause = \"300ms\"\n");
+    let server = site.serve(&[]);
+    common::post_events(
+        &server.url,
+        crate::oracle::ndjson(&(0..400).map(crate::oracle::make).collect::<Vec<_>>()),
+    )
+    .unwrap();
+    wait_for(
+        &server.url,
+        Duration::from_secs(60),
+        "a run of all 400 events",
+        |s| s["batch"]["published"]["events"].as_u64() == Some(400),
+    );
+    server.stop();
+    // Damage a published states file, and point the node at a scheduler
+    // that is not there.
+    let current: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(site.data.join("views/CURRENT")).unwrap()).unwrap();
+    let path = site.data.join(
+        current["views"]["sales_by_product"]["states"]["path"]
+            .as_str()
+            .unwrap(),
+    );
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x5a;
+    std::fs::write(&path, &bytes).unwrap();
+    let nowhere = format!("df://127.0.0.1:{}", free_port());
+    let config = std::fs::read_to_string(&site.config).unwrap();
+    std::fs::write(
+        &site.config,
+        config.replace(
+            "pause = \"300ms\"\n",
+            &format!("pause = \"300ms\"\nengine = \"ballista\"\nscheduler = \"{nowhere}\"\n"),
+        ),
+    )
+    .unwrap();
+
+    // The node starts and serves: the repair ran here, and health says why.
+    let server = site.serve(&[]);
+    let s = server.status();
+    let recovered = s["health"]["recovered"].to_string();
+    assert!(
+        recovered.contains("computed with the local engine before serving")
+            && recovered.contains(&nowhere),
+        "status names the fallback and its reason: {s}"
+    );
+    assert_eq!(s["batch"]["published"]["compute"]["engine"], "local", "{s}");
+    let (orders, _) = common::orders_and_covered(&common::get_json(&format!(
+        "{}/v1/views/sales_by_product",
+        server.url
+    )));
+    assert_eq!(orders, 400, "every event counted once after the repair");
+    // Later runs are the cluster's: while it is down, a health problem.
+    common::post_events(
+        &server.url,
+        crate::oracle::ndjson(&(400..500).map(crate::oracle::make).collect::<Vec<_>>()),
+    )
+    .unwrap();
+    wait_for(
+        &server.url,
+        Duration::from_secs(30),
+        "a batch problem naming the scheduler",
+        |s| s["health"]["problems"].to_string().contains(&nowhere),
+    );
+    server.stop();
+}
