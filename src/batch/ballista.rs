@@ -198,7 +198,13 @@ impl Cluster {
             query: Some(Query::PhysicalPlan(bytes)),
             settings,
             session_id: self.session_id.clone(),
-            operation_id: format!("{}-{}", self.session_id, view.name()),
+            // Unique per request: the scheduler maps replies by it.
+            operation_id: format!(
+                "{}-{}-{}",
+                self.session_id,
+                view.name(),
+                chrono::Utc::now().timestamp_micros()
+            ),
         });
         ballista_core::version::insert_version_header(request.metadata_mut());
         let rejected = |detail: String| EngineError::Rejected {

@@ -469,17 +469,10 @@ fn an_executor_killed_mid_run_is_retried_by_ballista_and_the_run_is_exact() {
 #[test]
 fn a_scheduler_that_is_down_is_a_health_problem_and_the_views_stay_published() {
     let mut cluster = Cluster::start(2);
-    let site = Site::new(&format!(
-        "[archive]\nchunk_age = \"200ms\"\n[batch]\npause = \"300ms\"\nengine = \"ballista\"\nscheduler = \"{}\"\n",
-        cluster.url
-    ));
+    let site = Site::new(&fast_on(&cluster.url));
     let server = site.serve(&[]);
     let url = server.url.clone();
-    common::post_events(
-        &url,
-        crate::oracle::ndjson(&(0..500).map(crate::oracle::make).collect::<Vec<_>>()),
-    )
-    .unwrap();
+    post_range(&url, 0..500);
     let published = wait_for(
         &url,
         Duration::from_secs(60),
@@ -495,11 +488,7 @@ fn a_scheduler_that_is_down_is_a_health_problem_and_the_views_stay_published() {
     let run = published["batch"]["published"]["run"].as_u64().unwrap();
 
     cluster.kill_scheduler();
-    common::post_events(
-        &url,
-        crate::oracle::ndjson(&(500..800).map(crate::oracle::make).collect::<Vec<_>>()),
-    )
-    .unwrap();
+    post_range(&url, 500..800);
     let down = wait_for(
         &url,
         Duration::from_secs(60),
@@ -560,6 +549,19 @@ fn a_scheduler_that_is_down_is_a_health_problem_and_the_views_stay_published() {
     server.stop();
 }
 
+/// Short chunks and batch pauses, the batch layer on `scheduler`.
+fn fast_on(scheduler: &str) -> String {
+    format!(
+        "[archive]\nchunk_age = \"200ms\"\n[batch]\npause = \"300ms\"\nengine = \"ballista\"\nscheduler = \"{scheduler}\"\n"
+    )
+}
+
+/// Sends the oracle's events `range` (the same events for the same range).
+fn post_range(url: &str, range: std::ops::Range<i64>) {
+    let events: Vec<_> = range.map(crate::oracle::make).collect();
+    common::post_events(url, crate::oracle::ndjson(&events)).unwrap();
+}
+
 fn wait_for(
     url: &str,
     within: Duration,
@@ -587,20 +589,10 @@ fn executors_read_a_master_dataset_on_s3() {
     // The executors reach S3 as the paper's EMR nodes do: from their own
     // AWS environment.
     let cluster = Cluster::start_with_env(2, moto.env());
-    let site = moto.site(
-        &root,
-        &format!(
-            "[archive]\nchunk_age = \"200ms\"\n[batch]\npause = \"300ms\"\nengine = \"ballista\"\nscheduler = \"{}\"\n",
-            cluster.url
-        ),
-    );
+    let site = moto.site(&root, &fast_on(&cluster.url));
     let server = site.serve(&[]);
     let url = server.url.clone();
-    common::post_events(
-        &url,
-        crate::oracle::ndjson(&(0..700).map(crate::oracle::make).collect::<Vec<_>>()),
-    )
-    .unwrap();
+    post_range(&url, 0..700);
     let s = wait_for(
         &url,
         Duration::from_secs(90),
@@ -635,11 +627,7 @@ fn executors_read_a_master_dataset_on_s3() {
 fn a_repair_needed_before_serving_is_computed_here_when_the_scheduler_is_down() {
     let site = Site::new("[archive]\nchunk_age = \"200ms\"\n[batch]\npause = \"300ms\"\n");
     let server = site.serve(&[]);
-    common::post_events(
-        &server.url,
-        crate::oracle::ndjson(&(0..400).map(crate::oracle::make).collect::<Vec<_>>()),
-    )
-    .unwrap();
+    post_range(&server.url, 0..400);
     wait_for(
         &server.url,
         Duration::from_secs(60),
@@ -687,11 +675,7 @@ fn a_repair_needed_before_serving_is_computed_here_when_the_scheduler_is_down() 
     )));
     assert_eq!(orders, 400, "every event counted once after the repair");
     // Later runs are the cluster's: while it is down, a health problem.
-    common::post_events(
-        &server.url,
-        crate::oracle::ndjson(&(400..500).map(crate::oracle::make).collect::<Vec<_>>()),
-    )
-    .unwrap();
+    post_range(&server.url, 400..500);
     wait_for(
         &server.url,
         Duration::from_secs(30),
