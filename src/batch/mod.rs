@@ -650,16 +650,11 @@ impl BatchLayer {
             #[cfg(feature = "ballista")]
             Engine::Ballista(cluster) => {
                 let store_url = self.storage.store_url();
-                match cluster
+                let out = match cluster
                     .states(view, &store_url, &snapshot.files, compute)
                     .await
                 {
-                    Ok(states) => {
-                        progress
-                            .done
-                            .fetch_add(snapshot.events(), Ordering::Relaxed);
-                        (states, Vec::new())
-                    }
+                    Ok(states) => (states, Vec::new()),
                     // The view fails on some events: the same rows fail
                     // anywhere, so find them here, file by file, as the
                     // local engine does.
@@ -669,14 +664,17 @@ impl BatchLayer {
                         let events = self.master.events_schema().clone();
                         let out =
                             states_file_by_file(view, &store_url, &events, &snapshot.files).await?;
-                        progress
-                            .done
-                            .fetch_add(snapshot.events(), Ordering::Relaxed);
                         compute.add("states of failing rows (local)", t.elapsed());
                         out
                     }
                     Err(e) => return Err(e.into()),
-                }
+                };
+                // The cluster reports no rows as it reads: the view's
+                // events count as read once its states are back.
+                progress
+                    .done
+                    .fetch_add(snapshot.events(), Ordering::Relaxed);
+                out
             }
         };
         let excluded = failed.len() as u64;

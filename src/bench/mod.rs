@@ -386,25 +386,7 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
     }
     std::fs::write(&config_path, toml)?;
     let exe = std::env::current_exe()?;
-    let rebuild = |only: Option<&str>| -> anyhow::Result<(f64, String)> {
-        let mut cmd = Command::new(&exe);
-        cmd.arg("rebuild");
-        if let Some(v) = only {
-            cmd.arg(v);
-        }
-        let t = Instant::now();
-        let out = cmd.arg("--config").arg(&config_path).output()?;
-        let secs = t.elapsed().as_secs_f64();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        if !out.status.success() {
-            bail!(
-                "rebuild failed: {stdout}{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok((secs, stdout))
-    };
-    let (secs, out) = rebuild(None)?;
+    let (secs, out) = rebuild(&exe, &config_path, None)?;
     println!();
     println!(
         "batch recompute of every view (`lambdaflow rebuild`, {:.2} s wall):",
@@ -413,28 +395,15 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
     println!("```");
     print!("{out}");
     println!("```");
-    let local_stages = published_compute(&storage, &rt)?;
     if args.engine == "ballista" {
-        ballista_beside_local(
-            &args,
-            &exe,
-            &config_path,
-            &storage,
-            &rt,
-            secs,
-            &out,
-            &local_stages,
-        )?;
+        ballista_beside_local(&args, &exe, &config_path, &storage, &rt, secs, &out)?;
     }
     let mut best = f64::MAX;
     for _ in 0..3 {
-        let (_, out) = rebuild(Some("zip_product"))?;
-        // "  zip_product: N groups, M rows, S s"
-        if let Some(s) = out
-            .lines()
-            .find(|l| l.trim_start().starts_with("zip_product:"))
-            .and_then(|l| l.rsplit(", ").next())
-            .and_then(|s| s.trim_end_matches(" s").parse::<f64>().ok())
+        let (_, out) = rebuild(&exe, &config_path, Some("zip_product"))?;
+        if let Some((_, s)) = view_seconds(&out)
+            .into_iter()
+            .find(|(n, _)| n == "zip_product")
         {
             best = best.min(s);
         }
@@ -482,6 +451,55 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `lambdaflow rebuild [only] --config <config>` as a child process (for its
+/// own peak memory): its wall time and what it printed.
+fn rebuild(
+    exe: &std::path::Path,
+    config: &std::path::Path,
+    only: Option<&str>,
+) -> anyhow::Result<(f64, String)> {
+    let mut cmd = Command::new(exe);
+    cmd.arg("rebuild");
+    if let Some(v) = only {
+        cmd.arg(v);
+    }
+    let t = Instant::now();
+    let out = cmd.arg("--config").arg(config).output()?;
+    let secs = t.elapsed().as_secs_f64();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "rebuild failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok((secs, stdout))
+}
+
+/// Each view's time from `rebuild`'s summary lines
+/// ("  zip_product: N groups, M rows, S s").
+fn view_seconds(out: &str) -> Vec<(String, f64)> {
+    out.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.trim().split_once(": ")?;
+            let s = rest
+                .rsplit(", ")
+                .next()?
+                .trim_end_matches(" s")
+                .parse()
+                .ok()?;
+            Some((name.to_string(), s))
+        })
+        .collect()
+}
+
+/// A free TCP port on 127.0.0.1, for a server the bench starts.
+pub(crate) fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 /// The published run's engine record.
 fn published_compute(
     storage: &crate::storage::Storage,
@@ -507,15 +525,10 @@ impl BenchCluster {
         dir: &std::path::Path,
         executors: usize,
     ) -> anyhow::Result<BenchCluster> {
-        let free = || -> anyhow::Result<u16> {
-            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port())
-        };
         let log = |name: &str| -> anyhow::Result<std::fs::File> {
             Ok(std::fs::File::create(dir.join(name))?)
         };
-        let port = free()?;
+        let port = free_port()?;
         let url = format!("df://127.0.0.1:{port}");
         let mut children = vec![
             Command::new(exe)
@@ -531,7 +544,7 @@ impl BenchCluster {
         ];
         wait_port(port)?;
         for i in 0..executors {
-            let flight = free()?;
+            let flight = free_port()?;
             let work = dir.join(format!("executor-{i}"));
             std::fs::create_dir_all(&work)?;
             children.push(
@@ -540,7 +553,7 @@ impl BenchCluster {
                     .args(["--bind", &format!("127.0.0.1:{flight}")])
                     .args([
                         "--grpc-port",
-                        &free()?.to_string(),
+                        &free_port()?.to_string(),
                         "--concurrent-tasks",
                         "1",
                     ])
@@ -579,7 +592,6 @@ impl Drop for BenchCluster {
 /// `bench batch --engine ballista`: every view recomputed on the cluster,
 /// beside the local engine's run over the same files, and where the
 /// distributed path's time goes.
-#[allow(clippy::too_many_arguments)]
 fn ballista_beside_local(
     args: &BatchBenchArgs,
     exe: &std::path::Path,
@@ -588,8 +600,8 @@ fn ballista_beside_local(
     rt: &tokio::runtime::Runtime,
     local_secs: f64,
     local_out: &str,
-    local: &crate::batch::Compute,
 ) -> anyhow::Result<()> {
+    let local = &published_compute(storage, rt)?;
     let dir = tempfile::Builder::new()
         .prefix("lambdaflow-bench-ballista-")
         .tempdir()?;
@@ -614,20 +626,7 @@ fn ballista_beside_local(
         &ballista_config,
         format!("{head}[batch]\nengine = \"ballista\"\nscheduler = {url:?}\n{views}"),
     )?;
-    let t = Instant::now();
-    let out = Command::new(exe)
-        .arg("rebuild")
-        .arg("--config")
-        .arg(&ballista_config)
-        .output()?;
-    let secs = t.elapsed().as_secs_f64();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        bail!(
-            "rebuild on Ballista failed: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let (secs, stdout) = rebuild(exe, &ballista_config, None).context("on Ballista")?;
     let dist = published_compute(storage, rt)?;
     drop(started);
     println!();
@@ -647,22 +646,8 @@ fn ballista_beside_local(
     println!("| | local | ballista |");
     println!("|---|---:|---:|");
     println!("| `rebuild` wall (s) | {local_secs:.2} | {secs:.2} |");
-    let per_view = |out: &str| -> Vec<(String, f64)> {
-        out.lines()
-            .filter_map(|l| {
-                let (name, rest) = l.trim().split_once(": ")?;
-                let s = rest
-                    .rsplit(", ")
-                    .next()?
-                    .trim_end_matches(" s")
-                    .parse()
-                    .ok()?;
-                Some((name.to_string(), s))
-            })
-            .collect()
-    };
-    let lv = per_view(local_out);
-    for (name, d) in per_view(&stdout) {
+    let lv = view_seconds(local_out);
+    for (name, d) in view_seconds(&stdout) {
         if let Some((_, l)) = lv.iter().find(|(n, _)| *n == name) {
             println!("| {name} (s) | {l:.3} | {d:.3} |");
         }

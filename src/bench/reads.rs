@@ -105,10 +105,7 @@ fn line(what: &str, (rate, p50, p99): (f64, f64, f64)) {
 pub fn reads(args: ReadsBenchArgs) -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pin = !args.no_pin && cores >= 2;
-    let pg_port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        l.local_addr()?.port()
-    };
+    let pg_port = super::free_port()?;
     let (_tmp, _data, config) = bench_site(
         "reads",
         None,
