@@ -597,7 +597,7 @@ async fn rebuild(config: Config, view: Option<String>) -> anyhow::Result<()> {
             }
         })
     };
-    let result = batch.run(view.as_deref(), Some(progress)).await;
+    let result = batch.rebuild(view.as_deref(), Some(progress)).await;
     ticker.abort();
     bar.finish_and_clear();
     let m = result?;

@@ -202,7 +202,18 @@ pub async fn open_batch_in(
     ));
     let engine = crate::batch::Engine::from_config(&config.batch)?;
     Ok(Arc::new(
-        BatchLayer::new(storage, master, views, failures).with_engine(engine)?,
+        BatchLayer::new(storage, master, views, failures)
+            .with_policy(
+                crate::batch::Policy {
+                    full_every: config.batch.full_every,
+                    full_every_time: config.batch.full_every_time,
+                },
+                crate::batch::history::Retention {
+                    keep_runs: config.batch.keep_runs,
+                    keep_for: config.batch.keep_for,
+                },
+            )
+            .with_engine(engine)?,
     ))
 }
 

@@ -102,7 +102,7 @@ pub async fn accept_loss(
         .commit_chunk(gap, Vec::new(), None)
         .await
         .map_err(BatchError::from)?;
-    let m = batch.run(None, None).await?;
+    let m = batch.run(None).await?;
     let loss = AcceptedLoss {
         partition: p,
         from: archived,
@@ -292,12 +292,16 @@ pub async fn prepare(
 /// same states), and `health` says so: a node must not stay down because a
 /// Ballista scheduler is.
 async fn run_before_serving(batch: &BatchLayer, health: &Health) -> Result<Manifest, DriverError> {
-    match batch.run(None, None).await {
+    match batch.run(None).await {
         Err(BatchError::Engine(e)) => {
             let why = crate::error::chain(&e);
             tracing::warn!(error = %why, "the batch engine cannot compute the run needed before serving; computing it here");
             let m = batch
-                .run_on(&crate::batch::Engine::Local, None, None)
+                .run_on(
+                    &crate::batch::Engine::Local,
+                    crate::batch::Recompute::Due,
+                    None,
+                )
                 .await?;
             health.recovered(
                 "batch",
@@ -327,7 +331,7 @@ pub async fn cycle(
         Some(chrono::Utc::now().timestamp_millis());
     let result = async {
         let _lock = batch_lock(data).await?;
-        let m = batch.run(None, None::<Arc<Progress>>).await?;
+        let m = batch.run(None::<Arc<Progress>>).await?;
         // The swap: realtime chunks the run covers leave in the same swap.
         let warm = serving
             .snapshot()

@@ -180,7 +180,7 @@ fn chunk_name(partition: u32, start: u64, end: u64, crc: u32) -> String {
 }
 
 /// `part-p0001-…start…-…end…[-crc[-writer]].parquet` → (1, start, end, crc).
-fn parse_chunk_name(name: &str) -> Option<(u32, u64, u64, Option<u32>)> {
+pub(crate) fn parse_chunk_name(name: &str) -> Option<(u32, u64, u64, Option<u32>)> {
     let rest = name.strip_prefix("part-p")?.strip_suffix(".parquet")?;
     let mut it = rest.split('-');
     let (p, s, e) = (it.next()?, it.next()?, it.next()?);

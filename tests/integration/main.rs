@@ -9,6 +9,7 @@
 //!  views       view compilation and the merge laws (proptests)
 //!  golden      batch = stream = restored, against checked-in rows
 //!  batch       crashes at each archive and publish step, rebuild, retention
+//!  incremental incremental runs = full recomputes, the full-run policy, time travel
 //!  oracle      every answer equals the view SQL over the events it covers
 //!  ingest_http producers over HTTP: offsets, keys, config errors
 //!  query_api   views, SQL, metrics and the CLI against a running server
@@ -36,6 +37,7 @@ mod dashboard;
 mod faults;
 mod golden;
 mod hostile;
+mod incremental;
 mod ingest_http;
 mod kafka;
 mod kinesis;
