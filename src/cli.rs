@@ -268,6 +268,10 @@ pub struct QueryArgs {
     /// At most this many rows.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// A past published run's batch view: a run number, or an RFC 3339
+    /// time (the run published last at or before it).
+    #[arg(long, value_name = "RUN|TIME")]
+    pub as_of: Option<String>,
     /// Server to ask.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
@@ -619,7 +623,12 @@ async fn rebuild(config: Config, view: Option<String>) -> anyhow::Result<()> {
             crate::produce::group(e.groups),
             crate::produce::group(e.rows),
             if e.run == m.run {
-                format!(", {:.3} s", e.duration_ms as f64 / 1000.0)
+                format!(
+                    ", {} over {} events, {:.3} s",
+                    e.lineage.kind,
+                    crate::produce::group(e.lineage.events),
+                    e.duration_ms as f64 / 1000.0
+                )
             } else {
                 format!(" (kept from run {})", e.run)
             }
@@ -751,8 +760,11 @@ async fn status(url: &str) -> anyhow::Result<()> {
                         .collect()
                 })
                 .unwrap_or_default();
+            let kinds = serde_json::from_value::<crate::batch::RunKinds>(r["kinds"].clone())
+                .map(|k| k.to_string())
+                .unwrap_or_default();
             println!(
-                "  run {:>6}  {:<8} {:>8.2} s  {}",
+                "  run {:>6}  {:<8} {:>8.2} s  {kinds}  {}",
                 n(&r["run"]),
                 c["engine"]
                     .as_str()
@@ -845,6 +857,9 @@ async fn query(args: QueryArgs) -> anyhow::Result<()> {
         }
         if let Some(n) = args.limit {
             q.append_pair("limit", &n.to_string());
+        }
+        if let Some(t) = &args.as_of {
+            q.append_pair("as_of", t);
         }
     }
     let resp = client()?
@@ -954,6 +969,18 @@ pub fn render_freshness(f: &serde_json::Value) -> String {
         v.as_f64()
             .map_or("?".to_string(), |ms| format!("{:.1} s", ms / 1000.0))
     };
+    if f["time_travel"].as_bool() == Some(true) {
+        let at = f["batch_as_of_ms"]
+            .as_i64()
+            .and_then(chrono::DateTime::from_timestamp_millis)
+            .map_or("?".into(), |t| {
+                t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            });
+        return format!(
+            "batch run {} alone (as of {at}: table version {}, H = {})",
+            f["run"], f["table_version"], f["h"]
+        );
+    }
     let batch = match f["run"].as_u64() {
         Some(r) => format!(
             "batch run {r} (H = {}, {} old)",

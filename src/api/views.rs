@@ -36,6 +36,18 @@ fn serving_error(e: ServingError) -> ApiError {
     ApiError::report(status, Report::of(&e))
 }
 
+/// A past run that cannot answer: not kept (404), or computed for another
+/// version of the view (409).
+fn past_error(e: crate::batch::BatchError) -> ApiError {
+    use crate::batch::BatchError;
+    let status = match &e {
+        BatchError::NoSuchRun { .. } => StatusCode::NOT_FOUND,
+        BatchError::View(crate::view::ViewError::StateMismatch { .. }) => StatusCode::CONFLICT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError::report(status, Report::of(&e))
+}
+
 fn columns(schema: &arrow::datatypes::Schema) -> Value {
     Value::Array(
         schema
@@ -143,9 +155,14 @@ pub(super) async fn get_view(
     let view = l.serving.views()[i].clone();
     let limit = param_usize(&params, "limit")?.unwrap_or(DEFAULT_VIEW_ROWS);
     let offset = param_usize(&params, "offset")?.unwrap_or(0);
+    let as_of = params
+        .get("as_of")
+        .map(|s| s.parse::<crate::batch::AsOf>())
+        .transpose()
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("as_of: {e}")))?;
     let mut filters: Vec<(String, String)> = params
         .into_iter()
-        .filter(|(k, _)| k != "limit" && k != "offset")
+        .filter(|(k, _)| k != "limit" && k != "offset" && k != "as_of")
         .collect();
     filters.sort();
     let schema = view.output_schema().clone();
@@ -169,24 +186,33 @@ pub(super) async fn get_view(
     // A key lookup whose indexes are built is small, bounded work: it runs
     // here (see `QueryPool::run_here`); anything that merges a whole view
     // runs on the query runtime.
-    let here = filters
-        .iter()
-        .find_map(|(col, _)| view.key_column(col))
-        .is_some_and(|c| l.serving.point_is_cheap(i, c));
+    let here = as_of.is_none()
+        && filters
+            .iter()
+            .find_map(|(col, _)| view.key_column(col))
+            .is_some_and(|c| l.serving.point_is_cheap(i, c));
     let work = async move {
         // A filter on a group key reads just that group (fresh, no full
         // merge); the other filters then apply to its rows.
         let key = filters
             .iter()
             .position(|(col, _)| view.key_column(col).is_some());
-        let (answer, total) = match key {
-            Some(k) => {
+        let (answer, total) = match (as_of, key) {
+            // Time travel: the past run's batch view alone.
+            (Some(as_of), _) => {
+                let m = l.batch.manifest_as_of(as_of).await.map_err(past_error)?;
+                let states = l.batch.read_states(&m, &view).await.map_err(past_error)?;
+                let a = l.serving.past(i, &m, states).await.map_err(serving_error)?;
+                let total: usize = a.rows.iter().map(|b| b.num_rows()).sum();
+                (Arc::new(a), Some(total))
+            }
+            (None, Some(k)) => {
                 let (col, val) = filters.remove(k);
                 let c = view.key_column(&col).expect("a key column");
                 let a = l.serving.point(i, c, &val).await.map_err(serving_error)?;
                 (Arc::new(a), None)
             }
-            None => {
+            (None, None) => {
                 let a = l.serving.answer(i).await.map_err(serving_error)?;
                 let total: usize = a.rows.iter().map(|b| b.num_rows()).sum();
                 (a, Some(total))

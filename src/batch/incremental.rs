@@ -283,6 +283,7 @@ mod tests {
                 duration_ms: 0,
                 engine: String::new(),
                 compute: Default::default(),
+                kinds: Default::default(),
             },
             views: Default::default(),
         }

@@ -162,6 +162,59 @@ pub struct RunInfo {
     /// Which engine computed the run, and its stages' times.
     #[serde(default)]
     pub compute: Compute,
+    /// How the run computed its views: how many in full, how many
+    /// incrementally, how many it kept from an earlier run.
+    #[serde(default)]
+    pub kinds: RunKinds,
+}
+
+/// What [`RunInfo::kinds`] counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunKinds {
+    pub full: u32,
+    pub incremental: u32,
+    pub kept: u32,
+    /// Events the run read, over all its views' scans.
+    pub events_read: u64,
+}
+
+impl RunKinds {
+    fn of(run: u64, views: &BTreeMap<String, ViewEntry>) -> RunKinds {
+        let mut k = RunKinds::default();
+        for e in views.values() {
+            if e.run != run {
+                k.kept += 1;
+                continue;
+            }
+            match e.lineage.kind {
+                RunKind::Full => k.full += 1,
+                RunKind::Incremental => k.incremental += 1,
+            }
+            k.events_read += e.lineage.events;
+        }
+        k
+    }
+}
+
+impl std::fmt::Display for RunKinds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if self.incremental > 0 {
+            parts.push(format!("{} incremental", self.incremental));
+        }
+        if self.full > 0 {
+            parts.push(format!("{} full", self.full));
+        }
+        if self.kept > 0 {
+            parts.push(format!("{} kept", self.kept));
+        }
+        write!(
+            f,
+            "{} (read {} events)",
+            parts.join(", "),
+            crate::produce::group(self.events_read)
+        )
+    }
 }
 
 /// What is wrong with the published run, per view.
@@ -531,6 +584,7 @@ impl BatchLayer {
                 duration_ms: started.elapsed().as_millis() as u64,
                 engine: engine_version(),
                 compute,
+                kinds: RunKinds::of(run, &views),
             },
             views,
         };

@@ -348,6 +348,10 @@ impl Snapshot {
 pub struct Freshness {
     /// The batch run merged in, if any.
     pub run: Option<u64>,
+    /// A past run's batch view alone (`?as_of=`): no realtime part.
+    pub time_travel: bool,
+    /// The master dataset version the batch run read.
+    pub table_version: Option<i64>,
     /// Batch coverage H[p].
     pub h: Vec<u64>,
     /// Realtime high-water marks R[p]: the answer is the view over every
@@ -416,6 +420,8 @@ pub(crate) fn freshness(snap: &Snapshot) -> Freshness {
     let as_of = snap.batch.as_ref().map(|b| b.manifest.as_of_ms);
     Freshness {
         run: snap.batch.as_ref().map(|b| b.manifest.run),
+        time_travel: false,
+        table_version: snap.batch.as_ref().map(|b| b.manifest.table_version),
         h: snap.h(),
         realtime: snap.realtime_end.clone(),
         batch_as_of_ms: as_of,
@@ -702,6 +708,36 @@ impl Serving {
         })
     }
 
+    /// View `i` as a past published run holds it (time travel): the run's
+    /// states alone, finalized; its freshness names the run, its table
+    /// version and `H`, which is also how far the answer reaches.
+    pub async fn past(
+        &self,
+        i: usize,
+        manifest: &Manifest,
+        states: RecordBatch,
+    ) -> Result<Answer, ServingError> {
+        let view = &self.views[i];
+        let rows = view.finalize(vec![states]).await?;
+        let now = chrono::Utc::now().timestamp_millis();
+        Ok(Answer {
+            rows,
+            freshness: Freshness {
+                run: Some(manifest.run),
+                time_travel: true,
+                table_version: Some(manifest.table_version),
+                h: manifest.h.clone(),
+                realtime: manifest.h.clone(),
+                batch_as_of_ms: Some(manifest.as_of_ms),
+                batch_age_ms: Some(now - manifest.as_of_ms),
+                realtime_age_ms: now - manifest.published_ms(),
+                snapshot: 0,
+            },
+            computed_at: std::time::Instant::now(),
+            index: Mutex::new(HashMap::new()),
+        })
+    }
+
     /// Whether a point read of view `i` by state column `col` is cheap now:
     /// the published run's key index is built (the first read after a
     /// publish may have to sort the run's states to build it).
@@ -906,6 +942,7 @@ mod tests {
                                 duration_ms: 0,
                                 engine: String::new(),
                                 compute: Default::default(),
+                                kinds: Default::default(),
                             },
                             views: Default::default(),
                         },

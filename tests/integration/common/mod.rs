@@ -369,6 +369,14 @@ pub fn get_json(url: &str) -> Value {
     rt().block_on(async { reqwest::get(url).await.unwrap().json().await.unwrap() })
 }
 
+/// A GET's status and body text.
+pub fn get_status(url: &str) -> (u16, String) {
+    rt().block_on(async {
+        let r = reqwest::get(url).await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    })
+}
+
 /// [`get_json`], or `None` if the server does not answer (it died).
 pub fn get_json_opt(url: &str) -> Option<Value> {
     rt().block_on(async { reqwest::get(url).await.ok()?.json().await.ok() })
