@@ -285,6 +285,7 @@ pub async fn assemble_over(
                 Vec::new()
             },
             clock: clock.clone(),
+            events: Some(config.event_schema()?.arrow().clone()),
             ..LogOptions::default()
         },
     )?);

@@ -10,6 +10,7 @@
 //!  golden      batch = stream = restored, against checked-in rows
 //!  batch       crashes at each archive and publish step, rebuild, retention
 //!  incremental incremental runs = full recomputes, the full-run policy, time travel
+//!  evolve      a schema that grows: a nullable field added, old events read null
 //!  oracle      every answer equals the view SQL over the events it covers
 //!  ingest_http producers over HTTP: offsets, keys, config errors
 //!  query_api   views, SQL, metrics and the CLI against a running server
@@ -34,6 +35,7 @@ mod ballista;
 mod batch;
 mod crash_loop;
 mod dashboard;
+mod evolve;
 mod faults;
 mod golden;
 mod hostile;
