@@ -139,7 +139,7 @@ fn a_nullable_field_added_reads_as_null_for_older_events_everywhere() {
     ]
     .into();
     assert_eq!(counts, expect, "old and new events in one view: {a}");
-    assert_eq!(a["freshness"]["run"].is_u64(), true);
+    assert!(a["freshness"]["run"].is_u64(), "{a}");
     let p = common::get_json(&format!("{}/v1/views/sales_by_product", server.url));
     let (orders, covered) = common::orders_and_covered(&p);
     assert_eq!((orders, covered), (1600, 1600), "{p}");
