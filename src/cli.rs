@@ -390,7 +390,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => {
             init_tracing("info");
             let config = args.config.load()?;
-            runtime()?.block_on(crate::serve::run(config))?;
+            let again = args.config.clone();
+            let reload: crate::serve::Reload =
+                Box::new(move || again.load().map_err(|e| format!("{e:#}")));
+            runtime()?.block_on(crate::serve::run_reloading(config, Some(reload)))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Produce(args) => {
@@ -772,6 +775,36 @@ async fn status(url: &str) -> anyhow::Result<()> {
                     .unwrap_or("-"),
                 r["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0,
                 stages.join(", ")
+            );
+        }
+    }
+    // Views changed while serving: what is being built, what was lately.
+    if let Some(changes) = s["view_changes"]["changes"].as_array() {
+        let (done, total) = (
+            s["view_changes"]["build_events_done"].as_u64().unwrap_or(0),
+            s["view_changes"]["build_events_total"]
+                .as_u64()
+                .unwrap_or(0),
+        );
+        for c in changes.iter().take(5) {
+            let state = c["state"].as_str().unwrap_or("?");
+            let detail = match state {
+                "building" if total > 0 => format!(
+                    " ({} of {} events, {:.0}%)",
+                    crate::produce::group(done),
+                    crate::produce::group(total),
+                    100.0 * done as f64 / total as f64
+                ),
+                "published" => format!(" in run {}", n(&c["run"])),
+                _ => c["error"]
+                    .as_str()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default(),
+            };
+            println!(
+                "view {} `{}`: {state}{detail}",
+                c["change"].as_str().unwrap_or("?"),
+                c["view"].as_str().unwrap_or("?"),
             );
         }
     }

@@ -116,6 +116,8 @@ pub enum Scope {
     Ingest,
     /// Every read: views, SQL, status, metrics.
     Query,
+    /// Changing what is served: `POST /v1/views`, `DELETE /v1/views/{name}`.
+    Admin,
 }
 
 /// `[auth]`: bearer tokens. With none, the API is open — and then it may
@@ -991,7 +993,7 @@ impl Config {
     }
 }
 
-fn is_identifier(s: &str) -> bool {
+pub(crate) fn is_identifier(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')

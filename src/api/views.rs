@@ -36,6 +36,96 @@ fn serving_error(e: ServingError) -> ApiError {
     ApiError::report(status, Report::of(&e))
 }
 
+/// `POST /v1/views` with `{"name", "sql", "rollup"?}`: adds a view, or
+/// changes the one of that name. It is compiled and checked as at startup
+/// (the same refusals), saved, and built in the background from the master
+/// dataset while the current version keeps answering; `202 Accepted`, and
+/// `status` follows the build. The same definition again is `200`.
+pub(super) async fn put_view(
+    State(state): State<Arc<ApiState>>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    use crate::batch::changes::Requested;
+    let l = layers(&state)?.clone();
+    if !l.lease.is_held() {
+        return Err(not_driving());
+    }
+    let def: crate::config::ViewConfig = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, format!("the view definition: {e}"))
+            .hint(r#"send {"name": "…", "sql": "SELECT … FROM events GROUP BY …"} (and optionally "rollup": [{"after": "1d", "bucket": "1h"}])"#)
+    })?;
+    if !crate::config::is_identifier(&def.name) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "`{}` is not a valid view name (letters, digits and `_`, not starting with a digit)",
+                def.name
+            ),
+        ));
+    }
+    let view = crate::view::compile(&def, &l.schema)
+        .await
+        .map_err(|e| ApiError::report(StatusCode::BAD_REQUEST, Report::of(&e)))?;
+    let view = Arc::new(view);
+    l.batch
+        .check_views(std::slice::from_ref(&view))
+        .map_err(|e| ApiError::report(StatusCode::BAD_REQUEST, Report::of(&e)))?;
+    let served = l
+        .serving
+        .live()
+        .into_iter()
+        .find(|(_, v)| v.name() == def.name);
+    if served
+        .as_ref()
+        .is_some_and(|(_, v)| v.fingerprint() == view.fingerprint())
+        && !l.changes.pending()
+    {
+        return Ok(Json(json!({
+            "view": def.name,
+            "change": "none",
+            "fingerprint": view.fingerprint(),
+        }))
+        .into_response());
+    }
+    let kind = if served.is_some() { "change" } else { "add" };
+    let status = l
+        .changes
+        .request(Requested::Put(def, view), kind)
+        .await
+        .map_err(|e| ApiError::report(StatusCode::INTERNAL_SERVER_ERROR, Report::of(&e)))?;
+    l.batch_now.notify_one();
+    Ok((StatusCode::ACCEPTED, Json(status)).into_response())
+}
+
+/// `DELETE /v1/views/{name}`: drops a view at the next batch cycle (it
+/// answers until then); `202 Accepted`.
+pub(super) async fn drop_view(
+    State(state): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    use crate::batch::changes::Requested;
+    let l = layers(&state)?.clone();
+    if !l.lease.is_held() {
+        return Err(not_driving());
+    }
+    l.serving.view_index(&name).map_err(serving_error)?;
+    let status = l
+        .changes
+        .request(Requested::Drop(name), "drop")
+        .await
+        .map_err(|e| ApiError::report(StatusCode::INTERNAL_SERVER_ERROR, Report::of(&e)))?;
+    l.batch_now.notify_one();
+    Ok((StatusCode::ACCEPTED, Json(status)).into_response())
+}
+
+fn not_driving() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "this node does not drive the batch layer, which builds changed views",
+    )
+    .hint("send view changes to the driving node (`status` shows the lease holder)")
+}
+
 /// A past run that cannot answer: not kept (404), or computed for another
 /// version of the view (409).
 fn past_error(e: crate::batch::BatchError) -> ApiError {
@@ -63,8 +153,13 @@ pub(super) async fn list_views(
 ) -> Result<Json<Value>, ApiError> {
     let l = layers(&state)?;
     let mut out = Vec::new();
-    for (i, v) in l.serving.views().iter().enumerate() {
-        let a = l.serving.answer(i).await.map_err(serving_error)?;
+    for (i, v) in l.serving.live() {
+        let a = match l.serving.answer(i).await {
+            Ok(a) => a,
+            // Dropped since the list was taken.
+            Err(ServingError::NoSuchView { .. }) => continue,
+            Err(e) => return Err(serving_error(e)),
+        };
         out.push(json!({
             "name": v.name(),
             "sql": v.sql(),

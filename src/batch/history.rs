@@ -189,7 +189,7 @@ impl BatchLayer {
             .flat_map(|m| m.views.values())
             .filter_map(|e| e.states.path.rsplit_once('/').map(|(d, _)| d))
             .collect();
-        for v in &self.views {
+        for v in self.views().iter() {
             for d in self
                 .storage
                 .list_dirs(&format!("views/{}", v.name()))

@@ -18,6 +18,7 @@
 
 #[cfg(feature = "ballista")]
 pub mod ballista;
+pub mod changes;
 pub mod driver;
 pub mod engine;
 pub mod history;
@@ -270,7 +271,8 @@ pub enum Recompute<'a> {
 pub struct BatchLayer {
     storage: Storage,
     master: Arc<MasterDataset>,
-    views: Vec<Arc<View>>,
+    /// Replaced whole when views change while serving.
+    views: arc_swap::ArcSwap<Vec<Arc<View>>>,
     retention: history::Retention,
     policy: Policy,
     parallelism: usize,
@@ -295,7 +297,7 @@ impl BatchLayer {
         BatchLayer {
             storage,
             master,
-            views,
+            views: arc_swap::ArcSwap::from_pointee(views),
             retention: history::Retention::default(),
             policy: Policy::default(),
             parallelism: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -307,7 +309,7 @@ impl BatchLayer {
     /// Computes runs on `engine`, once it has accepted every view (a view it
     /// cannot run is refused here, before any run).
     pub fn with_engine(mut self, engine: Engine) -> Result<BatchLayer, EngineError> {
-        engine.check(&self.views, &self.storage.store_url())?;
+        engine.check(&self.views(), &self.storage.store_url())?;
         self.engine = engine;
         Ok(self)
     }
@@ -328,8 +330,44 @@ impl BatchLayer {
         &self.failures
     }
 
-    pub fn views(&self) -> &[Arc<View>] {
-        &self.views
+    /// The views runs compute now.
+    pub fn views(&self) -> Arc<Vec<Arc<View>>> {
+        self.views.load_full()
+    }
+
+    /// Computes `views` from the next run on (views changed while
+    /// serving), once the engine accepts the new ones; returns the views
+    /// before, to put back if the change is abandoned.
+    pub fn set_views(&self, views: Vec<Arc<View>>) -> Result<Arc<Vec<Arc<View>>>, EngineError> {
+        let before = self.views();
+        let new: Vec<Arc<View>> = views
+            .iter()
+            .filter(|v| {
+                !before
+                    .iter()
+                    .any(|b| b.fingerprint() == v.fingerprint() && b.name() == v.name())
+            })
+            .cloned()
+            .collect();
+        self.engine.check(&new, &self.storage.store_url())?;
+        if self.storage.url().scheme() != "file" {
+            let url = url::Url::parse(&self.storage.store_url()).expect("a store URL");
+            for v in &new {
+                v.register_store(&url, self.storage.store().clone());
+            }
+        }
+        self.views.store(Arc::new(views));
+        Ok(before)
+    }
+
+    /// Refuses views the engine cannot run, as at startup.
+    pub fn check_views(&self, views: &[Arc<View>]) -> Result<(), EngineError> {
+        self.engine.check(views, &self.storage.store_url())
+    }
+
+    /// Puts back the views [`BatchLayer::set_views`] replaced.
+    pub fn restore_views(&self, views: Arc<Vec<Arc<View>>>) {
+        self.views.store(views);
     }
 
     pub fn master(&self) -> &Arc<MasterDataset> {
@@ -467,7 +505,7 @@ impl BatchLayer {
         let Some(m) = manifest else {
             return Ok(health);
         };
-        for view in &self.views {
+        for view in self.views().iter() {
             let problem = match self.read_states(&m, view).await {
                 Ok(_) => match m.views.get(view.name()) {
                     Some(e) => self.read_checked(&e.tsv).await.err().map(|e| e.to_string()),
@@ -507,11 +545,11 @@ impl BatchLayer {
         progress: Option<Arc<Progress>>,
     ) -> Result<Manifest, BatchError> {
         if let Recompute::One(name) = what
-            && !self.views.iter().any(|v| v.name() == name)
+            && !self.views().iter().any(|v| v.name() == name)
         {
             return Err(BatchError::NoSuchView {
                 name: name.into(),
-                known: crate::view::names(&self.views),
+                known: crate::view::names(&self.views()),
             });
         }
         let started = Instant::now();
@@ -537,7 +575,8 @@ impl BatchLayer {
         };
         let mut views = BTreeMap::new();
         let mut todo = Vec::new();
-        for v in &self.views {
+        let defined = self.views();
+        for v in defined.iter() {
             let plan = match what {
                 Recompute::One(name) if name != v.name() => {
                     match prev.as_ref().and_then(|p| p.views.get(v.name())) {
@@ -633,7 +672,7 @@ impl BatchLayer {
     /// A run number above every run on storage.
     async fn next_run(&self, prev: Option<&Manifest>) -> Result<u64, BatchError> {
         let mut max = prev.map_or(0, |m| m.run);
-        for v in &self.views {
+        for v in self.views().iter() {
             for d in self
                 .storage
                 .list_dirs(&format!("views/{}", v.name()))

@@ -182,16 +182,22 @@ pub async fn assert_same_runs(
     assert_eq!(a.run.h, b.run.h, "{case}: both runs cover the same events");
     assert_eq!(a.run.events, b.run.events);
     let at = a.run.as_of_ms.max(b.run.as_of_ms);
-    for view in a.layer.views() {
+    for view in a.layer.views().iter() {
         let name = view.name();
         let (ea, eb) = (&a.run.views[name], &b.run.views[name]);
         assert_eq!(
             ea.excluded, eb.excluded,
             "{case}: view `{name}`: {na} and {nb} leave out the same events"
         );
-        let vb = b.layer.views().iter().find(|v| v.name() == name).unwrap();
+        let vb = b
+            .layer
+            .views()
+            .iter()
+            .find(|v| v.name() == name)
+            .unwrap()
+            .clone();
         let mut sa = a.layer.read_states(a.run, view).await.unwrap();
-        let mut sb = b.layer.read_states(b.run, vb).await.unwrap();
+        let mut sb = b.layer.read_states(b.run, &vb).await.unwrap();
         match (view.rollup(), vb.rollup()) {
             (Some(_), None) => sb = view.roll_up(sb, a.run.as_of_ms).await.unwrap(),
             (Some(_), Some(_)) => {
