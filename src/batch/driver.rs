@@ -381,9 +381,11 @@ pub async fn cycle_changing(
                 return Err(BatchError::Engine(e).into());
             }
         };
+        crate::failpoint::hit("views-building");
         let progress = changes.progress.lock().expect("progress lock").clone();
         let swapped = async {
             let m = batch.run(Some(progress)).await?;
+            crate::failpoint::hit("views-before-adopt");
             let (all, live) = serving.plan_views(&batch.views());
             let side = BatchSide::load(batch, m.clone(), &all, &live, &[]).await?;
             let (done, answer) = tokio::sync::oneshot::channel();
