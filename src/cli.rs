@@ -247,6 +247,10 @@ pub struct AcceptLossArgs {
 pub struct RebuildArgs {
     /// Only this view (at the published run's coverage); default: every view.
     pub view: Option<String>,
+    /// One run as the batch loop does it instead: each view incrementally
+    /// from the published run where it can be (see `[batch] full_every`).
+    #[arg(long, conflicts_with = "view")]
+    pub incremental: bool,
     #[command(flatten)]
     pub config: ConfigArgs,
 }
@@ -417,7 +421,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rebuild(args) => {
             init_tracing("warn");
             let config = args.config.load()?;
-            runtime()?.block_on(rebuild(config, args.view))?;
+            runtime()?.block_on(rebuild(config, args.view, args.incremental))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::AcceptLoss(args) => {
@@ -579,7 +583,7 @@ async fn accept_loss(mut config: Config, p: u32, yes: bool) -> anyhow::Result<Ex
 }
 
 /// `lambdaflow rebuild [VIEW]`, with a progress bar.
-async fn rebuild(config: Config, view: Option<String>) -> anyhow::Result<()> {
+async fn rebuild(config: Config, view: Option<String>, incremental: bool) -> anyhow::Result<()> {
     use std::sync::Arc;
     use std::sync::atomic::Ordering::Relaxed;
     let batch = crate::node::open_batch(&config).await?;
@@ -604,7 +608,11 @@ async fn rebuild(config: Config, view: Option<String>) -> anyhow::Result<()> {
             }
         })
     };
-    let result = batch.rebuild(view.as_deref(), Some(progress)).await;
+    let result = if incremental {
+        batch.run(Some(progress)).await
+    } else {
+        batch.rebuild(view.as_deref(), Some(progress)).await
+    };
     ticker.abort();
     bar.finish_and_clear();
     let m = result?;

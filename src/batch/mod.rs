@@ -562,6 +562,11 @@ impl BatchLayer {
             }
             _ => (self.master.snapshot().await?, started_ms),
         };
+        // Every file of the snapshot, not only those this run reads: a
+        // damaged older file is found (and repaired from the stream while it
+        // still holds it) at the first run of each process, not at the next
+        // full recompute. Each file is read for this once per process.
+        self.master.verify(&snapshot.files).await?;
         let run = self.next_run(prev.as_ref()).await?;
         let progress = progress.unwrap_or_default();
         let version = engine_version();
@@ -737,7 +742,6 @@ impl BatchLayer {
                             coverage: snapshot.coverage.clone(),
                             files,
                         };
-                        self.master.verify(&added.files).await?;
                         let (states, excluded) = self
                             .compute_states(engine, view, &added, progress, compute)
                             .await?;
@@ -774,7 +778,6 @@ impl BatchLayer {
                 }
             }
         };
-        self.master.verify(&snapshot.files).await?;
         let (states, excluded) = self
             .compute_states(engine, view, snapshot, progress, compute)
             .await?;
@@ -812,8 +815,17 @@ impl BatchLayer {
         let rows = view.finalize(vec![states.clone()]).await?;
         compute.add("rollup+finalize", finalizing.elapsed());
         let writing = Instant::now();
-        let tsv = to_tsv(view.output_schema(), &rows);
-        let parquet = view.states_to_parquet(&states)?;
+        // The TSV's text and the states' Parquet are independent: both
+        // cores encode, one each.
+        let (tsv, parquet) = {
+            let (v, r) = (view.clone(), rows.clone());
+            let tsv = tokio::task::spawn_blocking(move || to_tsv(v.output_schema(), &r));
+            let (v, s) = (view.clone(), states.clone());
+            let parquet = tokio::task::spawn_blocking(move || v.states_to_parquet(&s));
+            let task = |e: tokio::task::JoinError| BatchError::Task(e.to_string());
+            let (tsv, parquet) = tokio::join!(tsv, parquet);
+            (tsv.map_err(task)?, parquet.map_err(task)??)
+        };
         // The writer's id in the directory: a run number two drivers race
         // for never has them write the same files.
         let dir = format!(
@@ -831,10 +843,12 @@ impl BatchLayer {
             bytes: tsv.len() as u64,
             crc32c: crc_hex(tsv.as_bytes()),
         };
-        self.storage
-            .put(&states_entry.path, Bytes::from(parquet))
-            .await?;
-        self.storage.put(&tsv_entry.path, Bytes::from(tsv)).await?;
+        let (a, b) = tokio::join!(
+            self.storage.put(&states_entry.path, Bytes::from(parquet)),
+            self.storage.put(&tsv_entry.path, Bytes::from(tsv)),
+        );
+        a?;
+        b?;
         let entry = ViewEntry {
             fingerprint: view.fingerprint().to_string(),
             run,

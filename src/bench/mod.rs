@@ -7,9 +7,11 @@
 //! second, group-commit figures and the server's peak memory; it also times
 //! the NDJSON decoder alone on one thread.
 
+mod incremental;
 mod kafka;
 mod kinesis;
 mod reads;
+mod shapes;
 mod soak;
 
 pub use kafka::{KafkaBenchArgs, kafka};
@@ -268,6 +270,14 @@ pub struct BatchBenchArgs {
     /// it beside the local engine (same files, same run).
     #[arg(long, default_value = "local", value_parser = ["local", "ballista"])]
     pub engine: String,
+    /// Then add this many events and time an incremental run against a
+    /// full recompute, and a view added while serving to its first answer.
+    #[arg(long)]
+    pub incremental: Option<u64>,
+    /// Also recompute views of several shapes (few, 100K and 1M groups, a
+    /// time bucket with avg/min/max, approx_distinct) beside DuckDB.
+    #[arg(long)]
+    pub shapes: bool,
     /// With `--engine ballista`: this scheduler (`df://host:port`), instead
     /// of a scheduler and two one-task executors started for the bench.
     #[arg(long)]
@@ -378,6 +388,9 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
         sql: ZIP_PRODUCT_SQL.into(),
         rollup: Vec::new(),
     });
+    if args.shapes {
+        views.extend(shapes::views());
+    }
     for v in &views {
         toml.push_str(&format!(
             "[[views]]\nname = {:?}\nsql = {:?}\n",
@@ -397,6 +410,12 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
     println!("```");
     if args.engine == "ballista" {
         ballista_beside_local(&args, &exe, &config_path, &storage, &rt, secs, &out)?;
+    }
+    if args.shapes && !remote {
+        return shapes::run(&exe, &config_path, &data, args.events);
+    }
+    if let Some(added) = args.incremental {
+        return incremental::run(&exe, &config_path, &master, &rt, added);
     }
     let mut best = f64::MAX;
     for _ in 0..3 {

@@ -1,0 +1,177 @@
+//! `bench batch --incremental`: what an incremental run costs against a
+//! full recompute over the same master dataset, side by side, and how long
+//! a view added while serving takes to its first exact answer.
+//!
+//! ```text
+//!  N events, a full run published ─▶ +M new events (one chunk)
+//!    ├─ lambdaflow rebuild --incremental   (the batch loop's run: reads the M)
+//!    └─ lambdaflow rebuild                 (from scratch: reads N + M)
+//!  lambdaflow serve ─▶ POST /v1/views ─▶ poll until its answer counts N + M
+//! ```
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::master::MasterDataset;
+use crate::produce::group;
+use crate::stream::{ChunkRange, SourceBatch};
+
+/// `rebuild` prints its peak memory as `peak memory (VmHWM): 1.2 GiB`.
+fn peak(out: &str) -> String {
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("peak memory (VmHWM): "))
+        .unwrap_or("?")
+        .to_string()
+}
+
+/// Adds `n` events to the master dataset (one chunk, partition 0).
+pub fn append(master: &MasterDataset, rt: &tokio::runtime::Runtime, n: u64) -> anyhow::Result<()> {
+    let p = 0u32;
+    let start = master.coverage().h[p as usize];
+    let mut first = start;
+    let batches: Vec<SourceBatch> = super::paper_batches(n, 8192, 90_000)
+        .into_iter()
+        .map(|b| {
+            let at = first;
+            first += b.num_rows() as u64;
+            SourceBatch::dense(p, at, chrono::Utc::now().timestamp_millis(), b)
+        })
+        .collect();
+    rt.block_on(master.commit_chunk(ChunkRange::dense(p, start, first), batches, None))?;
+    Ok(())
+}
+
+pub fn run(
+    exe: &Path,
+    config: &Path,
+    master: &MasterDataset,
+    rt: &tokio::runtime::Runtime,
+    added: u64,
+) -> anyhow::Result<()> {
+    let before: u64 = rt.block_on(master.refresh())?.h.iter().sum();
+    append(master, rt, added)?;
+    let total = before + added;
+    let run = |incremental: bool| -> anyhow::Result<(f64, String)> {
+        let mut cmd = Command::new(exe);
+        cmd.arg("rebuild");
+        if incremental {
+            cmd.arg("--incremental");
+        }
+        let t = Instant::now();
+        let out = cmd.arg("--config").arg(config).output()?;
+        let secs = t.elapsed().as_secs_f64();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "rebuild failed: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok((secs, stdout))
+    };
+    let (inc_s, inc_out) = run(true)?;
+    let (full_s, full_out) = run(false)?;
+    println!();
+    println!(
+        "an incremental run against a full recompute: {} events of history, {} new (one chunk), every view (`lambdaflow rebuild --incremental` and `lambdaflow rebuild`, child processes, wall time and peak RSS):",
+        group(before),
+        group(added)
+    );
+    println!();
+    println!("| run | wall | peak memory | events read |");
+    println!("|---|---:|---:|---:|");
+    let read = |out: &str| -> u64 {
+        out.lines()
+            .filter_map(|l| {
+                l.split(" over ")
+                    .nth(1)?
+                    .split(" events")
+                    .next()
+                    .map(|n| n.replace(',', ""))
+            })
+            .filter_map(|n| n.parse::<u64>().ok())
+            .sum()
+    };
+    println!(
+        "| incremental | {inc_s:.2} s | {} | {} |",
+        peak(&inc_out),
+        group(read(&inc_out))
+    );
+    println!(
+        "| full | {full_s:.2} s | {} | {} |",
+        peak(&full_out),
+        group(read(&full_out))
+    );
+    println!();
+    println!(
+        "incremental is {:.1}× faster (wall, process start included)",
+        full_s / inc_s
+    );
+    println!("```");
+    print!("{inc_out}");
+    println!("```");
+    live_view(exe, config, total)
+}
+
+/// `serve` over the bench's data, a view added with `POST /v1/views`, and
+/// the time until its answer counts every event.
+fn live_view(exe: &Path, config: &Path, total: u64) -> anyhow::Result<()> {
+    let port = super::free_port()?;
+    let mut child = Command::new(exe)
+        .args(["serve", "--config"])
+        .arg(config)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("serve's stdout")?).read_line(&mut line)?;
+    let url = format!("http://127.0.0.1:{port}");
+    let result = (|| -> anyhow::Result<f64> {
+        let rt = tokio::runtime::Runtime::new()?;
+        rt.block_on(async {
+            let c = reqwest::Client::new();
+            let view = serde_json::json!({
+                "name": "added_live",
+                "sql": "SELECT zipcode % 1000 AS z, count(*) AS n FROM events GROUP BY zipcode % 1000",
+            });
+            let t = Instant::now();
+            let r = c.post(format!("{url}/v1/views")).json(&view).send().await?;
+            if r.status().as_u16() != 202 {
+                bail!("POST /v1/views: {} {}", r.status(), r.text().await?);
+            }
+            loop {
+                let r = c.get(format!("{url}/v1/views/added_live?limit=100000")).send().await?;
+                if r.status().is_success() {
+                    let a: serde_json::Value = r.json().await?;
+                    let n: u64 = a["rows"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|r| r["n"].as_u64())
+                        .sum();
+                    if n == total {
+                        return Ok(t.elapsed().as_secs_f64());
+                    }
+                }
+                if t.elapsed() > Duration::from_secs(3600) {
+                    bail!("the added view never answered");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    })();
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let _ = child.wait();
+    let secs = result?;
+    println!();
+    println!(
+        "a view added while serving (`POST /v1/views`, {} events of history) to its first exact answer: {secs:.2} s",
+        group(total)
+    );
+    Ok(())
+}
