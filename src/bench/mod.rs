@@ -371,8 +371,10 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
     } else {
         data.join("bench-batch.toml")
     };
+    // `serve` over the same config (`--incremental`) archives and runs
+    // often; `rebuild` ignores both.
     let mut toml = format!(
-        "data = {:?}\n[stream]\npartitions = 2\ndir = {:?}\n",
+        "data = {:?}\n[archive]\nchunk_age = \"2s\"\n[batch]\npause = \"1s\"\n[stream]\npartitions = 2\ndir = {:?}\n",
         data.display().to_string(),
         if remote {
             tmp.path().join("local")
