@@ -28,9 +28,14 @@ fn peak(out: &str) -> String {
         .to_string()
 }
 
-/// Adds `n` events to the master dataset (one chunk, partition 0).
-pub fn append(master: &MasterDataset, rt: &tokio::runtime::Runtime, n: u64) -> anyhow::Result<()> {
-    let p = 0u32;
+/// Commits `n` of the paper's events to partition `p` of the master
+/// dataset as one chunk; the seconds the commit took (encode, write, commit).
+pub fn commit_events(
+    master: &MasterDataset,
+    rt: &tokio::runtime::Runtime,
+    p: u32,
+    n: u64,
+) -> anyhow::Result<f64> {
     let start = master.coverage().h[p as usize];
     let mut first = start;
     let batches: Vec<SourceBatch> = super::paper_batches(n, 8192, 90_000)
@@ -41,8 +46,9 @@ pub fn append(master: &MasterDataset, rt: &tokio::runtime::Runtime, n: u64) -> a
             SourceBatch::dense(p, at, chrono::Utc::now().timestamp_millis(), b)
         })
         .collect();
+    let t = Instant::now();
     rt.block_on(master.commit_chunk(ChunkRange::dense(p, start, first), batches, None))?;
-    Ok(())
+    Ok(t.elapsed().as_secs_f64())
 }
 
 pub fn run(
@@ -53,28 +59,10 @@ pub fn run(
     added: u64,
 ) -> anyhow::Result<()> {
     let before: u64 = rt.block_on(master.refresh())?.h.iter().sum();
-    append(master, rt, added)?;
+    commit_events(master, rt, 0, added)?;
     let total = before + added;
-    let run = |incremental: bool| -> anyhow::Result<(f64, String)> {
-        let mut cmd = Command::new(exe);
-        cmd.arg("rebuild");
-        if incremental {
-            cmd.arg("--incremental");
-        }
-        let t = Instant::now();
-        let out = cmd.arg("--config").arg(config).output()?;
-        let secs = t.elapsed().as_secs_f64();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        if !out.status.success() {
-            bail!(
-                "rebuild failed: {stdout}{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok((secs, stdout))
-    };
-    let (inc_s, inc_out) = run(true)?;
-    let (full_s, full_out) = run(false)?;
+    let (inc_s, inc_out) = super::rebuild_with(exe, config, &["--incremental"])?;
+    let (full_s, full_out) = super::rebuild_with(exe, config, &[])?;
     println!();
     println!(
         "an incremental run against a full recompute: {} events of history, {} new (one chunk), every view (`lambdaflow rebuild --incremental` and `lambdaflow rebuild`, child processes, wall time and peak RSS):",
@@ -217,7 +205,7 @@ fn in_the_loop(exe: &Path, url: &str, history: u64) -> anyhow::Result<String> {
                     .map(|x| format!("{} {} ms", x["stage"].as_str().unwrap_or("?"), x["ms"]))
                     .collect();
                 return Ok(format!(
-                    "the batch loop's run inside `serve` that published {} events produced over HTTP onto {} of history: {:.2} s ({} incremental, {} full view(s); read {} events: {})",
+                    "the batch loop's run inside `serve` that made the last of {} events produced over HTTP (onto {} of history) published: {:.2} s ({} incremental, {} full view(s); read {} events: {})",
                     group(added),
                     group(history),
                     r["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0,

@@ -314,6 +314,24 @@ impl Snapshot {
         h
     }
 
+    /// Installs the realtime chunks of some partitions, each aligned on the
+    /// snapshot's H (chunks it covers left out); `now` is when R moved.
+    fn install(&mut self, parts: Vec<(u32, Vec<Arc<RealtimeChunk>>, u64)>, now: i64) {
+        if let Some(max) = parts.iter().map(|(p, ..)| *p as usize + 1).max() {
+            self.grow(max);
+        }
+        let h = self.h();
+        for (p, chunks, end) in parts {
+            let p = p as usize;
+            let (chunks, end) = aligned(chunks, end, h[p]);
+            self.realtime[p] = chunks;
+            if end != self.realtime_end[p] {
+                self.realtime_at_ms[p] = now;
+            }
+            self.realtime_end[p] = end;
+        }
+    }
+
     /// Makes room for partitions `0..n` (a topic gained partitions, a
     /// Kinesis shard split): a new partition starts empty at 0.
     fn grow(&mut self, n: usize) {
@@ -658,19 +676,7 @@ impl Serving {
                 next.grow(side.manifest.h.len());
                 next.batch = Some(side);
             }
-            if let Some(max) = parts.iter().map(|(p, ..)| *p as usize + 1).max() {
-                next.grow(max);
-            }
-            let h = next.h();
-            for (p, chunks, end) in parts {
-                let p = p as usize;
-                let (chunks, end) = aligned(chunks, end, h[p]);
-                next.realtime[p] = chunks;
-                if end != next.realtime_end[p] {
-                    next.realtime_at_ms[p] = now;
-                }
-                next.realtime_end[p] = end;
-            }
+            next.install(parts, now);
             next
         });
     }
@@ -710,19 +716,7 @@ impl Serving {
         let now = self.clock.unix_ms();
         self.update(|cur| {
             let mut next = cur.clone();
-            if let Some(max) = parts.iter().map(|(p, ..)| *p as usize + 1).max() {
-                next.grow(max);
-            }
-            let h = next.h();
-            for (p, chunks, end) in parts {
-                let p = p as usize;
-                let (chunks, end) = aligned(chunks, end, h[p]);
-                next.realtime[p] = chunks;
-                if end != next.realtime_end[p] {
-                    next.realtime_at_ms[p] = now;
-                }
-                next.realtime_end[p] = end;
-            }
+            next.install(parts, now);
             next
         });
     }

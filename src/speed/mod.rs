@@ -232,6 +232,23 @@ pub struct Adopt {
     pub done: tokio::sync::oneshot::Sender<Result<(), String>>,
 }
 
+/// The rows of `take` (partition `p`) a view failed on, by position.
+fn failed_rows(
+    v: &View,
+    p: u32,
+    take: &[SourceBatch],
+    bad: Vec<crate::view::Excluded>,
+) -> Vec<FailedRow> {
+    bad.into_iter()
+        .map(|x| FailedRow {
+            view: v.name().to_string(),
+            partition: p,
+            offset: take[x.batch].position(x.row),
+            error: x.error,
+        })
+        .collect()
+}
+
 /// The speed layer of a node.
 pub struct SpeedLayer {
     source: Arc<dyn Source>,
@@ -663,15 +680,7 @@ impl SpeedLayer {
             let input = if v.needs_offsets() { &keyed } else { &batches };
             let (s, bad) = v.states_excluding(input.clone()).await?;
             if !bad.is_empty() {
-                let rows: Vec<FailedRow> = bad
-                    .into_iter()
-                    .map(|x| FailedRow {
-                        view: v.name().to_string(),
-                        partition: p,
-                        offset: take[x.batch].position(x.row),
-                        error: x.error,
-                    })
-                    .collect();
+                let rows = failed_rows(v, p, take, bad);
                 if self.failures.record(&rows) > 0 {
                     let first = &rows[0];
                     let seen = &self.failures.report()[v.name()];
@@ -707,16 +716,7 @@ impl SpeedLayer {
         };
         let (s, bad) = v.states_excluding(input).await?;
         if !bad.is_empty() {
-            let rows: Vec<FailedRow> = bad
-                .into_iter()
-                .map(|x| FailedRow {
-                    view: v.name().to_string(),
-                    partition: p,
-                    offset: take[x.batch].position(x.row),
-                    error: x.error,
-                })
-                .collect();
-            self.failures.record(&rows);
+            self.failures.record(&failed_rows(v, p, take, bad));
         }
         Ok(s)
     }

@@ -9,9 +9,11 @@ use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lambdaflow::config::{Config, ViewConfig};
+use lambdaflow::config::Config;
 
-use crate::common::states::{Lcg, Side, assert_same_runs, config, open, random_master};
+use crate::common::states::{
+    Lcg, Side, assert_same_runs, compared_views, config, open, random_master,
+};
 use crate::common::{self, BIN, Site, free_port, wait_listening};
 
 /// A Ballista cluster of child processes; all are killed on drop.
@@ -168,28 +170,9 @@ impl Drop for Cluster {
 #[test]
 fn ballista_publishes_the_local_engines_states_for_every_view() {
     let cluster = Cluster::start(2);
-    let mut views: Vec<(ViewConfig, bool)> = Config::default()
-        .views
-        .into_iter()
-        .map(|v| (v, false))
-        .collect();
-    views.extend(crate::views::paper_views());
-    // Fails on the events of price 0: the cluster's job fails, and the rows
-    // are found and left out as the local engine leaves them out.
-    views.push((
-        ViewConfig {
-            name: "inverse".into(),
-            sql: "SELECT ProductName, sum(100 / price) AS inv FROM events GROUP BY ProductName"
-                .into(),
-            rollup: Vec::new(),
-        },
-        false,
-    ));
-    // Names are unique per config.
-    views.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-    views.dedup_by(|a, b| a.0.name == b.0.name);
-    let ordered: BTreeMap<String, bool> = views.iter().map(|(v, o)| (v.name.clone(), *o)).collect();
-    let defs: Vec<ViewConfig> = views.into_iter().map(|(v, _)| v).collect();
+    // `inverse` fails on the events of price 0: the cluster's job fails,
+    // and the rows are found and left out as the local engine leaves them out.
+    let (defs, ordered) = compared_views(Vec::new());
     common::rt().block_on(async {
         for seed in [1u64, 7, 42] {
             let dir = tempfile::tempdir().unwrap();

@@ -16,51 +16,29 @@ use proptest::prelude::*;
 
 use crate::common;
 use crate::common::states::{
-    Chunk, Lcg, Side, assert_same_runs, commit, config, open, random_chunks,
+    Chunk, Lcg, Side, assert_same_runs, commit, compared_views, config, open, random_chunks,
 };
 
 /// The views: the paper's, the merge-law views of the property tests, one
 /// failing on the events of price 0, and one whose rollup tiers (seconds)
 /// cross between runs a few hundred milliseconds apart.
 fn views() -> (Vec<ViewConfig>, BTreeMap<String, bool>) {
-    let mut views: Vec<(ViewConfig, bool)> = lambdaflow::config::Config::default()
-        .views
-        .into_iter()
-        .map(|v| (v, false))
-        .collect();
-    views.extend(crate::views::paper_views());
-    views.push((
-        ViewConfig {
-            name: "inverse".into(),
-            sql: "SELECT ProductName, sum(100 / price) AS inv FROM events GROUP BY ProductName"
-                .into(),
-            rollup: Vec::new(),
-        },
-        false,
-    ));
-    views.push((
-        ViewConfig {
-            name: "per_second_rolled".into(),
-            sql: "SELECT date_trunc('second', timestamp) AS second, ProductName, count(*) AS orders, \
+    compared_views(vec![ViewConfig {
+        name: "per_second_rolled".into(),
+        sql: "SELECT date_trunc('second', timestamp) AS second, ProductName, count(*) AS orders, \
                   sum(price) AS revenue, min(price) AS low FROM events GROUP BY 1, 2"
-                .into(),
-            rollup: vec![
-                RollupConfig {
-                    after: Duration::from_secs(1),
-                    bucket: "2s".into(),
-                },
-                RollupConfig {
-                    after: Duration::from_secs(3),
-                    bucket: "8s".into(),
-                },
-            ],
-        },
-        false,
-    ));
-    views.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-    views.dedup_by(|a, b| a.0.name == b.0.name);
-    let ordered = views.iter().map(|(v, o)| (v.name.clone(), *o)).collect();
-    (views.into_iter().map(|(v, _)| v).collect(), ordered)
+            .into(),
+        rollup: vec![
+            RollupConfig {
+                after: Duration::from_secs(1),
+                bucket: "2s".into(),
+            },
+            RollupConfig {
+                after: Duration::from_secs(3),
+                bucket: "8s".into(),
+            },
+        ],
+    }])
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -228,3 +228,30 @@ pub async fn assert_same_runs(
         }
     }
 }
+
+/// The views engines and run kinds are compared on: the paper's three, the
+/// merge-law views of the property tests, one that fails on the events of
+/// price 0 (`inverse`), and `extra`; names unique, sorted. Returns the
+/// definitions and, per name, whether its rows compare in order.
+pub fn compared_views(extra: Vec<ViewConfig>) -> (Vec<ViewConfig>, BTreeMap<String, bool>) {
+    let mut views: Vec<(ViewConfig, bool)> = Config::default()
+        .views
+        .into_iter()
+        .map(|v| (v, false))
+        .collect();
+    views.extend(crate::views::paper_views());
+    views.push((
+        ViewConfig {
+            name: "inverse".into(),
+            sql: "SELECT ProductName, sum(100 / price) AS inv FROM events GROUP BY ProductName"
+                .into(),
+            rollup: Vec::new(),
+        },
+        false,
+    ));
+    views.extend(extra.into_iter().map(|v| (v, false)));
+    views.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    views.dedup_by(|a, b| a.0.name == b.0.name);
+    let ordered = views.iter().map(|(v, o)| (v.name.clone(), *o)).collect();
+    (views.into_iter().map(|(v, _)| v).collect(), ordered)
+}
