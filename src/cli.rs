@@ -247,6 +247,10 @@ pub struct AcceptLossArgs {
 pub struct RebuildArgs {
     /// Only this view (at the published run's coverage); default: every view.
     pub view: Option<String>,
+    /// One run as the batch loop does it instead: each view incrementally
+    /// from the published run where it can be (see `[batch] full_every`).
+    #[arg(long, conflicts_with = "view")]
+    pub incremental: bool,
     #[command(flatten)]
     pub config: ConfigArgs,
 }
@@ -268,6 +272,10 @@ pub struct QueryArgs {
     /// At most this many rows.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// A past published run's batch view: a run number, or an RFC 3339
+    /// time (the run published last at or before it).
+    #[arg(long, value_name = "RUN|TIME")]
+    pub as_of: Option<String>,
     /// Server to ask.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
@@ -386,7 +394,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => {
             init_tracing("info");
             let config = args.config.load()?;
-            runtime()?.block_on(crate::serve::run(config))?;
+            let again = args.config.clone();
+            let reload: crate::serve::Reload =
+                Box::new(move || again.load().map_err(|e| format!("{e:#}")));
+            runtime()?.block_on(crate::serve::run_reloading(config, Some(reload)))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Produce(args) => {
@@ -410,7 +421,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rebuild(args) => {
             init_tracing("warn");
             let config = args.config.load()?;
-            runtime()?.block_on(rebuild(config, args.view))?;
+            runtime()?.block_on(rebuild(config, args.view, args.incremental))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::AcceptLoss(args) => {
@@ -572,7 +583,7 @@ async fn accept_loss(mut config: Config, p: u32, yes: bool) -> anyhow::Result<Ex
 }
 
 /// `lambdaflow rebuild [VIEW]`, with a progress bar.
-async fn rebuild(config: Config, view: Option<String>) -> anyhow::Result<()> {
+async fn rebuild(config: Config, view: Option<String>, incremental: bool) -> anyhow::Result<()> {
     use std::sync::Arc;
     use std::sync::atomic::Ordering::Relaxed;
     let batch = crate::node::open_batch(&config).await?;
@@ -597,7 +608,11 @@ async fn rebuild(config: Config, view: Option<String>) -> anyhow::Result<()> {
             }
         })
     };
-    let result = batch.run(view.as_deref(), Some(progress)).await;
+    let result = if incremental {
+        batch.run(Some(progress)).await
+    } else {
+        batch.rebuild(view.as_deref(), Some(progress)).await
+    };
     ticker.abort();
     bar.finish_and_clear();
     let m = result?;
@@ -619,7 +634,12 @@ async fn rebuild(config: Config, view: Option<String>) -> anyhow::Result<()> {
             crate::produce::group(e.groups),
             crate::produce::group(e.rows),
             if e.run == m.run {
-                format!(", {:.3} s", e.duration_ms as f64 / 1000.0)
+                format!(
+                    ", {} over {} events, {:.3} s",
+                    e.lineage.kind,
+                    crate::produce::group(e.lineage.events),
+                    e.duration_ms as f64 / 1000.0
+                )
             } else {
                 format!(" (kept from run {})", e.run)
             }
@@ -751,8 +771,11 @@ async fn status(url: &str) -> anyhow::Result<()> {
                         .collect()
                 })
                 .unwrap_or_default();
+            let kinds = serde_json::from_value::<crate::batch::RunKinds>(r["kinds"].clone())
+                .map(|k| k.to_string())
+                .unwrap_or_default();
             println!(
-                "  run {:>6}  {:<8} {:>8.2} s  {}",
+                "  run {:>6}  {:<8} {:>8.2} s  {kinds}  {}",
                 n(&r["run"]),
                 c["engine"]
                     .as_str()
@@ -760,6 +783,36 @@ async fn status(url: &str) -> anyhow::Result<()> {
                     .unwrap_or("-"),
                 r["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0,
                 stages.join(", ")
+            );
+        }
+    }
+    // Views changed while serving: what is being built, what was lately.
+    if let Some(changes) = s["view_changes"]["changes"].as_array() {
+        let (done, total) = (
+            s["view_changes"]["build_events_done"].as_u64().unwrap_or(0),
+            s["view_changes"]["build_events_total"]
+                .as_u64()
+                .unwrap_or(0),
+        );
+        for c in changes.iter().take(5) {
+            let state = c["state"].as_str().unwrap_or("?");
+            let detail = match state {
+                "building" if total > 0 => format!(
+                    " ({} of {} events, {:.0}%)",
+                    crate::produce::group(done),
+                    crate::produce::group(total),
+                    100.0 * done as f64 / total as f64
+                ),
+                "published" => format!(" in run {}", n(&c["run"])),
+                _ => c["error"]
+                    .as_str()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default(),
+            };
+            println!(
+                "view {} `{}`: {state}{detail}",
+                c["change"].as_str().unwrap_or("?"),
+                c["view"].as_str().unwrap_or("?"),
             );
         }
     }
@@ -845,6 +898,9 @@ async fn query(args: QueryArgs) -> anyhow::Result<()> {
         }
         if let Some(n) = args.limit {
             q.append_pair("limit", &n.to_string());
+        }
+        if let Some(t) = &args.as_of {
+            q.append_pair("as_of", t);
         }
     }
     let resp = client()?
@@ -954,6 +1010,18 @@ pub fn render_freshness(f: &serde_json::Value) -> String {
         v.as_f64()
             .map_or("?".to_string(), |ms| format!("{:.1} s", ms / 1000.0))
     };
+    if f["time_travel"].as_bool() == Some(true) {
+        let at = f["batch_as_of_ms"]
+            .as_i64()
+            .and_then(chrono::DateTime::from_timestamp_millis)
+            .map_or("?".into(), |t| {
+                t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            });
+        return format!(
+            "batch run {} alone (as of {at}: table version {}, H = {})",
+            f["run"], f["table_version"], f["h"]
+        );
+    }
     let batch = match f["run"].as_u64() {
         Some(r) => format!(
             "batch run {r} (H = {}, {} old)",

@@ -116,6 +116,8 @@ pub enum Scope {
     Ingest,
     /// Every read: views, SQL, status, metrics.
     Query,
+    /// Changing what is served: `POST /v1/views`, `DELETE /v1/views/{name}`.
+    Admin,
 }
 
 /// `[auth]`: bearer tokens. With none, the API is open — and then it may
@@ -426,6 +428,22 @@ pub struct BatchConfig {
     /// The Ballista scheduler, `df://host:port` (port 50050 if left out).
     #[serde(default)]
     pub scheduler: Option<String>,
+    /// A view is recomputed from scratch after this many incremental runs
+    /// in a row (0: never by count; see `full_every_time`).
+    #[serde(default)]
+    pub full_every: u32,
+    /// …and when its last full recompute started this long ago: the paper's
+    /// guarantee that every batch view is, at least this often, a function
+    /// of the whole master dataset alone.
+    #[serde(default = "default_full_every_time", with = "humantime_serde")]
+    pub full_every_time: Duration,
+    /// Published runs kept for time travel (`?as_of=`) besides the current
+    /// one: a run goes once it is beyond the last `keep_runs` *and* older
+    /// than `keep_for`.
+    #[serde(default = "default_keep_runs")]
+    pub keep_runs: usize,
+    #[serde(default = "default_keep_for", with = "humantime_serde")]
+    pub keep_for: Duration,
 }
 
 /// `[batch] engine`.
@@ -460,6 +478,18 @@ fn default_batch_pause() -> Duration {
     Duration::from_secs(60)
 }
 
+fn default_full_every_time() -> Duration {
+    Duration::from_secs(86_400)
+}
+
+fn default_keep_runs() -> usize {
+    10
+}
+
+fn default_keep_for() -> Duration {
+    Duration::from_secs(3600)
+}
+
 fn default_lease() -> Duration {
     Duration::from_secs(10)
 }
@@ -476,6 +506,10 @@ impl Default for BatchConfig {
             poll: default_poll(),
             engine: EngineKind::Local,
             scheduler: None,
+            full_every: 0,
+            full_every_time: default_full_every_time(),
+            keep_runs: default_keep_runs(),
+            keep_for: default_keep_for(),
         }
     }
 }
@@ -959,7 +993,7 @@ impl Config {
     }
 }
 
-fn is_identifier(s: &str) -> bool {
+pub(crate) fn is_identifier(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')

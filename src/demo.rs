@@ -39,7 +39,7 @@ async fn wait_for(
 /// Every view's merged rows, as TSV (rows sorted), with its freshness line.
 async fn views_now(layers: &Layers) -> anyhow::Result<Vec<(String, String, String)>> {
     let mut out = Vec::new();
-    for (i, v) in layers.serving.views().iter().enumerate() {
+    for (i, v) in layers.serving.live() {
         let a = layers.serving.answer(i).await?;
         let tsv = to_tsv(v.output_schema(), &a.rows);
         let mut lines: Vec<&str> = tsv.lines().collect();

@@ -32,7 +32,7 @@ use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, ConfigError};
 use crate::health::Health;
 use crate::master::{MasterDataset, MasterError};
-use crate::serving::{BatchSide, Serving};
+use crate::serving::Serving;
 use crate::speed::{SpeedError, SpeedLayer, SpeedMetrics, SpeedOptions};
 use crate::storage::StorageError;
 use crate::stream::deadletter::DeadLetterError;
@@ -141,6 +141,10 @@ pub struct Layers {
     pub lease: Arc<Lease>,
     /// The views as SQL tables (`POST /v1/sql`, the Postgres wire).
     pub catalog: Arc<crate::serving::query::Catalog>,
+    /// Views changed while serving.
+    pub changes: Arc<crate::batch::changes::ViewChanges>,
+    /// The node's event schema (views added while serving compile against it).
+    pub schema: Arc<crate::schema::EventSchema>,
 }
 
 /// The layers of one process.
@@ -156,11 +160,23 @@ pub struct Node {
 /// Opens the master dataset, views and batch layer of a configuration
 /// (without the log: `rebuild` uses this while a server may be running).
 pub async fn open_batch(config: &Config) -> Result<Arc<BatchLayer>, NodeError> {
+    let mut config = config.clone();
+    apply_saved_views(&mut config).await?;
     let schema = config.event_schema()?;
     let views = view::compile_all(&config.views, &schema).await?;
-    let mut config = config.clone();
     resolve_stream(&mut config).await?;
     open_batch_with(&config, views).await
+}
+
+/// The config's views with the changes made while serving applied
+/// ([`crate::batch::changes`]): what the node served when it stopped.
+pub async fn apply_saved_views(config: &mut Config) -> Result<(), NodeError> {
+    let saved = crate::batch::changes::Saved::load(&config.storage()?).await?;
+    if !saved.put.is_empty() || !saved.dropped.is_empty() {
+        tracing::info!(put = saved.put.len(), dropped = ?saved.dropped, "applying the view changes made while serving");
+        config.views = saved.apply(std::mem::take(&mut config.views));
+    }
+    Ok(())
 }
 
 /// [`open_batch`] with the views already compiled from `config.views`: a
@@ -202,7 +218,18 @@ pub async fn open_batch_in(
     ));
     let engine = crate::batch::Engine::from_config(&config.batch)?;
     Ok(Arc::new(
-        BatchLayer::new(storage, master, views, failures).with_engine(engine)?,
+        BatchLayer::new(storage, master, views, failures)
+            .with_policy(
+                crate::batch::Policy {
+                    full_every: config.batch.full_every,
+                    full_every_time: config.batch.full_every_time,
+                },
+                crate::batch::history::Retention {
+                    keep_runs: config.batch.keep_runs,
+                    keep_for: config.batch.keep_for,
+                },
+            )
+            .with_engine(engine)?,
     ))
 }
 
@@ -232,6 +259,7 @@ pub struct Assembled {
 /// layer, caught up with the log. Time comes from `clock`.
 pub async fn assemble(mut config: Config, clock: SharedClock) -> Result<Assembled, NodeError> {
     resolve_stream(&mut config).await?;
+    apply_saved_views(&mut config).await?;
     let batch = open_batch(&config).await?;
     assemble_over(config, clock, batch).await
 }
@@ -274,6 +302,7 @@ pub async fn assemble_over(
                 Vec::new()
             },
             clock: clock.clone(),
+            events: Some(config.event_schema()?.arrow().clone()),
             ..LogOptions::default()
         },
     )?);
@@ -368,7 +397,7 @@ pub async fn assemble_over(
     ));
     let published = batch.current().await?;
     if let Some(m) = published.clone() {
-        serving.set_batch(Arc::new(BatchSide::load(&batch, m, &[]).await?));
+        serving.set_batch(Arc::new(serving.load_side(&batch, m).await?));
     }
     // A run from before the stream gained partitions covers none of them.
     let mut h = published.as_ref().map_or_else(Vec::new, |m| m.h.clone());
@@ -461,7 +490,7 @@ impl Node {
             ingest,
             batch,
             serving,
-            speed,
+            mut speed,
             archive,
             status,
             health,
@@ -470,6 +499,7 @@ impl Node {
         let master = batch.master().clone();
         let views = batch.views().to_vec();
         let batch_now = Arc::new(tokio::sync::Notify::new());
+        let changes = Arc::new(crate::batch::changes::ViewChanges::new(config.storage()?));
         let layers = Arc::new(Layers {
             master: master.clone(),
             batch: batch.clone(),
@@ -484,8 +514,11 @@ impl Node {
                 &serving,
                 crate::serving::query::CATALOG,
             )),
+            changes: changes.clone(),
+            schema: Arc::new(config.event_schema()?),
         });
         let (stop, stop_rx) = watch::channel(false);
+        let adopt = speed.changes();
         let mut tasks = vec![tokio::spawn(speed.run(stop_rx.clone()))];
         let driver = Driver {
             batch,
@@ -501,6 +534,8 @@ impl Node {
             now: batch_now,
             health,
             lease,
+            changes,
+            speed: adopt,
         };
         tasks.extend(driver.start(archive, stop_rx));
         Ok(Node {
@@ -523,6 +558,58 @@ impl Node {
     }
 
     /// Stops the loops, then the log, after what they hold is durable.
+    /// A config reload (SIGHUP): the views become the file's (with the
+    /// changes made while serving on top, as at startup), each new or
+    /// changed one built in the background and swapped in, each one gone
+    /// dropped ([`crate::batch::changes`]). A changed schema needs a
+    /// restart; the views are reloaded anyway if they compile.
+    pub async fn reload(
+        &self,
+        mut config: Config,
+    ) -> Result<Vec<crate::batch::changes::ChangeStatus>, NodeError> {
+        use crate::batch::changes::Requested;
+        let l = &self.layers;
+        let schema = config.event_schema()?;
+        if schema.arrow() != l.schema.arrow() {
+            tracing::warn!(
+                "the reloaded config changes the event schema: restart the node to apply it (fields can only be added, nullable)"
+            );
+        }
+        config.data = self.config.data.clone();
+        apply_saved_views(&mut config).await?;
+        let mut out = Vec::new();
+        let served = l.serving.live();
+        for def in &config.views {
+            let v = Arc::new(view::compile(def, &l.schema).await?);
+            let current = served.iter().find(|(_, s)| s.name() == def.name);
+            if current.is_some_and(|(_, s)| s.fingerprint() == v.fingerprint()) {
+                continue;
+            }
+            l.batch.check_views(std::slice::from_ref(&v))?;
+            let kind = if current.is_some() { "change" } else { "add" };
+            out.push(
+                l.changes
+                    .request(Requested::Put(def.clone(), v), kind)
+                    .await
+                    .map_err(crate::batch::BatchError::from)?,
+            );
+        }
+        for (_, s) in &served {
+            if !config.views.iter().any(|d| d.name == s.name()) {
+                out.push(
+                    l.changes
+                        .request(Requested::Drop(s.name().to_string()), "drop")
+                        .await
+                        .map_err(crate::batch::BatchError::from)?,
+                );
+            }
+        }
+        if !out.is_empty() {
+            l.batch_now.notify_one();
+        }
+        Ok(out)
+    }
+
     pub async fn shutdown(&self) {
         let _ = self.stop.send(true);
         let tasks: Vec<_> = std::mem::take(&mut *self.tasks.lock().expect("tasks lock"));

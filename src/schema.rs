@@ -374,6 +374,39 @@ pub fn suggest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Opt
     best.map(|(_, c)| c)
 }
 
+/// A batch written under an older event schema (a field added since),
+/// brought to `target`: columns matched by name, each field the batch lacks
+/// read as null. The embedded log's frames keep the schema they were
+/// written with; this is how they read after the schema grew.
+pub fn conform(
+    batch: &arrow::record_batch::RecordBatch,
+    target: &SchemaRef,
+) -> Result<arrow::record_batch::RecordBatch, arrow::error::ArrowError> {
+    if batch.schema().fields() == target.fields() {
+        return Ok(batch.clone());
+    }
+    let columns = target
+        .fields()
+        .iter()
+        .map(|f| match batch.schema().index_of(f.name()) {
+            Ok(i) => Ok(batch.column(i).clone()),
+            Err(_) if f.is_nullable() => Ok(arrow::array::new_null_array(
+                f.data_type(),
+                batch.num_rows(),
+            )),
+            Err(_) => Err(arrow::error::ArrowError::SchemaError(format!(
+                "an event written before field `{}` existed has no value for it, and it is not nullable",
+                f.name()
+            ))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    arrow::record_batch::RecordBatch::try_new_with_options(
+        target.clone(),
+        columns,
+        &arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -385,8 +385,45 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// How `serve` reads its config again on SIGHUP.
+pub type Reload = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
+
+/// On each SIGHUP, reloads the config's views into `node`.
+async fn reload_on_hangup(node: Arc<Node>, reload: Reload) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let config = match reload() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: the config does not load; nothing changed");
+                continue;
+            }
+        };
+        match node.reload(config).await {
+            Ok(changes) if changes.is_empty() => {
+                tracing::info!("SIGHUP: the views are as configured")
+            }
+            Ok(changes) => {
+                for c in changes {
+                    tracing::info!(view = %c.view, change = c.change, "SIGHUP: view change accepted; building it in the background");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %crate::error::chain(&e), "SIGHUP: the reloaded views are refused; nothing changed")
+            }
+        }
+    }
+}
+
 /// `lambdaflow serve`: runs until Ctrl-C or SIGTERM.
 pub async fn run(config: Config) -> Result<(), ServeError> {
+    run_reloading(config, None).await
+}
+
+/// [`run`], reloading the views with `reload` on SIGHUP.
+pub async fn run_reloading(config: Config, reload: Option<Reload>) -> Result<(), ServeError> {
     let listen = config.listen;
     let node = Node::open(config).await?;
     let server = start(&node, listen).await?;
@@ -406,7 +443,12 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         node.data_dir().display()
     );
     tracing::info!(addr = %server.addr, data = %node.data_dir().display(), "serving");
+    let node = Arc::new(node);
+    let hangup = reload.map(|r| tokio::spawn(reload_on_hangup(node.clone(), r)));
     shutdown_signal().await;
+    if let Some(h) = hangup {
+        h.abort();
+    }
     tracing::info!("shutting down: finishing requests in flight");
     server.stop().await?;
     node.shutdown().await;

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  request ─▶ scope of the route (ingest: POST /v1/events, /v1/batch/run;
-//!             query: everything else)
+//!             admin: POST /v1/views, DELETE /v1/views/{name}; query: the rest)
 //!          ─▶ no tokens configured (loopback only)   → on
 //!          ─▶ Authorization: Bearer <t> missing/unknown → 401
 //!          ─▶ t lacks the scope                        → 403
@@ -78,6 +78,10 @@ impl Auth {
 pub fn scope_of(method: &Method, path: &str) -> Scope {
     match (method, path) {
         (&Method::POST, "/v1/events" | "/v1/batch/run") => Scope::Ingest,
+        // A view change alters what every reader sees: an operator's act,
+        // not a producer's.
+        (&Method::POST, "/v1/views") => Scope::Admin,
+        (&Method::DELETE, p) if p.starts_with("/v1/views/") => Scope::Admin,
         _ => Scope::Query,
     }
 }
@@ -145,6 +149,7 @@ fn scope_name(s: Scope) -> &'static str {
     match s {
         Scope::Ingest => "ingest",
         Scope::Query => "query",
+        Scope::Admin => "admin",
     }
 }
 

@@ -152,8 +152,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/v1/events", post(events::post_events))
         .route("/v1/status", get(status))
-        .route("/v1/views", get(views::list_views))
-        .route("/v1/views/{name}", get(views::get_view))
+        .route("/v1/views", get(views::list_views).post(views::put_view))
+        .route(
+            "/v1/views/{name}",
+            get(views::get_view).delete(views::drop_view),
+        )
         .route("/v1/sql", post(views::post_sql))
         .route("/metrics", get(views::metrics))
         .route("/v1/batch/run", post(run_batch))
@@ -251,6 +254,10 @@ struct Status {
     /// Failures being retried now, and repairs made since startup.
     #[serde(skip_serializing_if = "Option::is_none")]
     health: Option<crate::health::HealthReport>,
+    /// Views changed while serving: pending, building (with the build's
+    /// progress), and the last ones done.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    view_changes: Option<ViewChangesStatus>,
     /// Per view, the events left out because its expressions fail on them.
     #[serde(skip_serializing_if = "Option::is_none")]
     views_excluded: Option<std::collections::BTreeMap<String, crate::view::failures::ViewExcluded>>,
@@ -327,6 +334,14 @@ struct IngestStatus {
 }
 
 /// The cluster as this node sees it.
+#[derive(Serialize)]
+struct ViewChangesStatus {
+    changes: Vec<crate::batch::changes::ChangeStatus>,
+    /// Events the build in progress has read, of those it reads.
+    build_events_done: u64,
+    build_events_total: u64,
+}
+
 #[derive(Serialize)]
 struct ClusterStatus {
     /// The storage root of the master dataset and the views.
@@ -413,6 +428,14 @@ async fn status(
             lease: l.lease.status(),
         }),
         health: state.layers.as_ref().map(|l| l.health.report_all()),
+        view_changes: state.layers.as_ref().map(|l| {
+            let p = l.changes.progress.lock().expect("progress lock").clone();
+            ViewChangesStatus {
+                changes: l.changes.status(),
+                build_events_done: p.done.load(Relaxed),
+                build_events_total: p.total.load(Relaxed),
+            }
+        }),
         views_excluded: state.layers.as_ref().map(|l| l.batch.failures().report()),
         master,
         batch,

@@ -36,6 +36,108 @@ fn serving_error(e: ServingError) -> ApiError {
     ApiError::report(status, Report::of(&e))
 }
 
+/// `POST /v1/views` with `{"name", "sql", "rollup"?}`: adds a view, or
+/// changes the one of that name. It is compiled and checked as at startup
+/// (the same refusals), saved, and built in the background from the master
+/// dataset while the current version keeps answering; `202 Accepted`, and
+/// `status` follows the build. The same definition again is `200`.
+pub(super) async fn put_view(
+    State(state): State<Arc<ApiState>>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    use crate::batch::changes::Requested;
+    let l = layers(&state)?.clone();
+    if !l.lease.is_held() {
+        return Err(not_driving());
+    }
+    let def: crate::config::ViewConfig = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, format!("the view definition: {e}"))
+            .hint(r#"send {"name": "…", "sql": "SELECT … FROM events GROUP BY …"} (and optionally "rollup": [{"after": "1d", "bucket": "1h"}])"#)
+    })?;
+    if !crate::config::is_identifier(&def.name) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "`{}` is not a valid view name (letters, digits and `_`, not starting with a digit)",
+                def.name
+            ),
+        ));
+    }
+    let view = crate::view::compile(&def, &l.schema)
+        .await
+        .map_err(|e| ApiError::report(StatusCode::BAD_REQUEST, Report::of(&e)))?;
+    let view = Arc::new(view);
+    l.batch
+        .check_views(std::slice::from_ref(&view))
+        .map_err(|e| ApiError::report(StatusCode::BAD_REQUEST, Report::of(&e)))?;
+    let served = l
+        .serving
+        .live()
+        .into_iter()
+        .find(|(_, v)| v.name() == def.name);
+    if served
+        .as_ref()
+        .is_some_and(|(_, v)| v.fingerprint() == view.fingerprint())
+        && !l.changes.pending()
+    {
+        return Ok(Json(json!({
+            "view": def.name,
+            "change": "none",
+            "fingerprint": view.fingerprint(),
+        }))
+        .into_response());
+    }
+    let kind = if served.is_some() { "change" } else { "add" };
+    let status = l
+        .changes
+        .request(Requested::Put(def, view), kind)
+        .await
+        .map_err(|e| ApiError::report(StatusCode::INTERNAL_SERVER_ERROR, Report::of(&e)))?;
+    l.batch_now.notify_one();
+    Ok((StatusCode::ACCEPTED, Json(status)).into_response())
+}
+
+/// `DELETE /v1/views/{name}`: drops a view at the next batch cycle (it
+/// answers until then); `202 Accepted`.
+pub(super) async fn drop_view(
+    State(state): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    use crate::batch::changes::Requested;
+    let l = layers(&state)?.clone();
+    if !l.lease.is_held() {
+        return Err(not_driving());
+    }
+    l.serving.view_index(&name).map_err(serving_error)?;
+    let status = l
+        .changes
+        .request(Requested::Drop(name), "drop")
+        .await
+        .map_err(|e| ApiError::report(StatusCode::INTERNAL_SERVER_ERROR, Report::of(&e)))?;
+    l.batch_now.notify_one();
+    Ok((StatusCode::ACCEPTED, Json(status)).into_response())
+}
+
+fn not_driving() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "this node does not drive the batch layer, which builds changed views",
+    )
+    .hint("send view changes to the driving node (`status` shows the lease holder)")
+}
+
+/// A past run that cannot answer: not kept (404), or computed for another
+/// version of the view (409).
+fn past_error(e: crate::batch::BatchError) -> ApiError {
+    use crate::batch::BatchError;
+    let status = match &e {
+        BatchError::NoSuchRun { .. } => StatusCode::NOT_FOUND,
+        BatchError::View(crate::view::ViewError::StateMismatch { .. }) => StatusCode::CONFLICT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError::report(status, Report::of(&e))
+}
+
 fn columns(schema: &arrow::datatypes::Schema) -> Value {
     Value::Array(
         schema
@@ -51,8 +153,13 @@ pub(super) async fn list_views(
 ) -> Result<Json<Value>, ApiError> {
     let l = layers(&state)?;
     let mut out = Vec::new();
-    for (i, v) in l.serving.views().iter().enumerate() {
-        let a = l.serving.answer(i).await.map_err(serving_error)?;
+    for (i, v) in l.serving.live() {
+        let a = match l.serving.answer(i).await {
+            Ok(a) => a,
+            // Dropped since the list was taken.
+            Err(ServingError::NoSuchView { .. }) => continue,
+            Err(e) => return Err(serving_error(e)),
+        };
         out.push(json!({
             "name": v.name(),
             "sql": v.sql(),
@@ -143,9 +250,14 @@ pub(super) async fn get_view(
     let view = l.serving.views()[i].clone();
     let limit = param_usize(&params, "limit")?.unwrap_or(DEFAULT_VIEW_ROWS);
     let offset = param_usize(&params, "offset")?.unwrap_or(0);
+    let as_of = params
+        .get("as_of")
+        .map(|s| s.parse::<crate::batch::AsOf>())
+        .transpose()
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("as_of: {e}")))?;
     let mut filters: Vec<(String, String)> = params
         .into_iter()
-        .filter(|(k, _)| k != "limit" && k != "offset")
+        .filter(|(k, _)| k != "limit" && k != "offset" && k != "as_of")
         .collect();
     filters.sort();
     let schema = view.output_schema().clone();
@@ -169,24 +281,33 @@ pub(super) async fn get_view(
     // A key lookup whose indexes are built is small, bounded work: it runs
     // here (see `QueryPool::run_here`); anything that merges a whole view
     // runs on the query runtime.
-    let here = filters
-        .iter()
-        .find_map(|(col, _)| view.key_column(col))
-        .is_some_and(|c| l.serving.point_is_cheap(i, c));
+    let here = as_of.is_none()
+        && filters
+            .iter()
+            .find_map(|(col, _)| view.key_column(col))
+            .is_some_and(|c| l.serving.point_is_cheap(i, c));
     let work = async move {
         // A filter on a group key reads just that group (fresh, no full
         // merge); the other filters then apply to its rows.
         let key = filters
             .iter()
             .position(|(col, _)| view.key_column(col).is_some());
-        let (answer, total) = match key {
-            Some(k) => {
+        let (answer, total) = match (as_of, key) {
+            // Time travel: the past run's batch view alone.
+            (Some(as_of), _) => {
+                let m = l.batch.manifest_as_of(as_of).await.map_err(past_error)?;
+                let states = l.batch.read_states(&m, &view).await.map_err(past_error)?;
+                let a = l.serving.past(i, &m, states).await.map_err(serving_error)?;
+                let total: usize = a.rows.iter().map(|b| b.num_rows()).sum();
+                (Arc::new(a), Some(total))
+            }
+            (None, Some(k)) => {
                 let (col, val) = filters.remove(k);
                 let c = view.key_column(&col).expect("a key column");
                 let a = l.serving.point(i, c, &val).await.map_err(serving_error)?;
                 (Arc::new(a), None)
             }
-            None => {
+            (None, None) => {
                 let a = l.serving.answer(i).await.map_err(serving_error)?;
                 let total: usize = a.rows.iter().map(|b| b.num_rows()).sum();
                 (a, Some(total))

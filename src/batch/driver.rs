@@ -22,6 +22,7 @@ use tokio::sync::watch;
 
 use super::lease::Lease;
 use super::{BatchError, BatchLayer, Manifest, Progress, RunInfo};
+use crate::batch::changes::ViewChanges;
 use crate::health::Health;
 use crate::master::MasterError;
 use crate::serving::{BatchSide, Serving};
@@ -55,6 +56,8 @@ pub enum DriverError {
         published: u64,
         log_start: u64,
     },
+    #[error("the speed layer could not adopt the changed views: {0}")]
+    Adopt(String),
 }
 
 /// What [`accept_loss`] did: positions `[from, to)` of `partition` are
@@ -102,7 +105,7 @@ pub async fn accept_loss(
         .commit_chunk(gap, Vec::new(), None)
         .await
         .map_err(BatchError::from)?;
-    let m = batch.run(None, None).await?;
+    let m = batch.run(None).await?;
     let loss = AcceptedLoss {
         partition: p,
         from: archived,
@@ -292,12 +295,16 @@ pub async fn prepare(
 /// same states), and `health` says so: a node must not stay down because a
 /// Ballista scheduler is.
 async fn run_before_serving(batch: &BatchLayer, health: &Health) -> Result<Manifest, DriverError> {
-    match batch.run(None, None).await {
+    match batch.run(None).await {
         Err(BatchError::Engine(e)) => {
             let why = crate::error::chain(&e);
             tracing::warn!(error = %why, "the batch engine cannot compute the run needed before serving; computing it here");
             let m = batch
-                .run_on(&crate::batch::Engine::Local, None, None)
+                .run_on(
+                    &crate::batch::Engine::Local,
+                    crate::batch::Recompute::Due,
+                    None,
+                )
                 .await?;
             health.recovered(
                 "batch",
@@ -323,22 +330,93 @@ pub async fn cycle(
     status: &Mutex<BatchStatus>,
     health: &Health,
 ) -> Result<Manifest, DriverError> {
+    cycle_changing(batch, log, serving, data, status, health, None).await
+}
+
+/// Where a cycle with view changes sends them: the changes pending, and the
+/// speed layer that adopts the new views ([`crate::speed::Adopt`]).
+pub struct Changing<'a> {
+    pub changes: &'a ViewChanges,
+    pub speed: &'a tokio::sync::mpsc::UnboundedSender<crate::speed::Adopt>,
+}
+
+/// [`cycle`], applying the view changes pending first, if any: the run
+/// computes the new views (in full) with the others, and the swap installs
+/// them through the speed layer ([`crate::batch::changes`]).
+pub async fn cycle_changing(
+    batch: &BatchLayer,
+    log: Option<&Log>,
+    serving: &Serving,
+    data: &Path,
+    status: &Mutex<BatchStatus>,
+    health: &Health,
+    changing: Option<Changing<'_>>,
+) -> Result<Manifest, DriverError> {
     status.lock().expect("status lock").running_since_ms =
         Some(chrono::Utc::now().timestamp_millis());
     let result = async {
         let _lock = batch_lock(data).await?;
-        let m = batch.run(None, None::<Arc<Progress>>).await?;
-        // The swap: realtime chunks the run covers leave in the same swap.
-        let warm = serving
-            .snapshot()
-            .batch
-            .as_ref()
-            .map(|b| b.indexed())
-            .unwrap_or_default();
-        let side = BatchSide::load(batch, m.clone(), &warm).await?;
-        serving.set_batch(Arc::new(side));
+        let changing = changing.filter(|c| c.changes.pending());
+        let Some(Changing { changes, speed }) = changing else {
+            let m = batch.run(None::<Arc<Progress>>).await?;
+            // The swap: realtime chunks the run covers leave in the same swap.
+            let side = serving.load_side(batch, m.clone()).await?;
+            serving.set_batch(Arc::new(side));
+            release_free_memory();
+            return Ok::<_, DriverError>(m);
+        };
+        let (taken, target) = changes.take(&batch.views());
+        let names: Vec<&str> = taken
+            .iter()
+            .map(|c| match c {
+                crate::batch::changes::Requested::Put(d, _) => d.name.as_str(),
+                crate::batch::changes::Requested::Drop(n) => n.as_str(),
+            })
+            .collect();
+        tracing::info!(views = ?names, "building changed views");
+        let before = match batch.set_views(target) {
+            Ok(b) => b,
+            Err(e) => {
+                changes.finish(Err((crate::error::chain(&e), false)));
+                return Err(BatchError::Engine(e).into());
+            }
+        };
+        crate::failpoint::hit("views-building");
+        let progress = changes.progress.lock().expect("progress lock").clone();
+        let swapped = async {
+            let m = batch.run(Some(progress)).await?;
+            crate::failpoint::hit("views-before-adopt");
+            let (all, live) = serving.plan_views(&batch.views());
+            let side = BatchSide::load(batch, m.clone(), &all, &live, &[]).await?;
+            let (done, answer) = tokio::sync::oneshot::channel();
+            let adopt = crate::speed::Adopt {
+                views: all,
+                live,
+                side: Arc::new(side),
+                done,
+            };
+            let gone = || DriverError::Adopt("the speed layer has stopped".into());
+            speed.send(adopt).map_err(|_| gone())?;
+            answer
+                .await
+                .map_err(|_| gone())?
+                .map_err(DriverError::Adopt)?;
+            Ok::<_, DriverError>(m)
+        }
+        .await;
+        match &swapped {
+            Ok(m) => {
+                changes.finish(Ok(m.run));
+                tracing::info!(run = m.run, views = ?names, "changed views are served");
+            }
+            Err(e) => {
+                // Serving keeps the views it has; the next cycle tries again.
+                batch.restore_views(before);
+                changes.finish(Err((crate::error::chain(e), true)));
+            }
+        }
         release_free_memory();
-        Ok::<_, DriverError>(m)
+        swapped
     }
     .await;
     status.lock().expect("status lock").running_since_ms = None;
@@ -408,6 +486,9 @@ pub struct Driver {
     pub now: Arc<tokio::sync::Notify>,
     pub health: Arc<Health>,
     pub lease: Arc<Lease>,
+    /// Views changed while serving, and the speed layer that adopts them.
+    pub changes: Arc<ViewChanges>,
+    pub speed: tokio::sync::mpsc::UnboundedSender<crate::speed::Adopt>,
 }
 
 impl Driver {
@@ -438,7 +519,6 @@ impl Driver {
     /// the previous run published; not holding it, follow the driver's
     /// publishes.
     async fn run_loop(self, mut stop: watch::Receiver<bool>) {
-        let has_rollup = self.batch.views().iter().any(|v| v.rollup().is_some());
         let mut role = self.lease.watch();
         let mut seen = None;
         loop {
@@ -447,6 +527,8 @@ impl Driver {
             }
             let driving = self.lease.is_held();
             if driving {
+                // Views may change while serving.
+                let has_rollup = self.batch.views().iter().any(|v| v.rollup().is_some());
                 self.drive(has_rollup).await;
             } else {
                 self.follow(&mut seen).await;
@@ -471,18 +553,22 @@ impl Driver {
             .map(|p| p.table_version);
         let latest = batch.master().refresh().await.map(|c| c.version);
         let due = match (&latest, published_version) {
-            (Ok(v), Some(p)) => *v != p || has_rollup,
+            (Ok(v), Some(p)) => *v != p || has_rollup || self.changes.pending(),
             (Ok(v), None) => *v >= 0,
             (Err(_), _) => false,
         };
         if due
-            && let Err(e) = cycle(
+            && let Err(e) = cycle_changing(
                 batch,
                 self.log.as_deref(),
                 &self.serving,
                 &self.local_dir,
                 &self.status,
                 health,
+                Some(Changing {
+                    changes: &self.changes,
+                    speed: &self.speed,
+                }),
             )
             .await
         {
@@ -546,14 +632,7 @@ impl Driver {
                 .as_ref()
                 .map(|b| b.manifest.run);
             if serving_run.is_none_or(|r| r < m.run) {
-                let warm = self
-                    .serving
-                    .snapshot()
-                    .batch
-                    .as_ref()
-                    .map(|b| b.indexed())
-                    .unwrap_or_default();
-                let side = BatchSide::load(&self.batch, m.clone(), &warm).await?;
+                let side = self.serving.load_side(&self.batch, m.clone()).await?;
                 self.serving.set_batch(Arc::new(side));
                 self.status.lock().expect("status lock").published(&m);
                 // What the run covers will not be read again here.

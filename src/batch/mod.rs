@@ -18,8 +18,11 @@
 
 #[cfg(feature = "ballista")]
 pub mod ballista;
+pub mod changes;
 pub mod driver;
 pub mod engine;
+pub mod history;
+pub mod incremental;
 pub mod lease;
 pub mod scan;
 
@@ -40,6 +43,9 @@ use crate::storage::{Storage, StorageError, Swap, Version};
 use crate::view::failures::{FailedRow, ViewFailures};
 use crate::view::{View, ViewError, store::to_tsv};
 pub use engine::{Compute, Engine, EngineError};
+pub use history::AsOf;
+use incremental::{Decide, Plan};
+pub use incremental::{Lineage, Policy, RunKind};
 
 pub const CURRENT: &str = "views/CURRENT";
 
@@ -63,6 +69,8 @@ pub enum BatchError {
     Task(String),
     #[error("run {run} was not published: {reason}; its files are discarded")]
     LostRace { run: u64, reason: &'static str },
+    #[error("no published run {as_of} is kept")]
+    NoSuchRun { as_of: AsOf, kept: String },
 }
 
 impl crate::error::Explain for BatchError {
@@ -80,6 +88,9 @@ impl crate::error::Explain for BatchError {
             BatchError::Master(e) => e.hint(),
             BatchError::View(e) => e.hint(),
             BatchError::Storage(e) => e.hint(),
+            BatchError::NoSuchRun { kept, .. } => Some(format!(
+                "{kept}; `[batch] keep_runs` and `keep_for` say how many and how long"
+            )),
             _ => None,
         }
     }
@@ -113,6 +124,9 @@ pub struct ViewEntry {
     /// in the dead-letter store's `views/<view>.ndjson`).
     #[serde(default)]
     pub excluded: u64,
+    /// Full or incremental, and what the run read for the view.
+    #[serde(default)]
+    pub lineage: Lineage,
 }
 
 /// What `views/CURRENT` holds: one run of every view at one coverage.
@@ -149,6 +163,59 @@ pub struct RunInfo {
     /// Which engine computed the run, and its stages' times.
     #[serde(default)]
     pub compute: Compute,
+    /// How the run computed its views: how many in full, how many
+    /// incrementally, how many it kept from an earlier run.
+    #[serde(default)]
+    pub kinds: RunKinds,
+}
+
+/// What [`RunInfo::kinds`] counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunKinds {
+    pub full: u32,
+    pub incremental: u32,
+    pub kept: u32,
+    /// Events the run read, over all its views' scans.
+    pub events_read: u64,
+}
+
+impl RunKinds {
+    fn of(run: u64, views: &BTreeMap<String, ViewEntry>) -> RunKinds {
+        let mut k = RunKinds::default();
+        for e in views.values() {
+            if e.run != run {
+                k.kept += 1;
+                continue;
+            }
+            match e.lineage.kind {
+                RunKind::Full => k.full += 1,
+                RunKind::Incremental => k.incremental += 1,
+            }
+            k.events_read += e.lineage.events;
+        }
+        k
+    }
+}
+
+impl std::fmt::Display for RunKinds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if self.incremental > 0 {
+            parts.push(format!("{} incremental", self.incremental));
+        }
+        if self.full > 0 {
+            parts.push(format!("{} full", self.full));
+        }
+        if self.kept > 0 {
+            parts.push(format!("{} kept", self.kept));
+        }
+        write!(
+            f,
+            "{} (read {} events)",
+            parts.join(", "),
+            crate::produce::group(self.events_read)
+        )
+    }
 }
 
 /// What is wrong with the published run, per view.
@@ -187,13 +254,27 @@ fn crc_hex(bytes: &[u8]) -> String {
     format!("{:08x}", crc32c::crc32c(bytes))
 }
 
+/// Which views a run recomputes, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recompute<'a> {
+    /// The batch loop: every view, incrementally where it can be
+    /// ([`incremental`]), at the latest table version.
+    Due,
+    /// `lambdaflow rebuild`: every view from scratch.
+    All,
+    /// `lambdaflow rebuild VIEW`: that view from scratch at the published
+    /// run's table version (the run stays one `H`); the others are reused.
+    One(&'a str),
+}
+
 /// The batch layer over one master dataset and one set of views.
 pub struct BatchLayer {
     storage: Storage,
     master: Arc<MasterDataset>,
-    views: Vec<Arc<View>>,
-    /// Runs kept besides the published one.
-    keep_runs: usize,
+    /// Replaced whole when views change while serving.
+    views: arc_swap::ArcSwap<Vec<Arc<View>>>,
+    retention: history::Retention,
+    policy: Policy,
     parallelism: usize,
     failures: Arc<ViewFailures>,
     engine: Engine,
@@ -216,8 +297,9 @@ impl BatchLayer {
         BatchLayer {
             storage,
             master,
-            views,
-            keep_runs: 2,
+            views: arc_swap::ArcSwap::from_pointee(views),
+            retention: history::Retention::default(),
+            policy: Policy::default(),
             parallelism: std::thread::available_parallelism().map_or(1, |n| n.get()),
             failures,
             engine: Engine::Local,
@@ -227,9 +309,16 @@ impl BatchLayer {
     /// Computes runs on `engine`, once it has accepted every view (a view it
     /// cannot run is refused here, before any run).
     pub fn with_engine(mut self, engine: Engine) -> Result<BatchLayer, EngineError> {
-        engine.check(&self.views, &self.storage.store_url())?;
+        engine.check(&self.views(), &self.storage.store_url())?;
         self.engine = engine;
         Ok(self)
+    }
+
+    /// When views are recomputed from scratch, and how long runs are kept.
+    pub fn with_policy(mut self, policy: Policy, retention: history::Retention) -> BatchLayer {
+        self.policy = policy;
+        self.retention = retention;
+        self
     }
 
     pub fn engine(&self) -> &Engine {
@@ -241,8 +330,44 @@ impl BatchLayer {
         &self.failures
     }
 
-    pub fn views(&self) -> &[Arc<View>] {
-        &self.views
+    /// The views runs compute now.
+    pub fn views(&self) -> Arc<Vec<Arc<View>>> {
+        self.views.load_full()
+    }
+
+    /// Computes `views` from the next run on (views changed while
+    /// serving), once the engine accepts the new ones; returns the views
+    /// before, to put back if the change is abandoned.
+    pub fn set_views(&self, views: Vec<Arc<View>>) -> Result<Arc<Vec<Arc<View>>>, EngineError> {
+        let before = self.views();
+        let new: Vec<Arc<View>> = views
+            .iter()
+            .filter(|v| {
+                !before
+                    .iter()
+                    .any(|b| b.fingerprint() == v.fingerprint() && b.name() == v.name())
+            })
+            .cloned()
+            .collect();
+        self.engine.check(&new, &self.storage.store_url())?;
+        if self.storage.url().scheme() != "file" {
+            let url = url::Url::parse(&self.storage.store_url()).expect("a store URL");
+            for v in &new {
+                v.register_store(&url, self.storage.store().clone());
+            }
+        }
+        self.views.store(Arc::new(views));
+        Ok(before)
+    }
+
+    /// Refuses views the engine cannot run, as at startup.
+    pub fn check_views(&self, views: &[Arc<View>]) -> Result<(), EngineError> {
+        self.engine.check(views, &self.storage.store_url())
+    }
+
+    /// Puts back the views [`BatchLayer::set_views`] replaced.
+    pub fn restore_views(&self, views: Arc<Vec<Arc<View>>>) {
+        self.views.store(views);
     }
 
     pub fn master(&self) -> &Arc<MasterDataset> {
@@ -337,6 +462,16 @@ impl BatchLayer {
                 path: CURRENT.into(),
                 detail: format!("the published run has no view `{}`", view.name()),
             })?;
+        self.read_entry_states(entry, view).await
+    }
+
+    /// The states of one view entry, verified against the view's
+    /// fingerprint and the entry's checksum.
+    async fn read_entry_states(
+        &self,
+        entry: &ViewEntry,
+        view: &View,
+    ) -> Result<RecordBatch, BatchError> {
         if entry.fingerprint != view.fingerprint() {
             return Err(BatchError::View(ViewError::StateMismatch {
                 view: view.name().to_string(),
@@ -370,7 +505,7 @@ impl BatchLayer {
         let Some(m) = manifest else {
             return Ok(health);
         };
-        for view in &self.views {
+        for view in self.views().iter() {
             let problem = match self.read_states(&m, view).await {
                 Ok(_) => match m.views.get(view.name()) {
                     Some(e) => self.read_checked(&e.tsv).await.err().map(|e| e.to_string()),
@@ -385,80 +520,100 @@ impl BatchLayer {
         Ok(health)
     }
 
-    /// One batch run: recompute the views (all, or only `only` at the
-    /// published run's table version) and publish the result.
-    pub async fn run(
+    /// The batch loop's run: every view, incrementally where it can be.
+    pub async fn run(&self, progress: Option<Arc<Progress>>) -> Result<Manifest, BatchError> {
+        self.run_on(&self.engine, Recompute::Due, progress).await
+    }
+
+    /// `lambdaflow rebuild [VIEW]`: from scratch, all views or one.
+    pub async fn rebuild(
         &self,
         only: Option<&str>,
         progress: Option<Arc<Progress>>,
     ) -> Result<Manifest, BatchError> {
-        self.run_on(&self.engine, only, progress).await
+        let what = only.map_or(Recompute::All, Recompute::One);
+        self.run_on(&self.engine, what, progress).await
     }
 
-    /// [`BatchLayer::run`] on `engine` rather than the configured one: a
-    /// node that must repair its published views before it serves does it
-    /// with the local engine when the cluster cannot be reached.
+    /// A run on `engine` rather than the configured one: a node that must
+    /// repair its published views before it serves does it with the local
+    /// engine when the cluster cannot be reached.
     pub async fn run_on(
         &self,
         engine: &Engine,
-        only: Option<&str>,
+        what: Recompute<'_>,
         progress: Option<Arc<Progress>>,
     ) -> Result<Manifest, BatchError> {
-        if let Some(name) = only
-            && !self.views.iter().any(|v| v.name() == name)
+        if let Recompute::One(name) = what
+            && !self.views().iter().any(|v| v.name() == name)
         {
             return Err(BatchError::NoSuchView {
                 name: name.into(),
-                known: crate::view::names(&self.views),
+                known: crate::view::names(&self.views()),
             });
         }
         let started = Instant::now();
         let started_ms = chrono::Utc::now().timestamp_millis();
         let (prev, seen) = self.current_versioned().await?;
         // Rebuilding one view keeps the published coverage, so the run stays one H.
-        let snapshot = match (only, &prev) {
-            (Some(_), Some(p)) => self.master.snapshot_at(p.table_version).await?,
-            _ => self.master.snapshot().await?,
+        let (snapshot, as_of_ms) = match (what, &prev) {
+            (Recompute::One(_), Some(p)) => {
+                (self.master.snapshot_at(p.table_version).await?, p.as_of_ms)
+            }
+            _ => (self.master.snapshot().await?, started_ms),
         };
+        // Every file of the snapshot, not only those this run reads: a
+        // damaged older file is found (and repaired from the stream while it
+        // still holds it) at the first run of each process, not at the next
+        // full recompute. Each file is read for this once per process.
         self.master.verify(&snapshot.files).await?;
-        let as_of_ms = match (only, &prev) {
-            (Some(_), Some(p)) => p.as_of_ms,
-            _ => started_ms,
-        };
         let run = self.next_run(prev.as_ref()).await?;
         let progress = progress.unwrap_or_default();
+        let version = engine_version();
+        let decide = Decide {
+            prev: prev.as_ref(),
+            snapshot: &snapshot,
+            policy: self.policy,
+            engine_version: &version,
+            now_ms: started_ms,
+            rebuild: what == Recompute::All,
+        };
         let mut views = BTreeMap::new();
-        let todo: Vec<&Arc<View>> = self
-            .views
-            .iter()
-            .filter(|v| {
-                let reuse = only.is_some_and(|o| o != v.name())
-                    && prev
-                        .as_ref()
-                        .and_then(|p| p.views.get(v.name()))
-                        .is_some_and(|e| e.fingerprint == v.fingerprint());
-                if reuse {
-                    let e = prev.as_ref().expect("checked").views[v.name()].clone();
-                    views.insert(v.name().to_string(), e);
+        let mut todo = Vec::new();
+        let defined = self.views();
+        for v in defined.iter() {
+            let plan = match what {
+                Recompute::One(name) if name != v.name() => {
+                    match prev.as_ref().and_then(|p| p.views.get(v.name())) {
+                        Some(e) if e.fingerprint == v.fingerprint() => {
+                            views.insert(v.name().to_string(), e.clone());
+                            continue;
+                        }
+                        _ => decide.plan(v),
+                    }
                 }
-                !reuse
-            })
-            .collect();
-        progress
-            .total
-            .fetch_add(snapshot.events() * todo.len() as u64, Ordering::Relaxed);
+                Recompute::One(_) => Plan::Full {
+                    reason: "a rebuild of the view was asked for".into(),
+                },
+                _ => decide.plan(v),
+            };
+            let reads = match &plan {
+                Plan::Full { .. } => snapshot.events(),
+                Plan::Incremental { files, .. } => files.iter().filter_map(|f| f.records).sum(),
+            };
+            progress.total.fetch_add(reads, Ordering::Relaxed);
+            todo.push((v, plan));
+        }
         let mut compute = engine.compute();
-        for view in todo {
+        for (view, plan) in todo {
+            let at = At {
+                snapshot: &snapshot,
+                run,
+                as_of_ms,
+                started_ms,
+            };
             let entry = self
-                .compute_view(
-                    engine,
-                    view,
-                    &snapshot,
-                    run,
-                    as_of_ms,
-                    &progress,
-                    &mut compute,
-                )
+                .compute_view(engine, view, plan, at, &progress, &mut compute)
                 .await?;
             views.insert(view.name().to_string(), entry);
         }
@@ -473,6 +628,7 @@ impl BatchLayer {
                 duration_ms: started.elapsed().as_millis() as u64,
                 engine: engine_version(),
                 compute,
+                kinds: RunKinds::of(run, &views),
             },
             views,
         };
@@ -521,7 +677,7 @@ impl BatchLayer {
     /// A run number above every run on storage.
     async fn next_run(&self, prev: Option<&Manifest>) -> Result<u64, BatchError> {
         let mut max = prev.map_or(0, |m| m.run);
-        for v in &self.views {
+        for v in self.views().iter() {
             for d in self
                 .storage
                 .list_dirs(&format!("views/{}", v.name()))
@@ -559,28 +715,117 @@ impl BatchLayer {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// One view of a run: its states, full or incremental by `plan`, rolled
+    /// up, finalized and written.
     async fn compute_view(
         &self,
         engine: &Engine,
         view: &Arc<View>,
-        snapshot: &MasterSnapshot,
-        run: u64,
-        as_of_ms: i64,
+        plan: Plan,
+        at: At<'_>,
         progress: &Arc<Progress>,
         compute: &mut Compute,
     ) -> Result<ViewEntry, BatchError> {
         let t = Instant::now();
+        let At {
+            snapshot,
+            run,
+            started_ms,
+            ..
+        } = at;
+        let reason = match plan {
+            Plan::Full { reason } => reason,
+            Plan::Incremental { base, from, files } => {
+                match self.read_entry_states(&base, view).await {
+                    Ok(published) => {
+                        let added = MasterSnapshot {
+                            coverage: snapshot.coverage.clone(),
+                            files,
+                        };
+                        let (states, excluded) = self
+                            .compute_states(engine, view, &added, progress, compute)
+                            .await?;
+                        let merging = Instant::now();
+                        let states = view.merge(vec![published, states]).await?;
+                        compute.add("merge into the published states", merging.elapsed());
+                        let lineage = Lineage::incremental(
+                            &base,
+                            from,
+                            added.files.len() as u64,
+                            added.events(),
+                        );
+                        return self
+                            .write_view(
+                                view,
+                                states,
+                                base.excluded + excluded,
+                                lineage,
+                                at,
+                                t,
+                                compute,
+                            )
+                            .await;
+                    }
+                    Err(e) => {
+                        let reason = format!("the published states are unusable: {e}");
+                        tracing::warn!(view = view.name(), %reason, "recomputing the view from scratch");
+                        let read: u64 = files.iter().filter_map(|f| f.records).sum();
+                        progress
+                            .total
+                            .fetch_add(snapshot.events().saturating_sub(read), Ordering::Relaxed);
+                        reason
+                    }
+                }
+            }
+        };
         let (states, excluded) = self
             .compute_states(engine, view, snapshot, progress, compute)
             .await?;
+        let lineage = Lineage::full(
+            reason,
+            run,
+            started_ms,
+            snapshot.files.len() as u64,
+            snapshot.events(),
+        );
+        self.write_view(view, states, excluded, lineage, at, t, compute)
+            .await
+    }
+
+    /// Rolls up, finalizes and writes one view's states of a run.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_view(
+        &self,
+        view: &Arc<View>,
+        states: RecordBatch,
+        excluded: u64,
+        lineage: Lineage,
+        at: At<'_>,
+        t: Instant,
+        compute: &mut Compute,
+    ) -> Result<ViewEntry, BatchError> {
+        let At {
+            snapshot,
+            run,
+            as_of_ms,
+            ..
+        } = at;
         let finalizing = Instant::now();
         let states = view.roll_up(states, as_of_ms).await?;
         let rows = view.finalize(vec![states.clone()]).await?;
         compute.add("rollup+finalize", finalizing.elapsed());
         let writing = Instant::now();
-        let tsv = to_tsv(view.output_schema(), &rows);
-        let parquet = view.states_to_parquet(&states)?;
+        // The TSV's text and the states' Parquet are independent: both
+        // cores encode, one each.
+        let (tsv, parquet) = {
+            let (v, r) = (view.clone(), rows.clone());
+            let tsv = tokio::task::spawn_blocking(move || to_tsv(v.output_schema(), &r));
+            let (v, s) = (view.clone(), states.clone());
+            let parquet = tokio::task::spawn_blocking(move || v.states_to_parquet(&s));
+            let task = |e: tokio::task::JoinError| BatchError::Task(e.to_string());
+            let (tsv, parquet) = tokio::join!(tsv, parquet);
+            (tsv.map_err(task)?, parquet.map_err(task)??)
+        };
         // The writer's id in the directory: a run number two drivers race
         // for never has them write the same files.
         let dir = format!(
@@ -598,10 +843,12 @@ impl BatchLayer {
             bytes: tsv.len() as u64,
             crc32c: crc_hex(tsv.as_bytes()),
         };
-        self.storage
-            .put(&states_entry.path, Bytes::from(parquet))
-            .await?;
-        self.storage.put(&tsv_entry.path, Bytes::from(tsv)).await?;
+        let (a, b) = tokio::join!(
+            self.storage.put(&states_entry.path, Bytes::from(parquet)),
+            self.storage.put(&tsv_entry.path, Bytes::from(tsv)),
+        );
+        a?;
+        b?;
         let entry = ViewEntry {
             fingerprint: view.fingerprint().to_string(),
             run,
@@ -611,6 +858,7 @@ impl BatchLayer {
             rows: rows.iter().map(|b| b.num_rows() as u64).sum(),
             duration_ms: t.elapsed().as_millis() as u64,
             excluded,
+            lineage,
         };
         let meta = serde_json::json!({
             "view": view.name(),
@@ -742,39 +990,16 @@ impl BatchLayer {
         }
         Ok((view.merge(parts).await?, failed))
     }
+}
 
-    /// Removes runs older than the published one and the `keep_runs` before it.
-    async fn remove_old_runs(&self, published: &Manifest) -> Result<(), BatchError> {
-        let live: std::collections::HashSet<&str> = published
-            .views
-            .values()
-            .filter_map(|e| e.states.path.rsplit_once('/').map(|(d, _)| d))
-            .collect();
-        let live_runs: std::collections::HashSet<u64> =
-            published.views.values().map(|e| e.run).collect();
-        let cutoff = published.run.saturating_sub(self.keep_runs as u64);
-        for v in &self.views {
-            for d in self
-                .storage
-                .list_dirs(&format!("views/{}", v.name()))
-                .await?
-            {
-                let dir = format!("views/{}/{d}", v.name());
-                if run_of_dir(&d).is_some_and(|r| r < cutoff) && !live.contains(dir.as_str()) {
-                    self.storage.delete_dir(&dir).await?;
-                }
-            }
-        }
-        for f in self.storage.list_files("views/runs").await? {
-            if let Some(r) = f.strip_suffix(".json").and_then(|n| n.parse::<u64>().ok())
-                && r < cutoff
-                && !live_runs.contains(&r)
-            {
-                self.storage.delete(&format!("views/runs/{f}")).await?;
-            }
-        }
-        Ok(())
-    }
+/// Where a run stands: what it reads and when.
+#[derive(Clone, Copy)]
+struct At<'a> {
+    snapshot: &'a MasterSnapshot,
+    run: u64,
+    /// The rollup time.
+    as_of_ms: i64,
+    started_ms: i64,
 }
 
 /// The run number of a run's directory (`000000000042-<writer>`, or

@@ -7,9 +7,11 @@
 //! second, group-commit figures and the server's peak memory; it also times
 //! the NDJSON decoder alone on one thread.
 
+mod incremental;
 mod kafka;
 mod kinesis;
 mod reads;
+mod shapes;
 mod soak;
 
 pub use kafka::{KafkaBenchArgs, kafka};
@@ -268,6 +270,14 @@ pub struct BatchBenchArgs {
     /// it beside the local engine (same files, same run).
     #[arg(long, default_value = "local", value_parser = ["local", "ballista"])]
     pub engine: String,
+    /// Then add this many events and time an incremental run against a
+    /// full recompute, and a view added while serving to its first answer.
+    #[arg(long)]
+    pub incremental: Option<u64>,
+    /// Also recompute views of several shapes (few, 100K and 1M groups, a
+    /// time bucket with avg/min/max, approx_distinct) beside DuckDB.
+    #[arg(long)]
+    pub shapes: bool,
     /// With `--engine ballista`: this scheduler (`df://host:port`), instead
     /// of a scheduler and two one-task executors started for the bench.
     #[arg(long)]
@@ -281,7 +291,6 @@ pub const ZIP_PRODUCT_SQL: &str = "SELECT zipcode, ProductName, count(*) AS n, s
 /// for its peak memory), and DuckDB over the same files.
 pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
     use crate::master::MasterDataset;
-    use crate::stream::{ChunkRange, SourceBatch};
     let tmp = tempfile::Builder::new()
         .prefix("lambdaflow-bench-batch-")
         .tempdir()?;
@@ -297,8 +306,7 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
     let storage = crate::storage::Storage::open(&data)?;
     let remote = storage.url().scheme() != "file";
     let master = rt.block_on(MasterDataset::open(&storage, schema.clone(), 2))?;
-    let mut offsets = [master.coverage().h[0], master.coverage().h[1]];
-    let existing: u64 = offsets.iter().sum();
+    let existing: u64 = master.coverage().h.iter().sum();
     if existing < args.events {
         let mut archive_secs = 0.0;
         let mut made = existing;
@@ -307,20 +315,7 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
         while made < args.events {
             let n = args.chunk.min(args.events - made);
             let p = (k % 2) as u32;
-            let mut first = offsets[p as usize];
-            let batches: Vec<SourceBatch> = paper_batches(n, 8192, 90_000)
-                .into_iter()
-                .map(|b| {
-                    let at = first;
-                    first += b.num_rows() as u64;
-                    SourceBatch::dense(p, at, chrono::Utc::now().timestamp_millis(), b)
-                })
-                .collect();
-            let chunk = ChunkRange::dense(p, offsets[p as usize], first);
-            let t = Instant::now();
-            rt.block_on(master.commit_chunk(chunk, batches, None))?;
-            archive_secs += t.elapsed().as_secs_f64();
-            offsets[p as usize] += n;
+            archive_secs += incremental::commit_events(&master, &rt, p, n)?;
             made += n;
             k += 1;
             bar.inc(n);
@@ -361,8 +356,10 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
     } else {
         data.join("bench-batch.toml")
     };
+    // `serve` over the same config (`--incremental`) archives and runs
+    // often; `rebuild` ignores both.
     let mut toml = format!(
-        "data = {:?}\n[stream]\npartitions = 2\ndir = {:?}\n",
+        "data = {:?}\n[archive]\nchunk_age = \"2s\"\n[batch]\npause = \"1s\"\n[stream]\npartitions = 2\ndir = {:?}\n",
         data.display().to_string(),
         if remote {
             tmp.path().join("local")
@@ -378,6 +375,9 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
         sql: ZIP_PRODUCT_SQL.into(),
         rollup: Vec::new(),
     });
+    if args.shapes {
+        views.extend(shapes::views());
+    }
     for v in &views {
         toml.push_str(&format!(
             "[[views]]\nname = {:?}\nsql = {:?}\n",
@@ -398,6 +398,12 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
     if args.engine == "ballista" {
         ballista_beside_local(&args, &exe, &config_path, &storage, &rt, secs, &out)?;
     }
+    if args.shapes && !remote {
+        return shapes::run(&exe, &config_path, &data, args.events);
+    }
+    if let Some(added) = args.incremental {
+        return incremental::run(&exe, &config_path, &master, &rt, added);
+    }
     let mut best = f64::MAX;
     for _ in 0..3 {
         let (_, out) = rebuild(&exe, &config_path, Some("zip_product"))?;
@@ -417,14 +423,14 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
         group((args.events as f64 / best) as u64)
     );
     if !args.no_duckdb && !remote {
-        let script =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/duckdb_groupby.py");
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/duckdb_query.py");
         let glob = format!("{}/master/*.parquet", data.display());
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         match Command::new("python3")
             .arg(&script)
             .arg(&glob)
             .arg(threads.to_string())
+            .arg(ZIP_PRODUCT_SQL.replace("FROM events", "FROM {src}"))
             .output()
         {
             Ok(out) if out.status.success() => {
@@ -458,11 +464,17 @@ fn rebuild(
     config: &std::path::Path,
     only: Option<&str>,
 ) -> anyhow::Result<(f64, String)> {
+    rebuild_with(exe, config, only.as_slice())
+}
+
+/// [`rebuild`] with these arguments (a view, or `--incremental`).
+fn rebuild_with(
+    exe: &std::path::Path,
+    config: &std::path::Path,
+    args: &[&str],
+) -> anyhow::Result<(f64, String)> {
     let mut cmd = Command::new(exe);
-    cmd.arg("rebuild");
-    if let Some(v) = only {
-        cmd.arg(v);
-    }
+    cmd.arg("rebuild").args(args);
     let t = Instant::now();
     let out = cmd.arg("--config").arg(config).output()?;
     let secs = t.elapsed().as_secs_f64();

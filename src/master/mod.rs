@@ -18,6 +18,7 @@
 //! a rewrite after a crash between the write and the commit replaces it.
 
 pub mod archiver;
+pub mod evolve;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -61,8 +62,13 @@ pub enum MasterError {
     Storage(#[from] StorageError),
     #[error("master dataset: could not encode a chunk as Parquet: {0}")]
     Encode(String),
-    #[error("the master dataset's columns differ from the event schema: {detail}")]
-    SchemaChanged { detail: String },
+    #[error("the schema cannot {change} field `{field}` of the master dataset")]
+    SchemaRefused {
+        field: String,
+        change: &'static str,
+        detail: String,
+        hint: String,
+    },
     #[error(
         "the master dataset holds events of partition {found}, but the configuration has {configured} partitions"
     )]
@@ -104,6 +110,7 @@ impl crate::error::Explain for MasterError {
                 end,
                 ..
             } => Some(format!("partition {partition}, offsets {start}..{end}")),
+            MasterError::SchemaRefused { detail, .. } => Some(detail.clone()),
             _ => None,
         }
     }
@@ -111,7 +118,7 @@ impl crate::error::Explain for MasterError {
     fn hint(&self) -> Option<String> {
         Some(match self {
             MasterError::Storage(e) => return e.hint(),
-            MasterError::SchemaChanged { .. } => "lambdaflow does not migrate a master dataset yet; restore the schema it was created with, or use a new data directory".into(),
+            MasterError::SchemaRefused { hint, .. } => hint.clone(),
             MasterError::PartitionMismatch { .. } => "the partition count of an existing data directory cannot change; set stream.partitions to what it was, or use a new data directory".into(),
             MasterError::Corrupt { .. } => "lambdaflow rewrites it from the log while the log still holds those offsets; otherwise restore the file from a backup. The published views stay as they are meanwhile".into(),
             _ => return None,
@@ -180,7 +187,7 @@ fn chunk_name(partition: u32, start: u64, end: u64, crc: u32) -> String {
 }
 
 /// `part-p0001-…start…-…end…[-crc[-writer]].parquet` → (1, start, end, crc).
-fn parse_chunk_name(name: &str) -> Option<(u32, u64, u64, Option<u32>)> {
+pub(crate) fn parse_chunk_name(name: &str) -> Option<(u32, u64, u64, Option<u32>)> {
     let rest = name.strip_prefix("part-p")?.strip_suffix(".parquet")?;
     let mut it = rest.split('-');
     let (p, s, e) = (it.next()?, it.next()?, it.next()?);
@@ -338,7 +345,7 @@ impl MasterDataset {
             }),
             verified: Default::default(),
         };
-        master.check_schema().await?;
+        master.evolve_schema().await?;
         // Loads the latest version and its coverage, as `refresh` would.
         let snapshot = master.snapshot().await?;
         if let Some(found) = snapshot
@@ -356,27 +363,41 @@ impl MasterDataset {
         Ok(master)
     }
 
-    async fn check_schema(&self) -> Result<(), MasterError> {
-        let table = self.table.lock().await;
+    /// Brings the table's schema to the configured one: adds the nullable
+    /// fields the schema gained (one metadata-only Delta commit), and
+    /// refuses any other change ([`evolve`]).
+    async fn evolve_schema(&self) -> Result<(), MasterError> {
+        let mut table = self.table.lock().await;
         let snapshot = table.snapshot().map_err(delta("read the table"))?;
-        let have: Vec<(String, String)> = snapshot
-            .schema()
-            .fields()
-            .map(|f| (f.name().clone(), format!("{:?}", f.data_type())))
-            .collect();
-        let want: Vec<(String, String)> = delta_columns(&self.events)
-            .into_iter()
-            .map(|f| (f.name().clone(), format!("{:?}", f.data_type())))
-            .collect();
-        if have != want {
-            return Err(MasterError::SchemaChanged {
-                detail: format!(
-                    "table has {:?}, the schema gives {:?}",
-                    have.iter().map(|c| c.0.as_str()).collect::<Vec<_>>(),
-                    want.iter().map(|c| c.0.as_str()).collect::<Vec<_>>()
-                ),
-            });
+        let have: Vec<evolve::Column> = snapshot.schema().fields().map(Into::into).collect();
+        let want: Vec<evolve::Column> =
+            delta_columns(&self.events).iter().map(Into::into).collect();
+        let added = evolve::plan(&have, &want).map_err(|r| MasterError::SchemaRefused {
+            field: r.field,
+            change: r.change,
+            detail: r.detail,
+            hint: r.hint,
+        })?;
+        if added.is_empty() {
+            return Ok(());
         }
+        let fields: Vec<StructField> = added
+            .iter()
+            .map(|c| StructField::new(c.name.clone(), c.ty.clone(), c.nullable))
+            .collect();
+        let evolved = table
+            .clone()
+            .add_columns()
+            .with_fields(fields)
+            .await
+            .map_err(delta("add the schema's new fields to the table"))?;
+        let version = evolved.version().unwrap_or(0);
+        self.storage
+            .sync(&format!("{TABLE_DIR}/_delta_log/{version:020}.json"))
+            .await?;
+        *table = evolved;
+        let names: Vec<&str> = added.iter().map(|c| c.name.as_str()).collect();
+        tracing::info!(fields = ?names, version, "the master dataset's schema grew: older events read the new fields as null");
         Ok(())
     }
 

@@ -231,11 +231,17 @@ impl BatchSide {
     pub async fn load(
         batch: &BatchLayer,
         manifest: Manifest,
+        views: &[Arc<View>],
+        live: &[usize],
         warm: &[(usize, usize)],
     ) -> Result<BatchSide, BatchError> {
-        let mut states = Vec::with_capacity(batch.views().len());
-        for v in batch.views() {
-            states.push(batch.read_states(&manifest, v).await?);
+        let mut states = Vec::with_capacity(views.len());
+        for (i, v) in views.iter().enumerate() {
+            states.push(if live.contains(&i) {
+                batch.read_states(&manifest, v).await?
+            } else {
+                RecordBatch::new_empty(v.state_schema().clone())
+            });
         }
         let side = BatchSide::new(manifest, states);
         for &(view, col) in warm {
@@ -290,6 +296,8 @@ pub struct Snapshot {
     pub realtime_end: Vec<u64>,
     /// Per partition: when R[p] last advanced (ms since the epoch).
     pub realtime_at_ms: Vec<i64>,
+    /// The views served, in order, as indexes into [`Serving::views`].
+    pub live: Arc<Vec<usize>>,
 }
 
 impl Snapshot {
@@ -304,6 +312,24 @@ impl Snapshot {
             h.resize(self.realtime_end.len(), 0);
         }
         h
+    }
+
+    /// Installs the realtime chunks of some partitions, each aligned on the
+    /// snapshot's H (chunks it covers left out); `now` is when R moved.
+    fn install(&mut self, parts: Vec<(u32, Vec<Arc<RealtimeChunk>>, u64)>, now: i64) {
+        if let Some(max) = parts.iter().map(|(p, ..)| *p as usize + 1).max() {
+            self.grow(max);
+        }
+        let h = self.h();
+        for (p, chunks, end) in parts {
+            let p = p as usize;
+            let (chunks, end) = aligned(chunks, end, h[p]);
+            self.realtime[p] = chunks;
+            if end != self.realtime_end[p] {
+                self.realtime_at_ms[p] = now;
+            }
+            self.realtime_end[p] = end;
+        }
     }
 
     /// Makes room for partitions `0..n` (a topic gained partitions, a
@@ -348,6 +374,13 @@ impl Snapshot {
 pub struct Freshness {
     /// The batch run merged in, if any.
     pub run: Option<u64>,
+    /// The version of the view answered: its fingerprint (SQL, rollup,
+    /// schema and engine). An answer is exact for this version.
+    pub fingerprint: String,
+    /// A past run's batch view alone (`?as_of=`): no realtime part.
+    pub time_travel: bool,
+    /// The master dataset version the batch run read.
+    pub table_version: Option<i64>,
     /// Batch coverage H[p].
     pub h: Vec<u64>,
     /// Realtime high-water marks R[p]: the answer is the view over every
@@ -410,12 +443,23 @@ fn build_index(rows: &[RecordBatch], col: &str) -> Option<ColumnIndex> {
     Some(out)
 }
 
+impl Freshness {
+    /// The same, naming the version of `view` answered.
+    fn of(mut self, view: &View) -> Freshness {
+        self.fingerprint = view.fingerprint().to_string();
+        self
+    }
+}
+
 /// Which events an answer over `snap` holds.
 pub(crate) fn freshness(snap: &Snapshot) -> Freshness {
     let now = chrono::Utc::now().timestamp_millis();
     let as_of = snap.batch.as_ref().map(|b| b.manifest.as_of_ms);
     Freshness {
         run: snap.batch.as_ref().map(|b| b.manifest.run),
+        fingerprint: String::new(),
+        time_travel: false,
+        table_version: snap.batch.as_ref().map(|b| b.manifest.table_version),
         h: snap.h(),
         realtime: snap.realtime_end.clone(),
         batch_as_of_ms: as_of,
@@ -486,37 +530,43 @@ struct Cached {
 
 /// The serving layer of a node.
 pub struct Serving {
-    views: Vec<Arc<View>>,
+    /// Every view this node has served, by index. Indexes are never reused:
+    /// a changed view's new version gets a new one and a dropped view's
+    /// stays, retired, so an index a reader resolved keeps its meaning (it
+    /// resolves to the view's current version, see [`Serving::resolve`]).
+    /// Which are served is each snapshot's `live`.
+    views: ArcSwap<Vec<Arc<View>>>,
     current: ArcSwap<Snapshot>,
     /// Serializes writers; readers never take it.
     writer: Mutex<()>,
-    cache: Vec<Arc<Cached>>,
+    /// Per view index.
+    cache: ArcSwap<Vec<Arc<Cached>>>,
     clock: SharedClock,
+}
+
+fn new_cached() -> Arc<Cached> {
+    Arc::new(Cached {
+        answer: ArcSwap::from_pointee(None),
+        computing: AtomicBool::new(false),
+        compute: tokio::sync::Mutex::new(()),
+    })
 }
 
 impl Serving {
     pub fn new(views: Vec<Arc<View>>, partitions: u32) -> Serving {
-        let cache = views
-            .iter()
-            .map(|_| {
-                Arc::new(Cached {
-                    answer: ArcSwap::from_pointee(None),
-                    computing: AtomicBool::new(false),
-                    compute: tokio::sync::Mutex::new(()),
-                })
-            })
-            .collect();
+        let cache = views.iter().map(|_| new_cached()).collect();
         let snapshot = Snapshot {
             realtime: vec![Vec::new(); partitions as usize],
             realtime_end: vec![0; partitions as usize],
             realtime_at_ms: vec![0; partitions as usize],
+            live: Arc::new((0..views.len()).collect()),
             ..Snapshot::default()
         };
         Serving {
-            views,
+            views: ArcSwap::from_pointee(views),
             current: ArcSwap::from_pointee(snapshot),
             writer: Mutex::new(()),
-            cache,
+            cache: ArcSwap::from_pointee(cache),
             clock: SystemClock::shared(),
         }
     }
@@ -529,18 +579,119 @@ impl Serving {
         }
     }
 
-    pub fn views(&self) -> &[Arc<View>] {
-        &self.views
+    /// Every view by index, retired ones included (see [`Serving::live`]).
+    pub fn views(&self) -> Arc<Vec<Arc<View>>> {
+        self.views.load_full()
     }
 
-    pub fn view_index(&self, name: &str) -> Result<usize, ServingError> {
-        self.views
+    /// The views served now, in order, with their indexes.
+    pub fn live(&self) -> Vec<(usize, Arc<View>)> {
+        let views = self.views();
+        self.snapshot()
+            .live
             .iter()
-            .position(|v| v.name() == name)
-            .ok_or_else(|| ServingError::NoSuchView {
-                name: name.to_string(),
-                known: crate::view::names(&self.views),
+            .map(|&i| (i, views[i].clone()))
+            .collect()
+    }
+
+    /// The index of the view served as `name` now.
+    pub fn view_index(&self, name: &str) -> Result<usize, ServingError> {
+        self.index_in(&self.snapshot(), name)
+    }
+
+    fn index_in(&self, snap: &Snapshot, name: &str) -> Result<usize, ServingError> {
+        let views = self.views();
+        snap.live
+            .iter()
+            .copied()
+            .find(|&i| views[i].name() == name)
+            .ok_or_else(|| {
+                let live: Vec<Arc<View>> = snap.live.iter().map(|&i| views[i].clone()).collect();
+                ServingError::NoSuchView {
+                    name: name.to_string(),
+                    known: crate::view::names(&live),
+                }
             })
+    }
+
+    /// The index `i` stands for in `snap`: itself while served, else the
+    /// index of the version of its view served there (it changed since the
+    /// reader resolved it), or no such view (it was dropped).
+    pub fn resolve(&self, snap: &Snapshot, i: usize) -> Result<usize, ServingError> {
+        if snap.live.contains(&i) {
+            return Ok(i);
+        }
+        let name = self.views()[i].name().to_string();
+        self.index_in(snap, &name)
+    }
+
+    /// The indexes `views` (a new list of view definitions, compiled) take:
+    /// an unchanged view (same name and fingerprint as one served now) keeps
+    /// its index, any other gets a new one. Returns every view by index and
+    /// the new live list, for [`Serving::adopt`].
+    pub fn plan_views(&self, views: &[Arc<View>]) -> (Vec<Arc<View>>, Vec<usize>) {
+        let mut all = self.views().as_ref().clone();
+        let snap = self.snapshot();
+        let mut live = Vec::with_capacity(views.len());
+        for v in views {
+            match snap
+                .live
+                .iter()
+                .copied()
+                .find(|&i| all[i].name() == v.name() && all[i].fingerprint() == v.fingerprint())
+            {
+                Some(i) => live.push(i),
+                None => {
+                    all.push(v.clone());
+                    live.push(all.len() - 1);
+                }
+            }
+        }
+        (all, live)
+    }
+
+    /// Installs a new set of views in one swap, with the batch run that
+    /// computed them and the speed layer's chunks holding their states:
+    /// readers see the old views with the old run, or the new with the new,
+    /// never a mix. `all` must extend [`Serving::views`].
+    pub fn adopt(
+        &self,
+        all: Vec<Arc<View>>,
+        live: Vec<usize>,
+        side: Option<Arc<BatchSide>>,
+        parts: Vec<(u32, Vec<Arc<RealtimeChunk>>, u64)>,
+    ) {
+        {
+            let _w = self.writer.lock().expect("serving writer lock");
+            let mut cache = self.cache.load_full().as_ref().clone();
+            cache.resize_with(all.len(), new_cached);
+            self.cache.store(Arc::new(cache));
+            self.views.store(Arc::new(all));
+        }
+        let now = self.clock.unix_ms();
+        self.update(|cur| {
+            let mut next = cur.clone();
+            next.live = Arc::new(live);
+            if let Some(side) = side {
+                next.grow(side.manifest.h.len());
+                next.batch = Some(side);
+            }
+            next.install(parts, now);
+            next
+        });
+    }
+
+    /// Loads a published run's states for the views served now (retired
+    /// views get empty states), warming the key indexes the current run's
+    /// readers built.
+    pub async fn load_side(
+        &self,
+        batch: &BatchLayer,
+        manifest: Manifest,
+    ) -> Result<BatchSide, BatchError> {
+        let snap = self.snapshot();
+        let warm = snap.batch.as_ref().map(|b| b.indexed()).unwrap_or_default();
+        BatchSide::load(batch, manifest, &self.views(), &snap.live, &warm).await
     }
 
     /// The current snapshot.
@@ -565,19 +716,7 @@ impl Serving {
         let now = self.clock.unix_ms();
         self.update(|cur| {
             let mut next = cur.clone();
-            if let Some(max) = parts.iter().map(|(p, ..)| *p as usize + 1).max() {
-                next.grow(max);
-            }
-            let h = next.h();
-            for (p, chunks, end) in parts {
-                let p = p as usize;
-                let (chunks, end) = aligned(chunks, end, h[p]);
-                next.realtime[p] = chunks;
-                if end != next.realtime_end[p] {
-                    next.realtime_at_ms[p] = now;
-                }
-                next.realtime_end[p] = end;
-            }
+            next.install(parts, now);
             next
         });
     }
@@ -611,7 +750,8 @@ impl Serving {
     /// (every answer names the offsets it covers, so it is exact for those).
     pub async fn answer(self: &Arc<Self>, i: usize) -> Result<Arc<Answer>, ServingError> {
         let snap = self.snapshot();
-        let cached = self.cache[i].clone();
+        let i = self.resolve(&snap, i)?;
+        let cached = self.cache.load()[i].clone();
         if let Some(a) = cached.answer.load().as_ref()
             && (a.freshness.snapshot == snap.version
                 || (a.computed_at.elapsed() < MAX_STALE
@@ -642,7 +782,8 @@ impl Serving {
     /// View `i` at a given snapshot: the cached answer if it is of that
     /// snapshot, else computed.
     pub async fn answer_at(&self, i: usize, snap: &Snapshot) -> Result<Arc<Answer>, ServingError> {
-        if let Some(a) = self.cache[i].answer.load().as_ref()
+        let i = self.resolve(snap, i)?;
+        if let Some(a) = self.cache.load()[i].answer.load().as_ref()
             && a.freshness.snapshot == snap.version
         {
             return Ok(a.clone());
@@ -652,9 +793,15 @@ impl Serving {
 
     /// Computes view `i` for the current snapshot and caches it.
     async fn refresh(&self, i: usize) -> Result<Arc<Answer>, ServingError> {
-        let cached = &self.cache[i];
+        let i = self.resolve(&self.snapshot(), i)?;
+        let cached = self.cache.load()[i].clone();
         let _one = cached.compute.lock().await;
         let snap = self.snapshot();
+        if !snap.live.contains(&i) {
+            // The view changed while this waited: its new version, uncached.
+            let j = self.resolve(&snap, i)?;
+            return self.compute(j, &snap).await.map(Arc::new);
+        }
         if let Some(a) = cached.answer.load().as_ref()
             && a.freshness.snapshot == snap.version
         {
@@ -672,19 +819,23 @@ impl Serving {
 
     /// Merges and finalizes view `i` over a snapshot (no cache).
     pub async fn compute(&self, i: usize, snap: &Snapshot) -> Result<Answer, ServingError> {
-        let view = &self.views[i];
+        let i = self.resolve(snap, i)?;
+        let views = self.views();
+        let view = &views[i];
         snap.check().map_err(|detail| ServingError::Inconsistent {
             view: view.name().to_string(),
             detail,
         })?;
         let mut parts = Vec::new();
         let as_of = snap.batch.as_ref().map(|b| b.manifest.as_of_ms);
-        if let Some(b) = &snap.batch {
-            parts.push(b.states[i].clone());
+        if let Some(b) = &snap.batch
+            && let Some(s) = b.states.get(i)
+        {
+            parts.push(s.clone());
         }
         for chunks in &snap.realtime {
             for c in chunks {
-                for s in &c.states[i] {
+                for s in c.states.get(i).into_iter().flatten() {
                     parts.push(match (view.rollup(), as_of) {
                         // Realtime groups roll up with the batch run's time, like the batch side.
                         (Some(_), Some(t)) => view.roll_up(s.clone(), t).await?,
@@ -696,7 +847,39 @@ impl Serving {
         let rows = view.finalize(parts).await?;
         Ok(Answer {
             rows,
-            freshness: freshness(snap),
+            freshness: freshness(snap).of(view),
+            computed_at: std::time::Instant::now(),
+            index: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// View `i` as a past published run holds it (time travel): the run's
+    /// states alone, finalized; its freshness names the run, its table
+    /// version and `H`, which is also how far the answer reaches.
+    pub async fn past(
+        &self,
+        i: usize,
+        manifest: &Manifest,
+        states: RecordBatch,
+    ) -> Result<Answer, ServingError> {
+        let views = self.views();
+        let view = &views[i];
+        let rows = view.finalize(vec![states]).await?;
+        let now = chrono::Utc::now().timestamp_millis();
+        Ok(Answer {
+            rows,
+            freshness: Freshness {
+                run: Some(manifest.run),
+                fingerprint: view.fingerprint().to_string(),
+                time_travel: true,
+                table_version: Some(manifest.table_version),
+                h: manifest.h.clone(),
+                realtime: manifest.h.clone(),
+                batch_as_of_ms: Some(manifest.as_of_ms),
+                batch_age_ms: Some(now - manifest.as_of_ms),
+                realtime_age_ms: now - manifest.published_ms(),
+                snapshot: 0,
+            },
             computed_at: std::time::Instant::now(),
             index: Mutex::new(HashMap::new()),
         })
@@ -706,7 +889,11 @@ impl Serving {
     /// the published run's key index is built (the first read after a
     /// publish may have to sort the run's states to build it).
     pub fn point_is_cheap(&self, i: usize, col: usize) -> bool {
-        match &self.snapshot().batch {
+        let snap = self.snapshot();
+        if !snap.live.contains(&i) {
+            return false;
+        }
+        match &snap.batch {
             None => true,
             Some(b) => b
                 .key_indexes
@@ -723,7 +910,23 @@ impl Serving {
         use arrow::array::{Array, ArrayRef, StringArray, UInt32Array};
         use arrow::compute::{cast, take_record_batch};
         let snap = self.snapshot();
-        let view = &self.views[i];
+        let views = self.views();
+        let (i, col) = match self.resolve(&snap, i)? {
+            j if j == i => (i, col),
+            // The view changed since the reader planned the read: the
+            // same key column of its new version.
+            j => {
+                let name = views[i].state_schema().field(col).name().clone();
+                let c = views[j]
+                    .key_column(&name)
+                    .ok_or_else(|| ServingError::Inconsistent {
+                        view: views[j].name().to_string(),
+                        detail: format!("its new version has no group column `{name}`"),
+                    })?;
+                (j, c)
+            }
+        };
+        let view = &views[i];
         snap.check().map_err(|detail| ServingError::Inconsistent {
             view: view.name().to_string(),
             detail,
@@ -757,7 +960,7 @@ impl Serving {
             }
             for chunks in &snap.realtime {
                 for c in chunks {
-                    for (j, states) in c.states[i].iter().enumerate() {
+                    for (j, states) in c.states.get(i).into_iter().flatten().enumerate() {
                         let rows = c.matching(i, j, col, &probe).map_err(exec)?;
                         if rows.is_empty() {
                             continue;
@@ -783,7 +986,7 @@ impl Serving {
         let rows = view.finalize(parts).await?;
         Ok(Answer {
             rows,
-            freshness: freshness(&snap),
+            freshness: freshness(&snap).of(view),
             computed_at: std::time::Instant::now(),
             index: Mutex::new(HashMap::new()),
         })
@@ -906,6 +1109,7 @@ mod tests {
                                 duration_ms: 0,
                                 engine: String::new(),
                                 compute: Default::default(),
+                                kinds: Default::default(),
                             },
                             views: Default::default(),
                         },

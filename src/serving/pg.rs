@@ -462,6 +462,8 @@ impl QueryParser for Parser {
             return Ok(None);
         }
         let statement = statements.remove(0);
+        // Views may have changed since the last statement.
+        self.planner.sync(&self.serving);
         let ctx = self.planner.context();
         for hook in &self.hooks {
             if let Some(plan) = hook
@@ -735,6 +737,7 @@ impl SimpleQueryHandler for Service {
                     }
                 }
             }
+            self.planner.sync(&self.serving);
             let plan = plan(self.planner.context(), &statement).await?;
             let rows = self.count(self.run(plan).await, false)?;
             out.push(respond(client, rows, &Format::UnifiedText, &self.limits).await?);

@@ -267,6 +267,8 @@ impl TableProvider for ViewTable {
 /// context's state with the query's snapshot and limits.
 pub struct Catalog {
     base: SessionContext,
+    /// View name → the index its table reads, as registered.
+    tables: std::sync::Mutex<HashMap<String, usize>>,
 }
 
 impl Catalog {
@@ -284,22 +286,51 @@ impl Catalog {
         for udf in bounded::functions() {
             base.register_udf(udf);
         }
-        for (index, view) in serving.views().iter().enumerate() {
+        let catalog = Catalog {
+            base,
+            tables: Default::default(),
+        };
+        catalog.sync(serving);
+        catalog
+    }
+
+    /// Brings the tables to the views served now: a new view's table is
+    /// added, a changed view's replaced (same name, its new version and
+    /// columns), a dropped view's removed.
+    pub fn sync(&self, serving: &Arc<Serving>) {
+        let mut tables = self.tables.lock().expect("catalog tables");
+        let live = serving.live();
+        for (index, view) in &live {
+            if tables.get(view.name()) == Some(index) {
+                continue;
+            }
             let table = ViewTable {
                 serving: serving.clone(),
-                index,
+                index: *index,
                 schema: view.output_schema().clone(),
             };
-            base.register_table(view.name(), Arc::new(table))
+            let _ = self.base.deregister_table(view.name());
+            self.base
+                .register_table(view.name(), Arc::new(table))
                 .expect("view names are unique (checked when views are compiled)");
+            tables.insert(view.name().to_string(), *index);
         }
-        Catalog { base }
+        tables.retain(|name, _| {
+            let keep = live.iter().any(|(_, v)| v.name() == name);
+            if !keep {
+                let _ = self.base.deregister_table(name.as_str());
+            }
+            keep
+        });
     }
 
     /// A catalog planning in `ctx` (made from [`Catalog::context`], with
     /// more tables or functions).
     pub fn from_context(ctx: SessionContext) -> Catalog {
-        Catalog { base: ctx }
+        Catalog {
+            base: ctx,
+            tables: Default::default(),
+        }
     }
 
     /// The context to plan in (and to add tables or functions to, before
@@ -370,6 +401,8 @@ async fn run_here(
     sql: &str,
     limits: SqlLimits,
 ) -> Result<SqlAnswer, QueryError> {
+    // Views may have changed since the last query.
+    catalog.sync(serving);
     let snap = serving.snapshot();
     let ctx = catalog
         .session(&snap, &limits)

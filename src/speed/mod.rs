@@ -216,10 +216,47 @@ fn cut(read: Vec<SourceBatch>, mut room: u64, mut bucket: Option<i64>, age_ms: i
     }
 }
 
+/// A new set of views for the speed layer to compute, and the batch run
+/// that computed them, to install in serving in one swap
+/// ([`Serving::adopt`]). The speed layer first computes the states of the
+/// views it does not have yet for every chunk it holds (reading the chunks'
+/// records from the stream again), so that the handoff is exact for them
+/// from their first answer.
+pub struct Adopt {
+    /// Every view by index ([`Serving::plan_views`]).
+    pub views: Vec<Arc<View>>,
+    /// Those served, in order.
+    pub live: Vec<usize>,
+    pub side: Arc<crate::serving::BatchSide>,
+    /// Told when serving has the new views, or why not.
+    pub done: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// The rows of `take` (partition `p`) a view failed on, by position.
+fn failed_rows(
+    v: &View,
+    p: u32,
+    take: &[SourceBatch],
+    bad: Vec<crate::view::Excluded>,
+) -> Vec<FailedRow> {
+    bad.into_iter()
+        .map(|x| FailedRow {
+            view: v.name().to_string(),
+            partition: p,
+            offset: take[x.batch].position(x.row),
+            error: x.error,
+        })
+        .collect()
+}
+
 /// The speed layer of a node.
 pub struct SpeedLayer {
     source: Arc<dyn Source>,
+    /// Every view by index (as [`Serving::views`]); states are computed for
+    /// the `live` ones only.
     views: Vec<Arc<View>>,
+    live: Vec<usize>,
+    changes: Option<mpsc::UnboundedReceiver<Adopt>>,
     serving: Arc<Serving>,
     archive: mpsc::UnboundedSender<ChunkRange>,
     interval: Duration,
@@ -247,7 +284,8 @@ impl SpeedLayer {
         h: &[u64],
         committed: Vec<Vec<ChunkRange>>,
     ) -> SpeedLayer {
-        let views = serving.views().to_vec();
+        let views = serving.views().as_ref().clone();
+        let live = serving.snapshot().live.as_ref().clone();
         let SpeedOptions {
             interval,
             chunk_events,
@@ -261,6 +299,8 @@ impl SpeedLayer {
         SpeedLayer {
             source,
             views,
+            live,
+            changes: None,
             serving,
             archive,
             interval,
@@ -272,6 +312,101 @@ impl SpeedLayer {
             failures: Arc::new(ViewFailures::new(std::env::temp_dir())),
             backlog: Arc::new(Backlog::default()),
             clock: SystemClock::shared(),
+        }
+    }
+
+    /// Where view changes reach the loop (see [`Adopt`]).
+    pub fn changes(&mut self) -> mpsc::UnboundedSender<Adopt> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.changes = Some(rx);
+        tx
+    }
+
+    /// Adopts a new set of views: the states of views new to it for every
+    /// chunk the new run does not cover, from the chunks' records; then
+    /// serving gets the views, the run and the chunks in one swap.
+    async fn adopt(
+        &mut self,
+        views: Vec<Arc<View>>,
+        live: Vec<usize>,
+        side: Arc<crate::serving::BatchSide>,
+    ) -> Result<(), SpeedError> {
+        let h = side.manifest.h.clone();
+        let mut parts = Vec::with_capacity(self.parts.len());
+        let mut all = Vec::with_capacity(self.parts.len());
+        for p in 0..self.parts.len() {
+            let hp = h.get(p).copied().unwrap_or(0);
+            let mut chunks = Vec::new();
+            for c in self.parts[p].chunks.iter().filter(|c| c.range.end > hp) {
+                let mut states = Vec::with_capacity(views.len());
+                let mut records: Option<Vec<SourceBatch>> = None;
+                for (i, v) in views.iter().enumerate() {
+                    if !live.contains(&i) {
+                        states.push(Vec::new());
+                    } else if self.live.contains(&i) {
+                        states.push(c.states.get(i).cloned().unwrap_or_default());
+                    } else {
+                        if records.is_none() && c.range.end > c.range.start {
+                            records = Some(
+                                crate::stream::source::read_exact(
+                                    self.source.as_ref(),
+                                    p as u32,
+                                    c.range.start,
+                                    c.range.end,
+                                )
+                                .await?,
+                            );
+                        }
+                        let take = records.as_deref().unwrap_or_default();
+                        states.push(if take.is_empty() {
+                            Vec::new()
+                        } else {
+                            vec![self.view_states(v, p as u32, take).await?]
+                        });
+                    }
+                }
+                chunks.push(Arc::new(RealtimeChunk {
+                    range: c.range,
+                    closed: c.closed,
+                    states,
+                    indexes: Default::default(),
+                }));
+            }
+            all.push(chunks);
+        }
+        for (p, chunks) in all.into_iter().enumerate() {
+            let part = &mut self.parts[p];
+            let end = chunks.last().map_or(part.next, |c| c.range.end);
+            part.chunks = chunks.clone();
+            parts.push((p as u32, chunks, end));
+        }
+        self.views = views.clone();
+        self.live = live.clone();
+        self.serving.adopt(views, live, Some(side), parts);
+        Ok(())
+    }
+
+    /// Handles the view changes waiting, if any.
+    async fn take_changes(&mut self) {
+        let Some(rx) = self.changes.as_mut() else {
+            return;
+        };
+        let mut pending = Vec::new();
+        while let Ok(a) = rx.try_recv() {
+            pending.push(a);
+        }
+        for Adopt {
+            views,
+            live,
+            side,
+            done,
+        } in pending
+        {
+            let r = self.adopt(views, live, side).await;
+            if let Err(e) = &r {
+                tracing::error!(error = %crate::error::chain(e), "the speed layer could not compute the new views' states");
+            }
+            let _ = done.send(r.map_err(|e| crate::error::chain(&e)));
         }
     }
 
@@ -539,18 +674,13 @@ impl SpeedLayer {
         };
         let mut states = open.states.clone();
         for (i, v) in self.views.iter().enumerate() {
+            if !self.live.contains(&i) {
+                continue;
+            }
             let input = if v.needs_offsets() { &keyed } else { &batches };
             let (s, bad) = v.states_excluding(input.clone()).await?;
             if !bad.is_empty() {
-                let rows: Vec<FailedRow> = bad
-                    .into_iter()
-                    .map(|x| FailedRow {
-                        view: v.name().to_string(),
-                        partition: p,
-                        offset: take[x.batch].position(x.row),
-                        error: x.error,
-                    })
-                    .collect();
+                let rows = failed_rows(v, p, take, bad);
                 if self.failures.record(&rows) > 0 {
                     let first = &rows[0];
                     let seen = &self.failures.report()[v.name()];
@@ -566,6 +696,29 @@ impl SpeedLayer {
             states[i].push(s);
         }
         Ok(states)
+    }
+
+    /// One view's states of some records (rows it fails on left out and
+    /// recorded, as [`SpeedLayer::states_of`] does).
+    async fn view_states(
+        &self,
+        v: &Arc<View>,
+        p: u32,
+        take: &[SourceBatch],
+    ) -> Result<RecordBatch, SpeedError> {
+        let input: Vec<RecordBatch> = if v.needs_offsets() {
+            take.iter()
+                .map(|b| crate::view::input::with_positions(&b.batch, p, &b.position_column()))
+                .collect::<Result<_, _>>()
+                .map_err(|e| SpeedError::View(ViewError::Internal(e.to_string())))?
+        } else {
+            take.iter().map(|b| b.batch.clone()).collect()
+        };
+        let (s, bad) = v.states_excluding(input).await?;
+        if !bad.is_empty() {
+            self.failures.record(&failed_rows(v, p, take, bad));
+        }
+        Ok(s)
     }
 
     /// Ensures the last chunk is open; returns it and, when replaying, the
@@ -628,6 +781,7 @@ impl SpeedLayer {
                 break;
             }
             let began = Instant::now();
+            self.take_changes().await;
             if let Err(e) = self.round().await {
                 tracing::error!(error = %e, "speed layer round failed; retrying");
             }

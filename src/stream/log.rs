@@ -193,6 +193,9 @@ pub struct LogOptions {
     pub floors: Vec<u64>,
     /// Stamps each frame's ingest time (the stream time chunks are cut on).
     pub clock: SharedClock,
+    /// The event schema frames are read as: a frame written before the
+    /// schema gained a field reads it as null ([`crate::schema::conform`]).
+    pub events: Option<arrow::datatypes::SchemaRef>,
 }
 
 impl Default for LogOptions {
@@ -205,6 +208,7 @@ impl Default for LogOptions {
             pending_wait: Duration::from_millis(500),
             floors: Vec::new(),
             clock: SystemClock::shared(),
+            events: None,
         }
     }
 }
@@ -302,6 +306,7 @@ pub struct Log {
     pending_units: u32,
     pending_wait: Duration,
     recoveries: Vec<LogRecovery>,
+    events: Option<arrow::datatypes::SchemaRef>,
     _lock: File,
 }
 
@@ -445,8 +450,14 @@ impl Log {
             pending_units: units,
             pending_wait: opts.pending_wait,
             recoveries,
+            events: opts.events,
             _lock: lock,
         })
+    }
+
+    /// The event schema reads conform to, if set.
+    pub fn events_schema(&self) -> Option<&arrow::datatypes::SchemaRef> {
+        self.events.as_ref()
     }
 
     /// The partition count of the log in `dir`, if there is one (commands

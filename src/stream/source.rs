@@ -312,6 +312,15 @@ pub enum SourceError {
         until: u64,
         end: u64,
     },
+    /// Events stored under an older schema cannot be read under this one.
+    #[error(
+        "events of partition {partition} from offset {offset} do not fit the event schema: {detail}"
+    )]
+    Conform {
+        partition: u32,
+        offset: u64,
+        detail: String,
+    },
 }
 
 /// A partitioned, ordered stream of events that can be read again from any
@@ -466,11 +475,20 @@ impl Source for Log {
                 break;
             }
             let keep = (until - b.first_offset).min(b.batch.num_rows() as u64) as usize;
+            let mut batch = b.batch.slice(0, keep);
+            if let Some(events) = self.events_schema() {
+                batch =
+                    crate::schema::conform(&batch, events).map_err(|e| SourceError::Conform {
+                        partition: p,
+                        offset: b.first_offset,
+                        detail: e.to_string(),
+                    })?;
+            }
             out.push(SourceBatch::dense(
                 p,
                 b.first_offset,
                 b.ingest_time_ms,
-                b.batch.slice(0, keep),
+                batch,
             ));
         }
         Ok(out)

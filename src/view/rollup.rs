@@ -7,11 +7,18 @@
 //! rollup = [{ after = "1d", bucket = "1h" }, { after = "30d", bucket = "1d" }]
 //! ```
 //!
-//! What a reader sees, exactly: a group whose bucket start is at least `after`
-//! older than the rollup time has its bucket column floored to a multiple of
-//! `bucket` (since the Unix epoch, UTC), and groups that then share all their
-//! keys are merged, their aggregates combined as if the SQL had grouped by the
-//! coarser bucket. The rollup time is the batch view's time: the batch layer
+//! What a reader sees, exactly: a group whose time falls in a coarse bucket
+//! (a multiple of `bucket` since the Unix epoch, UTC) that *ended* at least
+//! `after` before the rollup time has its bucket column floored to that
+//! bucket's start, and groups that then share all their keys are merged,
+//! their aggregates combined as if the SQL had grouped by the coarser bucket.
+//! The oldest tier that applies wins. Judging the coarse bucket's end rather
+//! than the group's own time means a coarse row is never partial (no hour row
+//! beside minute rows of the same hour), and it makes rolling up twice the
+//! same as rolling up once at the later time —
+//! `rebucket(rebucket(v, t1), t2) = rebucket(v, t2)` for `t1 ≤ t2` — which an
+//! incremental batch run relies on: it rolls up states that an earlier run
+//! already rolled up. The rollup time is the batch view's time: the batch layer
 //! applies the rollup when it recomputes, and the serving layer applies the
 //! same rollup, with the same time, to realtime states before it merges them,
 //! so a late event for a rolled-up period lands in the coarse row. Between two
@@ -138,13 +145,24 @@ impl Rollup {
         &self.tiers
     }
 
-    /// The bucket start of `value_ms` as of `as_of_ms` (milliseconds).
+    /// The bucket start of `value_ms` as of `as_of_ms` (milliseconds): the
+    /// start of the oldest tier's bucket around it that ended at least that
+    /// tier's `after` ago, or the value itself.
+    ///
+    /// Why rolling up again later changes nothing it should not: tiers nest
+    /// (each bucket a multiple of the one before), so for a tier at least as
+    /// coarse as the one a value was rolled into, the value and its rolled
+    /// start lie in the same coarse bucket and that tier applies to both or
+    /// neither; the tier it was rolled into still applies (time only grows);
+    /// and finer tiers never win over it.
     pub fn rebucket_ms(&self, value_ms: i64, as_of_ms: i64) -> i64 {
-        let age = as_of_ms.saturating_sub(value_ms);
-        match self.tiers.iter().rev().find(|t| age >= t.after_ms) {
-            Some(t) => value_ms.div_euclid(t.bucket_ms) * t.bucket_ms,
-            None => value_ms,
+        for t in self.tiers.iter().rev() {
+            let start = value_ms.div_euclid(t.bucket_ms) * t.bucket_ms;
+            if as_of_ms.saturating_sub(start.saturating_add(t.bucket_ms)) >= t.after_ms {
+                return start;
+            }
         }
+        value_ms
     }
 
     /// Rewrites the time-bucket column; returns the states and how many changed.
@@ -199,5 +217,68 @@ impl Rollup {
             .collect::<PrimitiveArray<T>>()
             .with_data_type(arr.data_type().clone());
         (Arc::new(out) as ArrayRef, changed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hour_day() -> Rollup {
+        Rollup {
+            column: 0,
+            unit: TimeUnit::Millisecond,
+            tiers: vec![
+                Tier {
+                    after_ms: 3_600_000,
+                    bucket_ms: 3_600_000,
+                },
+                Tier {
+                    after_ms: 86_400_000,
+                    bucket_ms: 86_400_000,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn a_coarse_bucket_rolls_up_only_once_it_has_ended_long_enough_ago() {
+        let r = hour_day();
+        let day = 86_400_000;
+        // 10:30 on day 0, as of 11:59: its hour ended 59 min ago, not 1 h.
+        assert_eq!(
+            r.rebucket_ms(10 * 3_600_000 + 1_800_000, 11 * 3_600_000 + 3_540_000),
+            10 * 3_600_000 + 1_800_000
+        );
+        // As of 12:00 it rolls into the 10:00 hour.
+        assert_eq!(
+            r.rebucket_ms(10 * 3_600_000 + 1_800_000, 12 * 3_600_000),
+            10 * 3_600_000
+        );
+        // Day 0 ended 1 day before day 2 starts: the day tier wins.
+        assert_eq!(r.rebucket_ms(10 * 3_600_000, 2 * day), 0);
+        assert_eq!(r.rebucket_ms(10 * 3_600_000, 2 * day - 1), 10 * 3_600_000);
+    }
+
+    #[test]
+    fn rolling_up_twice_is_rolling_up_once_at_the_later_time() {
+        // The law incremental batch runs rest on, over every pair of times
+        // around the tier boundaries of a few values (a small LCG walk).
+        let r = hour_day();
+        let mut x: u64 = 7;
+        let mut next = |n: i64| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((x >> 33) as i64).rem_euclid(n)
+        };
+        for _ in 0..20_000 {
+            let v = next(3 * 86_400_000) / 60_000 * 60_000;
+            let t1 = v + next(3 * 86_400_000);
+            let t2 = t1 + next(2 * 86_400_000);
+            let once = r.rebucket_ms(v, t2);
+            let twice = r.rebucket_ms(r.rebucket_ms(v, t1), t2);
+            assert_eq!(once, twice, "value {v}, rolled up at {t1}, then at {t2}");
+        }
     }
 }

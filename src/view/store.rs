@@ -119,20 +119,37 @@ impl View {
 pub fn to_tsv(schema: &arrow::datatypes::Schema, batches: &[RecordBatch]) -> String {
     use arrow::util::display::{ArrayFormatter, FormatOptions};
     use std::fmt::Write;
-    let escape = |s: &str| {
-        s.replace('\\', "\\\\")
-            .replace('\t', "\\t")
-            .replace('\n', "\\n")
-            .replace('\r', "\\r")
-    };
-    let mut out = schema
-        .fields()
-        .iter()
-        .map(|f| escape(f.name()))
-        .collect::<Vec<_>>()
-        .join("\t");
+    // Appends `s` escaped; most values need no escaping and are copied whole.
+    fn push_escaped(out: &mut String, s: &str) {
+        if !s
+            .bytes()
+            .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r'))
+        {
+            out.push_str(s);
+            return;
+        }
+        for c in s.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '\t' => out.push_str("\\t"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                c => out.push(c),
+            }
+        }
+    }
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    let mut out = String::with_capacity(64 + rows * 16 * schema.fields().len());
+    for (j, f) in schema.fields().iter().enumerate() {
+        if j > 0 {
+            out.push('\t');
+        }
+        push_escaped(&mut out, f.name());
+    }
     out.push('\n');
     let opts = FormatOptions::default();
+    // One cell's text, reused: formatting allocates nothing per cell.
+    let mut cell = String::new();
     for b in batches {
         let fmts: Vec<_> = b
             .columns()
@@ -145,11 +162,45 @@ pub fn to_tsv(schema: &arrow::datatypes::Schema, batches: &[RecordBatch]) -> Str
                     out.push('\t');
                 }
                 if !b.column(j).is_null(i) {
-                    let _ = write!(out, "{}", escape(&f.value(i).to_string()));
+                    cell.clear();
+                    let _ = write!(cell, "{}", f.value(i));
+                    push_escaped(&mut out, &cell);
                 }
             }
             out.push('\n');
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use std::sync::Arc;
+
+    #[test]
+    fn tsv_escapes_what_would_break_its_rows_and_leaves_nulls_empty() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("name\tx", DataType::Utf8, true),
+            Field::new("n", DataType::Int64, true),
+        ]));
+        let b = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from(vec![
+                    Some("plain"),
+                    Some("a\tb\nc\\d\re"),
+                    None,
+                ])),
+                Arc::new(Int64Array::from(vec![Some(1), None, Some(-3)])),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            to_tsv(&schema, &[b]),
+            "name\\tx\tn\nplain\t1\na\\tb\\nc\\\\d\\re\t\n\t-3\n"
+        );
+    }
 }

@@ -6,19 +6,14 @@
 //! problem that leaves the published views as they were.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow::array::RecordBatch;
-use arrow::datatypes::DataType;
-use arrow::util::display::{ArrayFormatter, FormatOptions};
-use lambdaflow::batch::{BatchLayer, Manifest};
-use lambdaflow::config::{Config, EngineKind, ViewConfig};
-use lambdaflow::stream::{ChunkRange, SourceBatch};
-use lambdaflow::view::{View, oracle};
+use lambdaflow::config::Config;
 
+use crate::common::states::{
+    Lcg, Side, assert_same_runs, compared_views, config, open, random_master,
+};
 use crate::common::{self, BIN, Site, free_port, wait_listening};
 
 /// A Ballista cluster of child processes; all are killed on drop.
@@ -172,202 +167,12 @@ impl Drop for Cluster {
     }
 }
 
-/// A small deterministic generator (the cases must be reproducible).
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        self.0 >> 33
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-const BASE_MS: i64 = 1_414_800_000_000;
-
-fn config(data: &Path, views: &[ViewConfig], scheduler: Option<&str>) -> Config {
-    let mut c = Config {
-        data: data.to_path_buf(),
-        views: views.to_vec(),
-        ..Config::default()
-    };
-    c.stream.partitions = 2;
-    if let Some(s) = scheduler {
-        c.batch.engine = EngineKind::Ballista;
-        c.batch.scheduler = Some(s.to_string());
-    }
-    c
-}
-
-async fn open(config: &Config) -> Arc<BatchLayer> {
-    let schema = config.event_schema().unwrap();
-    let views = lambdaflow::view::compile_all(&config.views, &schema)
-        .await
-        .unwrap();
-    lambdaflow::node::open_batch_in(config, config.storage().unwrap(), views)
-        .await
-        .unwrap()
-}
-
-/// `n` random events of the paper's schema, in two partitions, each
-/// partition committed to the master dataset in random chunks (one data
-/// file each).
-async fn random_master(layer: &BatchLayer, rng: &mut Lcg, n: usize) {
-    let mut parts: [Vec<(i64, String, i64, i64)>; 2] = Default::default();
-    for i in 0..n {
-        let row = (
-            10_000 + rng.below(40) as i64,
-            format!("product{}", rng.below(6)),
-            rng.below(105) as i64 - 5,
-            // Unique event times: first/last_value need a total order.
-            BASE_MS + rng.below(3 * 3_600_000) as i64 / 1000 * 1000 + i as i64,
-        );
-        parts[i % 2].push(row);
-    }
-    for (p, rows) in parts.iter().enumerate() {
-        let mut cuts: Vec<usize> = (0..rng.below(6))
-            .map(|_| rng.below(rows.len() as u64) as usize)
-            .collect();
-        cuts.push(0);
-        cuts.push(rows.len());
-        cuts.sort();
-        cuts.dedup();
-        for w in cuts.windows(2) {
-            let (start, end) = (w[0] as u64, w[1] as u64);
-            let batch = common::paper_batch(rows[w[0]..w[1]].iter().cloned());
-            let chunk = ChunkRange::new(p as u32, start, end, end - start).unwrap();
-            layer
-                .master()
-                .commit_chunk(
-                    chunk,
-                    vec![SourceBatch::dense(p as u32, start, BASE_MS, batch)],
-                    None,
-                )
-                .await
-                .unwrap();
-        }
-    }
-}
-
-/// A state set's rows as sorted text: equal exactly when the two sets hold
-/// the same groups with the same states, in whatever order.
-fn canonical(b: &RecordBatch) -> Vec<String> {
-    let opts = FormatOptions::default().with_null("∅");
-    let cols: Vec<ArrayFormatter> = b
-        .columns()
-        .iter()
-        .map(|c| ArrayFormatter::try_new(c.as_ref(), &opts).unwrap())
-        .collect();
-    let mut rows: Vec<String> = (0..b.num_rows())
-        .map(|r| {
-            cols.iter()
-                .map(|c| c.value(r).to_string())
-                .collect::<Vec<_>>()
-                .join("\t")
-        })
-        .collect();
-    rows.sort();
-    rows
-}
-
-/// Whether a state set compares exactly as text: no float (its last bits
-/// depend on the order partial states merge in) and no list (a distinct
-/// set's members come in arrival order).
-fn exact_states(view: &View) -> bool {
-    view.state_schema().fields().iter().all(|f| {
-        !matches!(
-            f.data_type(),
-            DataType::Float16
-                | DataType::Float32
-                | DataType::Float64
-                | DataType::List(_)
-                | DataType::LargeList(_)
-                | DataType::Binary
-                | DataType::Struct(_)
-        )
-    })
-}
-
-/// The published states of every view of two runs: same groups, same
-/// finalized rows; same states where states compare exactly.
-async fn assert_same_runs(
-    local: &BatchLayer,
-    a: &Manifest,
-    dist: &BatchLayer,
-    b: &Manifest,
-    ordered: &BTreeMap<String, bool>,
-    case: &str,
-) {
-    assert_eq!(a.h, b.h, "{case}: both runs cover the same events");
-    assert_eq!(a.events, b.events);
-    for view in local.views() {
-        let name = view.name();
-        let (ea, eb) = (&a.views[name], &b.views[name]);
-        assert_eq!(
-            (ea.groups, ea.rows),
-            (eb.groups, eb.rows),
-            "{case}: view `{name}`: the local engine published {} groups and {} rows, Ballista {} and {}",
-            ea.groups,
-            ea.rows,
-            eb.groups,
-            eb.rows
-        );
-        assert_eq!(
-            ea.excluded, eb.excluded,
-            "{case}: view `{name}`: both engines leave out the same events"
-        );
-        if name == "inverse" {
-            assert!(ea.excluded > 0, "{case}: some events have price 0");
-        }
-        let sa = local.read_states(a, view).await.unwrap();
-        let sb = dist.read_states(b, view).await.unwrap();
-        if exact_states(view) {
-            assert_eq!(
-                canonical(&sa),
-                canonical(&sb),
-                "{case}: view `{name}`: Ballista's states differ from the local engine's"
-            );
-        }
-        let ra = view.finalize(vec![sa]).await.unwrap();
-        let rb = view.finalize(vec![sb]).await.unwrap();
-        let ordered = ordered.get(name).copied().unwrap_or(false);
-        if let Err(diff) = oracle::same_rows(&rb, &ra, ordered, 1e-9) {
-            panic!("{case}: view `{name}`: Ballista's rows differ from the local engine's: {diff}");
-        }
-    }
-}
-
 #[test]
 fn ballista_publishes_the_local_engines_states_for_every_view() {
     let cluster = Cluster::start(2);
-    let mut views: Vec<(ViewConfig, bool)> = Config::default()
-        .views
-        .into_iter()
-        .map(|v| (v, false))
-        .collect();
-    views.extend(crate::views::paper_views());
-    // Fails on the events of price 0: the cluster's job fails, and the rows
-    // are found and left out as the local engine leaves them out.
-    views.push((
-        ViewConfig {
-            name: "inverse".into(),
-            sql: "SELECT ProductName, sum(100 / price) AS inv FROM events GROUP BY ProductName"
-                .into(),
-            rollup: Vec::new(),
-        },
-        false,
-    ));
-    // Names are unique per config.
-    views.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-    views.dedup_by(|a, b| a.0.name == b.0.name);
-    let ordered: BTreeMap<String, bool> = views.iter().map(|(v, o)| (v.name.clone(), *o)).collect();
-    let defs: Vec<ViewConfig> = views.into_iter().map(|(v, _)| v).collect();
+    // `inverse` fails on the events of price 0: the cluster's job fails,
+    // and the rows are found and left out as the local engine leaves them out.
+    let (defs, ordered) = compared_views(Vec::new());
     common::rt().block_on(async {
         for seed in [1u64, 7, 42] {
             let dir = tempfile::tempdir().unwrap();
@@ -375,10 +180,10 @@ fn ballista_publishes_the_local_engines_states_for_every_view() {
             let local = open(&config(dir.path(), &defs, None)).await;
             let n = 1500 + rng.below(1500) as usize;
             random_master(&local, &mut rng, n).await;
-            let a = local.run(None, None).await.unwrap();
+            let a = local.run(None).await.unwrap();
             let jobs = cluster.jobs();
             let dist = open(&config(dir.path(), &defs, Some(&cluster.url))).await;
-            let b = dist.run(None, None).await.unwrap();
+            let b = dist.rebuild(None, None).await.unwrap();
             assert_eq!(b.compute.engine, "ballista", "the second run is Ballista's");
             assert_eq!(
                 cluster.jobs() - jobs,
@@ -394,7 +199,25 @@ fn ballista_publishes_the_local_engines_states_for_every_view() {
                 b.compute.stages
             );
             let case = format!("seed {seed} ({} events)", a.events);
-            assert_same_runs(&local, &a, &dist, &b, &ordered, &case).await;
+            assert!(
+                a.views["inverse"].excluded > 0,
+                "{case}: some events have price 0"
+            );
+            assert_same_runs(
+                Side {
+                    layer: &local,
+                    run: &a,
+                    name: "the local engine",
+                },
+                Side {
+                    layer: &dist,
+                    run: &b,
+                    name: "Ballista",
+                },
+                &ordered,
+                &case,
+            )
+            .await;
         }
     });
 }
@@ -427,12 +250,12 @@ fn an_executor_killed_mid_run_is_retried_by_ballista_and_the_run_is_exact() {
         let local = open(&config(dir.path(), &defs, None)).await;
         // Enough events that each view's job runs for a while.
         random_master(&local, &mut rng, 240_000).await;
-        let a = local.run(None, None).await.unwrap();
+        let a = local.run(None).await.unwrap();
         let dist = open(&config(dir.path(), &defs, Some(&cluster.url))).await;
         let jobs = cluster.jobs();
         let run = tokio::spawn({
             let dist = dist.clone();
-            async move { dist.run(None, None).await }
+            async move { dist.rebuild(None, None).await }
         });
         // Kill an executor once the first job is on the cluster.
         let t = Instant::now();
@@ -462,7 +285,21 @@ fn an_executor_killed_mid_run_is_retried_by_ballista_and_the_run_is_exact() {
             log.contains("Removing executor"),
             "the kill must land while the run's jobs are on the cluster; scheduler log:\n{log}"
         );
-        assert_same_runs(&local, &a, &dist, &b, &BTreeMap::new(), "a lost executor").await;
+        assert_same_runs(
+            Side {
+                layer: &local,
+                run: &a,
+                name: "the local engine",
+            },
+            Side {
+                layer: &dist,
+                run: &b,
+                name: "Ballista",
+            },
+            &BTreeMap::new(),
+            "a lost executor",
+        )
+        .await;
     });
 }
 

@@ -227,3 +227,94 @@ fn retention_deletes_log_segments_only_below_the_published_h() {
     let segs = count_files(&site.data.join("log/p0"), ".log");
     assert!(segs >= 1);
 }
+
+#[test]
+fn a_past_run_answers_as_of_its_number_or_time_with_exactly_its_events() {
+    let site = Site::new(CONFIG);
+    let server = site.serve(&[]);
+    let first = send(&server.url, 0, 1500);
+    let s1 = server.wait_settled(Duration::from_secs(90));
+    let r1 = s1["batch"]["published"].clone();
+    let run1 = r1["run"].as_u64().unwrap();
+    let h1: Vec<u64> = serde_json::from_value(r1["h"].clone()).unwrap();
+    send(&server.url, 1500, 3200);
+    let s2 = server.wait_settled(Duration::from_secs(90));
+    assert!(s2["batch"]["published"]["run"].as_u64().unwrap() > run1);
+    // Every later run of this server was incremental: it read only what
+    // was new.
+    let kinds = &s2["batch"]["published"]["kinds"];
+    assert!(
+        kinds["incremental"].as_u64() == Some(3) && kinds["full"].as_u64() == Some(0),
+        "{kinds}"
+    );
+
+    // What run 1 covered: exactly the acknowledged events below its H.
+    let covered: std::collections::BTreeSet<i64> = first
+        .iter()
+        .filter(|((p, o), _)| *o < h1[*p as usize])
+        .map(|(_, zip)| *zip)
+        .collect();
+    assert_eq!(covered.len() as u64, h1.iter().sum::<u64>());
+    let check = |answer: &serde_json::Value, how: &str| {
+        let f = &answer["freshness"];
+        assert_eq!(f["time_travel"], true, "{how}: {f}");
+        assert_eq!(f["run"].as_u64(), Some(run1), "{how}: {f}");
+        assert_eq!(f["h"], r1["h"], "{how}: {f}");
+        assert_eq!(f["table_version"], r1["table_version"], "{how}: {f}");
+        let zips: std::collections::BTreeSet<i64> = answer["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                assert_eq!(r["orders"], 1, "{how}: one event per zipcode: {r}");
+                r["zipcode"].as_i64().unwrap()
+            })
+            .collect();
+        assert_eq!(
+            zips, covered,
+            "{how}: the view over exactly run {run1}'s events"
+        );
+    };
+    let url = format!("{}/v1/views/sales_by_zipcode", server.url);
+    check(
+        &common::get_json(&format!("{url}?as_of={run1}&limit=100000")),
+        "by run",
+    );
+    let published = r1["started_ms"].as_i64().unwrap() + r1["duration_ms"].as_i64().unwrap();
+    let at = chrono::DateTime::from_timestamp_millis(published)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    check(
+        &common::get_json(&format!("{url}?as_of={at}&limit=100000")),
+        "by time",
+    );
+    // A filter applies to the past rows as to the present ones.
+    let one = *covered.iter().next().unwrap();
+    let a = common::get_json(&format!("{url}?as_of={run1}&zipcode={one}"));
+    assert_eq!(a["rows"].as_array().unwrap().len(), 1, "{a}");
+
+    // The CLI, and what is refused.
+    let out = std::process::Command::new(common::BIN)
+        .args(["query", "sales_by_zipcode", "--limit", "3", "--as-of"])
+        .arg(run1.to_string())
+        .args(["--url", &server.url])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(&format!("batch run {run1} alone")),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, body) = common::get_status(&format!("{url}?as_of=999999"));
+    assert_eq!(status, 404, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        body["hint"].as_str().unwrap_or("").contains("are kept"),
+        "{body}"
+    );
+    let (status, body) = common::get_status(&format!("{url}?as_of=last+week"));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("RFC 3339"), "{body}");
+    server.stop();
+}

@@ -9,6 +9,9 @@
 //!  views       view compilation and the merge laws (proptests)
 //!  golden      batch = stream = restored, against checked-in rows
 //!  batch       crashes at each archive and publish step, rebuild, retention
+//!  incremental incremental runs = full recomputes, the full-run policy, time travel
+//!  evolve      a schema that grows: a nullable field added, old events read null
+//!  live_views  views added, changed and dropped while serving, under load
 //!  oracle      every answer equals the view SQL over the events it covers
 //!  ingest_http producers over HTTP: offsets, keys, config errors
 //!  query_api   views, SQL, metrics and the CLI against a running server
@@ -33,12 +36,15 @@ mod ballista;
 mod batch;
 mod crash_loop;
 mod dashboard;
+mod evolve;
 mod faults;
 mod golden;
 mod hostile;
+mod incremental;
 mod ingest_http;
 mod kafka;
 mod kinesis;
+mod live_views;
 mod log;
 mod oracle;
 mod pg;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod exact;
+pub mod states;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -366,6 +367,14 @@ pub fn get_text(url: &str) -> String {
 
 pub fn get_json(url: &str) -> Value {
     rt().block_on(async { reqwest::get(url).await.unwrap().json().await.unwrap() })
+}
+
+/// A GET's status and body text.
+pub fn get_status(url: &str) -> (u16, String) {
+    rt().block_on(async {
+        let r = reqwest::get(url).await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    })
 }
 
 /// [`get_json`], or `None` if the server does not answer (it died).

@@ -1,0 +1,226 @@
+//! The published runs a batch layer keeps: time travel (`?as_of=`) and
+//! retention.
+//!
+//! ```text
+//!  views/runs/000000000040.json  ┐ kept: the last `keep_runs` before the
+//!  views/runs/000000000041.json  │ published one, and any published less
+//!  …                             │ than `keep_for` ago; each names its
+//!  views/runs/000000000049.json  ┘ views' files under views/<view>/<run>-*/
+//!  views/CURRENT  = run 50
+//! ```
+//!
+//! A run's manifest is written (created, never replaced) before `CURRENT`
+//! names it, and its files before that, so a kept manifest answers for
+//! exactly the events below its `H`: the batch view alone, as it was. The
+//! master dataset is not touched by retention (it is immutable); a run that
+//! goes takes its states and TSV files with it, unless a kept run reuses
+//! them (a `rebuild VIEW` run reuses the other views' files).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use super::{BatchError, BatchLayer, Manifest, run_of_dir};
+
+/// How many runs and how long they are kept (`[batch] keep_runs`, `keep_for`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub keep_runs: usize,
+    pub keep_for: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            keep_runs: 10,
+            keep_for: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Which past run a read asks for: `?as_of=42` or `?as_of=2026-11-29T10:00:00Z`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AsOf {
+    Run(u64),
+    /// The run that was published at this time (ms since the epoch).
+    Time(i64),
+}
+
+impl std::str::FromStr for AsOf {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<AsOf, String> {
+        if let Ok(run) = s.parse::<u64>() {
+            return Ok(AsOf::Run(run));
+        }
+        chrono::DateTime::parse_from_rfc3339(s)
+            .map(|t| AsOf::Time(t.timestamp_millis()))
+            .map_err(|e| {
+                format!("`{s}` is neither a run number nor an RFC 3339 time ({e}); write e.g. 42 or 2026-11-29T10:00:00Z")
+            })
+    }
+}
+
+impl std::fmt::Display for AsOf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AsOf::Run(r) => write!(f, "numbered {r}"),
+            AsOf::Time(ms) => write!(f, "as of {}", rfc3339(*ms)),
+        }
+    }
+}
+
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_else(|| format!("{ms} ms"))
+}
+
+impl Manifest {
+    /// When the run was published (its manifest written): start + duration.
+    pub fn published_ms(&self) -> i64 {
+        self.started_ms + self.duration_ms as i64
+    }
+}
+
+fn run_path(run: u64) -> String {
+    format!("views/runs/{run:012}.json")
+}
+
+impl BatchLayer {
+    /// The numbers of the run manifests on storage, newest first.
+    async fn run_numbers(&self) -> Result<Vec<u64>, BatchError> {
+        let mut runs: Vec<u64> = self
+            .storage
+            .list_files("views/runs")
+            .await?
+            .iter()
+            .filter_map(|f| f.strip_suffix(".json")?.parse().ok())
+            .collect();
+        runs.sort_unstable_by(|a, b| b.cmp(a));
+        Ok(runs)
+    }
+
+    /// A run's manifest, if kept.
+    async fn run_manifest(&self, run: u64) -> Result<Option<Manifest>, BatchError> {
+        let path = run_path(run);
+        let Some(bytes) = self.storage.get(&path).await? else {
+            return Ok(None);
+        };
+        self.parse_manifest(&bytes)
+            .map(Some)
+            .map_err(|detail| BatchError::BadManifest { path, detail })
+    }
+
+    /// The manifest of a past run: by number, or the one published last at
+    /// or before a time. Its views are read with [`BatchLayer::read_states`]
+    /// (checked against their checksums and the views' fingerprints: a run
+    /// of another version of a view is refused, not misread).
+    pub async fn manifest_as_of(&self, as_of: AsOf) -> Result<Manifest, BatchError> {
+        let runs = self.run_numbers().await?;
+        let found = match as_of {
+            AsOf::Run(r) if runs.contains(&r) => self.run_manifest(r).await?,
+            AsOf::Run(_) => None,
+            AsOf::Time(t) => {
+                let mut found = None;
+                for &r in &runs {
+                    match self.run_manifest(r).await? {
+                        Some(m) if m.published_ms() <= t => {
+                            found = Some(m);
+                            break;
+                        }
+                        _ => {}
+                    }
+                }
+                found
+            }
+        };
+        match found {
+            Some(m) => Ok(m),
+            None => Err(BatchError::NoSuchRun {
+                as_of,
+                kept: self.describe_kept(&runs).await,
+            }),
+        }
+    }
+
+    /// "runs 41 (published …) to 50 (published …) are kept", for errors.
+    async fn describe_kept(&self, runs: &[u64]) -> String {
+        let (Some(&newest), Some(&oldest)) = (runs.first(), runs.last()) else {
+            return "no run is kept yet".into();
+        };
+        let at = |m: Option<Manifest>| {
+            m.map(|m| format!(" (published {})", rfc3339(m.published_ms())))
+                .unwrap_or_default()
+        };
+        let first = at(self.run_manifest(oldest).await.ok().flatten());
+        let last = at(self.run_manifest(newest).await.ok().flatten());
+        if newest == oldest {
+            format!("only run {newest}{last} is kept")
+        } else {
+            format!("runs {oldest}{first} to {newest}{last} are kept")
+        }
+    }
+
+    /// Removes the runs retention lets go, and the view files no kept run
+    /// names. Files of runs newer than the published one are left alone
+    /// (another driver's run in flight).
+    pub(super) async fn remove_old_runs(&self, published: &Manifest) -> Result<(), BatchError> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let keep_for = self.retention.keep_for.as_millis() as i64;
+        let mut kept = vec![published.clone()];
+        let mut older = 0usize;
+        for r in self.run_numbers().await? {
+            if r >= published.run {
+                continue;
+            }
+            older += 1;
+            let m = self.run_manifest(r).await.ok().flatten();
+            let young = m
+                .as_ref()
+                .is_some_and(|m| now.saturating_sub(m.published_ms()) < keep_for);
+            if older <= self.retention.keep_runs || young {
+                kept.extend(m);
+            } else {
+                self.storage.delete(&run_path(r)).await?;
+            }
+        }
+        let live: HashSet<&str> = kept
+            .iter()
+            .flat_map(|m| m.views.values())
+            .filter_map(|e| e.states.path.rsplit_once('/').map(|(d, _)| d))
+            .collect();
+        for v in self.views().iter() {
+            for d in self
+                .storage
+                .list_dirs(&format!("views/{}", v.name()))
+                .await?
+            {
+                let dir = format!("views/{}/{d}", v.name());
+                if run_of_dir(&d).is_some_and(|r| r < published.run) && !live.contains(dir.as_str())
+                {
+                    self.storage.delete_dir(&dir).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn as_of_is_a_run_number_or_an_rfc3339_time() {
+        assert_eq!("42".parse::<AsOf>(), Ok(AsOf::Run(42)));
+        assert_eq!(
+            "2026-11-29T10:00:00Z".parse::<AsOf>(),
+            Ok(AsOf::Time(1_795_946_400_000))
+        );
+        let e = "yesterday".parse::<AsOf>().unwrap_err();
+        assert!(
+            e.contains("neither a run number nor an RFC 3339 time"),
+            "{e}"
+        );
+    }
+}
