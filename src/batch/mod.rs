@@ -37,7 +37,6 @@ use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::error;
 use crate::master::{MasterDataset, MasterError, MasterSnapshot};
 use crate::storage::{Storage, StorageError, Swap, Version};
 use crate::view::failures::{FailedRow, ViewFailures};
@@ -907,7 +906,7 @@ impl BatchLayer {
                     // anywhere, so find them here, file by file, as the
                     // local engine does.
                     Err(e) if ballista::failed_on_data(&e) => {
-                        tracing::info!(view = view.name(), error = %error::chain(&e), "the cluster's job failed on the view's own expressions; looking for the rows it fails on");
+                        tracing::info!(view = view.name(), error = %crate::error::chain(&e), "the cluster's job failed on the view's own expressions; looking for the rows it fails on");
                         let t = Instant::now();
                         let events = self.master.events_schema().clone();
                         let out =
