@@ -259,7 +259,7 @@ pub struct Assembled {
 /// layer, caught up with the log. Time comes from `clock`.
 pub async fn assemble(mut config: Config, clock: SharedClock) -> Result<Assembled, NodeError> {
     resolve_stream(&mut config).await?;
-    apply_saved_views(&mut config).await?;
+    // The views changed while serving are applied by `open_batch`.
     let batch = open_batch(&config).await?;
     assemble_over(config, clock, batch).await
 }

@@ -100,7 +100,8 @@ pub enum Requested {
 }
 
 impl Requested {
-    fn name(&self) -> &str {
+    /// The view the change is to.
+    pub fn name(&self) -> &str {
         match self {
             Requested::Put(d, _) => &d.name,
             Requested::Drop(n) => n,

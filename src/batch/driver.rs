@@ -366,13 +366,7 @@ pub async fn cycle_changing(
             return Ok::<_, DriverError>(m);
         };
         let (taken, target) = changes.take(&batch.views());
-        let names: Vec<&str> = taken
-            .iter()
-            .map(|c| match c {
-                crate::batch::changes::Requested::Put(d, _) => d.name.as_str(),
-                crate::batch::changes::Requested::Drop(n) => n.as_str(),
-            })
-            .collect();
+        let names: Vec<&str> = taken.iter().map(|c| c.name()).collect();
         tracing::info!(views = ?names, "building changed views");
         let before = match batch.set_views(target) {
             Ok(b) => b,

@@ -17,6 +17,7 @@
 //! them (a `rebuild VIEW` run reuses the other views' files).
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::{BatchError, BatchLayer, Manifest, run_of_dir};
@@ -82,13 +83,18 @@ impl Manifest {
     }
 }
 
-fn run_path(run: u64) -> String {
+/// Parsed run manifests by run number. A number whose manifest was removed
+/// (a run that lost the race to publish) is never used again — a higher one
+/// exists by then — so an entry stays right while its number is listed.
+pub(super) type ManifestCache = std::sync::Mutex<std::collections::HashMap<u64, Arc<Manifest>>>;
+
+pub(super) fn run_path(run: u64) -> String {
     format!("views/runs/{run:012}.json")
 }
 
 impl BatchLayer {
     /// The numbers of the run manifests on storage, newest first.
-    async fn run_numbers(&self) -> Result<Vec<u64>, BatchError> {
+    pub(super) async fn run_numbers(&self) -> Result<Vec<u64>, BatchError> {
         let mut runs: Vec<u64> = self
             .storage
             .list_files("views/runs")
@@ -100,15 +106,24 @@ impl BatchLayer {
         Ok(runs)
     }
 
-    /// A run's manifest, if kept.
-    async fn run_manifest(&self, run: u64) -> Result<Option<Manifest>, BatchError> {
+    /// A run's manifest, if kept (read from storage once per process).
+    async fn run_manifest(&self, run: u64) -> Result<Option<Arc<Manifest>>, BatchError> {
+        if let Some(m) = self.manifests.lock().expect("manifest cache").get(&run) {
+            return Ok(Some(m.clone()));
+        }
         let path = run_path(run);
         let Some(bytes) = self.storage.get(&path).await? else {
             return Ok(None);
         };
-        self.parse_manifest(&bytes)
-            .map(Some)
-            .map_err(|detail| BatchError::BadManifest { path, detail })
+        let m = Arc::new(
+            self.parse_manifest(&bytes)
+                .map_err(|detail| BatchError::BadManifest { path, detail })?,
+        );
+        self.manifests
+            .lock()
+            .expect("manifest cache")
+            .insert(run, m.clone());
+        Ok(Some(m))
     }
 
     /// The manifest of a past run: by number, or the one published last at
@@ -135,7 +150,7 @@ impl BatchLayer {
             }
         };
         match found {
-            Some(m) => Ok(m),
+            Some(m) => Ok((*m).clone()),
             None => Err(BatchError::NoSuchRun {
                 as_of,
                 kept: self.describe_kept(&runs).await,
@@ -148,7 +163,7 @@ impl BatchLayer {
         let (Some(&newest), Some(&oldest)) = (runs.first(), runs.last()) else {
             return "no run is kept yet".into();
         };
-        let at = |m: Option<Manifest>| {
+        let at = |m: Option<Arc<Manifest>>| {
             m.map(|m| format!(" (published {})", rfc3339(m.published_ms())))
                 .unwrap_or_default()
         };
@@ -167,7 +182,7 @@ impl BatchLayer {
     pub(super) async fn remove_old_runs(&self, published: &Manifest) -> Result<(), BatchError> {
         let now = chrono::Utc::now().timestamp_millis();
         let keep_for = self.retention.keep_for.as_millis() as i64;
-        let mut kept = vec![published.clone()];
+        let mut kept = vec![Arc::new(published.clone())];
         let mut older = 0usize;
         for r in self.run_numbers().await? {
             if r >= published.run {
@@ -182,6 +197,7 @@ impl BatchLayer {
                 kept.extend(m);
             } else {
                 self.storage.delete(&run_path(r)).await?;
+                self.manifests.lock().expect("manifest cache").remove(&r);
             }
         }
         let live: HashSet<&str> = kept

@@ -273,6 +273,9 @@ pub struct BatchLayer {
     /// Replaced whole when views change while serving.
     views: arc_swap::ArcSwap<Vec<Arc<View>>>,
     retention: history::Retention,
+    /// Run manifests read back (retention, time travel): a run's manifest
+    /// never changes once created, so each is read once per process.
+    manifests: history::ManifestCache,
     policy: Policy,
     parallelism: usize,
     failures: Arc<ViewFailures>,
@@ -287,17 +290,13 @@ impl BatchLayer {
         views: Vec<Arc<View>>,
         failures: Arc<ViewFailures>,
     ) -> BatchLayer {
-        if storage.url().scheme() != "file" {
-            let url = url::Url::parse(&storage.store_url()).expect("a store URL");
-            for v in &views {
-                v.register_store(&url, storage.store().clone());
-            }
-        }
+        register_store(&storage, &views);
         BatchLayer {
             storage,
             master,
             views: arc_swap::ArcSwap::from_pointee(views),
             retention: history::Retention::default(),
+            manifests: Default::default(),
             policy: Policy::default(),
             parallelism: std::thread::available_parallelism().map_or(1, |n| n.get()),
             failures,
@@ -348,13 +347,8 @@ impl BatchLayer {
             })
             .cloned()
             .collect();
-        self.engine.check(&new, &self.storage.store_url())?;
-        if self.storage.url().scheme() != "file" {
-            let url = url::Url::parse(&self.storage.store_url()).expect("a store URL");
-            for v in &new {
-                v.register_store(&url, self.storage.store().clone());
-            }
-        }
+        self.check_views(&new)?;
+        register_store(&self.storage, &new);
         self.views.store(Arc::new(views));
         Ok(before)
     }
@@ -625,7 +619,7 @@ impl BatchLayer {
                 as_of_ms,
                 started_ms,
                 duration_ms: started.elapsed().as_millis() as u64,
-                engine: engine_version(),
+                engine: version,
                 compute,
                 kinds: RunKinds::of(run, &views),
             },
@@ -636,7 +630,7 @@ impl BatchLayer {
         // number is claimed by creating its manifest; CURRENT is replaced
         // only if it is still what this run started from. A loser removes
         // what it wrote: nothing it computed is ever named by CURRENT.
-        let run_path = format!("views/runs/{run:012}.json");
+        let run_path = history::run_path(run);
         crate::failpoint::hit("batch-before-claim");
         if !self.storage.create(&run_path, json.clone()).await? {
             self.discard(&manifest, None).await;
@@ -687,10 +681,8 @@ impl BatchLayer {
                 }
             }
         }
-        for f in self.storage.list_files("views/runs").await? {
-            if let Some(n) = f.strip_suffix(".json").and_then(|n| n.parse::<u64>().ok()) {
-                max = max.max(n);
-            }
+        if let Some(&newest) = self.run_numbers().await?.first() {
+            max = max.max(newest);
         }
         Ok(max + 1)
     }
@@ -988,6 +980,17 @@ impl BatchLayer {
             failed.extend(rows);
         }
         Ok((view.merge(parts).await?, failed))
+    }
+}
+
+/// Lets `views` read the master dataset on an object store (a local root
+/// needs nothing).
+fn register_store(storage: &Storage, views: &[Arc<View>]) {
+    if storage.url().scheme() != "file" {
+        let url = url::Url::parse(&storage.store_url()).expect("a store URL");
+        for v in views {
+            v.register_store(&url, storage.store().clone());
+        }
     }
 }
 

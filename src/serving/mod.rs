@@ -586,12 +586,11 @@ impl Serving {
 
     /// The views served now, in order, with their indexes.
     pub fn live(&self) -> Vec<(usize, Arc<View>)> {
+        // The snapshot first: `adopt` stores the views before a snapshot
+        // names them, so views loaded after a snapshot cover its `live`.
+        let snap = self.snapshot();
         let views = self.views();
-        self.snapshot()
-            .live
-            .iter()
-            .map(|&i| (i, views[i].clone()))
-            .collect()
+        snap.live.iter().map(|&i| (i, views[i].clone())).collect()
     }
 
     /// The index of the view served as `name` now.
@@ -630,8 +629,8 @@ impl Serving {
     /// its index, any other gets a new one. Returns every view by index and
     /// the new live list, for [`Serving::adopt`].
     pub fn plan_views(&self, views: &[Arc<View>]) -> (Vec<Arc<View>>, Vec<usize>) {
-        let mut all = self.views().as_ref().clone();
         let snap = self.snapshot();
+        let mut all = self.views().as_ref().clone();
         let mut live = Vec::with_capacity(views.len());
         for v in views {
             match snap

@@ -9,12 +9,36 @@ use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use lambdaflow::batch::{BatchLayer, Manifest};
 use lambdaflow::config::Config;
 
 use crate::common::states::{
     Lcg, Side, assert_same_runs, compared_views, config, open, random_master,
 };
 use crate::common::{self, BIN, Site, free_port, wait_listening};
+
+/// A Ballista run `b` of `dist` publishes what the local engine's run `a`
+/// of `local` does.
+async fn assert_ballista_is_local(
+    local: &BatchLayer,
+    a: &Manifest,
+    dist: &BatchLayer,
+    b: &Manifest,
+    ordered: &BTreeMap<String, bool>,
+    case: &str,
+) {
+    let local = Side {
+        layer: local,
+        run: a,
+        name: "the local engine",
+    };
+    let dist = Side {
+        layer: dist,
+        run: b,
+        name: "Ballista",
+    };
+    assert_same_runs(local, dist, ordered, case).await;
+}
 
 /// A Ballista cluster of child processes; all are killed on drop.
 pub(crate) struct Cluster {
@@ -203,21 +227,7 @@ fn ballista_publishes_the_local_engines_states_for_every_view() {
                 a.views["inverse"].excluded > 0,
                 "{case}: some events have price 0"
             );
-            assert_same_runs(
-                Side {
-                    layer: &local,
-                    run: &a,
-                    name: "the local engine",
-                },
-                Side {
-                    layer: &dist,
-                    run: &b,
-                    name: "Ballista",
-                },
-                &ordered,
-                &case,
-            )
-            .await;
+            assert_ballista_is_local(&local, &a, &dist, &b, &ordered, &case).await;
         }
     });
 }
@@ -285,21 +295,7 @@ fn an_executor_killed_mid_run_is_retried_by_ballista_and_the_run_is_exact() {
             log.contains("Removing executor"),
             "the kill must land while the run's jobs are on the cluster; scheduler log:\n{log}"
         );
-        assert_same_runs(
-            Side {
-                layer: &local,
-                run: &a,
-                name: "the local engine",
-            },
-            Side {
-                layer: &dist,
-                run: &b,
-                name: "Ballista",
-            },
-            &BTreeMap::new(),
-            "a lost executor",
-        )
-        .await;
+        assert_ballista_is_local(&local, &a, &dist, &b, &BTreeMap::new(), "a lost executor").await;
     });
 }
 
