@@ -359,12 +359,10 @@ pub async fn assemble_over(
         .with_health(health.clone());
     // POST /v1/events produces into the stream the node consumes.
     if let Some(k) = &config.stream.kafka {
-        ingest.producer = Some(Arc::new(Producer::Kafka(kafka::KafkaProducer::new(k)?)));
+        ingest.set_producer(Producer::Kafka(kafka::KafkaProducer::new(k)?));
     }
     if let Some(k) = &config.stream.kinesis {
-        ingest.producer = Some(Arc::new(Producer::Kinesis(
-            kinesis::KinesisProducer::new(k).await,
-        )));
+        ingest.set_producer(Producer::Kinesis(kinesis::KinesisProducer::new(k).await));
     }
     ingest.backlog = Arc::new(Backlog::new(
         config.ingest.max_unpublished,

@@ -138,13 +138,25 @@ impl Summary {
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(
-            f,
-            "sent {} events in {:.2} s: {} events/s",
-            group(self.events),
-            self.elapsed.as_secs_f64(),
-            group(self.events_per_sec() as u64)
-        )?;
+        if self.failed == 0 {
+            writeln!(
+                f,
+                "sent {} events in {:.2} s: {} events/s",
+                group(self.events),
+                self.elapsed.as_secs_f64(),
+                group(self.events_per_sec() as u64)
+            )?;
+        } else {
+            // A rate of events that were not stored would be a lie.
+            writeln!(
+                f,
+                "FAILED: {} of {} events not stored ({} stored) in {:.2} s",
+                group(self.failed),
+                group(self.events),
+                group(self.accepted),
+                self.elapsed.as_secs_f64(),
+            )?;
+        }
         write!(
             f,
             "  accepted {} · rejected {} · failed {} · requests {} · retries {}",
@@ -298,9 +310,38 @@ struct Reply {
     #[serde(default)]
     rejected: u64,
     #[serde(default)]
+    not_stored: Vec<Span>,
+    #[serde(default)]
+    in_doubt: Vec<Span>,
+    #[serde(default)]
     error: Option<String>,
     #[serde(default)]
     hint: Option<String>,
+}
+
+/// Lines `first..=last` of a body, as a reply names them.
+#[derive(Debug, Default, Deserialize)]
+struct Span {
+    first: u64,
+    last: u64,
+    #[serde(default)]
+    reason: String,
+}
+
+/// The lines of `body` (1-based, blank ones counted) within `spans`, as a
+/// new body, and how many there are.
+fn pick_lines(body: &Bytes, spans: &[&Span]) -> (Bytes, u64) {
+    let mut out = Vec::new();
+    let mut count = 0;
+    for (i, line) in body.split(|&b| b == b'\n').enumerate() {
+        let no = i as u64 + 1;
+        if spans.iter().any(|s| (s.first..=s.last).contains(&no)) {
+            out.extend_from_slice(line);
+            out.push(b'\n');
+            count += 1;
+        }
+    }
+    (out.into(), count)
 }
 
 /// Runs the producer and returns what it did.
@@ -598,17 +639,26 @@ impl Shared {
             }
             start = end + 1;
         }
-        match producer.send(&records).await {
-            Ok(puts) => {
-                self.stats
-                    .accepted
-                    .fetch_add(puts.len() as u64, Ordering::Relaxed);
+        let records: Vec<crate::stream::kinesis::PutRecord> = records
+            .into_iter()
+            .map(|(key, data)| crate::stream::kinesis::PutRecord {
+                key,
+                hash_key: None,
+                data,
+            })
+            .collect();
+        let mut stored = 0;
+        for d in producer.send_each(&records).await {
+            match d {
+                crate::stream::source::Delivery::Stored(_) => stored += 1,
+                crate::stream::source::Delivery::NotStored(why)
+                | crate::stream::source::Delivery::InDoubt(why) => self.fail(&why, 1),
             }
-            Err(e) => self.fail(&crate::error::chain(&e), n),
         }
+        self.stats.accepted.fetch_add(stored, Ordering::Relaxed);
     }
 
-    async fn send(&self, body: Bytes, n: u64) {
+    async fn send(&self, mut body: Bytes, mut n: u64) {
         if let Some(producer) = &self.kafka {
             return self.send_kafka(producer, body, n).await;
         }
@@ -636,6 +686,35 @@ impl Shared {
                         .map(Duration::from_secs);
                     let text = resp.bytes().await.unwrap_or_default();
                     let reply: Reply = serde_json::from_slice(&text).unwrap_or_default();
+                    if status.as_u16() == 207 {
+                        // Part stored: count it, and send exactly the lines
+                        // the stream did not store (or did not confirm) again.
+                        self.stats
+                            .accepted
+                            .fetch_add(reply.accepted, Ordering::Relaxed);
+                        self.stats
+                            .rejected
+                            .fetch_add(reply.rejected, Ordering::Relaxed);
+                        let again: Vec<&Span> =
+                            reply.not_stored.iter().chain(&reply.in_doubt).collect();
+                        let why = again
+                            .first()
+                            .map(|s| format!("HTTP 207: lines not stored: {}", s.reason))
+                            .unwrap_or_default();
+                        let (rest, count) = pick_lines(&body, &again);
+                        if count == 0 || attempt >= self.opts.max_retries {
+                            if count > 0 {
+                                self.fail(&why, count);
+                            }
+                            return;
+                        }
+                        body = rest;
+                        n = count;
+                        attempt += 1;
+                        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(retry_after.unwrap_or(Duration::from_secs(1))).await;
+                        continue;
+                    }
                     if status.is_success() || status.as_u16() == 422 {
                         self.stats
                             .accepted

@@ -47,12 +47,23 @@ pub(super) async fn post_events(
     match state.ingest.ingest(bytes).await {
         Ok(report) => {
             // Every line refused: the request as a whole did not do anything.
-            let status = if report.accepted == 0 && report.rejected > 0 {
+            // Part of the body stored, the rest not (or not known): 207, and
+            // the report lists exactly which lines to send again.
+            let partial = !report.not_stored.is_empty() || !report.in_doubt.is_empty();
+            let status = if partial {
+                StatusCode::MULTI_STATUS
+            } else if report.accepted == 0 && report.rejected > 0 {
                 StatusCode::UNPROCESSABLE_ENTITY
             } else {
                 StatusCode::OK
             };
-            Ok((status, Json(report)).into_response())
+            let retry = !report.not_stored.is_empty();
+            let mut resp = (status, Json(report)).into_response();
+            if retry {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            }
+            Ok(resp)
         }
         Err(IngestFailure { error, partial }) => {
             let status = match &error {
@@ -61,6 +72,7 @@ pub(super) async fn post_events(
                     LogError::Overloaded { .. } | LogError::Closed | LogError::OutOfFiles { .. },
                 )
                 | IngestError::Backlogged { .. }
+                | IngestError::NotStored { .. }
                 | IngestError::Kafka(_)
                 | IngestError::Kinesis(_) => StatusCode::SERVICE_UNAVAILABLE,
                 IngestError::Log(LogError::NoSpace { .. })
@@ -86,6 +98,9 @@ pub(super) async fn post_events(
             }
             if partial.accepted > 0 {
                 err.extra = Some(serde_json::json!({ "stored_before_failure": partial }));
+            } else if matches!(error, IngestError::NotStored { .. }) {
+                // Nothing stored: the lines and why, and the refused ones.
+                err.extra = Some(serde_json::json!({ "report": partial }));
             }
             Err(err)
         }

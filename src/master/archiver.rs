@@ -35,9 +35,7 @@ pub async fn archive_chunk(
 ) -> Result<CommitOutcome, ArchiveError> {
     let batches = read_exact(source, c.partition, c.start, c.end).await?;
     let token = source.resume_token(c.partition, c.end);
-    let outcome = master.commit_chunk(c, batches, token).await?;
-    source.archived(c.partition, c.end);
-    Ok(outcome)
+    master.commit_chunk(c, batches, token).await.map_err(Into::into)
 }
 
 /// The archive queue: commits the partitions' closed chunks in the order
@@ -197,11 +195,9 @@ pub async fn archive_chunks(
             resume: source.resume_token(c.partition, c.end),
         });
     }
-    let outcome = master.commit_chunks(data).await?;
-    for c in chunks {
-        source.archived(c.range.partition, c.range.end);
-    }
-    Ok(outcome)
+    // The stream releases records at publishes (the speed layer tells
+    // it), not at commits: a view built meanwhile still reads them.
+    master.commit_chunks(data).await.map_err(Into::into)
 }
 
 /// Drops the queued chunks the table already holds (committed by another

@@ -506,6 +506,10 @@ impl SpeedLayer {
         // Chunks the installed batch run covers are no longer needed.
         let part = &mut self.parts[p];
         part.chunks.retain(|c| c.range.end > hp);
+        // The stream may drop what a published run covers — not what is
+        // only committed: a view built meanwhile starts its realtime states
+        // at its own run's H, and reads the stream above it.
+        self.source.archived(p as u32, hp);
         // H inside a chunk, or ahead of what was read: the run archived
         // another node's chunks (a cluster's driver, or the one before a
         // failover). Read on from H, so the chunks line up with it again.

@@ -216,7 +216,16 @@ pub struct DeadLetters {
     health: Option<std::sync::Arc<crate::health::Health>>,
     /// The latest refusals, newest last, for the dashboard.
     recent: Mutex<std::collections::VecDeque<RecentReject>>,
+    /// Per stream and partition, the position below which its refused
+    /// records are in the store (`marks.json`): a re-read after a restart
+    /// does not keep them twice.
+    marks: Mutex<StreamMarks>,
 }
+
+/// `marks.json`: stream (as it describes itself) → partition → position.
+type StreamMarks = std::collections::BTreeMap<String, std::collections::BTreeMap<u32, u64>>;
+
+const MARKS: &str = "marks.json";
 
 /// A refused line, as the dashboard lists it.
 #[derive(Debug, Clone, Serialize)]
@@ -245,6 +254,16 @@ impl DeadLetters {
             .filter_map(|p| fs::metadata(p).ok())
             .map(|m| m.len())
             .sum();
+        let marks_path = dir.join(MARKS);
+        let marks = match fs::read(&marks_path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| DeadLetterError::BadRecord {
+                path: marks_path.clone(),
+                line: 1,
+                detail: e.to_string(),
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => StreamMarks::new(),
+            Err(e) => return Err(DeadLetterError::io("read", &marks_path, e)),
+        };
         Ok(DeadLetters {
             dir,
             limits,
@@ -252,6 +271,7 @@ impl DeadLetters {
             counters: DeadLetterCounters::default(),
             health: None,
             recent: Mutex::new(std::collections::VecDeque::with_capacity(RECENT)),
+            marks: Mutex::new(marks),
         })
     }
 
@@ -309,6 +329,48 @@ impl DeadLetters {
                 &format!("{total} refused lines not kept since start (latest: {lines}, {why})"),
             );
         }
+    }
+
+    /// The position of partition `p` of `stream` below which its refused
+    /// records are in the store already (0: none recorded).
+    pub fn stream_mark(&self, stream: &str, p: u32) -> u64 {
+        self.marks
+            .lock()
+            .expect("dead-letter marks")
+            .get(stream)
+            .and_then(|m| m.get(&p))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Writes refused records of partition `p` of `stream`, read up to
+    /// position `end`, and then records `end` as its mark (durably: a
+    /// restart re-reads them without keeping them again). Blocking.
+    pub fn write_stream(
+        &self,
+        stream: &str,
+        p: u32,
+        records: &[DeadLetter],
+        end: u64,
+    ) -> Result<(), DeadLetterError> {
+        self.write(records)?;
+        let mut marks = self.marks.lock().expect("dead-letter marks");
+        let mark = marks.entry(stream.to_string()).or_default().entry(p).or_insert(0);
+        if *mark >= end {
+            return Ok(());
+        }
+        *mark = end;
+        let body = serde_json::to_vec(&*marks).expect("marks serialize");
+        let path = self.dir.join(MARKS);
+        let tmp = self.dir.join("marks.json.tmp");
+        let written = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            File::open(&self.dir)?.sync_all()
+        })();
+        written.map_err(|e| DeadLetterError::io("write", &path, e))
     }
 
     /// Appends records and fsyncs them. Blocking: call off the async runtime.

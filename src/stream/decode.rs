@@ -73,6 +73,28 @@ pub enum Partitioning {
 pub struct Decoder {
     schema: Arc<EventSchema>,
     partitioning: Partitioning,
+    /// Lines longer than this are refused (the stream's record limit).
+    max_line: Option<MaxLine>,
+}
+
+/// The longest line a decoder accepts, and whose limit it is.
+#[derive(Debug, Clone)]
+struct MaxLine {
+    bytes: usize,
+    what: Arc<str>,
+}
+
+/// One accepted line of a body, as [`Decoder::decode_each`] hands it on.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// Its bytes within the body, without the line end.
+    pub range: std::ops::Range<usize>,
+    /// 1-based line number within the body.
+    pub line: u64,
+    pub partition: u32,
+    /// The hash of its key field, under key partitioning: events of one
+    /// key share it (so a stream can keep them on one shard).
+    pub key: Option<u32>,
 }
 
 impl Decoder {
@@ -80,7 +102,18 @@ impl Decoder {
         Decoder {
             schema,
             partitioning,
+            max_line: None,
         }
+    }
+
+    /// Refuses lines longer than `bytes` (`what`: whose limit, for the
+    /// reason: "Kinesis's record limit").
+    pub fn with_max_line(mut self, bytes: usize, what: &str) -> Decoder {
+        self.max_line = Some(MaxLine {
+            bytes,
+            what: what.into(),
+        });
+        self
     }
 
     pub fn schema(&self) -> &Arc<EventSchema> {
@@ -105,18 +138,19 @@ impl Decoder {
         default_partition: u32,
         on_reject: &mut dyn FnMut(Reject),
     ) -> Decoded {
-        self.decode_each(body, default_partition, on_reject, &mut |_, _| {})
+        self.decode_each(body, default_partition, on_reject, &mut |_| {})
     }
 
-    /// [`Decoder::decode_with`], also handing each accepted line's byte
-    /// range (without its line end) and partition to `on_accept`, in order:
-    /// what a node that produces into an external stream sends.
+    /// [`Decoder::decode_with`], also handing each accepted line (its byte
+    /// range without the line end, line number, partition and key hash) to
+    /// `on_accept`, in order: what a node that produces into an external
+    /// stream sends.
     pub fn decode_each(
         &self,
         body: &[u8],
         default_partition: u32,
         on_reject: &mut dyn FnMut(Reject),
-        on_accept: &mut dyn FnMut(std::ops::Range<usize>, u32),
+        on_accept: &mut dyn FnMut(Accepted),
     ) -> Decoded {
         let mut out = Decoded::default();
         let n_parts = match self.partitioning {
@@ -139,6 +173,24 @@ impl Decoder {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
+            if let Some(max) = &self.max_line
+                && line.len() > max.bytes
+            {
+                // Refused before anything is sent: the stream would refuse
+                // the record, and with it a whole call of other records.
+                on_reject(Reject {
+                    line: line_no,
+                    field: None,
+                    reason: format!(
+                        "the event is {} bytes, over {} of {} per record",
+                        line.len(),
+                        max.what,
+                        bytesize::ByteSize::b(max.bytes as u64)
+                    ),
+                    raw: range,
+                });
+                continue;
+            }
             let text = match std::str::from_utf8(line) {
                 Ok(t) => t,
                 Err(e) => {
@@ -156,17 +208,26 @@ impl Decoder {
             };
             match self.parse_line(text) {
                 Ok(row) => {
+                    let key = match self.partitioning {
+                        Partitioning::RoundRobin => None,
+                        Partitioning::Key { field, .. } => Some(key_hash(&row[field])),
+                    };
                     let slot = match self.partitioning {
                         Partitioning::RoundRobin => 0,
-                        Partitioning::Key { field, partitions } => {
-                            (key_hash(&row[field]) % partitions) as usize
+                        Partitioning::Key { partitions, .. } => {
+                            (key.unwrap_or(0) % partitions) as usize
                         }
                     };
                     let partition = match self.partitioning {
                         Partitioning::RoundRobin => default_partition,
                         Partitioning::Key { .. } => slot as u32,
                     };
-                    on_accept(range.start..range.start + line.len(), partition);
+                    on_accept(Accepted {
+                        range: range.start..range.start + line.len(),
+                        line: line_no,
+                        partition,
+                        key,
+                    });
                     columns[slot]
                         .get_or_insert_with(|| Columns::new(fields))
                         .push(row);

@@ -13,7 +13,9 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use super::deadletter::{DeadLetter, DeadLetterError, DeadLetters};
-use super::decode::{Decoded, Decoder};
+use super::decode::{Accepted, Decoded, Decoder};
+use super::source::Delivery;
+use super::kinesis::PutRecord;
 use super::log::{Log, LogError};
 
 /// Bodies larger than this are decoded on the blocking pool, not a runtime worker.
@@ -49,6 +51,55 @@ pub struct IngestReport {
     /// share of it.
     #[serde(skip_serializing_if = "is_zero")]
     pub dead_letters_dropped: u64,
+    /// Valid lines the stream did not store (it refused them, or they were
+    /// not sent after a failure): resending exactly these cannot count an
+    /// event twice. Only on a node that produces into Kafka or Kinesis.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_stored: Vec<LineSpan>,
+    /// Valid lines sent without an answer (a timeout, a lost connection):
+    /// they may or may not be stored.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub in_doubt: Vec<LineSpan>,
+}
+
+/// Consecutive lines `first..=last` of a body that share one outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LineSpan {
+    pub first: u64,
+    pub last: u64,
+    pub lines: u64,
+    pub reason: String,
+}
+
+impl IngestReport {
+    /// Lines not stored, counted.
+    pub fn not_stored_lines(&self) -> u64 {
+        self.not_stored.iter().map(|s| s.lines).sum()
+    }
+
+    /// Lines in doubt, counted.
+    pub fn in_doubt_lines(&self) -> u64 {
+        self.in_doubt.iter().map(|s| s.lines).sum()
+    }
+}
+
+/// Appends line `line` to `spans`, joining the last span when it is the
+/// line after it with the same reason.
+fn push_span(spans: &mut Vec<LineSpan>, line: u64, reason: &str) {
+    if let Some(last) = spans.last_mut()
+        && last.last + 1 == line
+        && last.reason == reason
+    {
+        last.last = line;
+        last.lines += 1;
+        return;
+    }
+    spans.push(LineSpan {
+        first: line,
+        last: line,
+        lines: 1,
+        reason: reason.into(),
+    });
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -224,6 +275,13 @@ pub enum IngestError {
     Kafka(#[from] super::kafka::KafkaError),
     #[error(transparent)]
     Kinesis(#[from] super::kinesis::KinesisError),
+    /// The external stream stored none of the body's valid lines.
+    #[error("{stream} stored none of the {lines} valid lines: {detail}")]
+    NotStored {
+        stream: String,
+        lines: u64,
+        detail: String,
+    },
     /// This node consumes an external stream; its producers send there.
     #[error(
         "this node consumes {stream}; send events to it directly (for example `lambdaflow produce --kafka BROKERS --topic TOPIC`)"
@@ -306,6 +364,7 @@ impl IngestError {
                     | LogError::OutOfFiles { .. }
             ) | IngestError::DeadLetter(DeadLetterError::NoSpace { .. })
                 | IngestError::Backlogged { .. }
+                | IngestError::NotStored { .. }
         )
     }
 }
@@ -336,18 +395,13 @@ fn decode_into(
     partition: u32,
     refusals: &mut Refusals,
     collect: bool,
-) -> (Decoded, Vec<(std::ops::Range<usize>, u32)>) {
+) -> (Decoded, Vec<Accepted>) {
     let mut lines = Vec::new();
-    let decoded = decoder.decode_each(
-        body,
-        partition,
-        &mut |r| refusals.push(r),
-        &mut |range, p| {
-            if collect {
-                lines.push((range, p))
-            }
-        },
-    );
+    let decoded = decoder.decode_each(body, partition, &mut |r| refusals.push(r), &mut |a| {
+        if collect {
+            lines.push(a)
+        }
+    });
     (decoded, lines)
 }
 
@@ -410,6 +464,15 @@ impl Ingest {
 
     pub fn log(&self) -> &Arc<Log> {
         &self.log
+    }
+
+    /// Produces accepted lines into `producer` instead of the embedded log;
+    /// a line over the stream's record limit is refused as a bad line
+    /// before anything is sent.
+    pub fn set_producer(&mut self, producer: Producer) {
+        let (bytes, what) = producer.max_record();
+        self.decoder = self.decoder.clone().with_max_line(bytes, what);
+        self.producer = Some(Arc::new(producer));
     }
 
     pub fn dead_letters(&self) -> &Arc<DeadLetters> {
@@ -515,32 +578,54 @@ impl Ingest {
     }
 
     /// Sends the accepted lines of a body to the external stream, each to
-    /// its partition, and replies once every one is acknowledged (`acks =
-    /// all`). A failure may leave some stored: a resend can duplicate them
-    /// (at-least-once, as for a reply lost on the way).
+    /// its partition, and replies once the stream has answered for every
+    /// one (`acks = all` on Kafka): the report says exactly which lines are
+    /// stored, which are not (safe to resend) and which are in doubt.
     async fn produce(
         &self,
         producer: &Producer,
         body: &Bytes,
-        lines: Vec<(std::ops::Range<usize>, u32)>,
+        lines: Vec<Accepted>,
         mut report: IngestReport,
     ) -> Result<IngestReport, IngestFailure> {
-        let producer = match producer {
-            Producer::Kafka(k) => k,
+        if lines.is_empty() {
+            return Ok(report);
+        }
+        match producer {
             Producer::Kinesis(k) => {
-                // The key's hash (the partitioning's bucket) is the partition
-                // key: one key's events share a shard.
-                let records: Vec<(String, Bytes)> = lines
+                // Keyed events share a hash key (and so a shard); others are
+                // spread over the whole hash range, so every shard takes its
+                // share whatever the shard layout.
+                let base = self
+                    .next_partition
+                    .fetch_add(lines.len() as u32, Ordering::Relaxed);
+                let records: Vec<PutRecord> = lines
                     .iter()
-                    .map(|(range, p)| (p.to_string(), body.slice(range.clone())))
+                    .enumerate()
+                    .map(|(i, a)| {
+                        let h = a.key.unwrap_or_else(|| spread(base.wrapping_add(i as u32)));
+                        PutRecord {
+                            key: a.partition.to_string(),
+                            hash_key: Some(super::kinesis::spread_hash_key(h)),
+                            data: body.slice(a.range.clone()),
+                        }
+                    })
                     .collect();
-                let puts = k.send(&records).await.map_err(|e| IngestFailure {
-                    error: e.into(),
-                    partial: IngestReport::default(),
-                })?;
+                let puts = k.send_each(&records).await;
                 let mut ranges: std::collections::BTreeMap<String, SequenceRange> =
                     Default::default();
-                for put in puts {
+                for (put, a) in puts.into_iter().zip(&lines) {
+                    let put = match put {
+                        Delivery::Stored(put) => put,
+                        Delivery::NotStored(why) => {
+                            push_span(&mut report.not_stored, a.line, &why);
+                            continue;
+                        }
+                        Delivery::InDoubt(why) => {
+                            push_span(&mut report.in_doubt, a.line, &why);
+                            continue;
+                        }
+                    };
                     let r = ranges
                         .entry(put.shard.clone())
                         .or_insert_with(|| SequenceRange {
@@ -557,40 +642,89 @@ impl Ingest {
                     report.accepted += 1;
                 }
                 report.sequences = ranges.into_values().collect();
-                self.counters
-                    .accepted
-                    .fetch_add(report.accepted, Ordering::Relaxed);
-                return Ok(report);
             }
-        };
-        let acks = producer
-            .send(
-                lines
-                    .iter()
-                    .map(|(range, p)| (Some(*p), None, &body[range.clone()])),
-            )
-            .await
-            .map_err(|e| IngestFailure {
-                error: e.into(),
-                partial: IngestReport::default(),
-            })?;
-        // Per partition, the first and last offset of this body's events
-        // (another producer's records may lie between them).
-        let mut ranges: std::collections::BTreeMap<u32, OffsetRange> = Default::default();
-        for (p, o) in acks {
-            let r = ranges.entry(p).or_insert(OffsetRange {
-                partition: p,
-                first: o,
-                last: o,
-            });
-            r.first = r.first.min(o);
-            r.last = r.last.max(o);
-            report.accepted += 1;
+            Producer::Kafka(k) => {
+                let acks = k
+                    .send_each(
+                        lines
+                            .iter()
+                            .map(|a| (Some(a.partition), None, &body[a.range.clone()])),
+                    )
+                    .await;
+                // Per partition, the first and last offset of this body's events
+                // (another producer's records may lie between them).
+                let mut ranges: std::collections::BTreeMap<u32, OffsetRange> = Default::default();
+                for (ack, a) in acks.into_iter().zip(&lines) {
+                    let (p, o) = match ack {
+                        Delivery::Stored(at) => at,
+                        Delivery::NotStored(why) => {
+                            push_span(&mut report.not_stored, a.line, &why);
+                            continue;
+                        }
+                        Delivery::InDoubt(why) => {
+                            push_span(&mut report.in_doubt, a.line, &why);
+                            continue;
+                        }
+                    };
+                    let r = ranges.entry(p).or_insert(OffsetRange {
+                        partition: p,
+                        first: o,
+                        last: o,
+                    });
+                    r.first = r.first.min(o);
+                    r.last = r.last.max(o);
+                    report.accepted += 1;
+                }
+                report.offsets = ranges.into_values().collect();
+            }
         }
-        report.offsets = ranges.into_values().collect();
         self.counters
             .accepted
             .fetch_add(report.accepted, Ordering::Relaxed);
+        if report.accepted == 0 && report.in_doubt.is_empty() {
+            // Nothing stored: the whole body can be sent again.
+            let why = report.not_stored[0].reason.clone();
+            return Err(IngestFailure {
+                error: IngestError::NotStored {
+                    stream: producer.describe(),
+                    lines: report.not_stored_lines(),
+                    detail: why,
+                },
+                partial: report,
+            });
+        }
         Ok(report)
     }
 }
+
+/// A 32-bit value spread uniformly from a counter (SplitMix64's finalizer):
+/// consecutive unkeyed events land far apart in the hash range.
+fn spread(n: u32) -> u32 {
+    let mut z = (n as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) as u32
+}
+
+impl Producer {
+    /// The stream, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Producer::Kafka(k) => format!("Kafka topic `{}`", k.topic()),
+            Producer::Kinesis(k) => format!("Kinesis stream `{}`", k.stream()),
+        }
+    }
+
+    /// The longest event the stream takes as one record, and whose limit.
+    pub fn max_record(&self) -> (usize, &'static str) {
+        match self {
+            Producer::Kafka(k) => (k.max_record(), "the Kafka producer's message.max.bytes"),
+            // The partition key counts too (a few digits).
+            Producer::Kinesis(_) => (
+                super::kinesis::MAX_RECORD_BYTES - 16,
+                "Kinesis's record limit",
+            ),
+        }
+    }
+}
+

@@ -128,6 +128,16 @@ pub enum KafkaError {
         from: u64,
         end: u64,
     },
+    /// Refused records that the dead-letter store cannot take (a full disk):
+    /// the partition waits rather than skip them.
+    #[error(
+        "refused records of partition {partition} of Kafka topic `{topic}` cannot be kept in the dead-letter store ({detail}); the partition waits until they can"
+    )]
+    DeadLetters {
+        topic: String,
+        partition: u32,
+        detail: String,
+    },
     #[error("cannot send to Kafka topic `{topic}`")]
     Send {
         topic: String,
@@ -428,12 +438,15 @@ impl KafkaSource {
 
     /// Decodes records into one batch; refused ones go to the dead-letter
     /// store (once) and become gaps.
-    fn decode(&self, p: u32, records: Vec<Record>, end: u64) -> SourceBatch {
+    /// `Err` when refused records cannot be kept: the partition's cursors
+    /// are dropped, so the next read fetches the same records again.
+    fn decode(&self, p: u32, records: Vec<Record>, end: u64) -> Result<SourceBatch, KafkaError> {
         let part = self.part(p);
         let dead_mark = &part.dead_mark;
         let batch = decode_records(
             &self.decoder,
             &self.dead,
+            &format!("kafka/{}", self.config.topic),
             p,
             records.iter().map(|r| RawRecord {
                 position: r.offset,
@@ -441,10 +454,25 @@ impl KafkaSource {
                 value: r.payload.as_deref(),
             }),
             end,
-            dead_mark.load(Ordering::Relaxed),
+            dead_mark
+                .load(Ordering::Relaxed)
+                .max(self.dead.stream_mark(&format!("kafka/{}", self.config.topic), p)),
         );
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                part.cursors.lock().expect("kafka cursors").clear();
+                let e = KafkaError::DeadLetters {
+                    topic: self.config.topic.clone(),
+                    partition: p,
+                    detail: crate::error::chain(&e),
+                };
+                *part.failed.lock().expect("kafka failure") = Some((e.clone(), Instant::now()));
+                return Err(e);
+            }
+        };
         dead_mark.fetch_max(end, Ordering::Relaxed);
-        batch
+        Ok(batch)
     }
 
     /// Takes up to `max` buffered records below `until` from the cursor at
@@ -623,7 +651,7 @@ impl Source for KafkaSource {
         let began = Instant::now();
         loop {
             let fresh = match self.take(p, from, until, max_events)? {
-                Took::Records(records, end) => return Ok(vec![self.decode(p, records, end)]),
+                Took::Records(records, end) => return Ok(vec![self.decode(p, records, end)?]),
                 Took::Nothing { fresh } => fresh,
             };
             let waited = began.elapsed();
@@ -765,8 +793,12 @@ fn read_ahead_loop(source: Weak<KafkaSource>, p: u32) {
             Some(Duration::from_millis(5))
         } else {
             match s.take(p, head, u64::MAX, AHEAD_RECORDS) {
-                Ok(Took::Records(records, end)) if !records.is_empty() => {
-                    let batch = s.decode(p, records, end);
+                Ok(Took::Records(records, end)) if !records.is_empty() => match s.decode(p, records, end) {
+                    Err(_) => {
+                        // The read-ahead starts again at its head.
+                        Some(Duration::from_millis(500))
+                    }
+                    Ok(batch) => {
                     if let Some(a) = part.ahead.lock().expect("read-ahead").as_mut()
                         && a.head == head
                     {
@@ -781,7 +813,8 @@ fn read_ahead_loop(source: Weak<KafkaSource>, p: u32) {
                     part.grown.notify_waiters();
                     idle = Duration::from_millis(1);
                     None
-                }
+                    }
+                },
                 Ok(_) => {
                     // Nothing yet: poll again soon, less often while idle.
                     let wait = idle;
@@ -811,6 +844,7 @@ impl From<KafkaError> for SourceError {
 pub struct KafkaProducer {
     producer: FutureProducer,
     topic: String,
+    max_record: usize,
 }
 
 impl KafkaProducer {
@@ -830,16 +864,70 @@ impl KafkaProducer {
         Ok(KafkaProducer {
             producer,
             topic: config.topic.clone(),
+            max_record: max_record_bytes(config),
         })
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The longest event this producer sends as one record.
+    pub fn max_record(&self) -> usize {
+        self.max_record
     }
 
     /// Sends each record to its partition (`None`: the partitioner picks by
     /// key, or spreads keyless records) and waits for every acknowledgement;
-    /// returns each record's (partition, offset).
+    /// returns each record's (partition, offset), or the first failure (some
+    /// records may be stored then: [`KafkaProducer::send_each`] says which).
     pub async fn send(
         &self,
         records: impl IntoIterator<Item = (Option<u32>, Option<&[u8]>, &[u8])>,
     ) -> Result<Vec<(u32, u64)>, KafkaError> {
+        let mut out = Vec::new();
+        for r in self.send_raw(records).await {
+            out.push(r.map_err(|source| KafkaError::Send {
+                topic: self.topic.clone(),
+                source,
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// [`KafkaProducer::send`], with what became of each record: stored
+    /// (partition, offset), refused by the broker (not stored), or in doubt
+    /// (timed out: it may be stored).
+    pub async fn send_each(
+        &self,
+        records: impl IntoIterator<Item = (Option<u32>, Option<&[u8]>, &[u8])>,
+    ) -> Vec<super::source::Delivery<(u32, u64)>> {
+        use super::source::Delivery;
+        self.send_raw(records)
+            .await
+            .into_iter()
+            .map(|r| match r {
+                Ok(at) => Delivery::Stored(at),
+                Err(e) => {
+                    let why = KafkaError::Send {
+                        topic: self.topic.clone(),
+                        source: e.clone(),
+                    };
+                    let why = crate::error::chain(&why);
+                    if refused_for_good(&e) {
+                        Delivery::NotStored(why)
+                    } else {
+                        Delivery::InDoubt(why)
+                    }
+                }
+            })
+            .collect()
+    }
+
+    async fn send_raw(
+        &self,
+        records: impl IntoIterator<Item = (Option<u32>, Option<&[u8]>, &[u8])>,
+    ) -> Vec<Result<(u32, u64), ClientError>> {
         let mut pending = Vec::new();
         for (partition, key, value) in records {
             let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic).payload(value);
@@ -851,16 +939,55 @@ impl KafkaProducer {
             }
             pending.push(self.producer.send(record, Duration::from_secs(30)));
         }
-        let mut out = Vec::with_capacity(pending.len());
-        for r in futures::future::join_all(pending).await {
-            let delivery = r.map_err(|(source, _)| KafkaError::Send {
-                topic: self.topic.clone(),
-                source,
-            })?;
-            out.push((delivery.partition as u32, delivery.offset as u64));
-        }
-        Ok(out)
+        futures::future::join_all(pending)
+            .await
+            .into_iter()
+            .map(|r| {
+                r.map(|d| (d.partition as u32, d.offset as u64))
+                    .map_err(|(e, _)| e)
+            })
+            .collect()
     }
+}
+
+/// Whether a failed send was refused by the broker or the client before
+/// it could be stored (so resending cannot count it twice); a timeout or a
+/// lost connection may have stored it.
+fn refused_for_good(e: &ClientError) -> bool {
+    use RDKafkaErrorCode as C;
+    match e {
+        ClientError::MessageProduction(code) => matches!(
+            code,
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::InvalidMessage
+                | C::InvalidRecord
+                | C::UnknownTopicOrPartition
+                | C::UnknownTopic
+                | C::UnknownPartition
+                | C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::InvalidRequiredAcks
+                | C::InvalidTopic
+                | C::UnsupportedForMessageFormat
+                | C::PolicyViolation
+                | C::QueueFull
+                | C::BadMessage
+        ),
+        _ => false,
+    }
+}
+
+/// The largest event a Kafka topic takes by default: librdkafka's
+/// `message.max.bytes` (1,000,000) less room for a record's framing; the
+/// user's `options` may set another.
+pub fn max_record_bytes(config: &KafkaConfig) -> usize {
+    let limit = config
+        .options
+        .get("message.max.bytes")
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1_000_000);
+    limit.saturating_sub(512)
 }
 
 /// How many partitions the topic has (a metadata request).

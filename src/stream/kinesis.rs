@@ -40,7 +40,8 @@ use super::cache::{Fetch, ReadAhead};
 use super::deadletter::DeadLetters;
 use super::decode::Decoder;
 use super::source::{
-    PartitionInfo, PartitionState, RawRecord, Source, SourceBatch, SourceError, decode_records,
+    Delivery, PartitionInfo, PartitionState, RawRecord, Source, SourceBatch, SourceError,
+    decode_records,
 };
 use crate::health::Health;
 use crate::storage::Storage;
@@ -104,8 +105,16 @@ impl KinesisConfig {
                 tls::rustls_provider::CryptoMode::Ring,
             ))
             .build_https();
-        let mut loader =
-            aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http);
+        // Bounded calls: a call that hangs (a service or a network that
+        // stops answering) fails, and is reported, instead of holding an
+        // ingest request or a shard reader for good.
+        let timeouts = aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .operation_attempt_timeout(Duration::from_secs(20))
+            .build();
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .http_client(http)
+            .timeout_config(timeouts);
         if let Some(r) = &self.region {
             loader = loader.region(aws_config::Region::new(r.clone()));
         }
@@ -402,7 +411,18 @@ impl KinesisSource {
         health: Option<Arc<Health>>,
     ) -> Result<Arc<KinesisSource>, KinesisError> {
         let client = config.reader_client().await;
-        let listed = list_shards(&client, &config.stream).await?;
+        // The readers' client does not retry by itself; a passing failure
+        // (a 500, a throttled call) must not stop the node from starting.
+        let mut attempt = 0;
+        let listed = loop {
+            match list_shards(&client, &config.stream).await {
+                Err(KinesisError::Connect { .. }) if attempt < 5 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                }
+                r => break r?,
+            }
+        };
         let registry = Registry::extend(&storage, &config.stream, &listed).await?;
         let source = Arc::new(KinesisSource {
             config,
@@ -421,13 +441,20 @@ impl KinesisSource {
     fn add_shards(&self, registry: &Registry) {
         let mut shards = self.shards.write().expect("kinesis shards");
         for (p, entry) in registry.shards.iter().enumerate().skip(shards.len()) {
+            let mut state = ShardState::new();
+            state.dead_mark = self.dead.stream_mark(&self.dead_key(), p as u32);
             shards.push(Arc::new(Shard {
                 partition: p as u32,
                 entry: entry.clone(),
-                state: Mutex::new(ShardState::new()),
+                state: Mutex::new(state),
                 head: watch::channel(0).0,
             }));
         }
+    }
+
+    /// This stream's key in the dead-letter store's marks.
+    fn dead_key(&self) -> String {
+        format!("kinesis/{}", self.config.stream)
     }
 
     fn shard(&self, p: u32) -> Result<Arc<Shard>, SourceError> {
@@ -468,7 +495,7 @@ impl KinesisSource {
             }
             let mut st = s.state.lock().expect("shard state");
             st.cache = ReadAhead::at(at, seq);
-            st.dead_mark = at;
+            st.dead_mark = at.max(self.dead.stream_mark(&self.dead_key(), s.partition));
             s.head.send_replace(at);
         }
         for s in shards {
@@ -499,6 +526,31 @@ impl KinesisSource {
                 .find(|s| &s.entry.shard == parent)
                 .is_none_or(|s| s.state.lock().expect("shard state").finished)
         })
+    }
+
+    /// Whether `shard`, which Kinesis says does not exist, has expired: the
+    /// stream is there but no longer lists it (AWS drops a closed shard once
+    /// its records are past retention, and answers `ResourceNotFound` for
+    /// it). Then its partition ends where this node read it to, as KCL
+    /// ends it, with a note: records past `at`, if it had any, are gone.
+    async fn expired(&self, shard: &Shard, at: u64) -> bool {
+        let Ok(listed) = list_shards(&self.client, &self.config.stream).await else {
+            return false; // the stream itself is gone or unreachable
+        };
+        if listed.iter().any(|l| l.shard == shard.entry.shard) {
+            return false;
+        }
+        finish(shard, at);
+        let note = format!(
+            "shard {} has expired (past the stream's retention, no longer listed); its partition ends at position {at}, where this node had read it to: records after it, if it had any, could not be read",
+            shard.entry.shard
+        );
+        tracing::warn!(shard = %shard.entry.shard, partition = shard.partition, at, "a Kinesis shard has expired; its partition ends");
+        if let Some(h) = &self.health {
+            h.clear(&format!("stream/p{}", shard.partition));
+            h.recovered(&format!("stream/p{}", shard.partition), &note);
+        }
+        true
     }
 
     fn report_read(&self, shard: &Shard, detail: String) {
@@ -555,10 +607,19 @@ async fn follow_shards(source: Weak<KinesisSource>) {
                 continue;
             }
         };
-        let known = s.shards.read().expect("kinesis shards").len();
-        if listed.len() <= known {
-            continue;
-        }
+        // New shards by id, not by count: expired shards leave the list
+        // (AWS drops them once past retention), so a merge after an expiry
+        // can leave the count as it was.
+        let known = {
+            let shards = s.shards.read().expect("kinesis shards");
+            if listed
+                .iter()
+                .all(|l| shards.iter().any(|r| r.entry.shard == l.shard))
+            {
+                continue;
+            }
+            shards.len()
+        };
         match Registry::extend(&s.storage, &s.config.stream, &listed).await {
             Ok(registry) if registry.shards.len() > known => {
                 s.add_shards(&registry);
@@ -633,8 +694,13 @@ async fn poll_shard(source: Weak<KinesisSource>, shard: Arc<Shard>) {
                         }
                     },
                     Err(e) => {
-                        let throttled = e.as_service_error().and_then(|x| x.code())
-                            == Some("LimitExceededException");
+                        let code = e.code().map(str::to_string);
+                        if code.as_deref() == Some("ResourceNotFoundException")
+                            && s.expired(&shard, at).await
+                        {
+                            return;
+                        }
+                        let throttled = code.as_deref() == Some("LimitExceededException");
                         shard.state.lock().expect("shard state").throttled = throttled;
                         s.report_read(&shard, aws_detail(e));
                         drop(s);
@@ -680,6 +746,9 @@ async fn poll_shard(source: Weak<KinesisSource>, shard: Arc<Shard>) {
                         iterator = None;
                         continue;
                     }
+                    Some("ResourceNotFoundException") if s.expired(&shard, at).await => {
+                        return;
+                    }
                     _ => {
                         iterator = None;
                         s.report_read(&shard, aws_detail(e));
@@ -691,8 +760,6 @@ async fn poll_shard(source: Weak<KinesisSource>, shard: Arc<Shard>) {
                 continue;
             }
         };
-        backoff = Duration::from_millis(500);
-        s.clear(p);
         let records = out.records();
         if !records.is_empty() {
             let mark = shard.state.lock().expect("shard state").dead_mark;
@@ -709,7 +776,26 @@ async fn poll_shard(source: Weak<KinesisSource>, shard: Arc<Shard>) {
                 })
                 .collect();
             let end = at + records.len() as u64;
-            let batch = decode_records(&s.decoder, &s.dead, p, raw, end, mark);
+            let batch = match decode_records(&s.decoder, &s.dead, &s.dead_key(), p, raw, end, mark)
+            {
+                Ok(batch) => batch,
+                Err(e) => {
+                    // Refused records that cannot be kept are not skipped:
+                    // the shard waits, and reads them again.
+                    iterator = None;
+                    s.report_read(
+                        &shard,
+                        format!(
+                            "refused records cannot be kept in the dead-letter store ({}); the shard waits until they can",
+                            crate::error::chain(&e)
+                        ),
+                    );
+                    drop(s);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            };
             let fetch = Fetch {
                 first: at,
                 end,
@@ -728,6 +814,8 @@ async fn poll_shard(source: Weak<KinesisSource>, shard: Arc<Shard>) {
             st.throttled = false;
             st.millis_behind = out.millis_behind_latest().unwrap_or(0);
         }
+        backoff = Duration::from_millis(500);
+        s.clear(p);
         match out.next_shard_iterator() {
             Some(next) => iterator = Some(next.to_string()),
             None => {
@@ -856,10 +944,93 @@ pub struct Put {
     pub sequence: String,
 }
 
+/// One record to put: its partition key, optionally the hash key that
+/// places it (overriding the partition key's MD5), and its data.
+#[derive(Debug, Clone)]
+pub struct PutRecord {
+    pub key: String,
+    pub hash_key: Option<u128>,
+    pub data: Bytes,
+}
+
+impl PutRecord {
+    /// The bytes Kinesis counts against its record limit: data and key.
+    fn size(&self) -> usize {
+        self.data.len() + self.key.len()
+    }
+}
+
+/// The largest record Kinesis takes (data and partition key together) on a
+/// stream that keeps the default maximum record size.
+pub const MAX_RECORD_BYTES: usize = 1 << 20;
+
+/// The hash key that puts records of a key hash `h` (32 bits, uniform) at
+/// the same place of the 128-bit hash range every time, spread over the
+/// whole range whatever the shard layout.
+pub fn spread_hash_key(h: u32) -> u128 {
+    // Scale the 32-bit hash to the top of the range; fill the low bits
+    // from the hash too, so no two hashes collide on a boundary.
+    ((h as u128) << 96) | ((h as u128) << 64) | (h as u128)
+}
+
 /// `PutRecords` into the stream, the failed records retried.
 pub struct KinesisProducer {
     client: Client,
     stream: String,
+    /// How long failed records are retried before they are reported.
+    retry_for: Duration,
+}
+
+/// Why a whole PutRecords call failed, and whether its records may be stored.
+enum CallFailure {
+    /// Throttled: try again.
+    Retry(String),
+    /// Refused (a service error) or never sent (no connection).
+    NotStored(String),
+    /// Sent without an answer.
+    InDoubt(String),
+}
+
+fn classify<E, R>(e: aws_sdk_kinesis::error::SdkError<E, R>) -> CallFailure
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + 'static,
+{
+    use aws_sdk_kinesis::error::SdkError;
+    let throttled = matches!(
+        e.code(),
+        Some(
+            "ProvisionedThroughputExceededException"
+                | "LimitExceededException"
+                | "KMSThrottlingException"
+                | "ThrottlingException"
+        )
+    );
+    let refused_connection = {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        let mut refused = false;
+        while let Some(c) = cause {
+            if let Some(io) = c.downcast_ref::<std::io::Error>()
+                && matches!(
+                    io.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                )
+            {
+                refused = true;
+            }
+            cause = c.source();
+        }
+        refused
+    };
+    let service = matches!(e, SdkError::ServiceError(_) | SdkError::ConstructionFailure(_));
+    let detail = aws_detail(e);
+    if throttled {
+        CallFailure::Retry(detail)
+    } else if service || refused_connection {
+        CallFailure::NotStored(detail)
+    } else {
+        CallFailure::InDoubt(detail)
+    }
 }
 
 impl KinesisProducer {
@@ -872,62 +1043,102 @@ impl KinesisProducer {
         KinesisProducer {
             client,
             stream: stream.into(),
+            retry_for: Duration::from_secs(20),
         }
     }
 
-    /// Sends `(partition key, data)` records, in calls of at most 500
-    /// records and 5 MiB; records a call refuses (throttled, internal
-    /// failure) are sent again with backoff. Returns where each one went, in
-    /// order, once all are stored.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// Sends `(partition key, data)` records and returns where each one
+    /// went, in order, once all are stored; the first failure otherwise
+    /// (some records may be stored then: [`KinesisProducer::send_each`]
+    /// says which).
     pub async fn send(&self, records: &[(String, Bytes)]) -> Result<Vec<Put>, KinesisError> {
-        let mut out: Vec<Option<Put>> = vec![None; records.len()];
+        let records: Vec<PutRecord> = records
+            .iter()
+            .map(|(key, data)| PutRecord {
+                key: key.clone(),
+                hash_key: None,
+                data: data.clone(),
+            })
+            .collect();
+        self.send_each(&records)
+            .await
+            .into_iter()
+            .map(|d| match d {
+                Delivery::Stored(p) => Ok(p),
+                Delivery::NotStored(detail) | Delivery::InDoubt(detail) => Err(KinesisError::Put {
+                    stream: self.stream.clone(),
+                    detail,
+                }),
+            })
+            .collect()
+    }
+
+    /// Sends records in calls of at most 500 records and 5 MiB; records a
+    /// call refuses (throttled, an internal failure) are sent again with
+    /// backoff for a while. Returns what became of each record, in order.
+    /// After a call fails whole for good, the records after it are not sent.
+    pub async fn send_each(&self, records: &[PutRecord]) -> Vec<Delivery<Put>> {
+        let mut out: Vec<Option<Delivery<Put>>> = vec![None; records.len()];
         let mut start = 0;
+        let deadline = Instant::now() + self.retry_for;
         while start < records.len() {
             let mut end = start;
             let mut bytes = 0;
             while end < records.len()
                 && end - start < PUT_RECORDS
-                && (end == start
-                    || bytes + records[end].1.len() + records[end].0.len() <= PUT_BYTES)
+                && (end == start || bytes + records[end].size() <= PUT_BYTES)
             {
-                bytes += records[end].1.len() + records[end].0.len();
+                bytes += records[end].size();
                 end += 1;
             }
-            self.put_all(&records[start..end], &mut out[start..end])
-                .await?;
+            let failed = self
+                .put_all(&records[start..end], &mut out[start..end], deadline)
+                .await;
             start = end;
+            if let Some(why) = failed {
+                for o in &mut out[start..] {
+                    *o = Some(Delivery::NotStored(format!(
+                        "not sent: an earlier PutRecords call of the request failed ({why})"
+                    )));
+                }
+                break;
+            }
         }
-        Ok(out
-            .into_iter()
-            .map(|p| p.expect("every record put"))
-            .collect())
+        out.into_iter()
+            .map(|d| d.expect("every record has an outcome"))
+            .collect()
     }
 
+    /// One call's records until each is stored or failed; `Some(why)` when
+    /// the call failed as a whole (the records after it should not be sent).
     async fn put_all(
         &self,
-        records: &[(String, Bytes)],
-        out: &mut [Option<Put>],
-    ) -> Result<(), KinesisError> {
+        records: &[PutRecord],
+        out: &mut [Option<Delivery<Put>>],
+        deadline: Instant,
+    ) -> Option<String> {
         let mut backoff = Duration::from_millis(50);
-        for attempt in 0.. {
+        loop {
             let pending: Vec<usize> = (0..records.len()).filter(|&i| out[i].is_none()).collect();
             if pending.is_empty() {
-                return Ok(());
+                return None;
             }
             let entries = pending
                 .iter()
                 .map(|&i| {
                     PutRecordsRequestEntry::builder()
-                        .partition_key(&records[i].0)
-                        .data(Blob::new(records[i].1.to_vec()))
+                        .partition_key(&records[i].key)
+                        .set_explicit_hash_key(records[i].hash_key.map(|h| h.to_string()))
+                        .data(Blob::new(records[i].data.to_vec()))
                         .build()
                         .expect("key and data are set")
                 })
                 .collect::<Vec<_>>();
-            let fail = |detail: String| KinesisError::Put {
-                stream: self.stream.clone(),
-                detail,
-            };
+            let last_try = Instant::now() + backoff >= deadline;
             match self
                 .client
                 .put_records()
@@ -937,44 +1148,60 @@ impl KinesisProducer {
                 .await
             {
                 Ok(resp) => {
-                    let mut last_error = None;
                     for (r, &i) in resp.records().iter().zip(&pending) {
                         match (r.shard_id(), r.sequence_number()) {
                             (Some(shard), Some(seq)) if r.error_code().is_none() => {
-                                out[i] = Some(Put {
+                                out[i] = Some(Delivery::Stored(Put {
                                     shard: shard.to_string(),
                                     sequence: seq.to_string(),
-                                });
+                                }));
                             }
-                            _ => {
-                                last_error = Some(format!(
+                            // Kinesis did not store this one (it says so per record).
+                            _ if last_try => {
+                                out[i] = Some(Delivery::NotStored(format!(
                                     "{}: {}",
                                     r.error_code().unwrap_or("no sequence number"),
                                     r.error_message().unwrap_or("")
-                                ))
+                                )))
                             }
+                            _ => {}
                         }
                     }
-                    if let Some(e) = last_error
-                        && attempt >= 12
-                    {
-                        return Err(fail(format!(
-                            "records still refused after {attempt} attempts: {e}"
-                        )));
+                    if resp.records().len() < pending.len() {
+                        // An answer without a result for some records: theirs is unknown.
+                        for &i in &pending[resp.records().len()..] {
+                            out[i] = Some(Delivery::InDoubt(
+                                "PutRecords answered without a result for the record".into(),
+                            ));
+                        }
                     }
                 }
                 Err(e) => {
-                    let retry = e.as_service_error().and_then(|x| x.code())
-                        == Some("ProvisionedThroughputExceededException");
-                    if !retry || attempt >= 12 {
-                        return Err(fail(aws_detail(e)));
+                    let fail = |out: &mut [Option<Delivery<Put>>], d: &dyn Fn() -> Delivery<Put>| {
+                        for &i in &pending {
+                            out[i] = Some(d());
+                        }
+                    };
+                    match classify(e) {
+                        CallFailure::Retry(why) if last_try => {
+                            fail(out, &|| Delivery::NotStored(why.clone()));
+                            return Some(why);
+                        }
+                        CallFailure::Retry(_) => {}
+                        CallFailure::NotStored(why) => {
+                            fail(out, &|| Delivery::NotStored(why.clone()));
+                            return Some(why);
+                        }
+                        CallFailure::InDoubt(why) => {
+                            fail(out, &|| Delivery::InDoubt(why.clone()));
+                            return Some(why);
+                        }
                     }
                 }
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
-        unreachable!("the loop returns")
     }
 }
 

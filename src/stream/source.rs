@@ -197,6 +197,30 @@ impl SourceBatch {
     }
 }
 
+/// What became of one record sent to an external stream (Kafka, Kinesis):
+/// both services answer per record, so a request that fails in part can
+/// say exactly which of its events are stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery<T> {
+    /// The stream acknowledged it; where it went.
+    Stored(T),
+    /// The stream refused it, or it was never sent: resending it cannot
+    /// count it twice.
+    NotStored(String),
+    /// Sent without an answer (a timeout, a connection lost mid-call): it
+    /// may be stored.
+    InDoubt(String),
+}
+
+impl<T> Delivery<T> {
+    pub fn stored(&self) -> Option<&T> {
+        match self {
+            Delivery::Stored(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
 /// One record of an external stream as it arrived: its position, its
 /// stream time and its value (one event, a JSON object).
 #[derive(Debug, Clone, Copy)]
@@ -210,14 +234,18 @@ pub struct RawRecord<'a> {
 /// into one batch. A refused record goes to the dead-letter store with its
 /// partition, position and reason, unless it lies below `mark` (refused
 /// before: a re-read must not keep it twice), and becomes a gap.
+///
+/// `Err` when the refused records cannot be kept (a full disk): nothing is
+/// skipped then; the caller reads the same records again later.
 pub fn decode_records<'a>(
     decoder: &Decoder,
     dead: &DeadLetters,
+    stream: &str,
     p: u32,
     records: impl IntoIterator<Item = RawRecord<'a>>,
     end: u64,
     mark: u64,
-) -> SourceBatch {
+) -> Result<SourceBatch, super::deadletter::DeadLetterError> {
     let records: Vec<RawRecord<'a>> = records.into_iter().collect();
     let mut body = Vec::with_capacity(
         records
@@ -267,9 +295,7 @@ pub fn decode_records<'a>(
     });
     if !refused.is_empty() {
         refused.sort_by_key(|d| d.offset);
-        if let Err(e) = dead.write(&refused) {
-            tracing::warn!(partition = p, error = %e, "cannot keep refused stream records in the dead-letter store");
-        }
+        dead.write_stream(stream, p, &refused, end)?;
     }
     let kept: Vec<(u64, i64)> = lines
         .iter()
@@ -284,7 +310,7 @@ pub fn decode_records<'a>(
         .map(|(_, b)| b)
         .unwrap_or_else(|| RecordBatch::new_empty(decoder.schema().arrow().clone()));
     debug_assert_eq!(batch.num_rows(), kept.len());
-    SourceBatch {
+    Ok(SourceBatch {
         partition: p,
         batch,
         positions: Positions::Listed {
@@ -292,7 +318,7 @@ pub fn decode_records<'a>(
             end,
         },
         times: StreamTimes::Each(kept.iter().map(|k| k.1).collect()),
-    }
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -367,8 +393,9 @@ pub trait Source: Send + Sync + 'static {
         None
     }
 
-    /// The master dataset holds partition `p` below `end`: the source need
-    /// not keep those records for this node any more.
+    /// A published batch run covers partition `p` below `end`: the source
+    /// need not keep those records for this node any more. (Committed is
+    /// not enough: a view built meanwhile reads from its run's H on.)
     fn archived(&self, _p: u32, _end: u64) {}
 
     /// What the stream calls partition `p` and how it is (a Kinesis shard:

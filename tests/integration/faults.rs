@@ -14,10 +14,10 @@ use crate::common::exact::{assert_exactly, assert_views_equal_sql, body_of, reco
 use crate::common::{Site, get_json, post_events};
 
 /// A size-limited tmpfs, unmounted on drop.
-struct Tmpfs(PathBuf);
+pub(crate) struct Tmpfs(PathBuf);
 
 impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
+    pub(crate) fn mount(dir: &Path, size: &str) -> Tmpfs {
         std::fs::create_dir_all(dir).unwrap();
         let out = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
@@ -41,7 +41,7 @@ impl Drop for Tmpfs {
 }
 
 /// Writes a file until the filesystem refuses another byte.
-fn fill(path: &Path) -> u64 {
+pub(crate) fn fill(path: &Path) -> u64 {
     let mut f = std::fs::File::create(path).unwrap();
     let mut written = 0u64;
     for size in [1 << 20, 64 << 10, 4 << 10, 512, 1] {

@@ -8,16 +8,14 @@
 //! shard's records by sequence number once all are sent, and map shards to
 //! partitions through the registry the node wrote.
 //!
-//! Not staged by the emulator: throttling. Neither kinesalite nor moto
-//! enforces GetRecords' budget, so the throttling test puts a proxy between
-//! the node and kinesalite that answers some GetRecords calls with AWS's
-//! `ProvisionedThroughputExceededException` and forwards everything else.
+//! Not staged by the emulator: what AWS does and kinesalite does not —
+//! throttling, expired shards, the record limit, per-record refusals. Those
+//! tests put the service-behaviour proxy (`common::kinesis_proxy`) between
+//! the node and kinesalite (`kinesis_faults`).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,10 +24,11 @@ use bytes::Bytes;
 use lambdaflow::stream::kinesis::{KinesisProducer, Registry};
 use serde_json::Value;
 
+use crate::common::kinesis_proxy::{Faults, KinesisProxy};
 use crate::common::{self, Site};
 use crate::oracle::{self, Sent, make, ndjson};
 
-const AWS_ENV: &[(&str, &str)] = &[
+pub(crate) const AWS_ENV: &[(&str, &str)] = &[
     ("AWS_ACCESS_KEY_ID", "lambdaflow-test"),
     ("AWS_SECRET_ACCESS_KEY", "lambdaflow-test"),
     ("AWS_EC2_METADATA_DISABLED", "true"),
@@ -95,7 +94,7 @@ impl Drop for Kinesalite {
     }
 }
 
-fn client(endpoint: &str) -> Client {
+pub(crate) fn client(endpoint: &str) -> Client {
     let conf = aws_sdk_kinesis::Config::builder()
         .behavior_version(aws_sdk_kinesis::config::BehaviorVersion::latest())
         .region(aws_sdk_kinesis::config::Region::new("us-east-1"))
@@ -112,7 +111,7 @@ fn client(endpoint: &str) -> Client {
     Client::from_conf(conf)
 }
 
-async fn wait_active(c: &Client, name: &str) {
+pub(crate) async fn wait_active(c: &Client, name: &str) {
     let t = Instant::now();
     loop {
         let d = c
@@ -135,7 +134,7 @@ async fn wait_active(c: &Client, name: &str) {
     }
 }
 
-fn site_at(endpoint: &str, stream: &str) -> Site {
+pub(crate) fn site_at(endpoint: &str, stream: &str) -> Site {
     Site::new(&format!(
         "{}[stream]\nkinesis = {{ stream = \"{stream}\", region = \"us-east-1\", endpoint = \"{endpoint}\", poll = \"200ms\" }}\n",
         oracle::CONFIG
@@ -144,11 +143,11 @@ fn site_at(endpoint: &str, stream: &str) -> Site {
 
 /// Every record put: its shard, sequence number, and the event (none for a
 /// record that is not one).
-type Puts = Vec<(String, String, Option<Sent>)>;
+pub(crate) type Puts = Vec<(String, String, Option<Sent>)>;
 
 /// Puts `events` under partition key `key`, with `bad` records that are not
 /// events in the middle.
-fn put(producer: &KinesisProducer, key: &str, events: &[Sent], bad: &[&str]) -> Puts {
+pub(crate) fn put(producer: &KinesisProducer, key: &str, events: &[Sent], bad: &[&str]) -> Puts {
     let body = ndjson(events);
     let mut records: Vec<(Option<Sent>, Bytes)> = body
         .split(|&b| b == b'\n')
@@ -175,7 +174,7 @@ fn put(producer: &KinesisProducer, key: &str, events: &[Sent], bad: &[&str]) -> 
 
 /// Each event at (partition, ordinal): shards numbered by the node's
 /// registry, records by sequence number. Also each partition's record count.
-fn positions(
+pub(crate) fn positions(
     site: &Site,
     stream: &str,
     puts: &Puts,
@@ -223,7 +222,7 @@ fn positions(
 
 /// Waits until each partition is archived, published and realtime up to
 /// its record count.
-fn wait_settled(server: &common::Server, counts: &BTreeMap<u32, u64>, within: Duration) -> Value {
+pub(crate) fn wait_settled(server: &common::Server, counts: &BTreeMap<u32, u64>, within: Duration) -> Value {
     let t = Instant::now();
     loop {
         let s = server.status();
@@ -478,17 +477,15 @@ fn a_shard_split_and_a_merge_during_ingest_lose_and_double_nothing() {
 fn a_throttled_shard_is_shown_and_backed_off_and_nothing_is_lost() {
     let k = Kinesalite::start();
     k.create_stream("events", 1);
-    let throttle = Arc::new(AtomicBool::new(false));
-    let calls = Arc::new(AtomicU64::new(0));
-    let proxy = throttling_proxy(&k.endpoint, throttle.clone(), calls.clone());
-    let site = site_at(&proxy, "events");
+    let proxy = KinesisProxy::start(&k.endpoint, Faults::default());
+    let site = site_at(&proxy.endpoint, "events");
     let server = site.serve(AWS_ENV);
     let producer = KinesisProducer::with_client(k.client(), "events");
     let mut puts = put(&producer, "a", &(0..500).map(make).collect::<Vec<_>>(), &[]);
     let (_, counts) = positions(&site, "events", &puts);
     wait_settled(&server, &counts, Duration::from_secs(60));
 
-    throttle.store(true, Ordering::Relaxed);
+    proxy.set(|f| f.throttle_get_records = true);
     puts.extend(put(
         &producer,
         "a",
@@ -506,14 +503,14 @@ fn a_throttled_shard_is_shown_and_backed_off_and_nothing_is_lost() {
         "status shows the shard throttled: {}",
         server.status()
     );
-    let before = calls.load(Ordering::Relaxed);
+    let before = proxy.counts.get_records.load(Ordering::Relaxed);
     std::thread::sleep(Duration::from_secs(3));
-    let during = calls.load(Ordering::Relaxed) - before;
+    let during = proxy.counts.get_records.load(Ordering::Relaxed) - before;
     assert!(
         during <= 8,
         "a throttled shard is backed off: {during} GetRecords calls in 3 s"
     );
-    throttle.store(false, Ordering::Relaxed);
+    proxy.set(|f| f.throttle_get_records = false);
     let (known, counts) = positions(&site, "events", &puts);
     wait_settled(&server, &counts, Duration::from_secs(60));
     // The records may have come in a call that passed just before the
@@ -530,88 +527,4 @@ fn a_throttled_shard_is_shown_and_backed_off_and_nothing_is_lost() {
     let answers = oracle::settled_answers(&server.url);
     server.stop();
     oracle::verify_positions(&answers, &known, true);
-}
-
-/// An HTTP/1.1 proxy to `upstream` on a free port; while `throttle` is set
-/// it answers every GetRecords itself with AWS's throttling error, counting
-/// the calls.
-fn throttling_proxy(upstream: &str, throttle: Arc<AtomicBool>, calls: Arc<AtomicU64>) -> String {
-    let upstream = upstream.trim_start_matches("http://").to_string();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(conn) = conn else { continue };
-            let (upstream, throttle, calls) = (upstream.clone(), throttle.clone(), calls.clone());
-            std::thread::spawn(move || {
-                let _ = proxy_conn(conn, &upstream, &throttle, &calls);
-            });
-        }
-    });
-    format!("http://{addr}")
-}
-
-fn read_request(r: &mut BufReader<TcpStream>) -> std::io::Result<Option<(String, Vec<u8>)>> {
-    let mut head = String::new();
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line)? == 0 {
-            return Ok(None);
-        }
-        head.push_str(&line);
-        if line == "\r\n" {
-            break;
-        }
-    }
-    let len = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse::<usize>().ok())?
-        })
-        .unwrap_or(0);
-    let mut body = vec![0; len];
-    r.read_exact(&mut body)?;
-    Ok(Some((head, body)))
-}
-
-fn proxy_conn(
-    client: TcpStream,
-    upstream: &str,
-    throttle: &AtomicBool,
-    calls: &AtomicU64,
-) -> std::io::Result<()> {
-    let mut from_client = BufReader::new(client.try_clone()?);
-    let mut to_client = client;
-    let up = TcpStream::connect(upstream)?;
-    let mut from_up = BufReader::new(up.try_clone()?);
-    let mut to_up = up;
-    while let Some((head, body)) = read_request(&mut from_client)? {
-        let get_records = head
-            .to_ascii_lowercase()
-            .contains("kinesis_20131202.getrecords");
-        if get_records {
-            calls.fetch_add(1, Ordering::Relaxed);
-        }
-        if get_records && throttle.load(Ordering::Relaxed) {
-            let body = br#"{"__type":"ProvisionedThroughputExceededException","message":"Rate exceeded for shard"}"#;
-            write!(
-                to_client,
-                "HTTP/1.1 400 Bad Request\r\nContent-Type: application/x-amz-json-1.1\r\nx-amzn-RequestId: throttled\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            )?;
-            to_client.write_all(body)?;
-            continue;
-        }
-        to_up.write_all(head.as_bytes())?;
-        to_up.write_all(&body)?;
-        // kinesalite answers with a Content-Length.
-        let Some((resp_head, resp_body)) = read_request(&mut from_up)? else {
-            return Ok(());
-        };
-        to_client.write_all(resp_head.as_bytes())?;
-        to_client.write_all(&resp_body)?;
-    }
-    Ok(())
 }

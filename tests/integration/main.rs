@@ -44,6 +44,7 @@ mod incremental;
 mod ingest_http;
 mod kafka;
 mod kinesis;
+mod kinesis_faults;
 mod live_views;
 mod log;
 mod oracle;
