@@ -528,3 +528,69 @@ fn a_refused_record_the_dead_letter_store_cannot_take_stops_its_shard_until_it_c
     assert_eq!(dead.len(), 1, "the refused record kept once");
     oracle::assert_master_holds(&site.data, &known);
 }
+
+/// A view added while events flow on Kinesis: its realtime states start at
+/// its own run's H, above which the node must still hold every record —
+/// records are released at a publish, not at a commit. The build is never
+/// refused for a record "not on this node any more", and answers stay exact.
+#[test]
+fn a_view_added_while_events_flow_on_kinesis_is_built_first_time() {
+    let k = Kinesalite::start();
+    k.create_stream("events", 2);
+    let site = site_at(&k.endpoint, "events");
+    let server = site.serve(AWS_ENV);
+    let url = server.url.clone();
+    let puts: Arc<Mutex<Puts>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = {
+        let (puts, stop, endpoint) = (puts.clone(), stop.clone(), k.endpoint.clone());
+        std::thread::spawn(move || {
+            let producer = KinesisProducer::with_client(client(&endpoint), "events");
+            let mut r = 0i64;
+            while !stop.load(Ordering::Relaxed) && r < 400 {
+                let events: Vec<Sent> = (0..100).map(|i| make(r * 100 + i)).collect();
+                puts.lock()
+                    .unwrap()
+                    .extend(put(&producer, &format!("k{}", r % 7), &events, &[]));
+                r += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let watch = {
+        let (url, stop) = (url.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let s = common::get_json(&format!("{url}/v1/status"));
+                let text = s["health"].to_string() + &s["view_changes"].to_string();
+                if text.contains("any more on this node") {
+                    seen.push(text);
+                }
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            seen
+        })
+    };
+    let (status, added) = crate::live_views::request(
+        "POST",
+        &format!("{url}/v1/views"),
+        Some(serde_json::json!({"name": "by_price_band", "sql": crate::live_views::ADDED})),
+    );
+    assert_eq!(status, 202, "{added}");
+    crate::live_views::wait_published(&url, Duration::from_secs(90));
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    producer.join().unwrap();
+    let refusals = watch.join().unwrap();
+    assert!(
+        refusals.is_empty(),
+        "the build never lacks a record above its H: {:?}",
+        refusals.first()
+    );
+    let puts = puts.lock().unwrap().clone();
+    let (known, counts) = positions(&site, "events", &puts);
+    wait_settled(&server, &counts, Duration::from_secs(120));
+    oracle::assert_settled_exact(server, &site.data, &known, true);
+}

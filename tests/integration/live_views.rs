@@ -20,9 +20,9 @@ const CONFIG: &str =
     "[archive]\nchunk_events = 700\nchunk_age = \"100ms\"\n[batch]\npause = \"300ms\"\n";
 
 const CHANGED: &str = "SELECT ProductName, count(*) AS orders, sum(price) AS revenue, max(price) AS top FROM events GROUP BY ProductName";
-const ADDED: &str = "SELECT price / 10 AS band, count(*) AS orders FROM events GROUP BY price / 10";
+pub(crate) const ADDED: &str = "SELECT price / 10 AS band, count(*) AS orders FROM events GROUP BY price / 10";
 
-fn request(method: &str, url: &str, body: Option<Value>) -> (u16, Value) {
+pub(crate) fn request(method: &str, url: &str, body: Option<Value>) -> (u16, Value) {
     common::rt().block_on(async {
         let c = reqwest::Client::new();
         let r = match method {
@@ -37,7 +37,7 @@ fn request(method: &str, url: &str, body: Option<Value>) -> (u16, Value) {
 }
 
 /// Waits until every view change `status` lists is published.
-fn wait_published(url: &str, within: Duration) -> Value {
+pub(crate) fn wait_published(url: &str, within: Duration) -> Value {
     let t = Instant::now();
     loop {
         let s = common::get_json(&format!("{url}/v1/status"));
