@@ -35,7 +35,10 @@ pub async fn archive_chunk(
 ) -> Result<CommitOutcome, ArchiveError> {
     let batches = read_exact(source, c.partition, c.start, c.end).await?;
     let token = source.resume_token(c.partition, c.end);
-    master.commit_chunk(c, batches, token).await.map_err(Into::into)
+    master
+        .commit_chunk(c, batches, token)
+        .await
+        .map_err(Into::into)
 }
 
 /// The archive queue: commits the partitions' closed chunks in the order

@@ -355,7 +355,11 @@ impl DeadLetters {
     ) -> Result<(), DeadLetterError> {
         self.write(records)?;
         let mut marks = self.marks.lock().expect("dead-letter marks");
-        let mark = marks.entry(stream.to_string()).or_default().entry(p).or_insert(0);
+        let mark = marks
+            .entry(stream.to_string())
+            .or_default()
+            .entry(p)
+            .or_insert(0);
         if *mark >= end {
             return Ok(());
         }

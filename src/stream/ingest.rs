@@ -14,9 +14,9 @@ use serde::Serialize;
 
 use super::deadletter::{DeadLetter, DeadLetterError, DeadLetters};
 use super::decode::{Accepted, Decoded, Decoder};
-use super::source::Delivery;
 use super::kinesis::PutRecord;
 use super::log::{Log, LogError};
+use super::source::Delivery;
 
 /// Bodies larger than this are decoded on the blocking pool, not a runtime worker.
 const INLINE_DECODE_BYTES: usize = 256 << 10;
@@ -727,4 +727,3 @@ impl Producer {
         }
     }
 }
-

@@ -454,9 +454,10 @@ impl KafkaSource {
                 value: r.payload.as_deref(),
             }),
             end,
-            dead_mark
-                .load(Ordering::Relaxed)
-                .max(self.dead.stream_mark(&format!("kafka/{}", self.config.topic), p)),
+            dead_mark.load(Ordering::Relaxed).max(
+                self.dead
+                    .stream_mark(&format!("kafka/{}", self.config.topic), p),
+            ),
         );
         let batch = match batch {
             Ok(b) => b,
@@ -793,28 +794,30 @@ fn read_ahead_loop(source: Weak<KafkaSource>, p: u32) {
             Some(Duration::from_millis(5))
         } else {
             match s.take(p, head, u64::MAX, AHEAD_RECORDS) {
-                Ok(Took::Records(records, end)) if !records.is_empty() => match s.decode(p, records, end) {
-                    Err(_) => {
-                        // The read-ahead starts again at its head.
-                        Some(Duration::from_millis(500))
+                Ok(Took::Records(records, end)) if !records.is_empty() => {
+                    match s.decode(p, records, end) {
+                        Err(_) => {
+                            // The read-ahead starts again at its head.
+                            Some(Duration::from_millis(500))
+                        }
+                        Ok(batch) => {
+                            if let Some(a) = part.ahead.lock().expect("read-ahead").as_mut()
+                                && a.head == head
+                            {
+                                a.push(Fetch {
+                                    first: head,
+                                    end,
+                                    tokens: Vec::new(),
+                                    batch,
+                                });
+                            }
+                            part.ahead_fetched.store(true, Ordering::Relaxed);
+                            part.grown.notify_waiters();
+                            idle = Duration::from_millis(1);
+                            None
+                        }
                     }
-                    Ok(batch) => {
-                    if let Some(a) = part.ahead.lock().expect("read-ahead").as_mut()
-                        && a.head == head
-                    {
-                        a.push(Fetch {
-                            first: head,
-                            end,
-                            tokens: Vec::new(),
-                            batch,
-                        });
-                    }
-                    part.ahead_fetched.store(true, Ordering::Relaxed);
-                    part.grown.notify_waiters();
-                    idle = Duration::from_millis(1);
-                    None
-                    }
-                },
+                }
                 Ok(_) => {
                     // Nothing yet: poll again soon, less often while idle.
                     let wait = idle;

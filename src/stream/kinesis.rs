@@ -1022,7 +1022,10 @@ where
         }
         refused
     };
-    let service = matches!(e, SdkError::ServiceError(_) | SdkError::ConstructionFailure(_));
+    let service = matches!(
+        e,
+        SdkError::ServiceError(_) | SdkError::ConstructionFailure(_)
+    );
     let detail = aws_detail(e);
     if throttled {
         CallFailure::Retry(detail)
@@ -1177,7 +1180,8 @@ impl KinesisProducer {
                     }
                 }
                 Err(e) => {
-                    let fail = |out: &mut [Option<Delivery<Put>>], d: &dyn Fn() -> Delivery<Put>| {
+                    let fail = |out: &mut [Option<Delivery<Put>>],
+                                d: &dyn Fn() -> Delivery<Put>| {
                         for &i in &pending {
                             out[i] = Some(d());
                         }

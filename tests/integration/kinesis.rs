@@ -222,7 +222,11 @@ pub(crate) fn positions(
 
 /// Waits until each partition is archived, published and realtime up to
 /// its record count.
-pub(crate) fn wait_settled(server: &common::Server, counts: &BTreeMap<u32, u64>, within: Duration) -> Value {
+pub(crate) fn wait_settled(
+    server: &common::Server,
+    counts: &BTreeMap<u32, u64>,
+    within: Duration,
+) -> Value {
     let t = Instant::now();
     loop {
         let s = server.status();

@@ -72,7 +72,11 @@ fn a_line_over_the_record_limit_is_refused_before_anything_is_sent() {
     body[550] = common::event(95126, &"x".repeat(1_200_000), 16, "2014-11-01 19:35:41.158");
     let (status, reply) = post(&server.url, &body);
     assert_eq!(
-        (status, reply["accepted"].as_u64(), reply["rejected"].as_u64()),
+        (
+            status,
+            reply["accepted"].as_u64(),
+            reply["rejected"].as_u64()
+        ),
         (200, Some(599), Some(1)),
         "the 599 lines that fit are stored, the one over the limit refused as a bad line: {reply}"
     );
@@ -92,10 +96,18 @@ fn a_line_over_the_record_limit_is_refused_before_anything_is_sent() {
     // nothing is stored without the client knowing.
     let (status, reply) = post(&server.url, &body);
     assert_eq!((status, reply["accepted"].as_u64()), (200, Some(599)));
-    assert_eq!(wait_orders(&server.url, 1198, Duration::from_secs(30)), 1198);
+    assert_eq!(
+        wait_orders(&server.url, 1198, Duration::from_secs(30)),
+        1198
+    );
     server.stop();
     let dead = lambdaflow::stream::DeadLetters::read_all(site.data.join("deadletter")).unwrap();
-    assert_eq!(dead.len(), 2, "the oversized line kept, once per request: {}", dead.len());
+    assert_eq!(
+        dead.len(),
+        2,
+        "the oversized line kept, once per request: {}",
+        dead.len()
+    );
 }
 
 #[test]
@@ -175,7 +187,8 @@ fn produce_over_http_resends_only_the_lines_not_stored() {
         ])
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     clear.join().unwrap();
     assert!(out.status.success(), "produce succeeds: {text}");
     assert!(
@@ -326,7 +339,10 @@ fn http_ingest_spreads_events_over_every_shard() {
         let (status, reply) = post(&server.url, &lines(r * 50, 50));
         assert_eq!(status, 200, "{reply}");
     }
-    assert_eq!(wait_orders(&server.url, 2000, Duration::from_secs(30)), 2000);
+    assert_eq!(
+        wait_orders(&server.url, 2000, Duration::from_secs(30)),
+        2000
+    );
     let status = server.status();
     let per_shard: Vec<u64> = status["partitions"]
         .as_array()
@@ -355,7 +371,12 @@ fn refused_records_are_kept_once_across_restarts() {
     ));
     let producer = KinesisProducer::with_client(k.client(), "events");
     let events: Vec<Sent> = (0..20).map(make).collect();
-    put(&producer, "a", &events, &["not json", "{\"zipcode\": \"x\"}", "[]"]);
+    put(
+        &producer,
+        "a",
+        &events,
+        &["not json", "{\"zipcode\": \"x\"}", "[]"],
+    );
     for round in 0..3 {
         let server = site.serve(AWS_ENV);
         assert_eq!(
@@ -364,8 +385,7 @@ fn refused_records_are_kept_once_across_restarts() {
             "round {round}"
         );
         server.stop();
-        let dead =
-            lambdaflow::stream::DeadLetters::read_all(site.data.join("deadletter")).unwrap();
+        let dead = lambdaflow::stream::DeadLetters::read_all(site.data.join("deadletter")).unwrap();
         assert_eq!(
             dead.len(),
             3,
@@ -427,7 +447,11 @@ fn the_oracle_over_kinesis_holds_with_the_services_faults_at_random() {
     }
     let puts = puts.lock().unwrap().clone();
     let (known, counts) = positions(&site, "events", &puts);
-    assert_eq!(known.len(), 2 * 40 * 50, "every event acknowledged (seed {seed})");
+    assert_eq!(
+        known.len(),
+        2 * 40 * 50,
+        "every event acknowledged (seed {seed})"
+    );
     wait_settled(&server, &counts, Duration::from_secs(180));
     answers
         .lock()
@@ -445,7 +469,9 @@ fn the_oracle_over_kinesis_holds_with_the_services_faults_at_random() {
     );
     let answers = answers.lock().unwrap().clone();
     let checked = oracle::verify_positions(&answers, &known, false);
-    eprintln!("seed {seed}: {faults} faulty calls, {refused} refused records, {checked} answers checked");
+    eprintln!(
+        "seed {seed}: {faults} faulty calls, {refused} refused records, {checked} answers checked"
+    );
     oracle::assert_settled_exact(server, &site.data, &known, true);
 }
 
@@ -476,10 +502,7 @@ fn produce_into_kinesis_that_fails_every_event_says_so() {
         headline.starts_with("FAILED: 1,000 of 1,000 events not stored"),
         "the headline says nothing was stored: {stdout}"
     );
-    assert!(
-        stdout.contains("ResourceNotFound"),
-        "and why: {stdout}"
-    );
+    assert!(stdout.contains("ResourceNotFound"), "and why: {stdout}");
 }
 
 /// A refused record the dead-letter store cannot take (its disk is full)
@@ -515,7 +538,12 @@ fn a_refused_record_the_dead_letter_store_cannot_take_stops_its_shard_until_it_c
         "records past the one that cannot be kept are not read yet"
     );
     std::fs::remove_file(&filler).unwrap();
-    puts.extend(put(&producer, "a", &(20..30).map(make).collect::<Vec<_>>(), &[]));
+    puts.extend(put(
+        &producer,
+        "a",
+        &(20..30).map(make).collect::<Vec<_>>(),
+        &[],
+    ));
     assert_eq!(
         wait_orders(&server.url, 30, Duration::from_secs(60)),
         30,

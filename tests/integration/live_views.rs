@@ -20,7 +20,8 @@ const CONFIG: &str =
     "[archive]\nchunk_events = 700\nchunk_age = \"100ms\"\n[batch]\npause = \"300ms\"\n";
 
 const CHANGED: &str = "SELECT ProductName, count(*) AS orders, sum(price) AS revenue, max(price) AS top FROM events GROUP BY ProductName";
-pub(crate) const ADDED: &str = "SELECT price / 10 AS band, count(*) AS orders FROM events GROUP BY price / 10";
+pub(crate) const ADDED: &str =
+    "SELECT price / 10 AS band, count(*) AS orders FROM events GROUP BY price / 10";
 
 pub(crate) fn request(method: &str, url: &str, body: Option<Value>) -> (u16, Value) {
     common::rt().block_on(async {

@@ -449,7 +449,8 @@ fn throttled() -> Plan {
     Plan::Error(
         "400 Bad Request",
         "ProvisionedThroughputExceededException",
-        "Rate exceeded for shard shardId-000000000000 in stream events under account 000000000000.".into(),
+        "Rate exceeded for shard shardId-000000000000 in stream events under account 000000000000."
+            .into(),
     )
 }
 
