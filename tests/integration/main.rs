@@ -43,6 +43,7 @@ mod hostile;
 mod incremental;
 mod ingest_http;
 mod kafka;
+mod kafka_ingest;
 mod kinesis;
 mod kinesis_faults;
 mod live_views;

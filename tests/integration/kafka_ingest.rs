@@ -1,0 +1,52 @@
+//! HTTP ingest into Kafka as the broker behaves: a line longer than the
+//! producer sends as one record is a bad line, refused before anything is
+//! sent, and the rest of its body is stored (before, the record's
+//! `MessageSizeTooLarge` failed the whole request with `503` after the
+//! other 99 were stored, and each resend stored them again).
+
+use std::time::{Duration, Instant};
+
+use crate::common::{self, Site};
+use crate::kafka::Tansu;
+use crate::oracle::{self, make, ndjson};
+
+fn orders(url: &str) -> u64 {
+    let answer = common::get_json(&format!("{url}/v1/views/sales_by_product"));
+    common::orders_and_covered(&answer).0
+}
+
+#[test]
+fn a_line_over_the_kafka_record_limit_is_refused_and_the_rest_stored_once() {
+    let tansu = Tansu::start();
+    tansu.create_topic("events", 2);
+    let site = Site::new(&format!(
+        "{}[stream]\nkafka = {{ brokers = \"{}\", topic = \"events\" }}\n",
+        oracle::CONFIG,
+        tansu.brokers
+    ));
+    let server = site.serve(&[]);
+    let mut lines: Vec<String> = (0..100)
+        .map(|i| String::from_utf8(ndjson(&[make(i)])).unwrap().trim_end().to_string())
+        .collect();
+    lines[50] = common::event(95126, &"x".repeat(1_200_000), 16, "2014-11-01 19:35:41.158");
+    let body = (lines.join("\n") + "\n").into_bytes();
+    let (status, reply) = common::post_events(&server.url, body.clone()).unwrap();
+    assert_eq!(
+        (status, reply["accepted"].as_u64(), reply["rejected"].as_u64()),
+        (200, Some(99), Some(1)),
+        "99 stored, the line over the limit refused as a bad line: {reply}"
+    );
+    assert_eq!(reply["errors"][0]["line"], 51, "{reply}");
+    assert!(
+        reply["errors"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("message.max.bytes")),
+        "the reason names the limit: {reply}"
+    );
+    let t = Instant::now();
+    while orders(&server.url) != 99 && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(orders(&server.url), 99, "each stored event counted once");
+    server.stop();
+}
