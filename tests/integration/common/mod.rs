@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod exact;
+pub mod s3_proxy;
 pub mod states;
 
 use std::io::{BufRead, BufReader};
