@@ -37,7 +37,7 @@ pub enum LeaseError {
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error(
-        "the driver lease {path} was neither read nor renewed within {}: the store did not answer",
+        "the driver lease {path} was not read and renewed within {} (a third of the lease): the store is slow to answer or keeps failing",
         humantime::format_duration(*waited)
     )]
     Unanswered { path: String, waited: Duration },

@@ -358,9 +358,11 @@ fn lasting_s3_faults_show_in_health_and_clear() {
             );
             std::thread::sleep(Duration::from_millis(100));
         };
+        // The lease's renewal is bounded by a third of the lease, shorter
+        // than the client's own retries of a 503: it says so instead.
         let error = problem["error"].as_str().unwrap_or_default();
         assert!(
-            error.contains("503") || error.contains("SlowDown"),
+            error.contains("503") || error.contains("SlowDown") || error.contains("keeps failing"),
             "the `{component}` problem says what S3 answered: {problem}"
         );
         eprintln!("{writes}: {problem}");
@@ -422,13 +424,15 @@ fn fault_seed() -> u64 {
 
 /// The oracle test with S3 misbehaving at random: one request in 12 to S3
 /// gets a fault drawn from the whole menu (seeded), while three producers
-/// send over HTTP to an embedded-log node on `s3://…` and readers query
+/// send for about 30 s over HTTP to an embedded-log node on `s3://…` and readers query
 /// every view. Every answer equals the view SQL over the events below its
 /// offsets; runs keep publishing; once the faults stop everything settles,
 /// the Delta table holds every acknowledged event once, every kept run is
 /// whole, and `health` is clear.
 #[test]
 fn a_seeded_run_with_random_s3_faults_is_exact() {
+    // About 30 s of sending: a batch run under faults takes seconds.
+    const ROUNDS: i64 = 150;
     let seed = fault_seed();
     let _report = SeedOnFailure(seed);
     eprintln!("S3 faults with LAMBDAFLOW_S3_FAULT_SEED={seed}");
@@ -445,7 +449,7 @@ fn a_seeded_run_with_random_s3_faults_is_exact() {
         .map(|t| {
             let (url, known) = (url.clone(), known.clone());
             std::thread::spawn(move || {
-                for r in 0..60i64 {
+                for r in 0..ROUNDS {
                     let events: Vec<Sent> = (0..50).map(|i| make((r * 3 + t) * 50 + i)).collect();
                     let (status, reply) =
                         common::post_events(&url, ndjson(&events)).expect("server up");
@@ -460,7 +464,7 @@ fn a_seeded_run_with_random_s3_faults_is_exact() {
                         k.insert((p, first + i as u64), e);
                     }
                     drop(k);
-                    std::thread::sleep(Duration::from_millis(40));
+                    std::thread::sleep(Duration::from_millis(200));
                 }
             })
         })
@@ -505,7 +509,11 @@ fn a_seeded_run_with_random_s3_faults_is_exact() {
         settled["batch"]
     );
     let known = known.lock().unwrap().clone();
-    assert_eq!(known.len(), 3 * 60 * 50, "every request was acknowledged");
+    assert_eq!(
+        known.len(),
+        3 * ROUNDS as usize * 50,
+        "every request was acknowledged"
+    );
     let checked = oracle::verify_positions(&answers, &known, true);
     assert!(checked > 50, "only {checked} distinct answers were checked");
     let t = Instant::now();
