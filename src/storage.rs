@@ -298,23 +298,58 @@ impl Storage {
     /// Writes `rel` only if no object is there (a conditional put on S3, a
     /// no-replace link on a local root), durably; `Ok(false)` when another
     /// writer was first. What every node agrees on is created this way.
+    ///
+    /// A write whose answer was lost (S3 timed out or failed after writing,
+    /// the connection closed before the reply) is retried by the client, and
+    /// the retry of a conditional write is refused (`412`) although this
+    /// writer wrote the object; so a refusal, or a failure that may have
+    /// written, is settled by reading the object back: it is this writer's
+    /// when it holds exactly these bytes.
     pub async fn create(&self, rel: &str, bytes: Bytes) -> Result<bool, StorageError> {
         let path = self.path(rel);
-        let opts = object_store::PutOptions {
-            mode: object_store::PutMode::Create,
-            ..Default::default()
-        };
-        match self
-            .store
-            .put_opts(&path, PutPayload::from(bytes), opts)
-            .await
-        {
-            Ok(_) => {
-                self.sync_at(&path).await?;
-                Ok(true)
+        let mut attempt = 1;
+        loop {
+            let opts = object_store::PutOptions {
+                mode: object_store::PutMode::Create,
+                ..Default::default()
+            };
+            match self
+                .store
+                .put_opts(&path, PutPayload::from(bytes.clone()), opts)
+                .await
+            {
+                Ok(_) => {
+                    self.sync_at(&path).await?;
+                    return Ok(true);
+                }
+                Err(object_store::Error::AlreadyExists { .. }) => {
+                    return self.holds(&path, &bytes).await;
+                }
+                Err(source) if may_have_written(&source) => {
+                    if self.holds(&path, &bytes).await.unwrap_or(false) {
+                        tracing::info!(path = %path, error = %source, "a create whose answer was lost had written the object");
+                        return Ok(true);
+                    }
+                    // Safe to send again: a copy that lands late makes the
+                    // retry's refusal this writer's own bytes.
+                    if attempt >= UNKNOWN_OUTCOME_ATTEMPTS {
+                        return Err(io("create", &path)(source));
+                    }
+                    tracing::debug!(path = %path, error = %source, "a create failed with its outcome unknown; sending it again");
+                    attempt += 1;
+                }
+                Err(source) => return Err(io("create", &path)(source)),
             }
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-            Err(source) => Err(io("create", &path)(source)),
+        }
+    }
+
+    /// Whether the object at `path` holds exactly `bytes` (a write of them
+    /// landed, whatever its answer said).
+    async fn holds(&self, path: &ObjectPath, bytes: &Bytes) -> Result<bool, StorageError> {
+        match self.store.get(path).await {
+            Ok(r) => Ok(r.bytes().await.map_err(io("read", path))? == *bytes),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(source) => Err(io("read", path)(source)),
         }
     }
 
@@ -367,21 +402,43 @@ impl Storage {
             None => object_store::PutMode::Create,
             Some(v) => object_store::PutMode::Update(v.clone()),
         };
-        let opts = object_store::PutOptions {
-            mode,
-            ..Default::default()
-        };
-        match self
-            .store
-            .put_opts(&path, PutPayload::from(bytes), opts)
-            .await
-        {
-            Ok(_) => Ok(Swap::Done),
-            Err(
-                object_store::Error::AlreadyExists { .. }
-                | object_store::Error::Precondition { .. },
-            ) => Ok(Swap::Lost),
-            Err(source) => Err(io("replace", &path)(source)),
+        // As in `create`: a retry of this very write, refused because the
+        // write had landed, is told apart by reading the object back.
+        let mut attempt = 1;
+        loop {
+            let opts = object_store::PutOptions {
+                mode: mode.clone(),
+                ..Default::default()
+            };
+            match self
+                .store
+                .put_opts(&path, PutPayload::from(bytes.clone()), opts)
+                .await
+            {
+                Ok(_) => return Ok(Swap::Done),
+                Err(
+                    object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::Precondition { .. },
+                ) => {
+                    return Ok(if self.holds(&path, &bytes).await? {
+                        Swap::Done
+                    } else {
+                        Swap::Lost
+                    });
+                }
+                Err(source) if may_have_written(&source) => {
+                    if self.holds(&path, &bytes).await.unwrap_or(false) {
+                        tracing::info!(path = %path, error = %source, "a replace whose answer was lost had written the object");
+                        return Ok(Swap::Done);
+                    }
+                    if attempt >= UNKNOWN_OUTCOME_ATTEMPTS {
+                        return Err(io("replace", &path)(source));
+                    }
+                    tracing::debug!(path = %path, error = %source, "a replace failed with its outcome unknown; sending it again");
+                    attempt += 1;
+                }
+                Err(source) => return Err(io("replace", &path)(source)),
+            }
         }
     }
 
@@ -500,6 +557,29 @@ impl Storage {
             .flatten()
             .map(|root| root.join(rel))
     }
+}
+
+/// How many times a conditional write whose outcome is unknown (and that
+/// did not land) is sent in all. Sending it again is safe: the condition
+/// refuses a copy after one that landed, and the refusal is then recognized
+/// as this writer's own bytes.
+const UNKNOWN_OUTCOME_ATTEMPTS: u32 = 3;
+
+/// Whether a failed write may still have been done: anything but the
+/// store's clear refusals (a timeout, a connection closed before the answer,
+/// a 5xx after the retries) leaves the outcome unknown.
+fn may_have_written(e: &object_store::Error) -> bool {
+    !matches!(
+        e,
+        object_store::Error::NotFound { .. }
+            | object_store::Error::AlreadyExists { .. }
+            | object_store::Error::Precondition { .. }
+            | object_store::Error::NotImplemented { .. }
+            | object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. }
+            | object_store::Error::InvalidPath { .. }
+            | object_store::Error::UnknownConfigurationKey { .. }
+    )
 }
 
 /// This process's id among the writers of a storage root: random, fixed for

@@ -31,6 +31,18 @@ use crate::storage::{Storage, StorageError, Swap, Version};
 /// Where the lease lives under the root.
 pub const LEASE: &str = "driver/lease.json";
 
+/// Why this node could not read or renew the lease.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(
+        "the driver lease {path} was not read and renewed within {} (a third of the lease): the store is slow to answer or keeps failing",
+        humantime::format_duration(*waited)
+    )]
+    Unanswered { path: String, waited: Duration },
+}
+
 /// What the lease object holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -219,9 +231,20 @@ impl Lease {
         let every = self.ttl / 3;
         let mut renewed_at = self.clock.elapsed();
         loop {
-            match self.try_acquire().await {
+            // A renewal is bounded by the time between two: a store that
+            // does not answer must not keep the holder acting past the
+            // record's expiry, which counts from before the request.
+            let started = self.clock.elapsed();
+            let attempt = match tokio::time::timeout(every, self.try_acquire()).await {
+                Ok(r) => r.map_err(LeaseError::from),
+                Err(_) => Err(LeaseError::Unanswered {
+                    path: storage_path(&self.storage),
+                    waited: every,
+                }),
+            };
+            match attempt {
                 Ok(true) => {
-                    renewed_at = self.clock.elapsed();
+                    renewed_at = started;
                     health.clear("lease");
                 }
                 Ok(false) => health.clear("lease"),
@@ -243,6 +266,13 @@ impl Lease {
         }
         self.release().await;
     }
+}
+
+/// Where the lease lives, for messages.
+fn storage_path(storage: &Option<Storage>) -> String {
+    storage
+        .as_ref()
+        .map_or_else(|| LEASE.to_string(), |s| s.path(LEASE).to_string())
 }
 
 #[cfg(test)]

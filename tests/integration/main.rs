@@ -24,6 +24,8 @@
 //!  kafka       Kafka as the stream, against a real broker (tansu)
 //!  kinesis     Kinesis as the stream, against an emulator (kinesalite)
 //!  s3          the root on S3 (moto): one node, a cluster, races, outages
+//!  s3_faults   S3 as it behaves (a fault proxy before moto): 503s, 500s,
+//!              answers lost after the write, resets; a seeded random run
 //!  ballista    the batch layer on a Ballista cluster (scheduler + 2 executors)
 //! ```
 //!
@@ -52,5 +54,6 @@ mod oracle;
 mod pg;
 mod query_api;
 mod s3;
+mod s3_faults;
 mod security;
 mod views;

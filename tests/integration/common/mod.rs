@@ -4,6 +4,7 @@
 
 pub mod exact;
 pub mod kinesis_proxy;
+pub mod s3_proxy;
 pub mod states;
 
 use std::io::{BufRead, BufReader};
