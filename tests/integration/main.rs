@@ -23,6 +23,7 @@
 //!  crash_loop  kills at random moments, every acknowledged event survives
 //!  kafka       Kafka as the stream, against a real broker (tansu)
 //!  kinesis     Kinesis as the stream, against an emulator (kinesalite)
+//!  identity    the stream recorded with the master dataset: switches and re-created streams
 //!  s3          the root on S3 (moto): one node, a cluster, races, outages
 //!  ballista    the batch layer on a Ballista cluster (scheduler + 2 executors)
 //! ```
@@ -40,6 +41,7 @@ mod evolve;
 mod faults;
 mod golden;
 mod hostile;
+mod identity;
 mod incremental;
 mod ingest_http;
 mod kafka;
