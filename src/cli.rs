@@ -644,23 +644,23 @@ async fn accept_stream(mut config: Config, yes: bool) -> anyhow::Result<ExitCode
             .await??;
         partitions = partitions.max(n);
     }
-    let probe = crate::master::MasterDataset::open(
-        &storage,
-        std::sync::Arc::new(config.event_schema()?),
-        1,
-    )
-    .await?;
-    for f in probe.snapshot().await?.files {
-        if let Some((p, ..)) = f
-            .location
-            .filename()
-            .and_then(crate::master::parse_chunk_name)
-        {
-            partitions = partitions.max(p + 1);
+    // The master dataset's: opening it with too few says one it holds.
+    let schema = std::sync::Arc::new(config.event_schema()?);
+    let mut probe = 1;
+    loop {
+        match crate::master::MasterDataset::open(&storage, schema.clone(), probe).await {
+            Err(crate::master::MasterError::PartitionMismatch { found, .. }) => probe = found + 1,
+            Err(e) => return Err(e.into()),
+            Ok(_) => break,
         }
     }
-    drop(probe);
-    config.stream.partitions = partitions.max(config.stream.partitions);
+    partitions = partitions.max(probe);
+    // The embedded log's count is the config's; an external stream's is
+    // what the root numbered.
+    if !config.stream.external() {
+        partitions = partitions.max(config.stream.partitions);
+    }
+    config.stream.partitions = partitions.max(1);
     let batch = crate::node::open_batch_with(&config, views).await?;
     let archived = batch.master().coverage().h;
     let unarchived: u64 = log

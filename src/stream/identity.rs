@@ -82,7 +82,9 @@ impl StreamIdentity {
                     created_ms: cb,
                 },
             ) => {
-                let agree = |x: &Option<_>, y: &Option<_>| x.is_none() || y.is_none() || x == y;
+                fn agree<T: PartialEq>(x: &Option<T>, y: &Option<T>) -> bool {
+                    x.is_none() || y.is_none() || x == y
+                }
                 a == b && agree(arn_a, arn_b) && agree(ca, cb)
             }
             _ => false,
