@@ -33,8 +33,11 @@ pub enum Command {
     Rebuild(RebuildArgs),
     /// Each layer's watermark, lag and last run, from a running server.
     Status(StatusArgs),
-    /// Accept that a Kafka partition's retention removed events before they
-    /// were archived, so the partition goes on past them (the node stopped).
+    /// Accept a loss the node stopped at (the node stopped): a Kafka
+    /// partition whose retention removed events before they were archived
+    /// (`--partition P`), or a stream that is not the one the master
+    /// dataset was written from — a Kinesis stream deleted and created
+    /// again, or another stream configured (`--stream`).
     AcceptLoss(AcceptLossArgs),
     /// A view's merged rows (batch ⊕ realtime), from a running server.
     Query(QueryArgs),
@@ -232,10 +235,22 @@ impl ProduceArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("what").required(true).args(["partition", "stream"]))]
 pub struct AcceptLossArgs {
-    /// The stopped partition (`status` → `health` names it).
+    /// The stopped Kafka partition (`status` → `health` names it).
     #[arg(long)]
-    pub partition: u32,
+    pub partition: Option<u32>,
+    /// Record the configured stream in place of the one the master dataset
+    /// was written from. What the master dataset holds stays counted;
+    /// events the old stream held that were not archived are given up.
+    /// Kinesis (a stream deleted and created again, or another stream): the
+    /// partitions numbered so far end at their archived positions and the
+    /// stream's shards become new partitions after them, read from their
+    /// first record. Kafka: each partition p is read from the archived
+    /// coverage H[p] on (the topic's records below it are never counted).
+    /// Leaving the embedded log: its directory is moved aside.
+    #[arg(long)]
+    pub stream: bool,
     /// Accept: without it, only say what is missing.
     #[arg(long)]
     pub yes: bool,
@@ -383,7 +398,8 @@ fn explained(e: &anyhow::Error) -> Option<&dyn crate::error::Explain> {
             crate::master::MasterError,
             crate::view::ViewError,
             crate::serving::query::QueryError,
-            crate::stream::ingest::IngestError
+            crate::stream::ingest::IngestError,
+            crate::stream::identity::IdentityError
         );
     }
     None
@@ -427,7 +443,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::AcceptLoss(args) => {
             init_tracing("warn");
             let config = args.config.load()?;
-            runtime()?.block_on(accept_loss(config, args.partition, args.yes))
+            match args.partition {
+                Some(p) => runtime()?.block_on(accept_loss(config, p, args.yes)),
+                None => runtime()?.block_on(accept_stream(config, args.yes)),
+            }
         }
         Command::Status(args) => {
             init_tracing("warn");
@@ -515,7 +534,7 @@ async fn accept_loss(mut config: Config, p: u32, yes: bool) -> anyhow::Result<Ex
         anyhow::bail!(
             "accept-loss is for a Kafka topic whose retention removed events before they were archived; this node's stream ({}) cannot lose events that way",
             if config.stream.kinesis.is_some() {
-                "a Kinesis stream, whose positions retention cannot show"
+                "a Kinesis stream, whose positions retention cannot show; for a Kinesis stream deleted and created again, use `accept-loss --stream`"
             } else {
                 "the embedded log, which keeps every event until it is archived"
             }
@@ -578,6 +597,136 @@ async fn accept_loss(mut config: Config, p: u32, yes: bool) -> anyhow::Result<Ex
                 .display()
         ),
         None => println!("nothing to accept any more"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `lambdaflow accept-loss --stream [--yes]`: on a stopped node whose
+/// configured stream is not the one its master dataset was written from.
+async fn accept_stream(mut config: Config, yes: bool) -> anyhow::Result<ExitCode> {
+    use crate::stream::identity;
+    // Holding the log's lock proves no node runs on this data directory.
+    let log_dir = config.local_dir().join("log");
+    let log = crate::stream::Log::open(
+        &log_dir,
+        crate::stream::LogOptions {
+            partitions: crate::stream::Log::partitions_in(&log_dir)?
+                .unwrap_or(config.stream.partitions),
+            ..Default::default()
+        },
+    )
+    .context("stop `lambdaflow serve` on this data directory first")?;
+    let storage = config.storage()?;
+    let recorded = identity::load(&storage).await?;
+    let configured = identity::configured(&config).await?;
+    if let Some(r) = &recorded
+        && r.identity.same_as(&configured)
+    {
+        println!(
+            "nothing to accept: the master dataset was written from {}, the configured stream",
+            r.identity
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Every partition the root has numbered: the master dataset's, the
+    // log's, the Kinesis registry's (the configured stream may have fewer).
+    crate::node::apply_saved_views(&mut config).await?;
+    let views = crate::view::compile_all(&config.views, &config.event_schema()?).await?;
+    let mut partitions = log.stats().len() as u32;
+    if let Some(k) = &config.stream.kinesis
+        && let Some(reg) = crate::stream::kinesis::Registry::load(&storage, &k.stream).await?
+    {
+        partitions = partitions.max(reg.shards.len() as u32);
+    }
+    if let Some(k) = &config.stream.kafka {
+        let k = k.clone();
+        let n = tokio::task::spawn_blocking(move || crate::stream::kafka::partition_count(&k))
+            .await??;
+        partitions = partitions.max(n);
+    }
+    // The master dataset's: opening it with too few says one it holds.
+    let schema = std::sync::Arc::new(config.event_schema()?);
+    let mut probe = 1;
+    loop {
+        match crate::master::MasterDataset::open(&storage, schema.clone(), probe).await {
+            Err(crate::master::MasterError::PartitionMismatch { found, .. }) => probe = found + 1,
+            Err(e) => return Err(e.into()),
+            Ok(_) => break,
+        }
+    }
+    partitions = partitions.max(probe);
+    // The embedded log's count is the config's; an external stream's is
+    // what the root numbered.
+    if !config.stream.external() {
+        partitions = partitions.max(config.stream.partitions);
+    }
+    config.stream.partitions = partitions.max(1);
+    let batch = crate::node::open_batch_with(&config, views).await?;
+    let archived = batch.master().coverage().h;
+    let unarchived: u64 = log
+        .stats()
+        .iter()
+        .map(|s| {
+            s.end
+                .saturating_sub(archived.get(s.partition as usize).copied().unwrap_or(0))
+        })
+        .sum();
+    let was = recorded
+        .as_ref()
+        .map_or("no recorded stream".to_string(), |r| r.identity.to_string());
+    println!(
+        "the master dataset under {} was written from {was}; the configuration names {configured}",
+        storage.describe()
+    );
+    println!(
+        "archived and kept: {} events over {} partitions (coverage {archived:?})",
+        crate::produce::group(batch.master().snapshot().await?.events()),
+        archived.len()
+    );
+    if unarchived > 0 && config.stream.external() {
+        println!(
+            "given up: {} events of the embedded log that are not archived ({} is moved aside)",
+            crate::produce::group(unarchived),
+            log_dir.display()
+        );
+    }
+    println!(
+        "given up: whatever {was} held that was not archived; from now on {}",
+        configured.accepting_means()
+    );
+    if !yes {
+        println!("run again with --yes to accept, or use a new storage root for {configured}");
+        return Ok(ExitCode::from(2));
+    }
+    // Publish what is archived, so every partition's published H is its
+    // archived end: the old stream is read no more.
+    {
+        let _lock = crate::node::batch_lock(&config.local_dir()).await?;
+        batch.run(None).await?;
+    }
+    drop(log);
+    let (r, moved) =
+        identity::accept(&config, &storage, recorded.as_ref(), configured, partitions).await?;
+    println!(
+        "accepted: {} is recorded as the stream of {} (generation {})",
+        r.identity,
+        storage.describe(),
+        r.generation
+    );
+    if let Some(k) = &config.stream.kinesis
+        && let Some(reg) = crate::stream::kinesis::Registry::load(&storage, &k.stream).await?
+    {
+        let new: Vec<String> = reg
+            .shards
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.retired)
+            .map(|(p, s)| format!("{} → partition {p}", s.shard))
+            .collect();
+        println!("the stream's shards: {}", new.join(", "));
+    }
+    if let Some(to) = moved {
+        println!("the embedded log was moved to {}", to.display());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -670,6 +819,14 @@ async fn status(url: &str) -> anyhow::Result<()> {
     let n = |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), crate::produce::group);
     if let Some(stream) = s["stream"].as_str() {
         println!("stream: {stream}");
+    }
+    if let Ok(r) =
+        serde_json::from_value::<crate::stream::identity::Recorded>(s["stream_identity"].clone())
+    {
+        println!(
+            "stream identity: {} (recorded {}, generation {}: {})",
+            r.identity, r.at, r.generation, r.how
+        );
     }
     let now = chrono::Utc::now().timestamp_millis();
     let lease = &s["cluster"]["lease"];

@@ -73,6 +73,8 @@ pub enum NodeError {
     Kinesis(#[from] KinesisError),
     #[error(transparent)]
     Source(#[from] crate::stream::SourceError),
+    #[error(transparent)]
+    Identity(#[from] crate::stream::identity::IdentityError),
     #[error("another node ({node}) holds the driver lease of {root}")]
     LeaseHeld { root: String, node: String },
 }
@@ -95,6 +97,7 @@ impl crate::error::Explain for NodeError {
             NodeError::View(e) => e.hint(),
             NodeError::Engine(e) => e.hint(),
             NodeError::Batch(e) => e.hint(),
+            NodeError::Identity(e) => e.hint(),
             NodeError::LeaseHeld { .. } => Some("a node on the embedded log must drive; stop the other node, or use Kafka or Kinesis as the stream to run several nodes on one root".into()),
             _ => None,
         }
@@ -145,6 +148,8 @@ pub struct Layers {
     pub changes: Arc<crate::batch::changes::ViewChanges>,
     /// The node's event schema (views added while serving compile against it).
     pub schema: Arc<crate::schema::EventSchema>,
+    /// The stream the master dataset was written from, as recorded.
+    pub stream_identity: Option<crate::stream::identity::Recorded>,
 }
 
 /// The layers of one process.
@@ -250,6 +255,8 @@ pub struct Assembled {
     pub status: Arc<Mutex<BatchStatus>>,
     pub health: Arc<Health>,
     pub lease: Arc<Lease>,
+    /// The stream the master dataset was written from, as recorded.
+    pub identity: crate::stream::identity::Recorded,
 }
 
 /// Opens every layer on `config.data`: the master dataset first (its
@@ -318,6 +325,10 @@ pub async fn assemble_over(
             "log partition open"
         );
     }
+    // The stream must be the one the master dataset was written from,
+    // before anything reads it (positions of one are not the other's).
+    let identity = crate::stream::identity::check(&config, &log, &master, &health).await?;
+    tracing::info!(stream = %identity.identity, generation = identity.generation, "stream identity");
     let dead_dir = config.local_dir().join("deadletter");
     let dead = DeadLetters::open_with(
         &dead_dir,
@@ -404,6 +415,14 @@ pub async fn assemble_over(
         // Kinesis resumes after the sequence number the chunk ending at H keeps.
         let tokens = master.resume_tokens(&h).await?;
         k.resume(&h, &tokens)?;
+        if let Some(kc) = &config.stream.kinesis {
+            crate::stream::identity::watch_kinesis(
+                Arc::downgrade(k),
+                kc.clone(),
+                identity.identity.clone(),
+                health.clone(),
+            );
+        }
     }
     let snapshot = master.snapshot().await?;
     let committed = (0..config.stream.partitions)
@@ -441,6 +460,7 @@ pub async fn assemble_over(
         status,
         health,
         lease,
+        identity,
     })
 }
 
@@ -493,6 +513,7 @@ impl Node {
             status,
             health,
             lease,
+            identity,
         } = assemble(config, SystemClock::shared()).await?;
         let master = batch.master().clone();
         let views = batch.views().to_vec();
@@ -514,6 +535,7 @@ impl Node {
             )),
             changes: changes.clone(),
             schema: Arc::new(config.event_schema()?),
+            stream_identity: Some(identity),
         });
         let (stop, stop_rx) = watch::channel(false);
         let adopt = speed.changes();

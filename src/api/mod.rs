@@ -240,6 +240,10 @@ struct Status {
     /// The stream the layers consume.
     #[serde(skip_serializing_if = "Option::is_none")]
     stream: Option<String>,
+    /// The stream the master dataset was written from, as recorded under
+    /// the storage root (kind, topic or stream, creation time), and how.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_identity: Option<crate::stream::identity::Recorded>,
     /// The storage root and which node drives (archives and runs batches).
     #[serde(skip_serializing_if = "Option::is_none")]
     cluster: Option<ClusterStatus>,
@@ -423,6 +427,10 @@ async fn status(
         .collect();
     Json(Status {
         stream: source.as_ref().map(|s| s.describe()),
+        stream_identity: state
+            .layers
+            .as_ref()
+            .and_then(|l| l.stream_identity.clone()),
         cluster: state.layers.as_ref().map(|l| ClusterStatus {
             root: l.master.storage().describe(),
             lease: l.lease.status(),

@@ -206,6 +206,11 @@ pub struct ShardEntry {
     pub parents: Vec<String>,
     /// The sequence number its records start at.
     pub first_sequence: String,
+    /// A partition of a stream this root no longer reads (deleted and
+    /// created again, or replaced: `accept-loss --stream`): final at its
+    /// archived end, never polled; its shard id may be registered again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retired: bool,
 }
 
 /// Which partition each shard is: a list only ever appended to, one object
@@ -221,6 +226,11 @@ pub struct Registry {
 
 fn registry_dir(stream: &str) -> String {
     format!("stream/kinesis/{stream}")
+}
+
+/// The object of a registry generation, under the storage root.
+pub(crate) fn registry_object(stream: &str, generation: u64) -> String {
+    format!("{}/shards-{generation:08}.json", registry_dir(stream))
 }
 
 impl Registry {
@@ -271,7 +281,12 @@ impl Registry {
             });
             let mut missing: Vec<&ShardEntry> = listed
                 .iter()
-                .filter(|s| !current.shards.iter().any(|c| c.shard == s.shard))
+                .filter(|s| {
+                    !current
+                        .shards
+                        .iter()
+                        .any(|c| !c.retired && c.shard == s.shard)
+                })
                 .collect();
             if missing.is_empty() && current.generation > 0 {
                 return Ok(current);
@@ -336,6 +351,7 @@ pub async fn list_shards(client: &Client, stream: &str) -> Result<Vec<ShardEntry
                     .sequence_number_range()
                     .map(|r| r.starting_sequence_number().to_string())
                     .unwrap_or_default(),
+                retired: false,
             });
         }
         match resp.next_token() {
@@ -443,6 +459,8 @@ impl KinesisSource {
         for (p, entry) in registry.shards.iter().enumerate().skip(shards.len()) {
             let mut state = ShardState::new();
             state.dead_mark = self.dead.stream_mark(&self.dead_key(), p as u32);
+            // A retired partition is final where it is, never polled.
+            (state.finished, state.started) = (entry.retired, entry.retired);
             shards.push(Arc::new(Shard {
                 partition: p as u32,
                 entry: entry.clone(),
@@ -485,7 +503,7 @@ impl KinesisSource {
             let p = s.partition as usize;
             let at = from.get(p).copied().unwrap_or(0);
             let seq = tokens.get(p).cloned().flatten();
-            if at > 0 && seq.is_none() {
+            if at > 0 && seq.is_none() && !s.entry.retired {
                 return Err(KinesisError::NoResumeToken {
                     shard: s.entry.shard.clone(),
                     partition: s.partition,
@@ -523,7 +541,7 @@ impl KinesisSource {
         shard.entry.parents.iter().all(|parent| {
             shards
                 .iter()
-                .find(|s| &s.entry.shard == parent)
+                .find(|s| !s.entry.retired && &s.entry.shard == parent)
                 .is_none_or(|s| s.state.lock().expect("shard state").finished)
         })
     }
@@ -612,10 +630,11 @@ async fn follow_shards(source: Weak<KinesisSource>) {
         // can leave the count as it was.
         let known = {
             let shards = s.shards.read().expect("kinesis shards");
-            if listed
-                .iter()
-                .all(|l| shards.iter().any(|r| r.entry.shard == l.shard))
-            {
+            if listed.iter().all(|l| {
+                shards
+                    .iter()
+                    .any(|r| !r.entry.retired && r.entry.shard == l.shard)
+            }) {
                 continue;
             }
             shards.len()
@@ -694,6 +713,17 @@ async fn poll_shard(source: Weak<KinesisSource>, shard: Arc<Shard>) {
                         }
                     },
                     Err(e) => {
+                        // Re-created stream: the partition stops, `health` says what to do.
+                        if super::identity::kinesis_not_this_stream(
+                            s.health.as_deref(),
+                            &s.config.stream,
+                            p,
+                            &shard.entry.shard,
+                            e.code(),
+                            e.message(),
+                        ) {
+                            return;
+                        }
                         let code = e.code().map(str::to_string);
                         if code.as_deref() == Some("ResourceNotFoundException")
                             && s.expired(&shard, at).await
@@ -1218,6 +1248,7 @@ mod tests {
             shard: id.into(),
             parents: Vec::new(),
             first_sequence: "1".into(),
+            retired: false,
         }
     }
 

@@ -23,6 +23,7 @@
 //!  crash_loop  kills at random moments, every acknowledged event survives
 //!  kafka       Kafka as the stream, against a real broker (tansu)
 //!  kinesis     Kinesis as the stream, against an emulator (kinesalite)
+//!  identity    the stream recorded with the master dataset: switches and re-created streams
 //!  s3          the root on S3 (moto): one node, a cluster, races, outages
 //!  s3_faults   S3 as it behaves (a fault proxy before moto): 503s, 500s,
 //!              answers lost after the write, resets; a seeded random run
@@ -42,6 +43,7 @@ mod evolve;
 mod faults;
 mod golden;
 mod hostile;
+mod identity;
 mod incremental;
 mod ingest_http;
 mod kafka;
