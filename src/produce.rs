@@ -594,29 +594,22 @@ impl Shared {
         &self,
         producer: &crate::stream::kafka::KafkaProducer,
         body: Bytes,
-        n: u64,
     ) {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let lines = body
             .split(|&b| b == b'\n')
             .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
             .map(|l| (None, None, l));
-        match producer.send(lines).await {
-            Ok(acks) => {
-                self.stats
-                    .accepted
-                    .fetch_add(acks.len() as u64, Ordering::Relaxed);
-            }
-            Err(e) => {
-                let mut why = e.to_string();
-                let mut cause = std::error::Error::source(&e);
-                while let Some(c) = cause {
-                    why = format!("{why}: {c}");
-                    cause = c.source();
-                }
-                self.fail(&why, n)
+        // Each record's own outcome: a failure of some is not a failure of all.
+        let mut stored = 0;
+        for d in producer.send_each(lines).await {
+            match d {
+                crate::stream::source::Delivery::Stored(_) => stored += 1,
+                crate::stream::source::Delivery::NotStored(why)
+                | crate::stream::source::Delivery::InDoubt(why) => self.fail(&why, 1),
             }
         }
+        self.stats.accepted.fetch_add(stored, Ordering::Relaxed);
     }
 
     /// Sends one batch's lines as Kinesis records, each under its own
@@ -660,7 +653,7 @@ impl Shared {
 
     async fn send(&self, mut body: Bytes, mut n: u64) {
         if let Some(producer) = &self.kafka {
-            return self.send_kafka(producer, body, n).await;
+            return self.send_kafka(producer, body).await;
         }
         if let Some(producer) = &self.kinesis {
             return self.send_kinesis(producer, body, n).await;
