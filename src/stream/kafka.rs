@@ -204,8 +204,9 @@ struct Cursor {
     next: u64,
     pending: VecDeque<Record>,
     used: Instant,
-    /// Whether the consumer has handed out anything yet: a new one's first
-    /// fetch takes a round trip, which a read waits for.
+    /// Whether the consumer has handed out anything yet, or fetched to the
+    /// partition's end: a new one's first fetch takes a round trip, which a
+    /// read waits for.
     fetched: bool,
 }
 
@@ -461,6 +462,13 @@ impl KafkaSource {
                         payload: m.payload().map(Box::from),
                     });
                 }
+                // Everything up to the broker's end was handed out: the
+                // fetch is in, though it held nothing past the start (a
+                // partition that ends in transaction markers, say).
+                Some(Err(ClientError::PartitionEOF(_))) => {
+                    c.fetched = true;
+                    break;
+                }
                 Some(Err(e)) => {
                     // With `auto.offset.reset = error`, librdkafka reports a
                     // fetch outside the log as "no offset to reset to".
@@ -560,13 +568,15 @@ fn consumer_config(config: &KafkaConfig) -> ClientConfig {
     let mut c = config.client_with(&[
         ("group.id", &group),
         ("enable.auto.offset.store", "false"),
-        ("enable.partition.eof", "false"),
         ("isolation.level", "read_committed"),
         ("fetch.wait.max.ms", "50"),
         ("queued.max.messages.kbytes", "16384"),
     ]);
     // Never move past a lost position, whatever the options say.
     c.set("auto.offset.reset", "error");
+    // A fetch that reached the end tells so: a read there does not wait
+    // for a first fetch that has come and held nothing.
+    c.set("enable.partition.eof", "true");
     c.set("enable.auto.commit", "false");
     c
 }
@@ -863,7 +873,11 @@ fn read_ahead_loop(source: Weak<KafkaSource>, p: u32) {
                     idle = Duration::from_millis(1);
                     None
                 }
-                Ok(_) => {
+                Ok(took) => {
+                    if let Took::Nothing { fresh: false } = took {
+                        // Fetched to the end, with nothing past `head`.
+                        part.ahead_fetched.store(true, Ordering::Relaxed);
+                    }
                     // Nothing yet: poll again soon, less often while idle.
                     let wait = idle;
                     idle = (idle * 2).min(Duration::from_millis(20));
@@ -1043,5 +1057,51 @@ mod tests {
             Duration::ZERO,
             "a broker whose end offset lies below what was fetched (tansu) is no reason to wait"
         );
+    }
+
+    /// A new cursor at a partition's end (a restart at H where only
+    /// markers, or nothing, lie past the last record) learns that its first
+    /// fetch came back with nothing, so reads there stop waiting
+    /// `FIRST_FETCH_WAIT` for it. Against librdkafka's mock cluster.
+    #[test]
+    fn a_new_cursor_at_the_end_of_a_partition_learns_that_its_fetch_is_in() {
+        use crate::stream::decode::Decoder;
+        let mock = rdkafka::mocking::MockCluster::new(1).expect("a mock cluster");
+        mock.create_topic("events", 1, 1).expect("a topic");
+        let config = KafkaConfig {
+            brokers: mock.bootstrap_servers(),
+            topic: "events".into(),
+            options: Default::default(),
+        };
+        let producer = KafkaProducer::new(&config).expect("a producer");
+        let rt = tokio::runtime::Runtime::new().expect("a runtime");
+        let acks = rt
+            .block_on(producer.send((0..10).map(|_| (Some(0), None, &b"{}"[..]))))
+            .expect("the mock acknowledges");
+        assert_eq!(acks.last(), Some(&(0, 9)), "ten records at offsets 0 to 9");
+        let dir = tempfile::tempdir().expect("a directory");
+        let source = KafkaSource::open(
+            config,
+            Decoder::new(
+                Arc::new(crate::schema::EventSchema::paper()),
+                crate::stream::Partitioning::RoundRobin,
+            ),
+            Arc::new(DeadLetters::open(dir.path()).expect("dead letters")),
+        )
+        .expect("the source opens");
+        let began = Instant::now();
+        loop {
+            match source.take(0, 10, u64::MAX, 100).expect("partition 0 reads") {
+                Took::Nothing { fresh: false } => break,
+                Took::Nothing { fresh: true } => {}
+                Took::Records(r, _) => panic!("no record at or past offset 10, got {}", r.len()),
+            }
+            assert!(
+                began.elapsed() < Duration::from_secs(20),
+                "a new cursor at the partition's end must learn that its fetch came back with nothing; until it does, every read there waits FIRST_FETCH_WAIT"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        source.stop();
     }
 }
