@@ -164,7 +164,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a read at `from` that finds nothing buffered waits for records,
 /// the partition's fetches having reached `fetched` (one past the highest
-/// offset fetched) and its broker reporting `high`; `fresh` if its cursor
+/// offset fetched) and its broker reporting `_high`; `fresh` if its cursor
 /// has not fetched yet. Records known to be there (fetched already, by this
 /// cursor or another) are waited for, and so is a new cursor's first fetch
 /// (a broker's end offset may lie below what it holds). A high watermark
@@ -172,8 +172,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// last offsets are markers has one above its last record, and a read there
 /// must not wait for records that will never come — each would hold up the
 /// micro-batch of every other partition.
-fn read_wait(from: u64, fetched: u64, high: u64, fresh: bool) -> Duration {
-    let _ = high;
+fn read_wait(from: u64, fetched: u64, _high: u64, fresh: bool) -> Duration {
     if from < fetched {
         READ_WAIT
     } else if fresh {

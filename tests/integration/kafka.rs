@@ -747,7 +747,7 @@ fn a_record_stamped_in_the_future_does_not_hold_back_archiving() {
             .as_millis() as i64
     };
     let mut known = BTreeMap::new();
-    let mut send_at = |k: i64, at_ms: i64, known: &mut BTreeMap<(u32, u64), Sent>| {
+    let send_at = |k: i64, at_ms: i64, known: &mut BTreeMap<(u32, u64), Sent>| {
         let e = make(k);
         let line = ndjson(std::slice::from_ref(&e));
         let record = FutureRecord::<[u8], [u8]>::to("events")
