@@ -433,7 +433,9 @@ impl KafkaSource {
             // A log that went back stays stopped: a new cursor would read
             // the new records below `from` as ones already consumed.
             Err(e @ KafkaError::Behind { .. }) => part.stop(e.clone()),
-            Err(e) => *part.failed.lock().expect("kafka failure") = Some((e.clone(), Instant::now())),
+            Err(e) => {
+                *part.failed.lock().expect("kafka failure") = Some((e.clone(), Instant::now()))
+            }
             Ok(()) => {}
         }
         filled
@@ -1090,7 +1092,10 @@ mod tests {
         .expect("the source opens");
         let began = Instant::now();
         loop {
-            match source.take(0, 10, u64::MAX, 100).expect("partition 0 reads") {
+            match source
+                .take(0, 10, u64::MAX, 100)
+                .expect("partition 0 reads")
+            {
                 Took::Nothing { fresh: false } => break,
                 Took::Nothing { fresh: true } => {}
                 Took::Records(r, _) => panic!("no record at or past offset 10, got {}", r.len()),

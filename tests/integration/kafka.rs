@@ -592,7 +592,9 @@ fn wait_for(
 fn produce_into_kafka_that_cannot_be_reached_fails_saying_so() {
     let brokers = format!("127.0.0.1:{}", common::free_port());
     let mut child = Command::new(common::BIN)
-        .args(["produce", "--events", "10", "--kafka", &brokers, "--topic", "t"])
+        .args([
+            "produce", "--events", "10", "--kafka", &brokers, "--topic", "t",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -765,9 +767,17 @@ fn a_record_stamped_in_the_future_does_not_hold_back_archiving() {
     for k in 1..200 {
         send_at(k, now_ms(), &mut known);
     }
-    wait_settled(&server, &BTreeMap::from([(0u32, 199u64)]), Duration::from_secs(60));
+    wait_settled(
+        &server,
+        &BTreeMap::from([(0u32, 199u64)]),
+        Duration::from_secs(60),
+    );
     // A future record last: nothing after it will close its chunk.
     send_at(200, FUTURE_MS, &mut known);
-    wait_settled(&server, &BTreeMap::from([(0u32, 200u64)]), Duration::from_secs(60));
+    wait_settled(
+        &server,
+        &BTreeMap::from([(0u32, 200u64)]),
+        Duration::from_secs(60),
+    );
     oracle::assert_settled_exact(server, &site.data, &known, false);
 }
