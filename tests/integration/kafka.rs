@@ -824,9 +824,12 @@ fn a_broker_that_pauses_and_comes_back_loses_and_doubles_nothing() {
         }
     };
     send_round(&mut known);
-    wait_for(&server, Duration::from_secs(60), "100 consumed of each", |s| {
-        realtime(s, 0) == Some(100) && realtime(s, 1) == Some(100)
-    });
+    wait_for(
+        &server,
+        Duration::from_secs(60),
+        "100 consumed of each",
+        |s| realtime(s, 0) == Some(100) && realtime(s, 1) == Some(100),
+    );
     tansu.signal("STOP");
     std::thread::sleep(Duration::from_secs(12));
     tansu.signal("CONT");
