@@ -196,9 +196,24 @@ struct Record {
     payload: Option<Box<[u8]>>,
 }
 
+/// The context of a partition's consumers: librdkafka's errors are logged
+/// as rdkafka logs them, except the end of a partition (`enable.partition.eof`),
+/// which is news, not an error, and comes at every fetch that catches up.
+struct CursorContext;
+
+impl rdkafka::ClientContext for CursorContext {
+    fn error(&self, error: ClientError, reason: &str) {
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) {
+            tracing::error!(target: "rdkafka::client", "librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for CursorContext {}
+
 /// A consumer assigned to one partition, and the records it fetched ahead.
 struct Cursor {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<CursorContext>,
     /// One past the last record handed out (or the assigned offset).
     next: u64,
     pending: VecDeque<Record>,
@@ -207,6 +222,14 @@ struct Cursor {
     /// partition's end: a new one's first fetch takes a round trip, which a
     /// read waits for.
     fetched: bool,
+    /// Where the consumer was assigned, and the partition's `seen` then:
+    /// the records below `known` existed before its first fetch, so it
+    /// cannot reach the partition's end without handing out the last of
+    /// them — unless the log went back.
+    assigned: u64,
+    known: u64,
+    /// The highest offset the consumer handed out.
+    last: Option<u64>,
 }
 
 #[derive(Default)]
@@ -385,8 +408,8 @@ impl KafkaSource {
         let i = match near {
             Some(i) => i,
             None => {
-                let consumer: BaseConsumer = consumer_config(&self.config)
-                    .create()
+                let consumer: BaseConsumer<CursorContext> = consumer_config(&self.config)
+                    .create_with_context(CursorContext)
                     .map_err(|e| self.read_error(p, e))?;
                 let low = self.part(p).low.load(Ordering::Relaxed);
                 let at = from.saturating_sub(LOOKBACK).max(low.min(from));
@@ -400,6 +423,9 @@ impl KafkaSource {
                     pending: VecDeque::new(),
                     used: Instant::now(),
                     fetched: false,
+                    assigned: at,
+                    known: self.part(p).seen.load(Ordering::Relaxed),
+                    last: None,
                 };
                 if cursors.len() < CURSORS {
                     cursors.push(cursor);
@@ -452,6 +478,7 @@ impl KafkaSource {
                         *part.failed.lock().expect("kafka failure") = None;
                     }
                     part.seen.fetch_max(offset + 1, Ordering::Relaxed);
+                    c.last = c.last.max(Some(offset));
                     if offset < c.next || c.pending.back().is_some_and(|r| r.offset >= offset) {
                         continue; // before the cursor's start, or seen twice
                     }
@@ -468,6 +495,20 @@ impl KafkaSource {
                 // partition that ends in transaction markers, say).
                 Some(Err(ClientError::PartitionEOF(_))) => {
                     c.fetched = true;
+                    // At the end without the records known before this
+                    // consumer began: the log went back (a topic created
+                    // again, a broker that lost its records — tansu
+                    // answers a fetch past its end with nothing, so the
+                    // head consumer sees no error).
+                    let reached = c.last.map_or(c.assigned, |o| o + 1);
+                    if c.assigned < c.known && reached < c.known {
+                        return Err(KafkaError::Behind {
+                            topic: self.config.topic.clone(),
+                            partition: p,
+                            from: c.known,
+                            end: reached,
+                        });
+                    }
                     break;
                 }
                 Some(Err(e)) => {
