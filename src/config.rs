@@ -385,8 +385,10 @@ pub struct ArchiveConfig {
     #[serde(default = "default_chunk_events")]
     pub chunk_events: u64,
     /// A chunk ends before the first record whose stream time falls in a
-    /// later bucket of this length than its first record's (and an idle
-    /// chunk closes once its bucket has passed).
+    /// later bucket of this length than its first record's, or in one more
+    /// than a minute (and at least one bucket) earlier: a record stamped far
+    /// in the future forms a chunk of its own. An idle chunk closes once its
+    /// bucket has passed on the clock, or lies further ahead of it than that.
     #[serde(default = "default_chunk_age", with = "humantime_serde")]
     pub chunk_age: Duration,
 }

@@ -56,6 +56,10 @@ pub enum ProduceError {
     Kafka(#[from] crate::stream::kafka::KafkaError),
 }
 
+/// How long `produce --kafka` waits for the brokers to answer before it
+/// says it cannot reach them.
+const KAFKA_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What to produce and where to send it.
 #[derive(Debug, Clone)]
 pub struct ProduceOptions {
@@ -417,7 +421,16 @@ pub async fn run(opts: ProduceOptions) -> Result<Summary, ProduceError> {
     };
 
     let kafka = match &opts.kafka {
-        Some(k) => Some(crate::stream::kafka::KafkaProducer::new(k)?),
+        Some(k) => {
+            // Unreachable brokers fail the run at once, with what happened,
+            // rather than every send after the delivery timeout.
+            let producer = crate::stream::kafka::KafkaProducer::new(k)?;
+            let checking = producer.clone();
+            tokio::task::spawn_blocking(move || checking.check(KAFKA_CONNECT_TIMEOUT))
+                .await
+                .map_err(|e| ProduceError::Setup(e.to_string()))??;
+            Some(producer)
+        }
         None => None,
     };
     let kinesis = match &opts.kinesis {

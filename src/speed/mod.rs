@@ -162,17 +162,41 @@ async fn compact(
     Ok(out)
 }
 
+/// How far a record's stream time may lie before its chunk's bucket and
+/// still join the chunk: at least one bucket, and at least this long.
+/// Producers' clocks differ (Kafka's record time is the producer's), so
+/// records a little out of order join the chunk in hand; a record far
+/// earlier than the chunk's bucket means the chunk was opened by one stamped
+/// far ahead, and it starts a chunk of its own.
+const EARLIER_SLACK_MS: i64 = 60_000;
+
+/// [`EARLIER_SLACK_MS`] in buckets of `age_ms`, at least one.
+fn earlier_slack(age_ms: i64) -> i64 {
+    (EARLIER_SLACK_MS + age_ms - 1).div_euclid(age_ms).max(1)
+}
+
+/// Whether a record of bucket `t` joins a chunk of bucket `chunk`: not one
+/// of a later bucket, nor one more than [`earlier_slack`] buckets earlier.
+/// A record stamped far in the future thus forms a chunk of its own (the
+/// next record of the present closes it) instead of taking in every record
+/// after it, which would stay unarchived until the clock reached its bucket.
+fn joins_bucket(chunk: Option<i64>, t: i64, slack: i64) -> bool {
+    chunk.is_none_or(|cb| t <= cb && t >= cb.saturating_sub(slack))
+}
+
 /// The records of `read` that join the open chunk, which has room for
 /// `room` more events and whose bucket is `bucket` (`None` while empty): a
-/// chunk ends when it is full or before the first record of a later bucket.
+/// chunk ends when it is full, or before the first record of a later bucket
+/// or of a bucket far earlier ([`joins_bucket`]).
 fn cut(read: Vec<SourceBatch>, mut room: u64, mut bucket: Option<i64>, age_ms: i64) -> Cut {
+    let slack = earlier_slack(age_ms);
     let mut take = Vec::with_capacity(read.len());
     for b in read {
         let n = b.rows();
         let joins = match &b.times {
             StreamTimes::All(t) => {
                 let t = t.div_euclid(age_ms);
-                if bucket.is_some_and(|cb| t > cb) {
+                if !joins_bucket(bucket, t, slack) {
                     0
                 } else {
                     bucket.get_or_insert(t);
@@ -183,7 +207,7 @@ fn cut(read: Vec<SourceBatch>, mut room: u64, mut bucket: Option<i64>, age_ms: i
                 let mut k = 0;
                 while k < n && (k as u64) < room {
                     let t = b.time_ms(k).div_euclid(age_ms);
-                    if bucket.is_some_and(|cb| t > cb) {
+                    if !joins_bucket(bucket, t, slack) {
                         break;
                     }
                     bucket.get_or_insert(t);
@@ -634,9 +658,12 @@ impl SpeedLayer {
             }
         }
         // An idle open chunk (not a replayed one) whose bucket has passed on
-        // the clock closes where it is: no later record will end it. Nor
-        // will one after a partition's last record (a closed Kinesis shard):
-        // its end is a boundary every node cuts.
+        // the clock closes where it is: no later record will end it. So does
+        // one whose bucket lies further ahead of the clock than a record may
+        // lie before it (stamped far in the future: a record of the present
+        // would start a new chunk anyway). Nor will a record end one after a
+        // partition's last record (a closed Kinesis shard): its end is a
+        // boundary every node cuts.
         let finished = self.parts[p].next >= end && self.source.finished(p as u32);
         let part = &mut self.parts[p];
         let now_bucket = self.clock.unix_ms().div_euclid(age_ms);
@@ -644,7 +671,7 @@ impl SpeedLayer {
             && !last.closed
             && part.replay.is_empty()
             && last.range.events > 0
-            && (now_bucket > bucket || finished)
+            && (!joins_bucket(Some(bucket), now_bucket, earlier_slack(age_ms)) || finished)
         {
             let mut c = (**last).clone();
             c.closed = true;
@@ -910,13 +937,51 @@ mod tests {
         assert_eq!(got, want, "chunks of a gappy partition");
     }
 
+    #[test]
+    fn a_record_stamped_far_ahead_forms_a_chunk_of_its_own() {
+        // 2100-01-01, then records of the present, 1 s buckets: they must
+        // not join the future record's chunk, which would stay open (and
+        // unarchived) until the clock reached its bucket (issue 30, case 10).
+        let future = 4_102_444_800_000;
+        let now = 1_800_000_000_000;
+        let positions: Vec<u64> = (0..200).collect();
+        let times: Vec<i64> = std::iter::once(future)
+            .chain((1..200).map(|i| now + i))
+            .collect();
+        for splits in [&[200][..], &[1], &[7, 3]] {
+            assert_eq!(
+                chunks(&positions, &times, splits, 1_000, 1_000),
+                vec![
+                    ChunkRange::new(0, 0, 1, 1).unwrap(),
+                    ChunkRange::new(0, 1, 200, 199).unwrap(),
+                ],
+                "the future record alone, then the present ones (reads split as {splits:?})"
+            );
+        }
+        // Out of order by less than a minute (producers' clocks differ):
+        // one chunk per bucket as ever, the earlier records joining.
+        let times = [5_500, 5_900, 4_200, 5_100, 6_000, 1_000];
+        assert_eq!(
+            chunks(&[0, 1, 2, 3, 4, 5], &times, &[6], 1_000, 1_000),
+            vec![
+                ChunkRange::new(0, 0, 4, 4).unwrap(),
+                ChunkRange::new(0, 4, 6, 2).unwrap(),
+            ],
+            "records up to a minute earlier than their chunk's bucket join it"
+        );
+    }
+
     proptest! {
         /// Any node consuming a partition cuts the same chunks, however its
-        /// reads happen to split the records.
+        /// reads happen to split the records (times that wander, and some
+        /// that jump hours ahead or back).
         #[test]
         fn chunk_boundaries_depend_only_on_the_records(
             gaps in prop::collection::vec(1u64..4, 1..200),
-            steps in prop::collection::vec(-300i64..700, 1..200),
+            steps in prop::collection::vec(
+                prop_oneof![8 => -300i64..700, 1 => -10_000_000i64..10_000_000],
+                1..200,
+            ),
             splits_a in prop::collection::vec(1usize..40, 1..10),
             splits_b in prop::collection::vec(1usize..40, 1..10),
             size in 1u64..30,

@@ -275,8 +275,9 @@ pub enum IngestError {
     Kafka(#[from] super::kafka::KafkaError),
     #[error(transparent)]
     Kinesis(#[from] super::kinesis::KinesisError),
-    /// The external stream stored none of the body's valid lines.
-    #[error("{stream} stored none of the {lines} valid lines: {detail}")]
+    /// The external stream confirmed none of the body's valid lines (it
+    /// refused them, or did not answer: `in_doubt` in the report).
+    #[error("{stream} confirmed none of the {lines} valid lines: {detail}")]
     NotStored {
         stream: String,
         lines: u64,
@@ -681,13 +682,20 @@ impl Ingest {
         self.counters
             .accepted
             .fetch_add(report.accepted, Ordering::Relaxed);
-        if report.accepted == 0 && report.in_doubt.is_empty() {
-            // Nothing stored: the whole body can be sent again.
-            let why = report.not_stored[0].reason.clone();
+        if report.accepted == 0 {
+            // Nothing confirmed stored: the whole body is sent again (lines
+            // in doubt — sent, no answer — as after a lost connection).
+            let why = report
+                .not_stored
+                .iter()
+                .chain(&report.in_doubt)
+                .next()
+                .map(|s| s.reason.clone())
+                .unwrap_or_default();
             return Err(IngestFailure {
                 error: IngestError::NotStored {
                     stream: producer.describe(),
-                    lines: report.not_stored_lines(),
+                    lines: report.not_stored_lines() + report.in_doubt_lines(),
                     detail: why,
                 },
                 partial: report,

@@ -119,8 +119,10 @@ pub enum KafkaError {
     },
     /// The partition ends below what was consumed already: the topic was
     /// deleted and created again, or the broker lost acknowledged records.
+    /// The partition stays stopped until the node restarts: its offsets no
+    /// longer name the records the master dataset holds under them.
     #[error(
-        "partition {partition} of Kafka topic `{topic}` ends at offset {end}, below offset {from} that lambdaflow consumed already (the topic was created again, or the broker lost records); the partition is stopped at {from}"
+        "partition {partition} of Kafka topic `{topic}` went back to end at offset {end}, below offset {from} that lambdaflow consumed already: the topic was deleted and created again, or the broker lost records; the partition is stopped at {from} so that none of its records is skipped or counted twice (to go on: consume the new topic into a new data directory, or restore the lost records and restart)"
     )]
     Behind {
         topic: String,
@@ -170,6 +172,26 @@ const MAX_AHEAD_BYTES: usize = 256 << 20;
 /// How long metadata and watermark requests may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a read at `from` that finds nothing buffered waits for records,
+/// the partition's fetches having reached `fetched` (one past the highest
+/// offset fetched) and its broker reporting `_high`; `fresh` if its cursor
+/// has not fetched yet. Records known to be there (fetched already, by this
+/// cursor or another) are waited for, and so is a new cursor's first fetch
+/// (a broker's end offset may lie below what it holds). A high watermark
+/// alone proves nothing: it counts transaction markers, so a partition whose
+/// last offsets are markers has one above its last record, and a read there
+/// must not wait for records that will never come — each would hold up the
+/// micro-batch of every other partition.
+fn read_wait(from: u64, fetched: u64, _high: u64, fresh: bool) -> Duration {
+    if from < fetched {
+        READ_WAIT
+    } else if fresh {
+        FIRST_FETCH_WAIT
+    } else {
+        Duration::ZERO
+    }
+}
+
 /// What a [`KafkaSource::take`] got.
 enum Took {
     /// Records, and one past the last position read over.
@@ -184,16 +206,40 @@ struct Record {
     payload: Option<Box<[u8]>>,
 }
 
+/// The context of a partition's consumers: librdkafka's errors are logged
+/// as rdkafka logs them, except the end of a partition (`enable.partition.eof`),
+/// which is news, not an error, and comes at every fetch that catches up.
+struct CursorContext;
+
+impl rdkafka::ClientContext for CursorContext {
+    fn error(&self, error: ClientError, reason: &str) {
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) {
+            tracing::error!(target: "rdkafka::client", "librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for CursorContext {}
+
 /// A consumer assigned to one partition, and the records it fetched ahead.
 struct Cursor {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<CursorContext>,
     /// One past the last record handed out (or the assigned offset).
     next: u64,
     pending: VecDeque<Record>,
     used: Instant,
-    /// Whether the consumer has handed out anything yet: a new one's first
-    /// fetch takes a round trip, which a read waits for.
+    /// Whether the consumer has handed out anything yet, or fetched to the
+    /// partition's end: a new one's first fetch takes a round trip, which a
+    /// read waits for.
     fetched: bool,
+    /// Where the consumer was assigned, and the partition's `seen` then:
+    /// the records below `known` existed before its first fetch, so it
+    /// cannot reach the partition's end without handing out the last of
+    /// them — unless the log went back.
+    assigned: u64,
+    known: u64,
+    /// The highest offset the consumer handed out.
+    last: Option<u64>,
 }
 
 #[derive(Default)]
@@ -204,6 +250,9 @@ struct Partition {
     /// The broker's low and high watermarks, refreshed in the background.
     low: AtomicU64,
     high: AtomicU64,
+    /// Why the partition is stopped for good ([`KafkaError::Behind`]):
+    /// every read and `end` answer it from then on.
+    broken: Mutex<Option<KafkaError>>,
     /// Records below this were written to the dead-letter store already.
     dead_mark: AtomicU64,
     /// The last failure of a fetch, and when: `end` reports it while it is
@@ -218,6 +267,25 @@ struct Partition {
     ahead_fetched: AtomicBool,
     /// Wakes reads waiting for the read-ahead to grow.
     grown: tokio::sync::Notify,
+}
+
+impl Partition {
+    /// Stops the partition for good with `e` (the first reason stands).
+    fn stop(&self, e: KafkaError) {
+        let mut broken = self.broken.lock().expect("kafka partition");
+        if broken.is_none() {
+            tracing::error!(error = %e, "a Kafka partition is stopped");
+            *broken = Some(e);
+        }
+    }
+
+    /// Why the partition is stopped, if it is.
+    fn broken(&self) -> Result<(), KafkaError> {
+        match &*self.broken.lock().expect("kafka partition") {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
 }
 
 /// How long a fetch failure stands without recurring.
@@ -290,8 +358,12 @@ impl KafkaSource {
                 self.meta
                     .fetch_watermarks(&self.config.topic, p as i32, REQUEST_TIMEOUT)
             {
+                let high = high.max(0) as u64;
                 part.low.store(low.max(0) as u64, Ordering::Relaxed);
-                part.high.store(high.max(0) as u64, Ordering::Relaxed);
+                let before = part.high.swap(high, Ordering::Relaxed);
+                if let Some(e) = self.went_back(p as u32, before, high) {
+                    part.stop(e);
+                }
             }
         }
         if let Ok(n) = topic_partitions(&self.meta, &self.config) {
@@ -301,6 +373,24 @@ impl KafkaSource {
                 parts.resize_with(n as usize, Arc::default);
             }
         }
+    }
+
+    /// Whether partition `p`'s high watermark, `before` at the last
+    /// refresh and `high` now, says that its log went back below what was
+    /// fetched: the topic was created again, or the broker lost records.
+    /// A broker's end offset only grows (tansu's, the base offset of its
+    /// last record batch, may lie below what was fetched, but it grows too),
+    /// so a fall below the fetched records is the proof; a fetch past the
+    /// new end would find nothing (tansu) or records that are not the ones
+    /// those offsets named.
+    fn went_back(&self, p: u32, before: u64, high: u64) -> Option<KafkaError> {
+        let seen = self.part(p).seen.load(Ordering::Relaxed);
+        (high < before && high < seen).then(|| KafkaError::Behind {
+            topic: self.config.topic.clone(),
+            partition: p,
+            from: seen,
+            end: high,
+        })
     }
 
     fn read_error(&self, partition: u32, source: ClientError) -> KafkaError {
@@ -328,8 +418,8 @@ impl KafkaSource {
         let i = match near {
             Some(i) => i,
             None => {
-                let consumer: BaseConsumer = consumer_config(&self.config)
-                    .create()
+                let consumer: BaseConsumer<CursorContext> = consumer_config(&self.config)
+                    .create_with_context(CursorContext)
                     .map_err(|e| self.read_error(p, e))?;
                 let low = self.part(p).low.load(Ordering::Relaxed);
                 let at = from.saturating_sub(LOOKBACK).max(low.min(from));
@@ -343,6 +433,9 @@ impl KafkaSource {
                     pending: VecDeque::new(),
                     used: Instant::now(),
                     fetched: false,
+                    assigned: at,
+                    known: self.part(p).seen.load(Ordering::Relaxed),
+                    last: None,
                 };
                 if cursors.len() < CURSORS {
                     cursors.push(cursor);
@@ -369,9 +462,17 @@ impl KafkaSource {
     /// Moves what the consumer has fetched into the cursor, without
     /// blocking, up to `READ_AHEAD` records.
     fn fill(&self, p: u32, c: &mut Cursor) -> Result<(), KafkaError> {
+        let part = self.part(p);
+        part.broken()?;
         let filled = self.fill_inner(p, c);
-        if let Err(e) = &filled {
-            *self.part(p).failed.lock().expect("kafka failure") = Some((e.clone(), Instant::now()));
+        match &filled {
+            // A log that went back stays stopped: a new cursor would read
+            // the new records below `from` as ones already consumed.
+            Err(e @ KafkaError::Behind { .. }) => part.stop(e.clone()),
+            Err(e) => {
+                *part.failed.lock().expect("kafka failure") = Some((e.clone(), Instant::now()))
+            }
+            Ok(()) => {}
         }
         filled
     }
@@ -387,6 +488,7 @@ impl KafkaSource {
                         *part.failed.lock().expect("kafka failure") = None;
                     }
                     part.seen.fetch_max(offset + 1, Ordering::Relaxed);
+                    c.last = c.last.max(Some(offset));
                     if offset < c.next || c.pending.back().is_some_and(|r| r.offset >= offset) {
                         continue; // before the cursor's start, or seen twice
                     }
@@ -397,6 +499,27 @@ impl KafkaSource {
                         time_ms: m.timestamp().to_millis().unwrap_or(0),
                         payload: m.payload().map(Box::from),
                     });
+                }
+                // Everything up to the broker's end was handed out: the
+                // fetch is in, though it held nothing past the start (a
+                // partition that ends in transaction markers, say).
+                Some(Err(ClientError::PartitionEOF(_))) => {
+                    c.fetched = true;
+                    // At the end without the records known before this
+                    // consumer began: the log went back (a topic created
+                    // again, a broker that lost its records — tansu
+                    // answers a fetch past its end with nothing, so the
+                    // head consumer sees no error).
+                    let reached = c.last.map_or(c.assigned, |o| o + 1);
+                    if c.assigned < c.known && reached < c.known {
+                        return Err(KafkaError::Behind {
+                            topic: self.config.topic.clone(),
+                            partition: p,
+                            from: c.known,
+                            end: reached,
+                        });
+                    }
+                    break;
                 }
                 Some(Err(e)) => {
                     // With `auto.offset.reset = error`, librdkafka reports a
@@ -480,6 +603,7 @@ impl KafkaSource {
     /// `from`, fetching (without blocking) first.
     fn take(&self, p: u32, from: u64, until: u64, max: usize) -> Result<Took, KafkaError> {
         let part = self.part(p);
+        part.broken()?;
         let mut cursors = part.cursors.lock().expect("kafka cursors");
         let c = self.cursor_at(p, &mut cursors, from)?;
         let filled = self.fill(p, c);
@@ -515,13 +639,15 @@ fn consumer_config(config: &KafkaConfig) -> ClientConfig {
     let mut c = config.client_with(&[
         ("group.id", &group),
         ("enable.auto.offset.store", "false"),
-        ("enable.partition.eof", "false"),
         ("isolation.level", "read_committed"),
         ("fetch.wait.max.ms", "50"),
         ("queued.max.messages.kbytes", "16384"),
     ]);
     // Never move past a lost position, whatever the options say.
     c.set("auto.offset.reset", "error");
+    // A fetch that reached the end tells so: a read there does not wait
+    // for a first fetch that has come and held nothing.
+    c.set("enable.partition.eof", "true");
     c.set("enable.auto.commit", "false");
     c
 }
@@ -609,6 +735,7 @@ impl Source for KafkaSource {
 
     fn end(&self, p: u32) -> Result<u64, SourceError> {
         let part = self.part(p);
+        part.broken()?;
         if let Some((e, at)) = &*part.failed.lock().expect("kafka failure")
             && at.elapsed() < FAILURE_STANDS
         {
@@ -648,15 +775,21 @@ impl Source for KafkaSource {
         if let Some(read) = self.read_ahead(p, from, until, max_events).await? {
             return Ok(read);
         }
-        let known = from < self.end(p)?;
+        self.end(p)?;
+        let part = self.part(p);
         let began = Instant::now();
         loop {
             let fresh = match self.take(p, from, until, max_events)? {
                 Took::Records(records, end) => return Ok(vec![self.decode(p, records, end)?]),
                 Took::Nothing { fresh } => fresh,
             };
-            let waited = began.elapsed();
-            if !(fresh && waited < FIRST_FETCH_WAIT || known && waited < READ_WAIT) {
+            let limit = read_wait(
+                from,
+                part.seen.load(Ordering::Relaxed),
+                part.high.load(Ordering::Relaxed),
+                fresh,
+            );
+            if began.elapsed() >= limit {
                 return Ok(Vec::new());
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -737,7 +870,7 @@ impl KafkaSource {
         }
         // As the cursors do: records known to be there are waited for, and
         // so is the reader's first fetch.
-        let known = from < self.end(p)?;
+        self.end(p)?;
         let began = Instant::now();
         loop {
             let grown = part.grown.notified();
@@ -753,12 +886,12 @@ impl KafkaSource {
                 Some(_) => {}
             }
             let waited = began.elapsed();
-            let fresh = !part.ahead_fetched.load(Ordering::Relaxed);
-            let limit = match (known, fresh) {
-                (true, _) => READ_WAIT,
-                (false, true) => FIRST_FETCH_WAIT,
-                (false, false) => Duration::ZERO,
-            };
+            let limit = read_wait(
+                from,
+                part.seen.load(Ordering::Relaxed),
+                part.high.load(Ordering::Relaxed),
+                !part.ahead_fetched.load(Ordering::Relaxed),
+            );
             if waited >= limit {
                 return Ok(Some(Vec::new()));
             }
@@ -818,7 +951,11 @@ fn read_ahead_loop(source: Weak<KafkaSource>, p: u32) {
                         }
                     }
                 }
-                Ok(_) => {
+                Ok(took) => {
+                    if let Took::Nothing { fresh: false } = took {
+                        // Fetched to the end, with nothing past `head`.
+                        part.ahead_fetched.store(true, Ordering::Relaxed);
+                    }
                     // Nothing yet: poll again soon, less often while idle.
                     let wait = idle;
                     idle = (idle * 2).min(Duration::from_millis(20));
@@ -844,13 +981,28 @@ impl From<KafkaError> for SourceError {
 
 /// Sends events to a topic: an idempotent producer with `acks=all`, so a
 /// send that returns is on every in-sync replica, once.
+#[derive(Clone)]
 pub struct KafkaProducer {
     producer: FutureProducer,
+    brokers: String,
     topic: String,
     max_record: usize,
 }
 
+/// How long a record may take to be acknowledged, retries included, unless
+/// the user's `options` say otherwise (`message.timeout.ms`). librdkafka's
+/// default is 5 minutes: an HTTP request into a Kafka node whose broker is
+/// down held its ingest slot that long, and `produce` seemed to hang.
+const DELIVERY_TIMEOUT_MS: &str = "15000";
+/// How long one broker request may go unanswered (`socket.timeout.ms`,
+/// `request.timeout.ms`), unless the user's `options` say otherwise.
+const BROKER_REQUEST_TIMEOUT_MS: &str = "10000";
+
 impl KafkaProducer {
+    /// A producer of the topic. Sends fail within
+    /// [`DELIVERY_TIMEOUT_MS`] when the brokers cannot be reached (the
+    /// user's `options` may set other timeouts); [`KafkaProducer::check`]
+    /// says so at once.
     pub fn new(config: &KafkaConfig) -> Result<KafkaProducer, KafkaError> {
         let producer = config
             .client_with(&[
@@ -858,6 +1010,9 @@ impl KafkaProducer {
                 ("enable.idempotence", "true"),
                 ("linger.ms", "5"),
                 ("queue.buffering.max.messages", "1000000"),
+                ("message.timeout.ms", DELIVERY_TIMEOUT_MS),
+                ("socket.timeout.ms", BROKER_REQUEST_TIMEOUT_MS),
+                ("request.timeout.ms", BROKER_REQUEST_TIMEOUT_MS),
             ])
             .create()
             .map_err(|source| KafkaError::Connect {
@@ -866,6 +1021,7 @@ impl KafkaProducer {
             })?;
         Ok(KafkaProducer {
             producer,
+            brokers: config.brokers.clone(),
             topic: config.topic.clone(),
             max_record: max_record_bytes(config),
         })
@@ -878,6 +1034,22 @@ impl KafkaProducer {
     /// The longest event this producer sends as one record.
     pub fn max_record(&self) -> usize {
         self.max_record
+    }
+
+    /// Asks the brokers for the topic's metadata, waiting at most
+    /// `timeout`: brokers that cannot be reached are a
+    /// [`KafkaError::Connect`] now rather than failed sends after the
+    /// delivery timeout. Blocking.
+    pub fn check(&self, timeout: Duration) -> Result<(), KafkaError> {
+        use rdkafka::producer::Producer;
+        self.producer
+            .client()
+            .fetch_metadata(Some(&self.topic), timeout)
+            .map(|_| ())
+            .map_err(|source| KafkaError::Connect {
+                brokers: self.brokers.clone(),
+                source,
+            })
     }
 
     /// Sends each record to its partition (`None`: the partitioner picks by
@@ -1023,4 +1195,88 @@ pub fn partition_count(config: &KafkaConfig) -> Result<u32, KafkaError> {
                 source,
             })?;
     topic_partitions(&meta, config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The last record of a partition at offset 9, a transaction marker at
+    /// 10 (the high watermark, 11, counts it): a read at 10 by a cursor that
+    /// has fetched must not wait for a record that will never come, or an
+    /// idle transactional partition holds up every partition's micro-batch
+    /// by `READ_WAIT` (issue 30, case 11). Neither tansu nor librdkafka's
+    /// mock cluster writes markers, so the decision is tested alone.
+    #[test]
+    fn a_read_past_the_last_record_waits_only_for_records_known_to_be_there() {
+        assert_eq!(
+            read_wait(10, 10, 11, false),
+            Duration::ZERO,
+            "nothing fetched at or past offset 10, only the high watermark says 11: no wait"
+        );
+        assert_eq!(
+            read_wait(10, 10, 11, true),
+            FIRST_FETCH_WAIT,
+            "a new cursor's first fetch is waited for"
+        );
+        assert_eq!(
+            read_wait(5, 10, 11, false),
+            READ_WAIT,
+            "records fetched already (by any cursor) are waited for"
+        );
+        assert_eq!(
+            read_wait(10, 10, 8, false),
+            Duration::ZERO,
+            "a broker whose end offset lies below what was fetched (tansu) is no reason to wait"
+        );
+    }
+
+    /// A new cursor at a partition's end (a restart at H where only
+    /// markers, or nothing, lie past the last record) learns that its first
+    /// fetch came back with nothing, so reads there stop waiting
+    /// `FIRST_FETCH_WAIT` for it. Against librdkafka's mock cluster.
+    #[test]
+    fn a_new_cursor_at_the_end_of_a_partition_learns_that_its_fetch_is_in() {
+        use crate::stream::decode::Decoder;
+        let mock = rdkafka::mocking::MockCluster::new(1).expect("a mock cluster");
+        mock.create_topic("events", 1, 1).expect("a topic");
+        let config = KafkaConfig {
+            brokers: mock.bootstrap_servers(),
+            topic: "events".into(),
+            options: Default::default(),
+        };
+        let producer = KafkaProducer::new(&config).expect("a producer");
+        let rt = tokio::runtime::Runtime::new().expect("a runtime");
+        let acks = rt
+            .block_on(producer.send((0..10).map(|_| (Some(0), None, &b"{}"[..]))))
+            .expect("the mock acknowledges");
+        assert_eq!(acks.last(), Some(&(0, 9)), "ten records at offsets 0 to 9");
+        let dir = tempfile::tempdir().expect("a directory");
+        let source = KafkaSource::open(
+            config,
+            Decoder::new(
+                Arc::new(crate::schema::EventSchema::paper()),
+                crate::stream::Partitioning::RoundRobin,
+            ),
+            Arc::new(DeadLetters::open(dir.path()).expect("dead letters")),
+        )
+        .expect("the source opens");
+        let began = Instant::now();
+        loop {
+            match source
+                .take(0, 10, u64::MAX, 100)
+                .expect("partition 0 reads")
+            {
+                Took::Nothing { fresh: false } => break,
+                Took::Nothing { fresh: true } => {}
+                Took::Records(r, _) => panic!("no record at or past offset 10, got {}", r.len()),
+            }
+            assert!(
+                began.elapsed() < Duration::from_secs(20),
+                "a new cursor at the partition's end must learn that its fetch came back with nothing; until it does, every read there waits FIRST_FETCH_WAIT"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        source.stop();
+    }
 }
