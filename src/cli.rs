@@ -428,7 +428,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             println!("{summary}");
-            Ok(if summary.failed > 0 {
+            Ok(if summary.failed > 0 || summary.in_doubt > 0 {
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS

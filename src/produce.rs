@@ -127,6 +127,9 @@ pub struct Summary {
     pub rejected: u64,
     /// Events of requests that failed for good.
     pub failed: u64,
+    /// Events sent without an answer (a timeout): they may be stored; not
+    /// sent again, so none is counted twice on their account.
+    pub in_doubt: u64,
     pub requests: u64,
     pub retries: u64,
     pub elapsed: Duration,
@@ -142,7 +145,7 @@ impl Summary {
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.failed == 0 {
+        if self.failed == 0 && self.in_doubt == 0 {
             writeln!(
                 f,
                 "sent {} events in {:.2} s: {} events/s",
@@ -154,19 +157,21 @@ impl std::fmt::Display for Summary {
             // A rate of events that were not stored would be a lie.
             writeln!(
                 f,
-                "FAILED: {} of {} events not stored ({} stored) in {:.2} s",
+                "FAILED: {} of {} events not stored, {} in doubt (sent without an answer: they may be stored), {} stored, in {:.2} s",
                 group(self.failed),
                 group(self.events),
+                group(self.in_doubt),
                 group(self.accepted),
                 self.elapsed.as_secs_f64(),
             )?;
         }
         write!(
             f,
-            "  accepted {} · rejected {} · failed {} · requests {} · retries {}",
+            "  accepted {} · rejected {} · failed {} · in doubt {} · requests {} · retries {}",
             group(self.accepted),
             group(self.rejected),
             group(self.failed),
+            group(self.in_doubt),
             group(self.requests),
             group(self.retries)
         )?;
@@ -317,6 +322,9 @@ struct Reply {
     not_stored: Vec<Span>,
     #[serde(default)]
     in_doubt: Vec<Span>,
+    /// With a 503 from a Kafka or Kinesis node: what became of each line.
+    #[serde(default)]
+    report: Option<Box<Reply>>,
     #[serde(default)]
     error: Option<String>,
     #[serde(default)]
@@ -467,6 +475,7 @@ pub async fn run(opts: ProduceOptions) -> Result<Summary, ProduceError> {
         accepted: s.accepted.load(Ordering::Relaxed),
         rejected: s.rejected.load(Ordering::Relaxed),
         failed: s.failed.load(Ordering::Relaxed),
+        in_doubt: s.in_doubt.load(Ordering::Relaxed),
         requests: s.requests.load(Ordering::Relaxed),
         retries: s.retries.load(Ordering::Relaxed),
         elapsed: began.elapsed(),
@@ -512,6 +521,7 @@ struct Stats {
     accepted: AtomicU64,
     rejected: AtomicU64,
     failed: AtomicU64,
+    in_doubt: AtomicU64,
     requests: AtomicU64,
     retries: AtomicU64,
 }
@@ -580,6 +590,15 @@ impl Shared {
         }
     }
 
+    /// Events sent without an answer: counted apart, not sent again.
+    fn doubt(&self, why: &str, events: u64) {
+        self.stats.in_doubt.fetch_add(events, Ordering::Relaxed);
+        let mut first = self.first_error.lock().expect("lock");
+        if first.is_none() {
+            *first = Some(why.to_string());
+        }
+    }
+
     fn fail(&self, why: &str, events: u64) {
         self.stats.failed.fetch_add(events, Ordering::Relaxed);
         let mut first = self.first_error.lock().expect("lock");
@@ -618,8 +637,8 @@ impl Shared {
         for d in producer.send_each(lines).await {
             match d {
                 crate::stream::source::Delivery::Stored(_) => stored += 1,
-                crate::stream::source::Delivery::NotStored(why)
-                | crate::stream::source::Delivery::InDoubt(why) => self.fail(&why, 1),
+                crate::stream::source::Delivery::NotStored(why) => self.fail(&why, 1),
+                crate::stream::source::Delivery::InDoubt(why) => self.doubt(&why, 1),
             }
         }
         self.stats.accepted.fetch_add(stored, Ordering::Relaxed);
@@ -657,8 +676,8 @@ impl Shared {
         for d in producer.send_each(&records).await {
             match d {
                 crate::stream::source::Delivery::Stored(_) => stored += 1,
-                crate::stream::source::Delivery::NotStored(why)
-                | crate::stream::source::Delivery::InDoubt(why) => self.fail(&why, 1),
+                crate::stream::source::Delivery::NotStored(why) => self.fail(&why, 1),
+                crate::stream::source::Delivery::InDoubt(why) => self.doubt(&why, 1),
             }
         }
         self.stats.accepted.fetch_add(stored, Ordering::Relaxed);
@@ -691,7 +710,22 @@ impl Shared {
                         .and_then(|v| v.parse::<u64>().ok())
                         .map(Duration::from_secs);
                     let text = resp.bytes().await.unwrap_or_default();
-                    let reply: Reply = serde_json::from_slice(&text).unwrap_or_default();
+                    let mut reply: Reply = serde_json::from_slice(&text).unwrap_or_default();
+                    // A 503 that lists lines in doubt: as a 207 with nothing stored.
+                    let reply = match reply.report.take() {
+                        Some(r) if status.as_u16() == 503 && !r.in_doubt.is_empty() => Reply {
+                            not_stored: r.not_stored,
+                            in_doubt: r.in_doubt,
+                            rejected: r.rejected,
+                            ..reply
+                        },
+                        _ => reply,
+                    };
+                    let status = if status.as_u16() == 503 && !reply.in_doubt.is_empty() {
+                        reqwest::StatusCode::MULTI_STATUS
+                    } else {
+                        status
+                    };
                     if status.as_u16() == 207 {
                         // Part stored: count it, and send exactly the lines
                         // the stream did not store (or did not confirm) again.
@@ -701,8 +735,12 @@ impl Shared {
                         self.stats
                             .rejected
                             .fetch_add(reply.rejected, Ordering::Relaxed);
-                        let again: Vec<&Span> =
-                            reply.not_stored.iter().chain(&reply.in_doubt).collect();
+                        // Lines in doubt may be stored: counted, not resent.
+                        let doubt: u64 = reply.in_doubt.iter().map(|s| s.last + 1 - s.first).sum();
+                        if let Some(s) = reply.in_doubt.first() {
+                            self.doubt(&format!("HTTP 207: lines in doubt: {}", s.reason), doubt);
+                        }
+                        let again: Vec<&Span> = reply.not_stored.iter().collect();
                         let why = again
                             .first()
                             .map(|s| format!("HTTP 207: lines not stored: {}", s.reason))

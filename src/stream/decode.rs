@@ -182,10 +182,10 @@ impl Decoder {
                     line: line_no,
                     field: None,
                     reason: format!(
-                        "the event is {} bytes, over {} of {} per record",
+                        "the event is {} bytes, over the {} bytes {} takes as one record",
                         line.len(),
+                        max.bytes,
                         max.what,
-                        bytesize::ByteSize::b(max.bytes as u64)
                     ),
                     raw: range,
                 });

@@ -726,11 +726,14 @@ impl Producer {
     /// The longest event the stream takes as one record, and whose limit.
     pub fn max_record(&self) -> (usize, &'static str) {
         match self {
-            Producer::Kafka(k) => (k.max_record(), "the Kafka producer's message.max.bytes"),
+            Producer::Kafka(k) => (
+                k.max_record(),
+                "Kafka (the producer's message.max.bytes, less a record's framing)",
+            ),
             // The partition key counts too (a few digits).
             Producer::Kinesis(_) => (
                 super::kinesis::MAX_RECORD_BYTES - 16,
-                "Kinesis's record limit",
+                "Kinesis (1 MiB per record, its partition key included)",
             ),
         }
     }

@@ -88,9 +88,10 @@ impl KinesisConfig {
         Client::new(&self.sdk_config().await)
     }
 
-    /// A client for the shard readers: the SDK does not retry on its own,
-    /// so a throttled call is seen at once (in `status`) and the reader's
-    /// backoff alone decides when to call again.
+    /// A client for the shard readers and the producer: the SDK does not
+    /// retry on its own, so a throttled call is seen at once (in `status`),
+    /// the caller's backoff alone decides when to call again, and a put is
+    /// never sent twice behind the caller's back.
     async fn reader_client(&self) -> Client {
         let conf = aws_sdk_kinesis::config::Builder::from(&self.sdk_config().await)
             .retry_config(aws_sdk_kinesis::config::retry::RetryConfig::disabled())
@@ -1067,8 +1068,13 @@ where
 }
 
 impl KinesisProducer {
+    /// A producer whose client does not retry by itself: a call the SDK
+    /// sent again after a timeout or a lost connection would store its
+    /// records twice, and report them stored once. This producer retries
+    /// only what Kinesis refused (throttled calls, refused records), and
+    /// reports a call without an answer as in doubt.
     pub async fn new(config: &KinesisConfig) -> KinesisProducer {
-        KinesisProducer::with_client(config.client().await, &config.stream)
+        KinesisProducer::with_client(config.reader_client().await, &config.stream)
     }
 
     /// A producer on a client built elsewhere (explicit credentials, say).

@@ -84,7 +84,7 @@ fn a_line_over_the_record_limit_is_refused_before_anything_is_sent() {
     assert!(
         reply["errors"][0]["reason"]
             .as_str()
-            .is_some_and(|r| r.contains("record limit")),
+            .is_some_and(|r| r.contains("1 MiB per record")),
         "the reason names the stream's record limit: {reply}"
     );
     assert_eq!(
@@ -621,4 +621,36 @@ fn a_view_added_while_events_flow_on_kinesis_is_built_first_time() {
     let (known, counts) = positions(&site, "events", &puts);
     wait_settled(&server, &counts, Duration::from_secs(120));
     oracle::assert_settled_exact(server, &site.data, &known, true);
+}
+
+/// PutRecords stored, its answer lost (a timeout after the write): the
+/// node does not send the call again behind the client's back (the SDK's
+/// own retries would store each record up to three times and call it
+/// stored once). The reply says the lines are in doubt, and the stream
+/// holds each record once.
+#[test]
+fn a_put_whose_answer_was_lost_is_in_doubt_and_stored_once() {
+    let k = Kinesalite::start();
+    k.create_stream("events", 1);
+    let proxy = KinesisProxy::start(&k.endpoint, Faults::default());
+    let site = site_at(&proxy.endpoint, "events");
+    let server = site.serve(AWS_ENV);
+    proxy.set(|f| f.drop_put_answers = true);
+    let (status, reply) = post(&server.url, &lines(0, 10));
+    assert_eq!(status, 503, "nothing confirmed stored: {reply}");
+    let doubt = &reply["report"]["in_doubt"];
+    assert_eq!(
+        (&doubt[0]["first"], &doubt[0]["last"]),
+        (&Value::from(1), &Value::from(10)),
+        "the reply names the lines in doubt: {reply}"
+    );
+    proxy.set(|f| f.drop_put_answers = false);
+    // The one call that reached the stream stored each record once.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        wait_orders(&server.url, 10, Duration::from_secs(30)),
+        10,
+        "each record in the stream once, not once per retry"
+    );
+    server.stop();
 }

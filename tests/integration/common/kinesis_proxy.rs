@@ -45,6 +45,9 @@ pub struct Faults {
     pub refuse_puts_after: Option<u64>,
     /// PutRecords calls seen.
     pub puts_seen: u64,
+    /// Forward every PutRecords, then drop its answer with the connection
+    /// (a timeout after the write, as a client sees it).
+    pub drop_put_answers: bool,
     /// With a seed: faults at random, each call with these probabilities
     /// (per mille).
     pub random: Option<Random>,
@@ -58,6 +61,7 @@ impl Default for Faults {
             throttle_get_records: false,
             refuse_puts_after: None,
             puts_seen: 0,
+            drop_put_answers: false,
             random: None,
         }
     }
@@ -385,6 +389,9 @@ fn plan(
     }
     if target == "GetRecords" && f.throttle_get_records {
         return throttled();
+    }
+    if target == "PutRecords" && f.drop_put_answers {
+        return Plan::DropAnswer;
     }
     if target == "PutRecords" {
         f.puts_seen += 1;
