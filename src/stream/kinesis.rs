@@ -101,7 +101,11 @@ impl KinesisConfig {
 
     async fn sdk_config(&self) -> aws_config::SdkConfig {
         use aws_smithy_http_client::tls;
+        // Idle connections are dropped before a server's keep-alive (5 s
+        // and up) can close them under a call: a call on such a connection
+        // fails without an answer, and a put would be in doubt.
         let http = aws_smithy_http_client::Builder::new()
+            .pool_idle_timeout(Duration::from_secs(4))
             .tls_provider(tls::Provider::Rustls(
                 tls::rustls_provider::CryptoMode::Ring,
             ))

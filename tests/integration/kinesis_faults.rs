@@ -146,7 +146,11 @@ fn a_body_stored_in_part_says_which_lines_and_a_resend_of_those_is_exact() {
     // The budget is back: the lines not stored, sent again, complete it.
     proxy.set(|f| f.refuse_puts_after = None);
     let (status, reply) = post(&server.url, &body[500..]);
-    assert_eq!((status, reply["accepted"].as_u64()), (200, Some(100)));
+    assert_eq!(
+        (status, reply["accepted"].as_u64()),
+        (200, Some(100)),
+        "{reply}"
+    );
     assert_eq!(
         wait_orders(&server.url, 600, Duration::from_secs(30)),
         600,

@@ -226,10 +226,12 @@ fn serve(
 ) -> std::io::Result<()> {
     let mut from_client = BufReader::new(client.try_clone()?);
     let mut to_client = client;
-    let up = TcpStream::connect(upstream)?;
-    let mut from_up = BufReader::new(up.try_clone()?);
-    let mut to_up = up;
     while let Some((head, mut body)) = read_message(&mut from_client)? {
+        // A connection upstream per call: kinesalite closes idle ones, and
+        // the proxy must not pass that on as a call without an answer.
+        let up = TcpStream::connect(upstream)?;
+        let mut from_up = BufReader::new(up.try_clone()?);
+        let mut to_up = up;
         counts.calls.fetch_add(1, Ordering::Relaxed);
         let target = head
             .lines()
