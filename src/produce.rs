@@ -622,11 +622,7 @@ impl Shared {
 
     /// Sends one batch's lines as records; librdkafka retries within its
     /// delivery timeout, so a failure here is final.
-    async fn send_kafka(
-        &self,
-        producer: &crate::stream::kafka::KafkaProducer,
-        body: Bytes,
-    ) {
+    async fn send_kafka(&self, producer: &crate::stream::kafka::KafkaProducer, body: Bytes) {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let lines = body
             .split(|&b| b == b'\n')

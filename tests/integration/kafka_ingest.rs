@@ -26,13 +26,22 @@ fn a_line_over_the_kafka_record_limit_is_refused_and_the_rest_stored_once() {
     ));
     let server = site.serve(&[]);
     let mut lines: Vec<String> = (0..100)
-        .map(|i| String::from_utf8(ndjson(&[make(i)])).unwrap().trim_end().to_string())
+        .map(|i| {
+            String::from_utf8(ndjson(&[make(i)]))
+                .unwrap()
+                .trim_end()
+                .to_string()
+        })
         .collect();
     lines[50] = common::event(95126, &"x".repeat(1_200_000), 16, "2014-11-01 19:35:41.158");
     let body = (lines.join("\n") + "\n").into_bytes();
     let (status, reply) = common::post_events(&server.url, body.clone()).unwrap();
     assert_eq!(
-        (status, reply["accepted"].as_u64(), reply["rejected"].as_u64()),
+        (
+            status,
+            reply["accepted"].as_u64(),
+            reply["rejected"].as_u64()
+        ),
         (200, Some(99), Some(1)),
         "99 stored, the line over the limit refused as a bad line: {reply}"
     );
