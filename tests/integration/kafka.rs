@@ -49,15 +49,22 @@ impl Tansu {
 
     /// A broker on `port` (the port of one that was killed, say).
     pub fn start_on(port: u16) -> Tansu {
+        Tansu::start_advertising(port, port)
+    }
+
+    /// A broker on `port` that tells clients to reach it at `advertised`
+    /// (a proxy in front of it, say).
+    pub fn start_advertising(port: u16, advertised: u16) -> Tansu {
         let bin = tansu_bin();
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised_url = format!("tcp://127.0.0.1:{advertised}");
         let child = Command::new(&bin)
             .args([
                 "broker",
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised_url,
                 "--storage-engine",
                 "memory://tansu/",
             ])

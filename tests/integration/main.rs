@@ -47,6 +47,7 @@ mod identity;
 mod incremental;
 mod ingest_http;
 mod kafka;
+mod kafka_faults;
 mod kafka_ingest;
 mod kinesis;
 mod kinesis_faults;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod exact;
+pub mod kafka_proxy;
 pub mod kinesis_proxy;
 pub mod s3_proxy;
 pub mod states;
