@@ -86,20 +86,12 @@ fn accept_stream(site: &Site, env: &[(&str, &str)], yes: bool) -> (Option<i32>, 
     )
 }
 
-/// Orders counted by `sales_by_product` (batch ⊕ realtime).
-fn orders(url: &str) -> u64 {
-    common::orders_and_covered(&common::get_json(&format!(
-        "{url}/v1/views/sales_by_product"
-    )))
-    .0
-}
-
 /// Waits until the view counts `n` orders and says so stays (three reads).
 fn wait_orders(server: &common::Server, n: u64, within: Duration, what: &str) {
     let t = Instant::now();
     let mut same = 0;
     loop {
-        let got = orders(&server.url);
+        let got = common::orders(&server.url);
         same = if got == n { same + 1 } else { 0 };
         if same == 3 {
             return;
@@ -462,7 +454,7 @@ fn a_kinesis_stream_created_again_while_read_stops_its_partitions_with_what_to_d
         "nothing of the new stream is read as the old partition's: {s}"
     );
     assert_eq!(
-        orders(&server.url),
+        common::orders(&server.url),
         100,
         "the old stream's events stay counted"
     );

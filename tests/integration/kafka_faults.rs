@@ -19,16 +19,7 @@ use crate::oracle::{self, Sent, make};
 
 #[test]
 fn the_oracle_over_kafka_holds_with_a_brokers_faults_at_random() {
-    let seed: u64 = std::env::var("LAMBDAFLOW_FAULT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs()
-        });
-    eprintln!("fault seed {seed} (LAMBDAFLOW_FAULT_SEED={seed} repeats it)");
+    let seed = common::fault_seed("LAMBDAFLOW_FAULT_SEED");
     let proxy_port = common::free_port();
     let tansu = Tansu::start_advertising(common::free_port(), proxy_port);
     let proxy = KafkaProxy::start(proxy_port, &tansu.brokers, seed, 40, 80);

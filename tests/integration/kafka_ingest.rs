@@ -10,11 +10,6 @@ use crate::common::{self, Site};
 use crate::kafka::Tansu;
 use crate::oracle::{self, make, ndjson};
 
-fn orders(url: &str) -> u64 {
-    let answer = common::get_json(&format!("{url}/v1/views/sales_by_product"));
-    common::orders_and_covered(&answer).0
-}
-
 #[test]
 fn a_line_over_the_kafka_record_limit_is_refused_and_the_rest_stored_once() {
     let tansu = Tansu::start();
@@ -53,9 +48,9 @@ fn a_line_over_the_kafka_record_limit_is_refused_and_the_rest_stored_once() {
         "the reason names the limit: {reply}"
     );
     let t = Instant::now();
-    while orders(&server.url) != 99 && t.elapsed() < Duration::from_secs(30) {
+    while common::orders(&server.url) != 99 && t.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(orders(&server.url), 99, "each stored event counted once");
+    assert_eq!(common::orders(&server.url), 99, "each stored event counted once");
     server.stop();
 }

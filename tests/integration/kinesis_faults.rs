@@ -26,17 +26,11 @@ use crate::kinesis::{
 };
 use crate::oracle::{self, Sent, make, ndjson};
 
-/// The paper's `sales_by_product` answer: its orders, summed.
-fn orders(url: &str) -> u64 {
-    let answer = common::get_json(&format!("{url}/v1/views/sales_by_product"));
-    common::orders_and_covered(&answer).0
-}
-
 /// Waits until the view counts `n` orders; returns the last count seen.
 fn wait_orders(url: &str, n: u64, within: Duration) -> u64 {
     let t = Instant::now();
     loop {
-        let got = orders(url);
+        let got = common::orders(url);
         if got == n || t.elapsed() > within {
             return got;
         }
@@ -406,16 +400,7 @@ fn refused_records_are_kept_once_across_restarts() {
 /// positions, and every event acknowledged is stored once.
 #[test]
 fn the_oracle_over_kinesis_holds_with_the_services_faults_at_random() {
-    let seed: u64 = std::env::var("LAMBDAFLOW_FAULT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs()
-        });
-    eprintln!("fault seed {seed} (LAMBDAFLOW_FAULT_SEED={seed} repeats it)");
+    let seed = common::fault_seed("LAMBDAFLOW_FAULT_SEED");
     let k = Kinesalite::start();
     k.create_stream("events", 2);
     let proxy = KinesisProxy::start(
@@ -538,7 +523,7 @@ fn a_refused_record_the_dead_letter_store_cannot_take_stops_its_shard_until_it_c
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(
-        orders(&server.url) < 20,
+        common::orders(&server.url) < 20,
         "records past the one that cannot be kept are not read yet"
     );
     std::fs::remove_file(&filler).unwrap();

@@ -409,18 +409,6 @@ impl Drop for SeedOnFailure {
     }
 }
 
-/// The seed of the random faults: `LAMBDAFLOW_S3_FAULT_SEED`, or new each run.
-fn fault_seed() -> u64 {
-    match std::env::var("LAMBDAFLOW_S3_FAULT_SEED") {
-        Ok(s) => s
-            .parse()
-            .unwrap_or_else(|_| panic!("LAMBDAFLOW_S3_FAULT_SEED={s} is not a number")),
-        Err(_) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64,
-    }
-}
 
 /// The oracle test with S3 misbehaving at random: one request in 12 to S3
 /// gets a fault drawn from the whole menu (seeded), while three producers
@@ -433,9 +421,8 @@ fn fault_seed() -> u64 {
 fn a_seeded_run_with_random_s3_faults_is_exact() {
     // About 30 s of sending: a batch run under faults takes seconds.
     const ROUNDS: i64 = 150;
-    let seed = fault_seed();
+    let seed = common::fault_seed("LAMBDAFLOW_S3_FAULT_SEED");
     let _report = SeedOnFailure(seed);
-    eprintln!("S3 faults with LAMBDAFLOW_S3_FAULT_SEED={seed}");
     let moto = Moto::start();
     let root = moto.bucket("seeded");
     let proxy = S3Proxy::start(&moto.endpoint);

@@ -418,6 +418,27 @@ pub fn orders_and_covered(answer: &Value) -> (u64, u64) {
     (orders, covered)
 }
 
+/// Orders counted by the paper's `sales_by_product` (batch ⊕ realtime).
+pub fn orders(url: &str) -> u64 {
+    orders_and_covered(&get_json(&format!("{url}/v1/views/sales_by_product"))).0
+}
+
+/// The seed of a run with faults at random: the variable `var`, or new
+/// each run; printed, so a failing run can be repeated.
+pub fn fault_seed(var: &str) -> u64 {
+    let seed = match std::env::var(var) {
+        Ok(s) => s
+            .parse()
+            .unwrap_or_else(|_| panic!("{var}={s} is not a number")),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    };
+    eprintln!("fault seed {seed} ({var}={seed} repeats it)");
+    seed
+}
+
 pub fn event(zip: i64, product: &str, price: i64, ts: &str) -> String {
     format!(r#"{{"zipcode":{zip},"ProductName":"{product}","price":{price},"timestamp":"{ts}"}}"#)
 }
