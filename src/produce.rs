@@ -590,6 +590,20 @@ impl Shared {
         }
     }
 
+    /// Counts each record's outcome: stored, failed, or in doubt.
+    fn count<T>(&self, deliveries: Vec<crate::stream::source::Delivery<T>>) {
+        use crate::stream::source::Delivery;
+        let mut stored = 0;
+        for d in deliveries {
+            match d {
+                Delivery::Stored(_) => stored += 1,
+                Delivery::NotStored(why) => self.fail(&why, 1),
+                Delivery::InDoubt(why) => self.doubt(&why, 1),
+            }
+        }
+        self.stats.accepted.fetch_add(stored, Ordering::Relaxed);
+    }
+
     /// Events sent without an answer: counted apart, not sent again.
     fn doubt(&self, why: &str, events: u64) {
         self.stats.in_doubt.fetch_add(events, Ordering::Relaxed);
@@ -629,15 +643,7 @@ impl Shared {
             .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
             .map(|l| (None, None, l));
         // Each record's own outcome: a failure of some is not a failure of all.
-        let mut stored = 0;
-        for d in producer.send_each(lines).await {
-            match d {
-                crate::stream::source::Delivery::Stored(_) => stored += 1,
-                crate::stream::source::Delivery::NotStored(why) => self.fail(&why, 1),
-                crate::stream::source::Delivery::InDoubt(why) => self.doubt(&why, 1),
-            }
-        }
-        self.stats.accepted.fetch_add(stored, Ordering::Relaxed);
+        self.count(producer.send_each(lines).await);
     }
 
     /// Sends one batch's lines as Kinesis records, each under its own
@@ -668,15 +674,7 @@ impl Shared {
                 data,
             })
             .collect();
-        let mut stored = 0;
-        for d in producer.send_each(&records).await {
-            match d {
-                crate::stream::source::Delivery::Stored(_) => stored += 1,
-                crate::stream::source::Delivery::NotStored(why) => self.fail(&why, 1),
-                crate::stream::source::Delivery::InDoubt(why) => self.doubt(&why, 1),
-            }
-        }
-        self.stats.accepted.fetch_add(stored, Ordering::Relaxed);
+        self.count(producer.send_each(&records).await);
     }
 
     async fn send(&self, mut body: Bytes, mut n: u64) {

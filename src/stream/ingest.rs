@@ -81,6 +81,22 @@ impl IngestReport {
     pub fn in_doubt_lines(&self) -> u64 {
         self.in_doubt.iter().map(|s| s.lines).sum()
     }
+
+    /// Where line `line` went if the stream stored it; else it is listed
+    /// under `not_stored` or `in_doubt` with why.
+    fn stored<T>(&mut self, d: Delivery<T>, line: u64) -> Option<T> {
+        match d {
+            Delivery::Stored(at) => Some(at),
+            Delivery::NotStored(why) => {
+                push_span(&mut self.not_stored, line, &why);
+                None
+            }
+            Delivery::InDoubt(why) => {
+                push_span(&mut self.in_doubt, line, &why);
+                None
+            }
+        }
+    }
 }
 
 /// Appends line `line` to `spans`, joining the last span when it is the
@@ -616,16 +632,8 @@ impl Ingest {
                 let mut ranges: std::collections::BTreeMap<String, SequenceRange> =
                     Default::default();
                 for (put, a) in puts.into_iter().zip(&lines) {
-                    let put = match put {
-                        Delivery::Stored(put) => put,
-                        Delivery::NotStored(why) => {
-                            push_span(&mut report.not_stored, a.line, &why);
-                            continue;
-                        }
-                        Delivery::InDoubt(why) => {
-                            push_span(&mut report.in_doubt, a.line, &why);
-                            continue;
-                        }
+                    let Some(put) = report.stored(put, a.line) else {
+                        continue;
                     };
                     let r = ranges
                         .entry(put.shard.clone())
@@ -656,16 +664,8 @@ impl Ingest {
                 // (another producer's records may lie between them).
                 let mut ranges: std::collections::BTreeMap<u32, OffsetRange> = Default::default();
                 for (ack, a) in acks.into_iter().zip(&lines) {
-                    let (p, o) = match ack {
-                        Delivery::Stored(at) => at,
-                        Delivery::NotStored(why) => {
-                            push_span(&mut report.not_stored, a.line, &why);
-                            continue;
-                        }
-                        Delivery::InDoubt(why) => {
-                            push_span(&mut report.in_doubt, a.line, &why);
-                            continue;
-                        }
+                    let Some((p, o)) = report.stored(ack, a.line) else {
+                        continue;
                     };
                     let r = ranges.entry(p).or_insert(OffsetRange {
                         partition: p,

@@ -212,15 +212,6 @@ pub enum Delivery<T> {
     InDoubt(String),
 }
 
-impl<T> Delivery<T> {
-    pub fn stored(&self) -> Option<&T> {
-        match self {
-            Delivery::Stored(t) => Some(t),
-            _ => None,
-        }
-    }
-}
-
 /// One record of an external stream as it arrived: its position, its
 /// stream time and its value (one event, a JSON object).
 #[derive(Debug, Clone, Copy)]

@@ -51,6 +51,10 @@ fn a_line_over_the_kafka_record_limit_is_refused_and_the_rest_stored_once() {
     while common::orders(&server.url) != 99 && t.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(common::orders(&server.url), 99, "each stored event counted once");
+    assert_eq!(
+        common::orders(&server.url),
+        99,
+        "each stored event counted once"
+    );
     server.stop();
 }

@@ -409,7 +409,6 @@ impl Drop for SeedOnFailure {
     }
 }
 
-
 /// The oracle test with S3 misbehaving at random: one request in 12 to S3
 /// gets a fault drawn from the whole menu (seeded), while three producers
 /// send for about 30 s over HTTP to an embedded-log node on `s3://…` and readers query
