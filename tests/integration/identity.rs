@@ -148,7 +148,9 @@ fn recreate(k: &Kinesalite, stream: &str, shards: i32) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // Creation timestamps are the service's clock: a new one differs.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // kinesalite's are whole seconds (AWS's are finer), so the new
+        // stream is created in the next second.
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
     });
     k.create_stream(stream, shards);
 }
