@@ -316,7 +316,7 @@ fn a_seeded_battery_of_hostile_sql_leaves_the_server_up_and_the_others_served() 
                 }
             });
         }
-        std::thread::sleep(Duration::from_secs(45));
+        std::thread::sleep(Duration::from_secs(30));
         stop.store(true, Ordering::Relaxed);
         h.join().unwrap()
     });
