@@ -406,7 +406,7 @@ async fn run_here(
     limits: SqlLimits,
 ) -> Result<SqlAnswer, QueryError> {
     // Size and depth first: everything after this recurses over the tree.
-    super::guard::check_sql(sql)?;
+    super::guard::check_on(sql, super::guard::Surface::Http)?;
     // Views may have changed since the last query.
     catalog.sync(serving);
     let snap = serving.snapshot();
@@ -417,9 +417,18 @@ async fn run_here(
         .sql_with_options(sql, read_only())
         .await
         .map_err(|e| QueryError::from_planning(e, &limits))?;
-    let df = df
-        .limit(0, Some(limits.max_rows + 1))
-        .map_err(|e| QueryError::from_df(e, &limits))?;
+    // EXPLAIN must stay the root of its plan; its rows are few.
+    let explain = matches!(
+        df.logical_plan(),
+        datafusion::logical_expr::LogicalPlan::Explain(_)
+            | datafusion::logical_expr::LogicalPlan::Analyze(_)
+    );
+    let df = if explain {
+        df
+    } else {
+        df.limit(0, Some(limits.max_rows + 1))
+            .map_err(|e| QueryError::from_df(e, &limits))?
+    };
     let columns: SchemaRef = Arc::new(df.schema().as_arrow().clone());
     let mut stream = df
         .execute_stream()
