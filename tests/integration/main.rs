@@ -19,6 +19,8 @@
 //!  dashboard   the live page in headless Chromium
 //!  security    tokens and scopes, loopback, HTTPS
 //!  hostile     clients that try to starve the others
+//!  http_bounds view names the layout cannot hold, bounded bodies, slow
+//!              readers of large replies, one filter meaning, every error as JSON
 //!  faults      lost logs, full disks, failing views, backpressure
 //!  crash_loop  kills at random moments, every acknowledged event survives
 //!  kafka       Kafka as the stream, against a real broker (tansu)
@@ -43,6 +45,7 @@ mod evolve;
 mod faults;
 mod golden;
 mod hostile;
+mod http_bounds;
 mod identity;
 mod incremental;
 mod ingest_http;
