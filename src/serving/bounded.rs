@@ -422,10 +422,10 @@ fn series_len(args: &[ColumnarValue], rows: usize) -> Option<u128> {
         }
     };
     let mut most = 0u128;
-    for i in 0..stop.len() {
+    for (i, b) in stop.iter().enumerate() {
         if let (Some(a), Some(b), Some(s)) = (
             start.get(i).copied().flatten(),
-            stop[i],
+            *b,
             step.get(i).copied().flatten(),
         ) {
             let n = (b - a).unsigned_abs() / s.unsigned_abs().max(1) + 1;
