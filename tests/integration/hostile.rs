@@ -618,6 +618,17 @@ pub(crate) fn ack_latencies(url: &str, stop: &AtomicBool, from: i64) -> Vec<Dura
     out
 }
 
+/// A refusal says why, and a 503 says when to retry.
+pub(crate) fn assert_refusal_clear(q: &str, code: u16, retry: bool, reply: &serde_json::Value) {
+    if code >= 400 {
+        let e = reply["error"].as_str().unwrap_or("");
+        assert!(!e.is_empty(), "{q}: a refusal says why: {reply}");
+    }
+    if code == 503 {
+        assert!(retry, "{q}: 503 carries Retry-After");
+    }
+}
+
 pub(crate) fn p99(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[(v.len() * 99 / 100).min(v.len() - 1)]
@@ -718,13 +729,7 @@ fn heavy_queries_get_clear_refusals_and_leave_acknowledgements_alone() {
             want.contains(code) || *code == 503,
             "{q}: expected {want:?}, got {code}: {reply}"
         );
-        if *code >= 400 {
-            let e = reply["error"].as_str().unwrap_or("");
-            assert!(!e.is_empty(), "{q}: a refusal says why: {reply}");
-        }
-        if *code == 503 {
-            assert!(retry, "{q}: 503 carries Retry-After");
-        }
+        assert_refusal_clear(q, *code, *retry, reply);
         assert!(*len < 20 << 20, "{q}: a reply of {len} bytes");
         if q.starts_with("SELECT repeat('x', 200000)") && *code == 200 {
             assert_eq!(reply["truncated"], true, "the wide reply is cut");

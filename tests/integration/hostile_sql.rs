@@ -380,13 +380,7 @@ fn a_seeded_battery_of_hostile_sql_leaves_the_server_up_and_the_others_served() 
             [200, 400, 403, 408, 413, 422, 503].contains(code),
             "{q}: a result or a clear bounded error, got {code}: {reply}"
         );
-        if *code >= 400 {
-            let e = reply["error"].as_str().unwrap_or("");
-            assert!(!e.is_empty(), "{q}: the refusal says why: {reply}");
-        }
-        if *code == 503 {
-            assert!(retry, "{q}: 503 carries Retry-After");
-        }
+        crate::hostile::assert_refusal_clear(q, *code, *retry, reply);
     }
     let pg_answers = pg_answers.into_inner().unwrap();
     let mut pg_errors = 0;
