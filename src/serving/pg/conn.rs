@@ -1,0 +1,619 @@
+//! A Postgres connection from accept to close: who gets a slot, how long it
+//! may take to log in and to stay idle, and how large a message it may send.
+//!
+//! ```text
+//!  accept ──▶ a slot of max_connections ──▶ a share of the peer's address ──▶ negotiate TLS
+//!     │ (none: SSLRequest answered, then FATAL 53300, close)                   │
+//!     │                                                                         ▼
+//!     │          startup_timeout: logged in by then, or closed ◀── startup, password
+//!     │                                                                         │
+//!     │          idle_timeout: a message by then, or FATAL 57P05 ◀── queries ◀──┘
+//!     │          a message over MAX_MESSAGE ─▶ FATAL 54000, before it is read
+//!     │          prepared statements / portals over max_prepared ─▶ ERROR 54000
+//! ```
+//!
+//! pgwire's own `process_socket` gives a connection 60 s to log in, no idle
+//! deadline, and reads a message of up to 1 GiB whole before it looks at it.
+//! This loop is the same dispatch (`process_message`, `process_error`)
+//! around a reader that checks each message's length header as the bytes
+//! arrive, so an oversized message is refused after its first five bytes.
+//! Admission is the HTTP listener's ([`crate::serve::conn::Admission`]).
+
+use std::collections::BTreeSet;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use datafusion_postgres::pgwire::api::store::PortalStore;
+use datafusion_postgres::pgwire::api::{
+    ClientInfo, ClientPortalStore, PgWireConnectionState, PgWireServerHandlers,
+};
+use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError};
+use datafusion_postgres::pgwire::messages::response::ErrorResponse;
+use datafusion_postgres::pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
+use datafusion_postgres::pgwire::tokio::server::{
+    MaybeTls, PgWireMessageServerCodec, negotiate_tls, process_error, process_message,
+};
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::codec::{Framed, FramedParts};
+
+use super::{PgServer, Prepared};
+use crate::config::PgConfig;
+use crate::error::{Explain, Report};
+use crate::serve::conn::{Admission, ConnLimits, Refused};
+
+/// A frontend message, at most: SQL text is bounded at 1 MiB as over HTTP
+/// (`guard::check_sql` says so with a clear error), plus room for a Bind's
+/// parameters and the message's own fields.
+pub const MAX_MESSAGE: usize = (1 << 20) + (64 << 10);
+
+/// Connections being refused at once (each answers the SSLRequest and
+/// sends its FATAL within [`REFUSE_WITHIN`]); beyond, a socket is closed.
+const MAX_REFUSING: usize = 64;
+const REFUSE_WITHIN: Duration = Duration::from_secs(2);
+
+/// The connection limits of the endpoint (`[pg]`).
+#[derive(Debug, Clone, Copy)]
+pub struct PgLimits {
+    pub max_connections: usize,
+    pub per_address: usize,
+    pub startup_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Prepared statements, and portals, per connection.
+    pub max_prepared: usize,
+}
+
+impl PgLimits {
+    pub fn of(config: &PgConfig) -> PgLimits {
+        let max = config.max_connections.max(1);
+        PgLimits {
+            max_connections: max,
+            per_address: config
+                .max_connections_per_address
+                .unwrap_or((max / 4).max(1))
+                .clamp(1, max),
+            startup_timeout: config.startup_timeout,
+            idle_timeout: config.idle_timeout,
+            max_prepared: config.max_prepared.max(1),
+        }
+    }
+}
+
+/// Why a connection, or one of its messages, was turned away.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("too many connections to the Postgres endpoint: all {max} are in use")]
+    Full { max: usize },
+    #[error("too many connections from {peer}: it holds its share of {share}")]
+    AddressShare { peer: IpAddr, share: usize },
+    #[error("a message of {len} bytes is over the limit of {max} bytes")]
+    MessageTooLarge { len: usize, max: usize },
+    #[error(
+        "terminating connection due to idle-session timeout (nothing sent for {})",
+        humantime::format_duration(*.0)
+    )]
+    Idle(Duration),
+    #[error("too many prepared statements on this connection: {max} at most")]
+    TooManyStatements { max: usize },
+    #[error("too many open portals on this connection: {max} at most")]
+    TooManyPortals { max: usize },
+}
+
+impl Explain for ConnError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            ConnError::Full { .. } => {
+                Some("close idle connections, or raise pg.max_connections".into())
+            }
+            ConnError::AddressShare { .. } => Some(
+                "close idle connections, or raise pg.max_connections_per_address (behind a proxy every client shares its address)".into(),
+            ),
+            ConnError::MessageTooLarge { .. } => {
+                Some("SQL text is at most 1 MiB; send smaller statements".into())
+            }
+            ConnError::Idle(_) => Some("reconnect; pg.idle_timeout sets the deadline".into()),
+            ConnError::TooManyStatements { .. } => Some(
+                "close or DEALLOCATE prepared statements you no longer use (pg.max_prepared)"
+                    .into(),
+            ),
+            ConnError::TooManyPortals { .. } => {
+                Some("close portals you no longer use (pg.max_prepared)".into())
+            }
+        }
+    }
+
+    fn sqlstate(&self) -> &'static str {
+        match self {
+            // too_many_connections
+            ConnError::Full { .. } | ConnError::AddressShare { .. } => "53300",
+            // program_limit_exceeded
+            ConnError::MessageTooLarge { .. }
+            | ConnError::TooManyStatements { .. }
+            | ConnError::TooManyPortals { .. } => "54000",
+            // idle_session_timeout
+            ConnError::Idle(_) => "57P05",
+        }
+    }
+}
+
+/// `e` as a Postgres error with `severity` (ERROR or FATAL).
+fn error_info(e: &ConnError, severity: &str) -> ErrorInfo {
+    let r = Report::of(e);
+    let mut info = ErrorInfo::new(severity.into(), r.sqlstate.into(), r.message);
+    info.hint = r.hint;
+    info
+}
+
+/// The names of a connection's prepared statements and portals (pgwire's
+/// store cannot count or list them), kept in its session extensions: the
+/// connection loop bounds them, `DEALLOCATE ALL` and `DISCARD ALL` clear them.
+#[derive(Debug, Default)]
+pub struct Names {
+    pub statements: BTreeSet<String>,
+    pub portals: BTreeSet<String>,
+}
+
+pub type SharedNames = Arc<Mutex<Names>>;
+
+/// Serves `server` on `listener` until the task is aborted.
+pub async fn serve(
+    listener: TcpListener,
+    server: Arc<PgServer>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: PgLimits,
+) {
+    let counters = server.startup.counters.clone();
+    let admission = Admission::new(ConnLimits {
+        max: limits.max_connections,
+        per_address: limits.per_address,
+        fd_limit: crate::serve::conn::raise_fd_limit(),
+    });
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    loop {
+        let (socket, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "postgres: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let ticket = match admission.admit(peer.ip()) {
+            Ok(t) => t,
+            Err(why) => {
+                counters.refused.fetch_add(1, Ordering::Relaxed);
+                let e = match why {
+                    Refused::Full => ConnError::Full {
+                        max: limits.max_connections,
+                    },
+                    Refused::AddressShare => ConnError::AddressShare {
+                        peer: peer.ip(),
+                        share: limits.per_address,
+                    },
+                };
+                if admission.should_warn() {
+                    let r = admission.report();
+                    tracing::warn!(%peer, error = %e, open = r.open, refused = r.refused, "postgres: connections refused");
+                }
+                // A flood of refusals is closed without a word.
+                if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                    let tls = tls.clone();
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        let _ = tokio::time::timeout(REFUSE_WITHIN, refuse(socket, tls, e)).await;
+                    });
+                }
+                continue;
+            }
+        };
+        counters.connections.fetch_add(1, Ordering::Relaxed);
+        let (server, tls) = (server.clone(), tls.clone());
+        tokio::spawn(async move {
+            let _ticket = ticket;
+            if let Err(e) = connection(socket, peer, server, tls, limits).await {
+                tracing::debug!(%peer, error = %e, "postgres: connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Tells a client turned away at accept why, as Postgres does: after the
+/// SSLRequest is answered (libpq reads nothing else first) and the startup
+/// message read, so psql prints the message itself.
+async fn refuse(socket: TcpStream, tls: Option<tokio_rustls::TlsAcceptor>, e: ConnError) {
+    let Ok(Some(mut socket)) = negotiate_tls::<Prepared>(socket, tls).await else {
+        return;
+    };
+    // The startup message (or a cancel request), so that closing does not
+    // reset a connection with unread input.
+    let _ = socket.next().await;
+    let _ = socket
+        .send(PgWireBackendMessage::ErrorResponse(ErrorResponse::from(
+            error_info(&e, "FATAL"),
+        )))
+        .await;
+    let _ = socket.close().await;
+}
+
+type Conn = Framed<Bounded<MaybeTls>, PgWireMessageServerCodec<Prepared>>;
+
+/// One admitted connection, until it ends or a deadline passes.
+async fn connection(
+    socket: TcpStream,
+    peer: SocketAddr,
+    server: Arc<PgServer>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: PgLimits,
+) -> io::Result<()> {
+    let counters = server.startup.counters.clone();
+    let startup_by = Instant::now() + limits.startup_timeout;
+    let negotiated =
+        match tokio::time::timeout_at(startup_by, negotiate_tls::<Prepared>(socket, tls)).await {
+            Ok(n) => n?,
+            Err(_) => {
+                counters.startup_closed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, "postgres: no startup within the deadline, closed");
+                return Ok(());
+            }
+        };
+    let Some(negotiated) = negotiated else {
+        return Ok(());
+    };
+    let mut socket = bounded(negotiated);
+    let names: SharedNames = socket
+        .session_extensions()
+        .get_or_insert_with(|| Mutex::new(Names::default()));
+
+    let startup_handler = server.startup_handler();
+    let simple = server.simple_query_handler();
+    let extended = server.extended_query_handler();
+    let copy = server.copy_handler();
+    let cancel = server.cancel_handler();
+    let errors = server.error_handler();
+    use datafusion_postgres::pgwire::api::ErrorHandler;
+
+    loop {
+        let starting = matches!(
+            socket.state(),
+            PgWireConnectionState::AwaitingStartup
+                | PgWireConnectionState::AuthenticationInProgress
+        );
+        let msg = if starting {
+            tokio::select! {
+                _ = tokio::time::sleep_until(startup_by) => {
+                    counters.startup_closed.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, "postgres: not logged in within the deadline, closed");
+                    break;
+                }
+                msg = socket.next() => msg,
+            }
+        } else {
+            tokio::select! {
+                _ = tokio::time::sleep(limits.idle_timeout) => {
+                    counters.idle_closed.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, "postgres: idle connection closed");
+                    let e = ConnError::Idle(limits.idle_timeout);
+                    fatal(&mut socket, &e).await;
+                    break;
+                }
+                msg = socket.next() => msg,
+            }
+        };
+        let msg = match msg {
+            Some(Ok(msg)) => msg,
+            Some(Err(e)) => {
+                if let Some(len) = socket.get_ref().too_large {
+                    counters.too_large.fetch_add(1, Ordering::Relaxed);
+                    let e = ConnError::MessageTooLarge {
+                        len,
+                        max: MAX_MESSAGE,
+                    };
+                    tracing::debug!(%peer, error = %e, "postgres: message refused");
+                    fatal(&mut socket, &e).await;
+                } else {
+                    tracing::debug!(%peer, error = %e, "postgres: unreadable message");
+                }
+                break;
+            }
+            None => break,
+        };
+        // A Terminate means the client is leaving: close.
+        if matches!(msg, PgWireFrontendMessage::Terminate(_)) {
+            break;
+        }
+        let is_extended = match socket.state() {
+            PgWireConnectionState::CopyInProgress(extended) => extended,
+            _ => msg.is_extended_query(),
+        };
+        let tracked = Tracked::of(&msg);
+        let result = match admit_message(&socket, &names, &tracked, limits.max_prepared) {
+            Err(e) => Err(PgWireError::UserError(Box::new(error_info(&e, "ERROR")))),
+            Ok(()) => {
+                process_message(
+                    msg,
+                    &mut socket,
+                    startup_handler.clone(),
+                    simple.clone(),
+                    extended.clone(),
+                    copy.clone(),
+                    cancel.clone(),
+                )
+                .await
+            }
+        };
+        settle_names(&socket, &names, &tracked);
+        if let Err(mut e) = result {
+            errors.on_error(&socket, &mut e);
+            process_error(&mut socket, e, is_extended).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Sends a FATAL error and closes; what the peer still sends is read and
+/// dropped for a moment, so the close does not reset the connection before
+/// the client has read why.
+async fn fatal(socket: &mut Conn, e: &ConnError) {
+    let _ = socket
+        .send(PgWireBackendMessage::ErrorResponse(ErrorResponse::from(
+            error_info(e, "FATAL"),
+        )))
+        .await;
+    let _ = socket.flush().await;
+    let io = socket.get_mut();
+    let _ = io.shutdown().await;
+    let drain = async {
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(n) = io.inner.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}
+
+/// What a message does to the connection's named statements and portals.
+enum Tracked {
+    Statement(String),
+    Portal(String),
+    Closed,
+    /// May run `DEALLOCATE` or `DISCARD`.
+    Query,
+    Other,
+}
+
+impl Tracked {
+    fn of(msg: &PgWireFrontendMessage) -> Tracked {
+        let named = |n: &Option<String>| n.as_deref().filter(|n| !n.is_empty()).map(String::from);
+        match msg {
+            PgWireFrontendMessage::Parse(p) => named(&p.name).map_or(Tracked::Other, Tracked::Statement),
+            PgWireFrontendMessage::Bind(b) => {
+                named(&b.portal_name).map_or(Tracked::Other, Tracked::Portal)
+            }
+            PgWireFrontendMessage::Close(_) => Tracked::Closed,
+            PgWireFrontendMessage::Query(_) | PgWireFrontendMessage::Execute(_) => Tracked::Query,
+            _ => Tracked::Other,
+        }
+    }
+}
+
+/// Refuses a new named statement or portal past the bound.
+fn admit_message(
+    socket: &Conn,
+    names: &SharedNames,
+    tracked: &Tracked,
+    max: usize,
+) -> Result<(), ConnError> {
+    if !matches!(
+        socket.state(),
+        PgWireConnectionState::ReadyForQuery | PgWireConnectionState::QueryInProgress
+    ) {
+        return Ok(());
+    }
+    let names = names.lock().expect("names");
+    match tracked {
+        Tracked::Statement(n) if !names.statements.contains(n) && names.statements.len() >= max => {
+            Err(ConnError::TooManyStatements { max })
+        }
+        Tracked::Portal(n) if !names.portals.contains(n) && names.portals.len() >= max => {
+            Err(ConnError::TooManyPortals { max })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Brings the names to what the store holds after a message.
+fn settle_names(socket: &Conn, names: &SharedNames, tracked: &Tracked) {
+    let store = socket.portal_store();
+    let mut names = names.lock().expect("names");
+    match tracked {
+        Tracked::Statement(n) => {
+            if store.get_statement(n).is_some() {
+                names.statements.insert(n.clone());
+            }
+        }
+        Tracked::Portal(n) => {
+            if store.get_portal(n).is_some() {
+                names.portals.insert(n.clone());
+            }
+        }
+        Tracked::Closed | Tracked::Query => {
+            let Names {
+                statements,
+                portals,
+            } = &mut *names;
+            statements.retain(|n| store.get_statement(n).is_some());
+            portals.retain(|n| store.get_portal(n).is_some());
+        }
+        Tracked::Other => {}
+    }
+}
+
+/// The negotiated connection, read through [`Bounded`]; the bytes pgwire
+/// already buffered are checked too.
+fn bounded(framed: Framed<MaybeTls, PgWireMessageServerCodec<Prepared>>) -> Conn {
+    let old = framed.into_parts();
+    let mut io = Bounded::new(old.io, MAX_MESSAGE);
+    // The first message after negotiation (startup or cancel) has no type byte.
+    if let Err(len) = io.frames.feed(&old.read_buf) {
+        io.too_large = Some(len);
+    }
+    let mut parts = FramedParts::new(io, old.codec);
+    parts.read_buf = old.read_buf;
+    parts.write_buf = old.write_buf;
+    Framed::from_parts(parts)
+}
+
+/// Where the reader is in the message stream: every message is a length
+/// (and after the first, a type byte before it) and a body.
+#[derive(Debug)]
+struct Frames {
+    typed: bool,
+    header: [u8; 5],
+    have: usize,
+    /// Body bytes still to pass.
+    skip: usize,
+    max: usize,
+}
+
+impl Frames {
+    fn new(max: usize) -> Frames {
+        Frames {
+            typed: false,
+            header: [0; 5],
+            have: 0,
+            skip: 0,
+            max,
+        }
+    }
+
+    /// Follows `bytes`; the length of a message over the limit, if one
+    /// begins.
+    fn feed(&mut self, mut bytes: &[u8]) -> Result<(), usize> {
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let want = if self.typed { 5 } else { 4 };
+            let n = (want - self.have).min(bytes.len());
+            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == want {
+                let l = &self.header[want - 4..want];
+                let len = u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize;
+                if len > self.max {
+                    return Err(len);
+                }
+                // A length below 4 is pgwire's to refuse.
+                self.skip = len.saturating_sub(4);
+                self.have = 0;
+                self.typed = true;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A reader that refuses a message whose length header is over the limit,
+/// before its body is read.
+pub struct Bounded<IO> {
+    inner: IO,
+    frames: Frames,
+    /// The length of the message refused.
+    too_large: Option<usize>,
+}
+
+impl<IO> Bounded<IO> {
+    fn new(inner: IO, max: usize) -> Bounded<IO> {
+        Bounded {
+            inner,
+            frames: Frames::new(max),
+            too_large: None,
+        }
+    }
+
+    fn refused(len: usize, max: usize) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a message of {len} bytes is over the limit of {max}"),
+        )
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Bounded<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let max = self.frames.max;
+        if let Some(len) = self.too_large {
+            return Poll::Ready(Err(Self::refused(len, max)));
+        }
+        let before = buf.filled().len();
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if let Err(len) = this.frames.feed(&buf.filled()[before..]) {
+                    this.too_large = Some(len);
+                    return Poll::Ready(Err(Self::refused(len, max)));
+                }
+                Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Bounded<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_over_the_limit_is_refused_at_its_header() {
+        let mut f = Frames::new(100);
+        // Startup: untyped, 8 bytes.
+        assert_eq!(f.feed(&[0, 0, 0, 8, 0, 3, 0, 0]), Ok(()));
+        // A query of 50 bytes, fed a byte at a time.
+        let mut q = vec![b'Q', 0, 0, 0, 50];
+        q.extend(std::iter::repeat_n(b'x', 46));
+        for b in &q {
+            assert_eq!(f.feed(std::slice::from_ref(b)), Ok(()));
+        }
+        // Two messages in one read, the second over the limit.
+        let mut two = q.clone();
+        two.extend([b'Q', 0, 0, 1, 0]);
+        assert_eq!(f.feed(&two), Err(256));
+    }
+}
