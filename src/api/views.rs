@@ -214,7 +214,7 @@ fn query_error(e: QueryError) -> ApiError {
     let status = match e {
         QueryError::Pool(p) => return pool_error(p),
         QueryError::NotAQuery { .. } => StatusCode::FORBIDDEN,
-        QueryError::Sql { .. } => StatusCode::BAD_REQUEST,
+        QueryError::Sql { .. } | QueryError::Guard(_) => StatusCode::BAD_REQUEST,
         QueryError::Memory { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         QueryError::Serving(ServingError::NoSuchView { .. }) => StatusCode::NOT_FOUND,
         QueryError::Serving(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -16,6 +16,8 @@
 //! at every instant. The merged rows of a view are computed once per snapshot
 //! version and shared by every reader of that version.
 
+pub mod bounded;
+pub mod guard;
 pub mod pg;
 pub mod pool;
 pub mod query;

@@ -21,6 +21,9 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
+/// The stack of a query thread.
+pub const QUERY_STACK_BYTES: usize = 32 << 20;
+
 /// How many reads run and wait at once.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolLimits {
@@ -93,6 +96,10 @@ impl QueryPool {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(limits.threads.max(1))
             .thread_name("lambdaflow-query")
+            // Planning and evaluating recurse over a statement's tree; the
+            // depth is bounded (see `guard`), the stack holds that bound
+            // with room to spare. Only the pages touched are resident.
+            .thread_stack_size(QUERY_STACK_BYTES)
             .on_thread_start(|| {
                 // Linux keeps a nice value per thread: these yield the CPU
                 // to ingest and the layers. Failure only loses the hint.
@@ -158,7 +165,10 @@ impl QueryPool {
     }
 
     /// Runs `work` on the query runtime once a slot is free, stopping it at
-    /// `deadline` (the task is aborted, and DataFusion's with it).
+    /// `deadline`. The task owns its slot and its deadline, and the caller's
+    /// [`Running`] guard owns the task: a caller that goes away (a client
+    /// that hung up, a Postgres cancel) aborts it, and its slot is free at
+    /// its next await point instead of when the query would have ended.
     pub async fn run<T, F>(&self, deadline: Duration, work: F) -> Result<T, PoolError>
     where
         F: Future<Output = T> + Send + 'static,
@@ -171,17 +181,26 @@ impl QueryPool {
             .expect("query runtime")
             .spawn(async move {
                 let _permit = permit;
-                work.await
+                tokio::time::timeout(deadline, work).await
             });
-        let abort = handle.abort_handle();
-        match tokio::time::timeout(deadline, handle).await {
-            Ok(Ok(v)) => Ok(v),
+        let mut running = Running(handle);
+        // The task's own deadline stops it at an await point; this one
+        // answers the caller on time even if the task is inside a long call.
+        match tokio::time::timeout(deadline + Duration::from_millis(50), &mut running.0).await {
+            Ok(Ok(Ok(v))) => Ok(v),
+            Ok(Ok(Err(_))) | Err(_) => Err(PoolError::Timeout(deadline)),
             Ok(Err(e)) => Err(PoolError::Panicked(e.to_string())),
-            Err(_) => {
-                abort.abort();
-                Err(PoolError::Timeout(deadline))
-            }
         }
+    }
+}
+
+/// A query's task, aborted when its caller is done with it — answered,
+/// timed out, or dropped mid-way. Aborting a finished task does nothing.
+struct Running<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for Running<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -232,5 +251,48 @@ mod tests {
         assert!(matches!(slow.await.unwrap(), Err(PoolError::Timeout(_))));
         // The slow one was stopped at its deadline, so the queued one ran.
         assert_eq!(queued.await.unwrap().unwrap(), 7);
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_goes_away_frees_its_slot() {
+        let pool = Arc::new(
+            QueryPool::new(PoolLimits {
+                running: 1,
+                queued: 0,
+                queue_wait: Duration::from_millis(100),
+                threads: 1,
+            })
+            .unwrap(),
+        );
+        let ran = Arc::new(AtomicUsize::new(0));
+        let caller = {
+            let (pool, ran) = (pool.clone(), ran.clone());
+            tokio::spawn(async move {
+                pool.run(Duration::from_secs(3600), async move {
+                    loop {
+                        ran.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // A client hung up: the server drops the future that waited.
+        caller.abort();
+        let _ = caller.await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let after = ran.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            ran.load(Ordering::Relaxed),
+            after,
+            "the query stops with its caller instead of running for its hour"
+        );
+        let next = pool.run(Duration::from_secs(5), async { 9 }).await;
+        assert!(
+            matches!(next, Ok(9)),
+            "the one slot is free again: {next:?}"
+        );
     }
 }

@@ -5,9 +5,13 @@
 //! Everything a query does is inside its budget: it runs on the query pool
 //! (its own runtime, a bounded number at once, a deadline — see [`pool`]),
 //! the merged rows of each view it reads are counted once in its memory
-//! pool, nothing spills to disk, functions that build values of any size
-//! (`repeat`, `lpad`, `rpad`) are bounded, and the reply is encoded there
-//! too, up to a row and a byte limit.
+//! pool, nothing spills to disk, every value a function builds is bounded
+//! (see [`bounded`]), the statement's size and depth are checked before it
+//! is parsed (see [`guard`]), and the reply is encoded there too, up to a
+//! row and a byte limit.
+//!
+//! [`bounded`]: super::bounded
+//! [`guard`]: super::guard
 //!
 //! [`pool`]: super::pool
 
@@ -54,9 +58,7 @@ impl Default for SqlLimits {
     }
 }
 
-/// A value built by a function in a query, at most (`repeat('x', 1e9)`
-/// would otherwise allocate outside any memory pool).
-pub const MAX_VALUE_BYTES: usize = 1 << 20;
+pub use super::bounded::MAX_VALUE_BYTES;
 /// The database the views are in, as SQL and Postgres clients see it
 /// (`lambdaflow.public.sales_by_zipcode`).
 pub const CATALOG: &str = "lambdaflow";
@@ -83,6 +85,8 @@ pub enum QueryError {
         detail: String,
     },
     #[error(transparent)]
+    Guard(#[from] super::guard::GuardError),
+    #[error(transparent)]
     Pool(#[from] PoolError),
     #[error(transparent)]
     Serving(#[from] ServingError),
@@ -97,6 +101,7 @@ impl crate::error::Explain for QueryError {
             QueryError::Memory { .. } => {
                 Some("filter or aggregate more, or select fewer columns".into())
             }
+            QueryError::Guard(g) => g.hint(),
             QueryError::Pool(p) => p.hint(),
             QueryError::Serving(s) => s.hint(),
             QueryError::Sql { .. } => None,
@@ -110,6 +115,7 @@ impl crate::error::Explain for QueryError {
             QueryError::Sql { sqlstate, .. } => sqlstate,
             // out_of_memory
             QueryError::Memory { .. } => "53200",
+            QueryError::Guard(g) => g.sqlstate(),
             QueryError::Pool(p) => p.sqlstate(),
             QueryError::Serving(s) => s.sqlstate(),
         }
@@ -283,9 +289,7 @@ impl Catalog {
         // Column names are as the views spell them (`ProductName`).
         cfg.options_mut().sql_parser.enable_ident_normalization = false;
         let base = SessionContext::new_with_config(cfg);
-        for udf in bounded::functions() {
-            base.register_udf(udf);
-        }
+        super::bounded::install(&base);
         let catalog = Catalog {
             base,
             tables: Default::default(),
@@ -401,6 +405,8 @@ async fn run_here(
     sql: &str,
     limits: SqlLimits,
 ) -> Result<SqlAnswer, QueryError> {
+    // Size and depth first: everything after this recurses over the tree.
+    super::guard::check_sql(sql)?;
     // Views may have changed since the last query.
     catalog.sync(serving);
     let snap = serving.snapshot();
@@ -490,116 +496,5 @@ impl Reply {
             json.extend_from_slice(b"[]");
         }
         Ok((json, self.rows, self.truncated))
-    }
-}
-
-/// `repeat`, `lpad` and `rpad` that refuse to build a value over
-/// [`MAX_VALUE_BYTES`]: the values a query builds are not in its memory
-/// pool, so a size check before the call is the only bound.
-mod bounded {
-    use std::sync::Arc;
-
-    use arrow::array::{Array, AsArray};
-    use arrow::datatypes::{DataType, FieldRef, Int64Type};
-    use datafusion::common::{Result, ScalarValue, exec_err};
-    use datafusion::logical_expr::{
-        ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
-    };
-
-    use super::MAX_VALUE_BYTES;
-
-    pub fn functions() -> Vec<ScalarUDF> {
-        vec![
-            ScalarUDF::new_from_impl(Bounded {
-                inner: datafusion::functions::string::repeat(),
-                repeat: true,
-            }),
-            ScalarUDF::new_from_impl(Bounded {
-                inner: datafusion::functions::unicode::lpad(),
-                repeat: false,
-            }),
-            ScalarUDF::new_from_impl(Bounded {
-                inner: datafusion::functions::unicode::rpad(),
-                repeat: false,
-            }),
-        ]
-    }
-
-    #[derive(Debug, PartialEq, Eq, Hash)]
-    struct Bounded {
-        inner: Arc<ScalarUDF>,
-        /// `repeat(s, n)` builds len(s)·n bytes; `lpad/rpad(s, n, …)` n characters.
-        repeat: bool,
-    }
-
-    /// The largest integer of an argument (0 for nulls and non-integers).
-    fn max_int(v: &ColumnarValue) -> i64 {
-        match v {
-            ColumnarValue::Scalar(ScalarValue::Int64(Some(n))) => *n,
-            ColumnarValue::Array(a) if a.data_type() == &DataType::Int64 => {
-                arrow::compute::max(a.as_primitive::<Int64Type>()).unwrap_or(0)
-            }
-            _ => 0,
-        }
-    }
-
-    /// The longest string of an argument, in bytes.
-    fn max_len(v: &ColumnarValue) -> usize {
-        match v {
-            ColumnarValue::Scalar(s) => match s {
-                ScalarValue::Utf8(Some(s))
-                | ScalarValue::LargeUtf8(Some(s))
-                | ScalarValue::Utf8View(Some(s)) => s.len(),
-                _ => 0,
-            },
-            ColumnarValue::Array(a) => match a.data_type() {
-                DataType::Utf8 => a.as_string::<i32>().iter().flatten().map(str::len).max(),
-                DataType::LargeUtf8 => a.as_string::<i64>().iter().flatten().map(str::len).max(),
-                DataType::Utf8View => a.as_string_view().iter().flatten().map(str::len).max(),
-                _ => None,
-            }
-            .unwrap_or(0),
-        }
-    }
-
-    impl ScalarUDFImpl for Bounded {
-        fn name(&self) -> &str {
-            self.inner.name()
-        }
-        fn aliases(&self) -> &[String] {
-            self.inner.aliases()
-        }
-        fn signature(&self) -> &Signature {
-            self.inner.signature()
-        }
-        fn return_type(&self, args: &[DataType]) -> Result<DataType> {
-            self.inner.return_type(args)
-        }
-        fn return_field_from_args(&self, args: ReturnFieldArgs) -> Result<FieldRef> {
-            self.inner.return_field_from_args(args)
-        }
-        fn coerce_types(&self, args: &[DataType]) -> Result<Vec<DataType>> {
-            self.inner.coerce_types(args)
-        }
-        fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-            if args.args.len() >= 2 {
-                let n = max_int(&args.args[1]).max(0) as usize;
-                let bytes = if self.repeat {
-                    n.saturating_mul(max_len(&args.args[0]))
-                } else {
-                    // lpad/rpad count characters, of up to 4 bytes each.
-                    n.saturating_mul(4)
-                };
-                if bytes > MAX_VALUE_BYTES {
-                    return exec_err!(
-                        "{}() would build a value of {} bytes; a query may build values of at most {} bytes",
-                        self.name(),
-                        bytes,
-                        MAX_VALUE_BYTES
-                    );
-                }
-            }
-            self.inner.invoke_with_args(args)
-        }
     }
 }
