@@ -423,10 +423,8 @@ impl Parser {
     /// rewrites that map Postgres idioms to DataFusion). Runs on the query
     /// pool ([`Parser::parse_on_pool`]).
     fn parse(&self, text: &str) -> PgWireResult<Vec<Statement>> {
-        // Issue 31: the statement's size, tokens and expression depth are
-        // bounded before any recursive pass. CALL SITE for the lead's
-        // `crate::serving::guard::check_sql` — enable once guard.rs is on main:
-        // crate::serving::guard::check_sql(text).map_err(query_error)?;
+        // Its size, tokens and expression depth, before any recursive pass.
+        super::guard::check_sql(text).map_err(|e| query_error(e.into()))?;
         self.sql
             .parse(text)
             .map_err(|e| pg_error(Report::new(format!("syntax error: {e}")).with_sqlstate("42601")))

@@ -588,8 +588,11 @@ time.sleep(1.5)
 for c in conns: c.cancel()
 for t in ts: t.join(30)
 t0 = time.time()
-with psycopg.connect(p["dsn"], autocommit=True) as c:
-    one = c.execute("SELECT 1").fetchone()[0]
+try:
+    with psycopg.connect(p["dsn"], autocommit=True) as c:
+        one = c.execute("SELECT 1").fetchone()[0]
+except psycopg.Error as e:
+    one = f"{e.sqlstate}: {e}"
 print(json.dumps({"cancelled": out, "next": one, "next_took": time.time() - t0}))
 "#,
         json!({ "dsn": dsn }),
