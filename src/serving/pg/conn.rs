@@ -272,11 +272,11 @@ async fn connection(
         .session_extensions()
         .get_or_insert_with(|| Mutex::new(Names::default()));
 
-    let startup_handler = server.startup_handler();
-    let simple = server.simple_query_handler();
-    let extended = server.extended_query_handler();
+    let startup_handler = server.startup.clone();
+    let simple = server.service.clone();
+    let extended = server.service.clone();
     let copy = server.copy_handler();
-    let cancel = server.cancel_handler();
+    let cancel = server.cancel.clone();
     let errors = server.error_handler();
     use datafusion_postgres::pgwire::api::ErrorHandler;
 
