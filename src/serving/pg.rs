@@ -73,9 +73,9 @@ use datafusion_postgres::pgwire::api::{
     Type,
 };
 use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use datafusion_postgres::pgwire::messages::response::TransactionStatus;
 use datafusion_postgres::pgwire::messages::startup::Authentication;
 use datafusion_postgres::pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
-use datafusion_postgres::pgwire::messages::response::TransactionStatus;
 use datafusion_postgres::pgwire::types::format::FormatOptions;
 use futures::{Sink, SinkExt, stream};
 
@@ -497,7 +497,9 @@ impl QueryParser for Parser {
         C: ClientInfo + Unpin + Send + Sync,
     {
         let deadline = session::statement_timeout(client, self.limits.timeout);
-        let work = self.clone().prepare(sql.to_owned(), session::Detached::of(client));
+        let work = self
+            .clone()
+            .prepare(sql.to_owned(), session::Detached::of(client));
         self.pool.run(deadline, work).await.map_err(pool_error)?
     }
 

@@ -204,7 +204,10 @@ fn silent_sockets_lock_no_token_holder_out_and_a_refusal_says_why() {
         t0.elapsed()
     );
     let s = pg_status(&server, Some(TOKEN));
-    eprintln!("silent socket closed {:?} after connecting; {s}", t0.elapsed());
+    eprintln!(
+        "silent socket closed {:?} after connecting; {s}",
+        t0.elapsed()
+    );
     assert!(s["startup_closed"].as_u64().unwrap() >= 1, "{s}");
 }
 
@@ -345,7 +348,10 @@ print(json.dumps({"ok": ok, "first_error": first_error, "after_deallocate": r.st
             .contains("too many prepared statements"),
         "{r}"
     );
-    assert_eq!(r["after_deallocate"], true, "DEALLOCATE ALL makes room: {r}");
+    assert_eq!(
+        r["after_deallocate"], true,
+        "DEALLOCATE ALL makes room: {r}"
+    );
     std::thread::sleep(Duration::from_secs(2));
     let after = server.rss();
     eprintln!(
@@ -534,8 +540,17 @@ fn a_session_behaves_as_poolers_and_drivers_expect() {
             got[6]
         );
         assert!(got[7]["error"].is_null(), "{what}: ROLLBACK: {}", got[7]);
-        assert_eq!(got[8]["rows"], json!([[1]]), "{what}: after ROLLBACK: {}", got[8]);
-        for (i, s) in [(9, "DISCARD ALL"), (10, "RESET ALL"), (11, "DEALLOCATE ALL")] {
+        assert_eq!(
+            got[8]["rows"],
+            json!([[1]]),
+            "{what}: after ROLLBACK: {}",
+            got[8]
+        );
+        for (i, s) in [
+            (9, "DISCARD ALL"),
+            (10, "RESET ALL"),
+            (11, "DEALLOCATE ALL"),
+        ] {
             assert!(got[i]["error"].is_null(), "{what}: {s}: {}", got[i]);
         }
         assert_eq!(got[12]["error"]["sqlstate"], "26000", "{what}: {}", got[12]);

@@ -56,9 +56,16 @@ use crate::serve::conn::{Admission, ConnLimits, Refused};
 pub const MAX_MESSAGE: usize = (1 << 20) + (64 << 10);
 
 /// Connections being refused at once (each answers the SSLRequest and
-/// sends its FATAL within [`REFUSE_WITHIN`]); beyond, a socket is closed.
-const MAX_REFUSING: usize = 64;
-const REFUSE_WITHIN: Duration = Duration::from_secs(2);
+/// sends its FATAL within [`REFUSE_WITHIN`]); beyond, a socket is closed
+/// without a word. A client's SSLRequest and startup come at once; a
+/// silent socket holds its place for the whole second, so there is room
+/// for a flood of them and the real clients beside it.
+const MAX_REFUSING: usize = 1024;
+const REFUSE_WITHIN: Duration = Duration::from_secs(1);
+/// After a FATAL, what the peer still sends is read and dropped for this
+/// long, so that the close does not reset the connection before the
+/// client has read why (libpq reads only once it has written its message).
+const DRAIN_FOR: Duration = Duration::from_secs(3);
 
 /// The connection limits of the endpoint (`[pg]`).
 #[derive(Debug, Clone, Copy)]
@@ -358,9 +365,7 @@ async fn connection(
     Ok(())
 }
 
-/// Sends a FATAL error and closes; what the peer still sends is read and
-/// dropped for a moment, so the close does not reset the connection before
-/// the client has read why.
+/// Sends a FATAL error and closes (after [`DRAIN_FOR`]).
 async fn fatal(socket: &mut Conn, e: &ConnError) {
     let _ = socket
         .send(PgWireBackendMessage::ErrorResponse(ErrorResponse::from(
@@ -378,7 +383,7 @@ async fn fatal(socket: &mut Conn, e: &ConnError) {
             }
         }
     };
-    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+    let _ = tokio::time::timeout(DRAIN_FOR, drain).await;
 }
 
 /// What a message does to the connection's named statements and portals.
@@ -395,7 +400,9 @@ impl Tracked {
     fn of(msg: &PgWireFrontendMessage) -> Tracked {
         let named = |n: &Option<String>| n.as_deref().filter(|n| !n.is_empty()).map(String::from);
         match msg {
-            PgWireFrontendMessage::Parse(p) => named(&p.name).map_or(Tracked::Other, Tracked::Statement),
+            PgWireFrontendMessage::Parse(p) => {
+                named(&p.name).map_or(Tracked::Other, Tracked::Statement)
+            }
             PgWireFrontendMessage::Bind(b) => {
                 named(&b.portal_name).map_or(Tracked::Other, Tracked::Portal)
             }

@@ -91,7 +91,10 @@ pub struct StartupSettings(pub HashMap<String, String>);
 
 /// Whether `statement` ends a transaction block (and so runs in a failed one).
 fn ends_block(statement: &Statement) -> bool {
-    matches!(statement, Statement::Commit { .. } | Statement::Rollback { .. })
+    matches!(
+        statement,
+        Statement::Commit { .. } | Statement::Rollback { .. }
+    )
 }
 
 /// 25P02 for anything but COMMIT/ROLLBACK in a failed transaction block.
@@ -112,18 +115,20 @@ pub fn status_after(status: TransactionStatus, r: &PgWireResult<Response>) -> Tr
     }
 }
 
-/// Statements the SET/SHOW and transaction hooks answer.
+/// Statements the SET/SHOW and transaction hooks answer (but those
+/// answered here, [`is_own`]).
 pub fn is_hook_statement(statement: &Statement) -> bool {
-    matches!(
-        statement,
-        Statement::Set(_)
-            | Statement::ShowVariable { .. }
-            | Statement::ShowStatus { .. }
-            | Statement::ShowCatalogs { .. }
-            | Statement::StartTransaction { .. }
-            | Statement::Commit { .. }
-            | Statement::Rollback { .. }
-    )
+    !is_own(statement)
+        && matches!(
+            statement,
+            Statement::Set(_)
+                | Statement::ShowVariable { .. }
+                | Statement::ShowStatus { .. }
+                | Statement::ShowCatalogs { .. }
+                | Statement::StartTransaction { .. }
+                | Statement::Commit { .. }
+                | Statement::Rollback { .. }
+        )
 }
 
 /// The deadline of a statement: the client's `statement_timeout`, within
@@ -288,22 +293,96 @@ fn show_all<C: ClientInfo + ?Sized>(
     let get = |k: &str, default: &str| m.get(k).cloned().unwrap_or_else(|| default.to_string());
     let timeout = statement_timeout(client, server_timeout);
     let rows: Vec<(&str, String, &str)> = vec![
-        ("application_name", get("application_name", ""), "Sets the application name to be reported in statistics and logs."),
-        ("bytea_output", get("bytea_output", "hex"), "Sets the output format for bytea."),
-        ("client_encoding", get("client_encoding", "UTF8"), "Sets the client's character set encoding."),
-        ("DateStyle", get("datestyle", &p.date_style), "Sets the display format for date and time values."),
-        ("default_transaction_read_only", if p.default_transaction_read_only { "on" } else { "off" }.into(), "Sets the default read-only status of new transactions."),
-        ("extra_float_digits", get("extra_float_digits", "1"), "Sets the number of digits displayed for floating-point values."),
-        ("integer_datetimes", if p.integer_datetimes { "on" } else { "off" }.into(), "Shows whether datetimes are integer based."),
-        ("IntervalStyle", get("intervalstyle", &p.interval_style), "Sets the display format for interval values."),
-        ("is_superuser", if p.is_superuser { "on" } else { "off" }.into(), "Shows whether the current user is a superuser."),
-        ("search_path", get("search_path", &p.search_path), "Sets the schema search order for names that are not schema-qualified."),
-        ("server_encoding", p.server_encoding.clone(), "Shows the server (database) character set encoding."),
-        ("server_version", p.server_version.clone(), "Shows the server version."),
-        ("standard_conforming_strings", if p.standard_conforming_strings { "on" } else { "off" }.into(), "Causes '...' strings to treat backslashes literally."),
-        ("statement_timeout", format!("{}ms", timeout.as_millis()), "Sets the maximum allowed duration of any statement (at most the server's sql timeout)."),
-        ("TimeZone", get("timezone", &p.time_zone), "Sets the time zone for displaying and interpreting time stamps."),
-        ("transaction_isolation", "read committed".into(), "Sets the current transaction's isolation level."),
+        (
+            "application_name",
+            get("application_name", ""),
+            "Sets the application name to be reported in statistics and logs.",
+        ),
+        (
+            "bytea_output",
+            get("bytea_output", "hex"),
+            "Sets the output format for bytea.",
+        ),
+        (
+            "client_encoding",
+            get("client_encoding", "UTF8"),
+            "Sets the client's character set encoding.",
+        ),
+        (
+            "DateStyle",
+            get("datestyle", &p.date_style),
+            "Sets the display format for date and time values.",
+        ),
+        (
+            "default_transaction_read_only",
+            if p.default_transaction_read_only {
+                "on"
+            } else {
+                "off"
+            }
+            .into(),
+            "Sets the default read-only status of new transactions.",
+        ),
+        (
+            "extra_float_digits",
+            get("extra_float_digits", "1"),
+            "Sets the number of digits displayed for floating-point values.",
+        ),
+        (
+            "integer_datetimes",
+            if p.integer_datetimes { "on" } else { "off" }.into(),
+            "Shows whether datetimes are integer based.",
+        ),
+        (
+            "IntervalStyle",
+            get("intervalstyle", &p.interval_style),
+            "Sets the display format for interval values.",
+        ),
+        (
+            "is_superuser",
+            if p.is_superuser { "on" } else { "off" }.into(),
+            "Shows whether the current user is a superuser.",
+        ),
+        (
+            "search_path",
+            get("search_path", &p.search_path),
+            "Sets the schema search order for names that are not schema-qualified.",
+        ),
+        (
+            "server_encoding",
+            p.server_encoding.clone(),
+            "Shows the server (database) character set encoding.",
+        ),
+        (
+            "server_version",
+            p.server_version.clone(),
+            "Shows the server version.",
+        ),
+        (
+            "standard_conforming_strings",
+            if p.standard_conforming_strings {
+                "on"
+            } else {
+                "off"
+            }
+            .into(),
+            "Causes '...' strings to treat backslashes literally.",
+        ),
+        (
+            "statement_timeout",
+            format!("{}ms", timeout.as_millis()),
+            "Sets the maximum allowed duration of any statement (at most the server's sql timeout).",
+        ),
+        (
+            "TimeZone",
+            get("timezone", &p.time_zone),
+            "Sets the time zone for displaying and interpreting time stamps.",
+        ),
+        (
+            "transaction_isolation",
+            "read committed".into(),
+            "Sets the current transaction's isolation level.",
+        ),
     ];
     let fields: Arc<Vec<FieldInfo>> = Arc::new(
         ["name", "setting", "description"]
