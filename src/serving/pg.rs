@@ -657,7 +657,12 @@ impl Service {
             // DataFusion answers changes the copy, not the shared one.
             let own = SessionContext::new_with_state(planner.context().state());
             let mut out = Vec::with_capacity(batch.len());
-            for statement in &batch {
+            for (i, statement) in batch.iter().enumerate() {
+                // The hooks never wait: a yield now and then is where the
+                // pool's deadline (or a cancel) can stop a long batch.
+                if i % 256 == 255 {
+                    tokio::task::yield_now().await;
+                }
                 let r = match session::check_aborted(detached.transaction_status(), statement) {
                     Err(e) => Err(e.into()),
                     Ok(()) => {

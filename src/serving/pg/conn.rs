@@ -62,9 +62,10 @@ pub const MAX_MESSAGE: usize = (1 << 20) + (64 << 10);
 /// for a flood of them and the real clients beside it.
 const MAX_REFUSING: usize = 1024;
 const REFUSE_WITHIN: Duration = Duration::from_secs(1);
-/// After a FATAL, what the peer still sends is read and dropped for this
-/// long, so that the close does not reset the connection before the
-/// client has read why (libpq reads only once it has written its message).
+/// After a FATAL, what the peer still sends is read and dropped (for this
+/// long at most, until it pauses), so that the close does not reset the
+/// connection before the client has read why (libpq reads only once it
+/// has written its message).
 const DRAIN_FOR: Duration = Duration::from_secs(3);
 
 /// The connection limits of the endpoint (`[pg]`).
@@ -373,17 +374,22 @@ async fn fatal(socket: &mut Conn, e: &ConnError) {
         )))
         .await;
     let _ = socket.flush().await;
+    // Not shut down yet: libpq reads only once it has sent its message,
+    // and an end of stream would be all it reports.
     let io = socket.get_mut();
-    let _ = io.shutdown().await;
+    // Until the peer has sent its message: a pause of 100 ms, or its close.
     let drain = async {
         let mut buf = vec![0u8; 64 << 10];
-        while let Ok(n) = io.inner.read(&mut buf).await {
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(100), io.inner.read(&mut buf)).await
+        {
             if n == 0 {
                 break;
             }
         }
     };
     let _ = tokio::time::timeout(DRAIN_FOR, drain).await;
+    let _ = io.shutdown().await;
 }
 
 /// What a message does to the connection's named statements and portals.
