@@ -399,16 +399,16 @@ fn p99(mut v: Vec<Duration>) -> Duration {
     v[(v.len() * 99 / 100).min(v.len() - 1)]
 }
 
-/// Two connections, each sending messages of `n` `SET`s (one Query
-/// message each, as libpq's PQexec sends it) for `secs` seconds: each
-/// message's time, outcome and error.
+/// One connection per entry of `sizes`, each sending messages of that many
+/// `SET`s (one Query message each, as libpq's PQexec sends it) for `secs`
+/// seconds: each message's time, outcome and error.
 const SET_FLOOD: &str = r#"
 import json, sys, threading, time, psycopg
 p = json.load(sys.stdin)
-msg = ("SET application_name = 'x';" * p["n"]).encode()
 end = time.time() + p["secs"]
 res = []
-def run():
+def run(n):
+    msg = ("SET application_name = 'x';" * n).encode()
     while time.time() < end:
         try:
             with psycopg.connect(p["dsn"], autocommit=True) as c:
@@ -417,7 +417,7 @@ def run():
                 res.append([round(time.time() - t, 3), psycopg.pq.ExecStatus(r.status).name, (r.error_message or b"").decode()[:200]])
         except Exception as e:
             res.append([0, "exception", str(e)[:200]])
-ts = [threading.Thread(target=run) for _ in range(2)]
+ts = [threading.Thread(target=run, args=(n,)) for n in p["sizes"]]
 for t in ts: t.start()
 for t in ts: t.join()
 print(json.dumps(res))
@@ -442,8 +442,11 @@ fn floods_of_set_leave_acknowledgements_alone_and_a_huge_in_list_is_answered_in_
     let (_site, server, pg) = serve_with_pg("");
     let url = server.url.clone();
     let dsn = format!("postgres://analyst@{pg}/lambdaflow");
-    // Under the message bound: 37,000 SETs, ~1 MB a message.
-    let n = 37_000;
+    // The issue's two connections sending 200,000 SETs in one message (5.4
+    // MB: over the message bound, refused at its header), and one sending
+    // 37,000 (1 MB, under the bound and the guard's 200,000 tokens: parsed
+    // and answered on the query pool).
+    let sizes = [200_000, 200_000, 37_000];
     let stop = AtomicBool::new(false);
     let alone = std::thread::scope(|s| {
         let h = s.spawn(|| ack_latencies(&url, &stop, 0));
@@ -454,26 +457,31 @@ fn floods_of_set_leave_acknowledgements_alone_and_a_huge_in_list_is_answered_in_
     let stop = AtomicBool::new(false);
     let (beside, floods) = std::thread::scope(|s| {
         let h = s.spawn(|| ack_latencies(&url, &stop, 1_000_000));
-        let floods = py(SET_FLOOD, json!({ "dsn": dsn, "n": n, "secs": 15 }));
+        let floods = py(SET_FLOOD, json!({ "dsn": dsn, "sizes": sizes, "secs": 15 }));
         stop.store(true, Ordering::Relaxed);
         (h.join().unwrap(), floods)
     });
     let (a, b) = (p99(alone.clone()), p99(beside.clone()));
     let floods = floods.as_array().unwrap().clone();
     eprintln!(
-        "ingest ack p99 {a:?} alone ({} requests), {b:?} beside two connections sending messages of {n} SETs ({} requests); {} messages: {:?}",
+        "ingest ack p99 {a:?} alone ({} requests), {b:?} beside connections sending messages of {sizes:?} SETs ({} requests); {} messages: {:?}",
         alone.len(),
         beside.len(),
         floods.len(),
         floods.iter().take(4).collect::<Vec<_>>()
     );
     assert!(
-        !floods.is_empty() && floods.iter().all(|f| f[1] == "COMMAND_OK" || f[1] == "FATAL_ERROR"),
+        !floods.is_empty()
+            && floods
+                .iter()
+                .all(|f| f[1] == "COMMAND_OK" || f[1] == "FATAL_ERROR"),
         "every message of SETs is answered, done or refused: {floods:?}"
     );
+    let max = beside.iter().max().unwrap();
+    eprintln!("slowest acknowledgement beside the floods: {max:?}");
     assert!(
-        b < (a * 2).max(a + Duration::from_millis(200)),
-        "ingest acknowledgement p99 stays within 2× (or +200 ms) of its value alone: {a:?} alone, {b:?} beside the SET floods"
+        b < a * 2 + Duration::from_millis(100),
+        "ingest acknowledgement p99 stays within 2× of its value alone (+100 ms for a busy 2-core machine): {a:?} alone, {b:?} beside the SET floods"
     );
 
     // 1.5M items in an IN list (11 MB of SQL): answered, error or result,
