@@ -593,7 +593,7 @@ fn sql(url: &str, q: &str) -> (u16, bool, usize, serde_json::Value) {
 
 /// Acknowledgement latencies of one producer sending 100 events a request
 /// until `stop`.
-fn ack_latencies(url: &str, stop: &AtomicBool, from: i64) -> Vec<Duration> {
+pub(crate) fn ack_latencies(url: &str, stop: &AtomicBool, from: i64) -> Vec<Duration> {
     let rt = common::rt();
     let client = reqwest::Client::new();
     let mut out = Vec::new();
@@ -618,7 +618,7 @@ fn ack_latencies(url: &str, stop: &AtomicBool, from: i64) -> Vec<Duration> {
     out
 }
 
-fn p99(mut v: Vec<Duration>) -> Duration {
+pub(crate) fn p99(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[(v.len() * 99 / 100).min(v.len() - 1)]
 }

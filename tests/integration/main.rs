@@ -22,6 +22,7 @@
 //!  dashboard   the live page in headless Chromium
 //!  security    tokens and scopes, loopback, HTTPS
 //!  hostile     clients that try to starve the others
+//!  hostile_sql queries written to take the server down, over HTTP and Postgres
 //!  faults      lost logs, full disks, failing views, backpressure
 //!  crash_loop  kills at random moments, every acknowledged event survives
 //!  kafka       Kafka as the stream, against a real broker (tansu)
@@ -46,6 +47,7 @@ mod evolve;
 mod faults;
 mod golden;
 mod hostile;
+mod hostile_sql;
 mod identity;
 mod incremental;
 mod ingest_http;
