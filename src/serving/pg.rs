@@ -124,7 +124,7 @@ pub struct PgCounters {
     /// `pg.startup_timeout`, or sent nothing for `pg.idle_timeout`.
     pub startup_closed: AtomicU64,
     pub idle_closed: AtomicU64,
-    /// Connections closed for a message over [`MAX_MESSAGE`].
+    /// Messages refused for their length (over [`MAX_MESSAGE`]).
     pub too_large: AtomicU64,
 }
 

@@ -267,25 +267,46 @@ fn a_message_of_200_mb_is_refused_at_its_header_and_prepared_statements_are_boun
     std::thread::sleep(Duration::from_secs(1));
     let idle_rss = server.rss();
 
-    // A raw client: a Query message announcing 200 MB.
+    // A raw client: a Query message announcing 200 MB is refused at its
+    // header, before its body is read.
     let mut s = logged_in(&pg);
     let len: u32 = 200_000_005;
     let mut m = vec![b'Q'];
     m.extend(len.to_be_bytes());
     m.extend(b"SELECT '");
     s.write_all(&m).unwrap();
-    let got = read_until(&mut s, b'E');
-    let (kind, body) = got.last().expect("an answer before the close");
+    let got = read_until(&mut s, b'Z');
+    let (kind, body) = got
+        .iter()
+        .find(|m| m.0 == b'E')
+        .expect("an error before the body is sent");
     assert_eq!(*kind, b'E', "{got:?}");
     let f = fields(body);
     assert_eq!(
         (f[&'S'].as_str(), f[&'C'].as_str()),
-        ("FATAL", "54000"),
+        ("ERROR", "54000"),
         "{f:?}"
     );
     assert!(
         f[&'M'].contains("200000005 bytes is over the limit"),
         "{f:?}"
+    );
+    drop(s);
+    // One of 2 MB sent whole: refused, dropped as it arrives, and the
+    // session goes on.
+    let mut s = logged_in(&pg);
+    let mut m = vec![b'Q'];
+    m.extend(2_000_005u32.to_be_bytes());
+    m.extend(std::iter::repeat_n(b' ', 2_000_000));
+    m.push(0);
+    m.extend([b'Q', 0, 0, 0, 13]);
+    m.extend(b"SELECT 1\0");
+    s.write_all(&m).unwrap();
+    let first = read_until(&mut s, b'Z');
+    let second = read_until(&mut s, b'Z');
+    assert!(
+        first.iter().any(|m| m.0 == b'E') && second.iter().any(|m| m.0 == b'D'),
+        "a refused message, then the next query answered: {first:?} {second:?}"
     );
 
     // psycopg sending it whole.
@@ -296,9 +317,11 @@ p = json.load(sys.stdin)
 c = psycopg.connect(p["dsn"], autocommit=True)
 try:
     c.execute("SELECT length('" + "x" * 200_000_000 + "')")
-    print(json.dumps({"ok": True}))
+    out = {"ok": True}
 except psycopg.Error as e:
-    print(json.dumps({"error": str(e)}))
+    out = {"error": str(e)}
+out["then"] = c.execute("SELECT 1").fetchone()[0]
+print(json.dumps(out))
 "#,
         json!({ "dsn": format!("postgres://analyst@{pg}/lambdaflow") }),
     );
@@ -308,7 +331,13 @@ except psycopg.Error as e:
         idle_rss >> 20,
         peak >> 20
     );
-    assert!(r["error"].is_string(), "a 200 MB statement is refused: {r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("is over the limit of 1114112 bytes")),
+        "a 200 MB statement is refused: {r}"
+    );
+    assert_eq!(r["then"], 1, "the connection goes on: {r}");
     assert!(
         peak < idle_rss + (100 << 20),
         "a 200 MB message is never read whole: RSS idle {} MiB, peak {} MiB",

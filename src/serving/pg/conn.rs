@@ -8,7 +8,8 @@
 //!     │          startup_timeout: logged in by then, or closed ◀── startup, password
 //!     │                                                                         │
 //!     │          idle_timeout: a message by then, or FATAL 57P05 ◀── queries ◀──┘
-//!     │          a message over MAX_MESSAGE ─▶ FATAL 54000, before it is read
+//!     │          a message over MAX_MESSAGE ─▶ ERROR 54000 at its header; its
+//!     │            bytes are dropped as they arrive, the session goes on
 //!     │          prepared statements / portals over max_prepared ─▶ ERROR 54000
 //! ```
 //!
@@ -16,7 +17,9 @@
 //! deadline, and reads a message of up to 1 GiB whole before it looks at it.
 //! This loop is the same dispatch (`process_message`, `process_error`)
 //! around a reader that checks each message's length header as the bytes
-//! arrive, so an oversized message is refused after its first five bytes.
+//! arrive, so an oversized message is refused after its first five bytes
+//! and never held: its body is read and dropped, and the client gets an
+//! ERROR and can go on (during startup, a FATAL).
 //! Admission is the HTTP listener's ([`crate::serve::conn::Admission`]).
 
 use std::collections::BTreeSet;
@@ -124,9 +127,9 @@ impl Explain for ConnError {
             ConnError::AddressShare { .. } => Some(
                 "close idle connections, or raise pg.max_connections_per_address (behind a proxy every client shares its address)".into(),
             ),
-            ConnError::MessageTooLarge { .. } => {
-                Some("SQL text is at most 1 MiB; send smaller statements".into())
-            }
+            ConnError::MessageTooLarge { .. } => Some(
+                "a statement is at most 1 MiB (as over HTTP), a message 1 MiB + 64 KiB; send smaller statements".into(),
+            ),
             ConnError::Idle(_) => Some("reconnect; pg.idle_timeout sets the deadline".into()),
             ConnError::TooManyStatements { .. } => Some(
                 "close or DEALLOCATE prepared statements you no longer use (pg.max_prepared)"
@@ -288,6 +291,8 @@ async fn connection(
     let errors = server.error_handler();
     use datafusion_postgres::pgwire::api::ErrorHandler;
 
+    // The reader's error (a message refused) is followed by one None.
+    let mut after_error = false;
     loop {
         let starting = matches!(
             socket.state(),
@@ -318,21 +323,37 @@ async fn connection(
         let msg = match msg {
             Some(Ok(msg)) => msg,
             Some(Err(e)) => {
-                if let Some(len) = socket.get_ref().too_large {
-                    counters.too_large.fetch_add(1, Ordering::Relaxed);
-                    let e = ConnError::MessageTooLarge {
-                        len,
-                        max: MAX_MESSAGE,
-                    };
-                    tracing::debug!(%peer, error = %e, "postgres: message refused");
-                    fatal(&mut socket, &e).await;
-                } else {
+                let Some(over) = socket.get_mut().take_refused() else {
                     tracing::debug!(%peer, error = %e, "postgres: unreadable message");
+                    break;
+                };
+                counters.too_large.fetch_add(1, Ordering::Relaxed);
+                let e = ConnError::MessageTooLarge {
+                    len: over.len,
+                    max: MAX_MESSAGE,
+                };
+                tracing::debug!(%peer, error = %e, "postgres: message refused");
+                if starting || over.kind.is_none() {
+                    // No session to go on with.
+                    fatal(&mut socket, &e).await;
+                    break;
                 }
-                break;
+                // The message is dropped as it arrives; the session goes on,
+                // as after any other error (an extended-protocol message
+                // waits for Sync). The reader gives one None after an error.
+                let extended = over.kind.is_some_and(|k| b"PBDECHS".contains(&k));
+                let err = PgWireError::UserError(Box::new(error_info(&e, "ERROR")));
+                process_error(&mut socket, err, extended).await?;
+                after_error = true;
+                continue;
+            }
+            None if after_error => {
+                after_error = false;
+                continue;
             }
             None => break,
         };
+        after_error = false;
         // A Terminate means the client is leaving: close.
         if matches!(msg, PgWireFrontendMessage::Terminate(_)) {
             break;
@@ -472,18 +493,22 @@ fn settle_names(socket: &Conn, names: &SharedNames, tracked: &Tracked) {
 }
 
 /// The negotiated connection, read through [`Bounded`]; the bytes pgwire
-/// already buffered are checked too.
+/// already buffered go through it too.
 fn bounded(framed: Framed<MaybeTls, PgWireMessageServerCodec<Prepared>>) -> Conn {
     let old = framed.into_parts();
     let mut io = Bounded::new(old.io, MAX_MESSAGE);
-    // The first message after negotiation (startup or cancel) has no type byte.
-    if let Err(len) = io.frames.feed(&old.read_buf) {
-        io.too_large = Some(len);
-    }
+    io.unprocessed.extend_from_slice(&old.read_buf);
     let mut parts = FramedParts::new(io, old.codec);
-    parts.read_buf = old.read_buf;
     parts.write_buf = old.write_buf;
     Framed::from_parts(parts)
+}
+
+/// A message refused for its length: its type (none for the first, the
+/// startup message) and the length its header gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Oversized {
+    pub kind: Option<u8>,
+    pub len: usize,
 }
 
 /// Where the reader is in the message stream: every message is a length
@@ -493,8 +518,9 @@ struct Frames {
     typed: bool,
     header: [u8; 5],
     have: usize,
-    /// Body bytes still to pass.
-    skip: usize,
+    /// Body bytes still to pass on (or to drop).
+    body: usize,
+    keep: bool,
     max: usize,
 }
 
@@ -504,49 +530,71 @@ impl Frames {
             typed: false,
             header: [0; 5],
             have: 0,
-            skip: 0,
+            body: 0,
+            keep: true,
             max,
         }
     }
 
-    /// Follows `bytes`; the length of a message over the limit, if one
-    /// begins.
-    fn feed(&mut self, mut bytes: &[u8]) -> Result<(), usize> {
-        while !bytes.is_empty() {
-            if self.skip > 0 {
-                let n = self.skip.min(bytes.len());
-                self.skip -= n;
-                bytes = &bytes[n..];
+    /// Follows `bytes`, appending to `out` what is to be handed on: a
+    /// header once it is whole and within the limit, and its body; the
+    /// header and body of a message over the limit are dropped. Stops
+    /// after such a header: how many bytes it used, and the message.
+    fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> (usize, Option<Oversized>) {
+        let mut used = 0;
+        while used < bytes.len() {
+            let rest = &bytes[used..];
+            if self.body > 0 {
+                let n = self.body.min(rest.len());
+                if self.keep {
+                    out.extend_from_slice(&rest[..n]);
+                }
+                self.body -= n;
+                used += n;
                 continue;
             }
             let want = if self.typed { 5 } else { 4 };
-            let n = (want - self.have).min(bytes.len());
-            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            let n = (want - self.have).min(rest.len());
+            self.header[self.have..self.have + n].copy_from_slice(&rest[..n]);
             self.have += n;
-            bytes = &bytes[n..];
-            if self.have == want {
-                let l = &self.header[want - 4..want];
-                let len = u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize;
-                if len > self.max {
-                    return Err(len);
-                }
-                // A length below 4 is pgwire's to refuse.
-                self.skip = len.saturating_sub(4);
-                self.have = 0;
-                self.typed = true;
+            used += n;
+            if self.have < want {
+                continue;
             }
+            let l = &self.header[want - 4..want];
+            let len = u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize;
+            let kind = self.typed.then_some(self.header[0]);
+            self.have = 0;
+            self.typed = true;
+            // A length below 4 is pgwire's to refuse.
+            self.body = len.saturating_sub(4);
+            self.keep = len <= self.max;
+            if !self.keep {
+                return (used, Some(Oversized { kind, len }));
+            }
+            out.extend_from_slice(&self.header[..want]);
         }
-        Ok(())
+        (used, None)
     }
 }
 
-/// A reader that refuses a message whose length header is over the limit,
-/// before its body is read.
+/// A reader that hands pgwire messages within the limit, and reads and
+/// drops a message over it as its bytes arrive — never holding more than
+/// one read of it. The refusal is an error of the read right after the
+/// messages before it; the messages after it follow.
 pub struct Bounded<IO> {
     inner: IO,
     frames: Frames,
-    /// The length of the message refused.
-    too_large: Option<usize>,
+    /// Read from the peer, not yet followed (the bytes after an oversized
+    /// header wait here while it is reported).
+    unprocessed: Vec<u8>,
+    /// Followed, to hand on.
+    ready: Vec<u8>,
+    handed: usize,
+    /// A refusal to report, then the last one reported.
+    pending: Option<Oversized>,
+    refused: Option<Oversized>,
+    eof: bool,
 }
 
 impl<IO> Bounded<IO> {
@@ -554,15 +602,18 @@ impl<IO> Bounded<IO> {
         Bounded {
             inner,
             frames: Frames::new(max),
-            too_large: None,
+            unprocessed: Vec::new(),
+            ready: Vec::new(),
+            handed: 0,
+            pending: None,
+            refused: None,
+            eof: false,
         }
     }
 
-    fn refused(len: usize, max: usize) -> io::Error {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("a message of {len} bytes is over the limit of {max}"),
-        )
+    /// The message the last error of a read refused, once.
+    fn take_refused(&mut self) -> Option<Oversized> {
+        self.refused.take()
     }
 }
 
@@ -572,21 +623,42 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Bounded<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let max = self.frames.max;
-        if let Some(len) = self.too_large {
-            return Poll::Ready(Err(Self::refused(len, max)));
-        }
-        let before = buf.filled().len();
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                if let Err(len) = this.frames.feed(&buf.filled()[before..]) {
-                    this.too_large = Some(len);
-                    return Poll::Ready(Err(Self::refused(len, max)));
+        loop {
+            if this.handed < this.ready.len() {
+                let n = (this.ready.len() - this.handed).min(buf.remaining());
+                buf.put_slice(&this.ready[this.handed..this.handed + n]);
+                this.handed += n;
+                if this.handed == this.ready.len() {
+                    this.ready.clear();
+                    this.handed = 0;
                 }
-                Poll::Ready(Ok(()))
+                return Poll::Ready(Ok(()));
             }
-            other => other,
+            if let Some(o) = this.pending.take() {
+                this.refused = Some(o);
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("a message of {} bytes is over the limit", o.len),
+                )));
+            }
+            if !this.unprocessed.is_empty() {
+                let (used, oversized) = this.frames.feed(&this.unprocessed, &mut this.ready);
+                this.unprocessed.drain(..used);
+                this.pending = oversized;
+                continue;
+            }
+            if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            let mut chunk = [0u8; 16 << 10];
+            let mut read = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) if read.filled().is_empty() => this.eof = true,
+                Poll::Ready(Ok(())) => this.unprocessed.extend_from_slice(read.filled()),
+            }
         }
     }
 }
@@ -614,19 +686,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_message_over_the_limit_is_refused_at_its_header() {
+    fn a_message_over_the_limit_is_dropped_and_the_others_pass() {
         let mut f = Frames::new(100);
+        let mut out = Vec::new();
         // Startup: untyped, 8 bytes.
-        assert_eq!(f.feed(&[0, 0, 0, 8, 0, 3, 0, 0]), Ok(()));
+        let startup = [0, 0, 0, 8, 0, 3, 0, 0];
+        assert_eq!(f.feed(&startup, &mut out), (8, None));
         // A query of 50 bytes, fed a byte at a time.
         let mut q = vec![b'Q', 0, 0, 0, 50];
         q.extend(std::iter::repeat_n(b'x', 46));
         for b in &q {
-            assert_eq!(f.feed(std::slice::from_ref(b)), Ok(()));
+            assert_eq!(f.feed(std::slice::from_ref(b), &mut out), (1, None));
         }
-        // Two messages in one read, the second over the limit.
-        let mut two = q.clone();
-        two.extend([b'Q', 0, 0, 1, 0]);
-        assert_eq!(f.feed(&two), Err(256));
+        let mut want = startup.to_vec();
+        want.extend(&q);
+        assert_eq!(out, want, "messages within the limit pass whole");
+        // One within, one over (256 bytes), one within, in one read.
+        let mut three = q.clone();
+        three.extend([b'Q', 0, 0, 1, 0]);
+        three.extend([b'y'; 252]);
+        three.extend(&q);
+        out.clear();
+        let (used, over) = f.feed(&three, &mut out);
+        assert_eq!(
+            over,
+            Some(Oversized {
+                kind: Some(b'Q'),
+                len: 256
+            })
+        );
+        assert_eq!(used, q.len() + 5, "stops after the oversized header");
+        assert_eq!(out, q);
+        out.clear();
+        assert_eq!(f.feed(&three[used..], &mut out), (three.len() - used, None));
+        assert_eq!(out, q, "the oversized body is dropped, the next passes");
     }
 }
