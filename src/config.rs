@@ -895,14 +895,11 @@ impl Config {
         }
         let mut names = std::collections::HashSet::new();
         for (i, v) in self.views.iter().enumerate() {
-            if !is_identifier(&v.name) {
+            if let Err(e) = crate::view::check_name(&v.name) {
                 return Err(invalid(
                     &format!("views[{i}].name"),
-                    format!(
-                        "`{}` is not a valid view name (letters, digits and `_`, not starting with a digit)",
-                        v.name
-                    ),
-                    None,
+                    e.to_string(),
+                    crate::error::Explain::hint(&e),
                 ));
             }
             if !names.insert(v.name.as_str()) {
@@ -1030,12 +1027,6 @@ impl Config {
         schema.set_unknown_fields(s.unknown_fields);
         Ok(schema)
     }
-}
-
-pub(crate) fn is_identifier(s: &str) -> bool {
-    let mut chars = s.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 #[cfg(test)]

@@ -177,6 +177,9 @@ pub async fn open_batch(config: &Config) -> Result<Arc<BatchLayer>, NodeError> {
 /// ([`crate::batch::changes`]): what the node served when it stopped.
 pub async fn apply_saved_views(config: &mut Config) -> Result<(), NodeError> {
     let saved = crate::batch::changes::Saved::load(&config.storage()?).await?;
+    for e in saved.refused() {
+        tracing::error!(error = %e, "a view saved by an older version is left out: its name would stop the batch runs from publishing");
+    }
     if !saved.put.is_empty() || !saved.dropped.is_empty() {
         tracing::info!(put = saved.put.len(), dropped = ?saved.dropped, "applying the view changes made while serving");
         config.views = saved.apply(std::mem::take(&mut config.views));
@@ -289,6 +292,22 @@ pub async fn assemble_over(
     let cov = master.coverage();
     tracing::info!(version = cov.version, h = ?cov.h, "master dataset open");
     let health = Arc::new(Health::default());
+    // Views saved by an older version under names the layout cannot hold
+    // are left out (`apply_saved_views`); status says so until a change
+    // saved over them drops them.
+    let refused = crate::batch::changes::Saved::load(&config.storage()?)
+        .await?
+        .refused();
+    if !refused.is_empty() {
+        let list: Vec<String> = refused.iter().map(ToString::to_string).collect();
+        health.warn(
+            "view_changes",
+            &format!(
+                "left out of the saved view changes (views/CHANGES.json): {}",
+                list.join("; ")
+            ),
+        );
+    }
     let log_dir = config.local_dir().join("log");
     let log_partitions = match Log::partitions_in(&log_dir)? {
         Some(found) if config.stream.external() => found,

@@ -222,7 +222,12 @@ pub async fn start(node: &Node, listen: SocketAddr) -> Result<Running, ServeErro
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(first);
+        // The watchdog times request heads (`conn`): hyper's timer would
+        // start while a large reply is still being written, and cut it.
+        .header_read_timeout(None)
+        // Past the API's own limit, so a request with too many headers gets
+        // its 431 in the documented shape (see `api::MAX_HEADERS`).
+        .max_headers(api::HYPER_MAX_HEADERS);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -261,6 +266,7 @@ pub async fn start(node: &Node, listen: SocketAddr) -> Result<Running, ServeErro
             };
             let _ = stream.set_nodelay(true);
             let activity = conn::Activity::new();
+            activity.set_socket(std::os::fd::AsRawFd::as_raw_fd(&stream));
             let svc = {
                 let (app, activity) = (app.clone(), activity.clone());
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
@@ -285,6 +291,7 @@ pub async fn start(node: &Node, listen: SocketAddr) -> Result<Running, ServeErro
                 let serve = async {
                     match tls {
                         None => {
+                            let stream = conn::Writing::new(stream, activity.clone());
                             let conn = builder.serve_connection(TokioIo::new(stream), svc);
                             watcher.watch(conn.into_owned()).await
                         }
@@ -293,6 +300,7 @@ pub async fn start(node: &Node, listen: SocketAddr) -> Result<Running, ServeErro
                                 tracing::debug!(%peer, "TLS handshake failed");
                                 return Ok(());
                             };
+                            let stream = conn::Writing::new(stream, activity.clone());
                             let conn = builder.serve_connection(TokioIo::new(stream), svc);
                             watcher.watch(conn.into_owned()).await
                         }

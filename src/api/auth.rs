@@ -98,8 +98,7 @@ pub(super) async fn require_token(
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-        .map(|t| t.trim_ascii());
+        .and_then(|v| bearer(v.as_bytes()));
     let Some(presented) = presented else {
         return unauthorized(Denied::Missing);
     };
@@ -110,6 +109,18 @@ pub(super) async fn require_token(
         Err(e) => unauthorized(e),
         Ok(()) => next.run(req).await,
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value. The scheme is
+/// case-insensitive (RFC 7235 §2.1: `bearer` and `BEARER` are `Bearer`),
+/// and one or more spaces may follow it.
+fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let space = value.iter().position(|&b| b == b' ')?;
+    let (scheme, rest) = value.split_at(space);
+    scheme
+        .eq_ignore_ascii_case(b"bearer")
+        .then(|| rest.trim_ascii())
+        .filter(|t| !t.is_empty())
 }
 
 /// Why a client was turned away.
@@ -210,6 +221,16 @@ mod tests {
             !format!("{a:?}").contains("0123"),
             "Debug must not print tokens"
         );
+    }
+
+    #[test]
+    fn the_scheme_is_case_insensitive() {
+        for v in ["Bearer tok", "bearer tok", "BEARER  tok", "beArer tok "] {
+            assert_eq!(bearer(v.as_bytes()), Some(&b"tok"[..]), "{v:?}");
+        }
+        for v in ["Basic tok", "Bearertok", "Bearer ", "tok", ""] {
+            assert_eq!(bearer(v.as_bytes()), None, "{v:?}");
+        }
     }
 
     #[test]

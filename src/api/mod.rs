@@ -14,7 +14,12 @@
 //!
 //! Errors answer with JSON `{"error": …, "hint": …}` and a status that tells a
 //! client what to do: 400 fix the request, 413 split it, 503 retry after
-//! `Retry-After`, 507 the server's disk is full.
+//! `Retry-After`, 507 the server's disk is full. Routing's own answers are in
+//! the same shape (404, 405, and 414/431 for a request head over the limits
+//! below hyper's), and no error shows a path of the server's disk.
+//!
+//! Every body is read by [`read_body`], within a size limit suited to its
+//! route and `http.body_timeout`; no extractor reads one.
 
 pub mod auth;
 pub mod client;
@@ -148,6 +153,24 @@ pub(crate) async fn read_body(
 /// Largest SQL request body.
 pub const MAX_SQL_BODY: usize = 1 << 20;
 
+/// Largest view definition (`POST /v1/views`): a name and one SELECT.
+pub const MAX_VIEW_BODY: usize = 1 << 20;
+
+/// Longest request target (path and query) answered; longer gets 414.
+/// (hyper itself refuses targets of 64 KiB and more, with no body.)
+pub const MAX_URI_BYTES: usize = 16 << 10;
+
+/// Most request headers answered; more gets 431. hyper refuses past
+/// [`HYPER_MAX_HEADERS`] (with no body), so between the two the answer is
+/// the API's own, in its JSON shape.
+pub const MAX_HEADERS: usize = 100;
+
+/// The header count at which hyper stops parsing (see [`MAX_HEADERS`]).
+pub const HYPER_MAX_HEADERS: usize = 256;
+
+/// Most bytes of request headers (names and values) answered; more gets 431.
+pub const MAX_HEADER_BYTES: usize = 64 << 10;
+
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/v1/events", post(events::post_events))
@@ -170,7 +193,120 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/healthz", get(healthz))
         // Bodies are bounded by each handler (`read_body`), not by axum's default.
         .layer(axum::extract::DefaultBodyLimit::disable())
+        // Every error in the documented shape, routing's own too.
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            hide_local_paths,
+        ))
+        .layer(axum::middleware::from_fn(head_limits))
         .with_state(state)
+}
+
+/// An extractor's refusal (a path segment that is not UTF-8, say) in the
+/// documented error shape.
+pub(crate) fn rejection(r: impl std::fmt::Display + IntoResponse) -> ApiError {
+    let text = r.to_string();
+    let status = r.into_response().status();
+    ApiError::new(status, text)
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no such endpoint: {}", shorten(uri.path(), 200)),
+    )
+    .hint("the endpoints are /v1/events, /v1/views, /v1/views/{name}, /v1/sql, /v1/status, /v1/batch/run, /metrics, /healthz and /")
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", shorten(uri.path(), 200)),
+    )
+    .hint("the `Allow` header lists the methods it takes")
+}
+
+/// At most `max` bytes of `s` (on a character boundary), marked if cut.
+fn shorten(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let cut = (0..=max)
+        .rev()
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(0);
+    format!("{}…", &s[..cut])
+}
+
+/// Refuses a request whose target or headers are too large (414, 431) in
+/// the documented error shape, before any handler sees it.
+async fn head_limits(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if target > MAX_URI_BYTES {
+        return ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            format!("the request target is {target} bytes long; the limit is {MAX_URI_BYTES}"),
+        )
+        .hint("send long queries as POST /v1/sql")
+        .into_response();
+    }
+    let headers = req.headers();
+    let bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if headers.len() > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!(
+                "the request has {} headers of {bytes} bytes; the limits are {MAX_HEADERS} headers and {MAX_HEADER_BYTES} bytes",
+                headers.len()
+            ),
+        )
+        .hint("send fewer or shorter headers")
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// Server-local paths (the storage root, when it is a directory) never
+/// reach a client in an error: they are replaced by `<data>`. Only error
+/// replies are read (already whole in memory).
+async fn hide_local_paths(
+    axum::extract::State(state): axum::extract::State<Arc<ApiState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let resp = next.run(req).await;
+    if !(resp.status().is_client_error() || resp.status().is_server_error()) {
+        return resp;
+    }
+    let Some(root) = state.layers.as_ref().and_then(|l| {
+        let url = l.master.storage().url();
+        (url.scheme() == "file")
+            .then(|| url.to_file_path().ok())
+            .flatten()
+            .map(|p| p.display().to_string().trim_end_matches('/').to_string())
+            .filter(|p| p.len() > 1)
+    }) else {
+        return resp;
+    };
+    let (parts, body) = resp.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return (parts.status, "the error reply could not be read\n").into_response();
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    if !text.contains(root.as_str()) {
+        return Response::from_parts(parts, axum::body::Body::from(bytes));
+    }
+    let mut parts = parts;
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(
+        parts,
+        axum::body::Body::from(text.replace(root.as_str(), "<data>")),
+    )
 }
 
 /// An error answer: status, the error (message, detail, hint) and

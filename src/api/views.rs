@@ -2,13 +2,13 @@
 //! Every answer carries its freshness: the batch coverage H, the realtime
 //! high-water marks R, and their ages.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use arrow::record_batch::RecordBatch;
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -31,6 +31,7 @@ fn layers(state: &ApiState) -> Result<&Arc<Layers>, ApiError> {
 fn serving_error(e: ServingError) -> ApiError {
     let status = match e {
         ServingError::NoSuchView { .. } => StatusCode::NOT_FOUND,
+        ServingError::BadFilter { .. } => StatusCode::BAD_REQUEST,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     ApiError::report(status, Report::of(&e))
@@ -43,26 +44,26 @@ fn serving_error(e: ServingError) -> ApiError {
 /// `status` follows the build. The same definition again is `200`.
 pub(super) async fn put_view(
     State(state): State<Arc<ApiState>>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     use crate::batch::changes::Requested;
     let l = layers(&state)?.clone();
     if !l.lease.is_held() {
         return Err(not_driving());
     }
+    let body = super::read_body(
+        &state,
+        body,
+        super::MAX_VIEW_BODY,
+        "a view definition is a name and one SELECT",
+    )
+    .await?;
     let def: crate::config::ViewConfig = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(StatusCode::BAD_REQUEST, format!("the view definition: {e}"))
             .hint(r#"send {"name": "…", "sql": "SELECT … FROM events GROUP BY …"} (and optionally "rollup": [{"after": "1d", "bucket": "1h"}])"#)
     })?;
-    if !crate::config::is_identifier(&def.name) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "`{}` is not a valid view name (letters, digits and `_`, not starting with a digit)",
-                def.name
-            ),
-        ));
-    }
+    // The name is checked against the storage layout by `compile`, as for
+    // every other way of defining a view.
     let view = crate::view::compile(&def, &l.schema)
         .await
         .map_err(|e| ApiError::report(StatusCode::BAD_REQUEST, Report::of(&e)))?;
@@ -101,9 +102,10 @@ pub(super) async fn put_view(
 /// answers until then); `202 Accepted`.
 pub(super) async fn drop_view(
     State(state): State<Arc<ApiState>>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     use crate::batch::changes::Requested;
+    let Path(name) = name.map_err(super::rejection)?;
     let l = layers(&state)?.clone();
     if !l.lease.is_held() {
         return Err(not_driving());
@@ -131,7 +133,7 @@ fn not_driving() -> ApiError {
 fn past_error(e: crate::batch::BatchError) -> ApiError {
     use crate::batch::BatchError;
     let status = match &e {
-        BatchError::NoSuchRun { .. } => StatusCode::NOT_FOUND,
+        BatchError::NoSuchRun { .. } | BatchError::NotInRun { .. } => StatusCode::NOT_FOUND,
         BatchError::View(crate::view::ViewError::StateMismatch { .. }) => StatusCode::CONFLICT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
@@ -222,10 +224,31 @@ fn query_error(e: QueryError) -> ApiError {
     ApiError::report(status, Report::of(&e))
 }
 
-fn param_usize(params: &HashMap<String, String>, key: &str) -> Result<Option<usize>, ApiError> {
+/// The query string's parameters, each at most once: a repeated one
+/// (`?ProductName=a&ProductName=b`) is refused, not silently narrowed to
+/// its last value (to match several values, `POST /v1/sql` with `IN`).
+fn params(query: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (k, v) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        if out.iter().any(|(seen, _)| *seen == k) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("`{k}` is given more than once"),
+            )
+            .hint(format!(
+                "a filter takes one value; to match several, POST /v1/sql with `WHERE \"{k}\" IN (…)`"
+            )));
+        }
+        out.push((k.into_owned(), v.into_owned()));
+    }
+    Ok(out)
+}
+
+fn param_usize(params: &[(String, String)], key: &str) -> Result<Option<usize>, ApiError> {
     params
-        .get(key)
-        .map(|s| {
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, s)| {
             s.parse::<usize>().map_err(|_| {
                 ApiError::new(
                     StatusCode::BAD_REQUEST,
@@ -238,21 +261,27 @@ fn param_usize(params: &HashMap<String, String>, key: &str) -> Result<Option<usi
 
 /// `GET /v1/views/{name}?COL=VAL&limit=N&offset=M`: the merged rows,
 /// filtered, a page at a time (`limit` defaults to 10,000; `next_offset`
-/// says where the next page starts).
+/// says where the next page starts, and is absent on the last page and for
+/// `limit=0`, which asks for the counts alone). A filter's value is cast to
+/// its column's type (a value that does not cast is a 400), the same on
+/// every path: a key lookup, other columns, time travel (`as_of`).
 pub(super) async fn get_view(
     State(state): State<Arc<ApiState>>,
-    Path(name): Path<String>,
-    Query(params): Query<HashMap<String, String>>,
+    name: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let began = Instant::now();
+    let Path(name) = name.map_err(super::rejection)?;
+    let params = params(query.as_deref())?;
     let l = layers(&state)?.clone();
     let i = l.serving.view_index(&name).map_err(serving_error)?;
     let view = l.serving.views()[i].clone();
     let limit = param_usize(&params, "limit")?.unwrap_or(DEFAULT_VIEW_ROWS);
     let offset = param_usize(&params, "offset")?.unwrap_or(0);
     let as_of = params
-        .get("as_of")
-        .map(|s| s.parse::<crate::batch::AsOf>())
+        .iter()
+        .find(|(k, _)| k == "as_of")
+        .map(|(_, s)| s.parse::<crate::batch::AsOf>())
         .transpose()
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("as_of: {e}")))?;
     let mut filters: Vec<(String, String)> = params
@@ -261,8 +290,8 @@ pub(super) async fn get_view(
         .collect();
     filters.sort();
     let schema = view.output_schema().clone();
-    for (col, _) in &filters {
-        if schema.index_of(col).is_err() {
+    for (col, val) in &mut filters {
+        let Ok(field) = schema.field_with_name(col) else {
             let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
             let hint = crate::schema::suggest(col, names.iter().copied())
                 .map(|s| format!("did you mean `{s}`?"))
@@ -272,7 +301,9 @@ pub(super) async fn get_view(
                 format!("view `{name}` has no column `{col}`"),
             )
             .hint(hint));
-        }
+        };
+        // From here on the value is the column's, as its rows display it.
+        *val = crate::serving::filter_text(col, val, field.data_type()).map_err(serving_error)?;
     }
     let limits = query::SqlLimits {
         max_rows: limit,
@@ -295,8 +326,11 @@ pub(super) async fn get_view(
         let (answer, total) = match (as_of, key) {
             // Time travel: the past run's batch view alone.
             (Some(as_of), _) => {
-                let m = l.batch.manifest_as_of(as_of).await.map_err(past_error)?;
-                let states = l.batch.read_states(&m, &view).await.map_err(past_error)?;
+                let (m, states) = l
+                    .batch
+                    .past_states(as_of, &view)
+                    .await
+                    .map_err(past_error)?;
                 let a = l.serving.past(i, &m, states).await.map_err(serving_error)?;
                 let total: usize = a.rows.iter().map(|b| b.num_rows()).sum();
                 (Arc::new(a), Some(total))
@@ -349,6 +383,18 @@ pub(super) async fn get_view(
         }
         let (rows_json, returned, _) = reply.finish().map_err(query_error)?;
         let next = offset + returned;
+        if returned == 0 && limit > 0 && next < matched {
+            // The next row alone is over the reply's byte bound: a pager
+            // given `next_offset` = `offset` would ask for it forever.
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "row {offset} of the answer is larger than a reply may be ({})",
+                    bytesize::ByteSize::b(limits.max_bytes as u64)
+                ),
+            )
+            .hint("select fewer or smaller columns with POST /v1/sql"));
+        }
         let mut parts: Vec<(&str, Vec<u8>)> = vec![
             ("view", json_bytes(&view.name())),
             ("columns", json_bytes(&columns(&schema))),
@@ -356,7 +402,9 @@ pub(super) async fn get_view(
             ("total_rows", json_bytes(&total)),
             ("matched_rows", json_bytes(&matched)),
         ];
-        if next < matched {
+        // `limit=0` asks for the counts: no next page (a pager would get
+        // the same offset back and never end).
+        if next < matched && limit > 0 {
             parts.push(("next_offset", json_bytes(&next)));
         }
         parts.push(("freshness", json_bytes(&answer.freshness)));

@@ -62,10 +62,26 @@ impl Saved {
         storage.sync(SAVED).await
     }
 
-    /// `views` (the config's) with the changes applied.
+    /// Saved views whose names the storage layout cannot hold (accepted by
+    /// a version that did not check them): a view `CURRENT`, or a name past
+    /// the file-name limit, would stop every batch run from publishing.
+    /// [`Saved::apply`] leaves them out.
+    pub fn refused(&self) -> Vec<crate::view::ViewError> {
+        self.put
+            .iter()
+            .filter_map(|p| crate::view::check_name(&p.name).err())
+            .collect()
+    }
+
+    /// `views` (the config's) with the changes applied, but for the
+    /// [`Saved::refused`] ones.
     pub fn apply(&self, mut views: Vec<ViewConfig>) -> Vec<ViewConfig> {
         views.retain(|v| !self.dropped.contains(&v.name));
-        for p in &self.put {
+        for p in self
+            .put
+            .iter()
+            .filter(|p| crate::view::check_name(&p.name).is_ok())
+        {
             match views.iter_mut().find(|v| v.name == p.name) {
                 Some(v) => *v = p.clone(),
                 None => views.push(p.clone()),
@@ -75,6 +91,9 @@ impl Saved {
     }
 
     fn record(&mut self, change: &Requested) {
+        // The refused ones are dropped with the next change saved.
+        self.put
+            .retain(|p| crate::view::check_name(&p.name).is_ok());
         match change {
             Requested::Put(def, _) => {
                 self.dropped.retain(|n| *n != def.name);

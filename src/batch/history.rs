@@ -20,7 +20,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arrow::record_batch::RecordBatch;
+
 use super::{BatchError, BatchLayer, Manifest, run_of_dir};
+use crate::view::View;
 
 /// How many runs and how long they are kept (`[batch] keep_runs`, `keep_for`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,6 +159,37 @@ impl BatchLayer {
                 kept: self.describe_kept(&runs).await,
             }),
         }
+    }
+
+    /// A past run's manifest and the states of `view` in it (time travel):
+    /// [`BatchLayer::manifest_as_of`], then [`BatchLayer::read_states`]; a
+    /// run from before the view existed is [`BatchError::NotInRun`] (with
+    /// the oldest kept run that holds it), not a corrupt manifest.
+    pub async fn past_states(
+        &self,
+        as_of: AsOf,
+        view: &View,
+    ) -> Result<(Manifest, RecordBatch), BatchError> {
+        let m = self.manifest_as_of(as_of).await?;
+        if !m.views.contains_key(view.name()) {
+            let mut added = None;
+            for r in self.run_numbers().await?.into_iter().rev() {
+                if r > m.run
+                    && let Some(later) = self.run_manifest(r).await?
+                    && later.views.contains_key(view.name())
+                {
+                    added = Some(r);
+                    break;
+                }
+            }
+            return Err(BatchError::NotInRun {
+                view: view.name().to_string(),
+                run: m.run,
+                added,
+            });
+        }
+        let states = self.read_states(&m, view).await?;
+        Ok((m, states))
     }
 
     /// "runs 41 (published …) to 50 (published …) are kept", for errors.

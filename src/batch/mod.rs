@@ -70,6 +70,20 @@ pub enum BatchError {
     LostRace { run: u64, reason: &'static str },
     #[error("no published run {as_of} is kept")]
     NoSuchRun { as_of: AsOf, kept: String },
+    /// Time travel to a run from before the view was added (or after it
+    /// was dropped and before it was added again).
+    #[error("view `{view}` did not exist at run {run}{}", added_at(.added))]
+    NotInRun {
+        view: String,
+        run: u64,
+        /// The oldest kept run that holds the view.
+        added: Option<u64>,
+    },
+}
+
+/// " (it was added at run M)", when a kept run says.
+fn added_at(added: &Option<u64>) -> String {
+    added.map_or_else(String::new, |a| format!(" (it was added at run {a})"))
 }
 
 impl crate::error::Explain for BatchError {
@@ -90,6 +104,12 @@ impl crate::error::Explain for BatchError {
             BatchError::NoSuchRun { kept, .. } => Some(format!(
                 "{kept}; `[batch] keep_runs` and `keep_for` say how many and how long"
             )),
+            BatchError::NotInRun { added: Some(a), .. } => {
+                Some(format!("ask for run {a} or a later one"))
+            }
+            BatchError::NotInRun { added: None, .. } => {
+                Some("no kept run holds the view yet; its first run publishes it".into())
+            }
             _ => None,
         }
     }

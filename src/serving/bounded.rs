@@ -206,6 +206,16 @@ enum Price {
     Series,
     /// `levenshtein(a, b)`: len(a)·len(b) steps.
     Quadratic,
+    /// `array_to_string(list, sep[, null])`: each element and a separator.
+    Join,
+    /// `array_replace(_n, _all)(list, from, to)`: every element may become `to`.
+    ReplaceElements,
+    /// A format (`to_char(t, format)`): a directive may print 16 times its
+    /// length (`%c` prints 24 bytes).
+    Format,
+    /// At most `.0` times its first argument (`translate`: a byte may
+    /// become a 4-byte character; `encode(x, 'hex')`: two digits a byte).
+    Scale(usize),
 }
 
 impl Price {
@@ -215,7 +225,17 @@ impl Price {
             "lpad" | "rpad" => Price::Pad,
             "replace" => Price::Replace,
             "regexp_replace" => Price::RegexpReplace,
-            "concat" | "concat_ws" | "||" => Price::Concat,
+            "concat" | "concat_ws" | "||" | "overlay" | "make_array" | "make_list"
+            | "array_concat" | "array_cat" | "list_concat" | "list_cat" | "array_append"
+            | "array_prepend" | "list_append" | "list_prepend" | "array_push_back"
+            | "array_push_front" | "list_push_back" | "list_push_front" | "array_union"
+            | "list_union" => Price::Concat,
+            "array_to_string" | "array_join" | "list_to_string" | "list_join" => Price::Join,
+            "array_replace" | "array_replace_n" | "array_replace_all" | "list_replace"
+            | "list_replace_n" | "list_replace_all" => Price::ReplaceElements,
+            "to_char" | "date_format" => Price::Format,
+            "translate" => Price::Scale(4),
+            "encode" => Price::Scale(2),
             "array_repeat" | "list_repeat" => Price::ArrayRepeat,
             "array_resize" | "list_resize" => Price::ArrayResize,
             "range" | "generate_series" => Price::Series,
@@ -451,9 +471,22 @@ impl Bounded {
             Price::Concat => a.iter().map(|v| sizes(v).max as u128).sum(),
             Price::ArrayRepeat => int(1) * (len(0).max(8) as u128),
             Price::ArrayResize => {
-                let each = a.first().map(|v| element_bytes(v)).unwrap_or(8).max(8);
+                // New elements are the fill (or null), old ones kept.
+                let each = a.first().map(element_bytes).unwrap_or(8).max(len(2)).max(8);
                 int(1) * each as u128
             }
+            Price::Join => {
+                let n = a.first().map(list_len).unwrap_or(0) as u128;
+                let each = a.first().map(element_bytes).unwrap_or(0).max(20) as u128;
+                n * (each + len(1) as u128 + len(2) as u128)
+            }
+            Price::ReplaceElements => {
+                let n = a.first().map(list_len).unwrap_or(0) as u128;
+                let each = a.first().map(element_bytes).unwrap_or(0).max(len(2)).max(8);
+                n * each as u128
+            }
+            Price::Format => (len(1) as u128 * 16).max(64),
+            Price::Scale(k) => len(0) as u128 * k as u128,
             Price::Series => series_len(a, args.number_rows).unwrap_or(0) * 8,
             Price::Quadratic => {
                 let (x, y) = (a.first(), a.get(1));
@@ -507,6 +540,23 @@ impl Bounded {
             );
         }
         Ok(())
+    }
+}
+
+/// The most elements of a list in `v` (0 if it holds no lists).
+fn list_len(v: &ColumnarValue) -> usize {
+    let most = |a: &dyn Array| match a.data_type() {
+        DataType::List(_) => a.as_list::<i32>().offsets().lengths().max().unwrap_or(0),
+        DataType::LargeList(_) => a.as_list::<i64>().offsets().lengths().max().unwrap_or(0),
+        DataType::FixedSizeList(_, n) => *n as usize,
+        _ => 0,
+    };
+    match v {
+        ColumnarValue::Array(a) => most(a.as_ref()),
+        ColumnarValue::Scalar(ScalarValue::List(a)) => most(a.as_ref()),
+        ColumnarValue::Scalar(ScalarValue::LargeList(a)) => most(a.as_ref()),
+        ColumnarValue::Scalar(ScalarValue::FixedSizeList(a)) => most(a.as_ref()),
+        ColumnarValue::Scalar(_) => 0,
     }
 }
 
@@ -730,6 +780,28 @@ mod tests {
             "levenshtein() would take",
         )
         .await;
+        // Found by the red team: a separator, a fill or a replacement
+        // repeated once per element (100 GB from 76 bytes of SQL).
+        refused(
+            "SELECT length(array_to_string(range(1, 100001), repeat('x', 1000000)))",
+            "array_to_string() would build",
+        )
+        .await;
+        refused(
+            "SELECT cardinality(array_resize(make_array('a'), 20, repeat('x', 1000000)))",
+            "array_resize() would build",
+        )
+        .await;
+        refused(
+            "SELECT cardinality(array_replace_all(array_repeat('a', 20), 'a', repeat('x', 1000000)))",
+            "array_replace_all() would build",
+        )
+        .await;
+        refused(
+            "SELECT length(to_char(now(), repeat('%c', 100000)))",
+            "to_char() would build",
+        )
+        .await;
     }
 
     #[tokio::test]
@@ -748,8 +820,13 @@ mod tests {
         // A function priced after the call: the first result past the
         // bound (and past what it was given) is refused.
         refused(
+            "SELECT struct(repeat('x', 500000), repeat('y', 500000), repeat('z', 500000)) IS NOT NULL",
+            "struct() built a value",
+        )
+        .await;
+        refused(
             "SELECT length(encode(encode(encode(repeat('x', 300000), 'hex'), 'hex'), 'hex'))",
-            "encode() built a value",
+            "encode() would build a value",
         )
         .await;
         // Each step at most doubles; the one past the bound is refused.

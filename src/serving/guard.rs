@@ -16,7 +16,7 @@
 //! SQL overflowed a 2 MiB stack; 1 MiB is 500,000 terms. The estimate below
 //! is never below the depth of the tree the parser would build.
 
-use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+use datafusion::sql::sqlparser::dialect::{Dialect, GenericDialect, PostgreSqlDialect};
 use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 
@@ -33,6 +33,12 @@ pub const MAX_SQL_TOKENS: usize = 200_000;
 /// call) cannot be stopped. Nesting by parentheses and function calls
 /// stops sooner, at the parser's recursion limit (50).
 pub const MAX_EXPR_DEPTH: usize = 400;
+/// The relations a statement names, at most: tables, joins, CTEs,
+/// subqueries and set operations. Planning joins grows faster than linearly
+/// with their number (50 comma-joined views took 2.5 s to plan in a debug
+/// build, 200 over 10 s), and a chain of CTEs is a plan as deep as it is
+/// long.
+pub const MAX_RELATIONS: usize = 64;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum GuardError {
@@ -44,6 +50,10 @@ pub enum GuardError {
         "the statement nests expressions over {limit} deep (near byte {at}); a statement may nest at most {limit} deep"
     )]
     TooDeep { limit: usize, at: usize },
+    #[error(
+        "the statement names over {limit} tables, joins, CTEs and subqueries (near byte {at}); a statement may name at most {limit}"
+    )]
+    TooManyRelations { limit: usize, at: usize },
     #[error("the statement cannot be read: {detail}")]
     Syntax { detail: String },
 }
@@ -57,6 +67,9 @@ impl crate::error::Explain for GuardError {
             GuardError::TooDeep { .. } => Some(
                 "write a long chain of OR as `col IN (…)`, and a long sum as an aggregate".into(),
             ),
+            GuardError::TooManyRelations { .. } => Some(
+                "join fewer views in one statement, or aggregate before joining".into(),
+            ),
             GuardError::Syntax { .. } => None,
         }
     }
@@ -66,21 +79,67 @@ impl crate::error::Explain for GuardError {
             // program_limit_exceeded
             GuardError::TooLong { .. } | GuardError::TooManyTokens { .. } => "54000",
             // statement_too_complex
-            GuardError::TooDeep { .. } => "54001",
+            GuardError::TooDeep { .. } | GuardError::TooManyRelations { .. } => "54001",
             // syntax_error
             GuardError::Syntax { .. } => "42601",
         }
     }
 }
 
-/// Checks `sql` against [`MAX_SQL_BYTES`], [`MAX_SQL_TOKENS`] and
-/// [`MAX_EXPR_DEPTH`]. Linear in the text, no recursion.
+/// The dialect a surface parses in: the guard must read the statement as
+/// its parser will (a backtick or a `/*! … */` comment is a quote or a
+/// comment in one dialect and code in another).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// Postgres: the wire protocol's parser.
+    Postgres,
+    /// `POST /v1/sql`: DataFusion's own parser, in its default dialect.
+    Http,
+}
+
+/// Checks `sql` against [`MAX_SQL_BYTES`], [`MAX_SQL_TOKENS`],
+/// [`MAX_EXPR_DEPTH`] and [`MAX_RELATIONS`], read as the Postgres endpoint
+/// parses it. Linear in the text, no recursion.
 pub fn check_sql(sql: &str) -> Result<(), GuardError> {
-    check(sql, MAX_SQL_BYTES, MAX_SQL_TOKENS, MAX_EXPR_DEPTH)
+    check_on(sql, Surface::Postgres)
+}
+
+/// [`check_sql`], read as `surface` parses it.
+pub fn check_on(sql: &str, surface: Surface) -> Result<(), GuardError> {
+    let dialect: &dyn Dialect = match surface {
+        Surface::Postgres => &PostgreSqlDialect {},
+        Surface::Http => &GenericDialect {},
+    };
+    check(sql, dialect, MAX_SQL_BYTES, MAX_SQL_TOKENS, MAX_EXPR_DEPTH)
+}
+
+/// Which clause a level is in, for counting relations: a comma in a FROM
+/// list is another table, in a WITH list another CTE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Clause {
+    Other,
+    From,
+    With,
+}
+
+struct Level {
+    /// Operators seen since the level's last separator.
+    ops: usize,
+    clause: Clause,
+}
+
+impl Level {
+    fn new() -> Level {
+        Level {
+            ops: 0,
+            clause: Clause::Other,
+        }
+    }
 }
 
 fn check(
     sql: &str,
+    dialect: &dyn Dialect,
     max_bytes: usize,
     max_tokens: usize,
     max_depth: usize,
@@ -91,7 +150,7 @@ fn check(
             limit: max_bytes,
         });
     }
-    let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql)
+    let tokens = Tokenizer::new(dialect, sql)
         .with_unescape(false)
         .tokenize_with_location()
         .map_err(|e| GuardError::Syntax {
@@ -100,9 +159,11 @@ fn check(
     // Per open level (the statement, each parenthesis, bracket and CASE):
     // the operators seen since its last separator. The tree under an
     // operator chain is as deep as the chain; a level adds one.
-    let mut levels: Vec<usize> = vec![0];
-    let mut depth = 0usize; // the sum of `levels`
+    let mut levels: Vec<Level> = vec![Level::new()];
+    let mut depth = 0usize; // the sum of the levels' `ops`
     let mut counted = 0usize;
+    // Tables, joins, CTEs and subqueries: each a node of the plan's tree.
+    let mut relations = 0usize;
     for t in &tokens {
         let token = &t.token;
         if matches!(token, Token::Whitespace(_) | Token::EOF) {
@@ -112,35 +173,45 @@ fn check(
         if counted > max_tokens {
             return Err(GuardError::TooManyTokens { limit: max_tokens });
         }
+        let keyword = match token {
+            Token::Word(w) if w.quote_style.is_none() => w.keyword,
+            _ => Keyword::NoKeyword,
+        };
         match token {
-            Token::LParen | Token::LBracket | Token::LBrace => levels.push(0),
-            Token::Word(w) if w.quote_style.is_none() && w.keyword == Keyword::CASE => {
-                depth += 1; // CASE itself is a node of the level it is in
-                *levels.last_mut().expect("a level") += 1;
-                levels.push(0);
+            // A subscript or slice applies to what precedes it: it chains
+            // like an operator, and its inside is a level of its own.
+            Token::LBracket => {
+                bump(&mut levels, &mut depth);
+                levels.push(Level::new());
+            }
+            Token::LParen | Token::LBrace => levels.push(Level::new()),
+            Token::Word(_) if keyword == Keyword::CASE => {
+                bump(&mut levels, &mut depth);
+                levels.push(Level::new());
             }
             Token::RParen | Token::RBracket | Token::RBrace => pop(&mut levels, &mut depth),
-            Token::Word(w) if w.quote_style.is_none() && w.keyword == Keyword::END => {
-                pop(&mut levels, &mut depth)
+            Token::Word(_) if keyword == Keyword::END => pop(&mut levels, &mut depth),
+            // Separators: what follows is a sibling, not a child — but a
+            // sibling table or CTE is one more relation to plan.
+            Token::Comma => {
+                if levels.last().expect("a level").clause != Clause::Other {
+                    relations += 1;
+                }
+                reset(&mut levels, &mut depth)
             }
-            // Separators: what follows is a sibling, not a child.
-            Token::Comma => reset(&mut levels, &mut depth),
-            Token::Word(w)
-                if w.quote_style.is_none()
-                    && matches!(w.keyword, Keyword::WHEN | Keyword::THEN | Keyword::ELSE) =>
-            {
+            Token::Word(_) if matches!(keyword, Keyword::WHEN | Keyword::THEN | Keyword::ELSE) => {
                 reset(&mut levels, &mut depth)
             }
             Token::SemiColon => {
-                levels = vec![0];
+                levels = vec![Level::new()];
                 depth = 0;
+                relations = 0;
             }
             // Leaves: names and literals.
             Token::Word(w) if w.quote_style.is_some() || w.keyword == Keyword::NoKeyword => {}
             Token::Number(..)
             | Token::Char(_)
             | Token::Placeholder(_)
-            | Token::Period
             | Token::SingleQuotedString(_)
             | Token::DoubleQuotedString(_)
             | Token::TripleSingleQuotedString(_)
@@ -158,11 +229,41 @@ fn check(
             | Token::EscapedStringLiteral(_)
             | Token::UnicodeStringLiteral(_)
             | Token::HexStringLiteral(_) => {}
-            // Everything else — operators, and keywords (AND, OR, NOT, IS,
-            // LIKE, UNION, JOIN, …) — may make a node over what precedes it.
+            // Everything else — operators, `.` (a field of what precedes
+            // it), and keywords (AND, OR, NOT, IS, LIKE, UNION, JOIN, …) —
+            // may make a node over what precedes it.
             _ => {
-                *levels.last_mut().expect("a level") += 1;
-                depth += 1;
+                bump(&mut levels, &mut depth);
+                let level = levels.last_mut().expect("a level");
+                match keyword {
+                    Keyword::FROM => {
+                        relations += 1;
+                        level.clause = Clause::From;
+                    }
+                    Keyword::WITH => {
+                        relations += 1;
+                        level.clause = Clause::With;
+                    }
+                    Keyword::JOIN | Keyword::SELECT | Keyword::UNION | Keyword::VALUES => {
+                        relations += 1;
+                        if keyword != Keyword::JOIN {
+                            level.clause = Clause::Other;
+                        }
+                    }
+                    Keyword::WHERE
+                    | Keyword::GROUP
+                    | Keyword::HAVING
+                    | Keyword::ORDER
+                    | Keyword::LIMIT
+                    | Keyword::OFFSET
+                    | Keyword::WINDOW
+                    | Keyword::QUALIFY
+                    | Keyword::INTERSECT
+                    | Keyword::EXCEPT
+                    | Keyword::ON
+                    | Keyword::USING => level.clause = Clause::Other,
+                    _ => {}
+                }
             }
         }
         if depth + levels.len() > max_depth {
@@ -171,22 +272,34 @@ fn check(
                 at: offset_of(sql, t.span.start.line, t.span.start.column),
             });
         }
+        if relations > MAX_RELATIONS {
+            return Err(GuardError::TooManyRelations {
+                limit: MAX_RELATIONS,
+                at: offset_of(sql, t.span.start.line, t.span.start.column),
+            });
+        }
     }
     Ok(())
 }
 
+/// One more operator at the innermost level.
+fn bump(levels: &mut [Level], depth: &mut usize) {
+    levels.last_mut().expect("a level").ops += 1;
+    *depth += 1;
+}
+
 /// Closes the innermost level (never the statement's own).
-fn pop(levels: &mut Vec<usize>, depth: &mut usize) {
+fn pop(levels: &mut Vec<Level>, depth: &mut usize) {
     if levels.len() > 1 {
-        *depth -= levels.pop().expect("a level");
+        *depth -= levels.pop().expect("a level").ops;
     }
 }
 
 /// A separator at the innermost level: its operator count starts again.
-fn reset(levels: &mut [usize], depth: &mut usize) {
+fn reset(levels: &mut [Level], depth: &mut usize) {
     let top = levels.last_mut().expect("a level");
-    *depth -= *top;
-    *top = 0;
+    *depth -= top.ops;
+    top.ops = 0;
 }
 
 /// The byte offset of a 1-based line and column (characters) in `sql`.
@@ -258,11 +371,88 @@ mod tests {
     fn a_closing_level_gives_its_depth_back() {
         let nested = "(1+1+1+1) + ".repeat(100);
         // 100 groups at the outer level, each 4 deep inside.
-        check(&format!("SELECT {nested} 1"), usize::MAX, usize::MAX, 110)
-            .expect("the groups' inner operators do not add up");
-        assert!(check(&format!("SELECT {nested} 1"), usize::MAX, usize::MAX, 90).is_err());
+        check(
+            &format!("SELECT {nested} 1"),
+            &PostgreSqlDialect {},
+            usize::MAX,
+            usize::MAX,
+            110,
+        )
+        .expect("the groups' inner operators do not add up");
+        assert!(
+            check(
+                &format!("SELECT {nested} 1"),
+                &PostgreSqlDialect {},
+                usize::MAX,
+                usize::MAX,
+                90
+            )
+            .is_err()
+        );
         // Unbalanced closers do not underflow.
         check_sql("SELECT 1)))) END END").expect("the parser will refuse it, not the guard");
+    }
+
+    #[test]
+    fn each_surface_is_read_in_its_parsers_dialect() {
+        // A backtick quotes a name for DataFusion's parser, and opens
+        // nothing for Postgres: read as Postgres, the chain hides in a
+        // string literal (found by the red team: a stack overflow).
+        let chain = "1+1".repeat(1_500);
+        let q = format!("SELECT 1 AS `a'`, {chain} AS `b'`");
+        assert!(
+            matches!(check_on(&q, Surface::Http), Err(GuardError::TooDeep { .. })),
+            "read as the HTTP parser reads it, the chain is seen"
+        );
+        let q = format!("SELECT 1 /*!{chain}*/ AS x");
+        let http = check_on(&q, Surface::Http);
+        let generic_runs_it = datafusion::sql::sqlparser::parser::Parser::parse_sql(
+            &GenericDialect {},
+            "SELECT 1 /*! +1 */ AS x",
+        )
+        .map(|s| s[0].to_string().contains('+'))
+        .unwrap_or(false);
+        if generic_runs_it {
+            assert!(matches!(http, Err(GuardError::TooDeep { .. })), "{http:?}");
+        }
+    }
+
+    #[test]
+    fn subscripts_fields_and_relations_are_counted() {
+        let slices = format!("SELECT make_array(1){}", "[1:1]".repeat(2_000));
+        assert!(matches!(
+            check_on(&slices, Surface::Http),
+            Err(GuardError::TooDeep { .. })
+        ));
+        let ctes: Vec<String> = (1..3_000)
+            .map(|i| format!("c{i} AS (SELECT x FROM c{})", i - 1))
+            .collect();
+        let q = format!(
+            "WITH c0 AS (SELECT 1 AS x), {} SELECT x FROM c2999",
+            ctes.join(", ")
+        );
+        assert!(matches!(
+            check_sql(&q),
+            Err(GuardError::TooManyRelations { .. })
+        ));
+        let from: Vec<String> = (0..100).map(|i| format!("v a{i}")).collect();
+        let q = format!("SELECT count(*) FROM {}", from.join(", "));
+        assert!(matches!(
+            check_sql(&q),
+            Err(GuardError::TooManyRelations { .. })
+        ));
+        let joins = " CROSS JOIN v".repeat(190);
+        assert!(matches!(
+            check_sql(&format!("SELECT count(*) FROM v{joins}")),
+            Err(GuardError::TooManyRelations { .. })
+        ));
+        // What a dashboard sends passes.
+        check_sql(
+            "WITH a AS (SELECT * FROM v1), b AS (SELECT * FROM v2) \
+             SELECT a.x, b.y FROM a JOIN b ON a.k = b.k, v3 WHERE a.x IN (SELECT x FROM v4) \
+             UNION ALL SELECT 1, 2",
+        )
+        .expect("a few CTEs, joins and a subquery");
     }
 
     #[test]
@@ -275,7 +465,7 @@ mod tests {
             Err(GuardError::TooManyTokens { .. })
         ));
         let deep = format!("SELECT 1\n, 2{}", " - 2".repeat(10));
-        match check(&deep, usize::MAX, usize::MAX, 5) {
+        match check(&deep, &PostgreSqlDialect {}, usize::MAX, usize::MAX, 5) {
             Err(GuardError::TooDeep { at, .. }) => {
                 assert!(
                     at > 11 && at < deep.len(),

@@ -412,7 +412,8 @@ pub struct Answer {
 
 impl Answer {
     /// Rows whose column `col` displays as `value`: (batch, row) pairs;
-    /// `None` if there is no such column.
+    /// `None` if there is no such column. A filter's value goes through
+    /// [`filter_text`] first, so it compares as the column's type.
     pub fn lookup(&self, col: &str, value: &str) -> Option<Vec<(usize, usize)>> {
         let index = {
             let mut all = self.index.lock().expect("index lock");
@@ -443,6 +444,39 @@ fn build_index(rows: &[RecordBatch], col: &str) -> Option<ColumnIndex> {
         }
     }
     Some(out)
+}
+
+/// A `?COL=VAL` filter's value as [`Answer::lookup`] finds it: the text
+/// cast to the column's type (as a key lookup, [`Serving::point`], casts it),
+/// then displayed as the column's values are. One meaning on every path
+/// (key or not, now or time travel): `zipcode=090404` finds the zipcode
+/// 90404, `minute=2014-11-01 19:35:00` the minute `2014-11-01T19:35:00`. A
+/// value that does not cast is [`ServingError::BadFilter`].
+pub fn filter_text(
+    column: &str,
+    value: &str,
+    ty: &arrow::datatypes::DataType,
+) -> Result<String, ServingError> {
+    use arrow::array::{Array, ArrayRef, StringArray};
+    use arrow::compute::{CastOptions, cast_with_options};
+    use arrow::util::display::{ArrayFormatter, FormatOptions};
+    let bad = || ServingError::BadFilter {
+        column: column.to_string(),
+        value: value.to_string(),
+        ty: ty.to_string(),
+    };
+    let text: ArrayRef = Arc::new(StringArray::from(vec![value]));
+    let opts = CastOptions {
+        safe: false,
+        ..CastOptions::default()
+    };
+    let typed = cast_with_options(&text, ty, &opts).map_err(|_| bad())?;
+    if typed.is_null(0) {
+        return Err(bad());
+    }
+    let fmt =
+        ArrayFormatter::try_new(typed.as_ref(), &FormatOptions::default()).map_err(|_| bad())?;
+    Ok(fmt.value(0).to_string())
 }
 
 impl Freshness {
@@ -485,12 +519,22 @@ pub enum ServingError {
     View(#[from] ViewError),
     #[error("view `{view}` cannot be served right now: {detail}")]
     Inconsistent { view: String, detail: String },
+    /// A `?COL=VAL` filter whose value is not one of the column's type.
+    #[error("the filter {column}={value:?}: not a value of the column's type {ty}")]
+    BadFilter {
+        column: String,
+        value: String,
+        ty: String,
+    },
 }
 
 impl crate::error::Explain for ServingError {
     fn hint(&self) -> Option<String> {
         match self {
             ServingError::View(v) => v.hint(),
+            ServingError::BadFilter { ty, .. } => Some(format!(
+                "a filter compares values as the column's type ({ty}); write the value as SQL would cast it"
+            )),
             _ => None,
         }
     }
@@ -501,6 +545,8 @@ impl crate::error::Explain for ServingError {
             ServingError::NoSuchView { .. } => "42P01",
             ServingError::View(v) => v.sqlstate(),
             ServingError::Inconsistent { .. } => "XX000",
+            // invalid_text_representation
+            ServingError::BadFilter { .. } => "22P02",
         }
     }
 }

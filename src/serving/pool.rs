@@ -175,32 +175,44 @@ impl QueryPool {
         T: Send + 'static,
     {
         let permit = self.admit().await?;
+        // The slot goes with the task once it starts; until then the
+        // caller's guard holds it, so a task that never got a thread (both
+        // busy) does not keep its slot after its caller gave up.
+        let slot = Arc::new(std::sync::Mutex::new(Some(permit)));
+        let taken = slot.clone();
         let handle = self
             .runtime
             .as_ref()
             .expect("query runtime")
             .spawn(async move {
-                let _permit = permit;
-                tokio::time::timeout(deadline, work).await
+                let Some(_permit) = taken.lock().expect("query slot").take() else {
+                    return None; // the caller is gone
+                };
+                Some(tokio::time::timeout(deadline, work).await)
             });
-        let mut running = Running(handle);
+        let mut running = Running { task: handle, slot };
         // The task's own deadline stops it at an await point; this one
         // answers the caller on time even if the task is inside a long call.
-        match tokio::time::timeout(deadline + Duration::from_millis(50), &mut running.0).await {
-            Ok(Ok(Ok(v))) => Ok(v),
-            Ok(Ok(Err(_))) | Err(_) => Err(PoolError::Timeout(deadline)),
+        match tokio::time::timeout(deadline + Duration::from_millis(50), &mut running.task).await {
+            Ok(Ok(Some(Ok(v)))) => Ok(v),
+            Ok(Ok(Some(Err(_)) | None)) | Err(_) => Err(PoolError::Timeout(deadline)),
             Ok(Err(e)) => Err(PoolError::Panicked(e.to_string())),
         }
     }
 }
 
 /// A query's task, aborted when its caller is done with it — answered,
-/// timed out, or dropped mid-way. Aborting a finished task does nothing.
-struct Running<T>(tokio::task::JoinHandle<T>);
+/// timed out, or dropped mid-way — and its slot, if the task has not
+/// taken it yet. Aborting a finished task does nothing.
+struct Running<T> {
+    task: tokio::task::JoinHandle<T>,
+    slot: Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>,
+}
 
 impl<T> Drop for Running<T> {
     fn drop(&mut self) {
-        self.0.abort();
+        self.task.abort();
+        self.slot.lock().expect("query slot").take();
     }
 }
 
@@ -251,6 +263,43 @@ mod tests {
         assert!(matches!(slow.await.unwrap(), Err(PoolError::Timeout(_))));
         // The slow one was stopped at its deadline, so the queued one ran.
         assert_eq!(queued.await.unwrap().unwrap(), 7);
+    }
+
+    #[tokio::test]
+    async fn a_task_that_never_got_a_thread_gives_its_slot_back_with_its_caller() {
+        let pool = Arc::new(
+            QueryPool::new(PoolLimits {
+                running: 2,
+                queued: 0,
+                queue_wait: Duration::from_millis(100),
+                threads: 1,
+            })
+            .unwrap(),
+        );
+        // The one thread is stuck in a synchronous call for 1.5 s.
+        let stuck = {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                pool.run(Duration::from_millis(100), async {
+                    std::thread::sleep(Duration::from_millis(1_500));
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The second slot's task waits for the thread; its caller times out.
+        let waiting = pool.run(Duration::from_millis(100), async { 1 }).await;
+        assert!(matches!(waiting, Err(PoolError::Timeout(_))), "{waiting:?}");
+        assert!(matches!(stuck.await.unwrap(), Err(PoolError::Timeout(_))));
+        // The stuck one still holds its slot (its thread is busy), the
+        // waiting one's caller is gone: one slot is free at once.
+        let t = std::time::Instant::now();
+        let free = pool.slots.clone().try_acquire_owned();
+        assert!(
+            free.is_ok(),
+            "the task that never ran gave its slot back ({:?} after)",
+            t.elapsed()
+        );
     }
 
     #[tokio::test]

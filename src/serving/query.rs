@@ -406,7 +406,7 @@ async fn run_here(
     limits: SqlLimits,
 ) -> Result<SqlAnswer, QueryError> {
     // Size and depth first: everything after this recurses over the tree.
-    super::guard::check_sql(sql)?;
+    super::guard::check_on(sql, super::guard::Surface::Http)?;
     // Views may have changed since the last query.
     catalog.sync(serving);
     let snap = serving.snapshot();
@@ -417,9 +417,18 @@ async fn run_here(
         .sql_with_options(sql, read_only())
         .await
         .map_err(|e| QueryError::from_planning(e, &limits))?;
-    let df = df
-        .limit(0, Some(limits.max_rows + 1))
-        .map_err(|e| QueryError::from_df(e, &limits))?;
+    // EXPLAIN must stay the root of its plan; its rows are few.
+    let explain = matches!(
+        df.logical_plan(),
+        datafusion::logical_expr::LogicalPlan::Explain(_)
+            | datafusion::logical_expr::LogicalPlan::Analyze(_)
+    );
+    let df = if explain {
+        df
+    } else {
+        df.limit(0, Some(limits.max_rows + 1))
+            .map_err(|e| QueryError::from_df(e, &limits))?
+    };
     let columns: SchemaRef = Arc::new(df.schema().as_arrow().clone());
     let mut stream = df
         .execute_stream()
@@ -461,25 +470,57 @@ impl Reply {
     }
 
     /// Encodes `batch`; false once a limit is reached (the rest is dropped
-    /// and the reply marked truncated).
+    /// and the reply marked truncated). The rows encoded, with the closing
+    /// `]`, stay within `max_bytes`: a block that crosses the bound is taken
+    /// back and encoded again a row at a time, up to the last row that fits
+    /// (a row over the bound alone is left out, and the reply truncated).
     pub fn push(&mut self, batch: &RecordBatch) -> Result<bool, QueryError> {
         let encode = |e: arrow::error::ArrowError| QueryError::Sql {
             message: format!("could not encode the rows: {e}"),
             sqlstate: "XX000",
         };
+        // Drops what was encoded past `before`: the writer's rows are
+        // `[` row (`,` row)*, so a cut at a row's end leaves a valid prefix
+        // (and a cut to nothing, a new writer).
+        let take_back = |w: &mut arrow::json::ArrayWriter<Vec<u8>>, before: usize| {
+            if before == 0 {
+                let mut buf = std::mem::take(w.get_mut());
+                buf.clear();
+                *w = arrow::json::ArrayWriter::new(buf);
+            } else {
+                w.get_mut().truncate(before);
+            }
+        };
+        // The encoded rows and the closing `]` fit.
+        let max = self.limits.max_bytes;
+        let fits = |w: &arrow::json::ArrayWriter<Vec<u8>>| w.get_ref().len() < max;
         let mut at = 0;
         while at < batch.num_rows() {
-            if self.rows >= self.limits.max_rows
-                || self.writer.get_ref().len() >= self.limits.max_bytes
-            {
+            // Once truncated, no later (smaller) row may follow the gap.
+            if self.truncated || self.rows >= self.limits.max_rows || !fits(&self.writer) {
                 self.truncated = true;
                 return Ok(false);
             }
             let n = ENCODE_ROWS
                 .min(batch.num_rows() - at)
                 .min(self.limits.max_rows - self.rows);
+            let before = self.writer.get_ref().len();
             self.writer.write(&batch.slice(at, n)).map_err(encode)?;
-            self.rows += n;
+            if !fits(&self.writer) {
+                take_back(&mut self.writer, before);
+                for r in at..at + n {
+                    let before = self.writer.get_ref().len();
+                    self.writer.write(&batch.slice(r, 1)).map_err(encode)?;
+                    if !fits(&self.writer) {
+                        take_back(&mut self.writer, before);
+                        self.truncated = true;
+                        return Ok(false);
+                    }
+                    self.rows += 1;
+                }
+            } else {
+                self.rows += n;
+            }
             at += n;
         }
         Ok(true)

@@ -69,6 +69,9 @@ fn session_over(schema: SchemaRef) -> Result<SessionContext, ViewError> {
 
 /// Plans one view.
 pub async fn compile(def: &ViewConfig, schema: &EventSchema) -> Result<View, ViewError> {
+    // Before anything else: a name the storage layout cannot hold would be
+    // accepted now and stop every later batch run from publishing.
+    super::check_name(&def.name)?;
     let name = def.name.clone();
     // Ordered aggregates break ties by (partition, offset); such a view reads
     // those two columns besides the events'.

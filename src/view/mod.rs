@@ -73,6 +73,14 @@ pub enum ViewError {
         op: &'static str,
         detail: String,
     },
+    /// A name the storage layout cannot hold (see [`check_name`]).
+    #[error("`{shown}` is not a valid view name: {reason}")]
+    Name {
+        /// The name as given, shortened if long.
+        shown: String,
+        reason: String,
+        hint: String,
+    },
     #[error("internal error in the view layer: {0}")]
     Internal(String),
 }
@@ -81,6 +89,7 @@ impl crate::error::Explain for ViewError {
     fn hint(&self) -> Option<String> {
         match self {
             ViewError::Plan { hint, .. } | ViewError::Unsupported { hint, .. } => hint.clone(),
+            ViewError::Name { hint, .. } => Some(hint.clone()),
             ViewError::StateMismatch { .. } => Some(
                 "the view's SQL or the engine changed since they were written; rebuild them".into(),
             ),
@@ -94,6 +103,8 @@ impl crate::error::Explain for ViewError {
             ViewError::Unsupported { .. } => "0A000",
             // syntax_error_or_access_rule_violation
             ViewError::Plan { .. } | ViewError::Rollup { .. } => "42000",
+            // invalid_name
+            ViewError::Name { .. } => "42602",
             _ => "XX000",
         }
     }
@@ -482,6 +493,70 @@ pub fn names(views: &[Arc<View>]) -> String {
         .map(|v| v.name())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Longest view name, in bytes: a Postgres identifier's limit (a name is a
+/// table over the Postgres wire too), far below any file-name limit.
+pub const MAX_NAME_BYTES: usize = 63;
+
+/// Names the storage layout uses under `views/` (see [`crate::batch`]):
+/// a view's files live in `views/<name>/`, so a view of one of these names
+/// would collide with the published pointer (`views/CURRENT`) or the run
+/// manifests (`views/runs/`). (`views/CHANGES.json` cannot collide: a name
+/// has no `.`.) Compared ignoring case (a case-insensitive file system, as on
+/// macOS, holds `views/current/` and `views/CURRENT` in one entry).
+pub const RESERVED_NAMES: &[&str] = &["CURRENT", "runs"];
+
+/// Whether `name` can name a view: an identifier (letters, digits and `_`,
+/// not starting with a digit) of at most [`MAX_NAME_BYTES`], and none of the
+/// [`RESERVED_NAMES`]. Every way of defining a view goes through here: the
+/// config file, `POST /v1/views`, a reload, and the changes saved by an
+/// older version (see [`compile`]).
+pub fn check_name(name: &str) -> Result<(), ViewError> {
+    let shown = if name.len() > MAX_NAME_BYTES {
+        let cut = (0..=MAX_NAME_BYTES)
+            .rev()
+            .find(|&i| name.is_char_boundary(i))
+            .unwrap_or(0);
+        format!("{}…", &name[..cut])
+    } else {
+        name.to_string()
+    };
+    let bad = |reason: String, hint: &str| {
+        Err(ViewError::Name {
+            shown: shown.clone(),
+            reason,
+            hint: hint.to_string(),
+        })
+    };
+    let mut chars = name.chars();
+    let identifier = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !identifier {
+        return bad(
+            "letters, digits and `_`, not starting with a digit".into(),
+            "name the view like a SQL identifier, e.g. `sales_by_zipcode`",
+        );
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return bad(
+            format!(
+                "{} bytes long; a view name is at most {MAX_NAME_BYTES}",
+                name.len()
+            ),
+            "use a shorter name",
+        );
+    }
+    if let Some(r) = RESERVED_NAMES.iter().find(|r| r.eq_ignore_ascii_case(name)) {
+        return bad(
+            format!("`{r}` is reserved by the storage layout of the batch views"),
+            &format!(
+                "the reserved names are {}; pick another",
+                RESERVED_NAMES.join(", ")
+            ),
+        );
+    }
+    Ok(())
 }
 
 /// Compiles every configured view; the first error stops startup.

@@ -5,6 +5,7 @@
 //   expect {"view": {"rows": N, "covered": M}, …}   wait until the page shows them
 //   shot PATH WIDTH HEIGHT                           screenshot at that viewport
 //   check                                            {"reloaded", "outside", "overflow"}
+//   gone VIEW                                        wait until the page shows no card of VIEW
 //   quit
 //
 // Each command answers one line on stdout: "ok …" or "fail …".
@@ -55,6 +56,15 @@ async function main() {
           const same = Object.keys(want).every((v) => got[v] && got[v].rows === want[v].rows && got[v].covered === want[v].covered);
           if (same) { console.log("ok " + JSON.stringify(got)); break; }
           if (Date.now() - t > 30000) { console.log("fail " + JSON.stringify({ got, errors })); break; }
+          await new Promise((r) => setTimeout(r, 200));
+        }
+      } else if (cmd === "gone") {
+        const view = rest.join(" ");
+        const t = Date.now();
+        for (;;) {
+          const got = await shown();
+          if (!(view in got)) { console.log("ok " + JSON.stringify(got)); break; }
+          if (Date.now() - t > 30000) { console.log("fail still shown after 30 s: " + JSON.stringify({ got, errors })); break; }
           await new Promise((r) => setTimeout(r, 200));
         }
       } else if (cmd === "shot") {

@@ -32,13 +32,13 @@ fn expected(url: &str) -> Value {
     Value::Object(out)
 }
 
-struct Browser {
+pub(crate) struct Browser {
     child: std::process::Child,
     out: BufReader<std::process::ChildStdout>,
 }
 
 impl Browser {
-    fn open(url: &str) -> Browser {
+    pub(crate) fn open(url: &str) -> Browser {
         let script =
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/integration/dashboard.js");
         let mut child = Command::new("node")
@@ -53,7 +53,7 @@ impl Browser {
     }
 
     /// Sends a command; the answer after "ok ", or a failure.
-    fn ask(&mut self, command: &str) -> String {
+    pub(crate) fn ask(&mut self, command: &str) -> String {
         let stdin = self.child.stdin.as_mut().unwrap();
         writeln!(stdin, "{command}").unwrap();
         let mut line = String::new();

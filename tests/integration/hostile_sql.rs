@@ -33,7 +33,7 @@ impl Rng {
 /// One hostile statement of the battery, its size drawn from `rng`.
 fn hostile(rng: &mut Rng) -> String {
     let n = |rng: &mut Rng, sizes: &[usize]| rng.pick(sizes);
-    match rng.next() % 16 {
+    match rng.next() % 22 {
         0 => format!("SELECT 1{}", "+1".repeat(n(rng, &[50, 400, 900, 2_000, 50_000]))),
         1 => {
             let terms: Vec<String> = (0..n(rng, &[10, 300, 450, 3_000]))
@@ -112,6 +112,48 @@ fn hostile(rng: &mut Rng) -> String {
         13 => "SELECT length(string_agg(repeat('x', 1000), ',')) FROM generate_series(1, 2000000)"
             .into(),
         14 => "SELECT cardinality(array_agg(v)) FROM generate_series(1, 300000000) t(v)".into(),
+        // Found by the red team: what the first guard missed.
+        15 => {
+            let chain = "1+1".repeat(n(rng, &[100, 3_000, 50_000]));
+            rng.pick(&[
+                "SELECT 1 AS `a'`, {c} AS `b'`",
+                "SELECT 1 /*!+{c}*/ AS x",
+                "SELECT 1 -- {c}\n",
+            ])
+            .replace("{c}", &chain)
+        }
+        16 => format!(
+            "SELECT cardinality(make_array(1){})",
+            "[1:1]".repeat(n(rng, &[10, 2_000, 20_000]))
+        ),
+        17 => {
+            let k = n(rng, &[5, 300, 3_000]);
+            let ctes: Vec<String> = (1..k)
+                .map(|i| format!("c{i} AS (SELECT x FROM c{})", i - 1))
+                .collect();
+            format!(
+                "WITH c0 AS (SELECT 1 AS x){}{} SELECT x FROM c{}",
+                if ctes.is_empty() { "" } else { ", " },
+                ctes.join(", "),
+                k - 1
+            )
+        }
+        18 => {
+            let from: Vec<String> = (0..n(rng, &[3, 60, 300]))
+                .map(|i| format!("sales_by_product a{i}"))
+                .collect();
+            format!("SELECT count(*) FROM {}", from.join(", "))
+        }
+        19 => format!(
+            "SELECT length(array_to_string(range(1, {}), repeat('x', 1000000)))",
+            n(rng, &[2, 1_000, 100_001])
+        ),
+        20 => rng
+            .pick(&[
+                "EXPLAIN SELECT count(*) FROM sales_by_product",
+                "EXPLAIN ANALYZE SELECT count(*) FROM sales_by_product",
+            ])
+            .to_string(),
         _ => {
             let x = "repeat('x', 1000000)";
             format!("SELECT length({})", vec![x; n(rng, &[2, 40])].join(" || "))

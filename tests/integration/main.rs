@@ -23,6 +23,8 @@
 //!  security    tokens and scopes, loopback, HTTPS
 //!  hostile     clients that try to starve the others
 //!  hostile_sql queries written to take the server down, over HTTP and Postgres
+//!  http_bounds view names the layout cannot hold, bounded bodies, slow
+//!              readers of large replies, one filter meaning, every error as JSON
 //!  faults      lost logs, full disks, failing views, backpressure
 //!  crash_loop  kills at random moments, every acknowledged event survives
 //!  kafka       Kafka as the stream, against a real broker (tansu)
@@ -48,6 +50,7 @@ mod faults;
 mod golden;
 mod hostile;
 mod hostile_sql;
+mod http_bounds;
 mod identity;
 mod incremental;
 mod ingest_http;
