@@ -110,6 +110,16 @@ pub struct PgConfig {
     /// each; more are refused (54000) until some are closed.
     #[serde(default = "default_pg_prepared")]
     pub max_prepared: usize,
+    /// What the prepared statements and portals of all connections may
+    /// hold together, estimated from their messages (a planned statement
+    /// costs 32 KiB and 16 bytes per byte of SQL, a portal its parameters);
+    /// past it a Parse or Bind is refused (54000) until some are closed.
+    #[serde(default = "default_pg_prepared_bytes")]
+    pub max_prepared_bytes: ByteSize,
+}
+
+fn default_pg_prepared_bytes() -> ByteSize {
+    ByteSize::mib(512)
 }
 
 fn default_pg_connections() -> usize {
@@ -134,6 +144,7 @@ impl Default for PgConfig {
             startup_timeout: default_pg_startup_timeout(),
             idle_timeout: default_idle_timeout(),
             max_prepared: default_pg_prepared(),
+            max_prepared_bytes: default_pg_prepared_bytes(),
         }
     }
 }

@@ -681,3 +681,54 @@ print(json.dumps({"cancelled": out, "next": one, "next_took": time.time() - t0})
         "cancelled queries stop: the server uses {secs:.2} cores 1 s after the cancels"
     );
 }
+
+#[test]
+fn prepared_statements_of_all_connections_share_one_budget() {
+    // ~34 KiB a statement as estimated: about 120 fit in 4 MiB.
+    let (_site, _server, pg) = serve_with_pg("max_prepared_bytes = \"4MiB\"\n");
+    let r = py(
+        r#"
+import json, sys, time, psycopg
+from psycopg import pq
+p = json.load(sys.stdin)
+sql = b"SELECT ProductName, orders FROM sales_by_product WHERE orders > $1 AND revenue < $1 + 1000"
+def fill(c, prefix):
+    ok, err = 0, None
+    for i in range(100):
+        r = c.pgconn.prepare(f"{prefix}{i}".encode(), sql)
+        if r.status == pq.ExecStatus.COMMAND_OK:
+            ok += 1
+        elif err is None:
+            err = {"message": r.error_message.decode(), "sqlstate": r.error_field(pq.DiagnosticField.SQLSTATE).decode()}
+    return ok, err
+a = psycopg.connect(p["dsn"], autocommit=True)
+b = psycopg.connect(p["dsn"], autocommit=True)
+ok_a, _ = fill(a, "a")
+ok_b, err_b = fill(b, "b")
+a.close()
+time.sleep(0.5)
+after = b.pgconn.prepare(b"after", sql).status == pq.ExecStatus.COMMAND_OK
+print(json.dumps({"a": ok_a, "b": ok_b, "error": err_b, "after_close": after}))
+"#,
+        json!({ "dsn": format!("postgres://analyst@{pg}/lambdaflow") }),
+    );
+    eprintln!("budget: {r}");
+    assert_eq!(r["a"], 100, "the first connection's 100 fit: {r}");
+    let b = r["b"].as_u64().unwrap();
+    assert!(
+        (1..100).contains(&b),
+        "the second connection fills the rest of the budget, then is refused: {r}"
+    );
+    assert_eq!(r["error"]["sqlstate"], "54000", "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("hold their budget of 4.0 MiB"),
+        "{r}"
+    );
+    assert_eq!(
+        r["after_close"], true,
+        "a closed connection's statements leave the budget: {r}"
+    );
+}

@@ -10,7 +10,8 @@
 //!     │          idle_timeout: a message by then, or FATAL 57P05 ◀── queries ◀──┘
 //!     │          a message over MAX_MESSAGE ─▶ ERROR 54000 at its header; its
 //!     │            bytes are dropped as they arrive, the session goes on
-//!     │          prepared statements / portals over max_prepared ─▶ ERROR 54000
+//!     │          prepared statements / portals over max_prepared, or all
+//!     │            connections' over max_prepared_bytes ─▶ ERROR 54000
 //! ```
 //!
 //! pgwire's own `process_socket` gives a connection 60 s to log in, no idle
@@ -22,11 +23,11 @@
 //! ERROR and can go on (during startup, a FATAL).
 //! Admission is the HTTP listener's ([`crate::serve::conn::Admission`]).
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -80,6 +81,8 @@ pub struct PgLimits {
     pub idle_timeout: Duration,
     /// Prepared statements, and portals, per connection.
     pub max_prepared: usize,
+    /// Their estimated bytes, all connections together.
+    pub max_prepared_bytes: usize,
 }
 
 impl PgLimits {
@@ -94,6 +97,7 @@ impl PgLimits {
             startup_timeout: config.startup_timeout,
             idle_timeout: config.idle_timeout,
             max_prepared: config.max_prepared.max(1),
+            max_prepared_bytes: config.max_prepared_bytes.as_u64() as usize,
         }
     }
 }
@@ -116,6 +120,8 @@ pub enum ConnError {
     TooManyStatements { max: usize },
     #[error("too many open portals on this connection: {max} at most")]
     TooManyPortals { max: usize },
+    #[error("the prepared statements and portals of all connections hold their budget of {limit}")]
+    PreparedBudget { limit: bytesize::ByteSize },
 }
 
 impl Explain for ConnError {
@@ -138,6 +144,9 @@ impl Explain for ConnError {
             ConnError::TooManyPortals { .. } => {
                 Some("close portals you no longer use (pg.max_prepared)".into())
             }
+            ConnError::PreparedBudget { .. } => Some(
+                "close or DEALLOCATE prepared statements and portals, or raise pg.max_prepared_bytes".into(),
+            ),
         }
     }
 
@@ -148,7 +157,8 @@ impl Explain for ConnError {
             // program_limit_exceeded
             ConnError::MessageTooLarge { .. }
             | ConnError::TooManyStatements { .. }
-            | ConnError::TooManyPortals { .. } => "54000",
+            | ConnError::TooManyPortals { .. }
+            | ConnError::PreparedBudget { .. } => "54000",
             // idle_session_timeout
             ConnError::Idle(_) => "57P05",
         }
@@ -164,12 +174,85 @@ fn error_info(e: &ConnError, severity: &str) -> ErrorInfo {
 }
 
 /// The names of a connection's prepared statements and portals (pgwire's
-/// store cannot count or list them), kept in its session extensions: the
-/// connection loop bounds them, `DEALLOCATE ALL` and `DISCARD ALL` clear them.
+/// store cannot count or list them) and their estimated bytes, kept in its
+/// session extensions: the connection loop bounds them, `DEALLOCATE ALL`
+/// and `DISCARD ALL` clear them. What they hold counts in the endpoint's
+/// budget until they are removed or the connection ends.
 #[derive(Debug, Default)]
 pub struct Names {
-    pub statements: BTreeSet<String>,
-    pub portals: BTreeSet<String>,
+    statements: BTreeMap<String, usize>,
+    portals: BTreeMap<String, usize>,
+    budget: Arc<AtomicUsize>,
+}
+
+/// What a planned statement is taken to hold, from its SQL.
+fn statement_cost(sql: usize) -> usize {
+    (32 << 10) + 16 * sql
+}
+
+impl Names {
+    fn new(budget: Arc<AtomicUsize>) -> Names {
+        Names {
+            statements: BTreeMap::new(),
+            portals: BTreeMap::new(),
+            budget,
+        }
+    }
+
+    fn map(&mut self, portal: bool) -> &mut BTreeMap<String, usize> {
+        if portal {
+            &mut self.portals
+        } else {
+            &mut self.statements
+        }
+    }
+
+    fn insert(&mut self, portal: bool, name: &str, cost: usize) {
+        let old = self.map(portal).insert(name.to_string(), cost);
+        self.budget.fetch_add(cost, Ordering::Relaxed);
+        if let Some(old) = old {
+            self.budget.fetch_sub(old, Ordering::Relaxed);
+        }
+    }
+
+    pub fn remove_statement(&mut self, name: &str) {
+        if let Some(cost) = self.statements.remove(name) {
+            self.budget.fetch_sub(cost, Ordering::Relaxed);
+        }
+    }
+
+    /// Every statement's name, removed.
+    pub fn take_statements(&mut self) -> Vec<String> {
+        let taken = std::mem::take(&mut self.statements);
+        self.budget
+            .fetch_sub(taken.values().sum(), Ordering::Relaxed);
+        taken.into_keys().collect()
+    }
+
+    pub fn clear_portals(&mut self) {
+        let taken = std::mem::take(&mut self.portals);
+        self.budget
+            .fetch_sub(taken.values().sum(), Ordering::Relaxed);
+    }
+
+    fn retain(&mut self, portal: bool, mut keep: impl FnMut(&str) -> bool) {
+        let mut freed = 0;
+        self.map(portal).retain(|n, cost| {
+            let k = keep(n);
+            if !k {
+                freed += *cost;
+            }
+            k
+        });
+        self.budget.fetch_sub(freed, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Names {
+    fn drop(&mut self) {
+        let held: usize = self.statements.values().chain(self.portals.values()).sum();
+        self.budget.fetch_sub(held, Ordering::Relaxed);
+    }
 }
 
 pub type SharedNames = Arc<Mutex<Names>>;
@@ -188,6 +271,7 @@ pub async fn serve(
         fd_limit: crate::serve::conn::raise_fd_limit(),
     });
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    let budget = Arc::new(AtomicUsize::new(0));
     loop {
         let (socket, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -226,10 +310,10 @@ pub async fn serve(
             }
         };
         counters.connections.fetch_add(1, Ordering::Relaxed);
-        let (server, tls) = (server.clone(), tls.clone());
+        let (server, tls, budget) = (server.clone(), tls.clone(), budget.clone());
         tokio::spawn(async move {
             let _ticket = ticket;
-            if let Err(e) = connection(socket, peer, server, tls, limits).await {
+            if let Err(e) = connection(socket, peer, server, tls, limits, budget).await {
                 tracing::debug!(%peer, error = %e, "postgres: connection ended with an error");
             }
         });
@@ -263,6 +347,7 @@ async fn connection(
     server: Arc<PgServer>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     limits: PgLimits,
+    budget: Arc<AtomicUsize>,
 ) -> io::Result<()> {
     let counters = server.startup.counters.clone();
     let startup_by = Instant::now() + limits.startup_timeout;
@@ -281,7 +366,7 @@ async fn connection(
     let mut socket = bounded(negotiated);
     let names: SharedNames = socket
         .session_extensions()
-        .get_or_insert_with(|| Mutex::new(Names::default()));
+        .get_or_insert_with(|| Mutex::new(Names::new(budget.clone())));
 
     let startup_handler = server.startup.clone();
     let simple = server.service.clone();
@@ -363,7 +448,7 @@ async fn connection(
             _ => msg.is_extended_query(),
         };
         let tracked = Tracked::of(&msg);
-        let result = match admit_message(&socket, &names, &tracked, limits.max_prepared) {
+        let result = match admit_message(&socket, &names, &tracked, &limits, &budget) {
             Err(e) => Err(PgWireError::UserError(Box::new(error_info(&e, "ERROR")))),
             Ok(()) => {
                 process_message(
@@ -413,10 +498,11 @@ async fn fatal(socket: &mut Conn, e: &ConnError) {
     let _ = io.shutdown().await;
 }
 
-/// What a message does to the connection's named statements and portals.
+/// What a message does to the connection's named statements and portals
+/// (with what a new one would hold).
 enum Tracked {
-    Statement(String),
-    Portal(String),
+    Statement(String, usize),
+    Portal(String, usize),
     Closed,
     /// May run `DEALLOCATE` or `DISCARD`.
     Query,
@@ -427,12 +513,13 @@ impl Tracked {
     fn of(msg: &PgWireFrontendMessage) -> Tracked {
         let named = |n: &Option<String>| n.as_deref().filter(|n| !n.is_empty()).map(String::from);
         match msg {
-            PgWireFrontendMessage::Parse(p) => {
-                named(&p.name).map_or(Tracked::Other, Tracked::Statement)
-            }
-            PgWireFrontendMessage::Bind(b) => {
-                named(&b.portal_name).map_or(Tracked::Other, Tracked::Portal)
-            }
+            PgWireFrontendMessage::Parse(p) => named(&p.name).map_or(Tracked::Other, |n| {
+                Tracked::Statement(n, statement_cost(p.query.len()))
+            }),
+            PgWireFrontendMessage::Bind(b) => named(&b.portal_name).map_or(Tracked::Other, |n| {
+                let params: usize = b.parameters.iter().flatten().map(|p| p.len()).sum();
+                Tracked::Portal(n, 1024 + params)
+            }),
             PgWireFrontendMessage::Close(_) => Tracked::Closed,
             PgWireFrontendMessage::Query(_) | PgWireFrontendMessage::Execute(_) => Tracked::Query,
             _ => Tracked::Other,
@@ -440,12 +527,14 @@ impl Tracked {
     }
 }
 
-/// Refuses a new named statement or portal past the bound.
+/// Refuses a new named statement or portal past the connection's bound or
+/// the endpoint's budget.
 fn admit_message(
     socket: &Conn,
     names: &SharedNames,
     tracked: &Tracked,
-    max: usize,
+    limits: &PgLimits,
+    budget: &AtomicUsize,
 ) -> Result<(), ConnError> {
     if !matches!(
         socket.state(),
@@ -454,15 +543,26 @@ fn admit_message(
         return Ok(());
     }
     let names = names.lock().expect("names");
-    match tracked {
-        Tracked::Statement(n) if !names.statements.contains(n) && names.statements.len() >= max => {
-            Err(ConnError::TooManyStatements { max })
-        }
-        Tracked::Portal(n) if !names.portals.contains(n) && names.portals.len() >= max => {
-            Err(ConnError::TooManyPortals { max })
-        }
-        _ => Ok(()),
+    let (held, name, cost, portal) = match tracked {
+        Tracked::Statement(n, c) => (&names.statements, n, *c, false),
+        Tracked::Portal(n, c) => (&names.portals, n, *c, true),
+        _ => return Ok(()),
+    };
+    let max = limits.max_prepared;
+    if !held.contains_key(name) && held.len() >= max {
+        return Err(if portal {
+            ConnError::TooManyPortals { max }
+        } else {
+            ConnError::TooManyStatements { max }
+        });
     }
+    let replaced = held.get(name).copied().unwrap_or(0);
+    if budget.load(Ordering::Relaxed) + cost > limits.max_prepared_bytes + replaced {
+        return Err(ConnError::PreparedBudget {
+            limit: bytesize::ByteSize::b(limits.max_prepared_bytes as u64),
+        });
+    }
+    Ok(())
 }
 
 /// Brings the names to what the store holds after a message.
@@ -470,23 +570,19 @@ fn settle_names(socket: &Conn, names: &SharedNames, tracked: &Tracked) {
     let store = socket.portal_store();
     let mut names = names.lock().expect("names");
     match tracked {
-        Tracked::Statement(n) => {
+        Tracked::Statement(n, cost) => {
             if store.get_statement(n).is_some() {
-                names.statements.insert(n.clone());
+                names.insert(false, n, *cost);
             }
         }
-        Tracked::Portal(n) => {
+        Tracked::Portal(n, cost) => {
             if store.get_portal(n).is_some() {
-                names.portals.insert(n.clone());
+                names.insert(true, n, *cost);
             }
         }
         Tracked::Closed | Tracked::Query => {
-            let Names {
-                statements,
-                portals,
-            } = &mut *names;
-            statements.retain(|n| store.get_statement(n).is_some());
-            portals.retain(|n| store.get_portal(n).is_some());
+            names.retain(false, |n| store.get_statement(n).is_some());
+            names.retain(true, |n| store.get_portal(n).is_some());
         }
         Tracked::Other => {}
     }

@@ -209,7 +209,7 @@ where
                 deallocate_all(client);
                 client.portal_store().clear_portals();
                 if let Some(names) = client.session_extensions().get::<Mutex<Names>>() {
-                    names.lock().expect("names").portals.clear();
+                    names.lock().expect("names").clear_portals();
                 }
                 Ok(Response::Execution(Tag::new("DISCARD ALL")))
             }
@@ -241,7 +241,7 @@ where
             } else if client.portal_store().get_statement(&name.value).is_some() {
                 client.portal_store().rm_statement(&name.value);
                 if let Some(names) = client.session_extensions().get::<Mutex<Names>>() {
-                    names.lock().expect("names").statements.remove(&name.value);
+                    names.lock().expect("names").remove_statement(&name.value);
                 }
                 Ok(Response::Execution(Tag::new("DEALLOCATE")))
             } else {
@@ -275,8 +275,8 @@ where
     let Some(names) = client.session_extensions().get::<Mutex<Names>>() else {
         return;
     };
-    let mut names = names.lock().expect("names");
-    for n in std::mem::take(&mut names.statements) {
+    let taken = names.lock().expect("names").take_statements();
+    for n in taken {
         client.portal_store().rm_statement(&n);
     }
     // The unnamed statement too, as Postgres drops it.
