@@ -92,10 +92,46 @@ pub struct PgConfig {
     /// Open Postgres connections at once; more are refused (53300).
     #[serde(default = "default_pg_connections")]
     pub max_connections: usize,
+    /// Open connections at once from one IP address (default: a quarter of
+    /// `max_connections`), so one peer cannot take every slot. Behind a
+    /// proxy or pooler every client shares its address: raise it.
+    #[serde(default)]
+    pub max_connections_per_address: Option<usize>,
+    /// A connection must have logged in (TLS, startup, password) within
+    /// this time of its accept, or it is closed.
+    #[serde(default = "default_pg_startup_timeout", with = "humantime_serde")]
+    pub startup_timeout: Duration,
+    /// A logged-in connection that sends nothing for this long is closed
+    /// (FATAL 57P05, as Postgres's `idle_session_timeout`); a query running
+    /// or a reply being sent does not count as idle.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Prepared statements on one connection, and open portals, at most
+    /// each; more are refused (54000) until some are closed.
+    #[serde(default = "default_pg_prepared")]
+    pub max_prepared: usize,
+    /// What the prepared statements and portals of all connections may
+    /// hold together, estimated from their messages (a planned statement
+    /// costs 32 KiB and 16 bytes per byte of SQL, a portal its parameters);
+    /// past it a Parse or Bind is refused (54000) until some are closed.
+    #[serde(default = "default_pg_prepared_bytes")]
+    pub max_prepared_bytes: ByteSize,
+}
+
+fn default_pg_prepared_bytes() -> ByteSize {
+    ByteSize::mib(512)
 }
 
 fn default_pg_connections() -> usize {
     256
+}
+
+fn default_pg_startup_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_pg_prepared() -> usize {
+    1000
 }
 
 impl Default for PgConfig {
@@ -104,6 +140,11 @@ impl Default for PgConfig {
             listen: None,
             tls: None,
             max_connections: default_pg_connections(),
+            max_connections_per_address: None,
+            startup_timeout: default_pg_startup_timeout(),
+            idle_timeout: default_idle_timeout(),
+            max_prepared: default_pg_prepared(),
+            max_prepared_bytes: default_pg_prepared_bytes(),
         }
     }
 }
@@ -789,6 +830,13 @@ impl Config {
             return Err(invalid(
                 "http",
                 "header_timeout and idle_timeout must be positive".into(),
+                None,
+            ));
+        }
+        if self.pg.idle_timeout.is_zero() || self.pg.startup_timeout.is_zero() {
+            return Err(invalid(
+                "pg",
+                "startup_timeout and idle_timeout must be positive".into(),
                 None,
             ));
         }

@@ -373,7 +373,7 @@ async fn start_pg(
         counters.clone(),
     ));
     let tls_on = tls.is_some();
-    let task = tokio::spawn(pg::serve(listener, server, tls, config.max_connections));
+    let task = tokio::spawn(pg::serve(listener, server, tls, pg::PgLimits::of(config)));
     Ok(PgRunning {
         addr,
         tls: tls_on,

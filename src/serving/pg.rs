@@ -3,16 +3,27 @@
 //! with the answers, limits and scopes of `POST /v1/sql`.
 //!
 //! ```text
-//!  client ──TCP (TLS if [pg] tls or [http] tls)──▶ startup: the password is a
-//!     │                                            token with scope "query"
-//!     ├─ simple query ─▶ parse (Postgres dialect, pg_catalog rewrites)
-//!     │     SET / SHOW / BEGIN / COMMIT ─▶ answered per connection
+//!  client ──TCP (TLS if [pg] tls or [http] tls)──▶ admission, deadlines, message
+//!     │                                            bound: see `conn`
+//!     │   startup: the password is a token with scope "query"
+//!     ├─ simple query ─▶ query pool: parse (Postgres dialect, pg_catalog rewrites)
+//!     │     DISCARD / RESET / DEALLOCATE / SHOW ALL ─▶ the session (`session`)
+//!     │     in a failed transaction block ─▶ 25P02 until ROLLBACK
+//!     │     SET / SHOW / BEGIN / COMMIT ─▶ hooks on the query pool, per connection
 //!     │     anything but a query ───────▶ 25006, as HTTP's 403
-//!     │     a query ─▶ query pool: one snapshot, memory, time and row limits
+//!     │     a query ─▶ query pool: plan, one snapshot, memory, time and row
+//!     │                limits; the deadline is min(statement_timeout, sql timeout)
 //!     └─ extended (Parse/Bind/Execute, `$1` parameters)
+//!           Parse ─▶ query pool: parse and plan, once
 //!           `SELECT … FROM view WHERE key = $1` ─▶ point read: one group merged
-//!           anything else ─▶ planned at Parse, run as above at Execute
+//!           anything else ─▶ run as above at Execute
+//!     a cancel request (psql's Ctrl-C, psycopg's cancel()) ─▶ pgwire drops the
+//!     statement's future, and the query pool aborts its task and frees its slot
 //! ```
+//!
+//! Nothing a client sends is parsed, planned or answered on the runtime
+//! that acknowledges ingest: a megabyte of SQL or 30,000 `SET`s in one
+//! message take the query runtime's threads, at its lower priority.
 //!
 //! Built on pgwire (the protocol) and the pieces of datafusion-postgres that
 //! make DataFusion look like Postgres to clients (`pg_catalog`, the dialect
@@ -20,12 +31,14 @@
 //! Its ready-made handler serves one fixed `SessionContext`; lambdaflow
 //! plans each query in a session of its own (the snapshot it reads, its
 //! memory pool), runs it on the query pool, and answers key lookups without
-//! a scan, so the handlers are ours.
+//! a scan, so the handlers are ours; so is the connection loop (`conn`),
+//! for its deadlines and bounds.
 
 use std::fmt::Debug;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -60,12 +73,11 @@ use datafusion_postgres::pgwire::api::{
     Type,
 };
 use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use datafusion_postgres::pgwire::messages::response::TransactionStatus;
 use datafusion_postgres::pgwire::messages::startup::Authentication;
 use datafusion_postgres::pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use datafusion_postgres::pgwire::types::format::FormatOptions;
 use futures::{Sink, SinkExt, stream};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use super::Serving;
 use super::pool::QueryPool;
@@ -73,6 +85,11 @@ use super::query::{self, Catalog, QueryError, SqlLimits};
 use crate::api::auth::Auth;
 use crate::config::Scope;
 use crate::error::Report;
+
+mod conn;
+mod session;
+
+pub use conn::{ConnError, MAX_MESSAGE, PgLimits, serve};
 
 /// An error as a Postgres client gets it: message, detail, hint, SQLSTATE.
 fn pg_error(r: Report) -> PgWireError {
@@ -84,6 +101,10 @@ fn pg_error(r: Report) -> PgWireError {
 
 fn query_error(e: QueryError) -> PgWireError {
     pg_error(Report::of(&e))
+}
+
+fn pool_error(e: super::pool::PoolError) -> PgWireError {
+    query_error(QueryError::Pool(e))
 }
 
 /// What the endpoint did since start (`/v1/status`).
@@ -99,6 +120,12 @@ pub struct PgCounters {
     pub point_reads: AtomicU64,
     /// Queries answered with an error.
     pub errors: AtomicU64,
+    /// Connections closed because they had not logged in within
+    /// `pg.startup_timeout`, or sent nothing for `pg.idle_timeout`.
+    pub startup_closed: AtomicU64,
+    pub idle_closed: AtomicU64,
+    /// Messages refused for their length (over [`MAX_MESSAGE`]).
+    pub too_large: AtomicU64,
 }
 
 /// The Postgres endpoint of a node: its handlers, shared by connections.
@@ -130,15 +157,18 @@ impl PgServer {
         let connections = Arc::new(ConnectionManager::new());
         let service = Arc::new(Service {
             parser: Arc::new(Parser {
-                sql: PostgresCompatibilityParser::new(),
-                hooks: hooks(),
+                sql: Arc::new(PostgresCompatibilityParser::new()),
+                hooks: Arc::new(hooks()),
                 planner: planner.clone(),
                 serving: serving.clone(),
+                pool: pool.clone(),
+                limits,
             }),
             serving,
             planner,
             pool,
             limits,
+            parameters: parameters(),
             counters: counters.clone(),
         });
         PgServer {
@@ -183,62 +213,6 @@ impl PgWireServerHandlers for PgServer {
 
     fn cancel_handler(&self) -> Arc<impl datafusion_postgres::pgwire::api::cancel::CancelHandler> {
         self.cancel.clone()
-    }
-}
-
-/// Serves `server` on `listener` until the task is aborted: at most
-/// `max_connections` at once (more are refused with 53300), TLS when
-/// `tls` is set.
-pub async fn serve(
-    listener: TcpListener,
-    server: Arc<PgServer>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    max_connections: usize,
-) {
-    let counters = server.startup.counters.clone();
-    let slots = Arc::new(Semaphore::new(max_connections));
-    loop {
-        let (socket, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "postgres: accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            counters.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%peer, max_connections, "postgres: connection refused, no slot free");
-            tokio::spawn(refuse(socket));
-            continue;
-        };
-        let _ = socket.set_nodelay(true);
-        counters.connections.fetch_add(1, Ordering::Relaxed);
-        let (server, tls) = (server.clone(), tls.clone());
-        tokio::spawn(async move {
-            let _slot = slot;
-            if let Err(e) =
-                datafusion_postgres::pgwire::tokio::process_socket(socket, tls, server).await
-            {
-                tracing::debug!(%peer, error = %e, "postgres: connection ended with an error");
-            }
-        });
-    }
-}
-
-/// Tells a client over the limit why, as Postgres does, and closes.
-async fn refuse(mut socket: tokio::net::TcpStream) {
-    use tokio::io::AsyncWriteExt;
-    let mut info = ErrorInfo::new(
-        "FATAL".into(),
-        "53300".into(),
-        "too many connections to the Postgres endpoint".into(),
-    );
-    info.hint = Some("close idle connections, or raise pg.max_connections".into());
-    let msg = datafusion_postgres::pgwire::messages::response::ErrorResponse::from(info);
-    let mut buf = bytes::BytesMut::new();
-    if datafusion_postgres::pgwire::messages::Message::encode(&msg, &mut buf).is_ok() {
-        let _ = socket.write_all(&buf).await;
     }
 }
 
@@ -323,6 +297,10 @@ impl Startup {
         let (handle, guard) = self.connections.register(pid, key);
         client.session_extensions().insert(handle);
         client.session_extensions().insert(guard);
+        // What `RESET ALL` and `DISCARD ALL` go back to.
+        client
+            .session_extensions()
+            .insert(session::StartupSettings(client.metadata().clone()));
         finish_authentication(client, &self.parameters).await
     }
 }
@@ -427,20 +405,81 @@ fn parameter_types(plan: &LogicalPlan) -> PgWireResult<Vec<Option<DataType>>> {
     Ok(ordered.into_iter().map(|(_, ty)| ty).collect())
 }
 
+/// Parses and plans statements, on the query pool: a statement of a
+/// megabyte, or a message of 100,000 `SET`s, takes the query runtime's
+/// threads, not those that acknowledge ingest.
+#[derive(Clone)]
 pub struct Parser {
-    sql: PostgresCompatibilityParser,
-    hooks: Vec<Arc<dyn QueryHook>>,
+    sql: Arc<PostgresCompatibilityParser>,
+    hooks: Arc<Vec<Arc<dyn QueryHook>>>,
     planner: Arc<Catalog>,
     serving: Arc<Serving>,
+    pool: Arc<QueryPool>,
+    limits: SqlLimits,
 }
 
 impl Parser {
     /// The statements of `text`, in the Postgres dialect (with the
-    /// rewrites that map Postgres idioms to DataFusion).
+    /// rewrites that map Postgres idioms to DataFusion). Runs on the query
+    /// pool ([`Parser::parse_on_pool`]).
     fn parse(&self, text: &str) -> PgWireResult<Vec<Statement>> {
+        // Its size, tokens and expression depth, before any recursive pass.
+        super::guard::check_sql(text).map_err(|e| query_error(e.into()))?;
         self.sql
             .parse(text)
             .map_err(|e| pg_error(Report::new(format!("syntax error: {e}")).with_sqlstate("42601")))
+    }
+
+    /// [`Parser::parse`] on the query pool, within `deadline`.
+    async fn parse_on_pool(&self, text: &str, deadline: Duration) -> PgWireResult<Vec<Statement>> {
+        let (parser, text) = (self.clone(), text.to_owned());
+        self.pool
+            .run(deadline, async move { parser.parse(&text) })
+            .await
+            .map_err(pool_error)?
+    }
+
+    /// Parses and plans `text` (a Parse message) as `client`'s session
+    /// stands; runs on the query pool.
+    async fn prepare(
+        self,
+        text: String,
+        detached: session::Detached,
+    ) -> PgWireResult<Option<Prepared>> {
+        let mut statements = self.parse(&text)?;
+        if statements.is_empty() {
+            return Ok(None);
+        }
+        let statement = statements.remove(0);
+        session::check_aborted(detached.transaction_status(), &statement)?;
+        if let Some(plan) = session::parse_plan(&statement) {
+            return Ok(Some(Prepared {
+                statement,
+                plan: plan?,
+                point: None,
+            }));
+        }
+        // Views may have changed since the last statement.
+        self.planner.sync(&self.serving);
+        let ctx = self.planner.context();
+        for hook in self.hooks.iter() {
+            if let Some(plan) = hook
+                .handle_extended_parse_query(&statement, ctx, &detached)
+                .await
+            {
+                return Ok(Some(Prepared {
+                    statement,
+                    plan: plan?,
+                    point: None,
+                }));
+            }
+        }
+        let plan = plan(ctx, &statement).await.map_err(query_error)?;
+        Ok(Some(Prepared {
+            point: point_of(&plan, &self.serving),
+            statement,
+            plan,
+        }))
     }
 }
 
@@ -457,32 +496,11 @@ impl QueryParser for Parser {
     where
         C: ClientInfo + Unpin + Send + Sync,
     {
-        let mut statements = self.parse(sql)?;
-        if statements.is_empty() {
-            return Ok(None);
-        }
-        let statement = statements.remove(0);
-        // Views may have changed since the last statement.
-        self.planner.sync(&self.serving);
-        let ctx = self.planner.context();
-        for hook in &self.hooks {
-            if let Some(plan) = hook
-                .handle_extended_parse_query(&statement, ctx, client)
-                .await
-            {
-                return Ok(Some(Prepared {
-                    statement,
-                    plan: plan?,
-                    point: None,
-                }));
-            }
-        }
-        let plan = plan(ctx, &statement).await?;
-        Ok(Some(Prepared {
-            point: point_of(&plan, &self.serving),
-            statement,
-            plan,
-        }))
+        let deadline = session::statement_timeout(client, self.limits.timeout);
+        let work = self
+            .clone()
+            .prepare(sql.to_owned(), session::Detached::of(client));
+        self.pool.run(deadline, work).await.map_err(pool_error)?
     }
 
     fn get_parameter_types(&self, stmt: &Prepared) -> PgWireResult<Vec<Type>> {
@@ -512,17 +530,51 @@ impl QueryParser for Parser {
 }
 
 /// Plans `statement` as a read-only query: anything else is refused.
-async fn plan(ctx: &SessionContext, statement: &Statement) -> PgWireResult<LogicalPlan> {
+async fn plan(ctx: &SessionContext, statement: &Statement) -> Result<LogicalPlan, QueryError> {
     let limits = SqlLimits::default();
     let plan = ctx
         .state()
         .statement_to_plan(DfStatement::Statement(Box::new(statement.clone())))
         .await
-        .map_err(|e| query_error(QueryError::from_planning(e, &limits)))?;
+        .map_err(|e| QueryError::from_planning(e, &limits))?;
     query::read_only()
         .verify_plan(&plan)
-        .map_err(|e| query_error(QueryError::from_planning(e, &limits)))?;
+        .map_err(|e| QueryError::from_planning(e, &limits))?;
     Ok(plan)
+}
+
+/// Runs `plan` over one snapshot, within the limits; called on the query
+/// pool.
+async fn execute(
+    serving: Arc<Serving>,
+    catalog: Arc<Catalog>,
+    plan: LogicalPlan,
+    limits: SqlLimits,
+) -> Result<Rows, QueryError> {
+    let snap = serving.snapshot();
+    let ctx = catalog
+        .session(&snap, &limits)
+        .map_err(|e| QueryError::from_df(e, &limits))?;
+    // EXPLAIN's few rows are not limited: a limit over it is no plan
+    // DataFusion can run.
+    let explain = matches!(plan, LogicalPlan::Explain(_) | LogicalPlan::Analyze(_));
+    let df = ctx
+        .execute_logical_plan(plan)
+        .await
+        .and_then(|df| {
+            if explain {
+                Ok(df)
+            } else {
+                df.limit(0, Some(limits.max_rows + 1))
+            }
+        })
+        .map_err(|e| QueryError::from_df(e, &limits))?;
+    let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+    let mut stream = df
+        .execute_stream()
+        .await
+        .map_err(|e| QueryError::from_df(e, &limits))?;
+    collect(&mut stream, schema, &limits).await
 }
 
 /// Rows read within a query's limits, and whether some were left out.
@@ -538,21 +590,12 @@ pub struct Service {
     pool: Arc<QueryPool>,
     limits: SqlLimits,
     parser: Arc<Parser>,
+    /// What `SHOW ALL` reports of the server.
+    parameters: DefaultServerParameterProvider,
     counters: Arc<PgCounters>,
 }
 
 impl Service {
-    /// The session `SET`, `SHOW` and transaction statements are answered
-    /// in: a copy of the planning context, so what a `SET` changes stays
-    /// with that statement (the connection's settings are its metadata).
-    /// None for a query, which no hook answers: copying the context's
-    /// state (its function registries) per query would be wasted work on
-    /// every read, point reads included.
-    fn hook_session(&self, statement: &Statement) -> Option<SessionContext> {
-        (!matches!(statement, Statement::Query(_)))
-            .then(|| SessionContext::new_with_state(self.planner.context().state()))
-    }
-
     /// Counts a query and its outcome.
     fn count<T>(&self, r: Result<T, QueryError>, point: bool) -> PgWireResult<T> {
         self.counters.queries.fetch_add(1, Ordering::Relaxed);
@@ -565,39 +608,113 @@ impl Service {
         })
     }
 
-    /// Runs `plan` on the query pool over one snapshot, within the limits.
-    async fn run(&self, plan: LogicalPlan) -> Result<Rows, QueryError> {
-        let (serving, catalog, limits) = (self.serving.clone(), self.planner.clone(), self.limits);
-        self.pool
-            .run(limits.timeout, async move {
-                let snap = serving.snapshot();
-                let ctx = catalog
-                    .session(&snap, &limits)
-                    .map_err(|e| QueryError::from_df(e, &limits))?;
-                let df = ctx
-                    .execute_logical_plan(plan)
-                    .await
-                    .and_then(|df| df.limit(0, Some(limits.max_rows + 1)))
-                    .map_err(|e| QueryError::from_df(e, &limits))?;
-                let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-                let mut stream = df
-                    .execute_stream()
-                    .await
-                    .map_err(|e| QueryError::from_df(e, &limits))?;
-                collect(&mut stream, schema, &limits).await
-            })
-            .await?
+    /// Runs `work` on the query pool within `deadline`.
+    async fn on_pool<T, F>(&self, deadline: Duration, work: F) -> Result<T, QueryError>
+    where
+        F: std::future::Future<Output = Result<T, QueryError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.pool.run(deadline, work).await?
+    }
+
+    /// Plans and runs one statement of a simple query on the query pool,
+    /// within the session's statement timeout.
+    async fn query<C>(&self, client: &mut C, statement: Statement) -> PgWireResult<Response>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let deadline = session::statement_timeout(client, self.limits.timeout);
+        let (serving, planner, limits) = (self.serving.clone(), self.planner.clone(), self.limits);
+        let work = async move {
+            // Views may have changed since the last statement.
+            planner.sync(&serving);
+            let plan = plan(planner.context(), &statement).await?;
+            execute(serving, planner, plan, limits).await
+        };
+        let rows = self.count(self.on_pool(deadline, work).await, false)?;
+        respond(client, rows, &Format::UnifiedText, &self.limits).await
+    }
+
+    /// Answers `batch` (SET, SHOW, BEGIN, COMMIT, …) with the hooks, on the
+    /// query pool against a detached copy of the session, which then
+    /// becomes the session. Stops at the first error.
+    async fn hooks<C>(
+        &self,
+        client: &mut C,
+        batch: Vec<Statement>,
+        status: TransactionStatus,
+    ) -> PgWireResult<Vec<PgWireResult<Response>>>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let mut detached = session::Detached::of(client);
+        detached.set_transaction_status(status);
+        let (hooks, planner) = (self.parser.hooks.clone(), self.planner.clone());
+        let work = async move {
+            // One copy of the planning context for the batch: a SET that
+            // DataFusion answers changes the copy, not the shared one.
+            let own = SessionContext::new_with_state(planner.context().state());
+            let mut out = Vec::with_capacity(batch.len());
+            for (i, statement) in batch.iter().enumerate() {
+                // The hooks never wait: a yield now and then is where the
+                // pool's deadline (or a cancel) can stop a long batch.
+                if i % 256 == 255 {
+                    tokio::task::yield_now().await;
+                }
+                let r = match session::check_aborted(detached.transaction_status(), statement) {
+                    Err(e) => Err(e.into()),
+                    Ok(()) => {
+                        let mut answer = None;
+                        for hook in hooks.iter() {
+                            answer = hook
+                                .handle_simple_query(statement, &own, &mut detached)
+                                .await;
+                            if answer.is_some() {
+                                break;
+                            }
+                        }
+                        answer.unwrap_or_else(|| {
+                            Err(pg_error(
+                                Report::new(format!("statement not supported: {statement}"))
+                                    .with_sqlstate("0A000"),
+                            ))
+                        })
+                    }
+                };
+                let failed = matches!(r, Err(_) | Ok(Response::Error(_)));
+                let next = session::status_after(detached.transaction_status(), &r);
+                detached.set_transaction_status(next);
+                out.push(r);
+                if failed {
+                    break;
+                }
+            }
+            Ok((out, detached))
+        };
+        let (out, detached) = self
+            .on_pool(self.limits.timeout, work)
+            .await
+            .map_err(query_error)?;
+        detached.settle(client).await?;
+        Ok(out)
     }
 
     /// A key lookup: the group's rows, merged from the current snapshot.
-    async fn point(&self, p: &Point, params: &ParamValues) -> Result<Rows, QueryError> {
+    async fn point(
+        &self,
+        p: &Point,
+        params: &ParamValues,
+        deadline: Duration,
+    ) -> Result<Rows, QueryError> {
         let key = match params {
             ParamValues::List(values) => values.get(p.param).map(|v| v.value.clone()),
             ParamValues::Map(_) => None,
         };
         let serving = self.serving.clone();
         let (p_view, p_key) = (p.view, p.key);
-        let (p, limits) = (p.clone(), self.limits);
+        let p = p.clone();
         let work = async move {
             let view = &serving.views()[p.view];
             let schema = Arc::new(view.output_schema().project(&p.columns).map_err(|e| {
@@ -632,9 +749,9 @@ impl Service {
         };
         // As over HTTP: a key lookup with its indexes built runs here.
         if self.serving.point_is_cheap(p_view, p_key) {
-            self.pool.run_here(limits.timeout, work).await?
+            self.pool.run_here(deadline, work).await?
         } else {
-            self.pool.run(limits.timeout, work).await?
+            self.pool.run(deadline, work).await?
         }
     }
 }
@@ -723,24 +840,53 @@ impl SimpleQueryHandler for Service {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let statements = self.parser.parse(text)?;
+        let deadline = session::statement_timeout(client, self.limits.timeout);
+        let statements = self.parser.parse_on_pool(text, deadline).await?;
         if statements.is_empty() {
             return Ok(vec![Response::EmptyQuery]);
         }
+        // Answers so far; an error after some is sent after them, and ends
+        // the message, as Postgres does.
         let mut out = Vec::new();
-        'statements: for statement in statements {
-            if let Some(own) = self.hook_session(&statement) {
-                for hook in &self.parser.hooks {
-                    if let Some(r) = hook.handle_simple_query(&statement, &own, client).await {
-                        out.push(r?);
-                        continue 'statements;
+        let fail = |mut out: Vec<Response>, e: PgWireError| {
+            if out.is_empty() {
+                return Err(e);
+            }
+            out.push(Response::Error(Box::new(ErrorInfo::from(e))));
+            Ok(out)
+        };
+        let mut status = client.transaction_status();
+        let mut statements = statements.into_iter().peekable();
+        while let Some(statement) = statements.next() {
+            let r = if session::is_hook_statement(&statement) {
+                // This one and the hook statements after it, in one go.
+                let mut batch = vec![statement];
+                while let Some(next) = statements.next_if(session::is_hook_statement) {
+                    batch.push(next);
+                }
+                for r in self.hooks(client, batch, status).await? {
+                    status = session::status_after(status, &r);
+                    match r {
+                        Ok(resp) => out.push(resp),
+                        Err(e) => return fail(out, e),
                     }
                 }
+                continue;
+            } else if let Some(r) =
+                session::answer(&statement, client, &self.parameters, self.limits.timeout)
+            {
+                r
+            } else {
+                match session::check_aborted(status, &statement) {
+                    Err(e) => Err(e.into()),
+                    Ok(()) => self.query(client, statement).await,
+                }
+            };
+            status = session::status_after(status, &r);
+            match r {
+                Ok(resp) => out.push(resp),
+                Err(e) => return fail(out, e),
             }
-            self.planner.sync(&self.serving);
-            let plan = plan(self.planner.context(), &statement).await?;
-            let rows = self.count(self.run(plan).await, false)?;
-            out.push(respond(client, rows, &Format::UnifiedText, &self.limits).await?);
         }
         Ok(out)
     }
@@ -768,34 +914,61 @@ impl ExtendedQueryHandler for Service {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let prepared = &portal.statement.statement;
+        if let Some(r) = session::answer(
+            &prepared.statement,
+            client,
+            &self.parameters,
+            self.limits.timeout,
+        ) {
+            return r;
+        }
+        session::check_aborted(client.transaction_status(), &prepared.statement)?;
         let types = parameter_types(&prepared.plan)?;
         let refs: Vec<Option<&DataType>> = types.iter().map(Option::as_ref).collect();
         let params = deserialize_parameters(portal, &refs)?;
-        if let Some(own) = self.hook_session(&prepared.statement) {
-            for hook in &self.parser.hooks {
-                if let Some(r) = hook
-                    .handle_extended_query(
-                        &prepared.statement,
-                        &prepared.plan,
-                        &params,
-                        &own,
-                        client,
-                    )
-                    .await
-                {
-                    return r;
+        let deadline = session::statement_timeout(client, self.limits.timeout);
+        if session::is_hook_statement(&prepared.statement) {
+            let mut detached = session::Detached::of(client);
+            let (hooks, planner) = (self.parser.hooks.clone(), self.planner.clone());
+            let (statement, plan) = (prepared.statement.clone(), prepared.plan.clone());
+            let work = async move {
+                let own = SessionContext::new_with_state(planner.context().state());
+                for hook in hooks.iter() {
+                    if let Some(r) = hook
+                        .handle_extended_query(&statement, &plan, &params, &own, &mut detached)
+                        .await
+                    {
+                        return Ok((Some(r), detached));
+                    }
                 }
+                Ok((None, detached))
+            };
+            let (answer, detached) = self
+                .on_pool(self.limits.timeout, work)
+                .await
+                .map_err(query_error)?;
+            detached.settle(client).await?;
+            if let Some(r) = answer {
+                return r;
             }
+            return Err(pg_error(
+                Report::new(format!("statement not supported: {}", prepared.statement))
+                    .with_sqlstate("0A000"),
+            ));
         }
         let rows = match &prepared.point {
-            Some(p) => self.count(self.point(p, &params).await, true)?,
+            Some(p) => self.count(self.point(p, &params, deadline).await, true)?,
             None => {
-                let plan = prepared
-                    .plan
-                    .clone()
-                    .replace_params_with_values(&params)
-                    .map_err(|e| query_error(QueryError::from_df(e, &self.limits)))?;
-                self.count(self.run(plan).await, false)?
+                let (serving, planner, limits) =
+                    (self.serving.clone(), self.planner.clone(), self.limits);
+                let plan = prepared.plan.clone();
+                let work = async move {
+                    let plan = plan
+                        .replace_params_with_values(&params)
+                        .map_err(|e| QueryError::from_df(e, &limits))?;
+                    execute(serving, planner, plan, limits).await
+                };
+                self.count(self.on_pool(deadline, work).await, false)?
             }
         };
         respond(client, rows, &portal.result_column_format, &self.limits).await

@@ -16,6 +16,9 @@
 //!  ingest_http producers over HTTP: offsets, keys, config errors
 //!  query_api   views, SQL, metrics and the CLI against a running server
 //!  pg          the Postgres wire protocol: psql, psycopg, tokens, TLS
+//!  pg_bounds   Postgres clients that try to take the server down: silent and
+//!              idle connections, huge messages, SET floods, cancels; sessions
+//!              as poolers expect (statement_timeout, 25P02, DISCARD ALL)
 //!  dashboard   the live page in headless Chromium
 //!  security    tokens and scopes, loopback, HTTPS
 //!  hostile     clients that try to starve the others
@@ -60,6 +63,7 @@ mod live_views;
 mod log;
 mod oracle;
 mod pg;
+mod pg_bounds;
 mod query_api;
 mod s3;
 mod s3_faults;

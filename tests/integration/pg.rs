@@ -20,7 +20,7 @@ fn psql_bin() -> String {
 
 /// A Python with psycopg: `LAMBDAFLOW_PYTHON`, or the venv scripts/test
 /// makes, or the PATH's.
-fn python() -> String {
+pub(crate) fn python() -> String {
     if let Ok(p) = std::env::var("LAMBDAFLOW_PYTHON") {
         return p;
     }
@@ -33,7 +33,7 @@ fn python() -> String {
 }
 
 /// psql's unaligned, tuples-only output of `sql` (or its error).
-fn psql(url: &str, sql: &str) -> Result<String, String> {
+pub(crate) fn psql(url: &str, sql: &str) -> Result<String, String> {
     let out = Command::new(psql_bin())
         .args([
             url,
@@ -58,7 +58,7 @@ fn psql(url: &str, sql: &str) -> Result<String, String> {
 }
 
 /// Runs `steps` through psycopg on one connection: one result per step.
-fn driver(dsn: &str, steps: Value) -> Vec<Value> {
+pub(crate) fn driver(dsn: &str, steps: Value) -> Vec<Value> {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/integration/pg_client.py");
     let mut child = Command::new(python())
         .arg(script)
@@ -166,7 +166,7 @@ fn introspection() -> Vec<String> {
         .collect()
 }
 
-fn serve_with_pg(extra: &str) -> (Site, Server, String) {
+pub(crate) fn serve_with_pg(extra: &str) -> (Site, Server, String) {
     let port = free_port();
     let site = Site::new(&format!(
         "[archive]\nchunk_age = \"100ms\"\n[batch]\npause = \"200ms\"\n[pg]\nlisten = \"127.0.0.1:{port}\"\n{extra}"
