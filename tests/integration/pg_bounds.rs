@@ -396,38 +396,6 @@ print(json.dumps({"ok": ok, "first_error": first_error, "after_deallocate": r.st
     );
 }
 
-/// Acknowledgement latencies of one producer sending 100 events a request
-/// until `stop`.
-fn ack_latencies(url: &str, stop: &AtomicBool, from: i64) -> Vec<Duration> {
-    let rt = common::rt();
-    let client = reqwest::Client::new();
-    let mut out = Vec::new();
-    let mut n = from;
-    while !stop.load(Ordering::Relaxed) {
-        let body = common::exact::body_of(n, n + 100);
-        n += 100;
-        let t = Instant::now();
-        let code = rt.block_on(async {
-            client
-                .post(format!("{url}/v1/events"))
-                .body(body)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        });
-        assert_eq!(code, 200, "the producer is refused");
-        out.push(t.elapsed());
-    }
-    out
-}
-
-fn p99(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[(v.len() * 99 / 100).min(v.len() - 1)]
-}
-
 /// One connection per entry of `sizes`, each sending messages of that many
 /// `SET`s (one Query message each, as libpq's PQexec sends it) for `secs`
 /// seconds: each message's time, outcome and error.
@@ -478,19 +446,22 @@ fn floods_of_set_leave_acknowledgements_alone_and_a_huge_in_list_is_answered_in_
     let sizes = [200_000, 200_000, 37_000];
     let stop = AtomicBool::new(false);
     let alone = std::thread::scope(|s| {
-        let h = s.spawn(|| ack_latencies(&url, &stop, 0));
+        let h = s.spawn(|| crate::hostile::ack_latencies(&url, &stop, 0));
         std::thread::sleep(Duration::from_secs(5));
         stop.store(true, Ordering::Relaxed);
         h.join().unwrap()
     });
     let stop = AtomicBool::new(false);
     let (beside, floods) = std::thread::scope(|s| {
-        let h = s.spawn(|| ack_latencies(&url, &stop, 1_000_000));
+        let h = s.spawn(|| crate::hostile::ack_latencies(&url, &stop, 1_000_000));
         let floods = py(SET_FLOOD, json!({ "dsn": dsn, "sizes": sizes, "secs": 15 }));
         stop.store(true, Ordering::Relaxed);
         (h.join().unwrap(), floods)
     });
-    let (a, b) = (p99(alone.clone()), p99(beside.clone()));
+    let (a, b) = (
+        crate::hostile::p99(alone.clone()),
+        crate::hostile::p99(beside.clone()),
+    );
     let floods = floods.as_array().unwrap().clone();
     eprintln!(
         "ingest ack p99 {a:?} alone ({} requests), {b:?} beside connections sending messages of {sizes:?} SETs ({} requests); {} messages: {:?}",
