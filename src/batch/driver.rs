@@ -572,6 +572,12 @@ impl Driver {
                 tracing::warn!(error = %crate::error::chain(&e), "another driver published first");
                 return;
             }
+            if let DriverError::Batch(BatchError::PublishUnknown { run, .. }) = &e {
+                // Neither "published" nor "not": the next cycle reads CURRENT.
+                tracing::error!(run, error = %crate::error::chain(&e), "batch run computed; whether it is published is unknown until views/CURRENT can be read");
+                health.report_error("batch", &e);
+                return;
+            }
             tracing::error!(error = %crate::error::chain(&e), "batch run failed; the previous run stays published");
             health.report_error("batch", &e);
             if let DriverError::Batch(BatchError::Master(bad @ MasterError::Corrupt { path, .. })) =

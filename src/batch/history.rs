@@ -53,14 +53,35 @@ impl std::str::FromStr for AsOf {
     type Err = String;
 
     fn from_str(s: &str) -> Result<AsOf, String> {
-        if let Ok(run) = s.parse::<u64>() {
-            return Ok(AsOf::Run(run));
+        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+            return s.parse::<u64>().map(AsOf::Run).map_err(|_| {
+                format!(
+                    "`{s}` is too large for a run number (runs are numbered from 1 to {})",
+                    u64::MAX
+                )
+            });
         }
-        chrono::DateTime::parse_from_rfc3339(s)
-            .map(|t| AsOf::Time(t.timestamp_millis()))
-            .map_err(|e| {
-                format!("`{s}` is neither a run number nor an RFC 3339 time ({e}); write e.g. 42 or 2026-11-29T10:00:00Z")
-            })
+        if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+            return Ok(AsOf::Time(t.timestamp_millis()));
+        }
+        // A `+` offset written unescaped in a query string arrives as a
+        // space (`…T00:00:00 01:00`): read it as the `+` it was.
+        if let Some((time, offset)) = s.rsplit_once(' ')
+            && offset.len() == 5
+            && offset.as_bytes()[2] == b':'
+            && let Ok(t) = chrono::DateTime::parse_from_rfc3339(&format!("{time}+{offset}"))
+        {
+            return Ok(AsOf::Time(t.timestamp_millis()));
+        }
+        let e = chrono::DateTime::parse_from_rfc3339(s).expect_err("not a time");
+        let hint = if s.contains(' ') {
+            " (a `+` in a URL's query is read as a space: write it as %2B)"
+        } else {
+            ""
+        };
+        Err(format!(
+            "`{s}` is neither a run number nor an RFC 3339 time ({e}){hint}; write e.g. 42 or 2026-11-29T10:00:00Z"
+        ))
     }
 }
 
@@ -109,6 +130,39 @@ impl BatchLayer {
         Ok(runs)
     }
 
+    /// Which runs were published: the chain from `CURRENT` back through
+    /// each manifest's `previous`. A claimed run whose publish failed or was
+    /// cut short (its manifest created, `CURRENT` never naming it) is not in
+    /// the chain, and time travel never answers for it.
+    pub(super) async fn published(&self) -> Result<Published, BatchError> {
+        let mut p = Published::default();
+        let Some(current) = self.current().await? else {
+            return Ok(p);
+        };
+        p.chain.insert(current.run);
+        let mut previous = current.previous;
+        loop {
+            match previous {
+                // Written before the chain was kept: every older run counts.
+                None => {
+                    p.legacy_below = p.chain.iter().min().copied();
+                    break;
+                }
+                Some(0) => break,
+                Some(r) => {
+                    if !p.chain.insert(r) {
+                        break; // a loop cannot happen; never spin on one
+                    }
+                    match self.run_manifest(r).await? {
+                        Some(m) => previous = m.previous,
+                        None => break, // gone with retention, and all before it
+                    }
+                }
+            }
+        }
+        Ok(p)
+    }
+
     /// A run's manifest, if kept (read from storage once per process).
     async fn run_manifest(&self, run: u64) -> Result<Option<Arc<Manifest>>, BatchError> {
         if let Some(m) = self.manifests.lock().expect("manifest cache").get(&run) {
@@ -134,7 +188,13 @@ impl BatchLayer {
     /// (checked against their checksums and the views' fingerprints: a run
     /// of another version of a view is refused, not misread).
     pub async fn manifest_as_of(&self, as_of: AsOf) -> Result<Manifest, BatchError> {
-        let runs = self.run_numbers().await?;
+        let published = self.published().await?;
+        let runs: Vec<u64> = self
+            .run_numbers()
+            .await?
+            .into_iter()
+            .filter(|&r| published.contains(r))
+            .collect();
         let found = match as_of {
             AsOf::Run(r) if runs.contains(&r) => self.run_manifest(r).await?,
             AsOf::Run(_) => None,
@@ -216,10 +276,19 @@ impl BatchLayer {
     pub(super) async fn remove_old_runs(&self, published: &Manifest) -> Result<(), BatchError> {
         let now = chrono::Utc::now().timestamp_millis();
         let keep_for = self.retention.keep_for.as_millis() as i64;
+        let chain = self.published().await?;
+        let oldest_in_chain = chain.chain.iter().min().copied().unwrap_or(published.run);
         let mut kept = vec![Arc::new(published.clone())];
         let mut older = 0usize;
         for r in self.run_numbers().await? {
             if r >= published.run {
+                continue;
+            }
+            if !chain.contains(r) && r > oldest_in_chain {
+                // Claimed and never published (the chain passes over it):
+                // nothing will ever answer for it.
+                self.storage.delete(&run_path(r)).await?;
+                self.manifests.lock().expect("manifest cache").remove(&r);
                 continue;
             }
             older += 1;
@@ -239,13 +308,14 @@ impl BatchLayer {
             .flat_map(|m| m.views.values())
             .filter_map(|e| e.states.path.rsplit_once('/').map(|(d, _)| d))
             .collect();
-        for v in self.views().iter() {
-            for d in self
-                .storage
-                .list_dirs(&format!("views/{}", v.name()))
-                .await?
-            {
-                let dir = format!("views/{}/{d}", v.name());
+        // Every view directory, a dropped view's included: its runs go with
+        // retention like the others'.
+        for name in self.storage.list_dirs("views").await? {
+            if name == "runs" {
+                continue;
+            }
+            for d in self.storage.list_dirs(&format!("views/{name}")).await? {
+                let dir = format!("views/{name}/{d}");
                 if run_of_dir(&d).is_some_and(|r| r < published.run) && !live.contains(dir.as_str())
                 {
                     self.storage.delete_dir(&dir).await?;
@@ -253,6 +323,22 @@ impl BatchLayer {
             }
         }
         Ok(())
+    }
+}
+
+/// The published runs ([`BatchLayer::published`]).
+#[derive(Debug, Default)]
+pub(super) struct Published {
+    /// `CURRENT` and the runs it replaced, as far back as they are kept.
+    chain: HashSet<u64>,
+    /// Runs below this one were written before manifests named their
+    /// predecessor: taken as published, as they were then.
+    legacy_below: Option<u64>,
+}
+
+impl Published {
+    pub(super) fn contains(&self, run: u64) -> bool {
+        self.chain.contains(&run) || self.legacy_below.is_some_and(|b| run < b)
     }
 }
 
@@ -271,6 +357,32 @@ mod tests {
         assert!(
             e.contains("neither a run number nor an RFC 3339 time"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_plus_offset_that_arrived_as_a_space_is_read_as_the_plus() {
+        let plus = "2099-01-01T00:00:00+01:00".parse::<AsOf>();
+        assert_eq!(plus, Ok(AsOf::Time(4_070_905_200_000)));
+        assert_eq!(
+            "2099-01-01T00:00:00 01:00".parse::<AsOf>(),
+            plus,
+            "a `+` decoded from a query string as a space means the `+`"
+        );
+        let e = "2099-01-01 00:00:00 1".parse::<AsOf>().unwrap_err();
+        assert!(e.contains("%2B"), "a space in a time hints at %2B: {e}");
+    }
+
+    #[test]
+    fn a_run_number_past_u64_is_told_it_is_too_large() {
+        let e = "99999999999999999999999".parse::<AsOf>().unwrap_err();
+        assert!(
+            e.contains("too large for a run number"),
+            "digits are a run number, too large, not 'neither': {e}"
+        );
+        assert_eq!(
+            "18446744073709551615".parse::<AsOf>(),
+            Ok(AsOf::Run(u64::MAX))
         );
     }
 }

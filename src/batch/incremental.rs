@@ -284,6 +284,7 @@ mod tests {
                 engine: String::new(),
                 compute: Default::default(),
                 kinds: Default::default(),
+                previous: None,
             },
             views: Default::default(),
         }

@@ -68,6 +68,16 @@ pub enum BatchError {
     Task(String),
     #[error("run {run} was not published: {reason}; its files are discarded")]
     LostRace { run: u64, reason: &'static str },
+    /// `CURRENT` was being replaced when the store failed, and could not
+    /// be read again: the run may or may not be the published one.
+    #[error(
+        "the outcome of publishing run {run} is unknown: `views/CURRENT` could not be read back after the replace failed"
+    )]
+    PublishUnknown {
+        run: u64,
+        #[source]
+        source: StorageError,
+    },
     #[error("no published run {as_of} is kept")]
     NoSuchRun { as_of: AsOf, kept: String },
     /// Time travel to a run from before the view was added (or after it
@@ -186,6 +196,12 @@ pub struct RunInfo {
     /// incrementally, how many it kept from an earlier run.
     #[serde(default)]
     pub kinds: RunKinds,
+    /// The run `CURRENT` named when this run replaced it (0: none), so the
+    /// published runs are a chain from `CURRENT` and a run that was claimed
+    /// but never published is never answered for. `None` in manifests
+    /// written before the chain was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<u64>,
 }
 
 /// What [`RunInfo::kinds`] counts.
@@ -642,6 +658,7 @@ impl BatchLayer {
                 engine: version,
                 compute,
                 kinds: RunKinds::of(run, &views),
+                previous: Some(prev.as_ref().map_or(0, |p| p.run)),
             },
             views,
         };
@@ -660,7 +677,28 @@ impl BatchLayer {
             });
         }
         crate::failpoint::hit("batch-before-publish");
-        if self.storage.replace(CURRENT, json, &seen).await? == Swap::Lost {
+        let swapped = match self.storage.replace(CURRENT, json, &seen).await {
+            Ok(swap) => swap,
+            // The store failed after the request may have landed (a reply
+            // lost, a timeout after the write): what CURRENT names now is
+            // the outcome, so it is read back before anything is reported.
+            Err(e) => {
+                tracing::warn!(run, error = %crate::error::chain(&e), "replacing views/CURRENT failed: reading it back to learn the outcome");
+                match self.read_back_current(run).await {
+                    Ok(now) if now.as_ref() == Some(&manifest) => Swap::Done,
+                    // Unchanged: this replace did not happen. The claim and
+                    // the files stay (a write still in flight could land,
+                    // and must name files that exist); the published chain
+                    // passes over the claim, and retention removes it.
+                    Ok(now) if now.as_ref().map(|m| m.run) == prev.as_ref().map(|m| m.run) => {
+                        return Err(e.into());
+                    }
+                    Ok(_) => Swap::Lost,
+                    Err(source) => return Err(BatchError::PublishUnknown { run, source }),
+                }
+            }
+        };
+        if swapped == Swap::Lost {
             // A request retried after a lost reply may have landed: only a
             // CURRENT that is not this run means another writer won.
             let (now, _) = self.current_versioned().await?;
@@ -685,6 +723,27 @@ impl BatchLayer {
             tracing::warn!(error = %e, "could not remove old batch runs");
         }
         Ok(manifest)
+    }
+
+    /// `CURRENT` read again after a failed replace, a few times over a few
+    /// seconds: the store that just failed may still be failing.
+    async fn read_back_current(&self, run: u64) -> Result<Option<Manifest>, StorageError> {
+        let mut last = None;
+        for wait in [0u64, 500, 1_000, 2_000, 4_000] {
+            tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+            match self.current_versioned().await {
+                Ok((m, _)) => return Ok(m),
+                Err(BatchError::Storage(e)) => {
+                    tracing::warn!(run, error = %crate::error::chain(&e), "could not read views/CURRENT back");
+                    last = Some(e);
+                }
+                Err(e) => {
+                    tracing::warn!(run, error = %crate::error::chain(&e), "views/CURRENT read back is unreadable");
+                    return Ok(None);
+                }
+            }
+        }
+        Err(last.expect("at least one attempt"))
     }
 
     /// A run number above every run on storage.

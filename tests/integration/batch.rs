@@ -318,3 +318,98 @@ fn a_past_run_answers_as_of_its_number_or_time_with_exactly_its_events() {
     assert!(body.contains("RFC 3339"), "{body}");
     server.stop();
 }
+
+/// The run numbers whose manifests are on a local root.
+fn run_manifests(data: &Path) -> Vec<u64> {
+    let mut runs: Vec<u64> = std::fs::read_dir(data.join("views/runs"))
+        .map(|d| {
+            d.filter_map(|e| {
+                let name = e.ok()?.file_name().to_string_lossy().to_string();
+                name.strip_suffix(".json")?.parse().ok()
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    runs.sort_unstable();
+    runs
+}
+
+#[test]
+fn a_run_claimed_but_never_published_is_never_answered_for() {
+    let site = Site::new(CONFIG);
+    let server = site.serve(&[]);
+    send(&server.url, 0, 1000);
+    let s = server.wait_settled(Duration::from_secs(90));
+    let run1 = s["batch"]["published"]["run"].as_u64().unwrap();
+    server.stop();
+
+    // The next run claims its number (its manifest is created) and the
+    // process dies before `CURRENT` names it.
+    let server = site.serve(&[("LAMBDAFLOW_FAILPOINTS", "batch-before-publish")]);
+    let mut next = 1000;
+    while send_in_doubt(&server.url, next, next + 200).0.len() == 200 {
+        next += 200;
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(next < 100_000, "the failpoint was never hit");
+    }
+    server.wait_for_crash(Duration::from_secs(10));
+    let claimed = *run_manifests(&site.data).last().unwrap();
+    assert!(claimed > run1, "a run was claimed past run {run1}");
+
+    let server = site.serve(&[]);
+    send(&server.url, next + 200, next + 1200);
+    let s = server.wait_settled(Duration::from_secs(90));
+    let published = s["batch"]["published"]["run"].as_u64().unwrap();
+    assert!(published > claimed, "{s}");
+    let url = format!("{}/v1/views/sales_by_zipcode", server.url);
+    let (status, body) = common::get_status(&format!("{url}?as_of={claimed}"));
+    assert_eq!(
+        status,
+        404,
+        "run {claimed} was claimed but never published: time travel must not answer for it: {}",
+        &body[..body.len().min(300)]
+    );
+    let (status, body) = common::get_status(&format!("{url}?as_of={run1}"));
+    assert_eq!(status, 200, "run {run1} was published and is kept: {body}");
+    assert!(
+        !run_manifests(&site.data).contains(&claimed),
+        "retention removes the manifest of a run the published chain passes over: {:?}",
+        run_manifests(&site.data)
+    );
+    server.stop();
+}
+
+#[test]
+fn a_dropped_views_batch_files_go_with_retention() {
+    let site = Site::new(&format!("{CONFIG}keep_runs = 1\nkeep_for = \"0s\"\n"));
+    let server = site.serve(&[]);
+    let url = server.url.clone();
+    send(&url, 0, 1000);
+    server.wait_settled(Duration::from_secs(90));
+    let dir = site.data.join("views/sales_per_minute");
+    assert!(dir.exists(), "the view has batch files");
+    let (status, d) =
+        crate::live_views::request("DELETE", &format!("{url}/v1/views/sales_per_minute"), None);
+    assert_eq!(status, 202, "{d}");
+    crate::live_views::wait_published(&url, Duration::from_secs(60));
+    // Runs past the drop: retention keeps one older run, so two more runs
+    // leave no kept run naming the dropped view.
+    let mut next = 1000;
+    for _ in 0..3 {
+        send(&url, next, next + 300);
+        next += 300;
+        server.wait_settled(Duration::from_secs(90));
+    }
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "a dropped view's runs are removed once no kept run names them: {left:?} left in {}",
+        dir.display()
+    );
+    server.stop();
+}

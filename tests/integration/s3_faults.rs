@@ -524,3 +524,85 @@ fn a_seeded_run_with_random_s3_faults_is_exact() {
     assert_runs_whole(storage);
     eprintln!("seed {seed}: {checked} distinct answers exact over runs {runs:?}");
 }
+
+/// A publish whose `CURRENT` write landed but whose answer was lost, and
+/// whose read-backs failed too (S3 partitioned from the node right after
+/// the write): the run is published — `CURRENT` names it — and the driver
+/// must know it (serve it, report no failure), not log that "the previous
+/// run stays published" and go on serving the older one. Later publishes
+/// that really fail leave it published and say so.
+#[test]
+fn a_publish_whose_answer_was_lost_is_read_back_before_it_is_reported() {
+    let moto = Moto::start();
+    let root = moto.bucket("lostpublish");
+    let proxy = S3Proxy::start(&moto.endpoint);
+    let site = site_through(&moto, &proxy, &root, &config());
+    // Each run waits between its claim and its publish: time to arm the
+    // faults for exactly that `CURRENT` write.
+    let server = site.serve(&[("LAMBDAFLOW_FAILPOINTS", "batch-before-publish=sleep:3000")]);
+    let (mut known, mut k) = (BTreeMap::new(), 0i64);
+    send(&server.url, &mut k, 4, &mut known);
+    server.wait_settled(Duration::from_secs(60));
+    let storage = site.storage.as_ref().unwrap().clone();
+    let runs = |s: &Storage| -> Vec<u64> {
+        let mut r: Vec<u64> = common::rt()
+            .block_on(s.list_files("views/runs"))
+            .unwrap()
+            .iter()
+            .filter_map(|f| f.strip_suffix(".json")?.parse().ok())
+            .collect();
+        r.sort_unstable();
+        r
+    };
+    let before = *runs(&storage).last().unwrap();
+    send(&server.url, &mut k, 2, &mut known);
+    let t = Instant::now();
+    let claimed = loop {
+        if let Some(&r) = runs(&storage).last().filter(|&&r| r > before) {
+            break r;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "a run was claimed");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // The write lands and its answer is lost; every read of CURRENT for
+    // the next moments fails, and so does every later write of it.
+    proxy.inject(
+        Matcher::new("PUT", "views/CURRENT"),
+        Fault::WrittenThenDropped,
+        1,
+    );
+    proxy.inject(Matcher::new("GET", "views/CURRENT"), Fault::SlowDown, 15);
+    proxy.inject(
+        Matcher::new("PUT", "views/CURRENT"),
+        Fault::SlowDown,
+        1_000_000,
+    );
+    let t = Instant::now();
+    loop {
+        let s = server.status();
+        if s["batch"]["published"]["run"].as_u64() == Some(claimed) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "CURRENT names run {claimed} (its write landed): the driver serves it within 30 s: {}",
+            s["batch"]["published"]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let current: Value = serde_json::from_slice(
+        &common::rt()
+            .block_on(storage.get("views/CURRENT"))
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(current["run"].as_u64(), Some(claimed), "{current}");
+    proxy.heal();
+    send(&server.url, &mut k, 2, &mut known);
+    server.wait_settled(Duration::from_secs(90));
+    oracle::verify_positions(&oracle::settled_answers(&server.url), &known, true);
+    server.stop();
+    oracle::assert_rows_are(&common::master_events_in(&storage, 2).0, &known);
+    assert_runs_whole(&storage);
+}
