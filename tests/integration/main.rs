@@ -34,6 +34,9 @@
 //!  s3_faults   S3 as it behaves (a fault proxy before moto): 503s, 500s,
 //!              answers lost after the write, resets; a seeded random run
 //!  ballista    the batch layer on a Ballista cluster (scheduler + 2 executors)
+//!  cluster_sim three nodes on one S3 root (Kafka, and the embedded log) under a
+//!              seeded schedule of pauses, cuts from S3, kills, view changes
+//!              and compactions by another engine: every answer exact
 //! ```
 //!
 //! One module: `cargo test --test integration hostile::`.
@@ -43,6 +46,7 @@ mod common;
 #[cfg(feature = "ballista")]
 mod ballista;
 mod batch;
+mod cluster_sim;
 mod crash_loop;
 mod dashboard;
 mod evolve;

@@ -11,6 +11,8 @@
 //!                         │  WrittenThenDropped   forwarded, then the connection closed, no answer
 //!                         │  WrittenThenHung      forwarded, then no answer until the client gives up
 //!                         │  ResetMidUpload       half the body read, then RST; nothing forwarded
+//!                         │  Unreachable          the head read, then no answer until the client
+//!                         │                       gives up; nothing forwarded (a partition)
 //! ```
 //!
 //! The last three are S3's "the request timed out after the object was
@@ -45,6 +47,10 @@ pub enum Fault {
     WrittenThenHung,
     /// The connection is reset after half the request body; nothing forwarded.
     ResetMidUpload,
+    /// Nothing forwarded and no answer until the client's own timeout: the
+    /// node is cut off from S3 (a partition), not refused by it. Not in
+    /// [`Fault::ALL`], whose faults are S3's own.
+    Unreachable,
 }
 
 impl Fault {
@@ -617,6 +623,12 @@ fn serve(mut conn: TcpStream, upstream: &str, state: &Mutex<State>) -> std::io::
             let answer = forward(upstream, &req)?;
             record(&req, f, status_of(&answer));
             // Nothing until the client closes (its timeout), bounded.
+            conn.set_read_timeout(Some(HANG_AT_MOST))?;
+            let mut sink = [0u8; 1024];
+            while matches!(conn.read(&mut sink), Ok(n) if n > 0) {}
+        }
+        Some(f @ Fault::Unreachable) => {
+            record(&req, f, None);
             conn.set_read_timeout(Some(HANG_AT_MOST))?;
             let mut sink = [0u8; 1024];
             while matches!(conn.read(&mut sink), Ok(n) if n > 0) {}
