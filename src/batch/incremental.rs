@@ -286,6 +286,7 @@ mod tests {
                 kinds: Default::default(),
             },
             views: Default::default(),
+            definitions: Default::default(),
         }
     }
 

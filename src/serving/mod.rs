@@ -1159,6 +1159,7 @@ mod tests {
                                 kinds: Default::default(),
                             },
                             views: Default::default(),
+                            definitions: Default::default(),
                         },
                         vec![states],
                     )));
