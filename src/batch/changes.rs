@@ -310,7 +310,7 @@ impl ViewChanges {
             s.0.iter()
                 .any(|e| e.status.view == name && matches!(e.change, Requested::Put(..)))
         };
-        if !served && !pending(&*self.state.lock().expect("changes lock")) {
+        if !served && !pending(&self.state.lock().expect("changes lock")) {
             return Ok(None);
         }
         let drop = Requested::Drop(name.to_string());

@@ -308,3 +308,80 @@ fn deleting_a_view_just_added_cancels_the_waiting_add() {
     );
     server.stop();
 }
+
+/// A rolling schema change: a nullable field added to each node's config,
+/// one node restarted at a time. No view reads the field, so no view
+/// changes: the node restarted first starts and follows the driver not
+/// yet restarted, and then the other way round — nobody stalls.
+#[test]
+fn a_rolling_schema_change_stalls_no_follower() {
+    let mut cluster = Cluster::start();
+    let old = crate::evolve::schema("");
+    let new = crate::evolve::schema(r#"{ name = "coupon", type = "utf8", nullable = true },"#);
+    for site in &cluster.sites {
+        let config = std::fs::read_to_string(&site.config).unwrap();
+        std::fs::write(&site.config, format!("{config}{old}")).unwrap();
+    }
+    let with_new = |site: &Site| {
+        let config = std::fs::read_to_string(&site.config).unwrap();
+        std::fs::write(&site.config, config.replace(&old, &new)).unwrap();
+    };
+    let a = driving(&mut cluster, &[]);
+    let b = cluster.sites[1].serve(&[]);
+    let last = cluster.produce(100);
+    crate::kafka::wait_settled(&b, &last, Duration::from_secs(60));
+
+    // The follower first: it starts with the new field, and follows.
+    b.stop();
+    with_new(&cluster.sites[1]);
+    let b = cluster.sites[1]
+        .try_serve(&[("RUST_LOG", "warn")], std::process::Stdio::inherit())
+        .unwrap_or_else(|status| {
+            panic!(
+                "a follower restarted with a nullable field added must start, exited with {status}"
+            )
+        });
+    let last = cluster.produce(100);
+    crate::kafka::wait_settled(&b, &last, Duration::from_secs(60));
+    assert_eq!(
+        problem(&b, "follow"),
+        None,
+        "the restarted follower follows"
+    );
+
+    // Then the driver: the other node takes over, and the restarted one
+    // follows it.
+    a.stop();
+    with_new(&cluster.sites[0]);
+    let t = Instant::now();
+    while b.status()["cluster"]["lease"]["held"] != true {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the other node takes over"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let a = cluster.sites[0].serve(&[]);
+    let last = cluster.produce(100);
+    crate::kafka::wait_settled(&b, &last, Duration::from_secs(60));
+    crate::kafka::wait_settled(&a, &last, Duration::from_secs(60));
+    assert_eq!(
+        problem(&a, "follow"),
+        None,
+        "the node restarted last follows"
+    );
+    let (run_a, _) = served(&a);
+    let (run_b, _) = served(&b);
+    assert_eq!(run_a, run_b, "both nodes serve the driver's run");
+    let (orders, covered) = common::orders_and_covered(&common::get_json(&format!(
+        "{}/v1/views/sales_by_product?limit=100000",
+        a.url
+    )));
+    assert_eq!(
+        (orders, covered),
+        (500, 500),
+        "every event, once, on the follower"
+    );
+    a.stop();
+    b.stop();
+}

@@ -16,7 +16,7 @@ const CONFIG: &str =
     "[archive]\nchunk_events = 700\nchunk_age = \"100ms\"\n[batch]\npause = \"200ms\"\n";
 
 /// The paper's schema, plus `extra` fields.
-fn schema(extra: &str) -> String {
+pub(crate) fn schema(extra: &str) -> String {
     format!(
         r#"[schema]
 event_time = "timestamp"
