@@ -19,6 +19,13 @@
 //! it is acknowledged, and at startup the saved changes apply on top of the
 //! config's views, so a view whose build was cut short is built before the
 //! node serves (a view missing from the published run is rebuilt then).
+//!
+//! On a cluster a change is the cluster's: every run names its views'
+//! definitions (`Manifest::definitions`), followers serve those (and adopt
+//! a run's changed ones as the driver does), and a node that starts driving
+//! queues what its config file and the saved changes say
+//! ([`ViewChanges::reconcile`]). A saved change overrides the file's entry
+//! of its view until [`ViewChanges::revert`] forgets it.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
