@@ -607,7 +607,7 @@ pub struct FieldConfig {
 }
 
 /// `[[views]]`: a view is one SQL query over the table `events`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ViewConfig {
     pub name: String,
@@ -617,7 +617,7 @@ pub struct ViewConfig {
     pub rollup: Vec<RollupConfig>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RollupConfig {
     #[serde(with = "humantime_serde")]

@@ -152,6 +152,14 @@ pub struct Layers {
     pub stream_identity: Option<crate::stream::identity::Recorded>,
 }
 
+/// What a reload did: the view changes it queued, and the saved changes
+/// that override entries of the file.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Reloaded {
+    pub changes: Vec<crate::batch::changes::ChangeStatus>,
+    pub overrides: Vec<crate::batch::changes::Override>,
+}
+
 /// The layers of one process.
 pub struct Node {
     pub config: Config,
@@ -401,6 +409,9 @@ pub async fn assemble_over(
     let ingest = Arc::new(ingest);
 
     let lease = take_lease(&config, &clock).await?;
+    if !lease.is_held() {
+        follow_published_views(&batch, &health).await?;
+    }
     let status = Arc::new(Mutex::new(BatchStatus {
         engine: batch.engine().name().to_string(),
         scheduler: batch.engine().scheduler(),
@@ -483,6 +494,32 @@ pub async fn assemble_over(
     })
 }
 
+/// A node that does not drive serves the published run's views, whatever
+/// its own config and the saved changes say (a change being built on the
+/// driver is not published yet; a follower cannot build it): it adopts the
+/// driver's next publish of them ([`driver::published_views`]).
+async fn follow_published_views(batch: &BatchLayer, health: &Health) -> Result<(), NodeError> {
+    let m = match batch.current().await {
+        Ok(Some(m)) => m,
+        // No run yet, or an unusable one: `prepare` says so.
+        _ => return Ok(()),
+    };
+    let schema = batch.master().events_schema().clone();
+    match driver::published_views(&m, &batch.views(), &schema).await {
+        Ok(None) => {}
+        Ok(Some(views)) => {
+            let names: Vec<&str> = views.iter().map(|v| v.name()).collect();
+            tracing::info!(run = m.run, views = ?names, "serving the published run's views (they differ from this node's config and saved changes)");
+            batch.set_views(views)?;
+        }
+        Err(e) => {
+            tracing::warn!(error = %crate::error::chain(&e), "the published run's views cannot be served as published; serving this node's own");
+            health.report_error("follow", &e);
+        }
+    }
+    Ok(())
+}
+
 /// The driver lease of the node's root: always held on a local root; on a
 /// shared one, taken now if free. A node on the embedded log must drive
 /// (its log is the only copy of its events until archived), so it waits for
@@ -537,7 +574,13 @@ impl Node {
         let master = batch.master().clone();
         let views = batch.views().to_vec();
         let batch_now = Arc::new(tokio::sync::Notify::new());
-        let changes = Arc::new(crate::batch::changes::ViewChanges::new(config.storage()?));
+        // `config.views` are the file's (the saved changes were applied to
+        // a copy).
+        let changes = Arc::new(crate::batch::changes::ViewChanges::new(
+            config.storage()?,
+            config.views.clone(),
+            Arc::new(config.event_schema()?),
+        ));
         let layers = Arc::new(Layers {
             master: master.clone(),
             batch: batch.clone(),
@@ -596,17 +639,15 @@ impl Node {
         self.layers.clone()
     }
 
-    /// Stops the loops, then the log, after what they hold is durable.
     /// A config reload (SIGHUP): the views become the file's (with the
     /// changes made while serving on top, as at startup), each new or
     /// changed one built in the background and swapped in, each one gone
-    /// dropped ([`crate::batch::changes`]). A changed schema needs a
-    /// restart; the views are reloaded anyway if they compile.
-    pub async fn reload(
-        &self,
-        mut config: Config,
-    ) -> Result<Vec<crate::batch::changes::ChangeStatus>, NodeError> {
-        use crate::batch::changes::Requested;
+    /// dropped ([`crate::batch::changes`]). A change saved through the API
+    /// overrides the file's entry of its view: the reload says which
+    /// ([`Reloaded::overrides`]); `DELETE /v1/views/{name}/change` returns
+    /// a view to the file's definition. A changed schema needs a restart;
+    /// the views are reloaded anyway if they compile.
+    pub async fn reload(&self, config: Config) -> Result<Reloaded, NodeError> {
         let l = &self.layers;
         let schema = config.event_schema()?;
         if schema.arrow() != l.schema.arrow() {
@@ -614,41 +655,30 @@ impl Node {
                 "the reloaded config changes the event schema: restart the node to apply it (fields can only be added, nullable)"
             );
         }
-        config.data = self.config.data.clone();
-        apply_saved_views(&mut config).await?;
-        let mut out = Vec::new();
-        let served = l.serving.live();
+        // Compiled before anything is kept: a file that does not compile
+        // changes nothing.
         for def in &config.views {
-            let v = Arc::new(view::compile(def, &l.schema).await?);
-            let current = served.iter().find(|(_, s)| s.name() == def.name);
-            if current.is_some_and(|(_, s)| s.fingerprint() == v.fingerprint()) {
-                continue;
-            }
-            l.batch.check_views(std::slice::from_ref(&v))?;
-            let kind = if current.is_some() { "change" } else { "add" };
-            out.push(
-                l.changes
-                    .request(Requested::Put(def.clone(), v), kind)
-                    .await
-                    .map_err(crate::batch::BatchError::from)?,
-            );
+            view::compile(def, &l.schema).await?;
         }
-        for (_, s) in &served {
-            if !config.views.iter().any(|d| d.name == s.name()) {
-                out.push(
-                    l.changes
-                        .request(Requested::Drop(s.name().to_string()), "drop")
-                        .await
-                        .map_err(crate::batch::BatchError::from)?,
-                );
-            }
+        l.changes.set_file(config.views.clone());
+        let (saved, target) = l
+            .changes
+            .target()
+            .await
+            .map_err(crate::batch::BatchError::from)?;
+        let overrides = saved.overrides(&config.views);
+        for o in &overrides {
+            tracing::warn!(view = %o.view, saved = o.saved, "{o}; `DELETE /v1/views/{}/change` returns it to the file's definition", o.view);
         }
-        if !out.is_empty() {
+        let served: Vec<Arc<View>> = l.serving.live().into_iter().map(|(_, v)| v).collect();
+        let changes = l.changes.reconcile(&target, &served, &l.batch).await?;
+        if !changes.is_empty() {
             l.batch_now.notify_one();
         }
-        Ok(out)
+        Ok(Reloaded { changes, overrides })
     }
 
+    /// Stops the loops, then the log, after what they hold is durable.
     pub async fn shutdown(&self) {
         let _ = self.stop.send(true);
         let tasks: Vec<_> = std::mem::take(&mut *self.tasks.lock().expect("tasks lock"));

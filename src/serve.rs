@@ -410,13 +410,21 @@ async fn reload_on_hangup(node: Arc<Node>, reload: Reload) {
             }
         };
         match node.reload(config).await {
-            Ok(changes) if changes.is_empty() => {
+            Ok(r) if r.changes.is_empty() && r.overrides.is_empty() => {
                 tracing::info!("SIGHUP: the views are as configured")
             }
-            Ok(changes) => {
-                for c in changes {
+            Ok(r) => {
+                for c in r.changes {
                     tracing::info!(view = %c.view, change = c.change, "SIGHUP: view change accepted; building it in the background");
                 }
+                if r.overrides.is_empty() {
+                    continue;
+                }
+                let views: Vec<&str> = r.overrides.iter().map(|o| o.view.as_str()).collect();
+                tracing::warn!(
+                    views = ?views,
+                    "SIGHUP: the views are as configured but for changes saved through the API, which override the file's entries of these views (see above; `DELETE /v1/views/NAME/change` returns one to the file's definition)"
+                );
             }
             Err(e) => {
                 tracing::error!(error = %crate::error::chain(&e), "SIGHUP: the reloaded views are refused; nothing changed")

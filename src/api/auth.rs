@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  request ─▶ scope of the route (ingest: POST /v1/events, /v1/batch/run;
-//!             admin: POST /v1/views, DELETE /v1/views/{name}; query: the rest)
+//!             admin: POST /v1/views, DELETE /v1/views/{name}[/change]; query: the rest)
 //!          ─▶ no tokens configured (loopback only)   → on
 //!          ─▶ Authorization: Bearer <t> missing/unknown → 401
 //!          ─▶ t lacks the scope                        → 403

@@ -180,6 +180,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/v1/views/{name}",
             get(views::get_view).delete(views::drop_view),
         )
+        .route(
+            "/v1/views/{name}/change",
+            axum::routing::delete(views::revert_view),
+        )
         .route("/v1/sql", post(views::post_sql))
         .route("/metrics", get(views::metrics))
         .route("/v1/batch/run", post(run_batch))

@@ -99,25 +99,78 @@ pub(super) async fn put_view(
 }
 
 /// `DELETE /v1/views/{name}`: drops a view at the next batch cycle (it
-/// answers until then); `202 Accepted`.
+/// answers until then); `202 Accepted`. A view added a moment ago and not
+/// served yet is found too: an add still waiting for the batch loop is
+/// cancelled (`200`, state `cancelled`), one being built is dropped right
+/// after it (`202`).
 pub(super) async fn drop_view(
     State(state): State<Arc<ApiState>>,
     name: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    use crate::batch::changes::Requested;
     let Path(name) = name.map_err(super::rejection)?;
     let l = layers(&state)?.clone();
     if !l.lease.is_held() {
         return Err(not_driving());
     }
-    l.serving.view_index(&name).map_err(serving_error)?;
+    let served = l.serving.view_index(&name);
     let status = l
         .changes
-        .request(Requested::Drop(name), "drop")
+        .drop_view(&name, served.is_ok())
         .await
         .map_err(|e| ApiError::report(StatusCode::INTERNAL_SERVER_ERROR, Report::of(&e)))?;
+    let Some(status) = status else {
+        return Err(serving_error(served.expect_err("a view not served")));
+    };
+    if status.state == "cancelled" {
+        return Ok(Json(status).into_response());
+    }
     l.batch_now.notify_one();
     Ok((StatusCode::ACCEPTED, Json(status)).into_response())
+}
+
+/// `DELETE /v1/views/{name}/change`: returns a view changed, added or
+/// dropped through the API to the config file's definition (or drops it,
+/// when the file has none): its saved change is forgotten, and what differs
+/// from the file is built as any change. `404` when no change is saved.
+pub(super) async fn revert_view(
+    State(state): State<Arc<ApiState>>,
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(name) = name.map_err(super::rejection)?;
+    let l = layers(&state)?.clone();
+    if !l.lease.is_held() {
+        return Err(not_driving());
+    }
+    let internal = |e: crate::storage::StorageError| {
+        ApiError::report(StatusCode::INTERNAL_SERVER_ERROR, Report::of(&e))
+    };
+    if !l.changes.revert(&name).await.map_err(internal)? {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("view `{name}` has no change saved through the API"),
+        )
+        .hint("it is as the config file defines it (views/CHANGES.json holds the saved changes)"));
+    }
+    let (_, target) = l.changes.target().await.map_err(internal)?;
+    let served: Vec<Arc<crate::view::View>> =
+        l.serving.live().into_iter().map(|(_, v)| v).collect();
+    let queued = l
+        .changes
+        .reconcile(&target, &served, &l.batch)
+        .await
+        .map_err(|e| ApiError::report(StatusCode::BAD_REQUEST, Report::of(&e)))?;
+    let queued: Vec<_> = queued.into_iter().filter(|c| c.view == name).collect();
+    if queued.is_empty() {
+        return Ok(
+            Json(json!({ "view": name, "change": "none", "reverted": true })).into_response(),
+        );
+    }
+    l.batch_now.notify_one();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "view": name, "reverted": true, "changes": queued })),
+    )
+        .into_response())
 }
 
 fn not_driving() -> ApiError {

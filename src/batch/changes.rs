@@ -19,6 +19,13 @@
 //! it is acknowledged, and at startup the saved changes apply on top of the
 //! config's views, so a view whose build was cut short is built before the
 //! node serves (a view missing from the published run is rebuilt then).
+//!
+//! On a cluster a change is the cluster's: every run names its views'
+//! definitions (`Manifest::definitions`), followers serve those (and adopt
+//! a run's changed ones as the driver does), and a node that starts driving
+//! queues what its config file and the saved changes say
+//! ([`ViewChanges::reconcile`]). A saved change overrides the file's entry
+//! of its view until [`ViewChanges::revert`] forgets it.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -90,6 +97,44 @@ impl Saved {
         views
     }
 
+    /// The saved changes that override an entry of the config file `file`:
+    /// a reload of the file does not apply those entries (the saved change
+    /// stays in force until it is reverted, `DELETE /v1/views/{name}/change`).
+    pub fn overrides(&self, file: &[ViewConfig]) -> Vec<Override> {
+        let mut out = Vec::new();
+        for p in &self.put {
+            if let Some(f) = file.iter().find(|f| f.name == p.name)
+                && f != p
+            {
+                out.push(Override {
+                    view: p.name.clone(),
+                    saved: "change",
+                    file_sql: f.sql.clone(),
+                    saved_sql: Some(p.sql.clone()),
+                });
+            }
+        }
+        for d in &self.dropped {
+            if let Some(f) = file.iter().find(|f| f.name == *d) {
+                out.push(Override {
+                    view: d.clone(),
+                    saved: "drop",
+                    file_sql: f.sql.clone(),
+                    saved_sql: None,
+                });
+            }
+        }
+        out
+    }
+
+    /// Forgets the saved change to `name`; whether there was one.
+    fn forget(&mut self, name: &str) -> bool {
+        let before = self.put.len() + self.dropped.len();
+        self.put.retain(|p| p.name != name);
+        self.dropped.retain(|d| d != name);
+        before != self.put.len() + self.dropped.len()
+    }
+
     fn record(&mut self, change: &Requested) {
         // The refused ones are dropped with the next change saved.
         self.put
@@ -106,6 +151,37 @@ impl Saved {
                     self.dropped.push(name.clone());
                 }
             }
+        }
+    }
+}
+
+/// A saved change (made through the API) in force over an entry of the
+/// config file: what a reload reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Override {
+    pub view: String,
+    /// `change` (another definition) or `drop`.
+    pub saved: &'static str,
+    /// The file's SQL, not applied.
+    pub file_sql: String,
+    /// The SQL in force, for a change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub saved_sql: Option<String>,
+}
+
+impl std::fmt::Display for Override {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.saved {
+            "drop" => write!(
+                f,
+                "view `{}` was dropped through the API; the config file's entry is not applied",
+                self.view
+            ),
+            _ => write!(
+                f,
+                "view `{}` was changed through the API; its saved definition overrides the config file's",
+                self.view
+            ),
         }
     }
 }
@@ -138,7 +214,8 @@ pub struct ChangeStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
     pub requested_ms: i64,
-    /// `waiting` (for the batch loop), `building`, `published`, `failed`.
+    /// `waiting` (for the batch loop), `building`, `published`, `failed`,
+    /// `cancelled` (an add dropped before it was built).
     pub state: &'static str,
     /// The run that published it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -158,6 +235,10 @@ struct Entry {
 /// The node's view changes: pending, in progress, recent.
 pub struct ViewChanges {
     storage: Storage,
+    /// The config file's views, as last read (at startup or reload).
+    file: Mutex<Vec<ViewConfig>>,
+    /// What views compile against.
+    schema: Arc<crate::schema::EventSchema>,
     state: Mutex<(Vec<Entry>, VecDeque<ChangeStatus>)>,
     /// Serializes requests, so the saved file follows their order.
     saving: tokio::sync::Mutex<()>,
@@ -166,9 +247,15 @@ pub struct ViewChanges {
 }
 
 impl ViewChanges {
-    pub fn new(storage: Storage) -> ViewChanges {
+    pub fn new(
+        storage: Storage,
+        file: Vec<ViewConfig>,
+        schema: Arc<crate::schema::EventSchema>,
+    ) -> ViewChanges {
         ViewChanges {
             storage,
+            file: Mutex::new(file),
+            schema,
             state: Mutex::new((Vec::new(), VecDeque::new())),
             saving: tokio::sync::Mutex::new(()),
             progress: Mutex::new(Arc::default()),
@@ -187,6 +274,13 @@ impl ViewChanges {
         let mut saved = Saved::load(&self.storage).await?;
         saved.record(&change);
         saved.save(&self.storage).await?;
+        Ok(self.queue(change, kind))
+    }
+
+    /// A change pending for the next batch cycle, not saved: one that
+    /// brings the views to what the config file and the saved changes say
+    /// (a reload, a new driver).
+    fn queue(&self, change: Requested, kind: &'static str) -> ChangeStatus {
         let status = ChangeStatus {
             view: change.name().to_string(),
             change: kind,
@@ -206,7 +300,122 @@ impl ViewChanges {
             change,
             status: status.clone(),
         });
-        Ok(status)
+        status
+    }
+
+    /// `DELETE /v1/views/{name}`: a view served now (`served`) is dropped at
+    /// the next cycle; an add still waiting is cancelled (the view was never
+    /// served); an add or change being built is followed by its drop.
+    /// `None` when there is no such view, served or pending.
+    pub async fn drop_view(
+        &self,
+        name: &str,
+        served: bool,
+    ) -> Result<Option<ChangeStatus>, StorageError> {
+        let _one = self.saving.lock().await;
+        let pending = |s: &(Vec<Entry>, VecDeque<ChangeStatus>)| {
+            s.0.iter()
+                .any(|e| e.status.view == name && matches!(e.change, Requested::Put(..)))
+        };
+        if !served && !pending(&self.state.lock().expect("changes lock")) {
+            return Ok(None);
+        }
+        let drop = Requested::Drop(name.to_string());
+        let mut saved = Saved::load(&self.storage).await?;
+        if self.file().iter().any(|f| f.name == name) {
+            saved.record(&drop);
+        } else {
+            // Added through the API: forgetting it is dropping it.
+            saved.forget(name);
+        }
+        saved.save(&self.storage).await?;
+        {
+            let mut s = self.state.lock().expect("changes lock");
+            let building =
+                s.0.iter()
+                    .any(|e| e.status.view == name && e.status.state == "building");
+            let waiting_add = s.0.iter().position(|e| {
+                e.status.view == name
+                    && e.status.state == "waiting"
+                    && matches!(e.change, Requested::Put(..))
+            });
+            if !served
+                && !building
+                && let Some(i) = waiting_add
+            {
+                let mut e = s.0.remove(i);
+                e.status.state = "cancelled";
+                let status = e.status.clone();
+                s.1.push_front(e.status);
+                s.1.truncate(RECENT);
+                return Ok(Some(status));
+            }
+        }
+        Ok(Some(self.queue(drop, "drop")))
+    }
+
+    /// The config file's views, as last read.
+    pub fn file(&self) -> Vec<ViewConfig> {
+        self.file.lock().expect("file views lock").clone()
+    }
+
+    /// A reload read the config file again.
+    pub fn set_file(&self, views: Vec<ViewConfig>) {
+        *self.file.lock().expect("file views lock") = views;
+    }
+
+    /// The saved changes, and the views the node should serve: the config
+    /// file's with the saved changes on top.
+    pub async fn target(&self) -> Result<(Saved, Vec<ViewConfig>), StorageError> {
+        let saved = Saved::load(&self.storage).await?;
+        let views = saved.apply(self.file());
+        Ok((saved, views))
+    }
+
+    /// Returns view `name` to the config file's definition (or drops it, if
+    /// the file has none): the saved change to it is forgotten. False when
+    /// there was none.
+    pub async fn revert(&self, name: &str) -> Result<bool, StorageError> {
+        let _one = self.saving.lock().await;
+        let mut saved = Saved::load(&self.storage).await?;
+        if !saved.forget(name) {
+            return Ok(false);
+        }
+        saved.save(&self.storage).await?;
+        Ok(true)
+    }
+
+    /// Queues the changes that bring the views served (`served`) to
+    /// `target` (the file's with the saved changes on top), each compiled
+    /// and checked by `batch`'s engine first: nothing is queued if one is
+    /// refused. Not saved: `target` is what the file and the saved changes
+    /// say already.
+    pub async fn reconcile(
+        &self,
+        target: &[ViewConfig],
+        served: &[Arc<View>],
+        batch: &super::BatchLayer,
+    ) -> Result<Vec<ChangeStatus>, super::BatchError> {
+        let mut todo = Vec::new();
+        for def in target {
+            let v = Arc::new(crate::view::compile(def, &self.schema).await?);
+            let current = served.iter().find(|s| s.name() == def.name);
+            if current.is_some_and(|s| s.fingerprint() == v.fingerprint()) {
+                continue;
+            }
+            batch.check_views(std::slice::from_ref(&v))?;
+            let kind = if current.is_some() { "change" } else { "add" };
+            todo.push((Requested::Put(def.clone(), v), kind));
+        }
+        for s in served {
+            if !target.iter().any(|d| d.name == s.name()) {
+                todo.push((Requested::Drop(s.name().to_string()), "drop"));
+            }
+        }
+        Ok(todo
+            .into_iter()
+            .map(|(change, kind)| self.queue(change, kind))
+            .collect())
     }
 
     pub fn pending(&self) -> bool {

@@ -58,6 +58,60 @@ pub enum DriverError {
     },
     #[error("the speed layer could not adopt the changed views: {0}")]
     Adopt(String),
+    #[error(
+        "the published run computed view `{view}` for fingerprint {published}; compiled here its definition has fingerprint {here}\nhint: this node's event schema or version differs from the driver's in a field the view reads; restart it with the driver's config and version"
+    )]
+    Definition {
+        view: String,
+        published: String,
+        here: String,
+    },
+}
+
+/// The views of published run `m` as this node serves them: each definition
+/// the run publishes, the one of `current` of that name and fingerprint or
+/// else compiled against `schema`. `None` when the run names no
+/// definitions (a run of an older version) or they are `current`'s.
+pub async fn published_views(
+    m: &Manifest,
+    current: &[Arc<crate::view::View>],
+    schema: &crate::schema::EventSchema,
+) -> Result<Option<Vec<Arc<crate::view::View>>>, DriverError> {
+    if m.definitions.is_empty() {
+        return Ok(None);
+    }
+    let mut out = Vec::with_capacity(m.definitions.len());
+    for def in &m.definitions {
+        let Some(entry) = m.views.get(&def.name) else {
+            continue;
+        };
+        let same = current
+            .iter()
+            .find(|v| v.name() == def.name && v.fingerprint() == entry.fingerprint);
+        let v = match same {
+            Some(v) => v.clone(),
+            None => {
+                let v = crate::view::compile(def, schema)
+                    .await
+                    .map_err(BatchError::from)?;
+                if v.fingerprint() != entry.fingerprint {
+                    return Err(DriverError::Definition {
+                        view: def.name.clone(),
+                        published: entry.fingerprint.clone(),
+                        here: v.fingerprint().to_string(),
+                    });
+                }
+                Arc::new(v)
+            }
+        };
+        out.push(v);
+    }
+    let same = out.len() == current.len()
+        && out
+            .iter()
+            .zip(current)
+            .all(|(a, b)| a.name() == b.name() && a.fingerprint() == b.fingerprint());
+    Ok((!same).then_some(out))
 }
 
 /// What [`accept_loss`] did: positions `[from, to)` of `partition` are
@@ -515,11 +569,16 @@ impl Driver {
     async fn run_loop(self, mut stop: watch::Receiver<bool>) {
         let mut role = self.lease.watch();
         let mut seen = None;
+        let mut drove = false;
         loop {
             if *stop.borrow() {
                 break;
             }
             let driving = self.lease.is_held();
+            if driving && !drove {
+                self.take_over_changes().await;
+            }
+            drove = driving;
             if driving {
                 // Views may change while serving.
                 let has_rollup = self.batch.views().iter().any(|v| v.rollup().is_some());
@@ -614,7 +673,11 @@ impl Driver {
     }
 
     /// Loads the driver's new publish into serving, if `CURRENT` changed
-    /// since `seen` (one small request per poll when nothing changed).
+    /// since `seen` (one small request per poll when nothing changed). When
+    /// the run's views differ from those served (a view changed on the
+    /// driver), this node adopts the run's definitions as the driver did:
+    /// the batch layer computes them should it drive, the speed layer
+    /// computes their realtime states, serving swaps them in with the run.
     async fn follow(&self, seen: &mut Option<crate::storage::Version>) {
         let result = async {
             let version = self.batch.current_version().await?;
@@ -632,8 +695,14 @@ impl Driver {
                 .as_ref()
                 .map(|b| b.manifest.run);
             if serving_run.is_none_or(|r| r < m.run) {
-                let side = self.serving.load_side(&self.batch, m.clone()).await?;
-                self.serving.set_batch(Arc::new(side));
+                let schema = self.batch.master().events_schema().clone();
+                match published_views(&m, &self.batch.views(), &schema).await? {
+                    None => {
+                        let side = self.serving.load_side(&self.batch, m.clone()).await?;
+                        self.serving.set_batch(Arc::new(side));
+                    }
+                    Some(views) => self.adopt(&m, views).await?,
+                }
                 self.status.lock().expect("status lock").published(&m);
                 // What the run covers will not be read again here.
                 for (p, &h) in m.h.iter().enumerate() {
@@ -642,7 +711,7 @@ impl Driver {
                 tracing::debug!(run = m.run, h = ?m.h, "loaded the driver's publish");
             }
             *seen = Some(version);
-            Ok::<_, BatchError>(())
+            Ok::<_, DriverError>(())
         }
         .await;
         match result {
@@ -650,6 +719,68 @@ impl Driver {
             Err(e) => {
                 tracing::warn!(error = %crate::error::chain(&e), "could not load the driver's publish");
                 self.health.report_error("follow", &e);
+            }
+        }
+    }
+
+    /// Serves run `m` with its views `views` (changed on the driver): as
+    /// a cycle with view changes swaps them in, through the speed layer.
+    async fn adopt(
+        &self,
+        m: &Manifest,
+        views: Vec<Arc<crate::view::View>>,
+    ) -> Result<(), DriverError> {
+        let names: Vec<&str> = views.iter().map(|v| v.name()).collect();
+        tracing::info!(run = m.run, views = ?names, "adopting the views of the driver's publish");
+        let before = self.batch.set_views(views).map_err(BatchError::from)?;
+        let adopted = async {
+            let (all, live) = self.serving.plan_views(&self.batch.views());
+            let side = BatchSide::load(&self.batch, m.clone(), &all, &live, &[]).await?;
+            let (done, answer) = tokio::sync::oneshot::channel();
+            let gone = || DriverError::Adopt("the speed layer has stopped".into());
+            self.speed
+                .send(crate::speed::Adopt {
+                    views: all,
+                    live,
+                    side: Arc::new(side),
+                    done,
+                })
+                .map_err(|_| gone())?;
+            answer
+                .await
+                .map_err(|_| gone())?
+                .map_err(DriverError::Adopt)
+        }
+        .await;
+        if adopted.is_err() {
+            self.batch.restore_views(before);
+        }
+        adopted
+    }
+
+    /// A node that starts driving (at startup, or taking over from another
+    /// driver) builds what the config file and the saved changes
+    /// (`views/CHANGES.json`) say: a change saved on the previous driver and
+    /// not yet published is queued here, not lost (nor reverted).
+    async fn take_over_changes(&self) {
+        let result = async {
+            let (_, target) = self.changes.target().await?;
+            let served: Vec<Arc<crate::view::View>> =
+                self.serving.live().into_iter().map(|(_, v)| v).collect();
+            self.changes.reconcile(&target, &served, &self.batch).await
+        }
+        .await;
+        match result {
+            Ok(queued) if queued.is_empty() => self.health.clear("view_changes/driver"),
+            Ok(queued) => {
+                for c in &queued {
+                    tracing::info!(view = %c.view, change = c.change, "driving: building a view change saved in views/CHANGES.json");
+                }
+                self.health.clear("view_changes/driver");
+            }
+            Err(e) => {
+                tracing::error!(error = %crate::error::chain(&e), "driving: the saved view changes cannot be applied");
+                self.health.report_error("view_changes/driver", &e);
             }
         }
     }

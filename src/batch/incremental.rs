@@ -287,6 +287,7 @@ mod tests {
                 previous: None,
             },
             views: Default::default(),
+            definitions: Default::default(),
         }
     }
 

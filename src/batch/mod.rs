@@ -164,6 +164,12 @@ pub struct Manifest {
     #[serde(flatten)]
     pub info: RunInfo,
     pub views: BTreeMap<String, ViewEntry>,
+    /// The definitions of the run's views, in the order they are served:
+    /// every node of a cluster serves these (a follower compiles and adopts
+    /// them, whatever its own config says). Absent from runs of older
+    /// versions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub definitions: Vec<crate::config::ViewConfig>,
 }
 
 impl std::ops::Deref for Manifest {
@@ -661,6 +667,7 @@ impl BatchLayer {
                 previous: Some(prev.as_ref().map_or(0, |p| p.run)),
             },
             views,
+            definitions: defined.iter().map(|v| v.def().clone()).collect(),
         };
         let json = Bytes::from(serde_json::to_vec_pretty(&manifest).expect("manifests serialize"));
         // Two drivers (a failover's overlap) may both reach here. The run

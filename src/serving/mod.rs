@@ -1160,6 +1160,7 @@ mod tests {
                                 previous: None,
                             },
                             views: Default::default(),
+                            definitions: Default::default(),
                         },
                         vec![states],
                     )));

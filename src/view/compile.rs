@@ -127,9 +127,11 @@ pub async fn compile(def: &ViewConfig, schema: &EventSchema) -> Result<View, Vie
             kind,
         )?)
     };
+    let fingerprint = fingerprint(&logical, def, &input_schema, leaf.projection());
     let view = View {
         name: name.clone(),
         sql: def.sql.clone(),
+        def: def.clone(),
         kind,
         leaf_projection: leaf.projection().cloned(),
         events_schema: input_schema,
@@ -140,7 +142,7 @@ pub async fn compile(def: &ViewConfig, schema: &EventSchema) -> Result<View, Vie
         state_schema,
         output_schema,
         rollup,
-        fingerprint: fingerprint(&logical, def, schema),
+        fingerprint,
         key_columns: if kind == ViewKind::Aggregate {
             key_columns(&final_plan_for_keys, group_columns)
         } else {
@@ -210,17 +212,43 @@ fn tie_break(sql: &str) -> Option<String> {
 /// as its logical plan, not as text with its whitespace collapsed: the plan
 /// ignores layout but keeps every literal exactly (`'a  b'` and `'a b'` are
 /// different views), and the DataFusion version that prints it is hashed too.
-fn fingerprint(logical: &LogicalPlan, def: &ViewConfig, schema: &EventSchema) -> String {
+///
+/// Of the event schema, only the fields the view reads enter (`read`, the
+/// projection of its scan; all of them when it has none), with their types
+/// and nullability: adding a field the view does not read leaves its states,
+/// and so its fingerprint, as they are (no rebuild, and earlier runs still
+/// answer `?as_of=`). The plan is printed without its nodes' schemas, which
+/// would name every field of `events`.
+fn fingerprint(
+    logical: &LogicalPlan,
+    def: &ViewConfig,
+    input: &SchemaRef,
+    read: Option<&Vec<usize>>,
+) -> String {
     let mut text = format!(
         "lambdaflow-states-v{STATE_FORMAT}\ndatafusion-{}\n{}\n",
         datafusion::DATAFUSION_VERSION,
-        logical.display_indent_schema()
+        logical.display_indent()
     );
     for r in &def.rollup {
         text.push_str(&format!("rollup {:?} {}\n", r.after, r.bucket));
     }
-    for f in schema.fields() {
-        text.push_str(&format!("{} {} {}\n", f.name, f.ty, f.nullable));
+    let all: Vec<usize>;
+    let read = match read {
+        Some(r) => r,
+        None => {
+            all = (0..input.fields().len()).collect();
+            &all
+        }
+    };
+    for &i in read {
+        let f = input.field(i);
+        text.push_str(&format!(
+            "reads {} {} {}\n",
+            f.name(),
+            f.data_type(),
+            f.is_nullable()
+        ));
     }
     // FNV-1a, 64 bits: stable across Rust versions, unlike `DefaultHasher`.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

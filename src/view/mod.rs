@@ -196,6 +196,9 @@ pub enum ViewKind {
 pub struct View {
     name: String,
     sql: String,
+    /// The definition it was compiled from (published with each run, so
+    /// that every node of a cluster serves the published views).
+    def: crate::config::ViewConfig,
     kind: ViewKind,
     events_schema: SchemaRef,
     leaf_projection: Option<Vec<usize>>,
@@ -235,6 +238,11 @@ impl View {
         &self.sql
     }
 
+    /// The definition the view was compiled from.
+    pub fn def(&self) -> &crate::config::ViewConfig {
+        &self.def
+    }
+
     pub fn kind(&self) -> ViewKind {
         self.kind
     }
@@ -249,7 +257,8 @@ impl View {
         &self.output_schema
     }
 
-    /// Hash of the SQL, rollup, schema, engine version and state format:
+    /// Hash of the SQL's plan, the rollup, the fields the view reads (names
+    /// and types), the engine version and the state format:
     /// states stored under another fingerprint must not be merged with these.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint

@@ -175,3 +175,39 @@ async fn the_fingerprint_ignores_layout_but_not_literals() {
         "a changed string literal (`'a b'` → `'a  b'`) is another view: reusing the old states would serve stale rows"
     );
 }
+
+#[tokio::test]
+async fn the_fingerprint_covers_the_fields_a_view_reads_and_no_other() {
+    use crate::schema::{EventField, FieldType};
+    let paper = EventSchema::paper();
+    let with = |name: &str, ty: FieldType| {
+        let mut fields = paper.fields().to_vec();
+        fields.push(EventField {
+            name: name.into(),
+            ty,
+            nullable: true,
+            time_format: None,
+        });
+        EventSchema::new(fields, paper.event_time_index())
+    };
+    let fp = |sql: &'static str, schema: EventSchema| async move {
+        compile(&def(sql), &schema)
+            .await
+            .unwrap()
+            .fingerprint()
+            .to_string()
+    };
+    let by_product =
+        "SELECT ProductName, count(*) AS n, sum(price) AS r FROM events GROUP BY ProductName";
+    assert_eq!(
+        fp(by_product, paper.clone()).await,
+        fp(by_product, with("coupon", FieldType::Utf8)).await,
+        "a nullable field the view does not read leaves its states as they are: it must keep its batch views and its past runs"
+    );
+    let by_coupon = "SELECT coupon, count(*) AS n FROM events GROUP BY coupon";
+    assert_ne!(
+        fp(by_coupon, with("coupon", FieldType::Utf8)).await,
+        fp(by_coupon, with("coupon", FieldType::Int64)).await,
+        "a field the view reads enters with its type: states of another type must not be merged"
+    );
+}

@@ -16,7 +16,7 @@ const CONFIG: &str =
     "[archive]\nchunk_events = 700\nchunk_age = \"100ms\"\n[batch]\npause = \"200ms\"\n";
 
 /// The paper's schema, plus `extra` fields.
-fn schema(extra: &str) -> String {
+pub(crate) fn schema(extra: &str) -> String {
     format!(
         r#"[schema]
 event_time = "timestamp"
@@ -187,4 +187,52 @@ fn a_nullable_field_added_reads_as_null_for_older_events_everywhere() {
         e.contains("cannot retype field `price`") && e.contains("price_v2"),
         "{e}"
     );
+}
+
+/// A nullable field added is a metadata-only change for the views that do
+/// not read it: their fingerprints stay, so the node serves the published
+/// run at once (no rebuild before serving) and earlier runs still answer
+/// `?as_of=`.
+#[test]
+fn a_nullable_field_added_keeps_the_views_that_do_not_read_it() {
+    let site = Site::new(CONFIG);
+    let original = std::fs::read_to_string(&site.config).unwrap();
+    std::fs::write(&site.config, format!("{original}{}", schema(""))).unwrap();
+    let server = site.serve(&[]);
+    send(&server.url, 0, 500);
+    let s = server.wait_settled(Duration::from_secs(90));
+    let first = s["batch"]["published"]["run"].as_u64().unwrap();
+    send(&server.url, 500, 1000);
+    let s = server.wait_settled(Duration::from_secs(90));
+    let last = s["batch"]["published"]["run"].as_u64().unwrap();
+    assert!(last > first, "two runs: {first}, {last}");
+    server.stop();
+
+    std::fs::write(
+        &site.config,
+        format!(
+            "{original}{}",
+            schema(r#"{ name = "coupon", type = "utf8", nullable = true },"#)
+        ),
+    )
+    .unwrap();
+    let server = site.serve(&[]);
+    let s = server.status();
+    assert_eq!(
+        s["batch"]["published"]["run"].as_u64(),
+        Some(last),
+        "no view reads `coupon`: the node serves the published run, with no rebuild: {}",
+        s["health"]
+    );
+    for view in ["sales_by_product", "sales_by_zipcode", "sales_per_minute"] {
+        let (status, body) = common::get_status(&format!(
+            "{}/v1/views/{view}?as_of={first}&limit=1",
+            server.url
+        ));
+        assert_eq!(
+            status, 200,
+            "`{view}` as of run {first}, before the field was added: {body}"
+        );
+    }
+    server.stop();
 }

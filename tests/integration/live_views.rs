@@ -367,3 +367,96 @@ fn a_config_reload_on_sighup_applies_its_views() {
     assert!(a["rows"][0].get("top").is_some(), "the new version: {a}");
     server.stop();
 }
+
+/// A view changed through the API overrides the config file's entry: a
+/// reload says so (instead of "the views are as configured"), and
+/// `DELETE /v1/views/{name}/change` returns the view to the file's
+/// definition, for good (a restart keeps it).
+#[test]
+fn a_reload_reports_the_api_changes_that_override_the_file_and_revert_returns_to_it() {
+    const BASE: &str = "SELECT ProductName, count(*) AS orders FROM events GROUP BY ProductName";
+    const FILE: &str = "SELECT ProductName, count(*) AS orders, min(price) AS low FROM events GROUP BY ProductName";
+    let site = Site::new(CONFIG);
+    let config = std::fs::read_to_string(&site.config).unwrap();
+    let with =
+        |sql: &str| format!("{config}\n[[views]]\nname = \"sales_by_product\"\nsql = \"{sql}\"\n");
+    std::fs::write(&site.config, with(BASE)).unwrap();
+    let log = site.dir.path().join("serve.log");
+    let server = site.serve_logging(&[], Some(&log));
+    assert_eq!(send(&server.url, 0, 400).len(), 400);
+    server.wait_settled(Duration::from_secs(60));
+    let (status, reply) = request(
+        "POST",
+        &format!("{}/v1/views", server.url),
+        Some(json!({ "name": "sales_by_product", "sql": CHANGED })),
+    );
+    assert_eq!(status, 202, "{reply}");
+    wait_published(&server.url, Duration::from_secs(60));
+
+    // The file's entry is edited: the saved change overrides it, and the
+    // reload says which.
+    std::fs::write(&site.config, with(FILE)).unwrap();
+    let pid = server.child.id().to_string();
+    let hup = || {
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+    hup();
+    let t = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if text.contains("overrides the config file") && text.contains("sales_by_product") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "SIGHUP must say that the change saved through the API overrides the file's `sales_by_product`: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let a = common::get_json(&format!("{}/v1/views/sales_by_product", server.url));
+    assert!(
+        a["rows"][0].get("top").is_some(),
+        "the saved change stays in force: {a}"
+    );
+
+    // Revert: back to the file's definition.
+    let (status, reply) = request(
+        "DELETE",
+        &format!("{}/v1/views/sales_by_product/change", server.url),
+        None,
+    );
+    assert_eq!(status, 202, "the revert is accepted and built: {reply}");
+    let t = Instant::now();
+    loop {
+        let a = common::get_json(&format!("{}/v1/views/sales_by_product", server.url));
+        if a["rows"][0].get("low").is_some() {
+            assert_eq!(orders_and_covered(&a), (400, 400), "{}", a["freshness"]);
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the view returns to the file's definition: {a}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, reply) = request(
+        "DELETE",
+        &format!("{}/v1/views/sales_by_product/change", server.url),
+        None,
+    );
+    assert_eq!(status, 404, "nothing left to revert: {reply}");
+    server.stop();
+    let server = site.serve(&[]);
+    let a = common::get_json(&format!("{}/v1/views/sales_by_product", server.url));
+    assert!(
+        a["rows"][0].get("low").is_some(),
+        "a restart keeps the file's definition (the saved change is forgotten): {a}"
+    );
+    server.stop();
+}

@@ -30,6 +30,8 @@
 //!  kafka       Kafka as the stream, against a real broker (tansu)
 //!  kinesis     Kinesis as the stream, against an emulator (kinesalite)
 //!  identity    the stream recorded with the master dataset: switches and re-created streams
+//!  cluster_views views changed on a cluster (Kafka + S3): followers adopt
+//!              them, a new driver builds the saved ones; DELETE of a waiting add
 //!  s3          the root on S3 (moto): one node, a cluster, races, outages
 //!  s3_faults   S3 as it behaves (a fault proxy before moto): 503s, 500s,
 //!              answers lost after the write, resets; a seeded random run
@@ -47,6 +49,7 @@ mod common;
 mod ballista;
 mod batch;
 mod cluster_sim;
+mod cluster_views;
 mod crash_loop;
 mod dashboard;
 mod evolve;

@@ -379,7 +379,7 @@ fn two_drivers_racing_a_publish_one_wins_and_nothing_is_half_published() {
     );
 }
 
-fn cluster_config(brokers: &str) -> String {
+pub(crate) fn cluster_config(brokers: &str) -> String {
     format!(
         "{}lease = \"2s\"\npoll = \"200ms\"\n[stream]\nkafka = {{ brokers = \"{brokers}\", topic = \"events\" }}\n",
         oracle::CONFIG
