@@ -112,6 +112,16 @@ impl Health {
         }
     }
 
+    /// `component`'s work is no longer this node's (another node drives
+    /// now): its problem, if any, is not this node's to fix; it moves to
+    /// `recovered` with `why`.
+    pub fn handed_over(&self, component: &str, why: &str) {
+        let gone = self.problems.lock().expect("health lock").remove(component);
+        if let Some(p) = gone {
+            self.recovered(component, &format!("{why}; its last failure: {}", p.error));
+        }
+    }
+
     /// Records a repair (e.g. a corrupt batch view rebuilt at startup).
     pub fn recovered(&self, component: &str, what: &str) {
         let mut r = self.recovered.lock().expect("health lock");

@@ -578,6 +578,14 @@ impl Driver {
             if driving && !drove {
                 self.take_over_changes().await;
             }
+            if drove && !driving {
+                // Archiving and batch runs are the new driver's now: a
+                // failure this node had at them is not left standing.
+                for component in ["archive", "batch"] {
+                    self.health
+                        .handed_over(component, "another node drives now");
+                }
+            }
             drove = driving;
             if driving {
                 // Views may change while serving.

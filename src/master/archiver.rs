@@ -150,7 +150,12 @@ pub async fn run_queue(
                 }
             }
             Err(e) => {
-                health.report_error("archive", &e);
+                if *driving.borrow() {
+                    health.report_error("archive", &e);
+                } else {
+                    // Lost the lease while committing: the new driver archives.
+                    health.handed_over("archive", "another node drives now");
+                }
                 tracing::error!(chunks = ?round, error = %crate::error::chain(&e), retry_in = ?backoff, "archiving failed; will retry");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
