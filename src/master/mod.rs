@@ -271,6 +271,8 @@ pub struct MasterDataset {
     verified: std::sync::Mutex<std::collections::HashSet<object_store::path::Path>>,
     /// Whether `verified` holds what `verified.json` held.
     verified_loaded: std::sync::atomic::AtomicBool,
+    /// How many files `verified.json` names, as this process last wrote it.
+    saved: std::sync::atomic::AtomicUsize,
     /// The files of the latest verified snapshot, and where re-reading them goes on.
     last_files: std::sync::Mutex<Vec<DataFile>>,
     recheck: std::sync::Mutex<usize>,
@@ -411,6 +413,7 @@ impl MasterDataset {
             }),
             verified: Default::default(),
             verified_loaded: Default::default(),
+            saved: Default::default(),
             recheck: Default::default(),
             last_files: Default::default(),
             last_recheck: std::sync::Mutex::new(std::time::Instant::now()),
@@ -765,7 +768,13 @@ impl MasterDataset {
                 .insert(f.location.clone());
         }
         *self.last_files.lock().expect("last files lock") = snapshot.files.clone();
-        if fresh {
+        // Files this process wrote are verified without being read: record them too.
+        let recorded = {
+            let v = self.verified.lock().expect("verified lock");
+            snapshot.files.iter().filter(|f| v.contains(&f.location)).count()
+        };
+        let saved = self.saved.swap(recorded, std::sync::atomic::Ordering::Relaxed);
+        if fresh || recorded != saved {
             self.save_verified(snapshot).await;
         }
         Ok(())
