@@ -625,10 +625,7 @@ impl Driver {
             };
             match batch.master().repair(bad, self.source.as_ref()).await {
                 Ok(true) => {
-                    tracing::warn!(
-                        path,
-                        "rewrote a {what} master dataset file from the stream"
-                    );
+                    tracing::warn!(path, "rewrote a {what} master dataset file from the stream");
                     health.recovered(
                         "master",
                         &format!(

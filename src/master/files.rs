@@ -85,9 +85,13 @@ pub fn classify(h: &[u64], files: &[Candidate]) -> (Vec<Held>, Vec<ChunkRange>) 
     for (i, f) in files.iter().enumerate() {
         let Some((p, s, e)) = f.named else { continue };
         let why = if p as usize >= parts || e > h[p as usize] {
-            Some(format!("its name says partition {p}, offsets {s}..{e}, beyond the table's coverage"))
+            Some(format!(
+                "its name says partition {p}, offsets {s}..{e}, beyond the table's coverage"
+            ))
         } else if overlaps(&named[p as usize], s, e) {
-            Some(format!("its name says partition {p}, offsets {s}..{e}, which another file holds"))
+            Some(format!(
+                "its name says partition {p}, offsets {s}..{e}, which another file holds"
+            ))
         } else {
             None
         };

@@ -119,7 +119,11 @@ pub enum MasterError {
     #[error(
         "no file of the master dataset holds partition {partition}'s offsets {start}..{end}, which its coverage includes"
     )]
-    Lost { partition: u32, start: u64, end: u64 },
+    Lost {
+        partition: u32,
+        start: u64,
+        end: u64,
+    },
 }
 
 impl crate::error::Explain for MasterError {
@@ -302,7 +306,6 @@ fn resume_path(partition: u32, end: u64) -> String {
     format!("{INDEX_DIR}/resume/p{partition:04}-{end:020}")
 }
 
-
 fn app_id(partition: u32) -> String {
     format!("lambdaflow-p{partition}")
 }
@@ -428,10 +431,18 @@ impl MasterDataset {
             .iter()
             .filter_map(|f| parse_chunk_name(f.location.filename()?))
             .map(|(p, ..)| p)
-            .chain(snapshot.files.iter().flat_map(|f| f.chunks.iter().map(|c| c.partition)))
-            .chain(snapshot.foreign.iter().filter_map(|f| {
-                parse_chunk_name(f.path.rsplit('/').next()?).map(|(p, ..)| p)
-            }))
+            .chain(
+                snapshot
+                    .files
+                    .iter()
+                    .flat_map(|f| f.chunks.iter().map(|c| c.partition)),
+            )
+            .chain(
+                snapshot
+                    .foreign
+                    .iter()
+                    .filter_map(|f| parse_chunk_name(f.path.rsplit('/').next()?).map(|(p, ..)| p)),
+            )
             .find(|&p| p >= partitions)
         {
             return Err(MasterError::PartitionMismatch {
@@ -771,9 +782,15 @@ impl MasterDataset {
         // Files this process wrote are verified without being read: record them too.
         let recorded = {
             let v = self.verified.lock().expect("verified lock");
-            snapshot.files.iter().filter(|f| v.contains(&f.location)).count()
+            snapshot
+                .files
+                .iter()
+                .filter(|f| v.contains(&f.location))
+                .count()
         };
-        let saved = self.saved.swap(recorded, std::sync::atomic::Ordering::Relaxed);
+        let saved = self
+            .saved
+            .swap(recorded, std::sync::atomic::Ordering::Relaxed);
         if fresh || recorded != saved {
             self.save_verified(snapshot).await;
         }
@@ -848,7 +865,12 @@ impl MasterDataset {
     /// The table's files and their sizes (one listing).
     async fn listing(&self) -> Result<HashMap<object_store::path::Path, u64>, MasterError> {
         let prefix = self.storage.path(TABLE_DIR);
-        let listed = match self.storage.store().list_with_delimiter(Some(&prefix)).await {
+        let listed = match self
+            .storage
+            .store()
+            .list_with_delimiter(Some(&prefix))
+            .await
+        {
             Ok(l) => l.objects,
             Err(object_store::Error::NotFound { .. }) => Vec::new(),
             Err(source) => {
@@ -879,7 +901,11 @@ impl MasterDataset {
         if self.verified_loaded.load(Ordering::Acquire) {
             return Ok(());
         }
-        if let Some(b) = self.storage.get(&format!("{INDEX_DIR}/verified.json")).await? {
+        if let Some(b) = self
+            .storage
+            .get(&format!("{INDEX_DIR}/verified.json"))
+            .await?
+        {
             let names: Vec<String> = serde_json::from_slice(&b).unwrap_or_default();
             let prefix = self.storage.path(TABLE_DIR);
             let mut v = self.verified.lock().expect("verified lock");

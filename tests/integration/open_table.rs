@@ -56,7 +56,12 @@ fn kind_of(manifest: &Value, view: &str) -> String {
 }
 
 /// Waits for a status that `ok` accepts.
-fn wait_status(server: &common::Server, within: Duration, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+fn wait_status(
+    server: &common::Server,
+    within: Duration,
+    what: &str,
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
     let t = Instant::now();
     loop {
         let s = server.status();
@@ -83,8 +88,10 @@ fn rows_appended_by_another_engine_are_left_out_of_the_views_and_reported() {
     let server = site.serve(&[]);
     acked.extend(send(&server.url, 2000, 2100));
     let s = server.wait_settled(Duration::from_secs(60));
-    let (orders, covered) =
-        orders_and_covered(&get_json(&format!("{}/v1/views/sales_by_product", server.url)));
+    let (orders, covered) = orders_and_covered(&get_json(&format!(
+        "{}/v1/views/sales_by_product",
+        server.url
+    )));
     assert_eq!(
         (orders, covered),
         (2100, 2100),
@@ -105,7 +112,10 @@ fn rows_appended_by_another_engine_are_left_out_of_the_views_and_reported() {
         "incremental",
         "the foreign file does not force full recomputes: {m}"
     );
-    assert_eq!(m["events"], 2100, "the run read the acknowledged events only: {m}");
+    assert_eq!(
+        m["events"], 2100,
+        "the run read the acknowledged events only: {m}"
+    );
     server.stop();
 }
 
@@ -125,9 +135,16 @@ fn a_master_file_deleted_by_hand_is_rewritten_from_the_log() {
 
     let server = site.serve(&[]);
     acked.extend(send(&server.url, 2000, 2100));
-    wait_status(&server, Duration::from_secs(60), "a rewrite of the missing file is reported", |s| {
-        s["health"]["recovered"].to_string().contains("rewrote missing")
-    });
+    wait_status(
+        &server,
+        Duration::from_secs(60),
+        "a rewrite of the missing file is reported",
+        |s| {
+            s["health"]["recovered"]
+                .to_string()
+                .contains("rewrote missing")
+        },
+    );
     let s = server.wait_settled(Duration::from_secs(60));
     assert!(
         s["health"]["problems"].as_array().unwrap().is_empty(),
@@ -162,10 +179,15 @@ fn a_deleted_master_file_the_log_no_longer_holds_asks_for_a_backup() {
 
     let server = site.serve(&[]);
     send(&server.url, 2000, 2100);
-    let s = wait_status(&server, Duration::from_secs(60), "a problem naming the file and a backup", |s| {
-        let p = s["health"]["problems"].to_string();
-        p.contains(&name) && p.contains("backup")
-    });
+    let s = wait_status(
+        &server,
+        Duration::from_secs(60),
+        "a problem naming the file and a backup",
+        |s| {
+            let p = s["health"]["problems"].to_string();
+            p.contains(&name) && p.contains("backup")
+        },
+    );
     let problems = s["health"]["problems"].to_string();
     assert!(
         problems.contains("backup")
@@ -187,7 +209,10 @@ fn a_table_compacted_and_vacuumed_by_another_engine_keeps_incremental_runs_and_r
     let master = site.data.join("master");
     let before = parquet_files(&master).len();
     let after = other_engine(master.to_str().unwrap(), &["compact"]);
-    assert!(after < before, "the compaction merged files: {before} → {after}");
+    assert!(
+        after < before,
+        "the compaction merged files: {before} → {after}"
+    );
     assert!(
         parquet_files(&master).len() == after,
         "the vacuum removed the old files"
@@ -209,9 +234,14 @@ fn a_table_compacted_and_vacuumed_by_another_engine_keeps_incremental_runs_and_r
     let server = site.serve(&[]);
     acked.extend(send(&server.url, 2000, 2100));
     let s = server.wait_settled(Duration::from_secs(60));
-    assert!(s["health"]["problems"].as_array().unwrap().is_empty(), "{s}");
     assert!(
-        !s["health"]["warnings"].to_string().contains("master-foreign"),
+        s["health"]["problems"].as_array().unwrap().is_empty(),
+        "{s}"
+    );
+    assert!(
+        !s["health"]["warnings"]
+            .to_string()
+            .contains("master-foreign"),
         "a compaction is not foreign: {s}"
     );
     let m = current(&site.data);
@@ -222,8 +252,10 @@ fn a_table_compacted_and_vacuumed_by_another_engine_keeps_incremental_runs_and_r
             "a compaction keeps incremental runs ({v}): {m}"
         );
     }
-    let (orders, covered) =
-        orders_and_covered(&get_json(&format!("{}/v1/views/sales_by_product", server.url)));
+    let (orders, covered) = orders_and_covered(&get_json(&format!(
+        "{}/v1/views/sales_by_product",
+        server.url
+    )));
     assert_eq!((orders, covered), (2100, 2100));
     server.stop();
     let events = assert_exactly(&acked, &site.data, "after the compaction");
@@ -264,7 +296,8 @@ fn the_first_run_after_a_restart_reads_no_verified_file_and_damage_is_still_foun
     acked.extend(send(&server.url, 3000, 3100));
     server.wait_settled(Duration::from_secs(90));
     let first_publish = t.elapsed();
-    let read: std::collections::BTreeSet<String> = proxy.passed_matching("GET", "/master/part-")[before..]
+    let read: std::collections::BTreeSet<String> = proxy.passed_matching("GET", "/master/part-")
+        [before..]
         .iter()
         .filter_map(|t| old.iter().find(|n| t.contains(n.as_str())).cloned())
         .collect();
@@ -285,9 +318,16 @@ fn the_first_run_after_a_restart_reads_no_verified_file_and_damage_is_still_foun
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
     rt.block_on(direct.put(&victim, bytes.into())).unwrap();
-    wait_status(&server, Duration::from_secs(90), "the damage is found and repaired", |s| {
-        s["health"]["recovered"].to_string().contains("rewrote corrupt")
-    });
+    wait_status(
+        &server,
+        Duration::from_secs(90),
+        "the damage is found and repaired",
+        |s| {
+            s["health"]["recovered"]
+                .to_string()
+                .contains("rewrote corrupt")
+        },
+    );
     server.stop();
     let fixed = rt.block_on(direct.get(&victim)).unwrap().unwrap();
     let name = old[2].clone();
@@ -298,7 +338,10 @@ fn the_first_run_after_a_restart_reads_no_verified_file_and_damage_is_still_foun
         "the file is rewritten as committed"
     );
     let rows = common::master_events_in(&direct, 1).0;
-    assert_eq!(rows, acked, "every acknowledged event is in the master dataset once");
+    assert_eq!(
+        rows, acked,
+        "every acknowledged event is in the master dataset once"
+    );
 }
 
 /// Measures a new driver's first publish over a large table on moto
@@ -327,8 +370,12 @@ fn measure_first_publish_after_a_restart_over_a_large_table() {
         rt.block_on(async {
             use futures::TryStreamExt;
             let prefix = direct.path("master");
-            let l: Vec<object_store::ObjectMeta> =
-                direct.store().list(Some(&prefix)).try_collect().await.unwrap();
+            let l: Vec<object_store::ObjectMeta> = direct
+                .store()
+                .list(Some(&prefix))
+                .try_collect()
+                .await
+                .unwrap();
             l.iter()
                 .filter(|o| o.location.as_ref().ends_with(".parquet"))
                 .map(|o| o.size)
@@ -337,7 +384,11 @@ fn measure_first_publish_after_a_restart_over_a_large_table() {
     };
     let server = site.serve(&[]);
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let alphabet: Vec<char> = ('a'..='z').chain('A'..='Z').chain('0'..='9').chain(['_', '.']).collect();
+    let alphabet: Vec<char> = ('a'..='z')
+        .chain('A'..='Z')
+        .chain('0'..='9')
+        .chain(['_', '.'])
+        .collect();
     let t = Instant::now();
     let mut sent = 0i64;
     let mut last_check = Instant::now();
@@ -346,11 +397,18 @@ fn measure_first_publish_after_a_restart_over_a_large_table() {
         for _ in 0..200 {
             let name: String = (0..3000)
                 .map(|_| {
-                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     alphabet[(seed >> 58) as usize]
                 })
                 .collect();
-            body.push_str(&common::event(10_000 + sent, &name, 1, "2026-12-06T10:00:00Z"));
+            body.push_str(&common::event(
+                10_000 + sent,
+                &name,
+                1,
+                "2026-12-06 10:00:00.000",
+            ));
             body.push('\n');
             sent += 1;
         }
@@ -359,7 +417,11 @@ fn measure_first_publish_after_a_restart_over_a_large_table() {
         if last_check.elapsed() > Duration::from_secs(10) {
             last_check = Instant::now();
             let b = table_bytes();
-            eprintln!("{:?}: {sent} events sent, table {} MB", t.elapsed(), b >> 20);
+            eprintln!(
+                "{:?}: {sent} events sent, table {} MB",
+                t.elapsed(),
+                b >> 20
+            );
             if b >= mb << 20 {
                 break;
             }
@@ -369,7 +431,11 @@ fn measure_first_publish_after_a_restart_over_a_large_table() {
     server.stop();
     let size = table_bytes();
     let files = rt.block_on(direct.list_files("master")).unwrap().len();
-    eprintln!("table: {} MB in {files} files, filled in {:?}", size >> 20, t.elapsed());
+    eprintln!(
+        "table: {} MB in {files} files, filled in {:?}",
+        size >> 20,
+        t.elapsed()
+    );
 
     let first_publish = |label: &str| {
         let gets = proxy.passed_matching("GET", "/master/part-").len();
@@ -387,6 +453,7 @@ fn measure_first_publish_after_a_restart_over_a_large_table() {
         server.stop();
     };
     first_publish("verified files recorded (this change)");
-    rt.block_on(direct.delete("master_index/verified.json")).unwrap();
+    rt.block_on(direct.delete("master_index/verified.json"))
+        .unwrap();
     first_publish("no record: every file read (as before)");
 }
