@@ -130,6 +130,7 @@ impl Cluster {
             location: "lambdaflow-check/probe.parquet".into(),
             size: 1,
             records: None,
+            chunks: Vec::new(),
         };
         check_plan(view.name(), Self::plan(view, store_url, &[probe])?)
     }
@@ -601,6 +602,7 @@ mod tests {
                 location: format!("data/master/part-{i}.parquet").into(),
                 size: 1000 + i as u64,
                 records: None,
+                chunks: Vec::new(),
             })
             .collect()
     }
@@ -681,6 +683,7 @@ mod tests {
                     location: format!("f{i}").into(),
                     size,
                     records: None,
+                    chunks: Vec::new(),
                 })
                 .collect()
         };

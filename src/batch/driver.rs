@@ -647,29 +647,8 @@ impl Driver {
             }
             tracing::error!(error = %crate::error::chain(&e), "batch run failed; the previous run stays published");
             health.report_error("batch", &e);
-            if let DriverError::Batch(BatchError::Master(bad @ MasterError::Corrupt { path, .. })) =
-                &e
-            {
-                match batch.master().repair(bad, self.source.as_ref()).await {
-                    Ok(true) => {
-                        tracing::warn!(
-                            path,
-                            "rewrote a corrupt master dataset file from the stream"
-                        );
-                        health.recovered(
-                            "master",
-                            &format!(
-                                "rewrote {path} from {} (its checksum matches again)",
-                                self.source.describe()
-                            ),
-                        );
-                        self.now.notify_one();
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(path, error = %crate::error::chain(&e), "could not repair a master dataset file")
-                    }
-                }
+            if let DriverError::Batch(BatchError::Master(bad)) = &e {
+                self.repair_master(bad).await;
             }
         } else if let Err(e) = &latest {
             health.report_error("master", e);
@@ -677,6 +656,90 @@ impl Driver {
         }
         if latest.is_ok() {
             health.clear("master");
+        }
+        if latest.is_ok() {
+            // Now and then, one verified file read again (damage done after
+            // it was verified; `recheck` keeps the pace).
+            if let Err(bad) = batch.master().recheck().await {
+                tracing::error!(error = %crate::error::chain(&bad), "a master dataset file was damaged after it was verified");
+                self.repair_master(&bad).await;
+            }
+        }
+        let foreign = batch.master().foreign();
+        if !foreign.is_empty() {
+            let list: Vec<String> = foreign
+                .iter()
+                .map(|f| format!("{} ({} rows: {})", f.path, f.rows, f.why))
+                .collect();
+            health.warn(
+                "master-foreign",
+                &format!(
+                    "left out of the batch views: {} file(s) lambdaflow did not write: {}",
+                    foreign.len(),
+                    list.join("; ")
+                ),
+            );
+        }
+    }
+
+    /// Rewrites a corrupt or missing master dataset file from the stream
+    /// while it holds its events; says how to restore it otherwise.
+    async fn repair_master(&self, bad: &MasterError) {
+        let health = &self.health;
+        let batch = &self.batch;
+        let (MasterError::Corrupt { path, .. } | MasterError::Missing { path, .. }) = bad else {
+            return;
+        };
+        {
+            let what = if matches!(bad, MasterError::Missing { .. }) {
+                "missing"
+            } else {
+                "corrupt"
+            };
+            match batch.master().repair(bad, self.source.as_ref()).await {
+                Ok(true) => {
+                    tracing::warn!(path, "rewrote a {what} master dataset file from the stream");
+                    health.recovered(
+                        "master",
+                        &format!(
+                            "rewrote {what} {path} from {} (its checksum matches again)",
+                            self.source.describe()
+                        ),
+                    );
+                    self.now.notify_one();
+                }
+                Ok(false) => {
+                    let range = match bad {
+                        MasterError::Corrupt {
+                            partition,
+                            start,
+                            end,
+                            ..
+                        } => Some((*partition, *start, *end)),
+                        MasterError::Missing {
+                            chunk: Some((p, s, e, _)),
+                            ..
+                        } => Some((*p, *s, *e)),
+                        _ => None,
+                    };
+                    if let Some((partition, start, end)) = range {
+                        let lost = MasterError::Unrepairable {
+                            path: path.clone(),
+                            what,
+                            partition,
+                            start,
+                            end,
+                        };
+                        tracing::error!(error = %crate::error::Report::of(&lost), "a master dataset file cannot be rewritten from the log");
+                        health.report("batch", &crate::error::Report::of(&lost));
+                    } else {
+                        health.report("batch", &crate::error::Report::of(bad));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(path, error = %crate::error::chain(&e), "could not repair a master dataset file")
+                }
+            }
         }
     }
 

@@ -27,7 +27,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::{Manifest, ViewEntry};
-use crate::master::{DataFile, MasterSnapshot, parse_chunk_name};
+use crate::master::{DataFile, MasterSnapshot};
 use crate::view::View;
 
 /// How a view's states of a run were computed.
@@ -196,21 +196,36 @@ pub fn added_since(prev: &Manifest, snapshot: &MasterSnapshot) -> Result<Vec<Dat
     let mut added = Vec::new();
     let mut old_events = 0u64;
     for f in &snapshot.files {
-        let Some((p, start, end, _)) = f.location.filename().and_then(parse_chunk_name) else {
+        if f.chunks.is_empty() {
             return Err(format!(
-                "the master dataset holds {}, a file lambdaflow did not write",
+                "the master dataset holds {}, a file whose events are not known",
                 f.location
             ));
-        };
-        let cut = at(p as usize);
-        if start >= cut && end > start {
+        }
+        // A file another engine rewrote holds any number of ranges: it is
+        // old or added as a whole, or the table cannot be split.
+        let newer = f.chunks.iter().all(|c| {
+            let cut = at(c.partition as usize);
+            c.start >= cut && c.end > c.start
+        });
+        let older = f.chunks.iter().all(|c| c.end <= at(c.partition as usize));
+        if newer {
             added.push(f.clone());
-        } else if end <= cut {
-            old_events += f.records.unwrap_or(end - start);
+        } else if older {
+            old_events += f
+                .records
+                .unwrap_or_else(|| f.chunks.iter().map(|c| c.events).sum());
         } else {
+            let c = f
+                .chunks
+                .iter()
+                .find(|c| c.end > at(c.partition as usize))
+                .unwrap_or(&f.chunks[0]);
             return Err(format!(
-                "{} holds events on both sides of the published coverage {cut} of partition {p}",
-                f.location
+                "{} holds events on both sides of the published coverage {} of partition {}",
+                f.location,
+                at(c.partition as usize),
+                c.partition
             ));
         }
     }
@@ -268,6 +283,7 @@ mod tests {
             )),
             size: 1,
             records: Some(e - s),
+            chunks: vec![crate::stream::source::ChunkRange::new(p, s, e, e - s).unwrap()],
         }
     }
 
@@ -295,6 +311,8 @@ mod tests {
         MasterSnapshot {
             coverage: Coverage { version: 2, h },
             files,
+            foreign: Vec::new(),
+            lost: Vec::new(),
         }
     }
 

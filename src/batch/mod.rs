@@ -593,15 +593,28 @@ impl BatchLayer {
         // Rebuilding one view keeps the published coverage, so the run stays one H.
         let (snapshot, as_of_ms) = match (what, &prev) {
             (Recompute::One(_), Some(p)) => {
-                (self.master.snapshot_at(p.table_version).await?, p.as_of_ms)
+                let old = self.master.snapshot_at(p.table_version).await?;
+                // Another engine may have compacted and vacuumed the files of
+                // the published version: then the view is rebuilt on the
+                // latest one, and the others move on to it as a run would.
+                let gone = self.master.absent(&old).await?;
+                if gone.is_empty() {
+                    (old, p.as_of_ms)
+                } else {
+                    tracing::info!(
+                        files = gone.len(),
+                        "files of the published table version were removed (a compaction and vacuum); rebuilding on the latest version"
+                    );
+                    (self.master.snapshot().await?, started_ms)
+                }
             }
             _ => (self.master.snapshot().await?, started_ms),
         };
         // Every file of the snapshot, not only those this run reads: a
-        // damaged older file is found (and repaired from the stream while it
-        // still holds it) at the first run of each process, not at the next
-        // full recompute. Each file is read for this once per process.
-        self.master.verify(&snapshot.files).await?;
+        // missing or damaged older file is found (and repaired from the
+        // stream while it still holds it) before a run reads it. A file's
+        // checksum is read once, ever; some verified ones again each run.
+        self.master.verify(&snapshot).await?;
         let run = self.next_run(prev.as_ref()).await?;
         let progress = progress.unwrap_or_default();
         let version = engine_version();
@@ -818,6 +831,8 @@ impl BatchLayer {
                         let added = MasterSnapshot {
                             coverage: snapshot.coverage.clone(),
                             files,
+                            foreign: Vec::new(),
+                            lost: Vec::new(),
                         };
                         let (states, excluded) = self
                             .compute_states(engine, view, &added, progress, compute)

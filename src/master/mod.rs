@@ -19,6 +19,7 @@
 
 pub mod archiver;
 pub mod evolve;
+pub mod files;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -99,6 +100,30 @@ pub enum MasterError {
         expected: u32,
         found: u32,
     },
+    #[error("master dataset file {path} is missing")]
+    Missing {
+        path: String,
+        /// From its lambdaflow name (none for a file another engine wrote).
+        chunk: Option<(u32, u64, u64, u32)>,
+    },
+    #[error(
+        "master dataset file {path} is {what}, and the log no longer holds its events (partition {partition}, offsets {start}..{end})"
+    )]
+    Unrepairable {
+        path: String,
+        what: &'static str,
+        partition: u32,
+        start: u64,
+        end: u64,
+    },
+    #[error(
+        "no file of the master dataset holds partition {partition}'s offsets {start}..{end}, which its coverage includes"
+    )]
+    Lost {
+        partition: u32,
+        start: u64,
+        end: u64,
+    },
 }
 
 impl crate::error::Explain for MasterError {
@@ -121,6 +146,10 @@ impl crate::error::Explain for MasterError {
             MasterError::SchemaRefused { hint, .. } => hint.clone(),
             MasterError::PartitionMismatch { .. } => "the partition count of an existing data directory cannot change; set stream.partitions to what it was, or use a new data directory".into(),
             MasterError::Corrupt { .. } => "lambdaflow rewrites it from the log while the log still holds those offsets; otherwise restore the file from a backup. The published views stay as they are meanwhile".into(),
+            MasterError::Missing { chunk: Some((p, s, e, _)), .. } => format!("lambdaflow rewrites it from the log while the log still holds partition {p}'s offsets {s}..{e}; otherwise restore the file from a backup. The published views stay as they are meanwhile"),
+            MasterError::Missing { path, .. } => format!("restore {path} from a backup (another engine wrote it; lambdaflow cannot rewrite it). The published views stay as they are meanwhile"),
+            MasterError::Unrepairable { path, partition, start, end, .. } => format!("restore {path} (partition {partition}, offsets {start}..{end}) from a backup of the master dataset; the published views stay as they are meanwhile"),
+            MasterError::Lost { partition, start, end } => format!("a rewrite of the table by another engine lost them, or mixed them with rows of its own; restore the table's files holding partition {partition}'s offsets {start}..{end} from a backup"),
             _ => return None,
         })
     }
@@ -144,13 +173,29 @@ pub struct DataFile {
     pub location: object_store::path::Path,
     pub size: u64,
     pub records: Option<u64>,
+    /// The ranges of events it holds (one for a chunk file lambdaflow
+    /// wrote; any number for a compaction by another engine).
+    pub chunks: Vec<ChunkRange>,
+}
+
+/// A file of the table holding rows lambdaflow did not write (appended by
+/// another engine): left out of batch runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ForeignFile {
+    pub path: String,
+    pub rows: u64,
+    pub why: String,
 }
 
 /// One version of the master dataset: its files and coverage.
 #[derive(Debug, Clone)]
 pub struct MasterSnapshot {
     pub coverage: Coverage,
+    /// The files holding lambdaflow's events (foreign ones left out).
     pub files: Vec<DataFile>,
+    pub foreign: Vec<ForeignFile>,
+    /// Ranges below the coverage that no file holds.
+    pub lost: Vec<ChunkRange>,
 }
 
 impl MasterSnapshot {
@@ -159,16 +204,13 @@ impl MasterSnapshot {
     }
 
     /// The committed chunks of partition `p`, in order (ranges from the file
-    /// names lambdaflow gives them, event counts from the Delta statistics).
+    /// names lambdaflow gives them, or from the rows of a file another
+    /// engine rewrote them into).
     pub fn chunks(&self, p: u32) -> Vec<ChunkRange> {
         let mut out: Vec<ChunkRange> = self
             .files
             .iter()
-            .filter_map(|f| {
-                let (q, s, e, _) = parse_chunk_name(f.location.filename()?)?;
-                let events = f.records.unwrap_or(e.saturating_sub(s));
-                (q == p).then(|| ChunkRange::new(q, s, e, events))?
-            })
+            .flat_map(|f| f.chunks.iter().filter(|c| c.partition == p).copied())
             .collect();
         out.sort_unstable();
         out
@@ -228,12 +270,41 @@ pub struct MasterDataset {
     /// chunks of new ones are committed (a stream may gain partitions).
     partitions: std::sync::atomic::AtomicU32,
     coverage: std::sync::Mutex<Coverage>,
-    /// Files whose checksum this process has verified (files never change).
+    /// Files whose checksum was verified (files never change), by this
+    /// process or, as `INDEX_DIR/verified.json` says, an earlier one.
     verified: std::sync::Mutex<std::collections::HashSet<object_store::path::Path>>,
+    /// Whether `verified` holds what `verified.json` held.
+    verified_loaded: std::sync::atomic::AtomicBool,
+    /// How many files `verified.json` names, as this process last wrote it.
+    saved: std::sync::atomic::AtomicUsize,
+    /// The files of the latest verified snapshot, and where re-reading them goes on.
+    last_files: std::sync::Mutex<Vec<DataFile>>,
+    recheck: std::sync::Mutex<usize>,
+    last_recheck: std::sync::Mutex<std::time::Instant>,
+    /// The rows of files lambdaflow did not name (`None`: unreadable).
+    rows: std::sync::Mutex<HashMap<object_store::path::Path, Option<files::FileRows>>>,
+    /// The foreign files of the latest snapshot read.
+    foreign: std::sync::Mutex<Vec<ForeignFile>>,
 }
 
 /// The Parquet metadata key of a chunk file's resume token.
 const RESUME_KEY: &str = "lambdaflow.resume_token";
+
+/// Lambdaflow's records about the table, under the root beside it (not in
+/// it: a vacuum by another engine removes what the table does not name):
+/// `resume/p<p>-<end>` the resume token of the chunk of p ending at end
+/// (a compaction drops the chunk file's own copy), `files/<name>.json` the
+/// rows of a file another engine wrote, `verified.json` the files whose
+/// checksum was verified.
+pub const INDEX_DIR: &str = "master_index";
+
+/// An idle driver reads one verified file again this often (a pass over a
+/// table of 1,000 files takes under 1.5 h).
+const RECHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn resume_path(partition: u32, end: u64) -> String {
+    format!("{INDEX_DIR}/resume/p{partition:04}-{end:020}")
+}
 
 fn app_id(partition: u32) -> String {
     format!("lambdaflow-p{partition}")
@@ -344,6 +415,13 @@ impl MasterDataset {
                 h: vec![0; partitions as usize],
             }),
             verified: Default::default(),
+            verified_loaded: Default::default(),
+            saved: Default::default(),
+            recheck: Default::default(),
+            last_files: Default::default(),
+            last_recheck: std::sync::Mutex::new(std::time::Instant::now()),
+            rows: Default::default(),
+            foreign: Default::default(),
         };
         master.evolve_schema().await?;
         // Loads the latest version and its coverage, as `refresh` would.
@@ -353,6 +431,18 @@ impl MasterDataset {
             .iter()
             .filter_map(|f| parse_chunk_name(f.location.filename()?))
             .map(|(p, ..)| p)
+            .chain(
+                snapshot
+                    .files
+                    .iter()
+                    .flat_map(|f| f.chunks.iter().map(|c| c.partition)),
+            )
+            .chain(
+                snapshot
+                    .foreign
+                    .iter()
+                    .filter_map(|f| parse_chunk_name(f.path.rsplit('/').next()?).map(|(p, ..)| p)),
+            )
             .find(|&p| p >= partitions)
         {
             return Err(MasterError::PartitionMismatch {
@@ -479,11 +569,21 @@ impl MasterDataset {
     }
 
     /// Per partition, the resume token kept by the committed chunk that
-    /// ends at `at[p]` (none at 0, or when the stream keeps none).
+    /// ends at `at[p]` (none at 0, or when the stream keeps none): from the
+    /// index beside the table, or (a table written before it) the chunk
+    /// file's own metadata.
     pub async fn resume_tokens(&self, at: &[u64]) -> Result<Vec<Option<String>>, MasterError> {
         let snapshot = self.snapshot().await?;
         let mut out = Vec::with_capacity(at.len());
         for (p, &end) in at.iter().enumerate() {
+            if end == 0 {
+                out.push(None);
+                continue;
+            }
+            if let Some(b) = self.storage.get(&resume_path(p as u32, end)).await? {
+                out.push(Some(String::from_utf8_lossy(&b).into_owned()));
+                continue;
+            }
             let file = snapshot.files.iter().find(|f| {
                 f.location
                     .filename()
@@ -509,66 +609,335 @@ impl MasterDataset {
         Ok(out)
     }
 
+    /// The foreign files of the latest snapshot read (rows another engine
+    /// appended, left out of batch runs).
+    pub fn foreign(&self) -> Vec<ForeignFile> {
+        self.foreign.lock().expect("foreign lock").clone()
+    }
+
     async fn snapshot_of(&self, table: &DeltaTable) -> Result<MasterSnapshot, MasterError> {
         let coverage = Self::coverage_of(table, self.partitions()).await?;
         let snapshot = table.snapshot().map_err(delta("read the table"))?;
         let table_prefix = self.storage.path(TABLE_DIR);
-        let mut files = Vec::new();
+        let mut raw = Vec::new();
         for f in snapshot.log_data().iter() {
             let rel = f.object_store_path();
             let mut location = table_prefix.clone();
             for part in rel.parts() {
                 location = location.join(part);
             }
-            files.push(DataFile {
+            let file = DataFile {
                 location,
                 size: f.size().max(0) as u64,
                 records: f.num_records().map(|n| n as u64),
+                chunks: Vec::new(),
+            };
+            raw.push((f.modification_time(), file));
+        }
+        // Oldest first: of two rewrites holding one event, the older keeps it.
+        raw.sort_by(|a, b| (a.0, &a.1.location).cmp(&(b.0, &b.1.location)));
+        let mut candidates = Vec::with_capacity(raw.len());
+        for (_, f) in &raw {
+            let named = f
+                .location
+                .filename()
+                .and_then(parse_chunk_name)
+                .map(|(p, s, e, _)| (p, s, e));
+            let rows = match named {
+                Some(_) => None,
+                None => self.rows_of(f).await?,
+            };
+            candidates.push(files::Candidate {
+                named,
+                rows,
+                records: f.records,
             });
         }
-        files.sort_by(|a, b| a.location.cmp(&b.location));
-        Ok(MasterSnapshot { coverage, files })
+        let (held, lost) = files::classify(&coverage.h, &candidates);
+        let mut out = Vec::with_capacity(raw.len());
+        let mut foreign = Vec::new();
+        for (((_, mut f), held), c) in raw.into_iter().zip(held).zip(&candidates) {
+            match held {
+                files::Held::Chunks(chunks) => {
+                    f.chunks = chunks;
+                    out.push(f);
+                }
+                files::Held::Foreign(why) => foreign.push(ForeignFile {
+                    path: f.location.to_string(),
+                    rows: c.rows.as_ref().map(|r| r.rows).or(f.records).unwrap_or(0),
+                    why,
+                }),
+            }
+        }
+        out.sort_by(|a, b| a.location.cmp(&b.location));
+        if !foreign.is_empty() {
+            let mut seen = self.foreign.lock().expect("foreign lock");
+            if *seen != foreign {
+                for f in &foreign {
+                    tracing::warn!(path = %f.path, rows = f.rows, why = %f.why, "the master dataset holds a file lambdaflow did not write; its rows are left out of the batch views");
+                }
+            }
+            *seen = foreign.clone();
+        } else {
+            self.foreign.lock().expect("foreign lock").clear();
+        }
+        Ok(MasterSnapshot {
+            coverage,
+            files: out,
+            foreign,
+            lost,
+        })
     }
 
-    /// Checks each file's bytes against the checksum in its name (once per
-    /// file and process: files are immutable). Reads them in full, so the
-    /// batch layer never computes a view over damaged events.
-    pub async fn verify(&self, files: &[DataFile]) -> Result<(), MasterError> {
-        for f in files {
-            if self
-                .verified
-                .lock()
-                .expect("verified lock")
-                .contains(&f.location)
-            {
-                continue;
+    /// The (partition, offset) rows of a file lambdaflow did not name: read
+    /// once (its two columns) and kept beside the table. `None` when they
+    /// cannot be read (no such columns): a foreign file.
+    async fn rows_of(&self, f: &DataFile) -> Result<Option<files::FileRows>, MasterError> {
+        if let Some(r) = self.rows.lock().expect("rows lock").get(&f.location) {
+            return Ok(r.clone());
+        }
+        let name = f.location.filename().unwrap_or("file").to_string();
+        let kept = format!("{INDEX_DIR}/files/{name}.json");
+        let rows = match self.storage.get(&kept).await? {
+            Some(b) => serde_json::from_slice::<files::FileRows>(&b).ok(),
+            None => None,
+        };
+        let rows = match rows {
+            Some(r) => Some(r),
+            None => {
+                let bytes = match self.storage.read_at(&f.location).await {
+                    Ok(b) => b,
+                    // Gone: what it held is unheld (`lost`), found by `verify`.
+                    Err(e) if is_not_found(&e) => return Ok(None),
+                    Err(e) => return Err(e.into()),
+                };
+                let rows = tokio::task::spawn_blocking(move || read_rows(bytes))
+                    .await
+                    .map_err(|e| MasterError::Encode(e.to_string()))?;
+                if let Some(r) = &rows {
+                    let json = serde_json::to_vec(r).expect("rows serialize");
+                    self.storage.put(&kept, json.into()).await?;
+                }
+                rows
             }
-            let Some((partition, start, end, Some(expected))) =
-                f.location.filename().and_then(parse_chunk_name)
-            else {
-                continue; // written by an older version or another tool: no checksum
-            };
-            let bytes = self.storage.read_at(&f.location).await?;
-            let found = crc32c::crc32c(&bytes);
-            if found != expected {
-                return Err(MasterError::Corrupt {
+        };
+        self.rows
+            .lock()
+            .expect("rows lock")
+            .insert(f.location.clone(), rows.clone());
+        Ok(rows)
+    }
+
+    /// Checks a snapshot's files before a run reads them: every file is
+    /// there (one listing of the table), no range below the coverage is
+    /// unheld, and each file's bytes match the checksum in its name. A file
+    /// is read for its checksum once, ever: the files verified (or written
+    /// by this process) are recorded beside the table and trusted after a
+    /// restart or a failover, so the first run of a new driver reads only
+    /// what changed. Damage done to a verified file later is still found:
+    /// [`MasterDataset::recheck`] reads them again, one at a time, between runs.
+    pub async fn verify(&self, snapshot: &MasterSnapshot) -> Result<(), MasterError> {
+        if let Some(l) = snapshot.lost.first() {
+            return Err(MasterError::Lost {
+                partition: l.partition,
+                start: l.start,
+                end: l.end,
+            });
+        }
+        self.load_verified().await?;
+        let present = self.listing().await?;
+        let chunk_of = |f: &DataFile| f.location.filename().and_then(parse_chunk_name);
+        for f in &snapshot.files {
+            if !present.contains_key(&f.location) {
+                self.verified
+                    .lock()
+                    .expect("verified lock")
+                    .remove(&f.location);
+                return Err(MasterError::Missing {
                     path: f.location.to_string(),
-                    partition,
-                    start,
-                    end,
-                    expected,
-                    found,
+                    chunk: chunk_of(f).and_then(|(p, s, e, c)| Some((p, s, e, c?))),
                 });
             }
-            self.verified
+        }
+        let mut fresh = false;
+        let todo: Vec<&DataFile> = {
+            let verified = self.verified.lock().expect("verified lock");
+            snapshot
+                .files
+                .iter()
+                .filter(|f| {
+                    !verified.contains(&f.location) || present.get(&f.location) != Some(&f.size)
+                })
+                .collect()
+        };
+        for f in todo {
+            self.check(f).await?;
+            fresh |= self
+                .verified
                 .lock()
                 .expect("verified lock")
                 .insert(f.location.clone());
         }
+        *self.last_files.lock().expect("last files lock") = snapshot.files.clone();
+        // Files this process wrote are verified without being read: record them too.
+        let recorded = {
+            let v = self.verified.lock().expect("verified lock");
+            snapshot
+                .files
+                .iter()
+                .filter(|f| v.contains(&f.location))
+                .count()
+        };
+        let saved = self
+            .saved
+            .swap(recorded, std::sync::atomic::Ordering::Relaxed);
+        if fresh || recorded != saved {
+            self.save_verified(snapshot).await;
+        }
         Ok(())
     }
 
-    /// Rewrites a corrupt chunk file from the stream's copy of its events, if
+    /// Reads a file and checks it against the checksum in its name (a file
+    /// without one — another engine's — only has to be there).
+    async fn check(&self, f: &DataFile) -> Result<(), MasterError> {
+        {
+            if let Some((partition, start, end, Some(expected))) =
+                f.location.filename().and_then(parse_chunk_name)
+            {
+                let bytes = self.storage.read_at(&f.location).await.map_err(|e| {
+                    if is_not_found(&e) {
+                        MasterError::Missing {
+                            path: f.location.to_string(),
+                            chunk: Some((partition, start, end, expected)),
+                        }
+                    } else {
+                        e.into()
+                    }
+                })?;
+                let found = crc32c::crc32c(&bytes);
+                if found != expected {
+                    self.verified
+                        .lock()
+                        .expect("verified lock")
+                        .remove(&f.location);
+                    return Err(MasterError::Corrupt {
+                        path: f.location.to_string(),
+                        partition,
+                        start,
+                        end,
+                        expected,
+                        found,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads again the next verified file of the latest verified snapshot,
+    /// in turn (between runs, when the driver is idle): damage done to a
+    /// file after it was verified is found within one pass over the table,
+    /// and repaired as at a run.
+    pub async fn recheck(&self) -> Result<(), MasterError> {
+        let f = {
+            let files = self.last_files.lock().expect("last files lock");
+            let mut last = self.last_recheck.lock().expect("recheck lock");
+            if files.is_empty() || last.elapsed() < RECHECK_EVERY {
+                return Ok(());
+            }
+            *last = std::time::Instant::now();
+            let mut at = self.recheck.lock().expect("recheck lock");
+            *at %= files.len();
+            let f = files[*at].clone();
+            *at += 1;
+            f
+        };
+        if let Err(e) = self.check(&f).await {
+            self.verified
+                .lock()
+                .expect("verified lock")
+                .remove(&f.location);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The table's files and their sizes (one listing).
+    async fn listing(&self) -> Result<HashMap<object_store::path::Path, u64>, MasterError> {
+        let prefix = self.storage.path(TABLE_DIR);
+        let listed = match self
+            .storage
+            .store()
+            .list_with_delimiter(Some(&prefix))
+            .await
+        {
+            Ok(l) => l.objects,
+            Err(object_store::Error::NotFound { .. }) => Vec::new(),
+            Err(source) => {
+                return Err(StorageError::Io {
+                    op: "list",
+                    path: prefix.to_string(),
+                    source,
+                }
+                .into());
+            }
+        };
+        Ok(listed.into_iter().map(|o| (o.location, o.size)).collect())
+    }
+
+    /// The paths of `snapshot`'s files that are not on storage.
+    pub async fn absent(&self, snapshot: &MasterSnapshot) -> Result<Vec<String>, MasterError> {
+        let present = self.listing().await?;
+        Ok(snapshot
+            .files
+            .iter()
+            .filter(|f| !present.contains_key(&f.location))
+            .map(|f| f.location.to_string())
+            .collect())
+    }
+
+    async fn load_verified(&self) -> Result<(), MasterError> {
+        use std::sync::atomic::Ordering;
+        if self.verified_loaded.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if let Some(b) = self
+            .storage
+            .get(&format!("{INDEX_DIR}/verified.json"))
+            .await?
+        {
+            let names: Vec<String> = serde_json::from_slice(&b).unwrap_or_default();
+            let prefix = self.storage.path(TABLE_DIR);
+            let mut v = self.verified.lock().expect("verified lock");
+            v.extend(names.iter().map(|n| prefix.clone().join(n.as_str())));
+        }
+        self.verified_loaded.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Records the verified files of `snapshot` (best effort: a file not
+    /// recorded is only verified again).
+    async fn save_verified(&self, snapshot: &MasterSnapshot) {
+        let names: Vec<String> = {
+            let v = self.verified.lock().expect("verified lock");
+            snapshot
+                .files
+                .iter()
+                .filter(|f| v.contains(&f.location))
+                .filter_map(|f| f.location.filename().map(str::to_string))
+                .collect()
+        };
+        let json = serde_json::to_vec(&names).expect("names serialize");
+        if let Err(e) = self
+            .storage
+            .put(&format!("{INDEX_DIR}/verified.json"), json.into())
+            .await
+        {
+            tracing::warn!(error = %crate::error::chain(&e), "could not record the verified master dataset files");
+        }
+    }
+
+    /// Rewrites a corrupt or missing chunk file from the stream's copy of its events, if
     /// the rewrite reproduces the checksum the file was committed with (the
     /// encoding is deterministic); otherwise leaves it alone.
     pub async fn repair(
@@ -576,18 +945,21 @@ impl MasterDataset {
         bad: &MasterError,
         source: &dyn Source,
     ) -> Result<bool, MasterError> {
-        let MasterError::Corrupt {
-            path,
-            partition,
-            start,
-            end,
-            expected,
-            ..
-        } = bad
-        else {
-            return Ok(false);
+        let (path, p, start, end, expected) = match bad {
+            MasterError::Corrupt {
+                path,
+                partition,
+                start,
+                end,
+                expected,
+                ..
+            } => (path, *partition, *start, *end, expected),
+            MasterError::Missing {
+                path,
+                chunk: Some((partition, start, end, expected)),
+            } => (path, *partition, *start, *end, expected),
+            _ => return Ok(false),
         };
-        let (p, start, end) = (*partition, *start, *end);
         if source.start(p).map_or(true, |s| s > start) {
             return Ok(false); // retention already removed them
         }
@@ -690,6 +1062,7 @@ impl MasterDataset {
 
         let mut actions = Vec::with_capacity(todo.len());
         let mut txns = Vec::with_capacity(todo.len());
+        let mut written = Vec::with_capacity(todo.len());
         for c in todo {
             let (partition, start, end, n) = (
                 c.range.partition,
@@ -699,6 +1072,13 @@ impl MasterDataset {
             );
             let file_schema = self.file_schema.clone();
             let (batches, resume) = (c.batches, c.resume);
+            // The token outlives a compaction of the file (which drops the
+            // file's metadata) beside the table; a racer's is the same.
+            if let Some(t) = &resume {
+                self.storage
+                    .put(&resume_path(partition, end), Bytes::from(t.clone()))
+                    .await?;
+            }
             let encoded = tokio::task::spawn_blocking(move || {
                 encode_chunk(&file_schema, partition, &batches, resume)
             })
@@ -709,6 +1089,7 @@ impl MasterDataset {
             self.storage
                 .put(&format!("{TABLE_DIR}/{name}"), Bytes::from(encoded))
                 .await?;
+            written.push(self.storage.path(TABLE_DIR).join(name.as_str()));
             crate::failpoint::hit("archive-after-parquet");
             let stats = serde_json::json!({
                 "numRecords": n,
@@ -772,6 +1153,8 @@ impl MasterDataset {
         crate::failpoint::hit("archive-after-commit");
         // The commit returns the new state: no need to re-read the log.
         table.state = Some(commit.snapshot());
+        // Their checksums are of the bytes written: no need to read them back.
+        self.verified.lock().expect("verified lock").extend(written);
         let mut cov = self.coverage.lock().expect("coverage lock");
         cov.version = version;
         for (partition, end) in txns {
@@ -782,6 +1165,45 @@ impl MasterDataset {
         }
         Ok(CommitOutcome::Committed { version })
     }
+}
+
+fn is_not_found(e: &StorageError) -> bool {
+    matches!(
+        e,
+        StorageError::Io {
+            source: object_store::Error::NotFound { .. },
+            ..
+        }
+    )
+}
+
+/// The (partition, offset) pairs of a Parquet file's `_partition` and
+/// `_offset` columns, as runs; `None` if it has no such columns.
+fn read_rows(bytes: Bytes) -> Option<files::FileRows> {
+    use arrow::array::Array;
+    use datafusion::parquet::arrow::ProjectionMask;
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).ok()?;
+    let schema = builder.schema().clone();
+    let ip = schema.index_of(PARTITION_COLUMN).ok()?;
+    let io = schema.index_of(OFFSET_COLUMN).ok()?;
+    let mask = ProjectionMask::roots(builder.parquet_schema(), [ip, io]);
+    let reader = builder.with_projection(mask).build().ok()?;
+    let mut pairs = Vec::new();
+    for batch in reader {
+        let batch = batch.ok()?;
+        let p = cast(batch.column_by_name(PARTITION_COLUMN)?, &DataType::Int64).ok()?;
+        let o = cast(batch.column_by_name(OFFSET_COLUMN)?, &DataType::Int64).ok()?;
+        let p = p.as_any().downcast_ref::<Int64Array>()?;
+        let o = o.as_any().downcast_ref::<Int64Array>()?;
+        for i in 0..batch.num_rows() {
+            if p.is_null(i) || o.is_null(i) || p.value(i) < 0 || o.value(i) < 0 {
+                return None;
+            }
+            pairs.push((p.value(i) as u32, o.value(i) as u64));
+        }
+    }
+    Some(files::FileRows::of(pairs))
 }
 
 /// Delta's access to the table: an object-store root lends Delta its own

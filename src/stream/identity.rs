@@ -358,17 +358,12 @@ struct Held {
 async fn held(log: &Log, master: &MasterDataset) -> Result<Held, IdentityError> {
     let snapshot = master.snapshot().await?;
     let mut archived_end = snapshot.coverage.h.clone();
-    for f in &snapshot.files {
-        if let Some((p, _, e, _)) = f
-            .location
-            .filename()
-            .and_then(crate::master::parse_chunk_name)
-        {
-            if archived_end.len() <= p as usize {
-                archived_end.resize(p as usize + 1, 0);
-            }
-            archived_end[p as usize] = archived_end[p as usize].max(e);
+    for c in snapshot.files.iter().flat_map(|f| &f.chunks) {
+        let (p, e) = (c.partition, c.end);
+        if archived_end.len() <= p as usize {
+            archived_end.resize(p as usize + 1, 0);
         }
+        archived_end[p as usize] = archived_end[p as usize].max(e);
     }
     let stats = log.stats();
     Ok(Held {

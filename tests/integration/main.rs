@@ -68,6 +68,7 @@ mod kinesis;
 mod kinesis_faults;
 mod live_views;
 mod log;
+mod open_table;
 mod oracle;
 mod pg;
 mod pg_bounds;

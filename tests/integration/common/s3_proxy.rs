@@ -148,6 +148,8 @@ struct State {
     random: Option<Random>,
     injected: Vec<Injected>,
     passed: u64,
+    /// (method, target) of each request that passed.
+    log: Vec<(String, String)>,
 }
 
 impl State {
@@ -271,6 +273,18 @@ impl S3Proxy {
     /// How many requests passed untouched.
     pub fn passed(&self) -> u64 {
         self.state.lock().unwrap().passed
+    }
+
+    /// Requests that passed untouched with `method` and a target containing `path`.
+    pub fn passed_matching(&self, method: &str, path: &str) -> Vec<String> {
+        self.state
+            .lock()
+            .unwrap()
+            .log
+            .iter()
+            .filter(|(m, t)| m == method && t.contains(path))
+            .map(|(_, t)| t.clone())
+            .collect()
     }
 
     /// Faults done so far, by kind.
@@ -598,7 +612,10 @@ fn serve(mut conn: TcpStream, upstream: &str, state: &Mutex<State>) -> std::io::
     match fault {
         None => {
             let answer = forward(upstream, &req)?;
-            state.lock().unwrap().passed += 1;
+            let mut st = state.lock().unwrap();
+            st.passed += 1;
+            st.log.push((req.method.clone(), req.target.clone()));
+            drop(st);
             conn.write_all(&closing(answer))?;
         }
         Some(f @ Fault::SlowDown) => {
