@@ -85,7 +85,9 @@ pub enum LeaseError {
 pub enum Fenced {
     #[error("this node has not taken the driver lease of the shared root")]
     NotTaken,
-    #[error("{node} holds the driver lease (term {term}); only the holder acknowledges events of the embedded log")]
+    #[error(
+        "{node} holds the driver lease (term {term}); only the holder acknowledges events of the embedded log"
+    )]
     Held { node: String, term: u64 },
     #[error(
         "the driver lease was last renewed {} ago (a renewal keeps it valid for {}): the store did not answer or this process was paused",
@@ -259,9 +261,41 @@ impl Lease {
         self.ttl / 4
     }
 
-    /// Whether this node may drive now.
+    /// Whether this node may drive now: it holds the lease and its last
+    /// renewal is recent enough ([`Lease::valid`]).
     pub fn is_held(&self) -> bool {
-        *self.held.borrow()
+        *self.held.borrow() && self.until_lapse() != Some(Duration::ZERO)
+    }
+
+    /// How long this holder stays valid without another renewal (`None`:
+    /// a local root, or never renewed).
+    fn until_lapse(&self) -> Option<Duration> {
+        self.storage.as_ref()?;
+        let at = self.state.lock().expect("lease lock").renewed_at?;
+        let age = self.clock.elapsed().saturating_sub(at);
+        Some((self.ttl - self.margin()).saturating_sub(age))
+    }
+
+    /// Steps down once the validity has passed, saying so.
+    fn step_down_if_lapsed(&self, health: &crate::health::Health) {
+        if *self.held.borrow() && self.until_lapse() == Some(Duration::ZERO) {
+            tracing::warn!("stepping down as the driver: the lease could not be renewed");
+            if self.embedded().is_some() {
+                health.report(
+                    "lease",
+                    &"the driver lease could not be renewed in time: ingest answers 503 until it is",
+                );
+            }
+            self.held.send_replace(false);
+        }
+    }
+
+    /// A sleep until the validity passes (forever when not held).
+    async fn lapse(&self) {
+        match self.until_lapse() {
+            Some(d) if *self.held.borrow() => tokio::time::sleep(d).await,
+            _ => std::future::pending().await,
+        }
     }
 
     /// Changes of [`Lease::is_held`].
@@ -297,7 +331,7 @@ impl Lease {
         if age >= valid {
             return Err(Fenced::Lapsed { age, valid });
         }
-        if !self.is_held() {
+        if !*self.held.borrow() {
             return Err(Fenced::NotTaken);
         }
         Ok(())
@@ -308,6 +342,7 @@ impl Lease {
             .embedded()
             .and_then(|_| self.valid().err())
             .map(|e| e.to_string());
+        let held = self.is_held();
         let s = self.state.lock().expect("lease lock");
         let r = s.record.as_ref();
         LeaseStatus {
@@ -321,7 +356,7 @@ impl Lease {
             node: r.map(|r| r.node.clone()),
             term: r.map_or(0, |r| r.term),
             expires_ms: r.map(|r| r.expires_ms),
-            held: self.is_held(),
+            held,
             fenced,
             refused: s.refused.clone(),
         }
@@ -676,12 +711,19 @@ impl Lease {
         loop {
             // A renewal is bounded by the time between two; validity counts
             // from its start whatever it takes.
-            let attempt = match tokio::time::timeout(every, self.try_acquire()).await {
-                Ok(r) => r,
-                Err(_) => Err(LeaseError::Unanswered {
-                    path: storage_path(&self.storage),
-                    waited: every,
-                }),
+            let renewal = tokio::time::timeout(every, self.try_acquire());
+            tokio::pin!(renewal);
+            let attempt = loop {
+                tokio::select! {
+                    r = &mut renewal => break match r {
+                        Ok(r) => r,
+                        Err(_) => Err(LeaseError::Unanswered {
+                            path: storage_path(&self.storage),
+                            waited: every,
+                        }),
+                    },
+                    _ = self.lapse() => self.step_down_if_lapsed(&health),
+                }
             };
             let refused = self.state.lock().expect("lease lock").refused.clone();
             let note = self.state.lock().expect("lease lock").note.take();
@@ -708,22 +750,20 @@ impl Lease {
                     tracing::warn!(error = %crate::error::chain(&e), "could not read or renew the driver lease");
                 }
             }
-            if self.is_held() && matches!(self.valid(), Err(Fenced::Lapsed { .. })) {
-                tracing::warn!("stepping down as the driver: the lease could not be renewed");
-                if self.embedded().is_some() {
-                    health.report(
-                        "lease",
-                        &"the driver lease could not be renewed in time: ingest answers 503 until it is",
-                    );
+            self.step_down_if_lapsed(&health);
+            let pause = tokio::time::sleep(every);
+            tokio::pin!(pause);
+            loop {
+                tokio::select! {
+                    _ = &mut pause => break,
+                    _ = self.lapse() => self.step_down_if_lapsed(&health),
+                    _ = stop.changed() => {
+                        self.release().await;
+                        return;
+                    }
                 }
-                self.held.send_replace(false);
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = stop.changed() => break,
             }
         }
-        self.release().await;
     }
 }
 
@@ -814,7 +854,10 @@ mod tests {
             "at ttl − margin after the renewal started, the holder must stop acknowledging: {:?}",
             a.valid()
         );
-        assert!(a.try_acquire().await.unwrap(), "its record is still its own");
+        assert!(
+            a.try_acquire().await.unwrap(),
+            "its record is still its own"
+        );
         assert_eq!(a.valid(), Ok(()), "a renewal makes it valid again");
         let b = node(&storage, 1, ttl, manual.clone());
         assert!(!b.try_acquire().await.unwrap());
@@ -853,7 +896,10 @@ mod tests {
             "a changed record is a live holder: B starts its wait again"
         );
         b_clock.advance(ttl + ttl / 4);
-        assert!(b.try_acquire().await.unwrap(), "unchanged for ttl + margin: taken");
+        assert!(
+            b.try_acquire().await.unwrap(),
+            "unchanged for ttl + margin: taken"
+        );
         assert!(!a.try_acquire().await.unwrap(), "A lost it");
         assert!(matches!(a.valid(), Err(Fenced::Held { .. })));
     }
@@ -877,7 +923,10 @@ mod tests {
         manual.advance(ttl);
         assert!(!b.try_acquire().await.unwrap());
         manual.advance(ttl / 4);
-        assert!(b.try_acquire().await.unwrap(), "replaced after ttl + margin");
+        assert!(
+            b.try_acquire().await.unwrap(),
+            "replaced after ttl + margin"
+        );
     }
 
     /// On the embedded log, a taker whose log is not the old holder's does
