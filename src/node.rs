@@ -523,7 +523,12 @@ async fn take_lease(
     let embedded = if config.stream.external() {
         None
     } else {
-        Some((log.clone(), node_id(&config.local_dir())?))
+        let dir = config.local_dir();
+        let id = node_id(&dir).map_err(|source| NodeError::NodeId {
+            path: dir.join("node-id"),
+            source,
+        })?;
+        Some((log.clone(), id))
     };
     lease.attach(master.clone(), embedded);
     // A taker waits until it has seen the record unchanged for the lease
@@ -554,19 +559,15 @@ async fn take_lease(
 /// The identity of this node's embedded log: a random name kept in
 /// `node-id` in its local directory, so a node restarted on its directory
 /// is known as the one whose log holds the events its lease record names.
-fn node_id(dir: &std::path::Path) -> Result<String, NodeError> {
+fn node_id(dir: &std::path::Path) -> std::io::Result<String> {
     let path = dir.join("node-id");
-    let err = |source| NodeError::NodeId {
-        path: path.clone(),
-        source,
-    };
     match std::fs::read_to_string(&path) {
         Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
+        Err(e) => return Err(e),
     }
-    std::fs::create_dir_all(dir).map_err(err)?;
+    std::fs::create_dir_all(dir)?;
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
@@ -576,11 +577,9 @@ fn node_id(dir: &std::path::Path) -> Result<String, NodeError> {
         crate::storage::writer_id()
     );
     let tmp = dir.join("node-id.tmp");
-    std::fs::write(&tmp, &id).map_err(err)?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(err)?;
-    std::fs::rename(&tmp, &path).map_err(err)?;
+    std::fs::write(&tmp, &id)?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all())?;
+    std::fs::rename(&tmp, &path)?;
     Ok(id)
 }
 
