@@ -77,6 +77,16 @@ pub enum NodeError {
     Identity(#[from] crate::stream::identity::IdentityError),
     #[error("another node ({node}) holds the driver lease of {root}")]
     LeaseHeld { root: String, node: String },
+    #[error("this node does not take the driver lease of {root}: {why}")]
+    LeaseRefused { root: String, why: String },
+    #[error("could not read or create this node's log identity {}", path.display())]
+    NodeId {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Lease(#[from] crate::batch::lease::LeaseError),
 }
 
 impl crate::error::Explain for NodeError {
@@ -98,6 +108,7 @@ impl crate::error::Explain for NodeError {
             NodeError::Engine(e) => e.hint(),
             NodeError::Batch(e) => e.hint(),
             NodeError::Identity(e) => e.hint(),
+            NodeError::LeaseRefused { .. } => Some("start this node again once the other node's events are archived (`lambdaflow status` on it)".into()),
             NodeError::LeaseHeld { .. } => Some("a node on the embedded log must drive; stop the other node, or use Kafka or Kinesis as the stream to run several nodes on one root".into()),
             _ => None,
         }
@@ -408,7 +419,11 @@ pub async fn assemble_over(
     ));
     let ingest = Arc::new(ingest);
 
-    let lease = take_lease(&config, &clock).await?;
+    let lease = take_lease(&config, &clock, &master, &log).await?;
+    if config.data_is_remote() && !config.stream.external() {
+        // Only a valid holder acknowledges events of the embedded log.
+        let _ = ingest.fence.set(lease.clone());
+    }
     if !lease.is_held() {
         follow_published_views(&batch, &health).await?;
     }
@@ -524,7 +539,12 @@ async fn follow_published_views(batch: &BatchLayer, health: &Health) -> Result<(
 /// shared one, taken now if free. A node on the embedded log must drive
 /// (its log is the only copy of its events until archived), so it waits for
 /// a lease another process holds to expire, and refuses to start if it does not.
-async fn take_lease(config: &Config, clock: &SharedClock) -> Result<Arc<Lease>, NodeError> {
+async fn take_lease(
+    config: &Config,
+    clock: &SharedClock,
+    master: &Arc<MasterDataset>,
+    log: &Arc<Log>,
+) -> Result<Arc<Lease>, NodeError> {
     if !config.data_is_remote() {
         return Ok(Lease::local(clock.clone()));
     }
@@ -537,13 +557,32 @@ async fn take_lease(config: &Config, clock: &SharedClock) -> Result<Arc<Lease>, 
         config.batch.lease,
         clock.clone(),
     );
-    let deadline = std::time::Instant::now() + config.batch.lease + config.batch.lease / 2;
+    let embedded = if config.stream.external() {
+        None
+    } else {
+        let dir = config.local_dir();
+        let id = node_id(&dir).map_err(|source| NodeError::NodeId {
+            path: dir.join("node-id"),
+            source,
+        })?;
+        Some((log.clone(), id))
+    };
+    lease.attach(master.clone(), embedded);
+    // A taker waits until it has seen the record unchanged for the lease
+    // and its margin (see `batch::lease`), polling every third of it.
+    let deadline = std::time::Instant::now() + config.batch.lease * 2;
     loop {
         if lease.try_acquire().await? || config.stream.external() {
             return Ok(lease);
         }
+        let s = lease.status();
+        if let Some(why) = s.refused {
+            return Err(NodeError::LeaseRefused {
+                root: config.data.display().to_string(),
+                why,
+            });
+        }
         if std::time::Instant::now() >= deadline {
-            let s = lease.status();
             return Err(NodeError::LeaseHeld {
                 root: config.data.display().to_string(),
                 node: s.node.unwrap_or_default(),
@@ -552,6 +591,33 @@ async fn take_lease(config: &Config, clock: &SharedClock) -> Result<Arc<Lease>, 
         tracing::info!("waiting for the driver lease: with the embedded log, this node must drive");
         tokio::time::sleep(config.batch.lease / 3).await;
     }
+}
+
+/// The identity of this node's embedded log: a random name kept in
+/// `node-id` in its local directory, so a node restarted on its directory
+/// is known as the one whose log holds the events its lease record names.
+fn node_id(dir: &std::path::Path) -> std::io::Result<String> {
+    let path = dir.join("node-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::create_dir_all(dir)?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let id = format!(
+        "{:016x}-{}",
+        crc32c::crc32c(format!("{nanos}{}", dir.display()).as_bytes()) as u128 ^ nanos,
+        crate::storage::writer_id()
+    );
+    let tmp = dir.join("node-id.tmp");
+    std::fs::write(&tmp, &id)?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all())?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(id)
 }
 
 impl Node {

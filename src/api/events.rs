@@ -73,6 +73,7 @@ pub(super) async fn post_events(
                 )
                 | IngestError::Backlogged { .. }
                 | IngestError::NotStored { .. }
+                | IngestError::NotDriving(_)
                 | IngestError::Kafka(_)
                 | IngestError::Kinesis(_) => StatusCode::SERVICE_UNAVAILABLE,
                 IngestError::Log(LogError::NoSpace { .. })

@@ -75,6 +75,10 @@ pub enum MasterError {
     )]
     PartitionMismatch { found: u32, configured: u32 },
     #[error(
+        "the master dataset holds commits of driver lease term {table_term}; this node drives under the older term {term} and commits nothing more"
+    )]
+    Fenced { term: u64, table_term: u64 },
+    #[error(
         "chunk [{start}, {end}) of partition {partition} does not follow the master dataset, which covers partition {partition} up to {committed}"
     )]
     Gap {
@@ -285,7 +289,14 @@ pub struct MasterDataset {
     rows: std::sync::Mutex<HashMap<object_store::path::Path, Option<files::FileRows>>>,
     /// The foreign files of the latest snapshot read.
     foreign: std::sync::Mutex<Vec<ForeignFile>>,
+    /// The driver lease's term this process commits under (0: a local root,
+    /// not fenced). See [`MasterDataset::commit_chunks`].
+    term: std::sync::atomic::AtomicU64,
 }
+
+/// The application transaction every commit on a shared root carries: its
+/// version is the driver lease's term.
+pub const TERM_APP: &str = "lambdaflow-term";
 
 /// The Parquet metadata key of a chunk file's resume token.
 const RESUME_KEY: &str = "lambdaflow.resume_token";
@@ -422,6 +433,7 @@ impl MasterDataset {
             last_recheck: std::sync::Mutex::new(std::time::Instant::now()),
             rows: Default::default(),
             foreign: Default::default(),
+            term: 0.into(),
         };
         master.evolve_schema().await?;
         // Loads the latest version and its coverage, as `refresh` would.
@@ -512,6 +524,31 @@ impl MasterDataset {
     /// The coverage of the latest version this process has seen.
     pub fn coverage(&self) -> Coverage {
         self.coverage.lock().expect("coverage lock").clone()
+    }
+
+    /// Commits from now on carry `term` and are refused once the table holds
+    /// a higher one (the driver lease's term; see `batch::lease`).
+    pub fn set_term(&self, term: u64) {
+        self.term.store(term, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The highest driver lease term any commit of the table carries.
+    pub async fn table_term(&self) -> Result<u64, MasterError> {
+        let mut table = self.table.lock().await;
+        table
+            .update_state()
+            .await
+            .map_err(delta("read the table log"))?;
+        Self::term_of(&table).await
+    }
+
+    async fn term_of(table: &DeltaTable) -> Result<u64, MasterError> {
+        let snapshot = table.snapshot().map_err(delta("read the table"))?;
+        let v = snapshot
+            .transaction_version(table.log_store().as_ref(), TERM_APP)
+            .await
+            .map_err(delta("read the application transactions"))?;
+        Ok(v.map_or(0, |v| v.max(0) as u64))
     }
 
     /// Reloads the latest table version and its coverage.
@@ -1059,6 +1096,17 @@ impl MasterDataset {
         if todo.is_empty() {
             return Ok(CommitOutcome::AlreadyCommitted);
         }
+        // Fencing: a commit carries the lease term as an application
+        // transaction, and Delta fails a commit when one committed since its
+        // snapshot carries the same application id — so this check against
+        // the snapshot cannot be overtaken by a newer term's commit.
+        let term = self.term.load(std::sync::atomic::Ordering::SeqCst);
+        if term > 0 {
+            let table_term = Self::term_of(&table).await?;
+            if table_term > term {
+                return Err(MasterError::Fenced { term, table_term });
+            }
+        }
 
         let mut actions = Vec::with_capacity(todo.len());
         let mut txns = Vec::with_capacity(todo.len());
@@ -1129,6 +1177,7 @@ impl MasterDataset {
             .with_application_transactions(
                 txns.iter()
                     .map(|&(p, end)| Transaction::new(app_id(p), end as i64))
+                    .chain((term > 0).then(|| Transaction::new(TERM_APP, term as i64)))
                     .collect::<Vec<_>>(),
             )
             .with_cleanup_expired_logs(Some((next + 1) % interval == 0));

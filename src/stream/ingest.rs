@@ -299,6 +299,10 @@ pub enum IngestError {
         lines: u64,
         detail: String,
     },
+    /// On a shared root, only the driver lease's valid holder acknowledges
+    /// events of the embedded log; nothing of the request was stored.
+    #[error("not acknowledged: {0}")]
+    NotDriving(#[from] crate::batch::lease::Fenced),
     /// This node consumes an external stream; its producers send there.
     #[error(
         "this node consumes {stream}; send events to it directly (for example `lambdaflow produce --kafka BROKERS --topic TOPIC`)"
@@ -312,6 +316,10 @@ impl crate::error::Explain for IngestError {
             IngestError::EmptyBody => Some("send one JSON event per line (NDJSON)".into()),
             IngestError::Backlogged { .. } => Some(
                 "the batch layer is not publishing (see `lambdaflow status`); retry after it has caught up"
+                    .into(),
+            ),
+            IngestError::NotDriving(_) => Some(
+                "retry; `lambdaflow status` shows the lease holder (with the embedded log, send events to the node that drives)"
                     .into(),
             ),
             _ => None,
@@ -382,6 +390,7 @@ impl IngestError {
             ) | IngestError::DeadLetter(DeadLetterError::NoSpace { .. })
                 | IngestError::Backlogged { .. }
                 | IngestError::NotStored { .. }
+                | IngestError::NotDriving(_)
         )
     }
 }
@@ -438,6 +447,9 @@ pub struct Ingest {
     /// The external stream this node consumes, if any: `POST /v1/events`
     /// produces the accepted lines into it instead of the embedded log.
     pub producer: Option<Arc<Producer>>,
+    /// On a shared root with the embedded log, the driver lease that
+    /// fences acknowledgements ([`crate::batch::lease::Lease::reserve`]).
+    pub fence: std::sync::OnceLock<Arc<crate::batch::lease::Lease>>,
 }
 
 impl Ingest {
@@ -452,6 +464,7 @@ impl Ingest {
             health: None,
             failing: std::sync::atomic::AtomicBool::new(false),
             producer: None,
+            fence: std::sync::OnceLock::new(),
         }
     }
 
@@ -557,6 +570,20 @@ impl Ingest {
             return self.produce(producer, &body, lines, report).await;
         }
         if accepted > 0 {
+            // Fenced: reserved under the driver lease before anything is stored.
+            let counts: Vec<(u32, u64)> = batches
+                .iter()
+                .map(|(p, b)| (*p, b.num_rows() as u64))
+                .collect();
+            let _reservation = match self.fence.get() {
+                Some(lease) => Some(
+                    lease
+                        .reserve(&counts)
+                        .await
+                        .map_err(|e| fail(IngestError::NotDriving(e)))?,
+                ),
+                None => None,
+            };
             let acks = match self.log.append_all(batches).await {
                 Ok(acks) => acks,
                 Err(e) => {

@@ -54,6 +54,7 @@ mod crash_loop;
 mod dashboard;
 mod evolve;
 mod faults;
+mod fencing;
 mod golden;
 mod hostile;
 mod hostile_sql;

@@ -1,0 +1,254 @@
+//! Fencing for the embedded log on a shared S3 root (issue 32, item 1): two
+//! nodes, each with its own log, one root on moto. Node A acknowledges
+//! events it has not archived yet, then is paused (`kill -STOP`) or cut off
+//! from S3 for longer than the lease, while node B starts. Whatever happens,
+//! every event any node acknowledged ends up in the Delta table exactly
+//! once, and A's health says what happened.
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::common::s3_proxy::{Fault, Matcher, S3Proxy};
+use crate::common::{self, Server, Site};
+use crate::oracle::{make, ndjson};
+use crate::s3::Moto;
+
+/// A lease of 2 s; chunks that stay open for seconds, so A's events are
+/// acknowledged and not archived when it stops.
+const CONFIG: &str = "[speed]\ninterval = \"10ms\"\n[archive]\nchunk_events = 200\nchunk_age = \"6s\"\n[batch]\npause = \"250ms\"\nlease = \"2s\"\npoll = \"200ms\"\n";
+
+/// What the test sent and how each request was answered.
+#[derive(Default)]
+struct Sent {
+    next: i64,
+    /// zipcode → the node that acknowledged it.
+    acked: BTreeMap<i64, &'static str>,
+    /// (node, status, reply) of every request not acknowledged.
+    refused: Vec<(&'static str, u16, String)>,
+}
+
+impl Sent {
+    /// Sends `requests` requests of 50 events to `url`.
+    fn send(&mut self, node: &'static str, url: &str, requests: usize) {
+        for _ in 0..requests {
+            let events: Vec<_> = (0..50).map(|i| make(self.next + i)).collect();
+            self.next += 50;
+            match common::post_events(url, ndjson(&events)) {
+                Ok((200, _)) => {
+                    for e in &events {
+                        self.acked.insert(e.zipcode, node);
+                    }
+                }
+                Ok((status, reply)) => self.refused.push((node, status, reply.to_string())),
+                Err(e) => self.refused.push((node, 0, e)),
+            }
+        }
+    }
+
+    fn acked_by(&self, node: &str) -> usize {
+        self.acked.values().filter(|n| **n == node).count()
+    }
+}
+
+fn signal(server: &Server, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+fn wait_driving(server: &Server) {
+    let t = Instant::now();
+    while server.status()["cluster"]["lease"]["held"] != true {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "node A takes the driver lease of a new root"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts B on the root; `None` when it refused to start (its log in `log`).
+fn start_b(site: &Site, log: &std::path::Path) -> Option<Server> {
+    site.try_serve(
+        &[("RUST_LOG", "warn")],
+        Stdio::from(std::fs::File::create(log).unwrap()),
+    )
+    .ok()
+}
+
+/// Waits until every acknowledged event is in the master dataset, then
+/// checks each is there exactly once (a (partition, offset) twice fails in
+/// `master_events_in`).
+fn assert_every_ack_archived_once(moto: &Moto, root: &str, sent: &Sent) {
+    let storage = moto.storage(root);
+    let t = Instant::now();
+    loop {
+        let (rows, _) = common::master_events_in(&storage, 2);
+        let mut count: BTreeMap<i64, usize> = BTreeMap::new();
+        for z in rows.values() {
+            *count.entry(*z).or_default() += 1;
+        }
+        let missing: Vec<_> = sent
+            .acked
+            .iter()
+            .filter(|(z, _)| !count.contains_key(z))
+            .collect();
+        let twice: Vec<_> = count.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            twice.is_empty(),
+            "an event is in the master dataset once: {twice:?}"
+        );
+        if missing.is_empty() {
+            let foreign: Vec<_> = count
+                .keys()
+                .filter(|z| !sent.acked.contains_key(z))
+                .collect();
+            // A refused request stored nothing: it is not in the table either.
+            assert!(
+                foreign.is_empty(),
+                "only acknowledged events are in the master dataset; also found {foreign:?} (refused: {:?})",
+                sent.refused
+            );
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "every acknowledged event reaches the master dataset: {} of {} missing ({} of A's, {} of B's), e.g. {:?}; the table holds {} rows",
+            missing.len(),
+            sent.acked.len(),
+            missing.iter().filter(|(_, n)| **n == "A").count(),
+            missing.iter().filter(|(_, n)| **n == "B").count(),
+            missing.first(),
+            rows.len()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// A's health: its problems and repairs about the lease.
+fn lease_health(server: &Server) -> Vec<String> {
+    let s: Value = server.status();
+    let h = &s["health"];
+    let mut out = Vec::new();
+    for kind in ["problems", "recovered"] {
+        for p in h[kind].as_array().into_iter().flatten() {
+            if p["component"].as_str().unwrap_or("").starts_with("lease") {
+                out.push(format!(
+                    "{kind}: {}",
+                    p["what"].as_str().or(p["error"].as_str()).unwrap_or("")
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// A acknowledges 150 events, is paused for longer than the lease, B starts
+/// with its own log: B must not hand A's offsets out again (it refuses to
+/// take over, saying why), A resumes and archives what it acknowledged.
+#[test]
+fn a_paused_holder_keeps_its_acknowledged_events() {
+    let moto = Moto::start();
+    let root = moto.bucket("fence-pause");
+    let site_a = moto.site(&root, CONFIG);
+    let site_b = moto.site(&root, CONFIG);
+    let a = site_a.serve(&[]);
+    wait_driving(&a);
+    let mut sent = Sent::default();
+    sent.send("A", &a.url, 3);
+    assert_eq!(
+        sent.acked_by("A"),
+        150,
+        "A acknowledges: {:?}",
+        sent.refused
+    );
+
+    signal(&a, "-STOP");
+    std::thread::sleep(Duration::from_secs(3));
+    let b_log = site_b.dir.path().join("b.log");
+    let b = start_b(&site_b, &b_log);
+    if let Some(b) = &b {
+        sent.send("B", &b.url, 9);
+    }
+    signal(&a, "-CONT");
+    let b_said = std::fs::read_to_string(&b_log).unwrap_or_default();
+    std::thread::sleep(Duration::from_millis(1500));
+    sent.send("A", &a.url, 2);
+
+    assert_every_ack_archived_once(&moto, &root, &sent);
+    assert!(
+        b.is_some() || b_said.contains("acknowledged events not archived"),
+        "B, refused the lease, says why: {b_said}"
+    );
+    let health = lease_health(&a);
+    assert!(
+        health.iter().any(|h| h.contains("not renewed for")),
+        "A's health says its lease lapsed while it was paused and that no other node took it: {health:?}"
+    );
+}
+
+/// A's path to S3 is cut for twice the lease (the process runs): A must
+/// stop acknowledging once its lease is no longer valid by its own clock
+/// (503 with a reason), B must not take over A's unarchived offsets, and
+/// after the cut every acknowledged event is archived exactly once.
+#[test]
+fn a_holder_cut_off_from_s3_stops_acknowledging_and_loses_nothing() {
+    let moto = Moto::start();
+    let root = moto.bucket("fence-cut");
+    let proxy = S3Proxy::start(&moto.endpoint);
+    let site_a = Site::remote(&root, moto.storage(&root), proxy.env(moto.env()), CONFIG);
+    let site_b = moto.site(&root, CONFIG);
+    let a = site_a.serve(&[]);
+    wait_driving(&a);
+    let mut sent = Sent::default();
+    sent.send("A", &a.url, 3);
+    assert_eq!(
+        sent.acked_by("A"),
+        150,
+        "A acknowledges: {:?}",
+        sent.refused
+    );
+
+    let cut = Instant::now();
+    proxy.inject(Matcher::any(), Fault::InternalError, 1_000_000);
+    std::thread::sleep(Duration::from_millis(500));
+    let b_log = site_b.dir.path().join("b.log");
+    let b = start_b(&site_b, &b_log);
+    if let Some(b) = &b {
+        sent.send("B", &b.url, 9);
+    }
+    // Past A's validity (1.5 s after its last renewal started), still cut.
+    while cut.elapsed() < Duration::from_millis(2500) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = sent.refused.len();
+    sent.send("A", &a.url, 1);
+    let during = sent.refused[before..].to_vec();
+    while cut.elapsed() < Duration::from_secs(4) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    proxy.heal();
+    let b_said = std::fs::read_to_string(&b_log).unwrap_or_default();
+    std::thread::sleep(Duration::from_millis(2000));
+    sent.send("A", &a.url, 2);
+
+    assert_every_ack_archived_once(&moto, &root, &sent);
+    assert!(
+        during.len() == 1 && during[0].1 == 503 && during[0].2.contains("lease"),
+        "A, cut off from S3 past its lease's validity, refuses ingest with 503 and the reason: {during:?}"
+    );
+    assert!(
+        b.is_some() || b_said.contains("acknowledged events not archived"),
+        "B, refused the lease, says why: {b_said}"
+    );
+    let health = lease_health(&a);
+    assert!(
+        !health.is_empty(),
+        "A's health tells of the lease it could not renew: {health:?}"
+    );
+}
