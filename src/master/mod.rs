@@ -534,11 +534,12 @@ impl MasterDataset {
 
     /// The highest driver lease term any commit of the table carries.
     pub async fn table_term(&self) -> Result<u64, MasterError> {
-        let mut table = self.table.lock().await;
-        table
-            .update_state()
-            .await
-            .map_err(delta("read the table log"))?;
+        // The table's state and its cached coverage move together: a state
+        // updated alone made a commit check its chunks against an older
+        // coverage and commit them on the newer state, past the conflict
+        // check (two drivers' overlapping chunks both committed).
+        self.refresh().await?;
+        let table = self.table.lock().await;
         Self::term_of(&table).await
     }
 
@@ -1055,7 +1056,14 @@ impl MasterDataset {
         // twice. Against another process, Delta's conflict check on the
         // partitions' application transactions does the same.
         let mut table = self.table.lock().await;
-        let coverage = self.coverage();
+        let mut coverage = self.coverage();
+        let version = table.version().map_or(-1, |v| v as i64);
+        if coverage.version != version {
+            // Never check against a coverage of another version than the
+            // state the commit is built on.
+            coverage = Self::coverage_of(&table, self.partitions()).await?;
+            *self.coverage.lock().expect("coverage lock") = coverage.clone();
+        }
         let mut todo = Vec::with_capacity(chunks.len());
         for c in chunks {
             let ChunkRange {
