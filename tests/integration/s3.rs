@@ -289,7 +289,6 @@ fn an_s3_outage_of_10_s_delays_archiving_and_loses_nothing() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    drop(send);
     eprintln!("{refused} requests refused for the lease during the outage");
     let problem = seen_problem.expect("the outage shows in health within 10 s");
     assert!(
