@@ -439,6 +439,26 @@ impl Lease {
                 self.set_seen(current, false);
                 return Ok(false);
             }
+            // An unreadable record hides its holder's marks: on the embedded
+            // log, that holder may have acknowledged events only its log
+            // holds, and a term this node cannot exceed. Not taken over; an
+            // operator who knows decides (a process of its own, as its last
+            // holder, writes over it).
+            if bytes.is_some() && current.is_none() && !was_mine && self.embedded().is_some() {
+                let path = self
+                    .storage
+                    .as_ref()
+                    .map_or_else(|| LEASE.to_string(), |s| s.path(LEASE).to_string());
+                let why = format!(
+                    "the driver lease record {path} is unreadable: whatever its holder acknowledged and has not archived is unknown, so this node does not take over and hand those offsets out again. If the node that held it can run, restart it on its data directory after deleting {path}; if its disk is lost for good, delete {path} to accept losing what it held"
+                );
+                tracing::warn!(reason = %why, "not taking the driver lease");
+                let mut s = self.state.lock().expect("lease lock");
+                s.refused = Some(why);
+                drop(s);
+                self.set_seen(None, false);
+                return Ok(false);
+            }
             if let Some(r) = &current
                 && let Some(why) = self.unarchived(r).await?
             {
@@ -926,6 +946,52 @@ mod tests {
         assert!(
             b.try_acquire().await.unwrap(),
             "replaced after ttl + margin"
+        );
+    }
+
+    /// On the embedded log, an unreadable record is never taken over by
+    /// another process: its holder's acknowledged marks and term are
+    /// unknown (a taker could reuse both, and lose its events). Deleting it
+    /// is the operator's decision, and then the lease is free.
+    #[tokio::test]
+    async fn an_unreadable_record_on_the_embedded_log_is_refused_until_deleted() {
+        let storage = Storage::memory();
+        let manual = ManualClock::new(1_800_000_000_000);
+        let ttl = Duration::from_secs(10);
+        let schema = Arc::new(crate::schema::EventSchema::paper());
+        let master = Arc::new(MasterDataset::open(&storage, schema, 1).await.unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(
+            Log::open(
+                dir.path(),
+                crate::stream::LogOptions {
+                    partitions: 1,
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        );
+        storage
+            .put(LEASE, Bytes::from_static(b"not json"))
+            .await
+            .unwrap();
+        let b = node(&storage, 1, ttl, manual.clone());
+        b.attach(master.clone(), Some((log.clone(), "log-of-node1".into())));
+        assert!(!b.try_acquire().await.unwrap());
+        manual.advance(ttl + ttl / 4);
+        assert!(
+            !b.try_acquire().await.unwrap(),
+            "an unreadable record's holder may hold acknowledged events only its log has: not taken over"
+        );
+        let refused = b.status().refused.unwrap_or_default();
+        assert!(
+            refused.contains("unreadable") && refused.contains("delete"),
+            "the refusal says why and what to do: {refused}"
+        );
+        storage.delete(LEASE).await.unwrap();
+        assert!(
+            b.try_acquire().await.unwrap(),
+            "a deleted record is the operator's decision: the lease is free"
         );
     }
 
