@@ -949,17 +949,13 @@ mod tests {
         );
     }
 
-    /// On the embedded log, an unreadable record is never taken over by
-    /// another process: its holder's acknowledged marks and term are
-    /// unknown (a taker could reuse both, and lose its events). Deleting it
-    /// is the operator's decision, and then the lease is free.
-    #[tokio::test]
-    async fn an_unreadable_record_on_the_embedded_log_is_refused_until_deleted() {
-        let storage = Storage::memory();
-        let manual = ManualClock::new(1_800_000_000_000);
-        let ttl = Duration::from_secs(10);
+    /// A one-partition master dataset on `storage` and an embedded log in a
+    /// temporary directory (kept alive by the returned guard).
+    async fn embedded_parts(
+        storage: &Storage,
+    ) -> (Arc<MasterDataset>, Arc<Log>, tempfile::TempDir) {
         let schema = Arc::new(crate::schema::EventSchema::paper());
-        let master = Arc::new(MasterDataset::open(&storage, schema, 1).await.unwrap());
+        let master = Arc::new(MasterDataset::open(storage, schema, 1).await.unwrap());
         let dir = tempfile::tempdir().unwrap();
         let log = Arc::new(
             Log::open(
@@ -971,6 +967,19 @@ mod tests {
             )
             .unwrap(),
         );
+        (master, log, dir)
+    }
+
+    /// On the embedded log, an unreadable record is never taken over by
+    /// another process: its holder's acknowledged marks and term are
+    /// unknown (a taker could reuse both, and lose its events). Deleting it
+    /// is the operator's decision, and then the lease is free.
+    #[tokio::test]
+    async fn an_unreadable_record_on_the_embedded_log_is_refused_until_deleted() {
+        let storage = Storage::memory();
+        let manual = ManualClock::new(1_800_000_000_000);
+        let ttl = Duration::from_secs(10);
+        let (master, log, _dir) = embedded_parts(&storage).await;
         storage
             .put(LEASE, Bytes::from_static(b"not json"))
             .await
@@ -1005,19 +1014,7 @@ mod tests {
         let storage = Storage::memory();
         let manual = ManualClock::new(1_800_000_000_000);
         let ttl = Duration::from_secs(10);
-        let schema = Arc::new(crate::schema::EventSchema::paper());
-        let master = Arc::new(MasterDataset::open(&storage, schema, 1).await.unwrap());
-        let dir = tempfile::tempdir().unwrap();
-        let log = Arc::new(
-            Log::open(
-                dir.path(),
-                crate::stream::LogOptions {
-                    partitions: 1,
-                    ..Default::default()
-                },
-            )
-            .unwrap(),
-        );
+        let (master, log, _dir) = embedded_parts(&storage).await;
         let old = LeaseRecord {
             holder: "w0".into(),
             node: "node0".into(),
