@@ -240,24 +240,29 @@ fn config() -> String {
     format!("{}lease = \"3s\"\n", oracle::CONFIG)
 }
 
+/// POSTs `events`, sending them again (up to 50 times, 200 ms apart) while
+/// the node refuses them for the driver lease: acknowledging needs the
+/// lease's marks to cover the events (fencing), a lease write that fails
+/// refuses the request whole and stores nothing.
+fn post_through_lease_refusals(url: &str, events: &[Sent]) -> (u16, Value) {
+    let mut tries = 0;
+    loop {
+        let (status, reply) = common::post_events(url, ndjson(events)).expect("server up");
+        if status == 503 && reply.to_string().contains("lease") && tries < 50 {
+            tries += 1;
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        return (status, reply);
+    }
+}
+
 /// Sends `requests` requests of 50 events from `k` on; all must be acknowledged.
 fn send(url: &str, k: &mut i64, requests: usize, known: &mut BTreeMap<(u32, u64), Sent>) {
     for _ in 0..requests {
         let events: Vec<Sent> = (0..50).map(|i| make(*k + i)).collect();
         *k += 50;
-        let mut tries = 0;
-        let (status, reply) = loop {
-            let (status, reply) = common::post_events(url, ndjson(&events)).expect("server up");
-            // Acknowledging needs the driver lease's marks to cover the
-            // events (`fencing`): a lease write that hangs refuses the
-            // request whole, saying so, and the producer sends it again.
-            if status == 503 && reply.to_string().contains("lease") && tries < 50 {
-                tries += 1;
-                std::thread::sleep(Duration::from_millis(200));
-                continue;
-            }
-            break (status, reply);
-        };
+        let (status, reply) = post_through_lease_refusals(url, &events);
         assert_eq!(
             status, 200,
             "ingest depends on S3 only for the driver lease's marks: {reply}"
@@ -486,19 +491,7 @@ fn a_seeded_run_with_random_s3_faults_is_exact() {
             std::thread::spawn(move || {
                 for r in 0..ROUNDS {
                     let events: Vec<Sent> = (0..50).map(|i| make((r * 3 + t) * 50 + i)).collect();
-                    // A refusal for the driver lease (its marks could not
-                    // be raised through a fault) stores nothing: sent again.
-                    let mut tries = 0;
-                    let (status, reply) = loop {
-                        let (status, reply) =
-                            common::post_events(&url, ndjson(&events)).expect("server up");
-                        if status == 503 && reply.to_string().contains("lease") && tries < 50 {
-                            tries += 1;
-                            std::thread::sleep(Duration::from_millis(200));
-                            continue;
-                        }
-                        break (status, reply);
-                    };
+                    let (status, reply) = post_through_lease_refusals(&url, &events);
                     assert_eq!(
                         status, 200,
                         "ingest depends on S3 only for the driver lease's marks: {reply}"
