@@ -3,7 +3,9 @@
       appends a copy of the first N events of PARTITION (same _partition and
       _offset) as a file of its own, as a user's job might;
   other_engine.py compact TABLE_URI [ENDPOINT]
-      compacts the table's files and vacuums the old ones at once.
+      compacts the table's files and vacuums the old ones at once;
+  other_engine.py count TABLE_URI [ENDPOINT]
+      reads every row of the table (every file it names must be there).
 Prints what it did on stderr, the table's file count on stdout."""
 import sys
 
@@ -39,6 +41,10 @@ elif cmd == "compact":
     print(f"compacted: {metrics}", file=sys.stderr)
     removed = table.vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
     print(f"vacuumed {len(removed)} files", file=sys.stderr)
+elif cmd == "count":
+    rows = QueryBuilder().register("events", table).execute("SELECT * FROM events").read_all()
+    print(rows.num_rows)
+    sys.exit(0)
 else:
     sys.exit(f"unknown command {cmd}")
 table = DeltaTable(uri, storage_options=options)

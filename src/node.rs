@@ -196,8 +196,9 @@ pub async fn open_batch(config: &Config) -> Result<Arc<BatchLayer>, NodeError> {
 /// ([`crate::batch::changes`]): what the node served when it stopped.
 pub async fn apply_saved_views(config: &mut Config) -> Result<(), NodeError> {
     let saved = crate::batch::changes::Saved::load(&config.storage()?).await?;
-    for e in saved.refused() {
-        tracing::error!(error = %e, "a view saved by an older version is left out: its name would stop the batch runs from publishing");
+    let (saved, left_out) = saved.usable(&config.event_schema()?).await;
+    for e in &left_out {
+        tracing::error!(view = %e.view, why = %e.why, "a view change saved in views/CHANGES.json is left out: this node cannot apply it; `DELETE /v1/views/{}/change` forgets it", e.view);
     }
     if !saved.put.is_empty() || !saved.dropped.is_empty() {
         tracing::info!(put = saved.put.len(), dropped = ?saved.dropped, "applying the view changes made while serving");
@@ -311,12 +312,13 @@ pub async fn assemble_over(
     let cov = master.coverage();
     tracing::info!(version = cov.version, h = ?cov.h, "master dataset open");
     let health = Arc::new(Health::default());
-    // Views saved by an older version under names the layout cannot hold
-    // are left out (`apply_saved_views`); status says so until a change
-    // saved over them drops them.
-    let refused = crate::batch::changes::Saved::load(&config.storage()?)
+    // Saved changes this node cannot apply are left out
+    // (`apply_saved_views`); status says so until they are reverted or
+    // saved over.
+    let (_, refused) = crate::batch::changes::Saved::load(&config.storage()?)
         .await?
-        .refused();
+        .usable(&config.event_schema()?)
+        .await;
     if !refused.is_empty() {
         let list: Vec<String> = refused.iter().map(ToString::to_string).collect();
         health.warn(

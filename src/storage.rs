@@ -35,6 +35,13 @@ pub enum StorageError {
         value: Box<str>,
         reason: &'static str,
     },
+    /// A file lambdaflow keeps under the root holds what it cannot parse.
+    #[error("{path} cannot be read: {reason}")]
+    Unreadable {
+        path: String,
+        reason: String,
+        hint: &'static str,
+    },
     #[error("storage: could not {op} {path}")]
     Io {
         op: &'static str,
@@ -50,6 +57,7 @@ impl crate::error::Explain for StorageError {
             StorageError::Unsafe { setting, .. } => Some(format!(
                 "unset {setting}; S3 (and moto, MinIO, R2) support conditional writes"
             )),
+            StorageError::Unreadable { hint, .. } => Some(hint.to_string()),
             _ => None,
         }
     }

@@ -131,7 +131,9 @@ pub(super) async fn drop_view(
 /// `DELETE /v1/views/{name}/change`: returns a view changed, added or
 /// dropped through the API to the config file's definition (or drops it,
 /// when the file has none): its saved change is forgotten, and what differs
-/// from the file is built as any change. `404` when no change is saved.
+/// from the file is built as any change. A change to it still waiting is
+/// cancelled; one being built is followed by the revert. `404` when no
+/// change is saved.
 pub(super) async fn revert_view(
     State(state): State<Arc<ApiState>>,
     name: Result<Path<String>, PathRejection>,
@@ -144,16 +146,23 @@ pub(super) async fn revert_view(
     let internal = |e: crate::storage::StorageError| {
         ApiError::report(StatusCode::INTERNAL_SERVER_ERROR, Report::of(&e))
     };
-    if !l.changes.revert(&name).await.map_err(internal)? {
+    let Some(cancelled) = l.changes.revert(&name).await.map_err(internal)? else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("view `{name}` has no change saved through the API"),
         )
         .hint("it is as the config file defines it (views/CHANGES.json holds the saved changes)"));
-    }
+    };
     let (_, target) = l.changes.target().await.map_err(internal)?;
-    let served: Vec<Arc<crate::view::View>> =
-        l.serving.live().into_iter().map(|(_, v)| v).collect();
+    // Compared with what serving will hold once the change being built (if
+    // any) is published: the revert then follows it.
+    let served: Vec<Arc<crate::view::View>> = l.changes.after_building(
+        &l.serving
+            .live()
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect::<Vec<_>>(),
+    );
     let queued = l
         .changes
         .reconcile(&target, &served, &l.batch)
@@ -161,14 +170,18 @@ pub(super) async fn revert_view(
         .map_err(|e| ApiError::report(StatusCode::BAD_REQUEST, Report::of(&e)))?;
     let queued: Vec<_> = queued.into_iter().filter(|c| c.view == name).collect();
     if queued.is_empty() {
-        return Ok(
-            Json(json!({ "view": name, "change": "none", "reverted": true })).into_response(),
-        );
+        return Ok(Json(json!({
+            "view": name,
+            "change": "none",
+            "reverted": true,
+            "cancelled": cancelled,
+        }))
+        .into_response());
     }
     l.batch_now.notify_one();
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "view": name, "reverted": true, "changes": queued })),
+        Json(json!({ "view": name, "reverted": true, "changes": queued, "cancelled": cancelled })),
     )
         .into_response())
 }

@@ -38,6 +38,24 @@ use crate::config::ViewConfig;
 use crate::storage::{Storage, StorageError};
 use crate::view::View;
 
+/// A saved change a node cannot apply, and why: left out (reported in
+/// `health`) until it is reverted or saved over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeftOut {
+    pub view: String,
+    pub why: String,
+}
+
+impl std::fmt::Display for LeftOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "view `{}`: {} (`DELETE /v1/views/{}/change` forgets it)",
+            self.view, self.why, self.view
+        )
+    }
+}
+
 /// Where accepted changes are kept, under the storage root.
 pub const SAVED: &str = "views/CHANGES.json";
 
@@ -56,9 +74,10 @@ impl Saved {
     pub async fn load(storage: &Storage) -> Result<Saved, StorageError> {
         match storage.get(SAVED).await? {
             None => Ok(Saved::default()),
-            Some(b) => serde_json::from_slice(&b).map_err(|e| StorageError::BadRoot {
-                root: storage.dir_url(SAVED).to_string(),
-                reason: format!("the saved view changes are unreadable: {e}"),
+            Some(b) => serde_json::from_slice(&b).map_err(|e| StorageError::Unreadable {
+                path: storage.dir_url(SAVED).to_string(),
+                reason: format!("the view changes saved through the API are not valid: {e}"),
+                hint: "fix its JSON (`{\"put\": [{\"name\": …, \"sql\": …}], \"dropped\": [names]}`), or delete it to serve the config file's views (the changes made through the API are then forgotten)",
             }),
         }
     }
@@ -69,26 +88,38 @@ impl Saved {
         storage.sync(SAVED).await
     }
 
-    /// Saved views whose names the storage layout cannot hold (accepted by
-    /// a version that did not check them): a view `CURRENT`, or a name past
-    /// the file-name limit, would stop every batch run from publishing.
-    /// [`Saved::apply`] leaves them out.
-    pub fn refused(&self) -> Vec<crate::view::ViewError> {
-        self.put
-            .iter()
-            .filter_map(|p| crate::view::check_name(&p.name).err())
-            .collect()
+    /// The saved changes this node can apply, and those it leaves out: a
+    /// name the storage layout cannot hold (accepted by a version that did
+    /// not check names: a view `CURRENT`, or a name past the file-name
+    /// limit, would stop every batch run from publishing), or a definition
+    /// that no longer compiles against `schema` (a field it reads renamed in
+    /// the config, a function an upgrade removed). Applied, either would
+    /// stop every node at startup.
+    pub async fn usable(mut self, schema: &crate::schema::EventSchema) -> (Saved, Vec<LeftOut>) {
+        let mut left_out = Vec::new();
+        let mut keep = Vec::new();
+        for p in std::mem::take(&mut self.put) {
+            let why = match crate::view::check_name(&p.name) {
+                Err(e) => Some(e.to_string()),
+                Ok(()) => crate::view::compile(&p, schema)
+                    .await
+                    .err()
+                    .map(|e| crate::error::chain(&e)),
+            };
+            match why {
+                Some(why) => left_out.push(LeftOut { view: p.name, why }),
+                None => keep.push(p),
+            }
+        }
+        self.put = keep;
+        (self, left_out)
     }
 
-    /// `views` (the config's) with the changes applied, but for the
-    /// [`Saved::refused`] ones.
+    /// `views` (the config's) with the changes applied (those of
+    /// [`Saved::usable`]).
     pub fn apply(&self, mut views: Vec<ViewConfig>) -> Vec<ViewConfig> {
         views.retain(|v| !self.dropped.contains(&v.name));
-        for p in self
-            .put
-            .iter()
-            .filter(|p| crate::view::check_name(&p.name).is_ok())
-        {
+        for p in &self.put {
             match views.iter_mut().find(|v| v.name == p.name) {
                 Some(v) => *v = p.clone(),
                 None => views.push(p.clone()),
@@ -368,21 +399,58 @@ impl ViewChanges {
     /// file's with the saved changes on top.
     pub async fn target(&self) -> Result<(Saved, Vec<ViewConfig>), StorageError> {
         let saved = Saved::load(&self.storage).await?;
-        let views = saved.apply(self.file());
+        let (usable, _) = saved.clone().usable(&self.schema).await;
+        let views = usable.apply(self.file());
         Ok((saved, views))
     }
 
     /// Returns view `name` to the config file's definition (or drops it, if
     /// the file has none): the saved change to it is forgotten. False when
     /// there was none.
-    pub async fn revert(&self, name: &str) -> Result<bool, StorageError> {
+    ///
+    /// A change to it still waiting is cancelled (it would build and
+    /// publish what was just reverted); one being built is followed by the
+    /// revert (see [`ViewChanges::after_building`]).
+    pub async fn revert(&self, name: &str) -> Result<Option<Vec<ChangeStatus>>, StorageError> {
         let _one = self.saving.lock().await;
         let mut saved = Saved::load(&self.storage).await?;
         if !saved.forget(name) {
-            return Ok(false);
+            return Ok(None);
         }
         saved.save(&self.storage).await?;
-        Ok(true)
+        let mut s = self.state.lock().expect("changes lock");
+        let (pending, recent) = &mut *s;
+        let mut cancelled = Vec::new();
+        pending.retain(|e| {
+            if e.status.view == name && e.status.state == "waiting" {
+                let mut st = e.status.clone();
+                st.state = "cancelled";
+                cancelled.push(st);
+                false
+            } else {
+                true
+            }
+        });
+        for st in &cancelled {
+            recent.push_front(st.clone());
+        }
+        recent.truncate(RECENT);
+        Ok(Some(cancelled))
+    }
+
+    /// The views `served` as they will be once the changes being built now
+    /// are published: what a new change must be compared with.
+    pub fn after_building(&self, served: &[Arc<View>]) -> Vec<Arc<View>> {
+        let building: Vec<Requested> = self
+            .state
+            .lock()
+            .expect("changes lock")
+            .0
+            .iter()
+            .filter(|e| e.status.state == "building")
+            .map(|e| e.change.clone())
+            .collect();
+        apply(served, &building)
     }
 
     /// Queues the changes that bring the views served (`served`) to

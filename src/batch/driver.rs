@@ -24,7 +24,7 @@ use super::lease::Lease;
 use super::{BatchError, BatchLayer, Manifest, Progress, RunInfo};
 use crate::batch::changes::ViewChanges;
 use crate::health::Health;
-use crate::master::MasterError;
+use crate::master::{MasterError, Repair};
 use crate::serving::{BatchSide, Serving};
 use crate::stream::{ChunkRange, Log, LogError, Source, SourceError};
 
@@ -687,6 +687,13 @@ impl Driver {
     async fn repair_master(&self, bad: &MasterError) {
         let health = &self.health;
         let batch = &self.batch;
+        if matches!(
+            bad,
+            MasterError::Lost { .. } | MasterError::Missing { chunk: None, .. }
+        ) {
+            self.restore_master().await;
+            return;
+        }
         let (MasterError::Corrupt { path, .. } | MasterError::Missing { path, .. }) = bad else {
             return;
         };
@@ -697,7 +704,14 @@ impl Driver {
                 "corrupt"
             };
             match batch.master().repair(bad, self.source.as_ref()).await {
-                Ok(true) => {
+                Ok(Repair::NotInTable) => {
+                    tracing::info!(
+                        path,
+                        "a {what} master dataset file is no longer in the table (compacted away): nothing to repair"
+                    );
+                    self.now.notify_one();
+                }
+                Ok(Repair::Rewrote) => {
                     tracing::warn!(path, "rewrote a {what} master dataset file from the stream");
                     health.recovered(
                         "master",
@@ -708,7 +722,7 @@ impl Driver {
                     );
                     self.now.notify_one();
                 }
-                Ok(false) => {
+                Ok(Repair::Cannot) => {
                     let range = match bad {
                         MasterError::Corrupt {
                             partition,
@@ -739,6 +753,51 @@ impl Driver {
                 Err(e) => {
                     tracing::warn!(path, error = %crate::error::chain(&e), "could not repair a master dataset file")
                 }
+            }
+        }
+    }
+
+    /// Commits again from the log what the table's files no longer hold
+    /// (a rewrite by another engine mixed lambdaflow's rows with its own, a
+    /// compaction's file deleted by hand); says how to restore it from a
+    /// backup when the log no longer holds it.
+    async fn restore_master(&self) {
+        let health = &self.health;
+        match self.batch.master().restore(self.source.as_ref()).await {
+            Ok(Some(r)) => {
+                let ranges: Vec<String> = r.ranges.iter().map(|c| c.to_string()).collect();
+                tracing::warn!(
+                    version = r.version,
+                    ranges = ?ranges,
+                    removed = ?r.removed,
+                    "committed again from the stream what the master dataset's files no longer held"
+                );
+                health.recovered(
+                    "master",
+                    &format!(
+                        "committed {} again from {} (table version {}){}",
+                        ranges.join(", "),
+                        self.source.describe(),
+                        r.version,
+                        if r.removed.is_empty() {
+                            String::new()
+                        } else {
+                            format!(
+                                ", and removed from the table the files gone from storage: {}",
+                                r.removed.join(", ")
+                            )
+                        }
+                    ),
+                );
+                self.now.notify_one();
+            }
+            Ok(None) => {}
+            Err(e @ MasterError::Unrepairable { .. }) => {
+                tracing::error!(error = %crate::error::Report::of(&e), "the master dataset lost events the log no longer holds");
+                health.report("batch", &crate::error::Report::of(&e));
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::error::chain(&e), "could not commit again what the master dataset lost")
             }
         }
     }
@@ -835,19 +894,43 @@ impl Driver {
     /// not yet published is queued here, not lost (nor reverted).
     async fn take_over_changes(&self) {
         let result = async {
-            let (_, target) = self.changes.target().await?;
+            let (saved, target) = self.changes.target().await?;
             let served: Vec<Arc<crate::view::View>> =
                 self.serving.live().into_iter().map(|(_, v)| v).collect();
-            self.changes.reconcile(&target, &served, &self.batch).await
+            let queued = self
+                .changes
+                .reconcile(&target, &served, &self.batch)
+                .await?;
+            Ok::<_, crate::batch::BatchError>((saved, queued))
         }
         .await;
         match result {
-            Ok(queued) if queued.is_empty() => self.health.clear("view_changes/driver"),
-            Ok(queued) => {
+            Ok((saved, queued)) => {
+                // A change is the saved one's, or this node's config file
+                // differs from the published run (another node's file was
+                // edited and reloaded there): say which.
+                let mut from_file = Vec::new();
                 for c in &queued {
-                    tracing::info!(view = %c.view, change = c.change, "driving: building a view change saved in views/CHANGES.json");
+                    if saved.put.iter().any(|p| p.name == c.view) || saved.dropped.contains(&c.view)
+                    {
+                        tracing::info!(view = %c.view, change = c.change, "driving: building a view change saved in views/CHANGES.json");
+                    } else {
+                        tracing::warn!(view = %c.view, change = c.change, "driving: this node's config file defines the view otherwise than the published run; building the file's definition");
+                        from_file.push(format!("`{}` ({})", c.view, c.change));
+                    }
                 }
                 self.health.clear("view_changes/driver");
+                if from_file.is_empty() {
+                    self.health.clear("view_changes/config");
+                } else {
+                    self.health.warn(
+                        "view_changes/config",
+                        &format!(
+                            "this node's config file defines views otherwise than the run the previous driver published, and its definitions are built: {}. Give every node the same config file (a SIGHUP applies an edited file on its own node only), or change views through the API (saved for the whole cluster)",
+                            from_file.join(", ")
+                        ),
+                    );
+                }
             }
             Err(e) => {
                 tracing::error!(error = %crate::error::chain(&e), "driving: the saved view changes cannot be applied");

@@ -771,6 +771,11 @@ impl Lease {
                 }
             }
             self.step_down_if_lapsed(&health);
+            if self.is_held() {
+                // Holding the lease again, this node archives its own
+                // events: what was said when it lost them no longer holds.
+                health.clear("lease/unarchived");
+            }
             let pause = tokio::time::sleep(every);
             tokio::pin!(pause);
             loop {

@@ -378,16 +378,30 @@ impl BatchLayer {
     /// Computes `views` from the next run on (views changed while
     /// serving), once the engine accepts the new ones; returns the views
     /// before, to put back if the change is abandoned.
+    ///
+    /// A view equal to one computed now (its name and fingerprint) stays
+    /// the object it is; only the others are checked and given the store.
+    /// (A view compiled again is a new object with its own task context:
+    /// kept as given, an equal one had no store, and every run on an object
+    /// store failed "no suitable object store" after a node adopted a
+    /// published run's views.)
     pub fn set_views(&self, views: Vec<Arc<View>>) -> Result<Arc<Vec<Arc<View>>>, EngineError> {
         let before = self.views();
-        let new: Vec<Arc<View>> = views
-            .iter()
-            .filter(|v| {
-                !before
+        let mut new = Vec::new();
+        let views: Vec<Arc<View>> = views
+            .into_iter()
+            .map(|v| {
+                match before
                     .iter()
-                    .any(|b| b.fingerprint() == v.fingerprint() && b.name() == v.name())
+                    .find(|b| b.fingerprint() == v.fingerprint() && b.name() == v.name())
+                {
+                    Some(b) => b.clone(),
+                    None => {
+                        new.push(v.clone());
+                        v
+                    }
+                }
             })
-            .cloned()
             .collect();
         self.check_views(&new)?;
         register_store(&self.storage, &new);

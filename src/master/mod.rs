@@ -982,7 +982,7 @@ impl MasterDataset {
         &self,
         bad: &MasterError,
         source: &dyn Source,
-    ) -> Result<bool, MasterError> {
+    ) -> Result<Repair, MasterError> {
         let (path, p, start, end, expected) = match bad {
             MasterError::Corrupt {
                 path,
@@ -996,13 +996,27 @@ impl MasterDataset {
                 path,
                 chunk: Some((partition, start, end, expected)),
             } => (path, *partition, *start, *end, expected),
-            _ => return Ok(false),
+            _ => return Ok(Repair::Cannot),
         };
+        // The table may have moved on since the snapshot that found it (a
+        // compaction removed the file, and a vacuum deleted it): a file the
+        // latest version does not name is not put back — nothing would
+        // read it.
+        let location = object_store::path::Path::from(path.as_str());
+        if !self
+            .snapshot()
+            .await?
+            .files
+            .iter()
+            .any(|f| f.location == location)
+        {
+            return Ok(Repair::NotInTable);
+        }
         if source.start(p).map_or(true, |s| s > start) {
-            return Ok(false); // retention already removed them
+            return Ok(Repair::Cannot); // retention already removed them
         }
         let Ok(batches) = read_exact(source, p, start, end).await else {
-            return Ok(false);
+            return Ok(Repair::Cannot);
         };
         let file_schema = self.file_schema.clone();
         // The same token as at the commit, or the checksum will not match.
@@ -1012,11 +1026,10 @@ impl MasterDataset {
                 .await
                 .map_err(|e| MasterError::Encode(e.to_string()))??;
         if crc32c::crc32c(&encoded) != *expected {
-            return Ok(false);
+            return Ok(Repair::Cannot);
         }
-        let location = object_store::path::Path::from(path.as_str());
         self.storage.put_at(&location, encoded.into()).await?;
-        Ok(true)
+        Ok(Repair::Rewrote)
     }
 
     /// Commits the events of `chunk` (read from the stream, in order) as one
@@ -1120,52 +1133,18 @@ impl MasterDataset {
         let mut txns = Vec::with_capacity(todo.len());
         let mut written = Vec::with_capacity(todo.len());
         for c in todo {
-            let (partition, start, end, n) = (
-                c.range.partition,
-                c.range.start,
-                c.range.end,
-                c.range.events,
-            );
-            let file_schema = self.file_schema.clone();
-            let (batches, resume) = (c.batches, c.resume);
+            let (partition, end) = (c.range.partition, c.range.end);
             // The token outlives a compaction of the file (which drops the
             // file's metadata) beside the table; a racer's is the same.
-            if let Some(t) = &resume {
+            if let Some(t) = &c.resume {
                 self.storage
                     .put(&resume_path(partition, end), Bytes::from(t.clone()))
                     .await?;
             }
-            let encoded = tokio::task::spawn_blocking(move || {
-                encode_chunk(&file_schema, partition, &batches, resume)
-            })
-            .await
-            .map_err(|e| MasterError::Encode(e.to_string()))??;
-            let name = chunk_name(partition, start, end, crc32c::crc32c(&encoded));
-            let size = encoded.len() as u64;
-            self.storage
-                .put(&format!("{TABLE_DIR}/{name}"), Bytes::from(encoded))
-                .await?;
-            written.push(self.storage.path(TABLE_DIR).join(name.as_str()));
+            let (add, location) = self.write_chunk(c.range, c.batches, c.resume).await?;
+            written.push(location);
             crate::failpoint::hit("archive-after-parquet");
-            let stats = serde_json::json!({
-                "numRecords": n,
-                "minValues": { PARTITION_COLUMN: partition, OFFSET_COLUMN: start },
-                "maxValues": { PARTITION_COLUMN: partition, OFFSET_COLUMN: end.saturating_sub(1) },
-                "nullCount": { PARTITION_COLUMN: 0, OFFSET_COLUMN: 0 },
-            });
-            actions.push(Action::Add(Add {
-                path: name,
-                partition_values: HashMap::new(),
-                size: size as i64,
-                modification_time: chrono::Utc::now().timestamp_millis(),
-                data_change: true,
-                stats: Some(stats.to_string()),
-                tags: None,
-                deletion_vector: None,
-                base_row_id: None,
-                default_row_commit_version: None,
-                clustering_provider: None,
-            }));
+            actions.push(Action::Add(add));
             txns.push((partition, end));
         }
 
@@ -1223,6 +1202,258 @@ impl MasterDataset {
         Ok(CommitOutcome::Committed { version })
     }
 }
+
+impl MasterDataset {
+    /// Encodes one chunk's events as a file of the table, named by its
+    /// range and checksum, and puts it: the `Add` that commits it, and where
+    /// it is.
+    async fn write_chunk(
+        &self,
+        range: ChunkRange,
+        batches: Vec<SourceBatch>,
+        resume: Option<String>,
+    ) -> Result<(Add, object_store::path::Path), MasterError> {
+        let ChunkRange {
+            partition,
+            start,
+            end,
+            events,
+        } = range;
+        let file_schema = self.file_schema.clone();
+        let encoded = tokio::task::spawn_blocking(move || {
+            encode_chunk(&file_schema, partition, &batches, resume)
+        })
+        .await
+        .map_err(|e| MasterError::Encode(e.to_string()))??;
+        let name = chunk_name(partition, start, end, crc32c::crc32c(&encoded));
+        let size = encoded.len() as i64;
+        self.storage
+            .put(&format!("{TABLE_DIR}/{name}"), Bytes::from(encoded))
+            .await?;
+        let location = self.storage.path(TABLE_DIR).join(name.as_str());
+        let stats = serde_json::json!({
+            "numRecords": events,
+            "minValues": { PARTITION_COLUMN: partition, OFFSET_COLUMN: start },
+            "maxValues": { PARTITION_COLUMN: partition, OFFSET_COLUMN: end.saturating_sub(1) },
+            "nullCount": { PARTITION_COLUMN: 0, OFFSET_COLUMN: 0 },
+        });
+        let add = Add {
+            path: name,
+            partition_values: HashMap::new(),
+            size,
+            modification_time: chrono::Utc::now().timestamp_millis(),
+            data_change: true,
+            stats: Some(stats.to_string()),
+            tags: None,
+            deletion_vector: None,
+            base_row_id: None,
+            default_row_commit_version: None,
+            clustering_provider: None,
+        };
+        Ok((add, location))
+    }
+
+    /// Commits again, from the log, the events of lambdaflow that the
+    /// table's files no longer hold, and removes from the table the files
+    /// gone from storage that [`MasterDataset::repair`] cannot put back byte
+    /// for byte:
+    ///
+    /// ```text
+    ///  ranges below the coverage no file holds   another engine's rewrite mixed
+    ///  (MasterError::Lost)                        them with rows of its own, or
+    ///                                             dropped them
+    ///  a gone file lambdaflow did not name        a compaction's file deleted by
+    ///  (MasterError::Missing, no chunk)           hand: its ranges, from the index
+    ///                   ─▶ one commit: the gone files removed, the ranges added
+    ///                      again as chunk files; the coverage does not move
+    /// ```
+    ///
+    /// `Ok(None)` when there is nothing to restore;
+    /// [`MasterError::Unrepairable`] when the log no longer holds a range
+    /// (then only a backup can bring it back). The commit carries the lease
+    /// term, and Delta's conflict check fails it should another writer
+    /// remove the same files meanwhile: the next cycle looks again.
+    pub async fn restore(&self, source: &dyn Source) -> Result<Option<Restored>, MasterError> {
+        let snapshot = self.snapshot().await?;
+        let present = self.listing().await?;
+        let table_prefix = self.storage.path(TABLE_DIR);
+        let relative = |location: &object_store::path::Path| -> String {
+            match location.prefix_match(&table_prefix) {
+                Some(parts) => parts
+                    .map(|p| p.as_ref().to_string())
+                    .collect::<Vec<_>>()
+                    .join("/"),
+                None => location.to_string(),
+            }
+        };
+        // What must come back, and from which file (none: a lost range).
+        let mut todo: Vec<(String, ChunkRange)> = snapshot
+            .lost
+            .iter()
+            .map(|r| ("the table".to_string(), *r))
+            .collect();
+        let mut gone: Vec<(String, i64)> = Vec::new();
+        for f in &snapshot.files {
+            if present.contains_key(&f.location) {
+                continue;
+            }
+            let byte_for_byte = f
+                .location
+                .filename()
+                .and_then(parse_chunk_name)
+                .is_some_and(|(.., crc)| crc.is_some());
+            if byte_for_byte {
+                continue; // `repair` puts it back where it was
+            }
+            gone.push((relative(&f.location), f.size as i64));
+            todo.extend(f.chunks.iter().map(|c| (f.location.to_string(), *c)));
+        }
+        for f in &snapshot.foreign {
+            let location = object_store::path::Path::from(f.path.as_str());
+            if !present.contains_key(&location) {
+                // Its rows were never counted; a table naming a file that is
+                // not there cannot be read by any engine.
+                gone.push((relative(&location), 0));
+            }
+        }
+        if todo.is_empty() && gone.is_empty() {
+            return Ok(None);
+        }
+        // Every range from the log, or none of them: a partial restore
+        // would leave the table no better for a reader.
+        let mut pieces = Vec::new();
+        for (path, r) in &todo {
+            let readable = source.start(r.partition).is_ok_and(|s| s <= r.start)
+                && source.end(r.partition).is_ok_and(|e| e >= r.end);
+            if !readable {
+                return Err(MasterError::Unrepairable {
+                    path: path.clone(),
+                    what: if path == "the table" {
+                        "without a file for them"
+                    } else {
+                        "missing"
+                    },
+                    partition: r.partition,
+                    start: r.start,
+                    end: r.end,
+                });
+            }
+            // Bounded pieces: one piece's events are in memory at a time.
+            let mut at = r.start;
+            while at < r.end {
+                let to = r.end.min(at + RESTORE_PIECE);
+                pieces.push((path.clone(), r.partition, at, to));
+                at = to;
+            }
+        }
+        let term = self.term.load(std::sync::atomic::Ordering::SeqCst);
+        let mut actions = Vec::new();
+        let mut written = Vec::new();
+        let mut ranges = Vec::new();
+        for (path, p, start, end) in pieces {
+            let batches =
+                read_exact(source, p, start, end)
+                    .await
+                    .map_err(|_| MasterError::Unrepairable {
+                        path: path.clone(),
+                        what: "missing",
+                        partition: p,
+                        start,
+                        end,
+                    })?;
+            let events: u64 = batches.iter().map(|b| b.rows() as u64).sum();
+            let range =
+                ChunkRange::new(p, start, end, events).ok_or_else(|| MasterError::ShortChunk {
+                    chunk: ChunkRange::dense(p, start, end),
+                    got: events,
+                    out_of_range: true,
+                })?;
+            let resume = source.resume_token(p, end);
+            let (add, location) = self.write_chunk(range, batches, resume).await?;
+            actions.push(Action::Add(add));
+            written.push(location);
+            ranges.push(range);
+        }
+        let now = chrono::Utc::now().timestamp_millis();
+        for (path, size) in &gone {
+            actions.push(Action::Remove(deltalake::kernel::Remove {
+                path: path.clone(),
+                data_change: true,
+                deletion_timestamp: Some(now),
+                extended_file_metadata: None,
+                partition_values: None,
+                size: (*size > 0).then_some(*size),
+                tags: None,
+                deletion_vector: None,
+                base_row_id: None,
+                default_row_commit_version: None,
+            }));
+        }
+        let mut table = self.table.lock().await;
+        if term > 0 {
+            let table_term = Self::term_of(&table).await?;
+            if table_term > term {
+                return Err(MasterError::Fenced { term, table_term });
+            }
+        }
+        let snap = table.snapshot().map_err(delta("read the table"))?;
+        let props = CommitProperties::default().with_application_transactions(
+            (term > 0)
+                .then(|| Transaction::new(TERM_APP, term as i64))
+                .into_iter()
+                .collect::<Vec<_>>(),
+        );
+        let commit = CommitBuilder::from(props)
+            .with_actions(actions)
+            .build(
+                Some(snap),
+                table.log_store(),
+                DeltaOperation::Write {
+                    mode: SaveMode::Append,
+                    partition_by: None,
+                    predicate: None,
+                },
+            )
+            .await
+            .map_err(delta("commit a restore"))?;
+        let version = commit.version() as i64;
+        self.storage
+            .sync(&format!("{TABLE_DIR}/_delta_log/{version:020}.json"))
+            .await?;
+        table.state = Some(commit.snapshot());
+        self.coverage.lock().expect("coverage lock").version = version;
+        self.verified.lock().expect("verified lock").extend(written);
+        Ok(Some(Restored {
+            ranges,
+            removed: gone.into_iter().map(|(p, _)| p).collect(),
+            version,
+        }))
+    }
+}
+
+/// What [`MasterDataset::repair`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Repair {
+    /// Put back, byte for byte, from the log.
+    Rewrote,
+    /// The latest table version no longer names the file: nothing to do.
+    NotInTable,
+    /// The log no longer holds its events (or they encode otherwise).
+    Cannot,
+}
+
+/// What [`MasterDataset::restore`] committed.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    /// The ranges committed again, from the log.
+    pub ranges: Vec<ChunkRange>,
+    /// The files removed from the table (gone from storage).
+    pub removed: Vec<String>,
+    pub version: i64,
+}
+
+/// The most offsets one file of a restore holds.
+const RESTORE_PIECE: u64 = 1 << 20;
 
 fn is_not_found(e: &StorageError) -> bool {
     matches!(

@@ -71,6 +71,8 @@ struct Node {
     url: Mutex<Option<String>>,
     /// A start is under way (a node on the embedded log may wait out a lease).
     starting: AtomicBool,
+    /// The run is over (or failed): no start, not even a delayed one.
+    retired: AtomicBool,
 }
 
 impl Node {
@@ -81,6 +83,9 @@ impl Node {
         let node = self.clone();
         std::thread::spawn(move || {
             for _ in 0..10 {
+                if node.retired.load(Ordering::SeqCst) {
+                    break;
+                }
                 // A standby on the embedded log is refused while another
                 // node holds the lease: it tries again.
                 if let Ok(s) = node
@@ -89,6 +94,9 @@ impl Node {
                 {
                     *node.url.lock().unwrap() = Some(s.url.clone());
                     *node.server.lock().unwrap() = Some(s);
+                    if node.retired.load(Ordering::SeqCst) {
+                        node.kill();
+                    }
                     break;
                 }
                 std::thread::sleep(Duration::from_secs(1));
@@ -117,6 +125,22 @@ impl Node {
 
     fn url(&self) -> Option<String> {
         self.url.lock().unwrap().clone()
+    }
+}
+
+/// Owns the nodes for the run: when it ends, passed or failed, every node
+/// is retired and killed. Without it a failed assertion left the nodes
+/// running (the readers' threads hold them), and their log on the test's
+/// stderr kept CI waiting until its timeout.
+struct Cluster(Vec<Arc<Node>>);
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            n.retired.store(true, Ordering::SeqCst);
+            n.signal("-CONT");
+            n.kill();
+        }
     }
 }
 
@@ -188,9 +212,11 @@ fn simulate(stream: Stream) {
                 server: Mutex::new(None),
                 url: Mutex::new(None),
                 starting: AtomicBool::new(false),
+                retired: AtomicBool::new(false),
             })
         })
         .collect();
+    let _cluster = Cluster(nodes.clone());
     for n in &nodes {
         n.start();
         std::thread::sleep(Duration::from_millis(300));

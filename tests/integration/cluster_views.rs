@@ -234,6 +234,60 @@ fn a_new_driver_builds_the_saved_view_changes_instead_of_reverting_them() {
     );
 }
 
+/// Two changes waiting together, the second putting back the config's
+/// SQL (a change undone before it built): the driver builds them and runs
+/// on. The view equal to the one computed keeps its object; a fresh one had
+/// no object store to read the table on S3 from, and every later run failed
+/// "No suitable object store found for s3://…" (found by the seeded cluster
+/// test).
+#[test]
+fn a_change_undone_before_it_builds_leaves_the_views_readable_on_s3() {
+    let mut cluster = Cluster::start();
+    let a = driving(
+        &mut cluster,
+        &[("LAMBDAFLOW_FAILPOINTS", "batch-before-claim=sleep:2000")],
+    );
+    cluster.produce(100);
+    // Both requests land while a run is under way, so they wait together.
+    let t = Instant::now();
+    while a.status()["batch"]["running_since_ms"].as_i64().is_none() {
+        assert!(t.elapsed() < Duration::from_secs(30), "a run starts");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let original = lambdaflow::config::Config::default()
+        .views
+        .into_iter()
+        .find(|v| v.name == "sales_by_product")
+        .expect("the paper's views")
+        .sql;
+    post_change(&a);
+    let (status, reply) = request(
+        "POST",
+        &format!("{}/v1/views", a.url),
+        Some(json!({ "name": "sales_by_product", "sql": original })),
+    );
+    assert_eq!(status, 202, "the change back is accepted: {reply}");
+    let run = served(&a).0.unwrap_or(0);
+    let last = cluster.produce(200);
+    crate::kafka::wait_settled(&a, &last, Duration::from_secs(90));
+    assert_eq!(
+        problem(&a, "batch"),
+        None,
+        "the driver's runs succeed after a change and its undoing"
+    );
+    let (now, changed) = served(&a);
+    assert!(
+        now > Some(run),
+        "the driver publishes runs: {now:?} after {run}"
+    );
+    assert!(!changed, "the config's SQL is served again");
+    let (orders, covered) = common::orders_and_covered(&common::get_json(&format!(
+        "{}/v1/views/sales_by_product?limit=100000",
+        a.url
+    )));
+    assert_eq!(orders, covered, "the view is exact");
+}
+
 /// 9: `DELETE` right after `POST` added a view sees the waiting add: it
 /// cancels it (the view never appears), or drops it right after its build.
 #[test]

@@ -460,3 +460,107 @@ fn a_reload_reports_the_api_changes_that_override_the_file_and_revert_returns_to
     );
     server.stop();
 }
+
+/// The current state of the view changes `server` lists for `view`.
+fn change_states(url: &str, view: &str) -> Vec<String> {
+    common::get_json(&format!("{url}/v1/status"))["view_changes"]["changes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter(|c| c["view"] == view)
+        .map(|c| c["state"].as_str().unwrap_or("?").to_string())
+        .collect()
+}
+
+/// Waits until `view` serves the config's `sales_by_product` again (no
+/// `top`) from a run published after `after`, exactly.
+fn wait_original(url: &str, after: u64, what: &str) {
+    let t = Instant::now();
+    loop {
+        let a = common::get_json(&format!("{url}/v1/views/sales_by_product"));
+        let run = a["freshness"]["run"].as_u64().unwrap_or(0);
+        if run > after && a["rows"][0].get("top").is_none() {
+            let (orders, covered) = orders_and_covered(&a);
+            assert_eq!(orders, covered, "{what}: exact: {}", a["freshness"]);
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{what}: the config's definition is served from a later run: {a}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `DELETE /v1/views/{name}/change` on a change still waiting cancels it
+/// (before, it answered `reverted` and the change was published anyway, and
+/// a failover later reverted it); on a change being built, the revert
+/// follows the build.
+#[test]
+fn reverting_a_waiting_change_cancels_it_and_a_building_one_is_followed_by_the_revert() {
+    let site = Site::new(CONFIG);
+    let server = site.serve(&[(
+        "LAMBDAFLOW_FAILPOINTS",
+        "batch-before-claim=sleep:1500,views-building=sleep:3000",
+    )]);
+    assert_eq!(send(&server.url, 0, 400).len(), 400);
+    server.wait_settled(Duration::from_secs(60));
+    let url = &server.url;
+    let post = || {
+        let (status, reply) = request(
+            "POST",
+            &format!("{url}/v1/views"),
+            Some(json!({ "name": "sales_by_product", "sql": CHANGED })),
+        );
+        assert_eq!(status, 202, "{reply}");
+    };
+    let revert = || {
+        request(
+            "DELETE",
+            &format!("{url}/v1/views/sales_by_product/change"),
+            None,
+        )
+    };
+
+    // Waiting: a run is under way, so the change waits for the next one.
+    send(&server.url, 400, 450);
+    let t = Instant::now();
+    while common::get_json(&format!("{url}/v1/status"))["batch"]["running_since_ms"].is_null() {
+        assert!(t.elapsed() < Duration::from_secs(30), "a run starts");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    post();
+    assert_eq!(change_states(url, "sales_by_product"), ["waiting"]);
+    let run = common::get_json(&format!("{url}/v1/views/sales_by_product"))["freshness"]["run"]
+        .as_u64()
+        .unwrap();
+    let (status, reply) = revert();
+    assert_eq!(status, 200, "nothing to build: {reply}");
+    assert_eq!(
+        reply["cancelled"][0]["state"], "cancelled",
+        "the waiting change is cancelled: {reply}"
+    );
+    send(&server.url, 450, 500);
+    server.wait_settled(Duration::from_secs(60));
+    wait_original(url, run, "a cancelled change");
+    assert!(
+        !change_states(url, "sales_by_product").contains(&"published".to_string()),
+        "the cancelled change is never published"
+    );
+
+    // Building: the revert is built after it.
+    post();
+    let t = Instant::now();
+    while !change_states(url, "sales_by_product").contains(&"building".to_string()) {
+        assert!(t.elapsed() < Duration::from_secs(30), "the change builds");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let run = common::get_json(&format!("{url}/v1/views/sales_by_product"))["freshness"]["run"]
+        .as_u64()
+        .unwrap();
+    let (status, reply) = revert();
+    assert_eq!(status, 202, "the revert follows the build: {reply}");
+    wait_original(url, run + 1, "a change reverted while it built");
+    server.stop();
+}
