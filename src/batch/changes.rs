@@ -613,6 +613,33 @@ mod tests {
         assert!(!saved.dropped.contains(&"a".to_string()));
     }
 
+    /// A saved change that no longer compiles (or whose name the layout
+    /// cannot hold) is left out with why and how to forget it; the others
+    /// apply. Before, one such entry stopped every node at startup.
+    #[test]
+    fn saved_changes_a_node_cannot_apply_are_left_out_with_why() {
+        let saved = Saved {
+            put: vec![
+                def("good", "SELECT count(*) AS n FROM events"),
+                def("renamed", "SELECT count(*) AS n FROM events GROUP BY colour"),
+                def("CURRENT", "SELECT count(*) AS n FROM events"),
+            ],
+            dropped: Vec::new(),
+        };
+        let (usable, left_out) = futures::executor::block_on(
+            saved.usable(&crate::schema::EventSchema::paper()),
+        );
+        let names: Vec<&str> = usable.put.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["good"], "only the change this node can apply");
+        let out: Vec<&str> = left_out.iter().map(|l| l.view.as_str()).collect();
+        assert_eq!(out, ["renamed", "CURRENT"]);
+        let text = left_out[0].to_string();
+        assert!(
+            text.contains("colour") && text.contains("DELETE /v1/views/renamed/change"),
+            "says why and how to forget it: {text}"
+        );
+    }
+
     fn saved_view() -> Arc<View> {
         Arc::new(
             futures::executor::block_on(crate::view::compile(

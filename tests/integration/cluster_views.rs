@@ -288,6 +288,50 @@ fn a_change_undone_before_it_builds_leaves_the_views_readable_on_s3() {
     assert_eq!(orders, covered, "the view is exact");
 }
 
+/// A driver's config file edited and reloaded (SIGHUP) on that node only:
+/// at a failover the new driver builds its own file's definitions, and says
+/// so in `health` (before, it logged "building a view change saved in
+/// views/CHANGES.json", which was empty, and nothing warned).
+#[test]
+fn a_new_driver_whose_config_differs_from_the_published_run_says_so() {
+    let mut cluster = Cluster::start();
+    let a = driving(&mut cluster, &[]);
+    let b = cluster.sites[1].serve(&[]);
+    let config = std::fs::read_to_string(&cluster.sites[0].config).unwrap();
+    std::fs::write(
+        &cluster.sites[0].config,
+        format!("{config}\n[[views]]\nname = \"sales_by_product\"\nsql = \"{CHANGED}\"\n"),
+    )
+    .unwrap();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &a.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_published(&a.url, Duration::from_secs(60));
+    wait_changed(&b, Duration::from_secs(30), "the follower adopts the run");
+    drop(a);
+    let t = Instant::now();
+    loop {
+        let s = b.status();
+        let warnings = s["health"]["warnings"].to_string();
+        if warnings.contains("view_changes/config") {
+            assert!(
+                warnings.contains("sales_by_product") && warnings.contains("same config file"),
+                "the warning names the view and what to do: {warnings}"
+            );
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the new driver warns that its config file differs from the published run: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// 9: `DELETE` right after `POST` added a view sees the waiting add: it
 /// cancels it (the view never appears), or drops it right after its build.
 #[test]

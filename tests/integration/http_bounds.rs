@@ -95,7 +95,12 @@ fn view_names_the_storage_layout_cannot_hold_are_refused_everywhere() {
     std::fs::write(
         site.data.join("views/CHANGES.json"),
         serde_json::to_vec(&json!({
-            "put": [{"name": "CURRENT", "sql": sql}, {"name": long, "sql": sql}],
+            "put": [
+                {"name": "CURRENT", "sql": sql},
+                {"name": long, "sql": sql},
+                // No longer compiles (a field renamed in the config, say).
+                {"name": "broken", "sql": "SELECT colour, count(*) AS n FROM events GROUP BY colour"},
+            ],
             "dropped": [],
         }))
         .unwrap(),
@@ -110,6 +115,12 @@ fn view_names_the_storage_layout_cannot_hold_are_refused_everywhere() {
         warnings.contains("CURRENT") && warnings.contains("reserved"),
         "the saved view left out is named in status: {warnings}"
     );
+    assert!(
+        warnings.contains("`broken`")
+            && warnings.contains("colour")
+            && warnings.contains("DELETE /v1/views/broken/change"),
+        "a saved change that no longer compiles is left out, with why and how to forget it (before, it stopped the node at startup): {warnings}"
+    );
     let views = common::get_json(&format!("{url}/v1/views"));
     let names: Vec<&str> = views["views"]
         .as_array()
@@ -120,6 +131,26 @@ fn view_names_the_storage_layout_cannot_hold_are_refused_everywhere() {
     assert!(
         !names.contains(&"CURRENT") && names.iter().all(|n| n.len() <= 63),
         "{names:?}"
+    );
+
+    // A CHANGES.json that is not JSON: the node does not start (serving
+    // the file's views would revert the saved changes), and says which file
+    // and what to do.
+    let bad = Site::new(FAST);
+    std::fs::create_dir_all(bad.data.join("views")).unwrap();
+    std::fs::write(bad.data.join("views/CHANGES.json"), b"{\"put\": [").unwrap();
+    let log = bad.dir.path().join("bad.log");
+    let started = bad.try_serve(
+        &[],
+        std::process::Stdio::from(std::fs::File::create(&log).unwrap()),
+    );
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        started.is_err()
+            && stderr.contains("CHANGES.json")
+            && stderr.contains("delete it")
+            && !stderr.contains("invalid storage root"),
+        "a malformed CHANGES.json is named, with what to do: {stderr}"
     );
 
     // Over the API: 400 before anything is saved, with no local path.
