@@ -49,7 +49,7 @@ pub(super) async fn put_view(
     use crate::batch::changes::Requested;
     let l = layers(&state)?.clone();
     if !l.lease.is_held() {
-        return Err(not_driving());
+        return Err(not_driving(&l.lease));
     }
     let body = super::read_body(
         &state,
@@ -110,7 +110,7 @@ pub(super) async fn drop_view(
     let Path(name) = name.map_err(super::rejection)?;
     let l = layers(&state)?.clone();
     if !l.lease.is_held() {
-        return Err(not_driving());
+        return Err(not_driving(&l.lease));
     }
     let served = l.serving.view_index(&name);
     let status = l
@@ -141,7 +141,7 @@ pub(super) async fn revert_view(
     let Path(name) = name.map_err(super::rejection)?;
     let l = layers(&state)?.clone();
     if !l.lease.is_held() {
-        return Err(not_driving());
+        return Err(not_driving(&l.lease));
     }
     let internal = |e: crate::storage::StorageError| {
         ApiError::report(StatusCode::INTERNAL_SERVER_ERROR, Report::of(&e))
@@ -186,12 +186,16 @@ pub(super) async fn revert_view(
         .into_response())
 }
 
-fn not_driving() -> ApiError {
+fn not_driving(lease: &crate::batch::lease::Lease) -> ApiError {
+    let hint = match lease.status().holder {
+        Some(h) => format!("send view changes to the driving node, {h} (host:port; `status` shows the lease holder)"),
+        None => "send view changes to the driving node (`status` shows the lease holder; none holds it now)".into(),
+    };
     ApiError::new(
         StatusCode::CONFLICT,
         "this node does not drive the batch layer, which builds changed views",
     )
-    .hint("send view changes to the driving node (`status` shows the lease holder)")
+    .hint(hint)
 }
 
 /// A past run that cannot answer: not kept (404), or computed for another

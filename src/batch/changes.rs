@@ -621,14 +621,16 @@ mod tests {
         let saved = Saved {
             put: vec![
                 def("good", "SELECT count(*) AS n FROM events"),
-                def("renamed", "SELECT count(*) AS n FROM events GROUP BY colour"),
+                def(
+                    "renamed",
+                    "SELECT count(*) AS n FROM events GROUP BY colour",
+                ),
                 def("CURRENT", "SELECT count(*) AS n FROM events"),
             ],
             dropped: Vec::new(),
         };
-        let (usable, left_out) = futures::executor::block_on(
-            saved.usable(&crate::schema::EventSchema::paper()),
-        );
+        let (usable, left_out) =
+            futures::executor::block_on(saved.usable(&crate::schema::EventSchema::paper()));
         let names: Vec<&str> = usable.put.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["good"], "only the change this node can apply");
         let out: Vec<&str> = left_out.iter().map(|l| l.view.as_str()).collect();
