@@ -292,6 +292,11 @@ pub struct MasterDataset {
     /// The driver lease's term this process commits under (0: a local root,
     /// not fenced). See [`MasterDataset::commit_chunks`].
     term: std::sync::atomic::AtomicU64,
+    /// The highest term the table held at a version: (version, term). A
+    /// version's content never changes, so a commit on the version last
+    /// checked (the usual case: the driver's own previous commit) does not
+    /// scan the log's application transactions again.
+    term_seen: std::sync::Mutex<(i64, u64)>,
 }
 
 /// The application transaction every commit on a shared root carries: its
@@ -434,6 +439,7 @@ impl MasterDataset {
             rows: Default::default(),
             foreign: Default::default(),
             term: 0.into(),
+            term_seen: std::sync::Mutex::new((i64::MIN, 0)),
         };
         master.evolve_schema().await?;
         // Loads the latest version and its coverage, as `refresh` would.
@@ -540,16 +546,36 @@ impl MasterDataset {
         // check (two drivers' overlapping chunks both committed).
         self.refresh().await?;
         let table = self.table.lock().await;
-        Self::term_of(&table).await
+        self.term_of(&table).await
     }
 
-    async fn term_of(table: &DeltaTable) -> Result<u64, MasterError> {
+    /// The highest term `table`'s version holds (cached per version).
+    async fn term_of(&self, table: &DeltaTable) -> Result<u64, MasterError> {
+        let version = table.version().map_or(-1, |v| v as i64);
+        {
+            let seen = self.term_seen.lock().expect("term lock");
+            if seen.0 == version {
+                return Ok(seen.1);
+            }
+        }
         let snapshot = table.snapshot().map_err(delta("read the table"))?;
         let v = snapshot
             .transaction_version(table.log_store().as_ref(), TERM_APP)
             .await
             .map_err(delta("read the application transactions"))?;
-        Ok(v.map_or(0, |v| v.max(0) as u64))
+        let term = v.map_or(0, |v| v.max(0) as u64);
+        *self.term_seen.lock().expect("term lock") = (version, term);
+        Ok(term)
+    }
+
+    /// A commit of this process at `version`, carrying `term`, was built on
+    /// the version whose term was last checked: the new version's term
+    /// follows without a scan. (Built on another, it is scanned next time.)
+    fn committed_term(&self, built_on: i64, version: i64, term: u64) {
+        let mut seen = self.term_seen.lock().expect("term lock");
+        if seen.0 == built_on && version == built_on + 1 {
+            *seen = (version, seen.1.max(term));
+        }
     }
 
     /// Reloads the latest table version and its coverage.
@@ -1123,7 +1149,7 @@ impl MasterDataset {
         // the snapshot cannot be overtaken by a newer term's commit.
         let term = self.term.load(std::sync::atomic::Ordering::SeqCst);
         if term > 0 {
-            let table_term = Self::term_of(&table).await?;
+            let table_term = self.term_of(&table).await?;
             if table_term > term {
                 return Err(MasterError::Fenced { term, table_term });
             }
@@ -1148,6 +1174,7 @@ impl MasterDataset {
             txns.push((partition, end));
         }
 
+        let built_on = table.version().map_or(-1, |v| v as i64);
         let snapshot = table.snapshot().map_err(delta("read the table"))?;
         // After every commit Delta lists its whole log to remove expired
         // entries — O(commits) per commit, quadratic over a table of small
@@ -1182,6 +1209,7 @@ impl MasterDataset {
             .await
             .map_err(delta("commit a chunk"))?;
         let version = commit.version() as i64;
+        self.committed_term(built_on, version, term);
         // The commit file is Delta's to write, and it does not fsync it.
         self.storage
             .sync(&format!("{TABLE_DIR}/_delta_log/{version:020}.json"))
@@ -1391,11 +1419,12 @@ impl MasterDataset {
         }
         let mut table = self.table.lock().await;
         if term > 0 {
-            let table_term = Self::term_of(&table).await?;
+            let table_term = self.term_of(&table).await?;
             if table_term > term {
                 return Err(MasterError::Fenced { term, table_term });
             }
         }
+        let built_on = table.version().map_or(-1, |v| v as i64);
         let snap = table.snapshot().map_err(delta("read the table"))?;
         let props = CommitProperties::default().with_application_transactions(
             (term > 0)
@@ -1417,6 +1446,7 @@ impl MasterDataset {
             .await
             .map_err(delta("commit a restore"))?;
         let version = commit.version() as i64;
+        self.committed_term(built_on, version, term);
         self.storage
             .sync(&format!("{TABLE_DIR}/_delta_log/{version:020}.json"))
             .await?;
@@ -1616,6 +1646,55 @@ mod tests {
                 .filter_map(|e| e.ok()?.file_name().into_string().ok())
                 .filter(|n| n.contains("checkpoint"))
                 .collect::<Vec<_>>()
+        );
+    }
+
+    /// Fencing: once a commit of a newer lease term is in the table, an
+    /// older holder commits nothing more — also when its own last commit
+    /// is the version it checked last (the term cached per version must
+    /// not hide the newer one once the table has moved).
+    #[tokio::test]
+    async fn a_commit_under_an_older_term_is_refused_once_a_newer_one_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::local(dir.path()).unwrap();
+        let open = || MasterDataset::open(&storage, Arc::new(EventSchema::paper()), 2);
+        let (old, new) = (open().await.unwrap(), open().await.unwrap());
+        let chunk = |p: u32, i: u64| {
+            let batch = crate::bench::paper_batches(2, 2, 10).remove(0);
+            ChunkData {
+                range: ChunkRange::dense(p, 2 * i, 2 * i + 2),
+                batches: vec![SourceBatch::dense(p, 2 * i, 1_000, batch)],
+                resume: None,
+            }
+        };
+        old.set_term(1);
+        old.commit_chunks(vec![chunk(0, 0)]).await.unwrap();
+        old.commit_chunks(vec![chunk(0, 1)]).await.unwrap();
+        assert_eq!(old.table_term().await.unwrap(), 1);
+        new.set_term(2);
+        new.refresh().await.unwrap();
+        new.commit_chunks(vec![chunk(1, 0)]).await.unwrap();
+        // The old holder, paused meanwhile, comes back and commits on.
+        let refused = match old.commit_chunks(vec![chunk(0, 2)]).await {
+            Err(e) => e,
+            Ok(o) => panic!("a commit under term 1 after term 2 committed must be refused: {o:?}"),
+        };
+        old.refresh().await.unwrap();
+        let again = old.commit_chunks(vec![chunk(0, 2)]).await;
+        assert!(
+            matches!(
+                again,
+                Err(MasterError::Fenced {
+                    term: 1,
+                    table_term: 2
+                })
+            ),
+            "once it reads the newer version the old holder is fenced: first {refused:?}, then {again:?}"
+        );
+        assert_eq!(
+            new.refresh().await.unwrap().h,
+            vec![4, 2],
+            "nothing of term 1 after term 2"
         );
     }
 
