@@ -1174,49 +1174,14 @@ impl MasterDataset {
             txns.push((partition, end));
         }
 
-        let built_on = table.version().map_or(-1, |v| v as i64);
-        let snapshot = table.snapshot().map_err(delta("read the table"))?;
-        // After every commit Delta lists its whole log to remove expired
-        // entries — O(commits) per commit, quadratic over a table of small
-        // chunks — though it can only remove entries below a checkpoint. So
-        // clean up on the commits that write one (every 100th, by default;
-        // Delta writes the checkpoint itself, so opening the table stays fast).
-        let next = snapshot.version() + 1;
-        let interval = {
-            use deltalake::kernel::transaction::TableReference;
-            use deltalake::table::config::TablePropertiesExt;
-            snapshot.config().checkpoint_interval().get()
-        };
-        let props = CommitProperties::default()
-            .with_application_transactions(
-                txns.iter()
-                    .map(|&(p, end)| Transaction::new(app_id(p), end as i64))
-                    .chain((term > 0).then(|| Transaction::new(TERM_APP, term as i64)))
-                    .collect::<Vec<_>>(),
-            )
-            .with_cleanup_expired_logs(Some((next + 1) % interval == 0));
-        let commit = CommitBuilder::from(props)
-            .with_actions(actions)
-            .build(
-                Some(snapshot),
-                table.log_store(),
-                DeltaOperation::Write {
-                    mode: SaveMode::Append,
-                    partition_by: None,
-                    predicate: None,
-                },
-            )
-            .await
-            .map_err(delta("commit a chunk"))?;
-        let version = commit.version() as i64;
-        self.committed_term(built_on, version, term);
-        // The commit file is Delta's to write, and it does not fsync it.
-        self.storage
-            .sync(&format!("{TABLE_DIR}/_delta_log/{version:020}.json"))
+        let txns_of = txns
+            .iter()
+            .map(|&(p, end)| Transaction::new(app_id(p), end as i64))
+            .collect();
+        let version = self
+            .commit_on(&mut table, actions, txns_of, term, "commit a chunk")
             .await?;
         crate::failpoint::hit("archive-after-commit");
-        // The commit returns the new state: no need to re-read the log.
-        table.state = Some(commit.snapshot());
         // Their checksums are of the bytes written: no need to read them back.
         self.verified.lock().expect("verified lock").extend(written);
         let mut cov = self.coverage.lock().expect("coverage lock");
@@ -1232,6 +1197,61 @@ impl MasterDataset {
 }
 
 impl MasterDataset {
+    /// Commits `actions` on `table`'s state (the caller holds the table's
+    /// lock and has checked the lease term against it), with `txns` and the
+    /// term as application transactions; fsyncs the commit file and keeps
+    /// the new state. The version committed.
+    async fn commit_on(
+        &self,
+        table: &mut DeltaTable,
+        actions: Vec<Action>,
+        mut txns: Vec<Transaction>,
+        term: u64,
+        op: &'static str,
+    ) -> Result<i64, MasterError> {
+        let built_on = table.version().map_or(-1, |v| v as i64);
+        let snapshot = table.snapshot().map_err(delta("read the table"))?;
+        // After every commit Delta lists its whole log to remove expired
+        // entries — O(commits) per commit, quadratic over a table of small
+        // chunks — though it can only remove entries below a checkpoint. So
+        // clean up on the commits that write one (every 100th, by default;
+        // Delta writes the checkpoint itself, so opening the table stays fast).
+        let next = snapshot.version() + 1;
+        let interval = {
+            use deltalake::kernel::transaction::TableReference;
+            use deltalake::table::config::TablePropertiesExt;
+            snapshot.config().checkpoint_interval().get()
+        };
+        if term > 0 {
+            txns.push(Transaction::new(TERM_APP, term as i64));
+        }
+        let props = CommitProperties::default()
+            .with_application_transactions(txns)
+            .with_cleanup_expired_logs(Some((next + 1) % interval == 0));
+        let commit = CommitBuilder::from(props)
+            .with_actions(actions)
+            .build(
+                Some(snapshot),
+                table.log_store(),
+                DeltaOperation::Write {
+                    mode: SaveMode::Append,
+                    partition_by: None,
+                    predicate: None,
+                },
+            )
+            .await
+            .map_err(delta(op))?;
+        let version = commit.version() as i64;
+        self.committed_term(built_on, version, term);
+        // The commit file is Delta's to write, and it does not fsync it.
+        self.storage
+            .sync(&format!("{TABLE_DIR}/_delta_log/{version:020}.json"))
+            .await?;
+        // The commit returns the new state: no need to re-read the log.
+        table.state = Some(commit.snapshot());
+        Ok(version)
+    }
+
     /// Encodes one chunk's events as a file of the table, named by its
     /// range and checksum, and puts it: the `Add` that commits it, and where
     /// it is.
@@ -1424,34 +1444,14 @@ impl MasterDataset {
                 return Err(MasterError::Fenced { term, table_term });
             }
         }
-        let built_on = table.version().map_or(-1, |v| v as i64);
-        let snap = table.snapshot().map_err(delta("read the table"))?;
-        let props = CommitProperties::default().with_application_transactions(
-            (term > 0)
-                .then(|| Transaction::new(TERM_APP, term as i64))
-                .into_iter()
-                .collect::<Vec<_>>(),
-        );
-        let commit = CommitBuilder::from(props)
-            .with_actions(actions)
-            .build(
-                Some(snap),
-                table.log_store(),
-                DeltaOperation::Write {
-                    mode: SaveMode::Append,
-                    partition_by: None,
-                    predicate: None,
-                },
-            )
-            .await
-            .map_err(delta("commit a restore"))?;
-        let version = commit.version() as i64;
-        self.committed_term(built_on, version, term);
-        self.storage
-            .sync(&format!("{TABLE_DIR}/_delta_log/{version:020}.json"))
+        let version = self
+            .commit_on(&mut table, actions, Vec::new(), term, "commit a restore")
             .await?;
-        table.state = Some(commit.snapshot());
-        self.coverage.lock().expect("coverage lock").version = version;
+        // The coverage did not move, but it is of the state's version: read
+        // it (a restore is rare) rather than assume the cached one was of the
+        // version the commit was built on.
+        let coverage = Self::coverage_of(&table, self.partitions()).await?;
+        *self.coverage.lock().expect("coverage lock") = coverage;
         self.verified.lock().expect("verified lock").extend(written);
         Ok(Some(Restored {
             ranges,
