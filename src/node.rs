@@ -108,6 +108,7 @@ impl crate::error::Explain for NodeError {
             NodeError::Engine(e) => e.hint(),
             NodeError::Batch(e) => e.hint(),
             NodeError::Identity(e) => e.hint(),
+            NodeError::Log(e) => e.hint(),
             NodeError::LeaseRefused { .. } => Some("start this node again once the other node's events are archived (`lambdaflow status` on it)".into()),
             NodeError::LeaseHeld { .. } => Some("a node on the embedded log must drive; stop the other node, or use Kafka or Kinesis as the stream to run several nodes on one root".into()),
             _ => None,

@@ -65,13 +65,10 @@ pub enum LogError {
         #[source]
         source: io::Error,
     },
-    #[error(
-        "the log in {} is in use by another process\nhint: stop the other lambdaflow using this data directory, or pass a different --data",
-        dir.display()
-    )]
+    #[error("the log in {} is in use by another process", dir.display())]
     Locked { dir: PathBuf },
     #[error(
-        "the log in {} has {found} partitions, but the configuration asks for {configured}\nhint: the partition count of an existing log cannot change; set stream.partitions = {found} or use a new data directory",
+        "the log in {} has {found} partitions, but the configuration asks for {configured}",
         dir.display()
     )]
     PartitionMismatch {
@@ -127,6 +124,20 @@ pub enum LogError {
     Encode(#[source] ArrowError),
     #[error("the log is shut down")]
     Closed,
+}
+
+impl crate::error::Explain for LogError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            LogError::Locked { .. } => Some(
+                "stop the other lambdaflow using this directory, or give this node its own: `--data` (or `data`) for a local root; `dir` when `data` is an S3 root shared by several nodes".into(),
+            ),
+            LogError::PartitionMismatch { found, .. } => Some(format!(
+                "the partition count of an existing log cannot change; set stream.partitions = {found} or use a new data directory"
+            )),
+            _ => None,
+        }
+    }
 }
 
 impl LogError {
