@@ -913,11 +913,11 @@ impl Config {
                     crate::error::Explain::hint(&e),
                 ));
             }
-            if !names.insert(v.name.as_str()) {
+            if !names.insert(v.name.to_ascii_lowercase()) {
                 return Err(invalid(
                     &format!("views[{i}].name"),
                     format!("view `{}` is declared twice", v.name),
-                    None,
+                    Some("view names differing only in case are one name to SQL (unquoted identifiers are read in lower case)".into()),
                 ));
             }
             if v.sql.trim().is_empty() {

@@ -88,6 +88,25 @@ pub(super) async fn put_view(
         }))
         .into_response());
     }
+    if served.is_none()
+        && let Some((_, other)) = l
+            .serving
+            .live()
+            .into_iter()
+            .find(|(_, v)| v.name().eq_ignore_ascii_case(&def.name))
+    {
+        // To SQL, `Sales_By_Product` is `sales_by_product`: two such views
+        // would answer for each other on `/v1/sql` and the Postgres wire.
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "view `{}` exists; a view `{}` would be the same name to SQL",
+                other.name(),
+                def.name
+            ),
+        )
+        .hint("unquoted SQL identifiers are read in lower case: change the existing view under its own name, or pick a name that differs in more than case"));
+    }
     let kind = if served.is_some() { "change" } else { "add" };
     let status = l
         .changes
@@ -187,7 +206,7 @@ pub(super) async fn revert_view(
 }
 
 fn not_driving(lease: &crate::batch::lease::Lease) -> ApiError {
-    let hint = match lease.status().holder {
+    let hint = match lease.status().node {
         Some(h) => format!("send view changes to the driving node, {h} (host:port; `status` shows the lease holder)"),
         None => "send view changes to the driving node (`status` shows the lease holder; none holds it now)".into(),
     };

@@ -915,7 +915,7 @@ impl Driver {
                     {
                         tracing::info!(view = %c.view, change = c.change, "driving: building a view change saved in views/CHANGES.json");
                     } else {
-                        tracing::warn!(view = %c.view, change = c.change, "driving: this node's config file defines the view otherwise than the published run; building the file's definition");
+                        tracing::warn!(view = %c.view, change = c.change, "driving: building this node's config file's definition of the view, which the published run does not serve (a change reverted or dropped on the previous driver and not yet published, or a config file that differs between nodes)");
                         from_file.push(format!("`{}` ({})", c.view, c.change));
                     }
                 }
@@ -926,7 +926,7 @@ impl Driver {
                     self.health.warn(
                         "view_changes/config",
                         &format!(
-                            "this node's config file defines views otherwise than the run the previous driver published, and its definitions are built: {}. Give every node the same config file (a SIGHUP applies an edited file on its own node only), or change views through the API (saved for the whole cluster)",
+                            "building this node's config file's definitions of views the published run serves otherwise: {}. Expected after a revert or drop made through the API on the previous driver and not yet published; otherwise the nodes' config files differ: give every node the same config file (a SIGHUP applies an edited file on its own node only), or change views through the API (saved for the whole cluster)",
                             from_file.join(", ")
                         ),
                     );

@@ -73,6 +73,16 @@ pub async fn compile(def: &ViewConfig, schema: &EventSchema) -> Result<View, Vie
     // accepted now and stop every later batch run from publishing.
     super::check_name(&def.name)?;
     let name = def.name.clone();
+    // Parsing and planning recurse on the expression tree: a deep one (a
+    // 2,000-term OR) overflowed the stack and aborted the process. The
+    // bounds of `POST /v1/sql` (a linear scan, no recursion) come first.
+    crate::serving::guard::check_on(&def.sql, crate::serving::guard::Surface::Http).map_err(
+        |e| ViewError::Plan {
+            view: name.clone(),
+            message: e.to_string(),
+            hint: crate::error::Explain::hint(&e),
+        },
+    )?;
     // Ordered aggregates break ties by (partition, offset); such a view reads
     // those two columns besides the events'.
     let tie_broken = tie_break(&def.sql);

@@ -516,6 +516,10 @@ pub const MAX_NAME_BYTES: usize = 63;
 /// macOS, holds `views/current/` and `views/CURRENT` in one entry).
 pub const RESERVED_NAMES: &[&str] = &["CURRENT", "runs"];
 
+/// Names the SQL surfaces give the table of events and their catalogs: a
+/// view of one of these names would hide them, or be hidden.
+pub const SQL_NAMES: &[&str] = &["events", "information_schema", "pg_catalog", "public"];
+
 /// Whether `name` can name a view: an identifier (letters, digits and `_`,
 /// not starting with a digit) of at most [`MAX_NAME_BYTES`], and none of the
 /// [`RESERVED_NAMES`]. Every way of defining a view goes through here: the
@@ -563,6 +567,12 @@ pub fn check_name(name: &str) -> Result<(), ViewError> {
                 "the reserved names are {}; pick another",
                 RESERVED_NAMES.join(", ")
             ),
+        );
+    }
+    if let Some(r) = SQL_NAMES.iter().find(|r| r.eq_ignore_ascii_case(name)) {
+        return bad(
+            format!("`{r}` names a table or schema of the SQL surfaces"),
+            &format!("{} are taken; pick another", SQL_NAMES.join(", ")),
         );
     }
     Ok(())

@@ -211,3 +211,20 @@ async fn the_fingerprint_covers_the_fields_a_view_reads_and_no_other() {
         "a field the view reads enters with its type: states of another type must not be merged"
     );
 }
+
+/// A deep expression is refused with the bounds of `POST /v1/sql`, before
+/// anything recurses on it (a 2,000-term OR in `POST /v1/views` overflowed
+/// the stack and aborted the server).
+#[tokio::test]
+async fn a_view_too_deep_to_plan_is_refused_before_it_is_parsed() {
+    let terms: Vec<String> = (0..2000).map(|i| format!("price = {i}")).collect();
+    let sql = format!(
+        "SELECT count(*) AS n FROM events WHERE {}",
+        terms.join(" OR ")
+    );
+    let e = refuse(&sql).await;
+    assert!(
+        e.contains("view `v`") && e.contains("deep"),
+        "refused for its depth, naming the view: {e}"
+    );
+}

@@ -160,6 +160,9 @@ fn view_names_the_storage_layout_cannot_hold_are_refused_everywhere() {
         ("current", "reserved"),
         ("runs", "reserved"),
         (long.as_str(), "at most 63"),
+        // The SQL surfaces' own names.
+        ("events", "SQL surfaces"),
+        ("Information_Schema", "SQL surfaces"),
     ] {
         let (status, body) = post_view(&url, json!({"name": name, "sql": sql}));
         assert_eq!(status, 400, "view `{name}` must be refused: {body}");
@@ -167,6 +170,11 @@ fn view_names_the_storage_layout_cannot_hold_are_refused_everywhere() {
         assert!(e["error"].as_str().unwrap().contains(why), "{e}");
         assert!(!body.contains(&data), "no server-local path: {body}");
     }
+    // A name differing only in case from a view's is that view's to SQL:
+    // refused (before, `/v1/sql` answered one view's rows for the other).
+    let (status, body) = post_view(&url, json!({"name": "Sales_By_Product", "sql": sql}));
+    assert_eq!(status, 409, "a name equal but for case is refused: {body}");
+    assert!(body.contains("sales_by_product"), "names the view: {body}");
     let (status, body) = post_view(&url, json!({"name": "x".repeat(63), "sql": sql}));
     assert_eq!(status, 202, "63 bytes is a valid name: {body}");
 
