@@ -792,7 +792,7 @@ impl Driver {
                 self.now.notify_one();
             }
             Ok(None) => {}
-            Err(e @ MasterError::Unrepairable { .. }) => {
+            Err(e @ (MasterError::Unrepairable { .. } | MasterError::LostForGood { .. })) => {
                 tracing::error!(error = %crate::error::Report::of(&e), "the master dataset lost events the log no longer holds");
                 health.report("batch", &crate::error::Report::of(&e));
             }

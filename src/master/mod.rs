@@ -121,6 +121,14 @@ pub enum MasterError {
         end: u64,
     },
     #[error(
+        "no file of the master dataset holds partition {partition}'s offsets {start}..{end}, and the log no longer holds them"
+    )]
+    LostForGood {
+        partition: u32,
+        start: u64,
+        end: u64,
+    },
+    #[error(
         "no file of the master dataset holds partition {partition}'s offsets {start}..{end}, which its coverage includes"
     )]
     Lost {
@@ -153,6 +161,7 @@ impl crate::error::Explain for MasterError {
             MasterError::Missing { chunk: Some((p, s, e, _)), .. } => format!("lambdaflow rewrites it from the log while the log still holds partition {p}'s offsets {s}..{e}; otherwise restore the file from a backup. The published views stay as they are meanwhile"),
             MasterError::Missing { path, .. } => format!("restore {path} from a backup (another engine wrote it; lambdaflow cannot rewrite it). The published views stay as they are meanwhile"),
             MasterError::Unrepairable { path, partition, start, end, .. } => format!("restore {path} (partition {partition}, offsets {start}..{end}) from a backup of the master dataset; the published views stay as they are meanwhile"),
+            MasterError::LostForGood { partition, start, end } => format!("restore the files holding partition {partition}'s offsets {start}..{end} from a backup of the master dataset; if another engine rewrote them into a file with copies of its own (`master-foreign` in health lists it), a rewrite without the copies lets lambdaflow read them again. The published views stay as they are meanwhile"),
             MasterError::Lost { partition, start, end } => format!("a rewrite of the table by another engine lost them, or mixed them with rows of its own; restore the table's files holding partition {partition}'s offsets {start}..{end} from a backup"),
             _ => return None,
         })
@@ -1374,16 +1383,20 @@ impl MasterDataset {
             let readable = source.start(r.partition).is_ok_and(|s| s <= r.start)
                 && source.end(r.partition).is_ok_and(|e| e >= r.end);
             if !readable {
-                return Err(MasterError::Unrepairable {
-                    path: path.clone(),
-                    what: if path == "the table" {
-                        "without a file for them"
-                    } else {
-                        "missing"
-                    },
-                    partition: r.partition,
-                    start: r.start,
-                    end: r.end,
+                return Err(if path == "the table" {
+                    MasterError::LostForGood {
+                        partition: r.partition,
+                        start: r.start,
+                        end: r.end,
+                    }
+                } else {
+                    MasterError::Unrepairable {
+                        path: path.clone(),
+                        what: "missing",
+                        partition: r.partition,
+                        start: r.start,
+                        end: r.end,
+                    }
                 });
             }
             // Bounded pieces: one piece's events are in memory at a time.

@@ -320,6 +320,46 @@ fn a_compaction_that_mixes_foreign_copies_with_lambdaflows_rows_is_repaired_from
     server.stop();
 }
 
+/// The same mixed compaction once retention removed the events from the
+/// log: lambdaflow cannot read its events out of the foreign file, nor from
+/// the log; the problem says so and what to do (before, it read "master
+/// dataset file the table is without a file for them", found by a red team).
+#[test]
+fn a_mixed_compaction_the_log_no_longer_holds_says_what_to_do() {
+    let site = Site::new(&CONFIG.replace(
+        "partitions = 1\n",
+        "partitions = 1\nsegment_bytes = \"4KiB\"\n",
+    ));
+    let server = site.serve(&[]);
+    send(&server.url, 0, 2000);
+    server.wait_settled(Duration::from_secs(60));
+    server.stop();
+    let master = site.data.join("master");
+    other_engine(master.to_str().unwrap(), &["append-copy", "0", "100"]);
+    other_engine(master.to_str().unwrap(), &["compact"]);
+
+    let server = site.serve(&[]);
+    send(&server.url, 2000, 2100);
+    let s = wait_status(
+        &server,
+        Duration::from_secs(60),
+        "a problem naming the offsets lost for good",
+        |s| {
+            s["health"]["problems"]
+                .to_string()
+                .contains("the log no longer holds them")
+        },
+    );
+    let problems = s["health"]["problems"].to_string();
+    assert!(
+        problems.contains("partition 0's offsets 0..")
+            && problems.contains("backup")
+            && problems.contains("master-foreign"),
+        "the problem names the offsets, a backup and the foreign file: {problems}"
+    );
+    server.stop();
+}
+
 /// A compaction's file (another engine's name, lambdaflow's rows) deleted by
 /// hand: its events are committed again from the log and the file is removed
 /// from the table, so every engine can read it again (before, the hint said
