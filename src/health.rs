@@ -101,6 +101,11 @@ impl Health {
         bump(&self.warnings, component, message);
     }
 
+    /// `component`'s warning no longer applies (what it named is gone).
+    pub fn unwarn(&self, component: &str) {
+        self.warnings.lock().expect("health lock").remove(component);
+    }
+
     /// `component` works again: its problem, if any, moves to `recovered`.
     pub fn clear(&self, component: &str) {
         let gone = self.problems.lock().expect("health lock").remove(component);

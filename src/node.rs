@@ -735,6 +735,24 @@ impl Node {
             .target()
             .await
             .map_err(crate::batch::BatchError::from)?;
+        // Saved changes this node cannot apply are left out, as at startup:
+        // said again at each reload, and no longer once they are gone.
+        let (_, left_out) = saved.clone().usable(&l.schema).await;
+        if left_out.is_empty() {
+            l.health.unwarn("view_changes");
+        } else {
+            for e in &left_out {
+                tracing::error!(view = %e.view, why = %e.why, "a view change saved in views/CHANGES.json is left out: this node cannot apply it");
+            }
+            let list: Vec<String> = left_out.iter().map(ToString::to_string).collect();
+            l.health.warn(
+                "view_changes",
+                &format!(
+                    "left out of the saved view changes (views/CHANGES.json): {}",
+                    list.join("; ")
+                ),
+            );
+        }
         let overrides = saved.overrides(&config.views);
         for o in &overrides {
             tracing::warn!(view = %o.view, saved = o.saved, "{o}; `DELETE /v1/views/{}/change` returns it to the file's definition", o.view);

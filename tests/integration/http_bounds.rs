@@ -121,6 +121,33 @@ fn view_names_the_storage_layout_cannot_hold_are_refused_everywhere() {
             && warnings.contains("DELETE /v1/views/broken/change"),
         "a saved change that no longer compiles is left out, with why and how to forget it (before, it stopped the node at startup): {warnings}"
     );
+    // Forgotten, and the config reloaded: the warning no longer names it.
+    let (status, reply) = crate::live_views::request(
+        "DELETE",
+        &format!("{url}/v1/views/broken/change"),
+        None,
+    );
+    assert_eq!(status, 200, "the saved change is forgotten: {reply}");
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &server.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let t = std::time::Instant::now();
+    loop {
+        let w = server.status()["health"]["warnings"].to_string();
+        if !w.contains("`broken`") {
+            assert!(w.contains("CURRENT"), "the others are still named: {w}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "a reload says again what is left out, without what was forgotten: {w}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let views = common::get_json(&format!("{url}/v1/views"));
     let names: Vec<&str> = views["views"]
         .as_array()
