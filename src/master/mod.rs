@@ -1623,6 +1623,16 @@ mod tests {
     use arrow::datatypes::Int64Type;
     use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
+    /// The `i`th chunk of two events of partition `p`.
+    fn chunk(p: u32, i: u64) -> ChunkData {
+        let batch = crate::bench::paper_batches(2, 2, 10).remove(0);
+        ChunkData {
+            range: ChunkRange::dense(p, 2 * i, 2 * i + 2),
+            batches: vec![SourceBatch::dense(p, 2 * i, 1_000, batch)],
+            resume: None,
+        }
+    }
+
     /// Opening a table reads its last checkpoint and the commits after it,
     /// not every commit since the first: Delta writes one every 100th
     /// version, and several partitions' chunks go into one commit.
@@ -1633,14 +1643,6 @@ mod tests {
         let master = MasterDataset::open(&storage, Arc::new(EventSchema::paper()), 2)
             .await
             .unwrap();
-        let chunk = |p: u32, i: u64| {
-            let batch = crate::bench::paper_batches(2, 2, 10).remove(0);
-            ChunkData {
-                range: ChunkRange::dense(p, 2 * i, 2 * i + 2),
-                batches: vec![SourceBatch::dense(p, 2 * i, 1_000, batch)],
-                resume: None,
-            }
-        };
         for i in 0..100 {
             master
                 .commit_chunks(vec![chunk(0, i), chunk(1, i)])
@@ -1672,14 +1674,6 @@ mod tests {
         let storage = Storage::local(dir.path()).unwrap();
         let open = || MasterDataset::open(&storage, Arc::new(EventSchema::paper()), 2);
         let (old, new) = (open().await.unwrap(), open().await.unwrap());
-        let chunk = |p: u32, i: u64| {
-            let batch = crate::bench::paper_batches(2, 2, 10).remove(0);
-            ChunkData {
-                range: ChunkRange::dense(p, 2 * i, 2 * i + 2),
-                batches: vec![SourceBatch::dense(p, 2 * i, 1_000, batch)],
-                resume: None,
-            }
-        };
         old.set_term(1);
         old.commit_chunks(vec![chunk(0, 0)]).await.unwrap();
         old.commit_chunks(vec![chunk(0, 1)]).await.unwrap();

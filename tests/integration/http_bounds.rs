@@ -122,11 +122,8 @@ fn view_names_the_storage_layout_cannot_hold_are_refused_everywhere() {
         "a saved change that no longer compiles is left out, with why and how to forget it (before, it stopped the node at startup): {warnings}"
     );
     // Forgotten, and the config reloaded: the warning no longer names it.
-    let (status, reply) = crate::live_views::request(
-        "DELETE",
-        &format!("{url}/v1/views/broken/change"),
-        None,
-    );
+    let (status, reply) =
+        crate::live_views::request("DELETE", &format!("{url}/v1/views/broken/change"), None);
     assert_eq!(status, 200, "the saved change is forgotten: {reply}");
     assert!(
         std::process::Command::new("kill")

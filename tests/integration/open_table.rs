@@ -3,6 +3,7 @@
 //! deletes a file by hand — the views stay exact, incremental runs go on,
 //! and what cannot be repaired says how to restore it.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -55,6 +56,17 @@ fn kind_of(manifest: &Value, view: &str) -> String {
         .to_string()
 }
 
+/// A site whose table holds events 0..2000, archived and published, its
+/// server stopped (what another engine then works on); what was acknowledged.
+fn archived(config: &str) -> (Site, BTreeMap<(u32, u64), i64>) {
+    let site = Site::new(config);
+    let server = site.serve(&[]);
+    let acked = send(&server.url, 0, 2000);
+    server.wait_settled(Duration::from_secs(60));
+    server.stop();
+    (site, acked)
+}
+
 /// Waits for a status that `ok` accepts.
 fn wait_status(
     server: &common::Server,
@@ -75,11 +87,7 @@ fn wait_status(
 
 #[test]
 fn rows_appended_by_another_engine_are_left_out_of_the_views_and_reported() {
-    let site = Site::new(CONFIG);
-    let server = site.serve(&[]);
-    let mut acked = send(&server.url, 0, 2000);
-    server.wait_settled(Duration::from_secs(60));
-    server.stop();
+    let (site, mut acked) = archived(CONFIG);
 
     // A copy of events 0..99 of partition 0, appended as the engine's own file.
     let master = site.data.join("master");
@@ -121,11 +129,7 @@ fn rows_appended_by_another_engine_are_left_out_of_the_views_and_reported() {
 
 #[test]
 fn a_master_file_deleted_by_hand_is_rewritten_from_the_log() {
-    let site = Site::new(CONFIG);
-    let server = site.serve(&[]);
-    let mut acked = send(&server.url, 0, 2000);
-    server.wait_settled(Duration::from_secs(60));
-    server.stop();
+    let (site, mut acked) = archived(CONFIG);
 
     let files = parquet_files(&site.data.join("master"));
     assert!(files.len() >= 3, "{files:?}");
@@ -163,14 +167,10 @@ fn a_master_file_deleted_by_hand_is_rewritten_from_the_log() {
 #[test]
 fn a_deleted_master_file_the_log_no_longer_holds_asks_for_a_backup() {
     // Small segments: retention removes what the published run covers.
-    let site = Site::new(&CONFIG.replace(
+    let (site, _) = archived(&CONFIG.replace(
         "partitions = 1\n",
         "partitions = 1\nsegment_bytes = \"4KiB\"\n",
     ));
-    let server = site.serve(&[]);
-    send(&server.url, 0, 2000);
-    server.wait_settled(Duration::from_secs(60));
-    server.stop();
 
     let files = parquet_files(&site.data.join("master"));
     let victim = files[0].clone();
@@ -200,11 +200,7 @@ fn a_deleted_master_file_the_log_no_longer_holds_asks_for_a_backup() {
 
 #[test]
 fn a_table_compacted_and_vacuumed_by_another_engine_keeps_incremental_runs_and_rebuilds() {
-    let site = Site::new(CONFIG);
-    let server = site.serve(&[]);
-    let mut acked = send(&server.url, 0, 2000);
-    server.wait_settled(Duration::from_secs(60));
-    server.stop();
+    let (site, mut acked) = archived(CONFIG);
 
     let master = site.data.join("master");
     let before = parquet_files(&master).len();
@@ -276,11 +272,7 @@ fn recommitted(s: &Value) -> bool {
 /// offsets" for good), and the views stay exact.
 #[test]
 fn a_compaction_that_mixes_foreign_copies_with_lambdaflows_rows_is_repaired_from_the_log() {
-    let site = Site::new(CONFIG);
-    let server = site.serve(&[]);
-    send(&server.url, 0, 2000);
-    server.wait_settled(Duration::from_secs(60));
-    server.stop();
+    let (site, _) = archived(CONFIG);
     let master = site.data.join("master");
     other_engine(master.to_str().unwrap(), &["append-copy", "0", "100"]);
     assert_eq!(
@@ -326,14 +318,11 @@ fn a_compaction_that_mixes_foreign_copies_with_lambdaflows_rows_is_repaired_from
 /// dataset file the table is without a file for them", found by a red team).
 #[test]
 fn a_mixed_compaction_the_log_no_longer_holds_says_what_to_do() {
-    let site = Site::new(&CONFIG.replace(
+    // Small segments: retention removes what the published run covers.
+    let (site, _) = archived(&CONFIG.replace(
         "partitions = 1\n",
         "partitions = 1\nsegment_bytes = \"4KiB\"\n",
     ));
-    let server = site.serve(&[]);
-    send(&server.url, 0, 2000);
-    server.wait_settled(Duration::from_secs(60));
-    server.stop();
     let master = site.data.join("master");
     other_engine(master.to_str().unwrap(), &["append-copy", "0", "100"]);
     other_engine(master.to_str().unwrap(), &["compact"]);
@@ -366,11 +355,7 @@ fn a_mixed_compaction_the_log_no_longer_holds_says_what_to_do() {
 /// to restore it from a backup though the log held its events).
 #[test]
 fn a_compacted_file_deleted_by_hand_is_committed_again_from_the_log() {
-    let site = Site::new(CONFIG);
-    let server = site.serve(&[]);
-    let mut acked = send(&server.url, 0, 2000);
-    server.wait_settled(Duration::from_secs(60));
-    server.stop();
+    let (site, mut acked) = archived(CONFIG);
     let master = site.data.join("master");
     other_engine(master.to_str().unwrap(), &["compact"]);
     // lambdaflow reads the compaction once (and keeps what each file holds).
