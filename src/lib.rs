@@ -10,15 +10,16 @@
 //!
 //! Modules are named after the layers they implement; see `DESIGN.md`.
 
-pub mod api;
 pub mod batch;
 pub mod bench;
+pub mod chunk;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
-pub mod demo;
 pub mod error;
 pub mod failpoint;
+pub mod frontend;
 pub mod health;
 pub mod master;
 pub mod memory;
@@ -26,7 +27,6 @@ pub mod metrics;
 pub mod node;
 pub mod produce;
 pub mod schema;
-pub mod serve;
 pub mod serving;
 #[cfg(test)]
 mod sim;

@@ -24,23 +24,24 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::batch::driver::{self, Driver, DriverError};
-pub use crate::batch::driver::{BatchLock, BatchStatus, batch_lock};
-use crate::batch::lease::Lease;
 use crate::batch::{BatchError, BatchLayer};
+use crate::chunk::ChunkRange;
 use crate::clock::{SharedClock, SystemClock};
+use crate::cluster::driver::{self, Driver, DriverError};
+pub use crate::cluster::driver::{BatchLock, BatchStatus, batch_lock};
+use crate::cluster::lease::Lease;
 use crate::config::{Config, ConfigError};
 use crate::health::Health;
 use crate::master::{MasterDataset, MasterError};
 use crate::serving::Serving;
 use crate::speed::{SpeedError, SpeedLayer, SpeedMetrics, SpeedOptions};
 use crate::storage::StorageError;
+use crate::stream::Source;
 use crate::stream::deadletter::DeadLetterError;
 use crate::stream::ingest::Backlog;
 use crate::stream::ingest::Producer;
 use crate::stream::kafka::{self, KafkaError, KafkaSource};
 use crate::stream::kinesis::{self, KinesisError, KinesisSource};
-use crate::stream::{ChunkRange, Source};
 use crate::stream::{DeadLetters, Decoder, Ingest, Log, LogError, LogOptions, Partitioning};
 use crate::view::failures::ViewFailures;
 use crate::view::{self, View, ViewError};
@@ -86,7 +87,7 @@ pub enum NodeError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Lease(#[from] crate::batch::lease::LeaseError),
+    Lease(#[from] crate::cluster::lease::LeaseError),
 }
 
 impl crate::error::Explain for NodeError {

@@ -402,7 +402,7 @@ pub async fn run(opts: ProduceOptions) -> Result<Summary, ProduceError> {
     } else {
         format!("{}/v1/events", opts.url.trim_end_matches('/'))
     };
-    let client = crate::api::client::builder()
+    let client = crate::frontend::client::builder()
         .map_err(ProduceError::Setup)?
         .pool_max_idle_per_host(opts.concurrency)
         .tcp_nodelay(true)

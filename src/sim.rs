@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::batch::driver;
 use crate::clock::ManualClock;
+use crate::cluster::driver;
 use crate::config::{Config, ViewConfig};
 use crate::master::archiver;
 use crate::node::{Assembled, assemble_over, open_batch_with};

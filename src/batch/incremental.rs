@@ -205,27 +205,30 @@ pub fn added_since(prev: &Manifest, snapshot: &MasterSnapshot) -> Result<Vec<Dat
         // A file another engine rewrote holds any number of ranges: it is
         // old or added as a whole, or the table cannot be split.
         let newer = f.chunks.iter().all(|c| {
-            let cut = at(c.partition as usize);
-            c.start >= cut && c.end > c.start
+            let cut = at(c.partition() as usize);
+            c.start() >= cut && c.end() > c.start()
         });
-        let older = f.chunks.iter().all(|c| c.end <= at(c.partition as usize));
+        let older = f
+            .chunks
+            .iter()
+            .all(|c| c.end() <= at(c.partition() as usize));
         if newer {
             added.push(f.clone());
         } else if older {
             old_events += f
                 .records
-                .unwrap_or_else(|| f.chunks.iter().map(|c| c.events).sum());
+                .unwrap_or_else(|| f.chunks.iter().map(|c| c.events()).sum());
         } else {
             let c = f
                 .chunks
                 .iter()
-                .find(|c| c.end > at(c.partition as usize))
+                .find(|c| c.end() > at(c.partition() as usize))
                 .unwrap_or(&f.chunks[0]);
             return Err(format!(
                 "{} holds events on both sides of the published coverage {} of partition {}",
                 f.location,
-                at(c.partition as usize),
-                c.partition
+                at(c.partition() as usize),
+                c.partition()
             ));
         }
     }
@@ -283,7 +286,7 @@ mod tests {
             )),
             size: 1,
             records: Some(e - s),
-            chunks: vec![crate::stream::source::ChunkRange::new(p, s, e, e - s).unwrap()],
+            chunks: vec![crate::chunk::ChunkRange::new(p, s, e, e - s).unwrap()],
         }
     }
 

@@ -19,11 +19,9 @@
 #[cfg(feature = "ballista")]
 pub mod ballista;
 pub mod changes;
-pub mod driver;
 pub mod engine;
 pub mod history;
 pub mod incremental;
-pub mod lease;
 pub mod scan;
 
 use std::collections::BTreeMap;

@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+use crate::chunk::ChunkRange;
 use crate::master::MasterDataset;
 use crate::produce::group;
-use crate::stream::{ChunkRange, SourceBatch};
+use crate::stream::SourceBatch;
 
 /// `rebuild` prints its peak memory as `peak memory (VmHWM): 1.2 GiB`.
 fn peak(out: &str) -> String {

@@ -17,7 +17,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use super::{CommitOutcome, MasterDataset, MasterError};
-use crate::stream::source::{ChunkRange, Source, SourceError, read_exact};
+use crate::chunk::{self, ChunkRange, Coverage};
+use crate::stream::source::{Source, SourceError, read_exact};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
@@ -33,8 +34,8 @@ pub async fn archive_chunk(
     source: &dyn Source,
     c: ChunkRange,
 ) -> Result<CommitOutcome, ArchiveError> {
-    let batches = read_exact(source, c.partition, c.start, c.end).await?;
-    let token = source.resume_token(c.partition, c.end);
+    let batches = read_exact(source, c.partition(), c.start(), c.end()).await?;
+    let token = source.resume_token(c.partition(), c.end());
     master
         .commit_chunk(c, batches, token)
         .await
@@ -64,7 +65,7 @@ pub async fn run_queue(
     let mut open = true;
     let mut backoff = Duration::from_millis(100);
     let queue = |pending: &mut Vec<VecDeque<ChunkRange>>, c: ChunkRange| {
-        let p = c.partition as usize;
+        let p = c.partition() as usize;
         if pending.len() <= p {
             pending.resize_with(p + 1, VecDeque::new);
         }
@@ -90,7 +91,7 @@ pub async fn run_queue(
                 _ = driving.changed() => {}
                 _ = tokio::time::sleep(Duration::from_secs(2)), if !held && !idle => {
                     if let Ok(cov) = master.refresh().await {
-                        drop_committed(&mut pending, &cov.h);
+                        chunk::drop_committed(&mut pending, &Coverage::from_ends(cov.h.clone()));
                     }
                 }
                 _ = stop.changed() => break,
@@ -105,7 +106,7 @@ pub async fn run_queue(
         // which keeps the handoff exact (H is still a boundary of every
         // realtime chunk list), and a backlog costs fewer commits and files.
         let coverage = master.coverage().h;
-        drop_committed(&mut pending, &coverage);
+        chunk::drop_committed(&mut pending, &Coverage::from_ends(coverage.clone()));
         let round: Vec<Commit> = pending
             .iter()
             .filter_map(|q| {
@@ -114,20 +115,26 @@ pub async fn run_queue(
                 // A chunk across the coverage (the chunks before it were cut
                 // by another driver) is committed from the coverage on, with
                 // as many events as its range holds there.
-                let covered = coverage.get(c.partition as usize).copied().unwrap_or(0);
-                if c.start < covered {
-                    let rest = ChunkRange::new(c.partition, covered, c.end, 0).expect("a range");
+                let covered = coverage.get(c.partition() as usize).copied().unwrap_or(0);
+                if c.start() < covered {
+                    let rest =
+                        ChunkRange::new(c.partition(), covered, c.end(), 0).expect("a range");
                     return Some(Commit {
                         range: rest,
                         count_from_read: true,
                     });
                 }
                 for next in it {
-                    if !(c.precedes(next) && c.events + next.events <= max_events) {
+                    if !(c.precedes(next) && c.events() + next.events() <= max_events) {
                         break;
                     }
-                    c = ChunkRange::new(c.partition, c.start, next.end, c.events + next.events)
-                        .expect("contiguous ranges");
+                    c = ChunkRange::new(
+                        c.partition(),
+                        c.start(),
+                        next.end(),
+                        c.events() + next.events(),
+                    )
+                    .expect("contiguous ranges");
                 }
                 Some(Commit {
                     range: c,
@@ -143,8 +150,8 @@ pub async fn run_queue(
                     tracing::debug!(chunks = ?round, version, "archived");
                 }
                 for Commit { range: c, .. } in &round {
-                    let q = &mut pending[c.partition as usize];
-                    while q.front().is_some_and(|f| f.end <= c.end) {
+                    let q = &mut pending[c.partition() as usize];
+                    while q.front().is_some_and(|f| f.end() <= c.end()) {
                         q.pop_front();
                     }
                 }
@@ -190,33 +197,20 @@ pub async fn archive_chunks(
         count_from_read,
     } in chunks
     {
-        let batches = read_exact(source, c.partition, c.start, c.end).await?;
+        let batches = read_exact(source, c.partition(), c.start(), c.end()).await?;
         let range = if count_from_read {
             let n = batches.iter().map(|b| b.rows() as u64).sum();
-            ChunkRange::new(c.partition, c.start, c.end, n).expect("a read range")
+            ChunkRange::new(c.partition(), c.start(), c.end(), n).expect("a read range")
         } else {
             c
         };
         data.push(super::ChunkData {
             range,
             batches,
-            resume: source.resume_token(c.partition, c.end),
+            resume: source.resume_token(c.partition(), c.end()),
         });
     }
     // The stream releases records at publishes (the speed layer tells
     // it), not at commits: a view built meanwhile still reads them.
     master.commit_chunks(data).await.map_err(Into::into)
-}
-
-/// Drops the queued chunks the table already holds (committed by another
-/// driver, or queued twice: a speed layer that realigned on H closes its
-/// chunks again). The stream releases records at publishes, not here: a
-/// node that does not drive may still have to read them again.
-fn drop_committed(pending: &mut [VecDeque<ChunkRange>], h: &[u64]) {
-    for (p, q) in pending.iter_mut().enumerate() {
-        let covered = h.get(p).copied().unwrap_or(0);
-        while q.front().is_some_and(|c| c.end <= covered) {
-            q.pop_front();
-        }
-    }
 }

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::stream::source::ChunkRange;
+use crate::chunk::ChunkRange;
 
 /// The rows of a file as runs of consecutive offsets.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

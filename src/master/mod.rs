@@ -39,13 +39,13 @@ use deltalake::kernel::{Action, Add, DataType as DeltaType, StructField, Transac
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use serde::{Deserialize, Serialize};
 
+use crate::chunk::{self, ChunkRange};
 use crate::schema::{EventSchema, FieldType};
 use crate::storage::{Storage, StorageError};
-use crate::stream::source::{ChunkRange, Source, SourceBatch, read_exact};
+use crate::stream::source::{Source, SourceBatch, read_exact};
 
 /// Columns lambdaflow adds to every event in the master dataset.
-pub const PARTITION_COLUMN: &str = "_partition";
-pub const OFFSET_COLUMN: &str = "_offset";
+use crate::chunk::{OFFSET_COLUMN, PARTITION_COLUMN};
 pub const INGEST_TIME_COLUMN: &str = "_ingest_time";
 
 /// Where the table lives under the storage root.
@@ -223,7 +223,7 @@ impl MasterSnapshot {
         let mut out: Vec<ChunkRange> = self
             .files
             .iter()
-            .flat_map(|f| f.chunks.iter().filter(|c| c.partition == p).copied())
+            .flat_map(|f| f.chunks.iter().filter(|c| c.partition() == p).copied())
             .collect();
         out.sort_unstable();
         out
@@ -462,7 +462,7 @@ impl MasterDataset {
                 snapshot
                     .files
                     .iter()
-                    .flat_map(|f| f.chunks.iter().map(|c| c.partition)),
+                    .flat_map(|f| f.chunks.iter().map(|c| c.partition())),
             )
             .chain(
                 snapshot
@@ -812,9 +812,9 @@ impl MasterDataset {
     pub async fn verify(&self, snapshot: &MasterSnapshot) -> Result<(), MasterError> {
         if let Some(l) = snapshot.lost.first() {
             return Err(MasterError::Lost {
-                partition: l.partition,
-                start: l.start,
-                end: l.end,
+                partition: l.partition(),
+                start: l.start(),
+                end: l.end(),
             });
         }
         self.load_verified().await?;
@@ -1114,25 +1114,26 @@ impl MasterDataset {
         }
         let mut todo = Vec::with_capacity(chunks.len());
         for c in chunks {
-            let ChunkRange {
-                partition,
-                start,
-                end,
-                events: n,
-            } = c.range;
+            let (partition, start, end, n) = (
+                c.range.partition(),
+                c.range.start(),
+                c.range.end(),
+                c.range.events(),
+            );
             self.partitions
                 .fetch_max(partition + 1, std::sync::atomic::Ordering::Relaxed);
             let committed = coverage.h.get(partition as usize).copied().unwrap_or(0);
-            if committed >= end {
-                continue;
-            }
-            if committed != start {
-                return Err(MasterError::Gap {
-                    partition,
-                    start,
-                    end,
-                    committed,
-                });
+            match chunk::next_commit(committed, &c.range) {
+                chunk::Commit::Held => continue,
+                chunk::Commit::Gap => {
+                    return Err(MasterError::Gap {
+                        partition,
+                        start,
+                        end,
+                        committed,
+                    });
+                }
+                chunk::Commit::Extends => {}
             }
             // The records must be the chunk's: as many, all inside its range.
             let got: u64 = c.batches.iter().map(|b| b.rows() as u64).sum();
@@ -1168,7 +1169,7 @@ impl MasterDataset {
         let mut txns = Vec::with_capacity(todo.len());
         let mut written = Vec::with_capacity(todo.len());
         for c in todo {
-            let (partition, end) = (c.range.partition, c.range.end);
+            let (partition, end) = (c.range.partition(), c.range.end());
             // The token outlives a compaction of the file (which drops the
             // file's metadata) beside the table; a racer's is the same.
             if let Some(t) = &c.resume {
@@ -1270,12 +1271,12 @@ impl MasterDataset {
         batches: Vec<SourceBatch>,
         resume: Option<String>,
     ) -> Result<(Add, object_store::path::Path), MasterError> {
-        let ChunkRange {
-            partition,
-            start,
-            end,
-            events,
-        } = range;
+        let (partition, start, end, events) = (
+            range.partition(),
+            range.start(),
+            range.end(),
+            range.events(),
+        );
         let file_schema = self.file_schema.clone();
         let encoded = tokio::task::spawn_blocking(move || {
             encode_chunk(&file_schema, partition, &batches, resume)
@@ -1380,30 +1381,30 @@ impl MasterDataset {
         // would leave the table no better for a reader.
         let mut pieces = Vec::new();
         for (path, r) in &todo {
-            let readable = source.start(r.partition).is_ok_and(|s| s <= r.start)
-                && source.end(r.partition).is_ok_and(|e| e >= r.end);
+            let readable = source.start(r.partition()).is_ok_and(|s| s <= r.start())
+                && source.end(r.partition()).is_ok_and(|e| e >= r.end());
             if !readable {
                 return Err(if path == "the table" {
                     MasterError::LostForGood {
-                        partition: r.partition,
-                        start: r.start,
-                        end: r.end,
+                        partition: r.partition(),
+                        start: r.start(),
+                        end: r.end(),
                     }
                 } else {
                     MasterError::Unrepairable {
                         path: path.clone(),
                         what: "missing",
-                        partition: r.partition,
-                        start: r.start,
-                        end: r.end,
+                        partition: r.partition(),
+                        start: r.start(),
+                        end: r.end(),
                     }
                 });
             }
             // Bounded pieces: one piece's events are in memory at a time.
-            let mut at = r.start;
-            while at < r.end {
-                let to = r.end.min(at + RESTORE_PIECE);
-                pieces.push((path.clone(), r.partition, at, to));
+            let mut at = r.start();
+            while at < r.end() {
+                let to = r.end().min(at + RESTORE_PIECE);
+                pieces.push((path.clone(), r.partition(), at, to));
                 at = to;
             }
         }

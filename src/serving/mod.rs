@@ -17,8 +17,6 @@
 //! version and shared by every reader of that version.
 
 pub mod bounded;
-pub mod guard;
-pub mod pg;
 pub mod pool;
 pub mod query;
 
@@ -33,7 +31,7 @@ use arrow::record_batch::RecordBatch;
 use serde::Serialize;
 
 use crate::batch::{BatchError, BatchLayer, Manifest};
-use crate::stream::ChunkRange;
+use crate::chunk::{self, ChunkRange};
 use crate::view::{View, ViewError};
 
 /// One realtime chunk of one partition: states per view of the events of its range.
@@ -48,6 +46,12 @@ pub struct RealtimeChunk {
     /// the background after the first point read that needs one; shared by
     /// the versions of a growing chunk whose batches did not change.
     pub indexes: ChunkIndexes,
+}
+
+impl chunk::Ranged for RealtimeChunk {
+    fn range(&self) -> ChunkRange {
+        self.range
+    }
 }
 
 /// Key indexes of one chunk's state batches (`None`: being built).
@@ -325,7 +329,7 @@ impl Snapshot {
         let h = self.h();
         for (p, chunks, end) in parts {
             let p = p as usize;
-            let (chunks, end) = aligned(chunks, end, h[p]);
+            let (chunks, end) = chunk::align(chunks, end, h[p]);
             self.realtime[p] = chunks;
             if end != self.realtime_end[p] {
                 self.realtime_at_ms[p] = now;
@@ -350,22 +354,7 @@ impl Snapshot {
     pub fn check(&self) -> Result<(), String> {
         let h = self.h();
         for (p, chunks) in self.realtime.iter().enumerate() {
-            let mut at = h[p];
-            for c in chunks {
-                if c.range.start != at || c.range.partition as usize != p {
-                    return Err(format!(
-                        "partition {p}: realtime chunk {} does not start where the previous side ends, at {at}",
-                        c.range
-                    ));
-                }
-                at = c.range.end;
-            }
-            if at != self.realtime_end[p] {
-                return Err(format!(
-                    "partition {p}: chunks end at {at}, the realtime high-water mark is {}",
-                    self.realtime_end[p]
-                ));
-            }
+            chunk::check_contiguous(p as u32, h[p], chunks, self.realtime_end[p])?;
         }
         Ok(())
     }
@@ -556,19 +545,6 @@ impl crate::error::Explain for ServingError {
 pub const MAX_STALE: Duration = Duration::from_millis(250);
 
 /// Per view: the latest answer and whether a newer one is being computed.
-/// The realtime chunks of one partition that merge exactly with a batch
-/// run covering it up to `h`, and the end they reach: the chunks above `h`,
-/// if the first starts at `h`. A chunk across `h` (this node cut the stream
-/// elsewhere than the node whose chunks the run archived) cannot be split:
-/// the partition is then exact up to `h` alone.
-fn aligned(chunks: Vec<Arc<RealtimeChunk>>, end: u64, h: u64) -> (Vec<Arc<RealtimeChunk>>, u64) {
-    let above: Vec<_> = chunks.into_iter().filter(|c| c.range.end > h).collect();
-    match above.first() {
-        Some(c) if c.range.start != h => (Vec::new(), h),
-        _ => (above, end.max(h)),
-    }
-}
-
 struct Cached {
     answer: ArcSwap<Option<Arc<Answer>>>,
     computing: AtomicBool,
@@ -778,7 +754,7 @@ impl Serving {
             next.grow(side.manifest.h.len());
             let h = side.manifest.h.clone();
             for (p, &hp) in h.iter().enumerate() {
-                let (chunks, end) = aligned(
+                let (chunks, end) = chunk::align(
                     std::mem::take(&mut next.realtime[p]),
                     next.realtime_end[p],
                     hp,

@@ -85,7 +85,7 @@ pub enum QueryError {
         detail: String,
     },
     #[error(transparent)]
-    Guard(#[from] super::guard::GuardError),
+    Guard(#[from] crate::view::guard::GuardError),
     #[error(transparent)]
     Pool(#[from] PoolError),
     #[error(transparent)]
@@ -406,7 +406,7 @@ async fn run_here(
     limits: SqlLimits,
 ) -> Result<SqlAnswer, QueryError> {
     // Size and depth first: everything after this recurses over the tree.
-    super::guard::check_on(sql, super::guard::Surface::Http)?;
+    crate::view::guard::check_on(sql, crate::view::guard::Surface::Http)?;
     // Views may have changed since the last query.
     catalog.sync(serving);
     let snap = serving.snapshot();

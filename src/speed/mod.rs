@@ -31,13 +31,14 @@ use std::time::{Duration, Instant};
 use arrow::record_batch::RecordBatch;
 use tokio::sync::{mpsc, watch};
 
+use crate::chunk::ChunkRange;
 use crate::clock::{SharedClock, SystemClock};
 use crate::health::Health;
 use crate::metrics::Histogram;
 use crate::serving::{RealtimeChunk, Serving};
 use crate::stream::LogError;
 use crate::stream::ingest::Backlog;
-use crate::stream::source::{ChunkRange, Source, SourceBatch, SourceError, StreamTimes};
+use crate::stream::source::{Source, SourceBatch, SourceError, StreamTimes};
 use crate::view::failures::{FailedRow, ViewFailures};
 use crate::view::{View, ViewError};
 
@@ -116,7 +117,7 @@ impl Part {
     /// at or after it to reproduce.
     fn at(next: u64, mut committed: Vec<ChunkRange>) -> Part {
         committed.sort_unstable();
-        committed.retain(|r| r.start >= next);
+        committed.retain(|r| r.start() >= next);
         Part {
             next,
             edge: next,
@@ -361,7 +362,7 @@ impl SpeedLayer {
         for p in 0..self.parts.len() {
             let hp = h.get(p).copied().unwrap_or(0);
             let mut chunks = Vec::new();
-            for c in self.parts[p].chunks.iter().filter(|c| c.range.end > hp) {
+            for c in self.parts[p].chunks.iter().filter(|c| c.range.end() > hp) {
                 let mut states = Vec::with_capacity(views.len());
                 let mut records: Option<Vec<SourceBatch>> = None;
                 for (i, v) in views.iter().enumerate() {
@@ -370,13 +371,13 @@ impl SpeedLayer {
                     } else if self.live.contains(&i) {
                         states.push(c.states.get(i).cloned().unwrap_or_default());
                     } else {
-                        if records.is_none() && c.range.end > c.range.start {
+                        if records.is_none() && c.range.end() > c.range.start() {
                             records = Some(
                                 crate::stream::source::read_exact(
                                     self.source.as_ref(),
                                     p as u32,
-                                    c.range.start,
-                                    c.range.end,
+                                    c.range.start(),
+                                    c.range.end(),
                                 )
                                 .await?,
                             );
@@ -400,7 +401,7 @@ impl SpeedLayer {
         }
         for (p, chunks) in all.into_iter().enumerate() {
             let part = &mut self.parts[p];
-            let end = chunks.last().map_or(part.next, |c| c.range.end);
+            let end = chunks.last().map_or(part.next, |c| c.range.end());
             part.chunks = chunks.clone();
             parts.push((p as u32, chunks, end));
         }
@@ -482,7 +483,7 @@ impl SpeedLayer {
             moved |= consumed;
             if consumed || aged {
                 let part = &self.parts[p];
-                let end = part.chunks.last().map_or(part.next, |c| c.range.end);
+                let end = part.chunks.last().map_or(part.next, |c| c.range.end());
                 changed.push((p as u32, part.chunks.clone(), end));
             }
         }
@@ -529,7 +530,7 @@ impl SpeedLayer {
         let age_ms = self.chunk_age.as_millis().max(1) as i64;
         // Chunks the installed batch run covers are no longer needed.
         let part = &mut self.parts[p];
-        part.chunks.retain(|c| c.range.end > hp);
+        part.chunks.retain(|c| c.range.end() > hp);
         // The stream may drop what a published run covers — not what is
         // only committed: a view built meanwhile starts its realtime states
         // at its own run's H, and reads the stream above it.
@@ -538,7 +539,7 @@ impl SpeedLayer {
         // another node's chunks (a cluster's driver, or the one before a
         // failover). Read on from H, so the chunks line up with it again.
         let misaligned = match part.chunks.first() {
-            Some(c) => c.range.start != hp,
+            Some(c) => c.range.start() != hp,
             None => part.edge < hp,
         };
         if misaligned {
@@ -554,11 +555,11 @@ impl SpeedLayer {
             let t = Instant::now();
             let part = &mut self.parts[p];
             let (open, replaying) = Self::open_chunk(part, p as u32, self.views.len());
-            let until = replaying.map_or(end, |r| r.end.min(end));
+            let until = replaying.map_or(end, |r| r.end().min(end));
             let room = if replaying.is_some() {
                 MAX_MICRO_EVENTS
             } else {
-                (self.chunk_events - open.range.events).min(MAX_MICRO_EVENTS)
+                (self.chunk_events - open.range.events()).min(MAX_MICRO_EVENTS)
             };
             let read = match self
                 .source
@@ -590,13 +591,13 @@ impl SpeedLayer {
                     let last = read.last().map_or(part.next, SourceBatch::end);
                     Cut {
                         take: read,
-                        closes: last >= r.end,
+                        closes: last >= r.end(),
                         bucket: None,
                     }
                 }
                 None => cut(
                     read,
-                    self.chunk_events - open.range.events,
+                    self.chunk_events - open.range.events(),
                     part.bucket,
                     age_ms,
                 ),
@@ -609,7 +610,7 @@ impl SpeedLayer {
                 .iter()
                 .rev()
                 .find_map(SourceBatch::last_record_end)
-                .unwrap_or(open.range.end);
+                .unwrap_or(open.range.end());
             let read_to = take.last().map_or(part.next, SourceBatch::end);
             let mut states = if taken == 0 {
                 open.states.clone()
@@ -632,9 +633,9 @@ impl SpeedLayer {
             }
             let range = ChunkRange::new(
                 p as u32,
-                open.range.start,
+                open.range.start(),
                 new_end,
-                open.range.events + taken,
+                open.range.events() + taken,
             )
             .expect("records are read in order, one position each");
             let part = &mut self.parts[p];
@@ -670,7 +671,7 @@ impl SpeedLayer {
         if let (Some(bucket), Some(last)) = (part.bucket, part.chunks.last())
             && !last.closed
             && part.replay.is_empty()
-            && last.range.events > 0
+            && last.range.events() > 0
             && (!joins_bucket(Some(bucket), now_bucket, earlier_slack(age_ms)) || finished)
         {
             let mut c = (**last).clone();
@@ -774,14 +775,14 @@ impl SpeedLayer {
         while part
             .replay
             .front()
-            .is_some_and(|r| r.start < open.range.start)
+            .is_some_and(|r| r.start() < open.range.start())
         {
             part.replay.pop_front();
         }
         let replaying = part
             .replay
             .front()
-            .filter(|r| r.start == open.range.start)
+            .filter(|r| r.start() == open.range.start())
             .copied();
         (open, replaying)
     }
@@ -789,12 +790,12 @@ impl SpeedLayer {
     fn close(part: &mut Part, archive: &mpsc::UnboundedSender<ChunkRange>, metrics: &SpeedMetrics) {
         let range = part.chunks.last().expect("closed chunk").range;
         part.bucket = None;
-        part.edge = range.end;
+        part.edge = range.end();
         metrics.chunks_closed.fetch_add(1, Ordering::Relaxed);
         if part
             .replay
             .front()
-            .is_some_and(|r| r.start == range.start && r.end == range.end)
+            .is_some_and(|r| r.start() == range.start() && r.end() == range.end())
         {
             // Committed before the restart: nothing to archive.
             part.replay.pop_front();
@@ -992,7 +993,7 @@ mod tests {
             let a = chunks(&positions, &times, &splits_a, size, 1_000);
             let b = chunks(&positions, &times, &splits_b, size, 1_000);
             prop_assert_eq!(&a, &b, "reads split as {:?} and {:?} cut differently", splits_a, splits_b);
-            let total: u64 = a.iter().map(|c| c.events).sum();
+            let total: u64 = a.iter().map(|c| c.events()).sum();
             prop_assert_eq!(total, n as u64, "every record is in one chunk");
             for w in a.windows(2) {
                 prop_assert!(w[0].precedes(&w[1]), "contiguous: {} then {}", w[0], w[1]);

@@ -359,7 +359,7 @@ async fn held(log: &Log, master: &MasterDataset) -> Result<Held, IdentityError> 
     let snapshot = master.snapshot().await?;
     let mut archived_end = snapshot.coverage.h.clone();
     for c in snapshot.files.iter().flat_map(|f| &f.chunks) {
-        let (p, e) = (c.partition, c.end);
+        let (p, e) = (c.partition(), c.end());
         if archived_end.len() <= p as usize {
             archived_end.resize(p as usize + 1, 0);
         }

@@ -302,7 +302,7 @@ pub enum IngestError {
     /// On a shared root, only the driver lease's valid holder acknowledges
     /// events of the embedded log; nothing of the request was stored.
     #[error("not acknowledged: {0}")]
-    NotDriving(#[from] crate::batch::lease::Fenced),
+    NotDriving(#[from] crate::cluster::lease::Fenced),
     /// This node consumes an external stream; its producers send there.
     #[error(
         "this node consumes {stream}; send events to it directly (for example `lambdaflow produce --kafka BROKERS --topic TOPIC`)"
@@ -448,8 +448,8 @@ pub struct Ingest {
     /// produces the accepted lines into it instead of the embedded log.
     pub producer: Option<Arc<Producer>>,
     /// On a shared root with the embedded log, the driver lease that
-    /// fences acknowledgements ([`crate::batch::lease::Lease::reserve`]).
-    pub fence: std::sync::OnceLock<Arc<crate::batch::lease::Lease>>,
+    /// fences acknowledgements ([`crate::cluster::lease::Lease::reserve`]).
+    pub fence: std::sync::OnceLock<Arc<crate::cluster::lease::Lease>>,
 }
 
 impl Ingest {

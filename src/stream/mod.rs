@@ -33,4 +33,4 @@ pub use deadletter::{DeadLetter, DeadLetters};
 pub use decode::{Decoded, Decoder, Partitioning, Reject};
 pub use ingest::{Ingest, IngestError, IngestReport};
 pub use log::{AppendAck, Log, LogBatch, LogError, LogOptions};
-pub use source::{ChunkRange, Source, SourceBatch, SourceError};
+pub use source::{Source, SourceBatch, SourceError};

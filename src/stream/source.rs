@@ -18,71 +18,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::record_batch::RecordBatch;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::deadletter::{DeadLetter, DeadLetters};
 use super::{Decoder, Log, LogError};
-
-/// Positions `[start, end)` of one partition and the events they hold: the
-/// unit the speed layer keeps realtime states by and the archiver commits as
-/// one master-dataset file.
-///
-/// Invariant (checked by [`ChunkRange::new`]): `start ≤ end` and
-/// `events ≤ end − start`, with equality on a dense source (the embedded
-/// log, Kinesis ordinals). A partition's committed chunks are contiguous
-/// from 0, so its coverage is one number: the end of the last one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct ChunkRange {
-    pub partition: u32,
-    pub start: u64,
-    pub end: u64,
-    pub events: u64,
-}
-
-impl ChunkRange {
-    /// A range; `None` if it breaks the invariant.
-    pub fn new(partition: u32, start: u64, end: u64, events: u64) -> Option<ChunkRange> {
-        (start <= end && events <= end - start).then_some(ChunkRange {
-            partition,
-            start,
-            end,
-            events,
-        })
-    }
-
-    /// A range of a dense source: every position holds one event.
-    pub fn dense(partition: u32, start: u64, end: u64) -> ChunkRange {
-        assert!(
-            start <= end,
-            "a chunk range [{start}, {end}) must not be reversed"
-        );
-        ChunkRange {
-            partition,
-            start,
-            end,
-            events: end - start,
-        }
-    }
-
-    pub fn contains(&self, position: u64) -> bool {
-        (self.start..self.end).contains(&position)
-    }
-
-    /// Whether `next` starts where this one ends (contiguity).
-    pub fn precedes(&self, next: &ChunkRange) -> bool {
-        self.partition == next.partition && self.end == next.start
-    }
-}
-
-impl std::fmt::Display for ChunkRange {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "partition {} [{}, {}) ({} events)",
-            self.partition, self.start, self.end, self.events
-        )
-    }
-}
 
 /// Where each record of a [`SourceBatch`] sits in its partition.
 #[derive(Debug, Clone)]
@@ -519,23 +458,5 @@ impl Source for Log {
         };
         // Subscribed first, then checked: an append in between is not missed.
         let _ = tokio::time::timeout(timeout, sub.wait_for(|&end| end > from)).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_range_keeps_its_invariant() {
-        assert!(ChunkRange::new(0, 5, 3, 0).is_none(), "reversed");
-        assert!(
-            ChunkRange::new(0, 0, 3, 4).is_none(),
-            "more events than positions"
-        );
-        let gappy = ChunkRange::new(1, 10, 20, 7).expect("a range with gaps");
-        assert!(gappy.contains(10) && !gappy.contains(20));
-        assert!(gappy.precedes(&ChunkRange::dense(1, 20, 25)));
-        assert!(!gappy.precedes(&ChunkRange::dense(2, 20, 25)));
     }
 }

@@ -76,13 +76,13 @@ pub async fn compile(def: &ViewConfig, schema: &EventSchema) -> Result<View, Vie
     // Parsing and planning recurse on the expression tree: a deep one (a
     // 2,000-term OR) overflowed the stack and aborted the process. The
     // bounds of `POST /v1/sql` (a linear scan, no recursion) come first.
-    crate::serving::guard::check_on(&def.sql, crate::serving::guard::Surface::Http).map_err(
-        |e| ViewError::Plan {
+    crate::view::guard::check_on(&def.sql, crate::view::guard::Surface::Http).map_err(|e| {
+        ViewError::Plan {
             view: name.clone(),
             message: e.to_string(),
             hint: crate::error::Explain::hint(&e),
-        },
-    )?;
+        }
+    })?;
     // Ordered aggregates break ties by (partition, offset); such a view reads
     // those two columns besides the events'.
     let tie_broken = tie_break(&def.sql);
@@ -189,11 +189,8 @@ fn tie_break(sql: &str) -> Option<String> {
     use std::ops::ControlFlow;
     let mut statements = Parser::parse_sql(&GenericDialect {}, sql).ok()?;
     let keys = || {
-        [
-            crate::master::PARTITION_COLUMN,
-            crate::master::OFFSET_COLUMN,
-        ]
-        .map(|c| OrderByExpr::from(Ident::with_quote('"', c)))
+        [crate::chunk::PARTITION_COLUMN, crate::chunk::OFFSET_COLUMN]
+            .map(|c| OrderByExpr::from(Ident::with_quote('"', c)))
     };
     let mut changed = false;
     let _ = visit_expressions_mut(&mut statements, |e| {

@@ -180,12 +180,12 @@ pub fn with_offsets_schema(events: &SchemaRef) -> SchemaRef {
     use arrow::datatypes::{DataType, Field, Schema};
     let mut fields: Vec<Field> = events.fields().iter().map(|f| f.as_ref().clone()).collect();
     fields.push(Field::new(
-        crate::master::PARTITION_COLUMN,
+        crate::chunk::PARTITION_COLUMN,
         DataType::Int32,
         false,
     ));
     fields.push(Field::new(
-        crate::master::OFFSET_COLUMN,
+        crate::chunk::OFFSET_COLUMN,
         DataType::Int64,
         false,
     ));

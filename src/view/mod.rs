@@ -22,6 +22,7 @@
 
 pub mod compile;
 pub mod failures;
+pub mod guard;
 pub mod input;
 pub mod oracle;
 pub mod rollup;

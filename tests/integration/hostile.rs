@@ -332,7 +332,7 @@ fn overload_gets_503_with_retry_after_and_reads_stay_responsive() {
 /// Raises this test process's own open-files limit: it holds thousands of
 /// sockets.
 fn raise_nofile() -> u64 {
-    lambdaflow::serve::conn::raise_fd_limit()
+    lambdaflow::frontend::conn::raise_fd_limit()
 }
 
 /// Opens `n` TCP connections to `addr` from the source address `from` that

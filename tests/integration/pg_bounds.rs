@@ -150,7 +150,7 @@ fn pg_status(server: &Server, token: Option<&str>) -> Value {
 #[test]
 fn silent_sockets_lock_no_token_holder_out_and_a_refusal_says_why() {
     assert!(
-        lambdaflow::serve::conn::raise_fd_limit() > 2000,
+        lambdaflow::frontend::conn::raise_fd_limit() > 2000,
         "the test needs 2,000 open files"
     );
     // The default limits: 256 connections, a quarter per address, 10 s

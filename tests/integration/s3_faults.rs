@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use lambdaflow::batch::lease::Lease;
+use lambdaflow::cluster::lease::Lease;
 use lambdaflow::storage::{Storage, Swap};
 use serde_json::Value;
 

@@ -10,8 +10,9 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::DataType;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use lambdaflow::batch::{BatchLayer, Manifest};
+use lambdaflow::chunk::ChunkRange;
 use lambdaflow::config::{Config, EngineKind, ViewConfig};
-use lambdaflow::stream::{ChunkRange, SourceBatch};
+use lambdaflow::stream::SourceBatch;
 use lambdaflow::view::{View, oracle};
 
 use crate::common;
@@ -100,7 +101,7 @@ pub fn random_chunks(rng: &mut Lcg, n: usize, base_ms: i64, spread_ms: u64) -> [
 /// Commits chunks to the master dataset, one data file each.
 pub async fn commit(layer: &BatchLayer, chunks: &[Chunk]) {
     for (chunk, batch) in chunks {
-        let (p, start) = (chunk.partition, chunk.start);
+        let (p, start) = (chunk.partition(), chunk.start());
         layer
             .master()
             .commit_chunk(

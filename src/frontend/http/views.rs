@@ -205,7 +205,7 @@ pub(super) async fn revert_view(
         .into_response())
 }
 
-fn not_driving(lease: &crate::batch::lease::Lease) -> ApiError {
+fn not_driving(lease: &crate::cluster::lease::Lease) -> ApiError {
     let hint = match lease.status().node {
         Some(h) => format!("send view changes to the driving node, {h} (host:port; `status` shows the lease holder)"),
         None => "send view changes to the driving node (`status` shows the lease holder; none holds it now)".into(),

@@ -21,8 +21,8 @@
 //! Every body is read by [`read_body`], within a size limit suited to its
 //! route and `http.body_timeout`; no extractor reads one.
 
-pub mod auth;
-pub mod client;
+use crate::frontend::auth;
+
 mod dashboard;
 mod events;
 mod views;
@@ -57,12 +57,12 @@ pub struct ApiState {
     /// A request body must arrive within this time (408 otherwise).
     pub body_timeout: Duration,
     /// The listener's connections, when served by `serve`.
-    pub connections: Option<Arc<crate::serve::conn::Admission>>,
+    pub connections: Option<Arc<crate::frontend::conn::Admission>>,
     /// Where reads run (view reads and SQL): off the runtime that
     /// acknowledges ingest.
     pub queries: Arc<crate::serving::pool::QueryPool>,
     /// The Postgres endpoint's counters, when it runs.
-    pub pg: Option<Arc<crate::serving::pg::PgCounters>>,
+    pub pg: Option<Arc<crate::frontend::pg::PgCounters>>,
 }
 
 impl ApiState {
@@ -90,7 +90,7 @@ impl ApiState {
         }
     }
 
-    pub fn with_connections(mut self, c: Arc<crate::serve::conn::Admission>) -> ApiState {
+    pub fn with_connections(mut self, c: Arc<crate::frontend::conn::Admission>) -> ApiState {
         self.connections = Some(c);
         self
     }
@@ -407,13 +407,13 @@ struct Status {
     views_excluded: Option<std::collections::BTreeMap<String, crate::view::failures::ViewExcluded>>,
     /// Open connections and the limits in force.
     #[serde(skip_serializing_if = "Option::is_none")]
-    connections: Option<crate::serve::conn::ConnReport>,
+    connections: Option<crate::frontend::conn::ConnReport>,
     /// The heap: allocated by the program, resident by the allocator.
     #[serde(skip_serializing_if = "Option::is_none")]
     memory: Option<crate::memory::MemoryReport>,
     /// The Postgres endpoint: connections, logins refused, queries.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pg: Option<Arc<crate::serving::pg::PgCounters>>,
+    pg: Option<Arc<crate::frontend::pg::PgCounters>>,
 }
 
 #[derive(Serialize)]
@@ -491,7 +491,7 @@ struct ClusterStatus {
     /// The storage root of the master dataset and the views.
     root: String,
     /// The driver lease: holder, term, expiry, and whether this node holds it.
-    lease: crate::batch::lease::LeaseStatus,
+    lease: crate::cluster::lease::LeaseStatus,
 }
 
 async fn status(

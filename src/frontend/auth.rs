@@ -20,9 +20,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 
-use super::{ApiError, ApiState};
 use crate::config::{AuthConfig, Scope};
 use crate::error::{Explain, Report};
+use crate::frontend::http::{ApiError, ApiState};
 
 /// The configured tokens, resolved (from the file or the environment).
 #[derive(Default)]

@@ -1,7 +1,5 @@
 //! `lambdaflow serve`: the HTTP server in front of a [`Node`].
 
-pub mod conn;
-
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,9 +14,10 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
-use crate::api::auth::Auth;
-use crate::api::{self, ApiState};
 use crate::config::{Config, ConfigError, TlsConfig};
+use crate::frontend::auth::Auth;
+use crate::frontend::conn;
+use crate::frontend::http::{self, ApiState};
 pub use crate::node::{Node, NodeError};
 
 /// Ingest requests whose bodies may be in memory at once.
@@ -96,14 +95,14 @@ pub struct Running {
 pub struct PgRunning {
     pub addr: SocketAddr,
     pub tls: bool,
-    pub counters: Arc<crate::serving::pg::PgCounters>,
+    pub counters: Arc<crate::frontend::pg::PgCounters>,
     task: JoinHandle<()>,
 }
 
 impl PgRunning {
     /// The address a client connects to, as a URL.
     pub fn url(&self) -> String {
-        crate::serving::pg::describe(self.addr, self.tls)
+        crate::frontend::pg::describe(self.addr, self.tls)
     }
 }
 
@@ -216,7 +215,7 @@ pub async fn start(node: &Node, listen: SocketAddr) -> Result<Running, ServeErro
     };
     state.pg = pg.as_ref().map(|p| p.counters.clone());
     let state = Arc::new(state);
-    let app = api::router(state);
+    let app = http::router(state);
     let (first, idle) = (http.header_timeout, http.idle_timeout);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -227,7 +226,7 @@ pub async fn start(node: &Node, listen: SocketAddr) -> Result<Running, ServeErro
         .header_read_timeout(None)
         // Past the API's own limit, so a request with too many headers gets
         // its 431 in the documented shape (see `api::MAX_HEADERS`).
-        .max_headers(api::HYPER_MAX_HEADERS);
+        .max_headers(http::HYPER_MAX_HEADERS);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -341,7 +340,7 @@ async fn start_pg(
     listen: SocketAddr,
     queries: Arc<crate::serving::pool::QueryPool>,
 ) -> Result<PgRunning, ServeError> {
-    use crate::serving::pg;
+    use crate::frontend::pg;
     let auth = Arc::new(Auth::from_config(&node.config.auth));
     if !listen.ip().is_loopback() && !auth.enabled() {
         return Err(ServeError::NotLoopback { addr: listen });

@@ -15,9 +15,9 @@ use anyhow::{Context, bail};
 
 use crate::cli::DemoArgs;
 use crate::config::{ArchiveConfig, BatchConfig, Config};
+use crate::frontend::serve::{self, Node, ServeError};
 use crate::node::Layers;
 use crate::produce::{self, ProduceOptions, group};
-use crate::serve::{self, Node, ServeError};
 use crate::view::store::to_tsv;
 
 /// Waits until `done` holds, or fails after `within`.

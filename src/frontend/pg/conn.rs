@@ -21,7 +21,7 @@
 //! arrive, so an oversized message is refused after its first five bytes
 //! and never held: its body is read and dropped, and the client gets an
 //! ERROR and can go on (during startup, a FATAL).
-//! Admission is the HTTP listener's ([`crate::serve::conn::Admission`]).
+//! Admission is the HTTP listener's ([`crate::frontend::conn::Admission`]).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -52,7 +52,7 @@ use tokio_util::codec::{Framed, FramedParts};
 use super::{PgServer, Prepared};
 use crate::config::PgConfig;
 use crate::error::{Explain, Report};
-use crate::serve::conn::{Admission, ConnLimits, Refused};
+use crate::frontend::conn::{Admission, ConnLimits, Refused};
 
 /// A frontend message, at most: SQL text is bounded at 1 MiB as over HTTP
 /// (`guard::check_sql` says so with a clear error), plus room for a Bind's
@@ -268,7 +268,7 @@ pub async fn serve(
     let admission = Admission::new(ConnLimits {
         max: limits.max_connections,
         per_address: limits.per_address,
-        fd_limit: crate::serve::conn::raise_fd_limit(),
+        fd_limit: crate::frontend::conn::raise_fd_limit(),
     });
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let budget = Arc::new(AtomicUsize::new(0));

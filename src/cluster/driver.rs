@@ -21,12 +21,13 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::lease::Lease;
-use super::{BatchError, BatchLayer, Manifest, Progress, RunInfo};
 use crate::batch::changes::ViewChanges;
+use crate::batch::{BatchError, BatchLayer, Manifest, Progress, RunInfo};
+use crate::chunk::ChunkRange;
 use crate::health::Health;
 use crate::master::{MasterError, Repair};
 use crate::serving::{BatchSide, Serving};
-use crate::stream::{ChunkRange, Log, LogError, Source, SourceError};
+use crate::stream::{Log, LogError, Source, SourceError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {

@@ -79,12 +79,12 @@ use datafusion_postgres::pgwire::messages::{PgWireBackendMessage, PgWireFrontend
 use datafusion_postgres::pgwire::types::format::FormatOptions;
 use futures::{Sink, SinkExt, stream};
 
-use super::Serving;
-use super::pool::QueryPool;
-use super::query::{self, Catalog, QueryError, SqlLimits};
-use crate::api::auth::Auth;
 use crate::config::Scope;
 use crate::error::Report;
+use crate::frontend::auth::Auth;
+use crate::serving::Serving;
+use crate::serving::pool::QueryPool;
+use crate::serving::query::{self, Catalog, QueryError, SqlLimits};
 
 mod conn;
 mod session;
@@ -103,7 +103,7 @@ fn query_error(e: QueryError) -> PgWireError {
     pg_error(Report::of(&e))
 }
 
-fn pool_error(e: super::pool::PoolError) -> PgWireError {
+fn pool_error(e: crate::serving::pool::PoolError) -> PgWireError {
     query_error(QueryError::Pool(e))
 }
 
@@ -424,7 +424,7 @@ impl Parser {
     /// pool ([`Parser::parse_on_pool`]).
     fn parse(&self, text: &str) -> PgWireResult<Vec<Statement>> {
         // Its size, tokens and expression depth, before any recursive pass.
-        super::guard::check_sql(text).map_err(|e| query_error(e.into()))?;
+        crate::view::guard::check_sql(text).map_err(|e| query_error(e.into()))?;
         self.sql
             .parse(text)
             .map_err(|e| pg_error(Report::new(format!("syntax error: {e}")).with_sqlstate("42601")))

@@ -1,6 +1,8 @@
 //! The `lambdaflow` command line: parses arguments, sets up logging, and
 //! calls into the layers. Errors become one readable message and exit code 1.
 
+pub mod demo;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -390,7 +392,7 @@ fn explained(e: &anyhow::Error) -> Option<&dyn crate::error::Explain> {
     for cause in e.chain() {
         first_of!(
             cause,
-            crate::serve::ServeError,
+            crate::frontend::serve::ServeError,
             crate::node::NodeError,
             crate::batch::EngineError,
             crate::config::ConfigError,
@@ -411,9 +413,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_tracing("info");
             let config = args.config.load()?;
             let again = args.config.clone();
-            let reload: crate::serve::Reload =
+            let reload: crate::frontend::serve::Reload =
                 Box::new(move || again.load().map_err(|e| format!("{e:#}")));
-            runtime()?.block_on(crate::serve::run_reloading(config, Some(reload)))?;
+            runtime()?.block_on(crate::frontend::serve::run_reloading(config, Some(reload)))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Produce(args) => {
@@ -465,7 +467,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Demo(args) => {
             init_tracing("warn");
-            runtime()?.block_on(crate::demo::run(args))?;
+            runtime()?.block_on(crate::cli::demo::run(args))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { what } => {
@@ -586,14 +588,14 @@ async fn accept_loss(mut config: Config, p: u32, yes: bool) -> anyhow::Result<Ex
         println!("run again with --yes to accept the loss and go on from offset {start}");
         return Ok(ExitCode::from(2));
     }
-    match crate::batch::driver::accept_loss(&batch, &config.local_dir(), p, start).await? {
+    match crate::cluster::driver::accept_loss(&batch, &config.local_dir(), p, start).await? {
         Some(loss) => println!(
             "accepted: partition {p} goes on from offset {}; run {} published; recorded in {}",
             loss.to,
             loss.run,
             config
                 .local_dir()
-                .join(crate::batch::driver::LOSSES)
+                .join(crate::cluster::driver::LOSSES)
                 .display()
         ),
         None => println!("nothing to accept any more"),
@@ -1017,7 +1019,7 @@ async fn status(url: &str) -> anyhow::Result<()> {
 
 /// An HTTP client with `LAMBDAFLOW_TOKEN` and `LAMBDAFLOW_CA_CERT` applied.
 fn client() -> anyhow::Result<reqwest::Client> {
-    crate::api::client::client().map_err(anyhow::Error::msg)
+    crate::frontend::client::client().map_err(anyhow::Error::msg)
 }
 
 /// Fails with the server's own error message (and hint) for a non-2xx reply.
