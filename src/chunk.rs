@@ -146,6 +146,12 @@ impl Coverage {
         self.0.get(p as usize).copied().unwrap_or(0)
     }
 
+    /// Where partition `p` is covered up to, if it is listed (a status
+    /// shows an unlisted partition as unknown rather than 0).
+    pub fn listed(&self, p: u32) -> Option<u64> {
+        self.0.get(p as usize).copied()
+    }
+
     /// Sets partition `p`'s end, listing the partitions before it at 0.
     pub fn set(&mut self, p: u32, end: u64) {
         self.widen(p + 1);
@@ -206,6 +212,13 @@ impl Coverage {
 impl std::fmt::Display for Coverage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:?}", self.0)
+    }
+}
+
+/// Compares with plain per-partition ends, listed alike.
+impl PartialEq<Vec<u64>> for Coverage {
+    fn eq(&self, other: &Vec<u64>) -> bool {
+        &self.0 == other
     }
 }
 

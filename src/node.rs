@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::batch::{BatchError, BatchLayer};
-use crate::chunk::ChunkRange;
+use crate::chunk::{ChunkRange, Coverage};
 use crate::clock::{SharedClock, SystemClock};
 use crate::cluster::driver::{self, Driver, DriverError};
 pub use crate::cluster::driver::{BatchLock, BatchStatus, batch_lock};
@@ -346,7 +346,7 @@ pub async fn assemble_over(
             // The archived coverage is the embedded log's floor only when
             // it is the stream (a Kafka node's log is never written).
             floors: if !config.stream.external() {
-                cov.h.clone()
+                cov.h.ends().to_vec()
             } else {
                 Vec::new()
             },
@@ -458,8 +458,10 @@ pub async fn assemble_over(
         serving.set_batch(Arc::new(serving.load_side(&batch, m).await?));
     }
     // A run from before the stream gained partitions covers none of them.
-    let mut h = published.as_ref().map_or_else(Vec::new, |m| m.h.clone());
-    h.resize(h.len().max(config.stream.partitions as usize), 0);
+    let h = published
+        .as_ref()
+        .map_or_else(Coverage::empty, |m| m.h.clone())
+        .widened(config.stream.partitions);
     if let Some(k) = &kinesis_source {
         // Kinesis resumes after the sequence number the chunk ending at H keeps.
         let tokens = master.resume_tokens(&h).await?;

@@ -268,7 +268,7 @@ impl World {
     }
 
     fn archived(&mut self) -> Vec<u64> {
-        self.node().batch.master().coverage().h
+        self.node().batch.master().coverage().h.into_ends()
     }
 
     /// Events lost with a log that is gone: the acknowledged events the master
@@ -423,7 +423,7 @@ impl World {
         for p in 0..2u32 {
             let end = node.log.end_offset(p).expect("p");
             assert_eq!(
-                (snap.realtime_end[p as usize], snap.h()[p as usize]),
+                (snap.realtime_end[p as usize], snap.h().get(p)),
                 (end, end),
                 "partition {p} must be consumed and published to its end {end}; health: {:?}",
                 node.health.report_all()
@@ -433,7 +433,7 @@ impl World {
         // offsets of events lost with a deleted log, never archived, are
         // given to new events: nothing else holds them).
         assert_eq!(
-            snap.h().iter().sum::<u64>() as usize,
+            snap.h().total() as usize,
             self.acked.len(),
             "the published coverage counts every acknowledged event once"
         );

@@ -27,6 +27,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::{Manifest, ViewEntry};
+use crate::chunk::Coverage;
 use crate::master::{DataFile, MasterSnapshot};
 use crate::view::View;
 
@@ -64,7 +65,7 @@ pub struct Lineage {
     /// …and that run's coverage: an incremental run added exactly the
     /// events `[from[p], h[p])` of each partition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub from: Option<Vec<u64>>,
+    pub from: Option<Coverage>,
     /// Master dataset files and events this run read for the view.
     pub files: u64,
     pub events: u64,
@@ -104,7 +105,7 @@ pub enum Plan {
         /// The published entry whose states are the base.
         base: Box<ViewEntry>,
         /// The base's coverage.
-        from: Vec<u64>,
+        from: Coverage,
         /// The files added since: exactly the events `[from[p], h[p])`.
         files: Vec<DataFile>,
     },
@@ -184,8 +185,8 @@ impl Decide<'_> {
 /// or older files that do not hold exactly the run's events.
 pub fn added_since(prev: &Manifest, snapshot: &MasterSnapshot) -> Result<Vec<DataFile>, String> {
     let h = &snapshot.coverage.h;
-    let at = |p: usize| prev.h.get(p).copied().unwrap_or(0);
-    for (p, &now) in h.iter().enumerate() {
+    let at = |p: u32| prev.h.get(p);
+    for (p, now) in h.iter() {
         if now < at(p) {
             return Err(format!(
                 "partition {p}'s coverage went back from {} to {now}",
@@ -205,13 +206,10 @@ pub fn added_since(prev: &Manifest, snapshot: &MasterSnapshot) -> Result<Vec<Dat
         // A file another engine rewrote holds any number of ranges: it is
         // old or added as a whole, or the table cannot be split.
         let newer = f.chunks.iter().all(|c| {
-            let cut = at(c.partition() as usize);
+            let cut = at(c.partition());
             c.start() >= cut && c.end() > c.start()
         });
-        let older = f
-            .chunks
-            .iter()
-            .all(|c| c.end() <= at(c.partition() as usize));
+        let older = f.chunks.iter().all(|c| c.end() <= at(c.partition()));
         if newer {
             added.push(f.clone());
         } else if older {
@@ -222,12 +220,12 @@ pub fn added_since(prev: &Manifest, snapshot: &MasterSnapshot) -> Result<Vec<Dat
             let c = f
                 .chunks
                 .iter()
-                .find(|c| c.end() > at(c.partition() as usize))
+                .find(|c| c.end() > at(c.partition()))
                 .unwrap_or(&f.chunks[0]);
             return Err(format!(
                 "{} holds events on both sides of the published coverage {} of partition {}",
                 f.location,
-                at(c.partition() as usize),
+                at(c.partition()),
                 c.partition()
             ));
         }
@@ -258,7 +256,7 @@ impl Lineage {
     }
 
     /// The lineage of an incremental run on `base`.
-    pub fn incremental(base: &ViewEntry, from: Vec<u64>, files: u64, events: u64) -> Lineage {
+    pub fn incremental(base: &ViewEntry, from: Coverage, files: u64, events: u64) -> Lineage {
         Lineage {
             kind: RunKind::Incremental,
             reason: None,
@@ -277,7 +275,7 @@ impl Lineage {
 mod tests {
     use super::*;
     use crate::batch::RunInfo;
-    use crate::master::Coverage;
+    use crate::master::TableCoverage;
 
     fn file(p: u32, s: u64, e: u64) -> DataFile {
         DataFile {
@@ -295,7 +293,7 @@ mod tests {
             info: RunInfo {
                 run: 3,
                 table_version: 1,
-                h,
+                h: Coverage::from_ends(h),
                 events,
                 as_of_ms: 0,
                 started_ms: 0,
@@ -312,7 +310,10 @@ mod tests {
 
     fn snapshot(h: Vec<u64>, files: Vec<DataFile>) -> MasterSnapshot {
         MasterSnapshot {
-            coverage: Coverage { version: 2, h },
+            coverage: TableCoverage {
+                version: 2,
+                h: Coverage::from_ends(h),
+            },
             files,
             foreign: Vec::new(),
             lost: Vec::new(),

@@ -35,6 +35,7 @@ use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::chunk::Coverage;
 use crate::master::{MasterDataset, MasterError, MasterSnapshot};
 use crate::storage::{Storage, StorageError, Swap, Version};
 use crate::view::failures::{FailedRow, ViewFailures};
@@ -185,7 +186,7 @@ pub struct RunInfo {
     /// The master dataset version the run read.
     pub table_version: i64,
     /// Coverage: the run holds exactly the events with offset < h[p] of each partition p.
-    pub h: Vec<u64>,
+    pub h: Coverage,
     /// Events the run read.
     pub events: u64,
     /// Rollup time (ms since the epoch).
@@ -455,14 +456,14 @@ impl BatchLayer {
     fn parse_manifest(&self, bytes: &[u8]) -> Result<Manifest, String> {
         let m: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
         let partitions = self.master.partitions() as usize;
-        if m.h.len() > partitions {
+        if m.h.partitions() as usize > partitions {
             // A stream never loses partitions (a topic cannot shrink, a
             // closed Kinesis shard stays in the registry): a manifest of more
             // is not this stream's, as unusable as a corrupt one. Fewer is a
             // run from before the stream gained some.
             return Err(format!(
                 "it covers {} partitions, the stream has {partitions}",
-                m.h.len()
+                m.h.partitions()
             ));
         }
         Ok(m)

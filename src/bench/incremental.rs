@@ -37,7 +37,7 @@ pub fn commit_events(
     p: u32,
     n: u64,
 ) -> anyhow::Result<f64> {
-    let start = master.coverage().h[p as usize];
+    let start = master.coverage().h.get(p);
     let mut first = start;
     let batches: Vec<SourceBatch> = super::paper_batches(n, 8192, 90_000)
         .into_iter()
@@ -59,7 +59,7 @@ pub fn run(
     rt: &tokio::runtime::Runtime,
     added: u64,
 ) -> anyhow::Result<()> {
-    let before: u64 = rt.block_on(master.refresh())?.h.iter().sum();
+    let before: u64 = rt.block_on(master.refresh())?.h.total();
     commit_events(master, rt, 0, added)?;
     let total = before + added;
     let (inc_s, inc_out) = super::rebuild_with(exe, config, &["--incremental"])?;

@@ -306,7 +306,7 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
     let storage = crate::storage::Storage::open(&data)?;
     let remote = storage.url().scheme() != "file";
     let master = rt.block_on(MasterDataset::open(&storage, schema.clone(), 2))?;
-    let existing: u64 = master.coverage().h.iter().sum();
+    let existing: u64 = master.coverage().h.total();
     if existing < args.events {
         let mut archive_secs = 0.0;
         let mut made = existing;

@@ -566,13 +566,7 @@ async fn accept_loss(mut config: Config, p: u32, yes: bool) -> anyhow::Result<Ex
     let k = kafka.clone();
     let start =
         tokio::task::spawn_blocking(move || crate::stream::kafka::earliest_offset(&k, p)).await??;
-    let archived = batch
-        .master()
-        .coverage()
-        .h
-        .get(p as usize)
-        .copied()
-        .unwrap_or(0);
+    let archived = batch.master().coverage().h.get(p);
     if start <= archived {
         println!(
             "partition {p} of Kafka topic `{}` lost nothing: the topic holds it from offset {start}, the master dataset up to {archived}",
@@ -668,10 +662,7 @@ async fn accept_stream(mut config: Config, yes: bool) -> anyhow::Result<ExitCode
     let unarchived: u64 = log
         .stats()
         .iter()
-        .map(|s| {
-            s.end
-                .saturating_sub(archived.get(s.partition as usize).copied().unwrap_or(0))
-        })
+        .map(|s| s.end.saturating_sub(archived.get(s.partition)))
         .sum();
     let was = recorded
         .as_ref()
@@ -683,7 +674,7 @@ async fn accept_stream(mut config: Config, yes: bool) -> anyhow::Result<ExitCode
     println!(
         "archived and kept: {} events over {} partitions (coverage {archived:?})",
         crate::produce::group(batch.master().snapshot().await?.events()),
-        archived.len()
+        archived.partitions()
     );
     if unarchived > 0 && config.stream.external() {
         println!(

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use super::lease::Lease;
 use crate::batch::changes::ViewChanges;
 use crate::batch::{BatchError, BatchLayer, Manifest, Progress, RunInfo};
-use crate::chunk::ChunkRange;
+use crate::chunk::{ChunkRange, Coverage};
 use crate::health::Health;
 use crate::master::{MasterError, Repair};
 use crate::serving::{BatchSide, Serving};
@@ -144,14 +144,7 @@ pub async fn accept_loss(
 ) -> Result<Option<AcceptedLoss>, DriverError> {
     let _lock = batch_lock(data).await?;
     let master = batch.master();
-    let archived = master
-        .refresh()
-        .await
-        .map_err(BatchError::from)?
-        .h
-        .get(p as usize)
-        .copied()
-        .unwrap_or(0);
+    let archived = master.refresh().await.map_err(BatchError::from)?.h.get(p);
     if stream_start <= archived {
         return Ok(None);
     }
@@ -295,10 +288,10 @@ pub async fn prepare(
         let m = run_before_serving(batch, health).await?;
         status.lock().expect("status lock").published(&m);
     }
-    let behind = |h: &[u64]| -> Result<Option<(u32, u64, u64)>, SourceError> {
+    let behind = |h: &Coverage| -> Result<Option<(u32, u64, u64)>, SourceError> {
         for p in 0..source.partitions() {
             let start = source.start(p)?;
-            let hp = h.get(p as usize).copied().unwrap_or(0);
+            let hp = h.get(p);
             if hp < start {
                 return Ok(Some((p, hp, start)));
             }
@@ -493,14 +486,18 @@ pub async fn cycle_changing(
             "run={} version={} h={}",
             m.run,
             m.table_version,
-            m.h.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+            m.h.ends()
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
         )),
     );
     // An external stream keeps its own retention; the node's log is unused.
     let Some(log) = log else { return Ok(m) };
-    for (p, &h) in m.h.iter().enumerate() {
+    for (p, h) in m.h.iter() {
         let component = format!("retention/p{p}");
-        match log.delete_below(p as u32, h) {
+        match log.delete_below(p, h) {
             Ok(start) => {
                 health.clear(&component);
                 tracing::debug!(partition = p, start, "log retention")
@@ -836,8 +833,8 @@ impl Driver {
                 }
                 self.status.lock().expect("status lock").published(&m);
                 // What the run covers will not be read again here.
-                for (p, &h) in m.h.iter().enumerate() {
-                    self.source.archived(p as u32, h);
+                for (p, h) in m.h.iter() {
+                    self.source.archived(p, h);
                 }
                 tracing::debug!(run = m.run, h = ?m.h, "loaded the driver's publish");
             }

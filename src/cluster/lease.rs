@@ -546,7 +546,7 @@ impl Lease {
             .iter()
             .enumerate()
             .filter_map(|(p, &m)| {
-                let archived = h.get(p).copied().unwrap_or(0);
+                let archived = h.get(p as u32);
                 (m > archived).then(|| format!("partition {p} [{archived}, {m})"))
             })
             .collect();
@@ -579,7 +579,7 @@ impl Lease {
             let behind: Vec<String> = (0..log.partitions())
                 .filter_map(|p| {
                     let end = log.end_offset(p).ok()?;
-                    let archived = cov.h.get(p as usize).copied().unwrap_or(0);
+                    let archived = cov.h.get(p);
                     (end > archived).then(|| format!("partition {p} [{archived}, {end})"))
                 })
                 .collect();

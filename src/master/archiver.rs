@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use super::{CommitOutcome, MasterDataset, MasterError};
-use crate::chunk::{self, ChunkRange, Coverage};
+use crate::chunk::{self, ChunkRange};
 use crate::stream::source::{Source, SourceError, read_exact};
 
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +91,7 @@ pub async fn run_queue(
                 _ = driving.changed() => {}
                 _ = tokio::time::sleep(Duration::from_secs(2)), if !held && !idle => {
                     if let Ok(cov) = master.refresh().await {
-                        chunk::drop_committed(&mut pending, &Coverage::from_ends(cov.h.clone()));
+                        chunk::drop_committed(&mut pending, &cov.h);
                     }
                 }
                 _ = stop.changed() => break,
@@ -106,7 +106,7 @@ pub async fn run_queue(
         // which keeps the handoff exact (H is still a boundary of every
         // realtime chunk list), and a backlog costs fewer commits and files.
         let coverage = master.coverage().h;
-        chunk::drop_committed(&mut pending, &Coverage::from_ends(coverage.clone()));
+        chunk::drop_committed(&mut pending, &coverage);
         let round: Vec<Commit> = pending
             .iter()
             .filter_map(|q| {
@@ -115,7 +115,7 @@ pub async fn run_queue(
                 // A chunk across the coverage (the chunks before it were cut
                 // by another driver) is committed from the coverage on, with
                 // as many events as its range holds there.
-                let covered = coverage.get(c.partition() as usize).copied().unwrap_or(0);
+                let covered = coverage.get(c.partition());
                 if c.start() < covered {
                     let rest =
                         ChunkRange::new(c.partition(), covered, c.end(), 0).expect("a range");

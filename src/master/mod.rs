@@ -39,7 +39,7 @@ use deltalake::kernel::{Action, Add, DataType as DeltaType, StructField, Transac
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use serde::{Deserialize, Serialize};
 
-use crate::chunk::{self, ChunkRange};
+use crate::chunk::{self, ChunkRange, Coverage};
 use crate::schema::{EventSchema, FieldType};
 use crate::storage::{Storage, StorageError};
 use crate::stream::source::{Source, SourceBatch, read_exact};
@@ -174,9 +174,9 @@ fn delta(op: &'static str) -> impl FnOnce(deltalake::DeltaTableError) -> MasterE
 
 /// A table version and the coverage `H[p]` it holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Coverage {
+pub struct TableCoverage {
     pub version: i64,
-    pub h: Vec<u64>,
+    pub h: Coverage,
 }
 
 /// A data file of a table version.
@@ -203,7 +203,7 @@ pub struct ForeignFile {
 /// One version of the master dataset: its files and coverage.
 #[derive(Debug, Clone)]
 pub struct MasterSnapshot {
-    pub coverage: Coverage,
+    pub coverage: TableCoverage,
     /// The files holding lambdaflow's events (foreign ones left out).
     pub files: Vec<DataFile>,
     pub foreign: Vec<ForeignFile>,
@@ -282,7 +282,7 @@ pub struct MasterDataset {
     /// The partitions of the stream: those it had at open, and more as
     /// chunks of new ones are committed (a stream may gain partitions).
     partitions: std::sync::atomic::AtomicU32,
-    coverage: std::sync::Mutex<Coverage>,
+    coverage: std::sync::Mutex<TableCoverage>,
     /// Files whose checksum was verified (files never change), by this
     /// process or, as `INDEX_DIR/verified.json` says, an earlier one.
     verified: std::sync::Mutex<std::collections::HashSet<object_store::path::Path>>,
@@ -435,9 +435,9 @@ impl MasterDataset {
             events,
             file_schema,
             partitions: partitions.into(),
-            coverage: std::sync::Mutex::new(Coverage {
+            coverage: std::sync::Mutex::new(TableCoverage {
                 version: -1,
-                h: vec![0; partitions as usize],
+                h: Coverage::zeros(partitions),
             }),
             verified: Default::default(),
             verified_loaded: Default::default(),
@@ -537,7 +537,7 @@ impl MasterDataset {
     }
 
     /// The coverage of the latest version this process has seen.
-    pub fn coverage(&self) -> Coverage {
+    pub fn coverage(&self) -> TableCoverage {
         self.coverage.lock().expect("coverage lock").clone()
     }
 
@@ -588,7 +588,7 @@ impl MasterDataset {
     }
 
     /// Reloads the latest table version and its coverage.
-    pub async fn refresh(&self) -> Result<Coverage, MasterError> {
+    pub async fn refresh(&self) -> Result<TableCoverage, MasterError> {
         let mut table = self.table.lock().await;
         table
             .update_state()
@@ -605,18 +605,21 @@ impl MasterDataset {
         Ok(cov)
     }
 
-    async fn coverage_of(table: &DeltaTable, partitions: u32) -> Result<Coverage, MasterError> {
+    async fn coverage_of(
+        table: &DeltaTable,
+        partitions: u32,
+    ) -> Result<TableCoverage, MasterError> {
         let snapshot = table.snapshot().map_err(delta("read the table"))?;
         let log_store = table.log_store();
-        let mut h = Vec::with_capacity(partitions as usize);
+        let mut h = Coverage::zeros(partitions);
         for p in 0..partitions {
             let v = snapshot
                 .transaction_version(log_store.as_ref(), app_id(p))
                 .await
                 .map_err(delta("read the application transactions"))?;
-            h.push(v.map_or(0, |v| v.max(0) as u64));
+            h.set(p, v.map_or(0, |v| v.max(0) as u64));
         }
-        Ok(Coverage {
+        Ok(TableCoverage {
             version: table.version().map_or(-1, |v| v as i64),
             h,
         })
@@ -645,15 +648,15 @@ impl MasterDataset {
     /// ends at `at[p]` (none at 0, or when the stream keeps none): from the
     /// index beside the table, or (a table written before it) the chunk
     /// file's own metadata.
-    pub async fn resume_tokens(&self, at: &[u64]) -> Result<Vec<Option<String>>, MasterError> {
+    pub async fn resume_tokens(&self, at: &Coverage) -> Result<Vec<Option<String>>, MasterError> {
         let snapshot = self.snapshot().await?;
-        let mut out = Vec::with_capacity(at.len());
-        for (p, &end) in at.iter().enumerate() {
+        let mut out = Vec::with_capacity(at.partitions() as usize);
+        for (p, end) in at.iter() {
             if end == 0 {
                 out.push(None);
                 continue;
             }
-            if let Some(b) = self.storage.get(&resume_path(p as u32, end)).await? {
+            if let Some(b) = self.storage.get(&resume_path(p, end)).await? {
                 out.push(Some(String::from_utf8_lossy(&b).into_owned()));
                 continue;
             }
@@ -726,7 +729,7 @@ impl MasterDataset {
                 records: f.records,
             });
         }
-        let (held, lost) = files::classify(&coverage.h, &candidates);
+        let (held, lost) = files::classify(coverage.h.ends(), &candidates);
         let mut out = Vec::with_capacity(raw.len());
         let mut foreign = Vec::new();
         for (((_, mut f), held), c) in raw.into_iter().zip(held).zip(&candidates) {
@@ -1122,7 +1125,7 @@ impl MasterDataset {
             );
             self.partitions
                 .fetch_max(partition + 1, std::sync::atomic::Ordering::Relaxed);
-            let committed = coverage.h.get(partition as usize).copied().unwrap_or(0);
+            let committed = coverage.h.get(partition);
             match chunk::next_commit(committed, &c.range) {
                 chunk::Commit::Held => continue,
                 chunk::Commit::Gap => {
@@ -1197,10 +1200,7 @@ impl MasterDataset {
         let mut cov = self.coverage.lock().expect("coverage lock");
         cov.version = version;
         for (partition, end) in txns {
-            if cov.h.len() <= partition as usize {
-                cov.h.resize(partition as usize + 1, 0);
-            }
-            cov.h[partition as usize] = end;
+            cov.h.set(partition, end);
         }
         Ok(CommitOutcome::Committed { version })
     }

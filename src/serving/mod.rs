@@ -31,7 +31,7 @@ use arrow::record_batch::RecordBatch;
 use serde::Serialize;
 
 use crate::batch::{BatchError, BatchLayer, Manifest};
-use crate::chunk::{self, ChunkRange};
+use crate::chunk::{self, ChunkRange, Coverage};
 use crate::view::{View, ViewError};
 
 /// One realtime chunk of one partition: states per view of the events of its range.
@@ -309,15 +309,12 @@ pub struct Snapshot {
 impl Snapshot {
     /// Batch coverage H, one entry per partition the snapshot knows (zeros
     /// before the first run, and for partitions the stream gained after it).
-    pub fn h(&self) -> Vec<u64> {
-        let mut h = match &self.batch {
+    pub fn h(&self) -> Coverage {
+        let h = match &self.batch {
             Some(b) => b.manifest.h.clone(),
-            None => Vec::new(),
+            None => Coverage::empty(),
         };
-        if h.len() < self.realtime_end.len() {
-            h.resize(self.realtime_end.len(), 0);
-        }
-        h
+        h.widened(self.realtime_end.len() as u32)
     }
 
     /// Installs the realtime chunks of some partitions, each aligned on the
@@ -329,7 +326,7 @@ impl Snapshot {
         let h = self.h();
         for (p, chunks, end) in parts {
             let p = p as usize;
-            let (chunks, end) = chunk::align(chunks, end, h[p]);
+            let (chunks, end) = chunk::align(chunks, end, h.get(p as u32));
             self.realtime[p] = chunks;
             if end != self.realtime_end[p] {
                 self.realtime_at_ms[p] = now;
@@ -354,7 +351,7 @@ impl Snapshot {
     pub fn check(&self) -> Result<(), String> {
         let h = self.h();
         for (p, chunks) in self.realtime.iter().enumerate() {
-            chunk::check_contiguous(p as u32, h[p], chunks, self.realtime_end[p])?;
+            chunk::check_contiguous(p as u32, h.get(p as u32), chunks, self.realtime_end[p])?;
         }
         Ok(())
     }
@@ -373,10 +370,10 @@ pub struct Freshness {
     /// The master dataset version the batch run read.
     pub table_version: Option<i64>,
     /// Batch coverage H[p].
-    pub h: Vec<u64>,
+    pub h: Coverage,
     /// Realtime high-water marks R[p]: the answer is the view over every
     /// event of partition p with offset < R[p].
-    pub realtime: Vec<u64>,
+    pub realtime: Coverage,
     /// When the batch run read the master dataset (ms since the epoch).
     pub batch_as_of_ms: Option<i64>,
     pub batch_age_ms: Option<i64>,
@@ -486,7 +483,7 @@ pub(crate) fn freshness(snap: &Snapshot) -> Freshness {
         time_travel: false,
         table_version: snap.batch.as_ref().map(|b| b.manifest.table_version),
         h: snap.h(),
-        realtime: snap.realtime_end.clone(),
+        realtime: Coverage::from_ends(snap.realtime_end.clone()),
         batch_as_of_ms: as_of,
         batch_age_ms: as_of.map(|t| now - t),
         realtime_age_ms: snap
@@ -696,7 +693,7 @@ impl Serving {
             let mut next = cur.clone();
             next.live = Arc::new(live);
             if let Some(side) = side {
-                next.grow(side.manifest.h.len());
+                next.grow(side.manifest.h.partitions() as usize);
                 next.batch = Some(side);
             }
             next.install(parts, now);
@@ -751,9 +748,10 @@ impl Serving {
     pub fn set_batch(&self, side: Arc<BatchSide>) {
         self.update(|cur| {
             let mut next = cur.clone();
-            next.grow(side.manifest.h.len());
+            next.grow(side.manifest.h.partitions() as usize);
             let h = side.manifest.h.clone();
-            for (p, &hp) in h.iter().enumerate() {
+            for (p, hp) in h.iter() {
+                let p = p as usize;
                 let (chunks, end) = chunk::align(
                     std::mem::take(&mut next.realtime[p]),
                     next.realtime_end[p],
@@ -1086,7 +1084,7 @@ mod tests {
                     for p in 0..2 {
                         end[p] += chunk as u64;
                         let mut chunks = Vec::new();
-                        let mut at = h[p];
+                        let mut at = h.get(p as u32);
                         while at < end[p] {
                             chunks.push(Arc::new(RealtimeChunk {
                                 range: ChunkRange::dense(p as u32, at, at + chunk as u64),
@@ -1114,10 +1112,10 @@ mod tests {
                     .unwrap();
                 let mut run = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    let h: Vec<u64> = (0..2)
+                    let h: Coverage = (0..2)
                         .map(|p| hwm[p].load(Ordering::Relaxed) / 2 / 10 * 10)
                         .collect();
-                    let total = (h[0] + h[1]) as usize;
+                    let total = h.total() as usize;
                     let states = rt.block_on(view.states(vec![events(total)])).unwrap();
                     run += 1;
                     serving.set_batch(Arc::new(BatchSide::new(
@@ -1157,7 +1155,7 @@ mod tests {
                 .downcast_ref::<Int64Array>()
                 .unwrap()
                 .value(0) as u64;
-            let covered: u64 = a.freshness.realtime.iter().sum();
+            let covered: u64 = a.freshness.realtime.total();
             assert_eq!(
                 n, covered,
                 "the answer counts exactly the events below its marks {:?} (H {:?})",

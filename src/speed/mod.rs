@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use arrow::record_batch::RecordBatch;
 use tokio::sync::{mpsc, watch};
 
-use crate::chunk::ChunkRange;
+use crate::chunk::{ChunkRange, Coverage};
 use crate::clock::{SharedClock, SystemClock};
 use crate::health::Health;
 use crate::metrics::Histogram;
@@ -306,7 +306,7 @@ impl SpeedLayer {
         serving: Arc<Serving>,
         archive: mpsc::UnboundedSender<ChunkRange>,
         options: SpeedOptions,
-        h: &[u64],
+        h: &Coverage,
         committed: Vec<Vec<ChunkRange>>,
     ) -> SpeedLayer {
         let views = serving.views().as_ref().clone();
@@ -319,7 +319,7 @@ impl SpeedLayer {
         let parts = h
             .iter()
             .zip(committed)
-            .map(|(&next, c)| Part::at(next, c))
+            .map(|((_, next), c)| Part::at(next, c))
             .collect();
         SpeedLayer {
             source,
@@ -360,7 +360,7 @@ impl SpeedLayer {
         let mut parts = Vec::with_capacity(self.parts.len());
         let mut all = Vec::with_capacity(self.parts.len());
         for p in 0..self.parts.len() {
-            let hp = h.get(p).copied().unwrap_or(0);
+            let hp = h.get(p as u32);
             let mut chunks = Vec::new();
             for c in self.parts[p].chunks.iter().filter(|c| c.range.end() > hp) {
                 let mut states = Vec::with_capacity(views.len());
@@ -462,7 +462,7 @@ impl SpeedLayer {
         let mut moved = false;
         let mut changed = Vec::new();
         for p in 0..self.parts.len() {
-            let hp = h.get(p).copied().unwrap_or(0);
+            let hp = h.get(p as u32);
             let before = self.parts[p].next;
             let component = format!("speed/p{p}");
             let aged = match self.advance(p, hp).await {
@@ -498,11 +498,11 @@ impl SpeedLayer {
     /// Measures the realtime window — events in the log above the published
     /// H, and the memory of the realtime states — for ingest's bound, and
     /// reports when it is over (the batch layer is not keeping up).
-    fn measure_window(&self, h: &[u64]) {
+    fn measure_window(&self, h: &Coverage) {
         let events: u64 = (0..self.parts.len())
             .map(|p| {
                 let end = self.source.end(p as u32).unwrap_or(0);
-                end.saturating_sub(h.get(p).copied().unwrap_or(0))
+                end.saturating_sub(h.get(p as u32))
             })
             .sum();
         let memory: u64 = self

@@ -359,23 +359,16 @@ async fn held(log: &Log, master: &MasterDataset) -> Result<Held, IdentityError> 
     let snapshot = master.snapshot().await?;
     let mut archived_end = snapshot.coverage.h.clone();
     for c in snapshot.files.iter().flat_map(|f| &f.chunks) {
-        let (p, e) = (c.partition(), c.end());
-        if archived_end.len() <= p as usize {
-            archived_end.resize(p as usize + 1, 0);
-        }
-        archived_end[p as usize] = archived_end[p as usize].max(e);
+        archived_end.raise(c.partition(), c.end());
     }
     let stats = log.stats();
     Ok(Held {
         unarchived: stats
             .iter()
-            .map(|s| {
-                s.end
-                    .saturating_sub(archived_end.get(s.partition as usize).copied().unwrap_or(0))
-            })
+            .map(|s| s.end.saturating_sub(archived_end.get(s.partition)))
             .sum(),
         log_events: stats.iter().any(|s| s.end > 0),
-        archived: !snapshot.files.is_empty() || archived_end.iter().any(|&h| h > 0),
+        archived: !snapshot.files.is_empty() || archived_end.iter().any(|(_, h)| h > 0),
     })
 }
 

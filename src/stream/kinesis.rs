@@ -43,6 +43,7 @@ use super::source::{
     Delivery, PartitionInfo, PartitionState, RawRecord, Source, SourceBatch, SourceError,
     decode_records,
 };
+use crate::chunk::Coverage;
 use crate::health::Health;
 use crate::storage::Storage;
 
@@ -500,13 +501,13 @@ impl KinesisSource {
     /// at 0. Then follows the shard list for splits and merges.
     pub fn resume(
         self: &Arc<Self>,
-        from: &[u64],
+        from: &Coverage,
         tokens: &[Option<String>],
     ) -> Result<(), KinesisError> {
         let shards = self.shards.read().expect("kinesis shards").clone();
         for s in &shards {
             let p = s.partition as usize;
-            let at = from.get(p).copied().unwrap_or(0);
+            let at = from.get(s.partition);
             let seq = tokens.get(p).cloned().flatten();
             if at > 0 && seq.is_none() && !s.entry.retired {
                 return Err(KinesisError::NoResumeToken {

@@ -390,7 +390,7 @@ struct Status {
     partitions: Vec<PartitionStatus>,
     ingest: IngestStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
-    master: Option<crate::master::Coverage>,
+    master: Option<crate::master::TableCoverage>,
     #[serde(skip_serializing_if = "Option::is_none")]
     batch: Option<BatchStatus>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -547,11 +547,11 @@ async fn status(
                 partition: log.is_none().then_some(partition),
                 shard: source.as_ref().and_then(|s| s.info(partition)),
                 log,
-                archived: master.as_ref().and_then(|m| m.h.get(p).copied()),
+                archived: master.as_ref().and_then(|m| m.h.listed(p as u32)),
                 published: batch
                     .as_ref()
                     .and_then(|b| b.published.as_ref())
-                    .and_then(|r| r.h.get(p).copied()),
+                    .and_then(|r| r.h.listed(p as u32)),
                 realtime: snap.as_ref().and_then(|s| s.realtime_end.get(p).copied()),
                 stream_end: source.as_ref().and_then(|s| s.end(partition).ok()),
                 lag: lag(p, partition),

@@ -769,14 +769,14 @@ pub(super) async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
             "lambdaflow_archived_offset",
             "gauge",
             "End of the last chunk committed to the master dataset.",
-            &per_stream(&|p| archived.get(p).map(|&v| v as f64)),
+            &per_stream(&|p| archived.listed(p as u32).map(|v| v as f64)),
         );
         sample(
             &mut out,
             "lambdaflow_batch_offset",
             "gauge",
             "Published batch coverage H.",
-            &per_stream(&|p| h.get(p).map(|&v| v as f64)),
+            &per_stream(&|p| h.listed(p as u32).map(|v| v as f64)),
         );
         sample(
             &mut out,
@@ -797,7 +797,7 @@ pub(super) async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
             "Durable events not yet in a batch view (positions, on a stream with gaps).",
             &per_stream(&|p| {
                 let end = l.source.end(p as u32).ok()?;
-                Some(end.saturating_sub(h.get(p).copied().unwrap_or(0)) as f64)
+                Some(end.saturating_sub(h.get(p as u32)) as f64)
             }),
         );
         sample(
