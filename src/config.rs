@@ -16,6 +16,9 @@ use crate::schema::{
 };
 
 /// Errors loading or checking a configuration.
+/// A view's section is the view layer's own type.
+pub use crate::view::{RollupConfig, ViewConfig};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("could not read config file {path}")]
@@ -604,25 +607,6 @@ pub struct FieldConfig {
     /// A nullable field may be missing or `null` in an event.
     #[serde(default)]
     pub nullable: bool,
-}
-
-/// `[[views]]`: a view is one SQL query over the table `events`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ViewConfig {
-    pub name: String,
-    pub sql: String,
-    /// Coarser time buckets for older data (applied by the batch layer).
-    #[serde(default)]
-    pub rollup: Vec<RollupConfig>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RollupConfig {
-    #[serde(with = "humantime_serde")]
-    pub after: Duration,
-    pub bucket: String,
 }
 
 /// The paper's views: sales per product, per zipcode, and per minute per product.

@@ -21,6 +21,7 @@ pub mod error;
 pub mod failpoint;
 pub mod frontend;
 pub mod health;
+pub mod human;
 pub mod master;
 pub mod memory;
 pub mod metrics;

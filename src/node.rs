@@ -75,7 +75,7 @@ pub enum NodeError {
     #[error(transparent)]
     Source(#[from] crate::stream::SourceError),
     #[error(transparent)]
-    Identity(#[from] crate::stream::identity::IdentityError),
+    Identity(#[from] crate::cluster::identity::IdentityError),
     #[error("another node ({node}) holds the driver lease of {root}")]
     LeaseHeld { root: String, node: String },
     #[error("this node does not take the driver lease of {root}: {why}")]
@@ -162,7 +162,7 @@ pub struct Layers {
     /// The node's event schema (views added while serving compile against it).
     pub schema: Arc<crate::schema::EventSchema>,
     /// The stream the master dataset was written from, as recorded.
-    pub stream_identity: Option<crate::stream::identity::Recorded>,
+    pub stream_identity: Option<crate::cluster::identity::Recorded>,
 }
 
 /// What a reload did: the view changes it queued, and the saved changes
@@ -281,7 +281,7 @@ pub struct Assembled {
     pub health: Arc<Health>,
     pub lease: Arc<Lease>,
     /// The stream the master dataset was written from, as recorded.
-    pub identity: crate::stream::identity::Recorded,
+    pub identity: crate::cluster::identity::Recorded,
 }
 
 /// Opens every layer on `config.data`: the master dataset first (its
@@ -369,7 +369,7 @@ pub async fn assemble_over(
     }
     // The stream must be the one the master dataset was written from,
     // before anything reads it (positions of one are not the other's).
-    let identity = crate::stream::identity::check(&config, &log, &master, &health).await?;
+    let identity = crate::cluster::identity::check(&config, &log, &master, &health).await?;
     tracing::info!(stream = %identity.identity, generation = identity.generation, "stream identity");
     let dead_dir = config.local_dir().join("deadletter");
     let dead = DeadLetters::open_with(
@@ -467,7 +467,7 @@ pub async fn assemble_over(
         let tokens = master.resume_tokens(&h).await?;
         k.resume(&h, &tokens)?;
         if let Some(kc) = &config.stream.kinesis {
-            crate::stream::identity::watch_kinesis(
+            crate::cluster::identity::watch_kinesis(
                 Arc::downgrade(k),
                 kc.clone(),
                 identity.identity.clone(),

@@ -182,18 +182,7 @@ impl std::fmt::Display for Summary {
     }
 }
 
-/// `1234567` → `1,234,567`.
-pub fn group(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::with_capacity(s.len() + s.len() / 3);
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
+pub use crate::human::group;
 
 /// The paper's event generator. Event `i` depends only on the seed and `i`.
 #[derive(Debug, Clone)]

@@ -253,7 +253,7 @@ impl std::fmt::Display for RunKinds {
             f,
             "{} (read {} events)",
             parts.join(", "),
-            crate::produce::group(self.events_read)
+            crate::human::group(self.events_read)
         )
     }
 }

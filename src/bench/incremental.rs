@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use crate::chunk::ChunkRange;
+use crate::human::group;
 use crate::master::MasterDataset;
-use crate::produce::group;
 use crate::stream::SourceBatch;
 
 /// `rebuild` prints its peak memory as `peak memory (VmHWM): 1.2 GiB`.

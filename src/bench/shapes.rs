@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::Command;
 
 use crate::config::ViewConfig;
-use crate::produce::group;
+use crate::human::group;
 
 /// A shape: the view lambdaflow computes, and the same query for DuckDB.
 pub struct Shape {

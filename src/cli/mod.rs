@@ -401,7 +401,7 @@ fn explained(e: &anyhow::Error) -> Option<&dyn crate::error::Explain> {
             crate::view::ViewError,
             crate::serving::query::QueryError,
             crate::stream::ingest::IngestError,
-            crate::stream::identity::IdentityError
+            crate::cluster::identity::IdentityError
         );
     }
     None
@@ -424,7 +424,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if args.output.is_some() {
                 eprintln!(
                     "wrote {} events in {:.2} s",
-                    crate::produce::group(summary.events),
+                    crate::human::group(summary.events),
                     summary.elapsed.as_secs_f64()
                 );
                 return Ok(ExitCode::SUCCESS);
@@ -600,7 +600,7 @@ async fn accept_loss(mut config: Config, p: u32, yes: bool) -> anyhow::Result<Ex
 /// `lambdaflow accept-loss --stream [--yes]`: on a stopped node whose
 /// configured stream is not the one its master dataset was written from.
 async fn accept_stream(mut config: Config, yes: bool) -> anyhow::Result<ExitCode> {
-    use crate::stream::identity;
+    use crate::cluster::identity;
     // Holding the log's lock proves no node runs on this data directory.
     let log_dir = config.local_dir().join("log");
     let log = crate::stream::Log::open(
@@ -673,13 +673,13 @@ async fn accept_stream(mut config: Config, yes: bool) -> anyhow::Result<ExitCode
     );
     println!(
         "archived and kept: {} events over {} partitions (coverage {archived:?})",
-        crate::produce::group(batch.master().snapshot().await?.events()),
+        crate::human::group(batch.master().snapshot().await?.events()),
         archived.partitions()
     );
     if unarchived > 0 && config.stream.external() {
         println!(
             "given up: {} events of the embedded log that are not archived ({} is moved aside)",
-            crate::produce::group(unarchived),
+            crate::human::group(unarchived),
             log_dir.display()
         );
     }
@@ -764,7 +764,7 @@ async fn rebuild(config: Config, view: Option<String>, incremental: bool) -> any
         m.run,
         m.table_version,
         m.h,
-        crate::produce::group(m.events),
+        crate::human::group(m.events),
         m.duration_ms as f64 / 1000.0
     );
     if let Some(b) = peak {
@@ -773,13 +773,13 @@ async fn rebuild(config: Config, view: Option<String>, incremental: bool) -> any
     for (name, e) in &m.views {
         println!(
             "  {name}: {} groups, {} rows{}",
-            crate::produce::group(e.groups),
-            crate::produce::group(e.rows),
+            crate::human::group(e.groups),
+            crate::human::group(e.rows),
             if e.run == m.run {
                 format!(
                     ", {} over {} events, {:.3} s",
                     e.lineage.kind,
-                    crate::produce::group(e.lineage.events),
+                    crate::human::group(e.lineage.events),
                     e.duration_ms as f64 / 1000.0
                 )
             } else {
@@ -809,12 +809,12 @@ async fn status(url: &str) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("could not reach {url}; is `lambdaflow serve` running?"))?;
     let s = reply_json(resp).await?;
-    let n = |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), crate::produce::group);
+    let n = |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), crate::human::group);
     if let Some(stream) = s["stream"].as_str() {
         println!("stream: {stream}");
     }
     if let Ok(r) =
-        serde_json::from_value::<crate::stream::identity::Recorded>(s["stream_identity"].clone())
+        serde_json::from_value::<crate::cluster::identity::Recorded>(s["stream_identity"].clone())
     {
         println!(
             "stream identity: {} (recorded {}, generation {}: {})",
@@ -869,14 +869,14 @@ async fn status(url: &str) -> anyhow::Result<()> {
         // Kafka partition's); older servers report only the log's.
         let end = p["stream_end"].as_u64().or(p["end"].as_u64());
         let behind = |mark: &serde_json::Value| match (end, mark.as_u64()) {
-            (Some(e), Some(m)) => crate::produce::group(e.saturating_sub(m)),
-            (Some(e), None) => crate::produce::group(e),
+            (Some(e), Some(m)) => crate::human::group(e.saturating_sub(m)),
+            (Some(e), None) => crate::human::group(e),
             _ => "-".into(),
         };
         println!(
             "{:>9}  {:>14}  {:>14}  {:>14}  {:>14}  {:>12}  {:>10}",
             n(&p["partition"]),
-            end.map_or("-".to_string(), crate::produce::group),
+            end.map_or("-".to_string(), crate::human::group),
             n(&p["realtime"]),
             n(&p["archived"]),
             n(&p["published"]),
@@ -949,8 +949,8 @@ async fn status(url: &str) -> anyhow::Result<()> {
             let detail = match state {
                 "building" if total > 0 => format!(
                     " ({} of {} events, {:.0}%)",
-                    crate::produce::group(done),
-                    crate::produce::group(total),
+                    crate::human::group(done),
+                    crate::human::group(total),
                     100.0 * done as f64 / total as f64
                 ),
                 "published" => format!(" in run {}", n(&c["run"])),

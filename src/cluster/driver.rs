@@ -382,10 +382,10 @@ pub async fn cycle(
 }
 
 /// Where a cycle with view changes sends them: the changes pending, and the
-/// speed layer that adopts the new views ([`crate::speed::Adopt`]).
+/// speed layer that adopts the new views ([`crate::serving::Adopt`]).
 pub struct Changing<'a> {
     pub changes: &'a ViewChanges,
-    pub speed: &'a tokio::sync::mpsc::UnboundedSender<crate::speed::Adopt>,
+    pub speed: &'a tokio::sync::mpsc::UnboundedSender<crate::serving::Adopt>,
 }
 
 /// [`cycle`], applying the view changes pending first, if any: the run
@@ -431,7 +431,7 @@ pub async fn cycle_changing(
             let (all, live) = serving.plan_views(&batch.views());
             let side = BatchSide::load(batch, m.clone(), &all, &live, &[]).await?;
             let (done, answer) = tokio::sync::oneshot::channel();
-            let adopt = crate::speed::Adopt {
+            let adopt = crate::serving::Adopt {
                 views: all,
                 live,
                 side: Arc::new(side),
@@ -534,7 +534,7 @@ pub struct Driver {
     pub lease: Arc<Lease>,
     /// Views changed while serving, and the speed layer that adopts them.
     pub changes: Arc<ViewChanges>,
-    pub speed: tokio::sync::mpsc::UnboundedSender<crate::speed::Adopt>,
+    pub speed: tokio::sync::mpsc::UnboundedSender<crate::serving::Adopt>,
 }
 
 impl Driver {
@@ -867,7 +867,7 @@ impl Driver {
             let (done, answer) = tokio::sync::oneshot::channel();
             let gone = || DriverError::Adopt("the speed layer has stopped".into());
             self.speed
-                .send(crate::speed::Adopt {
+                .send(crate::serving::Adopt {
                     views: all,
                     live,
                     side: Arc::new(side),

@@ -215,6 +215,18 @@ fn covers(mark: &[u64], target: &[u64]) -> bool {
         .all(|(p, &t)| mark.get(p).copied().unwrap_or(0) >= t)
 }
 
+/// The lease fences the embedded log's acknowledgements (see
+/// [`Lease::reserve`]).
+#[async_trait::async_trait]
+impl crate::stream::ingest::Fence for Lease {
+    async fn reserve<'a>(
+        &'a self,
+        counts: &[(u32, u64)],
+    ) -> Result<Box<dyn Send + 'a>, crate::stream::ingest::FenceError> {
+        Ok(Box::new(Lease::reserve(self, counts).await?))
+    }
+}
+
 impl Lease {
     /// The lease of a local root: always held by this process.
     pub fn local(clock: SharedClock) -> Arc<Lease> {

@@ -10,8 +10,10 @@
 //! [`lease`] is the driver lease (compare-and-swap on the storage root,
 //! fencing of acknowledgements and commits); [`driver`] is what its holder
 //! runs: startup checks, the archive and batch loops, retention and repair.
-//! The driver hands new views to the rest of the node as a [`driver::ViewsReady`]
-//! message; `node.rs` wires it to the speed layer.
+//! The driver hands new views to the rest of the node as a
+//! [`crate::serving::Adopt`] message; `node.rs` wires it to the speed layer,
+//! so the driver never names the speed layer.
 
 pub mod driver;
+pub mod identity;
 pub mod lease;

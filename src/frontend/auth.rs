@@ -12,17 +12,11 @@
 //! early exit), so timing tells an attacker nothing about how close a guess
 //! was. Tokens are never logged, and never echoed in errors.
 
-use std::sync::Arc;
-
-use axum::extract::{Request, State};
-use axum::http::{HeaderValue, Method, StatusCode, header};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::http::Method;
 use subtle::ConstantTimeEq;
 
 use crate::config::{AuthConfig, Scope};
-use crate::error::{Explain, Report};
-use crate::frontend::http::{ApiError, ApiState};
+use crate::error::Explain;
 
 /// The configured tokens, resolved (from the file or the environment).
 #[derive(Default)]
@@ -86,35 +80,10 @@ pub fn scope_of(method: &Method, path: &str) -> Scope {
     }
 }
 
-pub(super) async fn require_token(
-    State(state): State<Arc<ApiState>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    if !state.auth.enabled() {
-        return next.run(req).await;
-    }
-    let need = scope_of(req.method(), req.uri().path());
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| bearer(v.as_bytes()));
-    let Some(presented) = presented else {
-        return unauthorized(Denied::Missing);
-    };
-    match state.auth.check(presented, need) {
-        Err(e @ Denied::Scope(_)) => {
-            ApiError::report(StatusCode::FORBIDDEN, Report::of(&e)).into_response()
-        }
-        Err(e) => unauthorized(e),
-        Ok(()) => next.run(req).await,
-    }
-}
-
 /// The token of an `Authorization: Bearer <token>` value. The scheme is
 /// case-insensitive (RFC 7235 §2.1: `bearer` and `BEARER` are `Bearer`),
 /// and one or more spaces may follow it.
-fn bearer(value: &[u8]) -> Option<&[u8]> {
+pub fn bearer(value: &[u8]) -> Option<&[u8]> {
     let space = value.iter().position(|&b| b == b' ')?;
     let (scheme, rest) = value.split_at(space);
     scheme
@@ -162,15 +131,6 @@ fn scope_name(s: Scope) -> &'static str {
         Scope::Query => "query",
         Scope::Admin => "admin",
     }
-}
-
-fn unauthorized(e: Denied) -> Response {
-    let mut resp = ApiError::report(StatusCode::UNAUTHORIZED, Report::of(&e)).into_response();
-    resp.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        HeaderValue::from_static("Bearer realm=\"lambdaflow\""),
-    );
-    resp
 }
 
 #[cfg(test)]

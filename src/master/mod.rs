@@ -664,7 +664,7 @@ impl MasterDataset {
                 f.location
                     .filename()
                     .and_then(parse_chunk_name)
-                    .is_some_and(|(q, s, e, _)| q == p as u32 && e == end && s < e)
+                    .is_some_and(|(q, s, e, _)| q == p && e == end && s < e)
             });
             let Some(file) = file else {
                 out.push(None);

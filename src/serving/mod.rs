@@ -290,6 +290,23 @@ impl BatchSide {
     }
 }
 
+/// A new set of views and the batch run that computed them, from the
+/// driver to the speed layer, to install in serving in one swap
+/// ([`Serving::adopt`]): the message that lets the driver change views
+/// without knowing the speed layer (`node.rs` wires the channel). The speed layer first computes the states of the
+/// views it does not have yet for every chunk it holds (reading the chunks'
+/// records from the stream again), so that the handoff is exact for them
+/// from their first answer.
+pub struct Adopt {
+    /// Every view by index ([`Serving::plan_views`]).
+    pub views: Vec<Arc<View>>,
+    /// Those served, in order.
+    pub live: Vec<usize>,
+    pub side: Arc<BatchSide>,
+    /// Told when serving has the new views, or why not.
+    pub done: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
 /// What a reader sees: immutable, replaced whole.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {

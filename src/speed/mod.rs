@@ -35,7 +35,7 @@ use crate::chunk::{ChunkRange, Coverage};
 use crate::clock::{SharedClock, SystemClock};
 use crate::health::Health;
 use crate::metrics::Histogram;
-use crate::serving::{RealtimeChunk, Serving};
+use crate::serving::{Adopt, RealtimeChunk, Serving};
 use crate::stream::LogError;
 use crate::stream::ingest::Backlog;
 use crate::stream::source::{Source, SourceBatch, SourceError, StreamTimes};
@@ -239,22 +239,6 @@ fn cut(read: Vec<SourceBatch>, mut room: u64, mut bucket: Option<i64>, age_ms: i
         closes: room == 0,
         bucket,
     }
-}
-
-/// A new set of views for the speed layer to compute, and the batch run
-/// that computed them, to install in serving in one swap
-/// ([`Serving::adopt`]). The speed layer first computes the states of the
-/// views it does not have yet for every chunk it holds (reading the chunks'
-/// records from the stream again), so that the handoff is exact for them
-/// from their first answer.
-pub struct Adopt {
-    /// Every view by index ([`Serving::plan_views`]).
-    pub views: Vec<Arc<View>>,
-    /// Those served, in order.
-    pub live: Vec<usize>,
-    pub side: Arc<crate::serving::BatchSide>,
-    /// Told when serving has the new views, or why not.
-    pub done: tokio::sync::oneshot::Sender<Result<(), String>>,
 }
 
 /// The rows of `take` (partition `p`) a view failed on, by position.

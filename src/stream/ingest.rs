@@ -301,8 +301,8 @@ pub enum IngestError {
     },
     /// On a shared root, only the driver lease's valid holder acknowledges
     /// events of the embedded log; nothing of the request was stored.
-    #[error("not acknowledged: {0}")]
-    NotDriving(#[from] crate::cluster::lease::Fenced),
+    #[error("not acknowledged")]
+    NotDriving(#[source] FenceError),
     /// This node consumes an external stream; its producers send there.
     #[error(
         "this node consumes {stream}; send events to it directly (for example `lambdaflow produce --kafka BROKERS --topic TOPIC`)"
@@ -447,9 +447,23 @@ pub struct Ingest {
     /// The external stream this node consumes, if any: `POST /v1/events`
     /// produces the accepted lines into it instead of the embedded log.
     pub producer: Option<Arc<Producer>>,
-    /// On a shared root with the embedded log, the driver lease that
-    /// fences acknowledgements ([`crate::cluster::lease::Lease::reserve`]).
-    pub fence: std::sync::OnceLock<Arc<crate::cluster::lease::Lease>>,
+    /// On a shared root with the embedded log, what fences
+    /// acknowledgements (the cluster's driver lease).
+    pub fence: std::sync::OnceLock<Arc<dyn Fence>>,
+}
+
+/// Why a [`Fence`] refused to let events be acknowledged (the fence's own
+/// error: who holds the lease, how long ago it was renewed).
+pub type FenceError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What lets a node acknowledge events of the embedded log on a shared
+/// root: only the driver lease's valid holder may (`cluster::lease`
+/// implements it). A reservation holds until the guard it returns drops,
+/// after the events are stored.
+#[async_trait::async_trait]
+pub trait Fence: Send + Sync {
+    async fn reserve<'a>(&'a self, counts: &[(u32, u64)])
+    -> Result<Box<dyn Send + 'a>, FenceError>;
 }
 
 impl Ingest {

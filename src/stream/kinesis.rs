@@ -133,6 +133,15 @@ impl KinesisConfig {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum KinesisError {
+    #[error(
+        "partition {partition} (shard {shard}) stopped: Kinesis stream `{stream}` is not the stream the master dataset was written from ({detail})\nhint: it was deleted and created again; stop the node and run `lambdaflow accept-loss --stream`: what the master dataset holds stays counted, the old shards' partitions end at their archived positions, and the new stream's shards become new partitions (records of the old stream not archived yet went with it)"
+    )]
+    NotThisStream {
+        stream: String,
+        partition: u32,
+        shard: String,
+        detail: String,
+    },
     #[error("cannot reach Kinesis stream `{stream}`: {detail}")]
     Connect { stream: String, detail: String },
     #[error("Kinesis stream `{stream}` does not exist")]
@@ -720,7 +729,7 @@ async fn poll_shard(source: Weak<KinesisSource>, shard: Arc<Shard>) {
                     },
                     Err(e) => {
                         // Re-created stream: the partition stops, `health` says what to do.
-                        if super::identity::kinesis_not_this_stream(
+                        if not_this_stream(
                             s.health.as_deref(),
                             &s.config.stream,
                             p,
@@ -1248,6 +1257,36 @@ impl KinesisProducer {
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }
+}
+
+/// Whether a Kinesis error says that a sequence number is not of this
+/// stream (it was deleted and created again); if so, reports partition `p`
+/// stopped in `health` with what to do, and the caller stops reading it.
+pub fn not_this_stream(
+    health: Option<&Health>,
+    stream: &str,
+    p: u32,
+    shard: &str,
+    code: Option<&str>,
+    message: Option<&str>,
+) -> bool {
+    let Some(message) = message else { return false };
+    if code != Some("InvalidArgumentException")
+        || !message.contains("did not come from this stream")
+    {
+        return false;
+    }
+    let e = KinesisError::NotThisStream {
+        stream: stream.into(),
+        partition: p,
+        shard: shard.into(),
+        detail: message.into(),
+    };
+    tracing::error!(partition = p, error = %e, "a Kinesis partition stopped");
+    if let Some(h) = health {
+        h.report_error(&format!("stream/p{p}"), &e);
+    }
+    true
 }
 
 #[cfg(test)]

@@ -22,7 +22,6 @@
 pub(crate) mod cache;
 pub mod deadletter;
 pub mod decode;
-pub mod identity;
 pub mod ingest;
 pub mod kafka;
 pub mod kinesis;

@@ -31,8 +31,8 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use super::input::{EventsTable, InputExec};
 use super::rollup::Rollup;
 use super::{View, ViewError, ViewKind};
-use crate::config::ViewConfig;
 use crate::schema::EventSchema;
+use crate::view::ViewConfig;
 
 /// Version of the state layout lambdaflow writes; part of every view's fingerprint.
 pub const STATE_FORMAT: u32 = 1;

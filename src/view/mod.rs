@@ -39,8 +39,27 @@ use datafusion::physical_plan::ExecutionPlan;
 pub use compile::{STATE_FORMAT, compile};
 pub use rollup::Rollup;
 
-use crate::config::ViewConfig;
 use crate::schema::EventSchema;
+use serde::{Deserialize, Serialize};
+
+/// `[[views]]`: a view is one SQL query over the table `events`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewConfig {
+    pub name: String,
+    pub sql: String,
+    /// Coarser time buckets for older data (applied by the batch layer).
+    #[serde(default)]
+    pub rollup: Vec<RollupConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollupConfig {
+    #[serde(with = "humantime_serde")]
+    pub after: std::time::Duration,
+    pub bucket: String,
+}
 
 /// Errors of the view layer, each naming its view.
 #[derive(Debug, thiserror::Error)]
@@ -199,7 +218,7 @@ pub struct View {
     sql: String,
     /// The definition it was compiled from (published with each run, so
     /// that every node of a cluster serves the published views).
-    def: crate::config::ViewConfig,
+    def: ViewConfig,
     kind: ViewKind,
     events_schema: SchemaRef,
     leaf_projection: Option<Vec<usize>>,
@@ -240,7 +259,7 @@ impl View {
     }
 
     /// The definition the view was compiled from.
-    pub fn def(&self) -> &crate::config::ViewConfig {
+    pub fn def(&self) -> &ViewConfig {
         &self.def
     }
 
@@ -509,7 +528,7 @@ pub fn names(views: &[Arc<View>]) -> String {
 /// table over the Postgres wire too), far below any file-name limit.
 pub const MAX_NAME_BYTES: usize = 63;
 
-/// Names the storage layout uses under `views/` (see [`crate::batch`]):
+/// Names the storage layout uses under `views/` (see the batch layer):
 /// a view's files live in `views/<name>/`, so a view of one of these names
 /// would collide with the published pointer (`views/CURRENT`) or the run
 /// manifests (`views/runs/`). (`views/CHANGES.json` cannot collide: a name

@@ -36,7 +36,7 @@ use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 
 use super::{ViewError, ViewKind};
-use crate::config::RollupConfig;
+use crate::view::RollupConfig;
 
 /// One tier: groups older than `after` get buckets of `bucket`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -189,7 +189,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/batch/run", post(run_batch))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            auth::require_token,
+            require_token,
         ))
         // The page holds no data (it asks the API, with the token the user
         // gives it), so it needs none to load.
@@ -383,7 +383,7 @@ struct Status {
     /// The stream the master dataset was written from, as recorded under
     /// the storage root (kind, topic or stream, creation time), and how.
     #[serde(skip_serializing_if = "Option::is_none")]
-    stream_identity: Option<crate::stream::identity::Recorded>,
+    stream_identity: Option<crate::cluster::identity::Recorded>,
     /// The storage root and which node drives (archives and runs batches).
     #[serde(skip_serializing_if = "Option::is_none")]
     cluster: Option<ClusterStatus>,
@@ -630,4 +630,39 @@ async fn run_batch(
         StatusCode::ACCEPTED,
         Json(serde_json::json!({ "queued": true })),
     ))
+}
+/// The HTTP face of [`auth`]: the route's scope, the bearer token, 401 or 403.
+async fn require_token(
+    axum::extract::State(state): axum::extract::State<Arc<ApiState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !state.auth.enabled() {
+        return next.run(req).await;
+    }
+    let need = auth::scope_of(req.method(), req.uri().path());
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| auth::bearer(v.as_bytes()));
+    let Some(presented) = presented else {
+        return unauthorized(auth::Denied::Missing);
+    };
+    match state.auth.check(presented, need) {
+        Err(e @ auth::Denied::Scope(_)) => {
+            ApiError::report(StatusCode::FORBIDDEN, crate::error::Report::of(&e)).into_response()
+        }
+        Err(e) => unauthorized(e),
+        Ok(()) => next.run(req).await,
+    }
+}
+
+fn unauthorized(e: auth::Denied) -> Response {
+    let mut resp =
+        ApiError::report(StatusCode::UNAUTHORIZED, crate::error::Report::of(&e)).into_response();
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"lambdaflow\""),
+    );
+    resp
 }

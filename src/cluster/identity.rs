@@ -30,12 +30,12 @@ use aws_sdk_kinesis::error::ProvideErrorMetadata;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::kinesis::{KinesisConfig, KinesisError, KinesisSource, Registry, ShardEntry};
-use super::log::{Log, LogError};
 use crate::config::Config;
 use crate::health::Health;
 use crate::master::{MasterDataset, MasterError};
 use crate::storage::{Storage, StorageError};
+use crate::stream::kinesis::{KinesisConfig, KinesisError, KinesisSource, Registry, ShardEntry};
+use crate::stream::log::{Log, LogError};
 
 /// Where the records live under the storage root.
 const DIR: &str = "stream";
@@ -176,15 +176,6 @@ pub enum IdentityError {
         stream: String,
         recorded_ms: i64,
         now_ms: i64,
-    },
-    #[error(
-        "partition {partition} (shard {shard}) stopped: Kinesis stream `{stream}` is not the stream the master dataset was written from ({detail})\nhint: it was deleted and created again; stop the node and run `lambdaflow accept-loss --stream`: what the master dataset holds stays counted, the old shards' partitions end at their archived positions, and the new stream's shards become new partitions (records of the old stream not archived yet went with it)"
-    )]
-    Stopped {
-        stream: String,
-        partition: u32,
-        shard: String,
-        detail: String,
     },
     #[error("the stream identity record {path} cannot be {op}: {detail}")]
     Record {
@@ -541,50 +532,20 @@ async fn retire(
         let body = serde_json::to_vec_pretty(&next).expect("a registry serializes");
         if !storage
             .create(
-                &super::kinesis::registry_object(&k.stream, next.generation),
+                &crate::stream::kinesis::registry_object(&k.stream, next.generation),
                 Bytes::from(body),
             )
             .await?
         {
             return Err(IdentityError::Record {
-                path: super::kinesis::registry_object(&k.stream, next.generation),
+                path: crate::stream::kinesis::registry_object(&k.stream, next.generation),
                 op: "written",
                 detail: "another node wrote the shard registry meanwhile: stop every node on this root and run accept-loss again".into(),
             });
         }
     }
-    super::kinesis::resolve(storage, k).await?;
+    crate::stream::kinesis::resolve(storage, k).await?;
     Ok(())
-}
-
-/// Whether a Kinesis error says that a sequence number is not of this
-/// stream (it was deleted and created again); if so, reports partition `p`
-/// stopped in `health` with what to do, and the caller stops reading it.
-pub fn kinesis_not_this_stream(
-    health: Option<&Health>,
-    stream: &str,
-    p: u32,
-    shard: &str,
-    code: Option<&str>,
-    message: Option<&str>,
-) -> bool {
-    let Some(message) = message else { return false };
-    if code != Some("InvalidArgumentException")
-        || !message.contains("did not come from this stream")
-    {
-        return false;
-    }
-    let e = IdentityError::Stopped {
-        stream: stream.into(),
-        partition: p,
-        shard: shard.into(),
-        detail: message.into(),
-    };
-    tracing::error!(partition = p, error = %e, "a Kinesis partition stopped");
-    if let Some(h) = health {
-        h.report_error(&format!("stream/p{p}"), &e);
-    }
-    true
 }
 
 /// Watches a running node's Kinesis stream: once its creation time is not
@@ -608,11 +569,11 @@ pub fn watch_kinesis(
                 continue;
             }
             s.stop();
-            for p in 0..super::Source::partitions(&*s) {
-                let e = IdentityError::Stopped {
+            for p in 0..crate::stream::Source::partitions(&*s) {
+                let e = KinesisError::NotThisStream {
                     stream: config.stream.clone(),
                     partition: p,
-                    shard: super::Source::info(&*s, p)
+                    shard: crate::stream::Source::info(&*s, p)
                         .map(|i| i.id)
                         .unwrap_or_default(),
                     detail: format!(
