@@ -16,7 +16,8 @@ use crate::schema::{
 };
 
 /// Errors loading or checking a configuration.
-/// A view's section is the view layer's own type.
+/// A view's and the stream's sections are their layers' own types.
+pub use crate::stream::StreamConfig;
 pub use crate::view::{RollupConfig, ViewConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -280,62 +281,6 @@ fn default_listen() -> SocketAddr {
     "127.0.0.1:8080".parse().expect("valid address")
 }
 
-/// The stream: the embedded log's partitions and how events are spread on them.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StreamConfig {
-    #[serde(default = "default_partitions")]
-    pub partitions: u32,
-    /// Field whose value's hash picks the partition; absent: round-robin by request.
-    #[serde(default)]
-    pub key: Option<String>,
-    /// A log segment file is closed once it reaches this size.
-    #[serde(default = "default_segment_bytes")]
-    pub segment_bytes: ByteSize,
-    /// Consume a Kafka topic instead of the embedded log: its partitions are
-    /// the partitions (`partitions` is then the topic's), each record one
-    /// event.
-    #[serde(default)]
-    pub kafka: Option<crate::stream::kafka::KafkaConfig>,
-    /// Consume a Kinesis stream instead: its shards are the partitions
-    /// (numbered by a registry under the data root), each record one event.
-    #[serde(default)]
-    pub kinesis: Option<crate::stream::kinesis::KinesisConfig>,
-    /// The node's local directory: the embedded log, the dead-letter store,
-    /// the batch lock. Defaults to `data` when that is a local directory,
-    /// else to `./lambdaflow-local` under the working directory.
-    #[serde(default)]
-    pub dir: Option<PathBuf>,
-}
-
-impl StreamConfig {
-    /// Whether the layers consume an external stream rather than the
-    /// embedded log (which is then never written).
-    pub fn external(&self) -> bool {
-        self.kafka.is_some() || self.kinesis.is_some()
-    }
-}
-
-fn default_partitions() -> u32 {
-    2
-}
-
-fn default_segment_bytes() -> ByteSize {
-    ByteSize::mib(128)
-}
-
-impl Default for StreamConfig {
-    fn default() -> Self {
-        StreamConfig {
-            partitions: default_partitions(),
-            key: None,
-            segment_bytes: default_segment_bytes(),
-            kafka: None,
-            kinesis: None,
-            dir: None,
-        }
-    }
-}
 
 /// Limits on `POST /v1/events`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -39,9 +39,6 @@ use crate::storage::StorageError;
 use crate::stream::Source;
 use crate::stream::deadletter::DeadLetterError;
 use crate::stream::ingest::Backlog;
-use crate::stream::ingest::Producer;
-use crate::stream::kafka::{self, KafkaError, KafkaSource};
-use crate::stream::kinesis::{self, KinesisError, KinesisSource};
 use crate::stream::{DeadLetters, Decoder, Ingest, Log, LogError, LogOptions, Partitioning};
 use crate::view::failures::ViewFailures;
 use crate::view::{self, View, ViewError};
@@ -68,10 +65,6 @@ pub enum NodeError {
     Driver(#[from] DriverError),
     #[error(transparent)]
     Speed(#[from] SpeedError),
-    #[error(transparent)]
-    Kafka(#[from] KafkaError),
-    #[error(transparent)]
-    Kinesis(#[from] KinesisError),
     #[error(transparent)]
     Source(#[from] crate::stream::SourceError),
     #[error(transparent)]
@@ -121,19 +114,10 @@ impl crate::error::Explain for NodeError {
 /// topic's partition count is the topic's; a Kinesis stream's is the number
 /// of shards its registry holds (every shard it ever had).
 pub async fn resolve_stream(config: &mut Config) -> Result<(), NodeError> {
-    if let Some(k) = &config.stream.kafka {
-        let n = kafka::partition_count(k)?;
+    let storage = config.storage()?;
+    if let Some(n) = crate::stream::partitions(&config.stream, &storage).await? {
         if n != config.stream.partitions {
-            tracing::info!(topic = %k.topic, partitions = n, "partitions from the Kafka topic");
-        }
-        config.stream.partitions = n;
-    }
-    if let Some(k) = &config.stream.kinesis {
-        let storage = config.storage()?;
-        let registry = kinesis::resolve(&storage, k).await?;
-        let n = registry.shards.len() as u32;
-        if n != config.stream.partitions {
-            tracing::info!(stream = %k.stream, partitions = n, "partitions from the Kinesis shard registry");
+            tracing::info!(stream = ?config.stream.kafka.as_ref().map(|k| &k.topic).or(config.stream.kinesis.as_ref().map(|k| &k.stream)), partitions = n, "partitions from the stream");
         }
         config.stream.partitions = n;
     }
@@ -381,41 +365,23 @@ pub async fn assemble_over(
     )?
     .with_health(health.clone());
     let dead = Arc::new(dead);
-    let mut kinesis_source = None;
-    let source: Arc<dyn Source> = match &config.stream.kafka {
-        None if config.stream.kinesis.is_some() => {
-            let k = config.stream.kinesis.clone().expect("a Kinesis stream");
-            let s = KinesisSource::open(
-                k,
-                config.storage()?,
-                Decoder::new(schema.clone(), Partitioning::RoundRobin),
-                dead.clone(),
-                Some(health.clone()),
-            )
-            .await?;
-            kinesis_source = Some(s.clone());
-            s
-        }
-        None => log.clone(),
-        Some(k) => {
-            let (k, decoder, dead) = (
-                k.clone(),
-                Decoder::new(schema.clone(), Partitioning::RoundRobin),
-                dead.clone(),
-            );
-            tokio::task::spawn_blocking(move || KafkaSource::open(k, decoder, dead))
-                .await
-                .expect("the Kafka open task")?
-        }
-    };
+    let opened = crate::stream::open(
+        &config.stream,
+        crate::stream::Context {
+            log: log.clone(),
+            storage: config.storage()?,
+            schema: schema.clone(),
+            dead: dead.clone(),
+            health: health.clone(),
+        },
+    )
+    .await?;
+    let source = opened.source;
     let mut ingest = Ingest::new(Decoder::new(schema, partitioning), log.clone(), dead)
         .with_health(health.clone());
     // POST /v1/events produces into the stream the node consumes.
-    if let Some(k) = &config.stream.kafka {
-        ingest.set_producer(Producer::Kafka(kafka::KafkaProducer::new(k)?));
-    }
-    if let Some(k) = &config.stream.kinesis {
-        ingest.set_producer(Producer::Kinesis(kinesis::KinesisProducer::new(k).await));
+    if let Some(producer) = opened.producer {
+        ingest.set_producer(producer);
     }
     ingest.backlog = Arc::new(Backlog::new(
         config.ingest.max_unpublished,
@@ -462,18 +428,18 @@ pub async fn assemble_over(
         .as_ref()
         .map_or_else(Coverage::empty, |m| m.h.clone())
         .widened(config.stream.partitions);
-    if let Some(k) = &kinesis_source {
+    if source.resumes_by_token() {
         // Kinesis resumes after the sequence number the chunk ending at H keeps.
         let tokens = master.resume_tokens(&h).await?;
-        k.resume(&h, &tokens)?;
-        if let Some(kc) = &config.stream.kinesis {
-            crate::cluster::identity::watch_kinesis(
-                Arc::downgrade(k),
-                kc.clone(),
-                identity.identity.clone(),
-                health.clone(),
-            );
-        }
+        source.clone().resume(&h, &tokens)?;
+    }
+    if config.stream.external() {
+        crate::cluster::identity::watch(
+            Arc::downgrade(&source),
+            config.clone(),
+            identity.identity.clone(),
+            health.clone(),
+        );
     }
     let snapshot = master.snapshot().await?;
     let committed = (0..config.stream.partitions)
@@ -631,7 +597,7 @@ impl Node {
     pub async fn open(config: Config) -> Result<Node, NodeError> {
         let Assembled {
             config,
-            log,
+            log: _,
             source,
             ingest,
             batch,
@@ -677,7 +643,6 @@ impl Node {
         let driver = Driver {
             batch,
             source: source.clone(),
-            log: (!config.stream.external()).then_some(log),
             serving,
             local_dir: config.local_dir(),
             pause: config.batch.pause,

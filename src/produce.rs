@@ -53,12 +53,8 @@ pub enum ProduceError {
     #[error("could not set up the HTTP client")]
     Client(#[source] reqwest::Error),
     #[error(transparent)]
-    Kafka(#[from] crate::stream::kafka::KafkaError),
+    Stream(#[from] crate::stream::SourceError),
 }
-
-/// How long `produce --kafka` waits for the brokers to answer before it
-/// says it cannot reach them.
-const KAFKA_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What to produce and where to send it.
 #[derive(Debug, Clone)]
@@ -417,32 +413,24 @@ pub async fn run(opts: ProduceOptions) -> Result<Summary, ProduceError> {
         ProgressBar::hidden()
     };
 
-    let kafka = match &opts.kafka {
-        Some(k) => {
-            // Unreachable brokers fail the run at once, with what happened,
-            // rather than every send after the delivery timeout.
-            let producer = crate::stream::kafka::KafkaProducer::new(k)?;
-            let checking = producer.clone();
-            tokio::task::spawn_blocking(move || checking.check(KAFKA_CONNECT_TIMEOUT))
-                .await
-                .map_err(|e| ProduceError::Setup(e.to_string()))??;
-            Some(producer)
-        }
-        None => None,
+    let stream = crate::stream::StreamConfig {
+        kafka: opts.kafka.clone(),
+        kinesis: opts.kinesis.clone(),
+        ..Default::default()
     };
-    let kinesis = match &opts.kinesis {
-        Some(k) => Some(crate::stream::kinesis::KinesisProducer::new(k).await),
-        None => None,
-    };
+    let producer = crate::stream::producer(&stream).await?;
+    if let Some(p) = &producer {
+        // Unreachable brokers fail the run at once, with what happened,
+        // rather than every send after the delivery timeout.
+        p.check().await?;
+    }
     let shared = Arc::new(Shared {
         source,
-        kafka,
-        kinesis,
+        producer,
         url,
         client,
         opts: opts.clone(),
         next_batch: AtomicU64::new(0),
-        next_key: AtomicU64::new(0),
         t0: tokio::time::Instant::now(),
         bar: bar.clone(),
         stats: Stats::default(),
@@ -517,15 +505,12 @@ struct Stats {
 
 struct Shared {
     source: Source,
-    /// Where events go instead of `url`.
-    kafka: Option<crate::stream::kafka::KafkaProducer>,
-    kinesis: Option<crate::stream::kinesis::KinesisProducer>,
+    /// Where events go instead of `url` (a Kafka topic, a Kinesis stream).
+    producer: Option<Arc<dyn crate::stream::Producer>>,
     url: String,
     client: reqwest::Client,
     opts: ProduceOptions,
     next_batch: AtomicU64,
-    /// The next Kinesis partition key.
-    next_key: AtomicU64,
     t0: tokio::time::Instant,
     bar: ProgressBar,
     stats: Stats,
@@ -623,55 +608,34 @@ impl Shared {
         }
     }
 
-    /// Sends one batch's lines as records; librdkafka retries within its
-    /// delivery timeout, so a failure here is final.
-    async fn send_kafka(&self, producer: &crate::stream::kafka::KafkaProducer, body: Bytes) {
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let lines = body
-            .split(|&b| b == b'\n')
-            .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
-            .map(|l| (None, None, l));
-        // Each record's own outcome: a failure of some is not a failure of all.
-        self.count(producer.send_each(lines).await);
-    }
-
-    /// Sends one batch's lines as Kinesis records, each under its own
-    /// partition key (spread over the shards, as the paper's producer does);
-    /// records PutRecords refuses are sent again with backoff.
-    async fn send_kinesis(
-        &self,
-        producer: &crate::stream::kinesis::KinesisProducer,
-        body: Bytes,
-        n: u64,
-    ) {
+    /// Sends one batch's lines as records of the stream, one event each,
+    /// where the stream chooses (Kinesis: each under its own partition
+    /// key, spread over the shards, as the paper's producer does). The
+    /// producer retries what the stream refuses for a while (librdkafka
+    /// within its delivery timeout; Kinesis's refused records with
+    /// backoff), so a failure here is final.
+    async fn send_records(&self, producer: &dyn crate::stream::Producer, body: Bytes, n: u64) {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let mut records = Vec::with_capacity(n as usize);
         let mut start = 0;
         while start < body.len() {
             let end = memchr::memchr(b'\n', &body[start..]).map_or(body.len(), |i| start + i);
             if !body[start..end].iter().all(u8::is_ascii_whitespace) {
-                let key = self.next_key.fetch_add(1, Ordering::Relaxed);
-                records.push((key.to_string(), body.slice(start..end)));
+                records.push(crate::stream::Outgoing {
+                    partition: None,
+                    key: None,
+                    data: body.slice(start..end),
+                });
             }
             start = end + 1;
         }
-        let records: Vec<crate::stream::kinesis::PutRecord> = records
-            .into_iter()
-            .map(|(key, data)| crate::stream::kinesis::PutRecord {
-                key,
-                hash_key: None,
-                data,
-            })
-            .collect();
-        self.count(producer.send_each(&records).await);
+        // Each record's own outcome: a failure of some is not a failure of all.
+        self.count(producer.send_each(records).await);
     }
 
     async fn send(&self, mut body: Bytes, mut n: u64) {
-        if let Some(producer) = &self.kafka {
-            return self.send_kafka(producer, body).await;
-        }
-        if let Some(producer) = &self.kinesis {
-            return self.send_kinesis(producer, body, n).await;
+        if let Some(producer) = &self.producer {
+            return self.send_records(producer.as_ref(), body, n).await;
         }
         let mut attempt = 0u32;
         loop {

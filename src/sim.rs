@@ -257,7 +257,7 @@ impl World {
         let node = self.node();
         driver::cycle(
             &node.batch,
-            Some(&node.log),
+            node.source.as_ref(),
             &node.serving,
             &node.config.local_dir(),
             &node.status,

@@ -27,7 +27,7 @@ use crate::chunk::{ChunkRange, Coverage};
 use crate::health::Health;
 use crate::master::{MasterError, Repair};
 use crate::serving::{BatchSide, Serving};
-use crate::stream::{Log, LogError, Source, SourceError};
+use crate::stream::{LogError, Source, SourceError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
@@ -372,13 +372,13 @@ async fn run_before_serving(batch: &BatchLayer, health: &Health) -> Result<Manif
 /// it, so retention never outruns the durable copy.
 pub async fn cycle(
     batch: &BatchLayer,
-    log: Option<&Log>,
+    source: &dyn Source,
     serving: &Serving,
     data: &Path,
     status: &Mutex<BatchStatus>,
     health: &Health,
 ) -> Result<Manifest, DriverError> {
-    cycle_changing(batch, log, serving, data, status, health, None).await
+    cycle_changing(batch, source, serving, data, status, health, None).await
 }
 
 /// Where a cycle with view changes sends them: the changes pending, and the
@@ -393,7 +393,7 @@ pub struct Changing<'a> {
 /// them through the speed layer ([`crate::batch::changes`]).
 pub async fn cycle_changing(
     batch: &BatchLayer,
-    log: Option<&Log>,
+    source: &dyn Source,
     serving: &Serving,
     data: &Path,
     status: &Mutex<BatchStatus>,
@@ -493,12 +493,12 @@ pub async fn cycle_changing(
                 .join(",")
         )),
     );
-    // An external stream keeps its own retention; the node's log is unused.
-    let Some(log) = log else { return Ok(m) };
+    // An external stream keeps its own retention (`None`).
     for (p, h) in m.h.iter() {
         let component = format!("retention/p{p}");
-        match log.delete_below(p, h) {
-            Ok(start) => {
+        match source.release_below(p, h) {
+            Ok(None) => {}
+            Ok(Some(start)) => {
                 health.clear(&component);
                 tracing::debug!(partition = p, start, "log retention")
             }
@@ -517,8 +517,6 @@ pub async fn cycle_changing(
 pub struct Driver {
     pub batch: Arc<BatchLayer>,
     pub source: Arc<dyn Source>,
-    /// The embedded log, when it is the stream (its retention is the driver's).
-    pub log: Option<Arc<Log>>,
     pub serving: Arc<Serving>,
     /// The node's local directory (its batch lock).
     pub local_dir: PathBuf,
@@ -619,7 +617,7 @@ impl Driver {
         if due
             && let Err(e) = cycle_changing(
                 batch,
-                self.log.as_deref(),
+                self.source.as_ref(),
                 &self.serving,
                 &self.local_dir,
                 &self.status,

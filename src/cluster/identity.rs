@@ -34,7 +34,8 @@ use crate::config::Config;
 use crate::health::Health;
 use crate::master::{MasterDataset, MasterError};
 use crate::storage::{Storage, StorageError};
-use crate::stream::kinesis::{KinesisConfig, KinesisError, KinesisSource, Registry, ShardEntry};
+use crate::stream::kinesis::{KinesisConfig, KinesisError, Registry, ShardEntry};
+use crate::stream::Source;
 use crate::stream::log::{Log, LogError};
 
 /// Where the records live under the storage root.
@@ -176,6 +177,15 @@ pub enum IdentityError {
         stream: String,
         recorded_ms: i64,
         now_ms: i64,
+    },
+    #[error(
+        "partition {partition} ({id}) stopped: {stream} is not the stream the master dataset was written from ({detail})\nhint: it was deleted and created again; stop the node and run `lambdaflow accept-loss --stream`: what the master dataset holds stays counted, the old partitions end at their archived positions, and the new stream's become new partitions (records of the old stream not archived yet went with it)"
+    )]
+    Stopped {
+        stream: String,
+        partition: u32,
+        id: String,
+        detail: String,
     },
     #[error("the stream identity record {path} cannot be {op}: {detail}")]
     Record {
@@ -548,37 +558,33 @@ async fn retire(
     Ok(())
 }
 
-/// Watches a running node's Kinesis stream: once its creation time is not
-/// the recorded one (deleted and created again), the pollers stop and every
-/// partition reports it in `health`, until the node stops.
-pub fn watch_kinesis(
-    source: Weak<KinesisSource>,
-    config: KinesisConfig,
+/// Watches a running node's external stream: once the configured stream
+/// is not the recorded one any more (a Kinesis stream deleted and created
+/// again under its name), the source stops and every partition reports it
+/// in `health`, until the node stops.
+pub fn watch(
+    source: Weak<dyn Source>,
+    config: Config,
     recorded: StreamIdentity,
     health: Arc<Health>,
 ) {
     tokio::spawn(async move {
-        let client = config.client().await;
         loop {
             tokio::time::sleep(WATCH_EVERY).await;
             let Some(s) = source.upgrade() else { return };
-            let Ok(now) = kinesis_identity(&client, &config.stream).await else {
-                continue; // deleted, unreachable: the pollers say so
+            let Ok(now) = configured(&config).await else {
+                continue; // deleted, unreachable: the readers say so
             };
             if now.same_as(&recorded) {
                 continue;
             }
             s.stop();
-            for p in 0..crate::stream::Source::partitions(&*s) {
-                let e = KinesisError::NotThisStream {
-                    stream: config.stream.clone(),
+            for p in 0..s.partitions() {
+                let e = IdentityError::Stopped {
+                    stream: now.to_string(),
                     partition: p,
-                    shard: crate::stream::Source::info(&*s, p)
-                        .map(|i| i.id)
-                        .unwrap_or_default(),
-                    detail: format!(
-                        "it is {now} now, the master dataset was written from {recorded}"
-                    ),
+                    id: s.info(p).map(|i| i.id).unwrap_or_default(),
+                    detail: format!("it is {now} now, the master dataset was written from {recorded}"),
                 };
                 health.report_error(&format!("stream/p{p}"), &e);
             }

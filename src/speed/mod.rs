@@ -36,7 +36,6 @@ use crate::clock::{SharedClock, SystemClock};
 use crate::health::Health;
 use crate::metrics::Histogram;
 use crate::serving::{Adopt, RealtimeChunk, Serving};
-use crate::stream::LogError;
 use crate::stream::ingest::Backlog;
 use crate::stream::source::{Source, SourceBatch, SourceError, StreamTimes};
 use crate::view::failures::{FailedRow, ViewFailures};
@@ -552,11 +551,9 @@ impl SpeedLayer {
             {
                 // Damage ahead: serve what precedes it; the next read stops at it
                 // again and reports it (never skipping past).
-                Err(SourceError::Log(LogError::Corrupt { first_offset, .. }))
-                    if first_offset > part.next && first_offset < until =>
-                {
+                Err(SourceError::Damaged { offset, .. }) if offset > part.next && offset < until => {
                     self.source
-                        .read(p as u32, part.next, first_offset, room as usize)
+                        .read(p as u32, part.next, offset, room as usize)
                         .await?
                 }
                 r => r?,

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::deadletter::{DeadLetter, DeadLetterError, DeadLetters};
 use super::decode::{Accepted, Decoded, Decoder};
-use super::kinesis::PutRecord;
+use super::producer::{Outgoing, Placed, Producer};
 use super::log::{Log, LogError};
 use super::source::Delivery;
 
@@ -252,12 +252,6 @@ fn seq_key(s: &str) -> (usize, &str) {
     (s.len(), s)
 }
 
-/// The external stream a node produces its accepted events into.
-pub enum Producer {
-    Kafka(super::kafka::KafkaProducer),
-    Kinesis(super::kinesis::KinesisProducer),
-}
-
 #[derive(Debug, Clone, Serialize)]
 pub struct LineError {
     pub line: u64,
@@ -287,10 +281,9 @@ pub enum IngestError {
     },
     #[error("decoding was interrupted: {0}")]
     Internal(String),
+    /// The external stream failed.
     #[error(transparent)]
-    Kafka(#[from] super::kafka::KafkaError),
-    #[error(transparent)]
-    Kinesis(#[from] super::kinesis::KinesisError),
+    Stream(#[from] super::SourceError),
     /// The external stream confirmed none of the body's valid lines (it
     /// refused them, or did not answer: `in_doubt` in the report).
     #[error("{stream} confirmed none of the {lines} valid lines: {detail}")]
@@ -305,7 +298,7 @@ pub enum IngestError {
     NotDriving(#[source] FenceError),
     /// This node consumes an external stream; its producers send there.
     #[error(
-        "this node consumes {stream}; send events to it directly (for example `lambdaflow produce --kafka BROKERS --topic TOPIC`)"
+        "this node consumes {stream}; send events to it directly (`lambdaflow produce --help` lists the streams it sends to)"
     )]
     External { stream: String },
 }
@@ -446,7 +439,7 @@ pub struct Ingest {
     failing: std::sync::atomic::AtomicBool,
     /// The external stream this node consumes, if any: `POST /v1/events`
     /// produces the accepted lines into it instead of the embedded log.
-    pub producer: Option<Arc<Producer>>,
+    pub producer: Option<Arc<dyn Producer>>,
     /// On a shared root with the embedded log, what fences
     /// acknowledgements (the cluster's driver lease).
     pub fence: std::sync::OnceLock<Arc<dyn Fence>>,
@@ -513,10 +506,10 @@ impl Ingest {
     /// Produces accepted lines into `producer` instead of the embedded log;
     /// a line over the stream's record limit is refused as a bad line
     /// before anything is sent.
-    pub fn set_producer(&mut self, producer: Producer) {
+    pub fn set_producer(&mut self, producer: Arc<dyn Producer>) {
         let (bytes, what) = producer.max_record();
         self.decoder = self.decoder.clone().with_max_line(bytes, what);
-        self.producer = Some(Arc::new(producer));
+        self.producer = Some(producer);
     }
 
     pub fn dead_letters(&self) -> &Arc<DeadLetters> {
@@ -581,7 +574,7 @@ impl Ingest {
         };
         if let Some(producer) = &self.producer {
             drop(batches);
-            return self.produce(producer, &body, lines, report).await;
+            return self.produce(producer.as_ref(), &body, lines, report).await;
         }
         if accepted > 0 {
             // Fenced: reserved under the driver lease before anything is stored.
@@ -641,7 +634,7 @@ impl Ingest {
     /// stored, which are not (safe to resend) and which are in doubt.
     async fn produce(
         &self,
-        producer: &Producer,
+        producer: &dyn Producer,
         body: &Bytes,
         lines: Vec<Accepted>,
         mut report: IngestReport,
@@ -649,77 +642,56 @@ impl Ingest {
         if lines.is_empty() {
             return Ok(report);
         }
-        match producer {
-            Producer::Kinesis(k) => {
-                // Keyed events share a hash key (and so a shard); others are
-                // spread over the whole hash range, so every shard takes its
-                // share whatever the shard layout.
-                let base = self
-                    .next_partition
-                    .fetch_add(lines.len() as u32, Ordering::Relaxed);
-                let records: Vec<PutRecord> = lines
-                    .iter()
-                    .enumerate()
-                    .map(|(i, a)| {
-                        let h = a.key.unwrap_or_else(|| spread(base.wrapping_add(i as u32)));
-                        PutRecord {
-                            key: a.partition.to_string(),
-                            hash_key: Some(super::kinesis::spread_hash_key(h)),
-                            data: body.slice(a.range.clone()),
-                        }
-                    })
-                    .collect();
-                let puts = k.send_each(&records).await;
-                let mut ranges: std::collections::BTreeMap<String, SequenceRange> =
-                    Default::default();
-                for (put, a) in puts.into_iter().zip(&lines) {
-                    let Some(put) = report.stored(put, a.line) else {
-                        continue;
-                    };
-                    let r = ranges
-                        .entry(put.shard.clone())
-                        .or_insert_with(|| SequenceRange {
-                            shard: put.shard.clone(),
-                            first: put.sequence.clone(),
-                            last: put.sequence.clone(),
-                        });
-                    if seq_key(&put.sequence) < seq_key(&r.first) {
-                        r.first = put.sequence.clone();
-                    }
-                    if seq_key(&put.sequence) > seq_key(&r.last) {
-                        r.last = put.sequence;
-                    }
-                    report.accepted += 1;
-                }
-                report.sequences = ranges.into_values().collect();
-            }
-            Producer::Kafka(k) => {
-                let acks = k
-                    .send_each(
-                        lines
-                            .iter()
-                            .map(|a| (Some(a.partition), None, &body[a.range.clone()])),
-                    )
-                    .await;
-                // Per partition, the first and last offset of this body's events
-                // (another producer's records may lie between them).
-                let mut ranges: std::collections::BTreeMap<u32, OffsetRange> = Default::default();
-                for (ack, a) in acks.into_iter().zip(&lines) {
-                    let Some((p, o)) = report.stored(ack, a.line) else {
-                        continue;
-                    };
-                    let r = ranges.entry(p).or_insert(OffsetRange {
+        let records = lines
+            .iter()
+            .map(|a| Outgoing {
+                partition: Some(a.partition),
+                key: a.key,
+                data: body.slice(a.range.clone()),
+            })
+            .collect();
+        let puts = producer.send_each(records).await;
+        // Per partition (shard), the first and last position of this body's
+        // events (another producer's records may lie between them).
+        let mut offsets: std::collections::BTreeMap<u32, OffsetRange> = Default::default();
+        let mut sequences: std::collections::BTreeMap<String, SequenceRange> = Default::default();
+        for (put, a) in puts.into_iter().zip(&lines) {
+            let Some(put) = report.stored(put, a.line) else {
+                continue;
+            };
+            match put {
+                Placed::Offset {
+                    partition: p,
+                    offset: o,
+                } => {
+                    let r = offsets.entry(p).or_insert(OffsetRange {
                         partition: p,
                         first: o,
                         last: o,
                     });
                     r.first = r.first.min(o);
                     r.last = r.last.max(o);
-                    report.accepted += 1;
                 }
-                report.offsets = ranges.into_values().collect();
+                Placed::Sequence { shard, sequence } => {
+                    let r = sequences
+                        .entry(shard.clone())
+                        .or_insert_with(|| SequenceRange {
+                            shard,
+                            first: sequence.clone(),
+                            last: sequence.clone(),
+                        });
+                    if seq_key(&sequence) < seq_key(&r.first) {
+                        r.first = sequence.clone();
+                    }
+                    if seq_key(&sequence) > seq_key(&r.last) {
+                        r.last = sequence;
+                    }
+                }
             }
+            report.accepted += 1;
         }
+        report.offsets = offsets.into_values().collect();
+        report.sequences = sequences.into_values().collect();
         self.counters
             .accepted
             .fetch_add(report.accepted, Ordering::Relaxed);
@@ -746,36 +718,3 @@ impl Ingest {
     }
 }
 
-/// A 32-bit value spread uniformly from a counter (SplitMix64's finalizer):
-/// consecutive unkeyed events land far apart in the hash range.
-fn spread(n: u32) -> u32 {
-    let mut z = (n as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    (z ^ (z >> 31)) as u32
-}
-
-impl Producer {
-    /// The stream, for messages.
-    pub fn describe(&self) -> String {
-        match self {
-            Producer::Kafka(k) => format!("Kafka topic `{}`", k.topic()),
-            Producer::Kinesis(k) => format!("Kinesis stream `{}`", k.stream()),
-        }
-    }
-
-    /// The longest event the stream takes as one record, and whose limit.
-    pub fn max_record(&self) -> (usize, &'static str) {
-        match self {
-            Producer::Kafka(k) => (
-                k.max_record(),
-                "Kafka (the producer's message.max.bytes, less a record's framing)",
-            ),
-            // The partition key counts too (a few digits).
-            Producer::Kinesis(_) => (
-                super::kinesis::MAX_RECORD_BYTES - 16,
-                "Kinesis (1 MiB per record, its partition key included)",
-            ),
-        }
-    }
-}

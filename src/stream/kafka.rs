@@ -975,7 +975,7 @@ fn read_ahead_loop(source: Weak<KafkaSource>, p: u32) {
 
 impl From<KafkaError> for SourceError {
     fn from(e: KafkaError) -> Self {
-        SourceError::Kafka(Box::new(e))
+        SourceError::backend(e)
     }
 }
 
@@ -1153,9 +1153,71 @@ fn refused_for_good(e: &ClientError) -> bool {
     }
 }
 
+/// Opens a Kafka topic as the stream: its consumer as the source, and a
+/// producer for `POST /v1/events`.
+pub(super) async fn open(config: &KafkaConfig, cx: super::Context) -> Result<super::Opened, SourceError> {
+    let decoder = Decoder::new(cx.schema.clone(), super::Partitioning::RoundRobin);
+    let (k, dead) = (config.clone(), cx.dead.clone());
+    let source = tokio::task::spawn_blocking(move || KafkaSource::open(k, decoder, dead))
+        .await
+        .expect("the Kafka open task")?;
+    Ok(super::Opened {
+        source,
+        producer: Some(Arc::new(KafkaProducer::new(config)?)),
+    })
+}
+
+/// Kafka as a [`super::producer::Producer`]: each record to its partition
+/// (or the partitioner's choice), acknowledged by every in-sync replica.
+#[async_trait::async_trait]
+impl super::producer::Producer for KafkaProducer {
+    fn describe(&self) -> String {
+        format!("Kafka topic `{}`", self.topic)
+    }
+
+    fn max_record(&self) -> (usize, &'static str) {
+        (
+            self.max_record,
+            "Kafka (the producer's message.max.bytes, less a record's framing)",
+        )
+    }
+
+    async fn send_each(
+        &self,
+        records: Vec<super::producer::Outgoing>,
+    ) -> Vec<super::source::Delivery<super::producer::Placed>> {
+        use super::source::Delivery;
+        KafkaProducer::send_each(
+            self,
+            records.iter().map(|r| (r.partition, None, &r.data[..])),
+        )
+        .await
+        .into_iter()
+        .map(|d| match d {
+            Delivery::Stored((partition, offset)) => {
+                Delivery::Stored(super::producer::Placed::Offset { partition, offset })
+            }
+            Delivery::NotStored(why) => Delivery::NotStored(why),
+            Delivery::InDoubt(why) => Delivery::InDoubt(why),
+        })
+        .collect()
+    }
+
+    async fn check(&self) -> Result<(), SourceError> {
+        let checking = self.clone();
+        tokio::task::spawn_blocking(move || checking.check(CHECK_TIMEOUT))
+            .await
+            .map_err(|e| SourceError::backend(std::io::Error::other(e.to_string())))?
+            .map_err(SourceError::from)
+    }
+}
+
 /// The largest event a Kafka topic takes by default: librdkafka's
 /// `message.max.bytes` (1,000,000) less room for a record's framing; the
 /// user's `options` may set another.
+/// How long [`Producer::check`](super::producer::Producer::check) waits for the brokers.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub fn max_record_bytes(config: &KafkaConfig) -> usize {
     let limit = config
         .options

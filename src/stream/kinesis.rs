@@ -182,7 +182,7 @@ pub enum KinesisError {
 
 impl From<KinesisError> for SourceError {
     fn from(e: KinesisError) -> SourceError {
-        SourceError::Kinesis(Box::new(e))
+        SourceError::backend(e)
     }
 }
 
@@ -497,10 +497,10 @@ impl KinesisSource {
             .get(p as usize)
             .cloned()
             .ok_or_else(|| {
-                SourceError::Log(super::LogError::NoSuchPartition {
+                SourceError::NoSuchPartition {
                     partition: p,
                     partitions: self.partitions(),
-                })
+                }
             })
     }
 
@@ -886,6 +886,22 @@ impl Source for KinesisSource {
         format!("Kinesis stream `{}`", self.config.stream)
     }
 
+    fn stop(&self) {
+        KinesisSource::stop(self);
+    }
+
+    fn resumes_by_token(&self) -> bool {
+        true
+    }
+
+    fn resume(
+        self: Arc<Self>,
+        from: &Coverage,
+        tokens: &[Option<String>],
+    ) -> Result<(), SourceError> {
+        KinesisSource::resume(&self, from, tokens).map_err(SourceError::from)
+    }
+
     fn partitions(&self) -> u32 {
         self.shards.read().expect("kinesis shards").len() as u32
     }
@@ -1022,6 +1038,10 @@ pub fn spread_hash_key(h: u32) -> u128 {
 pub struct KinesisProducer {
     client: Client,
     stream: String,
+    /// Spreads unkeyed records of `POST /v1/events` over the hash range.
+    next: std::sync::atomic::AtomicU32,
+    /// The next partition key of records sent without a partition.
+    next_key: std::sync::atomic::AtomicU64,
     /// How long failed records are retried before they are reported.
     retry_for: Duration,
 }
@@ -1096,6 +1116,8 @@ impl KinesisProducer {
         KinesisProducer {
             client,
             stream: stream.into(),
+            next: std::sync::atomic::AtomicU32::new(0),
+            next_key: std::sync::atomic::AtomicU64::new(0),
             retry_for: Duration::from_secs(20),
         }
     }
@@ -1258,6 +1280,93 @@ impl KinesisProducer {
         }
     }
 }
+
+
+/// Opens a Kinesis stream as the stream: its shards (numbered by the
+/// registry under the storage root) as the source, and a producer for
+/// `POST /v1/events`.
+pub(super) async fn open(config: &KinesisConfig, cx: super::Context) -> Result<super::Opened, SourceError> {
+    let source = KinesisSource::open(
+        config.clone(),
+        cx.storage,
+        Decoder::new(cx.schema, super::Partitioning::RoundRobin),
+        cx.dead,
+        Some(cx.health),
+    )
+    .await?;
+    Ok(super::Opened {
+        source,
+        producer: Some(Arc::new(KinesisProducer::new(config).await)),
+    })
+}
+
+/// Kinesis as a [`Producer`]: a record with a partition is sent under it as
+/// its partition key, with an explicit hash key — its key's hash, or one
+/// spread over the whole hash range, so every shard takes its share
+/// whatever the shard layout; a record without one gets the next of a
+/// counter as its key (the paper's producer).
+#[async_trait::async_trait]
+impl super::producer::Producer for KinesisProducer {
+    fn describe(&self) -> String {
+        format!("Kinesis stream `{}`", self.stream)
+    }
+
+    fn max_record(&self) -> (usize, &'static str) {
+        // The partition key counts too (a few digits).
+        (
+            MAX_RECORD_BYTES - 16,
+            "Kinesis (1 MiB per record, its partition key included)",
+        )
+    }
+
+    async fn send_each(
+        &self,
+        records: Vec<super::producer::Outgoing>,
+    ) -> Vec<Delivery<super::producer::Placed>> {
+        use std::sync::atomic::Ordering;
+        let base = self.next.fetch_add(records.len() as u32, Ordering::Relaxed);
+        let records: Vec<PutRecord> = records
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| match r.partition {
+                Some(p) => PutRecord {
+                    key: p.to_string(),
+                    hash_key: Some(spread_hash_key(
+                        r.key.unwrap_or_else(|| spread(base.wrapping_add(i as u32))),
+                    )),
+                    data: r.data,
+                },
+                None => PutRecord {
+                    key: self.next_key.fetch_add(1, Ordering::Relaxed).to_string(),
+                    hash_key: None,
+                    data: r.data,
+                },
+            })
+            .collect();
+        KinesisProducer::send_each(self, &records)
+            .await
+            .into_iter()
+            .map(|d| match d {
+                Delivery::Stored(put) => Delivery::Stored(super::producer::Placed::Sequence {
+                    shard: put.shard,
+                    sequence: put.sequence,
+                }),
+                Delivery::NotStored(why) => Delivery::NotStored(why),
+                Delivery::InDoubt(why) => Delivery::InDoubt(why),
+            })
+            .collect()
+    }
+}
+
+/// A 32-bit value spread uniformly from a counter (SplitMix64's finalizer):
+/// consecutive unkeyed events land far apart in the hash range.
+fn spread(n: u32) -> u32 {
+    let mut z = (n as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) as u32
+}
+
 
 /// Whether a Kinesis error says that a sequence number is not of this
 /// stream (it was deleted and created again); if so, reports partition `p`

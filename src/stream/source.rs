@@ -23,6 +23,30 @@ use serde::Serialize;
 use super::deadletter::{DeadLetter, DeadLetters};
 use super::{Decoder, Log, LogError};
 
+impl SourceError {
+    /// A backend's error, as is.
+    pub fn backend(e: impl std::error::Error + Send + Sync + 'static) -> SourceError {
+        SourceError::Backend(Box::new(e))
+    }
+}
+
+impl From<LogError> for SourceError {
+    fn from(e: LogError) -> SourceError {
+        match e {
+            LogError::Corrupt {
+                partition,
+                first_offset,
+                ..
+            } => SourceError::Damaged {
+                partition,
+                offset: first_offset,
+                error: Box::new(e),
+            },
+            e => SourceError::backend(e),
+        }
+    }
+}
+
 /// Where each record of a [`SourceBatch`] sits in its partition.
 #[derive(Debug, Clone)]
 pub enum Positions {
@@ -251,14 +275,26 @@ pub fn decode_records<'a>(
     })
 }
 
+/// A stream's failure, as the layers see it: the backend's own error, or
+/// one of the few kinds a layer acts on. A backend converts its errors
+/// (`impl From<ItsError> for SourceError`), choosing the kind.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
+    /// What the backend reported (its own error, with its hint).
     #[error(transparent)]
-    Log(#[from] LogError),
-    #[error(transparent)]
-    Kafka(Box<super::kafka::KafkaError>),
-    #[error(transparent)]
-    Kinesis(Box<super::kinesis::KinesisError>),
+    Backend(Box<dyn std::error::Error + Send + Sync>),
+    /// Records of `partition` from `offset` on cannot be read: the stream
+    /// is damaged there (a torn or corrupt frame). What precedes `offset`
+    /// is readable, and the speed layer serves it.
+    #[error("{error}")]
+    Damaged {
+        partition: u32,
+        offset: u64,
+        #[source]
+        error: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("no partition {partition}: the stream has {partitions} partitions")]
+    NoSuchPartition { partition: u32, partitions: u32 },
     /// The stream ends inside a range that must be read whole (a chunk to
     /// archive or replay): asking again would spin.
     #[error("partition {partition} ends at {end}, inside the range [{start}, {until}) to read")]
@@ -327,6 +363,36 @@ pub trait Source: Send + Sync + 'static {
     /// need not keep those records for this node any more. (Committed is
     /// not enough: a view built meanwhile reads from its run's H on.)
     fn archived(&self, _p: u32, _end: u64) {}
+
+    /// Retention: the driver published a run whose master dataset holds
+    /// partition `p` below `end`. A stream whose retention is lambdaflow's
+    /// own (the embedded log) deletes what is below and returns the
+    /// partition's new start; a service that keeps its own retention
+    /// (Kafka, Kinesis) keeps its records: `None`.
+    fn release_below(&self, _p: u32, _end: u64) -> Result<Option<u64>, SourceError> {
+        Ok(None)
+    }
+
+    /// Stops reading for good (the stream is not the one the master dataset
+    /// was written from any more); reads then find nothing new.
+    fn stop(&self) {}
+
+    /// Whether, after a restart, the stream resumes at H only with the
+    /// resume tokens the master dataset's chunks keep ([`Source::resume`]).
+    fn resumes_by_token(&self) -> bool {
+        false
+    }
+
+    /// Starts reading each partition at `from[p]` (the published H), after
+    /// the record `tokens[p]` names (the resume token the chunk ending at H
+    /// keeps).
+    fn resume(
+        self: Arc<Self>,
+        _from: &crate::chunk::Coverage,
+        _tokens: &[Option<String>],
+    ) -> Result<(), SourceError> {
+        Ok(())
+    }
 
     /// What the stream calls partition `p` and how it is (a Kinesis shard:
     /// its id; open, closed or throttled).
@@ -404,6 +470,10 @@ impl Source for Log {
 
     fn keeps_unarchived(&self) -> bool {
         true
+    }
+
+    fn release_below(&self, p: u32, end: u64) -> Result<Option<u64>, SourceError> {
+        Ok(Some(self.delete_below(p, end)?))
     }
 
     fn end(&self, p: u32) -> Result<u64, SourceError> {

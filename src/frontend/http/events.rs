@@ -74,8 +74,7 @@ pub(super) async fn post_events(
                 | IngestError::Backlogged { .. }
                 | IngestError::NotStored { .. }
                 | IngestError::NotDriving(_)
-                | IngestError::Kafka(_)
-                | IngestError::Kinesis(_) => StatusCode::SERVICE_UNAVAILABLE,
+                | IngestError::Stream(_) => StatusCode::SERVICE_UNAVAILABLE,
                 IngestError::Log(LogError::NoSpace { .. })
                 | IngestError::DeadLetter(crate::stream::deadletter::DeadLetterError::NoSpace {
                     ..
