@@ -281,7 +281,6 @@ fn default_listen() -> SocketAddr {
     "127.0.0.1:8080".parse().expect("valid address")
 }
 
-
 /// Limits on `POST /v1/events`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -34,8 +34,8 @@ use crate::config::Config;
 use crate::health::Health;
 use crate::master::{MasterDataset, MasterError};
 use crate::storage::{Storage, StorageError};
-use crate::stream::kinesis::{KinesisConfig, KinesisError, Registry, ShardEntry};
 use crate::stream::Source;
+use crate::stream::kinesis::{KinesisConfig, KinesisError, Registry, ShardEntry};
 use crate::stream::log::{Log, LogError};
 
 /// Where the records live under the storage root.
@@ -584,7 +584,9 @@ pub fn watch(
                     stream: now.to_string(),
                     partition: p,
                     id: s.info(p).map(|i| i.id).unwrap_or_default(),
-                    detail: format!("it is {now} now, the master dataset was written from {recorded}"),
+                    detail: format!(
+                        "it is {now} now, the master dataset was written from {recorded}"
+                    ),
                 };
                 health.report_error(&format!("stream/p{p}"), &e);
             }

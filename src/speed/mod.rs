@@ -551,7 +551,9 @@ impl SpeedLayer {
             {
                 // Damage ahead: serve what precedes it; the next read stops at it
                 // again and reports it (never skipping past).
-                Err(SourceError::Damaged { offset, .. }) if offset > part.next && offset < until => {
+                Err(SourceError::Damaged { offset, .. })
+                    if offset > part.next && offset < until =>
+                {
                     self.source
                         .read(p as u32, part.next, offset, room as usize)
                         .await?

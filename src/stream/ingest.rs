@@ -14,8 +14,8 @@ use serde::Serialize;
 
 use super::deadletter::{DeadLetter, DeadLetterError, DeadLetters};
 use super::decode::{Accepted, Decoded, Decoder};
-use super::producer::{Outgoing, Placed, Producer};
 use super::log::{Log, LogError};
+use super::producer::{Outgoing, Placed, Producer};
 use super::source::Delivery;
 
 /// Bodies larger than this are decoded on the blocking pool, not a runtime worker.
@@ -717,4 +717,3 @@ impl Ingest {
         Ok(report)
     }
 }
-

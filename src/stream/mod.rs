@@ -3,21 +3,31 @@
 //!
 //! ```text
 //!  NDJSON body ─▶ decode ──accepted──▶ log (partition p, offset o, fsynced) ─▶ readers
-//!                   │
+//!                   │            └────▶ or a Producer (Kafka, Kinesis)
 //!                   └─rejected─▶ dead-letter store (line, field, reason, raw line)
+//!
+//!  stream::open(config) ─▶ Opened { source: dyn Source, producer: dyn Producer }
+//!                          one arm per backend folder: log/ · kafka/ · kinesis/
 //! ```
 //!
+//! The seams (backend-neutral; none names a backend):
+//! - [`source`]: [`Source`], what every consumer reads a stream through, and
+//!   [`SourceError`], a backend's error or one of the kinds the layers act
+//!   on (damage at an offset, a partition that does not exist).
+//! - [`producer`]: [`Producer`], what `POST /v1/events` and `lambdaflow
+//!   produce` write to an external stream through.
 //! - [`decode`]: NDJSON → typed Arrow columns, validated against the schema.
+//! - [`deadletter`]: every refused line with its reason.
+//! - [`ingest`]: decode, the dead-letter store and the embedded log's
+//!   append (or a producer), as `POST /v1/events` uses them.
+//!
+//! The backends, one folder each with its config, source, producer and
+//! tests; a new stream is a folder, an arm in [`open`], [`producer`] and
+//! [`partitions`], and a field of [`StreamConfig`]:
 //! - [`log`]: the embedded partitioned log: segments of CRC-checked frames,
 //!   group commit, crash recovery, reads from any offset, retention.
-//! - [`deadletter`]: every refused line with its reason.
-//! - [`ingest`]: the three together, as `POST /v1/events` uses them.
-//! - [`kafka`]: a Kafka topic as the stream (consumer and producer).
-//! - [`kinesis`]: a Kinesis stream as the stream (shard registry, pollers,
-//!   producer).
-//! - [`source`]: the seam every consumer reads a stream through (the
-//!   embedded log here; Kafka and Kinesis behind the same trait), and the
-//!   chunk range type the handoff is made of.
+//! - [`kafka`]: a Kafka topic.
+//! - [`kinesis`]: a Kinesis stream (shard registry, pollers, producer).
 
 pub(crate) mod cache;
 pub mod deadletter;
@@ -155,7 +165,10 @@ pub async fn producer(config: &StreamConfig) -> Result<Option<Arc<dyn Producer>>
 /// decides (a Kafka topic's; the shards a Kinesis registry holds, every
 /// shard it ever had); `None` for the embedded log, whose count is the
 /// config's.
-pub async fn partitions(config: &StreamConfig, storage: &Storage) -> Result<Option<u32>, SourceError> {
+pub async fn partitions(
+    config: &StreamConfig,
+    storage: &Storage,
+) -> Result<Option<u32>, SourceError> {
     if let Some(k) = &config.kafka {
         let k = k.clone();
         return tokio::task::spawn_blocking(move || kafka::partition_count(&k))
@@ -169,4 +182,3 @@ pub async fn partitions(config: &StreamConfig, storage: &Storage) -> Result<Opti
     }
     Ok(None)
 }
-

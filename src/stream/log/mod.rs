@@ -44,6 +44,8 @@ use arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 
+mod source;
+
 const FORMAT: u32 = 1;
 const FRAME_VERSION: u8 = 1;
 /// `len` and `crc`.

@@ -1,176 +1,29 @@
-//! Kafka as the stream: a topic's partitions are the partitions, Kafka
-//! offsets the positions, each record one event (a JSON object).
-//!
-//! ```text
-//!  topic partition p ──assign(p, offset)──▶ cursor (a librdkafka consumer, read_committed)
-//!                                              │ records buffered in order
-//!                                              ▼
-//!        read(p, [from, until)) ── decode each record ──▶ SourceBatch (listed offsets)
-//!                                              └─ refused ─▶ dead-letter store (partition, offset, reason)
-//! ```
-//!
-//! The checkpoint is lambdaflow's own (the master dataset's Delta txn and
-//! the published H), so nothing is committed to a consumer group: reads are
-//! `assign()`ed at the position a layer asks for. Offsets have gaps
-//! (transaction markers, aborted records under `read_committed`), and a
-//! record refused by validation is a gap too: it goes to the dead-letter
-//! store once and the partition goes on past it.
-//!
-//! Each partition keeps a few cursors (consumers assigned to it): the speed
-//! layer reads the head, the archiver re-reads closed chunks behind it, and a
-//! read continues the cursor that stopped where it starts, so neither makes
-//! the other seek.
-//!
-//! `auto.offset.reset = error`: a position below the earliest retained
-//! offset is never silently moved forward — events removed upstream before
-//! they were archived stop that partition with [`KafkaError::Lost`].
+//! The Kafka consumer as a [`Source`]: cursors per partition, read-ahead, the topic's partitions refreshed.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use super::*;
 
-use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError as ClientError, RDKafkaErrorCode};
-use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
-use serde::{Deserialize, Serialize};
-
-use super::cache::{Fetch, ReadAhead};
-use super::deadletter::DeadLetters;
-use super::decode::Decoder;
-use super::source::{RawRecord, Source, SourceBatch, SourceError, decode_records};
-
-/// `[stream] kafka = { brokers, topic, options }`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaConfig {
-    /// Bootstrap servers, `host:port[,host:port…]`.
-    pub brokers: String,
-    pub topic: String,
-    /// librdkafka client properties, passed through as they are: SASL and
-    /// TLS (`security.protocol`, `sasl.mechanism`, `sasl.username`,
-    /// `ssl.ca.location`, …), timeouts, fetch sizes.
-    #[serde(default)]
-    pub options: BTreeMap<String, String>,
-}
-
-impl KafkaConfig {
-    /// The client configuration every consumer, producer and admin client
-    /// of this topic starts from.
-    pub fn client(&self) -> ClientConfig {
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &self.brokers);
-        for (k, v) in &self.options {
-            c.set(k, v);
-        }
-        c
-    }
-
-    /// [`KafkaConfig::client`] with `defaults` for the properties the
-    /// user's `options` leave unset.
-    fn client_with(&self, defaults: &[(&str, &str)]) -> ClientConfig {
-        let mut c = self.client();
-        for (k, v) in defaults {
-            if !self.options.contains_key(*k) {
-                c.set(*k, *v);
-            }
-        }
-        c
-    }
-}
-
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum KafkaError {
-    #[error("cannot reach Kafka at {brokers}")]
-    Connect {
-        brokers: String,
-        #[source]
-        source: ClientError,
-    },
-    #[error("Kafka topic `{topic}` does not exist at {brokers}")]
-    NoTopic { topic: String, brokers: String },
-    /// Compaction keeps only the last record of a key: the master dataset
-    /// must hold every event, and offsets that vanish below H cannot be
-    /// told from events lost.
-    #[error(
-        "Kafka topic `{topic}` is compacted (cleanup.policy = {policy}); lambdaflow needs every event, so it consumes only `delete` topics"
-    )]
-    Compacted { topic: String, policy: String },
-    #[error("cannot read partition {partition} of Kafka topic `{topic}`")]
-    Read {
-        topic: String,
-        partition: u32,
-        #[source]
-        source: ClientError,
-    },
-    #[error(
-        "events of partition {partition} of Kafka topic `{topic}` from offset {from} to {start} were removed by the topic's retention before lambdaflow archived them; the partition is stopped at {from} (nothing is skipped silently)"
-    )]
-    Lost {
-        topic: String,
-        partition: u32,
-        from: u64,
-        start: u64,
-    },
-    /// The partition ends below what was consumed already: the topic was
-    /// deleted and created again, or the broker lost acknowledged records.
-    /// The partition stays stopped until the node restarts: its offsets no
-    /// longer name the records the master dataset holds under them.
-    #[error(
-        "partition {partition} of Kafka topic `{topic}` went back to end at offset {end}, below offset {from} that lambdaflow consumed already: the topic was deleted and created again, or the broker lost records; the partition is stopped at {from} so that none of its records is skipped or counted twice (to go on: consume the new topic into a new data directory, or restore the lost records and restart)"
-    )]
-    Behind {
-        topic: String,
-        partition: u32,
-        from: u64,
-        end: u64,
-    },
-    /// Refused records that the dead-letter store cannot take (a full disk):
-    /// the partition waits rather than skip them.
-    #[error(
-        "refused records of partition {partition} of Kafka topic `{topic}` cannot be kept in the dead-letter store ({detail}); the partition waits until they can"
-    )]
-    DeadLetters {
-        topic: String,
-        partition: u32,
-        detail: String,
-    },
-    #[error("cannot send to Kafka topic `{topic}`")]
-    Send {
-        topic: String,
-        #[source]
-        source: ClientError,
-    },
-}
-
-/// Records a cursor keeps ahead of the reads, at most.
-const READ_AHEAD: usize = 1 << 16;
+pub(super) const READ_AHEAD: usize = 1 << 16;
 /// Cursors per partition: the head, the archiver behind it, a replay.
-const CURSORS: usize = 3;
+pub(super) const CURSORS: usize = 3;
 /// A cursor this close behind a read's start continues instead of seeking.
-const SKIP_AHEAD: u64 = 4096;
+pub(super) const SKIP_AHEAD: u64 = 4096;
 /// How far before a read's start a new cursor is assigned. A broker must
 /// answer a fetch inside a record batch with that batch (the consumer skips
 /// its first records); tansu 0.6.0 answers with the *next* batch, which
 /// would silently skip the rest of the containing one. Starting up to a
 /// batch earlier (librdkafka's `batch.num.messages` is 10,000 by default)
 /// and dropping what precedes the start reads every record either way.
-const LOOKBACK: u64 = 10_000;
+pub(super) const LOOKBACK: u64 = 10_000;
 /// How long a read waits for records it knows are there (after a seek).
-const READ_WAIT: Duration = Duration::from_secs(5);
+pub(super) const READ_WAIT: Duration = Duration::from_secs(5);
 /// How long a read waits for a new cursor's first fetch.
-const FIRST_FETCH_WAIT: Duration = Duration::from_secs(2);
+pub(super) const FIRST_FETCH_WAIT: Duration = Duration::from_secs(2);
 /// Records the reader thread decodes at once, at most.
-const AHEAD_RECORDS: usize = 16_384;
+pub(super) const AHEAD_RECORDS: usize = 16_384;
 /// The reader thread waits while its partition's read-ahead holds this much.
-const MAX_AHEAD_BYTES: usize = 256 << 20;
+pub(super) const MAX_AHEAD_BYTES: usize = 256 << 20;
 /// How long metadata and watermark requests may take.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a read at `from` that finds nothing buffered waits for records,
 /// the partition's fetches having reached `fetched` (one past the highest
@@ -182,7 +35,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// last offsets are markers has one above its last record, and a read there
 /// must not wait for records that will never come — each would hold up the
 /// micro-batch of every other partition.
-fn read_wait(from: u64, fetched: u64, _high: u64, fresh: bool) -> Duration {
+pub(super) fn read_wait(from: u64, fetched: u64, _high: u64, fresh: bool) -> Duration {
     if from < fetched {
         READ_WAIT
     } else if fresh {
@@ -193,14 +46,14 @@ fn read_wait(from: u64, fetched: u64, _high: u64, fresh: bool) -> Duration {
 }
 
 /// What a [`KafkaSource::take`] got.
-enum Took {
+pub(super) enum Took {
     /// Records, and one past the last position read over.
     Records(Vec<Record>, u64),
     /// Nothing buffered; `fresh` if the cursor has not fetched yet.
     Nothing { fresh: bool },
 }
 
-struct Record {
+pub(super) struct Record {
     offset: u64,
     time_ms: i64,
     payload: Option<Box<[u8]>>,
@@ -209,7 +62,7 @@ struct Record {
 /// The context of a partition's consumers: librdkafka's errors are logged
 /// as rdkafka logs them, except the end of a partition (`enable.partition.eof`),
 /// which is news, not an error, and comes at every fetch that catches up.
-struct CursorContext;
+pub(super) struct CursorContext;
 
 impl rdkafka::ClientContext for CursorContext {
     fn error(&self, error: ClientError, reason: &str) {
@@ -222,7 +75,7 @@ impl rdkafka::ClientContext for CursorContext {
 impl rdkafka::consumer::ConsumerContext for CursorContext {}
 
 /// A consumer assigned to one partition, and the records it fetched ahead.
-struct Cursor {
+pub(super) struct Cursor {
     consumer: BaseConsumer<CursorContext>,
     /// One past the last record handed out (or the assigned offset).
     next: u64,
@@ -243,7 +96,7 @@ struct Cursor {
 }
 
 #[derive(Default)]
-struct Partition {
+pub(super) struct Partition {
     cursors: Mutex<Vec<Cursor>>,
     /// One past the highest offset fetched.
     seen: AtomicU64,
@@ -289,7 +142,7 @@ impl Partition {
 }
 
 /// How long a fetch failure stands without recurring.
-const FAILURE_STANDS: Duration = Duration::from_secs(2);
+pub(super) const FAILURE_STANDS: Duration = Duration::from_secs(2);
 
 /// A Kafka topic as a [`Source`].
 pub struct KafkaSource {
@@ -634,7 +487,7 @@ impl KafkaSource {
     }
 }
 
-fn consumer_config(config: &KafkaConfig) -> ClientConfig {
+pub(super) fn consumer_config(config: &KafkaConfig) -> ClientConfig {
     let group = format!("lambdaflow-{}", config.topic);
     let mut c = config.client_with(&[
         ("group.id", &group),
@@ -652,7 +505,10 @@ fn consumer_config(config: &KafkaConfig) -> ClientConfig {
     c
 }
 
-fn topic_partitions(meta: &BaseConsumer, config: &KafkaConfig) -> Result<u32, KafkaError> {
+pub(super) fn topic_partitions(
+    meta: &BaseConsumer,
+    config: &KafkaConfig,
+) -> Result<u32, KafkaError> {
     let md = meta
         .fetch_metadata(Some(&config.topic), REQUEST_TIMEOUT)
         .map_err(|source| KafkaError::Connect {
@@ -672,7 +528,7 @@ fn topic_partitions(meta: &BaseConsumer, config: &KafkaConfig) -> Result<u32, Ka
 
 /// Refuses a compacted topic. A broker that cannot describe topic configs
 /// is let through with a warning (some Kafka-protocol brokers lack it).
-fn check_not_compacted(config: &KafkaConfig) -> Result<(), KafkaError> {
+pub(super) fn check_not_compacted(config: &KafkaConfig) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> =
         config
             .client()
@@ -704,7 +560,7 @@ fn check_not_compacted(config: &KafkaConfig) -> Result<(), KafkaError> {
     }
 }
 
-fn refresh_loop(source: Weak<KafkaSource>) {
+pub(super) fn refresh_loop(source: Weak<KafkaSource>) {
     loop {
         std::thread::sleep(Duration::from_millis(500));
         match source.upgrade() {
@@ -906,7 +762,7 @@ impl KafkaSource {
 /// A partition's reader thread: takes what its cursor fetched from the
 /// read-ahead's head on, decodes it (off the speed layer's thread, one
 /// thread per partition) and appends it; waits while the read-ahead is full.
-fn read_ahead_loop(source: Weak<KafkaSource>, p: u32) {
+pub(super) fn read_ahead_loop(source: Weak<KafkaSource>, p: u32) {
     let mut idle = Duration::from_millis(1);
     loop {
         let Some(s) = source.upgrade() else { return };
@@ -971,292 +827,6 @@ fn read_ahead_loop(source: Weak<KafkaSource>, p: u32) {
             std::thread::sleep(wait);
         }
     }
-}
-
-impl From<KafkaError> for SourceError {
-    fn from(e: KafkaError) -> Self {
-        SourceError::backend(e)
-    }
-}
-
-/// Sends events to a topic: an idempotent producer with `acks=all`, so a
-/// send that returns is on every in-sync replica, once.
-#[derive(Clone)]
-pub struct KafkaProducer {
-    producer: FutureProducer,
-    brokers: String,
-    topic: String,
-    max_record: usize,
-}
-
-/// How long a record may take to be acknowledged, retries included, unless
-/// the user's `options` say otherwise (`message.timeout.ms`). librdkafka's
-/// default is 5 minutes: an HTTP request into a Kafka node whose broker is
-/// down held its ingest slot that long, and `produce` seemed to hang.
-const DELIVERY_TIMEOUT_MS: &str = "15000";
-/// How long one broker request may go unanswered (`socket.timeout.ms`,
-/// `request.timeout.ms`), unless the user's `options` say otherwise.
-const BROKER_REQUEST_TIMEOUT_MS: &str = "10000";
-
-impl KafkaProducer {
-    /// A producer of the topic. Sends fail within
-    /// [`DELIVERY_TIMEOUT_MS`] when the brokers cannot be reached (the
-    /// user's `options` may set other timeouts); [`KafkaProducer::check`]
-    /// says so at once.
-    pub fn new(config: &KafkaConfig) -> Result<KafkaProducer, KafkaError> {
-        let producer = config
-            .client_with(&[
-                ("acks", "all"),
-                ("enable.idempotence", "true"),
-                ("linger.ms", "5"),
-                ("queue.buffering.max.messages", "1000000"),
-                ("message.timeout.ms", DELIVERY_TIMEOUT_MS),
-                ("socket.timeout.ms", BROKER_REQUEST_TIMEOUT_MS),
-                ("request.timeout.ms", BROKER_REQUEST_TIMEOUT_MS),
-            ])
-            .create()
-            .map_err(|source| KafkaError::Connect {
-                brokers: config.brokers.clone(),
-                source,
-            })?;
-        Ok(KafkaProducer {
-            producer,
-            brokers: config.brokers.clone(),
-            topic: config.topic.clone(),
-            max_record: max_record_bytes(config),
-        })
-    }
-
-    pub fn topic(&self) -> &str {
-        &self.topic
-    }
-
-    /// The longest event this producer sends as one record.
-    pub fn max_record(&self) -> usize {
-        self.max_record
-    }
-
-    /// Asks the brokers for the topic's metadata, waiting at most
-    /// `timeout`: brokers that cannot be reached are a
-    /// [`KafkaError::Connect`] now rather than failed sends after the
-    /// delivery timeout. Blocking.
-    pub fn check(&self, timeout: Duration) -> Result<(), KafkaError> {
-        use rdkafka::producer::Producer;
-        self.producer
-            .client()
-            .fetch_metadata(Some(&self.topic), timeout)
-            .map(|_| ())
-            .map_err(|source| KafkaError::Connect {
-                brokers: self.brokers.clone(),
-                source,
-            })
-    }
-
-    /// Sends each record to its partition (`None`: the partitioner picks by
-    /// key, or spreads keyless records) and waits for every acknowledgement;
-    /// returns each record's (partition, offset), or the first failure (some
-    /// records may be stored then: [`KafkaProducer::send_each`] says which).
-    pub async fn send(
-        &self,
-        records: impl IntoIterator<Item = (Option<u32>, Option<&[u8]>, &[u8])>,
-    ) -> Result<Vec<(u32, u64)>, KafkaError> {
-        let mut out = Vec::new();
-        for r in self.send_raw(records).await {
-            out.push(r.map_err(|source| KafkaError::Send {
-                topic: self.topic.clone(),
-                source,
-            })?);
-        }
-        Ok(out)
-    }
-
-    /// [`KafkaProducer::send`], with what became of each record: stored
-    /// (partition, offset), refused by the broker (not stored), or in doubt
-    /// (timed out: it may be stored).
-    pub async fn send_each(
-        &self,
-        records: impl IntoIterator<Item = (Option<u32>, Option<&[u8]>, &[u8])>,
-    ) -> Vec<super::source::Delivery<(u32, u64)>> {
-        use super::source::Delivery;
-        self.send_raw(records)
-            .await
-            .into_iter()
-            .map(|r| match r {
-                Ok(at) => Delivery::Stored(at),
-                Err(e) => {
-                    let why = KafkaError::Send {
-                        topic: self.topic.clone(),
-                        source: e.clone(),
-                    };
-                    let why = crate::error::chain(&why);
-                    if refused_for_good(&e) {
-                        Delivery::NotStored(why)
-                    } else {
-                        Delivery::InDoubt(why)
-                    }
-                }
-            })
-            .collect()
-    }
-
-    async fn send_raw(
-        &self,
-        records: impl IntoIterator<Item = (Option<u32>, Option<&[u8]>, &[u8])>,
-    ) -> Vec<Result<(u32, u64), ClientError>> {
-        let mut pending = Vec::new();
-        for (partition, key, value) in records {
-            let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic).payload(value);
-            if let Some(k) = key {
-                record = record.key(k);
-            }
-            if let Some(p) = partition {
-                record = record.partition(p as i32);
-            }
-            pending.push(self.producer.send(record, Duration::from_secs(30)));
-        }
-        futures::future::join_all(pending)
-            .await
-            .into_iter()
-            .map(|r| {
-                r.map(|d| (d.partition as u32, d.offset as u64))
-                    .map_err(|(e, _)| e)
-            })
-            .collect()
-    }
-}
-
-/// Whether a failed send was refused by the broker or the client before
-/// it could be stored (so resending cannot count it twice); a timeout or a
-/// lost connection may have stored it.
-fn refused_for_good(e: &ClientError) -> bool {
-    use RDKafkaErrorCode as C;
-    match e {
-        ClientError::MessageProduction(code) => matches!(
-            code,
-            C::MessageSizeTooLarge
-                | C::InvalidMessageSize
-                | C::InvalidMessage
-                | C::InvalidRecord
-                | C::UnknownTopicOrPartition
-                | C::UnknownTopic
-                | C::UnknownPartition
-                | C::TopicAuthorizationFailed
-                | C::ClusterAuthorizationFailed
-                | C::InvalidRequiredAcks
-                | C::InvalidTopic
-                | C::UnsupportedForMessageFormat
-                | C::PolicyViolation
-                | C::QueueFull
-                | C::BadMessage
-        ),
-        _ => false,
-    }
-}
-
-/// Opens a Kafka topic as the stream: its consumer as the source, and a
-/// producer for `POST /v1/events`.
-pub(super) async fn open(config: &KafkaConfig, cx: super::Context) -> Result<super::Opened, SourceError> {
-    let decoder = Decoder::new(cx.schema.clone(), super::Partitioning::RoundRobin);
-    let (k, dead) = (config.clone(), cx.dead.clone());
-    let source = tokio::task::spawn_blocking(move || KafkaSource::open(k, decoder, dead))
-        .await
-        .expect("the Kafka open task")?;
-    Ok(super::Opened {
-        source,
-        producer: Some(Arc::new(KafkaProducer::new(config)?)),
-    })
-}
-
-/// Kafka as a [`super::producer::Producer`]: each record to its partition
-/// (or the partitioner's choice), acknowledged by every in-sync replica.
-#[async_trait::async_trait]
-impl super::producer::Producer for KafkaProducer {
-    fn describe(&self) -> String {
-        format!("Kafka topic `{}`", self.topic)
-    }
-
-    fn max_record(&self) -> (usize, &'static str) {
-        (
-            self.max_record,
-            "Kafka (the producer's message.max.bytes, less a record's framing)",
-        )
-    }
-
-    async fn send_each(
-        &self,
-        records: Vec<super::producer::Outgoing>,
-    ) -> Vec<super::source::Delivery<super::producer::Placed>> {
-        use super::source::Delivery;
-        KafkaProducer::send_each(
-            self,
-            records.iter().map(|r| (r.partition, None, &r.data[..])),
-        )
-        .await
-        .into_iter()
-        .map(|d| match d {
-            Delivery::Stored((partition, offset)) => {
-                Delivery::Stored(super::producer::Placed::Offset { partition, offset })
-            }
-            Delivery::NotStored(why) => Delivery::NotStored(why),
-            Delivery::InDoubt(why) => Delivery::InDoubt(why),
-        })
-        .collect()
-    }
-
-    async fn check(&self) -> Result<(), SourceError> {
-        let checking = self.clone();
-        tokio::task::spawn_blocking(move || checking.check(CHECK_TIMEOUT))
-            .await
-            .map_err(|e| SourceError::backend(std::io::Error::other(e.to_string())))?
-            .map_err(SourceError::from)
-    }
-}
-
-/// The largest event a Kafka topic takes by default: librdkafka's
-/// `message.max.bytes` (1,000,000) less room for a record's framing; the
-/// user's `options` may set another.
-/// How long [`Producer::check`](super::producer::Producer::check) waits for the brokers.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
-
-pub fn max_record_bytes(config: &KafkaConfig) -> usize {
-    let limit = config
-        .options
-        .get("message.max.bytes")
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(1_000_000);
-    limit.saturating_sub(512)
-}
-
-/// How many partitions the topic has (a metadata request).
-/// The earliest offset partition `p` of the topic still holds (its low
-/// watermark): below it, retention removed the records. Blocking.
-pub fn earliest_offset(config: &KafkaConfig, p: u32) -> Result<u64, KafkaError> {
-    let meta: BaseConsumer =
-        consumer_config(config)
-            .create()
-            .map_err(|source| KafkaError::Connect {
-                brokers: config.brokers.clone(),
-                source,
-            })?;
-    let (low, _) = meta
-        .fetch_watermarks(&config.topic, p as i32, REQUEST_TIMEOUT)
-        .map_err(|source| KafkaError::Read {
-            topic: config.topic.clone(),
-            partition: p,
-            source,
-        })?;
-    Ok(low.max(0) as u64)
-}
-
-pub fn partition_count(config: &KafkaConfig) -> Result<u32, KafkaError> {
-    let meta: BaseConsumer =
-        consumer_config(config)
-            .create()
-            .map_err(|source| KafkaError::Connect {
-                brokers: config.brokers.clone(),
-                source,
-            })?;
-    topic_partitions(&meta, config)
 }
 
 #[cfg(test)]
