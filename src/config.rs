@@ -40,6 +40,8 @@ pub enum ConfigError {
     },
 }
 
+crate::explained!(ConfigError);
+
 impl crate::error::Explain for ConfigError {
     fn hint(&self) -> Option<String> {
         match self {

@@ -10,6 +10,14 @@
 //!
 //! An error's `Display` says what happened and nothing else: not its source
 //! (that is `source()`, joined in by [`chain`]), not its hint ([`Explain`]).
+//!
+//! Details and hints are found, not forwarded: every type that explains
+//! itself registers its [`Explain`] impl with [`explained!`], and a
+//! [`Report`] walks the error's `source()` chain, taking the first detail,
+//! hint and SQLSTATE it finds, outermost first. A wrapper keeps its cause
+//! as a `#[source]` (not `#[error(transparent)]`, which would hide the cause
+//! from the walk), so no wrapper repeats its causes' hints and no front end
+//! keeps a list of types to look for.
 
 use std::error::Error;
 
@@ -31,6 +39,49 @@ pub trait Explain: Error {
     }
 }
 
+/// A registered [`Explain`] impl: how to find it on a `dyn Error`.
+pub struct Explainer(pub for<'a> fn(&'a (dyn Error + 'static)) -> Option<&'a dyn Explain>);
+
+inventory::collect!(Explainer);
+
+/// Registers a type's [`Explain`] impl, so that a [`Report`] of any error
+/// whose chain holds one finds its detail and hint.
+#[macro_export]
+macro_rules! explained {
+    ($t:ty) => {
+        const _: () = {
+            fn find<'a>(
+                e: &'a (dyn ::std::error::Error + 'static),
+            ) -> Option<&'a dyn $crate::error::Explain> {
+                e.downcast_ref::<$t>()
+                    .map(|x| x as &dyn $crate::error::Explain)
+            }
+            ::inventory::submit! { $crate::error::Explainer(find) }
+        };
+    };
+}
+
+/// The [`Explain`] impl of `e` itself, if its type registered one.
+pub fn explain_of<'a>(e: &'a (dyn Error + 'static)) -> Option<&'a dyn Explain> {
+    for x in inventory::iter::<Explainer> {
+        let find: for<'b> fn(&'b (dyn Error + 'static)) -> Option<&'b dyn Explain> = x.0;
+        if let Some(found) = find(e) {
+            return Some(found);
+        }
+    }
+    None
+}
+
+/// `e` and its causes, outermost first.
+fn causes<'a>(e: &'a (dyn Error + 'static)) -> impl Iterator<Item = &'a (dyn Error + 'static)> {
+    let mut next = Some(e);
+    std::iter::from_fn(move || {
+        let c = next?;
+        next = c.source();
+        Some(c)
+    })
+}
+
 /// One error, ready to render.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
@@ -42,13 +93,18 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn of(e: &(impl Explain + ?Sized)) -> Report {
-        Report {
-            message: chain(e),
-            detail: e.detail(),
-            hint: e.hint(),
-            sqlstate: e.sqlstate(),
+    /// The report of `e`: its message and causes, and the first detail,
+    /// hint and SQLSTATE its chain gives.
+    pub fn of(e: &(dyn Error + 'static)) -> Report {
+        let mut r = Report::new(chain(e));
+        for x in causes(e).filter_map(explain_of) {
+            r.detail = r.detail.or_else(|| x.detail());
+            r.hint = r.hint.or_else(|| x.hint());
+            if r.sqlstate == "XX000" {
+                r.sqlstate = x.sqlstate();
+            }
         }
+        r
     }
 
     /// A report of a message alone.
@@ -117,6 +173,30 @@ mod tests {
         fn hint(&self) -> Option<String> {
             Some("check the permissions of the data directory".into())
         }
+    }
+    crate::explained!(Outer);
+
+    #[derive(Debug, thiserror::Error)]
+    enum Wrapper {
+        #[error("{0}")]
+        Outer(#[from] Outer),
+    }
+
+    #[test]
+    fn a_hint_is_found_anywhere_in_the_chain() {
+        let e = Wrapper::from(Outer {
+            source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, "denied"),
+        });
+        let r = Report::of(&e);
+        assert_eq!(
+            r.message, "could not open the log: denied",
+            "a wrapper that displays its cause is not repeated"
+        );
+        assert_eq!(
+            r.hint.as_deref(),
+            Some("check the permissions of the data directory"),
+            "the wrapper has no hint of its own; the cause's is found without forwarding"
+        );
     }
 
     #[test]

@@ -52,7 +52,7 @@ pub enum ProduceError {
     Setup(String),
     #[error("could not set up the HTTP client")]
     Client(#[source] reqwest::Error),
-    #[error(transparent)]
+    #[error("{0}")]
     Stream(#[from] crate::stream::SourceError),
 }
 

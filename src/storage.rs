@@ -51,6 +51,8 @@ pub enum StorageError {
     },
 }
 
+crate::explained!(StorageError);
+
 impl crate::error::Explain for StorageError {
     fn hint(&self) -> Option<String> {
         match self {

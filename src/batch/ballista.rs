@@ -73,7 +73,9 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(config: &BatchConfig) -> Result<Cluster, EngineError> {
-        let url = config.scheduler_url().map_err(EngineError::Config)?;
+        let url = config
+            .scheduler_url()
+            .map_err(|e| EngineError::Config(e.into()))?;
         Ok(Cluster {
             scheduler: config.scheduler.clone().unwrap_or_default(),
             url,
@@ -542,8 +544,12 @@ pub async fn run_executor(args: ExecutorArgs) -> Result<(), EngineError> {
         scheduler: Some(args.scheduler.clone()),
         ..BatchConfig::default()
     };
-    let url = url::Url::parse(&batch.scheduler_url().map_err(EngineError::Config)?)
-        .map_err(|e| EngineError::Config(e.to_string()))?;
+    let url = url::Url::parse(
+        &batch
+            .scheduler_url()
+            .map_err(|e| EngineError::Config(e.into()))?,
+    )
+    .map_err(|e| EngineError::Config(e.into()))?;
     let config = ExecutorProcessConfig {
         bind_host: args.bind.ip().to_string(),
         external_host: Some(

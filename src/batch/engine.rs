@@ -46,11 +46,13 @@ pub enum EngineError {
     },
     #[error("view `{view}` cannot run on a stock Ballista cluster")]
     Refused { view: String, detail: String },
-    #[error("invalid Ballista setting: {0}")]
-    Config(String),
+    #[error("invalid Ballista setting")]
+    Config(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("could not start the Ballista {role}")]
     Start { role: &'static str, detail: String },
 }
+
+crate::explained!(EngineError);
 
 impl crate::error::Explain for EngineError {
     fn detail(&self) -> Option<String> {

@@ -49,13 +49,13 @@ pub const CURRENT: &str = "views/CURRENT";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
-    #[error(transparent)]
+    #[error("{0}")]
     Master(#[from] MasterError),
-    #[error(transparent)]
+    #[error("{0}")]
     Storage(#[from] StorageError),
-    #[error(transparent)]
+    #[error("{0}")]
     View(#[from] ViewError),
-    #[error(transparent)]
+    #[error("{0}")]
     Engine(#[from] EngineError),
     #[error("batch view file {path} is corrupt: {detail}")]
     Corrupt { path: String, detail: String },
@@ -63,8 +63,8 @@ pub enum BatchError {
     NoSuchView { name: String, known: String },
     #[error("the published manifest {path} is unreadable: {detail}")]
     BadManifest { path: String, detail: String },
-    #[error("a batch task failed: {0}")]
-    Task(String),
+    #[error("a batch task failed")]
+    Task(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("run {run} was not published: {reason}; its files are discarded")]
     LostRace { run: u64, reason: &'static str },
     /// `CURRENT` was being replaced when the store failed, and could not
@@ -95,21 +95,11 @@ fn added_at(added: &Option<u64>) -> String {
     added.map_or_else(String::new, |a| format!(" (it was added at run {a})"))
 }
 
-impl crate::error::Explain for BatchError {
-    fn detail(&self) -> Option<String> {
-        match self {
-            BatchError::Engine(e) => e.detail(),
-            BatchError::Master(e) => e.detail(),
-            _ => None,
-        }
-    }
+crate::explained!(BatchError);
 
+impl crate::error::Explain for BatchError {
     fn hint(&self) -> Option<String> {
         match self {
-            BatchError::Engine(e) => e.hint(),
-            BatchError::Master(e) => e.hint(),
-            BatchError::View(e) => e.hint(),
-            BatchError::Storage(e) => e.hint(),
             BatchError::NoSuchRun { kept, .. } => Some(format!(
                 "{kept}; `[batch] keep_runs` and `keep_for` say how many and how long"
             )),
@@ -927,7 +917,7 @@ impl BatchLayer {
             let tsv = tokio::task::spawn_blocking(move || to_tsv(v.output_schema(), &r));
             let (v, s) = (view.clone(), states.clone());
             let parquet = tokio::task::spawn_blocking(move || v.states_to_parquet(&s));
-            let task = |e: tokio::task::JoinError| BatchError::Task(e.to_string());
+            let task = |e: tokio::task::JoinError| BatchError::Task(e.into());
             let (tsv, parquet) = tokio::join!(tsv, parquet);
             (tsv.map_err(task)?, parquet.map_err(task)??)
         };
@@ -1089,7 +1079,7 @@ impl BatchLayer {
         let mut parts = Vec::with_capacity(k);
         let mut failed = Vec::new();
         for t in tasks {
-            let (states, rows) = t.await.map_err(|e| BatchError::Task(e.to_string()))??;
+            let (states, rows) = t.await.map_err(|e| BatchError::Task(e.into()))??;
             parts.push(states);
             failed.extend(rows);
         }
@@ -1150,7 +1140,7 @@ async fn states_file_by_file(
             read.iter()
                 .map(|b| b.project(&(0..n).collect::<Vec<_>>()))
                 .collect::<Result<_, _>>()
-                .map_err(|e| ViewError::Internal(e.to_string()))?
+                .map_err(|e| ViewError::Internal(e.into()))?
         };
         let (states, bad) = view.states_excluding(batches).await?;
         failed.extend(bad.into_iter().map(|x| {

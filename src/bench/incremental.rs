@@ -173,7 +173,10 @@ fn live_view(exe: &Path, config: &Path, total: u64) -> anyhow::Result<()> {
     );
     match steady {
         Some(Ok(line)) => println!("{line}"),
-        Some(Err(e)) => println!("the batch loop's incremental run was not measured: {e:#}"),
+        Some(Err(e)) => println!(
+            "the batch loop's incremental run was not measured: {}",
+            crate::error::chain(AsRef::<dyn std::error::Error + Send + Sync>::as_ref(&e))
+        ),
         None => {}
     }
     Ok(())

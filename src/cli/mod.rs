@@ -365,46 +365,15 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            // `{:#}` prints the whole chain: what failed, then why.
-            eprintln!("error: {e:#}");
-            if let Some(x) = explained(&e) {
-                if let Some(d) = x.detail() {
-                    eprintln!("detail: {d}");
-                }
-                if let Some(h) = x.hint() {
-                    eprintln!("hint: {h}");
-                }
-            }
+            // What failed, then why (each cause once), then the first
+            // detail and hint the chain gives.
+            eprintln!(
+                "error: {}",
+                crate::error::Report::of(AsRef::<dyn std::error::Error + Send + Sync>::as_ref(&e))
+            );
             ExitCode::FAILURE
         }
     }
-}
-
-/// The first error in `e`'s chain that has a detail or hint to give.
-fn explained(e: &anyhow::Error) -> Option<&dyn crate::error::Explain> {
-    macro_rules! first_of {
-        ($cause:expr, $($t:ty),*) => {
-            $(if let Some(x) = $cause.downcast_ref::<$t>() {
-                return Some(x);
-            })*
-        };
-    }
-    for cause in e.chain() {
-        first_of!(
-            cause,
-            crate::frontend::serve::ServeError,
-            crate::node::NodeError,
-            crate::batch::EngineError,
-            crate::config::ConfigError,
-            crate::storage::StorageError,
-            crate::master::MasterError,
-            crate::view::ViewError,
-            crate::serving::query::QueryError,
-            crate::stream::ingest::IngestError,
-            crate::cluster::identity::IdentityError
-        );
-    }
-    None
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -413,8 +382,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_tracing("info");
             let config = args.config.load()?;
             let again = args.config.clone();
-            let reload: crate::frontend::serve::Reload =
-                Box::new(move || again.load().map_err(|e| format!("{e:#}")));
+            let reload: crate::frontend::serve::Reload = Box::new(move || {
+                again.load().map_err(|e| {
+                    crate::error::chain(AsRef::<dyn std::error::Error + Send + Sync>::as_ref(&e))
+                })
+            });
             runtime()?.block_on(crate::frontend::serve::run_reloading(config, Some(reload)))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -31,11 +31,11 @@ use crate::stream::{LogError, Source, SourceError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
-    #[error(transparent)]
+    #[error("{0}")]
     Batch(#[from] BatchError),
-    #[error(transparent)]
+    #[error("{0}")]
     Log(#[from] LogError),
-    #[error(transparent)]
+    #[error("{0}")]
     Source(#[from] SourceError),
     #[error("could not take the batch lock {}", path.display())]
     Lock {

@@ -202,15 +202,17 @@ pub enum IdentityError {
     },
     #[error("cannot describe Kinesis stream `{stream}`: {detail}")]
     Describe { stream: String, detail: String },
-    #[error(transparent)]
+    #[error("{0}")]
     Storage(#[from] StorageError),
-    #[error(transparent)]
+    #[error("{0}")]
     Master(#[from] MasterError),
-    #[error(transparent)]
+    #[error("{0}")]
     Kinesis(#[from] KinesisError),
-    #[error(transparent)]
+    #[error("{0}")]
     Log(#[from] LogError),
 }
+
+crate::explained!(IdentityError);
 
 impl crate::error::Explain for IdentityError {
     fn hint(&self) -> Option<String> {

@@ -69,14 +69,14 @@ pub const LEASE: &str = "driver/lease.json";
 /// Why this node could not read or renew the lease.
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
-    #[error(transparent)]
+    #[error("{0}")]
     Storage(#[from] StorageError),
     #[error(
         "the driver lease {path} was not read and renewed within {} (a third of the lease): the store is slow to answer or keeps failing",
         humantime::format_duration(*waited)
     )]
     Unanswered { path: String, waited: Duration },
-    #[error(transparent)]
+    #[error("{0}")]
     Master(#[from] crate::master::MasterError),
 }
 

@@ -103,6 +103,8 @@ pub enum Denied {
     Scope(Scope),
 }
 
+crate::explained!(Denied);
+
 impl Explain for Denied {
     fn hint(&self) -> Option<String> {
         Some(match self {

@@ -25,9 +25,9 @@ const MAX_IN_FLIGHT: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error(transparent)]
+    #[error("{0}")]
     Config(#[from] ConfigError),
-    #[error(transparent)]
+    #[error("{0}")]
     Node(#[from] NodeError),
     #[error("could not listen on {addr}")]
     Bind {
@@ -41,17 +41,17 @@ pub enum ServeError {
         "refusing to listen on {addr}: it is not a loopback address, and no access tokens are configured"
     )]
     NotLoopback { addr: SocketAddr },
-    #[error(transparent)]
+    #[error("{0}")]
     Tls(#[from] TlsError),
     #[error("the HTTP server failed")]
     Http(#[source] std::io::Error),
 }
 
+crate::explained!(ServeError);
+
 impl crate::error::Explain for ServeError {
     fn hint(&self) -> Option<String> {
         match self {
-            ServeError::Config(e) => e.hint(),
-            ServeError::Node(e) => e.hint(),
             ServeError::Bind { set_by, .. } => Some(format!(
                 "is another server using that port? pick another with {set_by}"
             )),
@@ -59,8 +59,7 @@ impl crate::error::Explain for ServeError {
                 "add [auth] tokens with scopes \"ingest\" and \"query\", or listen on 127.0.0.1"
                     .into(),
             ),
-            ServeError::Tls(e) => e.hint(),
-            ServeError::Http(_) => None,
+            _ => None,
         }
     }
 }
@@ -73,6 +72,8 @@ pub struct TlsError {
     path: PathBuf,
     detail: String,
 }
+
+crate::explained!(TlsError);
 
 impl crate::error::Explain for TlsError {
     fn hint(&self) -> Option<String> {

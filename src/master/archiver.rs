@@ -22,9 +22,9 @@ use crate::stream::source::{Source, SourceError, read_exact};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
-    #[error(transparent)]
+    #[error("{0}")]
     Source(#[from] SourceError),
-    #[error(transparent)]
+    #[error("{0}")]
     Master(#[from] MasterError),
 }
 

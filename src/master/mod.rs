@@ -59,10 +59,10 @@ pub enum MasterError {
         #[source]
         source: deltalake::DeltaTableError,
     },
-    #[error(transparent)]
+    #[error("{0}")]
     Storage(#[from] StorageError),
-    #[error("master dataset: could not encode a chunk as Parquet: {0}")]
-    Encode(String),
+    #[error("master dataset: could not encode a chunk as Parquet")]
+    Encode(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the schema cannot {change} field `{field}` of the master dataset")]
     SchemaRefused {
         field: String,
@@ -138,6 +138,8 @@ pub enum MasterError {
     },
 }
 
+crate::explained!(MasterError);
+
 impl crate::error::Explain for MasterError {
     fn detail(&self) -> Option<String> {
         match self {
@@ -154,7 +156,6 @@ impl crate::error::Explain for MasterError {
 
     fn hint(&self) -> Option<String> {
         Some(match self {
-            MasterError::Storage(e) => return e.hint(),
             MasterError::SchemaRefused { hint, .. } => hint.clone(),
             MasterError::PartitionMismatch { .. } => "the partition count of an existing data directory cannot change; set stream.partitions to what it was, or use a new data directory".into(),
             MasterError::Corrupt { .. } => "lambdaflow rewrites it from the log while the log still holds those offsets; otherwise restore the file from a backup. The published views stay as they are meanwhile".into(),
@@ -672,7 +673,7 @@ impl MasterDataset {
             };
             let bytes = self.storage.read_at(&file.location).await?;
             let reader = datafusion::parquet::file::reader::SerializedFileReader::new(bytes)
-                .map_err(|e| MasterError::Encode(format!("{}: {e}", file.location)))?;
+                .map_err(|e| MasterError::Encode(format!("{}: {e}", file.location).into()))?;
             use datafusion::parquet::file::reader::FileReader;
             let token = reader
                 .metadata()
@@ -789,7 +790,7 @@ impl MasterDataset {
                 };
                 let rows = tokio::task::spawn_blocking(move || read_rows(bytes))
                     .await
-                    .map_err(|e| MasterError::Encode(e.to_string()))?;
+                    .map_err(|e| MasterError::Encode(e.into()))?;
                 if let Some(r) = &rows {
                     let json = serde_json::to_vec(r).expect("rows serialize");
                     self.storage.put(&kept, json.into()).await?;
@@ -1062,7 +1063,7 @@ impl MasterDataset {
         let encoded =
             tokio::task::spawn_blocking(move || encode_chunk(&file_schema, p, &batches, token))
                 .await
-                .map_err(|e| MasterError::Encode(e.to_string()))??;
+                .map_err(|e| MasterError::Encode(e.into()))??;
         if crc32c::crc32c(&encoded) != *expected {
             return Ok(Repair::Cannot);
         }
@@ -1282,7 +1283,7 @@ impl MasterDataset {
             encode_chunk(&file_schema, partition, &batches, resume)
         })
         .await
-        .map_err(|e| MasterError::Encode(e.to_string()))??;
+        .map_err(|e| MasterError::Encode(e.into()))??;
         let name = chunk_name(partition, start, end, crc32c::crc32c(&encoded));
         let size = encoded.len() as i64;
         self.storage
@@ -1560,7 +1561,7 @@ fn encode_chunk(
     batches: &[SourceBatch],
     resume: Option<String>,
 ) -> Result<Vec<u8>, MasterError> {
-    let enc = |e: String| MasterError::Encode(e);
+    let enc = |e: String| MasterError::Encode(e.into());
     let delta_cols = [OFFSET_COLUMN, INGEST_TIME_COLUMN];
     let mut props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)

@@ -518,7 +518,7 @@ pub(crate) fn freshness(snap: &Snapshot) -> Freshness {
 pub enum ServingError {
     #[error("no view named `{name}`; the views are: {known}")]
     NoSuchView { name: String, known: String },
-    #[error(transparent)]
+    #[error("{0}")]
     View(#[from] ViewError),
     #[error("view `{view}` cannot be served right now: {detail}")]
     Inconsistent { view: String, detail: String },
@@ -531,10 +531,11 @@ pub enum ServingError {
     },
 }
 
+crate::explained!(ServingError);
+
 impl crate::error::Explain for ServingError {
     fn hint(&self) -> Option<String> {
         match self {
-            ServingError::View(v) => v.hint(),
             ServingError::BadFilter { ty, .. } => Some(format!(
                 "a filter compares values as the column's type ({ty}); write the value as SQL would cast it"
             )),
@@ -546,10 +547,9 @@ impl crate::error::Explain for ServingError {
         match self {
             // undefined_table
             ServingError::NoSuchView { .. } => "42P01",
-            ServingError::View(v) => v.sqlstate(),
-            ServingError::Inconsistent { .. } => "XX000",
             // invalid_text_representation
             ServingError::BadFilter { .. } => "22P02",
+            _ => "XX000",
         }
     }
 }

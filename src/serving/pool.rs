@@ -61,6 +61,8 @@ pub enum PoolError {
     Panicked(String),
 }
 
+crate::explained!(PoolError);
+
 impl crate::error::Explain for PoolError {
     fn hint(&self) -> Option<String> {
         match self {

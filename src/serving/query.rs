@@ -84,13 +84,15 @@ pub enum QueryError {
         limit: bytesize::ByteSize,
         detail: String,
     },
-    #[error(transparent)]
+    #[error("{0}")]
     Guard(#[from] crate::view::guard::GuardError),
-    #[error(transparent)]
+    #[error("{0}")]
     Pool(#[from] PoolError),
-    #[error(transparent)]
+    #[error("{0}")]
     Serving(#[from] ServingError),
 }
+
+crate::explained!(QueryError);
 
 impl crate::error::Explain for QueryError {
     fn hint(&self) -> Option<String> {
@@ -101,10 +103,7 @@ impl crate::error::Explain for QueryError {
             QueryError::Memory { .. } => {
                 Some("filter or aggregate more, or select fewer columns".into())
             }
-            QueryError::Guard(g) => g.hint(),
-            QueryError::Pool(p) => p.hint(),
-            QueryError::Serving(s) => s.hint(),
-            QueryError::Sql { .. } => None,
+            _ => None,
         }
     }
 
@@ -115,9 +114,8 @@ impl crate::error::Explain for QueryError {
             QueryError::Sql { sqlstate, .. } => sqlstate,
             // out_of_memory
             QueryError::Memory { .. } => "53200",
-            QueryError::Guard(g) => g.sqlstate(),
-            QueryError::Pool(p) => p.sqlstate(),
-            QueryError::Serving(s) => s.sqlstate(),
+            // The cause's (found in the chain).
+            _ => "XX000",
         }
     }
 }

@@ -48,9 +48,9 @@ const COMPACT_AT: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpeedError {
-    #[error(transparent)]
+    #[error("{0}")]
     Source(#[from] SourceError),
-    #[error(transparent)]
+    #[error("{0}")]
     View(#[from] ViewError),
 }
 
@@ -683,7 +683,7 @@ impl SpeedLayer {
             take.iter()
                 .map(|b| crate::view::input::with_positions(&b.batch, p, &b.position_column()))
                 .collect::<Result<_, _>>()
-                .map_err(|e| SpeedError::View(ViewError::Internal(e.to_string())))?
+                .map_err(|e| SpeedError::View(ViewError::Internal(e.into())))?
         } else {
             Vec::new()
         };
@@ -725,7 +725,7 @@ impl SpeedLayer {
             take.iter()
                 .map(|b| crate::view::input::with_positions(&b.batch, p, &b.position_column()))
                 .collect::<Result<_, _>>()
-                .map_err(|e| SpeedError::View(ViewError::Internal(e.to_string())))?
+                .map_err(|e| SpeedError::View(ViewError::Internal(e.into())))?
         } else {
             take.iter().map(|b| b.batch.clone()).collect()
         };

@@ -266,9 +266,9 @@ pub struct LineError {
 pub enum IngestError {
     #[error("the request body is empty")]
     EmptyBody,
-    #[error(transparent)]
+    #[error("{0}")]
     Log(#[from] LogError),
-    #[error(transparent)]
+    #[error("{0}")]
     DeadLetter(#[from] DeadLetterError),
     #[error(
         "the realtime window is full: {events} events are not in a published batch view yet (limit {max_events}) and their realtime states take {memory} (limit {max_memory})"
@@ -282,7 +282,7 @@ pub enum IngestError {
     #[error("decoding was interrupted: {0}")]
     Internal(String),
     /// The external stream failed.
-    #[error(transparent)]
+    #[error("{0}")]
     Stream(#[from] super::SourceError),
     /// The external stream confirmed none of the body's valid lines (it
     /// refused them, or did not answer: `in_doubt` in the report).
@@ -302,6 +302,8 @@ pub enum IngestError {
     )]
     External { stream: String },
 }
+
+crate::explained!(IngestError);
 
 impl crate::error::Explain for IngestError {
     fn hint(&self) -> Option<String> {

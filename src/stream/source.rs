@@ -264,8 +264,8 @@ pub fn decode_records<'a>(
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     /// What the backend reported (its own error, with its hint).
-    #[error(transparent)]
-    Backend(Box<dyn std::error::Error + Send + Sync>),
+    #[error("{0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// Records of `partition` from `offset` on cannot be read: the stream
     /// is damaged there (a torn or corrupt frame). What precedes `offset`
     /// is readable, and the speed layer serves it.

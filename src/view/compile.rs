@@ -63,7 +63,7 @@ fn session_over(schema: SchemaRef) -> Result<SessionContext, ViewError> {
     // states do not merge (a value seen in two layers would count twice).
     ctx.remove_optimizer_rule("single_distinct_aggregation_to_group_by");
     ctx.register_table("events", Arc::new(EventsTable::new(schema)))
-        .map_err(|e| ViewError::Internal(e.to_string()))?;
+        .map_err(|e| ViewError::Internal(e.into()))?;
     Ok(ctx)
 }
 
@@ -353,7 +353,7 @@ fn check_logical(view: &str, plan: &LogicalPlan) -> Result<(), ViewError> {
             None => Ok(TreeNodeRecursion::Continue),
         }
     })
-    .map_err(|e| ViewError::Internal(e.to_string()))?;
+    .map_err(|e| ViewError::Internal(e.into()))?;
     match err {
         Some(e) => Err(e),
         None => Ok(()),
@@ -487,7 +487,7 @@ fn replace_node(
             }
         })
         .map(|t| t.data)
-        .map_err(|e| ViewError::Internal(e.to_string()))
+        .map_err(|e| ViewError::Internal(e.into()))
 }
 
 /// A view's plan cut at its state boundary.
@@ -551,7 +551,7 @@ fn split_aggregate(
     let aggr = first.aggr_expr().to_vec();
     let group_by = first.group_expr().clone();
     let none = vec![None; aggr.len()];
-    let df = |e: datafusion::error::DataFusionError| ViewError::Internal(e.to_string());
+    let df = |e: datafusion::error::DataFusionError| ViewError::Internal(e.into());
 
     let partial = Arc::new(
         AggregateExec::try_new(
@@ -593,11 +593,14 @@ fn split_aggregate(
         .map_err(df)?,
     );
     if final_agg.schema().fields().len() != top_node.schema().fields().len() {
-        return Err(ViewError::Internal(format!(
-            "view `{view}`: the rebuilt final aggregation has {} columns, the planned one {}",
-            final_agg.schema().fields().len(),
-            top_node.schema().fields().len()
-        )));
+        return Err(ViewError::Internal(
+            format!(
+                "view `{view}`: the rebuilt final aggregation has {} columns, the planned one {}",
+                final_agg.schema().fields().len(),
+                top_node.schema().fields().len()
+            )
+            .into(),
+        ));
     }
     let final_plan = replace_node(physical, top_node, final_agg)?;
     Ok(Split {
@@ -626,8 +629,7 @@ fn split_union(view: &str, physical: &Arc<dyn ExecutionPlan>) -> Result<Split, V
     }
     let states_schema: SchemaRef = boundary.schema();
     let leaf: Arc<dyn ExecutionPlan> = Arc::new(
-        InputExec::placeholder(states_schema, None)
-            .map_err(|e| ViewError::Internal(e.to_string()))?,
+        InputExec::placeholder(states_schema, None).map_err(|e| ViewError::Internal(e.into()))?,
     );
     let final_plan = replace_node(physical, &boundary, leaf)?;
     let _ = view;

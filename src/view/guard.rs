@@ -58,6 +58,8 @@ pub enum GuardError {
     Syntax { detail: String },
 }
 
+crate::explained!(GuardError);
+
 impl crate::error::Explain for GuardError {
     fn hint(&self) -> Option<String> {
         match self {

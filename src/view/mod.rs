@@ -101,9 +101,11 @@ pub enum ViewError {
         reason: String,
         hint: String,
     },
-    #[error("internal error in the view layer: {0}")]
-    Internal(String),
+    #[error("internal error in the view layer")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
+
+crate::explained!(ViewError);
 
 impl crate::error::Explain for ViewError {
     fn hint(&self) -> Option<String> {

@@ -124,6 +124,8 @@ pub enum ConnError {
     PreparedBudget { limit: bytesize::ByteSize },
 }
 
+crate::explained!(ConnError);
+
 impl Explain for ConnError {
     fn hint(&self) -> Option<String> {
         match self {

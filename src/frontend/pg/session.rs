@@ -55,6 +55,8 @@ pub enum SessionError {
     InTransaction,
 }
 
+crate::explained!(SessionError);
+
 impl Explain for SessionError {
     fn hint(&self) -> Option<String> {
         match self {

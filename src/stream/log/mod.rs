@@ -128,6 +128,8 @@ pub enum LogError {
     Closed,
 }
 
+crate::explained!(LogError);
+
 impl crate::error::Explain for LogError {
     fn hint(&self) -> Option<String> {
         match self {
