@@ -434,16 +434,17 @@ impl KinesisSource {
         let client = config.reader_client().await;
         // The readers' client does not retry by itself; a passing failure
         // (a 500, a throttled call) must not stop the node from starting.
-        let mut attempt = 0;
-        let listed = loop {
-            match list_shards(&client, &config.stream).await {
-                Err(KinesisError::Connect { .. }) if attempt < 5 => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                }
-                r => break r?,
-            }
-        };
+        // Five more tries, 0.4 s to 6.4 s apart, while it cannot connect.
+        use backon::Retryable;
+        let listed = (|| list_shards(&client, &config.stream))
+            .retry(
+                backon::ExponentialBuilder::new()
+                    .with_min_delay(Duration::from_millis(400))
+                    .with_max_delay(Duration::from_millis(6400))
+                    .with_max_times(5),
+            )
+            .when(|e| matches!(e, KinesisError::Connect { .. }))
+            .await?;
         let registry = Registry::extend(&storage, &config.stream, &listed).await?;
         let source = Arc::new(KinesisSource {
             config,
@@ -1164,7 +1165,17 @@ impl KinesisProducer {
         out: &mut [Option<Delivery<Put>>],
         deadline: Instant,
     ) -> Option<String> {
-        let mut backoff = Duration::from_millis(50);
+        // 50 ms doubling to 2 s. The schedule is backon's; the loop is kept:
+        // whether a try is the last depends on its next delay and the
+        // deadline (a refused record is final only then), and each try
+        // sends only the records still pending.
+        let mut delays = backon::BackoffBuilder::build(
+            backon::ExponentialBuilder::new()
+                .with_min_delay(Duration::from_millis(50))
+                .with_max_delay(Duration::from_secs(2))
+                .without_max_times(),
+        );
+        let mut backoff = delays.next().expect("the schedule has no end");
         loop {
             let pending: Vec<usize> = (0..records.len()).filter(|&i| out[i].is_none()).collect();
             if pending.is_empty() {
@@ -1244,7 +1255,7 @@ impl KinesisProducer {
                 }
             }
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            backoff = delays.next().expect("the schedule has no end");
         }
     }
 }
