@@ -20,7 +20,7 @@ use serde::Serialize;
 const KEEP_RECOVERED: usize = 32;
 
 /// One component's current failure.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Problem {
     pub component: String,
     pub error: String,
@@ -32,14 +32,14 @@ pub struct Problem {
 }
 
 /// Something that went wrong and was dealt with.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Recovered {
     pub component: String,
     pub what: String,
     pub at_ms: i64,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct HealthReport {
     pub problems: Vec<Problem>,
     pub recovered: Vec<Recovered>,

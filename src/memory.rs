@@ -11,7 +11,7 @@
 use serde::Serialize;
 
 /// Bytes, from jemalloc's statistics (`stats.*`).
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize)]
 pub struct MemoryReport {
     /// Bytes the program has allocated and not freed.
     pub allocated: u64,

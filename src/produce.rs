@@ -325,6 +325,19 @@ struct Span {
     reason: String,
 }
 
+/// Why one request did not store all its lines.
+struct Unsent {
+    why: String,
+    /// Lines not stored: failed if this was the last try.
+    lines: u64,
+    /// Whether to try again (a 429, 503, 507, a partial store, no answer).
+    retry: bool,
+    /// The pause the server asked for (its Retry-After, or 1 s after a 207).
+    wait: Option<Duration>,
+    /// After a 207: only the lines not stored, and how many.
+    rest: Option<(Bytes, u64)>,
+}
+
 /// The lines of `body` (1-based, blank ones counted) within `spans`, as a
 /// new body, and how many there are.
 fn pick_lines(body: &Bytes, spans: &[&Span]) -> (Bytes, u64) {
@@ -633,112 +646,144 @@ impl Shared {
         self.count(producer.send_each(records).await);
     }
 
-    async fn send(&self, mut body: Bytes, mut n: u64) {
+    async fn send(&self, body: Bytes, n: u64) {
         if let Some(producer) = &self.producer {
             return self.send_records(producer.as_ref(), body, n).await;
         }
-        let mut attempt = 0u32;
-        loop {
-            self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let sent = self
-                .client
-                .post(&self.url)
-                .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson")
-                .body(body.clone())
-                .send()
-                .await;
-            let (retry, why, wait) = match sent {
-                Ok(resp) => {
-                    let status = resp.status();
-                    let retry_after = resp
-                        .headers()
-                        .get(reqwest::header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse::<u64>().ok())
-                        .map(Duration::from_secs);
-                    let text = resp.bytes().await.unwrap_or_default();
-                    let mut reply: Reply = serde_json::from_slice(&text).unwrap_or_default();
-                    // A 503 that lists lines in doubt: as a 207 with nothing stored.
-                    let reply = match reply.report.take() {
-                        Some(r) if status.as_u16() == 503 && !r.in_doubt.is_empty() => Reply {
-                            not_stored: r.not_stored,
-                            in_doubt: r.in_doubt,
-                            rejected: r.rejected,
-                            ..reply
-                        },
-                        _ => reply,
-                    };
-                    let status = if status.as_u16() == 503 && !reply.in_doubt.is_empty() {
-                        reqwest::StatusCode::MULTI_STATUS
-                    } else {
-                        status
-                    };
-                    if status.as_u16() == 207 {
-                        // Part stored: count it, and send exactly the lines
-                        // the stream did not store (or did not confirm) again.
-                        self.stats
-                            .accepted
-                            .fetch_add(reply.accepted, Ordering::Relaxed);
-                        self.stats
-                            .rejected
-                            .fetch_add(reply.rejected, Ordering::Relaxed);
-                        // Lines in doubt may be stored: counted, not resent.
-                        let doubt: u64 = reply.in_doubt.iter().map(|s| s.last + 1 - s.first).sum();
-                        if let Some(s) = reply.in_doubt.first() {
-                            self.doubt(&format!("HTTP 207: lines in doubt: {}", s.reason), doubt);
-                        }
-                        let again: Vec<&Span> = reply.not_stored.iter().collect();
-                        let why = again
-                            .first()
-                            .map(|s| format!("HTTP 207: lines not stored: {}", s.reason))
-                            .unwrap_or_default();
-                        let (rest, count) = pick_lines(&body, &again);
-                        if count == 0 || attempt >= self.opts.max_retries {
-                            if count > 0 {
-                                self.fail(&why, count);
-                            }
-                            return;
-                        }
-                        body = rest;
-                        n = count;
-                        attempt += 1;
-                        self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(retry_after.unwrap_or(Duration::from_secs(1))).await;
-                        continue;
-                    }
-                    if status.is_success() || status.as_u16() == 422 {
-                        self.stats
-                            .accepted
-                            .fetch_add(reply.accepted, Ordering::Relaxed);
-                        self.stats
-                            .rejected
-                            .fetch_add(reply.rejected, Ordering::Relaxed);
-                        return;
-                    }
-                    let why = format!(
-                        "HTTP {status}: {}{}",
-                        reply
-                            .error
-                            .unwrap_or_else(|| String::from_utf8_lossy(&text).into_owned()),
-                        reply
-                            .hint
-                            .map(|h| format!(" (hint: {h})"))
-                            .unwrap_or_default()
-                    );
-                    let retry = matches!(status.as_u16(), 429 | 503 | 507);
-                    (retry, why, retry_after)
-                }
-                Err(e) => (true, format!("request failed: {e}"), None),
-            };
-            if !retry || attempt >= self.opts.max_retries {
-                self.fail(&why, n);
-                return;
+        // What the next try sends: the whole body, then only the lines a
+        // 207 said were not stored. Each try reads it once and sets it
+        // before the pause (never held across a send).
+        use backon::Retryable;
+        let next = std::sync::Mutex::new((body, n));
+        let sent = (|| async {
+            let (body, n) = next.lock().expect("next lines").clone();
+            let tried = self.try_send(body, n).await;
+            if let Err(Unsent {
+                rest: Some(rest), ..
+            }) = &tried
+            {
+                *next.lock().expect("next lines") = rest.clone();
             }
-            attempt += 1;
+            tried
+        })
+        // 100 ms doubling to 3.2 s, at most `max_retries` times; the server's
+        // Retry-After (at most 10 s) when it sends one, 1 s after a 207.
+        .retry(
+            backon::ExponentialBuilder::new()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_millis(3200))
+                .with_max_times(self.opts.max_retries as usize),
+        )
+        .when(|u| u.retry)
+        .adjust(|u, backoff| backoff.map(|b| u.wait.unwrap_or(b)))
+        .notify(|_, _| {
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
-            let backoff = Duration::from_millis(50 << attempt.min(6));
-            tokio::time::sleep(wait.unwrap_or(backoff).min(Duration::from_secs(10))).await;
+        })
+        .await;
+        if let Err(u) = sent {
+            self.fail(&u.why, u.lines);
         }
+    }
+
+    /// One request with `n` lines. `Err` says why not all were stored,
+    /// whether to try again, and what to send then.
+    async fn try_send(&self, body: Bytes, n: u64) -> Result<(), Unsent> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let sent = self
+            .client
+            .post(&self.url)
+            .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson")
+            .body(body.clone())
+            .send()
+            .await;
+        let (retry, why, wait) = match sent {
+            Ok(resp) => {
+                let status = resp.status();
+                let retry_after = resp
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                let text = resp.bytes().await.unwrap_or_default();
+                let mut reply: Reply = serde_json::from_slice(&text).unwrap_or_default();
+                // A 503 that lists lines in doubt: as a 207 with nothing stored.
+                let reply = match reply.report.take() {
+                    Some(r) if status.as_u16() == 503 && !r.in_doubt.is_empty() => Reply {
+                        not_stored: r.not_stored,
+                        in_doubt: r.in_doubt,
+                        rejected: r.rejected,
+                        ..reply
+                    },
+                    _ => reply,
+                };
+                let status = if status.as_u16() == 503 && !reply.in_doubt.is_empty() {
+                    reqwest::StatusCode::MULTI_STATUS
+                } else {
+                    status
+                };
+                if status.as_u16() == 207 {
+                    // Part stored: count it, and send exactly the lines
+                    // the stream did not store (or did not confirm) again.
+                    self.stats
+                        .accepted
+                        .fetch_add(reply.accepted, Ordering::Relaxed);
+                    self.stats
+                        .rejected
+                        .fetch_add(reply.rejected, Ordering::Relaxed);
+                    // Lines in doubt may be stored: counted, not resent.
+                    let doubt: u64 = reply.in_doubt.iter().map(|s| s.last + 1 - s.first).sum();
+                    if let Some(s) = reply.in_doubt.first() {
+                        self.doubt(&format!("HTTP 207: lines in doubt: {}", s.reason), doubt);
+                    }
+                    let again: Vec<&Span> = reply.not_stored.iter().collect();
+                    let why = again
+                        .first()
+                        .map(|s| format!("HTTP 207: lines not stored: {}", s.reason))
+                        .unwrap_or_default();
+                    let (rest, count) = pick_lines(&body, &again);
+                    if count == 0 {
+                        return Ok(());
+                    }
+                    return Err(Unsent {
+                        why,
+                        lines: count,
+                        retry: true,
+                        wait: Some(retry_after.unwrap_or(Duration::from_secs(1))),
+                        rest: Some((rest, count)),
+                    });
+                }
+                if status.is_success() || status.as_u16() == 422 {
+                    self.stats
+                        .accepted
+                        .fetch_add(reply.accepted, Ordering::Relaxed);
+                    self.stats
+                        .rejected
+                        .fetch_add(reply.rejected, Ordering::Relaxed);
+                    return Ok(());
+                }
+                let why = format!(
+                    "HTTP {status}: {}{}",
+                    reply
+                        .error
+                        .unwrap_or_else(|| String::from_utf8_lossy(&text).into_owned()),
+                    reply
+                        .hint
+                        .map(|h| format!(" (hint: {h})"))
+                        .unwrap_or_default()
+                );
+                let retry = matches!(status.as_u16(), 429 | 503 | 507);
+                (retry, why, retry_after)
+            }
+            Err(e) => (true, format!("request failed: {e}"), None),
+        };
+        Err(Unsent {
+            why,
+            lines: n,
+            retry,
+            wait: wait.map(|w| w.min(Duration::from_secs(10))),
+            rest: None,
+        })
     }
 }
 

@@ -2,6 +2,8 @@
 //! calls into the layers. Errors become one readable message and exit code 1.
 
 pub mod demo;
+mod status;
+mod table;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -780,203 +782,12 @@ async fn status(url: &str) -> anyhow::Result<()> {
         .send()
         .await
         .with_context(|| format!("could not reach {url}; is `lambdaflow serve` running?"))?;
-    let s = reply_json(resp).await?;
-    let n = |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), crate::human::group);
-    if let Some(stream) = s["stream"].as_str() {
-        println!("stream: {stream}");
-    }
-    if let Ok(r) =
-        serde_json::from_value::<crate::cluster::identity::Recorded>(s["stream_identity"].clone())
-    {
-        println!(
-            "stream identity: {} (recorded {}, generation {}: {})",
-            r.identity, r.at, r.generation, r.how
-        );
-    }
-    let now = chrono::Utc::now().timestamp_millis();
-    let lease = &s["cluster"]["lease"];
-    if lease["kind"] == "lease" {
-        let expires = lease["expires_ms"].as_i64().map_or("-".to_string(), |t| {
-            format!("{:.1} s", (t - now) as f64 / 1000.0)
-        });
-        if lease["held"] == true {
-            println!(
-                "storage: {} · this node drives (lease term {}, renewed, expires in {expires})",
-                s["cluster"]["root"].as_str().unwrap_or("?"),
-                lease["term"]
-            );
-        } else {
-            println!(
-                "storage: {} · driven by {} (lease term {}, expires in {expires}); this node serves and follows",
-                s["cluster"]["root"].as_str().unwrap_or("?"),
-                lease["node"].as_str().unwrap_or("nobody yet"),
-                lease["term"]
-            );
-        }
-    }
-    if let Some(pg) = s["pg"].as_object() {
-        let c = |k: &str| pg.get(k).map_or("-".to_string(), n);
-        println!(
-            "postgres: {} connections ({} refused, {} logins denied) · {} queries, {} point reads, {} errors",
-            c("connections"),
-            c("refused"),
-            c("denied"),
-            c("queries"),
-            c("point_reads"),
-            c("errors")
-        );
-    }
-    println!(
-        "{:>9}  {:>14}  {:>14}  {:>14}  {:>14}  {:>12}  {:>10}",
-        "partition",
-        "stream end",
-        "realtime R",
-        "archived",
-        "published H",
-        "not in batch",
-        "speed lag"
+    let s: crate::frontend::status::Status = serde_json::from_value(reply_json(resp).await?)
+        .context("the server's status is not in the shape this version reads")?;
+    print!(
+        "{}",
+        status::render(&s, chrono::Utc::now().timestamp_millis())
     );
-    for p in s["partitions"].as_array().into_iter().flatten() {
-        // The end of what the layers consume (the embedded log's, or a
-        // Kafka partition's); older servers report only the log's.
-        let end = p["stream_end"].as_u64().or(p["end"].as_u64());
-        let behind = |mark: &serde_json::Value| match (end, mark.as_u64()) {
-            (Some(e), Some(m)) => crate::human::group(e.saturating_sub(m)),
-            (Some(e), None) => crate::human::group(e),
-            _ => "-".into(),
-        };
-        println!(
-            "{:>9}  {:>14}  {:>14}  {:>14}  {:>14}  {:>12}  {:>10}",
-            n(&p["partition"]),
-            end.map_or("-".to_string(), crate::human::group),
-            n(&p["realtime"]),
-            n(&p["archived"]),
-            n(&p["published"]),
-            behind(&p["published"]),
-            behind(&p["realtime"]),
-        );
-        // A Kinesis shard: its id and whether it is open, closed or throttled.
-        if let (Some(id), Some(state)) = (p["shard"]["id"].as_str(), p["shard"]["state"].as_str()) {
-            println!("{:>9}  {id} ({state})", "");
-        }
-    }
-    match s["batch"]["published"].as_object() {
-        Some(r) => println!(
-            "batch: run {} published {:.1} s ago (master version {}, {} events), took {:.2} s",
-            n(&r["run"]),
-            (now - r["started_ms"].as_i64().unwrap_or(now) - r["duration_ms"].as_i64().unwrap_or(0))
-                as f64
-                / 1000.0,
-            r["table_version"],
-            n(&r["events"]),
-            r["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0
-        ),
-        None => println!("batch: nothing published yet"),
-    }
-    if let Some(engine) = s["batch"]["engine"].as_str() {
-        match s["batch"]["scheduler"].as_str() {
-            Some(sched) => println!("batch: engine {engine}, scheduler {sched}"),
-            None => println!("batch: engine {engine}"),
-        }
-    }
-    // The last runs: which engine computed each, and its stages' times.
-    if let Some(runs) = s["batch"]["recent"].as_array() {
-        for r in runs.iter().take(5) {
-            let c = &r["compute"];
-            let stages: Vec<String> = c["stages"]
-                .as_array()
-                .map(|st| {
-                    st.iter()
-                        .map(|x| {
-                            format!("{} {} ms", x["stage"].as_str().unwrap_or("?"), n(&x["ms"]))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            let kinds = serde_json::from_value::<crate::batch::RunKinds>(r["kinds"].clone())
-                .map(|k| k.to_string())
-                .unwrap_or_default();
-            println!(
-                "  run {:>6}  {:<8} {:>8.2} s  {kinds}  {}",
-                n(&r["run"]),
-                c["engine"]
-                    .as_str()
-                    .filter(|e| !e.is_empty())
-                    .unwrap_or("-"),
-                r["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0,
-                stages.join(", ")
-            );
-        }
-    }
-    // Views changed while serving: what is being built, what was lately.
-    if let Some(changes) = s["view_changes"]["changes"].as_array() {
-        let (done, total) = (
-            s["view_changes"]["build_events_done"].as_u64().unwrap_or(0),
-            s["view_changes"]["build_events_total"]
-                .as_u64()
-                .unwrap_or(0),
-        );
-        for c in changes.iter().take(5) {
-            let state = c["state"].as_str().unwrap_or("?");
-            let detail = match state {
-                "building" if total > 0 => format!(
-                    " ({} of {} events, {:.0}%)",
-                    crate::human::group(done),
-                    crate::human::group(total),
-                    100.0 * done as f64 / total as f64
-                ),
-                "published" => format!(" in run {}", n(&c["run"])),
-                _ => c["error"]
-                    .as_str()
-                    .map(|e| format!(": {e}"))
-                    .unwrap_or_default(),
-            };
-            println!(
-                "view {} `{}`: {state}{detail}",
-                c["change"].as_str().unwrap_or("?"),
-                c["view"].as_str().unwrap_or("?"),
-            );
-        }
-    }
-    if let Some(since) = s["batch"]["running_since_ms"].as_i64() {
-        println!(
-            "batch: a run is in progress for {:.1} s",
-            (now - since) as f64 / 1000.0
-        );
-    }
-    if let Some(e) = s["batch"]["last_error"].as_str() {
-        println!("batch: last run failed: {e}");
-    }
-    let i = &s["ingest"];
-    println!(
-        "ingest: {} requests, {} accepted, {} rejected (dead letters)",
-        n(&i["requests"]),
-        n(&i["accepted"]),
-        n(&i["rejected"])
-    );
-    let problems = s["health"]["problems"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    if problems.is_empty() {
-        println!("health: ok");
-    }
-    for p in &problems {
-        println!(
-            "PROBLEM {}: failing for {:.1} s ({} attempts): {}",
-            p["component"].as_str().unwrap_or("?"),
-            (now - p["since_ms"].as_i64().unwrap_or(now)) as f64 / 1000.0,
-            n(&p["count"]),
-            p["error"].as_str().unwrap_or("?").replace('\n', "\n    ")
-        );
-    }
-    for r in s["health"]["recovered"].as_array().into_iter().flatten() {
-        println!(
-            "recovered {}: {}",
-            r["component"].as_str().unwrap_or("?"),
-            r["what"].as_str().unwrap_or("?")
-        );
-    }
     Ok(())
 }
 
@@ -1062,62 +873,22 @@ async fn sql(args: SqlArgs) -> anyhow::Result<()> {
 
 /// A reply's `columns` and `rows` as an aligned text table.
 pub fn render_table(body: &serde_json::Value) -> String {
-    let cols: Vec<String> = body["columns"]
+    let cols: Vec<&str> = body["columns"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|c| c["name"].as_str().map(str::to_string))
+        .filter_map(|c| c["name"].as_str())
         .collect();
-    let rows: Vec<Vec<String>> = body["rows"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|r| {
-            cols.iter()
-                .map(|c| match &r[c] {
-                    serde_json::Value::Null => "NULL".to_string(),
-                    serde_json::Value::String(s) => s.clone(),
-                    v => v.to_string(),
-                })
-                .collect()
-        })
-        .collect();
-    let widths: Vec<usize> = cols
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            rows.iter()
-                .map(|r| r[i].chars().count())
-                .chain([c.chars().count()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: &[String]| -> String {
-        cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join(" | ")
-            .trim_end()
-            .to_string()
-    };
-    let mut out = String::new();
-    out.push_str(&line(&cols));
-    out.push('\n');
-    out.push_str(
-        &widths
-            .iter()
-            .map(|w| "-".repeat(*w))
-            .collect::<Vec<_>>()
-            .join("-+-"),
-    );
-    out.push('\n');
-    for r in &rows {
-        out.push_str(&line(r));
-        out.push('\n');
+    let rows = body["rows"].as_array().map_or(&[][..], Vec::as_slice);
+    let mut t = table::separated(cols.iter().copied());
+    for r in rows {
+        t.add_row(cols.iter().map(|c| match &r[*c] {
+            serde_json::Value::Null => "NULL".to_string(),
+            serde_json::Value::String(s) => s.clone(),
+            v => v.to_string(),
+        }));
     }
+    let mut out = table::lines(&t);
     out.push_str(&format!(
         "({} row{})\n",
         rows.len(),

@@ -179,7 +179,7 @@ pub async fn accept_loss(
 }
 
 /// The batch layer's state, for `/v1/status`.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct BatchStatus {
     /// Where runs are computed: `local` or `ballista`.
     pub engine: String,

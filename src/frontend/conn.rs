@@ -120,7 +120,7 @@ pub struct Admission {
 }
 
 /// `/v1/status` `connections`.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ConnReport {
     pub open: usize,
     pub max: usize,

@@ -10,7 +10,8 @@
 //!
 //! [`serve`] binds the listeners in front of a node; [`conn`] admits and
 //! bounds connections for both protocols; [`auth`] checks tokens for both;
-//! [`client`] is the HTTP client the CLI and the producer use.
+//! [`client`] is the HTTP client the CLI and the producer use; [`status`]
+//! is the `/v1/status` reply both the server and the CLI use.
 
 pub mod auth;
 pub mod client;
@@ -18,3 +19,4 @@ pub mod conn;
 pub mod http;
 pub mod pg;
 pub mod serve;
+pub mod status;

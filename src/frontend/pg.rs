@@ -108,7 +108,7 @@ fn pool_error(e: crate::serving::pool::PoolError) -> PgWireError {
 }
 
 /// What the endpoint did since start (`/v1/status`).
-#[derive(Debug, Default, serde::Serialize)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct PgCounters {
     /// Connections accepted, and refused over `max_connections`.
     pub connections: AtomicU64,
@@ -126,6 +126,24 @@ pub struct PgCounters {
     pub idle_closed: AtomicU64,
     /// Messages refused for their length (over [`MAX_MESSAGE`]).
     pub too_large: AtomicU64,
+}
+
+/// The counters now, for `/v1/status`.
+impl Clone for PgCounters {
+    fn clone(&self) -> PgCounters {
+        let c = |a: &AtomicU64| AtomicU64::new(a.load(Ordering::Relaxed));
+        PgCounters {
+            connections: c(&self.connections),
+            refused: c(&self.refused),
+            denied: c(&self.denied),
+            queries: c(&self.queries),
+            point_reads: c(&self.point_reads),
+            errors: c(&self.errors),
+            startup_closed: c(&self.startup_closed),
+            idle_closed: c(&self.idle_closed),
+            too_large: c(&self.too_large),
+        }
+    }
 }
 
 /// The Postgres endpoint of a node: its handlers, shared by connections.

@@ -25,18 +25,11 @@ const ROLL_BYTES: u64 = 64 << 20;
 
 /// (free bytes for unprivileged writers, total bytes) of the disk holding `dir`.
 fn disk_space(dir: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs writes only into the struct passed; the path is a
-    // NUL-terminated string that outlives the call.
-    unsafe {
-        let mut st: libc::statvfs = std::mem::zeroed();
-        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
-            return None;
-        }
-        let unit = st.f_frsize as u64;
-        Some((st.f_bavail as u64 * unit, st.f_blocks as u64 * unit))
-    }
+    let st = rustix::fs::statvfs(dir).ok()?;
+    Some((
+        st.f_bavail.saturating_mul(st.f_frsize),
+        st.f_blocks.saturating_mul(st.f_frsize),
+    ))
 }
 
 fn free_bytes(dir: &Path) -> Option<u64> {

@@ -25,7 +25,7 @@ pub const MAX_FILE_BYTES: u64 = 16 << 20;
 const MAX_REMEMBERED: usize = 1 << 20;
 
 /// One failing row of one view.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct FailedRow {
     pub view: String,
     pub partition: u32,
@@ -34,7 +34,7 @@ pub struct FailedRow {
 }
 
 /// What `/v1/status` shows of one view's failing rows.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct ViewExcluded {
     /// Distinct rows left out so far (this process).
     pub events: u64,

@@ -25,6 +25,7 @@ use crate::frontend::auth;
 
 mod dashboard;
 mod events;
+mod metrics;
 mod views;
 
 use std::sync::Arc;
@@ -35,10 +36,12 @@ use axum::Router;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde::Serialize;
 use tokio::sync::Semaphore;
 
-use crate::node::{BatchStatus, Layers};
+use crate::frontend::status::{
+    ClusterStatus, IngestStatus, PartitionStatus, SpeedStatus, Status, ViewChangesStatus,
+};
+use crate::node::Layers;
 use crate::stream::Ingest;
 
 /// What the handlers share.
@@ -375,128 +378,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct Status {
-    /// The stream the layers consume.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stream: Option<String>,
-    /// The stream the master dataset was written from, as recorded under
-    /// the storage root (kind, topic or stream, creation time), and how.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stream_identity: Option<crate::cluster::identity::Recorded>,
-    /// The storage root and which node drives (archives and runs batches).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cluster: Option<ClusterStatus>,
-    partitions: Vec<PartitionStatus>,
-    ingest: IngestStatus,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    master: Option<crate::master::TableCoverage>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    batch: Option<BatchStatus>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    speed: Option<SpeedStatus>,
-    /// Failures being retried now, and repairs made since startup.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    health: Option<crate::health::HealthReport>,
-    /// Views changed while serving: pending, building (with the build's
-    /// progress), and the last ones done.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    view_changes: Option<ViewChangesStatus>,
-    /// Per view, the events left out because its expressions fail on them.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    views_excluded: Option<std::collections::BTreeMap<String, crate::view::failures::ViewExcluded>>,
-    /// Open connections and the limits in force.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    connections: Option<crate::frontend::conn::ConnReport>,
-    /// The heap: allocated by the program, resident by the allocator.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    memory: Option<crate::memory::MemoryReport>,
-    /// The Postgres endpoint: connections, logins refused, queries.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pg: Option<Arc<crate::frontend::pg::PgCounters>>,
-}
-
-#[derive(Serialize)]
-struct SpeedStatus {
-    micro_batches: u64,
-    events: u64,
-    chunks_closed: u64,
-    mean_micro_batch_us: Option<u64>,
-    realtime_age_ms: i64,
-}
-
-/// One partition across the layers: log extent, archived and published coverage.
-#[derive(Serialize)]
-struct PartitionStatus {
-    /// The embedded log's figures (on a node that consumes an external
-    /// stream, its partitions are the stream's and the log is unused).
-    #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    log: Option<crate::stream::log::PartitionStats>,
-    /// The partition, when there is no log partition to name it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    partition: Option<u32>,
-    /// What the stream calls it (a Kinesis shard) and how it is.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    shard: Option<crate::stream::source::PartitionInfo>,
-    /// End of the last chunk in the master dataset.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    archived: Option<u64>,
-    /// `H[p]` of the published batch run.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    published: Option<u64>,
-    /// `R[p]`: events below it are in realtime answers.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    realtime: Option<u64>,
-    /// One past the last position of the stream the layers consume (the
-    /// embedded log's `end`, or the Kafka partition's), and how far the
-    /// speed layer is behind it (positions; Kafka's may include gaps).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stream_end: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    lag: Option<u64>,
-    /// The same in time: now minus the stream time of the last record
-    /// consumed, while records wait; 0 when caught up.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    lag_ms: Option<i64>,
-}
-
-#[derive(Serialize)]
-struct IngestStatus {
-    requests: u64,
-    accepted: u64,
-    rejected: u64,
-    bytes: u64,
-    dead_letters_written: u64,
-    /// Refused lines not kept: past their request's share of the store.
-    dead_letters_dropped: u64,
-    /// The dead-letter store's size, and the oldest files removed to keep it
-    /// under `ingest.dead_letter_max`.
-    dead_letter_bytes: u64,
-    dead_letter_files_removed: u64,
-    /// The latest refused lines with their reasons, newest first.
-    dead_letters_recent: Vec<crate::stream::deadletter::RecentReject>,
-}
-
-/// The cluster as this node sees it.
-#[derive(Serialize)]
-struct ViewChangesStatus {
-    changes: Vec<crate::batch::changes::ChangeStatus>,
-    /// Events the build in progress has read, of those it reads.
-    build_events_done: u64,
-    build_events_total: u64,
-}
-
-#[derive(Serialize)]
-struct ClusterStatus {
-    /// The storage root of the master dataset and the views.
-    root: String,
-    /// The driver lease: holder, term, expiry, and whether this node holds it.
-    lease: crate::cluster::lease::LeaseStatus,
-}
-
-async fn status(
-    axum::extract::State(state): axum::extract::State<Arc<ApiState>>,
-) -> Json<impl Serialize> {
+async fn status(axum::extract::State(state): axum::extract::State<Arc<ApiState>>) -> Json<Status> {
     use std::sync::atomic::Ordering::Relaxed;
     let c = &state.ingest.counters;
     let dead = state.ingest.dead_letters();
@@ -541,12 +423,15 @@ async fn status(
     let mut logs = logs.into_iter();
     let partitions = (0..count)
         .map(|p| {
-            let partition = p as u32;
             let log = logs.next();
+            let partition = log.as_ref().map_or(p as u32, |l| l.partition);
             PartitionStatus {
-                partition: log.is_none().then_some(partition),
-                shard: source.as_ref().and_then(|s| s.info(partition)),
-                log,
+                partition,
+                shard: source
+                    .as_ref()
+                    .and_then(|s| s.info(partition))
+                    .map(Into::into),
+                log: log.map(Into::into),
                 archived: master.as_ref().and_then(|m| m.h.listed(p as u32)),
                 published: batch
                     .as_ref()
@@ -579,7 +464,7 @@ async fn status(
         view_changes: state.layers.as_ref().map(|l| {
             let p = l.changes.progress.lock().expect("progress lock").clone();
             ViewChangesStatus {
-                changes: l.changes.status(),
+                changes: l.changes.status().into_iter().map(Into::into).collect(),
                 build_events_done: p.done.load(Relaxed),
                 build_events_total: p.total.load(Relaxed),
             }
@@ -591,7 +476,7 @@ async fn status(
         partitions,
         connections: state.connections.as_ref().map(|c| c.report()),
         memory: crate::memory::report(),
-        pg: state.pg.clone(),
+        pg: state.pg.as_deref().cloned(),
         ingest: IngestStatus {
             requests: c.requests.load(Relaxed),
             accepted: c.accepted.load(Relaxed),
@@ -601,7 +486,7 @@ async fn status(
             dead_letters_dropped: dead.counters.dropped.load(Relaxed),
             dead_letter_bytes: dead.bytes(),
             dead_letter_files_removed: dead.counters.removed_files.load(Relaxed),
-            dead_letters_recent: dead.recent(),
+            dead_letters_recent: dead.recent().into_iter().map(Into::into).collect(),
         },
     })
 }

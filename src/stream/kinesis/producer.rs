@@ -200,7 +200,17 @@ impl KinesisProducer {
         out: &mut [Option<Delivery<Put>>],
         deadline: Instant,
     ) -> Option<String> {
-        let mut backoff = Duration::from_millis(50);
+        // 50 ms doubling to 2 s. The schedule is backon's; the loop is kept:
+        // whether a try is the last depends on its next delay and the
+        // deadline (a refused record is final only then), and each try
+        // sends only the records still pending.
+        let mut delays = backon::BackoffBuilder::build(
+            backon::ExponentialBuilder::new()
+                .with_min_delay(Duration::from_millis(50))
+                .with_max_delay(Duration::from_secs(2))
+                .without_max_times(),
+        );
+        let mut backoff = delays.next().expect("the schedule has no end");
         loop {
             let pending: Vec<usize> = (0..records.len()).filter(|&i| out[i].is_none()).collect();
             if pending.is_empty() {
@@ -280,7 +290,7 @@ impl KinesisProducer {
                 }
             }
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            backoff = delays.next().expect("the schedule has no end");
         }
     }
 }

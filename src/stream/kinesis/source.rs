@@ -59,16 +59,17 @@ impl KinesisSource {
         let client = config.reader_client().await;
         // The readers' client does not retry by itself; a passing failure
         // (a 500, a throttled call) must not stop the node from starting.
-        let mut attempt = 0;
-        let listed = loop {
-            match list_shards(&client, &config.stream).await {
-                Err(KinesisError::Connect { .. }) if attempt < 5 => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                }
-                r => break r?,
-            }
-        };
+        // Five more tries, 0.4 s to 6.4 s apart, while it cannot connect.
+        use backon::Retryable;
+        let listed = (|| list_shards(&client, &config.stream))
+            .retry(
+                backon::ExponentialBuilder::new()
+                    .with_min_delay(Duration::from_millis(400))
+                    .with_max_delay(Duration::from_millis(6400))
+                    .with_max_times(5),
+            )
+            .when(|e| matches!(e, KinesisError::Connect { .. }))
+            .await?;
         let registry = Registry::extend(&storage, &config.stream, &listed).await?;
         let source = Arc::new(KinesisSource {
             config,
