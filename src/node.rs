@@ -251,6 +251,8 @@ pub async fn assemble_over(
     clock: SharedClock,
     batch: Arc<BatchLayer>,
 ) -> Result<Assembled, NodeError> {
+    // Resolved once, for every layer below.
+    let storage = config.storage()?;
     let schema = Arc::new(config.event_schema()?);
     let partitioning = match &config.stream.key {
         Some(key) => Partitioning::Key {
@@ -263,78 +265,18 @@ pub async fn assemble_over(
     let cov = master.coverage();
     tracing::info!(version = cov.version, h = ?cov.h, "master dataset open");
     let health = Arc::new(Health::default());
-    // Saved changes this node cannot apply are left out
-    // (`apply_saved_views`); status says so until they are reverted or
-    // saved over.
-    let (_, refused) = crate::batch::changes::Saved::load(&config.storage()?)
-        .await?
-        .usable(&config.event_schema()?)
-        .await;
-    if !refused.is_empty() {
-        let list: Vec<String> = refused.iter().map(ToString::to_string).collect();
-        health.warn(
-            "view_changes",
-            &format!(
-                "left out of the saved view changes (views/CHANGES.json): {}",
-                list.join("; ")
-            ),
-        );
-    }
-    let log_dir = config.local_dir().join("log");
-    let log_partitions = match Log::partitions_in(&log_dir)? {
-        Some(found) if config.stream.external() => found,
-        _ => config.stream.partitions,
-    };
-    let log = Arc::new(Log::open(
-        log_dir,
-        LogOptions {
-            partitions: log_partitions,
-            segment_bytes: config.stream.segment_bytes.as_u64(),
-            max_pending_bytes: config.ingest.max_pending.as_u64(),
-            pending_wait: config.ingest.pending_wait,
-            // The archived coverage is the embedded log's floor only when
-            // it is the stream (a Kafka node's log is never written).
-            floors: if !config.stream.external() {
-                cov.h.ends().to_vec()
-            } else {
-                Vec::new()
-            },
-            clock: clock.clone(),
-            events: Some(config.event_schema()?.arrow().clone()),
-            ..LogOptions::default()
-        },
-    )?);
-    for r in log.recoveries() {
-        health.recovered(&format!("log/p{}", r.partition), &r.to_string());
-    }
-    for s in log.stats() {
-        tracing::info!(
-            partition = s.partition,
-            start = s.start,
-            end = s.end,
-            segments = s.segments,
-            "log partition open"
-        );
-    }
+    warn_left_out_changes(&storage, &schema, &health).await?;
+    let log = open_log(&config, &master, &clock, &schema, &health)?;
     // The stream must be the one the master dataset was written from,
     // before anything reads it (positions of one are not the other's).
     let identity = crate::cluster::identity::check(&config, &log, &master, &health).await?;
     tracing::info!(stream = %identity.identity, generation = identity.generation, "stream identity");
-    let dead_dir = config.local_dir().join("deadletter");
-    let dead = DeadLetters::open_with(
-        &dead_dir,
-        crate::stream::deadletter::DeadLetterLimits::for_disk(
-            &config.local_dir(),
-            config.ingest.dead_letter_max.as_u64(),
-        ),
-    )?
-    .with_health(health.clone());
-    let dead = Arc::new(dead);
+    let dead = open_dead_letters(&config, &health)?;
     let opened = crate::stream::open(
         &config.stream,
         crate::stream::Context {
             log: log.clone(),
-            storage: config.storage()?,
+            storage: storage.clone(),
             schema: schema.clone(),
             dead: dead.clone(),
             health: health.clone(),
@@ -378,21 +320,7 @@ pub async fn assemble_over(
     .await?;
 
     // Serving: the published run, then the speed layer's replay from its H.
-    let views = batch.views().to_vec();
-    let serving = Arc::new(Serving::with_clock(
-        views,
-        config.stream.partitions,
-        clock.clone(),
-    ));
-    let published = batch.current().await?;
-    if let Some(m) = published.clone() {
-        serving.set_batch(Arc::new(serving.load_side(&batch, m).await?));
-    }
-    // A run from before the stream gained partitions covers none of them.
-    let h = published
-        .as_ref()
-        .map_or_else(Coverage::empty, |m| m.h.clone())
-        .widened(config.stream.partitions);
+    let (serving, h) = open_serving(&config, &batch, &clock).await?;
     if source.resumes_by_token() {
         // Kinesis resumes after the sequence number the chunk ending at H keeps.
         let tokens = master.resume_tokens(&h).await?;
@@ -406,30 +334,10 @@ pub async fn assemble_over(
             health.clone(),
         );
     }
-    let snapshot = master.snapshot().await?;
-    let committed = (0..config.stream.partitions)
-        .map(|p| snapshot.chunks(p))
-        .collect();
-    let (archive_tx, archive) = mpsc::unbounded_channel();
-    let mut speed = SpeedLayer::new(
-        source.clone(),
-        serving.clone(),
-        archive_tx,
-        SpeedOptions {
-            interval: config.speed.interval,
-            chunk_events: config.archive.chunk_events,
-            chunk_age: config.archive.chunk_age,
-        },
-        &h,
-        committed,
-    );
-    speed.health = health.clone();
-    speed.failures = batch.failures().clone();
-    speed.backlog = ingest.backlog.clone();
-    speed.clock = clock;
-    let t = std::time::Instant::now();
-    speed.catch_up().await?;
-    tracing::info!(from = ?h, to = ?serving.snapshot().realtime_end, took_ms = t.elapsed().as_millis() as u64, "speed layer caught up with the log");
+    let (speed, archive) = start_speed(
+        &config, &source, &serving, &batch, &ingest, &health, clock, &h,
+    )
+    .await?;
     Ok(Assembled {
         config,
         log,
@@ -444,6 +352,166 @@ pub async fn assemble_over(
         lease,
         identity,
     })
+}
+
+/// Saved view changes this node cannot apply are left out
+/// (`apply_saved_views`); status says so until they are reverted or saved
+/// over.
+async fn warn_left_out_changes(
+    storage: &crate::storage::Storage,
+    schema: &crate::schema::EventSchema,
+    health: &Health,
+) -> Result<(), NodeError> {
+    let (_, refused) = crate::batch::changes::Saved::load(storage)
+        .await?
+        .usable(schema)
+        .await;
+    if !refused.is_empty() {
+        let list: Vec<String> = refused.iter().map(ToString::to_string).collect();
+        health.warn(
+            "view_changes",
+            &format!(
+                "left out of the saved view changes (views/CHANGES.json): {}",
+                list.join("; ")
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// The node's embedded log, its floors at the archived coverage when it is
+/// the stream; what recovery repaired goes to `health`.
+fn open_log(
+    config: &Config,
+    master: &MasterDataset,
+    clock: &SharedClock,
+    schema: &crate::schema::EventSchema,
+    health: &Health,
+) -> Result<Arc<Log>, LogError> {
+    let cov = master.coverage();
+    let log_dir = config.local_dir().join("log");
+    let log_partitions = match Log::partitions_in(&log_dir)? {
+        Some(found) if config.stream.external() => found,
+        _ => config.stream.partitions,
+    };
+    let log = Arc::new(Log::open(
+        log_dir,
+        LogOptions {
+            partitions: log_partitions,
+            segment_bytes: config.stream.segment_bytes.as_u64(),
+            max_pending_bytes: config.ingest.max_pending.as_u64(),
+            pending_wait: config.ingest.pending_wait,
+            // The archived coverage is the embedded log's floor only when
+            // it is the stream (a Kafka node's log is never written).
+            floors: if !config.stream.external() {
+                cov.h.ends().to_vec()
+            } else {
+                Vec::new()
+            },
+            clock: clock.clone(),
+            events: Some(schema.arrow().clone()),
+            ..LogOptions::default()
+        },
+    )?);
+    for r in log.recoveries() {
+        health.recovered(&format!("log/p{}", r.partition), &r.to_string());
+    }
+    for s in log.stats() {
+        tracing::info!(
+            partition = s.partition,
+            start = s.start,
+            end = s.end,
+            segments = s.segments,
+            "log partition open"
+        );
+    }
+    Ok(log)
+}
+
+/// The dead-letter store, bounded by the disk it is on.
+fn open_dead_letters(
+    config: &Config,
+    health: &Arc<Health>,
+) -> Result<Arc<DeadLetters>, DeadLetterError> {
+    let dead_dir = config.local_dir().join("deadletter");
+    let dead = DeadLetters::open_with(
+        &dead_dir,
+        crate::stream::deadletter::DeadLetterLimits::for_disk(
+            &config.local_dir(),
+            config.ingest.dead_letter_max.as_u64(),
+        ),
+    )?
+    .with_health(health.clone());
+    let dead = Arc::new(dead);
+    Ok(dead)
+}
+
+/// Serving with the published run's batch views, and the coverage H the
+/// speed layer starts from (a run from before the stream gained partitions
+/// covers none of them).
+async fn open_serving(
+    config: &Config,
+    batch: &Arc<BatchLayer>,
+    clock: &SharedClock,
+) -> Result<(Arc<Serving>, Coverage), NodeError> {
+    let views = batch.views().to_vec();
+    let serving = Arc::new(Serving::with_clock(
+        views,
+        config.stream.partitions,
+        clock.clone(),
+    ));
+    let published = batch.current().await?;
+    if let Some(m) = published.clone() {
+        serving.set_batch(Arc::new(serving.load_side(batch, m).await?));
+    }
+    // A run from before the stream gained partitions covers none of them.
+    let h = published
+        .as_ref()
+        .map_or_else(Coverage::empty, |m| m.h.clone())
+        .widened(config.stream.partitions);
+    Ok((serving, h))
+}
+
+/// The speed layer from H, with the chunks committed above it, caught up
+/// with the stream; and the channel of the chunks it closes, for the
+/// archiver.
+#[allow(clippy::too_many_arguments)]
+async fn start_speed(
+    config: &Config,
+    source: &Arc<dyn Source>,
+    serving: &Arc<Serving>,
+    batch: &BatchLayer,
+    ingest: &Ingest,
+    health: &Arc<Health>,
+    clock: SharedClock,
+    h: &Coverage,
+) -> Result<(SpeedLayer, mpsc::UnboundedReceiver<ChunkRange>), NodeError> {
+    let master = batch.master();
+    let snapshot = master.snapshot().await?;
+    let committed = (0..config.stream.partitions)
+        .map(|p| snapshot.chunks(p))
+        .collect();
+    let (archive_tx, archive) = mpsc::unbounded_channel();
+    let mut speed = SpeedLayer::new(
+        source.clone(),
+        serving.clone(),
+        archive_tx,
+        SpeedOptions {
+            interval: config.speed.interval,
+            chunk_events: config.archive.chunk_events,
+            chunk_age: config.archive.chunk_age,
+        },
+        h,
+        committed,
+    );
+    speed.health = health.clone();
+    speed.failures = batch.failures().clone();
+    speed.backlog = ingest.backlog.clone();
+    speed.clock = clock;
+    let t = std::time::Instant::now();
+    speed.catch_up().await?;
+    tracing::info!(from = ?h, to = ?serving.snapshot().realtime_end, took_ms = t.elapsed().as_millis() as u64, "speed layer caught up with the log");
+    Ok((speed, archive))
 }
 
 impl Node {

@@ -453,6 +453,17 @@ impl ViewChanges {
         apply(served, &building)
     }
 
+    /// The one view diff (reloads, reverts and `POST /v1/views`): what
+    /// bringing the views `served` to `new` is — `None` when a view of its
+    /// name answers with the same fingerprint, else `"change"` or `"add"`.
+    pub fn diff(served: &[Arc<View>], new: &View) -> Option<&'static str> {
+        match served.iter().find(|s| s.name() == new.name()) {
+            Some(s) if s.fingerprint() == new.fingerprint() => None,
+            Some(_) => Some("change"),
+            None => Some("add"),
+        }
+    }
+
     /// Queues the changes that bring the views served (`served`) to
     /// `target` (the file's with the saved changes on top), each compiled
     /// and checked by `batch`'s engine first: nothing is queued if one is
@@ -467,12 +478,10 @@ impl ViewChanges {
         let mut todo = Vec::new();
         for def in target {
             let v = Arc::new(crate::view::compile(def, &self.schema).await?);
-            let current = served.iter().find(|s| s.name() == def.name);
-            if current.is_some_and(|s| s.fingerprint() == v.fingerprint()) {
+            let Some(kind) = ViewChanges::diff(served, &v) else {
                 continue;
-            }
+            };
             batch.check_views(std::slice::from_ref(&v))?;
-            let kind = if current.is_some() { "change" } else { "add" };
             todo.push((Requested::Put(def.clone(), v), kind));
         }
         for s in served {

@@ -571,10 +571,19 @@ pub fn watch(
     health: Arc<Health>,
 ) {
     tokio::spawn(async move {
+        // One client for the watch (a new one would fetch credentials anew).
+        let kinesis = match &config.stream.kinesis {
+            Some(k) => Some((k.client().await, k.stream.clone())),
+            None => None,
+        };
         loop {
             tokio::time::sleep(WATCH_EVERY).await;
             let Some(s) = source.upgrade() else { return };
-            let Ok(now) = configured(&config).await else {
+            let now = match &kinesis {
+                Some((client, stream)) => kinesis_identity(client, stream).await,
+                None => configured(&config).await,
+            };
+            let Ok(now) = now else {
                 continue; // deleted, unreachable: the readers say so
             };
             if now.same_as(&recorded) {

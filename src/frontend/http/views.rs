@@ -71,16 +71,9 @@ pub(super) async fn put_view(
     l.batch
         .check_views(std::slice::from_ref(&view))
         .map_err(|e| ApiError::report(StatusCode::BAD_REQUEST, Report::of(&e)))?;
-    let served = l
-        .serving
-        .live()
-        .into_iter()
-        .find(|(_, v)| v.name() == def.name);
-    if served
-        .as_ref()
-        .is_some_and(|(_, v)| v.fingerprint() == view.fingerprint())
-        && !l.changes.pending()
-    {
+    let live: Vec<Arc<crate::view::View>> = l.serving.live().into_iter().map(|(_, v)| v).collect();
+    let kind = crate::batch::changes::ViewChanges::diff(&live, &view);
+    if kind.is_none() && !l.changes.pending() {
         return Ok(Json(json!({
             "view": def.name,
             "change": "none",
@@ -88,12 +81,10 @@ pub(super) async fn put_view(
         }))
         .into_response());
     }
-    if served.is_none()
-        && let Some((_, other)) = l
-            .serving
-            .live()
-            .into_iter()
-            .find(|(_, v)| v.name().eq_ignore_ascii_case(&def.name))
+    if kind == Some("add")
+        && let Some(other) = live
+            .iter()
+            .find(|v| v.name().eq_ignore_ascii_case(&def.name))
     {
         // To SQL, `Sales_By_Product` is `sales_by_product`: two such views
         // would answer for each other on `/v1/sql` and the Postgres wire.
@@ -107,7 +98,9 @@ pub(super) async fn put_view(
         )
         .hint("unquoted SQL identifiers are read in lower case: change the existing view under its own name, or pick a name that differs in more than case"));
     }
-    let kind = if served.is_some() { "change" } else { "add" };
+    // A view served as it is, with changes waiting: its definition is
+    // requested again, after them.
+    let kind = kind.unwrap_or("change");
     let status = l
         .changes
         .request(Requested::Put(def, view), kind)
