@@ -27,6 +27,7 @@ pub mod memory;
 pub mod metrics;
 pub mod node;
 pub mod produce;
+pub mod runs;
 pub mod schema;
 pub mod serving;
 #[cfg(test)]

@@ -75,6 +75,13 @@ pub enum NodeError {
     Cluster(#[from] crate::cluster::ClusterError),
 }
 
+/// A published run that cannot be read is the batch layer's error.
+impl From<crate::runs::RunsError> for NodeError {
+    fn from(e: crate::runs::RunsError) -> NodeError {
+        NodeError::Batch(e.into())
+    }
+}
+
 /// Settles what the stream decides rather than the configuration: a Kafka
 /// topic's partition count is the topic's; a Kinesis stream's is the number
 /// of shards its registry holds (every shard it ever had).
@@ -462,7 +469,7 @@ async fn open_serving(
     ));
     let published = batch.current().await?;
     if let Some(m) = published.clone() {
-        serving.set_batch(Arc::new(serving.load_side(batch, m).await?));
+        serving.set_batch(Arc::new(serving.load_side(batch.runs(), m).await?));
     }
     // A run from before the stream gained partitions covers none of them.
     let h = published

@@ -41,10 +41,11 @@ use datafusion_proto::protobuf::PhysicalPlanNode;
 use futures::TryStreamExt;
 use tonic::transport::Channel;
 
-use super::engine::{Compute, EngineError};
+use super::engine::EngineError;
 use super::scan;
 use crate::config::BatchConfig;
 use crate::master::DataFile;
+use crate::runs::Compute;
 use crate::view::View;
 
 /// Parquet bytes per scan task. Each task emits its own partial states

@@ -16,9 +16,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use crate::config::{BatchConfig, EngineKind};
+use crate::runs::{Compute, StageTime};
 use crate::view::View;
 
 /// Why the cluster could not compute a view's states.
@@ -159,26 +158,6 @@ impl Engine {
             stages: Vec::new(),
         }
     }
-}
-
-/// Which engine computed a run, and how long each stage took (summed over
-/// the run's views, in the order the stages first ran).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Compute {
-    /// `local` or `ballista`; empty in runs of versions that did not say.
-    #[serde(default)]
-    pub engine: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scheduler: Option<String>,
-    #[serde(default)]
-    pub stages: Vec<StageTime>,
-}
-
-/// One stage of a run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StageTime {
-    pub stage: String,
-    pub ms: u64,
 }
 
 impl Compute {

@@ -24,57 +24,11 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use super::{Manifest, ViewEntry};
 use crate::chunk::Coverage;
 use crate::master::{DataFile, MasterSnapshot};
+use crate::runs::{Lineage, RunKind};
 use crate::view::View;
-
-/// How a view's states of a run were computed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RunKind {
-    /// From every file of the master dataset.
-    #[default]
-    Full,
-    /// The base run's states merged with the files added since.
-    Incremental,
-}
-
-impl std::fmt::Display for RunKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            RunKind::Full => "full",
-            RunKind::Incremental => "incremental",
-        })
-    }
-}
-
-/// How a view's published states came to be, in its run's manifest.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Lineage {
-    pub kind: RunKind,
-    /// Why a full run was full.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// The run whose states an incremental run merged into…
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub base_run: Option<u64>,
-    /// …and that run's coverage: an incremental run added exactly the
-    /// events `[from[p], h[p])` of each partition.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub from: Option<Coverage>,
-    /// Master dataset files and events this run read for the view.
-    pub files: u64,
-    pub events: u64,
-    /// The full recompute this chain of runs started from, and when it started.
-    pub full_run: u64,
-    pub full_started_ms: i64,
-    /// Incremental runs since that full recompute.
-    pub since_full: u32,
-}
 
 /// When a view must be recomputed from scratch (`[batch] full_every`,
 /// `full_every_time`).

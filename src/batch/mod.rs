@@ -33,19 +33,22 @@ use arrow::array::AsArray;
 use arrow::datatypes::{Int32Type, Int64Type};
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 
-use crate::chunk::Coverage;
 use crate::master::{MasterDataset, MasterError, MasterSnapshot};
+use crate::runs::crc_hex;
+pub use crate::runs::{
+    Compute, FileEntry, Lineage, Manifest, RunInfo, RunKind, RunKinds, RunStore, RunsError,
+    StageTime, ViewEntry,
+};
 use crate::storage::{Storage, StorageError, Swap, Version};
 use crate::view::failures::{FailedRow, ViewFailures};
 use crate::view::{View, ViewError, store::to_tsv};
-pub use engine::{Compute, Engine, EngineError};
+pub use engine::{Engine, EngineError};
 pub use history::AsOf;
+pub use incremental::Policy;
 use incremental::{Decide, Plan};
-pub use incremental::{Lineage, Policy, RunKind};
 
-pub const CURRENT: &str = "views/CURRENT";
+pub use crate::runs::CURRENT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
@@ -90,6 +93,17 @@ pub enum BatchError {
     },
 }
 
+impl From<RunsError> for BatchError {
+    fn from(e: RunsError) -> BatchError {
+        match e {
+            RunsError::Corrupt { path, detail } => BatchError::Corrupt { path, detail },
+            RunsError::BadManifest { path, detail } => BatchError::BadManifest { path, detail },
+            RunsError::View(e) => BatchError::View(e),
+            RunsError::Storage(e) => BatchError::Storage(e),
+        }
+    }
+}
+
 /// " (it was added at run M)", when a kept run says.
 fn added_at(added: &Option<u64>) -> String {
     added.map_or_else(String::new, |a| format!(" (it was added at run {a})"))
@@ -111,140 +125,6 @@ impl crate::error::Explain for BatchError {
             }
             _ => None,
         }
-    }
-}
-
-/// A file of a run, with what it must be.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileEntry {
-    /// Path under the storage root.
-    pub path: String,
-    pub bytes: u64,
-    /// crc32c of the whole file, hex.
-    pub crc32c: String,
-}
-
-/// One view of a published run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ViewEntry {
-    pub fingerprint: String,
-    /// The run that computed these files (older than the manifest's when reused).
-    pub run: u64,
-    pub states: FileEntry,
-    pub tsv: FileEntry,
-    /// State rows (groups) and finalized rows.
-    pub groups: u64,
-    pub rows: u64,
-    pub duration_ms: u64,
-    /// Events left out because the view's expressions fail on them (listed
-    /// in the dead-letter store's `views/<view>.ndjson`).
-    #[serde(default)]
-    pub excluded: u64,
-    /// Full or incremental, and what the run read for the view.
-    #[serde(default)]
-    pub lineage: Lineage,
-}
-
-/// What `views/CURRENT` holds: one run of every view at one coverage.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Manifest {
-    #[serde(flatten)]
-    pub info: RunInfo,
-    pub views: BTreeMap<String, ViewEntry>,
-    /// The definitions of the run's views, in the order they are served:
-    /// every node of a cluster serves these (a follower compiles and adopts
-    /// them, whatever its own config says). Absent from runs of older
-    /// versions.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub definitions: Vec<crate::config::ViewConfig>,
-}
-
-impl std::ops::Deref for Manifest {
-    type Target = RunInfo;
-
-    fn deref(&self) -> &RunInfo {
-        &self.info
-    }
-}
-
-/// A run: what it read and when.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RunInfo {
-    pub run: u64,
-    /// The master dataset version the run read.
-    pub table_version: i64,
-    /// Coverage: the run holds exactly the events with offset < h[p] of each partition p.
-    pub h: Coverage,
-    /// Events the run read.
-    pub events: u64,
-    /// Rollup time (ms since the epoch).
-    pub as_of_ms: i64,
-    pub started_ms: i64,
-    pub duration_ms: u64,
-    pub engine: String,
-    /// Which engine computed the run, and its stages' times.
-    #[serde(default)]
-    pub compute: Compute,
-    /// How the run computed its views: how many in full, how many
-    /// incrementally, how many it kept from an earlier run.
-    #[serde(default)]
-    pub kinds: RunKinds,
-    /// The run `CURRENT` named when this run replaced it (0: none), so the
-    /// published runs are a chain from `CURRENT` and a run that was claimed
-    /// but never published is never answered for. `None` in manifests
-    /// written before the chain was kept.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub previous: Option<u64>,
-}
-
-/// What [`RunInfo::kinds`] counts.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RunKinds {
-    pub full: u32,
-    pub incremental: u32,
-    pub kept: u32,
-    /// Events the run read, over all its views' scans.
-    pub events_read: u64,
-}
-
-impl RunKinds {
-    fn of(run: u64, views: &BTreeMap<String, ViewEntry>) -> RunKinds {
-        let mut k = RunKinds::default();
-        for e in views.values() {
-            if e.run != run {
-                k.kept += 1;
-                continue;
-            }
-            match e.lineage.kind {
-                RunKind::Full => k.full += 1,
-                RunKind::Incremental => k.incremental += 1,
-            }
-            k.events_read += e.lineage.events;
-        }
-        k
-    }
-}
-
-impl std::fmt::Display for RunKinds {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut parts = Vec::new();
-        if self.incremental > 0 {
-            parts.push(format!("{} incremental", self.incremental));
-        }
-        if self.full > 0 {
-            parts.push(format!("{} full", self.full));
-        }
-        if self.kept > 0 {
-            parts.push(format!("{} kept", self.kept));
-        }
-        write!(
-            f,
-            "{} (read {} events)",
-            parts.join(", "),
-            crate::human::group(self.events_read)
-        )
     }
 }
 
@@ -280,10 +160,6 @@ pub fn engine_version() -> String {
     )
 }
 
-fn crc_hex(bytes: &[u8]) -> String {
-    format!("{:08x}", crc32c::crc32c(bytes))
-}
-
 /// Which views a run recomputes, and how.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recompute<'a> {
@@ -301,6 +177,8 @@ pub enum Recompute<'a> {
 pub struct BatchLayer {
     storage: Storage,
     master: Arc<MasterDataset>,
+    /// The published runs (read through it; written here).
+    runs: RunStore,
     /// Replaced whole when views change while serving.
     views: arc_swap::ArcSwap<Vec<Arc<View>>>,
     retention: history::Retention,
@@ -323,6 +201,7 @@ impl BatchLayer {
     ) -> BatchLayer {
         register_store(&storage, &views);
         BatchLayer {
+            runs: RunStore::new(storage.clone(), master.clone()),
             storage,
             master,
             views: arc_swap::ArcSwap::from_pointee(views),
@@ -412,79 +291,33 @@ impl BatchLayer {
         &self.master
     }
 
-    /// The published manifest, if any.
-    pub async fn current(&self) -> Result<Option<Manifest>, BatchError> {
-        let Some(bytes) = self.storage.get(CURRENT).await? else {
-            return Ok(None);
-        };
-        self.parse_manifest(&bytes)
-            .map(Some)
-            .map_err(|detail| BatchError::BadManifest {
-                path: CURRENT.into(),
-                detail,
-            })
+    /// The published runs.
+    pub fn runs(&self) -> &RunStore {
+        &self.runs
     }
 
-    /// The published manifest (`None` if absent or unusable) and the
-    /// version of `CURRENT` it was read at, for the compare-and-swap publish.
+    /// The published manifest, if any.
+    pub async fn current(&self) -> Result<Option<Manifest>, BatchError> {
+        Ok(self.runs.current().await?)
+    }
+
+    /// The published manifest and the version of `CURRENT` it was read at.
     async fn current_versioned(&self) -> Result<(Option<Manifest>, Version), BatchError> {
-        let (bytes, version) = self.storage.get_versioned(CURRENT).await?;
-        let m = match bytes {
-            Some(b) => self.parse_manifest(&b).ok(),
-            None => None,
-        };
-        Ok((m, version))
+        Ok(self.runs.current_versioned().await?)
     }
 
     /// The version of `CURRENT` now: a node that does not drive polls it to
     /// learn of a new publish.
     pub async fn current_version(&self) -> Result<Version, BatchError> {
-        Ok(self.storage.version(CURRENT).await?)
+        Ok(self.runs.current_version().await?)
     }
 
-    /// A manifest of this stream, or why it is unusable.
     fn parse_manifest(&self, bytes: &[u8]) -> Result<Manifest, String> {
-        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        let partitions = self.master.partitions() as usize;
-        if m.h.partitions() as usize > partitions {
-            // A stream never loses partitions (a topic cannot shrink, a
-            // closed Kinesis shard stays in the registry): a manifest of more
-            // is not this stream's, as unusable as a corrupt one. Fewer is a
-            // run from before the stream gained some.
-            return Err(format!(
-                "it covers {} partitions, the stream has {partitions}",
-                m.h.partitions()
-            ));
-        }
-        Ok(m)
+        self.runs.parse_manifest(bytes)
     }
 
-    /// Reads a file of a run and checks it against its entry.
     async fn read_checked(&self, entry: &FileEntry) -> Result<Bytes, BatchError> {
-        let corrupt = |detail: String| BatchError::Corrupt {
-            path: entry.path.clone(),
-            detail,
-        };
-        let bytes = self
-            .storage
-            .get(&entry.path)
-            .await?
-            .ok_or_else(|| corrupt("missing".into()))?;
-        if bytes.len() as u64 != entry.bytes {
-            return Err(corrupt(format!(
-                "{} bytes, the manifest says {}",
-                bytes.len(),
-                entry.bytes
-            )));
-        }
-        let crc = crc_hex(&bytes);
-        if crc != entry.crc32c {
-            return Err(corrupt(format!(
-                "crc32c {crc}, the manifest says {}",
-                entry.crc32c
-            )));
-        }
-        Ok(bytes)
+        Ok(self.runs.read_checked(entry).await?)
     }
 
     /// The published states of `view`, verified: never corrupt rows.
@@ -493,35 +326,15 @@ impl BatchLayer {
         manifest: &Manifest,
         view: &View,
     ) -> Result<RecordBatch, BatchError> {
-        let entry = manifest
-            .views
-            .get(view.name())
-            .ok_or_else(|| BatchError::Corrupt {
-                path: CURRENT.into(),
-                detail: format!("the published run has no view `{}`", view.name()),
-            })?;
-        self.read_entry_states(entry, view).await
+        Ok(self.runs.read_states(manifest, view).await?)
     }
 
-    /// The states of one view entry, verified against the view's
-    /// fingerprint and the entry's checksum.
     async fn read_entry_states(
         &self,
         entry: &ViewEntry,
         view: &View,
     ) -> Result<RecordBatch, BatchError> {
-        if entry.fingerprint != view.fingerprint() {
-            return Err(BatchError::View(ViewError::StateMismatch {
-                view: view.name().to_string(),
-                detail: format!(
-                    "published for fingerprint {}, the view's is {}",
-                    entry.fingerprint,
-                    view.fingerprint()
-                ),
-            }));
-        }
-        let bytes = self.read_checked(&entry.states).await?;
-        Ok(view.states_from_parquet(bytes)?)
+        Ok(self.runs.read_entry_states(entry, view).await?)
     }
 
     /// Checks that every view can be served from the published run.

@@ -69,6 +69,13 @@ pub enum DriverError {
     },
 }
 
+/// A published run that cannot be read is the batch layer's error.
+impl From<crate::runs::RunsError> for DriverError {
+    fn from(e: crate::runs::RunsError) -> DriverError {
+        DriverError::Batch(e.into())
+    }
+}
+
 /// The views of published run `m` as this node serves them: each definition
 /// the run publishes, the one of `current` of that name and fingerprint or
 /// else compiled against `schema`. `None` when the run names no
@@ -408,7 +415,7 @@ pub async fn cycle_changing(
         let Some(Changing { changes, speed }) = changing else {
             let m = batch.run(None::<Arc<Progress>>).await?;
             // The swap: realtime chunks the run covers leave in the same swap.
-            let side = serving.load_side(batch, m.clone()).await?;
+            let side = serving.load_side(batch.runs(), m.clone()).await?;
             serving.set_batch(Arc::new(side));
             release_free_memory();
             return Ok::<_, DriverError>(m);
@@ -429,7 +436,7 @@ pub async fn cycle_changing(
             let m = batch.run(Some(progress)).await?;
             crate::failpoint::hit("views-before-adopt");
             let (all, live) = serving.plan_views(&batch.views());
-            let side = BatchSide::load(batch, m.clone(), &all, &live, &[]).await?;
+            let side = BatchSide::load(batch.runs(), m.clone(), &all, &live, &[]).await?;
             let (done, answer) = tokio::sync::oneshot::channel();
             let adopt = crate::serving::Adopt {
                 views: all,
@@ -824,7 +831,7 @@ impl Driver {
                 let schema = self.batch.master().events_schema().clone();
                 match published_views(&m, &self.batch.views(), &schema).await? {
                     None => {
-                        let side = self.serving.load_side(&self.batch, m.clone()).await?;
+                        let side = self.serving.load_side(self.batch.runs(), m.clone()).await?;
                         self.serving.set_batch(Arc::new(side));
                     }
                     Some(views) => self.adopt(&m, views).await?,
@@ -861,7 +868,7 @@ impl Driver {
         let before = self.batch.set_views(views).map_err(BatchError::from)?;
         let adopted = async {
             let (all, live) = self.serving.plan_views(&self.batch.views());
-            let side = BatchSide::load(&self.batch, m.clone(), &all, &live, &[]).await?;
+            let side = BatchSide::load(self.batch.runs(), m.clone(), &all, &live, &[]).await?;
             let (done, answer) = tokio::sync::oneshot::channel();
             let gone = || DriverError::Adopt("the speed layer has stopped".into());
             self.speed

@@ -30,8 +30,8 @@ use arc_swap::ArcSwap;
 use arrow::record_batch::RecordBatch;
 use serde::Serialize;
 
-use crate::batch::{BatchError, BatchLayer, Manifest};
 use crate::chunk::{self, ChunkRange, Coverage};
+use crate::runs::{Manifest, RunStore, RunsError};
 use crate::view::{View, ViewError};
 
 /// One realtime chunk of one partition: states per view of the events of its range.
@@ -235,16 +235,16 @@ impl BatchSide {
     /// key do not pay for them after every publish and nobody pays for an
     /// index no one reads.
     pub async fn load(
-        batch: &BatchLayer,
+        runs: &RunStore,
         manifest: Manifest,
         views: &[Arc<View>],
         live: &[usize],
         warm: &[(usize, usize)],
-    ) -> Result<BatchSide, BatchError> {
+    ) -> Result<BatchSide, RunsError> {
         let mut states = Vec::with_capacity(views.len());
         for (i, v) in views.iter().enumerate() {
             states.push(if live.contains(&i) {
-                batch.read_states(&manifest, v).await?
+                runs.read_states(&manifest, v).await?
             } else {
                 RecordBatch::new_empty(v.state_schema().clone())
             });
@@ -723,12 +723,12 @@ impl Serving {
     /// readers built.
     pub async fn load_side(
         &self,
-        batch: &BatchLayer,
+        runs: &RunStore,
         manifest: Manifest,
-    ) -> Result<BatchSide, BatchError> {
+    ) -> Result<BatchSide, RunsError> {
         let snap = self.snapshot();
         let warm = snap.batch.as_ref().map(|b| b.indexed()).unwrap_or_default();
-        BatchSide::load(batch, manifest, &self.views(), &snap.live, &warm).await
+        BatchSide::load(runs, manifest, &self.views(), &snap.live, &warm).await
     }
 
     /// The current snapshot.
@@ -1137,7 +1137,7 @@ mod tests {
                     run += 1;
                     serving.set_batch(Arc::new(BatchSide::new(
                         Manifest {
-                            info: crate::batch::RunInfo {
+                            info: crate::runs::RunInfo {
                                 run,
                                 table_version: run as i64,
                                 h,
