@@ -1,8 +1,8 @@
 //! A node: every layer of one process, opened on one data directory, and the
 //! background loops that drive them. This module wires; the policies live in
-//! their layers (startup checks and the batch loop in `batch::driver`, the
+//! their layers (startup checks and the batch loop in `cluster::driver`, the
 //! micro-batch loop in `speed`, the archive queue in `master::archiver`, the
-//! driver lease in `batch::lease`).
+//! driver lease in `cluster::lease`).
 //!
 //! ```text
 //!  data/

@@ -128,7 +128,7 @@ pub async fn take_lease(
     };
     lease.attach(master.clone(), embedded);
     // A taker waits until it has seen the record unchanged for the lease
-    // and its margin (see `batch::lease`), polling every third of it.
+    // and its margin (see `cluster::lease`), polling every third of it.
     let deadline = std::time::Instant::now() + config.batch.lease * 2;
     loop {
         if lease.try_acquire().await? || config.stream.external() {

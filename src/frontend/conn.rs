@@ -86,26 +86,24 @@ impl ConnLimits {
 /// limit, often 1,024, is far below what a server needs); returns the soft
 /// limit now in force.
 pub fn raise_fd_limit() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    // `None` is unlimited.
+    let below = match (lim.current, lim.maximum) {
+        (Some(cur), Some(max)) => cur < max,
+        (Some(_), None) => true,
+        (None, _) => false,
     };
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 1024;
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                lim.rlim_cur = lim.rlim_max;
-            }
+    if below {
+        let want = Rlimit {
+            current: lim.maximum,
+            maximum: lim.maximum,
+        };
+        if setrlimit(Resource::Nofile, want).is_ok() {
+            return lim.maximum.unwrap_or(u64::MAX);
         }
     }
-    lim.rlim_cur
+    lim.current.unwrap_or(u64::MAX)
 }
 
 /// Admission: one slot of the total and one of the peer address's share.
@@ -380,6 +378,7 @@ impl Drop for InFlight {
 /// system says (Linux's `tcp_info.tcpi_bytes_acked`, since Linux 4.1).
 #[cfg(all(target_os = "linux", any(target_env = "gnu", target_env = "musl")))]
 fn bytes_acked(fd: i32) -> Option<u64> {
+    // rustix has no TCP_INFO option, so this stays a libc call.
     // SAFETY: getsockopt writes at most `len` bytes of a `tcp_info` into
     // `info` and the length written into `len`.
     unsafe {

@@ -226,7 +226,7 @@ pub async fn start(node: &Node, listen: SocketAddr) -> Result<Running, ServeErro
         // start while a large reply is still being written, and cut it.
         .header_read_timeout(None)
         // Past the API's own limit, so a request with too many headers gets
-        // its 431 in the documented shape (see `api::MAX_HEADERS`).
+        // its 431 in the documented shape (see `http::MAX_HEADERS`).
         .max_headers(http::HYPER_MAX_HEADERS);
     builder
         .http2()

@@ -543,7 +543,7 @@ impl MasterDataset {
     }
 
     /// Commits from now on carry `term` and are refused once the table holds
-    /// a higher one (the driver lease's term; see `batch::lease`).
+    /// a higher one (the driver lease's term; see `cluster::lease`).
     pub fn set_term(&self, term: u64) {
         self.term.store(term, std::sync::atomic::Ordering::SeqCst);
     }
