@@ -136,51 +136,8 @@ impl From<crate::stream::log::PartitionStats> for LogStats {
     }
 }
 
-/// [`crate::stream::source::PartitionInfo`]: the stream's name for a
-/// partition (a Kinesis shard id) and its state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Shard {
-    pub id: String,
-    pub state: ShardState,
-    /// How far behind the stream's tip the reader is, as the stream says.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub behind_ms: Option<i64>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ShardState {
-    Open,
-    /// Ended for good (a split or merged shard): its partition is final.
-    Closed,
-    /// Over the stream's read budget; the reader backs off.
-    Throttled,
-}
-
-impl ShardState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ShardState::Open => "open",
-            ShardState::Closed => "closed",
-            ShardState::Throttled => "throttled",
-        }
-    }
-}
-
-impl From<crate::stream::source::PartitionInfo> for Shard {
-    fn from(i: crate::stream::source::PartitionInfo) -> Shard {
-        use crate::stream::source::PartitionState as S;
-        Shard {
-            id: i.id,
-            state: match i.state {
-                S::Open => ShardState::Open,
-                S::Closed => ShardState::Closed,
-                S::Throttled => ShardState::Throttled,
-            },
-            behind_ms: i.behind_ms,
-        }
-    }
-}
+/// The stream's name for a partition (a Kinesis shard id) and its state.
+pub use crate::stream::source::{PartitionInfo as Shard, PartitionState as ShardState};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct IngestStatus {
@@ -200,22 +157,8 @@ pub struct IngestStatus {
     pub dead_letters_recent: Vec<RecentReject>,
 }
 
-/// [`crate::stream::deadletter::RecentReject`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RecentReject {
-    pub at_ms: i64,
-    /// "line 7: field `price`: expected int64, got string \"abc\"".
-    pub message: String,
-}
-
-impl From<crate::stream::deadletter::RecentReject> for RecentReject {
-    fn from(r: crate::stream::deadletter::RecentReject) -> RecentReject {
-        RecentReject {
-            at_ms: r.at_ms,
-            message: r.message,
-        }
-    }
-}
+/// A refused line, as the dashboard lists it.
+pub use crate::stream::deadletter::RecentReject;
 
 /// Views changed while serving, and the build in progress.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

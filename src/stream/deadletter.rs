@@ -221,7 +221,7 @@ type StreamMarks = std::collections::BTreeMap<String, std::collections::BTreeMap
 const MARKS: &str = "marks.json";
 
 /// A refused line, as the dashboard lists it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct RecentReject {
     pub at_ms: i64,
     /// "line 7: field `price`: expected int64, got string \"abc\"".

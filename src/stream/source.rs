@@ -392,17 +392,17 @@ pub trait Source: Send + Sync + 'static {
 }
 
 /// A partition as the stream names it, for `status`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct PartitionInfo {
     /// The stream's name for it (a Kinesis shard id).
     pub id: String,
     pub state: PartitionState,
     /// How far behind the stream's tip the reader is, as the stream says.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub behind_ms: Option<i64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PartitionState {
     Open,
@@ -410,6 +410,16 @@ pub enum PartitionState {
     Closed,
     /// Over the stream's read budget; the reader backs off.
     Throttled,
+}
+
+impl PartitionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PartitionState::Open => "open",
+            PartitionState::Closed => "closed",
+            PartitionState::Throttled => "throttled",
+        }
+    }
 }
 
 /// Reads every record of partition `p` at positions `[start, end)` (to
