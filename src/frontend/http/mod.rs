@@ -427,10 +427,7 @@ async fn status(axum::extract::State(state): axum::extract::State<Arc<ApiState>>
             let partition = log.as_ref().map_or(p as u32, |l| l.partition);
             PartitionStatus {
                 partition,
-                shard: source
-                    .as_ref()
-                    .and_then(|s| s.info(partition))
-                    .map(Into::into),
+                shard: source.as_ref().and_then(|s| s.info(partition)),
                 log: log.map(Into::into),
                 archived: master.as_ref().and_then(|m| m.h.listed(p as u32)),
                 published: batch
@@ -486,7 +483,7 @@ async fn status(axum::extract::State(state): axum::extract::State<Arc<ApiState>>
             dead_letters_dropped: dead.counters.dropped.load(Relaxed),
             dead_letter_bytes: dead.bytes(),
             dead_letter_files_removed: dead.counters.removed_files.load(Relaxed),
-            dead_letters_recent: dead.recent().into_iter().map(Into::into).collect(),
+            dead_letters_recent: dead.recent(),
         },
     })
 }
