@@ -121,9 +121,16 @@ impl std::fmt::Display for ChunkRange {
 /// dataset or of a batch run, R of the realtime side, where a speed layer
 /// starts). A partition beyond the ones listed is at 0: nothing of it is
 /// held yet. Serialized as the plain list of ends.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Coverage(Vec<u64>);
+
+/// As the plain list of ends (`[4, 0, 9]`), in logs and messages alike.
+impl std::fmt::Debug for Coverage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(&self.0).finish()
+    }
+}
 
 impl Coverage {
     /// Nothing held, of any partition.
@@ -344,6 +351,11 @@ mod tests {
             serde_json::to_string(&h).unwrap(),
             "[4,0,9]",
             "serialized as the plain list"
+        );
+        assert_eq!(
+            format!("{h:?} {h}"),
+            "[4, 0, 9] [4, 0, 9]",
+            "messages and logs show H as the list they always showed, not the type's name"
         );
     }
 
