@@ -307,6 +307,49 @@ pub struct IngestConfig {
     /// oldest files are removed (a `health` warning and a metric say so).
     #[serde(default = "default_dead_letter_max")]
     pub dead_letter_max: ByteSize,
+    /// What is remembered of producers' requests (`Lambdaflow-Producer`,
+    /// `Lambdaflow-Sequence`) to recognise a re-sent one.
+    #[serde(default)]
+    pub idempotence: IdempotenceConfig,
+}
+
+/// `[ingest.idempotence]`: the request ledger's bounds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotenceConfig {
+    /// Per producer, the most recent sequences remembered; an older one is
+    /// refused (422) rather than stored again. At least the producer's
+    /// requests in flight.
+    #[serde(default = "default_idem_window")]
+    pub window: usize,
+    /// A producer not seen for this long is forgotten.
+    #[serde(default = "default_forget_after", with = "humantime_serde")]
+    pub forget_after: Duration,
+    /// Producers remembered at once; a new one beyond is refused (503).
+    #[serde(default = "default_max_producers")]
+    pub max_producers: usize,
+}
+
+impl Default for IdempotenceConfig {
+    fn default() -> Self {
+        IdempotenceConfig {
+            window: default_idem_window(),
+            forget_after: default_forget_after(),
+            max_producers: default_max_producers(),
+        }
+    }
+}
+
+fn default_idem_window() -> usize {
+    1024
+}
+
+fn default_forget_after() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+
+fn default_max_producers() -> usize {
+    100_000
 }
 
 fn default_dead_letter_max() -> ByteSize {
@@ -342,6 +385,7 @@ impl Default for IngestConfig {
             max_unpublished: default_max_unpublished(),
             max_realtime_memory: default_max_realtime_memory(),
             dead_letter_max: default_dead_letter_max(),
+            idempotence: IdempotenceConfig::default(),
         }
     }
 }

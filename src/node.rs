@@ -35,7 +35,7 @@ use crate::health::Health;
 use crate::master::{MasterDataset, MasterError};
 use crate::serving::Serving;
 use crate::speed::{SpeedError, SpeedLayer, SpeedMetrics, SpeedOptions};
-use crate::storage::StorageError;
+use crate::storage::{Storage, StorageError};
 use crate::stream::Source;
 use crate::stream::deadletter::DeadLetterError;
 use crate::stream::ingest::Backlog;
@@ -73,6 +73,8 @@ pub enum NodeError {
     Lease(#[from] crate::cluster::lease::LeaseError),
     #[error("{0}")]
     Cluster(#[from] crate::cluster::ClusterError),
+    #[error("{0}")]
+    Requests(#[from] crate::stream::requests::RequestError),
 }
 
 /// A published run that cannot be read is the batch layer's error.
@@ -301,6 +303,9 @@ pub async fn assemble_over(
         config.ingest.max_unpublished,
         config.ingest.max_realtime_memory.as_u64(),
     ));
+    if !config.stream.external() {
+        ingest.ledger = Some(open_ledger(&config, &log, &storage, &master).await?);
+    }
     let ingest = Arc::new(ingest);
 
     let lease = crate::cluster::take_lease(&config, &clock, &master, &log).await?;
@@ -436,6 +441,35 @@ fn open_log(
 }
 
 /// The dead-letter store, bounded by the disk it is on.
+/// The request ledger of the embedded log: loaded from the snapshot and the
+/// log's tags before anything is acknowledged, and written before each
+/// commit to the master dataset.
+async fn open_ledger(
+    config: &Config,
+    log: &Arc<Log>,
+    storage: &Storage,
+    master: &Arc<crate::master::MasterDataset>,
+) -> Result<Arc<crate::stream::requests::Ledger>, NodeError> {
+    use crate::stream::requests::{Bounds, Ledger};
+    let ledger = Arc::new(Ledger::new(
+        log.clone(),
+        storage.clone(),
+        Bounds::from(&config.ingest.idempotence),
+    ));
+    ledger.load(0).await?;
+    let weak = Arc::downgrade(&ledger);
+    master.set_before_commit(Arc::new(move |upto| {
+        let weak = weak.clone();
+        Box::pin(async move {
+            match weak.upgrade() {
+                Some(l) => l.persist(&upto).await.map_err(|e| e.to_string()),
+                None => Ok(()),
+            }
+        })
+    }));
+    Ok(ledger)
+}
+
 fn open_dead_letters(
     config: &Config,
     health: &Arc<Health>,

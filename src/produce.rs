@@ -13,9 +13,14 @@
 //! generated, like a live producer. `--late F` moves a fraction F of events
 //! one to six hours into the past (late data, which the handoff must count).
 //!
-//! Delivery is at-least-once: a request that fails with 429/503/507 or a lost
-//! connection is retried with backoff; a retry after a lost connection may
-//! duplicate the events the server had already stored.
+//! Delivery is exactly once to a server on the embedded log: each request
+//! carries this run's producer name and its batch number
+//! (`Lambdaflow-Producer`, `Lambdaflow-Sequence`), a request that fails with
+//! 429/503/507 or a lost connection is retried with backoff, and a retry of a
+//! request the server had stored is answered with its original offsets,
+//! nothing stored twice (`stream::requests`). A server that cannot recognise
+//! re-sent requests (a Kafka or Kinesis node) says so; the run goes on
+//! without the headers, at least once, and the summary says so.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -90,6 +95,12 @@ pub struct ProduceOptions {
     /// Send straight to this Kinesis stream (PutRecords, failed records
     /// retried) instead of to a server.
     pub kinesis: Option<crate::stream::kinesis::KinesisConfig>,
+    /// Number the requests so the server recognises a re-sent one.
+    pub idempotent: bool,
+    /// The producer's name (default: one of its own for each run). A run
+    /// under the name of an earlier one with the same events and batch
+    /// size is recognised as a re-send of it: nothing is stored twice.
+    pub producer_name: Option<String>,
 }
 
 impl Default for ProduceOptions {
@@ -111,6 +122,8 @@ impl Default for ProduceOptions {
             kafka: None,
             kinesis: None,
             max_retries: 10,
+            idempotent: true,
+            producer_name: None,
         }
     }
 }
@@ -128,6 +141,11 @@ pub struct Summary {
     pub in_doubt: u64,
     pub requests: u64,
     pub retries: u64,
+    /// Re-sent requests the server recognised as stored before.
+    pub recognised: u64,
+    /// Why requests went without their identity (the server cannot
+    /// recognise re-sent requests): at least once, not exactly once.
+    pub unnumbered: Option<String>,
     pub elapsed: Duration,
     /// The first error a request failed with for good, if any.
     pub first_error: Option<String>,
@@ -163,14 +181,21 @@ impl std::fmt::Display for Summary {
         }
         write!(
             f,
-            "  accepted {} · rejected {} · failed {} · in doubt {} · requests {} · retries {}",
+            "  accepted {} · rejected {} · failed {} · in doubt {} · requests {} · retries {} · re-sent requests recognised {}",
             group(self.accepted),
             group(self.rejected),
             group(self.failed),
             group(self.in_doubt),
             group(self.requests),
-            group(self.retries)
+            group(self.retries),
+            group(self.recognised)
         )?;
+        if let Some(why) = &self.unnumbered {
+            write!(
+                f,
+                "\n  at least once: requests were sent without their identity ({why})"
+            )?;
+        }
         if let Some(e) = &self.first_error {
             write!(f, "\n  first failure: {e}")?;
         }
@@ -310,6 +335,12 @@ struct Reply {
     /// With a 503 from a Kafka or Kinesis node: what became of each line.
     #[serde(default)]
     report: Option<Box<Reply>>,
+    /// A re-sent request the server had stored (`stored`, `completed`).
+    #[serde(default)]
+    resent: Option<String>,
+    /// The error's stable name.
+    #[serde(default)]
+    code: Option<String>,
     #[serde(default)]
     error: Option<String>,
     #[serde(default)]
@@ -448,6 +479,20 @@ pub async fn run(opts: ProduceOptions) -> Result<Summary, ProduceError> {
         bar: bar.clone(),
         stats: Stats::default(),
         first_error: std::sync::Mutex::new(None),
+        name: opts.idempotent.then(|| {
+            opts.producer_name.clone().unwrap_or_else(|| {
+                // Unique to this run: process and time.
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                format!(
+                    "produce-{}-{:016x}",
+                    std::process::id(),
+                    splitmix64(t.as_nanos() as u64 ^ u64::from(std::process::id()))
+                )
+            })
+        }),
+        unnumbered: std::sync::OnceLock::new(),
     });
     let began = Instant::now();
     let mut tasks = Vec::new();
@@ -468,6 +513,8 @@ pub async fn run(opts: ProduceOptions) -> Result<Summary, ProduceError> {
         in_doubt: s.in_doubt.load(Ordering::Relaxed),
         requests: s.requests.load(Ordering::Relaxed),
         retries: s.retries.load(Ordering::Relaxed),
+        recognised: s.recognised.load(Ordering::Relaxed),
+        unnumbered: shared.unnumbered.get().cloned(),
         elapsed: began.elapsed(),
         first_error: shared.first_error.lock().expect("lock").clone(),
     })
@@ -514,6 +561,7 @@ struct Stats {
     in_doubt: AtomicU64,
     requests: AtomicU64,
     retries: AtomicU64,
+    recognised: AtomicU64,
 }
 
 struct Shared {
@@ -528,6 +576,10 @@ struct Shared {
     bar: ProgressBar,
     stats: Stats,
     first_error: std::sync::Mutex<Option<String>>,
+    /// The name requests carry (`None`: sent without identity).
+    name: Option<String>,
+    /// Set when the server said it cannot recognise re-sent requests.
+    unnumbered: std::sync::OnceLock<String>,
 }
 
 impl Shared {
@@ -615,7 +667,7 @@ impl Shared {
                     Duration::from_secs_f64((k * self.opts.batch as u64) as f64 / rate as f64);
                 tokio::time::sleep_until(self.t0 + due).await;
             }
-            self.send(body, n).await;
+            self.send(k, body, n).await;
             self.stats.events.fetch_add(n, Ordering::Relaxed);
             self.bar.inc(n);
         }
@@ -646,7 +698,7 @@ impl Shared {
         self.count(producer.send_each(records).await);
     }
 
-    async fn send(&self, body: Bytes, n: u64) {
+    async fn send(&self, seq: u64, body: Bytes, n: u64) {
         if let Some(producer) = &self.producer {
             return self.send_records(producer.as_ref(), body, n).await;
         }
@@ -657,7 +709,7 @@ impl Shared {
         let next = std::sync::Mutex::new((body, n));
         let sent = (|| async {
             let (body, n) = next.lock().expect("next lines").clone();
-            let tried = self.try_send(body, n).await;
+            let tried = self.try_send(seq, body, n).await;
             if let Err(Unsent {
                 rest: Some(rest), ..
             }) = &tried
@@ -687,15 +739,20 @@ impl Shared {
 
     /// One request with `n` lines. `Err` says why not all were stored,
     /// whether to try again, and what to send then.
-    async fn try_send(&self, body: Bytes, n: u64) -> Result<(), Unsent> {
+    async fn try_send(&self, seq: u64, body: Bytes, n: u64) -> Result<(), Unsent> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let sent = self
+        let mut req = self
             .client
             .post(&self.url)
-            .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson")
-            .body(body.clone())
-            .send()
-            .await;
+            .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson");
+        if let Some(name) = &self.name
+            && self.unnumbered.get().is_none()
+        {
+            req = req
+                .header(crate::stream::requests::PRODUCER_HEADER, name.as_str())
+                .header(crate::stream::requests::SEQUENCE_HEADER, seq.to_string());
+        }
+        let sent = req.body(body.clone()).send().await;
         let (retry, why, wait) = match sent {
             Ok(resp) => {
                 let status = resp.status();
@@ -707,6 +764,20 @@ impl Shared {
                     .map(Duration::from_secs);
                 let text = resp.bytes().await.unwrap_or_default();
                 let mut reply: Reply = serde_json::from_slice(&text).unwrap_or_default();
+                if reply.code.as_deref() == Some("idempotence-unsupported") {
+                    // Sent again at once, without the identity.
+                    let _ = self.unnumbered.set(reply.error.clone().unwrap_or_default());
+                    return Err(Unsent {
+                        why: reply.error.unwrap_or_default(),
+                        lines: n,
+                        retry: true,
+                        wait: Some(Duration::ZERO),
+                        rest: None,
+                    });
+                }
+                if reply.resent.is_some() {
+                    self.stats.recognised.fetch_add(1, Ordering::Relaxed);
+                }
                 // A 503 that lists lines in doubt: as a 207 with nothing stored.
                 let reply = match reply.report.take() {
                     Some(r) if status.as_u16() == 503 && !r.in_doubt.is_empty() => Reply {
@@ -753,7 +824,7 @@ impl Shared {
                         rest: Some((rest, count)),
                     });
                 }
-                if status.is_success() || status.as_u16() == 422 {
+                if status.is_success() || (status.as_u16() == 422 && reply.code.is_none()) {
                     self.stats
                         .accepted
                         .fetch_add(reply.accepted, Ordering::Relaxed);

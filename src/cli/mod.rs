@@ -198,6 +198,16 @@ pub struct ProduceArgs {
     /// Another Kinesis endpoint than AWS's (an emulator), with --kinesis.
     #[arg(long, requires = "kinesis", value_name = "URL")]
     pub endpoint: Option<String>,
+    /// The producer's name, sent with each request with its number so the
+    /// server recognises a re-sent one (default: a new name each run). A
+    /// run under an earlier run's name, with its events and --batch, is
+    /// recognised as a re-send of it: nothing is stored twice.
+    #[arg(long, value_name = "NAME", conflicts_with = "no_idempotence")]
+    pub producer: Option<String>,
+    /// Send requests without a producer name and number (at least once:
+    /// a request re-sent after a lost reply may be stored twice).
+    #[arg(long)]
+    pub no_idempotence: bool,
 }
 
 impl ProduceArgs {
@@ -233,6 +243,8 @@ impl ProduceArgs {
                     endpoint: self.endpoint.clone(),
                     poll: std::time::Duration::from_millis(250),
                 }),
+            idempotent: !self.no_idempotence,
+            producer_name: self.producer.clone(),
             ..ProduceOptions::default()
         }
     }

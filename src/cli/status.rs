@@ -209,6 +209,20 @@ fn ingest(out: &mut String, s: &Status) {
         group(i.accepted),
         group(i.rejected)
     );
+    if let Some(d) = &i.idempotence {
+        let _ = writeln!(
+            out,
+            "  numbered requests: {} · re-sent recognised {} (completed {}) · refused: changed body {}, too old {} · producers {} of {} (window {})",
+            group(d.identified),
+            group(d.recognised),
+            group(d.completed),
+            group(d.changed),
+            group(d.too_old),
+            group(d.producers),
+            group(d.max_producers),
+            group(d.window)
+        );
+    }
 }
 
 /// Failures being retried, and repairs made.

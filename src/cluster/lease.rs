@@ -225,6 +225,14 @@ impl crate::stream::ingest::Fence for Lease {
     ) -> Result<Box<dyn Send + 'a>, crate::stream::ingest::FenceError> {
         Ok(Box::new(Lease::reserve(self, counts).await?))
     }
+
+    fn term(&self) -> u64 {
+        if !self.is_held() {
+            return 0;
+        }
+        let s = self.state.lock().expect("lease lock");
+        s.record.as_ref().map_or(0, |r| r.term)
+    }
 }
 
 impl Lease {

@@ -155,6 +155,29 @@ pub struct IngestStatus {
     /// The latest refused lines with their reasons, newest first.
     #[serde(default)]
     pub dead_letters_recent: Vec<RecentReject>,
+    /// Producers' numbered requests (`Lambdaflow-Producer`): none on a node
+    /// that cannot recognise re-sent requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotence: Option<IdempotenceStatus>,
+}
+
+/// The request ledger: numbered requests, and the re-sent ones recognised.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct IdempotenceStatus {
+    /// Requests that carried a producer and a sequence.
+    pub identified: u64,
+    /// Re-sent requests answered with their original offsets, nothing stored.
+    pub recognised: u64,
+    /// Re-sent requests stored in part before, completed.
+    pub completed: u64,
+    /// Refused: another body under a stored sequence (409), a sequence
+    /// below its producer's window (422).
+    pub changed: u64,
+    pub too_old: u64,
+    /// Producers remembered now, and at most.
+    pub producers: u64,
+    pub max_producers: u64,
+    pub window: u64,
 }
 
 /// A refused line, as the dashboard lists it.

@@ -61,6 +61,8 @@ pub enum MasterError {
     },
     #[error("{0}")]
     Storage(#[from] StorageError),
+    #[error("master dataset: what must be durable before a commit could not be written: {detail}")]
+    BeforeCommit { detail: String },
     #[error("master dataset: could not encode a chunk as Parquet")]
     Encode(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the schema cannot {change} field `{field}` of the master dataset")]
@@ -307,7 +309,18 @@ pub struct MasterDataset {
     /// checked (the usual case: the driver's own previous commit) does not
     /// scan the log's application transactions again.
     term_seen: std::sync::Mutex<(i64, u64)>,
+    /// Called before each commit with the coverage it reaches (the
+    /// partitions it extends, with their new ends); a failure fails the
+    /// commit. The request ledger's snapshot is written there.
+    before_commit: std::sync::OnceLock<BeforeCommit>,
 }
+
+/// See [`MasterDataset::set_before_commit`].
+pub type BeforeCommit = Arc<
+    dyn Fn(Vec<(u32, u64)>) -> futures::future::BoxFuture<'static, Result<(), String>>
+        + Send
+        + Sync,
+>;
 
 /// The application transaction every commit on a shared root carries: its
 /// version is the driver lease's term.
@@ -389,6 +402,13 @@ fn delta_columns(events: &EventSchema) -> Vec<StructField> {
 }
 
 impl MasterDataset {
+    /// Runs `hook` before each commit of chunks, with the coverage the commit
+    /// reaches; what must be durable before the log may drop the chunks'
+    /// events goes there. Set once.
+    pub fn set_before_commit(&self, hook: BeforeCommit) {
+        let _ = self.before_commit.set(hook);
+    }
+
     /// Opens the table under `storage`, creating it on first use.
     pub async fn open(
         storage: &Storage,
@@ -450,6 +470,7 @@ impl MasterDataset {
             foreign: Default::default(),
             term: 0.into(),
             term_seen: std::sync::Mutex::new((i64::MIN, 0)),
+            before_commit: std::sync::OnceLock::new(),
         };
         master.evolve_schema().await?;
         // Loads the latest version and its coverage, as `refresh` would.
@@ -1188,6 +1209,11 @@ impl MasterDataset {
             txns.push((partition, end));
         }
 
+        if let Some(hook) = self.before_commit.get() {
+            hook(txns.clone())
+                .await
+                .map_err(|detail| MasterError::BeforeCommit { detail })?;
+        }
         let txns_of = txns
             .iter()
             .map(|&(p, end)| Transaction::new(app_id(p), end as i64))

@@ -16,6 +16,7 @@ use super::deadletter::{DeadLetter, DeadLetterError, DeadLetters};
 use super::decode::{Accepted, Decoded, Decoder};
 use super::log::{Log, LogError};
 use super::producer::{Outgoing, Placed, Producer};
+use super::requests::{Begin, Claim, Ledger, Part, RequestId, Tag};
 use super::source::Delivery;
 
 /// Bodies larger than this are decoded on the blocking pool, not a runtime worker.
@@ -60,6 +61,11 @@ pub struct IngestReport {
     /// they may or may not be stored.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub in_doubt: Vec<LineSpan>,
+    /// A re-sent request of a producer: `stored` when it was stored before
+    /// and nothing was stored now (the offsets are the original ones),
+    /// `completed` when it was stored in part before and the rest now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resent: Option<&'static str>,
 }
 
 /// Consecutive lines `first..=last` of a body that share one outcome.
@@ -139,6 +145,9 @@ struct Refusals {
     dropped: u64,
     /// Off the async runtime: pieces may be written as they fill.
     may_write: bool,
+    /// A request stored before, decoded again for its reply: nothing is
+    /// written or counted in the store.
+    dry: bool,
     wrote: bool,
     error: Option<DeadLetterError>,
 }
@@ -157,6 +166,7 @@ impl Refusals {
             budget,
             dropped: 0,
             may_write,
+            dry: false,
             wrote: false,
             error: None,
         }
@@ -165,13 +175,18 @@ impl Refusals {
     fn push(&mut self, r: super::decode::Reject) {
         self.rejected += 1;
         if self.errors.len() < MAX_REPORTED_ERRORS {
-            self.store.remember(r.to_string());
+            if !self.dry {
+                self.store.remember(r.to_string());
+            }
             self.errors.push(LineError {
                 line: r.line,
                 field: r.field.clone(),
                 reason: r.reason.clone(),
                 message: r.to_string(),
             });
+        }
+        if self.dry {
+            return;
         }
         if self.error.is_some() || self.budget == 0 {
             self.dropped += u64::from(self.error.is_none());
@@ -209,6 +224,13 @@ impl Refusals {
 
     /// Writes what is left and makes it durable. Blocking.
     fn finish(mut self) -> Result<Refused, DeadLetterError> {
+        if self.dry {
+            return Ok(Refused {
+                errors: self.errors,
+                rejected: self.rejected,
+                dropped: 0,
+            });
+        }
         self.flush();
         if let Some(e) = self.error {
             return Err(e);
@@ -296,6 +318,9 @@ pub enum IngestError {
     /// events of the embedded log; nothing of the request was stored.
     #[error("not acknowledged")]
     NotDriving(#[source] FenceError),
+    /// A producer's request identity refused, or the ledger failed.
+    #[error("{0}")]
+    Request(#[from] super::requests::RequestError),
     /// This node consumes an external stream; its producers send there.
     #[error(
         "this node consumes {stream}; send events to it directly (`lambdaflow produce --help` lists the streams it sends to)"
@@ -445,6 +470,8 @@ pub struct Ingest {
     /// On a shared root with the embedded log, what fences
     /// acknowledgements (the cluster's driver lease).
     pub fence: std::sync::OnceLock<Arc<dyn Fence>>,
+    /// Which producers' requests are stored (the embedded log only).
+    pub ledger: Option<Arc<Ledger>>,
 }
 
 /// Why a [`Fence`] refused to let events be acknowledged (the fence's own
@@ -459,6 +486,10 @@ pub type FenceError = Box<dyn std::error::Error + Send + Sync>;
 pub trait Fence: Send + Sync {
     async fn reserve<'a>(&'a self, counts: &[(u32, u64)])
     -> Result<Box<dyn Send + 'a>, FenceError>;
+
+    /// The lease term this node holds (0 when it holds none): the request
+    /// ledger merges the newest snapshot when it rises.
+    fn term(&self) -> u64;
 }
 
 impl Ingest {
@@ -474,6 +505,7 @@ impl Ingest {
             failing: std::sync::atomic::AtomicBool::new(false),
             producer: None,
             fence: std::sync::OnceLock::new(),
+            ledger: None,
         }
     }
 
@@ -520,6 +552,17 @@ impl Ingest {
 
     /// Decodes, stores and reports one NDJSON body.
     pub async fn ingest(&self, body: Bytes) -> Result<IngestReport, IngestFailure> {
+        self.ingest_request(body, None).await
+    }
+
+    /// Decodes, stores and reports one NDJSON body; with a producer's
+    /// request identity, a request stored before is answered as it was
+    /// (`stream::requests`).
+    pub async fn ingest_request(
+        &self,
+        body: Bytes,
+        id: Option<RequestId>,
+    ) -> Result<IngestReport, IngestFailure> {
         let fail = |error: IngestError| IngestFailure {
             error,
             partial: IngestReport::default(),
@@ -527,21 +570,82 @@ impl Ingest {
         if body.is_empty() {
             return Err(fail(IngestError::EmptyBody));
         }
+        // A producer's request: stored before, whole or in part, or new.
+        let mut claim: Option<(Claim, Vec<Part>, Tag)> = None;
+        if let Some(id) = id {
+            let ledger = match (&self.producer, &self.ledger) {
+                (None, Some(ledger)) => ledger,
+                (producer, _) => {
+                    return Err(fail(IngestError::Request(
+                        super::requests::RequestError::Unsupported {
+                            stream: producer
+                                .as_ref()
+                                .map_or("an external stream".into(), |p| p.describe()),
+                        },
+                    )));
+                }
+            };
+            if let Some(fence) = self.fence.get() {
+                // A node that took the driver lease over learns what the
+                // old driver stored before it acknowledges anything.
+                let term = fence.term();
+                if term > ledger.term() {
+                    ledger.load(term).await.map_err(|e| fail(e.into()))?;
+                }
+            }
+            let digest = super::requests::digest(&body);
+            match ledger
+                .begin(&id, digest)
+                .await
+                .map_err(|e| fail(e.into()))?
+            {
+                Begin::Stored(parts) => return self.replay(&body, &id, &parts).await,
+                Begin::Resume(c, have) => {
+                    claim = Some((
+                        c,
+                        have,
+                        Tag {
+                            id,
+                            digest,
+                            parts: 0,
+                        },
+                    ));
+                }
+                Begin::New(c) => {
+                    claim = Some((
+                        c,
+                        Vec::new(),
+                        Tag {
+                            id,
+                            digest,
+                            parts: 0,
+                        },
+                    ))
+                }
+            }
+        }
         self.backlog.check().map_err(fail)?;
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         self.counters
             .bytes
             .fetch_add(body.len() as u64, Ordering::Relaxed);
-        let partition = self.next_partition.fetch_add(1, Ordering::Relaxed) % self.log.partitions();
+        let partition = match &claim {
+            // A re-sent request must split as it did the first time.
+            Some((_, _, tag)) => self.partition_of(&tag.id),
+            None => self.next_partition.fetch_add(1, Ordering::Relaxed) % self.log.partitions(),
+        };
         let internal = |e: tokio::task::JoinError| fail(IngestError::Internal(e.to_string()));
         // Producing into an external stream sends the accepted lines as
         // they are; the embedded log takes the decoded columns.
         let collect = self.producer.is_some();
+        // The part of a request stored before has had its lines refused.
+        let dry = claim.as_ref().is_some_and(|(_, have, _)| !have.is_empty());
         let (decoded, refused, lines) = if body.len() <= INLINE_DECODE_BYTES {
             let mut refusals = Refusals::new(self.dead.clone(), body.clone(), false);
+            refusals.dry = dry;
             let (decoded, lines) =
                 decode_into(&self.decoder, &body, partition, &mut refusals, collect);
-            let refused = if refusals.rejected > 0 {
+            let refused = if refusals.rejected > 0 && !dry {
                 tokio::task::spawn_blocking(move || refusals.finish())
                     .await
                     .map_err(internal)?
@@ -553,6 +657,7 @@ impl Ingest {
             let (decoder, dead, body) = (self.decoder.clone(), self.dead.clone(), body.clone());
             tokio::task::spawn_blocking(move || {
                 let mut refusals = Refusals::new(dead, body.clone(), true);
+                refusals.dry = dry;
                 let (decoded, lines) =
                     decode_into(&decoder, &body, partition, &mut refusals, collect);
                 (decoded, refusals.finish(), lines)
@@ -562,7 +667,9 @@ impl Ingest {
         };
         let refused = refused.map_err(|e| fail(e.into()))?;
         let Decoded {
-            batches, accepted, ..
+            mut batches,
+            accepted,
+            ..
         } = decoded;
         self.counters
             .rejected
@@ -578,7 +685,22 @@ impl Ingest {
             drop(batches);
             return self.produce(producer.as_ref(), &body, lines, report).await;
         }
-        if accepted > 0 {
+        // A request stored in part before: only its other partitions now.
+        let mut tag = None;
+        if let Some((_, have, t)) = &mut claim {
+            t.parts = batches.len() as u16;
+            batches.retain(|(p, _)| !have.iter().any(|h| h.partition == *p));
+            for h in have.iter() {
+                report.accepted += h.count;
+                report.offsets.push(h.range());
+            }
+            if !have.is_empty() {
+                report.resent = Some("completed");
+            }
+            tag = Some(t.encode());
+        }
+        let mut stored = Vec::new();
+        if accepted > 0 && !batches.is_empty() {
             // Fenced: reserved under the driver lease before anything is stored.
             let counts: Vec<(u32, u64)> = batches
                 .iter()
@@ -593,13 +715,15 @@ impl Ingest {
                 ),
                 None => None,
             };
-            let acks = match self.log.append_all(batches).await {
+            let acks = match self.log.append_all(batches, tag.as_deref()).await {
                 Ok(acks) => acks,
                 Err(e) => {
                     self.log_result(Some(&e));
                     return Err(fail(e.into()));
                 }
             };
+            // Stored, not answered: the producer's retry is in doubt.
+            crate::failpoint::hit("ingest-after-append");
             let mut first_error = None;
             for ack in acks {
                 match ack {
@@ -610,15 +734,24 @@ impl Ingest {
                             first: a.first,
                             last: a.first + a.count - 1,
                         });
+                        stored.push(Part {
+                            partition: a.partition,
+                            first: a.first,
+                            count: a.count,
+                        });
                     }
                     Err(e) => {
                         first_error.get_or_insert(e);
                     }
                 }
             }
+            report.offsets.sort_by_key(|o| o.partition);
+            if let Some((c, _, t)) = claim.take() {
+                c.stored(&stored, t.parts);
+            }
             self.counters
                 .accepted
-                .fetch_add(report.accepted, Ordering::Relaxed);
+                .fetch_add(stored.iter().map(|p| p.count).sum(), Ordering::Relaxed);
             self.log_result(first_error.as_ref());
             if let Some(e) = first_error {
                 return Err(IngestFailure {
@@ -628,6 +761,51 @@ impl Ingest {
             }
         }
         Ok(report)
+    }
+
+    /// The partition a producer's request goes to (lines without a key):
+    /// a function of its identity, so a re-sent request splits as the
+    /// first one did.
+    fn partition_of(&self, id: &RequestId) -> u32 {
+        let mut h = blake3::Hasher::new();
+        h.update(id.producer.as_bytes());
+        h.update(&id.sequence.to_le_bytes());
+        let b = h.finalize();
+        let n = u64::from_le_bytes(b.as_bytes()[..8].try_into().expect("8 bytes"));
+        (n % u64::from(self.log.partitions())) as u32
+    }
+
+    /// The reply to a request stored before: its lines decoded again for
+    /// the refused ones (nothing written), its original offsets.
+    async fn replay(
+        &self,
+        body: &Bytes,
+        id: &RequestId,
+        parts: &[Part],
+    ) -> Result<IngestReport, IngestFailure> {
+        let (decoder, dead, body) = (self.decoder.clone(), self.dead.clone(), body.clone());
+        let partition = self.partition_of(id);
+        let refused = tokio::task::spawn_blocking(move || {
+            let mut refusals = Refusals::new(dead, body.clone(), false);
+            refusals.dry = true;
+            let _ = decode_into(&decoder, &body, partition, &mut refusals, false);
+            refusals.finish()
+        })
+        .await
+        .map_err(|e| IngestFailure {
+            error: IngestError::Internal(e.to_string()),
+            partial: IngestReport::default(),
+        })?
+        .expect("a dry decode writes nothing");
+        Ok(IngestReport {
+            accepted: parts.iter().map(|p| p.count).sum(),
+            rejected: refused.rejected,
+            offsets: parts.iter().map(Part::range).collect(),
+            errors_omitted: refused.rejected - refused.errors.len() as u64,
+            errors: refused.errors,
+            resent: Some("stored"),
+            ..IngestReport::default()
+        })
     }
 
     /// Sends the accepted lines of a body to the external stream, each to

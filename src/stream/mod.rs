@@ -37,6 +37,7 @@ pub mod kafka;
 pub mod kinesis;
 pub mod log;
 pub mod producer;
+pub mod requests;
 pub mod source;
 
 pub use deadletter::{DeadLetter, DeadLetters};

@@ -252,3 +252,115 @@ fn a_holder_cut_off_from_s3_stops_acknowledging_and_loses_nothing() {
         "A's health tells of the lease it could not renew: {health:?}"
     );
 }
+
+/// `POST /v1/events` as producer `producer`'s request `seq`.
+fn post_as(url: &str, body: Vec<u8>, producer: &str, seq: u64) -> Result<(u16, Value), String> {
+    common::rt().block_on(async {
+        let resp = reqwest::Client::new()
+            .post(format!("{url}/v1/events"))
+            .header("Lambdaflow-Producer", producer)
+            .header("Lambdaflow-Sequence", seq.to_string())
+            .body(body)
+            .timeout(Duration::from_secs(20))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json::<Value>().await.unwrap_or(Value::Null)))
+    })
+}
+
+/// Issue 34: the driver stores a producer's request and is killed before it
+/// replies; it restarts, archives the request's events and dies; the
+/// producer's retry reaches the node that drives next (with a log of its
+/// own, started once the lease expired). The retry must be answered with
+/// the original offsets, and nothing stored twice.
+#[test]
+fn a_retry_at_the_next_driver_of_a_request_the_last_one_stored_is_recognised() {
+    let config = "[speed]\ninterval = \"10ms\"\n[archive]\nchunk_events = 200\nchunk_age = \"300ms\"\n[batch]\npause = \"250ms\"\nlease = \"2s\"\npoll = \"200ms\"\n";
+    let moto = Moto::start();
+    let root = moto.bucket("fence-retry");
+    let site_a = moto.site(&root, config);
+    let site_b = moto.site(&root, config);
+    let a_log = site_a.dir.path().join("a.log");
+    let mut a = site_a
+        .try_serve(
+            &[("LAMBDAFLOW_FAILPOINTS", "ingest-after-append")],
+            Stdio::from(std::fs::File::create(&a_log).unwrap()),
+        )
+        .unwrap_or_else(|s| {
+            panic!(
+                "A starts ({s}): {}",
+                std::fs::read_to_string(&a_log).unwrap_or_default()
+            )
+        });
+    wait_driving(&a);
+    let events: Vec<_> = (0..50).map(make).collect();
+    let first = post_as(&a.url, ndjson(&events), "shop-1", 7);
+    assert!(
+        first.is_err(),
+        "A dies at the failpoint before it replies: {first:?}"
+    );
+    let _ = a.child.wait();
+
+    // A restarts on its own log and archives the request's events.
+    let mut a = site_a.serve(&[]);
+    let storage = moto.storage(&root);
+    let t = Instant::now();
+    let stored = loop {
+        let (rows, _) = common::master_events_in(&storage, 2);
+        if rows.len() == 50 {
+            break rows;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "A archives the 50 events it stored before it died: {} archived",
+            rows.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    a.child.kill().unwrap();
+    let _ = a.child.wait();
+    // B, with a log of its own, starts once A's lease has expired.
+    let b_log = site_b.dir.path().join("b.log");
+    let t = Instant::now();
+    let b = loop {
+        if let Some(b) = start_b(&site_b, &b_log) {
+            break b;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "B starts once A's lease expired: {}",
+            std::fs::read_to_string(&b_log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    wait_driving(&b);
+
+    let (status, reply) = post_as(&b.url, ndjson(&events), "shop-1", 7).unwrap();
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        reply["resent"], "stored",
+        "B recognises the retry of a request A stored: {reply}"
+    );
+    let at = &reply["offsets"][0];
+    let (p, first) = (
+        at["partition"].as_u64().unwrap() as u32,
+        at["first"].as_u64().unwrap(),
+    );
+    assert_eq!(
+        stored.get(&(p, first)),
+        Some(&events[0].zipcode),
+        "the reply names the offsets the events were stored at: {reply}"
+    );
+    // A new request of the same producer is stored; nothing twice.
+    let more: Vec<_> = (50..60).map(make).collect();
+    let (status, reply) = post_as(&b.url, ndjson(&more), "shop-1", 8).unwrap();
+    assert_eq!(status, 200, "{reply}");
+    let mut sent = Sent::default();
+    for e in events.iter().chain(&more) {
+        sent.acked.insert(e.zipcode, "A");
+    }
+    assert_every_ack_archived_once(&moto, &root, &sent);
+    b.stop();
+}

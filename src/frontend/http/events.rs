@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::{ApiError, ApiState, read_body};
 use crate::stream::ingest::IngestFailure;
+use crate::stream::requests::{PRODUCER_HEADER, RequestError, RequestId, SEQUENCE_HEADER};
 use crate::stream::{IngestError, LogError};
 
 pub(super) async fn post_events(
@@ -42,9 +43,18 @@ pub(super) async fn post_events(
         )
         .hint(hint));
     }
+    let id = RequestId::from_headers(
+        headers.get(PRODUCER_HEADER).map(|v| v.as_bytes()),
+        headers.get(SEQUENCE_HEADER).map(|v| v.as_bytes()),
+    )
+    .map_err(|e| {
+        let mut err = ApiError::report(StatusCode::BAD_REQUEST, crate::error::Report::of(&e));
+        err.extra = Some(serde_json::json!({ "code": e.code() }));
+        err
+    })?;
     let bytes = read_body(&state, body, state.max_body, hint).await?;
 
-    match state.ingest.ingest(bytes).await {
+    match state.ingest.ingest_request(bytes, id).await {
         Ok(report) => {
             // Every line refused: the request as a whole did not do anything.
             // Part of the body stored, the rest not (or not known): 207, and
@@ -75,6 +85,16 @@ pub(super) async fn post_events(
                 | IngestError::NotStored { .. }
                 | IngestError::NotDriving(_)
                 | IngestError::Stream(_) => StatusCode::SERVICE_UNAVAILABLE,
+                IngestError::Request(r) => match r {
+                    RequestError::BadHeader { .. } | RequestError::HalfHeaders(..) => {
+                        StatusCode::BAD_REQUEST
+                    }
+                    RequestError::Changed { .. } => StatusCode::CONFLICT,
+                    RequestError::TooOld { .. } | RequestError::Unsupported { .. } => {
+                        StatusCode::UNPROCESSABLE_ENTITY
+                    }
+                    _ => StatusCode::SERVICE_UNAVAILABLE,
+                },
                 IngestError::Log(LogError::NoSpace { .. })
                 | IngestError::DeadLetter(crate::stream::deadletter::DeadLetterError::NoSpace {
                     ..
@@ -96,7 +116,9 @@ pub(super) async fn post_events(
             } else if status == StatusCode::INSUFFICIENT_STORAGE {
                 err = err.retry_after(10);
             }
-            if partial.accepted > 0 {
+            if let IngestError::Request(r) = &error {
+                err.extra = Some(serde_json::json!({ "code": r.code() }));
+            } else if partial.accepted > 0 {
                 err.extra = Some(serde_json::json!({ "stored_before_failure": partial }));
             } else if matches!(error, IngestError::NotStored { .. }) {
                 // Nothing stored: the lines and why, and the refused ones.

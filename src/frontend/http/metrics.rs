@@ -132,7 +132,46 @@ impl Collector for IngestMetrics {
             "lambdaflow_dead_letter_files_removed",
             "Oldest dead-letter files removed to keep the store under ingest.dead_letter_max.",
             dead.counters.removed_files.load(Relaxed),
-        )
+        )?;
+        if let Some(l) = &self.0.ledger {
+            let c = &l.counters;
+            for (name, help, n) in [
+                (
+                    "lambdaflow_requests_identified",
+                    "Ingest requests that carried a producer and a sequence.",
+                    &c.identified,
+                ),
+                (
+                    "lambdaflow_requests_resent_recognised",
+                    "Re-sent requests answered with their original offsets, nothing stored again.",
+                    &c.recognised,
+                ),
+                (
+                    "lambdaflow_requests_resent_completed",
+                    "Re-sent requests stored in part before, whose other parts were stored.",
+                    &c.completed,
+                ),
+                (
+                    "lambdaflow_requests_changed",
+                    "Requests refused (409): another body under a stored sequence.",
+                    &c.changed,
+                ),
+                (
+                    "lambdaflow_requests_too_old",
+                    "Requests refused (422): a sequence below its producer's window.",
+                    &c.too_old,
+                ),
+            ] {
+                counter(&mut e, name, help, n.load(Relaxed))?;
+            }
+            gauge(
+                &mut e,
+                "lambdaflow_producers_known",
+                "Producers the request ledger remembers.",
+                l.producers() as u64,
+            )?;
+        }
+        Ok(())
     }
 }
 

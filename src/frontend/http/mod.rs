@@ -484,6 +484,19 @@ async fn status(axum::extract::State(state): axum::extract::State<Arc<ApiState>>
             dead_letter_bytes: dead.bytes(),
             dead_letter_files_removed: dead.counters.removed_files.load(Relaxed),
             dead_letters_recent: dead.recent(),
+            idempotence: state.ingest.ledger.as_ref().map(|l| {
+                let c = &l.counters;
+                crate::frontend::status::IdempotenceStatus {
+                    identified: c.identified.load(Relaxed),
+                    recognised: c.recognised.load(Relaxed),
+                    completed: c.completed.load(Relaxed),
+                    changed: c.changed.load(Relaxed),
+                    too_old: c.too_old.load(Relaxed),
+                    producers: l.producers() as u64,
+                    max_producers: l.bounds().max_producers as u64,
+                    window: l.bounds().window as u64,
+                }
+            }),
         },
     })
 }

@@ -9,8 +9,15 @@
 //!    p0/00000000000001048576.log     the active segment (appended, fsynced)
 //!    p1/…
 //!
-//!  frame = [len u32][crc32c u32][ver u8][base u64][count u32][ingest_ms i64][Arrow IPC stream]
-//!           └ len and crc cover everything after the crc ┘
+//!  frame = [len u32][crc32c u32][ver u8][base u64][count u32][ingest_ms i64]([tag_len u16][tag])[Arrow IPC stream]
+//!           └ len and crc cover everything after the crc ┘          └ version 2 only ┘
+//! ```
+//!
+//! A version 2 frame carries a tag: the identity of the request whose
+//! events it holds (`stream::requests`), so a producer's re-sent request is
+//! recognised by exactly what survives of its events, in the same fsync.
+//!
+//! ```text
 //! ```
 //!
 //! Each partition has one writer thread. Appends queue to it; it writes every
@@ -48,6 +55,8 @@ mod source;
 
 const FORMAT: u32 = 1;
 const FRAME_VERSION: u8 = 1;
+/// A frame with a tag (see the module doc).
+const FRAME_VERSION_TAGGED: u8 = 2;
 /// `len` and `crc`.
 const FRAME_PREFIX: usize = 8;
 /// `ver`, `base`, `count`, `ingest_ms`.
@@ -283,6 +292,18 @@ pub struct AppendAck {
     pub count: u64,
 }
 
+/// A tagged frame: offsets `[base, base + count)` of `partition`, and the
+/// tag it was appended with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameTag {
+    pub partition: u32,
+    pub base: u64,
+    pub count: u32,
+    /// When the log's writer accepted the frame (milliseconds since the epoch).
+    pub ingest_ms: i64,
+    pub tag: Vec<u8>,
+}
+
 /// Events read back from the log, starting exactly at `first_offset`.
 #[derive(Debug, Clone)]
 pub struct LogBatch {
@@ -353,6 +374,7 @@ struct Segment {
 
 struct Append {
     payload: Vec<u8>,
+    tag: Option<Arc<[u8]>>,
     count: u32,
     ack: oneshot::Sender<Result<AppendAck, LogError>>,
     _permit: Arc<OwnedSemaphorePermit>,
@@ -516,24 +538,35 @@ impl Log {
 
     /// Appends one batch to partition `p`; resolves once it is fsynced.
     pub async fn append(&self, p: u32, batch: &RecordBatch) -> Result<AppendAck, LogError> {
-        let mut acks = self.append_all(vec![(p, batch.clone())]).await?;
+        let mut acks = self.append_all(vec![(p, batch.clone())], None).await?;
         acks.pop().expect("one ack per batch")
     }
 
     /// Appends several batches (e.g. one request's events, split by
     /// partition). Room in the write queue is taken for all of them or none,
     /// so an overloaded log refuses a request whole; each batch then gets its
-    /// own result, resolved once it is fsynced.
+    /// own result, resolved once it is fsynced. With a `tag` (at most
+    /// `u16::MAX` bytes), every frame carries it ([`Log::tags`] reads it back).
     pub async fn append_all(
         &self,
         batches: Vec<(u32, RecordBatch)>,
+        tag: Option<&[u8]>,
     ) -> Result<Vec<Result<AppendAck, LogError>>, LogError> {
+        let tag: Option<Arc<[u8]>> = tag.map(Arc::from);
+        if tag
+            .as_ref()
+            .is_some_and(|t| t.len() > usize::from(u16::MAX))
+        {
+            return Err(LogError::Encode(ArrowError::InvalidArgumentError(
+                "a frame tag is longer than 65,535 bytes".into(),
+            )));
+        }
         let mut encoded = Vec::with_capacity(batches.len());
         let mut bytes = 0usize;
         for (p, batch) in &batches {
             self.partition(*p)?;
             let payload = encode_batch(batch)?;
-            bytes += payload.len() + FRAME_HEAD;
+            bytes += payload.len() + FRAME_HEAD + tag.as_ref().map_or(0, |t| 2 + t.len());
             encoded.push((*p, payload, batch.num_rows() as u32));
         }
         let units = u32::try_from(bytes.div_ceil(1024).max(1))
@@ -567,6 +600,7 @@ impl Log {
             let sent = part.sender.lock().expect("sender lock").as_ref().map(|s| {
                 s.send(Append {
                     payload,
+                    tag: tag.clone(),
                     count,
                     ack: tx,
                     _permit: own,
@@ -729,6 +763,82 @@ impl Log {
         Ok(out)
     }
 
+    /// The tags of partition `p`'s frames that hold offsets in
+    /// `[from, to)` (from the log's start when `from` is below it), each
+    /// frame checked against its checksum: what [`Log::append_all`] was given,
+    /// for exactly the frames that are durable.
+    pub fn tags(&self, p: u32, from: u64, to: u64) -> Result<Vec<FrameTag>, LogError> {
+        let part = self.partition(p)?;
+        let end = (*part.end.borrow()).min(to);
+        let segments = part.segments.read().expect("segments lock").clone();
+        let from = from.max(segments.first().map_or(0, |s| s.base));
+        let mut out = Vec::new();
+        if from >= end {
+            return Ok(out);
+        }
+        let first_seg = segments.partition_point(|s| s.base <= from).max(1) - 1;
+        for seg in segments.iter().skip(first_seg) {
+            if seg.base >= end {
+                break;
+            }
+            let len = seg.len.load(Ordering::Acquire);
+            let mut pos = {
+                let index = seg.index.read().expect("index lock");
+                let i = index.partition_point(|&(o, _)| o <= from);
+                if i == 0 { 0 } else { index[i - 1].1 }
+            };
+            let file = match seg.reader() {
+                Ok(f) => f,
+                // Deleted by retention after the list was copied: below the
+                // start, where no tag is asked for.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(LogError::io("open", &seg.path, e)),
+            };
+            let corrupt = |pos: u64, first: u64, detail: String| LogError::Corrupt {
+                partition: p,
+                segment: seg.path.clone(),
+                position: pos,
+                first_offset: first,
+                until: first,
+                detail,
+            };
+            while pos < len {
+                let head = read_head(&file, pos, len).map_err(|d| corrupt(pos, from, d))?;
+                let frame_end = pos + FRAME_PREFIX as u64 + u64::from(head.len);
+                if head.base >= end {
+                    break;
+                }
+                if head.tagged && head.base + u64::from(head.count) > from {
+                    let mut body = vec![0u8; head.len as usize];
+                    file.read_exact_at(&mut body, pos + FRAME_PREFIX as u64)
+                        .map_err(|e| LogError::io("read", &seg.path, e))?;
+                    let crc = crc32c::crc32c(&body);
+                    if crc != head.crc {
+                        return Err(corrupt(
+                            pos,
+                            head.base,
+                            format!(
+                                "checksum mismatch (stored {:08x}, computed {crc:08x})",
+                                head.crc
+                            ),
+                        ));
+                    }
+                    let (tag, _) =
+                        split_tag(&body, &head).map_err(|d| corrupt(pos, head.base, d))?;
+                    out.push(FrameTag {
+                        partition: p,
+                        base: head.base,
+                        count: head.count,
+                        ingest_ms: head.ingest_ms,
+                        tag: tag.unwrap_or_default().to_vec(),
+                    });
+                }
+                pos = frame_end;
+            }
+        }
+        Ok(out)
+    }
+
     /// Deletes the sealed segments of partition `p` that lie wholly below
     /// `offset`. Returns the partition's new start offset.
     pub fn delete_below(&self, p: u32, offset: u64) -> Result<u64, LogError> {
@@ -805,6 +915,8 @@ fn encode_batch(batch: &RecordBatch) -> Result<Vec<u8>, LogError> {
 struct Head {
     len: u32,
     crc: u32,
+    /// A version 2 frame: a tag precedes the payload.
+    tagged: bool,
     base: u64,
     count: u32,
     ingest_ms: i64,
@@ -816,12 +928,13 @@ fn parse_head(b: &[u8; FRAME_HEAD]) -> Result<Head, String> {
     if (len as usize) < FRAME_FIXED {
         return Err(format!("frame length {len} is shorter than a frame header"));
     }
-    if b[8] != FRAME_VERSION {
+    if b[8] != FRAME_VERSION && b[8] != FRAME_VERSION_TAGGED {
         return Err(format!("unknown frame version {}", b[8]));
     }
     Ok(Head {
         len,
         crc,
+        tagged: b[8] == FRAME_VERSION_TAGGED,
         base: u64::from_le_bytes(b[9..17].try_into().expect("8 bytes")),
         count: u32::from_le_bytes(b[17..21].try_into().expect("4 bytes")),
         ingest_ms: i64::from_le_bytes(b[21..29].try_into().expect("8 bytes")),
@@ -849,6 +962,19 @@ struct Frame {
     batch: RecordBatch,
 }
 
+/// Where the payload of a checked frame body starts, and its tag.
+fn split_tag<'a>(body: &'a [u8], head: &Head) -> Result<(Option<&'a [u8]>, usize), String> {
+    if !head.tagged {
+        return Ok((None, FRAME_FIXED));
+    }
+    let short = || "frame tag runs past the frame".to_string();
+    let n = body.get(FRAME_FIXED..FRAME_FIXED + 2).ok_or_else(short)?;
+    let n = usize::from(u16::from_le_bytes([n[0], n[1]]));
+    let start = FRAME_FIXED + 2;
+    let tag = body.get(start..start + n).ok_or_else(short)?;
+    Ok((Some(tag), start + n))
+}
+
 fn read_frame(file: &File, pos: u64, head: &Head) -> Result<Frame, String> {
     let mut body = vec![0u8; head.len as usize];
     file.read_exact_at(&mut body, pos + FRAME_PREFIX as u64)
@@ -864,7 +990,8 @@ fn decode_body(body: &[u8], head: &Head) -> Result<Frame, String> {
             head.crc
         ));
     }
-    let mut reader = StreamReader::try_new(Cursor::new(&body[FRAME_FIXED..]), None)
+    let (_, payload) = split_tag(body, head)?;
+    let mut reader = StreamReader::try_new(Cursor::new(&body[payload..]), None)
         .map_err(|e| format!("bad Arrow IPC payload: {e}"))?;
     let batch = match reader.next() {
         Some(Ok(b)) => b,
@@ -1386,14 +1513,23 @@ impl Writer {
         let mut next = self.next;
         for a in group {
             let at = self.pos + buf.len() as u64;
-            let body_len = FRAME_FIXED + a.payload.len();
+            let tag_len = a.tag.as_ref().map_or(0, |t| 2 + t.len());
+            let body_len = FRAME_FIXED + tag_len + a.payload.len();
             buf.extend_from_slice(&(body_len as u32).to_le_bytes());
             buf.extend_from_slice(&[0; 4]);
             let body_start = buf.len();
-            buf.push(FRAME_VERSION);
+            buf.push(if a.tag.is_some() {
+                FRAME_VERSION_TAGGED
+            } else {
+                FRAME_VERSION
+            });
             buf.extend_from_slice(&next.to_le_bytes());
             buf.extend_from_slice(&a.count.to_le_bytes());
             buf.extend_from_slice(&ingest_ms.to_le_bytes());
+            if let Some(t) = &a.tag {
+                buf.extend_from_slice(&(t.len() as u16).to_le_bytes());
+                buf.extend_from_slice(t);
+            }
             buf.extend_from_slice(&a.payload);
             let crc = crc32c::crc32c(&buf[body_start..]);
             buf[body_start - 4..body_start].copy_from_slice(&crc.to_le_bytes());
