@@ -334,3 +334,145 @@ fn a_bad_config_fails_at_startup_naming_file_key_and_reason() {
     assert!(err.contains("partitons"), "names the key: {err}");
     assert!(err.contains("unknown field"), "says why: {err}");
 }
+
+/// `POST /v1/events` as producer `producer`'s request `seq`.
+fn post_as(url: &str, body: &[u8], producer: &str, seq: &str) -> (u16, Value) {
+    crate::common::rt().block_on(async {
+        let resp = reqwest::Client::new()
+            .post(format!("{url}/v1/events"))
+            .header("Lambdaflow-Producer", producer)
+            .header("Lambdaflow-Sequence", seq)
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+    })
+}
+
+/// Issue 34, item 1: a numbered request sent again is answered with its
+/// original reply and stores nothing; a changed body under its number is
+/// refused (409), a number below the producer's window too (422); a request
+/// split over partitions by key is recognised whole; status and metrics
+/// count each.
+#[test]
+fn a_numbered_request_sent_again_is_answered_as_it_was_and_stored_once() {
+    let site = Site::new(
+        "[stream]\npartitions = 3\nkey = \"ProductName\"\n[ingest.idempotence]\nwindow = 4\n",
+    );
+    let server = site.serve(&[]);
+    let body: String = (0..30)
+        .map(|i| {
+            event(
+                10_000 + i,
+                &format!("product{}", i % 5),
+                1,
+                "2014-11-01 00:00:00.000",
+            ) + "\n"
+        })
+        .chain(["not json\n".to_string()])
+        .collect();
+    let (status, first) = post_as(&server.url, body.as_bytes(), "shop-1", "0");
+    assert_eq!(status, 200, "{first}");
+    assert!(
+        first["offsets"].as_array().unwrap().len() > 1,
+        "the request is split over partitions by key: {first}"
+    );
+    let (status, again) = post_as(&server.url, body.as_bytes(), "shop-1", "0");
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["resent"], "stored", "{again}");
+    for k in ["accepted", "rejected", "offsets", "errors"] {
+        assert_eq!(
+            again[k], first[k],
+            "the re-sent request's `{k}` is the original's"
+        );
+    }
+    let (status, changed) = post_as(&server.url, b"{\"x\":1}\n", "shop-1", "0");
+    assert_eq!(
+        (status, &changed["code"]),
+        (409, &Value::from("changed-request")),
+        "{changed}"
+    );
+    for seq in 1..=5 {
+        let line = event(20_000 + seq, "product1", 1, "2014-11-01 00:00:00.000") + "\n";
+        let (status, r) = post_as(&server.url, line.as_bytes(), "shop-1", &seq.to_string());
+        assert_eq!(status, 200, "{r}");
+    }
+    // Sequences 2..=5 are remembered (window 4): 0 and 1 are too old.
+    let (status, old) = post_as(&server.url, body.as_bytes(), "shop-1", "0");
+    assert_eq!(
+        (status, &old["code"]),
+        (422, &Value::from("sequence-too-old")),
+        "a sequence below the window is refused, never stored again: {old}"
+    );
+    let (status, bad) = post_as(&server.url, body.as_bytes(), "shop 1", "x");
+    assert_eq!(
+        (status, &bad["code"]),
+        (400, &Value::from("bad-request-id")),
+        "{bad}"
+    );
+
+    let s = server.status();
+    let idem = &s["ingest"]["idempotence"];
+    assert_eq!(idem["recognised"], 1, "{idem}");
+    assert_eq!(idem["changed"], 1, "{idem}");
+    assert_eq!(idem["too_old"], 1, "{idem}");
+    assert_eq!(
+        s["ingest"]["accepted"], 35,
+        "30 + 5 events stored, once: {}",
+        s["ingest"]
+    );
+    let metrics = crate::common::rt().block_on(async {
+        reqwest::get(format!("{}/metrics", server.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    assert!(
+        metrics.contains("lambdaflow_requests_resent_recognised_total 1"),
+        "{metrics}"
+    );
+    server.stop();
+}
+
+/// `lambdaflow produce` numbers its requests: a run under an earlier run's
+/// producer name with the same events is recognised whole, nothing stored
+/// twice, and its summary says so.
+#[test]
+fn produce_run_again_under_its_name_stores_nothing_twice() {
+    let site = Site::new("");
+    let server = site.serve(&[]);
+    let run = || {
+        let out = Command::new(BIN)
+            .args([
+                "produce",
+                "--url",
+                &server.url,
+                "--events",
+                "5000",
+                "--batch",
+                "500",
+            ])
+            .args(["--seed", "7", "--producer", "replay-1", "--quiet"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let first = run();
+    assert!(first.contains("re-sent requests recognised 0"), "{first}");
+    let second = run();
+    assert!(
+        second.contains("re-sent requests recognised 10"),
+        "the second run's 10 requests are the first run's: {second}"
+    );
+    assert_eq!(
+        server.status()["ingest"]["accepted"],
+        5000,
+        "the events are stored once"
+    );
+    server.stop();
+}

@@ -58,3 +58,53 @@ fn a_line_over_the_kafka_record_limit_is_refused_and_the_rest_stored_once() {
     );
     server.stop();
 }
+
+/// Issue 34: a node that produces into Kafka cannot recognise a re-sent
+/// request yet: a numbered request is refused with the code saying so, and
+/// `lambdaflow produce` sends again without the numbers, saying it is at
+/// least once.
+#[test]
+fn a_numbered_request_to_a_kafka_node_is_refused_and_produce_says_at_least_once() {
+    let tansu = Tansu::start();
+    tansu.create_topic("events", 2);
+    let site = Site::new(&format!(
+        "{}[stream]\nkafka = {{ brokers = \"{}\", topic = \"events\" }}\n",
+        oracle::CONFIG,
+        tansu.brokers
+    ));
+    let server = site.serve(&[]);
+    let (status, reply) = common::rt().block_on(async {
+        let r = reqwest::Client::new()
+            .post(format!("{}/v1/events", server.url))
+            .header("Lambdaflow-Producer", "p")
+            .header("Lambdaflow-Sequence", "1")
+            .body(ndjson(&[make(1)]))
+            .send()
+            .await
+            .unwrap();
+        (
+            r.status().as_u16(),
+            r.json::<serde_json::Value>().await.unwrap(),
+        )
+    });
+    assert_eq!(status, 422, "{reply}");
+    assert_eq!(reply["code"], "idempotence-unsupported", "{reply}");
+    let out = std::process::Command::new(common::BIN)
+        .args([
+            "produce",
+            "--url",
+            &server.url,
+            "--events",
+            "300",
+            "--batch",
+            "100",
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{out:?}");
+    assert!(said.contains("accepted 300"), "{said}");
+    assert!(said.contains("at least once"), "{said}");
+    server.stop();
+}
