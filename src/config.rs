@@ -341,7 +341,7 @@ impl Default for IdempotenceConfig {
 }
 
 fn default_idem_window() -> usize {
-    1024
+    256
 }
 
 fn default_forget_after() -> Duration {
@@ -349,7 +349,7 @@ fn default_forget_after() -> Duration {
 }
 
 fn default_max_producers() -> usize {
-    100_000
+    10_000
 }
 
 fn default_dead_letter_max() -> ByteSize {
