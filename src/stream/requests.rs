@@ -127,7 +127,7 @@ impl crate::error::Explain for RequestError {
                     .into(),
             ),
             RequestError::Unsupported { .. } => Some(
-                "send without the Lambdaflow-Producer header (at least once), or give the events a key (issue 34, item 2)"
+                "send to a node on the embedded log, or without the Lambdaflow-Producer and Lambdaflow-Sequence headers (at least once: a request re-sent after a lost reply may be stored twice)"
                     .into(),
             ),
             RequestError::Snapshot { .. } => Some(

@@ -253,23 +253,6 @@ fn a_holder_cut_off_from_s3_stops_acknowledging_and_loses_nothing() {
     );
 }
 
-/// `POST /v1/events` as producer `producer`'s request `seq`.
-fn post_as(url: &str, body: Vec<u8>, producer: &str, seq: u64) -> Result<(u16, Value), String> {
-    common::rt().block_on(async {
-        let resp = reqwest::Client::new()
-            .post(format!("{url}/v1/events"))
-            .header("Lambdaflow-Producer", producer)
-            .header("Lambdaflow-Sequence", seq.to_string())
-            .body(body)
-            .timeout(Duration::from_secs(20))
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = resp.status().as_u16();
-        Ok((status, resp.json::<Value>().await.unwrap_or(Value::Null)))
-    })
-}
-
 /// Issue 34: the driver stores a producer's request and is killed before it
 /// replies; it restarts, archives the request's events and dies; the
 /// producer's retry reaches the node that drives next (with a log of its
@@ -296,7 +279,7 @@ fn a_retry_at_the_next_driver_of_a_request_the_last_one_stored_is_recognised() {
         });
     wait_driving(&a);
     let events: Vec<_> = (0..50).map(make).collect();
-    let first = post_as(&a.url, ndjson(&events), "shop-1", 7);
+    let first = common::post_events_as(&a.url, ndjson(&events), "shop-1", "7");
     assert!(
         first.is_err(),
         "A dies at the failpoint before it replies: {first:?}"
@@ -337,7 +320,7 @@ fn a_retry_at_the_next_driver_of_a_request_the_last_one_stored_is_recognised() {
     };
     wait_driving(&b);
 
-    let (status, reply) = post_as(&b.url, ndjson(&events), "shop-1", 7).unwrap();
+    let (status, reply) = common::post_events_as(&b.url, ndjson(&events), "shop-1", "7").unwrap();
     assert_eq!(status, 200, "{reply}");
     assert_eq!(
         reply["resent"], "stored",
@@ -355,7 +338,7 @@ fn a_retry_at_the_next_driver_of_a_request_the_last_one_stored_is_recognised() {
     );
     // A new request of the same producer is stored; nothing twice.
     let more: Vec<_> = (50..60).map(make).collect();
-    let (status, reply) = post_as(&b.url, ndjson(&more), "shop-1", 8).unwrap();
+    let (status, reply) = common::post_events_as(&b.url, ndjson(&more), "shop-1", "8").unwrap();
     assert_eq!(status, 200, "{reply}");
     let mut sent = Sent::default();
     for e in events.iter().chain(&more) {

@@ -335,20 +335,8 @@ fn a_bad_config_fails_at_startup_naming_file_key_and_reason() {
     assert!(err.contains("unknown field"), "says why: {err}");
 }
 
-/// `POST /v1/events` as producer `producer`'s request `seq`.
 fn post_as(url: &str, body: &[u8], producer: &str, seq: &str) -> (u16, Value) {
-    crate::common::rt().block_on(async {
-        let resp = reqwest::Client::new()
-            .post(format!("{url}/v1/events"))
-            .header("Lambdaflow-Producer", producer)
-            .header("Lambdaflow-Sequence", seq)
-            .body(body.to_vec())
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json::<Value>().await.unwrap_or(Value::Null))
-    })
+    crate::common::post_events_as(url, body.to_vec(), producer, seq).unwrap()
 }
 
 /// Issue 34, item 1: a numbered request sent again is answered with its

@@ -10,8 +10,8 @@ use crate::common::{self, Site};
 use crate::kafka::Tansu;
 use crate::oracle::{self, make, ndjson};
 
-#[test]
-fn a_line_over_the_kafka_record_limit_is_refused_and_the_rest_stored_once() {
+/// A node on a topic `events` of 2 partitions on a new tansu.
+fn kafka_site() -> (Tansu, Site) {
     let tansu = Tansu::start();
     tansu.create_topic("events", 2);
     let site = Site::new(&format!(
@@ -19,6 +19,12 @@ fn a_line_over_the_kafka_record_limit_is_refused_and_the_rest_stored_once() {
         oracle::CONFIG,
         tansu.brokers
     ));
+    (tansu, site)
+}
+
+#[test]
+fn a_line_over_the_kafka_record_limit_is_refused_and_the_rest_stored_once() {
+    let (_tansu, site) = kafka_site();
     let server = site.serve(&[]);
     let mut lines: Vec<String> = (0..100)
         .map(|i| {
@@ -65,13 +71,7 @@ fn a_line_over_the_kafka_record_limit_is_refused_and_the_rest_stored_once() {
 /// least once.
 #[test]
 fn a_numbered_request_to_a_kafka_node_is_refused_and_produce_says_at_least_once() {
-    let tansu = Tansu::start();
-    tansu.create_topic("events", 2);
-    let site = Site::new(&format!(
-        "{}[stream]\nkafka = {{ brokers = \"{}\", topic = \"events\" }}\n",
-        oracle::CONFIG,
-        tansu.brokers
-    ));
+    let (_tansu, site) = kafka_site();
     let server = site.serve(&[]);
     let (status, reply) = common::rt().block_on(async {
         let r = reqwest::Client::new()

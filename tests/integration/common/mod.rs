@@ -400,6 +400,28 @@ pub fn post_events(url: &str, body: Vec<u8>) -> Result<(u16, Value), String> {
     })
 }
 
+/// `POST /v1/events` as producer `producer`'s request `seq` (issue 34).
+pub fn post_events_as(
+    url: &str,
+    body: Vec<u8>,
+    producer: &str,
+    seq: &str,
+) -> Result<(u16, Value), String> {
+    rt().block_on(async {
+        let resp = reqwest::Client::new()
+            .post(format!("{url}/v1/events"))
+            .header("Lambdaflow-Producer", producer)
+            .header("Lambdaflow-Sequence", seq)
+            .body(body)
+            .timeout(std::time::Duration::from_secs(20))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json::<Value>().await.unwrap_or(Value::Null)))
+    })
+}
+
 /// Of a view answer: the sum of its `orders` column, and the number of
 /// events its freshness says it covers (the sum of its realtime offsets).
 pub fn orders_and_covered(answer: &Value) -> (u64, u64) {
