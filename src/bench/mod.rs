@@ -1144,7 +1144,7 @@ pub fn ingest(args: IngestBenchArgs) -> anyhow::Result<()> {
     drop(server);
 
     println!(
-        "durable HTTP ingest ({} events, {}-event requests, {} in flight, {} partitions): {} events/s acknowledged after fsync",
+        "durable HTTP ingest, numbered requests (exactly once; {} events, {}-event requests, {} in flight, {} partitions): {} events/s acknowledged after fsync",
         group(summary.events),
         args.batch,
         args.concurrency,
@@ -1177,5 +1177,34 @@ pub fn ingest(args: IngestBenchArgs) -> anyhow::Result<()> {
             summary.first_error
         );
     }
+
+    // The same without the requests' identity (`--no-idempotence`): what
+    // exactly once from the producer costs, side by side in one run.
+    let plain_data = tmp.path().join("data-unnumbered");
+    let plain_config = tmp.path().join("bench-unnumbered.toml");
+    std::fs::write(
+        &plain_config,
+        format!(
+            "data = {:?}\nlisten = \"127.0.0.1:0\"\n[stream]\npartitions = {}\n",
+            plain_data.display().to_string(),
+            args.partitions
+        ),
+    )?;
+    let (server, url) = spawn_server(&plain_config)?;
+    let plain = rt.block_on(produce::run(ProduceOptions {
+        url,
+        events: args.events,
+        seed: Some(7),
+        batch: args.batch,
+        concurrency: args.concurrency,
+        idempotent: false,
+        ..ProduceOptions::default()
+    }))?;
+    drop(server);
+    println!(
+        "the same with unnumbered requests (at least once): {} events/s; numbered / unnumbered = {:.2}",
+        group(plain.events_per_sec() as u64),
+        summary.events_per_sec() / plain.events_per_sec().max(1e-9)
+    );
     Ok(())
 }
