@@ -325,7 +325,8 @@ pub struct IdempotenceConfig {
     /// A producer not seen for this long is forgotten.
     #[serde(default = "default_forget_after", with = "humantime_serde")]
     pub forget_after: Duration,
-    /// Producers remembered at once; a new one beyond is refused (503).
+    /// Producers remembered at once; a new one beyond forgets the idlest
+    /// (unseen for an hour or more), else it is refused (503).
     #[serde(default = "default_max_producers")]
     pub max_producers: usize,
 }
@@ -349,7 +350,7 @@ fn default_forget_after() -> Duration {
 }
 
 fn default_max_producers() -> usize {
-    10_000
+    1_000
 }
 
 fn default_dead_letter_max() -> ByteSize {

@@ -764,7 +764,33 @@ impl Shared {
                     .map(Duration::from_secs);
                 let text = resp.bytes().await.unwrap_or_default();
                 let mut reply: Reply = serde_json::from_slice(&text).unwrap_or_default();
-                if reply.code.as_deref() == Some("idempotence-unsupported") {
+                if reply.code.as_deref() == Some("sequence-too-old") {
+                    // Stored or not, the server can no longer tell: in doubt,
+                    // never "not stored" (sending it again could double it).
+                    self.doubt(
+                        &format!(
+                            "request {seq} is older than the server's window of remembered requests: it may be stored (a re-run under an earlier run's --producer name recognises at most its last ingest.idempotence.window requests)"
+                        ),
+                        n,
+                    );
+                    return Ok(());
+                }
+                if reply.code.as_deref() == Some("changed-request") {
+                    return Err(Unsent {
+                        why: format!(
+                            "HTTP 409: request {seq} of producer `{}` was stored with another body: a run under an earlier run's --producer name must send the same events (--seed or --file) with the same --batch",
+                            self.name.as_deref().unwrap_or_default()
+                        ),
+                        lines: n,
+                        retry: false,
+                        wait: None,
+                        rest: None,
+                    });
+                }
+                if matches!(
+                    reply.code.as_deref(),
+                    Some("idempotence-unsupported" | "too-many-producers")
+                ) {
                     // Sent again at once, without the identity.
                     let _ = self.unnumbered.set(reply.error.clone().unwrap_or_default());
                     return Err(Unsent {

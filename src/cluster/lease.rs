@@ -490,6 +490,30 @@ impl Lease {
                 return Ok(false);
             }
         }
+        // A log that ends below what the master dataset holds (another
+        // node drove and archived since this one last did) would give those
+        // offsets out again: not taken until a restart opens the log at the
+        // archived coverage.
+        if !mine
+            && let Some(a) = self.attached.get()
+            && let Some((log, _)) = &a.log
+        {
+            let cov = a.master.refresh().await?;
+            let behind = (0..log.partitions()).find_map(|p| {
+                let end = log.end_offset(p).unwrap_or(0);
+                let held = cov.h.get(p);
+                (end < held).then_some((p, end, held))
+            });
+            if let Some((p, end, held)) = behind {
+                let why = format!(
+                    "this node's log of partition {p} ends at offset {end}, below the {held} the master dataset holds (another node drove and archived since): taking the lease would give those offsets out again. Restart this node: its log then starts at the archived coverage"
+                );
+                tracing::warn!(reason = %why, "not taking the driver lease");
+                self.state.lock().expect("lease lock").refused = Some(why);
+                self.set_seen(current, false);
+                return Ok(false);
+            }
+        }
         let table_term = match self.attached.get() {
             Some(a) if !mine => a.master.table_term().await?,
             _ => 0,

@@ -52,6 +52,8 @@ pub const MAX_PRODUCER_LEN: usize = 128;
 pub const SNAPSHOT_DIR: &str = "ingest/requests";
 const TAG_VERSION: u8 = 1;
 const SNAPSHOT_FORMAT: u32 = 1;
+/// With every place taken, a producer idle this long makes room for a new one.
+const EARLY_FORGET_MS: i64 = 3_600_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
@@ -84,6 +86,10 @@ pub enum RequestError {
         #[source]
         source: serde_json::Error,
     },
+    #[error(
+        "the request ledger snapshot {path} is of format {format}; this version reads format 1"
+    )]
+    SnapshotFormat { path: String, format: u32 },
     #[error("{0}")]
     Storage(#[from] StorageError),
     #[error("{0}")]
@@ -131,7 +137,11 @@ impl crate::error::Explain for RequestError {
                     .into(),
             ),
             RequestError::Snapshot { .. } => Some(
-                "it is rewritten from the log before the next commit; if it stays unreadable, move it aside and restart (re-sent requests older than the log's retained events may then be stored again)"
+                "restore it from a backup, or move it aside and restart: a request re-sent whose events the log no longer holds may then be stored again"
+                    .into(),
+            ),
+            RequestError::SnapshotFormat { .. } => Some(
+                "it was written by a newer lambdaflow: run that version, or move the file aside and restart (a re-sent request whose events the log no longer holds may then be stored again)"
                     .into(),
             ),
             _ => None,
@@ -356,7 +366,9 @@ impl Known {
             return;
         };
         let p = self.producers.entry(tag.id.producer).or_default();
-        p.last_ms = p.last_ms.max(ingest_ms);
+        // A frame stamped by a clock running ahead must not keep its
+        // producer for ever.
+        p.last_ms = p.last_ms.max(ingest_ms.min(now_ms()));
         if tag.id.sequence < p.floor {
             return;
         }
@@ -377,9 +389,10 @@ impl Known {
     }
 
     fn merge(&mut self, other: Known) {
+        let now = now_ms();
         for (name, o) in other.producers {
             let p = self.producers.entry(name).or_default();
-            p.last_ms = p.last_ms.max(o.last_ms);
+            p.last_ms = p.last_ms.max(o.last_ms.min(now));
             p.floor = p.floor.max(o.floor);
             for (seq, e) in o.entries {
                 let mine = p.entries.entry(seq).or_insert_with(|| Entry {
@@ -393,6 +406,26 @@ impl Known {
             }
             let floor = p.floor;
             p.entries.retain(|&s, e| s >= floor || e.busy.is_some());
+        }
+    }
+
+    /// Forgets the producer seen least recently, if it was last seen before
+    /// `before` and has nothing in flight; whether one was.
+    fn forget_idlest(&mut self, before: i64) -> bool {
+        let idlest = self
+            .producers
+            .iter()
+            .filter(|(_, p)| p.entries.values().all(|e| e.busy.is_none()))
+            .min_by_key(|(_, p)| p.last_ms)
+            .filter(|(_, p)| p.last_ms < before)
+            .map(|(name, _)| name.clone());
+        match idlest {
+            Some(name) => {
+                tracing::info!(producer = %name, "forgot the idlest producer to make room for a new one");
+                self.producers.remove(&name);
+                true
+            }
+            None => false,
         }
     }
 
@@ -426,6 +459,9 @@ pub struct RequestCounters {
     pub completed: AtomicU64,
     pub changed: AtomicU64,
     pub too_old: AtomicU64,
+    /// Producers forgotten before `forget_after` to make room for a new one
+    /// (the table full, they idle for an hour or more).
+    pub forgotten_early: AtomicU64,
 }
 
 /// The ledger of one node's ingest over the embedded log.
@@ -546,12 +582,21 @@ impl Ledger {
         if let Some(last) = files.iter().rev().find(|f| f.ends_with(".json")) {
             let rel = format!("{SNAPSHOT_DIR}/{last}");
             if let Some(bytes) = self.storage.get(&rel).await? {
-                read = serde_json::from_slice(&bytes)
-                    .map_err(|source| RequestError::Snapshot { path: rel, source })?;
+                read = serde_json::from_slice(&bytes).map_err(|source| RequestError::Snapshot {
+                    path: rel.clone(),
+                    source,
+                })?;
+                if read.format != SNAPSHOT_FORMAT {
+                    return Err(RequestError::SnapshotFormat {
+                        path: rel,
+                        format: read.format,
+                    });
+                }
             }
         }
-        // What this node's snapshot already held, with the other's on top.
-        let mut merged = std::mem::take(&mut *snap);
+        // What this node's snapshot already held, with the other's on top
+        // (a copy: a failure below leaves the snapshot as it was).
+        let mut merged = snap.clone();
         merged.known.merge(read.known);
         let partitions = self.log.partitions() as usize;
         merged.covers.resize(partitions.max(merged.covers.len()), 0);
@@ -605,7 +650,10 @@ impl Ledger {
     /// called before the commit, so the log never drops a tag the snapshot
     /// lacks.
     pub async fn persist(&self, upto: &[(u32, u64)]) -> Result<(), RequestError> {
-        let mut snap = self.snapshot.lock().await;
+        let mut held = self.snapshot.lock().await;
+        // Built on a copy and kept only once written: a failed write is
+        // written again by the commit's retry, never skipped as done.
+        let mut snap = held.clone();
         let mut added = false;
         let term = self.term();
         for &(p, to) in upto {
@@ -624,15 +672,17 @@ impl Ledger {
             snap.covers[p_] = to;
         }
         if !added && snap.term == term {
+            *held = snap;
             return Ok(());
         }
         snap.format = SNAPSHOT_FORMAT;
         snap.term = term;
         snap.known.trim(&self.bounds, now_ms());
-        let bytes = serde_json::to_vec(&*snap).expect("a snapshot serializes");
+        let bytes = serde_json::to_vec(&snap).expect("a snapshot serializes");
         self.storage
             .put(&snapshot_path(term), bytes::Bytes::from(bytes))
             .await?;
+        *held = snap;
         // Older terms' snapshots are superseded by this one.
         for f in self.storage.list_files(SNAPSHOT_DIR).await? {
             if f.ends_with(".json") && f < format!("t{term:012}.json") {
@@ -658,6 +708,13 @@ impl Ledger {
                 if !known.producers.contains_key(&id.producer) {
                     if many >= self.bounds.max_producers {
                         known.trim(&self.bounds, now_ms());
+                    }
+                    if known.producers.len() >= self.bounds.max_producers
+                        && known.forget_idlest(now_ms() - EARLY_FORGET_MS)
+                    {
+                        self.counters
+                            .forgotten_early
+                            .fetch_add(1, Ordering::Relaxed);
                     }
                     if known.producers.len() >= self.bounds.max_producers {
                         return Err(RequestError::TooManyProducers {
@@ -799,7 +856,7 @@ mod tests {
                 self.storage.clone(),
                 Bounds {
                     window,
-                    forget_after: Duration::from_secs(3600),
+                    forget_after: Duration::from_secs(86_400),
                     max_producers: 3,
                 },
             ));
@@ -1068,6 +1125,73 @@ mod tests {
             ),
             "the test must depend on the snapshot"
         );
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_write_that_failed_is_written_by_the_retry() {
+        let s = Setup::new();
+        let log = s.log();
+        let ledger = s.ledger(&log, 64).await;
+        for seq in 0..20 {
+            store(
+                &ledger,
+                &log,
+                &id("a", seq),
+                format!("{seq}").as_bytes(),
+                &[0],
+            )
+            .await
+            .unwrap();
+        }
+        let end = log.end_offset(0).unwrap();
+        // The store refuses the write: a file where the directory goes.
+        let dir = s.data.join(SNAPSHOT_DIR);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
+        std::fs::write(&dir, b"in the way").unwrap();
+        assert!(ledger.persist(&[(0, end)]).await.is_err());
+        std::fs::remove_file(&dir).unwrap();
+        // The commit's retry asks for the same coverage: it must write.
+        ledger.persist(&[(0, end)]).await.unwrap();
+        log.delete_below(0, end).unwrap();
+        drop(ledger);
+        let ledger = s.ledger(&log, 64).await;
+        assert!(
+            matches!(
+                ledger.begin(&id("a", 3), digest(b"3")).await.unwrap(),
+                Begin::Stored(_)
+            ),
+            "the retried write holds the tags the log dropped"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_table_forgets_the_idlest_producer_only_after_an_hour() {
+        let s = Setup::new();
+        let log = s.log();
+        let ledger = s.ledger(&log, 8).await;
+        for name in ["a", "b", "c"] {
+            store(&ledger, &log, &id(name, 0), b"x", &[0])
+                .await
+                .unwrap();
+        }
+        assert!(matches!(
+            store(&ledger, &log, &id("d", 0), b"x", &[0]).await,
+            Err(RequestError::TooManyProducers { .. })
+        ));
+        // "b" last seen two hours ago: it makes room.
+        ledger
+            .known
+            .lock()
+            .unwrap()
+            .producers
+            .get_mut("b")
+            .unwrap()
+            .last_ms -= 2 * EARLY_FORGET_MS;
+        store(&ledger, &log, &id("d", 0), b"x", &[0]).await.unwrap();
+        assert_eq!(ledger.counters.forgotten_early.load(Ordering::Relaxed), 1);
+        let known = ledger.known.lock().unwrap();
+        assert!(!known.producers.contains_key("b") && known.producers.contains_key("a"));
     }
 
     #[tokio::test]

@@ -464,3 +464,50 @@ fn produce_run_again_under_its_name_stores_nothing_twice() {
     );
     server.stop();
 }
+
+/// Red team (issue 34): a client that sends a numbered request and goes
+/// away before the reply (a timeout, a reset), then sends it again. The
+/// first request must run to its end (its events may be queued to the log
+/// already) and be recorded, so the retry is recognised: every request is
+/// stored once. Before the fix the handler was cancelled with the client and
+/// forgot a request whose events were stored (9 of 30 stored twice).
+#[test]
+fn a_request_whose_client_went_away_is_recognised_when_sent_again() {
+    use std::io::Write;
+    let site = Site::new("");
+    let server = site.serve(&[]);
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let (trials, events) = (60u64, 1_000i64);
+    for t in 0..trials {
+        let body: String = (0..events)
+            .map(|i| event(i + 1, "product1", 1, "2014-11-01 00:00:00.000") + "\n")
+            .collect();
+        let seq = t.to_string();
+        let mut sock = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            sock,
+            "POST /v1/events HTTP/1.1\r\nhost: {addr}\r\ncontent-length: {}\r\nlambdaflow-producer: gone\r\nlambdaflow-sequence: {seq}\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        sock.write_all(body.as_bytes()).unwrap();
+        std::thread::sleep(std::time::Duration::from_micros(200 * (t % 10)));
+        drop(sock);
+        let (status, reply) = post_as(&server.url, body.as_bytes(), "gone", &seq);
+        assert_eq!(status, 200, "{reply}");
+    }
+    let s = server.status();
+    let stored: u64 = s["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["end"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        stored,
+        trials * events as u64,
+        "each of the {trials} requests stored once (recognised: {})",
+        s["ingest"]["idempotence"]
+    );
+    server.stop();
+}

@@ -43,10 +43,23 @@ pub(super) async fn post_events(
         )
         .hint(hint));
     }
-    let id = RequestId::from_headers(
-        headers.get(PRODUCER_HEADER).map(|v| v.as_bytes()),
-        headers.get(SEQUENCE_HEADER).map(|v| v.as_bytes()),
-    )
+    let twice = [PRODUCER_HEADER, SEQUENCE_HEADER]
+        .into_iter()
+        .find(|h| headers.get_all(*h).iter().count() > 1);
+    let id = match twice {
+        Some(h) => Err(RequestError::BadHeader {
+            header: if h == PRODUCER_HEADER {
+                "Lambdaflow-Producer"
+            } else {
+                "Lambdaflow-Sequence"
+            },
+            reason: "sent more than once".into(),
+        }),
+        None => RequestId::from_headers(
+            headers.get(PRODUCER_HEADER).map(|v| v.as_bytes()),
+            headers.get(SEQUENCE_HEADER).map(|v| v.as_bytes()),
+        ),
+    }
     .map_err(|e| {
         let mut err = ApiError::report(StatusCode::BAD_REQUEST, crate::error::Report::of(&e));
         err.extra = Some(serde_json::json!({ "code": e.code() }));
@@ -54,7 +67,24 @@ pub(super) async fn post_events(
     })?;
     let bytes = read_body(&state, body, state.max_body, hint).await?;
 
-    match state.ingest.ingest_request(bytes, id).await {
+    // Its own task: a client that goes away (a timeout, a reset) must not
+    // cancel a request half-way — its events may be queued to the log
+    // already, and the ledger must record what was stored, so that the
+    // retry is recognised. The permit goes with it: the body is in memory
+    // until the task ends.
+    let ingest = state.ingest.clone();
+    let done = tokio::spawn(async move {
+        let _permit = _permit;
+        ingest.ingest_request(bytes, id).await
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the ingest task failed: {e}"),
+        )
+    })?;
+    match done {
         Ok(report) => {
             // Every line refused: the request as a whole did not do anything.
             // Part of the body stored, the rest not (or not known): 207, and

@@ -794,16 +794,24 @@ impl Log {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(LogError::io("open", &seg.path, e)),
             };
-            let corrupt = |pos: u64, first: u64, detail: String| LogError::Corrupt {
-                partition: p,
-                segment: seg.path.clone(),
-                position: pos,
-                first_offset: first,
-                until: first,
-                detail,
-            };
             while pos < len {
-                let head = read_head(&file, pos, len).map_err(|d| corrupt(pos, from, d))?;
+                // A damaged frame's tag is lost with its events (reads of
+                // them fail loudly); the tags after it still count.
+                let damaged = |pos: u64, why: String| {
+                    tracing::warn!(partition = p, segment = %seg.path.display(), position = pos, error = %why, "a damaged log frame's request tag is left out");
+                    let index = seg.index.read().expect("index lock");
+                    index.iter().find(|&&(_, at)| at > pos).map(|&(_, at)| at)
+                };
+                let head = match read_head(&file, pos, len) {
+                    Ok(h) => h,
+                    Err(why) => match damaged(pos, why) {
+                        Some(next) => {
+                            pos = next;
+                            continue;
+                        }
+                        None => break,
+                    },
+                };
                 let frame_end = pos + FRAME_PREFIX as u64 + u64::from(head.len);
                 if head.base >= end {
                     break;
@@ -813,25 +821,30 @@ impl Log {
                     file.read_exact_at(&mut body, pos + FRAME_PREFIX as u64)
                         .map_err(|e| LogError::io("read", &seg.path, e))?;
                     let crc = crc32c::crc32c(&body);
-                    if crc != head.crc {
-                        return Err(corrupt(
-                            pos,
-                            head.base,
-                            format!(
-                                "checksum mismatch (stored {:08x}, computed {crc:08x})",
-                                head.crc
-                            ),
-                        ));
+                    let tag = if crc != head.crc {
+                        Err(format!(
+                            "checksum mismatch (stored {:08x}, computed {crc:08x})",
+                            head.crc
+                        ))
+                    } else {
+                        split_tag(&body, &head).map(|(t, _)| t.unwrap_or_default().to_vec())
+                    };
+                    match tag {
+                        Ok(tag) => out.push(FrameTag {
+                            partition: p,
+                            base: head.base,
+                            count: head.count,
+                            ingest_ms: head.ingest_ms,
+                            tag,
+                        }),
+                        Err(why) => {
+                            match damaged(pos, why) {
+                                Some(next) => pos = next,
+                                None => break,
+                            }
+                            continue;
+                        }
                     }
-                    let (tag, _) =
-                        split_tag(&body, &head).map_err(|d| corrupt(pos, head.base, d))?;
-                    out.push(FrameTag {
-                        partition: p,
-                        base: head.base,
-                        count: head.count,
-                        ingest_ms: head.ingest_ms,
-                        tag: tag.unwrap_or_default().to_vec(),
-                    });
                 }
                 pos = frame_end;
             }
