@@ -347,3 +347,62 @@ fn a_retry_at_the_next_driver_of_a_request_the_last_one_stored_is_recognised() {
     assert_every_ack_archived_once(&moto, &root, &sent);
     b.stop();
 }
+
+/// Red team (issue 34): B drives, is paused past its lease; A takes over
+/// (B had archived everything), acknowledges and archives; B resumes and A
+/// dies. B's log ends below what A archived: taking the lease back, B gave
+/// A's offsets out again — every event B then acknowledged was lost (the
+/// archiver held those offsets committed). B must not take the lease back
+/// until a restart opens its log at the archived coverage.
+#[test]
+fn a_node_whose_log_is_behind_the_archive_does_not_take_the_lease_back() {
+    let config = "[speed]\ninterval = \"10ms\"\n[archive]\nchunk_events = 200\nchunk_age = \"300ms\"\n[batch]\npause = \"250ms\"\nlease = \"2s\"\npoll = \"200ms\"\n";
+    let moto = Moto::start();
+    let root = moto.bucket("fence-retake");
+    let site_a = moto.site(&root, config);
+    let site_b = moto.site(&root, config);
+    let mut sent = Sent::default();
+    let mut b = site_b.serve(&[]);
+    wait_driving(&b);
+    sent.send("B", &b.url, 2);
+    assert_every_ack_archived_once(&moto, &root, &sent);
+
+    signal(&b, "-STOP");
+    let a_log = site_a.dir.path().join("a.log");
+    let t = Instant::now();
+    let mut a = loop {
+        if let Some(a) = start_b(&site_a, &a_log) {
+            break a;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "A starts once B's lease expired: {}",
+            std::fs::read_to_string(&a_log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    wait_driving(&a);
+    sent.send("A", &a.url, 2);
+    assert_every_ack_archived_once(&moto, &root, &sent);
+
+    signal(&b, "-CONT");
+    a.child.kill().unwrap();
+    let _ = a.child.wait();
+    std::thread::sleep(Duration::from_secs(4));
+    sent.send("B", &b.url, 3);
+    let lease = b.status()["cluster"]["lease"].to_string();
+    // Restarted, B's log starts at the archived coverage and B drives.
+    b.child.kill().unwrap();
+    let _ = b.child.wait();
+    let b = site_b.serve(&[]);
+    wait_driving(&b);
+    sent.send("B", &b.url, 2);
+    assert_every_ack_archived_once(&moto, &root, &sent);
+    assert!(
+        sent.acked_by("B") == 200,
+        "B acknowledged only after its restart (2 + 2 requests of 50): {} (lease before the restart: {lease}; refused: {:?})",
+        sent.acked_by("B"),
+        sent.refused
+    );
+    b.stop();
+}
