@@ -787,10 +787,23 @@ impl Shared {
                         rest: None,
                     });
                 }
-                if matches!(
-                    reply.code.as_deref(),
-                    Some("idempotence-unsupported" | "too-many-producers")
-                ) {
+                if reply.code.as_deref() == Some("idempotence-unsupported")
+                    && self.opts.producer_name.is_some()
+                {
+                    // A re-run under a name sent unnumbered would store
+                    // the events of the run it repeats a second time.
+                    return Err(Unsent {
+                        why: format!(
+                            "{} (--producer was given: sending unnumbered could store a repeated run's events twice; drop --producer to send at least once)",
+                            reply.error.unwrap_or_default()
+                        ),
+                        lines: n,
+                        retry: false,
+                        wait: None,
+                        rest: None,
+                    });
+                }
+                if reply.code.as_deref() == Some("idempotence-unsupported") {
                     // Sent again at once, without the identity.
                     let _ = self.unnumbered.set(reply.error.clone().unwrap_or_default());
                     return Err(Unsent {

@@ -212,7 +212,7 @@ fn ingest(out: &mut String, s: &Status) {
     if let Some(d) = &i.idempotence {
         let _ = writeln!(
             out,
-            "  numbered requests: {} · re-sent recognised {} (completed {}) · refused: changed body {}, too old {} · producers {} of {} (window {})",
+            "  numbered requests: {} · re-sent recognised {} (completed {}) · refused: changed body {}, too old {} · producers {} of {} (window {}), {} retired to make room",
             group(d.identified),
             group(d.recognised),
             group(d.completed),
@@ -220,7 +220,8 @@ fn ingest(out: &mut String, s: &Status) {
             group(d.too_old),
             group(d.producers),
             group(d.max_producers),
-            group(d.window)
+            group(d.window),
+            group(d.retired)
         );
     }
 }

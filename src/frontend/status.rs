@@ -174,8 +174,12 @@ pub struct IdempotenceStatus {
     /// below its producer's window (422).
     pub changed: u64,
     pub too_old: u64,
-    /// Producers remembered now, and at most.
+    /// Producers with requests remembered now, and at most.
     pub producers: u64,
+    /// Producers whose requests were dropped to make room for another:
+    /// their older numbers get 422.
+    #[serde(default)]
+    pub retired: u64,
     pub max_producers: u64,
     pub window: u64,
 }

@@ -52,8 +52,8 @@ pub const MAX_PRODUCER_LEN: usize = 128;
 pub const SNAPSHOT_DIR: &str = "ingest/requests";
 const TAG_VERSION: u8 = 1;
 const SNAPSHOT_FORMAT: u32 = 1;
-/// With every place taken, a producer idle this long makes room for a new one.
-const EARLY_FORGET_MS: i64 = 3_600_000;
+/// Retired producers (their floor only) kept per place of `max_producers`.
+const RETIRED_PER_PLACE: usize = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
@@ -76,7 +76,7 @@ pub enum RequestError {
         sequence: u64,
         floor: u64,
     },
-    #[error("{known} producers are known (the limit); producer `{producer}` is new")]
+    #[error("{known} producers have requests in flight (the limit); producer `{producer}` is new")]
     TooManyProducers { producer: String, known: usize },
     #[error("this node produces into {stream}, where re-sent requests cannot be recognised yet")]
     Unsupported { stream: String },
@@ -129,7 +129,7 @@ impl crate::error::Explain for RequestError {
                     .into(),
             ),
             RequestError::TooManyProducers { .. } => Some(
-                "reuse producer names across restarts of a producer, or raise ingest.idempotence.max_producers; unseen producers are forgotten after ingest.idempotence.forget_after"
+                "retry shortly, or raise ingest.idempotence.max_producers"
                     .into(),
             ),
             RequestError::Unsupported { .. } => Some(
@@ -409,32 +409,64 @@ impl Known {
         }
     }
 
-    /// Forgets the producer seen least recently, if it was last seen before
-    /// `before` and has nothing in flight; whether one was.
-    fn forget_idlest(&mut self, before: i64) -> bool {
+    /// Producers with requests remembered (a producer whose requests were
+    /// dropped to make room keeps only its floor).
+    fn active(&self) -> usize {
+        self.producers
+            .values()
+            .filter(|p| !p.entries.is_empty())
+            .count()
+    }
+
+    /// Drops the requests of the producer seen least recently (none in
+    /// flight), keeping its floor: its numbers up to its last one are then
+    /// refused as too old (422), never stored again. Whether one was.
+    fn retire_idlest(&mut self) -> bool {
         let idlest = self
             .producers
             .iter()
-            .filter(|(_, p)| p.entries.values().all(|e| e.busy.is_none()))
+            .filter(|(_, p)| !p.entries.is_empty() && p.entries.values().all(|e| e.busy.is_none()))
             .min_by_key(|(_, p)| p.last_ms)
-            .filter(|(_, p)| p.last_ms < before)
             .map(|(name, _)| name.clone());
-        match idlest {
-            Some(name) => {
-                tracing::info!(producer = %name, "forgot the idlest producer to make room for a new one");
-                self.producers.remove(&name);
-                true
-            }
-            None => false,
+        let Some(name) = idlest else { return false };
+        let p = self.producers.get_mut(&name).expect("listed");
+        if let Some((&last, _)) = p.entries.last_key_value() {
+            p.floor = p.floor.max(last + 1);
         }
+        p.entries.clear();
+        tracing::info!(producer = %name, floor = p.floor, "dropped the requests of the idlest producer to make room for another; its older numbers get 422");
+        true
     }
 
-    fn trim(&mut self, bounds: &Bounds, now_ms: i64) {
+    /// Forgets producers unseen for `forget_after`, keeps at most
+    /// `max_producers` with requests (retiring the idlest) and at most
+    /// `RETIRED_PER_PLACE` times as many retired ones (forgetting the
+    /// oldest). How many were retired.
+    fn trim(&mut self, bounds: &Bounds, now_ms: i64) -> u64 {
         let ttl = bounds.forget_after.as_millis() as i64;
         self.producers.retain(|_, p| {
             p.trim(bounds.window);
             p.last_ms >= now_ms.saturating_sub(ttl) || p.entries.values().any(|e| e.busy.is_some())
         });
+        let mut retired = 0;
+        while self.active() > bounds.max_producers && self.retire_idlest() {
+            retired += 1;
+        }
+        let max_retired = bounds.max_producers.saturating_mul(RETIRED_PER_PLACE);
+        let excess = (self.producers.len() - self.active()).saturating_sub(max_retired);
+        if excess > 0 {
+            let mut old: Vec<(i64, String)> = self
+                .producers
+                .iter()
+                .filter(|(_, p)| p.entries.is_empty())
+                .map(|(n, p)| (p.last_ms, n.clone()))
+                .collect();
+            old.sort();
+            for (_, name) in old.into_iter().take(excess) {
+                self.producers.remove(&name);
+            }
+        }
+        retired
     }
 }
 
@@ -459,9 +491,9 @@ pub struct RequestCounters {
     pub completed: AtomicU64,
     pub changed: AtomicU64,
     pub too_old: AtomicU64,
-    /// Producers forgotten before `forget_after` to make room for a new one
-    /// (the table full, they idle for an hour or more).
-    pub forgotten_early: AtomicU64,
+    /// Producers whose requests were dropped to make room for another
+    /// (`max_producers` reached): their older numbers get 422.
+    pub retired: AtomicU64,
 }
 
 /// The ledger of one node's ingest over the embedded log.
@@ -561,8 +593,9 @@ impl Ledger {
     }
 
     /// Producers known now.
+    /// Producers with requests remembered now.
     pub fn producers(&self) -> usize {
-        self.known.lock().expect("ledger lock").producers.len()
+        self.known.lock().expect("ledger lock").active()
     }
 
     /// The term whose snapshot was merged last.
@@ -618,7 +651,8 @@ impl Ledger {
         let mut known = self.known.lock().expect("ledger lock");
         known.merge(merged.known.clone());
         known.merge(from_log);
-        known.trim(&self.bounds, now_ms());
+        let retired = known.trim(&self.bounds, now_ms());
+        self.counters.retired.fetch_add(retired, Ordering::Relaxed);
         let (producers, entries) = (
             known.producers.len(),
             known
@@ -704,23 +738,21 @@ impl Ledger {
         loop {
             let mut wait = {
                 let mut known = self.known.lock().expect("ledger lock");
-                let many = known.producers.len();
-                if !known.producers.contains_key(&id.producer) {
-                    if many >= self.bounds.max_producers {
-                        known.trim(&self.bounds, now_ms());
-                    }
-                    if known.producers.len() >= self.bounds.max_producers
-                        && known.forget_idlest(now_ms() - EARLY_FORGET_MS)
-                    {
-                        self.counters
-                            .forgotten_early
-                            .fetch_add(1, Ordering::Relaxed);
-                    }
-                    if known.producers.len() >= self.bounds.max_producers {
-                        return Err(RequestError::TooManyProducers {
-                            producer: id.producer.clone(),
-                            known: known.producers.len(),
-                        });
+                let has_place = known
+                    .producers
+                    .get(&id.producer)
+                    .is_some_and(|p| !p.entries.is_empty());
+                if !has_place && known.active() >= self.bounds.max_producers {
+                    let retired = known.trim(&self.bounds, now_ms());
+                    self.counters.retired.fetch_add(retired, Ordering::Relaxed);
+                    if known.active() >= self.bounds.max_producers {
+                        if !known.retire_idlest() {
+                            return Err(RequestError::TooManyProducers {
+                                producer: id.producer.clone(),
+                                known: known.active(),
+                            });
+                        }
+                        self.counters.retired.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 let p = known.producers.entry(id.producer.clone()).or_default();
@@ -1003,14 +1035,11 @@ mod tests {
             end,
             "6 is remembered: nothing stored"
         );
-        // A new producer beyond the limit of 3 is refused.
+        // A new producer beyond the limit of 3 takes the idlest one's place.
         store(&ledger, &log, &id("b", 0), b"b", &[1]).await.unwrap();
         store(&ledger, &log, &id("c", 0), b"c", &[1]).await.unwrap();
-        let many = store(&ledger, &log, &id("d", 0), b"d", &[1]).await;
-        assert!(
-            matches!(many, Err(RequestError::TooManyProducers { .. })),
-            "{many:?}"
-        );
+        store(&ledger, &log, &id("d", 0), b"d", &[1]).await.unwrap();
+        assert_eq!(ledger.producers(), 3);
     }
 
     #[tokio::test]
@@ -1166,7 +1195,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_full_table_forgets_the_idlest_producer_only_after_an_hour() {
+    async fn a_full_table_retires_the_idlest_producer_whose_old_numbers_then_get_422() {
         let s = Setup::new();
         let log = s.log();
         let ledger = s.ledger(&log, 8).await;
@@ -1174,12 +1203,10 @@ mod tests {
             store(&ledger, &log, &id(name, 0), b"x", &[0])
                 .await
                 .unwrap();
+            store(&ledger, &log, &id(name, 1), b"y", &[0])
+                .await
+                .unwrap();
         }
-        assert!(matches!(
-            store(&ledger, &log, &id("d", 0), b"x", &[0]).await,
-            Err(RequestError::TooManyProducers { .. })
-        ));
-        // "b" last seen two hours ago: it makes room.
         ledger
             .known
             .lock()
@@ -1187,11 +1214,44 @@ mod tests {
             .producers
             .get_mut("b")
             .unwrap()
-            .last_ms -= 2 * EARLY_FORGET_MS;
+            .last_ms -= 60_000;
+        let end = log.end_offset(0).unwrap();
         store(&ledger, &log, &id("d", 0), b"x", &[0]).await.unwrap();
-        assert_eq!(ledger.counters.forgotten_early.load(Ordering::Relaxed), 1);
-        let known = ledger.known.lock().unwrap();
-        assert!(!known.producers.contains_key("b") && known.producers.contains_key("a"));
+        assert_eq!(ledger.counters.retired.load(Ordering::Relaxed), 1);
+        assert_eq!(ledger.producers(), 3, "at most 3 with requests remembered");
+        // b's re-send is refused as too old, never stored again; its next
+        // number is stored.
+        let old = store(&ledger, &log, &id("b", 1), b"y", &[0]).await;
+        assert!(
+            matches!(old, Err(RequestError::TooOld { floor: 2, .. })),
+            "{old:?}"
+        );
+        assert_eq!(
+            log.end_offset(0).unwrap(),
+            end + 3,
+            "only d's request stored"
+        );
+        // The limit holds across a restart: the snapshot keeps b retired.
+        ledger
+            .persist(&[(0, log.end_offset(0).unwrap())])
+            .await
+            .unwrap();
+        drop(ledger);
+        let ledger = s.ledger(&log, 8).await;
+        assert!(
+            ledger.producers() <= 3,
+            "{} producers after a restart",
+            ledger.producers()
+        );
+        // Which producer is retired after the restart may differ (the
+        // snapshot knows the frames' times); b's number is never stored twice.
+        let end = log.end_offset(0).unwrap();
+        let _ = store(&ledger, &log, &id("b", 0), b"x", &[0]).await;
+        assert_eq!(
+            log.end_offset(0).unwrap(),
+            end,
+            "b's number 0 is not stored again"
+        );
     }
 
     #[tokio::test]

@@ -157,6 +157,11 @@ impl Collector for IngestMetrics {
                     &c.changed,
                 ),
                 (
+                    "lambdaflow_producers_retired",
+                    "Producers whose requests were dropped to make room for another (max_producers); their older numbers get 422.",
+                    &c.retired,
+                ),
+                (
                     "lambdaflow_requests_too_old",
                     "Requests refused (422): a sequence below its producer's window.",
                     &c.too_old,

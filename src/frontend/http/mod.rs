@@ -493,6 +493,7 @@ async fn status(axum::extract::State(state): axum::extract::State<Arc<ApiState>>
                     changed: c.changed.load(Relaxed),
                     too_old: c.too_old.load(Relaxed),
                     producers: l.producers() as u64,
+                    retired: c.retired.load(Relaxed),
                     max_producers: l.bounds().max_producers as u64,
                     window: l.bounds().window as u64,
                 }
