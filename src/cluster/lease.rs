@@ -97,6 +97,8 @@ pub enum Fenced {
     Lapsed { age: Duration, valid: Duration },
     #[error("could not record the events' offsets in the driver lease: {0}")]
     Unrecorded(String),
+    #[error("this node does not take the driver lease: {0}")]
+    Refused(String),
 }
 
 /// What the lease object holds.
@@ -335,6 +337,14 @@ impl Lease {
             return Ok(());
         }
         let s = self.state.lock().expect("lease lock");
+        // Not taken for a reason of this node's (its log behind the
+        // archive, another log's events unarchived): that, not a holder
+        // whose lease may have expired long ago.
+        if let Some(why) = &s.refused
+            && !*self.held.borrow()
+        {
+            return Err(Fenced::Refused(why.clone()));
+        }
         if let Some(r) = &s.record
             && r.holder != self.me
         {
