@@ -560,6 +560,25 @@ pub struct SchemaConfig {
     /// `reject` (default) or `drop` events' fields that are not in `fields`.
     #[serde(default)]
     pub unknown_fields: UnknownFields,
+    /// The events' key: an event whose key its partition saw within the
+    /// horizon is a duplicate, counted by no view (`crate::keys`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<EventKeyConfig>,
+}
+
+/// `[schema] key = { field = "event_id", within = "7d" }`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EventKeyConfig {
+    /// A field of the schema that may not be null: a string or an integer.
+    pub field: String,
+    /// How long a key is remembered, in the partition's stream time.
+    #[serde(with = "humantime_serde", default = "default_key_within")]
+    pub within: Duration,
+}
+
+fn default_key_within() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
 }
 
 impl Default for SchemaConfig {
@@ -582,6 +601,7 @@ impl Default for SchemaConfig {
                 },
             ],
             unknown_fields: UnknownFields::Reject,
+            key: None,
         }
     }
 }
@@ -835,6 +855,63 @@ impl Config {
                 schema.suggest(key).map(|s| format!("did you mean `{s}`?")),
             ));
         }
+        if let Some(k) = &self.schema.key {
+            let Some(i) = schema.index_of(&k.field) else {
+                return Err(invalid(
+                    "schema.key.field",
+                    format!("no field named `{}` in the schema", k.field),
+                    schema
+                        .suggest(&k.field)
+                        .map(|s| format!("did you mean `{s}`?")),
+                ));
+            };
+            let f = &schema.fields()[i];
+            if f.nullable {
+                return Err(invalid(
+                    "schema.key.field",
+                    format!(
+                        "`{}` may be null, and an event without a key cannot be told from another",
+                        k.field
+                    ),
+                    Some(format!(
+                        "make `{}` not nullable: events without it are then refused with the line and reason",
+                        k.field
+                    )),
+                ));
+            }
+            if !crate::keys::hashable(&f.ty.arrow()) {
+                return Err(invalid(
+                    "schema.key.field",
+                    format!(
+                        "`{}` is a {:?} field; a key is a string or an integer",
+                        k.field, f.ty
+                    ),
+                    None,
+                ));
+            }
+            if k.within < Duration::from_secs(1) {
+                return Err(invalid(
+                    "schema.key.within",
+                    "must be at least 1s".into(),
+                    None,
+                ));
+            }
+            if let Some(s) = &self.stream.key
+                && *s != k.field
+            {
+                return Err(invalid(
+                    "stream.key",
+                    format!(
+                        "partitions by `{s}`, but duplicates are found per partition by `{}`",
+                        k.field
+                    ),
+                    Some(format!(
+                        "leave stream.key out (the stream is then partitioned by `{}`) or set it to the same field",
+                        k.field
+                    )),
+                ));
+            }
+        }
         for (i, t) in self.auth.tokens.iter().enumerate() {
             let key = format!("auth.tokens[{i}]");
             match (&t.token, &t.env) {
@@ -1011,6 +1088,12 @@ impl Config {
         }
         let mut schema = EventSchema::new(fields, event_time);
         schema.set_unknown_fields(s.unknown_fields);
+        schema.set_key(s.key.as_ref().and_then(|k| {
+            Some(crate::schema::EventKey {
+                field: schema.index_of(&k.field)?,
+                within: k.within,
+            })
+        }));
         Ok(schema)
     }
 }

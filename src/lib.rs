@@ -22,6 +22,7 @@ pub mod failpoint;
 pub mod frontend;
 pub mod health;
 pub mod human;
+pub mod keys;
 pub mod master;
 pub mod memory;
 pub mod metrics;

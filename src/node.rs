@@ -263,7 +263,13 @@ pub async fn assemble_over(
     // Resolved once, for every layer below.
     let storage = config.storage()?;
     let schema = Arc::new(config.event_schema()?);
-    let partitioning = match &config.stream.key {
+    // Duplicates are found per partition: events of one key share one.
+    let key_field = config
+        .stream
+        .key
+        .as_ref()
+        .or(config.schema.key.as_ref().map(|k| &k.field));
+    let partitioning = match key_field {
         Some(key) => Partitioning::Key {
             field: schema.index_of(key).expect("config checked the key field"),
             partitions: config.stream.partitions,
@@ -549,6 +555,14 @@ async fn start_speed(
     speed.failures = batch.failures().clone();
     speed.backlog = ingest.backlog.clone();
     speed.clock = clock;
+    if let Some(rule) = master.events_schema().key() {
+        let history: Arc<dyn crate::keys::History> = master.clone();
+        speed.dedup = Some(crate::speed::Dedup::new(
+            rule,
+            config.local_dir().join("keys"),
+            history,
+        ));
+    }
     let t = std::time::Instant::now();
     speed.catch_up().await?;
     tracing::info!(from = ?h, to = ?serving.snapshot().realtime_end, took_ms = t.elapsed().as_millis() as u64, "speed layer caught up with the log");
@@ -602,6 +616,7 @@ impl Node {
         });
         let (stop, stop_rx) = watch::channel(false);
         let adopt = speed.changes();
+        let duplicates = speed.dedup.as_ref().map(|d| d.duplicates.clone());
         let mut tasks = vec![tokio::spawn(speed.run(stop_rx.clone()))];
         let driver = Driver {
             batch,
@@ -618,6 +633,7 @@ impl Node {
             lease,
             changes,
             speed: adopt,
+            duplicates,
         };
         tasks.extend(driver.start(archive, stop_rx));
         Ok(Node {

@@ -282,6 +282,16 @@ pub struct EventSchema {
     event_time: usize,
     arrow: SchemaRef,
     unknown_fields: UnknownFields,
+    key: Option<EventKey>,
+}
+
+/// `[schema] key`: which field tells events apart, and for how long a key
+/// is remembered (`crate::keys` has the rule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventKey {
+    /// The key field's index in the schema.
+    pub field: usize,
+    pub within: std::time::Duration,
 }
 
 impl EventSchema {
@@ -298,7 +308,17 @@ impl EventSchema {
             event_time,
             arrow,
             unknown_fields: UnknownFields::Reject,
+            key: None,
         }
+    }
+
+    /// The events' key, if duplicates are to be found.
+    pub fn key(&self) -> Option<EventKey> {
+        self.key
+    }
+
+    pub fn set_key(&mut self, key: Option<EventKey>) {
+        self.key = key;
     }
 
     /// The paper's schema: `zipcode`, `ProductName`, `price`, `timestamp`.

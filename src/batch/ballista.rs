@@ -93,6 +93,7 @@ impl Cluster {
         view: &View,
         store_url: &str,
         files: &[DataFile],
+        keyed: bool,
     ) -> Result<Arc<dyn ExecutionPlan>, EngineError> {
         let refused = |detail: String| EngineError::Refused {
             view: view.name().to_string(),
@@ -104,6 +105,7 @@ impl Cluster {
             view.events_schema(),
             &groups,
             view.leaf_projection(),
+            keyed,
         )
         .map_err(|e| refused(e.to_string()))?;
         view.distributed_states_plan(leaf, REDUCERS.min(groups.len()))
@@ -135,7 +137,8 @@ impl Cluster {
             records: None,
             chunks: Vec::new(),
         };
-        check_plan(view.name(), Self::plan(view, store_url, &[probe])?)
+        // Keyed: the plan with the filter of duplicates, a superset of the other.
+        check_plan(view.name(), Self::plan(view, store_url, &[probe], true)?)
     }
 
     async fn connect(&self) -> Result<SchedulerGrpcClient<Channel>, EngineError> {
@@ -161,10 +164,11 @@ impl Cluster {
         view: &View,
         store_url: &str,
         files: &[DataFile],
+        keyed: bool,
         compute: &mut Compute,
     ) -> Result<RecordBatch, EngineError> {
         let t = Instant::now();
-        let plan = Self::plan(view, store_url, files)?;
+        let plan = Self::plan(view, store_url, files, keyed)?;
         let schema = plan.schema();
         let bytes = Self::encode(view.name(), plan)?;
         let mut settings: Vec<KeyValuePair> = view
@@ -630,7 +634,7 @@ mod tests {
     async fn the_plan_shuffles_by_the_group_keys_between_partial_and_reduce() {
         let grouped =
             view("SELECT ProductName, count(*) AS n FROM events GROUP BY ProductName").await;
-        let plan = Cluster::plan(&grouped, "file:///", &files(5)).unwrap();
+        let plan = Cluster::plan(&grouped, "file:///", &files(5), false).unwrap();
         let text = displayable(plan.as_ref()).indent(false).to_string();
         let lines: Vec<&str> = text.lines().map(str::trim).collect();
         assert!(lines[0].starts_with("CoalescePartitionsExec"), "{text}");
@@ -653,7 +657,7 @@ mod tests {
 
         let global = view("SELECT count(*) AS n, sum(price) AS s FROM events").await;
         let text = displayable(
-            Cluster::plan(&global, "file:///", &files(3))
+            Cluster::plan(&global, "file:///", &files(3), false)
                 .unwrap()
                 .as_ref(),
         )
@@ -670,7 +674,7 @@ mod tests {
 
         let rows = view("SELECT zipcode, price FROM events WHERE price > 95").await;
         let text = displayable(
-            Cluster::plan(&rows, "file:///", &files(3))
+            Cluster::plan(&rows, "file:///", &files(3), false)
                 .unwrap()
                 .as_ref(),
         )
@@ -709,6 +713,7 @@ mod tests {
             v.events_schema(),
             &files(1),
             v.leaf_projection(),
+            false,
         )
         .unwrap();
         // The local engine's progress counter exists only in this process.

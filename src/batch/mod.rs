@@ -807,7 +807,13 @@ impl BatchLayer {
             Engine::Ballista(cluster) => {
                 let store_url = self.storage.store_url();
                 let out = match cluster
-                    .states(view, &store_url, &snapshot.files, compute)
+                    .states(
+                        view,
+                        &store_url,
+                        &snapshot.files,
+                        self.master.keyed(),
+                        compute,
+                    )
                     .await
                 {
                     Ok(states) => (states, Vec::new()),
@@ -818,8 +824,14 @@ impl BatchLayer {
                         tracing::info!(view = view.name(), error = %crate::error::chain(&e), "the cluster's job failed on the view's own expressions; looking for the rows it fails on");
                         let t = Instant::now();
                         let events = self.master.events_schema().clone();
-                        let out =
-                            states_file_by_file(view, &store_url, &events, &snapshot.files).await?;
+                        let out = states_file_by_file(
+                            view,
+                            &store_url,
+                            &events,
+                            &snapshot.files,
+                            self.master.keyed(),
+                        )
+                        .await?;
                         compute.add("states of failing rows (local)", t.elapsed());
                         out
                     }
@@ -859,6 +871,7 @@ impl BatchLayer {
         let k = groups.len();
         let store_url = self.storage.store_url();
         let events = self.master.events_schema().clone();
+        let keyed = self.master.keyed();
         let mut tasks = Vec::with_capacity(k);
         for group in groups {
             let view = view.clone();
@@ -871,6 +884,7 @@ impl BatchLayer {
                     view.events_schema(),
                     &group,
                     view.leaf_projection(),
+                    keyed,
                 )
                     .map_err(|e| ViewError::Exec {
                         view: view.name().to_string(),
@@ -884,7 +898,7 @@ impl BatchLayer {
                     // speed layer does micro-batch by micro-batch.
                     Err(e) => {
                         tracing::debug!(view = view.name(), error = %e, "a batch scan failed; looking for the rows the view fails on");
-                        states_file_by_file(&view, &store_url, &events, &group).await
+                        states_file_by_file(&view, &store_url, &events, &group, keyed).await
                     }
                 }
             }));
@@ -934,11 +948,12 @@ async fn states_file_by_file(
     store_url: &str,
     events: &crate::schema::EventSchema,
     files: &[crate::master::DataFile],
+    keyed: bool,
 ) -> Result<(RecordBatch, Vec<FailedRow>), ViewError> {
     let mut parts = Vec::with_capacity(files.len());
     let mut failed = Vec::new();
     for f in files {
-        let read = scan::read_with_offsets(store_url, view.task_ctx(), events, f)
+        let read = scan::read_with_offsets(store_url, view.task_ctx(), events, f, keyed)
             .await
             .map_err(|e| ViewError::Exec {
                 view: view.name().to_string(),

@@ -17,24 +17,79 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
 use futures::StreamExt;
 
-use crate::master::DataFile;
+use datafusion::common::ScalarValue;
+use datafusion::logical_expr::Operator;
+use datafusion::physical_expr::expressions::{BinaryExpr, Column, Literal};
+use datafusion::physical_plan::filter::FilterExec;
+use datafusion::physical_plan::projection::ProjectionExec;
+
+use crate::master::{DUPLICATE_COLUMN, DataFile};
 use crate::schema::EventSchema;
 
 /// A scan of `files` yielding the columns of `schema` (a view's input: the
 /// event fields, and `_partition`/`_offset` for views that need them) in
 /// `projection`, typed as it says (the files' UTC-microsecond timestamps are
 /// cast back).
+///
+/// Over a `keyed` table (`[schema] key`), the rows whose `_duplicate` is
+/// true are left out (a filter on the column, read beside the projection
+/// and projected away): the batch layer counts what the speed layer
+/// counted. Files written before the key was set read it as null and keep
+/// every row.
 pub fn parquet_leaf(
     store_url: &str,
     schema: &arrow::datatypes::SchemaRef,
     files: &[DataFile],
     projection: Option<&Vec<usize>>,
+    keyed: bool,
 ) -> Result<Arc<dyn ExecutionPlan>> {
-    parquet_leaf_groups(store_url, schema, &[files.to_vec()], projection)
+    parquet_leaf_groups(store_url, schema, &[files.to_vec()], projection, keyed)
 }
 
 /// [`parquet_leaf`] with one output partition per group of files.
 pub fn parquet_leaf_groups(
+    store_url: &str,
+    schema: &arrow::datatypes::SchemaRef,
+    groups: &[Vec<DataFile>],
+    projection: Option<&Vec<usize>>,
+    keyed: bool,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    if !keyed {
+        return plain_leaf(store_url, schema, groups, projection);
+    }
+    let n = schema.fields().len();
+    let mut fields = schema.fields().to_vec();
+    fields.push(Arc::new(arrow::datatypes::Field::new(
+        DUPLICATE_COLUMN,
+        arrow::datatypes::DataType::Boolean,
+        true,
+    )));
+    let table = Arc::new(arrow::datatypes::Schema::new(fields));
+    let wanted: Vec<usize> = projection.cloned().unwrap_or_else(|| (0..n).collect());
+    let mut read = wanted.clone();
+    read.push(n);
+    let scan = plain_leaf(store_url, &table, groups, Some(&read))?;
+    let dup = Arc::new(Column::new(DUPLICATE_COLUMN, wanted.len()));
+    let not_dup = Arc::new(BinaryExpr::new(
+        dup,
+        Operator::IsDistinctFrom,
+        Arc::new(Literal::new(ScalarValue::Boolean(Some(true)))),
+    ));
+    let filter = Arc::new(FilterExec::try_new(not_dup, scan)?);
+    let out = filter.schema();
+    let exprs: Vec<(Arc<dyn PhysicalExpr>, String)> = (0..wanted.len())
+        .map(|i| {
+            let name = out.field(i).name().clone();
+            (
+                Arc::new(Column::new(&name, i)) as Arc<dyn PhysicalExpr>,
+                name,
+            )
+        })
+        .collect();
+    Ok(Arc::new(ProjectionExec::try_new(exprs, filter)?))
+}
+
+fn plain_leaf(
     store_url: &str,
     schema: &arrow::datatypes::SchemaRef,
     groups: &[Vec<DataFile>],
@@ -151,15 +206,9 @@ pub async fn read_with_offsets(
     ctx: &Arc<TaskContext>,
     events: &EventSchema,
     file: &DataFile,
+    keyed: bool,
 ) -> Result<Vec<RecordBatch>> {
     let schema = crate::view::input::with_offsets_schema(events.arrow());
-    let source = Arc::new(ParquetSource::new(schema));
-    let config = FileScanConfigBuilder::new(ObjectStoreUrl::parse(store_url)?, source)
-        .with_file_groups(vec![FileGroup::new(vec![PartitionedFile::new(
-            file.location.to_string(),
-            file.size,
-        )])])
-        .build();
-    let plan = DataSourceExec::from_data_source(config);
+    let plan = parquet_leaf(store_url, &schema, std::slice::from_ref(file), None, keyed)?;
     datafusion::physical_plan::collect(plan, ctx.clone()).await
 }

@@ -540,6 +540,8 @@ pub struct Driver {
     /// Views changed while serving, and the speed layer that adopts them.
     pub changes: Arc<ViewChanges>,
     pub speed: tokio::sync::mpsc::UnboundedSender<crate::serving::Adopt>,
+    /// With `[schema] key`: the duplicates the speed layer found, for the archive.
+    pub duplicates: Option<Arc<crate::keys::Duplicates>>,
 }
 
 impl Driver {
@@ -558,6 +560,7 @@ impl Driver {
                 chunks,
                 self.archive_events,
                 self.health.clone(),
+                self.duplicates.clone(),
                 self.lease.watch(),
                 stop.clone(),
             )),

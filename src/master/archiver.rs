@@ -52,12 +52,14 @@ pub async fn archive_chunk(
 /// A node that does not drive keeps its closed chunks queued and drops those
 /// the driver has committed (it re-reads the table's coverage), so when it
 /// takes the lease over it commits exactly what the old driver had not.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_queue(
     master: Arc<MasterDataset>,
     source: Arc<dyn Source>,
     mut chunks: mpsc::UnboundedReceiver<ChunkRange>,
     max_events: u64,
     health: Arc<crate::health::Health>,
+    duplicates: Option<Arc<crate::keys::Duplicates>>,
     mut driving: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -142,7 +144,7 @@ pub async fn run_queue(
                 })
             })
             .collect();
-        match archive_chunks(&master, source.as_ref(), &round).await {
+        match archive_chunks(&master, source.as_ref(), &round, duplicates.as_deref()).await {
             Ok(outcome) => {
                 health.clear("archive");
                 backoff = Duration::from_millis(100);
@@ -185,11 +187,12 @@ pub struct Commit {
 }
 
 /// Reads chunks (one per partition) back from the stream and commits them
-/// in one Delta commit.
+/// in one Delta commit, with the duplicates the speed layer found in them.
 pub async fn archive_chunks(
     master: &MasterDataset,
     source: &dyn Source,
     chunks: &[Commit],
+    duplicates: Option<&crate::keys::Duplicates>,
 ) -> Result<CommitOutcome, ArchiveError> {
     let mut data = Vec::with_capacity(chunks.len());
     for &Commit {
@@ -206,6 +209,9 @@ pub async fn archive_chunks(
         };
         data.push(super::ChunkData {
             range,
+            duplicates: duplicates
+                .map(|d| d.within(c.partition(), c.start(), c.end()))
+                .unwrap_or_default(),
             batches,
             resume: source.resume_token(c.partition(), c.end()),
         });

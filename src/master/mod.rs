@@ -47,6 +47,10 @@ use crate::stream::source::{Source, SourceBatch, read_exact};
 /// Columns lambdaflow adds to every event in the master dataset.
 use crate::chunk::{OFFSET_COLUMN, PARTITION_COLUMN};
 pub const INGEST_TIME_COLUMN: &str = "_ingest_time";
+/// With `[schema] key`: true for a row whose key its partition saw within
+/// the horizon (`crate::keys`): kept, as everything that arrived is, and
+/// counted by no view. Null in files written before the key was set.
+pub const DUPLICATE_COLUMN: &str = "_duplicate";
 
 /// Where the table lives under the storage root.
 pub const TABLE_DIR: &str = "master";
@@ -261,6 +265,8 @@ pub struct ChunkData {
     pub range: ChunkRange,
     /// Its records, in order.
     pub batches: Vec<SourceBatch>,
+    /// The offsets of its duplicates, in order (with `[schema] key`).
+    pub duplicates: Vec<u64>,
     /// What the stream needs to read on after its last record (a Kinesis
     /// sequence number); the file keeps it.
     pub resume: Option<String>,
@@ -282,6 +288,9 @@ pub struct MasterDataset {
     table: tokio::sync::Mutex<DeltaTable>,
     events: Arc<EventSchema>,
     file_schema: SchemaRef,
+    /// Whether its files have the `_duplicate` column (`[schema] key` is
+    /// set, or was once: the column stays).
+    keyed: bool,
     /// The partitions of the stream: those it had at open, and more as
     /// chunks of new ones are committed (a stream may gain partitions).
     partitions: std::sync::atomic::AtomicU32,
@@ -350,8 +359,9 @@ fn app_id(partition: u32) -> String {
 }
 
 /// The master dataset's Arrow schema: event fields (timestamps as Delta's
-/// `timestamp`: microseconds, UTC) and the three lambdaflow columns.
-pub fn file_schema(events: &EventSchema) -> SchemaRef {
+/// `timestamp`: microseconds, UTC), the three lambdaflow columns, and
+/// `_duplicate` when the table is `keyed`.
+pub fn file_schema(events: &EventSchema, keyed: bool) -> SchemaRef {
     let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
     let mut fields: Vec<Field> = events
         .fields()
@@ -368,10 +378,13 @@ pub fn file_schema(events: &EventSchema) -> SchemaRef {
     fields.push(Field::new(PARTITION_COLUMN, DataType::Int32, false));
     fields.push(Field::new(OFFSET_COLUMN, DataType::Int64, false));
     fields.push(Field::new(INGEST_TIME_COLUMN, ts, false));
+    if keyed {
+        fields.push(Field::new(DUPLICATE_COLUMN, DataType::Boolean, true));
+    }
     Arc::new(Schema::new(fields))
 }
 
-fn delta_columns(events: &EventSchema) -> Vec<StructField> {
+fn delta_columns(events: &EventSchema, keyed: bool) -> Vec<StructField> {
     let mut cols: Vec<StructField> = events
         .fields()
         .iter()
@@ -398,7 +411,60 @@ fn delta_columns(events: &EventSchema) -> Vec<StructField> {
         DeltaType::TIMESTAMP,
         false,
     ));
+    if keyed {
+        cols.push(StructField::new(DUPLICATE_COLUMN, DeltaType::BOOLEAN, true));
+    }
     cols
+}
+
+fn duplicates_dir(partition: u32) -> String {
+    format!("{INDEX_DIR}/duplicates/p{partition:04}")
+}
+
+/// Where a committed range's duplicates are listed, beside the table: a
+/// repair or restore of its file writes the same rows again, and the list
+/// outlives a compaction, as the resume tokens do.
+fn duplicates_path(partition: u32, start: u64, end: u64) -> String {
+    format!("{}/{start:020}-{end:020}", duplicates_dir(partition))
+}
+
+/// Offsets as LEB128 deltas from `start`.
+fn encode_offsets(start: u64, offsets: &[u64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(offsets.len() * 2);
+    let mut at = start;
+    for &o in offsets {
+        let mut d = o - at;
+        at = o;
+        loop {
+            let b = (d & 0x7f) as u8;
+            d >>= 7;
+            if d == 0 {
+                out.push(b);
+                break;
+            }
+            out.push(b | 0x80);
+        }
+    }
+    out
+}
+
+fn decode_offsets(start: u64, bytes: &[u8]) -> Option<Vec<u64>> {
+    let mut out = Vec::new();
+    let (mut at, mut d, mut shift) = (start, 0u64, 0u32);
+    for &b in bytes {
+        d |= u64::from(b & 0x7f).checked_shl(shift)?;
+        if b & 0x80 == 0 {
+            at = at.checked_add(d)?;
+            out.push(at);
+            (d, shift) = (0, 0);
+        } else {
+            shift += 7;
+            if shift > 63 {
+                return None;
+            }
+        }
+    }
+    (shift == 0).then_some(out)
 }
 
 impl MasterDataset {
@@ -440,7 +506,7 @@ impl MasterDataset {
                 .create()
                 .with_table_name("events")
                 .with_comment("lambdaflow master dataset: every accepted event, append-only")
-                .with_columns(delta_columns(&events))
+                .with_columns(delta_columns(&events, events.key().is_some()))
                 .with_save_mode(SaveMode::Ignore)
                 .await
                 .map_err(delta("create the table"))?;
@@ -449,12 +515,17 @@ impl MasterDataset {
                 .await?;
             tracing::info!(table = %storage.dir_url(TABLE_DIR), "created the master dataset");
         }
-        let file_schema = file_schema(&events);
+        let had_key = table
+            .snapshot()
+            .is_ok_and(|s| s.schema().fields().any(|f| f.name() == DUPLICATE_COLUMN));
+        let keyed = had_key || events.key().is_some();
+        let file_schema = file_schema(&events, keyed);
         let master = MasterDataset {
             storage: storage.clone(),
             table: tokio::sync::Mutex::new(table),
             events,
             file_schema,
+            keyed,
             partitions: partitions.into(),
             coverage: std::sync::Mutex::new(TableCoverage {
                 version: -1,
@@ -509,8 +580,10 @@ impl MasterDataset {
         let mut table = self.table.lock().await;
         let snapshot = table.snapshot().map_err(delta("read the table"))?;
         let have: Vec<evolve::Column> = snapshot.schema().fields().map(Into::into).collect();
-        let want: Vec<evolve::Column> =
-            delta_columns(&self.events).iter().map(Into::into).collect();
+        let want: Vec<evolve::Column> = delta_columns(&self.events, self.keyed)
+            .iter()
+            .map(Into::into)
+            .collect();
         let added = evolve::plan(&have, &want).map_err(|r| MasterError::SchemaRefused {
             field: r.field,
             change: r.change,
@@ -556,6 +629,49 @@ impl MasterDataset {
     /// The Arrow schema of the files.
     pub fn file_schema(&self) -> &SchemaRef {
         &self.file_schema
+    }
+
+    /// Whether its files say which rows are duplicates (`_duplicate`).
+    pub fn keyed(&self) -> bool {
+        self.keyed
+    }
+
+    /// The offsets of the duplicates among partition `p`'s committed events
+    /// in `[start, end)`, from the lists kept beside the table (none when
+    /// the table is not keyed).
+    pub async fn duplicates_in(
+        &self,
+        p: u32,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<u64>, MasterError> {
+        if !self.keyed {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for name in self.storage.list_files(&duplicates_dir(p)).await? {
+            let file = name.rsplit('/').next().unwrap_or_default();
+            let Some((s, e)) = file
+                .split_once('-')
+                .and_then(|(s, e)| Some((s.parse::<u64>().ok()?, e.parse::<u64>().ok()?)))
+            else {
+                continue;
+            };
+            if e <= start || s >= end {
+                continue;
+            }
+            let path = duplicates_path(p, s, e);
+            let Some(bytes) = self.storage.get(&path).await? else {
+                continue;
+            };
+            let offsets = decode_offsets(s, &bytes).ok_or_else(|| {
+                MasterError::Encode(format!("{path}: not a list of offsets").into())
+            })?;
+            out.extend(offsets.into_iter().filter(|o| (start..end).contains(o)));
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
     }
 
     /// The coverage of the latest version this process has seen.
@@ -1079,12 +1195,15 @@ impl MasterDataset {
             return Ok(Repair::Cannot);
         };
         let file_schema = self.file_schema.clone();
-        // The same token as at the commit, or the checksum will not match.
+        // The same token and duplicates as at the commit, or the checksum
+        // will not match.
         let token = source.resume_token(p, end);
-        let encoded =
-            tokio::task::spawn_blocking(move || encode_chunk(&file_schema, p, &batches, token))
-                .await
-                .map_err(|e| MasterError::Encode(e.into()))??;
+        let dups = self.duplicates_in(p, start, end).await?;
+        let encoded = tokio::task::spawn_blocking(move || {
+            encode_chunk(&file_schema, p, &batches, &dups, token)
+        })
+        .await
+        .map_err(|e| MasterError::Encode(e.into()))??;
         if crc32c::crc32c(&encoded) != *expected {
             return Ok(Repair::Cannot);
         }
@@ -1107,6 +1226,7 @@ impl MasterDataset {
         self.commit_chunks(vec![ChunkData {
             range: chunk,
             batches,
+            duplicates: Vec::new(),
             resume,
         }])
         .await
@@ -1202,7 +1322,17 @@ impl MasterDataset {
                     .put(&resume_path(partition, end), Bytes::from(t.clone()))
                     .await?;
             }
-            let (add, location) = self.write_chunk(c.range, c.batches, c.resume).await?;
+            if self.keyed {
+                self.storage
+                    .put(
+                        &duplicates_path(partition, c.range.start(), end),
+                        Bytes::from(encode_offsets(c.range.start(), &c.duplicates)),
+                    )
+                    .await?;
+            }
+            let (add, location) = self
+                .write_chunk(c.range, c.batches, c.duplicates, c.resume)
+                .await?;
             written.push(location);
             crate::failpoint::hit("archive-after-parquet");
             actions.push(Action::Add(add));
@@ -1296,6 +1426,7 @@ impl MasterDataset {
         &self,
         range: ChunkRange,
         batches: Vec<SourceBatch>,
+        duplicates: Vec<u64>,
         resume: Option<String>,
     ) -> Result<(Add, object_store::path::Path), MasterError> {
         let (partition, start, end, events) = (
@@ -1306,7 +1437,7 @@ impl MasterDataset {
         );
         let file_schema = self.file_schema.clone();
         let encoded = tokio::task::spawn_blocking(move || {
-            encode_chunk(&file_schema, partition, &batches, resume)
+            encode_chunk(&file_schema, partition, &batches, &duplicates, resume)
         })
         .await
         .map_err(|e| MasterError::Encode(e.into()))??;
@@ -1458,7 +1589,8 @@ impl MasterDataset {
                     out_of_range: true,
                 })?;
             let resume = source.resume_token(p, end);
-            let (add, location) = self.write_chunk(range, batches, resume).await?;
+            let dups = self.duplicates_in(p, start, end).await?;
+            let (add, location) = self.write_chunk(range, batches, dups, resume).await?;
             actions.push(Action::Add(add));
             written.push(location);
             ranges.push(range);
@@ -1536,6 +1668,96 @@ fn is_not_found(e: &StorageError) -> bool {
     )
 }
 
+/// The key index reads the events it lacks from here: each file holding
+/// some of `[from, to)` of the partition, its key, offset and ingest time.
+#[async_trait::async_trait]
+impl crate::keys::History for MasterDataset {
+    async fn keys(&self, p: u32, from: u64, to: u64) -> Result<Vec<crate::keys::KeyRow>, String> {
+        let Some(key) = self.events.key() else {
+            return Ok(Vec::new());
+        };
+        let name = self.events.fields()[key.field].name.clone();
+        let snapshot = self.snapshot().await.map_err(|e| crate::error::chain(&e))?;
+        let mut rows = Vec::new();
+        for f in snapshot.files.iter().filter(|f| {
+            f.chunks
+                .iter()
+                .any(|c| c.partition() == p && c.end() > from && c.start() < to)
+        }) {
+            let bytes = self
+                .storage
+                .read_at(&f.location)
+                .await
+                .map_err(|e| crate::error::chain(&e))?;
+            let name = name.clone();
+            let read = tokio::task::spawn_blocking(move || read_keys(bytes, &name, p, from, to))
+                .await
+                .map_err(|e| e.to_string())?;
+            rows.extend(read.map_err(|e| format!("{}: {e}", f.location))?);
+        }
+        rows.sort_unstable_by_key(|r| r.offset);
+        rows.dedup_by_key(|r| r.offset);
+        Ok(rows)
+    }
+}
+
+/// The rows of partition `p` in `[from, to)` of a Parquet file: offset, key
+/// hash, ingest time.
+fn read_keys(
+    bytes: Bytes,
+    key: &str,
+    p: u32,
+    from: u64,
+    to: u64,
+) -> Result<Vec<crate::keys::KeyRow>, String> {
+    use arrow::array::{Array, AsArray};
+    use datafusion::parquet::arrow::ProjectionMask;
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| e.to_string())?;
+    let schema = builder.schema().clone();
+    let at = |c: &str| schema.index_of(c).map_err(|_| format!("no column `{c}`"));
+    let cols = [
+        at(key)?,
+        at(PARTITION_COLUMN)?,
+        at(OFFSET_COLUMN)?,
+        at(INGEST_TIME_COLUMN)?,
+    ];
+    let mask = ProjectionMask::roots(builder.parquet_schema(), cols);
+    let reader = builder
+        .with_projection(mask)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| e.to_string())?;
+        let col = |c: &str| batch.column_by_name(c).ok_or(format!("no column `{c}`"));
+        let hashes = crate::keys::hash_column(col(key)?).map_err(|e| e.to_string())?;
+        let parts = cast(col(PARTITION_COLUMN)?, &DataType::Int64).map_err(|e| e.to_string())?;
+        let offsets = cast(col(OFFSET_COLUMN)?, &DataType::Int64).map_err(|e| e.to_string())?;
+        let times = cast(col(INGEST_TIME_COLUMN)?, &DataType::Int64).map_err(|e| e.to_string())?;
+        let (parts, offsets, times) = (
+            parts.as_primitive::<arrow::datatypes::Int64Type>(),
+            offsets.as_primitive::<arrow::datatypes::Int64Type>(),
+            times.as_primitive::<arrow::datatypes::Int64Type>(),
+        );
+        for (i, hash) in hashes.into_iter().enumerate() {
+            if parts.is_null(i) || offsets.is_null(i) || times.is_null(i) {
+                continue;
+            }
+            let o = offsets.value(i) as u64;
+            if parts.value(i) != i64::from(p) || !(from..to).contains(&o) {
+                continue;
+            }
+            out.push(crate::keys::KeyRow {
+                offset: o,
+                hash,
+                time_ms: times.value(i).div_euclid(1000),
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// The (partition, offset) pairs of a Parquet file's `_partition` and
 /// `_offset` columns, as runs; `None` if it has no such columns.
 fn read_rows(bytes: Bytes) -> Option<files::FileRows> {
@@ -1585,8 +1807,11 @@ fn encode_chunk(
     file_schema: &SchemaRef,
     partition: u32,
     batches: &[SourceBatch],
+    duplicates: &[u64],
     resume: Option<String>,
 ) -> Result<Vec<u8>, MasterError> {
+    let keyed = file_schema.column_with_name(DUPLICATE_COLUMN).is_some();
+    let mut dups = duplicates.iter().copied().peekable();
     let enc = |e: String| MasterError::Encode(e.into());
     let delta_cols = [OFFSET_COLUMN, INGEST_TIME_COLUMN];
     let mut props = WriterProperties::builder()
@@ -1631,6 +1856,15 @@ fn encode_chunk(
             TimestampMicrosecondArray::from_iter_values((0..rows).map(|r| b.time_ms(r) * 1000))
                 .with_timezone("UTC"),
         ));
+        if keyed {
+            cols.push(std::sync::Arc::new(arrow::array::BooleanArray::from_iter(
+                (0..rows).map(|r| {
+                    let at = b.position(r);
+                    while dups.next_if(|&d| d < at).is_some() {}
+                    Some(dups.next_if_eq(&at).is_some())
+                }),
+            )));
+        }
         let out = RecordBatch::try_new(file_schema.clone(), cols).map_err(|e| {
             enc(format!(
                 "events of partition {partition} from offset {} do not fit the master dataset: {e}",
@@ -1657,6 +1891,7 @@ mod tests {
         ChunkData {
             range: ChunkRange::dense(p, 2 * i, 2 * i + 2),
             batches: vec![SourceBatch::dense(p, 2 * i, 1_000, batch)],
+            duplicates: Vec::new(),
             resume: None,
         }
     }

@@ -41,6 +41,9 @@ use crate::stream::source::{Source, SourceBatch, SourceError, StreamTimes};
 use crate::view::failures::{FailedRow, ViewFailures};
 use crate::view::{View, ViewError};
 
+pub mod keys;
+pub use keys::{Dedup, DedupError};
+
 /// A micro-batch reads at most this many events (bounds memory during replays).
 const MAX_MICRO_EVENTS: u64 = 1 << 20;
 /// A chunk's states for one view are compacted when this many batches pile up.
@@ -52,6 +55,8 @@ pub enum SpeedError {
     Source(#[from] SourceError),
     #[error("{0}")]
     View(#[from] ViewError),
+    #[error("{0}")]
+    Keys(#[from] DedupError),
 }
 
 /// Counters for status and metrics.
@@ -280,6 +285,8 @@ pub struct SpeedLayer {
     pub backlog: Arc<Backlog>,
     /// When an idle open chunk's bucket has passed.
     pub clock: SharedClock,
+    /// With `[schema] key`: which events are duplicates (left out of the states).
+    pub dedup: Option<Dedup>,
 }
 
 impl SpeedLayer {
@@ -320,6 +327,7 @@ impl SpeedLayer {
             failures: Arc::new(ViewFailures::new(std::env::temp_dir())),
             backlog: Arc::new(Backlog::default()),
             clock: SystemClock::shared(),
+            dedup: None,
         }
     }
 
@@ -366,6 +374,14 @@ impl SpeedLayer {
                             );
                         }
                         let take = records.as_deref().unwrap_or_default();
+                        let kept;
+                        let take = match &self.dedup {
+                            Some(d) => {
+                                kept = d.decided(p as u32, take)?;
+                                &kept[..]
+                            }
+                            None => take,
+                        };
                         states.push(if take.is_empty() {
                             Vec::new()
                         } else {
@@ -534,6 +550,13 @@ impl SpeedLayer {
             );
             *part = Part::at(hp, Vec::new());
         }
+        if let Some(d) = self.dedup.as_mut()
+            && !d.align(p as u32, hp, self.parts[p].next).await?
+        {
+            // The index lacks events above H (rebuilt meanwhile): read on from H.
+            self.parts[p] = Part::at(hp, Vec::new());
+            d.align(p as u32, hp, hp).await?;
+        }
         while self.parts[p].next < end {
             let t = Instant::now();
             let part = &mut self.parts[p];
@@ -595,10 +618,16 @@ impl SpeedLayer {
                 .find_map(SourceBatch::last_record_end)
                 .unwrap_or(open.range.end());
             let read_to = take.last().map_or(part.next, SourceBatch::end);
+            // Duplicates are decided once, here, and counted by no view.
+            let counted = match self.dedup.as_mut() {
+                Some(d) if taken > 0 => Some(d.decide(p as u32, &take)?),
+                _ => None,
+            };
             let mut states = if taken == 0 {
                 open.states.clone()
             } else {
-                self.states_of(p as u32, &open, &take).await?
+                self.states_of(p as u32, &open, counted.as_deref().unwrap_or(&take))
+                    .await?
             };
             // Batches only appended keep their point-read indexes; a compaction drops them.
             let mut indexes = open.indexes.clone();

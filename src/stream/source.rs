@@ -137,6 +137,29 @@ impl SourceBatch {
         }
     }
 
+    /// The records whose `keep` is true, at their positions (a batch with
+    /// gaps, as Kafka's are); it still ends where this one does.
+    pub fn keep(&self, keep: &[bool]) -> Result<SourceBatch, arrow::error::ArrowError> {
+        if keep.iter().all(|&k| k) {
+            return Ok(self.clone());
+        }
+        let mask = arrow::array::BooleanArray::from(keep.to_vec());
+        let batch = arrow::compute::filter_record_batch(&self.batch, &mask)?;
+        let rows = (0..self.rows()).filter(|&r| keep[r]);
+        Ok(SourceBatch {
+            partition: self.partition,
+            batch,
+            positions: Positions::Listed {
+                at: rows.clone().map(|r| self.position(r)).collect(),
+                end: self.end(),
+            },
+            times: match &self.times {
+                StreamTimes::All(t) => StreamTimes::All(*t),
+                StreamTimes::Each(t) => StreamTimes::Each(rows.map(|r| t[r]).collect()),
+            },
+        })
+    }
+
     /// Each record's position, as a column (for `_offset`).
     pub fn position_column(&self) -> Vec<u64> {
         (0..self.rows()).map(|r| self.position(r)).collect()

@@ -119,6 +119,7 @@ fn extended_schema() -> EventSchema {
                 },
             ],
             unknown_fields: Default::default(),
+            key: None,
         },
         ..Default::default()
     };

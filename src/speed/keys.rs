@@ -1,0 +1,185 @@
+//! The speed layer decides which events are duplicates (`[schema] key`),
+//! as it reads them, once: views count what it keeps, and the archiver
+//! writes its decisions in the master dataset's `_duplicate` column, so
+//! the batch layer leaves out the same events.
+//!
+//! ```text
+//!  read p [next, …) ──▶ KeyIndex p: decide each record ──▶ duplicates left out of the states
+//!                                       │ offsets of duplicates
+//!                                       ▼
+//!                                  Duplicates ──▶ archiver: `_duplicate` of the chunk's file
+//!  published H[p] ──▶ KeyIndex::settle(H): the tail below H to the runs on disk
+//! ```
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::keys::{Duplicates, History, KeyError, KeyIndex, KeyRule, hash_column};
+use crate::stream::source::SourceBatch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DedupError {
+    #[error("{0}")]
+    Index(#[from] KeyError),
+    #[error(
+        "event keys of partition {partition}: cannot read [{from}, {to}) of the master dataset"
+    )]
+    History {
+        partition: u32,
+        from: u64,
+        to: u64,
+        detail: String,
+    },
+    #[error("event keys: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+}
+
+/// The key index of every partition, and where the decisions go.
+pub struct Dedup {
+    rule: KeyRule,
+    dir: PathBuf,
+    indexes: Vec<Option<KeyIndex>>,
+    pub duplicates: Arc<Duplicates>,
+    history: Arc<dyn History>,
+}
+
+impl Dedup {
+    /// Indexes kept under `dir` (local: a cache of the master dataset).
+    pub fn new(rule: KeyRule, dir: PathBuf, history: Arc<dyn History>) -> Dedup {
+        Dedup {
+            rule,
+            dir,
+            indexes: Vec::new(),
+            duplicates: Arc::new(Duplicates::default()),
+            history,
+        }
+    }
+
+    fn index(&mut self, p: u32) -> Result<&mut KeyIndex, KeyError> {
+        let i = p as usize;
+        if self.indexes.len() <= i {
+            self.indexes.resize_with(i + 1, || None);
+        }
+        if self.indexes[i].is_none() {
+            self.indexes[i] = Some(KeyIndex::open(&self.dir, p, &self.rule)?);
+        }
+        Ok(self.indexes[i].as_mut().expect("opened"))
+    }
+
+    /// Brings partition `p`'s index to `next`, where the speed layer reads
+    /// on, with the published coverage at `hp`: a stretch read again is
+    /// forgotten, a stretch the index lacks is read from the master dataset
+    /// (which has what lies below `hp`), and what lies below `hp` goes to
+    /// the runs. False when the index cannot stand at `next` (it lacks
+    /// events above `hp`): the speed layer reads on from `hp` then.
+    pub async fn align(&mut self, p: u32, hp: u64, next: u64) -> Result<bool, DedupError> {
+        self.duplicates.forget_below(p, hp);
+        let index = self.index(p)?;
+        if index.edge() > hp.min(next) {
+            // The coverage went back (an older table restored): start over.
+            tracing::warn!(
+                partition = p,
+                edge = index.edge(),
+                h = hp,
+                "the key index is ahead of the master dataset; rebuilding it"
+            );
+            let (dir, rule) = (self.dir.clone(), self.rule);
+            let pdir = dir.join(format!("p{p:04}"));
+            std::fs::remove_dir_all(&pdir).map_err(|source| KeyError::Io { path: pdir, source })?;
+            self.indexes[p as usize] = Some(KeyIndex::open(&dir, p, &rule)?);
+        }
+        let index = self.index(p)?;
+        if index.next() > next {
+            index.rewind(next)?;
+        }
+        let from = index.next();
+        if from < next {
+            let to = next.min(hp);
+            if from < to {
+                let rows =
+                    self.history
+                        .keys(p, from, to)
+                        .await
+                        .map_err(|detail| DedupError::History {
+                            partition: p,
+                            from,
+                            to,
+                            detail,
+                        })?;
+                let index = self.index(p)?;
+                let mut fed = 0u64;
+                for r in rows.into_iter().filter(|r| (from..to).contains(&r.offset)) {
+                    if let Some(h) = r.hash {
+                        index.decide(r.offset, h, r.time_ms)?;
+                        fed += 1;
+                    }
+                }
+                tracing::info!(
+                    partition = p,
+                    from,
+                    to,
+                    keys = fed,
+                    "the key index caught up from the master dataset"
+                );
+            }
+            self.index(p)?.advance_to(to);
+        }
+        let index = self.index(p)?;
+        index.settle(hp)?;
+        Ok(index.next() == next)
+    }
+
+    /// Decides every record of `take` (partition `p`, read in order from
+    /// where the index is): the records that are not duplicates.
+    pub fn decide(&mut self, p: u32, take: &[SourceBatch]) -> Result<Vec<SourceBatch>, DedupError> {
+        let field = self.rule.field;
+        let mut out = Vec::with_capacity(take.len());
+        let mut dups = Vec::new();
+        let index = self.index(p)?;
+        for b in take {
+            let hashes = hash_column(b.batch.column(field))?;
+            let mut keep = Vec::with_capacity(b.rows());
+            for (r, h) in hashes.into_iter().enumerate() {
+                let dup = match h {
+                    Some(h) => index.decide(b.position(r), h, b.time_ms(r))?,
+                    None => false,
+                };
+                if dup {
+                    dups.push(b.position(r));
+                }
+                keep.push(!dup);
+            }
+            out.push(b.keep(&keep)?);
+        }
+        self.duplicates.record(p, &dups);
+        Ok(out)
+    }
+
+    /// The records of `take` that are not duplicates, as decided before (a
+    /// view built meanwhile reads a chunk again).
+    pub fn decided(&self, p: u32, take: &[SourceBatch]) -> Result<Vec<SourceBatch>, DedupError> {
+        take.iter()
+            .map(|b| {
+                let Some(end) = b.last_record_end() else {
+                    return Ok(b.clone());
+                };
+                let dups = self.duplicates.within(p, b.position(0), end);
+                if dups.is_empty() {
+                    return Ok(b.clone());
+                }
+                let keep: Vec<bool> = (0..b.rows())
+                    .map(|r| dups.binary_search(&b.position(r)).is_err())
+                    .collect();
+                Ok(b.keep(&keep)?)
+            })
+            .collect()
+    }
+
+    /// Per partition: keys in the index, occurrences in its tail, runs, and bytes.
+    pub fn sizes(&self) -> Vec<crate::keys::IndexSize> {
+        self.indexes
+            .iter()
+            .map(|i| i.as_ref().map(KeyIndex::size).unwrap_or_default())
+            .collect()
+    }
+}
