@@ -14,6 +14,7 @@
 //!  live_views  views added, changed and dropped while serving, under load
 //!  oracle      every answer equals the view SQL over the events it covers
 //!  ingest_http producers over HTTP: offsets, keys, config errors
+//!  keys        event keys: duplicates counted by no view, through restarts
 //!  query_api   views, SQL, metrics and the CLI against a running server
 //!  pg          the Postgres wire protocol: psql, psycopg, tokens, TLS
 //!  pg_bounds   Postgres clients that try to take the server down: silent and
@@ -65,6 +66,7 @@ mod ingest_http;
 mod kafka;
 mod kafka_faults;
 mod kafka_ingest;
+mod keys;
 mod kinesis;
 mod kinesis_faults;
 mod live_views;

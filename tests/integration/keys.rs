@@ -1,0 +1,326 @@
+//! Event keys end to end (issue 34, item 2): a producer that sends some
+//! events again — whole requests, single lines, changed bodies under the
+//! same key — and a server killed and restarted, its key index deleted;
+//! every answer, realtime and batch, counts each key's first occurrence
+//! once, and the master dataset keeps every event, its duplicates marked.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::common::{Server, Site, get_json, post_events};
+
+const CONFIG: &str = r#"
+[schema]
+event_time = "timestamp"
+key = { field = "id", within = "1h" }
+fields = [
+  { name = "id",          type = "utf8" },
+  { name = "ProductName", type = "utf8" },
+  { name = "price",       type = "int64" },
+  { name = "timestamp",   type = "timestamp_ms", format = "epoch_ms" },
+]
+
+[stream]
+partitions = 2
+
+[archive]
+chunk_events = 300
+chunk_age = "500ms"
+
+[batch]
+pause = "300ms"
+
+[[views]]
+name = "sales"
+sql = "SELECT ProductName, count(*) AS orders, sum(price) AS revenue FROM events GROUP BY ProductName"
+"#;
+
+/// One event as sent.
+#[derive(Debug, Clone)]
+struct Sent {
+    id: String,
+    product: String,
+    price: i64,
+}
+
+impl Sent {
+    fn line(&self) -> String {
+        format!(
+            r#"{{"id":"{}","ProductName":"{}","price":{},"timestamp":1700000000000}}"#,
+            self.id, self.product, self.price
+        )
+    }
+}
+
+/// A producer that keeps what it sent, in order, and what the view should say.
+#[derive(Default)]
+struct Producer {
+    sent: Vec<Sent>,
+}
+
+impl Producer {
+    fn post(&mut self, url: &str, events: &[Sent]) {
+        let body: String = events.iter().map(|e| e.line() + "\n").collect();
+        let (status, reply) = post_events(url, body.into_bytes()).unwrap();
+        assert_eq!(status, 200, "a request of good events is stored: {reply}");
+        assert_eq!(
+            reply["accepted"].as_u64(),
+            Some(events.len() as u64),
+            "{reply}"
+        );
+        self.sent.extend(events.iter().cloned());
+    }
+
+    /// Per product, (orders, revenue) over each key's first occurrence.
+    fn expected(&self) -> BTreeMap<String, (u64, i64)> {
+        let mut first: HashMap<&str, &Sent> = HashMap::new();
+        for e in &self.sent {
+            first.entry(&e.id).or_insert(e);
+        }
+        let mut out = BTreeMap::new();
+        for e in first.values() {
+            let r = out.entry(e.product.clone()).or_insert((0, 0));
+            r.0 += 1;
+            r.1 += e.price;
+        }
+        out
+    }
+}
+
+/// The view's rows, once its answer covers `events` records (duplicates
+/// included: they have offsets too).
+fn answer_covering(url: &str, events: u64) -> (BTreeMap<String, (u64, i64)>, Value) {
+    let t = Instant::now();
+    loop {
+        let a = get_json(&format!("{url}/v1/views/sales"));
+        let covered: u64 = a["freshness"]["realtime"]
+            .as_array()
+            .expect("freshness.realtime")
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .sum();
+        if covered >= events {
+            assert_eq!(covered, events, "no more events than were sent: {a}");
+            let rows = a["rows"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    (
+                        r["ProductName"].as_str().unwrap().to_string(),
+                        (
+                            r["orders"].as_u64().unwrap(),
+                            r["revenue"].as_i64().unwrap(),
+                        ),
+                    )
+                })
+                .collect();
+            return (rows, a);
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the answer never covered the {events} events sent: {a}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A deterministic mix: new events, 10 % sent again (single lines, and
+/// every fifth round a whole earlier request), some again with another
+/// price under the same key (the first occurrence counts).
+fn round(r: usize, producer: &Producer, requests: &mut Vec<Vec<Sent>>) -> Vec<Sent> {
+    let mut out: Vec<Sent> = (0..90)
+        .map(|i| Sent {
+            id: format!("e{r}-{i}"),
+            product: format!("product{}", (r * 7 + i) % 5),
+            price: ((r * 13 + i) % 50) as i64 + 1,
+        })
+        .collect();
+    if !producer.sent.is_empty() {
+        for i in 0..10 {
+            let mut again = producer.sent[(r * 31 + i * 17) % producer.sent.len()].clone();
+            if i % 3 == 0 {
+                again.price += 1000; // changed body, same key: a duplicate all the same
+            }
+            out.push(again);
+        }
+    }
+    requests.push(out.clone());
+    if r % 5 == 4 {
+        // A whole earlier request, re-sent as an at-least-once producer does.
+        out.extend(requests[r / 2].iter().cloned());
+    }
+    out
+}
+
+fn check(server: &Server, producer: &Producer, when: &str) {
+    let (rows, a) = answer_covering(&server.url, producer.sent.len() as u64);
+    assert_eq!(
+        rows,
+        producer.expected(),
+        "{when}: the view must count each key's first occurrence once: {a}"
+    );
+}
+
+#[test]
+fn duplicates_are_counted_by_no_view_through_restarts_and_a_lost_index() {
+    let site = Site::new(CONFIG);
+    let mut producer = Producer::default();
+    let mut requests = Vec::new();
+    let mut server = site.serve(&[]);
+    for r in 0..6 {
+        let events = round(r, &producer, &mut requests);
+        producer.post(&server.url, &events);
+    }
+    check(&server, &producer, "realtime, first run");
+    server.wait_settled(Duration::from_secs(60));
+    check(&server, &producer, "batch, first run");
+
+    // kill -9 mid-stream, then duplicates of events from before the kill.
+    for r in 6..9 {
+        let events = round(r, &producer, &mut requests);
+        producer.post(&server.url, &events);
+    }
+    drop(server);
+    server = site.serve(&[]);
+    for r in 9..12 {
+        let events = round(r, &producer, &mut requests);
+        producer.post(&server.url, &events);
+    }
+    check(&server, &producer, "after a kill -9 and restart");
+
+    // The index is a cache: deleted, it is rebuilt from the master dataset.
+    server.wait_settled(Duration::from_secs(60));
+    drop(server);
+    std::fs::remove_dir_all(site.data.join("keys"))
+        .expect("the node keeps its key index under keys/");
+    server = site.serve(&[]);
+    for r in 12..15 {
+        let events = round(r, &producer, &mut requests);
+        producer.post(&server.url, &events);
+    }
+    check(&server, &producer, "realtime, after the index was rebuilt");
+    server.wait_settled(Duration::from_secs(60));
+    check(&server, &producer, "batch, at the end");
+
+    // The master dataset keeps everything that arrived and marks the duplicates.
+    let dups: usize = producer.sent.len() - {
+        let mut ids: Vec<&str> = producer.sent.iter().map(|e| e.id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.len()
+    };
+    let (all, marked) = master_duplicates(&site.data);
+    assert_eq!(
+        all,
+        producer.sent.len(),
+        "every event sent is in the master dataset"
+    );
+    assert_eq!(
+        marked, dups,
+        "exactly the later occurrences of a key are marked `_duplicate`"
+    );
+    assert!(dups > 100, "the run sent duplicates ({dups})");
+}
+
+/// Rows of the master dataset, and how many are marked duplicates.
+fn master_duplicates(data: &std::path::Path) -> (usize, usize) {
+    use arrow::array::AsArray;
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let uris: Vec<String> = crate::common::rt().block_on(async {
+        let url = deltalake::ensure_table_uri(data.join("master").to_str().unwrap()).unwrap();
+        let table = deltalake::open_table(url).await.unwrap();
+        table.get_file_uris().unwrap().collect()
+    });
+    let (mut all, mut marked) = (0, 0);
+    for uri in uris {
+        let path = url::Url::parse(&uri)
+            .ok()
+            .and_then(|u| u.to_file_path().ok())
+            .unwrap_or_else(|| uri.clone().into());
+        let bytes = bytes::Bytes::from(std::fs::read(path).unwrap());
+        for b in ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .unwrap()
+            .build()
+            .unwrap()
+        {
+            let b = b.unwrap();
+            all += b.num_rows();
+            let d = b
+                .column_by_name("_duplicate")
+                .expect("a keyed master dataset has `_duplicate`")
+                .as_boolean();
+            marked += d.true_count();
+        }
+    }
+    (all, marked)
+}
+
+/// A key seen again after the horizon counts again; seen again within it, not.
+#[test]
+fn a_key_counts_again_once_the_horizon_has_passed() {
+    let site = Site::new(&CONFIG.replace("within = \"1h\"", "within = \"2s\""));
+    let server = site.serve(&[]);
+    let mut producer = Producer::default();
+    let a = Sent {
+        id: "a".into(),
+        product: "p".into(),
+        price: 1,
+    };
+    producer.post(&server.url, std::slice::from_ref(&a));
+    producer.post(&server.url, std::slice::from_ref(&a));
+    std::thread::sleep(Duration::from_millis(2_600));
+    producer.post(&server.url, std::slice::from_ref(&a));
+    producer.post(&server.url, std::slice::from_ref(&a));
+    let want: BTreeMap<String, (u64, i64)> = [("p".to_string(), (2, 2))].into();
+    let (rows, answer) = answer_covering(&server.url, 4);
+    assert_eq!(
+        rows, want,
+        "within 2 s a key counts once; 2.6 s later it counts again: {answer}"
+    );
+    server.wait_settled(Duration::from_secs(60));
+    let (rows, answer) = answer_covering(&server.url, 4);
+    assert_eq!(
+        rows, want,
+        "the batch layer decides as the speed layer did: {answer}"
+    );
+}
+
+/// An event without its key is refused with the line and the reason; a
+/// key that may be null is refused at startup.
+#[test]
+fn an_event_without_its_key_is_refused_and_a_nullable_key_is_a_config_error() {
+    let site = Site::new(CONFIG);
+    let server = site.serve(&[]);
+    let body = "{\"ProductName\":\"p\",\"price\":1,\"timestamp\":1700000000000}\n".to_string()
+        + "{\"id\":null,\"ProductName\":\"p\",\"price\":1,\"timestamp\":1700000000000}\n";
+    let (status, reply) = post_events(&server.url, body.into_bytes()).unwrap();
+    assert_eq!(reply["accepted"].as_u64(), Some(0), "{status}: {reply}");
+    let errors = reply["errors"].as_array().expect("errors");
+    assert_eq!(errors.len(), 2, "both lines refused: {reply}");
+    assert!(
+        errors
+            .iter()
+            .all(|e| e["field"] == "id" && e["message"].as_str().is_some()),
+        "each refusal names the key field and why: {reply}"
+    );
+    drop(server);
+
+    let bad = Site::new(&CONFIG.replace(
+        "{ name = \"id\",          type = \"utf8\" }",
+        "{ name = \"id\",          type = \"utf8\", nullable = true }",
+    ));
+    let out = std::process::Command::new(crate::common::BIN)
+        .args(["serve", "--config"])
+        .arg(&bad.config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a nullable key is refused");
+    assert!(
+        err.contains("schema.key.field") && err.contains("null"),
+        "the error names the key and why: {err}"
+    );
+}
