@@ -224,6 +224,32 @@ fn ingest(out: &mut String, s: &Status) {
             group(d.retired)
         );
     }
+    let keys: Vec<(u32, crate::keys::KeyStats)> = s
+        .partitions
+        .iter()
+        .filter_map(|p| Some((p.partition, p.keys?)))
+        .collect();
+    if !keys.is_empty() {
+        let per: Vec<String> = keys
+            .iter()
+            .map(|(p, k)| format!("p{p} {}", group(k.duplicates)))
+            .collect();
+        let (memory, disk, held): (u64, u64, u64) = keys.iter().fold((0, 0, 0), |a, (_, k)| {
+            (
+                a.0 + k.index.memory_bytes,
+                a.1 + k.index.disk_bytes,
+                a.2 + k.index.keys,
+            )
+        });
+        let _ = writeln!(
+            out,
+            "  event keys: duplicates found (counted by no view) {} · index: {} keys, {} in memory, {} on disk",
+            per.join(", "),
+            group(held),
+            bytesize::ByteSize::b(memory),
+            bytesize::ByteSize::b(disk)
+        );
+    }
 }
 
 /// Failures being retried, and repairs made.

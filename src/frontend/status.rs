@@ -100,6 +100,9 @@ pub struct PartitionStatus {
     /// consumed, while records wait; 0 when caught up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag_ms: Option<i64>,
+    /// With `[schema] key`: duplicates found, and the index of keys seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<crate::keys::KeyStats>,
 }
 
 impl PartitionStatus {

@@ -196,6 +196,14 @@ struct ManifestRun {
 const MANIFEST: &str = "MANIFEST.json";
 const FORMAT: u32 = 1;
 
+/// One partition's event keys, for status and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyStats {
+    /// Duplicates found since the process started (each counted by no view).
+    pub duplicates: u64,
+    pub index: IndexSize,
+}
+
 /// Sizes, for status and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IndexSize {

@@ -175,11 +175,20 @@ impl Dedup {
             .collect()
     }
 
-    /// Per partition: keys in the index, occurrences in its tail, runs, and bytes.
-    pub fn sizes(&self) -> Vec<crate::keys::IndexSize> {
-        self.indexes
-            .iter()
-            .map(|i| i.as_ref().map(KeyIndex::size).unwrap_or_default())
+    /// Per partition: duplicates found, and the index's sizes.
+    pub fn stats(&self) -> Vec<crate::keys::KeyStats> {
+        let found = self.duplicates.found();
+        let n = found.len().max(self.indexes.len());
+        (0..n)
+            .map(|p| crate::keys::KeyStats {
+                duplicates: found.get(p).copied().unwrap_or(0),
+                index: self
+                    .indexes
+                    .get(p)
+                    .and_then(Option::as_ref)
+                    .map(KeyIndex::size)
+                    .unwrap_or_default(),
+            })
             .collect()
     }
 }

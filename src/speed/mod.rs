@@ -70,6 +70,8 @@ pub struct SpeedMetrics {
     /// record consumed: how far behind the speed layer is in time, while
     /// records wait (0 before the first).
     pub last_record_ms: std::sync::Mutex<Vec<i64>>,
+    /// With `[schema] key`: per partition, duplicates found and the key index's sizes.
+    pub keys: std::sync::Mutex<Option<Vec<crate::keys::KeyStats>>>,
 }
 
 impl SpeedMetrics {
@@ -491,6 +493,9 @@ impl SpeedLayer {
             self.serving.set_realtime(changed);
         }
         self.measure_window(&h);
+        if let Some(d) = &self.dedup {
+            *self.metrics.keys.lock().expect("speed metrics") = Some(d.stats());
+        }
         Ok(moved)
     }
 

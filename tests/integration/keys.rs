@@ -286,6 +286,30 @@ fn a_key_counts_again_once_the_horizon_has_passed() {
         rows, want,
         "the batch layer decides as the speed layer did: {answer}"
     );
+    let status = server.status();
+    let found: u64 = status["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            p["keys"]["duplicates"]
+                .as_u64()
+                .expect("each partition reports its duplicates")
+        })
+        .sum();
+    assert_eq!(found, 2, "status counts the 2 duplicates found: {status}");
+    let metrics = crate::common::get_text(&format!("{}/metrics", server.url));
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("lambdaflow_duplicates_found_total{") && l.ends_with(" 2")),
+        "/metrics counts them per partition: {}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("duplicates"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
 
 /// An event without its key is refused with the line and the reason; a

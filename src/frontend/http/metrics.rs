@@ -331,6 +331,40 @@ impl Collector for LayerMetrics {
             "Durable events not yet in a batch view (positions, on a stream with gaps).",
             (0..n).filter_map(|p| Some((partition(p), end(p)?.saturating_sub(h.get(p as u32))))),
         )?;
+        if let Some(keys) = l.speed.keys.lock().expect("speed metrics").clone() {
+            counters(
+                &mut e,
+                "lambdaflow_duplicates_found",
+                "Events whose key their partition saw within the horizon ([schema] key): counted by no view. Since the process started.",
+                keys.iter()
+                    .enumerate()
+                    .map(|(p, k)| (partition(p), k.duplicates)),
+            )?;
+            gauges(
+                &mut e,
+                "lambdaflow_key_index_keys",
+                "Keys within the horizon in the index of keys seen (below the published coverage).",
+                keys.iter()
+                    .enumerate()
+                    .map(|(p, k)| (partition(p), k.index.keys)),
+            )?;
+            gauges(
+                &mut e,
+                "lambdaflow_key_index_memory_bytes",
+                "Memory of the index of keys seen: its filter, fences and in-memory tail.",
+                keys.iter()
+                    .enumerate()
+                    .map(|(p, k)| (partition(p), k.index.memory_bytes)),
+            )?;
+            gauges(
+                &mut e,
+                "lambdaflow_key_index_disk_bytes",
+                "Bytes of the index's runs on the node's disk.",
+                keys.iter()
+                    .enumerate()
+                    .map(|(p, k)| (partition(p), k.index.disk_bytes)),
+            )?;
+        }
         counter(
             &mut e,
             "lambdaflow_speed_events",

@@ -421,6 +421,10 @@ async fn status(axum::extract::State(state): axum::extract::State<Arc<ApiState>>
         _ => logs.len(),
     };
     let mut logs = logs.into_iter();
+    let keys = state
+        .layers
+        .as_ref()
+        .and_then(|l| l.speed.keys.lock().expect("speed metrics").clone());
     let partitions = (0..count)
         .map(|p| {
             let log = logs.next();
@@ -444,6 +448,7 @@ async fn status(axum::extract::State(state): axum::extract::State<Arc<ApiState>>
                             .lag_ms(p, waiting, chrono::Utc::now().timestamp_millis()),
                     )
                 }),
+                keys: keys.as_ref().map(|k| k.get(p).copied().unwrap_or_default()),
             }
         })
         .collect();
