@@ -22,9 +22,6 @@ fields = [
   { name = "timestamp",   type = "timestamp_ms", format = "epoch_ms" },
 ]
 
-[stream]
-partitions = 2
-
 [archive]
 chunk_events = 300
 chunk_age = "500ms"
@@ -36,6 +33,9 @@ pause = "300ms"
 name = "sales"
 sql = "SELECT ProductName, count(*) AS orders, sum(price) AS revenue FROM events GROUP BY ProductName"
 "#;
+
+/// The embedded log's stream section.
+const EMBEDDED: &str = "[stream]\npartitions = 2\n";
 
 /// One event as sent.
 #[derive(Debug, Clone)]
@@ -166,7 +166,58 @@ fn check(server: &Server, producer: &Producer, when: &str) {
 
 #[test]
 fn duplicates_are_counted_by_no_view_through_restarts_and_a_lost_index() {
-    let site = Site::new(CONFIG);
+    let site = Site::new(&format!("{CONFIG}{EMBEDDED}"));
+    let (all, marked, dups) = run_with_duplicates(&site);
+    assert_eq!(all, marked.0, "every event sent is in the master dataset");
+    assert_eq!(
+        marked.1, dups,
+        "exactly the later occurrences of a key are marked `_duplicate`"
+    );
+}
+
+/// The same over Kafka (tansu): lambdaflow's HTTP ingest keys the records
+/// by the event key, so a key's duplicates share its partition.
+#[test]
+fn over_kafka_duplicates_are_counted_by_no_view() {
+    let tansu = crate::kafka::Tansu::start();
+    tansu.create_topic("events", 2);
+    let site = Site::new(&format!(
+        "{CONFIG}[stream]\nkafka = {{ brokers = \"{}\", topic = \"events\" }}\n",
+        tansu.brokers
+    ));
+    let (all, marked, dups) = run_with_duplicates(&site);
+    assert_eq!(
+        (all, marked.1),
+        (marked.0, dups),
+        "every event kept, exactly the duplicates marked"
+    );
+}
+
+/// The same over Kinesis (kinesalite).
+#[test]
+fn over_kinesis_duplicates_are_counted_by_no_view() {
+    let k = crate::kinesis::Kinesalite::start();
+    k.create_stream("events", 2);
+    let mut site = Site::new(&format!(
+        "{CONFIG}[stream]\nkinesis = {{ stream = \"events\", region = \"us-east-1\", endpoint = \"{}\", poll = \"200ms\" }}\n",
+        k.endpoint
+    ));
+    site.env = crate::kinesis::AWS_ENV
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let (all, marked, dups) = run_with_duplicates(&site);
+    assert_eq!(
+        (all, marked.1),
+        (marked.0, dups),
+        "every event kept, exactly the duplicates marked"
+    );
+}
+
+/// Sends rounds with duplicates through kills, restarts and a lost index,
+/// checking every answer; the events sent, the master dataset's (rows,
+/// marked duplicates), and the duplicates sent.
+fn run_with_duplicates(site: &Site) -> (usize, (usize, usize), usize) {
     let mut producer = Producer::default();
     let mut requests = Vec::new();
     let mut server = site.serve(&[]);
@@ -212,17 +263,8 @@ fn duplicates_are_counted_by_no_view_through_restarts_and_a_lost_index() {
         ids.dedup();
         ids.len()
     };
-    let (all, marked) = master_duplicates(&site.data);
-    assert_eq!(
-        all,
-        producer.sent.len(),
-        "every event sent is in the master dataset"
-    );
-    assert_eq!(
-        marked, dups,
-        "exactly the later occurrences of a key are marked `_duplicate`"
-    );
     assert!(dups > 100, "the run sent duplicates ({dups})");
+    (producer.sent.len(), master_duplicates(&site.data), dups)
 }
 
 /// Rows of the master dataset, and how many are marked duplicates.
@@ -261,7 +303,10 @@ fn master_duplicates(data: &std::path::Path) -> (usize, usize) {
 /// A key seen again after the horizon counts again; seen again within it, not.
 #[test]
 fn a_key_counts_again_once_the_horizon_has_passed() {
-    let site = Site::new(&CONFIG.replace("within = \"1h\"", "within = \"2s\""));
+    let site = Site::new(&format!(
+        "{}{EMBEDDED}",
+        CONFIG.replace("within = \"1h\"", "within = \"2s\"")
+    ));
     let server = site.serve(&[]);
     let mut producer = Producer::default();
     let a = Sent {
@@ -316,7 +361,7 @@ fn a_key_counts_again_once_the_horizon_has_passed() {
 /// key that may be null is refused at startup.
 #[test]
 fn an_event_without_its_key_is_refused_and_a_nullable_key_is_a_config_error() {
-    let site = Site::new(CONFIG);
+    let site = Site::new(&format!("{CONFIG}{EMBEDDED}"));
     let server = site.serve(&[]);
     let body = "{\"ProductName\":\"p\",\"price\":1,\"timestamp\":1700000000000}\n".to_string()
         + "{\"id\":null,\"ProductName\":\"p\",\"price\":1,\"timestamp\":1700000000000}\n";
@@ -332,9 +377,12 @@ fn an_event_without_its_key_is_refused_and_a_nullable_key_is_a_config_error() {
     );
     drop(server);
 
-    let bad = Site::new(&CONFIG.replace(
-        "{ name = \"id\",          type = \"utf8\" }",
-        "{ name = \"id\",          type = \"utf8\", nullable = true }",
+    let bad = Site::new(&format!(
+        "{}{EMBEDDED}",
+        CONFIG.replace(
+            "{ name = \"id\",          type = \"utf8\" }",
+            "{ name = \"id\",          type = \"utf8\", nullable = true }",
+        )
     ));
     let out = std::process::Command::new(crate::common::BIN)
         .args(["serve", "--config"])

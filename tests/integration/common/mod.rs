@@ -220,9 +220,15 @@ impl Server {
         loop {
             let s = self.status();
             let parts = s["partitions"].as_array().unwrap();
-            let settled = parts
-                .iter()
-                .all(|p| p["archived"] == p["end"] && p["published"] == p["end"]);
+            let settled = parts.iter().all(|p| {
+                // The embedded log's end, or an external stream's.
+                let end = if p["end"].is_null() {
+                    &p["stream_end"]
+                } else {
+                    &p["end"]
+                };
+                p["archived"] == *end && p["published"] == *end
+            });
             if settled {
                 return s;
             }
