@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::clock::ManualClock;
+use crate::clock::{Clock, ManualClock};
 use crate::cluster::driver;
 use crate::config::{Config, ViewConfig};
 use crate::master::archiver;
@@ -51,13 +51,44 @@ impl Rng {
 const BASE_MS: i64 = 1_414_800_000_000;
 const PRODUCTS: i64 = 3;
 
-/// One event the simulation sent: its fields.
+/// One event the simulation sent: its fields, and its stream time (the
+/// manual clock when it was appended).
 #[derive(Debug, Clone, Copy)]
 struct Event {
     zip: i64,
     product: i64,
     price: i64,
     ts: i64,
+    at: i64,
+}
+
+/// The horizon of a keyed schedule's `zipcode` key: short, so that the
+/// clock steps pass it now and then.
+const KEY_WITHIN_MS: i64 = 3_000;
+
+/// The events of `acked` below `r` (per partition) that are not duplicates:
+/// the rule of `crate::keys`, read naively — in each partition, in offset
+/// order, an event whose zipcode an earlier one had within the horizon of
+/// the partition's clock is left out.
+fn first_occurrences(acked: &BTreeMap<(u32, u64), Event>, r: &[u64]) -> Vec<Event> {
+    let mut out = Vec::new();
+    let mut seen: BTreeMap<(u32, i64), i64> = BTreeMap::new();
+    let mut clock: BTreeMap<u32, i64> = BTreeMap::new();
+    for (&(p, o), e) in acked {
+        if o >= r[p as usize] {
+            continue;
+        }
+        let c = clock.entry(p).or_insert(i64::MIN);
+        *c = (*c).max(e.at);
+        let dup = seen
+            .get(&(p, e.zip))
+            .is_some_and(|&last| last >= *c - KEY_WITHIN_MS);
+        seen.insert((p, e.zip), *c);
+        if !dup {
+            out.push(*e);
+        }
+    }
+    out
 }
 
 fn views() -> Vec<ViewConfig> {
@@ -136,6 +167,8 @@ struct World {
     /// Acknowledged events by (partition, offset).
     acked: BTreeMap<(u32, u64), Event>,
     next: i64,
+    /// `[schema] key = zipcode`: producers send some zipcodes again.
+    keyed: bool,
     rng: Rng,
     trail: Vec<String>,
     checked_version: Option<(usize, u64)>,
@@ -164,6 +197,14 @@ impl World {
         config.stream.segment_bytes = bytesize::ByteSize::b(512);
         config.archive.chunk_events = 20;
         config.archive.chunk_age = Duration::from_secs(1);
+        // Half the schedules find duplicates by an event key.
+        let keyed = seed % 2 == 1;
+        if keyed {
+            config.schema.key = Some(crate::config::EventKeyConfig {
+                field: "zipcode".into(),
+                within: Duration::from_millis(KEY_WITHIN_MS as u64),
+            });
+        }
         let clock = ManualClock::new(BASE_MS + 86_400_000);
         let mut w = World {
             _dir: dir,
@@ -173,6 +214,7 @@ impl World {
             node: None,
             acked: BTreeMap::new(),
             next: 0,
+            keyed,
             rng: Rng(seed),
             trail: Vec::new(),
             checked_version: None,
@@ -206,11 +248,19 @@ impl World {
         for _ in 0..n {
             let k = self.next;
             self.next += 1;
+            // Keyed: a third of the events reuse an earlier zipcode (a
+            // duplicate, or a key seen again past the horizon).
+            let zip = if self.keyed && self.rng.below(3) == 0 {
+                10_000 + self.rng.below(k as u64 + 1) as i64
+            } else {
+                10_000 + k
+            };
             let e = Event {
-                zip: 10_000 + k,
+                zip,
                 product: k % PRODUCTS,
                 price: (k * 7) % 11, // 0 now and then
                 ts: BASE_MS + (k / 4) * 1000,
+                at: self.clock.unix_ms(),
             };
             let ts = chrono::DateTime::from_timestamp_millis(e.ts)
                 .expect("a time")
@@ -221,21 +271,33 @@ impl World {
             ));
             sent.push(e);
         }
-        let report = self
-            .node()
-            .ingest
-            .ingest(Bytes::from(body))
-            .await
-            .unwrap_or_else(|f| panic!("ingest failed: {}", f.error));
-        let mut it = sent.into_iter();
-        for r in report.offsets {
-            for o in r.first..=r.last {
-                let e = it.next().expect("one event per offset");
-                if let Some(old) = self.acked.insert((r.partition, o), e) {
-                    panic!(
-                        "offset {o} of partition {} was given twice: to zipcode {} and now to {}",
-                        r.partition, old.zip, e.zip
-                    );
+        // Keyed, events go to their key's partition: one request each, so
+        // each reply names its one event's place.
+        let requests: Vec<(String, Vec<Event>)> = if self.keyed {
+            body.lines()
+                .zip(sent)
+                .map(|(l, e)| (format!("{l}\n"), vec![e]))
+                .collect()
+        } else {
+            vec![(body, sent)]
+        };
+        for (body, sent) in requests {
+            let report = self
+                .node()
+                .ingest
+                .ingest(Bytes::from(body))
+                .await
+                .unwrap_or_else(|f| panic!("ingest failed: {}", f.error));
+            let mut it = sent.into_iter();
+            for r in report.offsets {
+                for o in r.first..=r.last {
+                    let e = it.next().expect("one event per offset");
+                    if let Some(old) = self.acked.insert((r.partition, o), e) {
+                        panic!(
+                            "offset {o} of partition {} was given twice: to zipcode {} and now to {}",
+                            r.partition, old.zip, e.zip
+                        );
+                    }
                 }
             }
         }
@@ -243,13 +305,19 @@ impl World {
 
     async fn archive(&mut self, max: usize) {
         let node = self.node();
+        let duplicates = node.speed.dedup.as_ref().map(|d| d.duplicates.clone());
         for _ in 0..max {
             let Ok(c) = node.archive.try_recv() else {
                 return;
             };
-            archiver::archive_chunk(node.batch.master(), node.log.as_ref(), c)
-                .await
-                .unwrap_or_else(|e| panic!("archiving {c:?} failed: {e}"));
+            archiver::archive_chunk(
+                node.batch.master(),
+                node.log.as_ref(),
+                c,
+                duplicates.as_deref(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("archiving {c:?} failed: {e}"));
         }
     }
 
@@ -370,12 +438,15 @@ impl World {
         }
         snap.check()
             .unwrap_or_else(|e| panic!("the handoff invariant broke: {e}"));
-        let below: Vec<Event> = self
-            .acked
-            .iter()
-            .filter(|((p, o), _)| *o < snap.realtime_end[*p as usize])
-            .map(|(_, e)| *e)
-            .collect();
+        let below: Vec<Event> = if self.keyed {
+            first_occurrences(&self.acked, &snap.realtime_end)
+        } else {
+            self.acked
+                .iter()
+                .filter(|((p, o), _)| *o < snap.realtime_end[*p as usize])
+                .map(|(_, e)| *e)
+                .collect()
+        };
         let want = expected(&below);
         for (i, want) in want.iter().enumerate() {
             let answer = node

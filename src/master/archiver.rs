@@ -33,13 +33,18 @@ pub async fn archive_chunk(
     master: &MasterDataset,
     source: &dyn Source,
     c: ChunkRange,
+    duplicates: Option<&crate::keys::Duplicates>,
 ) -> Result<CommitOutcome, ArchiveError> {
-    let batches = read_exact(source, c.partition(), c.start(), c.end()).await?;
-    let token = source.resume_token(c.partition(), c.end());
-    master
-        .commit_chunk(c, batches, token)
-        .await
-        .map_err(Into::into)
+    archive_chunks(
+        master,
+        source,
+        &[Commit {
+            range: c,
+            count_from_read: false,
+        }],
+        duplicates,
+    )
+    .await
 }
 
 /// The archive queue: commits the partitions' closed chunks in the order
