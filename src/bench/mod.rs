@@ -9,12 +9,14 @@
 
 mod incremental;
 mod kafka;
+mod keys;
 mod kinesis;
 mod reads;
 mod shapes;
 mod soak;
 
 pub use kafka::{KafkaBenchArgs, kafka};
+pub use keys::{KeysBenchArgs, keys};
 pub use kinesis::{KinesisBenchArgs, kinesis};
 pub use reads::{ReadsBenchArgs, reads};
 

@@ -352,6 +352,8 @@ pub enum BenchCommand {
     Kafka(crate::bench::KafkaBenchArgs),
     /// Consumption from a Kinesis stream (an emulator) into views, and freshness over it.
     Kinesis(crate::bench::KinesisBenchArgs),
+    /// Event keys: the key index (memory, disk, ns per event), ingest with keys on and off, ClickHouse beside.
+    Keys(crate::bench::KeysBenchArgs),
 }
 
 fn init_tracing(default: &str) {
@@ -467,6 +469,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 BenchCommand::Reads(args) => crate::bench::reads(args)?,
                 BenchCommand::Kafka(args) => crate::bench::kafka(args)?,
                 BenchCommand::Kinesis(args) => crate::bench::kinesis(args)?,
+                BenchCommand::Keys(args) => crate::bench::keys(args)?,
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -45,21 +45,30 @@ fn moto_bin() -> String {
 impl Moto {
     pub fn start() -> Moto {
         let bin = moto_bin();
-        let port = common::free_port();
-        let child = Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start the S3 server `{bin}` ({e}): run the tests with `scripts/test`, which installs moto, or set LAMBDAFLOW_MOTO")
-            });
-        let addr = format!("127.0.0.1:{port}");
-        common::wait_listening(&addr, Duration::from_secs(60), "moto");
-        Moto {
-            child,
-            endpoint: format!("http://{addr}"),
+        // The port is free when chosen, not when moto binds it: another
+        // test's server may take it first (moto then exits, and the port
+        // answers for someone else). Try again on another port.
+        for _ in 0..5 {
+            let port = common::free_port();
+            let mut child = Command::new(&bin)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("cannot start the S3 server `{bin}` ({e}): run the tests with `scripts/test`, which installs moto, or set LAMBDAFLOW_MOTO")
+                });
+            let addr = format!("127.0.0.1:{port}");
+            common::wait_listening(&addr, Duration::from_secs(60), "moto");
+            std::thread::sleep(Duration::from_millis(200));
+            if child.try_wait().ok().flatten().is_none() {
+                return Moto {
+                    child,
+                    endpoint: format!("http://{addr}"),
+                };
+            }
         }
+        panic!("moto could not bind a free port in 5 tries")
     }
 
     /// Creates a bucket; returns `s3://bucket/lambdaflow`.
