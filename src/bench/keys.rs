@@ -4,8 +4,9 @@
 //!  index    the key index in process: N keys over 30 days of stream time,
 //!           10 % re-sent within minutes; settled every 1 M (as publishes do):
 //!           ns per decision, memory, disk
-//!  ingest   two servers, the same events (10 % re-sent) over HTTP: keys on
-//!           and off, acknowledged and consumed by the speed layer
+//!  ingest   two servers, the same events (10 % re-sent one by one, and every
+//!           20th request sent twice) over HTTP: keys on and off, acknowledged
+//!           and consumed by the speed layer
 //!  peers    with `--chdb PYTHON`: the same events with retries into
 //!           ClickHouse (chDB) with its insert deduplication on, and how many
 //!           duplicates each counts
@@ -181,13 +182,18 @@ async fn send(url: &str, events: u64) -> anyhow::Result<(f64, f64)> {
                     return anyhow::Ok(());
                 }
                 let body: String = (from..(from + 1000).min(events)).map(line).collect();
-                let r = client
-                    .post(format!("{url}/v1/events"))
-                    .body(body)
-                    .send()
-                    .await?;
-                if !r.status().is_success() {
-                    bail!("{}: {}", r.status(), r.text().await.unwrap_or_default());
+                // Every 20th request is sent twice (a producer's retry of a
+                // whole request), as the ClickHouse script does.
+                let times = if (from / 1000) % 20 == 7 { 2 } else { 1 };
+                for _ in 0..times {
+                    let r = client
+                        .post(format!("{url}/v1/events"))
+                        .body(body.clone())
+                        .send()
+                        .await?;
+                    if !r.status().is_success() {
+                        bail!("{}: {}", r.status(), r.text().await.unwrap_or_default());
+                    }
                 }
             }
         }));
@@ -253,7 +259,7 @@ fn ingest(args: &KeysBenchArgs) -> anyhow::Result<()> {
         let peak = super::peak_rss_bytes(server.child.id());
         drop(server);
         println!(
-            "ingest, {name}: {} events (10 % re-sent) acknowledged in {acked:.2} s ({} events/s), consumed by the speed layer in {consumed:.2} s ({} events/s); the view counts {} orders; server peak RSS {}",
+            "ingest, {name}: {} events (10 % re-sent, every 20th request twice) acknowledged in {acked:.2} s ({} events/s), consumed by the speed layer in {consumed:.2} s ({} events/s); the view counts {} orders; server peak RSS {}",
             group(args.events),
             group((args.events as f64 / acked) as u64),
             group((args.events as f64 / consumed) as u64),
@@ -263,12 +269,18 @@ fn ingest(args: &KeysBenchArgs) -> anyhow::Result<()> {
         results.push((acked, consumed, orders));
     }
     let unique = (0..args.events).filter(|&i| key_of(i) == i).count() as u64;
+    let sent = args.events
+        + (0..args.events.div_ceil(1000))
+            .filter(|b| b % 20 == 7)
+            .map(|b| (args.events - b * 1000).min(1000))
+            .sum::<u64>();
     println!(
-        "  keys on / off: acknowledged {:.2}×, consumed {:.2}×; orders counted: keys on {} (unique events {}), keys off {}",
+        "  keys on / off: acknowledged {:.2}×, consumed {:.2}×; {} records sent, {} unique keys; orders counted: keys on {}, keys off {}",
         results[1].0 / results[0].0,
         results[1].1 / results[0].1,
-        group(results[0].2),
+        group(sent),
         group(unique),
+        group(results[0].2),
         group(results[1].2)
     );
     Ok(())
