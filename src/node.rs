@@ -557,8 +557,10 @@ async fn start_speed(
     speed.clock = clock;
     if let Some(rule) = master.events_schema().key() {
         let history: Arc<dyn crate::keys::History> = master.clone();
+        let f = &master.events_schema().fields()[rule.field];
         speed.dedup = Some(crate::speed::Dedup::new(
             rule,
+            format!("{}:{:?}", f.name, f.ty),
             config.local_dir().join("keys"),
             history,
         ));

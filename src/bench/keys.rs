@@ -77,7 +77,7 @@ fn index(args: &KeysBenchArgs) -> anyhow::Result<()> {
         within: Duration::from_secs(30 * 24 * 3600),
     };
     let before = rss();
-    let mut index = KeyIndex::open(dir.path(), 0, &rule)?;
+    let mut index = KeyIndex::open(dir.path(), 0, &rule, "k:int64")?;
     // The keys arrive evenly over 30 days of stream time.
     let step_ms = (30 * 24 * 3600 * 1000 / args.keys.max(1)).max(1) as i64;
     let t0 = 1_800_000_000_000i64;
@@ -134,7 +134,7 @@ fn index(args: &KeysBenchArgs) -> anyhow::Result<()> {
     // Reopening reads every run back into the filter (a restart).
     drop(index);
     let t = Instant::now();
-    let index = KeyIndex::open(dir.path(), 0, &rule)?;
+    let index = KeyIndex::open(dir.path(), 0, &rule, "k:int64")?;
     println!(
         "  reopen (a restart reads the runs into the filter): {:.2} s, edge {}",
         t.elapsed().as_secs_f64(),

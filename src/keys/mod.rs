@@ -178,6 +178,8 @@ struct Seen {
 struct Manifest {
     format: u32,
     partition: u32,
+    /// What the keys are of: the key field's name and type.
+    key: String,
     within_ms: i64,
     epoch_ms: i64,
     edge: u64,
@@ -221,6 +223,7 @@ pub struct IndexSize {
 pub struct KeyIndex {
     dir: PathBuf,
     partition: u32,
+    key: String,
     within_ms: i64,
     epoch_ms: i64,
     /// Offsets below it are in the runs.
@@ -239,11 +242,17 @@ pub struct KeyIndex {
 }
 
 impl KeyIndex {
-    /// Opens partition `partition`'s index under `dir` (made if missing).
-    /// What does not check out — another rule, a damaged run — is thrown
-    /// away: the index then starts empty at offset 0, and the caller feeds
-    /// it the master dataset ([`KeyIndex::edge`] says from where).
-    pub fn open(dir: &Path, partition: u32, rule: &KeyRule) -> Result<KeyIndex, KeyError> {
+    /// Opens partition `partition`'s index under `dir` (made if missing),
+    /// of the keys `key` names (the field's name and type). What does not
+    /// check out — another key or horizon, a damaged run — is thrown away:
+    /// the index then starts empty at offset 0, and the caller feeds it the
+    /// master dataset ([`KeyIndex::edge`] says from where).
+    pub fn open(
+        dir: &Path,
+        partition: u32,
+        rule: &KeyRule,
+        key: &str,
+    ) -> Result<KeyIndex, KeyError> {
         let dir = dir.join(format!("p{partition:04}"));
         std::fs::create_dir_all(&dir).map_err(|source| KeyError::Io {
             path: dir.clone(),
@@ -252,6 +261,7 @@ impl KeyIndex {
         let mut index = KeyIndex {
             dir: dir.clone(),
             partition,
+            key: key.to_string(),
             within_ms: within_ms(rule),
             epoch_ms: epoch_ms(rule),
             edge: 0,
@@ -289,6 +299,7 @@ impl KeyIndex {
         };
         if m.format != FORMAT
             || m.partition != self.partition
+            || m.key != self.key
             || m.within_ms != self.within_ms
             || m.epoch_ms != self.epoch_ms
         {
@@ -528,6 +539,7 @@ impl KeyIndex {
         let m = Manifest {
             format: FORMAT,
             partition: self.partition,
+            key: self.key.clone(),
             within_ms: self.within_ms,
             epoch_ms: self.epoch_ms,
             edge: self.edge,

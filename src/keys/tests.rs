@@ -63,7 +63,7 @@ proptest! {
     fn the_index_decides_as_the_rule(within in 1_000u64..30_000, steps in proptest::collection::vec(step(), 1..400)) {
         let dir = tempfile::tempdir().unwrap();
         let r = rule(within);
-        let mut index = KeyIndex::open(dir.path(), 3, &r).unwrap();
+        let mut index = KeyIndex::open(dir.path(), 3, &r, "k:utf8").unwrap();
         // The events at offsets 0.., and the decisions made (the last one
         // made for each offset: a rewind decides again).
         let mut events: Vec<(u128, i64)> = Vec::new();
@@ -92,7 +92,7 @@ proptest! {
                 Step::Reopen => {
                     let edge = index.edge();
                     drop(index);
-                    index = KeyIndex::open(dir.path(), 3, &r).unwrap();
+                    index = KeyIndex::open(dir.path(), 3, &r, "k:utf8").unwrap();
                     prop_assert_eq!(index.edge(), edge, "a reopened index starts at its edge");
                 }
             }
@@ -108,27 +108,40 @@ proptest! {
 #[test]
 fn an_index_of_another_rule_is_thrown_away() {
     let dir = tempfile::tempdir().unwrap();
-    let mut a = KeyIndex::open(dir.path(), 0, &rule(60_000)).unwrap();
+    let mut a = KeyIndex::open(dir.path(), 0, &rule(60_000), "k:utf8").unwrap();
     for o in 0..10 {
         a.decide(o, key_hash(o as u8), 1_000 * o as i64).unwrap();
     }
     a.settle(10).unwrap();
     drop(a);
-    let b = KeyIndex::open(dir.path(), 0, &rule(60_000)).unwrap();
+    let b = KeyIndex::open(dir.path(), 0, &rule(60_000), "k:utf8").unwrap();
     assert_eq!(b.edge(), 10, "the same rule reopens where it was");
     drop(b);
-    let c = KeyIndex::open(dir.path(), 0, &rule(120_000)).unwrap();
+    let c = KeyIndex::open(dir.path(), 0, &rule(120_000), "k:utf8").unwrap();
     assert_eq!(
         c.edge(),
         0,
         "another horizon starts again from the master dataset"
+    );
+    drop(c);
+    let mut d = KeyIndex::open(dir.path(), 0, &rule(60_000), "k:utf8").unwrap();
+    for o in 0..10 {
+        d.decide(o, key_hash(o as u8), 1_000 * o as i64).unwrap();
+    }
+    d.settle(10).unwrap();
+    drop(d);
+    let e = KeyIndex::open(dir.path(), 0, &rule(60_000), "other:utf8").unwrap();
+    assert_eq!(
+        e.edge(),
+        0,
+        "another key field starts again from the master dataset"
     );
 }
 
 #[test]
 fn a_damaged_run_starts_the_index_again() {
     let dir = tempfile::tempdir().unwrap();
-    let mut a = KeyIndex::open(dir.path(), 0, &rule(60_000)).unwrap();
+    let mut a = KeyIndex::open(dir.path(), 0, &rule(60_000), "k:utf8").unwrap();
     for o in 0..100 {
         a.decide(o, key_hash(o as u8), 1_000).unwrap();
     }
@@ -142,7 +155,7 @@ fn a_damaged_run_starts_the_index_again() {
     let mut bytes = std::fs::read(&run).unwrap();
     bytes[40] ^= 0x10;
     std::fs::write(&run, bytes).unwrap();
-    let b = KeyIndex::open(dir.path(), 0, &rule(60_000)).unwrap();
+    let b = KeyIndex::open(dir.path(), 0, &rule(60_000), "k:utf8").unwrap();
     assert_eq!(
         b.edge(),
         0,

@@ -37,6 +37,8 @@ pub enum DedupError {
 /// The key index of every partition, and where the decisions go.
 pub struct Dedup {
     rule: KeyRule,
+    /// The key field's name and type: an index of another key is rebuilt.
+    key: String,
     dir: PathBuf,
     indexes: Vec<Option<KeyIndex>>,
     pub duplicates: Arc<Duplicates>,
@@ -45,9 +47,10 @@ pub struct Dedup {
 
 impl Dedup {
     /// Indexes kept under `dir` (local: a cache of the master dataset).
-    pub fn new(rule: KeyRule, dir: PathBuf, history: Arc<dyn History>) -> Dedup {
+    pub fn new(rule: KeyRule, key: String, dir: PathBuf, history: Arc<dyn History>) -> Dedup {
         Dedup {
             rule,
+            key,
             dir,
             indexes: Vec::new(),
             duplicates: Arc::new(Duplicates::default()),
@@ -61,7 +64,7 @@ impl Dedup {
             self.indexes.resize_with(i + 1, || None);
         }
         if self.indexes[i].is_none() {
-            self.indexes[i] = Some(KeyIndex::open(&self.dir, p, &self.rule)?);
+            self.indexes[i] = Some(KeyIndex::open(&self.dir, p, &self.rule, &self.key)?);
         }
         Ok(self.indexes[i].as_mut().expect("opened"))
     }
@@ -86,7 +89,7 @@ impl Dedup {
             let (dir, rule) = (self.dir.clone(), self.rule);
             let pdir = dir.join(format!("p{p:04}"));
             std::fs::remove_dir_all(&pdir).map_err(|source| KeyError::Io { path: pdir, source })?;
-            self.indexes[p as usize] = Some(KeyIndex::open(&dir, p, &rule)?);
+            self.indexes[p as usize] = Some(KeyIndex::open(&dir, p, &rule, &self.key)?);
         }
         let index = self.index(p)?;
         if index.next() > next {
