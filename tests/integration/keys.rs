@@ -396,3 +396,132 @@ fn an_event_without_its_key_is_refused_and_a_nullable_key_is_a_config_error() {
         "the error names the key and why: {err}"
     );
 }
+
+/// A node's view answer once it has consumed everything its stream holds
+/// (the stream's end unchanged for a second): the number of records, and
+/// the rows.
+fn answer_at_end(url: &str) -> (u64, BTreeMap<String, (u64, i64)>) {
+    let t = Instant::now();
+    let mut last = (u64::MAX, Instant::now());
+    loop {
+        let s = crate::common::get_json(&format!("{url}/v1/status"));
+        let parts = s["partitions"].as_array().cloned().unwrap_or_default();
+        let end: u64 = parts
+            .iter()
+            .map(|p| p["stream_end"].as_u64().unwrap_or(0))
+            .sum();
+        let consumed = parts.iter().all(|p| p["realtime"] == p["stream_end"]);
+        if end != last.0 {
+            last = (end, Instant::now());
+        } else if consumed && last.1.elapsed() > Duration::from_secs(1) {
+            return (end, answer_covering(url, end).0);
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "{url} never consumed its stream: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// On a cluster (Kafka, an S3 root, two nodes): a request sent to the
+/// driver, which is killed as it answers, is sent again to the other node;
+/// whatever the first attempt stored is a duplicate of the retry, and both
+/// nodes' answers, realtime and batch, count each key once.
+#[test]
+fn on_a_cluster_a_retry_at_another_node_after_a_kill_counts_once() {
+    let moto = crate::s3::Moto::start();
+    let root = moto.bucket("keys");
+    let tansu = crate::kafka::Tansu::start();
+    tansu.create_topic("events", 2);
+    let config = format!(
+        "{}[stream]\nkafka = {{ brokers = \"{}\", topic = \"events\" }}\n",
+        CONFIG.replace(
+            "pause = \"300ms\"\n",
+            "pause = \"300ms\"\nlease = \"2s\"\npoll = \"200ms\"\n"
+        ),
+        tansu.brokers
+    );
+    let sites: Vec<Site> = (0..2).map(|_| moto.site(&root, &config)).collect();
+    let a = sites[0].serve(&[]);
+    let t = Instant::now();
+    while a.status()["cluster"]["lease"]["held"] != true {
+        assert!(t.elapsed() < Duration::from_secs(15), "A takes the lease");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let b = sites[1].serve(&[]);
+    let mut producer = Producer::default();
+    let mut requests = Vec::new();
+    for r in 0..4 {
+        let events = round(r, &producer, &mut requests);
+        producer.post(if r % 2 == 0 { &a.url } else { &b.url }, &events);
+    }
+    // The driver dies while it answers a request; the retry goes to B.
+    let events = round(4, &producer, &mut requests);
+    let body: String = events.iter().map(|e| e.line() + "\n").collect();
+    let url = a.url.clone();
+    let first = std::thread::spawn(move || crate::common::post_events(&url, body.into_bytes()));
+    std::thread::sleep(Duration::from_millis(5));
+    drop(a);
+    let _ = first.join();
+    producer.post(&b.url, &events);
+    for r in 5..8 {
+        let events = round(r, &producer, &mut requests);
+        producer.post(&b.url, &events);
+    }
+    let a = sites[0].serve(&[]);
+    for r in 8..10 {
+        let events = round(r, &producer, &mut requests);
+        producer.post(&a.url, &events);
+    }
+    let want = producer.expected();
+    for (name, node) in [("A", &a), ("B", &b)] {
+        let (records, rows) = answer_at_end(&node.url);
+        assert!(records >= producer.sent.len() as u64);
+        assert_eq!(rows, want, "node {name}, realtime: each key counted once");
+    }
+    b.wait_settled(Duration::from_secs(90));
+    a.wait_settled(Duration::from_secs(90));
+    for (name, node) in [("A", &a), ("B", &b)] {
+        let (_, rows) = answer_at_end(&node.url);
+        assert_eq!(rows, want, "node {name}, batch: each key counted once");
+    }
+    // The master dataset: every record, the later occurrences marked.
+    let storage = moto.storage(&root);
+    let (rows, marked) = crate::common::rt().block_on(async {
+        use arrow::array::AsArray;
+        use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+        let schema = lambdaflow::config::Config::parse(&config)
+            .unwrap()
+            .event_schema()
+            .unwrap();
+        let master =
+            lambdaflow::master::MasterDataset::open(&storage, std::sync::Arc::new(schema), 2)
+                .await
+                .unwrap();
+        let (mut rows, mut marked) = (0usize, 0usize);
+        for f in master.snapshot().await.unwrap().files {
+            let bytes = storage.read_at(&f.location).await.unwrap();
+            for b in ParquetRecordBatchReaderBuilder::try_new(bytes)
+                .unwrap()
+                .build()
+                .unwrap()
+            {
+                let b = b.unwrap();
+                rows += b.num_rows();
+                marked += b
+                    .column_by_name("_duplicate")
+                    .unwrap()
+                    .as_boolean()
+                    .true_count();
+            }
+        }
+        (rows, marked)
+    });
+    let unique: usize = want.values().map(|(n, _)| *n as usize).sum();
+    assert_eq!(
+        rows - marked,
+        unique,
+        "of {rows} records in the master dataset, all but the first occurrences are marked"
+    );
+}
