@@ -17,6 +17,9 @@ use std::sync::Arc;
 use crate::keys::{Duplicates, History, KeyError, KeyIndex, KeyRule, hash_column};
 use crate::stream::source::SourceBatch;
 
+/// Offsets of the master dataset read at once while the index catches up.
+const FEED_WINDOW: u64 = 1 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DedupError {
     #[error("{0}")]
@@ -97,26 +100,34 @@ impl Dedup {
         }
         let from = index.next();
         if from < next {
+            // Only the master dataset has these (below the published
+            // coverage): read in windows, each settled to the runs, so a
+            // new node's memory does not grow with the history.
             let to = next.min(hp);
-            if from < to {
-                let rows =
-                    self.history
-                        .keys(p, from, to)
-                        .await
-                        .map_err(|detail| DedupError::History {
-                            partition: p,
-                            from,
-                            to,
-                            detail,
-                        })?;
+            let mut at = from;
+            let mut fed = 0u64;
+            while at < to {
+                let until = to.min(at.saturating_add(FEED_WINDOW));
+                let rows = self.history.keys(p, at, until).await.map_err(|detail| {
+                    DedupError::History {
+                        partition: p,
+                        from: at,
+                        to: until,
+                        detail,
+                    }
+                })?;
                 let index = self.index(p)?;
-                let mut fed = 0u64;
-                for r in rows.into_iter().filter(|r| (from..to).contains(&r.offset)) {
+                for r in rows.into_iter().filter(|r| (at..until).contains(&r.offset)) {
                     if let Some(h) = r.hash {
                         index.decide(r.offset, h, r.time_ms)?;
                         fed += 1;
                     }
                 }
+                index.advance_to(until);
+                index.settle(until)?;
+                at = until;
+            }
+            if to > from {
                 tracing::info!(
                     partition = p,
                     from,
