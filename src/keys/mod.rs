@@ -322,6 +322,19 @@ impl KeyIndex {
         self.next = m.edge;
         self.clock = m.edge_clock;
         self.next_run = m.next_run;
+        // What a crash left between writing a run and naming it (or
+        // between a merge and deleting its parts) is no one's.
+        let named: std::collections::HashSet<&str> =
+            m.runs.iter().map(|r| r.name.as_str()).collect();
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if name != MANIFEST && !named.contains(name.as_ref()) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         Ok(true)
     }
 

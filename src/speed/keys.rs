@@ -61,6 +61,16 @@ impl Dedup {
         }
     }
 
+    /// Throws partition `p`'s index away (a run that cannot be read, say):
+    /// the next [`Dedup::align`] rebuilds it from the master dataset.
+    fn discard(&mut self, p: u32, e: &KeyError) {
+        tracing::warn!(partition = p, error = %crate::error::chain(e), "the key index is rebuilt from the master dataset");
+        if let Some(slot) = self.indexes.get_mut(p as usize) {
+            *slot = None;
+        }
+        let _ = std::fs::remove_dir_all(self.dir.join(format!("p{p:04}")));
+    }
+
     fn index(&mut self, p: u32) -> Result<&mut KeyIndex, KeyError> {
         let i = p as usize;
         if self.indexes.len() <= i {
@@ -79,6 +89,14 @@ impl Dedup {
     /// the runs. False when the index cannot stand at `next` (it lacks
     /// events above `hp`): the speed layer reads on from `hp` then.
     pub async fn align(&mut self, p: u32, hp: u64, next: u64) -> Result<bool, DedupError> {
+        let r = self.align_index(p, hp, next).await;
+        if let Err(DedupError::Index(e)) = &r {
+            self.discard(p, e);
+        }
+        r
+    }
+
+    async fn align_index(&mut self, p: u32, hp: u64, next: u64) -> Result<bool, DedupError> {
         self.duplicates.forget_below(p, hp);
         let index = self.index(p)?;
         if index.edge() > hp.min(next) {
@@ -146,6 +164,14 @@ impl Dedup {
     /// Decides every record of `take` (partition `p`, read in order from
     /// where the index is): the records that are not duplicates.
     pub fn decide(&mut self, p: u32, take: &[SourceBatch]) -> Result<Vec<SourceBatch>, DedupError> {
+        let r = self.decide_all(p, take);
+        if let Err(DedupError::Index(e)) = &r {
+            self.discard(p, e);
+        }
+        r
+    }
+
+    fn decide_all(&mut self, p: u32, take: &[SourceBatch]) -> Result<Vec<SourceBatch>, DedupError> {
         let field = self.rule.field;
         let mut out = Vec::with_capacity(take.len());
         let mut dups = Vec::new();

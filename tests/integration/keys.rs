@@ -253,6 +253,15 @@ fn run_with_duplicates(site: &Site) -> (usize, (usize, usize), usize) {
         producer.post(&server.url, &events);
     }
     check(&server, &producer, "realtime, after the index was rebuilt");
+
+    // Deleted under a running node: a run it cannot read is rebuilt too.
+    server.wait_settled(Duration::from_secs(60));
+    std::fs::remove_dir_all(site.data.join("keys")).unwrap();
+    for r in 15..18 {
+        let events = round(r, &producer, &mut requests);
+        producer.post(&server.url, &events);
+    }
+    check(&server, &producer, "realtime, the index deleted while serving");
     server.wait_settled(Duration::from_secs(60));
     check(&server, &producer, "batch, at the end");
 
