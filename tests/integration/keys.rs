@@ -261,7 +261,11 @@ fn run_with_duplicates(site: &Site) -> (usize, (usize, usize), usize) {
         let events = round(r, &producer, &mut requests);
         producer.post(&server.url, &events);
     }
-    check(&server, &producer, "realtime, the index deleted while serving");
+    check(
+        &server,
+        &producer,
+        "realtime, the index deleted while serving",
+    );
     server.wait_settled(Duration::from_secs(60));
     check(&server, &producer, "batch, at the end");
 
@@ -532,5 +536,38 @@ fn on_a_cluster_a_retry_at_another_node_after_a_kill_counts_once() {
         rows - marked,
         unique,
         "of {rows} records in the master dataset, all but the first occurrences are marked"
+    );
+}
+
+/// With the batch layer on a Ballista cluster, its runs leave the
+/// duplicates out as the local engine's do.
+#[cfg(feature = "ballista")]
+#[test]
+fn a_ballista_batch_layer_leaves_the_duplicates_out() {
+    let cluster = crate::ballista::Cluster::start(2);
+    let site = Site::new(&format!(
+        "{}{EMBEDDED}",
+        CONFIG.replace(
+            "pause = \"300ms\"\n",
+            &format!(
+                "pause = \"300ms\"\nengine = \"ballista\"\nscheduler = \"{}\"\n",
+                cluster.url
+            )
+        )
+    ));
+    let server = site.serve(&[]);
+    let mut producer = Producer::default();
+    let mut requests = Vec::new();
+    for r in 0..6 {
+        let events = round(r, &producer, &mut requests);
+        producer.post(&server.url, &events);
+    }
+    server.wait_settled(Duration::from_secs(90));
+    check(&server, &producer, "batch on Ballista");
+    let current: Value =
+        serde_json::from_slice(&std::fs::read(site.data.join("views/CURRENT")).unwrap()).unwrap();
+    assert_eq!(
+        current["compute"]["engine"], "ballista",
+        "the published run was computed by the cluster: {current}"
     );
 }
