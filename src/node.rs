@@ -75,6 +75,8 @@ pub enum NodeError {
     Cluster(#[from] crate::cluster::ClusterError),
     #[error("{0}")]
     Requests(#[from] crate::stream::requests::RequestError),
+    #[error("{0}")]
+    Keys(#[from] crate::keys::KeyError),
 }
 
 /// A published run that cannot be read is the batch layer's error.
@@ -563,7 +565,7 @@ async fn start_speed(
             format!("{}:{:?}", f.name, f.ty),
             config.local_dir().join("keys"),
             history,
-        ));
+        )?);
     }
     let t = std::time::Instant::now();
     speed.catch_up().await?;

@@ -100,17 +100,35 @@ impl Fingerprints {
 
     /// Records an occurrence of `hash` in `epoch`.
     pub fn insert(&mut self, hash: u128, epoch: u8) {
+        self.upsert(hash, epoch);
+    }
+
+    /// Records an occurrence of `hash` in `epoch`, in one probe: the epoch
+    /// its fingerprint had before, if any.
+    pub fn upsert(&mut self, hash: u128, epoch: u8) -> Option<u8> {
         let fp = fingerprint(hash);
-        if let Some(i) = self.find(fp) {
-            let e = later(self.slots[i] as u8, epoch);
-            self.slots[i] = fp << 8 | u64::from(e);
-            return;
+        let mask = self.mask();
+        let mut i = self.home(fp);
+        loop {
+            let s = self.slots[i];
+            if s == EMPTY {
+                break;
+            }
+            if s >> 8 == fp {
+                let before = s as u8;
+                self.slots[i] = fp << 8 | u64::from(later(before, epoch));
+                return Some(before);
+            }
+            i = (i + 1) & mask;
         }
         if (self.len + 1) * 5 > self.slots.len() * MAX_LOAD_FIFTHS {
             self.grow();
+            self.place(fp << 8 | u64::from(epoch));
+        } else {
+            self.slots[i] = fp << 8 | u64::from(epoch);
         }
-        self.place(fp << 8 | u64::from(epoch));
         self.len += 1;
+        None
     }
 
     /// Puts a slot known not to be held into the first empty place of its probe.

@@ -70,15 +70,97 @@ pub enum KeyError {
     Type(DataType),
 }
 
-/// The 128-bit hash of a key: BLAKE3 of its type and bytes. Keys are told
-/// apart by it alone (two keys of 100 M collide with odds of 10⁻²³, and
-/// finding a collision on purpose is BLAKE3's 2⁶⁴ work).
-fn hash_bytes(tag: u8, bytes: &[u8]) -> u128 {
-    let mut h = blake3::Hasher::new();
-    h.update(&[tag]);
-    h.update(bytes);
-    let out = h.finalize();
-    u128::from_le_bytes(out.as_bytes()[..16].try_into().expect("16 bytes"))
+/// How keys are hashed: SipHash-2-4 with a 128-bit output, under a secret
+/// of the node's. Keys are told apart by the hash alone: two of 100 M
+/// collide with odds of 10⁻²³, and a producer that does not know the secret
+/// cannot make two collide on purpose. The secret is the node's own (its
+/// index is its own cache): an index made under another one is rebuilt.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct KeyHasher {
+    secret: [u8; 16],
+}
+
+impl std::fmt::Debug for KeyHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyHasher({})", self.id())
+    }
+}
+
+impl KeyHasher {
+    pub fn new(secret: [u8; 16]) -> KeyHasher {
+        KeyHasher { secret }
+    }
+
+    /// The secret under `dir` (`SECRET`), made on first use.
+    pub fn load_or_create(dir: &Path) -> Result<KeyHasher, KeyError> {
+        let path = dir.join("SECRET");
+        let io = |source| KeyError::Io {
+            path: path.clone(),
+            source,
+        };
+        if let Ok(b) = std::fs::read(&path)
+            && let Ok(secret) = <[u8; 16]>::try_from(b.as_slice())
+        {
+            return Ok(KeyHasher { secret });
+        }
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let mut secret = [0u8; 16];
+        use std::io::Read;
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut secret))
+            .map_err(io)?;
+        let tmp = dir.join("SECRET.tmp");
+        std::fs::write(&tmp, secret).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        Ok(KeyHasher { secret })
+    }
+
+    /// A name for the secret (not the secret): what an index was made under.
+    pub fn id(&self) -> String {
+        blake3::hash(&self.secret).to_hex()[..16].to_string()
+    }
+
+    pub(crate) fn hash(&self, tag: u8, bytes: &[u8]) -> u128 {
+        use siphasher::sip128::Hasher128;
+        use std::hash::Hasher;
+        let mut h = siphasher::sip128::SipHasher24::new_with_key(&self.secret);
+        h.write_u8(tag);
+        h.write(bytes);
+        h.finish128().as_u128()
+    }
+
+    /// Each row's key hash; `None` for a null key (never a duplicate).
+    pub fn column(&self, col: &ArrayRef) -> Result<Vec<Option<u128>>, KeyError> {
+        fn each<A: Array>(a: &A, f: impl Fn(usize) -> u128) -> Vec<Option<u128>> {
+            (0..a.len())
+                .map(|i| (!a.is_null(i)).then(|| f(i)))
+                .collect()
+        }
+        // Strings hash their bytes (tag 0), integers their value as 8 bytes (tag 1).
+        Ok(match col.data_type() {
+            DataType::Utf8 => {
+                let a = col.as_string::<i32>();
+                each(a, |i| self.hash(0, a.value(i).as_bytes()))
+            }
+            DataType::LargeUtf8 => {
+                let a = col.as_string::<i64>();
+                each(a, |i| self.hash(0, a.value(i).as_bytes()))
+            }
+            DataType::Utf8View => {
+                let a = col.as_string_view();
+                each(a, |i| self.hash(0, a.value(i).as_bytes()))
+            }
+            DataType::Int32 => {
+                let a = col.as_primitive::<Int32Type>();
+                each(a, |i| self.hash(1, &i64::from(a.value(i)).to_le_bytes()))
+            }
+            DataType::Int64 => {
+                let a = col.as_primitive::<Int64Type>();
+                each(a, |i| self.hash(1, &a.value(i).to_le_bytes()))
+            }
+            t => return Err(KeyError::Type(t.clone())),
+        })
+    }
 }
 
 /// The key types `[schema] key` accepts.
@@ -91,39 +173,6 @@ pub fn hashable(t: &DataType) -> bool {
             | DataType::Int32
             | DataType::Int64
     )
-}
-
-/// Each row's key hash; `None` for a null key (never a duplicate).
-pub fn hash_column(col: &ArrayRef) -> Result<Vec<Option<u128>>, KeyError> {
-    fn each<A: Array>(a: &A, f: impl Fn(usize) -> u128) -> Vec<Option<u128>> {
-        (0..a.len())
-            .map(|i| (!a.is_null(i)).then(|| f(i)))
-            .collect()
-    }
-    // Strings hash their bytes (tag 0), integers their value as 8 bytes (tag 1).
-    Ok(match col.data_type() {
-        DataType::Utf8 => {
-            let a = col.as_string::<i32>();
-            each(a, |i| hash_bytes(0, a.value(i).as_bytes()))
-        }
-        DataType::LargeUtf8 => {
-            let a = col.as_string::<i64>();
-            each(a, |i| hash_bytes(0, a.value(i).as_bytes()))
-        }
-        DataType::Utf8View => {
-            let a = col.as_string_view();
-            each(a, |i| hash_bytes(0, a.value(i).as_bytes()))
-        }
-        DataType::Int32 => {
-            let a = col.as_primitive::<Int32Type>();
-            each(a, |i| hash_bytes(1, &i64::from(a.value(i)).to_le_bytes()))
-        }
-        DataType::Int64 => {
-            let a = col.as_primitive::<Int64Type>();
-            each(a, |i| hash_bytes(1, &a.value(i).to_le_bytes()))
-        }
-        t => return Err(KeyError::Type(t.clone())),
-    })
 }
 
 /// The rule's parameters (`[schema] key`).
@@ -383,10 +432,16 @@ impl KeyIndex {
         let clock = self.clock.max(time_ms);
         self.clock = clock;
         let since = clock.saturating_sub(self.within_ms);
-        let dup = match self.latest.get(&hash) {
-            Some(&(_, c)) => c >= since,
-            // An occurrence in the tail is later than any below the edge.
-            None => self.cold(hash)?.is_some_and(|c| c >= since),
+        // One probe of the filter, which holds the tail's keys too: a key
+        // never seen (the common case) costs nothing more.
+        let epoch = clock.div_euclid(self.epoch_ms).rem_euclid(256) as u8;
+        let dup = match self.filter.upsert(hash, epoch) {
+            None => false,
+            Some(before) => match self.latest.get(&hash) {
+                Some(&(_, c)) => c >= since,
+                // An occurrence in the tail is later than any below the edge.
+                None => self.cold(hash, before)?.is_some_and(|c| c >= since),
+            },
         };
         self.tail.push(Seen {
             offset,
@@ -399,11 +454,11 @@ impl KeyIndex {
     }
 
     /// The clock of `hash`'s latest occurrence below the edge, if it is
-    /// within the horizon's epochs.
-    fn cold(&self, hash: u128) -> Result<Option<i64>, KeyError> {
-        let Some(epoch) = self.filter.get(hash) else {
-            return Ok(None);
-        };
+    /// within the horizon's epochs; the filter said `epoch`. A slot left by
+    /// a rewound occurrence, or shared with another key, finds nothing
+    /// there and sends the search through every epoch: a hit is only ever
+    /// confirmed by the runs.
+    fn cold(&self, hash: u128, epoch: u8) -> Result<Option<i64>, KeyError> {
         // Most likely in the epoch the filter names, newest run first; a
         // fingerprint two keys share sends the search through every epoch.
         let named = self
@@ -485,11 +540,8 @@ impl KeyIndex {
                 .collect();
             entries.sort_unstable();
             let name = self.run_name(epoch);
+            // The filter has these keys since they were decided.
             let run = Run::write(&self.dir.join(&name), &entries)?;
-            let e8 = epoch.rem_euclid(256) as u8;
-            for e in &entries {
-                self.filter.insert(e.hash, e8);
-            }
             self.epochs.entry(epoch).or_default().push(run);
             self.compact(epoch)?;
         }
@@ -618,8 +670,15 @@ pub struct KeyRow {
 /// dataset (everything below the published coverage is in it).
 #[async_trait::async_trait]
 pub trait History: Send + Sync {
-    /// Partition `p`'s events in `[from, to)`, in offset order.
-    async fn keys(&self, p: u32, from: u64, to: u64) -> Result<Vec<KeyRow>, String>;
+    /// Partition `p`'s events in `[from, to)`, in offset order, their keys
+    /// hashed by `hasher`.
+    async fn keys(
+        &self,
+        p: u32,
+        from: u64,
+        to: u64,
+        hasher: &KeyHasher,
+    ) -> Result<Vec<KeyRow>, String>;
 }
 
 /// The duplicates found above the published coverage, per partition: the

@@ -50,7 +50,7 @@ fn step() -> impl Strategy<Value = Step> {
 }
 
 fn key_hash(k: u8) -> u128 {
-    hash_bytes(0, &[k])
+    KeyHasher::new([7; 16]).hash(0, &[k])
 }
 
 proptest! {
@@ -171,9 +171,9 @@ fn keys_of_each_type_hash_apart() {
     let i: ArrayRef = Arc::new(Int64Array::from(vec![1, 2, 1]));
     let j: ArrayRef = Arc::new(Int32Array::from(vec![1, 2, 1]));
     let (s, i, j) = (
-        hash_column(&s).unwrap(),
-        hash_column(&i).unwrap(),
-        hash_column(&j).unwrap(),
+        KeyHasher::new([7; 16]).column(&s).unwrap(),
+        KeyHasher::new([7; 16]).column(&i).unwrap(),
+        KeyHasher::new([7; 16]).column(&j).unwrap(),
     );
     assert_eq!(s[0], s[2]);
     assert_eq!(s[1], None, "a null key has no hash");

@@ -1672,7 +1672,13 @@ fn is_not_found(e: &StorageError) -> bool {
 /// some of `[from, to)` of the partition, its key, offset and ingest time.
 #[async_trait::async_trait]
 impl crate::keys::History for MasterDataset {
-    async fn keys(&self, p: u32, from: u64, to: u64) -> Result<Vec<crate::keys::KeyRow>, String> {
+    async fn keys(
+        &self,
+        p: u32,
+        from: u64,
+        to: u64,
+        hasher: &crate::keys::KeyHasher,
+    ) -> Result<Vec<crate::keys::KeyRow>, String> {
         let Some(key) = self.events.key() else {
             return Ok(Vec::new());
         };
@@ -1689,10 +1695,11 @@ impl crate::keys::History for MasterDataset {
                 .read_at(&f.location)
                 .await
                 .map_err(|e| crate::error::chain(&e))?;
-            let name = name.clone();
-            let read = tokio::task::spawn_blocking(move || read_keys(bytes, &name, p, from, to))
-                .await
-                .map_err(|e| e.to_string())?;
+            let (name, hasher) = (name.clone(), *hasher);
+            let read =
+                tokio::task::spawn_blocking(move || read_keys(bytes, &name, &hasher, p, from, to))
+                    .await
+                    .map_err(|e| e.to_string())?;
             rows.extend(read.map_err(|e| format!("{}: {e}", f.location))?);
         }
         rows.sort_unstable_by_key(|r| r.offset);
@@ -1706,6 +1713,7 @@ impl crate::keys::History for MasterDataset {
 fn read_keys(
     bytes: Bytes,
     key: &str,
+    hasher: &crate::keys::KeyHasher,
     p: u32,
     from: u64,
     to: u64,
@@ -1731,7 +1739,7 @@ fn read_keys(
     for batch in reader {
         let batch = batch.map_err(|e| e.to_string())?;
         let col = |c: &str| batch.column_by_name(c).ok_or(format!("no column `{c}`"));
-        let hashes = crate::keys::hash_column(col(key)?).map_err(|e| e.to_string())?;
+        let hashes = hasher.column(col(key)?).map_err(|e| e.to_string())?;
         let parts = cast(col(PARTITION_COLUMN)?, &DataType::Int64).map_err(|e| e.to_string())?;
         let offsets = cast(col(OFFSET_COLUMN)?, &DataType::Int64).map_err(|e| e.to_string())?;
         let times = cast(col(INGEST_TIME_COLUMN)?, &DataType::Int64).map_err(|e| e.to_string())?;

@@ -14,7 +14,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::keys::{Duplicates, History, KeyError, KeyIndex, KeyRule, hash_column};
+use crate::keys::{Duplicates, History, KeyError, KeyHasher, KeyIndex, KeyRule};
 use crate::stream::source::SourceBatch;
 
 /// Offsets of the master dataset read at once while the index catches up.
@@ -40,8 +40,10 @@ pub enum DedupError {
 /// The key index of every partition, and where the decisions go.
 pub struct Dedup {
     rule: KeyRule,
-    /// The key field's name and type: an index of another key is rebuilt.
+    /// The key field's name and type, and the secret's name: an index of
+    /// another key, or hashed under another secret, is rebuilt.
     key: String,
+    hasher: KeyHasher,
     dir: PathBuf,
     indexes: Vec<Option<KeyIndex>>,
     pub duplicates: Arc<Duplicates>,
@@ -50,15 +52,22 @@ pub struct Dedup {
 
 impl Dedup {
     /// Indexes kept under `dir` (local: a cache of the master dataset).
-    pub fn new(rule: KeyRule, key: String, dir: PathBuf, history: Arc<dyn History>) -> Dedup {
-        Dedup {
+    pub fn new(
+        rule: KeyRule,
+        key: String,
+        dir: PathBuf,
+        history: Arc<dyn History>,
+    ) -> Result<Dedup, KeyError> {
+        let hasher = KeyHasher::load_or_create(&dir)?;
+        Ok(Dedup {
             rule,
-            key,
+            key: format!("{key}:{}", hasher.id()),
+            hasher,
             dir,
             indexes: Vec::new(),
             duplicates: Arc::new(Duplicates::default()),
             history,
-        }
+        })
     }
 
     /// Throws partition `p`'s index away (a run that cannot be read, say):
@@ -126,14 +135,16 @@ impl Dedup {
             let mut fed = 0u64;
             while at < to {
                 let until = to.min(at.saturating_add(FEED_WINDOW));
-                let rows = self.history.keys(p, at, until).await.map_err(|detail| {
-                    DedupError::History {
+                let rows = self
+                    .history
+                    .keys(p, at, until, &self.hasher)
+                    .await
+                    .map_err(|detail| DedupError::History {
                         partition: p,
                         from: at,
                         to: until,
                         detail,
-                    }
-                })?;
+                    })?;
                 let index = self.index(p)?;
                 for r in rows.into_iter().filter(|r| (at..until).contains(&r.offset)) {
                     if let Some(h) = r.hash {
@@ -172,12 +183,12 @@ impl Dedup {
     }
 
     fn decide_all(&mut self, p: u32, take: &[SourceBatch]) -> Result<Vec<SourceBatch>, DedupError> {
-        let field = self.rule.field;
+        let (field, hasher) = (self.rule.field, self.hasher);
         let mut out = Vec::with_capacity(take.len());
         let mut dups = Vec::new();
         let index = self.index(p)?;
         for b in take {
-            let hashes = hash_column(b.batch.column(field))?;
+            let hashes = hasher.column(b.batch.column(field))?;
             let mut keep = Vec::with_capacity(b.rows());
             for (r, h) in hashes.into_iter().enumerate() {
                 let dup = match h {
