@@ -355,7 +355,7 @@ impl KeyIndex {
             return Ok(false);
         }
         for r in &m.runs {
-            let epoch = (r.epoch.rem_euclid(256)) as u8;
+            let epoch = fingerprints::short(r.epoch);
             let filter = &mut self.filter;
             let run = Run::open(&self.dir.join(&r.name), |e| filter.insert(e.hash, epoch))?;
             if run.count() != r.count {
@@ -434,7 +434,7 @@ impl KeyIndex {
         let since = clock.saturating_sub(self.within_ms);
         // One probe of the filter, which holds the tail's keys too: a key
         // never seen (the common case) costs nothing more.
-        let epoch = clock.div_euclid(self.epoch_ms).rem_euclid(256) as u8;
+        let epoch = fingerprints::short(clock.div_euclid(self.epoch_ms));
         let dup = match self.filter.upsert(hash, epoch) {
             None => false,
             Some(before) => match self.latest.get(&hash) {
@@ -458,19 +458,19 @@ impl KeyIndex {
     /// a rewound occurrence, or shared with another key, finds nothing
     /// there and sends the search through every epoch: a hit is only ever
     /// confirmed by the runs.
-    fn cold(&self, hash: u128, epoch: u8) -> Result<Option<i64>, KeyError> {
+    fn cold(&self, hash: u128, epoch: u16) -> Result<Option<i64>, KeyError> {
         // Most likely in the epoch the filter names, newest run first; a
         // fingerprint two keys share sends the search through every epoch.
         let named = self
             .epochs
             .iter()
             .rev()
-            .filter(|(e, _)| e.rem_euclid(256) as u8 == epoch);
+            .filter(|(e, _)| fingerprints::short(**e) == epoch);
         let others = self
             .epochs
             .iter()
             .rev()
-            .filter(|(e, _)| e.rem_euclid(256) as u8 != epoch);
+            .filter(|(e, _)| fingerprints::short(**e) != epoch);
         for (_, runs) in named.chain(others) {
             for r in runs.iter().rev() {
                 if let Some(c) = r.get(hash)? {
@@ -525,19 +525,34 @@ impl KeyIndex {
             self.edge_clock = last.clock;
         }
         self.edge = offset;
-        // Each key's latest occurrence, by the epoch of its clock.
-        let mut by_epoch: BTreeMap<i64, HashMap<u128, i64, Prehashed>> = BTreeMap::new();
+        // A key whose latest occurrence moved is found in the runs now.
+        self.latest.retain(|_, &mut (at, _)| at >= offset);
+        // Each key once, at its latest occurrence among those moved (so a
+        // run never holds a key's older epoch), by the epoch of its clock;
+        // one whose epoch has passed the horizon already is not written,
+        // and its slot goes (unless the tail has it again).
+        let mut last: HashMap<u128, i64, Prehashed> = HashMap::with_hasher(Prehashed);
         for s in &moved {
-            by_epoch
-                .entry(s.clock.div_euclid(self.epoch_ms))
-                .or_insert_with(|| HashMap::with_hasher(Prehashed))
-                .insert(s.hash, s.clock);
+            last.insert(s.hash, s.clock);
         }
-        for (epoch, keys) in by_epoch {
-            let mut entries: Vec<Entry> = keys
-                .into_iter()
-                .map(|(hash, clock)| Entry { hash, clock })
-                .collect();
+        let since = self.edge_clock.saturating_sub(self.within_ms);
+        // The epochs past the horizon go first; a key moved now keeps its slot.
+        self.expire(&last)?;
+        let mut by_epoch: BTreeMap<i64, Vec<Entry>> = BTreeMap::new();
+        for (hash, clock) in last {
+            let epoch = clock.div_euclid(self.epoch_ms);
+            if (epoch + 1).saturating_mul(self.epoch_ms) <= since {
+                if !self.latest.contains_key(&hash) {
+                    self.filter.remove_if(hash, fingerprints::short(epoch));
+                }
+                continue;
+            }
+            by_epoch
+                .entry(epoch)
+                .or_default()
+                .push(Entry { hash, clock });
+        }
+        for (epoch, mut entries) in by_epoch {
             entries.sort_unstable();
             let name = self.run_name(epoch);
             // The filter has these keys since they were decided.
@@ -545,9 +560,6 @@ impl KeyIndex {
             self.epochs.entry(epoch).or_default().push(run);
             self.compact(epoch)?;
         }
-        // A key whose latest occurrence moved is found in the runs now.
-        self.latest.retain(|_, &mut (at, _)| at >= offset);
-        self.expire()?;
         self.save()
     }
 
@@ -578,8 +590,14 @@ impl KeyIndex {
         }
     }
 
-    /// Deletes the epochs whose every key's latest clock is past the horizon.
-    fn expire(&mut self) -> Result<(), KeyError> {
+    /// Deletes the epochs whose every key's latest clock is past the
+    /// horizon, and their keys' slots — but for keys occurring again in
+    /// the tail or in `moving` (about to be written to a later epoch's
+    /// run). That is what keeps 16 bits of epoch enough: a slot holds either
+    /// a key's epoch within the horizon of the edge (runs are written and
+    /// expired together, at most `within / epoch + 1` epochs apart), or one
+    /// of the tail's, and the tail's keys are never removed here.
+    fn expire(&mut self, moving: &HashMap<u128, i64, Prehashed>) -> Result<(), KeyError> {
         let since = self.edge_clock.saturating_sub(self.within_ms);
         while let Some((&epoch, _)) = self.epochs.first_key_value() {
             let end = (epoch + 1).saturating_mul(self.epoch_ms);
@@ -587,10 +605,16 @@ impl KeyIndex {
                 return Ok(());
             }
             let runs = self.epochs.remove(&epoch).expect("first epoch");
-            let e8 = epoch.rem_euclid(256) as u8;
+            // A key the tail holds again keeps its slot (whatever its
+            // epoch's last 16 bits are).
+            let e16 = fingerprints::short(epoch);
             for r in &runs {
-                let filter = &mut self.filter;
-                r.scan(|e| filter.remove_if(e.hash, e8))?;
+                let (filter, tail) = (&mut self.filter, &self.latest);
+                r.scan(|e| {
+                    if !tail.contains_key(&e.hash) && !moving.contains_key(&e.hash) {
+                        filter.remove_if(e.hash, e16)
+                    }
+                })?;
             }
             self.save()?;
             for r in runs {

@@ -38,6 +38,9 @@ enum Step {
     Rewind(u8),
     /// The process restarts: the index is opened again from its directory.
     Reopen,
+    /// Time leaps on: 150 s, or exactly 65,536 epochs (where the filter's
+    /// 16 bits of epoch wrap).
+    Leap(bool),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -46,6 +49,7 @@ fn step() -> impl Strategy<Value = Step> {
         2 => (0u8..=100).prop_map(Step::Settle),
         1 => (0u8..=100).prop_map(Step::Rewind),
         1 => Just(Step::Reopen),
+        1 => any::<bool>().prop_map(Step::Leap),
     ]
 }
 
@@ -88,6 +92,9 @@ proptest! {
                 Step::Rewind(f) => {
                     let to = index.edge() + (index.next() - index.edge()) * u64::from(f) / 100;
                     index.rewind(to).unwrap();
+                }
+                Step::Leap(wrap) => {
+                    t += if wrap { 65_536 * super::epoch_ms(&r) } else { 150_000 };
                 }
                 Step::Reopen => {
                     let edge = index.edge();
@@ -179,4 +186,47 @@ fn keys_of_each_type_hash_apart() {
     assert_eq!(s[1], None, "a null key has no hash");
     assert_ne!(s[0], i[0], "the string \"1\" is not the number 1");
     assert_eq!(i[0], j[0], "an int32 and an int64 of one value are one key");
+}
+
+/// The red team's case: a key seen again 150 epochs later (past where 8
+/// bits of epoch wrap), settled, then again within the horizon — and the
+/// same 65,536 epochs later (where 16 bits wrap), in one settle or two.
+#[test]
+fn a_key_seen_again_after_the_epochs_wrap_is_still_found() {
+    for leap_s in [150, 65_536, 65_536 * 2] {
+        for settle_between in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let r = rule(8_000); // an epoch of 1 s
+            let mut index = KeyIndex::open(dir.path(), 0, &r, "k:utf8").unwrap();
+            let k = key_hash(1);
+            let t0 = 1_700_000_000_000i64;
+            assert!(!index.decide(0, k, t0).unwrap());
+            index.decide(1, key_hash(2), t0 + 100).unwrap();
+            index.settle(2).unwrap();
+            let t1 = t0 + leap_s * 1000;
+            assert!(
+                !index.decide(2, k, t1).unwrap(),
+                "{leap_s} s later: past the horizon"
+            );
+            index.decide(3, key_hash(3), t1 + 200).unwrap();
+            if settle_between {
+                index.settle(4).unwrap();
+            }
+            assert!(
+                index.decide(4, k, t1 + 1_500).unwrap(),
+                "{leap_s} s later, then 1.5 s after (settled between: {settle_between}): a duplicate"
+            );
+            index.settle(5).unwrap();
+            assert!(
+                index.decide(5, k, t1 + 3_000).unwrap(),
+                "and again after the settle"
+            );
+            drop(index);
+            let mut index = KeyIndex::open(dir.path(), 0, &r, "k:utf8").unwrap();
+            assert!(
+                index.decide(6, k, t1 + 4_000).unwrap(),
+                "and after a reopen"
+            );
+        }
+    }
 }
