@@ -3,8 +3,8 @@
 //!
 //! ```text
 //!  file:    "LFKR" | version u32 | count u64 | count × (hash u128 LE, clock i64 LE) | crc32c u32
-//!  memory:  the first hash of every block of 512 entries (16 bytes per 512 keys)
-//!  lookup:  binary search of the fences, one read of ≤ 12 KiB, binary search
+//!  memory:  the first hash and the CRC-32C of every block of 512 entries (20 bytes per 512 keys)
+//!  lookup:  binary search of the fences, one read of ≤ 12 KiB checked against its CRC, binary search
 //! ```
 //!
 //! A run is a cache of what the master dataset holds: a file that does not
@@ -44,6 +44,9 @@ pub struct Run {
     path: PathBuf,
     count: u64,
     fences: Vec<u128>,
+    /// Each block's CRC-32C: a lookup reads a block, never the whole file,
+    /// and a block damaged since the run was written is found there.
+    blocks: Vec<u32>,
 }
 
 /// Writes entries (sorted by hash, one per hash) to a run file.
@@ -52,6 +55,7 @@ struct Writer {
     crc: u32,
     count: u64,
     fences: Vec<u128>,
+    blocks: Vec<u32>,
     path: PathBuf,
     tmp: PathBuf,
 }
@@ -65,6 +69,7 @@ impl Writer {
             crc: 0,
             count: 0,
             fences: Vec::new(),
+            blocks: Vec::new(),
             path: path.to_path_buf(),
             tmp,
         };
@@ -80,11 +85,14 @@ impl Writer {
     fn push(&mut self, e: Entry) -> Result<(), KeyError> {
         if self.count.is_multiple_of(BLOCK as u64) {
             self.fences.push(e.hash);
+            self.blocks.push(0);
         }
         let mut b = [0u8; ENTRY];
         b[..16].copy_from_slice(&e.hash.to_le_bytes());
         b[16..].copy_from_slice(&e.clock.to_le_bytes());
         self.crc = crc32c::crc32c_append(self.crc, &b);
+        let block = self.blocks.last_mut().expect("a block");
+        *block = crc32c::crc32c_append(*block, &b);
         self.count += 1;
         self.bytes(&b)
     }
@@ -107,6 +115,7 @@ impl Writer {
             path: self.path,
             count: self.count,
             fences: self.fences,
+            blocks: self.blocks,
         })
     }
 }
@@ -142,6 +151,7 @@ impl Run {
         }
         let mut crc = 0;
         let mut fences = Vec::with_capacity(count as usize / BLOCK + 1);
+        let mut blocks: Vec<u32> = Vec::with_capacity(count as usize / BLOCK + 1);
         let mut b = [0u8; ENTRY];
         let mut last: Option<u128> = None;
         for i in 0..count {
@@ -157,7 +167,10 @@ impl Run {
             last = Some(e.hash);
             if i % BLOCK as u64 == 0 {
                 fences.push(e.hash);
+                blocks.push(0);
             }
+            let block = blocks.last_mut().expect("a block");
+            *block = crc32c::crc32c_append(*block, &b);
             each(e);
         }
         crc = crc32c::crc32c_append(crc, &header);
@@ -170,6 +183,7 @@ impl Run {
             path: path.to_path_buf(),
             count,
             fences,
+            blocks,
         })
     }
 
@@ -183,7 +197,7 @@ impl Run {
 
     /// Bytes its fences take in memory.
     pub fn memory(&self) -> usize {
-        self.fences.capacity() * 16
+        self.fences.capacity() * 16 + self.blocks.capacity() * 4
     }
 
     /// The clock of `hash`'s latest occurrence in this run, if it has one.
@@ -198,6 +212,12 @@ impl Run {
         let f = File::open(&self.path).map_err(io(&self.path))?;
         f.read_exact_at(&mut buf, (HEADER + first * ENTRY) as u64)
             .map_err(io(&self.path))?;
+        if crc32c::crc32c(&buf) != self.blocks[block - 1] {
+            return Err(KeyError::BadRun {
+                path: self.path.clone(),
+                why: format!("block {} does not match its checksum", block - 1),
+            });
+        }
         let at = |i: usize| {
             let b = &buf[i * ENTRY..(i + 1) * ENTRY];
             Entry {
@@ -347,10 +367,16 @@ mod tests {
         let mut read = Vec::new();
         Run::open(m.path(), |e| read.push((e.hash, e.clock))).unwrap();
         assert_eq!(read, vec![(1, 10), (3, 20), (4, 20), (5, 10)]);
+        assert_eq!(m.get(3).unwrap(), Some(20));
 
         let mut bytes = std::fs::read(m.path()).unwrap();
         bytes[HEADER + 3] ^= 1;
         std::fs::write(m.path(), bytes).unwrap();
+        let err = m.get(3).unwrap_err();
+        assert!(
+            matches!(err, KeyError::BadRun { .. }),
+            "a lookup finds a bit flipped after the run was opened: {err}"
+        );
         let err = Run::open(m.path(), |_| {}).unwrap_err();
         assert!(
             matches!(err, KeyError::BadRun { .. }),
