@@ -52,6 +52,10 @@ pub enum StreamTimes {
     Each(Arc<[i64]>),
 }
 
+/// 0001-01-01T00:00:00Z and 9999-12-31T23:59:59.999Z, in ms since the epoch.
+pub const MIN_STREAM_MS: i64 = -62_135_596_800_000;
+pub const MAX_STREAM_MS: i64 = 253_402_300_799_999;
+
 /// Records read from one partition: consecutive records of the stream (no
 /// record of the partition lies between two of them).
 #[derive(Debug, Clone)]
@@ -101,12 +105,17 @@ impl SourceBatch {
             .map(|last| self.position(last) + 1)
     }
 
-    /// The stream time of record `row`.
+    /// The stream time of record `row`, within years 1 to 9999: what a
+    /// Delta timestamp (µs) and the engines that read it can hold. A Kafka
+    /// producer sets its records' times, and one of 10¹⁶ ms would wrap the
+    /// master dataset's `_ingest_time` (and decide event keys differently
+    /// there than here).
     pub fn time_ms(&self, row: usize) -> i64 {
-        match &self.times {
+        let t = match &self.times {
             StreamTimes::All(t) => *t,
             StreamTimes::Each(t) => t[row],
-        }
+        };
+        t.clamp(MIN_STREAM_MS, MAX_STREAM_MS)
     }
 
     /// Records `[offset, offset + len)` of this batch.
@@ -471,4 +480,28 @@ pub async fn read_exact(
         out.extend(read);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_time_past_year_9999_is_held_at_its_end() {
+        let b = SourceBatch {
+            partition: 0,
+            batch: RecordBatch::new_empty(Arc::new(arrow::datatypes::Schema::empty())),
+            positions: Positions::Dense { first: 0 },
+            times: StreamTimes::Each(
+                vec![10_000_000_000_000_000, -10_000_000_000_000_000, 5].into(),
+            ),
+        };
+        assert_eq!(
+            b.time_ms(0),
+            MAX_STREAM_MS,
+            "10¹⁶ ms would wrap `_ingest_time` (µs)"
+        );
+        assert_eq!(b.time_ms(1), MIN_STREAM_MS);
+        assert_eq!(b.time_ms(2), 5);
+    }
 }
