@@ -557,6 +557,9 @@ async fn start_speed(
     speed.failures = batch.failures().clone();
     speed.backlog = ingest.backlog.clone();
     speed.clock = clock;
+    if master.keyed() {
+        speed.recorded = Some(master.clone());
+    }
     if let Some(rule) = master.events_schema().key() {
         let history: Arc<dyn crate::keys::History> = master.clone();
         let f = &master.events_schema().fields()[rule.field];

@@ -694,6 +694,10 @@ pub struct KeyRow {
 /// dataset (everything below the published coverage is in it).
 #[async_trait::async_trait]
 pub trait History: Send + Sync {
+    /// The duplicates the master dataset records among partition `p`'s
+    /// committed events in `[start, end)` (none where it records none).
+    async fn recorded(&self, p: u32, start: u64, end: u64) -> Result<Vec<u64>, String>;
+
     /// Partition `p`'s events in `[from, to)`, in offset order, their keys
     /// hashed by `hasher`.
     async fn keys(
@@ -743,6 +747,17 @@ impl Duplicates {
             .get(p as usize)
             .map(|s| s.range(start..end).copied().collect())
             .unwrap_or_default()
+    }
+
+    /// Records duplicates decided before (the master dataset's, for a
+    /// committed chunk read again), without counting them as found.
+    pub fn record_known(&self, p: u32, offsets: &[u64]) {
+        let p = p as usize;
+        let mut parts = self.parts.lock().expect("duplicates lock");
+        if parts.len() <= p {
+            parts.resize_with(p + 1, Default::default);
+        }
+        parts[p].extend(offsets.iter().copied());
     }
 
     /// Forgets those below `h` (published: the master dataset has them).

@@ -1672,6 +1672,12 @@ fn is_not_found(e: &StorageError) -> bool {
 /// some of `[from, to)` of the partition, its key, offset and ingest time.
 #[async_trait::async_trait]
 impl crate::keys::History for MasterDataset {
+    async fn recorded(&self, p: u32, start: u64, end: u64) -> Result<Vec<u64>, String> {
+        self.duplicates_in(p, start, end)
+            .await
+            .map_err(|e| crate::error::chain(&e))
+    }
+
     async fn keys(
         &self,
         p: u32,

@@ -226,6 +226,36 @@ impl Dedup {
             .collect()
     }
 
+    /// Records `take` (partition `p`, read in order from where the index
+    /// is) in the index without using its decisions: a committed chunk read
+    /// again keeps the decisions the master dataset recorded for it
+    /// (`known`, in order), made maybe under another rule.
+    pub fn feed(&mut self, p: u32, take: &[SourceBatch], known: &[u64]) -> Result<(), DedupError> {
+        let r = self.feed_all(p, take);
+        if let Err(DedupError::Index(e)) = &r {
+            self.discard(p, e);
+        }
+        self.duplicates.record_known(p, known);
+        r
+    }
+
+    fn feed_all(&mut self, p: u32, take: &[SourceBatch]) -> Result<(), DedupError> {
+        let (field, hasher) = (self.rule.field, self.hasher);
+        let index = self.index(p)?;
+        for b in take {
+            for (r, h) in hasher
+                .column(b.batch.column(field))?
+                .into_iter()
+                .enumerate()
+            {
+                if let Some(h) = h {
+                    index.decide(b.position(r), h, b.time_ms(r))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Per partition: duplicates found, and the index's sizes.
     pub fn stats(&self) -> Vec<crate::keys::KeyStats> {
         let found = self.duplicates.found();
@@ -242,4 +272,19 @@ impl Dedup {
             })
             .collect()
     }
+}
+
+/// The records of `take` but those at `dups` (sorted).
+pub fn without(take: &[SourceBatch], dups: &[u64]) -> Result<Vec<SourceBatch>, DedupError> {
+    take.iter()
+        .map(|b| {
+            if dups.is_empty() {
+                return Ok(b.clone());
+            }
+            let keep: Vec<bool> = (0..b.rows())
+                .map(|r| dups.binary_search(&b.position(r)).is_err())
+                .collect();
+            Ok(b.keep(&keep)?)
+        })
+        .collect()
 }

@@ -289,6 +289,10 @@ pub struct SpeedLayer {
     pub clock: SharedClock,
     /// With `[schema] key`: which events are duplicates (left out of the states).
     pub dedup: Option<Dedup>,
+    /// Over a master dataset that records duplicates (`_duplicate`): where
+    /// a committed chunk read again finds the decisions made for it, which
+    /// stand whatever the key rule is now.
+    pub recorded: Option<Arc<dyn crate::keys::History>>,
 }
 
 impl SpeedLayer {
@@ -330,6 +334,7 @@ impl SpeedLayer {
             backlog: Arc::new(Backlog::default()),
             clock: SystemClock::shared(),
             dedup: None,
+            recorded: None,
         }
     }
 
@@ -623,10 +628,28 @@ impl SpeedLayer {
                 .find_map(SourceBatch::last_record_end)
                 .unwrap_or(open.range.end());
             let read_to = take.last().map_or(part.next, SourceBatch::end);
-            // Duplicates are decided once, here, and counted by no view.
-            let counted = match self.dedup.as_mut() {
-                Some(d) if taken > 0 => Some(d.decide(p as u32, &take)?),
-                _ => None,
+            // Duplicates are decided once, here, and counted by no view; a
+            // committed chunk read again keeps the master dataset's decisions.
+            let counted = match (replaying, &self.recorded) {
+                (Some(r), Some(history)) if taken > 0 => {
+                    let known = history
+                        .recorded(p as u32, r.start(), r.end())
+                        .await
+                        .map_err(|detail| DedupError::History {
+                            partition: p as u32,
+                            from: r.start(),
+                            to: r.end(),
+                            detail,
+                        })?;
+                    if let Some(d) = self.dedup.as_mut() {
+                        d.feed(p as u32, &take, &known)?;
+                    }
+                    Some(keys::without(&take, &known)?)
+                }
+                _ => match self.dedup.as_mut() {
+                    Some(d) if taken > 0 => Some(d.decide(p as u32, &take)?),
+                    _ => None,
+                },
             };
             let mut states = if taken == 0 {
                 open.states.clone()

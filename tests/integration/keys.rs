@@ -571,3 +571,78 @@ fn a_ballista_batch_layer_leaves_the_duplicates_out() {
         "the published run was computed by the cluster: {current}"
     );
 }
+
+/// The key rule changed (turned on, turned off) while chunks are archived
+/// but not yet in a published run: the realtime answer over them keeps the
+/// decisions the master dataset recorded, so the answer for the same
+/// offsets does not change when the batch layer publishes them.
+#[test]
+fn a_changed_key_rule_does_not_change_an_answer_at_the_next_publish() {
+    for (before, after) in [(true, false), (false, true)] {
+        let config = |keyed: bool| {
+            let c = CONFIG.replace("pause = \"300ms\"", "pause = \"1h\"");
+            let c = if keyed {
+                c
+            } else {
+                c.replace("key = { field = \"id\", within = \"1h\" }\n", "")
+            };
+            format!("{c}{EMBEDDED}")
+        };
+        let site = Site::new(&config(before));
+        let server = site.serve(&[]);
+        let mut producer = Producer::default();
+        let mut requests = Vec::new();
+        for r in 0..4 {
+            let events = round(r, &producer, &mut requests);
+            producer.post(&server.url, &events);
+        }
+        // Archived, not published.
+        let t = Instant::now();
+        loop {
+            let s = server.status();
+            let parts = s["partitions"].as_array().unwrap().clone();
+            if parts.iter().all(|p| p["archived"] == p["end"]) {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "archived: {s}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(server);
+        std::fs::write(&site.config, {
+            let text = std::fs::read_to_string(&site.config).unwrap();
+            let data_line = text.lines().take(2).collect::<Vec<_>>().join("\n");
+            format!("{data_line}\n{}", config(after))
+        })
+        .unwrap();
+        let server = site.serve(&[]);
+        let records = producer.sent.len() as u64;
+        let (at_first, a) = answer_covering(&server.url, records);
+        crate::common::post_events(&server.url, Vec::new()).ok();
+        let _ = crate::common::rt().block_on(
+            reqwest::Client::new()
+                .post(format!("{}/v1/batch/run", server.url))
+                .send(),
+        );
+        server.wait_settled(Duration::from_secs(60));
+        let (published, b) = answer_covering(&server.url, records);
+        assert_eq!(
+            published, at_first,
+            "key {before} → {after}: the answer over the same offsets changed at the publish: before {a}, after {b}"
+        );
+        let want = if before {
+            producer.expected()
+        } else {
+            let mut all = BTreeMap::new();
+            for e in &producer.sent {
+                let r = all.entry(e.product.clone()).or_insert((0u64, 0i64));
+                r.0 += 1;
+                r.1 += e.price;
+            }
+            all
+        };
+        assert_eq!(
+            published, want,
+            "key {before} → {after}: the events archived keep the decisions made when they were archived"
+        );
+    }
+}
