@@ -209,21 +209,13 @@ impl Dedup {
     /// The records of `take` that are not duplicates, as decided before (a
     /// view built meanwhile reads a chunk again).
     pub fn decided(&self, p: u32, take: &[SourceBatch]) -> Result<Vec<SourceBatch>, DedupError> {
-        take.iter()
-            .map(|b| {
-                let Some(end) = b.last_record_end() else {
-                    return Ok(b.clone());
-                };
-                let dups = self.duplicates.within(p, b.position(0), end);
-                if dups.is_empty() {
-                    return Ok(b.clone());
-                }
-                let keep: Vec<bool> = (0..b.rows())
-                    .map(|r| dups.binary_search(&b.position(r)).is_err())
-                    .collect();
-                Ok(b.keep(&keep)?)
-            })
-            .collect()
+        let (Some(first), Some(end)) = (
+            take.iter().find(|b| b.rows() > 0).map(|b| b.position(0)),
+            take.iter().rev().find_map(SourceBatch::last_record_end),
+        ) else {
+            return Ok(take.to_vec());
+        };
+        without(take, &self.duplicates.within(p, first, end))
     }
 
     /// Records `take` (partition `p`, read in order from where the index
