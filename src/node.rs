@@ -448,7 +448,6 @@ fn open_log(
     Ok(log)
 }
 
-/// The dead-letter store, bounded by the disk it is on.
 /// The request ledger of the embedded log: loaded from the snapshot and the
 /// log's tags before anything is acknowledged, and written before each
 /// commit to the master dataset.
@@ -478,6 +477,7 @@ async fn open_ledger(
     Ok(ledger)
 }
 
+/// The dead-letter store, bounded by the disk it is on.
 fn open_dead_letters(
     config: &Config,
     health: &Arc<Health>,
