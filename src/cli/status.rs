@@ -249,6 +249,14 @@ fn ingest(out: &mut String, s: &Status) {
             bytesize::ByteSize::b(memory),
             bytesize::ByteSize::b(disk)
         );
+        let strays: u64 = keys.iter().map(|(_, k)| k.strays).sum();
+        if strays > 0 {
+            let _ = writeln!(
+                out,
+                "  event keys: {} sampled keys came again in another partition (counted twice: the stream is not keyed by the event key; see health)",
+                group(strays)
+            );
+        }
     }
 }
 
@@ -269,6 +277,16 @@ fn health(out: &mut String, s: &Status, now: i64) {
             secs(now - p.since_ms),
             group(p.count),
             p.error.replace('\n', "\n    ")
+        );
+    }
+    for w in s.health.iter().flat_map(|h| &h.warnings) {
+        let _ = writeln!(
+            out,
+            "WARNING {} ({} times, the latest {:.1} s ago): {}",
+            w.component,
+            group(w.count),
+            secs(now - w.last_ms),
+            w.error.replace('\n', "\n    ")
         );
     }
     for r in recovered {
@@ -314,7 +332,9 @@ mod tests {
                 "duration_ms": 1000, "engine": "local"},
                 "recent": [], "running_since_ms": null, "runs": 4, "last_error": null},
             "health": {"problems": [{"component": "speed/p0", "error": "corrupt\nframe",
-                "since_ms": now - 1500, "last_ms": now, "count": 3}], "recovered": []}
+                "since_ms": now - 1500, "last_ms": now, "count": 3}], "recovered": [],
+                "warnings": [{"component": "event keys", "error": "2 duplicates came to another partition",
+                "since_ms": now - 9000, "last_ms": now - 4000, "count": 2}]}
         }))
         .expect("the status deserializes");
         assert_eq!(
@@ -349,6 +369,7 @@ mod tests {
             "batch: engine local\n".into(),
             "ingest: 3 requests, 1,500 accepted, 2 rejected (dead letters)\n".into(),
             "PROBLEM speed/p0: failing for 1.5 s (3 attempts): corrupt\n    frame\n".into(),
+            "WARNING event keys (2 times, the latest 4.0 s ago): 2 duplicates came to another partition\n".into(),
         ];
         for line in &expected {
             assert!(text.contains(line), "the report has {line:?}:\n{text}");

@@ -35,6 +35,7 @@
 //! tail, never the cold part.
 
 pub mod fingerprints;
+pub mod placement;
 pub mod runs;
 
 use std::collections::{BTreeMap, HashMap};
@@ -252,6 +253,12 @@ const FORMAT: u32 = 1;
 pub struct KeyStats {
     /// Duplicates found since the process started (each counted by no view).
     pub duplicates: u64,
+    /// Sampled keys (one in [`placement::SAMPLE`]) that came again in this
+    /// partition after another partition had them within the horizon:
+    /// duplicates the rule cannot find, so the stream is not keyed by the
+    /// event key (see [`placement`]).
+    #[serde(default)]
+    pub strays: u64,
     pub index: IndexSize,
 }
 

@@ -14,6 +14,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::keys::placement::{Placement, Stray};
 use crate::keys::{Duplicates, History, KeyError, KeyHasher, KeyIndex, KeyRule};
 use crate::stream::source::SourceBatch;
 
@@ -40,6 +41,7 @@ pub enum DedupError {
 /// The key index of every partition, and where the decisions go.
 pub struct Dedup {
     rule: KeyRule,
+    field: String,
     /// The key field's name and type, and the secret's name: an index of
     /// another key, or hashed under another secret, is rebuilt.
     key: String,
@@ -48,6 +50,11 @@ pub struct Dedup {
     indexes: Vec<Option<KeyIndex>>,
     pub duplicates: Arc<Duplicates>,
     history: Arc<dyn History>,
+    /// Where sampled keys were seen: a check that the stream is keyed by
+    /// the event key.
+    placement: Placement,
+    /// Strays already reported to health.
+    strays_reported: u64,
 }
 
 impl Dedup {
@@ -61,12 +68,19 @@ impl Dedup {
         let hasher = KeyHasher::load_or_create(&dir)?;
         Ok(Dedup {
             rule,
+            // `key` is "name:type".
+            field: key
+                .rsplit_once(':')
+                .map_or(key.as_str(), |(n, _)| n)
+                .to_string(),
             key: format!("{key}:{}", hasher.id()),
             hasher,
             dir,
             indexes: Vec::new(),
             duplicates: Arc::new(Duplicates::default()),
             history,
+            placement: Placement::new(rule.within.as_millis().min(i64::MAX as u128) as i64),
+            strays_reported: 0,
         })
     }
 
@@ -186,13 +200,22 @@ impl Dedup {
         let (field, hasher) = (self.rule.field, self.hasher);
         let mut out = Vec::with_capacity(take.len());
         let mut dups = Vec::new();
-        let index = self.index(p)?;
+        self.index(p)?;
+        let (Some(Some(index)), placement) =
+            (self.indexes.get_mut(p as usize), &mut self.placement)
+        else {
+            unreachable!("opened above")
+        };
         for b in take {
             let hashes = hasher.column(b.batch.column(field))?;
             let mut keep = Vec::with_capacity(b.rows());
             for (r, h) in hashes.into_iter().enumerate() {
                 let dup = match h {
-                    Some(h) => index.decide(b.position(r), h, b.time_ms(r))?,
+                    Some(h) => {
+                        let (at, time) = (b.position(r), b.time_ms(r));
+                        placement.note(p, h, at, time);
+                        index.decide(at, h, time)?
+                    }
                     None => false,
                 };
                 if dup {
@@ -233,7 +256,12 @@ impl Dedup {
 
     fn feed_all(&mut self, p: u32, take: &[SourceBatch]) -> Result<(), DedupError> {
         let (field, hasher) = (self.rule.field, self.hasher);
-        let index = self.index(p)?;
+        self.index(p)?;
+        let (Some(Some(index)), placement) =
+            (self.indexes.get_mut(p as usize), &mut self.placement)
+        else {
+            unreachable!("opened above")
+        };
         for b in take {
             for (r, h) in hasher
                 .column(b.batch.column(field))?
@@ -241,11 +269,29 @@ impl Dedup {
                 .enumerate()
             {
                 if let Some(h) = h {
-                    index.decide(b.position(r), h, b.time_ms(r))?;
+                    let (at, time) = (b.position(r), b.time_ms(r));
+                    placement.note(p, h, at, time);
+                    index.decide(at, h, time)?;
                 }
             }
         }
         Ok(())
+    }
+
+    /// When strays were found since the last call: how many in all, and
+    /// the latest (for health: the stream is not keyed by the event key).
+    pub fn new_strays(&mut self) -> Option<(u64, Stray)> {
+        let n = self.placement.total();
+        if n == self.strays_reported {
+            return None;
+        }
+        self.strays_reported = n;
+        self.placement.latest().map(|s| (n, s.clone()))
+    }
+
+    /// The key field's name.
+    pub fn field(&self) -> &str {
+        &self.field
     }
 
     /// Per partition: duplicates found, and the index's sizes.
@@ -255,6 +301,7 @@ impl Dedup {
         (0..n)
             .map(|p| crate::keys::KeyStats {
                 duplicates: found.get(p).copied().unwrap_or(0),
+                strays: self.placement.found(p as u32),
                 index: self
                     .indexes
                     .get(p)

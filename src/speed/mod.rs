@@ -498,7 +498,22 @@ impl SpeedLayer {
             self.serving.set_realtime(changed);
         }
         self.measure_window(&h);
-        if let Some(d) = &self.dedup {
+        if let Some(d) = &mut self.dedup {
+            if let Some((n, stray)) = d.new_strays() {
+                self.health.warn(
+                    "event keys",
+                    &format!(
+                        "{n} duplicates came to another partition than their key's earlier \
+                         occurrence, and were counted again (one key in {} is checked); the \
+                         latest: {stray}. Duplicates are found per partition: the producer must \
+                         key each record by the event key `{}` (a Kafka record's key, a Kinesis \
+                         record's partition key), and the topic's partitions or the stream's \
+                         shards must not change within the horizon",
+                        crate::keys::placement::SAMPLE,
+                        d.field()
+                    ),
+                );
+            }
             *self.metrics.keys.lock().expect("speed metrics") = Some(d.stats());
         }
         Ok(moved)

@@ -281,7 +281,7 @@ fn run_with_duplicates(site: &Site) -> (usize, (usize, usize), usize) {
 }
 
 /// Rows of the master dataset, and how many are marked duplicates.
-fn master_duplicates(data: &std::path::Path) -> (usize, usize) {
+pub(crate) fn master_duplicates(data: &std::path::Path) -> (usize, usize) {
     use arrow::array::AsArray;
     use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let uris: Vec<String> = crate::common::rt().block_on(async {

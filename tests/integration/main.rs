@@ -67,6 +67,7 @@ mod kafka;
 mod kafka_faults;
 mod kafka_ingest;
 mod keys;
+mod keys_upstream;
 mod kinesis;
 mod kinesis_faults;
 mod live_views;

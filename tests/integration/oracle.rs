@@ -25,9 +25,9 @@ pub(crate) const CONFIG: &str = "[speed]\ninterval = \"10ms\"\n[archive]\nchunk_
 #[derive(Debug, Clone)]
 pub(crate) struct Sent {
     pub(crate) zipcode: i64,
-    product: String,
+    pub(crate) product: String,
     pub(crate) price: i64,
-    ts_ms: i64,
+    pub(crate) ts_ms: i64,
 }
 
 pub(crate) fn make(k: i64) -> Sent {

@@ -340,6 +340,14 @@ impl Collector for LayerMetrics {
                     .enumerate()
                     .map(|(p, k)| (partition(p), k.duplicates)),
             )?;
+            counters(
+                &mut e,
+                "lambdaflow_duplicates_strayed",
+                "Sampled keys (one in 16) that came to this partition after another partition had them within the horizon: duplicates counted again, because the stream is not keyed by the event key. Since the process started.",
+                keys.iter()
+                    .enumerate()
+                    .map(|(p, k)| (partition(p), k.strays)),
+            )?;
             gauges(
                 &mut e,
                 "lambdaflow_key_index_keys",

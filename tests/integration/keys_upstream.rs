@@ -1,0 +1,465 @@
+//! Event keys against duplicates made upstream (issue 34's test over Kafka
+//! and Kinesis): producers write straight into the topic or the stream,
+//! keyed by the event key, and send about 10 % of their records again —
+//! whole batches and single records — while lambdaflow is killed (`kill -9`)
+//! and restarted and every view is read again and again. Every answer must
+//! equal, in DuckDB, the view SQL over the first occurrence of each key
+//! among the records below the positions the answer names: realtime and
+//! batch, before and after swaps and incremental runs, across the kill.
+//!
+//! And the check of the stream's keying: a producer that sends a key's
+//! duplicates to another partition is named in status, metrics and health.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use lambdaflow::config::Config;
+use lambdaflow::stream::kafka::KafkaProducer;
+use lambdaflow::stream::kinesis::KinesisProducer;
+use serde_json::Value;
+
+use crate::common::{self, Server, Site};
+use crate::oracle::{self, Got, Sent, make, ndjson};
+
+/// The oracle test's intervals, the paper's schema, keyed by zipcode.
+fn config(stream: &str) -> String {
+    format!(
+        r#"{}
+[schema]
+event_time = "timestamp"
+key = {{ field = "zipcode", within = "7d" }}
+fields = [
+  {{ name = "zipcode",     type = "int64" }},
+  {{ name = "ProductName", type = "utf8" }},
+  {{ name = "price",       type = "int64" }},
+  {{ name = "timestamp",   type = "timestamp_ms", format = "%Y-%m-%d %H:%M:%S%.3f" }},
+]
+[stream]
+{stream}
+"#,
+        oracle::CONFIG
+    )
+}
+
+/// Where a test producer writes: each call sends `events` (already grouped
+/// by the producer's choice of partition) and returns what it learnt.
+trait Upstream: Send {
+    /// Sends `events`, each to the partition of its key (or, with
+    /// `astray`, to another one).
+    fn send(&mut self, events: &[Sent], astray: bool);
+}
+
+/// Kafka: a record's partition is its zipcode's parity (the producer keys
+/// by the event key). Offsets are known from the acknowledgements.
+struct KafkaUp {
+    producer: KafkaProducer,
+    known: Arc<Mutex<BTreeMap<(u32, u64), Sent>>>,
+}
+
+impl Upstream for KafkaUp {
+    fn send(&mut self, events: &[Sent], astray: bool) {
+        for p in 0..2u32 {
+            let mine: Vec<Sent> = events
+                .iter()
+                .filter(|e| ((e.zipcode as u32 % 2) ^ astray as u32) == p)
+                .cloned()
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let offsets = crate::kafka::send(&self.producer, p, &mine, &[]);
+            let mut k = self.known.lock().unwrap();
+            for (o, e) in offsets.into_iter().zip(mine) {
+                k.insert((p, o), e);
+            }
+        }
+    }
+}
+
+/// Kinesis: each record's partition key is its zipcode; positions are
+/// worked out at the end from the sequence numbers.
+struct KinesisUp {
+    producer: KinesisProducer,
+    puts: Arc<Mutex<crate::kinesis::Puts>>,
+}
+
+impl Upstream for KinesisUp {
+    fn send(&mut self, events: &[Sent], astray: bool) {
+        assert!(!astray, "the Kinesis case keys every record");
+        let body = ndjson(events);
+        let keyed: Vec<(String, Bytes)> = body
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .zip(events)
+            .map(|(l, e)| (e.zipcode.to_string(), Bytes::copy_from_slice(l)))
+            .collect();
+        let puts = common::rt()
+            .block_on(self.producer.send(&keyed))
+            .expect("kinesalite stores the records");
+        self.puts.lock().unwrap().extend(
+            puts.into_iter()
+                .zip(events)
+                .map(|(p, e)| (p.shard, p.sequence, Some(e.clone()))),
+        );
+    }
+}
+
+/// `rounds` rounds of 50 new events; of what was sent before, every round
+/// sends four single records again and every tenth round a whole earlier
+/// batch (≈ 10 % re-sent in all). Returns the records sent, in order.
+fn produce(up: &mut dyn Upstream, rounds: i64, pause: Duration) -> Vec<Sent> {
+    let mut sent: Vec<Sent> = Vec::new();
+    let mut batches: Vec<Vec<Sent>> = Vec::new();
+    for r in 0..rounds {
+        let mut events: Vec<Sent> = (0..50).map(|i| make(r * 50 + i)).collect();
+        batches.push(events.clone());
+        if !sent.is_empty() {
+            for i in 0..4 {
+                events.push(sent[((r * 7919 + i * 104_729) as usize) % sent.len()].clone());
+            }
+        }
+        up.send(&events, false);
+        sent.extend(events);
+        if r % 10 == 9 {
+            // A whole batch again, as a producer that lost the reply does.
+            let again = batches[(r as usize * 3) % batches.len()].clone();
+            up.send(&again, false);
+            sent.extend(again);
+        }
+        std::thread::sleep(pause);
+    }
+    sent
+}
+
+/// Each reader asks every default view every 20 ms of the server at `url`.
+fn readers(url: &str, answers: &Arc<Mutex<Vec<Got>>>) -> Readers {
+    let done = Arc::new(AtomicBool::new(false));
+    let handles = oracle::view_readers(url, answers, &done);
+    (done, handles)
+}
+
+fn stop(readers: Readers) {
+    readers.0.store(true, Ordering::Relaxed);
+    for h in readers.1 {
+        h.join().unwrap();
+    }
+}
+
+/// A timestamp as DuckDB's rows give it (`YYYY-MM-DDTHH:MM:SS`), from
+/// lambdaflow's JSON (which may add fractions or a zone).
+fn timestamp(s: &str) -> Option<String> {
+    let t = s.trim_end_matches('Z');
+    let t = t.split('.').next()?;
+    chrono::NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S")
+        .or_else(|_| chrono::NaiveDateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S"))
+        .ok()
+        .map(|d| d.format("%Y-%m-%dT%H:%M:%S").to_string())
+}
+
+/// Rows as sorted canonical strings: floats to nine digits, timestamps in
+/// one form, `approx_distinct`'s column left out (the engines estimate
+/// differently).
+fn canonical(rows: &[Value]) -> Vec<String> {
+    let mut out: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let mut cells: Vec<String> = r
+                .as_object()
+                .expect("rows are objects")
+                .iter()
+                .filter(|(k, _)| k.as_str() != "zipcodes")
+                .map(|(k, v)| match v {
+                    Value::Number(n) if n.is_f64() => format!("{k}={:.9e}", n.as_f64().unwrap()),
+                    Value::String(s) => format!("{k}={}", timestamp(s).unwrap_or(s.clone())),
+                    other => format!("{k}={other}"),
+                })
+                .collect();
+            cells.sort();
+            cells.join(",")
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Checks answers (an even sample of at most 400 distinct ones, with the
+/// last) against DuckDB: the view SQL over each key's first occurrence
+/// below the answer's positions. Returns how many were checked.
+fn verify_in_duckdb(answers: &[Got], known: &BTreeMap<(u32, u64), Sent>) -> usize {
+    let views: BTreeMap<String, String> = Config::default()
+        .views
+        .into_iter()
+        .map(|v| (v.name, v.sql))
+        .collect();
+    let mut seen = HashSet::new();
+    let distinct: Vec<&Got> = answers
+        .iter()
+        .filter(|a| seen.insert((a.view.clone(), a.realtime.clone())))
+        .collect();
+    let step = distinct.len().div_ceil(400).max(1);
+    let n = distinct.len();
+    let sample: Vec<&Got> = distinct
+        .into_iter()
+        .enumerate()
+        .filter(|(k, _)| k % step == 0 || *k + 3 >= n)
+        .map(|(_, a)| a)
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let events: String = known
+        .iter()
+        .map(|((p, o), e)| {
+            serde_json::json!({"p": p, "o": o, "zipcode": e.zipcode, "ProductName": e.product,
+                "price": e.price, "ts_ms": e.ts_ms})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(dir.path().join("events.ndjson"), events).unwrap();
+    let queries: Vec<Value> = sample
+        .iter()
+        .map(|a| serde_json::json!({"sql": views[&a.view], "marks": a.realtime}))
+        .collect();
+    std::fs::write(
+        dir.path().join("queries.json"),
+        serde_json::to_vec(&queries).unwrap(),
+    )
+    .unwrap();
+    let python = std::env::var("LAMBDAFLOW_PYTHON")
+        .expect("LAMBDAFLOW_PYTHON: a Python with duckdb (scripts/test sets it up)");
+    let out = std::process::Command::new(python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/integration/duckdb_oracle.py"
+        ))
+        .arg(dir.path().join("events.ndjson"))
+        .arg(dir.path().join("queries.json"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the DuckDB oracle failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let wanted: Vec<Vec<Value>> = serde_json::from_slice(&out.stdout).unwrap();
+    for (a, want) in sample.iter().zip(&wanted) {
+        let below = known
+            .keys()
+            .filter(|(p, o)| a.realtime.get(*p as usize).is_some_and(|r| o < r))
+            .count();
+        let (g, w) = (canonical(&a.rows), canonical(want));
+        if g != w {
+            let missing: Vec<_> = w.iter().filter(|r| !g.contains(r)).take(3).collect();
+            let extra: Vec<_> = g.iter().filter(|r| !w.contains(r)).take(3).collect();
+            panic!(
+                "view `{}` at positions {:?} (batch run {:?} at H {:?}, from {}) differs from DuckDB's SQL over the first occurrence of each key among those {below} records\n  missing: {missing:?}\n  extra: {extra:?}",
+                a.view, a.realtime, a.run, a.h, a.url
+            );
+        }
+    }
+    sample.len()
+}
+
+/// Every record sent at its position, and one past each partition's last.
+fn ends(known: &BTreeMap<(u32, u64), Sent>) -> BTreeMap<u32, u64> {
+    let mut last = BTreeMap::new();
+    for &(p, o) in known.keys() {
+        last.insert(p, o);
+    }
+    last
+}
+
+/// Duplicates among `sent`: records whose key came before.
+fn duplicates(sent: &[Sent]) -> usize {
+    let keys: BTreeSet<i64> = sent.iter().map(|e| e.zipcode).collect();
+    sent.len() - keys.len()
+}
+
+type Readers = (Arc<AtomicBool>, Vec<std::thread::JoinHandle<()>>);
+
+/// Runs the producer `up` in a thread while a server of `site` is read,
+/// killed (`kill -9`) mid-stream and started again; returns the records
+/// sent, and the server at the end with its readers still reading.
+fn through_a_kill(
+    site: &Site,
+    env: &[(&str, &str)],
+    mut up: Box<dyn Upstream>,
+    answers: &Arc<Mutex<Vec<Got>>>,
+) -> (Vec<Sent>, Server, Readers) {
+    let server = site.serve(env);
+    let first = readers(&server.url, answers);
+    let producer = std::thread::spawn(move || produce(up.as_mut(), 120, Duration::from_millis(25)));
+    std::thread::sleep(Duration::from_millis(2500));
+    drop(server); // kill -9, the producer going on
+    stop(first);
+    let server = site.serve(env);
+    let second = readers(&server.url, answers);
+    let sent = producer.join().unwrap();
+    (sent, server, second)
+}
+
+/// The settled server's answers join the rest; the readers stop; every
+/// answer is checked in DuckDB, the master dataset holds every record once
+/// with exactly the duplicates marked, and no key strayed.
+fn check_all(
+    site: &Site,
+    server: Server,
+    readers: Readers,
+    answers: &Arc<Mutex<Vec<Got>>>,
+    known: &BTreeMap<(u32, u64), Sent>,
+    sent: &[Sent],
+    settled: &Value,
+) {
+    answers
+        .lock()
+        .unwrap()
+        .extend(oracle::settled_answers(&server.url));
+    stop(readers);
+    let answers = answers.lock().unwrap().clone();
+    let runs: BTreeSet<u64> = answers.iter().filter_map(|a| a.run).collect();
+    assert!(
+        runs.len() >= 3,
+        "answers must span three batch publishes, saw {runs:?}: {settled}"
+    );
+    let dups = duplicates(sent);
+    assert!(
+        dups * 100 >= sent.len() * 8,
+        "about 10 % of the records are sent again ({dups} of {})",
+        sent.len()
+    );
+    let t = Instant::now();
+    let checked = verify_in_duckdb(&answers, known);
+    eprintln!(
+        "{checked} distinct answers of {} over {} batch runs equal DuckDB's ({:?})",
+        answers.len(),
+        runs.len(),
+        t.elapsed()
+    );
+    assert!(checked > 50, "only {checked} distinct answers were checked");
+    let strays: u64 = settled["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["keys"]["strays"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(
+        strays, 0,
+        "a producer that keys by the event key sends no key to two partitions: {settled}"
+    );
+    server.stop();
+    oracle::assert_master_holds(&site.data, known);
+    let (rows, marked) = crate::keys::master_duplicates(&site.data);
+    assert_eq!(
+        (rows, marked),
+        (sent.len(), dups),
+        "the master dataset keeps every record and marks exactly the later occurrences"
+    );
+}
+
+#[test]
+fn over_kafka_upstream_resends_through_a_kill_every_answer_equals_duckdb() {
+    let tansu = crate::kafka::Tansu::start();
+    tansu.create_topic("events", 2);
+    let site = Site::new(&config(&format!(
+        "kafka = {{ brokers = \"{}\", topic = \"events\" }}",
+        tansu.brokers
+    )));
+    let known: Arc<Mutex<BTreeMap<(u32, u64), Sent>>> = Arc::default();
+    let up = KafkaUp {
+        producer: KafkaProducer::new(&tansu.config("events")).unwrap(),
+        known: known.clone(),
+    };
+    let answers: Arc<Mutex<Vec<Got>>> = Arc::default();
+    let (sent, server, readers) = through_a_kill(&site, &[], Box::new(up), &answers);
+    let known = known.lock().unwrap().clone();
+    assert_eq!(known.len(), sent.len(), "every record acknowledged");
+    let settled = crate::kafka::wait_settled(&server, &ends(&known), Duration::from_secs(120));
+    check_all(&site, server, readers, &answers, &known, &sent, &settled);
+}
+
+#[test]
+fn over_kinesis_upstream_resends_through_a_kill_every_answer_equals_duckdb() {
+    let k = crate::kinesis::Kinesalite::start();
+    k.create_stream("events", 2);
+    let site = Site::new(&config(&format!(
+        "kinesis = {{ stream = \"events\", region = \"us-east-1\", endpoint = \"{}\", poll = \"200ms\" }}",
+        k.endpoint
+    )));
+    let puts: Arc<Mutex<crate::kinesis::Puts>> = Arc::default();
+    let up = KinesisUp {
+        producer: KinesisProducer::with_client(k.client(), "events"),
+        puts: puts.clone(),
+    };
+    let answers: Arc<Mutex<Vec<Got>>> = Arc::default();
+    let (sent, server, readers) =
+        through_a_kill(&site, crate::kinesis::AWS_ENV, Box::new(up), &answers);
+    let puts = puts.lock().unwrap().clone();
+    let (known, counts) = crate::kinesis::positions(&site, "events", &puts);
+    assert_eq!(known.len(), sent.len(), "every record acknowledged");
+    let settled = crate::kinesis::wait_settled(&server, &counts, Duration::from_secs(120));
+    check_all(&site, server, readers, &answers, &known, &sent, &settled);
+}
+
+/// A producer that sends a key's duplicates to another partition than its
+/// first occurrence: the rule, per partition, cannot find them (they are
+/// counted again), and the check across partitions says so — per
+/// partition in status and metrics, with an example in health.
+#[test]
+fn duplicates_sent_to_another_partition_are_named_in_status_and_health() {
+    let tansu = crate::kafka::Tansu::start();
+    tansu.create_topic("events", 2);
+    let site = Site::new(&config(&format!(
+        "kafka = {{ brokers = \"{}\", topic = \"events\" }}",
+        tansu.brokers
+    )));
+    let known: Arc<Mutex<BTreeMap<(u32, u64), Sent>>> = Arc::default();
+    let mut up = KafkaUp {
+        producer: KafkaProducer::new(&tansu.config("events")).unwrap(),
+        known: known.clone(),
+    };
+    let server = site.serve(&[]);
+    let events: Vec<Sent> = (0..800).map(make).collect();
+    up.send(&events, false);
+    // The same keys again, each to the other partition.
+    up.send(&events, true);
+    let known = known.lock().unwrap().clone();
+    let settled = crate::kafka::wait_settled(&server, &ends(&known), Duration::from_secs(120));
+    let strays: Vec<u64> = settled["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["keys"]["strays"].as_u64().unwrap_or(0))
+        .collect();
+    // One key in 16 is checked: about 50 of the 800, counted where a key
+    // was read the second time (the partition read later).
+    assert!(
+        strays.iter().sum::<u64>() > 20,
+        "sampled keys read in both partitions are counted: {strays:?}: {settled}"
+    );
+    let warning = settled["health"]["warnings"]
+        .as_array()
+        .and_then(|w| w.iter().find(|w| w["component"] == "event keys"))
+        .unwrap_or_else(|| panic!("health warns of keys in two partitions: {settled}"));
+    let text = warning["error"].as_str().unwrap();
+    assert!(
+        text.contains("another partition") && text.contains("`zipcode`"),
+        "the warning says what happened and what the producer must do: {text}"
+    );
+    let metrics = common::get_text(&format!("{}/metrics", server.url));
+    assert!(
+        metrics.contains("lambdaflow_duplicates_strayed_total{partition=\"1\"}")
+            || metrics.contains("lambdaflow_duplicates_strayed{partition=\"1\"}"),
+        "metrics count them per partition: {metrics}"
+    );
+    // What the rule could find it found: nothing, every key is new to its
+    // partition, so each view counts the 800 events twice.
+    let a = oracle::query(&server.url, "sales_by_product").unwrap();
+    let orders: u64 = a.rows.iter().map(|r| r["orders"].as_u64().unwrap()).sum();
+    assert_eq!(
+        orders, 1600,
+        "duplicates in another partition are counted again"
+    );
+    server.stop();
+}
