@@ -565,7 +565,10 @@ async fn start_speed(
         let f = &master.events_schema().fields()[rule.field];
         speed.dedup = Some(crate::speed::Dedup::new(
             rule,
-            format!("{}:{:?}", f.name, f.ty),
+            &f.name,
+            // An index of another master dataset (a local directory reused
+            // for a new storage root, or copied) is rebuilt.
+            format!("{}:{:?}:table {}", f.name, f.ty, master.id()),
             config.local_dir().join("keys"),
             history,
         )?);

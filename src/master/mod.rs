@@ -284,6 +284,9 @@ pub enum CommitOutcome {
 
 /// The Delta Lake table of all events.
 pub struct MasterDataset {
+    /// The Delta table's id: what tells this dataset from another made
+    /// with the same config (a cache of it, as the key index, names it).
+    id: String,
     storage: Storage,
     table: tokio::sync::Mutex<DeltaTable>,
     events: Arc<EventSchema>,
@@ -520,7 +523,15 @@ impl MasterDataset {
             .is_ok_and(|s| s.schema().fields().any(|f| f.name() == DUPLICATE_COLUMN));
         let keyed = had_key || events.key().is_some();
         let file_schema = file_schema(&events, keyed);
+        // The Delta table's id (a UUID made when it was created).
+        let id = table
+            .snapshot()
+            .ok()
+            .and_then(|s| serde_json::to_value(s.metadata()).ok())
+            .and_then(|m| m["id"].as_str().map(str::to_string))
+            .unwrap_or_default();
         let master = MasterDataset {
+            id,
             storage: storage.clone(),
             table: tokio::sync::Mutex::new(table),
             events,
@@ -629,6 +640,11 @@ impl MasterDataset {
     /// The Arrow schema of the files.
     pub fn file_schema(&self) -> &SchemaRef {
         &self.file_schema
+    }
+
+    /// The Delta table's id (see the field).
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// Whether its files say which rows are duplicates (`_duplicate`).

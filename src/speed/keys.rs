@@ -58,9 +58,11 @@ pub struct Dedup {
 }
 
 impl Dedup {
-    /// Indexes kept under `dir` (local: a cache of the master dataset).
+    /// Indexes kept under `dir` (local: a cache of the master dataset);
+    /// `key` names what they index (the field, its type, the dataset).
     pub fn new(
         rule: KeyRule,
+        field: &str,
         key: String,
         dir: PathBuf,
         history: Arc<dyn History>,
@@ -68,11 +70,7 @@ impl Dedup {
         let hasher = KeyHasher::load_or_create(&dir)?;
         Ok(Dedup {
             rule,
-            // `key` is "name:type".
-            field: key
-                .rsplit_once(':')
-                .map_or(key.as_str(), |(n, _)| n)
-                .to_string(),
+            field: field.to_string(),
             key: format!("{key}:{}", hasher.id()),
             hasher,
             dir,

@@ -646,3 +646,84 @@ fn a_changed_key_rule_does_not_change_an_answer_at_the_next_publish() {
         );
     }
 }
+
+/// The key index is a cache of one master dataset: an index directory
+/// copied from another dataset made with the same config (a node's local
+/// directory reused for a new storage root, a restore from the wrong
+/// backup) is rebuilt, not trusted — its keys are not this dataset's.
+#[test]
+fn an_index_copied_from_another_dataset_is_rebuilt_not_trusted() {
+    let config = format!("{CONFIG}{EMBEDDED}");
+    let (a, b) = (Site::new(&config), Site::new(&config));
+    let batch = |prefix: &str| -> Vec<Sent> {
+        (0..400)
+            .map(|i| Sent {
+                id: format!("{prefix}{i}"),
+                product: format!("product{}", i % 4),
+                price: 1 + i % 7,
+            })
+            .collect()
+    };
+    // Dataset A has keys a0..a399; dataset B the same number of others, so
+    // both indexes stand at the same offsets.
+    let mut in_a = Producer::default();
+    let server = a.serve(&[]);
+    in_a.post(&server.url, &batch("a"));
+    server.wait_settled(Duration::from_secs(60));
+    wait_index_on_disk(&server);
+    server.stop();
+    // B has twice as many (others): its coverage is past A's index's edge.
+    let mut in_b = Producer::default();
+    let server = b.serve(&[]);
+    in_b.post(&server.url, &batch("b"));
+    in_b.post(&server.url, &batch("c"));
+    server.wait_settled(Duration::from_secs(60));
+    server.stop();
+
+    // B's node gets A's index (its secret too).
+    std::fs::remove_dir_all(b.data.join("keys")).unwrap();
+    copy_dir(&a.data.join("keys"), &b.data.join("keys"));
+    let server = b.serve(&[]);
+    // A's keys are new to B: each counts.
+    in_b.post(&server.url, &batch("a"));
+    let (rows, answer) = answer_covering(&server.url, 1200);
+    assert_eq!(
+        rows,
+        in_b.expected(),
+        "B counts A's keys once each: an index of another dataset is not B's: {answer}"
+    );
+    server.stop();
+}
+
+/// Waits until every partition's index has its keys in runs on disk.
+fn wait_index_on_disk(server: &Server) {
+    let t = Instant::now();
+    loop {
+        let s = server.status();
+        let parts = s["partitions"].as_array().cloned().unwrap_or_default();
+        if !parts.is_empty()
+            && parts
+                .iter()
+                .all(|p| p["keys"]["index"]["runs"].as_u64().unwrap_or(0) > 0)
+        {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the index never wrote its runs: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
