@@ -245,6 +245,14 @@ struct ManifestRun {
     count: u64,
 }
 
+/// A `latest` entry's memory: the hash, the offset and clock, a control
+/// byte, and the free share of the table.
+const LATEST_ENTRY_BYTES: usize = 40;
+
+/// Entries a tail's buffers may keep beyond 8 × what they hold before they
+/// give the memory back (a burst's peak is not kept for good).
+const TAIL_SLACK: usize = 1 << 20;
+
 const MANIFEST: &str = "MANIFEST.json";
 const FORMAT: u32 = 1;
 
@@ -534,6 +542,12 @@ impl KeyIndex {
         self.edge = offset;
         // A key whose latest occurrence moved is found in the runs now.
         self.latest.retain(|_, &mut (at, _)| at >= offset);
+        if self.tail.capacity() > 8 * self.tail.len() + TAIL_SLACK {
+            self.tail.shrink_to(2 * self.tail.len());
+        }
+        if self.latest.capacity() > 8 * self.latest.len() + TAIL_SLACK {
+            self.latest.shrink_to(2 * self.latest.len());
+        }
         // Each key once, at its latest occurrence among those moved (so a
         // run never holds a key's older epoch), by the epoch of its clock;
         // one whose epoch has passed the horizon already is not written,
@@ -669,6 +683,13 @@ impl KeyIndex {
         std::fs::rename(&tmp, &path).map_err(io(&path))
     }
 
+    /// Memory of what lies above the edge (the tail and its map): it grows
+    /// with the realtime window, and counts against ingest's bound on it.
+    pub fn window_bytes(&self) -> u64 {
+        (self.tail.len() * std::mem::size_of::<Seen>() + self.latest.len() * LATEST_ENTRY_BYTES)
+            as u64
+    }
+
     /// Its sizes now.
     pub fn size(&self) -> IndexSize {
         let runs: Vec<&Run> = self.epochs.values().flatten().collect();
@@ -680,7 +701,7 @@ impl KeyIndex {
             memory_bytes: (self.filter.bytes()
                 + runs.iter().map(|r| r.memory()).sum::<usize>()
                 + self.tail.capacity() * std::mem::size_of::<Seen>()
-                + self.latest.capacity() * 40) as u64,
+                + self.latest.capacity() * LATEST_ENTRY_BYTES) as u64,
         }
     }
 }

@@ -292,6 +292,15 @@ impl Dedup {
         &self.field
     }
 
+    /// Memory of every partition's tail (what the realtime window holds).
+    pub fn window_bytes(&self) -> u64 {
+        self.indexes
+            .iter()
+            .flatten()
+            .map(KeyIndex::window_bytes)
+            .sum()
+    }
+
     /// Per partition: duplicates found, and the index's sizes.
     pub fn stats(&self) -> Vec<crate::keys::KeyStats> {
         let found = self.duplicates.found();

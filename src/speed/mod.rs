@@ -520,7 +520,8 @@ impl SpeedLayer {
     }
 
     /// Measures the realtime window — events in the log above the published
-    /// H, and the memory of the realtime states — for ingest's bound, and
+    /// H, and the memory of the realtime states and of the key index's
+    /// tail (which holds every key above H) — for ingest's bound, and
     /// reports when it is over (the batch layer is not keeping up).
     fn measure_window(&self, h: &Coverage) {
         let events: u64 = (0..self.parts.len())
@@ -535,7 +536,8 @@ impl SpeedLayer {
             .flat_map(|part| part.chunks.iter())
             .flat_map(|c| c.states.iter().flatten())
             .map(|b| b.get_array_memory_size() as u64)
-            .sum();
+            .sum::<u64>()
+            + self.dedup.as_ref().map_or(0, Dedup::window_bytes);
         self.backlog.measure(events, memory);
         match self.backlog.check() {
             Ok(()) => self.health.clear("backlog"),

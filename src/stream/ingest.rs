@@ -293,7 +293,7 @@ pub enum IngestError {
     #[error("{0}")]
     DeadLetter(#[from] DeadLetterError),
     #[error(
-        "the realtime window is full: {events} events are not in a published batch view yet (limit {max_events}) and their realtime states take {memory} (limit {max_memory})"
+        "the realtime window is full: {events} events are not in a published batch view yet (limit {max_events}) and their realtime states (with the key index's keys above the batch) take {memory} (limit {max_memory})"
     )]
     Backlogged {
         events: u64,

@@ -727,3 +727,55 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// The key index holds every key above the published batch in memory (its
+/// tail): that memory counts against `max_realtime_memory`, so a batch
+/// layer that does not publish slows keyed ingest down (503) instead of
+/// filling the node's memory.
+#[test]
+fn the_key_index_tail_counts_against_the_realtime_memory_bound() {
+    let site = Site::new(&format!(
+        "{}{EMBEDDED}[ingest]\nmax_realtime_memory = \"1MiB\"\n",
+        // One open chunk per partition: the states stay a few KiB.
+        CONFIG
+            .replace("pause = \"300ms\"", "pause = \"1h\"")
+            .replace("chunk_events = 300", "chunk_events = 1000000")
+            .replace("chunk_age = \"500ms\"", "chunk_age = \"1h\"")
+    ));
+    let server = site.serve(&[]);
+    let mut sent = 0u64;
+    let mut refused = None;
+    for r in 0..100 {
+        let events: Vec<Sent> = (0..1000)
+            .map(|i| Sent {
+                id: format!("k{r}-{i}"),
+                product: format!("product{}", i % 3),
+                price: 1,
+            })
+            .collect();
+        let body: String = events.iter().map(|e| e.line() + "\n").collect();
+        let (status, reply) = post_events(&server.url, body.into_bytes()).unwrap();
+        if status == 503 {
+            refused = Some(reply);
+            break;
+        }
+        assert_eq!(status, 200, "{reply}");
+        sent += 1000;
+        // Let the speed layer measure the window.
+        std::thread::sleep(Duration::from_millis(60));
+    }
+    let reply = refused.unwrap_or_else(|| {
+        panic!("100,000 keys above an unpublished batch (three groups' states) were all accepted under a 1 MiB bound")
+    });
+    assert!(
+        (10_000..=40_000).contains(&sent),
+        "refused once the keys' memory passed 1 MiB (~72 bytes a key), not before or long after: {sent} accepted"
+    );
+    assert!(
+        reply["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("realtime window is full") && e.contains("key index")),
+        "the refusal says why: {reply}"
+    );
+    server.stop();
+}
