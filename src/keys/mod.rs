@@ -436,6 +436,13 @@ impl KeyIndex {
 
     /// Decides the occurrence of `hash` at `offset` with stream time `time_ms`
     /// (offsets rise), and records it: true when it is a duplicate.
+    /// Fetches what deciding `hash` will read (see
+    /// [`Fingerprints::prefetch`]): call it a few keys ahead.
+    #[inline]
+    pub fn prefetch(&self, hash: u128) {
+        self.filter.prefetch(hash);
+    }
+
     pub fn decide(&mut self, offset: u64, hash: u128, time_ms: i64) -> Result<bool, KeyError> {
         if offset < self.next {
             return Err(KeyError::Behind {
@@ -535,10 +542,28 @@ impl KeyIndex {
             return Ok(());
         }
         let n = self.tail.partition_point(|s| s.offset < offset);
-        let moved: Vec<Seen> = self.tail.drain(..n).collect();
-        if let Some(last) = moved.last() {
+        if let Some(last) = n.checked_sub(1).map(|i| &self.tail[i]) {
             self.edge_clock = last.clock;
         }
+        // Each key once, at its latest occurrence among those moved (so a
+        // run never holds a key's older epoch): sorted by key, the latest
+        // clock kept (clocks only grow with the offset).
+        let mut last: Vec<Entry> = self
+            .tail
+            .drain(..n)
+            .map(|s| Entry {
+                hash: s.hash,
+                clock: s.clock,
+            })
+            .collect();
+        last.sort_unstable_by_key(|e| e.hash);
+        last.dedup_by(|later, kept| {
+            let same = later.hash == kept.hash;
+            if same {
+                kept.clock = kept.clock.max(later.clock);
+            }
+            same
+        });
         self.edge = offset;
         // A key whose latest occurrence moved is found in the runs now.
         self.latest.retain(|_, &mut (at, _)| at >= offset);
@@ -548,19 +573,14 @@ impl KeyIndex {
         if self.latest.capacity() > 8 * self.latest.len() + TAIL_SLACK {
             self.latest.shrink_to(2 * self.latest.len());
         }
-        // Each key once, at its latest occurrence among those moved (so a
-        // run never holds a key's older epoch), by the epoch of its clock;
-        // one whose epoch has passed the horizon already is not written,
-        // and its slot goes (unless the tail has it again).
-        let mut last: HashMap<u128, i64, Prehashed> = HashMap::with_hasher(Prehashed);
-        for s in &moved {
-            last.insert(s.hash, s.clock);
-        }
+        // By the epoch of its clock; one whose epoch has passed the horizon
+        // already is not written, and its slot goes (unless the tail has
+        // it again).
         let since = self.edge_clock.saturating_sub(self.within_ms);
         // The epochs past the horizon go first; a key moved now keeps its slot.
         self.expire(&last)?;
         let mut by_epoch: BTreeMap<i64, Vec<Entry>> = BTreeMap::new();
-        for (hash, clock) in last {
+        for Entry { hash, clock } in last {
             let epoch = clock.div_euclid(self.epoch_ms);
             if (epoch + 1).saturating_mul(self.epoch_ms) <= since {
                 if !self.latest.contains_key(&hash) {
@@ -568,13 +588,14 @@ impl KeyIndex {
                 }
                 continue;
             }
+            // In key order, as `last` is: a run's order.
             by_epoch
                 .entry(epoch)
                 .or_default()
                 .push(Entry { hash, clock });
         }
-        for (epoch, mut entries) in by_epoch {
-            entries.sort_unstable();
+        for (epoch, entries) in by_epoch {
+            debug_assert!(entries.is_sorted());
             let name = self.run_name(epoch);
             // The filter has these keys since they were decided.
             let run = Run::write(&self.dir.join(&name), &entries)?;
@@ -618,7 +639,7 @@ impl KeyIndex {
     /// a key's epoch within the horizon of the edge (runs are written and
     /// expired together, at most `within / epoch + 1` epochs apart), or one
     /// of the tail's, and the tail's keys are never removed here.
-    fn expire(&mut self, moving: &HashMap<u128, i64, Prehashed>) -> Result<(), KeyError> {
+    fn expire(&mut self, moving: &[Entry]) -> Result<(), KeyError> {
         let since = self.edge_clock.saturating_sub(self.within_ms);
         while let Some((&epoch, _)) = self.epochs.first_key_value() {
             let end = (epoch + 1).saturating_mul(self.epoch_ms);
@@ -632,7 +653,9 @@ impl KeyIndex {
             for r in &runs {
                 let (filter, tail) = (&mut self.filter, &self.latest);
                 r.scan(|e| {
-                    if !tail.contains_key(&e.hash) && !moving.contains_key(&e.hash) {
+                    if !tail.contains_key(&e.hash)
+                        && moving.binary_search_by_key(&e.hash, |m| m.hash).is_err()
+                    {
                         filter.remove_if(e.hash, e16)
                     }
                 })?;

@@ -21,6 +21,9 @@ use crate::stream::source::SourceBatch;
 /// Offsets of the master dataset read at once while the index catches up.
 const FEED_WINDOW: u64 = 1 << 20;
 
+/// How many keys ahead a decision fetches the filter's slot.
+const PREFETCH: usize = 8;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DedupError {
     #[error("{0}")]
@@ -207,8 +210,14 @@ impl Dedup {
         for b in take {
             let hashes = hasher.column(b.batch.column(field))?;
             let mut keep = Vec::with_capacity(b.rows());
-            for (r, h) in hashes.into_iter().enumerate() {
-                let dup = match h {
+            for h in hashes.iter().take(PREFETCH).flatten() {
+                index.prefetch(*h);
+            }
+            for r in 0..hashes.len() {
+                if let Some(Some(ahead)) = hashes.get(r + PREFETCH) {
+                    index.prefetch(*ahead);
+                }
+                let dup = match hashes[r] {
                     Some(h) => {
                         let (at, time) = (b.position(r), b.time_ms(r));
                         placement.note(p, h, at, time);
