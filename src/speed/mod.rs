@@ -293,6 +293,9 @@ pub struct SpeedLayer {
     /// a committed chunk read again finds the decisions made for it, which
     /// stand whatever the key rule is now.
     pub recorded: Option<Arc<dyn crate::keys::History>>,
+    /// The decisions of the committed chunk being read again (partition,
+    /// start, end): its micro-batches share one read of them.
+    recorded_chunk: Option<((u32, u64, u64), Vec<u64>)>,
 }
 
 impl SpeedLayer {
@@ -335,6 +338,7 @@ impl SpeedLayer {
             clock: SystemClock::shared(),
             dedup: None,
             recorded: None,
+            recorded_chunk: None,
         }
     }
 
@@ -649,15 +653,25 @@ impl SpeedLayer {
             // committed chunk read again keeps the master dataset's decisions.
             let counted = match (replaying, &self.recorded) {
                 (Some(r), Some(history)) if taken > 0 => {
-                    let known = history
-                        .recorded(p as u32, r.start(), r.end())
-                        .await
-                        .map_err(|detail| DedupError::History {
-                            partition: p as u32,
-                            from: r.start(),
-                            to: r.end(),
-                            detail,
-                        })?;
+                    // Read once per chunk, not per micro-batch (on S3 each
+                    // read is a LIST of the partition's lists).
+                    let id = (p as u32, r.start(), r.end());
+                    let known = match &self.recorded_chunk {
+                        Some((at, known)) if *at == id => known.clone(),
+                        _ => {
+                            let known = history
+                                .recorded(p as u32, r.start(), r.end())
+                                .await
+                                .map_err(|detail| DedupError::History {
+                                    partition: p as u32,
+                                    from: r.start(),
+                                    to: r.end(),
+                                    detail,
+                                })?;
+                            self.recorded_chunk = Some((id, known.clone()));
+                            known
+                        }
+                    };
                     if let Some(d) = self.dedup.as_mut() {
                         d.feed(p as u32, &take, &known)?;
                     }
