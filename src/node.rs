@@ -275,6 +275,15 @@ pub async fn assemble_over(
         Some(key) => Partitioning::Key {
             field: schema.index_of(key).expect("config checked the key field"),
             partitions: config.stream.partitions,
+            // The stream's own placement, as its other producers keyed by
+            // the event key place records.
+            by: if config.stream.kafka.is_some() {
+                crate::stream::decode::KeyPlacement::Murmur2
+            } else if config.stream.kinesis.is_some() {
+                crate::stream::decode::KeyPlacement::Md5
+            } else {
+                crate::stream::decode::KeyPlacement::Crc32c
+            },
         },
         None => Partitioning::RoundRobin,
     };

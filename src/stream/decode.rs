@@ -64,8 +64,90 @@ pub struct Decoded {
 pub enum Partitioning {
     /// The whole body goes to one partition, chosen by the caller.
     RoundRobin,
-    /// Each event goes to `hash(field) % partitions`.
-    Key { field: usize, partitions: u32 },
+    /// Each event goes where its key field's value places it.
+    Key {
+        field: usize,
+        partitions: u32,
+        by: KeyPlacement,
+    },
+}
+
+/// Where a key's events go: the stream's own rule, so that lambdaflow's
+/// HTTP ingest and any other producer keyed by the same field put a key in
+/// the same partition (duplicates are found per partition). The key's
+/// bytes are its text: a string's UTF-8, an integer's decimal digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyPlacement {
+    /// The embedded log: crc32c of the key, modulo the partitions.
+    Crc32c,
+    /// Kafka: the Java client's default partitioner for a keyed record
+    /// (murmur2 of the key, made positive, modulo the partitions; librdkafka
+    /// calls it `murmur2_random`).
+    Murmur2,
+    /// Kinesis: the hash key Kinesis derives from a partition key, MD5 of
+    /// it as a 128-bit big-endian integer (sent as the explicit hash key,
+    /// so the shard that owns it takes the record, whatever the layout).
+    Md5,
+}
+
+impl KeyPlacement {
+    /// The key's hash under this placement; its partition is
+    /// [`KeyPlacement::partition`] of it.
+    fn hash(self, v: &Scalar<'_>) -> u128 {
+        match self {
+            KeyPlacement::Crc32c => u128::from(key_hash(v)),
+            KeyPlacement::Murmur2 => u128::from(murmur2(&key_text(v)) & 0x7fff_ffff),
+            KeyPlacement::Md5 => {
+                use md5::Digest;
+                u128::from_be_bytes(md5::Md5::digest(key_text(v)).into())
+            }
+        }
+    }
+
+    fn partition(self, hash: u128, partitions: u32) -> u32 {
+        match self {
+            KeyPlacement::Crc32c | KeyPlacement::Murmur2 => (hash % u128::from(partitions)) as u32,
+            // Not where Kinesis puts it (the shard owning the hash key does):
+            // a group of the body's events, for the decoder's batches.
+            KeyPlacement::Md5 => ((hash >> 96) % u128::from(partitions)) as u32,
+        }
+    }
+}
+
+/// A key's text, the bytes a producer keys its records by.
+fn key_text<'a>(v: &'a Scalar<'_>) -> Cow<'a, [u8]> {
+    match v {
+        Scalar::Str(s) => Cow::Borrowed(s.as_bytes()),
+        Scalar::Int(i) => Cow::Owned(i.to_string().into_bytes()),
+        Scalar::Bool(b) => Cow::Owned(b.to_string().into_bytes()),
+        Scalar::Float(f) => Cow::Owned(f.to_string().into_bytes()),
+        Scalar::Missing | Scalar::Null => Cow::Borrowed(b""),
+    }
+}
+
+/// MurmurHash2 (32-bit) with the seed and byte order Kafka's clients use
+/// for keyed records.
+pub fn murmur2(data: &[u8]) -> u32 {
+    const M: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let mut words = data.chunks_exact(4);
+    for w in &mut words {
+        let mut k = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M) ^ k;
+    }
+    let rest = words.remainder();
+    if !rest.is_empty() {
+        for (i, &b) in rest.iter().enumerate().rev() {
+            h ^= u32::from(b) << (8 * i);
+        }
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^ (h >> 15)
 }
 
 /// Decodes NDJSON bodies against one schema. Cheap to share between threads.
@@ -93,8 +175,9 @@ pub struct Accepted {
     pub line: u64,
     pub partition: u32,
     /// The hash of its key field, under key partitioning: events of one
-    /// key share it (so a stream can keep them on one shard).
-    pub key: Option<u32>,
+    /// key share it (so a stream can keep them on one shard; Kinesis's
+    /// explicit hash key under [`KeyPlacement::Md5`]).
+    pub key: Option<u128>,
 }
 
 impl Decoder {
@@ -210,12 +293,12 @@ impl Decoder {
                 Ok(row) => {
                     let key = match self.partitioning {
                         Partitioning::RoundRobin => None,
-                        Partitioning::Key { field, .. } => Some(key_hash(&row[field])),
+                        Partitioning::Key { field, by, .. } => Some(by.hash(&row[field])),
                     };
                     let slot = match self.partitioning {
                         Partitioning::RoundRobin => 0,
-                        Partitioning::Key { partitions, .. } => {
-                            (key.unwrap_or(0) % partitions) as usize
+                        Partitioning::Key { partitions, by, .. } => {
+                            by.partition(key.unwrap_or(0), partitions) as usize
                         }
                     };
                     let partition = match self.partitioning {
@@ -887,6 +970,25 @@ mod tests {
         );
     }
 
+    /// Kafka's clients' murmur2, checked against the values Kafka's own
+    /// tests give (signed, as Java prints them).
+    #[test]
+    fn murmur2_is_kafkas() {
+        for (key, want) in [
+            ("21", -973_932_308i32),
+            ("foobar", -790_332_482),
+            ("a-little-bit-long-string", -985_981_536),
+            ("a-little-bit-longer-string", -1_486_304_829),
+            (
+                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
+            ("abc", 479_470_107),
+        ] {
+            assert_eq!(murmur2(key.as_bytes()) as i32, want, "murmur2({key:?})");
+        }
+    }
+
     #[test]
     fn key_partitioning_is_stable_and_by_value() {
         let schema = Arc::new(EventSchema::paper());
@@ -895,6 +997,7 @@ mod tests {
             Partitioning::Key {
                 field: 1,
                 partitions: 4,
+                by: KeyPlacement::Crc32c,
             },
         );
         let body: String = (0..100)

@@ -29,8 +29,9 @@ pub struct Outgoing {
     /// lets the stream choose (the paper's producer).
     pub partition: Option<u32>,
     /// The hash of its partitioning key, if the events are keyed: records
-    /// with one key stay together in a stream that partitions by hash.
-    pub key: Option<u32>,
+    /// with one key stay together in a stream that partitions by hash
+    /// (Kinesis: the explicit hash key, see `decode::KeyPlacement::Md5`).
+    pub key: Option<u128>,
     /// One event, a JSON object.
     pub data: Bytes,
 }

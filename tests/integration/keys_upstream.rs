@@ -463,3 +463,125 @@ fn duplicates_sent_to_another_partition_are_named_in_status_and_health() {
     );
     server.stop();
 }
+
+/// The events of one key, whoever sends them, land in one partition:
+/// lambdaflow's HTTP ingest places a key as the stream's other producers
+/// keyed by it do — on Kafka as the Java client's default partitioner
+/// (murmur2; librdkafka's `murmur2_random`, used here), on Kinesis as the
+/// MD5 Kinesis makes of a partition key — so events ingested over HTTP and
+/// sent again by an upstream producer are found as duplicates.
+#[test]
+fn http_ingest_and_upstream_producers_keyed_by_the_event_key_agree() {
+    let events: Vec<Sent> = (0..400).map(make).collect();
+    let body = ndjson(&events);
+    let lines: Vec<&[u8]> = body
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    let orders = |server: &Server| -> u64 {
+        let a = oracle::query(&server.url, "sales_by_product").unwrap();
+        a.rows.iter().map(|r| r["orders"].as_u64().unwrap()).sum()
+    };
+
+    // Kafka: HTTP ingest, then the same events from a producer that sets
+    // the record key to the event key and lets its partitioner choose.
+    let tansu = crate::kafka::Tansu::start();
+    tansu.create_topic("events", 2);
+    let site = Site::new(&config(&format!(
+        "kafka = {{ brokers = \"{}\", topic = \"events\" }}",
+        tansu.brokers
+    )));
+    let server = site.serve(&[]);
+    let (status, reply) = common::post_events(&server.url, body.clone()).unwrap();
+    assert_eq!(status, 200, "{reply}");
+    let mut java_like = tansu.config("events");
+    java_like
+        .options
+        .insert("partitioner".into(), "murmur2_random".into());
+    let producer = KafkaProducer::new(&java_like).unwrap();
+    let keys: Vec<String> = events.iter().map(|e| e.zipcode.to_string()).collect();
+    common::rt()
+        .block_on(
+            producer.send(
+                lines
+                    .iter()
+                    .zip(&keys)
+                    .map(|(l, k)| (None, Some(k.as_bytes()), *l)),
+            ),
+        )
+        .expect("the broker acknowledges");
+    // Every record's offset is known once the node sees all 800.
+    let t = Instant::now();
+    let ends: BTreeMap<u32, u64> = loop {
+        let s = server.status();
+        let ends: BTreeMap<u32, u64> = s["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .map(|(p, part)| (p as u32, part["stream_end"].as_u64().unwrap_or(0)))
+            .collect();
+        if ends.values().sum::<u64>() >= 800 {
+            break ends
+                .into_iter()
+                .map(|(p, e)| (p, e.saturating_sub(1)))
+                .collect();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "never saw 800 records: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let settled = crate::kafka::wait_settled(&server, &ends, Duration::from_secs(60));
+    assert_eq!(
+        orders(&server),
+        400,
+        "each event counted once, sent over HTTP and again by a keyed Kafka producer: {settled}"
+    );
+    server.stop();
+
+    // Kinesis: the same with a producer that puts each record under the
+    // event key as its partition key.
+    let k = crate::kinesis::Kinesalite::start();
+    k.create_stream("events", 2);
+    let site = Site::new(&config(&format!(
+        "kinesis = {{ stream = \"events\", region = \"us-east-1\", endpoint = \"{}\", poll = \"200ms\" }}",
+        k.endpoint
+    )));
+    let server = site.serve(crate::kinesis::AWS_ENV);
+    let (status, reply) = common::post_events(&server.url, body.clone()).unwrap();
+    assert_eq!(status, 200, "{reply}");
+    let mut up = KinesisUp {
+        producer: KinesisProducer::with_client(k.client(), "events"),
+        puts: Arc::default(),
+    };
+    up.send(&events, false);
+    let t = Instant::now();
+    let settled = loop {
+        let s = server.status();
+        let parts = s["partitions"].as_array().cloned().unwrap_or_default();
+        let realtime: u64 = parts
+            .iter()
+            .map(|p| p["realtime"].as_u64().unwrap_or(0))
+            .sum();
+        if realtime >= 800 {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "never read 800 records: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let t = Instant::now();
+    while orders(&server) != 400 && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        orders(&server),
+        400,
+        "each event counted once, sent over HTTP and again under its key as partition key: {settled}"
+    );
+    server.stop();
+}

@@ -296,8 +296,9 @@ impl KinesisProducer {
 }
 
 /// Kinesis as a [`Producer`]: a record with a partition is sent under it as
-/// its partition key, with an explicit hash key — its key's hash, or one
-/// spread over the whole hash range, so every shard takes its share
+/// its partition key, with an explicit hash key — its event key's MD5 (what
+/// Kinesis makes of that key as a partition key), or one spread over the
+/// whole hash range, so every shard takes its share
 /// whatever the shard layout; a record without one gets the next of a
 /// counter as its key (the paper's producer).
 #[async_trait::async_trait]
@@ -320,24 +321,28 @@ impl crate::stream::producer::Producer for KinesisProducer {
     ) -> Vec<Delivery<crate::stream::producer::Placed>> {
         use std::sync::atomic::Ordering;
         let base = self.next.fetch_add(records.len() as u32, Ordering::Relaxed);
-        let records: Vec<PutRecord> = records
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| match r.partition {
-                Some(p) => PutRecord {
-                    key: p.to_string(),
-                    hash_key: Some(spread_hash_key(
-                        r.key.unwrap_or_else(|| spread(base.wrapping_add(i as u32))),
-                    )),
-                    data: r.data,
-                },
-                None => PutRecord {
-                    key: self.next_key.fetch_add(1, Ordering::Relaxed).to_string(),
-                    hash_key: None,
-                    data: r.data,
-                },
-            })
-            .collect();
+        let records: Vec<PutRecord> =
+            records
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| match r.partition {
+                    Some(p) => PutRecord {
+                        key: p.to_string(),
+                        // A keyed record's hash key is the one Kinesis gives a
+                        // partition key of the event key's text (its MD5), so
+                        // any producer keyed by it puts the key on the same shard.
+                        hash_key: Some(r.key.unwrap_or_else(|| {
+                            spread_hash_key(spread(base.wrapping_add(i as u32)))
+                        })),
+                        data: r.data,
+                    },
+                    None => PutRecord {
+                        key: self.next_key.fetch_add(1, Ordering::Relaxed).to_string(),
+                        hash_key: None,
+                        data: r.data,
+                    },
+                })
+                .collect();
         KinesisProducer::send_each(self, &records)
             .await
             .into_iter()
