@@ -317,6 +317,18 @@ impl KeyIndex {
         rule: &KeyRule,
         key: &str,
     ) -> Result<KeyIndex, KeyError> {
+        KeyIndex::open_noting(dir, partition, rule, key, &mut |_, _| {})
+    }
+
+    /// [`KeyIndex::open`], handing `note` each key it reads back from its
+    /// runs, with its latest clock there.
+    pub fn open_noting(
+        dir: &Path,
+        partition: u32,
+        rule: &KeyRule,
+        key: &str,
+        note: &mut dyn FnMut(u128, i64),
+    ) -> Result<KeyIndex, KeyError> {
         let dir = dir.join(format!("p{partition:04}"));
         std::fs::create_dir_all(&dir).map_err(|source| KeyError::Io {
             path: dir.clone(),
@@ -338,7 +350,7 @@ impl KeyIndex {
             epochs: BTreeMap::new(),
             next_run: 0,
         };
-        match index.load() {
+        match index.load(note) {
             Ok(true) => {}
             Ok(false) => index.wipe()?,
             Err(e) => {
@@ -351,7 +363,7 @@ impl KeyIndex {
 
     /// Reads the manifest and its runs; false when there is none or it is
     /// another rule's.
-    fn load(&mut self) -> Result<bool, KeyError> {
+    fn load(&mut self, note: &mut dyn FnMut(u128, i64)) -> Result<bool, KeyError> {
         let path = self.dir.join(MANIFEST);
         let text = match std::fs::read(&path) {
             Ok(t) => t,
@@ -372,7 +384,10 @@ impl KeyIndex {
         for r in &m.runs {
             let epoch = fingerprints::short(r.epoch);
             let filter = &mut self.filter;
-            let run = Run::open(&self.dir.join(&r.name), |e| filter.insert(e.hash, epoch))?;
+            let run = Run::open(&self.dir.join(&r.name), |e| {
+                filter.insert(e.hash, epoch);
+                note(e.hash, e.clock);
+            })?;
             if run.count() != r.count {
                 return Err(KeyError::BadRun {
                     path: run.path().to_path_buf(),

@@ -42,18 +42,26 @@ struct Slot {
 pub struct Stray {
     /// Where it was seen before.
     pub first: u32,
-    /// Where it came again, and at which position.
+    /// Where it came again, and at which position (unknown for a key
+    /// read back from the index's runs at startup).
     pub again: u32,
-    pub offset: u64,
+    pub offset: Option<u64>,
 }
 
 impl std::fmt::Display for Stray {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "the event at offset {} of partition {} has a key seen in partition {} within the horizon",
-            self.offset, self.again, self.first
-        )
+        match self.offset {
+            Some(o) => write!(
+                f,
+                "the event at offset {o} of partition {} has a key seen in partition {} within the horizon",
+                self.again, self.first
+            ),
+            None => write!(
+                f,
+                "an event of partition {} has a key seen in partition {} within the horizon",
+                self.again, self.first
+            ),
+        }
     }
 }
 
@@ -93,7 +101,7 @@ impl Placement {
     /// Notes that partition `p` has key hash `h` at `offset`, stream time
     /// `time_ms`; true when it is a stray.
     #[inline]
-    pub fn note(&mut self, p: u32, h: u128, offset: u64, time_ms: i64) -> bool {
+    pub fn note(&mut self, p: u32, h: u128, offset: Option<u64>, time_ms: i64) -> bool {
         let hi = (h >> 64) as u64;
         if !hi.is_multiple_of(SAMPLE) {
             return false;
@@ -152,13 +160,13 @@ mod tests {
     #[test]
     fn a_key_in_two_partitions_within_the_horizon_is_a_stray() {
         let mut pl = Placement::new(60_000);
-        assert!(!pl.note(0, sampled(1), 10, 1_000_000));
+        assert!(!pl.note(0, sampled(1), Some(10), 1_000_000));
         assert!(
-            !pl.note(0, sampled(1), 11, 1_001_000),
+            !pl.note(0, sampled(1), Some(11), 1_001_000),
             "the same partition again: a duplicate the rule finds, no stray"
         );
         assert!(
-            pl.note(1, sampled(1), 5, 1_002_000),
+            pl.note(1, sampled(1), Some(5), 1_002_000),
             "the same key in partition 1 within the minute"
         );
         assert_eq!(
@@ -166,12 +174,12 @@ mod tests {
             Some(&Stray {
                 first: 0,
                 again: 1,
-                offset: 5
+                offset: Some(5)
             })
         );
         assert_eq!((pl.found(0), pl.found(1)), (0, 1));
         assert!(
-            !pl.note(0, sampled(1), 12, 1_000_000 + 120_000),
+            !pl.note(0, sampled(1), Some(12), 1_000_000 + 120_000),
             "two minutes later, past the horizon: not a duplicate at all"
         );
     }
@@ -180,12 +188,12 @@ mod tests {
     fn distinct_keys_and_unsampled_keys_are_never_strays() {
         let mut pl = Placement::new(3_600_000);
         for i in 0..100_000u64 {
-            assert!(!pl.note((i % 4) as u32, sampled(i), i, 0));
+            assert!(!pl.note((i % 4) as u32, sampled(i), Some(i), 0));
         }
         // Not sampled: a key whose high half is not a multiple of SAMPLE.
         let h = (1u128 << 64) | 5;
-        assert!(!pl.note(0, h, 0, 0));
-        assert!(!pl.note(1, h, 0, 0));
+        assert!(!pl.note(0, h, Some(0), 0));
+        assert!(!pl.note(1, h, Some(0), 0));
         assert_eq!(pl.found(1) + pl.found(2) + pl.found(3), 0);
     }
 }

@@ -101,7 +101,18 @@ impl Dedup {
             self.indexes.resize_with(i + 1, || None);
         }
         if self.indexes[i].is_none() {
-            self.indexes[i] = Some(KeyIndex::open(&self.dir, p, &self.rule, &self.key)?);
+            // The keys it reads back are where they were: a stray after a
+            // restart is found as one before it.
+            let placement = &mut self.placement;
+            self.indexes[i] = Some(KeyIndex::open_noting(
+                &self.dir,
+                p,
+                &self.rule,
+                &self.key,
+                &mut |h, clock| {
+                    placement.note(p, h, None, clock);
+                },
+            )?);
         }
         Ok(self.indexes[i].as_mut().expect("opened"))
     }
@@ -160,9 +171,15 @@ impl Dedup {
                         to: until,
                         detail,
                     })?;
-                let index = self.index(p)?;
+                self.index(p)?;
+                let (Some(Some(index)), placement) =
+                    (self.indexes.get_mut(p as usize), &mut self.placement)
+                else {
+                    unreachable!("opened above")
+                };
                 for r in rows.into_iter().filter(|r| (at..until).contains(&r.offset)) {
                     if let Some(h) = r.hash {
+                        placement.note(p, h, Some(r.offset), r.time_ms);
                         index.decide(r.offset, h, r.time_ms)?;
                         fed += 1;
                     }
@@ -220,7 +237,7 @@ impl Dedup {
                 let dup = match hashes[r] {
                     Some(h) => {
                         let (at, time) = (b.position(r), b.time_ms(r));
-                        placement.note(p, h, at, time);
+                        placement.note(p, h, Some(at), time);
                         index.decide(at, h, time)?
                     }
                     None => false,
@@ -277,7 +294,7 @@ impl Dedup {
             {
                 if let Some(h) = h {
                     let (at, time) = (b.position(r), b.time_ms(r));
-                    placement.note(p, h, at, time);
+                    placement.note(p, h, Some(at), time);
                     index.decide(at, h, time)?;
                 }
             }

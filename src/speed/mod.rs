@@ -504,16 +504,19 @@ impl SpeedLayer {
         self.measure_window(&h);
         if let Some(d) = &mut self.dedup {
             if let Some((n, stray)) = d.new_strays() {
+                let sample = crate::keys::placement::SAMPLE;
                 self.health.warn(
                     "event keys",
                     &format!(
-                        "{n} duplicates came to another partition than their key's earlier \
-                         occurrence, and were counted again (one key in {} is checked); the \
-                         latest: {stray}. Duplicates are found per partition: the producer must \
-                         key each record by the event key `{}` (a Kafka record's key, a Kinesis \
-                         record's partition key), and the topic's partitions or the stream's \
-                         shards must not change within the horizon",
-                        crate::keys::placement::SAMPLE,
+                        "{n} of the keys checked (one in {sample}) came to another partition \
+                         than their earlier occurrence within the horizon: about {} duplicates \
+                         were counted again. The latest: {stray}. Duplicates are found per \
+                         partition: every producer must key each record by the event key `{}` \
+                         as README's \"Partitioning\" says (a Kafka record's key with the Java \
+                         client's partitioner, a Kinesis record's partition key), and the \
+                         topic's partitions or the stream's shards must not change within the \
+                         horizon",
+                        n * sample,
                         d.field()
                     ),
                 );
