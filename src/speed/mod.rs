@@ -591,7 +591,11 @@ impl SpeedLayer {
             self.parts[p] = Part::at(hp, Vec::new());
             d.align(p as u32, hp, hp).await?;
         }
-        while self.parts[p].next < end {
+        // The realtime window at its memory bound: nothing more is read (the
+        // stream keeps it) until the batch layer publishes; the open chunk
+        // closes now, so that the batch layer can take it.
+        let full = self.backlog.memory_full();
+        while !full && self.parts[p].next < end {
             let t = Instant::now();
             let part = &mut self.parts[p];
             let (open, replaying) = Self::open_chunk(part, p as u32, self.views.len());
@@ -738,7 +742,7 @@ impl SpeedLayer {
         // lie before it (stamped far in the future: a record of the present
         // would start a new chunk anyway). Nor will a record end one after a
         // partition's last record (a closed Kinesis shard): its end is a
-        // boundary every node cuts.
+        // boundary every node cuts. A full window closes it too (above).
         let finished = self.parts[p].next >= end && self.source.finished(p as u32);
         let part = &mut self.parts[p];
         let now_bucket = self.clock.unix_ms().div_euclid(age_ms);
@@ -746,7 +750,7 @@ impl SpeedLayer {
             && !last.closed
             && part.replay.is_empty()
             && last.range.events() > 0
-            && (!joins_bucket(Some(bucket), now_bucket, earlier_slack(age_ms)) || finished)
+            && (!joins_bucket(Some(bucket), now_bucket, earlier_slack(age_ms)) || finished || full)
         {
             let mut c = (**last).clone();
             c.closed = true;

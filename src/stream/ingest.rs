@@ -376,6 +376,13 @@ impl Backlog {
         self.memory.store(memory, Ordering::Relaxed);
     }
 
+    /// Whether the window's memory is at its bound: the speed layer reads
+    /// nothing more then (a stream's producers cannot be answered 503; the
+    /// stream holds their records until the batch layer publishes).
+    pub fn memory_full(&self) -> bool {
+        self.memory.load(Ordering::Relaxed) >= self.max_memory
+    }
+
     /// `Err` while the window is over either bound.
     pub fn check(&self) -> Result<(), IngestError> {
         let events = self.events.load(Ordering::Relaxed);

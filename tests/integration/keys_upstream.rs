@@ -591,3 +591,79 @@ fn http_ingest_and_upstream_producers_keyed_by_the_event_key_agree() {
     );
     server.stop();
 }
+
+/// A stream's producers cannot be answered 503: when the realtime window
+/// (the views' states and the key index's keys above the batch) reaches
+/// `max_realtime_memory`, the node stops reading the topic — which keeps
+/// the records — and closes its open chunk so the batch layer can take it;
+/// each publish makes room, and everything is read in the end, once.
+#[test]
+fn a_full_window_stops_reading_the_topic_until_the_batch_layer_publishes() {
+    let tansu = crate::kafka::Tansu::start();
+    tansu.create_topic("events", 2);
+    let text = config(&format!(
+        "kafka = {{ brokers = \"{}\", topic = \"events\" }}",
+        tansu.brokers
+    ))
+    .replace("chunk_events = 1000\n", "chunk_events = 1000000\n")
+    .replace("chunk_age = \"200ms\"", "chunk_age = \"1h\"")
+    .replace("pause = \"250ms\"", "pause = \"1h\"")
+        + "[ingest]\nmax_realtime_memory = \"1MiB\"\n";
+    assert!(
+        text.contains("chunk_age = \"1h\"") && text.contains("pause = \"1h\""),
+        "{text}"
+    );
+    let site = Site::new(&text);
+    let known: Arc<Mutex<BTreeMap<(u32, u64), Sent>>> = Arc::default();
+    let mut up = KafkaUp {
+        producer: KafkaProducer::new(&tansu.config("events")).unwrap(),
+        known: known.clone(),
+    };
+    let server = site.serve(&[]);
+    let events: Vec<Sent> = (0..60_000).map(make).collect();
+    for batch in events.chunks(5_000) {
+        up.send(batch, false);
+    }
+    // ~72 bytes a key: 1 MiB holds ~15,000; the node stops well short of 60,000.
+    std::thread::sleep(Duration::from_secs(3));
+    let realtime = |s: &Value| -> u64 {
+        s["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["realtime"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let s = server.status();
+    assert!(
+        realtime(&s) < 40_000,
+        "the node stopped reading at the bound: {} of 60,000 read: {s}",
+        realtime(&s)
+    );
+    let problems = s["health"]["problems"].to_string();
+    assert!(problems.contains("backlog"), "health says why: {s}");
+    // Each publish makes room; the node reads on, to the end.
+    let t = Instant::now();
+    let s = loop {
+        common::rt().block_on(async {
+            reqwest::Client::new()
+                .post(format!("{}/v1/batch/run", server.url))
+                .send()
+                .await
+                .unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let s = server.status();
+        if realtime(&s) >= 60_000 {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "the node never read the whole topic: {s}"
+        );
+    };
+    let a = oracle::query(&server.url, "sales_by_product").unwrap();
+    let orders: u64 = a.rows.iter().map(|r| r["orders"].as_u64().unwrap()).sum();
+    assert_eq!(orders, 60_000, "every record counted once: {s}");
+    server.stop();
+}
