@@ -97,6 +97,10 @@ pub struct ProduceOptions {
     pub kinesis: Option<crate::stream::kinesis::KinesisConfig>,
     /// Number the requests so the server recognises a re-sent one.
     pub idempotent: bool,
+    /// With `kafka` or `kinesis`: each record is keyed by this field of its
+    /// event (`[schema] key`), so a key's events, sent again, meet in one
+    /// partition and are found as duplicates.
+    pub key: Option<String>,
     /// The producer's name (default: one of its own for each run). A run
     /// under the name of an earlier one with the same events and batch
     /// size is recognised as a re-send of it: nothing is stored twice.
@@ -124,6 +128,7 @@ impl Default for ProduceOptions {
             max_retries: 10,
             idempotent: true,
             producer_name: None,
+            key: None,
         }
     }
 }
@@ -674,6 +679,7 @@ impl Shared {
     }
 
     /// Sends one batch's lines as records of the stream, one event each,
+    /// keyed by `--key` if given (see [`key_text`]),
     /// where the stream chooses (Kinesis: each under its own partition
     /// key, spread over the shards, as the paper's producer does). The
     /// producer retries what the stream refuses for a while (librdkafka
@@ -686,10 +692,16 @@ impl Shared {
         while start < body.len() {
             let end = memchr::memchr(b'\n', &body[start..]).map_or(body.len(), |i| start + i);
             if !body[start..end].iter().all(u8::is_ascii_whitespace) {
+                let data = body.slice(start..end);
                 records.push(crate::stream::Outgoing {
                     partition: None,
                     key: None,
-                    data: body.slice(start..end),
+                    text_key: self
+                        .opts
+                        .key
+                        .as_deref()
+                        .and_then(|field| key_text(&data, field)),
+                    data,
                 });
             }
             start = end + 1;
@@ -894,6 +906,19 @@ impl Shared {
             wait: wait.map(|w| w.min(Duration::from_secs(10))),
             rest: None,
         })
+    }
+}
+
+/// The text of `field` in one NDJSON line: a string as is, a number as
+/// written (the bytes HTTP ingest places a key by); none if the line is
+/// not an object with it.
+fn key_text(line: &[u8], field: &str) -> Option<Bytes> {
+    let v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(line).ok()?;
+    match v.get(field)? {
+        serde_json::Value::String(s) => Some(Bytes::from(s.clone().into_bytes())),
+        serde_json::Value::Number(n) => Some(Bytes::from(n.to_string().into_bytes())),
+        serde_json::Value::Bool(b) => Some(Bytes::from(b.to_string().into_bytes())),
+        _ => None,
     }
 }
 

@@ -195,6 +195,12 @@ pub struct ProduceArgs {
     /// The AWS region of --kinesis (default: the usual AWS chain).
     #[arg(long, requires = "kinesis")]
     pub region: Option<String>,
+    /// With --kafka or --kinesis: key each record by this field of its
+    /// event, the server's `[schema] key` (a Kafka record's key with the
+    /// Java client's murmur2 partitioner, a Kinesis partition key), so a
+    /// file sent again meets its first copy and is counted once.
+    #[arg(long, value_name = "FIELD")]
+    pub key: Option<String>,
     /// Another Kinesis endpoint than AWS's (an emulator), with --kinesis.
     #[arg(long, requires = "kinesis", value_name = "URL")]
     pub endpoint: Option<String>,
@@ -232,7 +238,8 @@ impl ProduceArgs {
                 .map(|brokers| crate::stream::kafka::KafkaConfig {
                     brokers,
                     topic: self.topic.clone().unwrap_or_default(),
-                    options: Default::default(),
+                    // Keyed records go where Java clients put them.
+                    options: [("partitioner".to_string(), "murmur2_random".to_string())].into(),
                 }),
             kinesis: self
                 .kinesis
@@ -245,6 +252,7 @@ impl ProduceArgs {
                 }),
             idempotent: !self.no_idempotence,
             producer_name: self.producer.clone(),
+            key: self.key.clone(),
             ..ProduceOptions::default()
         }
     }

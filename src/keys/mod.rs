@@ -438,6 +438,11 @@ impl KeyIndex {
         Ok(())
     }
 
+    /// The partition's clock (ms): the greatest stream time decided yet.
+    pub fn clock(&self) -> i64 {
+        self.clock
+    }
+
     /// Offsets below it are in the runs (the master dataset's, up to the
     /// published coverage).
     pub fn edge(&self) -> u64 {

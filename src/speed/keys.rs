@@ -318,6 +318,15 @@ impl Dedup {
         &self.field
     }
 
+    /// Each open partition's clock (ms): the greatest stream time decided.
+    pub fn clocks(&self) -> Vec<(u32, i64)> {
+        self.indexes
+            .iter()
+            .enumerate()
+            .filter_map(|(p, i)| Some((p as u32, i.as_ref()?.clock())))
+            .collect()
+    }
+
     /// Memory of every partition's tail (what the realtime window holds).
     pub fn window_bytes(&self) -> u64 {
         self.indexes

@@ -44,6 +44,10 @@ use crate::view::{View, ViewError};
 pub mod keys;
 pub use keys::{Dedup, DedupError};
 
+/// How far a partition's key clock may run ahead of the wall clock before
+/// health says so.
+const CLOCK_AHEAD_MS: i64 = 3_600_000;
+
 /// A micro-batch reads at most this many events (bounds memory during replays).
 const MAX_MICRO_EVENTS: u64 = 1 << 20;
 /// A chunk's states for one view are compacted when this many batches pile up.
@@ -520,6 +524,31 @@ impl SpeedLayer {
                         d.field()
                     ),
                 );
+            }
+            // A record stamped far in the future moves its partition's clock
+            // there: keys are forgotten by that clock, so none is until then.
+            let now = self.clock.unix_ms();
+            for (p, clock) in d.clocks() {
+                let component = format!("event keys/p{p}");
+                if clock > now.saturating_add(CLOCK_AHEAD_MS) {
+                    self.health.warn(
+                        &component,
+                        &format!(
+                            "partition {p}'s clock for event keys is {}, {} ahead of now: a record \
+                             was stamped in the future. A key is remembered for `within` of this \
+                             clock, so none is forgotten until then (the index grows with every \
+                             key, and a key sent again after `within` is still a duplicate). Kafka \
+                             brokers refuse such records with `log.message.timestamp.after.max.ms`",
+                            chrono::DateTime::from_timestamp_millis(clock)
+                                .map_or(clock.to_string(), |t| t.to_rfc3339()),
+                            humantime::format_duration(std::time::Duration::from_secs(
+                                (clock.saturating_sub(now) / 1000) as u64
+                            ))
+                        ),
+                    );
+                } else {
+                    self.health.unwarn(&component);
+                }
             }
             *self.metrics.keys.lock().expect("speed metrics") = Some(d.stats());
         }

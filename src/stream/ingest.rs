@@ -834,6 +834,7 @@ impl Ingest {
             .map(|a| Outgoing {
                 partition: Some(a.partition),
                 key: a.key,
+                text_key: None,
                 data: body.slice(a.range.clone()),
             })
             .collect();

@@ -32,6 +32,10 @@ pub struct Outgoing {
     /// with one key stay together in a stream that partitions by hash
     /// (Kinesis: the explicit hash key, see `decode::KeyPlacement::Md5`).
     pub key: Option<u128>,
+    /// The event key's text, for a record sent without a partition (the
+    /// stream places it as any producer keyed by it: a Kafka record's key
+    /// with the murmur2 partitioner, a Kinesis record's partition key).
+    pub text_key: Option<Bytes>,
     /// One event, a JSON object.
     pub data: Bytes,
 }

@@ -667,3 +667,146 @@ fn a_full_window_stops_reading_the_topic_until_the_batch_layer_publishes() {
     assert_eq!(orders, 60_000, "every record counted once: {s}");
     server.stop();
 }
+
+/// A record stamped in the future (a producer's clock, or a bug) moves its
+/// partition's key clock there, and no key is forgotten until then: health
+/// says so, naming the partition and how far ahead its clock is.
+#[test]
+fn a_record_stamped_in_the_future_is_named_in_health() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let tansu = crate::kafka::Tansu::start();
+    tansu.create_topic("events", 2);
+    let site = Site::new(&config(&format!(
+        "kafka = {{ brokers = \"{}\", topic = \"events\" }}",
+        tansu.brokers
+    )));
+    let server = site.serve(&[]);
+    let producer: FutureProducer = tansu.config("events").client().create().unwrap();
+    let line = ndjson(&[make(1)]);
+    let record = FutureRecord::<[u8], [u8]>::to("events")
+        .partition(1)
+        .payload(line.trim_ascii_end())
+        .timestamp(4_102_444_800_000); // 2100-01-01
+    common::rt()
+        .block_on(producer.send(record, Duration::from_secs(10)))
+        .expect("the broker acknowledges");
+    let t = Instant::now();
+    loop {
+        let s = server.status();
+        let warning = s["health"]["warnings"]
+            .as_array()
+            .and_then(|w| w.iter().find(|w| w["component"] == "event keys/p1"));
+        if let Some(w) = warning {
+            let text = w["error"].as_str().unwrap();
+            assert!(
+                text.contains("2100-01-01") && text.contains("ahead of now"),
+                "the warning names the clock and says what it means: {text}"
+            );
+            assert!(
+                !s["health"]["warnings"]
+                    .to_string()
+                    .contains("event keys/p0"),
+                "partition 0's clock is not ahead: {s}"
+            );
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "health never named partition 1's clock: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    server.stop();
+}
+
+/// `lambdaflow produce --kafka/--kinesis --file F --key FIELD` keys each
+/// record by its event key: a file sent again, whole or in part, meets its
+/// first copy in the same partitions and is counted once.
+#[test]
+fn produce_with_key_sends_a_file_again_without_counting_it_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("events.ndjson");
+    let tail = dir.path().join("tail.ndjson");
+    let events: Vec<Sent> = (0..1000).map(make).collect();
+    std::fs::write(&file, ndjson(&events)).unwrap();
+    std::fs::write(&tail, ndjson(&events[600..])).unwrap();
+    let produce = |stream: &[&str], f: &std::path::Path, env: &[(&str, &str)]| {
+        let out = std::process::Command::new(common::BIN)
+            .args(["produce", "--quiet", "--key", "zipcode", "--file"])
+            .arg(f)
+            .args(stream)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    let settle_on = |server: &Server, records: u64| {
+        let t = Instant::now();
+        loop {
+            let s = server.status();
+            let read: u64 = s["partitions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["realtime"].as_u64().unwrap_or(0))
+                .sum();
+            if read >= records {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "never read {records}: {s}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let a = oracle::query(&server.url, "sales_by_product").unwrap();
+        a.rows
+            .iter()
+            .map(|r| r["orders"].as_u64().unwrap())
+            .sum::<u64>()
+    };
+
+    let tansu = crate::kafka::Tansu::start();
+    tansu.create_topic("events", 2);
+    let site = Site::new(&config(&format!(
+        "kafka = {{ brokers = \"{}\", topic = \"events\" }}",
+        tansu.brokers
+    )));
+    let server = site.serve(&[]);
+    let kafka = ["--kafka", &tansu.brokers, "--topic", "events"];
+    produce(&kafka, &file, &[]);
+    produce(&kafka, &file, &[]);
+    produce(&kafka, &tail, &[]);
+    assert_eq!(
+        settle_on(&server, 2400),
+        1000,
+        "a file sent twice and its tail again, keyed, count once"
+    );
+    server.stop();
+
+    let k = crate::kinesis::Kinesalite::start();
+    k.create_stream("events", 2);
+    let site = Site::new(&config(&format!(
+        "kinesis = {{ stream = \"events\", region = \"us-east-1\", endpoint = \"{}\", poll = \"200ms\" }}",
+        k.endpoint
+    )));
+    let server = site.serve(crate::kinesis::AWS_ENV);
+    let kinesis = [
+        "--kinesis",
+        "events",
+        "--region",
+        "us-east-1",
+        "--endpoint",
+        &k.endpoint,
+    ];
+    produce(&kinesis, &file, crate::kinesis::AWS_ENV);
+    produce(&kinesis, &tail, crate::kinesis::AWS_ENV);
+    let counted = settle_on(&server, 1400);
+    assert_eq!(
+        counted,
+        1000,
+        "a file and its tail again, keyed, count once: {}",
+        server.status()["partitions"]
+    );
+    server.stop();
+}

@@ -198,7 +198,9 @@ impl crate::stream::producer::Producer for KafkaProducer {
         use crate::stream::source::Delivery;
         KafkaProducer::send_each(
             self,
-            records.iter().map(|r| (r.partition, None, &r.data[..])),
+            records
+                .iter()
+                .map(|r| (r.partition, r.text_key.as_deref(), &r.data[..])),
         )
         .await
         .into_iter()

@@ -336,10 +336,28 @@ impl crate::stream::producer::Producer for KinesisProducer {
                         })),
                         data: r.data,
                     },
-                    None => PutRecord {
-                        key: self.next_key.fetch_add(1, Ordering::Relaxed).to_string(),
-                        hash_key: None,
-                        data: r.data,
+                    // Under its event key as partition key; a key longer than
+                    // Kinesis takes (256 characters) goes by the hash key that
+                    // partition key would have had (its MD5).
+                    None => match r.text_key.as_deref().map(String::from_utf8_lossy) {
+                        Some(k) if !k.is_empty() && k.chars().count() <= 256 => PutRecord {
+                            key: k.into_owned(),
+                            hash_key: None,
+                            data: r.data,
+                        },
+                        Some(k) => PutRecord {
+                            key: self.next_key.fetch_add(1, Ordering::Relaxed).to_string(),
+                            hash_key: Some({
+                                use md5::Digest;
+                                u128::from_be_bytes(md5::Md5::digest(k.as_bytes()).into())
+                            }),
+                            data: r.data,
+                        },
+                        None => PutRecord {
+                            key: self.next_key.fetch_add(1, Ordering::Relaxed).to_string(),
+                            hash_key: None,
+                            data: r.data,
+                        },
                     },
                 })
                 .collect();
