@@ -693,14 +693,28 @@ impl Shared {
             let end = memchr::memchr(b'\n', &body[start..]).map_or(body.len(), |i| start + i);
             if !body[start..end].iter().all(u8::is_ascii_whitespace) {
                 let data = body.slice(start..end);
+                let text_key = match self.opts.key.as_deref() {
+                    None => None,
+                    Some(field) => match key_text(&data, field) {
+                        Some(k) => Some(k),
+                        // Sent unkeyed, its copies would land anywhere:
+                        // not sent, and said so.
+                        None => {
+                            self.fail(
+                                &format!(
+                                    "a line without `{field}` (a string or a number) was not sent: --key needs it to place the record"
+                                ),
+                                1,
+                            );
+                            start = end + 1;
+                            continue;
+                        }
+                    },
+                };
                 records.push(crate::stream::Outgoing {
                     partition: None,
                     key: None,
-                    text_key: self
-                        .opts
-                        .key
-                        .as_deref()
-                        .and_then(|field| key_text(&data, field)),
+                    text_key,
                     data,
                 });
             }
@@ -917,7 +931,6 @@ fn key_text(line: &[u8], field: &str) -> Option<Bytes> {
     match v.get(field)? {
         serde_json::Value::String(s) => Some(Bytes::from(s.clone().into_bytes())),
         serde_json::Value::Number(n) => Some(Bytes::from(n.to_string().into_bytes())),
-        serde_json::Value::Bool(b) => Some(Bytes::from(b.to_string().into_bytes())),
         _ => None,
     }
 }

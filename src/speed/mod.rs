@@ -50,6 +50,10 @@ const CLOCK_AHEAD_MS: i64 = 3_600_000;
 
 /// A micro-batch reads at most this many events (bounds memory during replays).
 const MAX_MICRO_EVENTS: u64 = 1 << 20;
+
+/// [`MAX_MICRO_EVENTS`] with event keys: 64 Ki keys are ~4.5 MiB of the
+/// window, what it may pass its memory bound by per partition.
+const MAX_KEYED_MICRO_EVENTS: u64 = 1 << 16;
 /// A chunk's states for one view are compacted when this many batches pile up.
 const COMPACT_AT: usize = 16;
 
@@ -300,6 +304,8 @@ pub struct SpeedLayer {
     /// The decisions of the committed chunk being read again (partition,
     /// start, end): its micro-batches share one read of them.
     recorded_chunk: Option<((u32, u64, u64), Vec<u64>)>,
+    /// The key index's tail as the window was last measured.
+    keys_measured: u64,
 }
 
 impl SpeedLayer {
@@ -343,6 +349,7 @@ impl SpeedLayer {
             dedup: None,
             recorded: None,
             recorded_chunk: None,
+            keys_measured: 0,
         }
     }
 
@@ -555,11 +562,20 @@ impl SpeedLayer {
         Ok(moved)
     }
 
+    /// Whether the realtime window is at its memory bound now: the states
+    /// as last measured, and the key index's tail as it is (what grows
+    /// fastest within a round).
+    fn window_full(&self) -> bool {
+        let keys = self.dedup.as_ref().map_or(0, Dedup::window_bytes);
+        self.backlog
+            .memory_full_with(keys.saturating_sub(self.keys_measured))
+    }
+
     /// Measures the realtime window — events in the log above the published
     /// H, and the memory of the realtime states and of the key index's
     /// tail (which holds every key above H) — for ingest's bound, and
     /// reports when it is over (the batch layer is not keeping up).
-    fn measure_window(&self, h: &Coverage) {
+    fn measure_window(&mut self, h: &Coverage) {
         let events: u64 = (0..self.parts.len())
             .map(|p| {
                 let end = self.source.end(p as u32).unwrap_or(0);
@@ -572,9 +588,10 @@ impl SpeedLayer {
             .flat_map(|part| part.chunks.iter())
             .flat_map(|c| c.states.iter().flatten())
             .map(|b| b.get_array_memory_size() as u64)
-            .sum::<u64>()
-            + self.dedup.as_ref().map_or(0, Dedup::window_bytes);
-        self.backlog.measure(events, memory);
+            .sum::<u64>();
+        let keys = self.dedup.as_ref().map_or(0, Dedup::window_bytes);
+        self.keys_measured = keys;
+        self.backlog.measure(events, memory + keys);
         match self.backlog.check() {
             Ok(()) => self.health.clear("backlog"),
             Err(e) => {
@@ -623,16 +640,24 @@ impl SpeedLayer {
         // The realtime window at its memory bound: nothing more is read (the
         // stream keeps it) until the batch layer publishes; the open chunk
         // closes now, so that the batch layer can take it.
-        let full = self.backlog.memory_full();
+        let mut full = self.window_full();
         while !full && self.parts[p].next < end {
             let t = Instant::now();
             let part = &mut self.parts[p];
             let (open, replaying) = Self::open_chunk(part, p as u32, self.views.len());
             let until = replaying.map_or(end, |r| r.end().min(end));
-            let room = if replaying.is_some() {
-                MAX_MICRO_EVENTS
+            // With event keys each event read adds to the window's memory
+            // (its key, until the batch layer publishes): smaller reads let
+            // the bound stop a backlog between them.
+            let most = if self.dedup.is_some() {
+                MAX_KEYED_MICRO_EVENTS
             } else {
-                (self.chunk_events - open.range.events()).min(MAX_MICRO_EVENTS)
+                MAX_MICRO_EVENTS
+            };
+            let room = if replaying.is_some() {
+                most
+            } else {
+                (self.chunk_events - open.range.events()).min(most)
             };
             let read = match self
                 .source
@@ -764,6 +789,9 @@ impl SpeedLayer {
             if closes {
                 Self::close(part, &self.archive, &self.metrics);
             }
+            // Checked after every micro-batch: a backlog read after a
+            // publish (or at startup) must not pass the bound in one round.
+            full = self.window_full();
         }
         // An idle open chunk (not a replayed one) whose bucket has passed on
         // the clock closes where it is: no later record will end it. So does

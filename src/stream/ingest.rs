@@ -335,7 +335,7 @@ impl crate::error::Explain for IngestError {
         match self {
             IngestError::EmptyBody => Some("send one JSON event per line (NDJSON)".into()),
             IngestError::Backlogged { .. } => Some(
-                "the batch layer is not publishing (see `lambdaflow status`); retry after it has caught up"
+                "the batch layer has not published what the window holds yet (see `lambdaflow status`; a full window closes its open chunk so the next run can take it); retry after it has"
                     .into(),
             ),
             IngestError::NotDriving(_) => Some(
@@ -376,11 +376,12 @@ impl Backlog {
         self.memory.store(memory, Ordering::Relaxed);
     }
 
-    /// Whether the window's memory is at its bound: the speed layer reads
-    /// nothing more then (a stream's producers cannot be answered 503; the
-    /// stream holds their records until the batch layer publishes).
-    pub fn memory_full(&self) -> bool {
-        self.memory.load(Ordering::Relaxed) >= self.max_memory
+    /// Whether the window's memory, `grown` bytes more than measured, is
+    /// at its bound: the speed layer reads nothing more then (a stream's
+    /// producers cannot be answered 503; the stream holds their records
+    /// until the batch layer publishes).
+    pub fn memory_full_with(&self, grown: u64) -> bool {
+        self.memory.load(Ordering::Relaxed).saturating_add(grown) >= self.max_memory
     }
 
     /// `Err` while the window is over either bound.

@@ -340,7 +340,8 @@ impl crate::stream::producer::Producer for KinesisProducer {
                     // Kinesis takes (256 characters) goes by the hash key that
                     // partition key would have had (its MD5).
                     None => match r.text_key.as_deref().map(String::from_utf8_lossy) {
-                        Some(k) if !k.is_empty() && k.chars().count() <= 256 => PutRecord {
+                        // Counted as Kinesis counts (UTF-16 units, as Java).
+                        Some(k) if !k.is_empty() && k.encode_utf16().count() <= 256 => PutRecord {
                             key: k.into_owned(),
                             hash_key: None,
                             data: r.data,
