@@ -256,7 +256,17 @@ fn run_with_duplicates(site: &Site) -> (usize, (usize, usize), usize) {
 
     // Deleted under a running node: a run it cannot read is rebuilt too.
     server.wait_settled(Duration::from_secs(60));
-    std::fs::remove_dir_all(site.data.join("keys")).unwrap();
+    // The node may write a run between the listing and the removal: the
+    // directory is then not empty yet, and the removal goes again.
+    let mut tries = 0;
+    while let Err(e) = std::fs::remove_dir_all(site.data.join("keys")) {
+        tries += 1;
+        assert!(
+            tries < 50 && e.kind() == std::io::ErrorKind::DirectoryNotEmpty,
+            "cannot delete the key index: {e}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     for r in 15..18 {
         let events = round(r, &producer, &mut requests);
         producer.post(&server.url, &events);
