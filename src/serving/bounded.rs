@@ -177,9 +177,27 @@ impl ScalarUDFImpl for ConcatOp {
 }
 
 /// `f` under [`Bounded`], priced by its name.
+///
+/// A function that can build more than it is given is marked volatile, so
+/// the planner never folds its calls into constants. Folding builds the
+/// value at plan time, where nothing can stop it, and then every pass
+/// that names, clones or re-folds the expression copies it: 40
+/// `repeat('x', 1000000)` joined by `||` (971 bytes of SQL) kept a query
+/// thread busy for minutes past its deadline, naming and re-evaluating
+/// megabyte literals at every level of the chain. Unfolded, the call runs
+/// once per batch when the query executes, where it is priced and the
+/// deadline holds.
 fn wrap(f: ScalarUDF) -> ScalarUDF {
     let price = Price::of(f.name());
-    ScalarUDF::new_from_impl(Bounded { inner: f, price })
+    let mut signature = f.signature().clone();
+    if price != Price::After {
+        signature.volatility = Volatility::Volatile;
+    }
+    ScalarUDF::new_from_impl(Bounded {
+        inner: f,
+        price,
+        signature,
+    })
 }
 
 /// How a function is priced before it runs.
@@ -251,6 +269,8 @@ impl Price {
 pub struct Bounded {
     inner: ScalarUDF,
     price: Price,
+    /// The inner function's, volatile if it can grow (see [`wrap`]).
+    signature: Signature,
 }
 
 /// The sizes of an argument's or a result's values: the largest, and all.
@@ -635,7 +655,7 @@ impl ScalarUDFImpl for Bounded {
         self.inner.inner().schema_name(args)
     }
     fn signature(&self) -> &Signature {
-        self.inner.signature()
+        &self.signature
     }
     fn return_type(&self, args: &[DataType]) -> Result<DataType> {
         self.inner.inner().return_type(args)
@@ -739,6 +759,44 @@ mod tests {
                 "{sql}: the refusal names {what:?}: {e}"
             ),
         }
+    }
+
+    /// The largest literal in `sql`'s optimized plan, in bytes.
+    async fn largest_planned_literal(sql: &str) -> usize {
+        let plan = ctx().sql(sql).await.unwrap().into_optimized_plan().unwrap();
+        let mut largest = 0;
+        plan.apply_with_subqueries(|p| {
+            p.apply_expressions(|e| {
+                e.apply(|e| {
+                    if let Expr::Literal(v, _) = e {
+                        largest = largest.max(scalar_bytes(v));
+                    }
+                    Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+                })
+            })
+        })
+        .unwrap();
+        largest
+    }
+
+    #[tokio::test]
+    async fn the_planner_never_folds_a_call_that_can_grow_into_a_constant() {
+        // Folded, each `repeat` became a megabyte literal that every later
+        // pass named and copied, and each `||` re-folded the chain below it
+        // and failed: minutes of planning nothing could stop.
+        let chain = vec!["repeat('x', 1000000)"; 40].join(" || ");
+        let largest = largest_planned_literal(&format!("SELECT length({chain})")).await;
+        assert!(
+            largest < 1000,
+            "a call that can grow runs when the query does, not in the planner; the plan held a {largest}-byte literal"
+        );
+        refused(&format!("SELECT length({chain})"), "would build a value").await;
+        // What cannot grow still folds.
+        assert_eq!(
+            largest_planned_literal("SELECT upper('abc') AS u").await,
+            3,
+            "upper('abc') folds to 'ABC'"
+        );
     }
 
     #[tokio::test]
