@@ -29,17 +29,20 @@ fn peak(out: &str) -> String {
         .to_string()
 }
 
-/// Commits `n` of the paper's events to partition `p` of the master
-/// dataset as one chunk; the seconds the commit took (encode, write, commit).
+/// Commits events `[index, index + n)` of a generated stream spread as
+/// `spread` says to partition `p` of the master dataset as one chunk; the
+/// seconds the commit took (encode, write, commit).
 pub fn commit_events(
     master: &MasterDataset,
     rt: &tokio::runtime::Runtime,
     p: u32,
     n: u64,
+    index: u64,
+    spread: super::Spread,
 ) -> anyhow::Result<f64> {
     let start = master.coverage().h.get(p);
     let mut first = start;
-    let batches: Vec<SourceBatch> = super::paper_batches(n, 8192, 90_000)
+    let batches: Vec<SourceBatch> = super::spread_batches(index, n, 8192, spread)
         .into_iter()
         .map(|b| {
             let at = first;
@@ -58,9 +61,10 @@ pub fn run(
     master: &MasterDataset,
     rt: &tokio::runtime::Runtime,
     added: u64,
+    spread: super::Spread,
 ) -> anyhow::Result<()> {
     let before: u64 = rt.block_on(master.refresh())?.h.total();
-    commit_events(master, rt, 0, added)?;
+    commit_events(master, rt, 0, added, before, spread)?;
     let total = before + added;
     let (inc_s, inc_out) = super::rebuild_with(exe, config, &["--incremental"])?;
     let (full_s, full_out) = super::rebuild_with(exe, config, &[])?;

@@ -66,19 +66,53 @@ pub struct ViewsBenchArgs {
     pub repeat: usize,
 }
 
+/// How generated events spread over products, zipcodes and time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spread {
+    pub products: u64,
+    pub zipcodes: u64,
+    /// Milliseconds between consecutive events' timestamps.
+    pub every_ms: i64,
+}
+
+impl Spread {
+    /// The paper's: 10 products, `zipcodes` zipcodes, an event a millisecond.
+    pub fn paper(zipcodes: u64) -> Spread {
+        Spread {
+            products: 10,
+            zipcodes,
+            every_ms: 1,
+        }
+    }
+}
+
 /// Paper events as Arrow batches of `batch` rows, built directly (not via JSON).
 pub fn paper_batches(
     events: u64,
     batch: usize,
     zipcodes: u64,
 ) -> Vec<arrow::record_batch::RecordBatch> {
+    spread_batches(0, events, batch, Spread::paper(zipcodes))
+}
+
+/// Events `[first, first + events)` of a generated stream spread as
+/// `spread` says, as Arrow batches of `batch` rows.
+pub fn spread_batches(
+    first: u64,
+    events: u64,
+    batch: usize,
+    spread: Spread,
+) -> Vec<arrow::record_batch::RecordBatch> {
     use arrow::array::{Int64Array, StringArray, TimestampMillisecondArray};
     let schema = EventSchema::paper().arrow().clone();
-    let names: Vec<String> = (0..10).map(|i| format!("product{i}")).collect();
+    let products = spread.products.max(1);
+    let zipcodes = spread.zipcodes.max(1);
+    let names: Vec<String> = (0..products).map(|i| format!("product{i}")).collect();
     let mut out = Vec::new();
-    let mut i = 0u64;
-    while i < events {
-        let n = (events - i).min(batch as u64);
+    let mut i = first;
+    let end = first + events;
+    while i < end {
+        let n = (end - i).min(batch as u64);
         let idx = i..i + n;
         let h = |k: u64| k.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 17;
         out.push(
@@ -90,13 +124,13 @@ pub fn paper_batches(
                     )),
                     Arc::new(StringArray::from_iter_values(
                         idx.clone()
-                            .map(|k| names[(h(k) >> 20) as usize % 10].as_str()),
+                            .map(|k| names[((h(k) >> 20) % products) as usize].as_str()),
                     )),
                     Arc::new(Int64Array::from_iter_values(
                         idx.clone().map(|k| 1 + (h(k) >> 30) as i64 % 100),
                     )),
                     Arc::new(TimestampMillisecondArray::from_iter_values(
-                        idx.map(|k| 1_414_800_000_000 + k as i64),
+                        idx.map(|k| 1_414_800_000_000 + k as i64 * spread.every_ms),
                     )),
                 ],
             )
@@ -265,7 +299,7 @@ pub struct BatchBenchArgs {
     /// Keep the data here (default: a temporary directory, removed after).
     #[arg(long)]
     pub data: Option<std::path::PathBuf>,
-    /// Skip the DuckDB comparison.
+    /// Skip the DuckDB (and, with `--shapes`, chDB) comparison.
     #[arg(long)]
     pub no_duckdb: bool,
     /// `ballista`: also recompute every view on a Ballista cluster and set
@@ -276,14 +310,34 @@ pub struct BatchBenchArgs {
     /// full recompute, and a view added while serving to its first answer.
     #[arg(long)]
     pub incremental: Option<u64>,
-    /// Also recompute views of several shapes (few, 100K and 1M groups, a
-    /// time bucket with avg/min/max, approx_distinct) beside DuckDB.
+    /// Also recompute views of five shapes (100, 100K and 1M groups, a time
+    /// bucket with five aggregates, approx_distinct) beside DuckDB and chDB
+    /// (`pip install duckdb chdb`).
     #[arg(long)]
     pub shapes: bool,
     /// With `--engine ballista`: this scheduler (`df://host:port`), instead
     /// of a scheduler and two one-task executors started for the bench.
     #[arg(long)]
     pub scheduler: Option<String>,
+    /// Distinct products in the generated events.
+    #[arg(long, default_value_t = 10)]
+    pub products: u64,
+    /// Distinct zipcodes in the generated events.
+    #[arg(long, default_value_t = 90_000)]
+    pub zipcodes: u64,
+    /// Milliseconds between consecutive events' timestamps.
+    #[arg(long, default_value_t = 1)]
+    pub every_ms: i64,
+}
+
+impl BatchBenchArgs {
+    fn spread(&self) -> Spread {
+        Spread {
+            products: self.products,
+            zipcodes: self.zipcodes,
+            every_ms: self.every_ms,
+        }
+    }
 }
 
 /// The GROUP BY measured against DuckDB.
@@ -317,7 +371,7 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
         while made < args.events {
             let n = args.chunk.min(args.events - made);
             let p = (k % 2) as u32;
-            archive_secs += incremental::commit_events(&master, &rt, p, n)?;
+            archive_secs += incremental::commit_events(&master, &rt, p, n, made, args.spread())?;
             made += n;
             k += 1;
             bar.inc(n);
@@ -401,10 +455,10 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<()> {
         ballista_beside_local(&args, &exe, &config_path, &storage, &rt, secs, &out)?;
     }
     if args.shapes && !remote {
-        return shapes::run(&exe, &config_path, &data, args.events);
+        return shapes::run(&exe, &config_path, &data, args.events, args.no_duckdb);
     }
     if let Some(added) = args.incremental {
-        return incremental::run(&exe, &config_path, &master, &rt, added);
+        return incremental::run(&exe, &config_path, &master, &rt, added, args.spread());
     }
     let mut best = f64::MAX;
     for _ in 0..3 {
