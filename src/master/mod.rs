@@ -1370,6 +1370,15 @@ impl MasterDataset {
         crate::failpoint::hit("archive-after-commit");
         // Their checksums are of the bytes written: no need to read them back.
         self.verified.lock().expect("verified lock").extend(written);
+        if version != coverage.version + 1 {
+            // Delta committed past other writers' commits (ones that did not
+            // conflict with this one): the state holds them, and so must the
+            // coverage cached for its version, or `refresh` would keep
+            // answering the coverage from before them.
+            let cov = Self::coverage_of(&table, self.partitions()).await?;
+            *self.coverage.lock().expect("coverage lock") = cov;
+            return Ok(CommitOutcome::Committed { version });
+        }
         let mut cov = self.coverage.lock().expect("coverage lock");
         cov.version = version;
         for (partition, end) in txns {
