@@ -881,7 +881,7 @@ impl BatchLayer {
             tasks.push(tokio::spawn(async move {
                 let leaf = scan::parquet_leaf(
                     &store_url,
-                    view.events_schema(),
+                    view.scan_schema(),
                     &group,
                     view.leaf_projection(),
                     keyed,
@@ -891,7 +891,7 @@ impl BatchLayer {
                         source: e,
                     })?;
                 let counted = Arc::new(scan::CountingExec::new(leaf, progress.done.clone()));
-                let plan = view.states_plan_over(counted)?;
+                let plan = view.scan_states_plan_over(counted)?;
                 match view.run_states_plan(plan).await {
                     Ok(states) => Ok((states, Vec::new())),
                     // Some rows fail the view: find them file by file, as the

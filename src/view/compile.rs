@@ -160,11 +160,102 @@ pub async fn compile(def: &ViewConfig, schema: &EventSchema) -> Result<View, Vie
         },
         group_columns,
         task_ctx: ctx.task_ctx(),
+        scan_views: None,
     };
     // Run once on nothing: a plan that cannot run fails at startup, not on the first event.
     let empty = view.states(Vec::new()).await?;
     view.finalize(vec![empty]).await?;
+    let mut view = view;
+    view.scan_views = string_view_states(&view, sql).await;
     Ok(view)
+}
+
+/// The view's states plan over `events` whose string columns are
+/// `Utf8View`, its states cast back to the view's state schema; `None` when
+/// the view reads no string column, or does not plan the same way over
+/// views (it then scans strings as the speed layer has them).
+///
+/// Why: the batch layer's scan decodes Parquet's dictionary pages straight
+/// into views (no copy of each row's bytes), and grouping compares a short
+/// string's view (length and up to 12 bytes inline) instead of hashing and
+/// comparing its bytes. The speed layer's states and every later plan keep
+/// `Utf8`: the cast at the end makes the two layers' states one type.
+async fn string_view_states(view: &View, sql: &str) -> Option<(SchemaRef, Arc<dyn ExecutionPlan>)> {
+    use arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::physical_expr::PhysicalExpr;
+    use datafusion::physical_expr::expressions::{CastExpr, Column};
+    use datafusion::physical_plan::projection::ProjectionExec;
+    let input = &view.events_schema;
+    let read = match &view.leaf_projection {
+        Some(p) => p.clone(),
+        None => (0..input.fields().len()).collect(),
+    };
+    if !read
+        .iter()
+        .any(|&i| input.field(i).data_type() == &DataType::Utf8)
+    {
+        return None;
+    }
+    let viewed: SchemaRef = Arc::new(Schema::new_with_metadata(
+        input
+            .fields()
+            .iter()
+            .map(|f| match f.data_type() {
+                DataType::Utf8 => Arc::new(Field::clone(f).with_data_type(DataType::Utf8View)),
+                _ => f.clone(),
+            })
+            .collect::<Vec<_>>(),
+        input.metadata().clone(),
+    ));
+    let ctx = session_over(viewed.clone()).ok()?;
+    let state = ctx.state();
+    let logical = state.create_logical_plan(sql).await.ok()?;
+    let physical = state.create_physical_plan(&logical).await.ok()?;
+    let aggregates = collect_aggregates(&physical);
+    let split = if aggregates.is_empty() {
+        split_union(&view.name, &physical)
+    } else {
+        split_aggregate(&view.name, &physical, &aggregates)
+    }
+    .ok()?;
+    if split.kind != view.kind
+        || find_leaf(&split.states)?.projection() != view.leaf_projection.as_ref()
+    {
+        return None;
+    }
+    let states = split.states.schema();
+    let want = &view.state_schema;
+    if states.fields().len() != want.fields().len() {
+        return None;
+    }
+    let mut exprs: Vec<(Arc<dyn PhysicalExpr>, String)> = Vec::with_capacity(want.fields().len());
+    for (i, (got, to)) in states.fields().iter().zip(want.fields()).enumerate() {
+        if got.name() != to.name() {
+            return None;
+        }
+        let column: Arc<dyn PhysicalExpr> = Arc::new(Column::new(got.name(), i));
+        let expr: Arc<dyn PhysicalExpr> = if got.data_type() == to.data_type() {
+            column
+        } else if arrow::compute::can_cast_types(got.data_type(), to.data_type()) {
+            Arc::new(CastExpr::new(column, to.data_type().clone(), None))
+        } else {
+            return None;
+        };
+        exprs.push((expr, to.name().clone()));
+    }
+    let plan: Arc<dyn ExecutionPlan> = Arc::new(ProjectionExec::try_new(exprs, split.states).ok()?);
+    // It must run, and on nothing give what the plan over `Utf8` gives
+    // (one row of zero counts for a view without groups).
+    let empty = with_input(&plan, Arc::new(Vec::new())).ok()?;
+    let out = datafusion::physical_plan::collect(empty, view.task_ctx.clone())
+        .await
+        .ok()?;
+    let out = arrow::compute::concat_batches(&plan.schema(), &out).ok()?;
+    let expected = view.states(Vec::new()).await.ok()?;
+    if out.columns() != expected.columns() {
+        return None;
+    }
+    Some((viewed, plan))
 }
 
 /// Appends `_partition, _offset` to the ORDER BY of every ordered aggregate

@@ -236,6 +236,9 @@ pub struct View {
     task_ctx: compile::Task,
     /// Whether the view reads `_partition` and `_offset` (see [`View::needs_offsets`]).
     needs_offsets: bool,
+    /// The schema a batch scan reads (string columns as `Utf8View`) and the
+    /// states plan over it (see [`View::scan_schema`]).
+    scan_views: Option<(SchemaRef, Arc<dyn ExecutionPlan>)>,
 }
 
 impl View {
@@ -436,12 +439,45 @@ impl View {
             .map_err(|e| ViewError::exec(&self.name, e))
     }
 
+    /// The schema a batch scan of the master dataset should read the view's
+    /// columns as: [`View::events_schema`], or with its string columns as
+    /// `Utf8View` when the view plans over those (see
+    /// [`View::scan_states_plan_over`]).
+    pub fn scan_schema(&self) -> &SchemaRef {
+        self.scan_views
+            .as_ref()
+            .map_or(&self.events_schema, |(schema, _)| schema)
+    }
+
+    /// The states plan over a scan of [`View::scan_schema`]'s columns (in
+    /// `leaf_projection()`): over string views, the states cast back to
+    /// the view's state schema, equal to what [`View::states_plan_over`]
+    /// computes over `Utf8`.
+    pub fn scan_states_plan_over(
+        &self,
+        leaf: Arc<dyn ExecutionPlan>,
+    ) -> Result<Arc<dyn ExecutionPlan>, ViewError> {
+        match &self.scan_views {
+            Some((_, plan)) => {
+                compile::with_leaf(plan, leaf).map_err(|e| ViewError::exec(&self.name, e))
+            }
+            None => self.states_plan_over(leaf),
+        }
+    }
+
     /// Runs a plan made by [`View::states_plan_over`] and collects its states.
     pub async fn run_states_plan(
         &self,
         plan: Arc<dyn ExecutionPlan>,
     ) -> Result<RecordBatch, ViewError> {
-        self.collect_one(plan, &self.state_schema).await
+        let states = self.collect_one(plan, &self.state_schema).await?;
+        // A plan over string views casts its states back: the batch then
+        // carries the state schema itself, as every merge expects.
+        if states.schema() == self.state_schema {
+            return Ok(states);
+        }
+        RecordBatch::try_new(self.state_schema.clone(), states.columns().to_vec())
+            .map_err(|e| ViewError::exec(&self.name, e.into()))
     }
 
     /// Merges any number of state sets into one.

@@ -228,3 +228,142 @@ async fn a_view_too_deep_to_plan_is_refused_before_it_is_parsed() {
         "refused for its depth, naming the view: {e}"
     );
 }
+
+/// The batch layer scans string columns as `Utf8View` (see
+/// `compile::string_view_states`); the states it computes must finalize to
+/// exactly what the plan over `Utf8` gives, for every kind of string a
+/// view may group, aggregate or transform: short (inline in the view) and
+/// long, multi-byte, empty, null.
+#[tokio::test]
+async fn states_over_string_views_equal_states_over_strings() {
+    use crate::schema::{EventField, FieldType};
+    use arrow::array::{ArrayRef, Int64Array, StringArray, TimestampMillisecondArray};
+    let paper = EventSchema::paper();
+    let mut fields = paper.fields().to_vec();
+    fields.push(EventField {
+        name: "coupon".into(),
+        ty: FieldType::Utf8,
+        nullable: true,
+        time_format: None,
+    });
+    let schema = EventSchema::new(fields, paper.event_time_index());
+    let names = [
+        "product1",
+        "a product name longer than twelve bytes",
+        "",
+        "Ærøskøbing-ø",
+        "product1 ",
+        "PRODUCT1",
+    ];
+    let batch = |seed: u64, n: usize| {
+        let h = |i: usize| (seed ^ i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20;
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from_iter_values(
+                (0..n).map(|i| 10_000 + (h(i) % 7) as i64),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                (0..n).map(|i| names[(h(i) >> 8) as usize % names.len()]),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                (0..n).map(|i| 1 + (h(i) >> 16) as i64 % 100),
+            )),
+            Arc::new(TimestampMillisecondArray::from_iter_values(
+                (0..n).map(|i| 1_414_800_000_000 + 7_000 * i as i64),
+            )),
+            Arc::new(StringArray::from_iter((0..n).map(|i| {
+                match (h(i) >> 24) % 4 {
+                    0 => None,
+                    1 => Some("SPRING-SALE-2014-FIFTY"),
+                    2 => Some("x"),
+                    _ => Some(names[(h(i) >> 28) as usize % names.len()]),
+                }
+            }))),
+        ];
+        RecordBatch::try_new(schema.arrow().clone(), columns).unwrap()
+    };
+    let events = vec![batch(1, 3000), batch(2, 1000), batch(3, 2500)];
+    let sqls = [
+        "SELECT ProductName, count(*) AS n, sum(price) AS revenue FROM events GROUP BY ProductName",
+        "SELECT zipcode, ProductName, price % 10 AS band, count(*) AS n FROM events GROUP BY zipcode, ProductName, price % 10",
+        "SELECT coupon, count(*) AS n, min(ProductName) AS lo, max(ProductName) AS hi FROM events GROUP BY coupon",
+        "SELECT upper(ProductName) AS p, length(coupon) AS l, count(*) AS n FROM events GROUP BY upper(ProductName), length(coupon)",
+        "SELECT zipcode, count(DISTINCT ProductName) AS products, approx_distinct(coupon) AS coupons FROM events GROUP BY zipcode",
+        "SELECT date_trunc('minute', timestamp) AS minute, ProductName, avg(price) AS a FROM events WHERE ProductName LIKE 'prod%' OR coupon = 'x' GROUP BY date_trunc('minute', timestamp), ProductName",
+        "SELECT concat(ProductName, '/', coupon) AS pc, count(*) AS n FROM events GROUP BY concat(ProductName, '/', coupon)",
+        "SELECT ProductName, first_value(coupon ORDER BY timestamp) AS first_coupon FROM events GROUP BY ProductName",
+        "SELECT count(*) AS n, sum(price) AS s FROM events WHERE coupon IS NOT NULL",
+    ];
+    let sorted = |batches: Vec<RecordBatch>| -> Vec<String> {
+        let mut rows: Vec<String> = arrow::util::pretty::pretty_format_batches(&batches)
+            .unwrap()
+            .to_string()
+            .lines()
+            .map(String::from)
+            .collect();
+        rows.sort();
+        rows
+    };
+    for sql in sqls {
+        let view = compile(&def(sql), &schema)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let read = view.scan_schema().clone();
+        assert!(
+            read.fields()
+                .iter()
+                .any(|f| f.data_type() == &arrow::datatypes::DataType::Utf8View),
+            "{sql}: the batch scan reads its strings as views"
+        );
+        let input: Vec<RecordBatch> = if view.needs_offsets() {
+            let mut first = 0u64;
+            events
+                .iter()
+                .map(|b| {
+                    let out = crate::view::input::with_offsets(b, 0, first).unwrap();
+                    first += b.num_rows() as u64;
+                    out
+                })
+                .collect()
+        } else {
+            events.clone()
+        };
+        let expected = view
+            .finalize(vec![view.states(input.clone()).await.unwrap()])
+            .await
+            .unwrap();
+        // The same events as the scan reads them: strings as views.
+        let viewed: Vec<RecordBatch> = input
+            .iter()
+            .map(|b| {
+                let columns = b
+                    .columns()
+                    .iter()
+                    .zip(read.fields())
+                    .map(|(c, f)| arrow::compute::cast(c, f.data_type()).unwrap())
+                    .collect::<Vec<_>>();
+                RecordBatch::try_new(read.clone(), columns).unwrap()
+            })
+            .collect();
+        let leaf = datafusion::datasource::memory::MemorySourceConfig::try_new_exec(
+            &[viewed],
+            read.clone(),
+            view.leaf_projection().cloned(),
+        )
+        .unwrap();
+        let states = view
+            .run_states_plan(view.scan_states_plan_over(leaf).unwrap())
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert_eq!(
+            states.schema(),
+            view.state_schema().clone(),
+            "{sql}: states over views carry the state schema"
+        );
+        let got = view.finalize(vec![states]).await.unwrap();
+        assert_eq!(
+            sorted(got),
+            sorted(expected),
+            "{sql}: the view's rows over string views equal those over strings"
+        );
+    }
+}
