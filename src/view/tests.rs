@@ -308,11 +308,15 @@ async fn states_over_string_views_equal_states_over_strings() {
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
         let read = view.scan_schema().clone();
-        assert!(
+        // approx_distinct hashes a view otherwise than a string: its HLL
+        // states would not merge with the speed layer's, so it keeps Utf8.
+        let over_views = !sql.contains("approx_distinct(coupon)");
+        assert_eq!(
             read.fields()
                 .iter()
                 .any(|f| f.data_type() == &arrow::datatypes::DataType::Utf8View),
-            "{sql}: the batch scan reads its strings as views"
+            over_views,
+            "{sql}: the batch scan reads its strings as views unless an aggregate's state depends on their type"
         );
         let input: Vec<RecordBatch> = if view.needs_offsets() {
             let mut first = 0u64;
@@ -344,16 +348,42 @@ async fn states_over_string_views_equal_states_over_strings() {
                 RecordBatch::try_new(read.clone(), columns).unwrap()
             })
             .collect();
-        let leaf = datafusion::datasource::memory::MemorySourceConfig::try_new_exec(
-            &[viewed],
-            read.clone(),
-            view.leaf_projection().cloned(),
-        )
-        .unwrap();
-        let states = view
-            .run_states_plan(view.scan_states_plan_over(leaf).unwrap())
+        let scan = |batches: Vec<RecordBatch>| {
+            let leaf = datafusion::datasource::memory::MemorySourceConfig::try_new_exec(
+                &[batches],
+                read.clone(),
+                view.leaf_projection().cloned(),
+            )
+            .unwrap();
+            let view = &view;
+            async move {
+                view.run_states_plan(view.scan_states_plan_over(leaf).unwrap())
+                    .await
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            }
+        };
+        // Split between the layers: the first batch realtime (strings), the
+        // rest archived (the scan's types), merged as a read merges them.
+        // Values on both sides must count once.
+        let realtime = view.states(vec![input[0].clone()]).await.unwrap();
+        let archived = scan(viewed[1..].to_vec()).await;
+        let merged = view
+            .finalize(vec![realtime, archived, scan(viewed[..1].to_vec()).await])
             .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            .unwrap();
+        let twice = view
+            .finalize(vec![
+                view.states(input.clone()).await.unwrap(),
+                view.states(vec![input[0].clone()]).await.unwrap(),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            sorted(merged),
+            sorted(twice),
+            "{sql}: batch states over views merge with realtime states over strings as states over strings do"
+        );
+        let states = scan(viewed).await;
         assert_eq!(
             states.schema(),
             view.state_schema().clone(),
