@@ -103,18 +103,13 @@ pub async fn compile(def: &ViewConfig, schema: &EventSchema) -> Result<View, Vie
         .await
         .map_err(|e| ViewError::plan(&name, &e, schema))?;
 
-    let aggregates = collect_aggregates(&physical);
     let Split {
         kind,
         states: states_plan,
         reduce: reduce_plan,
         finalize: final_plan,
         group_columns,
-    } = if aggregates.is_empty() {
-        split_union(&name, &physical)?
-    } else {
-        split_aggregate(&name, &physical, &aggregates)?
-    };
+    } = split(&name, &physical, &collect_aggregates(&physical))?;
     let state_schema = states_plan.schema();
     let output_schema = final_plan.schema();
     let final_plan_for_keys = final_plan.clone();
@@ -138,7 +133,7 @@ pub async fn compile(def: &ViewConfig, schema: &EventSchema) -> Result<View, Vie
         )?)
     };
     let fingerprint = fingerprint(&logical, def, &input_schema, leaf.projection());
-    let view = View {
+    let mut view = View {
         name: name.clone(),
         sql: def.sql.clone(),
         def: def.clone(),
@@ -165,7 +160,6 @@ pub async fn compile(def: &ViewConfig, schema: &EventSchema) -> Result<View, Vie
     // Run once on nothing: a plan that cannot run fails at startup, not on the first event.
     let empty = view.states(Vec::new()).await?;
     view.finalize(vec![empty]).await?;
-    let mut view = view;
     view.scan_views = string_view_states(&view, sql).await;
     Ok(view)
 }
@@ -215,12 +209,7 @@ async fn string_view_states(view: &View, sql: &str) -> Option<(SchemaRef, Arc<dy
     if !states_ignore_string_type(&aggregates) {
         return None;
     }
-    let split = if aggregates.is_empty() {
-        split_union(&view.name, &physical)
-    } else {
-        split_aggregate(&view.name, &physical, &aggregates)
-    }
-    .ok()?;
+    let split = split(&view.name, &physical, &aggregates).ok()?;
     if split.kind != view.kind
         || find_leaf(&split.states)?.projection() != view.leaf_projection.as_ref()
     {
@@ -538,7 +527,6 @@ fn check_expr(view: &str, expr: &Expr) -> Option<ViewError> {
     found
 }
 
-/// Every `AggregateExec`, top first.
 /// Whether every aggregate of `aggregates` that takes a string keeps the
 /// same state for it as `Utf8View` as for `Utf8`: the batch layer's states
 /// (over views) and the speed layer's (over strings) merge into one answer.
@@ -585,6 +573,22 @@ fn states_ignore_string_type(aggregates: &[Arc<dyn ExecutionPlan>]) -> bool {
     })
 }
 
+/// A planned view cut into states, reduce and finalize: by its
+/// aggregations (`aggregates`, from [`collect_aggregates`]), or as a union
+/// view when it has none.
+fn split(
+    view: &str,
+    physical: &Arc<dyn ExecutionPlan>,
+    aggregates: &[Arc<dyn ExecutionPlan>],
+) -> Result<Split, ViewError> {
+    if aggregates.is_empty() {
+        split_union(view, physical)
+    } else {
+        split_aggregate(view, physical, aggregates)
+    }
+}
+
+/// Every `AggregateExec`, top first.
 fn collect_aggregates(plan: &Arc<dyn ExecutionPlan>) -> Vec<Arc<dyn ExecutionPlan>> {
     let mut out = Vec::new();
     let _ = plan.apply(|node| {
