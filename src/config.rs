@@ -481,6 +481,17 @@ pub struct BatchConfig {
     pub keep_runs: usize,
     #[serde(default = "default_keep_for", with = "humantime_serde")]
     pub keep_for: Duration,
+    /// A view whose last run had at least this many groups is computed with
+    /// its events split among the cores by group key, each core holding
+    /// its own share of the groups, instead of every core aggregating its
+    /// own files into all of them and one core merging the results.
+    #[serde(default = "default_shuffle_above_groups")]
+    pub shuffle_above_groups: u64,
+    /// A view with more groups than this writes no `rows.tsv` (its states
+    /// are what every reader uses; the TSV is the paper's file for people
+    /// and scripts, a third of a large view's run). 0: never written.
+    #[serde(default = "default_tsv_max_rows")]
+    pub tsv_max_rows: u64,
 }
 
 /// `[batch] engine`.
@@ -523,6 +534,14 @@ fn default_keep_runs() -> usize {
     10
 }
 
+fn default_shuffle_above_groups() -> u64 {
+    200_000
+}
+
+fn default_tsv_max_rows() -> u64 {
+    100_000
+}
+
 fn default_keep_for() -> Duration {
     Duration::from_secs(3600)
 }
@@ -547,6 +566,8 @@ impl Default for BatchConfig {
             full_every_time: default_full_every_time(),
             keep_runs: default_keep_runs(),
             keep_for: default_keep_for(),
+            shuffle_above_groups: default_shuffle_above_groups(),
+            tsv_max_rows: default_tsv_max_rows(),
         }
     }
 }

@@ -210,10 +210,7 @@ pub async fn open_batch_in(
     Ok(Arc::new(
         BatchLayer::new(storage, master, views, failures)
             .with_policy(
-                crate::batch::Policy {
-                    full_every: config.batch.full_every,
-                    full_every_time: config.batch.full_every_time,
-                },
+                crate::batch::Policy::of(&config.batch),
                 crate::batch::history::Retention {
                     keep_runs: config.batch.keep_runs,
                     keep_for: config.batch.keep_for,

@@ -184,7 +184,10 @@ pub struct ViewEntry {
     /// The run that computed these files (older than the manifest's when reused).
     pub run: u64,
     pub states: FileEntry,
-    pub tsv: FileEntry,
+    /// The finalized rows as TSV, for views of at most `[batch]
+    /// tsv_max_rows` groups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tsv: Option<FileEntry>,
     /// State rows (groups) and finalized rows.
     pub groups: u64,
     pub rows: u64,

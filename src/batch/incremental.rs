@@ -30,22 +30,38 @@ use crate::master::{DataFile, MasterSnapshot};
 use crate::runs::{Lineage, RunKind};
 use crate::view::View;
 
-/// When a view must be recomputed from scratch (`[batch] full_every`,
-/// `full_every_time`).
+/// How a batch run computes its views: when a view must be recomputed from
+/// scratch (`[batch] full_every`, `full_every_time`), and how a large one
+/// is aggregated and written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
     /// After this many incremental runs in a row (0: never by count).
     pub full_every: u32,
     /// When the chain's full recompute started this long ago.
     pub full_every_time: Duration,
+    /// `[batch] shuffle_above_groups`: a full recompute of a view whose
+    /// last run had this many groups or more splits the events among the
+    /// cores by group key.
+    pub shuffle_above_groups: u64,
+    /// `[batch] tsv_max_rows`: no `rows.tsv` for a view with more groups.
+    pub tsv_max_rows: u64,
+}
+
+impl Policy {
+    /// The policy a `[batch]` section asks for.
+    pub fn of(c: &crate::config::BatchConfig) -> Policy {
+        Policy {
+            full_every: c.full_every,
+            full_every_time: c.full_every_time,
+            shuffle_above_groups: c.shuffle_above_groups,
+            tsv_max_rows: c.tsv_max_rows,
+        }
+    }
 }
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy {
-            full_every: 0,
-            full_every_time: Duration::from_secs(86_400),
-        }
+        Policy::of(&crate::config::BatchConfig::default())
     }
 }
 

@@ -359,7 +359,10 @@ impl BatchLayer {
         for view in self.views().iter() {
             let problem = match self.read_states(&m, view).await {
                 Ok(_) => match m.views.get(view.name()) {
-                    Some(e) => self.read_checked(&e.tsv).await.err().map(|e| e.to_string()),
+                    Some(e) => match &e.tsv {
+                        Some(tsv) => self.read_checked(tsv).await.err().map(|e| e.to_string()),
+                        None => None,
+                    },
                     None => Some("missing from the published run".into()),
                 },
                 Err(e) => Some(e.to_string()),
@@ -475,6 +478,7 @@ impl BatchLayer {
                 run,
                 as_of_ms,
                 started_ms,
+                prev: prev.as_ref(),
             };
             let entry = self
                 .compute_view(engine, view, plan, at, &progress, &mut compute)
@@ -651,7 +655,7 @@ impl BatchLayer {
                             lost: Vec::new(),
                         };
                         let (states, excluded) = self
-                            .compute_states(engine, view, &added, progress, compute)
+                            .compute_states(engine, view, &added, None, progress, compute)
                             .await?;
                         let merging = Instant::now();
                         let states = view.merge(vec![published, states]).await?;
@@ -686,8 +690,13 @@ impl BatchLayer {
                 }
             }
         };
+        // The view's groups when it last ran: how its states are best computed.
+        let groups = at
+            .prev
+            .and_then(|p| p.views.get(view.name()))
+            .map(|e| e.groups);
         let (states, excluded) = self
-            .compute_states(engine, view, snapshot, progress, compute)
+            .compute_states(engine, view, snapshot, groups, progress, compute)
             .await?;
         let lineage = Lineage::full(
             reason,
@@ -720,17 +729,37 @@ impl BatchLayer {
         } = at;
         let finalizing = Instant::now();
         let states = view.roll_up(states, as_of_ms).await?;
-        let rows = view.finalize(vec![states.clone()]).await?;
+        let groups = states.num_rows() as u64;
+        // The paper's TSV for views a person reads whole; a larger view's
+        // readers use its states, and its rows are only counted.
+        let max = self.policy.tsv_max_rows;
+        let tsv_wanted = max > 0 && groups <= max;
+        let rows = if tsv_wanted || !view.every_group_a_row() {
+            Some(view.finalize(vec![states.clone()]).await?)
+        } else {
+            None
+        };
+        let row_count = rows
+            .as_ref()
+            .map_or(groups, |r| r.iter().map(|b| b.num_rows() as u64).sum());
         compute.add("rollup+finalize", finalizing.elapsed());
         let writing = Instant::now();
         // The TSV's text and the states' Parquet are independent: both
         // cores encode, one each.
         let (tsv, parquet) = {
-            let (v, r) = (view.clone(), rows.clone());
-            let tsv = tokio::task::spawn_blocking(move || to_tsv(v.output_schema(), &r));
+            let tsv = rows.filter(|_| tsv_wanted).map(|r| {
+                let v = view.clone();
+                tokio::task::spawn_blocking(move || to_tsv(v.output_schema(), &r))
+            });
             let (v, s) = (view.clone(), states.clone());
             let parquet = tokio::task::spawn_blocking(move || v.states_to_parquet(&s));
             let task = |e: tokio::task::JoinError| BatchError::Task(e.into());
+            let tsv = async move {
+                match tsv {
+                    Some(t) => t.await.map(Some),
+                    None => Ok(None),
+                }
+            };
             let (tsv, parquet) = tokio::join!(tsv, parquet);
             (tsv.map_err(task)?, parquet.map_err(task)??)
         };
@@ -746,14 +775,20 @@ impl BatchLayer {
             bytes: parquet.len() as u64,
             crc32c: crc_hex(&parquet),
         };
-        let tsv_entry = FileEntry {
+        let tsv_entry = tsv.as_ref().map(|tsv| FileEntry {
             path: format!("{dir}/rows.tsv"),
             bytes: tsv.len() as u64,
             crc32c: crc_hex(tsv.as_bytes()),
+        });
+        let put_tsv = async {
+            match (&tsv_entry, tsv) {
+                (Some(e), Some(tsv)) => self.storage.put(&e.path, Bytes::from(tsv)).await,
+                _ => Ok(()),
+            }
         };
         let (a, b) = tokio::join!(
             self.storage.put(&states_entry.path, Bytes::from(parquet)),
-            self.storage.put(&tsv_entry.path, Bytes::from(tsv)),
+            put_tsv,
         );
         a?;
         b?;
@@ -762,8 +797,8 @@ impl BatchLayer {
             run,
             states: states_entry,
             tsv: tsv_entry,
-            groups: states.num_rows() as u64,
-            rows: rows.iter().map(|b| b.num_rows() as u64).sum(),
+            groups,
+            rows: row_count,
             duration_ms: t.elapsed().as_millis() as u64,
             excluded,
             lineage,
@@ -790,6 +825,7 @@ impl BatchLayer {
         engine: &Engine,
         view: &Arc<View>,
         snapshot: &MasterSnapshot,
+        groups: Option<u64>,
         progress: &Arc<Progress>,
         compute: &mut Compute,
     ) -> Result<(RecordBatch, u64), BatchError> {
@@ -799,9 +835,15 @@ impl BatchLayer {
         let (states, failed) = match engine {
             Engine::Local => {
                 let t = Instant::now();
-                let out = self.local_states(view, snapshot, progress).await?;
-                compute.add("scan+states", t.elapsed());
-                out
+                let (states, failed, shuffled) =
+                    self.local_states(view, snapshot, groups, progress).await?;
+                let what = if shuffled {
+                    "scan+shuffle+states"
+                } else {
+                    "scan+states"
+                };
+                compute.add(what, t.elapsed());
+                (states, failed)
             }
             #[cfg(feature = "ballista")]
             Engine::Ballista(cluster) => {
@@ -860,18 +902,38 @@ impl BatchLayer {
     }
 
     /// The local engine: the files split among the cores, one task each,
-    /// their states merged; the rows the view fails on, if any.
+    /// their states merged; the rows the view fails on, if any; and
+    /// whether the events were shuffled by group key instead (a view that
+    /// had `[batch] shuffle_above_groups` groups or more when it last ran:
+    /// its `groups`).
     async fn local_states(
         &self,
         view: &Arc<View>,
         snapshot: &MasterSnapshot,
+        groups: Option<u64>,
         progress: &Arc<Progress>,
-    ) -> Result<(RecordBatch, Vec<FailedRow>), BatchError> {
+    ) -> Result<(RecordBatch, Vec<FailedRow>, bool), BatchError> {
+        let expected = groups;
         let groups = scan::balance(&snapshot.files, self.parallelism);
         let k = groups.len();
         let store_url = self.storage.store_url();
         let events = self.master.events_schema().clone();
         let keyed = self.master.keyed();
+        if k > 1 && expected.is_some_and(|g| g >= self.policy.shuffle_above_groups) {
+            let before = progress.done.load(Ordering::Relaxed);
+            match self
+                .shuffled_states(view, &store_url, &groups, keyed, progress)
+                .await
+            {
+                Ok(Some(states)) => return Ok((states, Vec::new(), true)),
+                Ok(None) => {}
+                // Some rows fail the view: the per-core scans below find them.
+                Err(e) => {
+                    tracing::debug!(view = view.name(), error = %e, "a shuffled batch scan failed; scanning again file group by file group");
+                    progress.done.store(before, Ordering::Relaxed);
+                }
+            }
+        }
         let mut tasks = Vec::with_capacity(k);
         for group in groups {
             let view = view.clone();
@@ -910,7 +972,40 @@ impl BatchLayer {
             parts.push(states);
             failed.extend(rows);
         }
-        Ok((view.merge(parts).await?, failed))
+        Ok((view.merge(parts).await?, failed, false))
+    }
+}
+
+impl BatchLayer {
+    /// A view's states over `groups` of files, one scan per group, the
+    /// events shuffled among the cores by group key before they are
+    /// aggregated (see [`View::shuffled_states_plan`]). `None` when the
+    /// view cannot be computed so.
+    async fn shuffled_states(
+        &self,
+        view: &Arc<View>,
+        store_url: &str,
+        groups: &[Vec<crate::master::DataFile>],
+        keyed: bool,
+        progress: &Arc<Progress>,
+    ) -> Result<Option<RecordBatch>, ViewError> {
+        let exec = |e| ViewError::Exec {
+            view: view.name().to_string(),
+            source: e,
+        };
+        let leaf = scan::parquet_leaf_groups(
+            store_url,
+            view.scan_schema(),
+            groups,
+            view.leaf_projection(),
+            keyed,
+        )
+        .map_err(exec)?;
+        let counted = Arc::new(scan::CountingExec::new(leaf, progress.done.clone()));
+        let Some(plan) = view.shuffled_states_plan(counted, groups.len())? else {
+            return Ok(None);
+        };
+        view.run_states_plan(plan).await.map(Some)
     }
 }
 
@@ -933,6 +1028,8 @@ struct At<'a> {
     /// The rollup time.
     as_of_ms: i64,
     started_ms: i64,
+    /// The published run it follows.
+    prev: Option<&'a Manifest>,
 }
 
 /// The run number of a run's directory (`000000000042-<writer>`, or

@@ -113,6 +113,7 @@ pub async fn compile(def: &ViewConfig, schema: &EventSchema) -> Result<View, Vie
     let state_schema = states_plan.schema();
     let output_schema = final_plan.schema();
     let final_plan_for_keys = final_plan.clone();
+    let every_group_a_row = keeps_every_row(&final_plan);
     let leaf = find_leaf(&states_plan).ok_or_else(|| {
         ViewError::unsupported(
             &name,
@@ -154,6 +155,7 @@ pub async fn compile(def: &ViewConfig, schema: &EventSchema) -> Result<View, Vie
             Default::default()
         },
         group_columns,
+        every_group_a_row,
         task_ctx: ctx.task_ctx(),
         scan_views: None,
     };
@@ -588,6 +590,25 @@ fn split(
     }
 }
 
+/// Whether finalizing with `final_plan` gives one row per state row: no
+/// HAVING or WHERE over the rows, no LIMIT.
+fn keeps_every_row(final_plan: &Arc<dyn ExecutionPlan>) -> bool {
+    use datafusion::physical_plan::filter::FilterExec;
+    let mut keeps = true;
+    let _ = final_plan.apply(|node| {
+        if node.is::<FilterExec>()
+            || node.is::<GlobalLimitExec>()
+            || node.is::<LocalLimitExec>()
+            || node.fetch().is_some()
+        {
+            keeps = false;
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    keeps
+}
+
 /// Every `AggregateExec`, top first.
 fn collect_aggregates(plan: &Arc<dyn ExecutionPlan>) -> Vec<Arc<dyn ExecutionPlan>> {
     let mut out = Vec::new();
@@ -903,6 +924,58 @@ pub(super) fn distributed(
     Ok(Arc::new(CoalescePartitionsExec::new(with_leaf(
         reduce, shuffled,
     )?)))
+}
+
+/// See [`super::View::shuffled_states_plan`]: `states` over `leaf`, with
+/// the rows hash-partitioned by the aggregation's group keys into `k`
+/// partitions just below it. `None` when the states have no such keys (a
+/// union view, one group, grouping sets: a group of a grouping set spans
+/// keys that land in different partitions, an ordered aggregate).
+pub(super) fn shuffled(
+    states: &Arc<dyn ExecutionPlan>,
+    leaf: Arc<dyn ExecutionPlan>,
+    k: usize,
+) -> datafusion::error::Result<Option<Arc<dyn ExecutionPlan>>> {
+    use datafusion::physical_plan::Partitioning;
+    let plan = with_leaf(states, leaf)?;
+    let Some(node) = collect_aggregates(&plan).pop() else {
+        return Ok(None);
+    };
+    let agg = node
+        .downcast_ref::<AggregateExec>()
+        .expect("collected as AggregateExec");
+    let keys = agg.group_expr();
+    // An ordered aggregate reads its input sorted: a shuffle would interleave it.
+    let ordered = node.required_input_ordering().iter().any(Option::is_some);
+    if keys.is_empty() || !keys.is_single() || ordered || *agg.mode() != AggregateMode::Partial {
+        return Ok(None);
+    }
+    let shuffled = Arc::new(RepartitionExec::try_new(
+        agg.input().clone(),
+        Partitioning::Hash(keys.input_exprs(), k.max(1)),
+    )?);
+    let over: Arc<dyn ExecutionPlan> = Arc::new(AggregateExec::try_new(
+        AggregateMode::Partial,
+        keys.clone(),
+        agg.aggr_expr().to_vec(),
+        agg.filter_expr().to_vec(),
+        shuffled,
+        agg.input_schema(),
+    )?);
+    let replaced = plan
+        .transform_down(|n| {
+            if Arc::ptr_eq(&n, &node) {
+                Ok(Transformed::new(
+                    over.clone(),
+                    true,
+                    TreeNodeRecursion::Jump,
+                ))
+            } else {
+                Ok(Transformed::no(n))
+            }
+        })?
+        .data;
+    Ok(Some(replaced))
 }
 
 /// Runs `plan` with its placeholder leaf replaced by another leaf (a scan).

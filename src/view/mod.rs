@@ -233,6 +233,8 @@ pub struct View {
     fingerprint: String,
     key_columns: std::collections::HashMap<String, usize>,
     group_columns: usize,
+    /// Whether finalizing keeps one row per group (no HAVING, no LIMIT).
+    every_group_a_row: bool,
     task_ctx: compile::Task,
     /// Whether the view reads `_partition` and `_offset` (see [`View::needs_offsets`]).
     needs_offsets: bool,
@@ -439,6 +441,12 @@ impl View {
             .map_err(|e| ViewError::exec(&self.name, e))
     }
 
+    /// Whether [`View::finalize`] gives one row per state row (the view has
+    /// no HAVING and no LIMIT): then a view's row count is its group count.
+    pub fn every_group_a_row(&self) -> bool {
+        self.every_group_a_row
+    }
+
     /// The schema a batch scan of the master dataset should read the view's
     /// columns as: [`View::events_schema`], or with its string columns as
     /// `Utf8View` when the view plans over those (see
@@ -463,6 +471,24 @@ impl View {
             }
             None => self.states_plan_over(leaf),
         }
+    }
+
+    /// [`View::scan_states_plan_over`] a leaf of several partitions, with
+    /// the events hash-partitioned by the view's group keys into `k`
+    /// partitions before they are aggregated: each partition's states hold
+    /// groups no other partition holds, so running the plan gives merged
+    /// states without a merge, and each core's hash table holds its share
+    /// of the groups. `None` for a view without plain group keys.
+    pub fn shuffled_states_plan(
+        &self,
+        leaf: Arc<dyn ExecutionPlan>,
+        k: usize,
+    ) -> Result<Option<Arc<dyn ExecutionPlan>>, ViewError> {
+        let states = match &self.scan_views {
+            Some((_, plan)) => plan,
+            None => &self.states_plan,
+        };
+        compile::shuffled(states, leaf, k).map_err(|e| ViewError::exec(&self.name, e))
     }
 
     /// Runs a plan made by [`View::states_plan_over`] and collects its states.

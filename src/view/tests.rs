@@ -229,13 +229,10 @@ async fn a_view_too_deep_to_plan_is_refused_before_it_is_parsed() {
     );
 }
 
-/// The batch layer scans string columns as `Utf8View` (see
-/// `compile::string_view_states`); the states it computes must finalize to
-/// exactly what the plan over `Utf8` gives, for every kind of string a
-/// view may group, aggregate or transform: short (inline in the view) and
-/// long, multi-byte, empty, null.
-#[tokio::test]
-async fn states_over_string_views_equal_states_over_strings() {
+/// Events of the paper's fields and a nullable `coupon`, with strings of
+/// every kind a view may group, aggregate or transform: short (inline in a
+/// string view) and long, multi-byte, empty, null; in three batches.
+fn mixed_events() -> (EventSchema, Vec<RecordBatch>) {
     use crate::schema::{EventField, FieldType};
     use arrow::array::{ArrayRef, Int64Array, StringArray, TimestampMillisecondArray};
     let paper = EventSchema::paper();
@@ -282,28 +279,44 @@ async fn states_over_string_views_equal_states_over_strings() {
         RecordBatch::try_new(schema.arrow().clone(), columns).unwrap()
     };
     let events = vec![batch(1, 3000), batch(2, 1000), batch(3, 2500)];
-    let sqls = [
-        "SELECT ProductName, count(*) AS n, sum(price) AS revenue FROM events GROUP BY ProductName",
-        "SELECT zipcode, ProductName, price % 10 AS band, count(*) AS n FROM events GROUP BY zipcode, ProductName, price % 10",
-        "SELECT coupon, count(*) AS n, min(ProductName) AS lo, max(ProductName) AS hi FROM events GROUP BY coupon",
-        "SELECT upper(ProductName) AS p, length(coupon) AS l, count(*) AS n FROM events GROUP BY upper(ProductName), length(coupon)",
-        "SELECT zipcode, count(DISTINCT ProductName) AS products, approx_distinct(coupon) AS coupons FROM events GROUP BY zipcode",
-        "SELECT date_trunc('minute', timestamp) AS minute, ProductName, avg(price) AS a FROM events WHERE ProductName LIKE 'prod%' OR coupon = 'x' GROUP BY date_trunc('minute', timestamp), ProductName",
-        "SELECT concat(ProductName, '/', coupon) AS pc, count(*) AS n FROM events GROUP BY concat(ProductName, '/', coupon)",
-        "SELECT ProductName, first_value(coupon ORDER BY timestamp) AS first_coupon FROM events GROUP BY ProductName",
-        "SELECT count(*) AS n, sum(price) AS s FROM events WHERE coupon IS NOT NULL",
-    ];
-    let sorted = |batches: Vec<RecordBatch>| -> Vec<String> {
-        let mut rows: Vec<String> = arrow::util::pretty::pretty_format_batches(&batches)
-            .unwrap()
-            .to_string()
-            .lines()
-            .map(String::from)
-            .collect();
-        rows.sort();
-        rows
-    };
-    for sql in sqls {
+    (schema, events)
+}
+
+/// Views over [`mixed_events`] of every shape the batch layer plans apart.
+const MIXED_SQLS: &[&str] = &[
+    "SELECT ProductName, count(*) AS n, sum(price) AS revenue FROM events GROUP BY ProductName",
+    "SELECT zipcode, ProductName, price % 10 AS band, count(*) AS n FROM events GROUP BY zipcode, ProductName, price % 10",
+    "SELECT coupon, count(*) AS n, min(ProductName) AS lo, max(ProductName) AS hi FROM events GROUP BY coupon",
+    "SELECT upper(ProductName) AS p, length(coupon) AS l, count(*) AS n FROM events GROUP BY upper(ProductName), length(coupon)",
+    "SELECT zipcode, count(DISTINCT ProductName) AS products, approx_distinct(coupon) AS coupons FROM events GROUP BY zipcode",
+    "SELECT date_trunc('minute', timestamp) AS minute, ProductName, avg(price) AS a FROM events WHERE ProductName LIKE 'prod%' OR coupon = 'x' GROUP BY date_trunc('minute', timestamp), ProductName",
+    "SELECT concat(ProductName, '/', coupon) AS pc, count(*) AS n FROM events GROUP BY concat(ProductName, '/', coupon)",
+    "SELECT ProductName, first_value(coupon ORDER BY timestamp) AS first_coupon FROM events GROUP BY ProductName",
+    "SELECT count(*) AS n, sum(price) AS s FROM events WHERE coupon IS NOT NULL",
+];
+
+/// Rows as sorted lines, to compare answers whose order is not defined.
+fn sorted_lines(batches: Vec<RecordBatch>) -> Vec<String> {
+    let mut rows: Vec<String> = arrow::util::pretty::pretty_format_batches(&batches)
+        .unwrap()
+        .to_string()
+        .lines()
+        .map(String::from)
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// The batch layer scans string columns as `Utf8View` (see
+/// `compile::string_view_states`); the states it computes must finalize to
+/// exactly what the plan over `Utf8` gives, for every kind of string a
+/// view may group, aggregate or transform: short (inline in the view) and
+/// long, multi-byte, empty, null.
+#[tokio::test]
+async fn states_over_string_views_equal_states_over_strings() {
+    let (schema, events) = mixed_events();
+    let sorted = sorted_lines;
+    for &sql in MIXED_SQLS {
         let view = compile(&def(sql), &schema)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
@@ -394,6 +407,118 @@ async fn states_over_string_views_equal_states_over_strings() {
             sorted(got),
             sorted(expected),
             "{sql}: the view's rows over string views equal those over strings"
+        );
+    }
+}
+
+/// A view of many groups is computed with its events shuffled among the
+/// cores by group key (`View::shuffled_states_plan`): each partition's
+/// states then hold groups no other holds, and together they are the
+/// merged states — every group once, finalizing to what one pass gives and
+/// merging with the speed layer's states as any states do. Views whose
+/// groups cannot be split by key (none, grouping sets) are not shuffled.
+#[tokio::test]
+async fn states_shuffled_by_group_key_are_the_merged_states() {
+    let (schema, events) = mixed_events();
+    let mut sqls = MIXED_SQLS.to_vec();
+    sqls.push("SELECT ProductName, zipcode, count(*) AS n FROM events GROUP BY ROLLUP(ProductName, zipcode)");
+    sqls.push("SELECT zipcode, count(*) AS n FROM events GROUP BY zipcode HAVING count(*) > 850");
+    for sql in sqls {
+        let view = match compile(&def(sql), &schema).await {
+            Ok(v) => v,
+            // A shape views do not take is not this test's business.
+            Err(e) if sql.contains("ROLLUP") => {
+                eprintln!("{sql}: {e}");
+                continue;
+            }
+            Err(e) => panic!("{sql}: {e}"),
+        };
+        // Ordered aggregates break ties by `_partition`/`_offset`, which a
+        // scan reads beside the events.
+        let input: Vec<RecordBatch> = if view.needs_offsets() {
+            let mut first = 0u64;
+            events
+                .iter()
+                .map(|b| {
+                    let out = crate::view::input::with_offsets(b, 0, first).unwrap();
+                    first += b.num_rows() as u64;
+                    out
+                })
+                .collect()
+        } else {
+            events.clone()
+        };
+        let read = view.scan_schema().clone();
+        let viewed: Vec<RecordBatch> = input
+            .iter()
+            .map(|b| {
+                let columns = b
+                    .columns()
+                    .iter()
+                    .zip(read.fields())
+                    .map(|(c, f)| arrow::compute::cast(c, f.data_type()).unwrap())
+                    .collect::<Vec<_>>();
+                RecordBatch::try_new(read.clone(), columns).unwrap()
+            })
+            .collect();
+        // Three scans (file groups), shuffled into two partitions.
+        let leaf = datafusion::datasource::memory::MemorySourceConfig::try_new_exec(
+            &[
+                vec![viewed[0].clone()],
+                vec![viewed[1].clone()],
+                vec![viewed[2].clone()],
+            ],
+            read.clone(),
+            view.leaf_projection().cloned(),
+        )
+        .unwrap();
+        let plan = view.shuffled_states_plan(leaf, 2).unwrap();
+        let plain_keys = view.group_columns() > 0 && !sql.contains("ROLLUP");
+        assert_eq!(
+            plan.is_some(),
+            plain_keys,
+            "{sql}: shuffled exactly when the view groups by plain keys"
+        );
+        let Some(plan) = plan else { continue };
+        assert_eq!(
+            plan.properties().output_partitioning().partition_count(),
+            2,
+            "{sql}: the states come out of two partitions"
+        );
+        let shuffled = view
+            .run_states_plan(plan)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let merged = view.states(input.clone()).await.unwrap();
+        assert_eq!(
+            shuffled.schema(),
+            view.state_schema().clone(),
+            "{sql}: shuffled states carry the state schema"
+        );
+        assert_eq!(
+            shuffled.num_rows(),
+            merged.num_rows(),
+            "{sql}: every group once, as merged states hold it"
+        );
+        let expected = view.finalize(vec![merged.clone()]).await.unwrap();
+        let got = view.finalize(vec![shuffled.clone()]).await.unwrap();
+        assert_eq!(
+            sorted_lines(got),
+            sorted_lines(expected),
+            "{sql}: shuffled states finalize to the view's rows"
+        );
+        // Merged with realtime states over the first batch again: as the
+        // merged states are.
+        let realtime = view.states(vec![input[0].clone()]).await.unwrap();
+        let a = view
+            .finalize(vec![shuffled, realtime.clone()])
+            .await
+            .unwrap();
+        let b = view.finalize(vec![merged, realtime]).await.unwrap();
+        assert_eq!(
+            sorted_lines(a),
+            sorted_lines(b),
+            "{sql}: shuffled states merge with the speed layer's as merged states do"
         );
     }
 }

@@ -490,3 +490,112 @@ fn approx_distinct_of_a_string_counts_a_value_on_both_sides_once() {
     }
     server.stop();
 }
+
+/// A view of many groups is recomputed with its events shuffled among the
+/// cores by group key, once a published run has said how many groups it
+/// has (`[batch] shuffle_above_groups`); a view of more groups than
+/// `[batch] tsv_max_rows` publishes its states and no `rows.tsv`, its row
+/// count still exact (a HAVING finalizes to count them). Every published
+/// view equals its SQL over the master dataset.
+#[test]
+fn a_view_of_many_groups_is_shuffled_by_key_and_writes_no_tsv_past_the_bound() {
+    let views = [
+        (
+            "by_zip",
+            "SELECT zipcode, ProductName, count(*) AS n, sum(price) AS revenue, avg(price) AS a, min(price) AS lo, max(price) AS hi, approx_distinct(ProductName) AS d FROM events GROUP BY zipcode, ProductName",
+        ),
+        (
+            "busy",
+            "SELECT zipcode % 13 AS z, count(*) AS n FROM events GROUP BY zipcode % 13 HAVING count(*) > 115",
+        ),
+        (
+            "products",
+            "SELECT ProductName, count(*) AS n, sum(price) AS revenue FROM events GROUP BY ProductName",
+        ),
+    ];
+    let defs: String = views
+        .iter()
+        .map(|(name, sql)| format!("[[views]]\nname = \"{name}\"\nsql = \"{sql}\"\n"))
+        .collect();
+    let site = Site::new(&format!(
+        "{CONFIG}shuffle_above_groups = 5\ntsv_max_rows = 8\n{defs}"
+    ));
+    let server = site.serve(&[]);
+    send(&server.url, 0, 1500);
+    server.wait_settled(Duration::from_secs(90));
+    server.stop();
+
+    // Runs were published while serving: each view's groups are known.
+    let out = std::process::Command::new(common::BIN)
+        .args(["rebuild", "--config"])
+        .arg(&site.config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("scan+shuffle+states"),
+        "views of 5 groups or more are shuffled by key once a run has counted their groups: {stdout}"
+    );
+
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(site.data.join("views/CURRENT")).unwrap()).unwrap();
+    let entry = |v: &str| manifest["views"][v].clone();
+    for (view, groups, rows, tsv) in [
+        ("by_zip", 1500, 1500, false),
+        ("busy", 13, 5, false),
+        ("products", 7, 7, true),
+    ] {
+        let e = entry(view);
+        assert_eq!(e["groups"], groups, "{view}: {e}");
+        assert_eq!(
+            e["rows"], rows,
+            "{view}: the row count is exact with or without a TSV: {e}"
+        );
+        assert_eq!(
+            e.get("tsv").is_some(),
+            tsv,
+            "{view}: a rows.tsv only at most 8 groups: {e}"
+        );
+        let dir = e["states"]["path"]
+            .as_str()
+            .unwrap()
+            .rsplit_once('/')
+            .unwrap()
+            .0
+            .to_string();
+        assert_eq!(
+            site.data.join(&dir).join("rows.tsv").exists(),
+            tsv,
+            "{view}: {dir}/rows.tsv is written exactly when the manifest names it"
+        );
+    }
+
+    let (_, events) = common::master_events(&site.data);
+    common::rt().block_on(async {
+        let config = Config::load(Some(&site.config)).unwrap();
+        let batch = lambdaflow::node::open_batch(&config).await.unwrap();
+        let m = batch.current().await.unwrap().expect("a published run");
+        for view in batch.views().iter() {
+            let states = batch.read_states(&m, view).await.unwrap();
+            let got = view.finalize(vec![states]).await.unwrap();
+            let want = lambdaflow::view::oracle::run_sql(
+                &lambdaflow::schema::EventSchema::paper(),
+                view.sql(),
+                events.clone(),
+            )
+            .await
+            .unwrap();
+            lambdaflow::view::oracle::same_rows(&got, &want, false, 1e-12).unwrap_or_else(|d| {
+                panic!(
+                    "view `{}` shuffled by key differs from its SQL over the master dataset: {d}",
+                    view.name()
+                )
+            });
+        }
+    });
+}

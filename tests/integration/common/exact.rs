@@ -174,7 +174,11 @@ pub fn assert_views_equal_sql_in(
                 panic!("view `{}` published by the batch layer differs from its SQL over the Delta table: {d}", view.name())
             });
             // The TSV holds the same rows.
-            let tsv_path = &m.views[view.name()].tsv.path;
+            let tsv_path = &m.views[view.name()]
+                .tsv
+                .as_ref()
+                .unwrap_or_else(|| panic!("view `{}` of {} groups has no rows.tsv; a view of at most [batch] tsv_max_rows groups has one", view.name(), m.views[view.name()].groups))
+                .path;
             let tsv = match storage {
                 None => std::fs::read_to_string(data.join(tsv_path)).unwrap(),
                 Some(s) => String::from_utf8(s.get(tsv_path).await.unwrap().unwrap().to_vec()).unwrap(),
