@@ -658,7 +658,12 @@ impl BatchLayer {
                             .compute_states(engine, view, &added, None, progress, compute)
                             .await?;
                         let merging = Instant::now();
-                        let states = view.merge(vec![published, states]).await?;
+                        let parts = vec![published, states];
+                        let states = if self.many_groups(&parts) {
+                            view.merge_shuffled(parts, self.parallelism).await?
+                        } else {
+                            view.merge(parts).await?
+                        };
                         compute.add("merge into the published states", merging.elapsed());
                         let lineage = Lineage::incremental(
                             &base,
@@ -972,11 +977,23 @@ impl BatchLayer {
             parts.push(states);
             failed.extend(rows);
         }
-        Ok((view.merge(parts).await?, failed, false))
+        let merged = if self.many_groups(&parts) {
+            view.merge_shuffled(parts, self.parallelism).await?
+        } else {
+            view.merge(parts).await?
+        };
+        Ok((merged, failed, false))
     }
 }
 
 impl BatchLayer {
+    /// Whether state sets are large enough (`[batch] shuffle_above_groups`
+    /// rows in the largest) to be merged on every core by group key.
+    fn many_groups(&self, parts: &[RecordBatch]) -> bool {
+        let largest = parts.iter().map(|b| b.num_rows() as u64).max();
+        self.parallelism > 1 && largest.is_some_and(|n| n >= self.policy.shuffle_above_groups)
+    }
+
     /// A view's states over `groups` of files, one scan per group, the
     /// events shuffled among the cores by group key before they are
     /// aggregated (see [`View::shuffled_states_plan`]). `None` when the

@@ -978,6 +978,49 @@ pub(super) fn shuffled(
     Ok(Some(replaced))
 }
 
+/// See [`super::View::merge_shuffled`]: `reduce` over `parts` cut into
+/// slices of at most `slice` rows, dealt to `k` scans and hash-partitioned
+/// by the group keys into `k` partitions. `None` when the states have no
+/// plain group keys.
+pub(super) fn shuffled_merge(
+    reduce: &Arc<dyn ExecutionPlan>,
+    schema: &SchemaRef,
+    parts: &[arrow::record_batch::RecordBatch],
+    k: usize,
+    slice: usize,
+) -> datafusion::error::Result<Option<Arc<dyn ExecutionPlan>>> {
+    use datafusion::physical_plan::Partitioning;
+    let Some(agg) = reduce.downcast_ref::<AggregateExec>() else {
+        return Ok(None);
+    };
+    let keys = agg.group_expr();
+    if keys.is_empty() || !keys.is_single() {
+        return Ok(None);
+    }
+    let k = k.max(1);
+    let mut scans = vec![Vec::new(); k];
+    let mut next = 0;
+    for b in parts {
+        let mut at = 0;
+        while at < b.num_rows() {
+            let n = slice.max(1).min(b.num_rows() - at);
+            scans[next % k].push(b.slice(at, n));
+            next += 1;
+            at += n;
+        }
+    }
+    let leaf = datafusion::datasource::memory::MemorySourceConfig::try_new_exec(
+        &scans,
+        schema.clone(),
+        None,
+    )?;
+    let shuffled = Arc::new(RepartitionExec::try_new(
+        leaf,
+        Partitioning::Hash(keys.input_exprs(), k),
+    )?);
+    with_leaf(reduce, shuffled).map(Some)
+}
+
 /// Runs `plan` with its placeholder leaf replaced by another leaf (a scan).
 pub(super) fn with_leaf(
     plan: &Arc<dyn ExecutionPlan>,

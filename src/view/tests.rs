@@ -514,11 +514,31 @@ async fn states_shuffled_by_group_key_are_the_merged_states() {
             .finalize(vec![shuffled, realtime.clone()])
             .await
             .unwrap();
-        let b = view.finalize(vec![merged, realtime]).await.unwrap();
+        let b = view
+            .finalize(vec![merged.clone(), realtime.clone()])
+            .await
+            .unwrap();
         assert_eq!(
             sorted_lines(a),
-            sorted_lines(b),
+            sorted_lines(b.clone()),
             "{sql}: shuffled states merge with the speed layer's as merged states do"
+        );
+        // A merge on two cores by key (the published states and a run's
+        // new ones, in slices of 100 rows) is the merge.
+        let two = view
+            .merge_shuffled_in(vec![merged.clone(), realtime.clone()], 2, 100)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let one = view.merge(vec![merged, realtime]).await.unwrap();
+        assert_eq!(
+            two.num_rows(),
+            one.num_rows(),
+            "{sql}: a merge on two cores holds every group once"
+        );
+        assert_eq!(
+            sorted_lines(view.finalize(vec![two]).await.unwrap()),
+            sorted_lines(b),
+            "{sql}: a merge on two cores finalizes as the merge does"
         );
     }
 }
