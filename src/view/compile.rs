@@ -590,17 +590,22 @@ fn split(
     }
 }
 
-/// Whether finalizing with `final_plan` gives one row per state row: no
-/// HAVING or WHERE over the rows, no LIMIT.
+/// Whether finalizing with `final_plan` gives one row per state row: it
+/// holds only nodes that keep every row (the final aggregation over the
+/// states, projections, sorts without a fetch, the moving of partitions) —
+/// no HAVING, no LIMIT, no `unnest` or anything else that drops or makes
+/// rows.
 fn keeps_every_row(final_plan: &Arc<dyn ExecutionPlan>) -> bool {
-    use datafusion::physical_plan::filter::FilterExec;
+    use datafusion::physical_plan::projection::ProjectionExec;
     let mut keeps = true;
     let _ = final_plan.apply(|node| {
-        if node.is::<FilterExec>()
-            || node.is::<GlobalLimitExec>()
-            || node.is::<LocalLimitExec>()
-            || node.fetch().is_some()
-        {
+        let keeps_rows = node.is::<InputExec>()
+            || node.is::<AggregateExec>()
+            || node.is::<ProjectionExec>()
+            || node.is::<SortExec>()
+            || node.is::<SortPreservingMergeExec>()
+            || is_plumbing(node);
+        if !keeps_rows || node.fetch().is_some() {
             keeps = false;
             return Ok(TreeNodeRecursion::Stop);
         }

@@ -542,3 +542,52 @@ async fn states_shuffled_by_group_key_are_the_merged_states() {
         );
     }
 }
+
+/// A view's row count is its group count only when finalizing keeps every
+/// group as one row: what lets a large view's run skip finalizing when it
+/// writes no TSV. `unnest` makes rows (red team: 864,842 rows published
+/// where 2,000,000 were); HAVING and LIMIT drop them.
+#[tokio::test]
+async fn a_view_counts_its_rows_as_groups_only_when_finalizing_keeps_each() {
+    let schema = EventSchema::paper();
+    for (sql, keeps) in [
+        (
+            "SELECT ProductName, count(*) AS n FROM events GROUP BY ProductName",
+            true,
+        ),
+        (
+            "SELECT ProductName, count(*) AS n FROM events GROUP BY ProductName ORDER BY n DESC",
+            true,
+        ),
+        (
+            "SELECT ProductName, sum(price) / count(*) AS a FROM events GROUP BY ProductName",
+            true,
+        ),
+        ("SELECT zipcode, price FROM events WHERE price > 3", true),
+        (
+            "SELECT ProductName, count(*) AS n FROM events GROUP BY ProductName HAVING count(*) > 2",
+            false,
+        ),
+        (
+            "SELECT ProductName, count(*) AS n FROM events GROUP BY ProductName ORDER BY n DESC LIMIT 3",
+            false,
+        ),
+        (
+            "SELECT ProductName, count(*) AS n FROM events GROUP BY ProductName ORDER BY ProductName LIMIT 3 OFFSET 1",
+            false,
+        ),
+        (
+            "SELECT zipcode, unnest(array_agg(price)) AS p FROM events GROUP BY zipcode",
+            false,
+        ),
+    ] {
+        let view = compile(&def(sql), &schema)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert_eq!(
+            view.every_group_a_row(),
+            keeps,
+            "{sql}: whether finalizing gives one row per group"
+        );
+    }
+}
