@@ -658,12 +658,7 @@ impl BatchLayer {
                             .compute_states(engine, view, &added, None, progress, compute)
                             .await?;
                         let merging = Instant::now();
-                        let parts = vec![published, states];
-                        let states = if self.many_groups(&parts) {
-                            view.merge_shuffled(parts, self.parallelism).await?
-                        } else {
-                            view.merge(parts).await?
-                        };
+                        let states = view.merge(vec![published, states]).await?;
                         compute.add("merge into the published states", merging.elapsed());
                         let lineage = Lineage::incremental(
                             &base,
@@ -977,23 +972,11 @@ impl BatchLayer {
             parts.push(states);
             failed.extend(rows);
         }
-        let merged = if self.many_groups(&parts) {
-            view.merge_shuffled(parts, self.parallelism).await?
-        } else {
-            view.merge(parts).await?
-        };
-        Ok((merged, failed, false))
+        Ok((view.merge(parts).await?, failed, false))
     }
 }
 
 impl BatchLayer {
-    /// Whether state sets are large enough (`[batch] shuffle_above_groups`
-    /// rows in the largest) to be merged on every core by group key.
-    fn many_groups(&self, parts: &[RecordBatch]) -> bool {
-        let largest = parts.iter().map(|b| b.num_rows() as u64).max();
-        self.parallelism > 1 && largest.is_some_and(|n| n >= self.policy.shuffle_above_groups)
-    }
-
     /// A view's states over `groups` of files, one scan per group, the
     /// events shuffled among the cores by group key before they are
     /// aggregated (see [`View::shuffled_states_plan`]). `None` when the

@@ -590,18 +590,23 @@ fn split(
     }
 }
 
-/// Whether finalizing with `final_plan` gives one row per state row: it
-/// holds only nodes that keep every row (the final aggregation over the
-/// states, projections, sorts without a fetch, the moving of partitions) —
-/// no HAVING, no LIMIT, no `unnest` or anything else that drops or makes
-/// rows.
+/// Whether finalizing with `final_plan` gives one row per state row and
+/// cannot fail once the states exist: it holds only nodes that keep every
+/// row (the final aggregation over the states, projections of columns,
+/// sorts without a fetch, the moving of partitions) — no HAVING, no LIMIT,
+/// no `unnest` or anything else that drops or makes rows, and no
+/// expression over the aggregates (`sum(a) / count(*)` may divide by zero:
+/// such a view is finalized in every run, so its failure does not depend
+/// on its size).
 fn keeps_every_row(final_plan: &Arc<dyn ExecutionPlan>) -> bool {
+    use datafusion::physical_expr::expressions::Column;
     use datafusion::physical_plan::projection::ProjectionExec;
     let mut keeps = true;
     let _ = final_plan.apply(|node| {
+        let columns = |p: &ProjectionExec| p.expr().iter().all(|e| e.expr.is::<Column>());
         let keeps_rows = node.is::<InputExec>()
             || node.is::<AggregateExec>()
-            || node.is::<ProjectionExec>()
+            || node.downcast_ref::<ProjectionExec>().is_some_and(columns)
             || node.is::<SortExec>()
             || node.is::<SortPreservingMergeExec>()
             || is_plumbing(node);
@@ -981,49 +986,6 @@ pub(super) fn shuffled(
         })?
         .data;
     Ok(Some(replaced))
-}
-
-/// See [`super::View::merge_shuffled`]: `reduce` over `parts` cut into
-/// slices of at most `slice` rows, dealt to `k` scans and hash-partitioned
-/// by the group keys into `k` partitions. `None` when the states have no
-/// plain group keys.
-pub(super) fn shuffled_merge(
-    reduce: &Arc<dyn ExecutionPlan>,
-    schema: &SchemaRef,
-    parts: &[arrow::record_batch::RecordBatch],
-    k: usize,
-    slice: usize,
-) -> datafusion::error::Result<Option<Arc<dyn ExecutionPlan>>> {
-    use datafusion::physical_plan::Partitioning;
-    let Some(agg) = reduce.downcast_ref::<AggregateExec>() else {
-        return Ok(None);
-    };
-    let keys = agg.group_expr();
-    if keys.is_empty() || !keys.is_single() {
-        return Ok(None);
-    }
-    let k = k.max(1);
-    let mut scans = vec![Vec::new(); k];
-    let mut next = 0;
-    for b in parts {
-        let mut at = 0;
-        while at < b.num_rows() {
-            let n = slice.max(1).min(b.num_rows() - at);
-            scans[next % k].push(b.slice(at, n));
-            next += 1;
-            at += n;
-        }
-    }
-    let leaf = datafusion::datasource::memory::MemorySourceConfig::try_new_exec(
-        &scans,
-        schema.clone(),
-        None,
-    )?;
-    let shuffled = Arc::new(RepartitionExec::try_new(
-        leaf,
-        Partitioning::Hash(keys.input_exprs(), k),
-    )?);
-    with_leaf(reduce, shuffled).map(Some)
 }
 
 /// Runs `plan` with its placeholder leaf replaced by another leaf (a scan).

@@ -519,36 +519,6 @@ impl View {
         }
     }
 
-    /// [`View::merge`] on `k` cores: the states hash-partitioned by group
-    /// key, each partition's groups merged on its own. For many groups (a
-    /// large view's published states and a run's new ones); few merge
-    /// faster on one core.
-    pub async fn merge_shuffled(
-        &self,
-        parts: Vec<RecordBatch>,
-        k: usize,
-    ) -> Result<RecordBatch, ViewError> {
-        self.merge_shuffled_in(parts, k, 64 * 1024).await
-    }
-
-    /// [`View::merge_shuffled`] reading the states in slices of `slice` rows.
-    pub(crate) async fn merge_shuffled_in(
-        &self,
-        parts: Vec<RecordBatch>,
-        k: usize,
-        slice: usize,
-    ) -> Result<RecordBatch, ViewError> {
-        if let Some(reduce) = &self.reduce_plan
-            && k > 1
-            && let Some(plan) =
-                compile::shuffled_merge(reduce, &self.state_schema, &parts, k, slice)
-                    .map_err(|e| ViewError::exec(&self.name, e))?
-        {
-            return self.collect_one(plan, &self.state_schema).await;
-        }
-        self.merge(parts).await
-    }
-
     /// Merges state sets and finalizes them into the view's rows (HAVING,
     /// ORDER BY and LIMIT applied after the merge).
     pub async fn finalize(&self, parts: Vec<RecordBatch>) -> Result<Vec<RecordBatch>, ViewError> {

@@ -514,39 +514,22 @@ async fn states_shuffled_by_group_key_are_the_merged_states() {
             .finalize(vec![shuffled, realtime.clone()])
             .await
             .unwrap();
-        let b = view
-            .finalize(vec![merged.clone(), realtime.clone()])
-            .await
-            .unwrap();
+        let b = view.finalize(vec![merged, realtime]).await.unwrap();
         assert_eq!(
             sorted_lines(a),
-            sorted_lines(b.clone()),
-            "{sql}: shuffled states merge with the speed layer's as merged states do"
-        );
-        // A merge on two cores by key (the published states and a run's
-        // new ones, in slices of 100 rows) is the merge.
-        let two = view
-            .merge_shuffled_in(vec![merged.clone(), realtime.clone()], 2, 100)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
-        let one = view.merge(vec![merged, realtime]).await.unwrap();
-        assert_eq!(
-            two.num_rows(),
-            one.num_rows(),
-            "{sql}: a merge on two cores holds every group once"
-        );
-        assert_eq!(
-            sorted_lines(view.finalize(vec![two]).await.unwrap()),
             sorted_lines(b),
-            "{sql}: a merge on two cores finalizes as the merge does"
+            "{sql}: shuffled states merge with the speed layer's as merged states do"
         );
     }
 }
 
 /// A view's row count is its group count only when finalizing keeps every
-/// group as one row: what lets a large view's run skip finalizing when it
-/// writes no TSV. `unnest` makes rows (red team: 864,842 rows published
-/// where 2,000,000 were); HAVING and LIMIT drop them.
+/// group as one row and cannot fail: what lets a large view's run skip
+/// finalizing when it writes no TSV. `unnest` makes rows (red team: 864,842
+/// rows published where 2,000,000 were); HAVING and LIMIT drop them; an
+/// expression over the aggregates may fail, and a failure must not depend
+/// on the view's size (red team: a division by zero failed the batch run
+/// of a small view and published a large one).
 #[tokio::test]
 async fn a_view_counts_its_rows_as_groups_only_when_finalizing_keeps_each() {
     let schema = EventSchema::paper();
@@ -560,8 +543,14 @@ async fn a_view_counts_its_rows_as_groups_only_when_finalizing_keeps_each() {
             true,
         ),
         (
-            "SELECT ProductName, sum(price) / count(*) AS a FROM events GROUP BY ProductName",
+            "SELECT ProductName, avg(price) AS a, min(zipcode) AS z FROM events GROUP BY ProductName",
             true,
+        ),
+        // An expression over the aggregates may fail (a division by zero):
+        // finalized in every run, whatever the view's size.
+        (
+            "SELECT ProductName, sum(price) / count(*) AS a FROM events GROUP BY ProductName",
+            false,
         ),
         ("SELECT zipcode, price FROM events WHERE price > 3", true),
         (

@@ -110,12 +110,7 @@ fn incremental_equals_full(seed: u64, n: usize, steps: usize) {
     let (defs, ordered) = views();
     common::rt().block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        // The incremental side merges on both cores by group key (and a
-        // full run of it shuffles its events so) from a handful of groups;
-        // the full recompute it is checked against never does.
-        let mut shuffling = config(dir.path(), &defs, None);
-        shuffling.batch.shuffle_above_groups = 4;
-        let layer = open(&shuffling).await;
+        let layer = open(&config(dir.path(), &defs, None)).await;
         let mut rng = Lcg(seed);
         // Event times within 6 s before each commit (their order random,
         // so late events too), runs 150–450 ms apart: the rollup tiers
