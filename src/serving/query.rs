@@ -250,7 +250,7 @@ impl TableProvider for ViewTable {
                     .answer_at(self.index, &pinned.snap)
                     .await
                     .map_err(|e| DataFusionError::External(Box::new(e)))?;
-                let bytes = a.rows.iter().map(|b| b.get_array_memory_size()).sum();
+                let bytes = held_bytes(&a.rows);
                 let reservation = MemoryConsumer::new(format!("view {}", self.index))
                     .register(&state.runtime_env().memory_pool);
                 reservation.try_grow(bytes)?;
@@ -265,6 +265,39 @@ impl TableProvider for ViewTable {
             projection.cloned(),
         )?)
     }
+}
+
+/// The memory `batches` hold, each allocation counted once: a view's
+/// merged rows are slices of one aggregation's output, and each slice's
+/// `get_array_memory_size` is the whole output's (red team: a 24 MB view
+/// was charged 2.8 GB, and SQL over it refused).
+pub(crate) fn held_bytes(batches: &[RecordBatch]) -> usize {
+    fn walk(
+        data: &arrow::array::ArrayData,
+        seen: &mut std::collections::HashSet<usize>,
+        total: &mut usize,
+    ) {
+        let buffers = data
+            .buffers()
+            .iter()
+            .chain(data.nulls().map(|n| n.buffer()));
+        for b in buffers {
+            if seen.insert(b.data_ptr().as_ptr() as usize) {
+                *total += b.capacity();
+            }
+        }
+        for child in data.child_data() {
+            walk(child, seen, total);
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    for b in batches {
+        for c in b.columns() {
+            walk(&c.to_data(), &mut seen, &mut total);
+        }
+    }
+    total
 }
 
 /// The views as tables, planned once: a session per query is this
@@ -535,5 +568,53 @@ impl Reply {
             json.extend_from_slice(b"[]");
         }
         Ok((json, self.rows, self.truncated))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, StringArray};
+
+    /// A view's merged rows are slices of one output: their memory is the
+    /// output's once, not once per slice (red team: 2.8 GB charged for a
+    /// 24 MB view, and its SQL refused).
+    #[test]
+    fn slices_of_one_batch_hold_its_memory_once() {
+        let n = 1_000_000;
+        let build = || {
+            RecordBatch::try_from_iter([
+                (
+                    "k",
+                    Arc::new(Int64Array::from_iter_values(0..n)) as arrow::array::ArrayRef,
+                ),
+                (
+                    "s",
+                    Arc::new(StringArray::from_iter_values(
+                        (0..n).map(|i| format!("product{}", i % 97)),
+                    )) as arrow::array::ArrayRef,
+                ),
+            ])
+            .unwrap()
+        };
+        let whole = build();
+        let slices: Vec<RecordBatch> = (0..n as usize)
+            .step_by(8192)
+            .map(|at| whole.slice(at, 8192.min(n as usize - at)))
+            .collect();
+        let once = held_bytes(std::slice::from_ref(&whole));
+        assert_eq!(
+            held_bytes(&slices),
+            once,
+            "{} slices hold the whole batch's buffers, counted once",
+            slices.len()
+        );
+        let naive: usize = slices.iter().map(|b| b.get_array_memory_size()).sum();
+        assert!(
+            naive > 100 * once,
+            "each slice reports the whole batch ({naive} bytes against {once})"
+        );
+        // Two batches that share nothing hold both.
+        assert_eq!(held_bytes(&[whole, build()]), 2 * once);
     }
 }
