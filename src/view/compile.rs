@@ -648,7 +648,7 @@ fn replace_node(
     plan: &Arc<dyn ExecutionPlan>,
     target: &Arc<dyn ExecutionPlan>,
     with: Arc<dyn ExecutionPlan>,
-) -> Result<Arc<dyn ExecutionPlan>, ViewError> {
+) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
     plan.clone()
         .transform_down(|node| {
             if Arc::ptr_eq(&node, target) {
@@ -662,7 +662,6 @@ fn replace_node(
             }
         })
         .map(|t| t.data)
-        .map_err(|e| ViewError::Internal(e.into()))
 }
 
 /// A view's plan cut at its state boundary.
@@ -777,7 +776,7 @@ fn split_aggregate(
             .into(),
         ));
     }
-    let final_plan = replace_node(physical, top_node, final_agg)?;
+    let final_plan = replace_node(physical, top_node, final_agg).map_err(df)?;
     Ok(Split {
         kind: ViewKind::Aggregate,
         states: partial,
@@ -806,7 +805,8 @@ fn split_union(view: &str, physical: &Arc<dyn ExecutionPlan>) -> Result<Split, V
     let leaf: Arc<dyn ExecutionPlan> = Arc::new(
         InputExec::placeholder(states_schema, None).map_err(|e| ViewError::Internal(e.into()))?,
     );
-    let final_plan = replace_node(physical, &boundary, leaf)?;
+    let final_plan =
+        replace_node(physical, &boundary, leaf).map_err(|e| ViewError::Internal(e.into()))?;
     let _ = view;
     let group_columns = boundary.schema().fields().len();
     Ok(Split {
@@ -972,20 +972,7 @@ pub(super) fn shuffled(
         shuffled,
         agg.input_schema(),
     )?);
-    let replaced = plan
-        .transform_down(|n| {
-            if Arc::ptr_eq(&n, &node) {
-                Ok(Transformed::new(
-                    over.clone(),
-                    true,
-                    TreeNodeRecursion::Jump,
-                ))
-            } else {
-                Ok(Transformed::no(n))
-            }
-        })?
-        .data;
-    Ok(Some(replaced))
+    replace_node(&plan, &node, over).map(Some)
 }
 
 /// Runs `plan` with its placeholder leaf replaced by another leaf (a scan).

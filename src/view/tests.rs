@@ -295,6 +295,40 @@ const MIXED_SQLS: &[&str] = &[
     "SELECT count(*) AS n, sum(price) AS s FROM events WHERE coupon IS NOT NULL",
 ];
 
+/// `events` as `view` reads them: with `_partition`/`_offset` (all of
+/// partition 0, numbered in order) when its ordered aggregates break ties
+/// by them.
+fn view_input(view: &View, events: &[RecordBatch]) -> Vec<RecordBatch> {
+    if !view.needs_offsets() {
+        return events.to_vec();
+    }
+    let mut first = 0u64;
+    events
+        .iter()
+        .map(|b| {
+            let out = crate::view::input::with_offsets(b, 0, first).unwrap();
+            first += b.num_rows() as u64;
+            out
+        })
+        .collect()
+}
+
+/// `batches` cast to `read`, the types a batch scan reads (strings as views).
+fn as_scanned(read: &SchemaRef, batches: &[RecordBatch]) -> Vec<RecordBatch> {
+    batches
+        .iter()
+        .map(|b| {
+            let columns = b
+                .columns()
+                .iter()
+                .zip(read.fields())
+                .map(|(c, f)| arrow::compute::cast(c, f.data_type()).unwrap())
+                .collect::<Vec<_>>();
+            RecordBatch::try_new(read.clone(), columns).unwrap()
+        })
+        .collect()
+}
+
 /// Rows as sorted lines, to compare answers whose order is not defined.
 fn sorted_lines(batches: Vec<RecordBatch>) -> Vec<String> {
     let mut rows: Vec<String> = arrow::util::pretty::pretty_format_batches(&batches)
@@ -331,36 +365,13 @@ async fn states_over_string_views_equal_states_over_strings() {
             over_views,
             "{sql}: the batch scan reads its strings as views unless an aggregate's state depends on their type"
         );
-        let input: Vec<RecordBatch> = if view.needs_offsets() {
-            let mut first = 0u64;
-            events
-                .iter()
-                .map(|b| {
-                    let out = crate::view::input::with_offsets(b, 0, first).unwrap();
-                    first += b.num_rows() as u64;
-                    out
-                })
-                .collect()
-        } else {
-            events.clone()
-        };
+        let input = view_input(&view, &events);
         let expected = view
             .finalize(vec![view.states(input.clone()).await.unwrap()])
             .await
             .unwrap();
         // The same events as the scan reads them: strings as views.
-        let viewed: Vec<RecordBatch> = input
-            .iter()
-            .map(|b| {
-                let columns = b
-                    .columns()
-                    .iter()
-                    .zip(read.fields())
-                    .map(|(c, f)| arrow::compute::cast(c, f.data_type()).unwrap())
-                    .collect::<Vec<_>>();
-                RecordBatch::try_new(read.clone(), columns).unwrap()
-            })
-            .collect();
+        let viewed = as_scanned(&read, &input);
         let scan = |batches: Vec<RecordBatch>| {
             let leaf = datafusion::datasource::memory::MemorySourceConfig::try_new_exec(
                 &[batches],
@@ -435,32 +446,9 @@ async fn states_shuffled_by_group_key_are_the_merged_states() {
         };
         // Ordered aggregates break ties by `_partition`/`_offset`, which a
         // scan reads beside the events.
-        let input: Vec<RecordBatch> = if view.needs_offsets() {
-            let mut first = 0u64;
-            events
-                .iter()
-                .map(|b| {
-                    let out = crate::view::input::with_offsets(b, 0, first).unwrap();
-                    first += b.num_rows() as u64;
-                    out
-                })
-                .collect()
-        } else {
-            events.clone()
-        };
+        let input = view_input(&view, &events);
         let read = view.scan_schema().clone();
-        let viewed: Vec<RecordBatch> = input
-            .iter()
-            .map(|b| {
-                let columns = b
-                    .columns()
-                    .iter()
-                    .zip(read.fields())
-                    .map(|(c, f)| arrow::compute::cast(c, f.data_type()).unwrap())
-                    .collect::<Vec<_>>();
-                RecordBatch::try_new(read.clone(), columns).unwrap()
-            })
-            .collect();
+        let viewed = as_scanned(&read, &input);
         // Three scans (file groups), shuffled into two partitions.
         let leaf = datafusion::datasource::memory::MemorySourceConfig::try_new_exec(
             &[

@@ -19,6 +19,29 @@ use lambdaflow::config::Config;
 const CONFIG: &str =
     "[archive]\nchunk_events = 700\nchunk_age = \"100ms\"\n[batch]\npause = \"200ms\"\n";
 
+/// `lambdaflow rebuild ARGS` on `site`'s config.
+fn rebuild(site: &Site, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(common::BIN)
+        .arg("rebuild")
+        .args(args)
+        .arg("--config")
+        .arg(&site.config)
+        .output()
+        .unwrap()
+}
+
+/// [`rebuild`], which must succeed: what it printed.
+fn rebuilt(site: &Site, args: &[&str]) -> String {
+    let out = rebuild(site, args);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// Files in `dir` whose names end with `suffix`.
 fn count_files(dir: &Path, suffix: &str) -> usize {
     std::fs::read_dir(dir)
@@ -157,17 +180,7 @@ fn rebuild_recomputes_all_views_or_one_with_a_summary() {
     server.wait_settled(Duration::from_secs(90));
     server.stop();
 
-    let out = std::process::Command::new(common::BIN)
-        .args(["rebuild", "--config"])
-        .arg(&site.config)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = rebuilt(&site, &[]);
     assert!(
         stdout.contains("published run") && stdout.contains("1,500 events"),
         "{stdout}"
@@ -176,23 +189,13 @@ fn rebuild_recomputes_all_views_or_one_with_a_summary() {
         assert!(stdout.contains(v), "{stdout}");
     }
 
-    let out = std::process::Command::new(common::BIN)
-        .args(["rebuild", "sales_by_product", "--config"])
-        .arg(&site.config)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
+    let stdout = rebuilt(&site, &["sales_by_product"]);
     assert!(
         stdout.contains("(kept from run"),
         "other views are kept: {stdout}"
     );
 
-    let out = std::process::Command::new(common::BIN)
-        .args(["rebuild", "no_such_view", "--config"])
-        .arg(&site.config)
-        .output()
-        .unwrap();
+    let out = rebuild(&site, &["no_such_view"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -532,17 +535,7 @@ fn a_view_of_many_groups_is_shuffled_by_key_and_writes_no_tsv_past_the_bound() {
     server.stop();
 
     // Runs were published while serving: each view's groups are known.
-    let out = std::process::Command::new(common::BIN)
-        .args(["rebuild", "--config"])
-        .arg(&site.config)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = rebuilt(&site, &[]);
     assert!(
         stdout.contains("scan+shuffle+states"),
         "views of 5 groups or more are shuffled by key once a run has counted their groups: {stdout}"
