@@ -17,6 +17,7 @@
 //! version and shared by every reader of that version.
 
 pub mod bounded;
+pub mod index;
 pub mod pool;
 pub mod query;
 
@@ -33,6 +34,7 @@ use serde::Serialize;
 use crate::chunk::{self, ChunkRange, Coverage};
 use crate::runs::{Manifest, RunStore, RunsError};
 use crate::view::{View, ViewError};
+use index::{KeyIndex, KeyProbe};
 
 /// One realtime chunk of one partition: states per view of the events of its range.
 #[derive(Debug, Clone)]
@@ -57,27 +59,58 @@ impl chunk::Ranged for RealtimeChunk {
 /// Key indexes of one chunk's state batches (`None`: being built).
 pub type ChunkIndexes = Arc<Mutex<HashMap<(usize, usize, usize), Option<Arc<KeyIndex>>>>>;
 
-/// State batches with more rows than this are indexed for point reads; smaller
-/// ones are scanned.
+/// A state batch a point read finds unindexed is indexed on the read path
+/// up to this many rows; a larger one is scanned while it is indexed in the
+/// background.
 const INDEX_ROWS: usize = 4096;
 
 impl RealtimeChunk {
-    /// Row numbers of state batch `j` of view `i` whose column `col` equals
-    /// the key of `probe`.
+    /// Indexes every state batch of view `i` by column `col` that is not
+    /// indexed yet. The versions of a growing chunk share their indexes, so
+    /// each batch is indexed once.
+    fn index(&self, i: usize, col: usize) {
+        let Some(states) = self.states.get(i) else {
+            return;
+        };
+        let mut all = self.indexes.lock().expect("chunk index lock");
+        for (j, s) in states.iter().enumerate() {
+            if col < s.num_columns()
+                && !all.contains_key(&(i, j, col))
+                && let Ok(x) = KeyIndex::build(s, col)
+            {
+                all.insert((i, j, col), Some(Arc::new(x)));
+            }
+        }
+    }
+
+    /// Per state batch of view `i` (by number): the rows whose column `col`
+    /// equals the key of `probe`, for the batches that have any.
     fn matching(
         &self,
         i: usize,
-        j: usize,
         col: usize,
         probe: &KeyProbe,
-    ) -> Result<Vec<u32>, arrow::error::ArrowError> {
-        let s = &self.states[i][j];
-        let index = if s.num_rows() > INDEX_ROWS {
-            let mut all = self.indexes.lock().expect("chunk index lock");
-            match all.get(&(i, j, col)) {
-                Some(x) => x.clone(),
+    ) -> Result<Vec<(usize, Vec<u32>)>, arrow::error::ArrowError> {
+        let mut out = Vec::new();
+        let Some(states) = self.states.get(i) else {
+            return Ok(out);
+        };
+        let mut all = self.indexes.lock().expect("chunk index lock");
+        for (j, s) in states.iter().enumerate() {
+            let rows = match all.get(&(i, j, col)) {
+                Some(Some(index)) => index.lookup(probe),
+                // Being built in the background: scan meanwhile.
+                Some(None) => scan(s, col, probe)?,
+                // Not indexed (the first reads of a column, before the speed
+                // layer's next install indexes it): a small batch is indexed
+                // now, a large one off the read path.
+                None if s.num_rows() <= INDEX_ROWS => {
+                    let index = Arc::new(KeyIndex::build(s, col)?);
+                    let rows = index.lookup(probe);
+                    all.insert((i, j, col), Some(index));
+                    rows
+                }
                 None => {
-                    // First point read of this batch: index it off the read path.
                     all.insert((i, j, col), None);
                     let batch = s.clone();
                     let indexes = self.indexes.clone();
@@ -89,54 +122,28 @@ impl RealtimeChunk {
                                 .insert((i, j, col), Some(Arc::new(x)));
                         }
                     });
-                    None
+                    scan(s, col, probe)?
                 }
-            }
-        } else {
-            None
-        };
-        match index {
-            Some(index) => Ok(index.lookup(probe)),
-            // Not indexed yet (it is being built in the background): scan.
-            None => {
-                let mask = arrow::compute::kernels::cmp::eq(
-                    s.column(col),
-                    &arrow::array::Scalar::new(probe.key.clone()),
-                )?;
-                if mask.true_count() == 0 {
-                    return Ok(Vec::new());
-                }
-                Ok(mask.values().set_indices().map(|r| r as u32).collect())
+            };
+            if !rows.is_empty() {
+                out.push((j, rows));
             }
         }
+        Ok(out)
     }
 }
 
-/// A point read's key, converted once to Arrow's row format: every index
-/// it probes compares bytes with it (the indexes of one column share the
-/// column's type, so the same encoding).
-pub struct KeyProbe {
-    key: arrow::array::ArrayRef,
-    row: Vec<u8>,
-    /// The key as an integer, when it is an int64.
-    int64: Option<i64>,
-}
-
-impl KeyProbe {
-    fn new(key: &arrow::array::ArrayRef) -> Result<KeyProbe, arrow::error::ArrowError> {
-        let converter = arrow::row::RowConverter::new(vec![arrow::row::SortField::new(
-            key.data_type().clone(),
-        )])?;
-        let rows = converter.convert_columns(std::slice::from_ref(key))?;
-        use arrow::array::{Array, AsArray};
-        let int64 = (key.data_type() == &arrow::datatypes::DataType::Int64 && key.is_valid(0))
-            .then(|| key.as_primitive::<arrow::datatypes::Int64Type>().value(0));
-        Ok(KeyProbe {
-            key: key.clone(),
-            row: rows.row(0).as_ref().to_vec(),
-            int64,
-        })
-    }
+/// Row numbers of `s` whose column `col` equals the key of `probe`, by a scan.
+fn scan(
+    s: &RecordBatch,
+    col: usize,
+    probe: &KeyProbe,
+) -> Result<Vec<u32>, arrow::error::ArrowError> {
+    let mask = arrow::compute::kernels::cmp::eq(
+        s.column(col),
+        &arrow::array::Scalar::new(probe.key.clone()),
+    )?;
+    Ok(mask.values().set_indices().map(|r| r as u32).collect())
 }
 
 /// The published batch run, loaded.
@@ -147,77 +154,6 @@ pub struct BatchSide {
     pub states: Vec<RecordBatch>,
     /// Per (view, state column): key → rows, for point reads.
     key_indexes: Mutex<HashMap<(usize, usize), Arc<KeyIndex>>>,
-}
-
-/// Rows of a state batch by the value of one group column: row numbers
-/// sorted by key (equal keys in row order), searched by bisection — a flat
-/// array, a few allocations whatever the group count.
-#[derive(Debug)]
-pub struct KeyIndex {
-    keys: IndexKeys,
-    order: Vec<u32>,
-}
-
-/// The keys an index bisects, in `order`'s order.
-#[derive(Debug)]
-enum IndexKeys {
-    /// A non-null int64 column (zipcodes, ids): the values themselves,
-    /// compared as integers. Point reads under ingest probe dozens of
-    /// indexes each; comparing row-format bytes was a quarter of their time.
-    Int64(Vec<i64>),
-    /// Any other column, in Arrow's row format (equality is the type's own).
-    Rows(arrow::row::Rows),
-}
-
-impl KeyIndex {
-    fn build(states: &RecordBatch, col: usize) -> Result<KeyIndex, arrow::error::ArrowError> {
-        use arrow::array::{Array, AsArray};
-        use arrow::datatypes::{DataType, Int64Type};
-        let column = states.column(col);
-        let mut order: Vec<u32> = (0..states.num_rows() as u32).collect();
-        if column.data_type() == &DataType::Int64 && column.null_count() == 0 {
-            let values = column.as_primitive::<Int64Type>().values();
-            // Stable: rows with equal keys stay in row order.
-            order.sort_by_key(|&r| values[r as usize]);
-            let keys = order.iter().map(|&r| values[r as usize]).collect();
-            return Ok(KeyIndex {
-                keys: IndexKeys::Int64(keys),
-                order,
-            });
-        }
-        let converter = arrow::row::RowConverter::new(vec![arrow::row::SortField::new(
-            column.data_type().clone(),
-        )])?;
-        let keys = converter.convert_columns(std::slice::from_ref(column))?;
-        order.sort_by(|&a, &b| keys.row(a as usize).cmp(&keys.row(b as usize)));
-        Ok(KeyIndex {
-            keys: IndexKeys::Rows(keys),
-            order,
-        })
-    }
-
-    /// Rows whose key is the probe's, in row order.
-    fn lookup(&self, probe: &KeyProbe) -> Vec<u32> {
-        let (lo, hi) = match &self.keys {
-            IndexKeys::Int64(keys) => match probe.int64 {
-                Some(k) => {
-                    let lo = keys.partition_point(|&x| x < k);
-                    (lo, lo + keys[lo..].partition_point(|&x| x == k))
-                }
-                None => (0, 0),
-            },
-            IndexKeys::Rows(keys) => {
-                let k = probe.row.as_slice();
-                let row = |i: &u32| keys.row(*i as usize);
-                let lo = self.order.partition_point(|i| row(i).as_ref() < k);
-                (
-                    lo,
-                    lo + self.order[lo..].partition_point(|i| row(i).as_ref() == k),
-                )
-            }
-        };
-        self.order[lo..hi].to_vec()
-    }
 }
 
 impl BatchSide {
@@ -579,6 +515,11 @@ pub struct Serving {
     writer: Mutex<()>,
     /// Per view index.
     cache: ArcSwap<Vec<Arc<Cached>>>,
+    /// The key columns point reads have read by, as (view, state column):
+    /// every realtime state batch is indexed by them when the speed layer
+    /// installs it, and every published run when it is loaded — off the
+    /// read path, and for no column nobody reads by.
+    keyed: ArcSwap<Vec<(usize, usize)>>,
     clock: SharedClock,
 }
 
@@ -605,6 +546,7 @@ impl Serving {
             current: ArcSwap::from_pointee(snapshot),
             writer: Mutex::new(()),
             cache: ArcSwap::from_pointee(cache),
+            keyed: ArcSwap::from_pointee(Vec::new()),
             clock: SystemClock::shared(),
         }
     }
@@ -727,7 +669,12 @@ impl Serving {
         manifest: Manifest,
     ) -> Result<BatchSide, RunsError> {
         let snap = self.snapshot();
-        let warm = snap.batch.as_ref().map(|b| b.indexed()).unwrap_or_default();
+        let mut warm = snap.batch.as_ref().map(|b| b.indexed()).unwrap_or_default();
+        for k in self.keyed.load().iter() {
+            if !warm.contains(k) {
+                warm.push(*k);
+            }
+        }
         BatchSide::load(runs, manifest, &self.views(), &snap.live, &warm).await
     }
 
@@ -750,6 +697,16 @@ impl Serving {
     /// Installs the realtime chunks of some partitions (from the speed layer).
     /// Chunks already covered by the installed batch run are left out.
     pub fn set_realtime(&self, parts: Vec<(u32, Vec<Arc<RealtimeChunk>>, u64)>) {
+        // New state batches are indexed for point reads before readers see
+        // them (each once: a growing chunk's versions share their indexes).
+        let keyed = self.keyed.load();
+        for (_, chunks, _) in &parts {
+            for c in chunks {
+                for &(i, col) in keyed.iter() {
+                    c.index(i, col);
+                }
+            }
+        }
         let now = self.clock.unix_ms();
         self.update(|cur| {
             let mut next = cur.clone();
@@ -965,6 +922,24 @@ impl Serving {
             }
         };
         let view = &views[i];
+        if !self.keyed.load().contains(&(i, col)) {
+            self.keyed.rcu(|k| {
+                let mut k = k.as_ref().clone();
+                if !k.contains(&(i, col)) {
+                    k.push((i, col));
+                }
+                k
+            });
+        }
+        if !self.keyed.load().contains(&(i, col)) {
+            self.keyed.rcu(|k| {
+                let mut k = k.as_ref().clone();
+                if !k.contains(&(i, col)) {
+                    k.push((i, col));
+                }
+                k
+            });
+        }
         snap.check().map_err(|detail| ServingError::Inconsistent {
             view: view.name().to_string(),
             detail,
@@ -998,11 +973,8 @@ impl Serving {
             }
             for chunks in &snap.realtime {
                 for c in chunks {
-                    for (j, states) in c.states.get(i).into_iter().flatten().enumerate() {
-                        let rows = c.matching(i, j, col, &probe).map_err(exec)?;
-                        if rows.is_empty() {
-                            continue;
-                        }
+                    for (j, rows) in c.matching(i, col, &probe).map_err(exec)? {
+                        let states = &c.states[i][j];
                         if roll {
                             // Realtime groups roll up with the batch run's time.
                             let hit = take_record_batch(states, &UInt32Array::from(rows))
@@ -1186,55 +1158,207 @@ mod tests {
         assert!(checked > 50, "only {checked} reads");
     }
 
-    #[test]
-    fn a_key_index_finds_every_row_of_a_key_and_none_of_another() {
-        use arrow::array::{ArrayRef, Int64Array, StringArray};
-        use arrow::datatypes::{DataType, Field, Schema};
-        let keys = StringArray::from(vec![
-            Some("b"),
-            Some("a"),
-            None,
-            Some("b"),
-            Some("c"),
-            Some("a"),
-        ]);
-        let n = Int64Array::from_iter_values(0..6);
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("k", DataType::Utf8, true),
-            Field::new("n", DataType::Int64, false),
-        ]));
-        let states = RecordBatch::try_new(schema, vec![Arc::new(keys), Arc::new(n)]).unwrap();
-        let index = KeyIndex::build(&states, 0).unwrap();
-        let find = |k: &str| {
-            let key: ArrayRef = Arc::new(StringArray::from(vec![k]));
-            index.lookup(&KeyProbe::new(&key).unwrap())
-        };
-        assert_eq!(find("a"), vec![1, 5], "both rows of `a`, in row order");
-        assert_eq!(find("b"), vec![0, 3], "both rows of `b`, in row order");
-        assert_eq!(find("c"), vec![4]);
-        assert!(find("ab").is_empty() && find("").is_empty() && find("z").is_empty());
+    /// Events with `zips` distinct zipcodes from `first`, for point reads.
+    fn spread(n: usize, zips: i64, first: i64) -> RecordBatch {
+        RecordBatch::try_new(
+            EventSchema::paper().arrow().clone(),
+            vec![
+                Arc::new(Int64Array::from_iter_values(
+                    (0..n as i64).map(|i| 10_000 + (first + i * 7) % zips),
+                )),
+                Arc::new(StringArray::from_iter_values(
+                    (0..n).map(|i| format!("product{}", i % 5)),
+                )),
+                Arc::new(Int64Array::from_iter_values(
+                    (0..n as i64).map(|i| (i + first) % 10),
+                )),
+                Arc::new(TimestampMillisecondArray::from_iter_values(
+                    (0..n as i64).map(|i| 1_414_800_000_000 + i),
+                )),
+            ],
+        )
+        .unwrap()
+    }
 
-        // An int64 key column is indexed by its values: the same answers.
-        let zips = Int64Array::from(vec![95126, -3, 95126, 7, -3, 95126]);
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("zip", DataType::Int64, false),
-            Field::new("n", DataType::Int64, false),
-        ]));
-        let n = Int64Array::from_iter_values(0..6);
-        let states = RecordBatch::try_new(schema, vec![Arc::new(zips), Arc::new(n)]).unwrap();
-        let index = KeyIndex::build(&states, 0).unwrap();
-        assert!(matches!(index.keys, IndexKeys::Int64(_)));
-        let find = |k: i64| {
-            let key: ArrayRef = Arc::new(Int64Array::from(vec![k]));
-            index.lookup(&KeyProbe::new(&key).unwrap())
+    /// The rows of an answer whose column `col` displays as `value`, sorted.
+    fn rows_of(rows: &[RecordBatch], col: &str, value: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for b in rows {
+            let c = b.schema().index_of(col).unwrap();
+            for r in 0..b.num_rows() {
+                let cells: Vec<String> = b
+                    .columns()
+                    .iter()
+                    .map(|a| arrow::util::display::array_value_to_string(a, r).unwrap())
+                    .collect();
+                if cells[c] == value {
+                    out.push(cells.join("|"));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Panics, briefly, unless `got` and `want` hold the same rows.
+    fn same_rows(what: &str, got: &[String], want: &[String]) {
+        if got != want {
+            let first = got.iter().zip(want).position(|(g, w)| g != w);
+            panic!(
+                "{what}: {} rows where the full answer has {}; first difference at {first:?}: {:?} vs {:?}",
+                got.len(),
+                want.len(),
+                first.map(|i| &got[i]),
+                first.map(|i| &want[i]),
+            );
+        }
+    }
+
+    /// A point read's rows are the full answer's rows of its key, whether
+    /// the state batches it probes are indexed already (installed after
+    /// the column was read by), indexed on the read path (small), or being
+    /// indexed in the background (large, scanned meanwhile); for an int64
+    /// key that is a whole group and for a string key shared by groups.
+    #[test]
+    fn a_point_read_is_the_full_answers_rows_of_its_key_at_every_stage_of_indexing() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let compile = |name: &str, sql: &str| {
+            Arc::new(
+                rt.block_on(crate::view::compile(
+                    &ViewConfig {
+                        name: name.into(),
+                        sql: sql.into(),
+                        rollup: Vec::new(),
+                    },
+                    &EventSchema::paper(),
+                ))
+                .unwrap(),
+            )
         };
+        let views = vec![
+            compile(
+                "by_zip",
+                "SELECT zipcode, count(*) AS n, sum(price) AS s FROM events GROUP BY zipcode",
+            ),
+            compile(
+                "by_product_zip",
+                "SELECT ProductName, zipcode, count(*) AS n FROM events GROUP BY ProductName, zipcode",
+            ),
+        ];
+        let serving = Serving::new(views.clone(), 2);
+        let states = |events: RecordBatch| -> Vec<RecordBatch> {
+            views
+                .iter()
+                .map(|v| rt.block_on(v.states(vec![events.clone()])).unwrap())
+                .collect()
+        };
+        serving.set_batch(Arc::new(BatchSide::new(
+            Manifest {
+                info: crate::runs::RunInfo {
+                    run: 1,
+                    table_version: 1,
+                    h: [0u64, 0].into_iter().collect(),
+                    events: 0,
+                    as_of_ms: 0,
+                    started_ms: 0,
+                    duration_ms: 0,
+                    engine: String::new(),
+                    compute: Default::default(),
+                    kinds: Default::default(),
+                    previous: None,
+                },
+                views: Default::default(),
+                definitions: Default::default(),
+            },
+            states(spread(3_000, 2_000, 0)),
+        )));
+        // Partition 0: a closed chunk of one large batch (12,000 zipcodes);
+        // partition 1: a growing chunk of three small batches.
+        let large = states(spread(40_000, 12_000, 1));
+        let small: Vec<Vec<RecordBatch>> = (0..3).map(|k| states(spread(300, 400, k))).collect();
+        let chunks = |with_small: usize| {
+            vec![
+                (
+                    0,
+                    vec![Arc::new(RealtimeChunk {
+                        range: ChunkRange::dense(0, 0, 40_000),
+                        closed: true,
+                        states: large.iter().map(|s| vec![s.clone()]).collect(),
+                        indexes: Default::default(),
+                    })],
+                    40_000,
+                ),
+                (
+                    1,
+                    vec![Arc::new(RealtimeChunk {
+                        range: ChunkRange::dense(1, 0, 300 * with_small as u64),
+                        closed: false,
+                        states: (0..views.len())
+                            .map(|i| small[..with_small].iter().map(|s| s[i].clone()).collect())
+                            .collect(),
+                        indexes: Default::default(),
+                    })],
+                    300 * with_small as u64,
+                ),
+            ]
+        };
+        let check = |stage: &str| {
+            let full = rt
+                .block_on(serving.compute(0, &serving.snapshot()))
+                .unwrap();
+            let full2 = rt
+                .block_on(serving.compute(1, &serving.snapshot()))
+                .unwrap();
+            for zip in [
+                10_000, 10_001, 10_399, 10_400, 11_999, 21_999, 22_000, 9_999,
+            ] {
+                let z = zip.to_string();
+                let point = rt.block_on(serving.point(0, 0, &z)).unwrap();
+                same_rows(
+                    &format!("{stage}: the point read of zipcode {z}"),
+                    &rows_of(&point.rows, "zipcode", &z),
+                    &rows_of(&full.rows, "zipcode", &z),
+                );
+                assert_eq!(
+                    point.rows.iter().map(|b| b.num_rows()).sum::<usize>(),
+                    rows_of(&full.rows, "zipcode", &z).len(),
+                    "{stage}: no other rows"
+                );
+            }
+            let key = views[1].key_column("ProductName").unwrap();
+            for product in ["product0", "product4", "product5", ""] {
+                let point = rt.block_on(serving.point(1, key, product)).unwrap();
+                let want = rows_of(&full2.rows, "ProductName", product);
+                same_rows(
+                    &format!("{stage}: the point read of {product:?}"),
+                    &rows_of(&point.rows, "ProductName", product),
+                    &want,
+                );
+                assert_eq!(
+                    point.rows.iter().map(|b| b.num_rows()).sum::<usize>(),
+                    want.len(),
+                    "{stage}: no other rows"
+                );
+            }
+        };
+        serving.set_realtime(chunks(2));
+        check("nothing indexed yet");
+        // The large batch is indexed in the background: wait for it.
+        std::thread::sleep(Duration::from_millis(300));
+        check("indexed by the reads");
+        // The columns are now read by: an install indexes the new batch.
+        serving.set_realtime(chunks(3));
+        let snap = serving.snapshot();
+        let growing = &snap.realtime[1][0];
         assert_eq!(
-            find(95126),
-            vec![0, 2, 5],
-            "every row of the key, in row order"
+            growing.indexes.lock().unwrap().len(),
+            6,
+            "each view's 3 batches indexed by its key column at install"
         );
-        assert_eq!(find(-3), vec![1, 4]);
-        assert_eq!(find(7), vec![3]);
-        assert!(find(8).is_empty() && find(i64::MIN).is_empty() && find(i64::MAX).is_empty());
+        check("indexed at install");
     }
 }
