@@ -993,7 +993,7 @@ impl Serving {
                     .push(arrow::compute::interleave_record_batch(&sources, &picks).map_err(exec)?);
             }
         }
-        let rows = view.finalize(parts).await?;
+        let rows = view.finalize_few(parts).await?;
         Ok(Answer {
             rows,
             freshness: freshness(&snap).of(view),

@@ -156,6 +156,7 @@ pub async fn compile(def: &ViewConfig, schema: &EventSchema) -> Result<View, Vie
         },
         group_columns,
         every_group_a_row,
+        direct: super::direct::Direct::of(&final_plan_for_keys),
         task_ctx: ctx.task_ctx(),
         scan_views: None,
     };

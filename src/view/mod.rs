@@ -21,6 +21,7 @@
 //! [`rollup`] coarsens old time buckets; [`store`] writes states to Parquet.
 
 pub mod compile;
+mod direct;
 pub mod failures;
 pub mod guard;
 pub mod input;
@@ -235,6 +236,8 @@ pub struct View {
     group_columns: usize,
     /// Whether finalizing keeps one row per group (no HAVING, no LIMIT).
     every_group_a_row: bool,
+    /// The final plan taken apart, to finalize a few groups without it.
+    direct: Option<direct::Direct>,
     task_ctx: compile::Task,
     /// Whether the view reads `_partition` and `_offset` (see [`View::needs_offsets`]).
     needs_offsets: bool,
@@ -527,6 +530,24 @@ impl View {
         datafusion::physical_plan::collect(plan, self.task_ctx.clone())
             .await
             .map_err(|e| ViewError::exec(&self.name, e))
+    }
+
+    /// Finalizes a few groups' states (a point read's): by the aggregates'
+    /// accumulators and the expressions above them when the final plan is
+    /// made of those alone (see [`direct`]), else through the plan. A
+    /// failure on the direct path (an expression over the aggregates
+    /// dividing by zero, say) is left to the plan, which reports it as any
+    /// read does.
+    pub async fn finalize_few(
+        &self,
+        parts: Vec<RecordBatch>,
+    ) -> Result<Vec<RecordBatch>, ViewError> {
+        if let Some(d) = &self.direct
+            && let Ok(rows) = d.run(&parts)
+        {
+            return Ok(vec![rows]);
+        }
+        self.finalize(parts).await
     }
 
     /// Coarsens old time buckets as of `as_of_ms` (see [`rollup`]) and merges

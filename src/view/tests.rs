@@ -568,3 +568,92 @@ async fn a_view_counts_its_rows_as_groups_only_when_finalizing_keeps_each() {
         );
     }
 }
+
+/// A point read finalizes a few groups' states directly (see
+/// `view::direct`): for every view shape, and for any subset of groups,
+/// that gives exactly the rows the final plan gives.
+#[tokio::test]
+async fn a_few_groups_finalize_directly_as_the_final_plan_finalizes_them() {
+    let (schema, events) = mixed_events();
+    let mut sqls = MIXED_SQLS.to_vec();
+    sqls.extend([
+        "SELECT zipcode, count(*) AS n FROM events GROUP BY zipcode HAVING count(*) > 850",
+        "SELECT ProductName, sum(price) / count(*) AS mean, CASE WHEN max(price) > 90 THEN 'high' ELSE 'low' END AS top FROM events GROUP BY ProductName",
+        "SELECT ProductName, stddev(price) AS sd, var_pop(price) AS v, median(price) AS m, bool_and(price > 1) AS b FROM events GROUP BY ProductName",
+        "SELECT coupon, string_agg(ProductName, ',') AS names, array_agg(DISTINCT zipcode) AS zips FROM events GROUP BY coupon HAVING count(*) > 1",
+        "SELECT zipcode, sum(price) AS s FROM events GROUP BY zipcode ORDER BY s DESC",
+        "SELECT zipcode, sum(price) AS s FROM events GROUP BY zipcode ORDER BY s DESC LIMIT 3",
+        "SELECT ProductName, zipcode, count(*) AS n FROM events GROUP BY ROLLUP(ProductName, zipcode)",
+    ]);
+    let mut direct = 0;
+    for sql in sqls {
+        let view = match compile(&def(sql), &schema).await {
+            Ok(v) => v,
+            // A shape views do not take is not this test's business.
+            Err(e) => {
+                eprintln!("{sql}: {e}");
+                continue;
+            }
+        };
+        let Some(d) = &view.direct else {
+            assert!(
+                view.group_columns() == 0 || sql.contains("ORDER BY") || sql.contains("ROLLUP"),
+                "{sql}: a view whose final plan is an aggregation with projections and filters above it finalizes a few groups directly"
+            );
+            continue;
+        };
+        direct += 1;
+        // One state batch per event batch: a group's rows come from several,
+        // as a point read's come from the run and each realtime batch.
+        let input = view_input(&view, &events);
+        let mut parts = Vec::new();
+        for b in &input {
+            parts.push(view.states(vec![b.clone()]).await.unwrap());
+        }
+        // Every group; the groups of one key value; a few rows; nothing.
+        let key = |b: &RecordBatch| {
+            let first = b.column(0).slice(0, 1);
+            let mask =
+                arrow::compute::kernels::cmp::eq(b.column(0), &arrow::array::Scalar::new(first))
+                    .unwrap();
+            arrow::compute::filter_record_batch(b, &mask).unwrap()
+        };
+        let subsets: Vec<(&str, Vec<RecordBatch>)> = vec![
+            ("every group", parts.clone()),
+            ("one key", parts.iter().map(key).collect()),
+            (
+                "a few rows",
+                parts
+                    .iter()
+                    .map(|b| b.slice(0, b.num_rows().min(3)))
+                    .collect(),
+            ),
+            ("nothing", vec![parts[0].slice(0, 0)]),
+            ("no batch", Vec::new()),
+        ];
+        for (what, subset) in subsets {
+            let planned = view.finalize(subset.clone()).await.unwrap();
+            let direct = d
+                .run(&subset)
+                .unwrap_or_else(|e| panic!("{sql}, {what}: the direct path failed: {e}"));
+            assert_eq!(
+                direct.schema(),
+                planned
+                    .first()
+                    .map_or_else(|| view.output_schema().clone(), |b| b.schema()),
+                "{sql}, {what}: the plan's schema"
+            );
+            let rows: usize = planned.iter().map(|b| b.num_rows()).sum();
+            assert_eq!(direct.num_rows(), rows, "{sql}, {what}: as many rows");
+            if rows > 0 {
+                assert_eq!(
+                    sorted_lines(vec![direct]),
+                    sorted_lines(planned),
+                    "{sql}, {what}: the direct rows are the final plan's"
+                );
+            }
+        }
+    }
+    eprintln!("{direct} views took the direct path");
+    assert!(direct >= 10, "only {direct} views took the direct path");
+}
