@@ -749,7 +749,17 @@ impl Service {
                     truncated: false,
                 });
             };
-            let a = serving.point(p.view, p.key, &key.to_string()).await?;
+            // The key as its column's rows display it, which casts back to
+            // the column's type (a timestamp's `ScalarValue` displays as
+            // its integer, which does not).
+            let text = key
+                .to_array()
+                .and_then(|a| Ok(arrow::util::display::array_value_to_string(&a, 0)?))
+                .map_err(|e| QueryError::Sql {
+                    message: e.to_string(),
+                    sqlstate: "22P02",
+                })?;
+            let a = serving.point(p.view, p.key, &text).await?;
             let batches = a
                 .rows
                 .iter()

@@ -133,7 +133,9 @@ impl RealtimeChunk {
     }
 }
 
-/// Row numbers of `s` whose column `col` equals the key of `probe`, by a scan.
+/// Row numbers of `s` whose column `col` equals the key of `probe`, by a
+/// scan. A null key's slot holds a value (0, "", false) that its equality
+/// mask marks null, not false: those rows are not the key's.
 fn scan(
     s: &RecordBatch,
     col: usize,
@@ -143,6 +145,10 @@ fn scan(
         s.column(col),
         &arrow::array::Scalar::new(probe.key.clone()),
     )?;
+    let mask = match arrow::array::Array::nulls(&mask) {
+        Some(_) => arrow::compute::prep_null_mask_filter(&mask),
+        None => mask,
+    };
     Ok(mask.values().set_indices().map(|r| r as u32).collect())
 }
 
@@ -1360,5 +1366,46 @@ mod tests {
             "each view's 3 batches indexed by its key column at install"
         );
         check("indexed at install");
+    }
+
+    /// A null key's slot holds a value (0 for an int64): a read of that
+    /// value that scans a batch (one over `INDEX_ROWS` rows, before its
+    /// background index is built) must not take the null group for it.
+    #[test]
+    fn a_scanned_batch_gives_no_null_group_for_the_value_in_its_slot() {
+        use arrow::datatypes::{DataType, Field, Schema};
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let n = 2 * INDEX_ROWS;
+        let keys = Int64Array::from_iter((0..n as i64).map(|i| (i % 2 == 1).then_some(1000 + i)));
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, true)]));
+        let states = RecordBatch::try_new(schema, vec![Arc::new(keys)]).unwrap();
+        let chunk = RealtimeChunk {
+            range: ChunkRange::dense(0, 0, n as u64),
+            closed: true,
+            states: vec![vec![states]],
+            indexes: Default::default(),
+        };
+        let probe = |v: i64| {
+            KeyProbe::new(&(Arc::new(Int64Array::from(vec![v])) as arrow::array::ArrayRef)).unwrap()
+        };
+        let _rt = rt.enter();
+        assert!(
+            chunk.matching(0, 0, &probe(0)).unwrap().is_empty(),
+            "the scan (first read of a large batch) finds no row for 0"
+        );
+        assert_eq!(
+            chunk.matching(0, 0, &probe(1001)).unwrap(),
+            vec![(0, vec![1])],
+            "and finds the row of a real key"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            chunk.matching(0, 0, &probe(0)).unwrap().is_empty(),
+            "nor does the index built meanwhile"
+        );
     }
 }

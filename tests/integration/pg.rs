@@ -248,6 +248,40 @@ fn psql_and_a_driver_read_the_views_as_the_http_api_does() {
         "the three lookups must go through the point-read path, not a scan"
     );
 
+    // A timestamp key from a driver (a datetime parameter) finds its
+    // minute, as `?minute=` does.
+    let per_minute = get_json(&format!("{url}/v1/views/sales_per_minute?limit=1"));
+    let minute = per_minute["rows"][0]["minute"]
+        .as_str()
+        .expect("sales_per_minute has a row")
+        .to_string();
+    let http = get_json(&format!(
+        "{url}/v1/views/sales_per_minute?minute={minute}&limit=1000"
+    ));
+    let orders = |rows: &[i64]| rows.iter().sum::<i64>();
+    let want: Vec<i64> = http["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["orders"].as_i64().unwrap())
+        .collect();
+    let got = driver(
+        &dsn,
+        json!([{ "sql": "SELECT orders FROM sales_per_minute WHERE minute = %s", "params": [{ "timestamp": minute }], "prepare": true }]),
+    );
+    let got: Vec<i64> = got[0]["rows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("the lookup by minute runs: {}", got[0]))
+        .iter()
+        .map(|r| r[0].as_i64().unwrap())
+        .collect();
+    assert!(!want.is_empty(), "minute {minute} has rows over HTTP");
+    assert_eq!(
+        (got.len(), orders(&got)),
+        (want.len(), orders(&want)),
+        "a prepared lookup by minute {minute} with a datetime parameter finds the minute's rows, as GET ?minute= does"
+    );
+
     // Other statements with parameters run as queries.
     let got = driver(
         &dsn,

@@ -3,6 +3,7 @@ the pg tests: reads a JSON plan on stdin, prints one JSON result per step.
 
 Plan: {"dsn": "...", "steps": [{"sql": "...", "params": [...],
         "prepare": true|false, "simple": true|false}]}
+A parameter {"timestamp": "2014-11-01 19:35:00"} is sent as a datetime.
 Each result: {"columns": [...], "rows": [[...], ...]} or
              {"error": {"sqlstate": ..., "message": ..., "detail": ..., "hint": ...}}
 
@@ -22,6 +23,12 @@ def plain(v):
         return v.isoformat(sep=" ")
     if isinstance(v, decimal.Decimal):
         return float(v)
+    return v
+
+
+def param(v):
+    if isinstance(v, dict) and "timestamp" in v:
+        return datetime.datetime.fromisoformat(v["timestamp"])
     return v
 
 
@@ -48,6 +55,8 @@ def main():
             cur = psycopg.ClientCursor(conn) if step.get("simple") else conn.cursor()
             try:
                 params = step.get("params")
+                if params is not None:
+                    params = [param(v) for v in params]
                 cur.execute(step["sql"], params, prepare=step.get("prepare"))
                 cols = [c.name for c in cur.description] if cur.description else []
                 rows = [[plain(v) for v in r] for r in cur.fetchall()] if cols else []
