@@ -18,7 +18,8 @@
 //! "states" and merges by union.
 //!
 //! Module layout: [`compile`] plans and splits; [`input`] is the swappable leaf;
-//! [`rollup`] coarsens old time buckets; [`store`] writes states to Parquet.
+//! [`rollup`] coarsens old time buckets; [`store`] writes states to Parquet;
+//! `direct` finalizes a point read's few groups without the final plan.
 
 pub mod compile;
 mod direct;
