@@ -199,6 +199,13 @@ pub struct ViewEntry {
     /// Full or incremental, and what the run read for the view.
     #[serde(default)]
     pub lineage: Lineage,
+    /// Why the view's rows could not be finalized (an expression over its
+    /// aggregates fails on some group, as a division by zero does). Its
+    /// states are published all the same: a read of the whole view
+    /// finalizes them and reports the same failure, and the other views'
+    /// runs go on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unfinalized: Option<String>,
 }
 
 /// What `views/CURRENT` holds: one run of every view at one coverage.

@@ -734,14 +734,28 @@ impl BatchLayer {
         // readers use its states, and its rows are only counted.
         let max = self.policy.tsv_max_rows;
         let tsv_wanted = max > 0 && groups <= max;
-        let rows = if tsv_wanted || !view.every_group_a_row() {
-            Some(view.finalize(vec![states.clone()]).await?)
+        // A view whose rows fail to finalize (an expression over its
+        // aggregates dividing by zero on some group) publishes its states
+        // with the reason, and no TSV: the run of every other view goes on,
+        // and the speed layer's chunks below H can go (a failed run would
+        // hold them, and every view's freshness, until the view changed).
+        let (rows, unfinalized) = if tsv_wanted || !view.every_group_a_row() {
+            match view.finalize(vec![states.clone()]).await {
+                Ok(rows) => (Some(rows), None),
+                Err(e) => {
+                    let why = crate::error::chain(&e);
+                    tracing::warn!(view = view.name(), error = %why, "the view's rows cannot be finalized; its states are published, and a read of the whole view reports this");
+                    (None, Some(why))
+                }
+            }
         } else {
-            None
+            (None, None)
         };
-        let row_count = rows
-            .as_ref()
-            .map_or(groups, |r| r.iter().map(|b| b.num_rows() as u64).sum());
+        let row_count = match (&rows, &unfinalized) {
+            (Some(r), _) => r.iter().map(|b| b.num_rows() as u64).sum(),
+            (None, Some(_)) => 0,
+            (None, None) => groups,
+        };
         compute.add("rollup+finalize", finalizing.elapsed());
         let writing = Instant::now();
         // The TSV's text and the states' Parquet are independent: both
@@ -802,6 +816,7 @@ impl BatchLayer {
             duration_ms: t.elapsed().as_millis() as u64,
             excluded,
             lineage,
+            unfinalized,
         };
         let meta = serde_json::json!({
             "view": view.name(),

@@ -142,7 +142,7 @@ fn scan(
     probe: &KeyProbe,
 ) -> Result<Vec<u32>, arrow::error::ArrowError> {
     let mask = arrow::compute::kernels::cmp::eq(
-        s.column(col),
+        &index::canonical(s.column(col)),
         &arrow::array::Scalar::new(probe.key.clone()),
     )?;
     let mask = match arrow::array::Array::nulls(&mask) {

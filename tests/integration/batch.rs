@@ -599,3 +599,93 @@ fn a_view_of_many_groups_is_shuffled_by_key_and_writes_no_tsv_past_the_bound() {
         }
     });
 }
+
+/// A view whose rows fail to finalize on one group (a division by zero
+/// where a product has exactly 3 orders) publishes its states with the
+/// reason; the run goes on for every other view, and a read of the whole
+/// view reports the failure. Before, the whole run failed at every cycle:
+/// nothing was published again until the view changed, and the realtime
+/// chunks below the archive piled up until ingest answered 503.
+#[test]
+fn a_view_that_fails_to_finalize_does_not_hold_up_the_runs_of_the_others() {
+    let site = Site::new(
+        "[archive]\nchunk_age = \"200ms\"\n[batch]\npause = \"1h\"\n\
+         [[views]]\nname = \"orders\"\nsql = \"SELECT ProductName, count(*) AS n FROM events GROUP BY ProductName\"\n\
+         [[views]]\nname = \"fragile\"\nsql = \"SELECT ProductName, 10 / (count(*) - 3) AS per FROM events GROUP BY ProductName\"\n",
+    );
+    let server = site.serve(&[]);
+    let events: String = [("p3", 3), ("p5", 5)]
+        .iter()
+        .flat_map(|(p, n)| (0..*n).map(move |_| p))
+        .map(|p| {
+            format!(
+                "{{\"zipcode\":95126,\"ProductName\":\"{p}\",\"price\":16,\"timestamp\":\"2014-11-01 19:35:41.158\"}}\n"
+            )
+        })
+        .collect();
+    let (code, _) = common::post_events(&server.url, events.into_bytes()).unwrap();
+    assert_eq!(code, 200);
+    let t = std::time::Instant::now();
+    loop {
+        common::rt().block_on(async {
+            reqwest::Client::new()
+                .post(format!("{}/v1/batch/run", server.url))
+                .send()
+                .await
+                .unwrap()
+        });
+        let published: u64 = server.status()["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["published"].as_u64().unwrap_or(0))
+            .sum();
+        if published == 8 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the 8 events are published although `fragile` cannot be finalized (p3's 10 / 0): {}",
+            server.status()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let orders = common::get_json(&format!("{}/v1/views/orders", server.url));
+    let mut rows: Vec<(String, i64)> = orders["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["ProductName"].as_str().unwrap().to_string(),
+                r["n"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    rows.sort();
+    assert_eq!(
+        rows,
+        vec![("p3".to_string(), 3), ("p5".to_string(), 5)],
+        "the other view is published: {orders}"
+    );
+    let (code, body) = common::get_status(&format!("{}/v1/views/fragile", server.url));
+    assert!(
+        code >= 400 && body.to_lowercase().contains("divide by zero"),
+        "a read of the whole failing view reports why: {code} {body}"
+    );
+    let (code, body) =
+        common::get_status(&format!("{}/v1/views/fragile?ProductName=p5", server.url));
+    assert_eq!(code, 200, "p5's own group finalizes: {body}");
+    let current: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(site.data.join("views/CURRENT")).expect("a published run"),
+    )
+    .unwrap();
+    let why = current["views"]["fragile"]["unfinalized"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        why.to_lowercase().contains("divide by zero"),
+        "the run's manifest says why `fragile` has no rows: {current}"
+    );
+    server.stop();
+}
