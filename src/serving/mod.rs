@@ -1017,6 +1017,27 @@ mod tests {
     use arrow::array::{Int64Array, StringArray, TimestampMillisecondArray};
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+    /// A run's manifest: run `run` at coverage `h`, of `events` events.
+    fn manifest(run: u64, h: Coverage, events: u64) -> Manifest {
+        Manifest {
+            info: crate::runs::RunInfo {
+                run,
+                table_version: run as i64,
+                h,
+                events,
+                as_of_ms: 0,
+                started_ms: 0,
+                duration_ms: 0,
+                engine: String::new(),
+                compute: Default::default(),
+                kinds: Default::default(),
+                previous: None,
+            },
+            views: Default::default(),
+            definitions: Default::default(),
+        }
+    }
+
     fn events(n: usize) -> RecordBatch {
         RecordBatch::try_new(
             EventSchema::paper().arrow().clone(),
@@ -1114,23 +1135,7 @@ mod tests {
                     let states = rt.block_on(view.states(vec![events(total)])).unwrap();
                     run += 1;
                     serving.set_batch(Arc::new(BatchSide::new(
-                        Manifest {
-                            info: crate::runs::RunInfo {
-                                run,
-                                table_version: run as i64,
-                                h,
-                                events: total as u64,
-                                as_of_ms: 0,
-                                started_ms: 0,
-                                duration_ms: 0,
-                                engine: String::new(),
-                                compute: Default::default(),
-                                kinds: Default::default(),
-                                previous: None,
-                            },
-                            views: Default::default(),
-                            definitions: Default::default(),
-                        },
+                        manifest(run, h, total as u64),
                         vec![states],
                     )));
                     std::thread::sleep(std::time::Duration::from_millis(2));
@@ -1263,23 +1268,7 @@ mod tests {
                 .collect()
         };
         serving.set_batch(Arc::new(BatchSide::new(
-            Manifest {
-                info: crate::runs::RunInfo {
-                    run: 1,
-                    table_version: 1,
-                    h: [0u64, 0].into_iter().collect(),
-                    events: 0,
-                    as_of_ms: 0,
-                    started_ms: 0,
-                    duration_ms: 0,
-                    engine: String::new(),
-                    compute: Default::default(),
-                    kinds: Default::default(),
-                    previous: None,
-                },
-                views: Default::default(),
-                definitions: Default::default(),
-            },
+            manifest(1, [0u64, 0].into_iter().collect(), 0),
             states(spread(3_000, 2_000, 0)),
         )));
         // Partition 0: a closed chunk of one large batch (12,000 zipcodes);

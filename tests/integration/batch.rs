@@ -422,6 +422,36 @@ fn a_dropped_views_batch_files_go_with_retention() {
 /// still realtime once filled two HLL registers and counted twice (the red
 /// team: 20 where 10 were distinct, until the next batch run covered both).
 /// Such a view keeps `Utf8` in the batch layer.
+/// Asks `server` for batch runs until `events` are published, within a
+/// minute (else fails with `what` and the status).
+fn publish(server: &common::Server, events: u64, what: &str) {
+    let t = std::time::Instant::now();
+    loop {
+        common::rt().block_on(async {
+            reqwest::Client::new()
+                .post(format!("{}/v1/batch/run", server.url))
+                .send()
+                .await
+                .unwrap()
+        });
+        let published: u64 = server.status()["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["published"].as_u64().unwrap_or(0))
+            .sum();
+        if published == events {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{what}: {}",
+            server.status()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 #[test]
 fn approx_distinct_of_a_string_counts_a_value_on_both_sides_once() {
     let site = Site::new(
@@ -439,31 +469,7 @@ fn approx_distinct_of_a_string_counts_a_value_on_both_sides_once() {
     let (code, _) = common::post_events(&server.url, events.clone().into_bytes()).unwrap();
     assert_eq!(code, 200);
     // Archived and published: the 10 values are in the batch layer.
-    let t = std::time::Instant::now();
-    loop {
-        common::rt().block_on(async {
-            reqwest::Client::new()
-                .post(format!("{}/v1/batch/run", server.url))
-                .send()
-                .await
-                .unwrap()
-        });
-        let published: u64 = server.status()["partitions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["published"].as_u64().unwrap_or(0))
-            .sum();
-        if published == 10 {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "the first 10 events are published: {}",
-            server.status()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    publish(&server, 10, "the first 10 events are published");
     // The same values again, realtime this time.
     let (code, _) = common::post_events(&server.url, events.into_bytes()).unwrap();
     assert_eq!(code, 200);
@@ -625,31 +631,11 @@ fn a_view_that_fails_to_finalize_does_not_hold_up_the_runs_of_the_others() {
         .collect();
     let (code, _) = common::post_events(&server.url, events.into_bytes()).unwrap();
     assert_eq!(code, 200);
-    let t = std::time::Instant::now();
-    loop {
-        common::rt().block_on(async {
-            reqwest::Client::new()
-                .post(format!("{}/v1/batch/run", server.url))
-                .send()
-                .await
-                .unwrap()
-        });
-        let published: u64 = server.status()["partitions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["published"].as_u64().unwrap_or(0))
-            .sum();
-        if published == 8 {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "the 8 events are published although `fragile` cannot be finalized (p3's 10 / 0): {}",
-            server.status()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    publish(
+        &server,
+        8,
+        "the 8 events are published although `fragile` cannot be finalized (p3's 10 / 0)",
+    );
     let orders = common::get_json(&format!("{}/v1/views/orders", server.url));
     let mut rows: Vec<(String, i64)> = orders["rows"]
         .as_array()
